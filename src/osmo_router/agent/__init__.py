@@ -1,0 +1,1 @@
+"""The agent: runs inside the workload container, registers with the router, serves sessions."""

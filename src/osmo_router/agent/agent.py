@@ -1,0 +1,174 @@
+"""The agent's lifecycle: dial the router, register, serve session requests, reconnect with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import grpc
+
+from osmo_router import __version__
+from osmo_router.agent.config import AgentConfig
+from osmo_router.agent.exec import run_exec
+from osmo_router.channel import open_channel
+from osmo_router.errors import RouterError
+from osmo_router.protocol import pb, pb_grpc
+from osmo_router.streams import FrameStream
+
+log = logging.getLogger(__name__)
+
+SessionHandler = Callable[[FrameStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
+
+
+async def _serve_exec(stream: FrameStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
+    await run_exec(stream, open_msg.exec, shell=config.shell, workdir=config.workdir)
+
+
+def default_handlers() -> dict[str, SessionHandler]:
+    """Session handlers by the name of the SessionOpen init they serve."""
+    return {"exec": _serve_exec}
+
+
+_OPERATION_OF_HANDLER = {
+    "exec": pb.OPERATION_EXEC,
+    "port_forward": pb.OPERATION_PORT_FORWARD,
+    "rsync": pb.OPERATION_RSYNC,
+}
+
+
+class Agent:
+    """One agent process serving one workflow (and optionally one task)."""
+
+    def __init__(self, config: AgentConfig, handlers: dict[str, SessionHandler] | None = None) -> None:
+        if not config.agent_id:
+            config = replace(config, agent_id=secrets.token_hex(8))
+        self.config = config
+        self.handlers = handlers or default_handlers()
+        self.registered = asyncio.Event()
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._channel: grpc.aio.Channel | None = None
+        self._closing = False
+
+    async def run(self) -> None:
+        """Register and serve forever, reconnecting with exponential backoff and jitter."""
+        backoff = self.config.backoff_initial
+        while not self._closing:
+            self._channel = open_channel(self.config.dial)
+            try:
+                await self._register_and_serve(self._channel)
+                backoff = self.config.backoff_initial
+            except grpc.aio.AioRpcError as err:
+                if self.registered.is_set():
+                    backoff = self.config.backoff_initial
+                log.warning(
+                    "router connection lost: %s: %s; retrying in %.1fs", err.code().name, err.details(), backoff
+                )
+            except RouterError as err:
+                log.warning("router connection lost: %s; retrying in %.1fs", err.message, backoff)
+            finally:
+                self.registered.clear()
+            if self._closing:
+                break
+            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            backoff = min(backoff * 2, self.config.backoff_max)
+
+    async def close(self) -> None:
+        """Stop reconnecting, end sessions in flight, close the channel."""
+        self._closing = True
+        for task in list(self._sessions):
+            task.cancel()
+        await asyncio.gather(*self._sessions, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _register_and_serve(self, channel: grpc.aio.Channel) -> None:
+        stub = pb_grpc.RouterAgentServiceStub(channel)
+        call = stub.Register(metadata=self.config.dial.metadata())
+        await call.write(
+            pb.RegisterRequest(
+                hello=pb.AgentHello(
+                    workflow_id=self.config.workflow_id,
+                    task=self.config.task,
+                    agent_id=self.config.agent_id,
+                    operations=[_OPERATION_OF_HANDLER[name] for name in self.handlers],
+                    version=__version__,
+                )
+            )
+        )
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "registered":
+            raise RouterError("the router did not confirm the registration")
+        interval = first.registered.heartbeat_seconds or self.config.heartbeat_interval
+        log.info(
+            "registered with router %s for workflow %s%s",
+            first.registered.router_id,
+            self.config.workflow_id,
+            f" task {self.config.task}" if self.config.task else "",
+        )
+        self.registered.set()
+        heartbeat = asyncio.create_task(_send_heartbeats(call, interval))
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                if message.WhichOneof("kind") == "session_request":
+                    self._start_session(channel, message.session_request.session_key)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await heartbeat
+
+    def _start_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
+        task = asyncio.create_task(self._serve_session(channel, session_key))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+
+    async def _serve_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
+        """Open the Connect stream of a session and serve it with the handler for its operation."""
+        stub = pb_grpc.RouterAgentServiceStub(channel)
+        call = stub.Connect(metadata=self.config.dial.metadata())
+        try:
+            await call.write(
+                pb.ConnectRequest(
+                    init=pb.ConnectInit(
+                        session_key=session_key,
+                        agent_id=self.config.agent_id,
+                        workflow_id=self.config.workflow_id,
+                        task=self.config.task,
+                    )
+                )
+            )
+            first = await call.read()
+            if first is grpc.aio.EOF or first.WhichOneof("kind") != "open":
+                return
+            open_msg = first.open
+            stream = FrameStream(call, lambda frame: pb.ConnectRequest(frame=frame))
+            handler = self.handlers.get(open_msg.WhichOneof("init") or "")
+            if handler is None:
+                await stream.send_error(
+                    grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
+                )
+                await stream.close()
+                return
+            await handler(stream, open_msg, self.config)
+            # Let the router take our last frames before the call is torn down.
+            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+                async with asyncio.timeout(10):
+                    await call.code()
+        except grpc.aio.AioRpcError as err:
+            log.info("session %s ended: %s %s", session_key[:8], err.code().name, err.details())
+        except RouterError as err:
+            log.info("session %s ended: %s", session_key[:8], err.message)
+        except Exception:
+            log.exception("session %s failed", session_key[:8])
+        finally:
+            call.cancel()
+
+
+async def _send_heartbeats(call: grpc.aio.StreamStreamCall, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await call.write(pb.RegisterRequest(heartbeat=pb.Heartbeat()))

@@ -1,0 +1,26 @@
+"""Agent settings; the CLI only parses flags into this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from osmo_router.channel import DialConfig
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything `osmo-router agent` can be told."""
+
+    dial: DialConfig
+    workflow_id: str
+    task: str = ""
+    agent_id: str = ""
+    shell: str | None = None
+    workdir: str | None = None
+    allow_ports: tuple[str, ...] = ()
+    rsync_roots: tuple[str, ...] = ()
+    rsync_binary: str = "rsync"
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    heartbeat_interval: float = 15.0
+    extra: dict[str, str] = field(default_factory=dict)

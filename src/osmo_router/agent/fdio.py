@@ -1,0 +1,51 @@
+"""Non-blocking reads and writes on raw file descriptors (PTY masters) from asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+
+async def read_fd(fd: int, size: int) -> bytes:
+    """Read up to `size` bytes; b"" at end of file (EIO on a PTY master whose slave closed)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            if err.errno == errno.EIO:
+                return b""
+            raise
+        waiter: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _set, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(fd)
+
+
+async def write_fd(fd: int, data: bytes) -> None:
+    """Write all of `data`, waiting while the descriptor is full."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+            view = view[written:]
+            continue
+        except BlockingIOError:
+            pass
+        waiter: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, _set, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_writer(fd)
+
+
+def _set(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,298 @@
+"""`osmo-router`: serve (the router), agent (inside the container), local (both, on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from osmo_router import __version__
+from osmo_router.agent.agent import Agent
+from osmo_router.agent.config import AgentConfig
+from osmo_router.channel import DialConfig
+from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.logs import setup_logging
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.server import RouterServer
+
+log = logging.getLogger("osmo_router")
+
+
+def _log_options(f: Any) -> Any:
+    f = click.option(
+        "--log-format",
+        type=click.Choice(["auto", "json", "text"]),
+        default="auto",
+        show_default=True,
+        help="JSON lines (production) or text (terminals); auto picks by stderr.",
+    )(f)
+    return click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        help="Log verbosity.",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="osmo-router")
+def main_group() -> None:
+    """osmo-router: pairs CLI clients with agents in workload containers and relays their streams."""
+
+
+@main_group.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
+@click.option("--port", type=int, default=50051, show_default=True, help="gRPC port (0 picks a free one).")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=8080,
+    show_default=True,
+    help="Port of /metrics, /healthz and /readyz (0 picks a free one, -1 disables).",
+)
+@click.option("--tls-enabled/--no-tls-enabled", default=True, show_default=True, help="Serve gRPC over TLS.")
+@click.option("--tls-cert", default="/etc/router/tls/tls.crt", show_default=True, help="Server certificate (PEM).")
+@click.option("--tls-key", default="/etc/router/tls/tls.key", show_default=True, help="Server private key (PEM).")
+@click.option("--tls-client-ca", default=None, help="CA that client certificates must chain to (mutual TLS).")
+@click.option(
+    "--auth",
+    type=click.Choice(["jwt", "none"]),
+    default="jwt",
+    show_default=True,
+    help="Authentication of every stream; none is only allowed on a loopback --host.",
+)
+@click.option("--jwt-public-key", default=None, help="PEM file with the RS256/ES256 key that signs tokens.")
+@click.option("--jwks-url", default=None, help="JWKS URL to fetch signing keys from (cached, refreshed).")
+@click.option("--jwt-audience", default="osmo-router", show_default=True, help="Required `aud` claim.")
+@click.option(
+    "--jwt-hs256-secret",
+    default=None,
+    envvar="OSMO_JWT_HS256_SECRET",
+    help="DEVELOPMENT ONLY: accept HS256 tokens signed with this shared secret.",
+)
+@click.option("--session-ttl", type=DURATION, default="30m", show_default=True, help="Idle time before a session ends.")
+@click.option(
+    "--rendezvous-timeout",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="How long one side waits for the other.",
+)
+@click.option(
+    "--flow-control-buffer",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Messages buffered per direction of a session.",
+)
+@click.option(
+    "--flow-control-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="How long a side may stop reading before its session ends.",
+)
+@click.option(
+    "--init-timeout",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="Deadline for the first message of a stream.",
+)
+@click.option(
+    "--drain-timeout",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="On SIGTERM, how long sessions in flight may run on.",
+)
+@click.option(
+    "--max-message-size",
+    type=int,
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Largest gRPC message accepted or sent.",
+)
+@click.option("--max-sessions", type=int, default=10_000, show_default=True, help="Sessions per router.")
+@click.option("--max-sessions-per-user", type=int, default=256, show_default=True, help="Sessions per user.")
+@click.option(
+    "--max-pending-rendezvous",
+    type=int,
+    default=1_000,
+    show_default=True,
+    help="Sessions waiting for their second side.",
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    envvar="OSMO_REDIS_URL",
+    help="Share the session directory with other replicas through Redis.",
+)
+@click.option("--advertise-address", default=None, help="host:port other replicas use to reach this one.")
+@_log_options
+def serve(log_level: str, log_format: str, **options: Any) -> None:
+    """Run the router."""
+    setup_logging(log_level, log_format)
+    try:
+        config = RouterConfig(**options)
+        config.validate()
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    sys.exit(run_async(_serve(config)))
+
+
+async def _serve(config: RouterConfig) -> int:
+    try:
+        server = RouterServer(config)
+        await server.start()
+    except (OSError, RuntimeError, ValueError) as err:
+        log.error("cannot start: %s", err)
+        return 1
+    await server.serve()
+    return 0
+
+
+def _dial_options(f: Any) -> Any:
+    for decorator in reversed(
+        [
+            click.option(
+                "--router-address",
+                envvar="OSMO_ROUTER_ADDRESS",
+                required=True,
+                help="host:port of the router [env OSMO_ROUTER_ADDRESS].",
+            ),
+            click.option(
+                "--tls/--no-tls", default=True, show_default=True, envvar="OSMO_TLS", help="Dial the router over TLS."
+            ),
+            click.option(
+                "--tls-ca",
+                envvar="OSMO_TLS_CA",
+                default=None,
+                help="CA bundle to verify the router with (default: system store).",
+            ),
+            click.option("--tls-cert", envvar="OSMO_TLS_CERT", default=None, help="Client certificate (mutual TLS)."),
+            click.option("--tls-key", envvar="OSMO_TLS_KEY", default=None, help="Client key (mutual TLS)."),
+            click.option(
+                "--tls-server-name",
+                envvar="OSMO_TLS_SERVER_NAME",
+                default=None,
+                help="Name to verify in the router's certificate, if not the address's host.",
+            ),
+            click.option("--token", envvar="OSMO_TOKEN", default=None, help="Bearer token [env OSMO_TOKEN]."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def dial_config(options: dict[str, Any]) -> DialConfig:
+    """A DialConfig from the common dial flags (popped from `options`)."""
+    return DialConfig(
+        address=options.pop("router_address"),
+        tls=options.pop("tls"),
+        tls_ca=options.pop("tls_ca"),
+        tls_cert=options.pop("tls_cert"),
+        tls_key=options.pop("tls_key"),
+        tls_server_name=options.pop("tls_server_name"),
+        token=options.pop("token"),
+        cookie=options.pop("cookie", None),
+    )
+
+
+@main_group.command()
+@_dial_options
+@click.option("--workflow-id", envvar="OSMO_WORKFLOW_ID", required=True, help="Workflow this agent serves.")
+@click.option("--task", envvar="OSMO_TASK", default="", help="Task within the workflow this agent serves.")
+@click.option("--agent-id", envvar="OSMO_AGENT_ID", default="", help="Stable id (default: random per process).")
+@click.option("--shell", default=None, help="Command for exec without a command (default /bin/bash, else /bin/sh).")
+@click.option("--workdir", default=None, help="Working directory of exec'd commands.")
+@click.option("--allow-ports", multiple=True, help="Ports (or ranges a-b) that port-forward may reach; default all.")
+@click.option(
+    "--rsync-root",
+    "rsync_roots",
+    multiple=True,
+    help="Directory rsync may read and write (repeatable); default anywhere.",
+)
+@click.option("--rsync-binary", default="rsync", show_default=True, help="rsync executable in the container.")
+@_log_options
+def agent(log_level: str, log_format: str, **options: Any) -> None:
+    """Run the agent inside a workload container."""
+    setup_logging(log_level, log_format)
+    dial = dial_config(options)
+    config = AgentConfig(
+        dial=dial,
+        workflow_id=options["workflow_id"],
+        task=options["task"],
+        agent_id=options["agent_id"],
+        shell=options["shell"],
+        workdir=options["workdir"],
+        allow_ports=tuple(options["allow_ports"]),
+        rsync_roots=tuple(options["rsync_roots"]),
+        rsync_binary=options["rsync_binary"],
+    )
+    run_async(_run_agent(config))
+
+
+async def _run_agent(config: AgentConfig) -> None:
+    agent = Agent(config)
+    runner = asyncio.create_task(agent.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    await agent.close()
+    runner.cancel()
+    stopper.cancel()
+    with contextlib.suppress(BaseException):
+        await runner
+
+
+@main_group.command()
+@click.option("--port", type=int, default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
+@click.option("--metrics-port", type=int, default=8080, show_default=True, help="Metrics port on 127.0.0.1.")
+@click.option("--workflow-id", default="local", show_default=True, help="Workflow id the local agent serves.")
+@_log_options
+def local(port: int, metrics_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
+    """Embedded default: a router and an agent in one process on loopback (no TLS, no auth)."""
+    setup_logging(log_level, "text" if log_format == "auto" else log_format)
+    run_async(_local(port, metrics_port, workflow_id))
+
+
+async def _local(port: int, metrics_port: int, workflow_id: str) -> None:
+    server = RouterServer(RouterConfig(port=port, metrics_port=metrics_port, tls_enabled=False, auth="none"))
+    await server.start()
+    agent = Agent(AgentConfig(dial=DialConfig(address=f"127.0.0.1:{server.port}", tls=False), workflow_id=workflow_id))
+    runner = asyncio.create_task(agent.run())
+    await agent.registered.wait()
+    address = f"127.0.0.1:{server.port}"
+    print(
+        f"\nosmo-router is running on {address} with a local agent for workflow {workflow_id!r}.\n"
+        "Try, in another terminal:\n\n"
+        f"  .venv/bin/osmo-net-client exec --router-address {address} --workflow-id {workflow_id} "
+        "--tls=false --tty -- bash\n"
+        f"  echo hello | .venv/bin/osmo-net-client exec --router-address {address} --workflow-id {workflow_id} "
+        "--tls=false -- cat\n\n"
+        f"Metrics: http://127.0.0.1:{server.metrics_server.port}/metrics   Stop with Ctrl-C.\n",
+        flush=True,
+    )
+    try:
+        await server.serve()
+    finally:
+        await agent.close()
+        runner.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `osmo-router`."""
+    args = sys.argv[1:] if argv is None else argv
+    main_group.main(args=normalize_bool_flags(args, bool_option_names(main_group)), prog_name="osmo-router")

@@ -1,0 +1,1 @@
+"""The user's side: `osmo-net-client` exec, port-forward and rsync."""

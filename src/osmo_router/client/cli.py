@@ -1,0 +1,217 @@
+"""`osmo-net-client`: exec, port-forward and rsync through the router.
+
+Every flag can also come from its `OSMO_*` environment variable. The older single-command form
+`osmo-net-client --operation=exec|portforward|rsync ...` is rewritten to the subcommand form.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from osmo_router import __version__
+from osmo_router.cli import _dial_options, dial_config
+from osmo_router.client.config import ClientConfig
+from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.logs import setup_logging
+
+LEGACY_OPERATIONS = {"exec": "exec", "portforward": "port-forward", "port-forward": "port-forward", "rsync": "rsync"}
+
+
+def _session_options(f: Any) -> Any:
+    for decorator in reversed(
+        [
+            *([_dial_options]),
+            click.option(
+                "--workflow-id",
+                envvar="OSMO_WORKFLOW_ID",
+                required=True,
+                help="Workflow to reach [env OSMO_WORKFLOW_ID].",
+            ),
+            click.option("--task", envvar="OSMO_TASK", default="", help="Task within the workflow [env OSMO_TASK]."),
+            click.option(
+                "--session-key",
+                envvar="OSMO_SESSION_KEY",
+                default="",
+                help="Session key issued by an orchestrator [env OSMO_SESSION_KEY].",
+            ),
+            click.option(
+                "--cookie",
+                envvar="OSMO_COOKIE",
+                default=None,
+                help="Load-balancer cookie, passed on as metadata [env OSMO_COOKIE].",
+            ),
+            click.option(
+                "--transport",
+                envvar="OSMO_TRANSPORT",
+                type=click.Choice(["grpc", "ws"]),
+                default="grpc",
+                show_default=True,
+                help="Transport to the router [env OSMO_TRANSPORT].",
+            ),
+            click.option(
+                "--connect-timeout",
+                type=DURATION,
+                default="20s",
+                show_default=True,
+                help="How long to wait for the router.",
+            ),
+            click.option(
+                "--log-level",
+                type=click.Choice(["debug", "info", "warning", "error"]),
+                default="warning",
+                show_default=True,
+                help="Log verbosity (stderr).",
+            ),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def client_config(options: dict[str, Any]) -> ClientConfig:
+    """A ClientConfig from the common flags (popped from `options`)."""
+    setup_logging(options.pop("log_level"), "text")
+    options.pop("transport")
+    dial = dial_config(options)
+    return ClientConfig(
+        dial=dial,
+        workflow_id=options.pop("workflow_id"),
+        task=options.pop("task"),
+        session_key=options.pop("session_key"),
+        connect_timeout=options.pop("connect_timeout"),
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="osmo-net-client")
+def main_group() -> None:
+    """osmo-net-client: exec, port-forward and rsync into a workload container through osmo-router."""
+
+
+@main_group.command(name="exec", context_settings={"ignore_unknown_options": True})
+@_session_options
+@click.option("--tty/--no-tty", "-t", default=False, help="Allocate a terminal (raw mode, resize, Ctrl-C).")
+@click.option("--stdin/--no-stdin", "-i", default=True, hidden=True, help="Accepted for kubectl compatibility.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def exec_command(tty: bool, stdin: bool, command: tuple[str, ...], **options: Any) -> None:
+    """Run COMMAND in the container (default: its shell); exits with the remote exit code."""
+    from osmo_router.client.exec import run_exec
+
+    config = client_config(options)
+    sys.exit(run_async(run_exec(config, list(command), tty)))
+
+
+@main_group.command(name="port-forward")
+@_session_options
+@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    default=["127.0.0.1"],
+    show_default=True,
+    help="Local address to listen on (repeatable; IPv4 or IPv6).",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON object per line instead of text.")
+@click.option("--reconnect/--no-reconnect", default=False, help="Wait for the router/agent to come back.")
+@click.option("--remote-port", type=int, default=None, hidden=True, help="Older form: the remote port.")
+@click.option("--local-port", type=int, default=None, hidden=True, help="Older form: the local port.")
+@click.argument("specs", nargs=-1)
+def port_forward_command(
+    protocol: str,
+    addresses: tuple[str, ...],
+    json_output: bool,
+    reconnect: bool,
+    remote_port: int | None,
+    local_port: int | None,
+    specs: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Forward local ports to ports in the container. SPEC is LOCAL:REMOTE, REMOTE or :REMOTE."""
+    from osmo_router.client.forward import run_port_forward
+
+    all_specs = list(specs)
+    if remote_port is not None:
+        all_specs.append(f"{local_port if local_port is not None else remote_port}:{remote_port}")
+    if not all_specs:
+        raise click.UsageError("give at least one SPEC (LOCAL:REMOTE, REMOTE or :REMOTE)")
+    config = client_config(options)
+    sys.exit(
+        run_async(
+            run_port_forward(
+                config,
+                all_specs,
+                protocol=protocol,
+                addresses=list(addresses),
+                json_output=json_output,
+                reconnect=reconnect,
+            )
+        )
+    )
+
+
+@main_group.command(name="rsync", context_settings={"ignore_unknown_options": True})
+@_session_options
+@click.option("--delete", is_flag=True, help="Delete files on the receiving side that the sender lacks.")
+@click.option("--exclude", multiple=True, help="Exclude files matching PATTERN (repeatable).")
+@click.option("--progress", is_flag=True, help="Show progress.")
+@click.option("--bwlimit", default=None, help="Bandwidth limit, as rsync's --bwlimit.")
+@click.option("--rsync-binary", default="rsync", show_default=True, help="Local rsync executable.")
+@click.argument("paths", nargs=-1, type=click.UNPROCESSED)
+def rsync_command(
+    delete: bool,
+    exclude: tuple[str, ...],
+    progress: bool,
+    bwlimit: str | None,
+    rsync_binary: str,
+    paths: tuple[str, ...],
+    **options: Any,
+) -> None:
+    """Synchronise files with the container: SRC... DST, the remote side written as :/path."""
+    from osmo_router.client.rsync import run_rsync
+
+    config = client_config(options)
+    sys.exit(
+        run_rsync(
+            config,
+            list(paths),
+            delete=delete,
+            exclude=list(exclude),
+            progress=progress,
+            bwlimit=bwlimit,
+            rsync_binary=rsync_binary,
+        )
+    )
+
+
+def rewrite_legacy_operation(args: list[str]) -> list[str]:
+    """Turn `--operation=X ...` (or `--operation X`) into the subcommand form `X ...`."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        value = None
+        if arg.startswith("--operation="):
+            value, drop = arg.split("=", 1)[1], 1
+        elif arg == "--operation" and index + 1 < len(args):
+            value, drop = args[index + 1], 2
+        if value is not None:
+            if value not in LEGACY_OPERATIONS:
+                raise click.UsageError(f"--operation must be exec, portforward or rsync, not {value!r}")
+            rest = args[:index] + args[index + drop :]
+            return [LEGACY_OPERATIONS[value], *rest]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `osmo-net-client`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = rewrite_legacy_operation(args)
+        args = normalize_bool_flags(args, bool_option_names(main_group))
+    except click.UsageError as err:
+        err.show()
+        sys.exit(2)
+    main_group.main(args=args, prog_name="osmo-net-client")

@@ -1,0 +1,129 @@
+"""`osmo-net-client exec`: run a command in the container, wired to this terminal or these pipes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+
+import grpc
+
+from osmo_router.channel import open_channel
+from osmo_router.client.config import ClientConfig
+from osmo_router.client.session import open_session, rpc_error
+from osmo_router.client.stdio import StdinReader, write_all
+from osmo_router.client.terminal import raw_mode, terminal_size
+from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
+from osmo_router.protocol import pb, pb_grpc
+from osmo_router.streams import FrameStream
+
+#: Signals a pipe-mode client forwards to the remote process group (a second one exits locally).
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def exit_code_of(status: pb.ExitStatus) -> int:
+    """The local exit code for a remote exit status: the code, or 128+N for signal N."""
+    if status.WhichOneof("status") == "signal":
+        return 128 + status.signal
+    return status.code & 0xFF
+
+
+async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
+    """Run the session to its end and return the exit code to exit with."""
+    channel = open_channel(config.dial)
+    try:
+        rows, cols = terminal_size() if tty else (0, 0)
+        init = pb.ExecInit(
+            target=config.target(),
+            command=command,
+            tty=tty,
+            size=pb.TerminalSize(rows=rows, cols=cols),
+            term=os.environ.get("TERM", ""),
+        )
+        stream = await open_session(config, pb_grpc.RouterClientServiceStub(channel).Exec, pb.ExecRequest, init)
+        with raw_mode(0) if tty else contextlib.nullcontext(False):
+            return await _relay(stream, tty)
+    except RouterError as err:
+        print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
+        return EXIT_CONNECTION_ERROR
+    finally:
+        await channel.close(grace=None)
+
+
+async def _relay(stream: FrameStream, tty: bool) -> int:
+    loop = asyncio.get_running_loop()
+    sender = asyncio.create_task(_send_input(stream))
+    installed: list[int] = []
+    received: dict[int, int] = {}
+    pending: set[asyncio.Future[None]] = set()
+
+    def send_soon(frame: pb.Frame) -> None:
+        future = asyncio.ensure_future(stream.send(frame))
+        pending.add(future)
+        future.add_done_callback(pending.discard)
+
+    def on_signal(sig: int) -> None:
+        received[sig] = received.get(sig, 0) + 1
+        if received[sig] > 1:
+            os._exit(128 + sig)
+        send_soon(pb.Frame(signal=pb.Signal(number=sig)))
+
+    def on_resize() -> None:
+        rows, cols = terminal_size()
+        send_soon(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
+
+    if tty:
+        loop.add_signal_handler(signal.SIGWINCH, on_resize)
+        installed.append(signal.SIGWINCH)
+    else:
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, int(sig))
+            installed.append(sig)
+    try:
+        return await _receive_output(stream)
+    except grpc.aio.AioRpcError as err:
+        error = rpc_error(err)
+        _say(f"{error.message} [{error.code.name}]", tty)
+        return EXIT_CONNECTION_ERROR
+    except RouterError as err:
+        _say(f"{err.message} [{err.code.name}]", tty)
+        return EXIT_CONNECTION_ERROR
+    finally:
+        for number in installed:
+            loop.remove_signal_handler(number)
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
+
+
+def _say(message: str, tty: bool) -> None:
+    prefix = "\r\n" if tty else ""
+    sys.stderr.write(f"{prefix}osmo-net-client: exec: {message}\n")
+    sys.stderr.flush()
+
+
+async def _receive_output(stream: FrameStream) -> int:
+    exit_code: int | None = None
+    while (frame := await stream.recv()) is not None:
+        kind = frame.WhichOneof("kind")
+        if kind == "data":
+            write_all(1, frame.data)
+        elif kind == "stderr":
+            write_all(2, frame.stderr)
+        elif kind == "exit_status":
+            exit_code = exit_code_of(frame.exit_status)
+        elif kind == "error":
+            raise from_status_number(frame.error.code, frame.error.message)
+    if exit_code is None:
+        raise RouterError("the session ended without an exit status")
+    return exit_code
+
+
+async def _send_input(stream: FrameStream) -> None:
+    reader = StdinReader(0)
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        while chunk := await reader.read():
+            await stream.send(pb.Frame(data=chunk))
+        await stream.send(pb.Frame(half_close=pb.HalfClose()))

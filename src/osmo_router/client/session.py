@@ -1,0 +1,46 @@
+"""Opening a session from the client: send the init, wait for the router's ready."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from osmo_router.client.config import ClientConfig
+from osmo_router.errors import DeadlineExceeded, RouterError, Unavailable, from_status
+from osmo_router.protocol import pb
+from osmo_router.streams import FrameStream
+
+
+def rpc_error(err: grpc.aio.AioRpcError) -> RouterError:
+    """The RouterError for a failed call."""
+    return from_status(err.code(), err.details() or err.code().name.lower())
+
+
+async def open_session(config: ClientConfig, method: Any, request_type: Any, init: Any) -> FrameStream:
+    """Start a stream with its init and wait until the agent joined; raises RouterError on refusal."""
+    call = method(metadata=config.dial.metadata())
+    try:
+        await call.write(request_type(init=init))
+        async with asyncio.timeout(config.connect_timeout + 60.0):
+            first = await call.read()
+    except grpc.aio.AioRpcError as err:
+        raise rpc_error(err) from None
+    except TimeoutError:
+        call.cancel()
+        raise DeadlineExceeded("the router did not answer") from None
+    if first is grpc.aio.EOF:
+        code = await call.code()
+        raise (
+            from_status(code, await call.details() or "the router ended the stream")
+            if code != grpc.StatusCode.OK
+            else Unavailable("the router ended the stream before the session started")
+        )
+    if first.WhichOneof("kind") != "ready":
+        call.cancel()
+        raise RouterError("the router sent something other than ready")
+    return FrameStream(call, lambda frame: request_type(frame=frame))
+
+
+__all__ = ["open_session", "pb", "rpc_error"]

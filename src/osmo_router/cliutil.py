@@ -1,0 +1,80 @@
+"""Command-line plumbing shared by `osmo-router` and `osmo-net-client`.
+
+Boolean flags are declared as click's `--flag/--no-flag`; `normalize_bool_flags` also accepts the
+Go-style `--flag=false` / `--flag=true` forms of the original tools by rewriting them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from osmo_router.durations import parse_bool, parse_duration
+
+T = TypeVar("T")
+
+
+class DurationType(click.ParamType):  # type: ignore[type-arg]
+    """A duration such as 30s, 5m or 1h30m, converted to seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """Seconds, or a usage error."""
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+DURATION = DurationType()
+
+
+def normalize_bool_flags(args: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Rewrite `--name=VALUE` for boolean flags into `--name` or `--no-name`, up to a `--`."""
+    out: list[str] = []
+    wanted = set(names)
+    for index, arg in enumerate(args):
+        if arg == "--":
+            out.extend(args[index:])
+            break
+        if arg.startswith("--") and "=" in arg:
+            name, _, value = arg[2:].partition("=")
+            if name in wanted:
+                try:
+                    out.append(f"--{name}" if parse_bool(value) else f"--no-{name}")
+                except ValueError:
+                    raise click.UsageError(f"--{name} takes true or false, not {value!r}") from None
+                continue
+        out.append(arg)
+    return out
+
+
+def bool_option_names(command: click.Command) -> list[str]:
+    """Names of every `--x/--no-x` flag of a command and its subcommands."""
+    names: list[str] = []
+    for param in command.params:
+        if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
+            names.extend(opt[2:] for opt in param.opts if opt.startswith("--"))
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            names.extend(bool_option_names(sub))
+    return names
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a fresh event loop (uvloop when OSMO_UVLOOP=1 and installed)."""
+    if os.environ.get("OSMO_UVLOOP", "") == "1":
+        try:
+            import uvloop
+
+            return uvloop.run(coro)  # type: ignore[no-any-return,unused-ignore]
+        except ImportError:
+            pass
+    return asyncio.run(coro)

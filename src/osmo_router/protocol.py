@@ -1,0 +1,89 @@
+"""The wire protocol in one place: message types, frame helpers, sizes and metadata keys.
+
+Every stream starts with an init in field 1 of its request message; every later message carries
+a `Frame` in field 2, on every stream and in both directions. The router relies on that layout to
+forward encoded messages unchanged: a message whose first byte is `FRAME_TAG` is a frame.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from osmo.router.v1 import router_pb2 as pb
+from osmo.router.v1 import router_pb2_grpc as pb_grpc
+
+__all__ = ["pb", "pb_grpc"]
+
+#: Protobuf key byte of field 2 with wire type LEN: the first byte of every encoded frame message.
+FRAME_TAG: Final = 0x12
+#: Protobuf key byte of field 1 with wire type LEN: the first byte of every encoded init message.
+INIT_TAG: Final = 0x0A
+
+#: Payload bytes per data frame: large enough that per-message cost is small, well below the limits.
+CHUNK_SIZE: Final = 128 * 1024
+#: Default limit on one gRPC message, on every side.
+MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
+
+#: Metadata keys.
+AUTHORIZATION_HEADER: Final = "authorization"
+COOKIE_HEADER: Final = "osmo-cookie"
+
+CLIENT_SERVICE: Final = "osmo.router.v1.RouterClientService"
+AGENT_SERVICE: Final = "osmo.router.v1.RouterAgentService"
+
+OPERATION_NAMES: Final[dict[int, str]] = {
+    pb.OPERATION_EXEC: "exec",
+    pb.OPERATION_PORT_FORWARD: "portforward",
+    pb.OPERATION_RSYNC: "rsync",
+}
+
+
+def channel_options(max_message_size: int = MAX_MESSAGE_SIZE) -> list[tuple[str, int]]:
+    """gRPC channel/server options shared by every side: message limits and keepalive."""
+    return [
+        ("grpc.max_send_message_length", max_message_size),
+        ("grpc.max_receive_message_length", max_message_size),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_size: int = MAX_MESSAGE_SIZE) -> list[tuple[str, int]]:
+    """gRPC server options: the channel options plus tolerance for client keepalive pings."""
+    return [
+        *channel_options(max_message_size),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.max_connection_idle_ms", 2**31 - 1),
+    ]
+
+
+def data_frame(payload: bytes) -> pb.Frame:
+    """A frame carrying stdout/stdin/TCP/rsync bytes."""
+    return pb.Frame(data=payload)
+
+
+def half_close_frame() -> pb.Frame:
+    """A frame saying the sender will send no more data."""
+    return pb.Frame(half_close=pb.HalfClose())
+
+
+def error_frame(code: int, message: str) -> pb.Frame:
+    """A frame reporting an error (a gRPC status code number and a message)."""
+    return pb.Frame(error=pb.Error(code=code, message=message))
+
+
+#: A frame message for the client-bound and agent-bound directions, encoded once.
+ENCODED_HALF_CLOSE: Final = pb.ConnectResponse(frame=half_close_frame()).SerializeToString()
+
+
+def operation_of(init: pb.SessionOpen) -> int:
+    """The Operation enum value of a SessionOpen, from the init it carries."""
+    which = init.WhichOneof("init")
+    return {
+        "exec": pb.OPERATION_EXEC,
+        "port_forward": pb.OPERATION_PORT_FORWARD,
+        "rsync": pb.OPERATION_RSYNC,
+    }.get(which or "", pb.OPERATION_UNSPECIFIED)

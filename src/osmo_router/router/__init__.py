@@ -1,0 +1,1 @@
+"""The router: rendezvous of clients and agents, and the relay between them."""

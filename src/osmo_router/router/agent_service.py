@@ -1,0 +1,168 @@
+"""RouterAgentService: agents' Register control streams and their per-session Connect streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
+from osmo_router.protocol import AGENT_SERVICE, pb
+from osmo_router.router.auth import Authenticator
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.endpoints import ContextEndpoint, read_init
+from osmo_router.router.metrics import RouterMetrics
+from osmo_router.router.registry import AgentRegistration, AgentRegistry
+from osmo_router.router.relay import relay_side
+from osmo_router.router.sessions import SessionStore, check_id
+
+log = logging.getLogger(__name__)
+
+
+class AgentService:
+    """Handlers for RouterAgentService."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        sessions: SessionStore,
+        registry: AgentRegistry,
+        auth: Authenticator,
+        metrics: RouterMetrics,
+    ) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._registry = registry
+        self._auth = auth
+        self._metrics = metrics
+        self.accepting = True
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to add to a grpc.aio server."""
+        return grpc.method_handlers_generic_handler(
+            AGENT_SERVICE,
+            {
+                "Register": grpc.stream_stream_rpc_method_handler(
+                    self._register,
+                    request_deserializer=pb.RegisterRequest.FromString,
+                    response_serializer=pb.RegisterResponse.SerializeToString,
+                ),
+                "Connect": grpc.stream_stream_rpc_method_handler(self._connect),
+            },
+        )
+
+    async def _register(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            reg = await self._accept_registration(context)
+        except RouterError as err:
+            self._metrics.error("register", err.code)
+            await context.abort(err.code, err.message)
+            return
+        self._registry.register(reg)
+        self._metrics.agents_registered.set(len(self._registry))
+        log.info("agent %s registered for workflow %s task %r", reg.agent_id, reg.workflow_id, reg.task)
+        try:
+            await self._serve_registration(reg, context)
+        finally:
+            self._registry.unregister(reg)
+            self._metrics.agents_registered.set(len(self._registry))
+            log.info("agent %s unregistered", reg.agent_id)
+
+    async def _accept_registration(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentRegistration:
+        if not self.accepting:
+            raise Unavailable("router is draining; register with another replica")
+        identity = await self._auth.authenticate(context.invocation_metadata() or ())
+        identity.require_agent()
+        try:
+            async with asyncio.timeout(self._config.init_timeout):
+                first = await context.read()
+        except TimeoutError:
+            raise DeadlineExceeded("no hello within the init deadline") from None
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("the first message of Register must be a hello")
+        hello = first.hello
+        check_id("workflow_id", hello.workflow_id, required=True)
+        check_id("task", hello.task, required=False)
+        check_id("agent_id", hello.agent_id, required=True)
+        identity.require_workflow(hello.workflow_id)
+        return AgentRegistration(
+            agent_id=hello.agent_id, workflow_id=hello.workflow_id, task=hello.task, operations=tuple(hello.operations)
+        )
+
+    async def _serve_registration(self, reg: AgentRegistration, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        interval = self._config.heartbeat_interval
+        await context.write(
+            pb.RegisterResponse(
+                registered=pb.Registered(router_id=self._config.router_id, heartbeat_seconds=max(1, int(interval)))
+            )
+        )
+        reader = asyncio.create_task(_drain_heartbeats(context, reg))
+        replaced = asyncio.create_task(reg.replaced.wait())
+        try:
+            while True:
+                getter = asyncio.create_task(reg.outbox.get())
+                done, _ = await asyncio.wait(
+                    {getter, reader, replaced}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    await context.write(getter.result())
+                    continue
+                getter.cancel()
+                if reader in done or replaced in done:
+                    return
+                await context.write(pb.RegisterResponse(heartbeat=pb.Heartbeat()))
+                if reader.done():
+                    return
+        finally:
+            for task in (reader, replaced):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            identity = await self._auth.authenticate(context.invocation_metadata() or ())
+            raw = await read_init(context, self._config.init_timeout)
+            try:
+                request = pb.ConnectRequest.FromString(raw)
+            except DecodeError as err:
+                raise InvalidArgument(f"malformed init message: {err}") from None
+            session = self._sessions.join_agent(identity, request.init)
+        except RouterError as err:
+            self._metrics.error("connect", err.code)
+            await context.abort(err.code, err.message)
+            return
+        clean = False
+        try:
+            if not session.paired.is_set():
+                await self._sessions.wait_paired(session, self._config.rendezvous_timeout)
+            await context.write(session.open_message)
+            await relay_side(
+                session,
+                ContextEndpoint(context),
+                is_client=False,
+                flow_control_timeout=self._config.flow_control_timeout,
+                hooks=self._metrics,
+            )
+            clean = True
+        except RouterError as err:
+            await context.abort(err.code, err.message)
+        except BaseException as err:
+            log.info("agent stream of session %s ended: %r", session.key[:8], err)
+            raise
+        finally:
+            if not clean:
+                session.fail(Unavailable("the agent disconnected"))
+                self._sessions.remove(session)
+
+
+async def _drain_heartbeats(context: grpc.aio.ServicerContext[Any, Any], reg: AgentRegistration) -> None:
+    """Read the agent's side of Register until it ends (heartbeats only)."""
+    while True:
+        message = await context.read()
+        if message is grpc.aio.EOF:
+            return

@@ -1,0 +1,153 @@
+"""RouterClientService: the CLI's Exec, PortForward and Rsync streams."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from osmo_router.errors import Cancelled, InvalidArgument, RouterError
+from osmo_router.protocol import CLIENT_SERVICE, OPERATION_NAMES, pb
+from osmo_router.router.auth import Authenticator
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.endpoints import ContextEndpoint, read_init
+from osmo_router.router.metrics import RouterMetrics
+from osmo_router.router.relay import relay_side
+from osmo_router.router.sessions import Session, SessionStore
+
+log = logging.getLogger("osmo_router.audit")
+
+InitParser = Callable[[bytes], tuple[pb.SessionTarget, pb.SessionOpen]]
+
+
+def _parse(message_type: Any, field: str) -> InitParser:
+    def parse(raw: bytes) -> tuple[pb.SessionTarget, pb.SessionOpen]:
+        try:
+            request = message_type.FromString(raw)
+        except DecodeError as err:
+            raise InvalidArgument(f"malformed init message: {err}") from None
+        if request.WhichOneof("kind") != "init":
+            raise InvalidArgument("the first message of a stream must be its init")
+        init = request.init
+        return init.target, pb.SessionOpen(**{field: init})
+
+    return parse
+
+
+_OPERATIONS: dict[str, tuple[int, InitParser]] = {
+    "Exec": (pb.OPERATION_EXEC, _parse(pb.ExecRequest, "exec")),
+    "PortForward": (pb.OPERATION_PORT_FORWARD, _parse(pb.PortForwardRequest, "port_forward")),
+    "Rsync": (pb.OPERATION_RSYNC, _parse(pb.RsyncRequest, "rsync")),
+}
+
+
+def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The peer address of a call, as gRPC reports it."""
+    try:
+        return str(context.peer())
+    except Exception:
+        return "unknown"
+
+
+class ClientService:
+    """Handlers for RouterClientService; messages stay encoded so the relay forwards them as they are."""
+
+    def __init__(
+        self, config: RouterConfig, sessions: SessionStore, auth: Authenticator, metrics: RouterMetrics
+    ) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._auth = auth
+        self._metrics = metrics
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to add to a grpc.aio server."""
+        methods = {}
+        for name, (operation, parse) in _OPERATIONS.items():
+            methods[name] = grpc.stream_stream_rpc_method_handler(self._behaviour(operation, parse))
+        return grpc.method_handlers_generic_handler(CLIENT_SERVICE, methods)
+
+    def _behaviour(self, operation: int, parse: InitParser) -> Any:
+        async def behaviour(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await self.serve_stream(operation, parse, context)
+
+        return behaviour
+
+    async def serve_stream(
+        self, operation: int, parse: InitParser, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Serve one client stream: authenticate, rendezvous, relay; errors become gRPC statuses."""
+        op_name = OPERATION_NAMES[operation]
+        try:
+            identity = await self._auth.authenticate(context.invocation_metadata() or ())
+            target, open_msg = parse(await read_init(context, self._config.init_timeout))
+            session = self._sessions.join_client(identity, operation, target, open_msg)
+        except RouterError as err:
+            self._metrics.error(op_name, err.code)
+            await context.abort(err.code, err.message)
+            return
+        await self._run_session(session, context)
+
+    async def _run_session(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        op_name = session.operation_name
+        started = time.monotonic()
+        clean = False
+        active = False
+        try:
+            if not session.paired.is_set():
+                await self._sessions.wait_paired(session, self._config.rendezvous_timeout)
+            if session.paired_at is not None:
+                self._metrics.rendezvous_duration.labels(op_name).observe(session.paired_at - session.created)
+            await context.write(
+                pb.ExecResponse(
+                    ready=pb.SessionReady(session_key=session.key, agent_id=session.agent_id)
+                ).SerializeToString()
+            )
+            self._metrics.sessions_active.labels(op_name).inc()
+            self._metrics.sessions_total.labels(op_name).inc()
+            active = True
+            _audit("session start", session, context)
+            await relay_side(
+                session,
+                ContextEndpoint(context),
+                is_client=True,
+                flow_control_timeout=self._config.flow_control_timeout,
+                hooks=self._metrics,
+            )
+            clean = True
+        except RouterError as err:
+            self._metrics.error(op_name, err.code)
+            await context.abort(err.code, err.message)
+        finally:
+            if not clean:
+                session.fail(Cancelled("the client went away"))
+            self._sessions.remove(session)
+            if active:
+                self._metrics.sessions_active.labels(op_name).dec()
+                _audit("session end", session, context, duration=time.monotonic() - started)
+
+
+def _audit(
+    event: str, session: Session, context: grpc.aio.ServicerContext[Any, Any], duration: float | None = None
+) -> None:
+    fields: dict[str, object] = {
+        "event": event,
+        "user": session.user,
+        "workflow": session.workflow_id,
+        "task": session.task,
+        "operation": session.operation_name,
+        "session": session.key[:8],
+        "peer": peer_of(context),
+    }
+    if duration is not None:
+        fields.update(
+            bytes_to_agent=session.bytes_to_agent,
+            bytes_to_client=session.bytes_to_client,
+            duration_s=round(duration, 3),
+            status=session.error.code.name if session.error else "OK",
+        )
+    log.info(event, extra={"fields": fields})

@@ -1,0 +1,66 @@
+"""Router settings, validated once; the CLI only parses flags into this."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from osmo_router.protocol import MAX_MESSAGE_SIZE
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and addresses in 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything `osmo-router serve` can be told."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 8080
+    tls_enabled: bool = True
+    tls_cert: str = "/etc/router/tls/tls.crt"
+    tls_key: str = "/etc/router/tls/tls.key"
+    tls_client_ca: str | None = None
+    auth: str = "jwt"
+    jwt_public_key: str | None = None
+    jwks_url: str | None = None
+    jwt_audience: str = "osmo-router"
+    jwt_hs256_secret: str | None = None
+    session_ttl: float = 30 * 60.0
+    rendezvous_timeout: float = 60.0
+    flow_control_buffer: int = 16
+    flow_control_timeout: float = 30.0
+    init_timeout: float = 10.0
+    drain_timeout: float = 30.0
+    max_message_size: int = MAX_MESSAGE_SIZE
+    max_sessions: int = 10_000
+    max_sessions_per_user: int = 256
+    max_pending_rendezvous: int = 1_000
+    heartbeat_interval: float = 15.0
+    redis_url: str | None = None
+    advertise_address: str | None = None
+    router_id: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Refuse settings that are unsafe or make no sense."""
+        if self.auth not in ("jwt", "none"):
+            raise ValueError(f"--auth must be jwt or none, not {self.auth!r}")
+        if self.auth == "none" and not is_loopback_host(self.host):
+            raise ValueError(
+                f"--auth=none is only allowed on a loopback --host (got {self.host}); "
+                "anyone who can reach the port could enter every workload"
+            )
+        if self.flow_control_buffer < 1:
+            raise ValueError("--flow-control-buffer must be at least 1")
+        for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")

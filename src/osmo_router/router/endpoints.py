@@ -1,0 +1,47 @@
+"""Adapters from gRPC server contexts to the relay's Endpoint interface, and init reading."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from osmo_router.errors import DeadlineExceeded, InvalidArgument
+from osmo_router.protocol import INIT_TAG
+
+
+class ContextEndpoint:
+    """A server-side stream of encoded messages (the handler was registered without (de)serializers)."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    async def read(self) -> bytes | None:
+        """The next encoded message, or None once the peer half-closed."""
+        message = await self._context.read()
+        if message is grpc.aio.EOF:
+            return None
+        assert isinstance(message, bytes)
+        return message
+
+    async def write(self, message: bytes) -> None:
+        """Send one encoded message."""
+        await self._context.write(message)
+
+
+async def read_init(context: grpc.aio.ServicerContext[Any, Any], timeout: float) -> bytes:
+    """The encoded init message that must open every stream, within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            message = await context.read()
+    except TimeoutError:
+        raise DeadlineExceeded(f"no init message within {timeout:g}s") from None
+    if message is grpc.aio.EOF:
+        raise InvalidArgument("stream ended before its init message")
+    assert isinstance(message, bytes)
+    if not message or message[0] != INIT_TAG:
+        raise InvalidArgument("the first message of a stream must be its init")
+    return message

@@ -1,0 +1,176 @@
+"""The router's lifecycle: start listeners, serve, drain on SIGTERM, close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import time
+from dataclasses import replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from osmo_router.errors import DeadlineExceeded
+from osmo_router.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
+from osmo_router.router.agent_service import AgentService
+from osmo_router.router.auth import Authenticator, NoAuth
+from osmo_router.router.client_service import ClientService
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.health import MetricsServer
+from osmo_router.router.metrics import RouterMetrics
+from osmo_router.router.registry import AgentRegistry
+from osmo_router.router.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+def build_authenticator(config: RouterConfig) -> Authenticator:
+    """The authenticator the config asks for."""
+    if config.auth == "none":
+        return NoAuth()
+    from osmo_router.router.jwt_auth import JwtAuthenticator
+
+    authenticator: Authenticator = JwtAuthenticator.from_config(config)
+    return authenticator
+
+
+def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
+    """TLS credentials from the configured certificate and key (and client CA for mutual TLS)."""
+    with open(config.tls_cert, "rb") as f:
+        cert = f.read()
+    with open(config.tls_key, "rb") as f:
+        key = f.read()
+    client_ca = None
+    if config.tls_client_ca:
+        with open(config.tls_client_ca, "rb") as f:
+            client_ca = f.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class RouterServer:
+    """One router process: gRPC services, metrics port, session janitor."""
+
+    def __init__(self, config: RouterConfig, authenticator: Authenticator | None = None) -> None:
+        config.validate()
+        if not config.router_id:
+            config = replace(config, router_id=secrets.token_hex(4))
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.registry = AgentRegistry()
+        self.sessions = SessionStore(
+            self.registry,
+            buffer=config.flow_control_buffer,
+            max_pending=config.max_pending_rendezvous,
+            max_sessions=config.max_sessions,
+            max_per_user=config.max_sessions_per_user,
+        )
+        self.auth = authenticator or build_authenticator(config)
+        self.client_service = ClientService(config, self.sessions, self.auth, self.metrics)
+        self.agent_service = AgentService(config, self.sessions, self.registry, self.auth, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.metrics_server = MetricsServer(self.metrics, self.is_ready)
+        self.port = 0
+        self.draining = False
+        self._server: grpc.aio.Server | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    def is_ready(self) -> bool:
+        """Serving and not draining."""
+        return self._server is not None and not self.draining
+
+    async def start(self) -> None:
+        """Bind the gRPC and metrics ports and start serving."""
+        server = grpc.aio.server(options=server_options(self.config.max_message_size))
+        server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (CLIENT_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = (
+            f"[{self.config.host}]:{self.config.port}"
+            if ":" in self.config.host
+            else f"{self.config.host}:{self.config.port}"
+        )
+        if self.config.tls_enabled:
+            self.port = server.add_secure_port(address, server_credentials(self.config))
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port >= 0:
+            await self.metrics_server.start(self.config.host, self.config.metrics_port)
+        self._janitor = asyncio.create_task(self._expire_idle_sessions())
+        log.info(
+            "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d",
+            self.config.router_id,
+            self.config.host,
+            self.port,
+            self.config.tls_enabled,
+            self.config.auth,
+            self.metrics_server.port,
+        )
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (then drain) or until `close`."""
+        loop = asyncio.get_running_loop()
+        drain_started = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, drain_started.set)
+        waiter = asyncio.create_task(drain_started.wait())
+        stopped = asyncio.create_task(self._stopped.wait())
+        await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopped.cancel()
+        if drain_started.is_set():
+            await self.drain()
+        await self.close()
+
+    async def drain(self) -> None:
+        """Refuse new sessions, let in-flight ones finish up to --drain-timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.draining.set(1)
+        self.sessions.accepting = False
+        self.agent_service.accepting = False
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: %d sessions in flight, waiting up to %gs", len(self.sessions), self.config.drain_timeout)
+        await self.sessions.wait_empty(self.config.drain_timeout)
+        log.info("drained (%d sessions left)", len(self.sessions))
+
+    async def close(self) -> None:
+        """Stop everything; sessions still open are cut off."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(BaseException):
+                await self._janitor
+            self._janitor = None
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+            self._server = None
+        await self.metrics_server.close()
+        await self.auth.close()
+        self._stopped.set()
+
+    async def _expire_idle_sessions(self) -> None:
+        ttl = self.config.session_ttl
+        interval = max(0.05, min(ttl / 4, 10.0))
+        while True:
+            await asyncio.sleep(interval)
+            self.metrics.rendezvous_pending.set(self.sessions.pending)
+            now = time.monotonic()
+            for session in self.sessions.sessions():
+                if session.paired.is_set() and now - session.last_activity > ttl and session.error is None:
+                    log.info("session %s idle for %.0fs: expired", session.key[:8], now - session.last_activity)
+                    self.metrics.sessions_expired_total.inc()
+                    session.fail(DeadlineExceeded(f"session idle for longer than --session-ttl ({ttl:g}s)"))

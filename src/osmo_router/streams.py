@@ -1,0 +1,61 @@
+"""A session stream as the client and the agent see it: typed frames in, typed frames out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from osmo_router.errors import InvalidArgument, from_status_number
+from osmo_router.protocol import pb
+
+
+class FrameStream:
+    """Frames over one gRPC stream-stream call whose messages carry a Frame in field `frame`.
+
+    `wrap` builds the call's request message from a Frame. Writes are serialised by a lock
+    because grpc.aio allows one outstanding write per call.
+    """
+
+    def __init__(self, call: Any, wrap: Callable[[pb.Frame], Any]) -> None:
+        self.call = call
+        self._wrap = wrap
+        self._write_lock = asyncio.Lock()
+        self.closed_for_writing = False
+
+    async def send(self, frame: pb.Frame) -> None:
+        """Send one frame."""
+        async with self._write_lock:
+            await self.call.write(self._wrap(frame))
+
+    async def send_data(self, payload: bytes) -> None:
+        """Send a data frame."""
+        await self.send(pb.Frame(data=payload))
+
+    async def send_error(self, code: grpc.StatusCode, message: str) -> None:
+        """Report an error to the far side."""
+        await self.send(pb.Frame(error=pb.Error(code=code.value[0], message=message)))
+
+    async def recv(self) -> pb.Frame | None:
+        """The next frame, or None when the stream ended."""
+        message = await self.call.read()
+        if message is grpc.aio.EOF:
+            return None
+        if message.WhichOneof("kind") != "frame":
+            raise InvalidArgument(f"unexpected {message.WhichOneof('kind')} message after the init")
+        frame: pb.Frame = message.frame
+        return frame
+
+    async def close(self) -> None:
+        """Say this side sends nothing more (ends our half of the call)."""
+        async with self._write_lock:
+            if not self.closed_for_writing:
+                self.closed_for_writing = True
+                await self.call.done_writing()
+
+
+def raise_for_error_frame(frame: pb.Frame) -> None:
+    """Raise the RouterError an Error frame reports."""
+    raise from_status_number(frame.error.code, frame.error.message)
