@@ -75,8 +75,12 @@ def error_frame(code: int, message: str) -> pb.Frame:
     return pb.Frame(error=pb.Error(code=code, message=message))
 
 
-#: A frame message for the client-bound and agent-bound directions, encoded once.
+#: A half-close frame message, encoded once (the same bytes on every stream).
 ENCODED_HALF_CLOSE: Final = pb.ConnectResponse(frame=half_close_frame()).SerializeToString()
+#: The router's SessionEnd message to the client, encoded once (the same bytes for every operation).
+ENCODED_SESSION_END: Final = pb.ExecResponse(end=pb.SessionEnd()).SerializeToString()
+#: How long the router waits for a client to end its side after SessionEnd.
+CLOSE_GRACE: Final = 5.0
 
 
 def operation_of(init: pb.SessionOpen) -> int:

@@ -24,11 +24,13 @@ class FrameStream:
         self._wrap = wrap
         self._write_lock = asyncio.Lock()
         self.closed_for_writing = False
+        self.peer_half_closed = False
 
     async def send(self, frame: pb.Frame) -> None:
-        """Send one frame."""
+        """Send one frame (dropped once this side was closed)."""
         async with self._write_lock:
-            await self.call.write(self._wrap(frame))
+            if not self.closed_for_writing:
+                await self.call.write(self._wrap(frame))
 
     async def send_data(self, payload: bytes) -> None:
         """Send a data frame."""
@@ -40,12 +42,26 @@ class FrameStream:
 
     async def recv(self) -> pb.Frame | None:
         """The next frame, or None when the stream ended."""
-        message = await self.call.read()
+        try:
+            message = await self.call.read()
+        except grpc.aio.AioRpcError as err:
+            # A write that races with the peer finishing the call fails the whole call with INTERNAL
+            # in grpc.aio, although everything the peer sent has arrived: after its half-close that
+            # is an ordinary end of stream.
+            if self.peer_half_closed and err.code() == grpc.StatusCode.INTERNAL:
+                return None
+            raise
         if message is grpc.aio.EOF:
             return None
+        if message.WhichOneof("kind") == "end":
+            # The session is over: end our side, then the router finishes the call.
+            await self.close()
+            return await self.recv()
         if message.WhichOneof("kind") != "frame":
             raise InvalidArgument(f"unexpected {message.WhichOneof('kind')} message after the init")
         frame: pb.Frame = message.frame
+        if frame.WhichOneof("kind") == "half_close":
+            self.peer_half_closed = True
         return frame
 
     async def close(self) -> None:

@@ -109,6 +109,7 @@ class Agent:
             first.registered.router_id,
             self.config.workflow_id,
             f" task {self.config.task}" if self.config.task else "",
+            extra={"fields": {"event": "registered", "router_id": first.registered.router_id}},
         )
         self.registered.set()
         heartbeat = asyncio.create_task(_send_heartbeats(call, interval))

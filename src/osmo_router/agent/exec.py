@@ -182,13 +182,12 @@ async def _run_tty(
     master, slave = ptys.open_pty(init.size.rows, init.size.cols)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *ptys.with_controlling_tty(argv),
             stdin=slave,
             stdout=slave,
             stderr=slave,
             env=env,
             cwd=workdir,
-            preexec_fn=ptys.become_session_leader_with_tty,
         )
     finally:
         os.close(slave)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
+import shutil
 import struct
+import sys
 import termios
 
 
@@ -22,10 +24,30 @@ def open_pty(rows: int, cols: int) -> tuple[int, int]:
     return master, slave
 
 
-def become_session_leader_with_tty() -> None:
-    """preexec_fn for the child: new session, with its stdin (the PTY slave) as controlling terminal."""
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+#: Run by a fresh interpreter when `setsid` is missing: new session, stdin as controlling terminal, exec.
+_CTTY_HELPER = (
+    "import fcntl, os, sys, termios\n"
+    "os.setsid()\n"
+    "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "except OSError as err:\n"
+    "    sys.stderr.write(f'{sys.argv[1]}: {err.strerror}\\n')\n"
+    "    sys.exit(127)\n"
+)
+
+
+def with_controlling_tty(argv: list[str]) -> list[str]:
+    """argv that runs `argv` as a session leader whose controlling terminal is its stdin.
+
+    A preexec_fn would do this in the forked child, but forking the multi-threaded agent (gRPC's
+    threads and fork handlers) and running Python there crashes now and then; so the child
+    exec's `setsid --ctty` (util-linux or busybox) or, failing that, a fresh interpreter.
+    """
+    setsid = shutil.which("setsid")
+    if setsid is not None:
+        return [setsid, "-c", *argv]
+    return [sys.executable, "-I", "-S", "-c", _CTTY_HELPER, *argv]
 
 
 def eof_char(fd: int) -> bytes:

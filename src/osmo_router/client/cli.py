@@ -6,6 +6,8 @@ Every flag can also come from its `OSMO_*` environment variable. The older singl
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from typing import Any
 
@@ -214,4 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as err:
         err.show()
         sys.exit(2)
-    main_group.main(args=args, prog_name="osmo-net-client")
+    try:
+        main_group.main(args=args, prog_name="osmo-net-client")
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+        # Skip interpreter finalisation: the stdin reader thread may still be blocked in read(),
+        # and tearing down gRPC's threads under it is slow and can crash; there is nothing left to clean.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)

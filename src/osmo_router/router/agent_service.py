@@ -14,7 +14,7 @@ from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, U
 from osmo_router.protocol import AGENT_SERVICE, pb
 from osmo_router.router.auth import Authenticator
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.relay import relay_side
@@ -60,7 +60,7 @@ class AgentService:
             reg = await self._accept_registration(context)
         except RouterError as err:
             self._metrics.error("register", err.code)
-            await context.abort(err.code, err.message)
+            await abort(context, err.code, err.message)
             return
         self._registry.register(reg)
         self._metrics.agents_registered.set(len(self._registry))
@@ -134,7 +134,7 @@ class AgentService:
             session = self._sessions.join_agent(identity, request.init)
         except RouterError as err:
             self._metrics.error("connect", err.code)
-            await context.abort(err.code, err.message)
+            await abort(context, err.code, err.message)
             return
         clean = False
         try:
@@ -150,7 +150,7 @@ class AgentService:
             )
             clean = True
         except RouterError as err:
-            await context.abort(err.code, err.message)
+            await abort(context, err.code, err.message)
         except BaseException as err:
             log.info("agent stream of session %s ended: %r", session.key[:8], err)
             raise

@@ -14,7 +14,7 @@ from osmo_router.errors import Cancelled, InvalidArgument, RouterError
 from osmo_router.protocol import CLIENT_SERVICE, OPERATION_NAMES, pb
 from osmo_router.router.auth import Authenticator
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
@@ -88,7 +88,7 @@ class ClientService:
             session = self._sessions.join_client(identity, operation, target, open_msg)
         except RouterError as err:
             self._metrics.error(op_name, err.code)
-            await context.abort(err.code, err.message)
+            await abort(context, err.code, err.message)
             return
         await self._run_session(session, context)
 
@@ -97,6 +97,7 @@ class ClientService:
         started = time.monotonic()
         clean = False
         active = False
+        failure: RouterError | None = None
         try:
             if not session.paired.is_set():
                 await self._sessions.wait_paired(session, self._config.rendezvous_timeout)
@@ -121,14 +122,16 @@ class ClientService:
             clean = True
         except RouterError as err:
             self._metrics.error(op_name, err.code)
-            await context.abort(err.code, err.message)
+            failure = err
         finally:
             if not clean:
-                session.fail(Cancelled("the client went away"))
+                session.fail(failure or Cancelled("the client went away"))
             self._sessions.remove(session)
             if active:
                 self._metrics.sessions_active.labels(op_name).dec()
                 _audit("session end", session, context, duration=time.monotonic() - started)
+        if failure is not None:
+            await abort(context, failure.code, failure.message)
 
 
 def _audit(

@@ -32,6 +32,24 @@ class ContextEndpoint:
         await self._context.write(message)
 
 
+#: How long sending an error status may wait behind unread data before the handler gives up on it.
+ABORT_TIMEOUT = 1.0
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> None:
+    """End the call with an error status without waiting on a peer that stopped reading.
+
+    The status goes out behind the data already queued on the stream, so on a stalled stream
+    `context.abort` would wait for the reader forever; past ABORT_TIMEOUT the status stays queued
+    (the peer sees it once it reads again) and the handler returns.
+    """
+    try:
+        async with asyncio.timeout(ABORT_TIMEOUT):
+            await context.abort(code, message)
+    except TimeoutError:
+        return
+
+
 async def read_init(context: grpc.aio.ServicerContext[Any, Any], timeout: float) -> bytes:
     """The encoded init message that must open every stream, within `timeout` seconds."""
     try:

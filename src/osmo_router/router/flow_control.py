@@ -34,7 +34,7 @@ class FlowQueue:
 
     async def put(self, item: bytes) -> None:
         """Queue an item, waiting while the queue is full; raises the failure if it failed."""
-        while len(self._items) >= self._maxsize and self._error is None:
+        while len(self._items) >= self._maxsize and self._error is None and not self._ended:
             self._putter = asyncio.get_running_loop().create_future()
             try:
                 await self._putter
@@ -66,9 +66,10 @@ class FlowQueue:
         return item
 
     def end(self) -> None:
-        """No more items will come; the consumer still receives the queued ones."""
+        """No more items will come (later puts are dropped); the consumer still receives the queued ones."""
         self._ended = True
         _wake(self._getter)
+        _wake(self._putter)
 
     def fail(self, error: BaseException) -> None:
         """Drop everything and make both ends raise `error`."""

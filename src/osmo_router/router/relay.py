@@ -13,8 +13,8 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from osmo_router.errors import InvalidArgument, ResourceExhausted
-from osmo_router.protocol import ENCODED_HALF_CLOSE, FRAME_TAG
+from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
+from osmo_router.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
 from osmo_router.router.flow_control import FlowQueue
 from osmo_router.router.sessions import Session
 
@@ -60,14 +60,19 @@ async def relay_side(
         async def on_eof() -> None:
             await inbound.put(ENCODED_HALF_CLOSE)
     else:
-        # The agent ending its stream ends the session once its output is delivered.
+        # The agent ending its stream after a half-close ends the session once its output is
+        # delivered; an end without one is a broken agent (killed, connection lost).
         async def on_eof() -> None:
-            inbound.end()
+            if session.agent_half_closed:
+                inbound.end()
+            else:
+                raise Unavailable("the agent disconnected")
 
-    reader = asyncio.create_task(_read_into(session, endpoint, inbound, direction, hooks, on_eof))
+    reader = asyncio.create_task(_read_into(session, endpoint, inbound, direction, hooks, on_eof, not is_client))
     try:
         if is_client:
             await _write_from(session, endpoint, outbound, flow_control_timeout, hooks)
+            await _end_client(endpoint, reader, flow_control_timeout)
         else:
             writer = asyncio.create_task(_write_from(session, endpoint, outbound, flow_control_timeout, hooks))
             try:
@@ -75,6 +80,8 @@ async def relay_side(
                 for task in done:
                     task.result()
                 if reader in done:
+                    # The agent is finished: whatever the client still sends has no reader.
+                    outbound.end()
                     return
             finally:
                 writer.cancel()
@@ -82,9 +89,30 @@ async def relay_side(
                     await writer
             await reader
     finally:
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
+        if reader.done():
+            with contextlib.suppress(BaseException):
+                reader.result()
+        else:
+            # Cancelling a task blocked in context.read() breaks the RPC's status ("Internal error
+            # from Core"); the read ends by itself once this handler returns and gRPC closes the call.
+            reader.add_done_callback(_retrieve)
+
+
+async def _end_client(endpoint: Endpoint, reader: asyncio.Task[None], timeout: float) -> None:
+    """Tell the client the session is over and give it a moment to end its side first."""
+    try:
+        async with asyncio.timeout(timeout):
+            await endpoint.write(ENCODED_SESSION_END)
+    except TimeoutError:
+        return
+    with contextlib.suppress(TimeoutError, Exception):
+        async with asyncio.timeout(CLOSE_GRACE):
+            await asyncio.shield(reader)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _read_into(
@@ -94,6 +122,7 @@ async def _read_into(
     direction: str,
     hooks: RelayHooks,
     on_eof: Callable[[], Awaitable[None]],
+    is_agent: bool,
 ) -> None:
     try:
         while (message := await endpoint.read()) is not None:
@@ -101,9 +130,12 @@ async def _read_into(
                 raise InvalidArgument("expected a frame after the init")
             session.touch()
             hooks.count_bytes(session, direction, len(message))
+            if message == ENCODED_HALF_CLOSE:
+                if is_agent:
+                    session.agent_half_closed = True
             await queue.put(message)
         await on_eof()
-    except InvalidArgument as err:
+    except (InvalidArgument, Unavailable) as err:
         session.fail(err)
         raise
 

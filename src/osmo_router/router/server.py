@@ -117,6 +117,14 @@ class RouterServer:
             self.config.tls_enabled,
             self.config.auth,
             self.metrics_server.port,
+            extra={
+                "fields": {
+                    "event": "listening",
+                    "grpc_port": self.port,
+                    "metrics_port": self.metrics_server.port,
+                    "router_id": self.config.router_id,
+                }
+            },
         )
 
     async def serve(self) -> None:

@@ -67,6 +67,7 @@ class Session:
     bytes_to_agent: int = 0
     bytes_to_client: int = 0
     error: RouterError | None = None
+    agent_half_closed: bool = False
     paired: asyncio.Event = field(default_factory=asyncio.Event)
     to_agent: FlowQueue = field(init=False)
     to_client: FlowQueue = field(init=False)

@@ -1,0 +1,269 @@
+"""exec end to end: real router, agent and client processes, a real PTY."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import pty
+import re
+import signal
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
+
+
+def test_stdin_reaches_stdout(agent: AgentProc, client_args: list[str]) -> None:
+    result = run_client("exec", *client_args, "--", "cat", input=b"hello through the router\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello through the router\n"
+
+
+def test_stdout_and_stderr_apart_and_exit_code(agent: AgentProc, client_args: list[str]) -> None:
+    script = "echo to-out; echo to-err >&2; exit 7"
+    result = run_client("exec", *client_args, "--", "sh", "-c", script)
+    assert result.returncode == 7
+    assert result.stdout == b"to-out\n"
+    assert result.stderr == b"to-err\n"
+
+
+def test_death_by_signal_gives_128_plus_n(agent: AgentProc, client_args: list[str]) -> None:
+    result = run_client("exec", *client_args, "--", "sh", "-c", "kill -TERM $$")
+    assert result.returncode == 128 + signal.SIGTERM
+
+
+def test_stdin_eof_propagates(agent: AgentProc, client_args: list[str]) -> None:
+    result = run_client("exec", *client_args, "--", "wc", "-c", input=b"x" * 12345)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == b"12345"
+
+
+def test_32_mib_blob_intact(agent: AgentProc, client_args: list[str], tmp_path: Path) -> None:
+    blob = os.urandom(32 * 1024 * 1024)
+    result = run_client("exec", *client_args, "--", "cat", input=blob, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout) == len(blob)
+    assert hashlib.sha256(result.stdout).digest() == hashlib.sha256(blob).digest()
+
+
+def test_legacy_operation_form(agent: AgentProc, client_args: list[str]) -> None:
+    result = run_client("--operation=exec", *client_args, "--", "echo", "legacy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"legacy\n"
+
+
+def test_flags_from_environment(agent: AgentProc, router: Router, workflow: str) -> None:
+    env = {"OSMO_ROUTER_ADDRESS": router.address, "OSMO_WORKFLOW_ID": workflow, "OSMO_TLS": "false"}
+    result = run_client("exec", "--", "echo", "from-env", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"from-env\n"
+
+
+def test_unknown_workflow_gives_255_and_a_message(router: Router) -> None:
+    result = run_client(
+        "exec", "--router-address", router.address, "--workflow-id", "no-such-wf", "--tls=false", "--", "true"
+    )
+    assert result.returncode == 255
+    assert b"no-such-wf" in result.stderr
+    assert b"UNAVAILABLE" in result.stderr
+
+
+def test_missing_command_gives_127(agent: AgentProc, client_args: list[str]) -> None:
+    result = run_client("exec", *client_args, "--", "definitely-not-a-command-xyz")
+    assert result.returncode == 127
+    assert b"command not found" in result.stderr
+
+
+def test_rendezvous_timeout_gives_deadline_exceeded() -> None:
+    router = Router("--rendezvous-timeout", "1s")
+    try:
+        started = time.monotonic()
+        # An orchestrator-issued key: the router waits for an agent to present it; none does.
+        result = run_client(
+            "exec",
+            "--router-address",
+            router.address,
+            "--workflow-id",
+            "wf-x",
+            "--tls=false",
+            "--session-key",
+            "k" * 22,
+            "--",
+            "true",
+            timeout=30,
+        )
+        assert result.returncode == 255
+        assert b"DEADLINE_EXCEEDED" in result.stderr
+        assert time.monotonic() - started < 20
+        text = router.metrics_text()
+        assert metric_value(text, "router_grpc_errors_total", {"code": "DEADLINE_EXCEEDED"}) == 1
+        assert metric_value(text, "router_grpc_sessions_active", {"operation": "exec"}) == 0
+    finally:
+        router.stop()
+
+
+def _wait_metric(router: Router, name: str, labels: dict[str, str], value: float, timeout: float = 20) -> None:
+    """Poll /metrics (bounded) until a sample reaches `value`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = metric_value(router.metrics_text(), name, labels)
+        if current == value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}{labels} is {current}, expected {value}")
+        time.sleep(0.05)
+
+
+def test_agent_killed_mid_session(router: Router, workflow: str, client_args: list[str]) -> None:
+    agent = AgentProc(router.address, workflow)
+    client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", "echo started; sleep 60"))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        agent.popen.kill()
+        started = time.monotonic()
+        assert client.wait_exit(30) == 255
+        assert time.monotonic() - started < 25
+        assert any("UNAVAILABLE" in line or "CANCELLED" in line for line in client.lines), client.lines
+        _wait_metric(router, "router_grpc_sessions_active", {"operation": "exec"}, 0)
+    finally:
+        client.stop()
+        agent.stop()
+
+
+def test_client_killed_hangs_up_remote_process(
+    agent: AgentProc, router: Router, client_args: list[str], tmp_path: Path
+) -> None:
+    marker = tmp_path / "hup"
+    script = f"trap 'echo hup > {marker}; exit 0' HUP; echo started; while :; do sleep 0.1; done"
+    client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", script))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        client.popen.kill()
+        client.wait_exit(10)
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the remote process was not hung up"
+            time.sleep(0.05)
+        assert marker.read_text() == "hup\n"
+        _wait_metric(router, "router_grpc_sessions_active", {"operation": "exec"}, 0)
+    finally:
+        client.stop()
+
+
+def test_stalled_reader_trips_flow_control_without_blocking_others(workflow: str) -> None:
+    router = Router("--flow-control-timeout", "2s", "--flow-control-buffer", "4")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    # stdout is a pipe this test never reads: the client blocks, then stops reading from the router.
+    stalled = subprocess.Popen(
+        client_cmd("exec", *args, "--", "sh", "-c", "while :; do cat /etc/services; done"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    try:
+        # Another session keeps working while the stalled one fills its buffers.
+        result = run_client("exec", *args, "--", "echo", "still-served")
+        assert result.returncode == 0 and result.stdout == b"still-served\n"
+        end = router.wait_for(
+            lambda r: r.get("event") == "session end" and r.get("status") == "RESOURCE_EXHAUSTED", timeout=60
+        )
+        assert end["operation"] == "exec"
+        assert metric_value(router.metrics_text(), "router_grpc_flow_control_timeouts_total") >= 1
+        result = run_client("exec", *args, "--", "echo", "after")
+        assert result.stdout == b"after\n"
+    finally:
+        stalled.kill()
+        stalled.wait(10)
+        assert stalled.stdout is not None
+        stalled.stdout.close()
+        agent.stop()
+        router.stop()
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _controlling_tty() -> None:
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class PtyReader:
+    """Accumulates what a PTY master shows; waits (bounded) for a pattern."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.text = b""
+
+    def wait_for(self, pattern: bytes, timeout: float = 30) -> re.Match[bytes]:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while (match := re.search(pattern, self.text)) is None:
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {pattern!r}; screen: {self.text[-500:]!r}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"terminal closed before {pattern!r}; screen: {self.text[-500:]!r}"
+                self.text += chunk
+        return match
+
+
+@pytest.mark.parametrize("initial", [(30, 100)])
+def test_tty_size_resize_and_ctrl_c(agent: AgentProc, client_args: list[str], initial: tuple[int, int]) -> None:
+    master, slave = pty.openpty()
+    _set_winsize(slave, *initial)
+    script = "trap 'echo size=$(stty size)' WINCH; echo size=$(stty size); while :; do sleep 0.05; done"
+    proc = subprocess.Popen(
+        client_cmd("exec", *client_args, "--tty", "--", "sh", "-c", script),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env({"TERM": "xterm"}),
+        preexec_fn=_controlling_tty,
+    )
+    os.close(slave)
+    screen = PtyReader(master)
+    try:
+        screen.wait_for(rb"size=30 100")
+        _set_winsize(master, 40, 120)  # the kernel sends SIGWINCH to the client
+        screen.wait_for(rb"size=40 120")
+        os.write(master, b"\x03")  # Ctrl-C in raw mode travels as a byte to the remote terminal
+        assert proc.wait(30) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+
+
+def test_tty_mode_restores_the_local_terminal(agent: AgentProc, client_args: list[str]) -> None:
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen(
+        client_cmd("exec", *client_args, "--tty", "--", "sh", "-c", "exit 3"),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env(),
+        preexec_fn=_controlling_tty,
+    )
+    try:
+        assert proc.wait(30) == 3
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(slave)
+        os.close(master)
