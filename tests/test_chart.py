@@ -105,7 +105,7 @@ def test_chart_yaml_parses_and_names_the_chart() -> None:
 
 def test_values_defaults_match_the_router_defaults(values: dict[str, Any], serve: click.Command) -> None:
     """The chart must not quietly deploy different settings from the ones DESIGN.md documents."""
-    defaults = {p.name: p.default for p in serve.params if isinstance(p, click.Option)}
+    defaults: dict[str | None, Any] = {p.name: p.default for p in serve.params if isinstance(p, click.Option)}
     grpc = values["grpc"]
     assert values["replicaCount"] == 2
     assert grpc["port"] == defaults["port"]
@@ -271,7 +271,7 @@ def test_tls_secret_is_mounted_where_the_flags_point() -> None:
 
 
 def serve_flags(command: click.Command) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for param in command.params:
         if isinstance(param, click.Option):
             names.update(opt[2:] for opt in [*param.opts, *param.secondary_opts] if opt.startswith("--"))
