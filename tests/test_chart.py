@@ -427,7 +427,7 @@ def docker_stages() -> dict[str, tuple[str, str]]:
 def effective_user(stages: dict[str, tuple[str, str]], stage: str) -> str | None:
     """The USER a stage runs as: its own last USER, else its parent stage's."""
     base, body = stages[stage]
-    users = re.findall(r"^USER\s+(\S+)", body, re.M)
+    users: list[str] = re.findall(r"^USER\s+(\S+)", body, re.M)
     if users:
         return users[-1]
     return effective_user(stages, base) if base in stages else None
