@@ -65,6 +65,18 @@ class FlowQueue:
         _wake(self._putter)
         return item
 
+    def peek(self) -> bytes | None:
+        """The next item without taking it; None when nothing is queued (or the queue failed)."""
+        if self._error is not None or not self._items:
+            return None
+        return self._items[0]
+
+    def pop(self) -> bytes:
+        """Take the next item without waiting (call only after `peek` returned one)."""
+        item = self._items.popleft()
+        _wake(self._putter)
+        return item
+
     def end(self) -> None:
         """No more items will come (later puts are dropped); the consumer still receives the queued ones."""
         self._ended = True
@@ -83,3 +95,56 @@ class FlowQueue:
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
+
+
+class WriteWatchdog:
+    """Bounds each write of one task by `timeout` seconds, with one timer per timeout period.
+
+    `asyncio.timeout` around every write arms and cancels a timer per message, which costs more
+    than the rest of the relay's own work per message. The watchdog notes when the current write
+    started; a single timer wakes once per period and cancels the task only if the write in
+    progress started more than `timeout` seconds ago. Use as `with watchdog: await write(...)`;
+    a write that overran raises TimeoutError from the block.
+    """
+
+    __slots__ = ("_loop", "_started", "_task", "_timeout", "_timer", "fired")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[object] | None = None
+        self._started: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    def __enter__(self) -> None:
+        self._started = now = self._loop.time()
+        if self._timer is None:
+            self._task = asyncio.current_task()
+            self._timer = self._loop.call_at(now + self._timeout, self._check)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._started = None
+        if self.fired and exc_type is asyncio.CancelledError and self._task is not None:
+            # Our own cancellation: turn it into a timeout (as asyncio.timeout does).
+            if self._task.uncancel() == 0:
+                raise TimeoutError from None
+
+    def close(self) -> None:
+        """Stop the timer (when the writing task is done)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        started = self._started
+        if started is None:
+            return  # idle: the next write re-arms the timer
+        deadline = started + self._timeout
+        if self._loop.time() >= deadline:
+            if self._task is not None and not self._task.done():
+                self.fired = True
+                self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(deadline, self._check)

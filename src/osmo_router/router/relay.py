@@ -15,7 +15,8 @@ from typing import Protocol
 
 from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
-from osmo_router.router.flow_control import FlowQueue
+from osmo_router.router.coalesce import coalesce
+from osmo_router.router.flow_control import FlowQueue, WriteWatchdog
 from osmo_router.router.sessions import Session
 
 
@@ -40,6 +41,10 @@ class RelayHooks(Protocol):
 
     def flow_control_timeout(self, session: Session) -> None:
         """A reader stopped reading for longer than the flow-control timeout."""
+        ...
+
+    def settle(self, session: Session) -> None:
+        """One side of the session ended: fold its counts into shared totals."""
         ...
 
 
@@ -89,6 +94,7 @@ async def relay_side(
                     await writer
             await reader
     finally:
+        hooks.settle(session)
         if reader.done():
             with contextlib.suppress(BaseException):
                 reader.result()
@@ -147,12 +153,21 @@ async def _write_from(
     timeout: float,
     hooks: RelayHooks,
 ) -> None:
-    while (message := await queue.get()) is not None:
-        try:
-            async with asyncio.timeout(timeout):
-                await endpoint.write(message)
-        except TimeoutError:
-            hooks.flow_control_timeout(session)
-            err = ResourceExhausted(f"peer stopped reading for {timeout:g}s (flow-control timeout)")
-            session.fail(err)
-            raise err from None
+    # Per message: at most one merge and one write; the watchdog bounds each write without a
+    # timer per message (see WriteWatchdog).
+    watchdog = WriteWatchdog(timeout)
+    write = endpoint.write
+    try:
+        while (message := await queue.get()) is not None:
+            if len(queue):
+                message = coalesce(message, queue)
+            try:
+                with watchdog:
+                    await write(message)
+            except TimeoutError:
+                hooks.flow_control_timeout(session)
+                err = ResourceExhausted(f"peer stopped reading for {timeout:g}s (flow-control timeout)")
+                session.fail(err)
+                raise err from None
+    finally:
+        watchdog.close()

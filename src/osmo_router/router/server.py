@@ -70,6 +70,7 @@ class RouterServer:
             max_sessions=config.max_sessions,
             max_per_user=config.max_sessions_per_user,
         )
+        self.metrics.live_sessions = self.sessions.sessions
         self.auth = authenticator or build_authenticator(config)
         self.client_service = ClientService(config, self.sessions, self.auth, self.metrics)
         self.agent_service = AgentService(config, self.sessions, self.registry, self.auth, self.metrics)

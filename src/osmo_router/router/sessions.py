@@ -66,6 +66,9 @@ class Session:
     last_activity: float = field(default_factory=time.monotonic)
     bytes_to_agent: int = 0
     bytes_to_client: int = 0
+    #: How much of bytes_to_agent / bytes_to_client the metrics counters already hold.
+    counted_to_agent: int = 0
+    counted_to_client: int = 0
     error: RouterError | None = None
     agent_half_closed: bool = False
     paired: asyncio.Event = field(default_factory=asyncio.Event)
