@@ -84,7 +84,7 @@ def _queue(messages: list[bytes]) -> FlowQueue:
 
 def _drain(queue: FlowQueue) -> list[bytes]:
     out = []
-    while (first := queue.peek()) is not None:
+    while queue.peek() is not None:
         out.append(coalesce(queue.pop(), queue))
     return out
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from osmo_router.router.flow_control import WriteWatchdog
+from osmo_router.router.flow_control import WriteInterrupted, WriteWatchdog
 
 TIMEOUT = 0.2
 
@@ -79,4 +79,39 @@ async def test_an_outside_cancellation_stays_a_cancellation() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not watchdog.fired
+    watchdog.close()
+
+
+@pytest.mark.asyncio
+async def test_interrupt_stops_the_write_in_progress_only() -> None:
+    watchdog = WriteWatchdog(30.0)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    entered = asyncio.Event()
+
+    async def write() -> str:
+        with watchdog:
+            entered.set()
+            await never
+        return "finished"
+
+    task = asyncio.create_task(write())
+    await entered.wait()
+    watchdog.interrupt()
+    with pytest.raises(WriteInterrupted):
+        async with asyncio.timeout(5):
+            await task
+    assert not watchdog.fired
+    watchdog.close()
+    watchdog.interrupt()  # after close (and between writes) it does nothing
+
+
+@pytest.mark.asyncio
+async def test_interrupt_between_writes_does_nothing() -> None:
+    watchdog = WriteWatchdog(30.0)
+    with watchdog:
+        await asyncio.sleep(0)
+    watchdog.interrupt()
+    await asyncio.sleep(0.01)  # a stray cancellation would surface here
+    with watchdog:
+        await asyncio.sleep(0)
     watchdog.close()

@@ -8,7 +8,6 @@ stops reading ends the session instead of holding buffers forever.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 
 class FlowQueue:
@@ -17,7 +16,9 @@ class FlowQueue:
     __slots__ = ("_ended", "_error", "_getter", "_items", "_maxsize", "_putter")
 
     def __init__(self, maxsize: int) -> None:
-        self._items: deque[bytes] = deque()
+        # A list, not a deque: an empty deque allocates a 64-slot block (~600 bytes), and a router
+        # holds two queues per session, mostly empty; pop(0) on a handful of items costs nothing.
+        self._items: list[bytes] = []
         self._maxsize = maxsize
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
@@ -61,7 +62,7 @@ class FlowQueue:
                 self._getter = None
         if self._error is not None:
             raise self._error
-        item = self._items.popleft()
+        item = self._items.pop(0)
         _wake(self._putter)
         return item
 
@@ -73,12 +74,15 @@ class FlowQueue:
 
     def pop(self) -> bytes:
         """Take the next item without waiting (call only after `peek` returned one)."""
-        item = self._items.popleft()
+        item = self._items.pop(0)
         _wake(self._putter)
         return item
 
-    def end(self) -> None:
-        """No more items will come (later puts are dropped); the consumer still receives the queued ones."""
+    def end(self, drop: bool = False) -> None:
+        """No more items will come (later puts are dropped); the consumer still receives the queued
+        ones, unless `drop` (nobody will read them)."""
+        if drop:
+            self._items.clear()
         self._ended = True
         _wake(self._getter)
         _wake(self._putter)
@@ -97,6 +101,10 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+class WriteInterrupted(Exception):
+    """The write in progress was interrupted on purpose (the stream it wrote to is over)."""
+
+
 class WriteWatchdog:
     """Bounds each write of one task by `timeout` seconds, with one timer per timeout period.
 
@@ -104,34 +112,47 @@ class WriteWatchdog:
     than the rest of the relay's own work per message. The watchdog notes when the current write
     started; a single timer wakes once per period and cancels the task only if the write in
     progress started more than `timeout` seconds ago. Use as `with watchdog: await write(...)`;
-    a write that overran raises TimeoutError from the block.
+    a write that overran raises TimeoutError from the block, and one stopped by `interrupt`
+    raises WriteInterrupted.
     """
 
-    __slots__ = ("_loop", "_started", "_task", "_timeout", "_timer", "fired")
+    __slots__ = ("_closed", "_interrupted", "_loop", "_started", "_task", "_timer", "fired", "timeout")
 
     def __init__(self, timeout: float) -> None:
-        self._timeout = timeout
+        self.timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[object] | None = None
         self._started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._interrupted = False
+        self._closed = False
         self.fired = False
 
     def __enter__(self) -> None:
         self._started = now = self._loop.time()
-        if self._timer is None:
+        if self._timer is None and not self._closed:
             self._task = asyncio.current_task()
-            self._timer = self._loop.call_at(now + self._timeout, self._check)
+            self._timer = self._loop.call_at(now + self.timeout, self._check)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self._started = None
-        if self.fired and exc_type is asyncio.CancelledError and self._task is not None:
-            # Our own cancellation: turn it into a timeout (as asyncio.timeout does).
+        if exc_type is asyncio.CancelledError and self._task is not None and (self.fired or self._interrupted):
+            # Our own cancellation (unless someone else cancelled too): a timeout or an interruption.
             if self._task.uncancel() == 0:
+                if self._interrupted:
+                    raise WriteInterrupted from None
                 raise TimeoutError from None
 
+    def interrupt(self) -> None:
+        """Stop the write in progress, if any (it raises WriteInterrupted); later writes are not affected."""
+        if self._started is not None and self._task is not None and not self._task.done():
+            self._interrupted = True
+            self._task.cancel()
+
     def close(self) -> None:
-        """Stop the timer (when the writing task is done)."""
+        """Stop the timer (the writing is over); `interrupt` does nothing after this."""
+        self._closed = True
+        self._started = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -141,7 +162,7 @@ class WriteWatchdog:
         started = self._started
         if started is None:
             return  # idle: the next write re-arms the timer
-        deadline = started + self._timeout
+        deadline = started + self.timeout
         if self._loop.time() >= deadline:
             if self._task is not None and not self._task.done():
                 self.fired = True

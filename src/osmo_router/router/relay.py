@@ -16,7 +16,7 @@ from typing import Protocol
 from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
 from osmo_router.router.coalesce import coalesce
-from osmo_router.router.flow_control import FlowQueue, WriteWatchdog
+from osmo_router.router.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
 from osmo_router.router.sessions import Session
 
 
@@ -74,25 +74,20 @@ async def relay_side(
                 raise Unavailable("the agent disconnected")
 
     reader = asyncio.create_task(_read_into(session, endpoint, inbound, direction, hooks, on_eof, not is_client))
+    watchdog = WriteWatchdog(flow_control_timeout)
     try:
         if is_client:
-            await _write_from(session, endpoint, outbound, flow_control_timeout, hooks)
+            await _write_from(session, endpoint, outbound, watchdog, hooks)
             await _end_client(endpoint, reader, flow_control_timeout)
         else:
-            writer = asyncio.create_task(_write_from(session, endpoint, outbound, flow_control_timeout, hooks))
-            try:
-                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-                if reader in done:
-                    # The agent is finished: whatever the client still sends has no reader.
-                    outbound.end()
-                    return
-            finally:
-                writer.cancel()
-                with contextlib.suppress(BaseException):
-                    await writer
-            await reader
+            # This handler writes the client's frames to the agent; once the agent's stream is
+            # over (or broke), whatever the client still sends has no reader: the reader's end
+            # drops the queue and interrupts a write in progress. No third task per session.
+            reader.add_done_callback(lambda _: _stop_writing(outbound, watchdog))
+            with contextlib.suppress(WriteInterrupted):
+                await _write_from(session, endpoint, outbound, watchdog, hooks)
+            if reader.done():
+                reader.result()
     finally:
         hooks.settle(session)
         if reader.done():
@@ -114,6 +109,11 @@ async def _end_client(endpoint: Endpoint, reader: asyncio.Task[None], timeout: f
     with contextlib.suppress(TimeoutError, Exception):
         async with asyncio.timeout(CLOSE_GRACE):
             await asyncio.shield(reader)
+
+
+def _stop_writing(queue: FlowQueue, watchdog: WriteWatchdog) -> None:
+    queue.end(drop=True)
+    watchdog.interrupt()
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -150,12 +150,11 @@ async def _write_from(
     session: Session,
     endpoint: Endpoint,
     queue: FlowQueue,
-    timeout: float,
+    watchdog: WriteWatchdog,
     hooks: RelayHooks,
 ) -> None:
     # Per message: at most one merge and one write; the watchdog bounds each write without a
     # timer per message (see WriteWatchdog).
-    watchdog = WriteWatchdog(timeout)
     write = endpoint.write
     try:
         while (message := await queue.get()) is not None:
@@ -166,7 +165,7 @@ async def _write_from(
                     await write(message)
             except TimeoutError:
                 hooks.flow_control_timeout(session)
-                err = ResourceExhausted(f"peer stopped reading for {timeout:g}s (flow-control timeout)")
+                err = ResourceExhausted(f"peer stopped reading for {watchdog.timeout:g}s (flow-control timeout)")
                 session.fail(err)
                 raise err from None
     finally:
