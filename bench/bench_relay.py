@@ -116,8 +116,9 @@ def _hold_idle(router: Router, sessions: int) -> list[dict[str, Any]]:
             steps[step] = json.loads(line)
             time.sleep(0.5)  # let the router finish the step's bookkeeping before reading its memory
             rss[step] = rss_kib(router.pid)
-            gen.stdin.write("next\n")
-            gen.stdin.flush()
+            if step != "close":  # after the last step the generator exits by itself
+                gen.stdin.write("next\n")
+                gen.stdin.flush()
         gen.wait(60)
     finally:
         if gen.poll() is None:

@@ -37,7 +37,7 @@ async def grpc_throughput(args: argparse.Namespace) -> None:
     message = data_message(os.urandom(args.size))
     for pair in pairs:  # warm the streams (windows, buffers) before timing
         await wire.echo(pair)
-    counted = [0]
+    counted = [0, 0]
     last = [0.0]
     stop = time.perf_counter() + args.seconds
 
@@ -55,7 +55,8 @@ async def grpc_throughput(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     await asyncio.gather(*(send(p) for p in pairs), *(receive(p) for p in pairs))
-    emit({"bytes": counted[0], "seconds": last[0] - start, "mbps": counted[0] / (last[0] - start) / 1e6})
+    seconds = last[0] - start
+    emit({"bytes": counted[0], "messages": counted[1], "seconds": seconds, "mbps": counted[0] / seconds / 1e6})
     await asyncio.gather(client_ch.close(), agent_ch.close())
 
 

@@ -69,6 +69,6 @@ def machine_info() -> dict[str, Any]:
         "rsync": _first_line(["rsync", "--version"]),
         "socat": socat,
         "commit": commit,
-        "router_loop": "uvloop" if os.environ.get("OSMO_UVLOOP", "") != "0" else "asyncio",
+        "router_loop": "uvloop" if _version("uvloop") != "not installed" else "asyncio",
         "date": subprocess.run(["date", "-u", "+%Y-%m-%d %H:%M UTC"], capture_output=True, text=True).stdout.strip(),
     }

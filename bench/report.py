@@ -35,13 +35,7 @@ def normalise(module: str, result: Any) -> dict[str, Any]:
         figures = [dict(f) for f in result["figures"]]
         notes = [str(n) for n in result.get("notes", [])]
     elif isinstance(result, dict):
-        for key, value in result.items():
-            if isinstance(value, _NUMBER):
-                figures.append(figure(key, float(value), ""))
-            elif isinstance(value, dict) and isinstance(value.get("value"), _NUMBER):
-                figures.append({**figure(key, float(value["value"]), str(value.get("unit", ""))), **value})
-            else:
-                notes.append(f"{key}: {value}")
+        _flatten("", result, figures, notes)
     for fig in figures:
         fig.setdefault("name", "?")
         fig.setdefault("unit", "")
@@ -50,6 +44,36 @@ def normalise(module: str, result: Any) -> dict[str, Any]:
             fig["ratio"] = fig["value"] / fig["baseline"]
         fig["met"] = check(fig)
     return {"module": module, "status": "ok", "figures": figures, "notes": notes}
+
+
+#: Units guessed from the name of a plain number in a module's own dict.
+_SUFFIX_UNITS = (
+    ("_mbps", "MB/s"),
+    ("_mb_s", "MB/s"),
+    ("_mib_s", "MiB/s"),
+    ("_ms", "ms"),
+    ("_us", "us"),
+    ("_kib", "KiB"),
+    ("_seconds", "s"),
+    ("_bytes", "B"),
+)
+
+
+def _flatten(prefix: str, data: dict[str, Any], figures: list[dict[str, Any]], notes: list[str]) -> None:
+    """Plain numbers (nested dicts flattened as a.b) become figures without targets; the rest notes."""
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            notes.append(f"{name}: {value}")
+        elif isinstance(value, _NUMBER):
+            unit = next((u for suffix, u in _SUFFIX_UNITS if key.endswith(suffix)), "")
+            figures.append(figure(name, float(value), unit))
+        elif isinstance(value, dict) and isinstance(value.get("value"), _NUMBER):
+            figures.append({**figure(name, float(value["value"]), str(value.get("unit", ""))), **value, "name": name})
+        elif isinstance(value, dict):
+            _flatten(f"{name}.", value, figures, notes)
+        elif not isinstance(value, list):
+            notes.append(f"{name}: {value}")
 
 
 def _num(value: Any, unit: str = "") -> str:

@@ -128,6 +128,8 @@ async def drain_agent(call: Any, counted: list[int] | None) -> None:
             return
         if counted is not None:
             counted[0] += payload_size(message)
+            if len(counted) > 1:
+                counted[1] += 1
     raise RuntimeError("the agent stream ended before the client's half-close")
 
 
