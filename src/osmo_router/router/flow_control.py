@@ -66,6 +66,30 @@ class FlowQueue:
         _wake(self._putter)
         return item
 
+    def poll(self) -> bytes | None:
+        """The next item without waiting: an item, b"" when none is queued yet (items are never empty),
+        or None once the queue was ended and is empty; raises the failure if it failed."""
+        if self._error is not None:
+            raise self._error
+        if self._items:
+            item = self._items.pop(0)
+            _wake(self._putter)
+            return item
+        return None if self._ended else b""
+
+    def readable(self) -> asyncio.Future[None]:
+        """A future that completes once an item comes, or the queue ends or fails; then `poll` again.
+
+        Awaiting it directly (rather than `get`) keeps no coroutine frame alive while a relay
+        direction is idle: a router holds two per session.
+        """
+        getter = self._getter
+        if getter is None or getter.done():
+            getter = self._getter = asyncio.get_running_loop().create_future()
+        if self._items or self._ended or self._error is not None:
+            _wake(getter)
+        return getter
+
     def peek(self) -> bytes | None:
         """The next item without taking it; None when nothing is queued (or the queue failed)."""
         if self._error is not None or not self._items:

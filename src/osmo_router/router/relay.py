@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import functools
 from typing import Protocol
 
 from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -58,22 +58,7 @@ async def relay_side(
 ) -> None:
     """Relay one side of a paired session until it ends; raises the session's RouterError on failure."""
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
-    direction = "client_to_agent" if is_client else "agent_to_client"
-    on_eof: Callable[[], Awaitable[None]]
-    if is_client:
-        # The client finished sending: tell the agent, keep delivering the agent's output.
-        async def on_eof() -> None:
-            await inbound.put(ENCODED_HALF_CLOSE)
-    else:
-        # The agent ending its stream after a half-close ends the session once its output is
-        # delivered; an end without one is a broken agent (killed, connection lost).
-        async def on_eof() -> None:
-            if session.agent_half_closed:
-                inbound.end()
-            else:
-                raise Unavailable("the agent disconnected")
-
-    reader = asyncio.create_task(_read_into(session, endpoint, inbound, direction, hooks, on_eof, not is_client))
+    reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
     watchdog = WriteWatchdog(flow_control_timeout)
     try:
         if is_client:
@@ -83,7 +68,7 @@ async def relay_side(
             # This handler writes the client's frames to the agent; once the agent's stream is
             # over (or broke), whatever the client still sends has no reader: the reader's end
             # drops the queue and interrupts a write in progress. No third task per session.
-            reader.add_done_callback(lambda _: _stop_writing(outbound, watchdog))
+            reader.add_done_callback(functools.partial(_stop_writing, outbound, watchdog))
             with contextlib.suppress(WriteInterrupted):
                 await _write_from(session, endpoint, outbound, watchdog, hooks)
             if reader.done():
@@ -111,7 +96,7 @@ async def _end_client(endpoint: Endpoint, reader: asyncio.Task[None], timeout: f
             await asyncio.shield(reader)
 
 
-def _stop_writing(queue: FlowQueue, watchdog: WriteWatchdog) -> None:
+def _stop_writing(queue: FlowQueue, watchdog: WriteWatchdog, _reader: object) -> None:
     queue.end(drop=True)
     watchdog.interrupt()
 
@@ -121,15 +106,9 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-async def _read_into(
-    session: Session,
-    endpoint: Endpoint,
-    queue: FlowQueue,
-    direction: str,
-    hooks: RelayHooks,
-    on_eof: Callable[[], Awaitable[None]],
-    is_agent: bool,
-) -> None:
+async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hooks: RelayHooks, is_agent: bool) -> None:
+    # No closures or per-side callables here: a router holds two of these per session.
+    direction = "agent_to_client" if is_agent else "client_to_agent"
     try:
         while (message := await endpoint.read()) is not None:
             if not message or message[0] != FRAME_TAG:
@@ -140,7 +119,16 @@ async def _read_into(
                 if is_agent:
                     session.agent_half_closed = True
             await queue.put(message)
-        await on_eof()
+        if not is_agent:
+            # The client finished sending: tell the agent, keep delivering the agent's output.
+            await queue.put(ENCODED_HALF_CLOSE)
+        elif session.agent_half_closed:
+            # The agent ending its stream after a half-close ends the session once its output
+            # is delivered.
+            queue.end()
+        else:
+            # An end without a half-close is a broken agent (killed, connection lost).
+            raise Unavailable("the agent disconnected")
     except (InvalidArgument, Unavailable) as err:
         session.fail(err)
         raise
@@ -157,7 +145,10 @@ async def _write_from(
     # timer per message (see WriteWatchdog).
     write = endpoint.write
     try:
-        while (message := await queue.get()) is not None:
+        while (message := queue.poll()) is not None:
+            if not message:  # nothing queued yet
+                await queue.readable()
+                continue
             if len(queue):
                 message = coalesce(message, queue)
             try:
