@@ -35,9 +35,9 @@ def parse_port_ranges(entries: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
     ranges: list[tuple[int, int]] = []
     for entry in entries:
         for part in filter(None, (p.strip() for p in entry.split(","))):
-            low, _, high = part.partition("-")
+            low, dash, high = part.partition("-")
             try:
-                first, last = int(low), int(high or low)
+                first, last = int(low), int(high if dash else low)
             except ValueError:
                 raise ValueError(f"--allow-ports: {part!r} is not a port or a range like 8000-9000") from None
             if not 1 <= first <= last <= 65535:

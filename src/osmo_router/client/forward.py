@@ -25,7 +25,8 @@ from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.session import open_session, rpc_error
 from osmo_router.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
 from osmo_router.forwarding import WATCH_PORT
-from osmo_router.protocol import CLOSE_GRACE, half_close_frame, pb, pb_grpc
+from osmo_router.framecodec import fast_deserializer, raw_serializer
+from osmo_router.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
 from osmo_router.streams import FrameStream
 
 #: Exit status for bad arguments and local failures (a port already in use).
@@ -95,7 +96,12 @@ class PortForward:
         self.config = config
         self.reporter = reporter
         self.reconnect = reconnect
-        self._stub = pb_grpc.RouterClientServiceStub(channel)
+        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
+        self._method = channel.stream_stream(
+            f"/{CLIENT_SERVICE}/PortForward",
+            request_serializer=raw_serializer,
+            response_deserializer=fast_deserializer(pb.PortForwardResponse),
+        )
         self._stop = asyncio.Event()
         self._tcp: list[TcpListener] = []
         self._udp: list[UdpForward] = []
@@ -106,7 +112,7 @@ class PortForward:
         init = pb.PortForwardInit(
             target=self.config.target(), protocol=pb.Protocol.ValueType(protocol), remote_port=remote_port
         )
-        return await open_session(self.config, self._stub.PortForward, pb.PortForwardRequest, init)
+        return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
     async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
         """Check the agent, listen, announce, then serve until a signal or the agent's loss."""

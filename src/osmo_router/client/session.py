@@ -22,8 +22,13 @@ def rpc_error(err: grpc.aio.AioRpcError) -> RouterError:
     return from_status(err.code(), err.details() or err.code().name.lower())
 
 
-async def open_session(config: ClientConfig, method: Any, request_type: Any, init: Any) -> FrameStream:
-    """Start a stream with its init and wait until the agent joined; raises RouterError on refusal."""
+async def open_session(
+    config: ClientConfig, method: Any, request_type: Any, init: Any, *, raw: bool = False
+) -> FrameStream:
+    """Start a stream with its init and wait until the agent joined; raises RouterError on refusal.
+
+    `raw`: the call was made with framecodec's serializers (see FrameStream).
+    """
     call = method(metadata=config.dial.metadata())
     try:
         await call.write(request_type(init=init))
@@ -44,7 +49,7 @@ async def open_session(config: ClientConfig, method: Any, request_type: Any, ini
     if first.WhichOneof("kind") != "ready":
         call.cancel()
         raise RouterError("the router sent something other than ready")
-    return FrameStream(call, lambda frame: request_type(frame=frame))
+    return FrameStream(call, lambda frame: request_type(frame=frame), raw=raw)
 
 
 __all__ = ["open_session", "pb", "rpc_error"]
