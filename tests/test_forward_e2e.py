@@ -211,6 +211,11 @@ def test_stalled_connection_does_not_block_another(agent: AgentProc, client_args
             payload = os.urandom(8 * 1024 * 1024)
             for _ in range(3):
                 assert echo_round_trip(live, payload) == payload
+            # Interrupting the forward ends it at once, stuck connection or not.
+            started = time.monotonic()
+            proc.signal(signal.SIGINT)
+            assert proc.wait_exit(TIMEOUT) == 0
+            assert time.monotonic() - started < 10
         finally:
             stalled.close()
             proc.stop()

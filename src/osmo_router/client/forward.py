@@ -22,7 +22,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
-from osmo_router.client.session import open_session, rpc_error
+from osmo_router.client.session import open_session, rpc_error, start_session, wait_ready
 from osmo_router.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
 from osmo_router.forwarding import WATCH_PORT
 from osmo_router.framecodec import fast_deserializer, raw_serializer
@@ -114,6 +114,17 @@ class PortForward:
         )
         return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
+    async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
+        """Send a PortForward session's init without waiting for the agent (then `wait_ready`)."""
+        init = pb.PortForwardInit(
+            target=self.config.target(), protocol=pb.Protocol.ValueType(protocol), remote_port=remote_port
+        )
+        return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
+
+    async def wait_ready(self, stream: FrameStream) -> None:
+        """Wait until the agent of a started session joined; raises RouterError on refusal."""
+        await wait_ready(self.config, stream)
+
     async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
         """Check the agent, listen, announce, then serve until a signal or the agent's loss."""
         loop = asyncio.get_running_loop()
@@ -143,14 +154,14 @@ class PortForward:
             for address in binds:
                 # With :REMOTE the first address picks a free port; the others take the same one.
                 if protocol == "udp":
-                    udp = UdpForward(spec.remote_port, self.open_stream, self.reporter)
+                    udp = UdpForward(spec.remote_port, self, self.reporter)
                     self._udp.append(udp)
                     await udp.start(address, local_port)
                     self._tasks[udp] = asyncio.create_task(udp.serve())
                     local_port = udp.address[1]
                 else:
                     sock = listen_tcp(address, local_port)
-                    tcp = TcpListener(sock, spec.remote_port, self.open_stream, self.reporter)
+                    tcp = TcpListener(sock, spec.remote_port, self, self.reporter)
                     self._tcp.append(tcp)
                     self._tasks[tcp] = asyncio.create_task(tcp.serve())
                     local_port = tcp.address[1]

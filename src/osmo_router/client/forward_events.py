@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from osmo_router.errors import RouterError
 from osmo_router.streams import FrameStream
 
-#: Opens one PortForward session: (protocol enum value, remote port) -> the ready stream.
-StreamOpener = Callable[[int, int], Awaitable[FrameStream]]
+
+class SessionOpener(Protocol):
+    """Opens PortForward sessions on the shared channel."""
+
+    async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
+        """A session whose agent has joined; raises RouterError on refusal."""
+        ...
+
+    async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
+        """A session whose init is sent; `wait_ready` follows (frames may be sent before it)."""
+        ...
+
+    async def wait_ready(self, stream: FrameStream) -> None:
+        """Wait until the agent of a started session joined; raises RouterError on refusal."""
+        ...
+
 
 PREFIX = "osmo-net-client: port-forward:"
 

@@ -11,11 +11,11 @@ import asyncio
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from osmo_router.client.forward_events import Reporter, StreamOpener, host_port
+from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
 from osmo_router.errors import RouterError, from_status_number
 from osmo_router.forwarding import shutdown_quietly
@@ -48,7 +48,7 @@ def listen_tcp(address: str, port: int) -> socket.socket:
 class TcpListener:
     """Accepts local connections on one socket and forwards each to the remote port."""
 
-    def __init__(self, sock: socket.socket, remote_port: int, opener: StreamOpener, reporter: Reporter) -> None:
+    def __init__(self, sock: socket.socket, remote_port: int, opener: SessionOpener, reporter: Reporter) -> None:
         self.sock = sock
         self.remote_port = remote_port
         self._opener = opener
@@ -93,11 +93,11 @@ class TcpListener:
 
         try:
             try:
-                stream = await self._opener(pb.PROTOCOL_TCP, self.remote_port)
+                stream = await self._opener.start_stream(pb.PROTOCOL_TCP, self.remote_port)
             except RouterError as err:
                 report(err)
                 return
-            await ConnectionRelay(conn, stream, report).run()
+            await ConnectionRelay(conn, stream, report, self._opener.wait_ready).run()
         finally:
             conn.close()
 
@@ -105,10 +105,17 @@ class TcpListener:
 class ConnectionRelay:
     """One local connection <-> its session stream; half-close carried both ways."""
 
-    def __init__(self, conn: socket.socket, stream: FrameStream, report: Callable[[RouterError], None]) -> None:
+    def __init__(
+        self,
+        conn: socket.socket,
+        stream: FrameStream,
+        report: Callable[[RouterError], None],
+        wait_ready: Callable[[FrameStream], Awaitable[None]],
+    ) -> None:
         self.conn = conn
         self.stream = stream
         self.report = report
+        self.wait_ready = wait_ready
         self.loop = asyncio.get_running_loop()
         self.aborted = False
         self.failed = False
@@ -118,12 +125,13 @@ class ConnectionRelay:
         upstream = asyncio.create_task(self._local_to_remote())
         try:
             await self._remote_to_local()
-        finally:
             # Wake a pending local read with EOF so the upstream pump ends on its own.
             shutdown_quietly(self.conn, socket.SHUT_RDWR)
-            done, _ = await asyncio.wait({upstream}, timeout=CLOSE_GRACE)
-            if not done:
-                upstream.cancel()
+            await asyncio.wait({upstream}, timeout=CLOSE_GRACE)
+        finally:
+            # Only a pump stuck past the grace, or the forward shutting down, gets here unfinished.
+            shutdown_quietly(self.conn, socket.SHUT_RDWR)
+            upstream.cancel()
             await asyncio.gather(upstream, return_exceptions=True)
 
     def _fail(self, err: RouterError) -> None:
@@ -151,6 +159,9 @@ class ConnectionRelay:
 
     async def _remote_to_local(self) -> None:
         try:
+            # The local side's bytes are already on their way: the router holds them until the
+            # agent joins, so a new connection costs no extra round trip.
+            await self.wait_ready(self.stream)
             while (frame := await self.stream.recv()) is not None:
                 kind = frame.WhichOneof("kind")
                 if kind == "data" and not self.failed:

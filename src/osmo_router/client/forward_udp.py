@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from osmo_router.client.forward_events import Reporter, StreamOpener, host_port
+from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
 from osmo_router.errors import RouterError, from_status_number
 from osmo_router.forwarding import UDP_QUEUE_DEPTH, format_peer, parse_peer
@@ -41,7 +41,7 @@ class _Listener(asyncio.DatagramProtocol):
 class UdpForward:
     """One local UDP socket forwarded to a remote UDP port."""
 
-    def __init__(self, remote_port: int, opener: StreamOpener, reporter: Reporter) -> None:
+    def __init__(self, remote_port: int, opener: SessionOpener, reporter: Reporter) -> None:
         self.remote_port = remote_port
         self._opener = opener
         self._reporter = reporter
@@ -62,7 +62,7 @@ class UdpForward:
         host, bound = transport.get_extra_info("sockname")[:2]
         self.address = (str(host), int(bound))
         try:
-            self._stream = await self._opener(pb.PROTOCOL_UDP, self.remote_port)
+            self._stream = await self._opener.open_stream(pb.PROTOCOL_UDP, self.remote_port)
         except BaseException:
             transport.close()
             raise
@@ -81,7 +81,7 @@ class UdpForward:
             if self._stream is None:
                 pending = await self._queue.get()
                 try:
-                    self._stream = await self._opener(pb.PROTOCOL_UDP, self.remote_port)
+                    self._stream = await self._opener.open_stream(pb.PROTOCOL_UDP, self.remote_port)
                 except RouterError as err:
                     self._report(err)
                     await asyncio.sleep(REOPEN_PAUSE)
