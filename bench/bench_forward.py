@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.bench_forward [--quick]
 
 Every figure is measured in the same run as its baseline and printed as a ratio:
-- single-connection TCP throughput (target -> local reader) through the forward vs a `socat` relay
-  on loopback (and a direct connection);
+- single-connection TCP throughput, download (target -> local) and upload, through the forward vs a
+  `socat` relay on loopback (and a direct connection), with the CPU seconds per GiB each process spent;
 - 1,000 concurrent connections through one forward, each echoing: all must be served; the router's
   resident memory per connection (VmRSS from /proc/PID/status, after minus before);
 - connection set-up latency (connect until the first echoed byte) through the forward vs direct.
@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from bench.forward_targets import EchoServer, SourceServer, free_port, wait_listening
+from bench.forward_targets import BulkServer, EchoServer, free_port, wait_listening
 from tests.forward_servers import start_forward
 from tests.harness import AgentProc, Router
 
@@ -47,12 +48,12 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def read_n(port: int, total: int) -> float:
-    """Connect, read exactly `total` bytes, return the seconds it took."""
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
+def download(port: int, total: int) -> float:
+    """Connect, read exactly `total` bytes from the bulk target; the seconds it took."""
+    view = memoryview(bytearray(1 << 20))
     started = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"D")
         got = 0
         while got < total:
             n = sock.recv_into(view)
@@ -60,6 +61,28 @@ def read_n(port: int, total: int) -> float:
                 raise RuntimeError(f"stream ended after {got} of {total} bytes")
             got += n
     return time.perf_counter() - started
+
+
+def upload(port: int, total: int) -> float:
+    """Connect, send `total` bytes to the bulk target and wait until it has them all; the seconds it took."""
+    block = memoryview(bytes(1 << 20))
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"U")
+        left = total
+        while left > 0:
+            sock.sendall(block[: min(left, len(block))])
+            left -= len(block)
+        if sock.recv(2) != b"ok":
+            raise RuntimeError("the target did not confirm the upload")
+    return time.perf_counter() - started
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -81,28 +104,35 @@ def socat_relay(target_port: int) -> Iterator[int]:
         proc.wait(10)
 
 
-def best_rate(port: int, total: int, runs: int) -> float:
+Transfer = Callable[[int, int], float]
+
+
+def best_rate(transfer: Transfer, port: int, total: int, runs: int) -> float:
     """Best of `runs` transfers, in MiB/s."""
-    return max(total / (1 << 20) / read_n(port, total) for _ in range(runs))
+    return max(total / (1 << 20) / transfer(port, total) for _ in range(runs))
 
 
-def measure_throughput(client_args: list[str], total: int, runs: int) -> dict[str, float]:
-    """MiB/s of one connection: direct, via socat, via the forward."""
-    with SourceServer(total) as source:
-        direct = best_rate(source.port, total, runs)
-        with socat_relay(source.port) as relay:
-            socat = best_rate(relay, total, runs)
-        proc, (local,) = start_forward(client_args, f":{source.port}")
+def measure_throughput(client_args: list[str], pids: dict[str, int], total: int, runs: int) -> dict[str, float]:
+    """MiB/s of one connection each way: direct, via socat, via the forward (+ CPU s/GiB of each process)."""
+    out: dict[str, float] = {}
+    with BulkServer(total) as target:
+        for name, transfer in (("download", download), ("upload", upload)):
+            out[f"{name}_direct_mib_s"] = best_rate(transfer, target.port, total, runs)
+            with socat_relay(target.port) as relay:
+                out[f"{name}_socat_mib_s"] = best_rate(transfer, relay, total, runs)
+        proc, (local,) = start_forward(client_args, f":{target.port}")
         try:
-            forward = best_rate(local, total, runs)
+            procs = {**pids, "client": proc.pid}
+            for name, transfer in (("download", download), ("upload", upload)):
+                before = {who: cpu_seconds(pid) for who, pid in procs.items()}
+                out[f"{name}_forward_mib_s"] = best_rate(transfer, local, total, runs)
+                for who, pid in procs.items():
+                    gib = runs * total / (1 << 30)
+                    out[f"{name}_{who}_cpu_s_per_gib"] = (cpu_seconds(pid) - before[who]) / gib
+                out[f"{name}_forward_vs_socat"] = out[f"{name}_forward_mib_s"] / out[f"{name}_socat_mib_s"]
         finally:
             proc.stop()
-    return {
-        "direct_mib_s": direct,
-        "socat_mib_s": socat,
-        "forward_mib_s": forward,
-        "forward_vs_socat": forward / socat,
-    }
+    return out
 
 
 class _Arrivals:
@@ -221,7 +251,9 @@ def run(quick: bool) -> dict[str, Any]:
     client_args = ["--router-address", router.address, "--workflow-id", WORKFLOW, "--tls=false"]
     try:
         return {
-            "throughput": measure_throughput(client_args, total, 2 if quick else 3),
+            "throughput": measure_throughput(
+                client_args, {"router": router.pid, "agent": agent.pid}, total, 2 if quick else 3
+            ),
             "concurrency": measure_concurrency(client_args, router, connections),
             "latency": measure_latency(client_args, 50 if quick else 300),
         }
@@ -233,10 +265,16 @@ def run(quick: bool) -> dict[str, Any]:
 def print_table(figures: dict[str, Any]) -> None:
     """The figures as a plain table."""
     t, c, lat = figures["throughput"], figures["concurrency"], figures["latency"]
-    rows = [
-        ("throughput direct", f"{t['direct_mib_s']:.0f} MiB/s", ""),
-        ("throughput socat relay", f"{t['socat_mib_s']:.0f} MiB/s", "baseline"),
-        ("throughput forward", f"{t['forward_mib_s']:.0f} MiB/s", f"{t['forward_vs_socat']:.2f}x socat"),
+    rows = []
+    for way in ("download", "upload"):
+        cpu = ", ".join(f"{who} {t[f'{way}_{who}_cpu_s_per_gib']:.1f}" for who in ("client", "router", "agent"))
+        rows += [
+            (f"{way} direct", f"{t[f'{way}_direct_mib_s']:.0f} MiB/s", ""),
+            (f"{way} socat relay", f"{t[f'{way}_socat_mib_s']:.0f} MiB/s", "baseline"),
+            (f"{way} forward", f"{t[f'{way}_forward_mib_s']:.0f} MiB/s", f"{t[f'{way}_forward_vs_socat']:.2f}x socat"),
+            (f"{way} CPU s/GiB", cpu, ""),
+        ]
+    rows += [
         ("concurrent connections", f"{c['served']}/{c['connections']} served", f"in {c['all_echoed_s']:.1f}s"),
         ("router RSS per connection", f"{c['router_kib_per_connection']:.1f} KiB", ""),
         ("set-up latency direct", f"p50 {lat['direct_p50_ms']:.2f} ms", f"p99 {lat['direct_p99_ms']:.2f} ms"),
@@ -244,7 +282,7 @@ def print_table(figures: dict[str, Any]) -> None:
     ]
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>22}  {note}")
+        print(f"{name:<{width}}  {value:>36}  {note}")
 
 
 def main() -> None:

@@ -33,24 +33,25 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
-class SourceServer:
-    """Sends `total` bytes to every connection, then closes it.
+class BulkServer:
+    """A bulk-transfer target: a connection that sends b"D" gets `total` bytes; b"U" sends `total` bytes
+    and gets b"ok" once all arrived.
 
-    Runs in its own process: in the measuring process its thread would compete for the GIL with
-    the reader and skew the figures.
+    Runs in its own process: in the measuring process its threads would compete for the GIL with
+    the measuring thread and skew the figures.
     """
 
     def __init__(self, total: int) -> None:
         self.total = total
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.forward_targets", "source", str(total)],
+            [sys.executable, "-m", "bench.forward_targets", "bulk", str(total)],
             stdout=subprocess.PIPE,
             cwd=str(Path(__file__).resolve().parent.parent),
         )
         assert self._proc.stdout is not None
         self.port = int(self._proc.stdout.readline())
 
-    def __enter__(self) -> SourceServer:
+    def __enter__(self) -> BulkServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -58,25 +59,35 @@ class SourceServer:
         self._proc.wait(10)
 
 
-def serve_source(total: int) -> None:
-    """Accept connections forever; send each `total` bytes from a thread, then close it."""
+def _bulk_connection(conn: socket.socket, total: int, block: memoryview) -> None:
+    with conn, contextlib.suppress(OSError):
+        mode = conn.recv(1)
+        left = total
+        if mode == b"D":
+            while left > 0:
+                chunk = block[: min(left, len(block))]
+                conn.sendall(chunk)
+                left -= len(chunk)
+        elif mode == b"U":
+            buf = bytearray(len(block))
+            while left > 0:
+                got = conn.recv_into(buf)
+                if not got:
+                    return
+                left -= got
+            conn.sendall(b"ok")
+
+
+def serve_bulk(total: int) -> None:
+    """Accept connections forever, each served by a thread (see BulkServer)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     print(listener.getsockname()[1], flush=True)
     block = memoryview(bytes(range(256)) * 4096)  # 1 MiB
-
-    def send(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            left = total
-            while left > 0:
-                chunk = block[: min(left, len(block))]
-                conn.sendall(chunk)
-                left -= len(chunk)
-
     while True:
         conn, _ = listener.accept()
-        threading.Thread(target=send, args=(conn,), daemon=True).start()
+        threading.Thread(target=_bulk_connection, args=(conn, total, block), daemon=True).start()
 
 
 class EchoServer:
@@ -119,5 +130,5 @@ class EchoServer:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["source"]:
-        serve_source(int(sys.argv[2]))
+    if sys.argv[1:2] == ["bulk"]:
+        serve_bulk(int(sys.argv[2]))

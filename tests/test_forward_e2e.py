@@ -144,6 +144,23 @@ def test_udp_echo_100_of_100(agent: AgentProc, client_args: list[str]) -> None:
             proc.stop()
 
 
+def test_udp_on_ipv6(agent: AgentProc, client_args: list[str]) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with udp_echo_server() as port:
+        proc, (local,) = start_forward(client_args, "--protocol", "udp", "--address", "::1", f":{port}")
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(TIMEOUT)
+                wanted = {f"v6 datagram {i}".encode() for i in range(10)}
+                for payload in wanted:
+                    sock.sendto(payload, ("::1", local))
+                got = {sock.recv(65536) for _ in wanted}
+                assert got == {b"echo:" + p for p in wanted}
+        finally:
+            proc.stop()
+
+
 def test_refused_target_closes_promptly_and_forward_goes_on(agent: AgentProc, client_args: list[str]) -> None:
     refused = closed_port()
     with tcp_server(echo) as port:
@@ -266,10 +283,42 @@ def test_agent_lost_exits_255(router: Router, workflow: str, client_args: list[s
     try:
         agent.popen.kill()
         assert proc.wait_exit(TIMEOUT) == 255
-        assert any("lost the agent" in line for line in proc.lines), proc.lines
+        assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
     finally:
         proc.stop()
         agent.stop()
+
+
+def test_reconnect_waits_for_the_first_agent(router: Router, workflow: str, client_args: list[str]) -> None:
+    with tcp_server(echo) as port:
+        proc = Proc(client_cmd("port-forward", *client_args, "--reconnect", f":{port}"))
+        agent: AgentProc | None = None
+        try:
+            wait_line(proc, lambda ln: "waiting for an agent" in ln)
+            assert proc.out_lines == []  # nothing listens before the agent is there
+            agent = AgentProc(router.address, workflow)
+            line = proc.wait_for(lambda r: r["line"].startswith("Forwarding from"), stdout=True)["line"]
+            local = int(line.split()[2].rsplit(":", 1)[1])
+            assert echo_round_trip(local, b"first agent") == b"first agent"
+        finally:
+            proc.stop()
+            if agent is not None:
+                agent.stop()
+
+
+def test_router_lost_exits_255(workflow: str) -> None:
+    router = Router()
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    proc, _ = start_forward(args, ":8080")
+    try:
+        router.popen.kill()
+        assert proc.wait_exit(TIMEOUT) == 255
+        assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
+    finally:
+        proc.stop()
+        agent.stop()
+        router.stop()
 
 
 def test_reconnect_survives_an_agent_restart(router: Router, workflow: str, client_args: list[str]) -> None:
@@ -280,7 +329,7 @@ def test_reconnect_survives_an_agent_restart(router: Router, workflow: str, clie
         try:
             assert echo_round_trip(local, b"before") == b"before"
             first.popen.kill()
-            wait_line(proc, lambda ln: "lost the agent" in ln)
+            wait_line(proc, lambda ln: "is gone" in ln and "reconnecting" in ln)
             second = AgentProc(router.address, workflow)
             wait_line(proc, lambda ln: "agent is back" in ln)
             assert echo_round_trip(local, b"after") == b"after"

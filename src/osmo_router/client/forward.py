@@ -220,7 +220,9 @@ class PortForward:
                     # The router expired the idle watch (--session-ttl); the agent is fine.
                     replacement = await self._rewatch()
                 else:
-                    self.reporter.notice("agent_lost", f"lost the agent: {err.message} [{err.code.name}]")
+                    what = "reconnecting" if self.reconnect else "stopping"
+                    message = f"the agent or the router is gone ({err.message} [{err.code.name}]); {what}"
+                    self.reporter.notice("agent_lost", message)
                     if not self.reconnect:
                         return EXIT_CONNECTION_ERROR
                     replacement = await self._rewatch()
