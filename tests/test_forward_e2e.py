@@ -306,6 +306,23 @@ def test_reconnect_waits_for_the_first_agent(router: Router, workflow: str, clie
                 agent.stop()
 
 
+def test_idle_expiry_of_the_watch_is_not_a_loss(workflow: str) -> None:
+    router = Router("--session-ttl", "1s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    with tcp_server(echo) as port:
+        proc, (local,) = start_forward(args, f":{port}")
+        try:
+            router.wait_for(lambda r: r.get("event") == "session end" and r.get("status") == "DEADLINE_EXCEEDED")
+            assert echo_round_trip(local, b"after expiry") == b"after expiry"
+            assert proc.popen.poll() is None
+            assert not any("is gone" in line for line in proc.lines), proc.lines
+        finally:
+            proc.stop()
+            agent.stop()
+            router.stop()
+
+
 def test_router_lost_exits_255(workflow: str) -> None:
     router = Router()
     agent = AgentProc(router.address, workflow)

@@ -107,18 +107,19 @@ class PortForward:
         self._udp: list[UdpForward] = []
         self._tasks: dict[object, asyncio.Task[None]] = {}
 
-    async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
-        """Open one PortForward session on the shared channel and wait until the agent joined."""
-        init = pb.PortForwardInit(
+    def _init(self, protocol: int, remote_port: int) -> pb.PortForwardInit:
+        return pb.PortForwardInit(
             target=self.config.target(), protocol=pb.Protocol.ValueType(protocol), remote_port=remote_port
         )
+
+    async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
+        """Open one PortForward session on the shared channel and wait until the agent joined."""
+        init = self._init(protocol, remote_port)
         return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
     async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
         """Send a PortForward session's init without waiting for the agent (then `wait_ready`)."""
-        init = pb.PortForwardInit(
-            target=self.config.target(), protocol=pb.Protocol.ValueType(protocol), remote_port=remote_port
-        )
+        init = self._init(protocol, remote_port)
         return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
     async def wait_ready(self, stream: FrameStream) -> None:
@@ -217,19 +218,21 @@ class PortForward:
                     return 0
                 err = lost.result()
                 if isinstance(err, DeadlineExceeded):
-                    # The router expired the idle watch (--session-ttl); the agent is fine.
-                    replacement = await self._rewatch()
-                else:
-                    what = "reconnecting" if self.reconnect else "stopping"
-                    message = f"the agent or the router is gone ({err.message} [{err.code.name}]); {what}"
-                    self.reporter.notice("agent_lost", message)
-                    if not self.reconnect:
-                        return EXIT_CONNECTION_ERROR
-                    replacement = await self._rewatch()
-                    if replacement is not None:
-                        self.reporter.notice("agent_back", "the agent is back; forwarding again")
+                    # The router expired the idle watch (--session-ttl): open a new one at once.
+                    try:
+                        watch = await self._open_watch()
+                        continue
+                    except RouterError as again:
+                        err = again
+                what = "reconnecting" if self.reconnect else "stopping"
+                message = f"the agent or the router is gone ({err.message} [{err.code.name}]); {what}"
+                self.reporter.notice("agent_lost", message)
+                if not self.reconnect:
+                    return EXIT_CONNECTION_ERROR
+                replacement = await self._rewatch()
                 if replacement is None:
                     return 0
+                self.reporter.notice("agent_back", "the agent is back; forwarding again")
                 watch = replacement
         finally:
             stopper.cancel()
