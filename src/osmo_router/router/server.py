@@ -39,7 +39,12 @@ def build_authenticator(config: RouterConfig) -> Authenticator:
 
 
 def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
-    """TLS credentials from the configured certificate and key (and client CA for mutual TLS)."""
+    """TLS credentials from the configured certificate and key (and client CA for mutual TLS).
+
+    gRPC Python offers two client-certificate modes only: not requested, or requested, required and
+    verified. So with --tls-client-ca every caller (agents and users alike) must present a
+    certificate that chains to that CA; the handshake fails for anyone else.
+    """
     with open(config.tls_cert, "rb") as f:
         cert = f.read()
     with open(config.tls_key, "rb") as f:
@@ -71,6 +76,8 @@ class RouterServer:
             max_per_user=config.max_sessions_per_user,
         )
         self.auth = authenticator or build_authenticator(config)
+        # Read at scrape time, so the gauge is exact without bookkeeping on every join and leave.
+        self.metrics.rendezvous_pending.set_function(lambda: self.sessions.pending)
         self.client_service = ClientService(config, self.sessions, self.auth, self.metrics)
         self.agent_service = AgentService(config, self.sessions, self.registry, self.auth, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -175,7 +182,6 @@ class RouterServer:
         interval = max(0.05, min(ttl / 4, 10.0))
         while True:
             await asyncio.sleep(interval)
-            self.metrics.rendezvous_pending.set(self.sessions.pending)
             now = time.monotonic()
             for session in self.sessions.sessions():
                 if session.paired.is_set() and now - session.last_activity > ttl and session.error is None:
