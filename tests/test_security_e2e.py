@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,27 +100,21 @@ def _refusal_cases(s: Setup) -> dict[str, tuple[list[str], str]]:
     }
 
 
-CASES = [
-    "no token",
-    "expired",
-    "signed by another key",
-    "wrong audience",
-    "another workflow",
-    "agent token as a user",
-    "plaintext client",
-    "untrusted server certificate",
-]
+def run_clients(*argvs: list[str]) -> list[subprocess.CompletedProcess[bytes]]:
+    """Run several clients at once (each is a process of its own; together they take one's time)."""
+    with ThreadPoolExecutor(len(argvs)) as pool:
+        return list(pool.map(lambda argv: run_client(*argv), argvs))
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_refused_with_255_and_a_message(setup: Setup, case: str) -> None:
-    flags, message = _refusal_cases(setup)[case]
-    result = run_client("exec", *flags, "--", "echo", "must not run")
-    assert result.returncode == 255, result
-    assert result.stdout == b""
-    stderr = result.stderr.decode()
-    assert message in stderr, stderr
-    assert len(stderr.strip().splitlines()) == 1, f"expected one clear line, got: {stderr}"
+def test_refused_with_255_and_a_message(setup: Setup) -> None:
+    cases = _refusal_cases(setup)
+    results = run_clients(*(["exec", *flags, "--", "echo", "must not run"] for flags, _ in cases.values()))
+    for (case, (_, message)), result in zip(cases.items(), results, strict=True):
+        stderr = result.stderr.decode()
+        assert result.returncode == 255, f"{case}: {result}"
+        assert result.stdout == b"", case
+        assert message in stderr, f"{case}: {stderr}"
+        assert len(stderr.strip().splitlines()) == 1, f"{case}: expected one clear line, got: {stderr}"
 
 
 def test_user_token_cannot_register_as_agent(setup: Setup) -> None:
@@ -179,14 +174,16 @@ def test_mutual_tls_requires_client_certificates(setup: Setup) -> None:
     try:
         base = ["--router-address", router.address, "--workflow-id", WF, "--tls-ca", str(pki.ca)]
         base += ["--token", setup.rsa.token(workflows=[WF])]
-        refused = run_client("exec", *base, "--", "true")
-        assert refused.returncode == 255
-        assert b"client certificate" in refused.stderr, refused.stderr
         rogue = ["--tls-cert", str(pki.rogue_server_cert), "--tls-key", str(pki.rogue_server_key)]
-        refused = run_client("exec", *base, *rogue, "--", "true")
-        assert refused.returncode == 255
-        assert b"does not trust this client certificate" in refused.stderr, refused.stderr
-        result = run_client("exec", *base, *cert, "--", "echo", "mutual")
+        no_cert, untrusted, result = run_clients(
+            ["exec", *base, "--", "true"],
+            ["exec", *base, *rogue, "--", "true"],
+            ["exec", *base, *cert, "--", "echo", "mutual"],
+        )
+        assert no_cert.returncode == 255
+        assert b"client certificate" in no_cert.stderr, no_cert.stderr
+        assert untrusted.returncode == 255
+        assert b"does not trust this client certificate" in untrusted.stderr, untrusted.stderr
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"mutual\n"
     finally:
@@ -194,22 +191,25 @@ def test_mutual_tls_requires_client_certificates(setup: Setup) -> None:
         router.stop()
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
+def test_unsafe_start_up_is_refused() -> None:
+    cases = [
         (["--host", "0.0.0.0", "--auth=none", "--tls-enabled=false"], b"only allowed on a loopback --host"),
         (["--auth=jwt", "--tls-enabled=false"], b"needs --jwt-public-key or --jwks-url"),
         (["--auth=none", "--tls-enabled=false", "--max-message-size", "1000"], b"--max-message-size must be"),
-    ],
-)
-def test_unsafe_start_up_is_refused(flags: list[str], message: bytes) -> None:
-    result = subprocess.run(
-        router_cmd("serve", "--port", "0", "--metrics-port", "-1", *flags),
-        capture_output=True,
-        timeout=60,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-    )
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr
-    assert b"listening" not in result.stderr
+        (["--auth=none"], b"TLS is on by default and --tls-cert"),
+    ]
+    procs = [
+        subprocess.Popen(
+            router_cmd("serve", "--port", "0", "--metrics-port", "-1", "--tls-cert", "/nonexistent/tls.crt", *flags),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=cli_env(),
+        )
+        for flags, _ in cases
+    ]
+    for (flags, message), proc in zip(cases, procs, strict=True):
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0, flags
+        assert message in stderr, (flags, stderr)
+        assert b"listening" not in stderr

@@ -19,7 +19,7 @@ from osmo_router.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
 from osmo_router.router.agent_service import AgentService
 from osmo_router.router.auth import Authenticator, NoAuth
 from osmo_router.router.client_service import ClientService
-from osmo_router.router.config import RouterConfig
+from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.health import MetricsServer
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistry
@@ -45,17 +45,26 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
     verified. So with --tls-client-ca every caller (agents and users alike) must present a
     certificate that chains to that CA; the handshake fails for anyone else.
     """
-    with open(config.tls_cert, "rb") as f:
-        cert = f.read()
-    with open(config.tls_key, "rb") as f:
-        key = f.read()
-    client_ca = None
-    if config.tls_client_ca:
-        with open(config.tls_client_ca, "rb") as f:
-            client_ca = f.read()
+    cert = _read_pem("--tls-cert", config.tls_cert)
+    key = _read_pem("--tls-key", config.tls_key)
+    client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _read_pem(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(
+            f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
+            "pass --tls-cert and --tls-key, or --tls-enabled=false on loopback"
+        ) from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{flag} {path} is not a PEM file")
+    return data
 
 
 class RouterServer:
@@ -108,6 +117,8 @@ class RouterServer:
         if self.config.tls_enabled:
             self.port = server.add_secure_port(address, server_credentials(self.config))
         else:
+            if not is_loopback_host(self.config.host):
+                log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
