@@ -17,6 +17,10 @@ from osmo_router.streams import FrameStream
 
 def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None) -> RouterError:
     """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given)."""
+    if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
+        # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
+        # router has just ended (it only ends calls early when the session broke).
+        return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
     details = err.details() or err.code().name.lower()
     if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
         details = explain_dial_error(details, dial) or details
