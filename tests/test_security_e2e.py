@@ -6,15 +6,19 @@ the same router, which proves the hostile attempts harmed nothing.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.harness import AgentProc, Router, cli_env, metric_value, router_cmd, run_client
+from tests.raw_grpc import EXEC, REGISTER, Outcome, RawCall, exchange, exec_init, hello
 from tests.security_kit import JwksServer, Pki, Signer
 
 WF = "wf-secure"
@@ -115,6 +119,41 @@ def test_refused_with_255_and_a_message(setup: Setup) -> None:
         assert result.stdout == b"", case
         assert message in stderr, f"{case}: {stderr}"
         assert len(stderr.strip().splitlines()) == 1, f"{case}: expected one clear line, got: {stderr}"
+
+
+def test_refusals_reach_raw_callers_cleanly(setup: Setup) -> None:
+    """A refused caller sees the reason (never a bare INTERNAL), and a silent one is not held open."""
+
+    async def scenario() -> None:
+        credentials = grpc.ssl_channel_credentials(setup.pki.ca.read_bytes())
+        channel = grpc.aio.secure_channel(setup.router.address, credentials)
+        expired = setup.rsa.token(workflows=[WF], ttl=-300)
+
+        async def slow_writer(method: str, message: bytes) -> Outcome:
+            # The headers (and the token) go out first; the init follows a moment later, as on a busy machine.
+            call = RawCall(channel, method, expired)
+            await asyncio.sleep(0.2)
+            await call.send(message)
+            return await call.finish()
+
+        try:
+            outcomes = await asyncio.gather(
+                *(exchange(channel, EXEC, expired, exec_init(WF)) for _ in range(10)),
+                *(slow_writer(EXEC, exec_init(WF)) for _ in range(5)),
+                *(slow_writer(REGISTER, hello(WF)) for _ in range(5)),
+            )
+            for outcome in outcomes:
+                assert outcome.code == grpc.StatusCode.UNAUTHENTICATED, outcome
+                assert outcome.details == "token expired"
+            silent = RawCall(channel, EXEC, None)
+            started = time.monotonic()
+            outcome = await silent.finish(half_close=False)
+            assert outcome.code == grpc.StatusCode.UNAUTHENTICATED
+            assert time.monotonic() - started < 5  # the refusal grace, not the 10s init deadline
+        finally:
+            await channel.close()
+
+    asyncio.run(scenario())
 
 
 def test_user_token_cannot_register_as_agent(setup: Setup) -> None:

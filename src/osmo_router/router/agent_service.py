@@ -15,7 +15,7 @@ from osmo_router.protocol import AGENT_SERVICE, pb
 from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.relay import relay_side
@@ -77,13 +77,13 @@ class AgentService:
     async def _accept_registration(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentRegistration:
         if not self.accepting:
             raise Unavailable("router is draining; register with another replica")
+        identity = await authenticate_call(self._auth, context)
         try:
             async with asyncio.timeout(self._config.init_timeout):
                 first = await context.read()
         except TimeoutError:
             raise DeadlineExceeded("no hello within the init deadline") from None
-        # Authenticated after the hello arrived, so a refusal never races with the agent's write.
-        identity = await self._auth.authenticate(context.invocation_metadata() or ())
+        # Checked once the hello is in, so the refusal never races with the agent's write of it.
         identity.require_agent()
         try:
             request = None if first is grpc.aio.EOF else pb.RegisterRequest.FromString(first)
@@ -132,8 +132,8 @@ class AgentService:
 
     async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
+            identity = await authenticate_call(self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
-            identity = await self._auth.authenticate(context.invocation_metadata() or ())
             try:
                 request = pb.ConnectRequest.FromString(raw)
             except DecodeError as err:

@@ -14,7 +14,7 @@ from osmo_router.protocol import CLIENT_SERVICE, OPERATION_NAMES, pb
 from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
@@ -74,11 +74,8 @@ class ClientService:
         op_name = OPERATION_NAMES[operation]
         identity: Identity | None = None
         try:
-            # The init is read before the verdict on the token: a refusal sent while the client's
-            # init write is still in flight fails its call with INTERNAL instead of the reason.
-            raw = await read_init(context, self._config.init_timeout)
-            identity = await self._auth.authenticate(context.invocation_metadata() or ())
-            target, open_msg = parse(raw)
+            identity = await authenticate_call(self._auth, context)
+            target, open_msg = parse(await read_init(context, self._config.init_timeout))
             session = self._sessions.join_client(identity, operation, target, open_msg)
         except RouterError as err:
             self._metrics.error(op_name, err.code)
