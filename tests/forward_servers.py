@@ -13,6 +13,26 @@ from tests.harness import Proc, client_cmd
 
 Handler = Callable[[socket.socket], None]
 
+#: Bound on every socket operation and wait of the port-forward tests.
+TIMEOUT = 30.0
+
+
+def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A connection to a forwarded port, every operation bounded."""
+    sock = socket.create_connection((host, port), timeout=TIMEOUT)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def echo_round_trip(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Send payload, half-close, return everything that came back."""
+    with connect(port, host) as sock:
+        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+        sender.start()
+        data = recv_all(sock)
+        sender.join(TIMEOUT)
+        return data
+
 
 @contextlib.contextmanager
 def tcp_server(handler: Handler, host: str = "127.0.0.1") -> Iterator[int]:

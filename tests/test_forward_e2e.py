@@ -19,10 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.forward_servers import (
+    TIMEOUT,
     GreetThenCount,
     answer_after_eof,
     closed_port,
+    connect,
     echo,
+    echo_round_trip,
     firehose,
     recv_all,
     start_forward,
@@ -31,25 +34,6 @@ from tests.forward_servers import (
     wait_line,
 )
 from tests.harness import AgentProc, Proc, Router, client_cmd
-
-TIMEOUT = 30.0
-
-
-def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
-    """A connection to a forwarded port, every operation bounded."""
-    sock = socket.create_connection((host, port), timeout=TIMEOUT)
-    sock.settimeout(TIMEOUT)
-    return sock
-
-
-def echo_round_trip(port: int, payload: bytes) -> bytes:
-    """Send payload, half-close, return everything that came back."""
-    with connect(port) as sock:
-        sender = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
-        sender.start()
-        data = recv_all(sock)
-        sender.join(TIMEOUT)
-        return data
 
 
 @pytest.fixture
@@ -196,16 +180,9 @@ def test_ipv6_bind_with_json_output(agent: AgentProc, client_args: list[str]) ->
             event = json.loads(line)
             assert event["event"] == "forwarding" and event["protocol"] == "tcp"
             assert event["local_address"] == "::1" and event["remote_port"] == port
-            assert echo_round_trip_v6(event["local_port"], b"over ipv6") == b"over ipv6"
+            assert echo_round_trip(event["local_port"], b"over ipv6", host="::1") == b"over ipv6"
         finally:
             proc.stop()
-
-
-def echo_round_trip_v6(port: int, payload: bytes) -> bytes:
-    with socket.create_connection(("::1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        return recv_all(sock)
 
 
 def test_two_ports_in_one_command(agent: AgentProc, client_args: list[str]) -> None:
@@ -264,95 +241,3 @@ def test_legacy_operation_form(agent: AgentProc, client_args: list[str]) -> None
             assert proc.wait_exit(TIMEOUT) == 0
         finally:
             proc.stop()
-
-
-def test_no_agent_gives_255_and_a_clear_line(router: Router) -> None:
-    args = ["--router-address", router.address, "--workflow-id", "wf-nobody", "--tls=false"]
-    proc = Proc(client_cmd("port-forward", *args, ":8080"))
-    try:
-        assert proc.wait_exit(TIMEOUT) == 255
-        assert proc.out_lines == []  # never announced a forward
-        assert any("wf-nobody" in line and "UNAVAILABLE" in line for line in proc.lines), proc.lines
-    finally:
-        proc.stop()
-
-
-def test_agent_lost_exits_255(router: Router, workflow: str, client_args: list[str]) -> None:
-    agent = AgentProc(router.address, workflow)
-    proc, _ = start_forward(client_args, ":8080")
-    try:
-        agent.popen.kill()
-        assert proc.wait_exit(TIMEOUT) == 255
-        assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
-    finally:
-        proc.stop()
-        agent.stop()
-
-
-def test_reconnect_waits_for_the_first_agent(router: Router, workflow: str, client_args: list[str]) -> None:
-    with tcp_server(echo) as port:
-        proc = Proc(client_cmd("port-forward", *client_args, "--reconnect", f":{port}"))
-        agent: AgentProc | None = None
-        try:
-            wait_line(proc, lambda ln: "waiting for an agent" in ln)
-            assert proc.out_lines == []  # nothing listens before the agent is there
-            agent = AgentProc(router.address, workflow)
-            line = proc.wait_for(lambda r: r["line"].startswith("Forwarding from"), stdout=True)["line"]
-            local = int(line.split()[2].rsplit(":", 1)[1])
-            assert echo_round_trip(local, b"first agent") == b"first agent"
-        finally:
-            proc.stop()
-            if agent is not None:
-                agent.stop()
-
-
-def test_idle_expiry_of_the_watch_is_not_a_loss(workflow: str) -> None:
-    router = Router("--session-ttl", "1s")
-    agent = AgentProc(router.address, workflow)
-    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    with tcp_server(echo) as port:
-        proc, (local,) = start_forward(args, f":{port}")
-        try:
-            router.wait_for(lambda r: r.get("event") == "session end" and r.get("status") == "DEADLINE_EXCEEDED")
-            assert echo_round_trip(local, b"after expiry") == b"after expiry"
-            assert proc.popen.poll() is None
-            assert not any("is gone" in line for line in proc.lines), proc.lines
-        finally:
-            proc.stop()
-            agent.stop()
-            router.stop()
-
-
-def test_router_lost_exits_255(workflow: str) -> None:
-    router = Router()
-    agent = AgentProc(router.address, workflow)
-    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    proc, _ = start_forward(args, ":8080")
-    try:
-        router.popen.kill()
-        assert proc.wait_exit(TIMEOUT) == 255
-        assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
-    finally:
-        proc.stop()
-        agent.stop()
-        router.stop()
-
-
-def test_reconnect_survives_an_agent_restart(router: Router, workflow: str, client_args: list[str]) -> None:
-    first = AgentProc(router.address, workflow)
-    with tcp_server(echo) as port:
-        proc, (local,) = start_forward(client_args, "--reconnect", f":{port}")
-        second: AgentProc | None = None
-        try:
-            assert echo_round_trip(local, b"before") == b"before"
-            first.popen.kill()
-            wait_line(proc, lambda ln: "is gone" in ln and "reconnecting" in ln)
-            second = AgentProc(router.address, workflow)
-            wait_line(proc, lambda ln: "agent is back" in ln)
-            assert echo_round_trip(local, b"after") == b"after"
-            assert proc.popen.poll() is None
-        finally:
-            proc.stop()
-            first.stop()
-            if second is not None:
-                second.stop()

@@ -211,7 +211,7 @@ class PortForward:
         stopper = asyncio.create_task(self._stop.wait())
         try:
             while True:
-                lost = asyncio.create_task(_watch_until_lost(watch))
+                lost = asyncio.create_task(_watch_until_lost(watch, self.config))
                 await asyncio.wait({lost, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stopper.done():
                     await _end_watch(watch, lost)
@@ -238,13 +238,13 @@ class PortForward:
             stopper.cancel()
 
 
-async def _watch_until_lost(watch: FrameStream) -> RouterError:
+async def _watch_until_lost(watch: FrameStream, config: ClientConfig) -> RouterError:
     """Wait for the watch to end and say why."""
     try:
         while await watch.recv() is not None:
             pass
     except grpc.aio.AioRpcError as err:
-        return rpc_error(err)
+        return rpc_error(err, config.dial)
     except RouterError as err:
         return err
     return Unavailable("the agent ended the forward")

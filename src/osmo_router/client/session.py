@@ -40,7 +40,7 @@ async def start_session(
     try:
         await call.write(request_type(init=init))
     except grpc.aio.AioRpcError as err:
-        raise rpc_error(err) from None
+        raise rpc_error(err, config.dial) from None
     return FrameStream(call, lambda frame: request_type(frame=frame), raw=raw)
 
 
