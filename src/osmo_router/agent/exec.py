@@ -48,8 +48,10 @@ async def run_exec(
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found\n".encode()))
         await _finish(stream, 127)
         return
-    runner = _run_tty if init.tty else _run_pipes
-    await runner(stream, argv, env, init, workdir)
+    if init.tty:
+        await _run_tty(stream, argv, env, init, workdir)
+    else:
+        await run_piped(stream, argv, env, workdir)
 
 
 async def _finish(stream: FrameStream, returncode: int) -> None:
@@ -139,9 +141,9 @@ def _killpg(pgid: int, number: int) -> None:
         log.info("signal %d to group %d: %s", number, pgid, err)
 
 
-async def _run_pipes(
-    stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
-) -> None:
+async def run_piped(stream: FrameStream, argv: list[str], env: dict[str, str] | None, workdir: str | None) -> None:
+    """Run argv with pipes: stdin from data frames, stdout and stderr as data and stderr frames, then the exit
+    status and half-close (exec without a TTY, and rsync --server). Raises OSError if argv cannot be started."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -222,4 +224,4 @@ async def _run_tty(
         os.close(master)
 
 
-__all__ = ["default_shell", "exit_frame", "run_exec"]
+__all__ = ["default_shell", "exit_frame", "run_exec", "run_piped"]

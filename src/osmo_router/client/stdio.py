@@ -14,8 +14,9 @@ from osmo_router.protocol import CHUNK_SIZE
 class StdinReader:
     """Chunks of a file descriptor, delivered to the event loop with backpressure; b"" at EOF."""
 
-    def __init__(self, fd: int = 0, depth: int = 4) -> None:
+    def __init__(self, fd: int = 0, depth: int = 4, chunk_size: int = CHUNK_SIZE) -> None:
         self._fd = fd
+        self._chunk_size = chunk_size
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(depth)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="stdin-reader", daemon=True)
@@ -28,7 +29,7 @@ class StdinReader:
     def _run(self) -> None:
         while True:
             try:
-                chunk = os.read(self._fd, CHUNK_SIZE)
+                chunk = os.read(self._fd, self._chunk_size)
             except OSError:
                 chunk = b""
             try:

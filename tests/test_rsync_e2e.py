@@ -1,0 +1,229 @@
+"""rsync end to end: the real rsync on both sides, a real router and agent; the "container" is a temp dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import AgentProc, Router, cli_env, client_cmd, metric_value, run_client
+
+BIG_SIZE = 100 * 1024 * 1024
+RSYNC_TIMEOUT = 180.0
+
+
+def make_tree(root: Path, big: bool = True) -> None:
+    """A few hundred small files in nested folders, an executable script, a symlink and (big) a 100 MiB file."""
+    for a in range(6):
+        for b in range(5):
+            folder = root / f"dir{a}" / f"sub{b}"
+            folder.mkdir(parents=True)
+            for c in range(10):
+                (folder / f"file{c}.txt").write_bytes(f"{a}/{b}/{c}\n".encode() * (c + 1))
+    (root / "dir0" / "notes.log").write_text("a log line\n")
+    (root / "dir0" / "private.txt").write_text("read only for the owner\n")
+    (root / "dir0" / "private.txt").chmod(0o600)
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hello\n")
+    script.chmod(0o755)
+    (root / "latest").symlink_to("dir1/sub2/file3.txt")
+    if big:
+        with open(root / "big.bin", "wb") as f:
+            for _ in range(BIG_SIZE // (4 * 1024 * 1024)):
+                f.write(os.urandom(4 * 1024 * 1024))
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Every entry under root: (kind, permission bits, sha256 of the content or the link target)."""
+    entries: dict[str, tuple[str, int, str]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        rel = str(path.relative_to(root))
+        if stat.S_ISLNK(info.st_mode):
+            entries[rel] = ("link", 0, os.readlink(path))
+        elif stat.S_ISDIR(info.st_mode):
+            entries[rel] = ("dir", stat.S_IMODE(info.st_mode), "")
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            entries[rel] = ("file", stat.S_IMODE(info.st_mode), f"{digest}@{int(info.st_mtime)}")
+    return entries
+
+
+def rsync(client_args: list[str], *args: str, timeout: float = RSYNC_TIMEOUT) -> tuple[int, str]:
+    """Run `osmo-net-client rsync ARGS`; (exit status, stderr)."""
+    result = run_client("rsync", *client_args, *args, timeout=timeout)
+    return result.returncode, result.stderr.decode(errors="replace")
+
+
+def rsync_bytes(router: Router) -> float:
+    """Bytes the router carried for rsync sessions, both directions."""
+    text = router.metrics_text()
+    return sum(
+        metric_value(text, "router_grpc_bytes_total", {"operation": "rsync", "direction": d})
+        for d in ("client_to_agent", "agent_to_client")
+    )
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local tree (made once for the module: the 100 MiB file takes a moment)."""
+    root = tmp_path_factory.mktemp("source")
+    make_tree(root)
+    return root
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Path:
+    """The agent's file system, as far as these tests are concerned."""
+    path = tmp_path / "container"
+    path.mkdir()
+    return path
+
+
+def test_upload_delta_delete_download_exclude(
+    router: Router, agent: AgentProc, client_args: list[str], source: Path, container: Path, tmp_path: Path
+) -> None:
+    local = tmp_path / "local"
+    shutil.copytree(source, local, symlinks=True)  # a private copy (modes and times kept): this test changes it
+    remote = container / "data"
+
+    code, err = rsync(client_args, f"{local}/", f":{remote}/")
+    assert code == 0, err
+    assert snapshot(remote) == snapshot(local)
+    assert os.access(remote / "run.sh", os.X_OK)
+    assert os.readlink(remote / "latest") == "dir1/sub2/file3.txt"
+
+    # Seven bytes changed in the middle of the big file: only a sliver crosses the router.
+    big = local / "big.bin"
+    with open(big, "r+b") as f:
+        f.seek(BIG_SIZE // 2)
+        f.write(b"CHANGED")
+    info = big.stat()
+    os.utime(big, ns=(info.st_atime_ns, info.st_mtime_ns + 10**10))
+    before = rsync_bytes(router)
+    code, err = rsync(client_args, f"{local}/", f":{remote}/")
+    assert code == 0, err
+    carried = rsync_bytes(router) - before
+    assert snapshot(remote) == snapshot(local)
+    assert 0 < carried < 0.05 * BIG_SIZE, f"{carried} bytes carried for a 7-byte change"
+
+    # Without --delete a file removed locally stays; with it, it goes.
+    (local / "dir0" / "sub0" / "file0.txt").unlink()
+    code, err = rsync(client_args, f"{local}/", f":{remote}/")
+    assert code == 0, err
+    assert (remote / "dir0" / "sub0" / "file0.txt").exists()
+    code, err = rsync(client_args, "--delete", f"{local}/", f":{remote}/")
+    assert code == 0, err
+    assert not (remote / "dir0" / "sub0" / "file0.txt").exists()
+    assert snapshot(remote) == snapshot(local)
+
+    # Download back into a fresh folder: identical.
+    back = tmp_path / "back"
+    code, err = rsync(client_args, f":{remote}/", f"{back}/")
+    assert code == 0, err
+    assert snapshot(back) == snapshot(local)
+
+    # Excludes (and extra options after --) apply to downloads too.
+    filtered = tmp_path / "filtered"
+    code, err = rsync(client_args, "--exclude", "*.log", "--exclude", "big.bin", f":{remote}/", f"{filtered}/")
+    assert code == 0, err
+    expected = {k: v for k, v in snapshot(local).items() if not k.endswith(".log") and k != "big.bin"}
+    assert snapshot(filtered) == expected
+
+
+def test_remote_path_missing_gives_rsyncs_error(
+    agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
+) -> None:
+    code, err = rsync(client_args, f":{container}/no-such-dir/", f"{tmp_path}/out/")
+    assert code == 23, err  # rsync's "partial transfer due to error"
+    assert "No such file or directory" in err
+
+
+@pytest.fixture
+def confined_agent(router: Router, workflow: str, container: Path) -> Iterator[AgentProc]:
+    """An agent that only lets rsync reach `container/allowed`."""
+    (container / "allowed").mkdir()
+    (container / "outside").mkdir()
+    (container / "allowed" / "escape").symlink_to(container / "outside")
+    proc = AgentProc(router.address, workflow, "--rsync-root", str(container / "allowed"))
+    yield proc
+    proc.stop()
+
+
+def test_rsync_root_confines_paths(
+    confined_agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "f.txt").write_text("inside\n")
+
+    code, err = rsync(client_args, f"{small}/", f":{container}/allowed/in/")
+    assert code == 0, err
+    assert (container / "allowed" / "in" / "f.txt").read_text() == "inside\n"
+
+    for target in (f"{container}/outside/", f"{container}/allowed/escape/", f"{container}/allowed/../outside/"):
+        code, err = rsync(client_args, f"{small}/", f":{target}")
+        assert code != 0
+        assert "PERMISSION_DENIED" in err and "outside the allowed rsync roots" in err, err
+    assert list((container / "outside").iterdir()) == []
+
+    code, err = rsync(client_args, f":{container}/allowed/in/", f"{tmp_path}/back/", "--", "--copy-links")
+    assert code != 0
+    assert "PERMISSION_DENIED" in err and "--copy-links" in err, err
+
+
+def test_rsync_missing_in_container(router: Router, workflow: str, client_args: list[str], tmp_path: Path) -> None:
+    agent = AgentProc(router.address, workflow, "--rsync-binary", "/nonexistent/rsync")
+    try:
+        code, err = rsync(client_args, f"{tmp_path}/", ":/tmp/x/")
+    finally:
+        agent.stop()
+    assert code == 127, err
+    assert "rsync is missing in the container" in err and "apt-get install rsync" in err
+
+
+def test_rsync_missing_locally(client_args: list[str], tmp_path: Path) -> None:
+    code, err = rsync(client_args, "--rsync-binary", "/nonexistent/rsync", f"{tmp_path}/", ":/tmp/x/")
+    assert code == 127
+    assert "not found on this machine" in err and "apt-get install rsync" in err
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        (["a", "b"], "one side must be remote"),
+        ([":a", ":b"], "exactly one side may be remote"),
+        (["a", ":b", "c"], "exactly one side may be remote"),
+        (["a"], "give SRC... DST"),
+    ],
+)
+def test_usage_errors(client_args: list[str], paths: list[str], message: str) -> None:
+    code, err = rsync(client_args, *paths, timeout=30)
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sh", "-c", "echo pwned"],
+        ["rsync", "--daemon", "--config=/tmp/evil.conf"],
+        ["rsync", "--server", "--daemon", "."],
+    ],
+)
+def test_non_rsync_server_command_is_refused(
+    agent: AgentProc, router: Router, workflow: str, command: list[str]
+) -> None:
+    env = cli_env({"OSMO_ROUTER_ADDRESS": router.address, "OSMO_WORKFLOW_ID": workflow, "OSMO_TLS": "false"})
+    result = subprocess.run(
+        client_cmd("rsync-shell", "osmo", *command), capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 255
+    assert b"PERMISSION_DENIED" in result.stderr
+    assert b"pwned" not in result.stdout
