@@ -11,7 +11,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
-from osmo_router.agent.fdio import read_fd, write_fd
+from osmo_router.agent.fdio import open_pipe, read_fd, write_fd
 from osmo_router.protocol import CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
@@ -141,41 +141,76 @@ def _killpg(pgid: int, number: int) -> None:
         log.info("signal %d to group %d: %s", number, pgid, err)
 
 
-async def run_piped(stream: FrameStream, argv: list[str], env: dict[str, str] | None, workdir: str | None) -> None:
+async def run_piped(
+    stream: FrameStream,
+    argv: list[str],
+    env: dict[str, str] | None,
+    workdir: str | None,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    pipe_size: int | None = None,
+) -> None:
     """Run argv with pipes: stdin from data frames, stdout and stderr as data and stderr frames, then the exit
-    status and half-close (exec without a TTY, and rsync --server). Raises OSError if argv cannot be started."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=workdir,
-        start_new_session=True,
-        limit=CHUNK_SIZE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    stdin = proc.stdin
+    status and half-close (exec without a TTY, and rsync --server). Raises OSError if argv cannot be started.
+
+    stdin and stdout are plain pipes driven with non-blocking writes and reads of up to `chunk_size`
+    (no stream buffers in between: a frame's payload goes to the pipe without a copy); `pipe_size`
+    enlarges them (fewer wake-ups for bulk transfers such as rsync).
+    """
+    stdin_r, stdin_w = open_pipe(pipe_size)
+    stdout_r, stdout_w = open_pipe(pipe_size)
+    os.set_blocking(stdin_w, False)
+    os.set_blocking(stdout_r, False)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=stdin_r,
+            stdout=stdout_w,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+            limit=CHUNK_SIZE,
+        )
+    except BaseException:
+        for fd in (stdin_w, stdout_r):
+            os.close(fd)
+        raise
+    finally:
+        # The child has its own copies of its ends.
+        os.close(stdin_r)
+        os.close(stdout_w)
+    assert proc.stderr is not None
+    stdin_open = [True]
 
     async def write(data: bytes) -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.write(data)
-            await stdin.drain()
+        if stdin_open[0]:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await write_fd(stdin_w, data)
 
     async def close_input() -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.close()
+        if stdin_open[0]:
+            stdin_open[0] = False
+            os.close(stdin_w)
 
-    async def pump_output(reader: asyncio.StreamReader, is_stderr: bool) -> None:
+    async def pump_stdout() -> None:
+        while chunk := await read_fd(stdout_r, chunk_size):
+            await stream.send(pb.Frame(data=chunk))
+
+    async def pump_stderr(reader: asyncio.StreamReader) -> None:
         while chunk := await reader.read(CHUNK_SIZE):
-            await stream.send(pb.Frame(stderr=chunk) if is_stderr else pb.Frame(data=chunk))
+            await stream.send(pb.Frame(stderr=chunk))
 
-    await _relay_until_exit(
-        stream,
-        proc,
-        [pump_output(proc.stdout, False), pump_output(proc.stderr, True)],
-        _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), lambda r, c: None),
-    )
+    try:
+        await _relay_until_exit(
+            stream,
+            proc,
+            [pump_stdout(), pump_stderr(proc.stderr)],
+            _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), lambda r, c: None),
+        )
+    finally:
+        await close_input()
+        os.close(stdout_r)
 
 
 async def _run_tty(

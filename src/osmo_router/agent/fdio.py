@@ -1,9 +1,11 @@
-"""Non-blocking reads and writes on raw file descriptors (PTY masters) from asyncio."""
+"""Non-blocking reads and writes on raw file descriptors (PTY masters, pipes) from asyncio."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import os
 
 
@@ -49,3 +51,16 @@ async def write_fd(fd: int, data: bytes) -> None:
 def _set(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def open_pipe(size: int | None = None) -> tuple[int, int]:
+    """A pipe (read end, write end), both close-on-exec, enlarged to `size` bytes when the system allows.
+
+    The parent's end is made non-blocking by the caller; the child's end stays blocking.
+    """
+    read_end, write_end = os.pipe()
+    if size:
+        # Beyond /proc/sys/fs/pipe-max-size, or past the user's pipe quota, the default size stays.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, size)
+    return read_end, write_end

@@ -22,6 +22,8 @@ from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
+#: Pipe size and largest read for rsync's bulk data: large frames keep the per-message cost small.
+BULK_CHUNK = 1024 * 1024
 INSTALL_HINT = (
     "install it in the container image (apt-get install rsync, apk add rsync or dnf install rsync) "
     "or point the agent at it with --rsync-binary"
@@ -58,7 +60,7 @@ async def serve_rsync(stream: FrameStream, open_msg: pb.SessionOpen, config: Age
         extra={"fields": {"event": "rsync_start", "sender": command.sender, "paths": command.paths}},
     )
     try:
-        await run_piped(stream, [binary, *command.args], None, cwd)
+        await run_piped(stream, [binary, *command.args], None, cwd, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK)
     except OSError as err:
         await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
 

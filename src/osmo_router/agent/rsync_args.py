@@ -103,8 +103,13 @@ def check_server_args(argv: list[str], roots: tuple[str, ...] = (), cwd: str | N
             index = _check_short_cluster(arg, args, index, confined, path_values)
     paths = _split_paths(positionals, confined)
     if confined:
-        for path in [*paths, *path_values]:
+        for path in paths:
             _check_inside(path, real_roots, base)
+        for value in path_values:
+            # Relative values count from each destination folder, not from here: refuse `..` outright.
+            if ".." in value.split(os.sep):
+                raise PermissionDenied(f"{value!r}: '..' is not allowed in path options while rsync is confined")
+            _check_inside(value, real_roots, base)
     return ServerCommand(args=argv[1:], paths=paths, sender="--sender" in argv[2:])
 
 

@@ -36,6 +36,8 @@ EXIT_COMMAND_NOT_FOUND = 127
 STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
 #: Bytes read from rsync per data frame: large frames keep the per-message cost of three hops small.
 READ_SIZE = 1024 * 1024
+#: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
+LINGER = 0.001
 
 
 def parse_remote_command(args: list[str]) -> list[str]:
@@ -158,7 +160,7 @@ async def _receive(stream: FrameStream, stdout: _Writer) -> int:
 
 
 async def _send_stdin(stream: FrameStream) -> None:
-    reader = StdinReader(0, chunk_size=READ_SIZE)
+    reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
             await stream.send(pb.Frame(data=chunk))
