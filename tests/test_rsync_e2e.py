@@ -188,8 +188,12 @@ def test_rsync_missing_in_container(router: Router, workflow: str, client_args: 
     assert "rsync is missing in the container" in err and "apt-get install rsync" in err
 
 
-def test_rsync_missing_locally(client_args: list[str], tmp_path: Path) -> None:
-    code, err = rsync(client_args, "--rsync-binary", "/nonexistent/rsync", f"{tmp_path}/", ":/tmp/x/")
+#: Flags for tests that fail before any connection is made (no router needed).
+NOWHERE = ["--router-address", "127.0.0.1:9", "--workflow-id", "wf", "--tls=false"]
+
+
+def test_rsync_missing_locally(tmp_path: Path) -> None:
+    code, err = rsync(NOWHERE, "--rsync-binary", "/nonexistent/rsync", f"{tmp_path}/", ":/tmp/x/")
     assert code == 127
     assert "not found on this machine" in err and "apt-get install rsync" in err
 
@@ -203,8 +207,8 @@ def test_rsync_missing_locally(client_args: list[str], tmp_path: Path) -> None:
         (["a"], "give SRC... DST"),
     ],
 )
-def test_usage_errors(client_args: list[str], paths: list[str], message: str) -> None:
-    code, err = rsync(client_args, *paths, timeout=30)
+def test_usage_errors(paths: list[str], message: str) -> None:
+    code, err = rsync(NOWHERE, *paths, timeout=30)
     assert code == 2
     assert message in err
 

@@ -23,11 +23,13 @@ import grpc
 
 from osmo_router.agent.fdio import write_fd
 from osmo_router.channel import open_channel
+from osmo_router.client.bulk import BulkStream, encode_data_frame, rsync_method
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError, from_status_number
-from osmo_router.protocol import pb, pb_grpc
+from osmo_router.memtune import tune_for_bulk
+from osmo_router.protocol import pb
 from osmo_router.streams import FrameStream
 
 #: Exit status when rsync is missing in the container (rsync reports "remote command not found").
@@ -70,11 +72,12 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         _say(f"cannot parse the remote command: {err}")
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
+    tune_for_bulk()
     channel = open_channel(config.dial)
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
-        stream = await open_session(config, pb_grpc.RouterClientServiceStub(channel).Rsync, pb.RsyncRequest, init)
-        return await _bridge(stream)
+        stream = await open_session(config, rsync_method(channel), pb.RsyncRequest, init)
+        return await _bridge(BulkStream.of(stream))
     except grpc.aio.AioRpcError as err:
         return _fail(rpc_error(err))
     except RouterError as err:
@@ -104,7 +107,7 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-async def _bridge(stream: FrameStream) -> int:
+async def _bridge(stream: BulkStream) -> int:
     sender = asyncio.create_task(_send_stdin(stream))
     try:
         return await _receive(stream, _stdout_writer())
@@ -159,9 +162,9 @@ async def _receive(stream: FrameStream, stdout: _Writer) -> int:
     return exit_code
 
 
-async def _send_stdin(stream: FrameStream) -> None:
+async def _send_stdin(stream: BulkStream) -> None:
     reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
-            await stream.send(pb.Frame(data=chunk))
+            await stream.send_encoded(encode_data_frame(chunk))
         await stream.send(pb.Frame(half_close=pb.HalfClose()))
