@@ -5,14 +5,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.harness import AgentProc, Router, cli_env, client_cmd, metric_value, run_client
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
 
 BIG_SIZE = 100 * 1024 * 1024
 RSYNC_TIMEOUT = 180.0
@@ -57,8 +59,14 @@ def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
 
 def rsync(client_args: list[str], *args: str, timeout: float = RSYNC_TIMEOUT) -> tuple[int, str]:
     """Run `osmo-net-client rsync ARGS`; (exit status, stderr)."""
+    code, _, err = rsync_out(client_args, *args, timeout=timeout)
+    return code, err
+
+
+def rsync_out(client_args: list[str], *args: str, timeout: float = RSYNC_TIMEOUT) -> tuple[int, str, str]:
+    """Run `osmo-net-client rsync ARGS`; (exit status, stdout, stderr)."""
     result = run_client("rsync", *client_args, *args, timeout=timeout)
-    return result.returncode, result.stderr.decode(errors="replace")
+    return result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
 
 
 def rsync_bytes(router: Router) -> float:
@@ -125,9 +133,10 @@ def test_upload_delta_delete_download_exclude(
 
     # Download back into a fresh folder: identical.
     back = tmp_path / "back"
-    code, err = rsync(client_args, f":{remote}/", f"{back}/")
+    code, out, err = rsync_out(client_args, "--progress", f":{remote}/", f"{back}/")
     assert code == 0, err
     assert snapshot(back) == snapshot(local)
+    assert "big.bin" in out and "100%" in out  # rsync's own progress lines
 
     # Excludes (and extra options after --) apply to downloads too.
     filtered = tmp_path / "filtered"
@@ -231,3 +240,27 @@ def test_non_rsync_server_command_is_refused(
     assert result.returncode == 255
     assert b"PERMISSION_DENIED" in result.stderr
     assert b"pwned" not in result.stdout
+
+
+def test_transfer_broken_midway_exits_255_with_a_message(
+    router: Router, workflow: str, client_args: list[str], source: Path, container: Path
+) -> None:
+    agent = AgentProc(router.address, workflow)
+    client = Proc(
+        client_cmd("rsync", *client_args, "--bwlimit", "20m", f"{source}/big.bin", f":{container}/"),
+        env=cli_env(),
+    )
+    try:
+        agent.wait_event("rsync_start")
+        deadline = time.monotonic() + 60
+        # The transfer is under way once rsync's temporary file has data (bounded polling: no event to await).
+        while not any(p.stat().st_size > 0 for p in container.glob(".big.bin.*")):
+            assert time.monotonic() < deadline, "the transfer never started"
+            time.sleep(0.05)
+        os.kill(agent.pid, signal.SIGKILL)
+        code = client.wait_exit(60)
+    finally:
+        agent.stop()
+        client.stop()
+    assert code == 255
+    assert any("osmo-net-client: rsync:" in line and "UNAVAILABLE" in line for line in client.lines), client.lines

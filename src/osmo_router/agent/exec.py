@@ -11,7 +11,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
-from osmo_router.agent.fdio import open_pipe, read_fd, write_fd
+from osmo_router.agent.fdio import open_pipe, read_fd, read_gathered, write_fd
 from osmo_router.protocol import CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
@@ -149,13 +149,15 @@ async def run_piped(
     *,
     chunk_size: int = CHUNK_SIZE,
     pipe_size: int | None = None,
+    linger: float = 0.0,
 ) -> None:
     """Run argv with pipes: stdin from data frames, stdout and stderr as data and stderr frames, then the exit
     status and half-close (exec without a TTY, and rsync --server). Raises OSError if argv cannot be started.
 
     stdin and stdout are plain pipes driven with non-blocking writes and reads of up to `chunk_size`
-    (no stream buffers in between: a frame's payload goes to the pipe without a copy); `pipe_size`
-    enlarges them (fewer wake-ups for bulk transfers such as rsync).
+    (no stream buffers in between: a frame's payload goes to the pipe without a copy). For bulk
+    transfers (rsync), `pipe_size` enlarges the pipes and `linger` lets a streaming output fill
+    larger frames (see fdio.read_gathered): fewer wake-ups and messages.
     """
     stdin_r, stdin_w = open_pipe(pipe_size)
     stdout_r, stdout_w = open_pipe(pipe_size)
@@ -194,7 +196,7 @@ async def run_piped(
             os.close(stdin_w)
 
     async def pump_stdout() -> None:
-        while chunk := await read_fd(stdout_r, chunk_size):
+        while chunk := await read_gathered(stdout_r, chunk_size, linger):
             await stream.send(pb.Frame(data=chunk))
 
     async def pump_stderr(reader: asyncio.StreamReader) -> None:

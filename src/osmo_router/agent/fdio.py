@@ -29,6 +29,27 @@ async def read_fd(fd: int, size: int) -> bytes:
             loop.remove_reader(fd)
 
 
+async def read_gathered(fd: int, size: int, linger: float, bulk: int = 16 * 1024) -> bytes:
+    """Like read_fd, but a bulk read (at least `bulk` bytes: the writer is streaming) also takes what
+    arrives within `linger` seconds, up to `size`: fewer, larger frames. Small reads return at once;
+    without linger this is read_fd."""
+    chunk = await read_fd(fd, size)
+    if not linger or len(chunk) < bulk:
+        return chunk
+    parts, total = [chunk], len(chunk)
+    while total < size:
+        try:
+            async with asyncio.timeout(linger):
+                more = await read_fd(fd, size - total)
+        except TimeoutError:
+            break
+        if not more:
+            break  # EOF: the next read reports it
+        parts.append(more)
+        total += len(more)
+    return b"".join(parts) if len(parts) > 1 else chunk
+
+
 async def write_fd(fd: int, data: bytes) -> None:
     """Write all of `data`, waiting while the descriptor is full."""
     loop = asyncio.get_running_loop()

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Pipe size and largest read for rsync's bulk data: large frames keep the per-message cost small.
 BULK_CHUNK = 1024 * 1024
+#: How long streaming output may wait to fill a frame (downloads).
+LINGER = 0.001
 INSTALL_HINT = (
     "install it in the container image (apt-get install rsync, apk add rsync or dnf install rsync) "
     "or point the agent at it with --rsync-binary"
@@ -62,7 +64,9 @@ async def serve_rsync(stream: FrameStream, open_msg: pb.SessionOpen, config: Age
     )
     tune_for_bulk()
     try:
-        await run_piped(stream, [binary, *command.args], None, cwd, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK)
+        await run_piped(
+            stream, [binary, *command.args], None, cwd, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK, linger=LINGER
+        )
     except OSError as err:
         await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
 

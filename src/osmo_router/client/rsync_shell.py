@@ -25,6 +25,7 @@ from osmo_router.agent.fdio import write_fd
 from osmo_router.channel import open_channel
 from osmo_router.client.bulk import BulkStream, encode_data_frame, rsync_method
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.exec import exit_code_of
 from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError, from_status_number
@@ -55,13 +56,6 @@ def parse_remote_command(args: list[str]) -> list[str]:
     if len(words) < 2:
         raise ValueError("expected HOST and a command (this is the remote shell of `osmo-net-client rsync`)")
     return shlex.split(" ".join(words[1:]))
-
-
-def exit_code_of(status: pb.ExitStatus) -> int:
-    """The local exit code for the remote rsync's exit status: its code, or 128+N for signal N."""
-    if status.WhichOneof("status") == "signal":
-        return 128 + status.signal
-    return status.code & 0xFF
 
 
 async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
