@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
+from tests.security_kit import Pki, Signer
 
 BIG_SIZE = 100 * 1024 * 1024
 RSYNC_TIMEOUT = 180.0
@@ -264,3 +265,37 @@ def test_transfer_broken_midway_exits_255_with_a_message(
         client.stop()
     assert code == 255
     assert any("osmo-net-client: rsync:" in line and "UNAVAILABLE" in line for line in client.lines), client.lines
+
+
+def test_over_tls_with_a_token_kept_off_the_command_line(tmp_path: Path) -> None:
+    pki, signer = Pki.create(tmp_path), Signer.rs256()
+    (tmp_path / "jwt.pub.pem").write_bytes(signer.public_pem())
+    router = Router(
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pub.pem")),
+        secure=True,
+    )
+    agent_token = signer.token("pod", workflows=["wf-tls"], role="agent")
+    agent = AgentProc(router.address, "wf-tls", "--tls-ca", str(pki.ca), "--token", agent_token, tls=True)
+    # The local "rsync" records the command line it was given (its -e names the remote shell), then runs rsync.
+    argv_log = tmp_path / "rsync-argv"
+    recorder = tmp_path / "rsync-recorder"
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_log}\nexec rsync "$@"\n')
+    recorder.chmod(0o755)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f.txt").write_text("over tls\n")
+    token = signer.token("alice", workflows=["wf-tls"])
+    flags = ["--router-address", router.address, "--workflow-id", "wf-tls", "--tls-ca", str(pki.ca)]
+    try:
+        code, err = rsync(
+            [*flags, "--token", token], "--rsync-binary", str(recorder), f"{tmp_path}/src/", f":{tmp_path}/dst/"
+        )
+        end = router.wait_for(lambda r: r.get("event") == "session end" and r.get("operation") == "rsync")
+    finally:
+        agent.stop()
+        router.stop()
+    assert code == 0, err
+    assert (tmp_path / "dst" / "f.txt").read_text() == "over tls\n"
+    assert end["user"] == "alice"
+    recorded = argv_log.read_text()
+    assert "rsync-shell" in recorded and token not in recorded
