@@ -147,6 +147,17 @@ def test_upload_delta_delete_download_exclude(
     assert snapshot(filtered) == expected
 
 
+def test_legacy_operation_form_and_paths_with_spaces(
+    agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
+) -> None:
+    local = tmp_path / "my files"
+    local.mkdir()
+    (local / "it's here.txt").write_text("quoted\n")
+    result = run_client("--operation=rsync", *client_args, f"{local}/", f":{container}/a dir/", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (container / "a dir" / "it's here.txt").read_text() == "quoted\n"
+
+
 def test_remote_path_missing_gives_rsyncs_error(
     agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
 ) -> None:

@@ -197,7 +197,7 @@ async def run_piped(
 
     async def pump_stdout() -> None:
         while chunk := await read_gathered(stdout_r, chunk_size, linger):
-            await stream.send(pb.Frame(data=chunk))
+            await stream.send_data(chunk)
 
     async def pump_stderr(reader: asyncio.StreamReader) -> None:
         while chunk := await reader.read(CHUNK_SIZE):
