@@ -33,6 +33,8 @@ def test_a_plain_server_command_passes_unconfined() -> None:
     assert command.paths == ["/anywhere/"]
     assert not command.sender
     assert check_server_args([*SENDER, ".", "a", "b"]).sender
+    # rsync passes a remote --files-from list as two arguments: the value is not a path argument.
+    assert check_server_args([*SENDER, "--files-from", "/list", "--from0", ".", "src/"]).paths == ["src/"]
 
 
 @pytest.mark.parametrize(

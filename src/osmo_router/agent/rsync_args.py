@@ -33,6 +33,7 @@ PATH_OPTIONS = frozenset(
         "--read-batch",
         "--exclude-from",
         "--include-from",
+        "--files-from",
     }
 )
 #: Options that turn the server into something else than an rsync peer of this session.
