@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): each module measures against a baseline taken in the same run."""
+"""Benchmarks: each figure is measured beside a baseline in the same run and printed as a ratio."""
