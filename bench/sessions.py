@@ -11,7 +11,7 @@ from typing import Any
 
 from bench import wire
 from bench.loadgen import emit
-from osmo_router.framing import data_message
+from osmo_router.framecodec import encode_data_message as data_message
 from osmo_router.protocol import ENCODED_HALF_CLOSE, pb
 
 FIRST_BYTE = data_message(b"x")

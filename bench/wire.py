@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from osmo_router.framing import data_message, payload_offset
+from osmo_router.framecodec import encode_data_message as data_message
+from osmo_router.framecodec import payload_offset
 from osmo_router.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, channel_options, pb
 
 EXEC = "/osmo.router.v1.RouterClientService/Exec"

@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from osmo_router.framing import COALESCE_LIMIT, data_message, encode_varint, merge, payload_offset
+from osmo_router.framecodec import data_header, decode_data_message, merge_data_messages, payload_offset
+from osmo_router.framecodec import encode_data_message as data_message
 from osmo_router.protocol import ENCODED_HALF_CLOSE, pb
-from osmo_router.router.coalesce import coalesce
+from osmo_router.router.coalesce import COALESCE_LIMIT, coalesce
 from osmo_router.router.flow_control import FlowQueue
 
 CONTROL_FRAMES = [
@@ -36,6 +37,7 @@ def test_data_message_is_what_protobuf_encodes(payload: bytes) -> None:
     offset = payload_offset(expected)
     assert offset >= 0
     assert expected[offset:] == payload
+    assert data_header(len(payload)) == expected[:offset]
 
 
 @pytest.mark.parametrize("frame", CONTROL_FRAMES)
@@ -52,8 +54,9 @@ def test_non_frame_messages_are_not_data() -> None:
 def test_a_data_frame_with_an_extra_field_is_not_pure_data() -> None:
     # data followed by a second Frame field: protobuf accepts it, merging must not.
     inner = b"\x0a\x02hi" + b"\x12\x01e"
-    message = b"\x12" + encode_varint(len(inner)) + inner
+    message = b"\x12" + bytes((len(inner),)) + inner
     assert payload_offset(message) == -1
+    assert decode_data_message(message) is None
 
 
 @given(st.binary(max_size=64))
@@ -70,7 +73,7 @@ def test_arbitrary_bytes_are_data_only_if_protobuf_agrees(raw: bytes) -> None:
 @settings(max_examples=60, deadline=None)
 def test_merge_concatenates_payloads(payloads: list[bytes]) -> None:
     messages = [data_message(p) for p in payloads]
-    merged = merge(messages, [payload_offset(m) for m in messages])
+    merged = merge_data_messages(messages, [payload_offset(m) for m in messages])
     assert parse(merged).data == b"".join(payloads)
     assert merged == data_message(b"".join(payloads))
 

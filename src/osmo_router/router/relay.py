@@ -15,6 +15,7 @@ from typing import Protocol
 
 from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
+from osmo_router.router.audit import MAX_EXIT_STATUS_MESSAGE, is_exit_status_frame, note_exit_status
 from osmo_router.router.coalesce import coalesce
 from osmo_router.router.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
 from osmo_router.router.sessions import Session
@@ -115,9 +116,12 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
                 raise InvalidArgument("expected a frame after the init")
             session.touch()
             hooks.count_bytes(session, direction, len(message))
-            if message == ENCODED_HALF_CLOSE:
-                if is_agent:
+            if is_agent and len(message) <= MAX_EXIT_STATUS_MESSAGE:
+                # Control frames are small: bulk data never pays for these checks.
+                if message == ENCODED_HALF_CLOSE:
                     session.agent_half_closed = True
+                elif is_exit_status_frame(message):
+                    note_exit_status(session, message)
             await queue.put(message)
         if not is_agent:
             # The client finished sending: tell the agent, keep delivering the agent's output.
