@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.adapters import ADAPTERS
 from bench.common import figure
 
 _NUMBER = (int, float)
@@ -34,6 +35,8 @@ def normalise(module: str, result: Any) -> dict[str, Any]:
     if isinstance(result, dict) and isinstance(result.get("figures"), list):
         figures = [dict(f) for f in result["figures"]]
         notes = [str(n) for n in result.get("notes", [])]
+    elif isinstance(result, dict) and module in ADAPTERS:
+        figures = ADAPTERS[module](result)
     elif isinstance(result, dict):
         _flatten("", result, figures, notes)
     for fig in figures:
@@ -43,7 +46,10 @@ def normalise(module: str, result: Any) -> dict[str, Any]:
         if fig.get("ratio") is None and fig.get("baseline"):
             fig["ratio"] = fig["value"] / fig["baseline"]
         fig["met"] = check(fig)
-    return {"module": module, "status": "ok", "figures": figures, "notes": notes}
+    record = {"module": module, "status": "ok", "figures": figures, "notes": notes}
+    if isinstance(result, dict) and "figures" not in result:
+        record["raw"] = result  # the module's own dict, kept whole in results.json
+    return record
 
 
 #: Units guessed from the name of a plain number in a module's own dict.
@@ -206,7 +212,8 @@ def _ratio_panel(ax: Any, figs: list[dict[str, Any]]) -> None:
         bound = (f.get("target") or {}).get("ratio_at_least")
         if bound is not None:
             ax.plot([bound, bound], [i - 0.4, i + 0.4], color="black", linewidth=2)
-        ax.text(values[i], i, f" {values[i]:.2f}x  ({_num(f['value'], f['unit'])} {f['unit']})", va="center")
+        right = max(values[i], bound or 0.0)
+        ax.text(right, i, f" {values[i]:.2f}x  ({_num(f['value'], f['unit'])} {f['unit']})", va="center")
     ax.axvline(1.0, color="grey", linestyle=":")
     ax.invert_yaxis()
     ax.set_xlabel("ratio to the baseline measured in the same run (black tick: target)")

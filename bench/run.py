@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_end"] = machine_info()["load_average_start"]
     results = {"machine": info, "quick": args.quick, "modules": modules}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     markdown = report.markdown(results)
     (RESULTS / "RESULTS.md").write_text(markdown)
     print(report.text_table(results))
