@@ -38,47 +38,70 @@ def run(quick: bool) -> dict[str, Any]:
     figures: list[dict[str, Any]] = []
     notes = [f"throughput: {THROUGHPUT_SESSIONS} sessions (socat: connections) at once"]
     router = Router()
+    plain = PlainRelayProc()
     try:
-        attempt(figures, notes, "throughput", lambda: _throughput(router.address, repeats, 1.0 if quick else 2.0))
-        attempt(figures, notes, "echo", lambda: _echo(router.address, 500 if quick else 2000))
+        seconds = 1.0 if quick else 2.0
+        attempt(figures, notes, "throughput", lambda: _throughput(router.address, plain.address, repeats, seconds))
+        attempt(figures, notes, "echo", lambda: _echo(router.address, plain.address, 500 if quick else 2000))
         attempt(figures, notes, "rendezvous", lambda: _rendezvous(router.address, 100 if quick else 500))
     finally:
+        plain.stop()
         router.stop()
     attempt(figures, notes, "idle sessions", lambda: _idle(2_000 if quick else IDLE_SESSIONS))
     return {"figures": figures, "notes": notes}
 
 
-def _throughput(address: str, repeats: int, seconds: float) -> list[dict[str, Any]]:
+class PlainRelayProc:
+    """bench/plain_relay.py in a process of its own: what grpc.aio alone allows (see its docstring)."""
+
+    def __init__(self) -> None:
+        argv = [sys.executable, "-m", "bench.plain_relay"]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=bench_env(), stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening "):
+            self.stop()
+            raise RuntimeError(f"plain relay did not start: {line!r}")
+        self.address = f"127.0.0.1:{int(line.split()[1])}"
+
+    def stop(self) -> None:
+        """Kill it (it holds no state worth a graceful stop)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _throughput(address: str, plain: str, repeats: int, seconds: float) -> list[dict[str, Any]]:
     figures = []
     common = ["--sessions", str(THROUGHPUT_SESSIONS), "--seconds", str(seconds)]
+    targets = {"router": ["--address", address], "plain": ["--address", plain], "socat": []}
     for size, ratio in SIZES:
-        grpc_runs: list[float] = []
-        socat_runs: list[float] = []
+        runs: dict[str, list[float]] = {name: [] for name in targets}
         for i in range(repeats):
-            # Alternate which goes first so a drift in machine load hits both alike.
-            order = ("grpc", "tcp") if i % 2 == 0 else ("tcp", "grpc")
-            for kind in order:
-                extra = ["--address", address] if kind == "grpc" else []
-                result = loadgen(f"{kind}-throughput", "--size", str(size), *common, *extra)[0]
-                (grpc_runs if kind == "grpc" else socat_runs).append(result["mbps"])
+            # Rotate which goes first so a drift in machine load hits all alike.
+            order = list(targets)[i % 3 :] + list(targets)[: i % 3]
+            for name in order:
+                mode = "tcp-throughput" if name == "socat" else "grpc-throughput"
+                result = loadgen(mode, "--size", str(size), *common, *targets[name])[0]
+                runs[name].append(result["mbps"])
+        label = f"relay throughput {size // 1024} KiB"
+        note = f"median of {repeats}"
+        target = {"ratio_at_least": ratio}
+        figures.append(paired(label, "MB/s", runs["router"], runs["socat"], "socat", target, note=note))
         figures.append(
-            paired(
-                f"relay throughput {size // 1024} KiB",
-                "MB/s",
-                grpc_runs,
-                socat_runs,
-                "socat",
-                {"ratio_at_least": ratio},
-                note=f"median of {repeats}",
-            )
+            paired(f"{label} vs plain grpc.aio", "MB/s", runs["router"], runs["plain"], "plain grpc.aio relay", None)
         )
     return figures
 
 
-def _echo(address: str, rounds: int) -> list[dict[str, Any]]:
+def _echo(address: str, plain: str, rounds: int) -> list[dict[str, Any]]:
     grpc = loadgen("grpc-echo", "--address", address, "--rounds", str(rounds))[0]["samples_us"]
     tcp = loadgen("tcp-echo", "--rounds", str(rounds))[0]["samples_us"]
-    return latency_figures("relay echo 1 B", grpc, tcp, "socat", 550.0)
+    bare = loadgen("grpc-echo", "--address", plain, "--rounds", str(rounds))[0]["samples_us"]
+    return [
+        *latency_figures("relay echo 1 B", grpc, tcp, "socat", 550.0),
+        *latency_figures("plain grpc.aio relay echo 1 B", bare, tcp, "socat", None),
+    ]
 
 
 def _rendezvous(address: str, rounds: int) -> list[dict[str, Any]]:
