@@ -37,8 +37,10 @@ def forward(result: dict[str, Any]) -> Figures:
     if served is not None and count:
         out.append(figure("forward connections served at once", served, "sessions", target={"at_least": count}))
     per_conn = _get(result, "concurrency", "router_kib_per_connection")
-    if per_conn is not None:
+    if per_conn is not None and per_conn > 0:
         out.append(figure("router memory per forwarded connection", per_conn, "KiB", target={"at_most": 50.0}))
+    elif per_conn is not None:  # the router's RSS fell while the connections were open: no figure
+        out.append(figure("router memory per forwarded connection (RSS fell: not measured)", per_conn, "KiB"))
     for q in ("p50", "p99"):
         value, base = _get(result, "latency", f"forward_{q}_ms"), _get(result, "latency", f"direct_{q}_ms")
         if value is not None:

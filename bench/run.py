@@ -55,7 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (a minute or two)")
     parser.add_argument("--only", action="append", default=[], help="run only this module (relay, exec, ...)")
     parser.add_argument("--publish", action="store_true", help="copy RESULTS.md and chart.png to docs/bench/")
+    parser.add_argument("--render", action="store_true", help="only redraw the table and chart from results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads((RESULTS / "results.json").read_text())
+        for i, module in enumerate(results["modules"]):
+            if "raw" in module:  # re-read modules' own dicts with the current adapters
+                results["modules"][i] = {**report.normalise(module["module"], module["raw"]), **{
+                    k: v for k, v in module.items() if k in ("seconds",)}}  # fmt: skip
+        return _write(results, args.publish)
     wanted = {n if n.startswith("bench_") else f"bench_{n}" for n in args.only}
     names = [n for n in discover() if not wanted or n in wanted]
     if wanted - set(discover()):
@@ -67,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         modules.append(run_module(name, args.quick))
     info["load_average_end"] = machine_info()["load_average_start"]
     results = {"machine": info, "quick": args.quick, "modules": modules}
+    return _write(results, args.publish)
+
+
+def _write(results: dict[str, Any], publish: bool) -> int:
+    """results.json, RESULTS.md, chart.png (and their copies in docs/bench/); the exit status."""
+    modules = results["modules"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     markdown = report.markdown(results)
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a chart failure must not lose the figures
         print(f"chart not drawn: {err!r}", file=sys.stderr)
     print(f"\nwritten: {RESULTS}/results.json, RESULTS.md, chart.png", file=sys.stderr)
-    if args.publish:
+    if publish:
         PUBLISHED.mkdir(parents=True, exist_ok=True)
         for name in ("RESULTS.md", "chart.png", "results.json"):
             if (RESULTS / name).exists():
