@@ -25,6 +25,8 @@ PEER_SERVICE = "osmo.router.v1.RouterPeerService"
 PEER_SECRET_HEADER = "osmo-peer-secret"
 PEER_IDENTITY_HEADER = "osmo-peer-identity"
 PEER_VIA_HEADER = "osmo-peer-via"
+#: How long a relaying replica waits to connect to the owner before the stream fails (UNAVAILABLE).
+PEER_CONNECT_TIMEOUT = 5.0
 
 #: Transport failures: the message names the replica so the user knows which hop broke.
 _HOP_CODES = frozenset(
@@ -72,15 +74,25 @@ class PeerChannels:
             self._channels[address] = channel
         return channel
 
-    def forget_if_broken(self, address: str) -> None:
-        """Drop the channel to a replica that cannot be reached, so the next stream dials afresh."""
-        channel = self._channels.get(address)
-        if channel is not None and channel.get_state() in (
-            grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-            grpc.ChannelConnectivity.SHUTDOWN,
-        ):
-            del self._channels[address]
-            asyncio.get_running_loop().create_task(channel.close())
+    async def connect(self, owner: Owner) -> grpc.aio.Channel:
+        """The channel to a replica once connected; Unavailable when a fresh attempt fails or takes too long.
+
+        A channel that is backing off after a failure gets one new attempt (a replica restarted at
+        the same address is reached at once); a refused attempt fails the stream at once, a silent
+        one after PEER_CONNECT_TIMEOUT.
+        """
+        channel = self.get(owner.address)
+        try:
+            async with asyncio.timeout(PEER_CONNECT_TIMEOUT):
+                await _connected(channel)
+        except (TimeoutError, ConnectionError) as err:
+            # Dial afresh next time; streams still on this channel are broken anyway.
+            if self._channels.get(owner.address) is channel:
+                del self._channels[owner.address]
+            await channel.close(grace=None)
+            reason = str(err) or f"no connection within {PEER_CONNECT_TIMEOUT:g}s"
+            raise Unavailable(f"router replica {owner.replica} at {owner.address} is unreachable ({reason})") from None
+        return channel
 
     async def close(self) -> None:
         """Close every channel (cuts relayed streams still open)."""
@@ -105,6 +117,19 @@ class PeerChannels:
             with open(self._config.peer_tls_ca, "rb") as f:
                 root = f.read()
         return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
+async def _connected(channel: grpc.aio.Channel) -> None:
+    """Return once the channel is READY; raise ConnectionError when an attempt made meanwhile failed."""
+    connectivity = grpc.ChannelConnectivity
+    state = channel.get_state(try_to_connect=True)
+    attempted = state in (connectivity.IDLE, connectivity.CONNECTING)
+    while state != connectivity.READY:
+        if state == connectivity.SHUTDOWN or (state == connectivity.TRANSIENT_FAILURE and attempted):
+            raise ConnectionError("connection failed")
+        attempted = attempted or state == connectivity.CONNECTING
+        await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)
 
 
 class CallEndpoint:

@@ -77,11 +77,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {}
 """
 
-# KEYS: entry, index (or the entry again). ARGV: owner, index member ('' for none).
+# KEYS: entry, and the task index for an agent. ARGV: owner, and the index member for an agent.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
+if #KEYS > 1 then redis.call('ZREM', KEYS[2], ARGV[2]) end
 return 1
 """
 
@@ -127,8 +127,9 @@ class RedisDirectory:
             decode_responses=True,
             socket_timeout=self._op_timeout,
             socket_connect_timeout=self._op_timeout,
-            # No retry loop inside redis-py: the heartbeat is the retry, and callers must not stall.
-            retry=Retry(NoBackoff(), 0),
+            # One immediate retry replaces a pooled connection that died with a restarted Redis; no
+            # longer loop: the heartbeat is the retry, and callers must not stall.
+            retry=Retry(NoBackoff(), 1),
         )
         self._replica = replica
         self._address = ""
@@ -181,7 +182,7 @@ class RedisDirectory:
                         client=pipe,
                     )
                 for key in sessions:
-                    await self._release(keys=[session_entry(key)] * 2, args=[self._replica, ""], client=pipe)
+                    await self._release(keys=[session_entry(key)], args=[self._replica], client=pipe)
                 await self._call("withdraw", pipe.execute())
         if self._background:
             await asyncio.wait(self._background, timeout=self._op_timeout)
@@ -238,7 +239,7 @@ class RedisDirectory:
     def session_removed(self, key: str) -> None:
         """Withdraw a session of this replica."""
         if self._sessions.pop(key, None) is not None:
-            release = self._release(keys=[session_entry(key)] * 2, args=[self._replica, ""])
+            release = self._release(keys=[session_entry(key)], args=[self._replica])
             self._spawn(self._call("withdraw session", release))
 
     async def refresh(self) -> None:

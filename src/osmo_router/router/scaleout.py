@@ -40,7 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("osmo_router.audit")
 
-_METHOD_OF: dict[int, str] = {pb.OPERATION_EXEC: "Exec", pb.OPERATION_PORT_FORWARD: "PortForward", pb.OPERATION_RSYNC: "Rsync"}
+_METHOD_OF: dict[int, str] = {
+    pb.OPERATION_EXEC: "Exec",
+    pb.OPERATION_PORT_FORWARD: "PortForward",
+    pb.OPERATION_RSYNC: "Rsync",
+}
 
 
 @dataclass(frozen=True)
@@ -216,15 +220,17 @@ class ScaleOut:
     ) -> None:
         label = session.operation_name if near_is_client else "connect"
         via = f"{self._config.router_id} {peer_of(context)}"
-        call = self._channels.get(owner.address).stream_stream(f"/{PEER_SERVICE}/{method}")(
-            metadata=peer_metadata(self._config.peer_secret, identity, via)
-        )
-        far = CallEndpoint(call, owner)
         self._relayed.add(session)
         self._idle.clear()
         started = time.monotonic()
         failure: RouterError | None = None
+        far: CallEndpoint | None = None
         try:
+            channel = await self._channels.connect(owner)
+            call = channel.stream_stream(f"/{PEER_SERVICE}/{method}")(
+                metadata=peer_metadata(self._config.peer_secret, identity, via)
+            )
+            far = CallEndpoint(call, owner)
             await self._open(far, owner, raw_init, context)
             self.relayed_active.labels(label).inc()
             try:
@@ -236,7 +242,8 @@ class ScaleOut:
         except RouterError as err:
             failure = err
         finally:
-            far.cancel()
+            if far is not None:
+                far.cancel()
             self._relayed.discard(session)
             if not self._relayed:
                 self._idle.set()
@@ -255,9 +262,6 @@ class ScaleOut:
                 first = await far.read()
         except TimeoutError:
             raise DeadlineExceeded(f"router replica {owner.replica} did not answer in time") from None
-        except Unavailable:
-            self._channels.forget_if_broken(owner.address)
-            raise
         if first is None:
             raise Unavailable(f"router replica {owner.replica} ended the stream before the session started")
         if first[0] != INIT_TAG:
