@@ -102,7 +102,9 @@ class PeerChannels:
 
     def _open(self, address: str) -> grpc.aio.Channel:
         options: list[tuple[str, int | str]] = [
-            *channel_options(self._config.max_message_size),
+            *channel_options(
+                self._config.max_message_size, self._config.keepalive_time, self._config.keepalive_timeout
+            ),
             # A replica that restarts comes back in seconds: don't wait out gRPC's long default backoff.
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
