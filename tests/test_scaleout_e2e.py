@@ -8,6 +8,7 @@ provoked for real (SIGKILL, redis-server restarts) and observed from the outside
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import importlib
 import os
@@ -358,6 +359,52 @@ def test_entries_are_withdrawn_on_shutdown_and_expire_after_a_crash(cluster: Clu
     assert f"osmo:agent:{{{workflow}}}:" in keys and f"osmo:agents:{{{workflow}}}" in keys, keys
     assert any(k.startswith("osmo:session:") for k in keys), keys
     wait_until(lambda: not cluster.redis.keys(), TTL + 5, "every entry to expire")
+
+
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for DNS name `name` only, and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_replicas_verify_each_other_over_tls(cluster: Cluster, workflow: str, tmp_path: Path) -> None:
+    """Replicas dial each other's pod address over TLS and verify the shared certificate's name."""
+    cert, key = self_signed(tmp_path, "router.test")
+    tls = ["--tls-enabled=true", f"--tls-cert={cert}", f"--tls-key={key}", f"--peer-tls-ca={cert}"]
+    a = cluster.router(*tls, "--peer-tls-server-name=router.test")
+    b = cluster.router(*tls, "--peer-tls-server-name=router.test")
+    unverifiable = cluster.router(*tls)  # would check the name "127.0.0.1", which the certificate lacks
+    trust = ["--tls-ca", str(cert), "--tls-server-name", "router.test"]
+    cluster.procs.append(AgentProc(a.address, workflow, *trust, tls=True))
+    dial = ["--workflow-id", workflow, "--tls=true", *trust]
+    result = run_client("exec", "--router-address", b.address, *dial, "--", "echo", "over tls")
+    assert (result.returncode, result.stdout) == (0, b"over tls\n"), result.stderr
+    result = run_client("exec", "--router-address", unverifiable.address, *dial, "--", "true")
+    assert result.returncode == 255 and b"unreachable" in result.stderr, result.stderr
 
 
 def test_without_redis_there_is_no_peer_service(router: Router) -> None:

@@ -114,11 +114,19 @@ class PeerChannels:
             return grpc.aio.insecure_channel(address, options=options)
         if self._config.peer_tls_server_name:
             options.append(("grpc.ssl_target_name_override", self._config.peer_tls_server_name))
-        root = None
-        if self._config.peer_tls_ca:
-            with open(self._config.peer_tls_ca, "rb") as f:
-                root = f.read()
-        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+        root = _read(self._config.peer_tls_ca)
+        # Under mutual TLS a replica dials its peers with its own certificate, like any client.
+        key = _read(self._config.tls_key) if self._config.tls_client_ca else None
+        chain = _read(self._config.tls_cert) if self._config.tls_client_ca else None
+        credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 async def _connected(channel: grpc.aio.Channel) -> None:
