@@ -8,13 +8,13 @@ provoked for real (SIGKILL, redis-server restarts) and observed from the outside
 from __future__ import annotations
 
 import asyncio
-import datetime
 import hashlib
 import importlib
 import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -28,6 +28,7 @@ import pytest
 from osmo_router.protocol import pb, pb_grpc
 from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
 from tests.redis_harness import RedisServer
+from tests.security_kit import Pki, Signer
 
 #: Short directory TTL so expiry is observable in a test (refreshed every third of it).
 TTL = 3.0
@@ -54,9 +55,9 @@ class Cluster:
         self.redis = redis_server
         self.procs: list[Proc] = []
 
-    def router(self, *args: str, env: dict[str, str] | None = None) -> Router:
-        """A replica with the shared directory."""
-        proc = Router("--redis-url", self.redis.url, f"--directory-ttl={TTL:g}s", *args, env=env)
+    def router(self, *args: str, env: dict[str, str] | None = None, secure: bool = False) -> Router:
+        """A replica with the shared directory (plaintext, no auth unless `secure`)."""
+        proc = Router("--redis-url", self.redis.url, f"--directory-ttl={TTL:g}s", *args, env=env, secure=secure)
         self.procs.append(proc)
         return proc
 
@@ -361,49 +362,35 @@ def test_entries_are_withdrawn_on_shutdown_and_expire_after_a_crash(cluster: Clu
     wait_until(lambda: not cluster.redis.keys(), TTL + 5, "every entry to expire")
 
 
-def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate (its own CA) for DNS name `name` only, and its key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+def test_tls_and_jwt_across_replicas(cluster: Cluster, workflow: str, tmp_path: Path) -> None:
+    """Production settings: TLS between everyone (replicas verify each other), JWT, the peer secret."""
+    pki = Pki.create(tmp_path)
+    signer = Signer.rs256()
+    public_key = tmp_path / "jwt.pub.pem"
+    public_key.write_bytes(signer.public_pem())
+    secure = [
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--peer-tls-ca", str(pki.ca)),
+        *("--auth=jwt", "--jwt-public-key", str(public_key), "--peer-secret", SECRET),
+    ]
+    a, b = cluster.router(*secure, secure=True), cluster.router(*secure, secure=True)
+    # This one checks a name the replicas' certificate does not carry: it must refuse to relay.
+    mistrusting = cluster.router(*secure, "--peer-tls-server-name=not-the-router.test", secure=True)
+    agent_token = signer.token("pod-1", workflows=[workflow], role="agent")
+    cluster.procs.append(AgentProc(a.address, workflow, "--tls-ca", str(pki.ca), "--token", agent_token, tls=True))
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
+    def exec_via(router: Router, token: str, *command: str) -> subprocess.CompletedProcess[bytes]:
+        dial = ["--router-address", router.address, "--workflow-id", workflow, "--tls-ca", str(pki.ca)]
+        return run_client("exec", *dial, "--token", token, "--", *command)
 
+    alice = signer.token("alice", workflows=[workflow])
+    result = exec_via(b, alice, "echo", "secure")
+    assert (result.returncode, result.stdout) == (0, b"secure\n"), result.stderr
+    # A's audit names the real user, whom only B authenticated.
+    a.wait_for(lambda r: r.get("event") == "session start" and r.get("user") == "alice")
 
-def test_replicas_verify_each_other_over_tls(cluster: Cluster, workflow: str, tmp_path: Path) -> None:
-    """Replicas dial each other's pod address over TLS and verify the shared certificate's name."""
-    cert, key = self_signed(tmp_path, "router.test")
-    tls = ["--tls-enabled=true", f"--tls-cert={cert}", f"--tls-key={key}", f"--peer-tls-ca={cert}"]
-    a = cluster.router(*tls, "--peer-tls-server-name=router.test")
-    b = cluster.router(*tls, "--peer-tls-server-name=router.test")
-    unverifiable = cluster.router(*tls)  # would check the name "127.0.0.1", which the certificate lacks
-    trust = ["--tls-ca", str(cert), "--tls-server-name", "router.test"]
-    cluster.procs.append(AgentProc(a.address, workflow, *trust, tls=True))
-    dial = ["--workflow-id", workflow, "--tls=true", *trust]
-    result = run_client("exec", "--router-address", b.address, *dial, "--", "echo", "over tls")
-    assert (result.returncode, result.stdout) == (0, b"over tls\n"), result.stderr
-    result = run_client("exec", "--router-address", unverifiable.address, *dial, "--", "true")
+    result = exec_via(b, signer.token("mallory", workflows=["elsewhere"]), "true")
+    assert result.returncode == 255 and b"PERMISSION_DENIED" in result.stderr, result.stderr
+    result = exec_via(mistrusting, alice, "true")
     assert result.returncode == 255 and b"unreachable" in result.stderr, result.stderr
 
 

@@ -12,11 +12,11 @@ from google.protobuf.message import DecodeError
 
 from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
 from osmo_router.protocol import AGENT_SERVICE, pb
+from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator
-from osmo_router.router.client_service import PeerAuth
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.directory import Directory, MemoryDirectory
-from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.relay import relay_side
@@ -55,16 +55,16 @@ class AgentService:
         return grpc.method_handlers_generic_handler(
             AGENT_SERVICE,
             {
+                # Requests stay encoded: the hello is parsed here (garbage is INVALID_ARGUMENT, not a
+                # servicer crash) and heartbeats are never decoded at all.
                 "Register": grpc.stream_stream_rpc_method_handler(
-                    self._register,
-                    request_deserializer=pb.RegisterRequest.FromString,
-                    response_serializer=pb.RegisterResponse.SerializeToString,
+                    self._register, response_serializer=pb.RegisterResponse.SerializeToString
                 ),
                 "Connect": self.connect_method(),
             },
         )
 
-    def connect_method(self, peer: PeerAuth | None = None) -> grpc.RpcMethodHandler:
+    def connect_method(self, peer: Authenticator | None = None) -> grpc.RpcMethodHandler:
         """The Connect handler; with `peer`, for agent streams another replica relays (served here)."""
 
         async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -77,6 +77,7 @@ class AgentService:
             reg = await self._accept_registration(context)
         except RouterError as err:
             self._metrics.error("register", err.code)
+            audit.refused("register", err, audit.peer_of(context))
             await abort(context, err.code, err.message)
             return
         self._registry.register(reg)
@@ -94,16 +95,21 @@ class AgentService:
     async def _accept_registration(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentRegistration:
         if not self.accepting:
             raise Unavailable("router is draining; register with another replica")
-        identity = await self._auth.authenticate(context.invocation_metadata() or ())
-        identity.require_agent()
+        identity = await authenticate_call(self._auth, context)
         try:
             async with asyncio.timeout(self._config.init_timeout):
                 first = await context.read()
         except TimeoutError:
             raise DeadlineExceeded("no hello within the init deadline") from None
-        if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+        # Checked once the hello is in, so the refusal never races with the agent's write of it.
+        identity.require_agent()
+        try:
+            request = None if first is grpc.aio.EOF else pb.RegisterRequest.FromString(first)
+        except DecodeError as err:
+            raise InvalidArgument(f"malformed hello: {err}") from None
+        if request is None or request.WhichOneof("kind") != "hello":
             raise InvalidArgument("the first message of Register must be a hello")
-        hello = first.hello
+        hello = request.hello
         check_id("workflow_id", hello.workflow_id, required=True)
         check_id("task", hello.task, required=False)
         check_id("agent_id", hello.agent_id, required=True)
@@ -142,11 +148,12 @@ class AgentService:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def serve_connect(self, context: grpc.aio.ServicerContext[Any, Any], peer: PeerAuth | None = None) -> None:
+    async def serve_connect(
+        self, context: grpc.aio.ServicerContext[Any, Any], peer: Authenticator | None = None
+    ) -> None:
         """Serve one agent Connect stream: join (or relay to the replica holding the session), relay."""
         try:
-            metadata = context.invocation_metadata() or ()
-            identity = peer(metadata) if peer else await self._auth.authenticate(metadata)
+            identity = await authenticate_call(peer or self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
             try:
                 request = pb.ConnectRequest.FromString(raw)
@@ -160,6 +167,7 @@ class AgentService:
             session = self._sessions.join_agent(identity, request.init)
         except RouterError as err:
             self._metrics.error("connect", err.code)
+            audit.refused("connect", err, audit.peer_of(context))
             await abort(context, err.code, err.message)
             return
         clean = False

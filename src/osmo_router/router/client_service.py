@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -12,20 +11,16 @@ from google.protobuf.message import DecodeError
 
 from osmo_router.errors import Cancelled, InvalidArgument, RouterError
 from osmo_router.protocol import CLIENT_SERVICE, OPERATION_NAMES, pb
+from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
 
 if TYPE_CHECKING:
     from osmo_router.router.scaleout import ScaleOut
-
-log = logging.getLogger("osmo_router.audit")
-
-#: Authenticates a stream relayed by another replica (see router/peers.py).
-PeerAuth = Callable[[Sequence[tuple[str, str | bytes]]], Identity]
 
 InitParser = Callable[[bytes], tuple[pb.SessionTarget, pb.SessionOpen]]
 
@@ -51,14 +46,6 @@ _OPERATIONS: dict[str, tuple[int, InitParser]] = {
 }
 
 
-def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The peer address of a call, as gRPC reports it."""
-    try:
-        return str(context.peer())
-    except Exception:
-        return "unknown"
-
-
 class ClientService:
     """Handlers for RouterClientService; messages stay encoded so the relay forwards them as they are."""
 
@@ -76,14 +63,14 @@ class ClientService:
         """The generic handler to add to a grpc.aio server."""
         return grpc.method_handlers_generic_handler(CLIENT_SERVICE, self.methods())
 
-    def methods(self, peer: PeerAuth | None = None) -> dict[str, grpc.RpcMethodHandler]:
+    def methods(self, peer: Authenticator | None = None) -> dict[str, grpc.RpcMethodHandler]:
         """Stream handlers by method name; with `peer`, for streams another replica relays (served here)."""
         methods = {}
         for name, (operation, parse) in _OPERATIONS.items():
             methods[name] = grpc.stream_stream_rpc_method_handler(self._behaviour(operation, parse, peer))
         return methods
 
-    def _behaviour(self, operation: int, parse: InitParser, peer: PeerAuth | None) -> Any:
+    def _behaviour(self, operation: int, parse: InitParser, peer: Authenticator | None) -> Any:
         async def behaviour(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await self.serve_stream(operation, parse, context, peer)
 
@@ -94,13 +81,13 @@ class ClientService:
         operation: int,
         parse: InitParser,
         context: grpc.aio.ServicerContext[Any, Any],
-        peer: PeerAuth | None = None,
+        peer: Authenticator | None = None,
     ) -> None:
         """Serve one client stream: authenticate, rendezvous (or relay to another replica), relay."""
         op_name = OPERATION_NAMES[operation]
+        identity: Identity | None = None
         try:
-            metadata = context.invocation_metadata() or ()
-            identity = peer(metadata) if peer else await self._auth.authenticate(metadata)
+            identity = await authenticate_call(peer or self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
             target, open_msg = parse(raw)
             key = None
@@ -113,12 +100,14 @@ class ClientService:
             session = self._sessions.join_client(identity, operation, target, open_msg, key=key)
         except RouterError as err:
             self._metrics.error(op_name, err.code)
+            audit.refused(op_name, err, audit.peer_of(context), identity)
             await abort(context, err.code, err.message)
             return
         await self._run_session(session, context)
 
     async def _run_session(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         op_name = session.operation_name
+        peer = audit.peer_of(context)
         started = time.monotonic()
         clean = False
         active = False
@@ -136,7 +125,7 @@ class ClientService:
             self._metrics.sessions_active.labels(op_name).inc()
             self._metrics.sessions_total.labels(op_name).inc()
             active = True
-            _audit("session start", session, context)
+            audit.session_event("session start", session, peer)
             await relay_side(
                 session,
                 ContextEndpoint(context),
@@ -154,28 +143,6 @@ class ClientService:
             self._sessions.remove(session)
             if active:
                 self._metrics.sessions_active.labels(op_name).dec()
-                _audit("session end", session, context, duration=time.monotonic() - started)
+                audit.session_event("session end", session, peer, time.monotonic() - started)
         if failure is not None:
             await abort(context, failure.code, failure.message)
-
-
-def _audit(
-    event: str, session: Session, context: grpc.aio.ServicerContext[Any, Any], duration: float | None = None
-) -> None:
-    fields: dict[str, object] = {
-        "event": event,
-        "user": session.user,
-        "workflow": session.workflow_id,
-        "task": session.task,
-        "operation": session.operation_name,
-        "session": session.key[:8],
-        "peer": peer_of(context),
-    }
-    if duration is not None:
-        fields.update(
-            bytes_to_agent=session.bytes_to_agent,
-            bytes_to_client=session.bytes_to_client,
-            duration_s=round(duration, 3),
-            status=session.error.code.name if session.error else "OK",
-        )
-    log.info(event, extra={"fields": fields})

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +22,13 @@ from prometheus_client import Counter, Gauge
 
 from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, INIT_TAG, pb
+from osmo_router.router.audit import peer_of
 from osmo_router.router.auth import Identity
-from osmo_router.router.client_service import peer_of
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.directory import Directory, DirectoryUnavailable, Owner
 from osmo_router.router.endpoints import ContextEndpoint, abort
 from osmo_router.router.metrics import RouterMetrics
-from osmo_router.router.peers import PEER_SERVICE, CallEndpoint, PeerChannels, peer_identity, peer_metadata
+from osmo_router.router.peers import PEER_SERVICE, CallEndpoint, PeerAuthenticator, PeerChannels, peer_metadata
 from osmo_router.router.registry import AgentRegistry
 from osmo_router.router.relay import Endpoint, relay_side
 from osmo_router.router.sessions import Session, SessionStore, check_id, new_session_key
@@ -177,12 +176,8 @@ class ScaleOut:
 
     def handler(self, clients: ClientService, agents: AgentService) -> grpc.GenericRpcHandler:
         """RouterPeerService: streams other replicas relay here, served as this replica's own."""
-
-        def authenticate(metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
-            identity, _via = peer_identity(metadata, self._config.peer_secret)
-            return identity
-
-        methods = {**clients.methods(authenticate), "Connect": agents.connect_method(authenticate)}
+        peer = PeerAuthenticator(self._config.peer_secret)
+        methods = {**clients.methods(peer), "Connect": agents.connect_method(peer)}
         return grpc.method_handlers_generic_handler(PEER_SERVICE, methods)
 
     async def wait_idle(self, timeout: float) -> bool:
