@@ -64,13 +64,15 @@ def test_a_malformed_identity_is_refused(value: str) -> None:
 
 
 def test_scaleout_config_is_validated() -> None:
-    RouterConfig(redis_url="redis://127.0.0.1:6379/0", auth="none").validate()
+    redis = "redis://127.0.0.1:6379/0"
+    jwt = {"auth": "jwt", "jwt_public_key": "/etc/router/jwt/public.pem"}
+    RouterConfig(redis_url=redis, auth="none").validate()
     with pytest.raises(ValueError, match="--peer-secret"):
-        RouterConfig(redis_url="redis://127.0.0.1:6379/0", auth="jwt").validate()
+        RouterConfig(redis_url=redis, **jwt).validate()  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 16"):
-        RouterConfig(redis_url="redis://127.0.0.1:6379/0", auth="jwt", peer_secret="short").validate()
+        RouterConfig(redis_url=redis, peer_secret="short", **jwt).validate()  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="redis://"):
         RouterConfig(redis_url="127.0.0.1:6379", auth="none").validate()
     with pytest.raises(ValueError, match="--directory-ttl"):
-        RouterConfig(directory_ttl=0).validate()
-    RouterConfig(redis_url="rediss://redis:6380/0", auth="jwt", peer_secret="p" * 16).validate()
+        RouterConfig(directory_ttl=0, auth="none").validate()
+    RouterConfig(redis_url="rediss://redis:6380/0", peer_secret="p" * 16, **jwt).validate()  # type: ignore[arg-type]

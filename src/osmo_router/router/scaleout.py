@@ -114,6 +114,7 @@ class ScaleOut:
         check_id("workflow_id", target.workflow_id, required=True)
         check_id("task", target.task, required=False)
         check_id("session_key", target.session_key, required=False)
+        identity.require_user()
         identity.require_workflow(target.workflow_id)
         key = target.session_key
         if not self._sessions.accepting or (key and self._sessions.get(key) is not None):
