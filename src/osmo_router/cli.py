@@ -12,13 +12,14 @@ from typing import Any
 import click
 
 from osmo_router import __version__
-from osmo_router.agent.agent import Agent
 from osmo_router.agent.config import AgentConfig
 from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.server import RouterServer
+
+# The server and agent modules (aiohttp, prometheus...) are imported where they are used: the client
+# imports this module for its dial options, and every client start (rsync starts two) would pay them.
 
 log = logging.getLogger("osmo_router")
 
@@ -186,6 +187,8 @@ def serve(log_level: str, log_format: str, **options: Any) -> None:
 
 
 async def _serve(config: RouterConfig) -> int:
+    from osmo_router.router.server import RouterServer
+
     try:
         server = RouterServer(config)
         await server.start()
@@ -279,6 +282,8 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
 
 
 async def _run_agent(config: AgentConfig) -> None:
+    from osmo_router.agent.agent import Agent
+
     agent = Agent(config)
     runner = asyncio.create_task(agent.run())
     stop = asyncio.Event()
@@ -306,6 +311,9 @@ def local(port: int, metrics_port: int, workflow_id: str, log_level: str, log_fo
 
 
 async def _local(port: int, metrics_port: int, workflow_id: str) -> None:
+    from osmo_router.agent.agent import Agent
+    from osmo_router.router.server import RouterServer
+
     server = RouterServer(RouterConfig(port=port, metrics_port=metrics_port, tls_enabled=False, auth="none"))
     await server.start()
     agent = Agent(AgentConfig(dial=DialConfig(address=f"127.0.0.1:{server.port}", tls=False), workflow_id=workflow_id))
