@@ -124,6 +124,13 @@ def raw_serializer(message: Any) -> bytes:
     return encoded
 
 
+def fast_method(channel: Any, path: str, response_type: Any) -> Any:
+    """A stream-stream method of `channel` ("/service/Method") whose data frames skip protobuf both ways."""
+    return channel.stream_stream(
+        path, request_serializer=raw_serializer, response_deserializer=fast_deserializer(response_type)
+    )
+
+
 def fast_deserializer(message_type: Any) -> Callable[[bytes], Any]:
     """Response deserializer: data frames as DataMessage, anything else parsed as `message_type`."""
 

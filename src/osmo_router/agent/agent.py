@@ -20,7 +20,7 @@ from osmo_router.agent.rsync import serve_rsync
 from osmo_router.channel import open_channel
 from osmo_router.dial_errors import explain_dial_error
 from osmo_router.errors import RouterError
-from osmo_router.framecodec import fast_deserializer, raw_serializer
+from osmo_router.framecodec import fast_method
 from osmo_router.protocol import AGENT_SERVICE, pb, pb_grpc
 from osmo_router.streams import FrameStream
 
@@ -59,10 +59,17 @@ class Agent:
         self._closing = False
 
     async def run(self) -> None:
-        """Register and serve forever, reconnecting with exponential backoff and jitter."""
+        """Register and serve forever, reconnecting with exponential backoff and jitter.
+
+        `--router-address` may list several routers (comma-separated): each attempt dials the next.
+        """
         backoff = self.config.backoff_initial
+        addresses = [a.strip() for a in self.config.dial.address.split(",") if a.strip()]
+        attempt = 0
         while not self._closing:
-            self._channel = open_channel(self.config.dial)
+            address = addresses[attempt % len(addresses)] if addresses else self.config.dial.address
+            attempt += 1
+            self._channel = open_channel(replace(self.config.dial, address=address))
             try:
                 await self._register_and_serve(self._channel)
                 backoff = self.config.backoff_initial
@@ -138,11 +145,7 @@ class Agent:
     async def _serve_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
         """Open the Connect stream of a session and serve it with the handler for its operation."""
         # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
-        connect = channel.stream_stream(
-            f"/{AGENT_SERVICE}/Connect",
-            request_serializer=raw_serializer,
-            response_deserializer=fast_deserializer(pb.ConnectResponse),
-        )
+        connect = fast_method(channel, f"/{AGENT_SERVICE}/Connect", pb.ConnectResponse)
         call = connect(metadata=self.config.dial.metadata())
         try:
             await call.write(

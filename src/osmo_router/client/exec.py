@@ -17,7 +17,8 @@ from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
-from osmo_router.protocol import pb, pb_grpc
+from osmo_router.framecodec import fast_method
+from osmo_router.protocol import CLIENT_SERVICE, pb
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=os.environ.get("TERM", ""),
         )
-        stream = await open_session(config, pb_grpc.RouterClientServiceStub(channel).Exec, pb.ExecRequest, init)
+        method = fast_method(channel, f"/{CLIENT_SERVICE}/Exec", pb.ExecResponse)
+        stream = await open_session(config, method, pb.ExecRequest, init, raw=True)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             return await _relay(stream, tty)
     except RouterError as err:
@@ -129,5 +131,5 @@ async def _send_input(stream: FrameStream) -> None:
     reader = StdinReader(0)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
-            await stream.send(pb.Frame(data=chunk))
+            await stream.send_data(chunk)
         await stream.send(pb.Frame(half_close=pb.HalfClose()))

@@ -25,7 +25,7 @@ from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.session import open_session, rpc_error, start_session, wait_ready
 from osmo_router.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
 from osmo_router.forwarding import WATCH_PORT
-from osmo_router.framecodec import fast_deserializer, raw_serializer
+from osmo_router.framecodec import fast_method
 from osmo_router.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
 from osmo_router.streams import FrameStream
 
@@ -97,11 +97,7 @@ class PortForward:
         self.reporter = reporter
         self.reconnect = reconnect
         # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
-        self._method = channel.stream_stream(
-            f"/{CLIENT_SERVICE}/PortForward",
-            request_serializer=raw_serializer,
-            response_deserializer=fast_deserializer(pb.PortForwardResponse),
-        )
+        self._method = fast_method(channel, f"/{CLIENT_SERVICE}/PortForward", pb.PortForwardResponse)
         self._stop = asyncio.Event()
         self._tcp: list[TcpListener] = []
         self._udp: list[UdpForward] = []
