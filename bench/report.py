@@ -104,6 +104,7 @@ def _target(fig: dict[str, Any]) -> str:
 def rows(results: dict[str, Any]) -> list[list[str]]:
     """Table rows: figure, value, baseline, ratio, target, verdict."""
     out = []
+    seen: set[str] = set()
     for module in results["modules"]:
         if module["status"] != "ok":
             out.append([f"{module['module']}: {module['status']} ({module.get('reason', '')})", "", "", "", "", ""])
@@ -111,9 +112,13 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         for fig in module["figures"]:
             unit = fig.get("unit", "")
             baseline = fig.get("baseline")
+            # The same name from two modules (scale-out repeats exec's figures) says whose it is.
+            owner = module["module"].removeprefix("bench_")
+            name = fig["name"] if fig["name"] not in seen else f"{owner}: {fig['name']}"
+            seen.add(fig["name"])
             out.append(
                 [
-                    fig["name"],
+                    name,
                     f"{_num(fig['value'], unit)} {unit}".strip(),
                     f"{_num(baseline, unit)} ({fig.get('baseline_name', '')})" if baseline is not None else "",
                     f"{fig['ratio']:.2f}x" if isinstance(fig.get("ratio"), _NUMBER) else "",
@@ -165,7 +170,18 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _figures(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [f for m in results["modules"] if m["status"] == "ok" for f in m["figures"]]
+    """Every figure, a repeated name prefixed with its module (a chart has one bar per name)."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for module in results["modules"]:
+        if module["status"] != "ok":
+            continue
+        for fig in module["figures"]:
+            if fig["name"] in seen:
+                fig = {**fig, "name": f"{module['module'].removeprefix('bench_')}: {fig['name']}"}
+            seen.add(fig["name"])
+            out.append(fig)
+    return out
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
