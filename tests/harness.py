@@ -153,13 +153,15 @@ class Router(Proc):
     """`osmo-router serve` on a free loopback port, plaintext and unauthenticated unless told otherwise."""
 
     def __init__(self, *args: str, secure: bool = False, env: dict[str, str] | None = None) -> None:
-        base = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--log-format", "json"]
+        base = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ws-port", "0"]
+        base += ["--log-format", "json"]
         if not secure:
             base += ["--tls-enabled=false", "--auth=none"]
         super().__init__(router_cmd(*base, *args), env=cli_env(env))
         record = self.wait_event("listening")
         self.port: int = record["grpc_port"]
         self.metrics_port: int = record["metrics_port"]
+        self.ws_port: int = record.get("ws_port", -1)
         self.router_id: str = record["router_id"]
         self.address = f"127.0.0.1:{self.port}"
 

@@ -56,6 +56,13 @@ def main_group() -> None:
     show_default=True,
     help="Port of /metrics, /healthz and /readyz (0 picks a free one, -1 disables).",
 )
+@click.option(
+    "--ws-port",
+    type=int,
+    default=8000,
+    show_default=True,
+    help="Port of the old router's WebSocket endpoints, for the migration (0 picks a free one, -1 disables).",
+)
 @click.option("--tls-enabled/--no-tls-enabled", default=True, show_default=True, help="Serve gRPC over TLS.")
 @click.option("--tls-cert", default="/etc/router/tls/tls.crt", show_default=True, help="Server certificate (PEM).")
 @click.option("--tls-key", default="/etc/router/tls/tls.key", show_default=True, help="Server private key (PEM).")
@@ -258,16 +265,22 @@ async def _run_agent(config: AgentConfig) -> None:
 @main_group.command()
 @click.option("--port", type=int, default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Metrics port on 127.0.0.1.")
+@click.option("--ws-port", type=int, default=8000, show_default=True, help="WebSocket port on 127.0.0.1 (-1: none).")
 @click.option("--workflow-id", default="local", show_default=True, help="Workflow id the local agent serves.")
 @_log_options
-def local(port: int, metrics_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
+def local(port: int, metrics_port: int, ws_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
     """Embedded default: a router and an agent in one process on loopback (no TLS, no auth)."""
     setup_logging(log_level, "text" if log_format == "auto" else log_format)
-    run_async(_local(port, metrics_port, workflow_id))
+    run_async(
+        _local(
+            RouterConfig(port=port, metrics_port=metrics_port, ws_port=ws_port, tls_enabled=False, auth="none"),
+            workflow_id,
+        )
+    )
 
 
-async def _local(port: int, metrics_port: int, workflow_id: str) -> None:
-    server = RouterServer(RouterConfig(port=port, metrics_port=metrics_port, tls_enabled=False, auth="none"))
+async def _local(config: RouterConfig, workflow_id: str) -> None:
+    server = RouterServer(config)
     await server.start()
     agent = Agent(AgentConfig(dial=DialConfig(address=f"127.0.0.1:{server.port}", tls=False), workflow_id=workflow_id))
     runner = asyncio.create_task(agent.run())

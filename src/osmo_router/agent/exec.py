@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import read_fd, write_fd
 from osmo_router.protocol import CHUNK_SIZE, pb
-from osmo_router.streams import FrameStream
+from osmo_router.transport import SessionStream
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def exit_frame(returncode: int) -> pb.Frame:
 
 
 async def run_exec(
-    stream: FrameStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
+    stream: SessionStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
 ) -> None:
     """Serve one exec session to its end: output, exit status, half-close."""
     argv = list(init.command) or [shell or default_shell()]
@@ -52,7 +52,7 @@ async def run_exec(
     await runner(stream, argv, env, init, workdir)
 
 
-async def _finish(stream: FrameStream, returncode: int) -> None:
+async def _finish(stream: SessionStream, returncode: int) -> None:
     await stream.send(exit_frame(returncode))
     await stream.send(pb.Frame(half_close=pb.HalfClose()))
     await stream.close()
@@ -75,7 +75,7 @@ async def _hang_up(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _pump_input(
-    stream: FrameStream,
+    stream: SessionStream,
     write: Callable[[bytes], Awaitable[None]],
     close_input: Callable[[], Awaitable[None]],
     signal_group: Callable[[int], None],
@@ -97,7 +97,7 @@ async def _pump_input(
 
 
 async def _relay_until_exit(
-    stream: FrameStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
+    stream: SessionStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
 ) -> None:
     """Run the pumps until the process exits and its output is sent; hang up if the client goes away."""
     output_tasks = [asyncio.ensure_future(o) for o in outputs]
@@ -140,7 +140,7 @@ def _killpg(pgid: int, number: int) -> None:
 
 
 async def _run_pipes(
-    stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
+    stream: SessionStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -177,7 +177,7 @@ async def _run_pipes(
 
 
 async def _run_tty(
-    stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
+    stream: SessionStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
 ) -> None:
     master, slave = ptys.open_pty(init.size.rows, init.size.cols)
     try:

@@ -10,14 +10,14 @@ import sys
 
 import grpc
 
-from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.session import open_session, rpc_error
+from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
-from osmo_router.protocol import pb, pb_grpc
-from osmo_router.streams import FrameStream
+from osmo_router.protocol import pb
+from osmo_router.transport import SessionStream, Transport
+from osmo_router.transport.rollout import connect_transport
 
 #: Signals a pipe-mode client forwards to the remote process group (a second one exits locally).
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -32,8 +32,9 @@ def exit_code_of(status: pb.ExitStatus) -> int:
 
 async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
     """Run the session to its end and return the exit code to exit with."""
-    channel = open_channel(config.dial)
+    transport: Transport | None = None
     try:
+        transport = await connect_transport(config)
         rows, cols = terminal_size() if tty else (0, 0)
         init = pb.ExecInit(
             target=config.target(),
@@ -42,17 +43,18 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=os.environ.get("TERM", ""),
         )
-        stream = await open_session(config, pb_grpc.RouterClientServiceStub(channel).Exec, pb.ExecRequest, init)
+        stream = await transport.open(pb.OPERATION_EXEC, init)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             return await _relay(stream, tty)
     except RouterError as err:
         print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
         return EXIT_CONNECTION_ERROR
     finally:
-        await channel.close(grace=None)
+        if transport is not None:
+            await transport.aclose()
 
 
-async def _relay(stream: FrameStream, tty: bool) -> int:
+async def _relay(stream: SessionStream, tty: bool) -> int:
     loop = asyncio.get_running_loop()
     sender = asyncio.create_task(_send_input(stream))
     installed: list[int] = []
@@ -104,7 +106,7 @@ def _say(message: str, tty: bool) -> None:
     sys.stderr.flush()
 
 
-async def _receive_output(stream: FrameStream) -> int:
+async def _receive_output(stream: SessionStream) -> int:
     exit_code: int | None = None
     while (frame := await stream.recv()) is not None:
         kind = frame.WhichOneof("kind")
@@ -121,7 +123,7 @@ async def _receive_output(stream: FrameStream) -> int:
     return exit_code
 
 
-async def _send_input(stream: FrameStream) -> None:
+async def _send_input(stream: SessionStream) -> None:
     reader = StdinReader(0)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():

@@ -110,6 +110,7 @@ class ClientService:
             )
             self._metrics.sessions_active.labels(op_name).inc()
             self._metrics.sessions_total.labels(op_name).inc()
+            self._metrics.sessions_by_transport.labels(op_name, "grpc").inc()
             active = True
             _audit("session start", session, context)
             await relay_side(
