@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from dataclasses import replace
 from typing import Any
 
 import click
@@ -14,6 +15,8 @@ import click
 from osmo_router import __version__
 from osmo_router.agent.agent import Agent
 from osmo_router.agent.config import AgentConfig
+from osmo_router.agent.ws_backend import serve_ws_session
+from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
@@ -227,10 +230,12 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
     help="Directory rsync may read and write (repeatable); default anywhere.",
 )
 @click.option("--rsync-binary", default="rsync", show_default=True, help="rsync executable in the container.")
+@ws_agent_options
 @_log_options
 def agent(log_level: str, log_format: str, **options: Any) -> None:
     """Run the agent inside a workload container."""
     setup_logging(log_level, log_format)
+    ws = ws_agent_settings(options)
     dial = dial_config(options)
     config = AgentConfig(
         dial=dial,
@@ -243,6 +248,8 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         rsync_roots=tuple(options["rsync_roots"]),
         rsync_binary=options["rsync_binary"],
     )
+    if ws is not None:
+        sys.exit(run_async(serve_ws_session(replace(ws, agent=config))))
     run_async(_run_agent(config))
 
 

@@ -14,7 +14,9 @@ Optional extensions, only used when the client asks for them with query paramete
 never does, so it sees the old bytes exactly): `cmd` (repeatable; the argv to run), `tty=0` (pipe
 mode: no size parsing of later messages), `term`, `exit=1` (the router's final close carries the
 exit status as its reason, `exit:N` or `signal:N`), `port`/`host` (port-forward target), `arg`
-(repeatable; rsync server argv) and `task`.
+(repeatable; rsync server argv) and `task`. A new backend (`osmo-router agent --transport ws`) asks
+with `init=1` for the session's `SessionOpen` (protobuf) as its first message instead of the size,
+and reports its exit status as the reason of its close (`exit:N`, `signal:N`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from osmo_router.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
     error_reason,
+    exit_from_reason,
     exit_reason,
     frame_to_message,
     message_to_frame,
@@ -51,8 +52,8 @@ async def close_with_error(ws: web.WebSocketResponse, error: RouterError) -> Non
         await ws.close(code=CLOSE_ERROR, message=error_reason(error.code, error.message).encode())
 
 
-async def _receive(ws: web.WebSocketResponse) -> bytes | None:
-    """The next binary (or text) message's bytes; None once the WebSocket ended."""
+async def _receive(ws: web.WebSocketResponse) -> bytes | str | None:
+    """The next message's bytes; at the end, the close reason (str), or None if there was none."""
     while True:
         msg = await ws.receive()
         if msg.type == WSMsgType.BINARY:
@@ -60,6 +61,8 @@ async def _receive(ws: web.WebSocketResponse) -> bytes | None:
             return data
         if msg.type == WSMsgType.TEXT:
             return str(msg.data).encode()
+        if msg.type == WSMsgType.CLOSE:
+            return str(msg.extra or "")
         if msg.type in _ENDED:
             return None
 
@@ -78,7 +81,7 @@ class WsClientEndpoint:
     async def read(self) -> bytes | None:
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
         data = await _receive(self._ws)
-        if data is None:
+        if not isinstance(data, bytes):
             if not self._closing:
                 # The old protocol: a close ends the whole pipe (an empty message is the EOF).
                 self._session.fail(Cancelled("the client closed its WebSocket"))
@@ -114,27 +117,31 @@ class WsBackendEndpoint:
     def __init__(self, ws: web.WebSocketResponse, *, operation: int) -> None:
         self._ws = ws
         self._is_exec = operation == pb.OPERATION_EXEC
-        self._ended = False
+        self._half_closed = False
         self._pending: list[bytes | None] = []
 
     async def read(self) -> bytes | None:
         """The backend's next message as an encoded frame; its end becomes a clean half-close."""
         while not self._pending:
             data = await _receive(self._ws)
-            if data:
-                return encode(pb.Frame(data=data))
-            if self._ended:
-                if data is None:
-                    return None
-                continue  # a second EOF says nothing new
-            # The end of the backend's pipe, once: exit 0 for exec (no exit codes in the old
-            # protocol), then the half-close that makes the relay treat the end as clean.
-            self._ended = True
+            if isinstance(data, bytes):
+                if data:
+                    return encode(pb.Frame(data=data))
+                if not self._half_closed:  # the empty message: EOF of the backend's output
+                    self._half_closed = True
+                    return ENCODED_HALF_CLOSE
+                continue
+            # The close. The old protocol has no exit codes: a clean end of an exec backend is
+            # exit 0, unless its close reason carries one (the `exit` extension of new backends).
+            status = exit_from_reason(data) if isinstance(data, str) else None
             if self._is_exec:
-                self._pending.append(encode(pb.Frame(exit_status=pb.ExitStatus(code=0))))
-            self._pending.append(ENCODED_HALF_CLOSE)
-            if data is None:
-                self._pending.append(None)
+                self._pending.append(encode(pb.Frame(exit_status=status or pb.ExitStatus(code=0))))
+            elif status is not None:
+                self._pending.append(encode(pb.Frame(exit_status=status)))
+            if not self._half_closed:
+                self._half_closed = True
+                self._pending.append(ENCODED_HALF_CLOSE)
+            self._pending.append(None)
         return self._pending.pop(0)
 
     async def write(self, message: bytes) -> None:

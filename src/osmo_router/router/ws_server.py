@@ -195,12 +195,6 @@ class WsServer:
 
     async def _backend(self, request: web.Request) -> web.StreamResponse:
         op_name, workflow, key = (request.match_info[k] for k in ("operation", "workflow", "key"))
-        try:
-            identity = await self._authenticate(request, op_name)
-        except RouterError as err:
-            return await self._refuse("connect", err)
-        ws = self._websocket()
-        await ws.prepare(request)
         init = pb.ConnectInit(
             session_key=key,
             agent_id=f"ws-backend@{request.remote or 'unknown'}",
@@ -208,16 +202,26 @@ class WsServer:
             task=request.query.get("task", ""),
         )
         try:
+            identity = await self._authenticate(request, op_name)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
+            # Joined before the upgrade: once a backend's handshake is done, a client finds it.
             session = self._sessions.join_agent(identity, init)
         except RouterError as err:
-            self._metrics.error("connect", err.code, "ws")
-            await close_with_error(ws, err)
-            return ws
-        await self._run_backend(session, ws, OPERATIONS[op_name], timeout)
+            return await self._refuse("connect", err)
+        ws = self._websocket()
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            session.fail(Unavailable("the backend went away during the handshake"))
+            self._sessions.remove(session)
+            raise
+        send_init = request.query.get("init", "") in ("1", "true")
+        await self._run_backend(session, ws, OPERATIONS[op_name], timeout, send_init)
         return ws
 
-    async def _run_backend(self, session: Session, ws: web.WebSocketResponse, operation: int, timeout: float) -> None:
+    async def _run_backend(
+        self, session: Session, ws: web.WebSocketResponse, operation: int, timeout: float, send_init: bool
+    ) -> None:
         clean = False
         failure: RouterError | None = None
         try:
@@ -226,7 +230,9 @@ class WsServer:
             if session.operation != operation:
                 raise InvalidArgument(f"the session is {session.operation_name}, this backend serves another")
             self._metrics.agent_sessions_by_transport.labels(session.operation_name, "ws").inc()
-            if operation == pb.OPERATION_EXEC:
+            if send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
+                await ws.send_bytes(pb.ConnectResponse.FromString(session.open_message).open.SerializeToString())
+            elif operation == pb.OPERATION_EXEC:
                 await ws.send_bytes(self._first_messages.get(session) or _size_of(session))
             await relay_side(
                 session,

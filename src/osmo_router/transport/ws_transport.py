@@ -33,6 +33,7 @@ from osmo_router.wsproto import (
     client_query,
     error_from_reason,
     exit_from_reason,
+    exit_reason,
     frame_to_message,
     message_to_frame,
     session_url,
@@ -106,10 +107,14 @@ class WsSessionStream:
         self._parse_resize = parse_resize
         self._write_lock = asyncio.Lock()
         self._ended = False
+        self._exit: pb.ExitStatus | None = None
         self.closed_for_writing = False
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame in its old form; what the old protocol cannot carry is dropped."""
+        if frame.WhichOneof("kind") == "exit_status":
+            self._exit = frame.exit_status  # a backend reports it as its close reason
+            return
         if frame.WhichOneof("kind") == "half_close":
             payload: bytes | None = b""  # EOF of this direction, both ways
         else:
@@ -162,8 +167,9 @@ class WsSessionStream:
         """Close the WebSocket (the old protocol has no half-close beyond the empty message)."""
         async with self._write_lock:
             self.closed_for_writing = True
+        reason = exit_reason(self._exit).encode() if self._backend and self._exit is not None else b""
         with contextlib.suppress(Exception):
-            await self.ws.close()
+            await self.ws.close(message=reason)
 
 
 class WsTransport:
