@@ -153,8 +153,11 @@ class Router(Proc):
     """`osmo-router serve` on a free loopback port, plaintext and unauthenticated unless told otherwise."""
 
     def __init__(self, *args: str, secure: bool = False, env: dict[str, str] | None = None) -> None:
-        base = ["serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--ws-port", "0"]
-        base += ["--log-format", "json"]
+        base = ["serve", "--host", "127.0.0.1", "--metrics-port", "0", "--log-format", "json"]
+        if "--port" not in args:
+            base += ["--port", "0"]
+        if "--ws-port" not in args:
+            base += ["--ws-port", "0"]
         if not secure:
             base += ["--tls-enabled=false", "--auth=none"]
         super().__init__(router_cmd(*base, *args), env=cli_env(env))

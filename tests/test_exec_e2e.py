@@ -267,3 +267,58 @@ def test_tty_mode_restores_the_local_terminal(agent: AgentProc, client_args: lis
     finally:
         os.close(slave)
         os.close(master)
+
+
+def test_default_command_is_the_shell(agent: AgentProc, client_args: list[str]) -> None:
+    result = run_client("exec", *client_args, input=b"echo shell-ok; exit 4\n")
+    assert result.returncode == 4
+    assert result.stdout == b"shell-ok\n"
+
+
+def test_tty_sets_term(agent: AgentProc, client_args: list[str]) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        client_cmd("exec", *client_args, "--tty", "--", "sh", "-c", "echo term=$TERM"),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env({"TERM": "vt220"}),
+        preexec_fn=_controlling_tty,
+    )
+    os.close(slave)
+    try:
+        PtyReader(master).wait_for(rb"term=vt220")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_agent_reconnects_when_the_router_comes_back(workflow: str) -> None:
+    port = str(_free_port())
+    first = Router("--port", port)
+    agent = AgentProc(first.address, workflow)
+    second: Router | None = None
+    try:
+        first.stop()
+        second = Router("--port", port)
+        # The agent logs a second registration once its backoff brings it back.
+        agent.wait_for(lambda r: r.get("event") == "registered" and r.get("router_id") == second.router_id)
+        result = run_client(
+            "exec", "--router-address", second.address, "--workflow-id", workflow, "--tls=false", "--", "echo", "back"
+        )
+        assert result.returncode == 0 and result.stdout == b"back\n"
+    finally:
+        agent.stop()
+        if second is not None:
+            second.stop()

@@ -123,6 +123,20 @@ def main_group() -> None:
     help="On SIGTERM, how long sessions in flight may run on.",
 )
 @click.option(
+    "--keepalive-time",
+    type=DURATION,
+    default="20s",
+    show_default=True,
+    help="Ping idle connections this often (keeps them through load balancers).",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=DURATION,
+    default="10s",
+    show_default=True,
+    help="A peer that does not answer a ping within this is dropped, with its sessions.",
+)
+@click.option(
     "--max-message-size",
     type=int,
     default=4 * 1024 * 1024,

@@ -38,22 +38,37 @@ OPERATION_NAMES: Final[dict[int, str]] = {
 }
 
 
-def channel_options(max_message_size: int = MAX_MESSAGE_SIZE) -> list[tuple[str, int]]:
+#: Keepalive pings: idle streams survive load balancers, dead peers are found within time + timeout.
+KEEPALIVE_TIME: Final = 20.0
+KEEPALIVE_TIMEOUT: Final = 10.0
+
+
+def channel_options(
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    keepalive_time: float = KEEPALIVE_TIME,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+) -> list[tuple[str, int]]:
     """gRPC channel/server options shared by every side: message limits and keepalive."""
     return [
         ("grpc.max_send_message_length", max_message_size),
         ("grpc.max_receive_message_length", max_message_size),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_time_ms", int(keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout * 1000)),
+        # Recent gRPC cores time a ping out with this one rather than the keepalive timeout.
+        ("grpc.http2.ping_timeout_ms", int(keepalive_timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
-def server_options(max_message_size: int = MAX_MESSAGE_SIZE) -> list[tuple[str, int]]:
-    """gRPC server options: the channel options plus tolerance for client keepalive pings."""
+def server_options(
+    max_message_size: int = MAX_MESSAGE_SIZE,
+    keepalive_time: float = KEEPALIVE_TIME,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+) -> list[tuple[str, int]]:
+    """gRPC server options: the channel options, and tolerance for the peers' own keepalive pings."""
     return [
-        *channel_options(max_message_size),
+        *channel_options(max_message_size, keepalive_time, keepalive_timeout),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         ("grpc.max_connection_idle_ms", 2**31 - 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -18,6 +19,8 @@ from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_n
 from osmo_router.protocol import pb
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
+
+log = logging.getLogger(__name__)
 
 #: Signals a pipe-mode client forwards to the remote process group (a second one exits locally).
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -86,6 +89,7 @@ async def _relay(stream: SessionStream, tty: bool) -> int:
     try:
         return await _receive_output(stream)
     except grpc.aio.AioRpcError as err:
+        log.debug("exec stream failed", exc_info=True)
         error = rpc_error(err)
         _say(f"{error.message} [{error.code.name}]", tty)
         return EXIT_CONNECTION_ERROR

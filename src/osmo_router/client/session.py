@@ -15,6 +15,10 @@ from osmo_router.streams import FrameStream
 
 def rpc_error(err: grpc.aio.AioRpcError) -> RouterError:
     """The RouterError for a failed call."""
+    if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
+        # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
+        # router has just ended (it only ends calls early when the session broke).
+        return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
     return from_status(err.code(), err.details() or err.code().name.lower())
 
 

@@ -42,6 +42,8 @@ class RouterConfig:
     flow_control_timeout: float = 30.0
     init_timeout: float = 10.0
     drain_timeout: float = 30.0
+    keepalive_time: float = 20.0
+    keepalive_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE
     max_sessions: int = 10_000
     max_sessions_per_user: int = 256

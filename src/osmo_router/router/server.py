@@ -89,7 +89,11 @@ class RouterServer:
 
     async def start(self) -> None:
         """Bind the gRPC and metrics ports and start serving."""
-        server = grpc.aio.server(options=server_options(self.config.max_message_size))
+        server = grpc.aio.server(
+            options=server_options(
+                self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
+            )
+        )
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

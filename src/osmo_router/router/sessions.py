@@ -152,7 +152,7 @@ class SessionStore:
         elif session.workflow_id != target.workflow_id or (target.task and session.task not in ("", target.task)):
             raise PermissionDenied("the session key belongs to another workflow")
         else:
-            self._check_capacity(identity.subject)
+            self._check_user_limit(identity.subject)
         session.client_joined = True
         session.operation = operation
         session.user = identity.subject
@@ -246,5 +246,8 @@ class SessionStore:
 
     def _check_capacity(self, user: str) -> None:
         self._check_pending()
+        self._check_user_limit(user)
+
+    def _check_user_limit(self, user: str) -> None:
         if self._per_user.get(user, 0) >= self._max_per_user:
             raise ResourceExhausted(f"user {user} holds its maximum of {self._max_per_user} sessions")

@@ -1,0 +1,87 @@
+"""Command-line plumbing: durations, Go-style booleans, the legacy --operation form, exit codes."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from osmo_router.cli import main_group as router_group
+from osmo_router.client.cli import main_group as client_group
+from osmo_router.client.cli import rewrite_legacy_operation
+from osmo_router.client.exec import exit_code_of
+from osmo_router.cliutil import bool_option_names, normalize_bool_flags
+from osmo_router.durations import parse_bool, parse_duration
+from osmo_router.protocol import pb
+from osmo_router.router.config import RouterConfig, is_loopback_host
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30m", 1800), ("60s", 60), ("1h30m", 5400), ("250ms", 0.25), ("2.5", 2.5), ("1h", 3600)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "5x", "m5", "1h 2m", "-"])
+def test_bad_durations(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(bad)
+
+
+def test_booleans() -> None:
+    assert parse_bool("false") is False and parse_bool("TRUE") is True and parse_bool("0") is False
+    with pytest.raises(ValueError):
+        parse_bool("maybe")
+
+
+def test_go_style_booleans_become_click_flags() -> None:
+    names = bool_option_names(router_group)
+    assert "tls-enabled" in names and "tls" in names
+    args = ["serve", "--tls-enabled=false", "--port", "1", "--", "--tls-enabled=false"]
+    assert normalize_bool_flags(args, names) == [
+        "serve",
+        "--no-tls-enabled",
+        "--port",
+        "1",
+        "--",
+        "--tls-enabled=false",
+    ]
+    assert normalize_bool_flags(["--tty=true"], bool_option_names(client_group)) == ["--tty"]
+    with pytest.raises(click.UsageError):
+        normalize_bool_flags(["--tls=perhaps"], ["tls"])
+
+
+def test_legacy_operation_form() -> None:
+    assert rewrite_legacy_operation(["--operation=exec", "--tls=false", "--", "ls"]) == [
+        "exec",
+        "--tls=false",
+        "--",
+        "ls",
+    ]
+    assert rewrite_legacy_operation(["--operation", "portforward", "--remote-port=80"])[0] == "port-forward"
+    assert rewrite_legacy_operation(["exec", "--", "--operation=rsync"]) == ["exec", "--", "--operation=rsync"]
+    with pytest.raises(click.UsageError):
+        rewrite_legacy_operation(["--operation=teleport"])
+
+
+def test_exit_codes() -> None:
+    assert exit_code_of(pb.ExitStatus(code=7)) == 7
+    assert exit_code_of(pb.ExitStatus(signal=15)) == 143
+    assert exit_code_of(pb.ExitStatus(code=256 + 3)) == 3
+
+
+def test_auth_none_only_on_loopback() -> None:
+    assert is_loopback_host("127.0.0.2") and is_loopback_host("::1") and is_loopback_host("localhost")
+    assert not is_loopback_host("0.0.0.0") and not is_loopback_host("10.0.0.1")
+    RouterConfig(host="127.0.0.1", auth="none").validate()
+    with pytest.raises(ValueError, match="only allowed on a loopback"):
+        RouterConfig(host="0.0.0.0", auth="none").validate()
+
+
+def test_router_defaults_match_the_design() -> None:
+    serve = router_group.commands["serve"]
+    defaults = {p.name: p.default for p in serve.params}
+    assert defaults["port"] == 50051 and defaults["metrics_port"] == 8080 and defaults["tls_enabled"] is True
+    assert defaults["tls_cert"] == "/etc/router/tls/tls.crt" and defaults["tls_key"] == "/etc/router/tls/tls.key"
+    assert defaults["session_ttl"] == "30m" and defaults["rendezvous_timeout"] == "60s"
+    assert defaults["flow_control_buffer"] == 16 and defaults["flow_control_timeout"] == "30s"

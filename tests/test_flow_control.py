@@ -1,0 +1,72 @@
+"""FlowQueue: bounded, ordered, endable, failable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from osmo_router.errors import ResourceExhausted
+from osmo_router.router.flow_control import FlowQueue
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_items_come_out_in_order() -> None:
+    queue = FlowQueue(4)
+    for item in (b"a", b"b", b"c"):
+        await queue.put(item)
+    assert [await queue.get() for _ in range(3)] == [b"a", b"b", b"c"]
+
+
+async def test_put_waits_while_full_and_resumes_after_get() -> None:
+    queue = FlowQueue(2)
+    await queue.put(b"1")
+    await queue.put(b"2")
+    blocked = asyncio.create_task(queue.put(b"3"))
+    await asyncio.sleep(0)
+    assert not blocked.done() and len(queue) == 2
+    assert await queue.get() == b"1"
+    await asyncio.wait_for(blocked, 5)
+    assert [await queue.get(), await queue.get()] == [b"2", b"3"]
+
+
+async def test_end_delivers_queued_items_then_none() -> None:
+    queue = FlowQueue(4)
+    await queue.put(b"last")
+    queue.end()
+    assert await queue.get() == b"last"
+    assert await queue.get() is None
+    await queue.put(b"dropped")  # puts after the end are dropped, never block
+    assert await queue.get() is None
+
+
+async def test_end_releases_a_blocked_producer() -> None:
+    queue = FlowQueue(1)
+    await queue.put(b"x")
+    blocked = asyncio.create_task(queue.put(b"y"))
+    await asyncio.sleep(0)
+    queue.end()
+    await asyncio.wait_for(blocked, 5)
+
+
+async def test_fail_wakes_both_sides_with_the_error() -> None:
+    queue = FlowQueue(1)
+    await queue.put(b"x")
+    producer = asyncio.create_task(queue.put(b"y"))
+    await asyncio.sleep(0)
+    error = ResourceExhausted("stalled")
+    queue.fail(error)
+    with pytest.raises(ResourceExhausted):
+        await asyncio.wait_for(producer, 5)
+    with pytest.raises(ResourceExhausted):
+        await queue.get()
+
+
+async def test_waiting_consumer_is_woken_by_put() -> None:
+    queue = FlowQueue(1)
+    consumer = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not consumer.done()
+    await queue.put(b"z")
+    assert await asyncio.wait_for(consumer, 5) == b"z"

@@ -1,0 +1,132 @@
+"""Operations end to end: metrics after real sessions, health endpoints, graceful drain, keepalive."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
+
+
+def _get(router: Router, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_metrics_after_an_exec_session(agent: AgentProc, router: Router, client_args: list[str]) -> None:
+    payload = b"m" * 100_000
+    result = run_client("exec", *client_args, "--", "cat", input=payload)
+    assert result.returncode == 0 and result.stdout == payload
+    text = router.metrics_text()
+    to_agent = metric_value(text, "router_grpc_bytes_total", {"operation": "exec", "direction": "client_to_agent"})
+    to_client = metric_value(text, "router_grpc_bytes_total", {"operation": "exec", "direction": "agent_to_client"})
+    # Encoded frames: the payload plus a few bytes of framing per chunk, in each direction.
+    assert len(payload) <= to_agent < len(payload) + 1000
+    assert len(payload) <= to_client < len(payload) + 1000
+    assert metric_value(text, "router_grpc_rendezvous_duration_seconds_count", {"operation": "exec"}) == 1
+    assert metric_value(text, "router_grpc_sessions_active", {"operation": "exec"}) == 0
+    assert metric_value(text, "router_grpc_sessions_total", {"operation": "exec"}) == 1
+    assert metric_value(text, "router_grpc_agents_registered") == 1
+
+
+def test_error_counted_under_its_code(router: Router) -> None:
+    result = run_client(
+        "exec", "--router-address", router.address, "--workflow-id", "nobody-home", "--tls=false", "--", "true"
+    )
+    assert result.returncode == 255
+    assert (
+        metric_value(router.metrics_text(), "router_grpc_errors_total", {"operation": "exec", "code": "UNAVAILABLE"})
+        == 1
+    )
+
+
+def test_idle_session_expires_and_is_counted(workflow: str) -> None:
+    router = Router("--session-ttl", "1s")
+    agent = AgentProc(router.address, workflow)
+    try:
+        started = time.monotonic()
+        result = run_client(
+            "exec",
+            "--router-address",
+            router.address,
+            "--workflow-id",
+            workflow,
+            "--tls=false",
+            "--",
+            "sleep",
+            "60",
+            timeout=60,
+        )
+        assert result.returncode == 255
+        assert b"DEADLINE_EXCEEDED" in result.stderr and b"session-ttl" in result.stderr
+        assert time.monotonic() - started < 30
+        text = router.metrics_text()
+        assert metric_value(text, "router_grpc_sessions_expired_total") == 1
+        assert metric_value(text, "router_grpc_sessions_active", {"operation": "exec"}) == 0
+    finally:
+        agent.stop()
+        router.stop()
+
+
+def test_health_endpoints(router: Router) -> None:
+    assert _get(router, "/healthz") == (200, "ok\n")
+    assert _get(router, "/readyz") == (200, "ready\n")
+
+
+async def _grpc_health(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        return int(reply.status)
+
+
+def test_sigterm_drains_in_flight_sessions(workflow: str) -> None:
+    router = Router("--drain-timeout", "20s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    in_flight = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 3; echo done"))
+    try:
+        assert asyncio.run(_grpc_health(router.address)) == health_pb2.HealthCheckResponse.SERVING
+        in_flight.wait_for(lambda r: r["line"] == "started", stdout=True)
+        router.signal(signal.SIGTERM)
+        router.wait_for(lambda r: str(r.get("msg", "")).startswith("draining"))
+        assert _get(router, "/readyz")[0] == 503
+        assert _get(router, "/healthz")[0] == 200
+        assert asyncio.run(_grpc_health(router.address)) == health_pb2.HealthCheckResponse.NOT_SERVING
+        refused = run_client("exec", *args, "--", "echo", "too-late")
+        assert refused.returncode == 255 and b"draining" in refused.stderr
+        assert in_flight.wait_exit(30) == 0
+        assert in_flight.out_lines == ["started", "done"]
+        assert router.wait_exit(30) == 0
+    finally:
+        in_flight.stop()
+        agent.stop()
+        router.stop()
+
+
+def test_frozen_agent_is_detected_by_keepalive(workflow: str) -> None:
+    router = Router("--keepalive-time", "1s", "--keepalive-timeout", "1s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    client = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 60"))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        agent.signal(signal.SIGSTOP)  # the TCP connection stays up; only pings go unanswered
+        started = time.monotonic()
+        assert client.wait_exit(30) == 255
+        assert time.monotonic() - started < 25
+        assert any("agent disconnected" in line for line in client.lines), client.lines
+    finally:
+        agent.signal(signal.SIGCONT)
+        client.stop()
+        agent.stop()
+        router.stop()
