@@ -11,13 +11,15 @@ import os
 import pty
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.harness import AgentProc, Router, cli_env, client_cmd, run_client
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
 from tests.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.ws_kit import (
     WsBackendProc,
@@ -244,3 +246,22 @@ def test_grpc_percent_rollout(router: Router, grpc_workflow: str, percent: int, 
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"canary\n"
     assert delta(before, transport_counts(router, "exec")) == {f"client_{expected}": 1, "agent_grpc": 1}
+
+
+def test_ws_client_gone_hangs_up_the_remote_process(router: Router, grpc_workflow: str, tmp_path: Path) -> None:
+    """A close ends the pipe (old protocol): the session fails and the agent hangs up its process."""
+    marker = tmp_path / "hup"
+    script = f"trap 'echo hup > {marker}; exit 0' HUP; echo started; while :; do sleep 0.1; done"
+    client = Proc(client_cmd("exec", *client_args(router, grpc_workflow, "ws"), "--", "sh", "-c", script))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        client.popen.kill()
+        client.wait_exit(10)
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the remote process was not hung up"
+            time.sleep(0.05)
+        wanted = {"event": "session end", "transport": "ws", "workflow": grpc_workflow, "status": "CANCELLED"}
+        router.wait_for(lambda r: wanted.items() <= r.items())
+    finally:
+        client.stop()

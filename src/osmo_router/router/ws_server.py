@@ -90,7 +90,8 @@ class WsServer:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (0 picks a free port, stored in `port`)."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # Sessions were drained before close; whatever is left is cut off like the gRPC side (grace 1s).
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=server_ssl_context(self._config))
         await site.start()
