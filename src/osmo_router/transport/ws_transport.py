@@ -159,9 +159,10 @@ class WsSessionStream:
             raise error_from_reason(reason)
         if msg.type == aiohttp.WSMsgType.ERROR or self.ws.close_code is None:
             raise Unavailable(f"the WebSocket to the router broke: {self.ws.exception() or 'connection lost'}")
-        if self._is_exec:
-            return pb.Frame(exit_status=exit_from_reason(reason) or pb.ExitStatus(code=0))
-        return None
+        status = exit_from_reason(reason)
+        if status is None and self._is_exec:
+            status = pb.ExitStatus(code=0)  # an old backend: the old protocol has no exit codes
+        return pb.Frame(exit_status=status) if status is not None else None
 
     async def close(self) -> None:
         """Close the WebSocket (the old protocol has no half-close beyond the empty message)."""
@@ -187,6 +188,8 @@ class WsTransport:
         """Connect `/client/{key}` (the orchestrator's key, or a fresh one) and send the exec size."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout))
+        if isinstance(init, pb.PortForwardInit) and init.protocol == pb.PROTOCOL_UDP:
+            raise InvalidArgument("UDP port-forward is not carried over WebSocket; use --transport grpc")
         key = init.target.session_key or secrets.token_urlsafe(16)
         url = session_url(
             self.base, operation, init.target.workflow_id, "client", key, client_query(init, want_exit=True)
