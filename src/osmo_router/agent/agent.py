@@ -16,6 +16,7 @@ from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.channel import open_channel
+from osmo_router.dial_errors import explain_dial_error
 from osmo_router.errors import RouterError
 from osmo_router.protocol import pb, pb_grpc
 from osmo_router.streams import FrameStream
@@ -65,8 +66,12 @@ class Agent:
             except grpc.aio.AioRpcError as err:
                 if self.registered.is_set():
                     backoff = self.config.backoff_initial
+                details = err.details() or ""
                 log.warning(
-                    "router connection lost: %s: %s; retrying in %.1fs", err.code().name, err.details(), backoff
+                    "router connection lost: %s: %s; retrying in %.1fs",
+                    err.code().name,
+                    explain_dial_error(details, self.config.dial) or details,
+                    backoff,
                 )
             except RouterError as err:
                 log.warning("router connection lost: %s; retrying in %.1fs", err.message, backoff)

@@ -7,19 +7,24 @@ from typing import Any
 
 import grpc
 
+from osmo_router.channel import DialConfig
 from osmo_router.client.config import ClientConfig
+from osmo_router.dial_errors import explain_dial_error
 from osmo_router.errors import DeadlineExceeded, RouterError, Unavailable, from_status
 from osmo_router.protocol import pb
 from osmo_router.streams import FrameStream
 
 
-def rpc_error(err: grpc.aio.AioRpcError) -> RouterError:
-    """The RouterError for a failed call."""
+def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None) -> RouterError:
+    """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given)."""
     if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
         # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
         # router has just ended (it only ends calls early when the session broke).
         return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
-    return from_status(err.code(), err.details() or err.code().name.lower())
+    details = err.details() or err.code().name.lower()
+    if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
+        details = explain_dial_error(details, dial) or details
+    return from_status(err.code(), details)
 
 
 async def open_session(config: ClientConfig, method: Any, request_type: Any, init: Any) -> FrameStream:
@@ -30,7 +35,7 @@ async def open_session(config: ClientConfig, method: Any, request_type: Any, ini
         async with asyncio.timeout(config.connect_timeout + 60.0):
             first = await call.read()
     except grpc.aio.AioRpcError as err:
-        raise rpc_error(err) from None
+        raise rpc_error(err, config.dial) from None
     except TimeoutError:
         call.cancel()
         raise DeadlineExceeded("the router did not answer") from None

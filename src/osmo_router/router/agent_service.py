@@ -12,9 +12,10 @@ from google.protobuf.message import DecodeError
 
 from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
 from osmo_router.protocol import AGENT_SERVICE, pb
+from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.relay import relay_side
@@ -46,10 +47,10 @@ class AgentService:
         return grpc.method_handlers_generic_handler(
             AGENT_SERVICE,
             {
+                # Requests stay encoded: the hello is parsed here (garbage is INVALID_ARGUMENT, not a
+                # servicer crash) and heartbeats are never decoded at all.
                 "Register": grpc.stream_stream_rpc_method_handler(
-                    self._register,
-                    request_deserializer=pb.RegisterRequest.FromString,
-                    response_serializer=pb.RegisterResponse.SerializeToString,
+                    self._register, response_serializer=pb.RegisterResponse.SerializeToString
                 ),
                 "Connect": grpc.stream_stream_rpc_method_handler(self._connect),
             },
@@ -60,6 +61,7 @@ class AgentService:
             reg = await self._accept_registration(context)
         except RouterError as err:
             self._metrics.error("register", err.code)
+            audit.refused("register", err, audit.peer_of(context))
             await abort(context, err.code, err.message)
             return
         self._registry.register(reg)
@@ -75,16 +77,21 @@ class AgentService:
     async def _accept_registration(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentRegistration:
         if not self.accepting:
             raise Unavailable("router is draining; register with another replica")
-        identity = await self._auth.authenticate(context.invocation_metadata() or ())
-        identity.require_agent()
+        identity = await authenticate_call(self._auth, context)
         try:
             async with asyncio.timeout(self._config.init_timeout):
                 first = await context.read()
         except TimeoutError:
             raise DeadlineExceeded("no hello within the init deadline") from None
-        if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+        # Checked once the hello is in, so the refusal never races with the agent's write of it.
+        identity.require_agent()
+        try:
+            request = None if first is grpc.aio.EOF else pb.RegisterRequest.FromString(first)
+        except DecodeError as err:
+            raise InvalidArgument(f"malformed hello: {err}") from None
+        if request is None or request.WhichOneof("kind") != "hello":
             raise InvalidArgument("the first message of Register must be a hello")
-        hello = first.hello
+        hello = request.hello
         check_id("workflow_id", hello.workflow_id, required=True)
         check_id("task", hello.task, required=False)
         check_id("agent_id", hello.agent_id, required=True)
@@ -125,7 +132,7 @@ class AgentService:
 
     async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
-            identity = await self._auth.authenticate(context.invocation_metadata() or ())
+            identity = await authenticate_call(self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
             try:
                 request = pb.ConnectRequest.FromString(raw)
@@ -134,6 +141,7 @@ class AgentService:
             session = self._sessions.join_agent(identity, request.init)
         except RouterError as err:
             self._metrics.error("connect", err.code)
+            audit.refused("connect", err, audit.peer_of(context))
             await abort(context, err.code, err.message)
             return
         clean = False

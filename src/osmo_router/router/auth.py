@@ -14,6 +14,8 @@ from osmo_router.errors import PermissionDenied
 
 ROLE_AGENT = "agent"
 ROLE_USER = "user"
+#: The development identity of --auth=none (loopback only): may act as an agent and as a user.
+ROLE_ANY = "any"
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,17 @@ class Identity:
 
     def require_agent(self) -> None:
         """Raise PermissionDenied unless this identity is an agent."""
-        if self.role != ROLE_AGENT:
-            raise PermissionDenied(f"{self.subject} is not an agent (role {self.role!r})")
+        if self.role not in (ROLE_AGENT, ROLE_ANY):
+            raise PermissionDenied(f"{self.subject} is not an agent (role {self.role!r}): only agent tokens may serve")
+
+    def require_user(self) -> None:
+        """Raise PermissionDenied for agent identities: an agent's token cannot open client sessions.
+
+        A workload's token is readable inside its container; were it good for exec, code in one
+        task could enter every other task of the workflow through the router.
+        """
+        if self.role == ROLE_AGENT:
+            raise PermissionDenied(f"{self.subject} holds an agent token; agents cannot open client sessions")
 
 
 class Authenticator(Protocol):
@@ -57,7 +68,7 @@ class NoAuth:
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
         """An all-powerful anonymous identity."""
-        return Identity(subject="anonymous", role=ROLE_AGENT, workflows=("*",))
+        return Identity(subject="anonymous", role=ROLE_ANY, workflows=("*",))
 
     async def close(self) -> None:
         """Nothing to release."""

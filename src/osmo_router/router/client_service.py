@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,14 +11,13 @@ from google.protobuf.message import DecodeError
 
 from osmo_router.errors import Cancelled, InvalidArgument, RouterError
 from osmo_router.protocol import CLIENT_SERVICE, OPERATION_NAMES, pb
-from osmo_router.router.auth import Authenticator
+from osmo_router.router import audit
+from osmo_router.router.auth import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.endpoints import ContextEndpoint, abort, read_init
+from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
-
-log = logging.getLogger("osmo_router.audit")
 
 InitParser = Callable[[bytes], tuple[pb.SessionTarget, pb.SessionOpen]]
 
@@ -43,14 +41,6 @@ _OPERATIONS: dict[str, tuple[int, InitParser]] = {
     "PortForward": (pb.OPERATION_PORT_FORWARD, _parse(pb.PortForwardRequest, "port_forward")),
     "Rsync": (pb.OPERATION_RSYNC, _parse(pb.RsyncRequest, "rsync")),
 }
-
-
-def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The peer address of a call, as gRPC reports it."""
-    try:
-        return str(context.peer())
-    except Exception:
-        return "unknown"
 
 
 class ClientService:
@@ -82,18 +72,21 @@ class ClientService:
     ) -> None:
         """Serve one client stream: authenticate, rendezvous, relay; errors become gRPC statuses."""
         op_name = OPERATION_NAMES[operation]
+        identity: Identity | None = None
         try:
-            identity = await self._auth.authenticate(context.invocation_metadata() or ())
+            identity = await authenticate_call(self._auth, context)
             target, open_msg = parse(await read_init(context, self._config.init_timeout))
             session = self._sessions.join_client(identity, operation, target, open_msg)
         except RouterError as err:
             self._metrics.error(op_name, err.code)
+            audit.refused(op_name, err, audit.peer_of(context), identity)
             await abort(context, err.code, err.message)
             return
         await self._run_session(session, context)
 
     async def _run_session(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         op_name = session.operation_name
+        peer = audit.peer_of(context)
         started = time.monotonic()
         clean = False
         active = False
@@ -112,7 +105,7 @@ class ClientService:
             self._metrics.sessions_total.labels(op_name).inc()
             self._metrics.sessions_by_transport.labels(op_name, "grpc").inc()
             active = True
-            _audit("session start", session, context)
+            audit.session_event("session start", session, peer)
             await relay_side(
                 session,
                 ContextEndpoint(context),
@@ -130,28 +123,6 @@ class ClientService:
             self._sessions.remove(session)
             if active:
                 self._metrics.sessions_active.labels(op_name).dec()
-                _audit("session end", session, context, duration=time.monotonic() - started)
+                audit.session_event("session end", session, peer, time.monotonic() - started)
         if failure is not None:
             await abort(context, failure.code, failure.message)
-
-
-def _audit(
-    event: str, session: Session, context: grpc.aio.ServicerContext[Any, Any], duration: float | None = None
-) -> None:
-    fields: dict[str, object] = {
-        "event": event,
-        "user": session.user,
-        "workflow": session.workflow_id,
-        "task": session.task,
-        "operation": session.operation_name,
-        "session": session.key[:8],
-        "peer": peer_of(context),
-    }
-    if duration is not None:
-        fields.update(
-            bytes_to_agent=session.bytes_to_agent,
-            bytes_to_client=session.bytes_to_client,
-            duration_s=round(duration, 3),
-            status=session.error.code.name if session.error else "OK",
-        )
-    log.info(event, extra={"fields": fields})

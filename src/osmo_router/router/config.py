@@ -5,7 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from osmo_router.protocol import MAX_MESSAGE_SIZE
+from osmo_router.protocol import CHUNK_SIZE, MAX_MESSAGE_SIZE
+
+#: Smallest --max-message-size: a full data chunk plus its framing must fit.
+MIN_MESSAGE_SIZE = 2 * CHUNK_SIZE
 
 
 def is_loopback_host(host: str) -> bool:
@@ -63,6 +66,15 @@ class RouterConfig:
                 f"--auth=none is only allowed on a loopback --host (got {self.host}); "
                 "anyone who can reach the port could enter every workload"
             )
+        if self.auth == "jwt" and not (self.jwt_public_key or self.jwks_url or self.jwt_hs256_secret):
+            raise ValueError(
+                "--auth=jwt needs --jwt-public-key or --jwks-url (or, for development, --jwt-hs256-secret)"
+            )
+        if self.max_message_size < MIN_MESSAGE_SIZE:
+            raise ValueError(f"--max-message-size must be at least {MIN_MESSAGE_SIZE} (data chunks are {CHUNK_SIZE})")
+        for name in ("max_sessions", "max_sessions_per_user", "max_pending_rendezvous"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
         for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout"):

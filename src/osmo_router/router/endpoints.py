@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
 
-from osmo_router.errors import DeadlineExceeded, InvalidArgument
+from osmo_router.errors import DeadlineExceeded, InvalidArgument, Unauthenticated
 from osmo_router.protocol import INIT_TAG
+from osmo_router.router.auth import Authenticator, Identity
 
 
 class ContextEndpoint:
@@ -48,6 +50,25 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCo
             await context.abort(code, message)
     except TimeoutError:
         return
+
+
+#: How long a refused caller's first message is awaited before the refusal goes out.
+REFUSAL_GRACE = 1.0
+
+
+async def authenticate_call(auth: Authenticator, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+    """The caller's identity; on refusal, its first message is let in (briefly) before Unauthenticated is raised.
+
+    A status sent while the caller's first write is still in flight fails that call with INTERNAL
+    in grpc.aio, so the caller would never see the reason. A silent caller waits REFUSAL_GRACE only.
+    """
+    try:
+        return await auth.authenticate(context.invocation_metadata() or ())
+    except Unauthenticated:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(REFUSAL_GRACE):
+                await context.read()
+        raise
 
 
 async def read_init(context: grpc.aio.ServicerContext[Any, Any], timeout: float) -> bytes:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
+from osmo_router.router.audit import MAX_EXIT_STATUS_MESSAGE, is_exit_status_frame, note_exit_status
 from osmo_router.router.flow_control import FlowQueue
 from osmo_router.router.sessions import Session
 
@@ -130,9 +131,12 @@ async def _read_into(
                 raise InvalidArgument("expected a frame after the init")
             session.touch()
             hooks.count_bytes(session, direction, len(message))
-            if message == ENCODED_HALF_CLOSE:
-                if is_agent:
+            if is_agent and len(message) <= MAX_EXIT_STATUS_MESSAGE:
+                # Control frames are small: bulk data never pays for these checks.
+                if message == ENCODED_HALF_CLOSE:
                     session.agent_half_closed = True
+                elif is_exit_status_frame(message):
+                    note_exit_status(session, message)
             await queue.put(message)
         await on_eof()
     except (InvalidArgument, Unavailable) as err:

@@ -19,7 +19,7 @@ from osmo_router.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
 from osmo_router.router.agent_service import AgentService
 from osmo_router.router.auth import Authenticator, NoAuth
 from osmo_router.router.client_service import ClientService
-from osmo_router.router.config import RouterConfig
+from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.health import MetricsServer
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistry
@@ -40,18 +40,32 @@ def build_authenticator(config: RouterConfig) -> Authenticator:
 
 
 def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
-    """TLS credentials from the configured certificate and key (and client CA for mutual TLS)."""
-    with open(config.tls_cert, "rb") as f:
-        cert = f.read()
-    with open(config.tls_key, "rb") as f:
-        key = f.read()
-    client_ca = None
-    if config.tls_client_ca:
-        with open(config.tls_client_ca, "rb") as f:
-            client_ca = f.read()
+    """TLS credentials from the configured certificate and key (and client CA for mutual TLS).
+
+    gRPC Python offers two client-certificate modes only: not requested, or requested, required and
+    verified. So with --tls-client-ca every caller (agents and users alike) must present a
+    certificate that chains to that CA; the handshake fails for anyone else.
+    """
+    cert = _read_pem("--tls-cert", config.tls_cert)
+    key = _read_pem("--tls-key", config.tls_key)
+    client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def _read_pem(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(
+            f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
+            "pass --tls-cert and --tls-key, or --tls-enabled=false on loopback"
+        ) from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{flag} {path} is not a PEM file")
+    return data
 
 
 class RouterServer:
@@ -72,6 +86,8 @@ class RouterServer:
             max_per_user=config.max_sessions_per_user,
         )
         self.auth = authenticator or build_authenticator(config)
+        # Read at scrape time, so the gauge is exact without bookkeeping on every join and leave.
+        self.metrics.rendezvous_pending.set_function(lambda: self.sessions.pending)
         self.client_service = ClientService(config, self.sessions, self.auth, self.metrics)
         self.agent_service = AgentService(config, self.sessions, self.registry, self.auth, self.metrics)
         self.health = health.aio.HealthServicer()
@@ -107,6 +123,8 @@ class RouterServer:
         if self.config.tls_enabled:
             self.port = server.add_secure_port(address, server_credentials(self.config))
         else:
+            if not is_loopback_host(self.config.host):
+                log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
@@ -186,7 +204,6 @@ class RouterServer:
         interval = max(0.05, min(ttl / 4, 10.0))
         while True:
             await asyncio.sleep(interval)
-            self.metrics.rendezvous_pending.set(self.sessions.pending)
             now = time.monotonic()
             for session in self.sessions.sessions():
                 if session.paired.is_set() and now - session.last_activity > ttl and session.error is None:

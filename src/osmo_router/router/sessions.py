@@ -68,6 +68,8 @@ class Session:
     bytes_to_client: int = 0
     error: RouterError | None = None
     agent_half_closed: bool = False
+    #: How the remote process ended, as the agent reported it ("code 0", "signal 9"), for the audit log.
+    exit_status: str = ""
     paired: asyncio.Event = field(default_factory=asyncio.Event)
     to_agent: FlowQueue = field(init=False)
     to_client: FlowQueue = field(init=False)
@@ -136,6 +138,7 @@ class SessionStore:
         check_id("workflow_id", target.workflow_id, required=True)
         check_id("task", target.task, required=False)
         check_id("session_key", target.session_key, required=False)
+        identity.require_user()
         identity.require_workflow(target.workflow_id)
         agent = self._registry.pick(target.workflow_id, target.task)
         session = self._sessions.get(target.session_key) if target.session_key else None
@@ -171,6 +174,7 @@ class SessionStore:
         check_id("session_key", init.session_key, required=True)
         check_id("workflow_id", init.workflow_id, required=True)
         check_id("task", init.task, required=False)
+        check_id("agent_id", init.agent_id, required=False)
         identity.require_agent()
         identity.require_workflow(init.workflow_id)
         session = self._sessions.get(init.session_key)
