@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
+from tests.security_kit import Pki, Signer
 from tests.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.ws_kit import (
     WsBackendProc,
@@ -265,3 +266,32 @@ def test_ws_client_gone_hangs_up_the_remote_process(router: Router, grpc_workflo
         router.wait_for(lambda r: wanted.items() <= r.items())
     finally:
         client.stop()
+
+
+def test_jwt_and_tls_on_the_websocket_port(tmp_path: Path) -> None:
+    """wss with the gRPC port's certificate, and the router's JWT rules, on every WS side."""
+    pki, signer = Pki.create(tmp_path), Signer.rs256()
+    (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    router = Router(*tls, "--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem"), secure=True)
+    workflow, key = f"wf-sec-{uuid.uuid4().hex[:8]}", new_key()
+    alice = signer.token("alice", workflows=[workflow])
+    agent_token = signer.token("pod-1", workflows=[workflow], role="agent")
+    backend = WsBackendProc(router, workflow, key, "--tls-ca", str(pki.ca), "--token", agent_token, tls=True)
+    try:
+        common = ["--router-address", router.address, "--ws-address", f"127.0.0.1:{router.ws_port}"]
+        common += ["--workflow-id", workflow, "--tls-ca", str(pki.ca)]
+        refused = run_client("exec", *common, "--transport", "ws", "--", "true")
+        assert refused.returncode == 255 and b"UNAUTHENTICATED" in refused.stderr
+        assert b"bearer token" in refused.stderr, refused.stderr  # the router's reason, not just "401"
+        # A gRPC client meets the WS backend on the orchestrator's key, both with their tokens.
+        result = run_client("exec", *common, "--token", alice, "--session-key", key, "--", "echo", "wss")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"wss\n"
+        assert backend.wait_exit(20) == 0
+        # An agent's token cannot open a client session over WebSocket either.
+        agent_as_user = run_client("exec", *common, "--transport", "ws", "--token", agent_token, "--", "true")
+        assert agent_as_user.returncode == 255 and b"PERMISSION_DENIED" in agent_as_user.stderr
+    finally:
+        backend.stop()
+        router.stop()

@@ -23,7 +23,9 @@ def new_key() -> str:
 class WsBackendProc(AgentProc):
     """`osmo-router agent --transport ws` serving one orchestrator-keyed session (waits until joined)."""
 
-    def __init__(self, router: Router, workflow: str, key: str, *args: str, operation: str = "exec") -> None:
+    def __init__(
+        self, router: Router, workflow: str, key: str, *args: str, operation: str = "exec", tls: bool = False
+    ) -> None:
         super().__init__(
             router.address,
             workflow,
@@ -36,6 +38,7 @@ class WsBackendProc(AgentProc):
             "--ws-address",
             f"127.0.0.1:{router.ws_port}",
             *args,
+            tls=tls,
             wait=False,
         )
         self.wait_event("connected")

@@ -46,6 +46,9 @@ CLOSE_ERROR: Final = 4000
 CLOSE_NORMAL: Final = 1000
 #: The default port of the old router, and of this router's WebSocket listener.
 DEFAULT_WS_PORT: Final = 8000
+#: Response header of a refused handshake: `CODE: message` (the body is not shown to WebSocket clients).
+ERROR_HEADER: Final = "Osmo-Error"
+MAX_ERROR_HEADER: Final = 512
 #: Close reasons are limited to 123 bytes by RFC 6455.
 MAX_REASON: Final = 123
 

@@ -8,7 +8,6 @@ and either transport its own kind.
 
 from __future__ import annotations
 
-import logging
 import ssl
 import time
 import weakref
@@ -19,6 +18,7 @@ from aiohttp import web
 from osmo_router import __version__
 from osmo_router.errors import Cancelled, InvalidArgument, RouterError, Unavailable
 from osmo_router.protocol import AUTHORIZATION_HEADER, pb
+from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.metrics import RouterMetrics
@@ -26,9 +26,7 @@ from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
 from osmo_router.router.ws_endpoints import WsBackendEndpoint, WsClientEndpoint, close_with_error
 from osmo_router.router.ws_init import client_init
-from osmo_router.wsproto import OPERATIONS, SESSION_PATH, VERSION_PATH, size_message
-
-log = logging.getLogger("osmo_router.audit")
+from osmo_router.wsproto import ERROR_HEADER, MAX_ERROR_HEADER, OPERATIONS, SESSION_PATH, VERSION_PATH, size_message
 
 #: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
 _HTTP_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "INVALID_ARGUMENT": 400, "UNAVAILABLE": 503}
@@ -127,16 +125,20 @@ class WsServer:
             metadata.append((AUTHORIZATION_HEADER, f"Bearer {token}"))
         return await self._auth.authenticate(metadata)
 
-    async def _refuse(self, operation: str, err: RouterError) -> web.Response:
+    async def _refuse(self, operation: str, err: RouterError, request: web.Request) -> web.Response:
         self._metrics.error(operation, err.code, "ws")
-        return web.Response(status=_HTTP_STATUS.get(err.code.name, 400), text=f"{err.code.name}: {err.message}\n")
+        audit.refused(operation, err, request.remote or "unknown", transport="ws")
+        text = f"{err.code.name}: {err.message}"
+        # A header carries the cause too: WebSocket clients see a refused handshake's headers, not its body.
+        line = "".join(ch if 0x20 <= ord(ch) < 0x7F else " " for ch in text)[:MAX_ERROR_HEADER]
+        return web.Response(status=_HTTP_STATUS.get(err.code.name, 400), headers={ERROR_HEADER: line}, text=text + "\n")
 
     async def _client(self, request: web.Request) -> web.StreamResponse:
         op_name, workflow, key = (request.match_info[k] for k in ("operation", "workflow", "key"))
         try:
             identity = await self._authenticate(request, op_name)
         except RouterError as err:
-            return await self._refuse(op_name if op_name in OPERATIONS else "unknown", err)
+            return await self._refuse(op_name if op_name in OPERATIONS else "unknown", err, request)
         ws = self._websocket()
         await ws.prepare(request)
         try:
@@ -145,6 +147,7 @@ class WsServer:
             session = self._sessions.join_client(identity, OPERATIONS[op_name], init.target, init.open_msg)
         except RouterError as err:
             self._metrics.error(op_name, err.code, "ws")
+            audit.refused(op_name, err, request.remote or "unknown", identity, transport="ws")
             await close_with_error(ws, err)
             return ws
         if init.first_message is not None:
@@ -168,7 +171,7 @@ class WsServer:
             self._metrics.sessions_total.labels(op_name).inc()
             self._metrics.sessions_by_transport.labels(op_name, "ws").inc()
             active = True
-            _audit("session start", session, peer)
+            audit.session_event("session start", session, peer, transport="ws")
             await relay_side(
                 session,
                 endpoint,
@@ -187,7 +190,7 @@ class WsServer:
             self._sessions.remove(session)
             if active:
                 self._metrics.sessions_active.labels(op_name).dec()
-                _audit("session end", session, peer, duration=time.monotonic() - started)
+                audit.session_event("session end", session, peer, time.monotonic() - started, transport="ws")
         if failure is not None:
             self._metrics.error(op_name, failure.code, "ws")
             await close_with_error(ws, failure)
@@ -208,7 +211,7 @@ class WsServer:
             # Joined before the upgrade: once a backend's handshake is done, a client finds it.
             session = self._sessions.join_agent(identity, init)
         except RouterError as err:
-            return await self._refuse("connect", err)
+            return await self._refuse("connect", err, request)
         ws = self._websocket()
         try:
             await ws.prepare(request)
@@ -261,24 +264,3 @@ def _size_of(session: Session) -> bytes:
     """The size message for a WS backend whose client came over gRPC (from the ExecInit)."""
     init = pb.ConnectResponse.FromString(session.open_message).open.exec
     return size_message(init.size.rows, init.size.cols)
-
-
-def _audit(event: str, session: Session, peer: str, duration: float | None = None) -> None:
-    fields: dict[str, object] = {
-        "event": event,
-        "user": session.user,
-        "workflow": session.workflow_id,
-        "task": session.task,
-        "operation": session.operation_name,
-        "session": session.key[:8],
-        "peer": peer,
-        "transport": "ws",
-    }
-    if duration is not None:
-        fields.update(
-            bytes_to_agent=session.bytes_to_agent,
-            bytes_to_client=session.bytes_to_client,
-            duration_s=round(duration, 3),
-            status=session.error.code.name if session.error else "OK",
-        )
-    log.info(event, extra={"fields": fields})

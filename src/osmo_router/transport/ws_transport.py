@@ -29,6 +29,7 @@ from osmo_router.protocol import MAX_MESSAGE_SIZE, pb
 from osmo_router.transport import WS, SessionInit, SessionStream
 from osmo_router.wsproto import (
     CLOSE_ERROR,
+    ERROR_HEADER,
     base_url,
     client_query,
     error_from_reason,
@@ -88,9 +89,11 @@ async def connect(
             compress=0,
         )
     except aiohttp.WSServerHandshakeError as err:
-        raise _HANDSHAKE_ERRORS.get(err.status, Unavailable)(
-            f"the router refused the WebSocket: {err.message}"
-        ) from None
+        # The router names the cause in a header (`CODE: message`); another server only gives a status.
+        error = error_from_reason(err.headers.get(ERROR_HEADER, "") if err.headers else "")
+        if type(error) is RouterError:
+            error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(f"the router refused the WebSocket: {err.message}")
+        raise error from None
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
         raise Unavailable(f"cannot reach the router's WebSocket port ({url.split('/api/')[0]}): {err}") from None
 
