@@ -17,7 +17,7 @@ from osmo_router.protocol import pb
 from osmo_router.router.auth import ROLE_AGENT, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.server import RouterServer
-from osmo_router.transport.rollout import bucket, choose, rollout_user, token_subject
+from osmo_router.transport.rollout import bucket, choose, host_port, rollout_user, token_subject
 from osmo_router.wsproto import (
     base_url,
     default_ws_address,
@@ -75,6 +75,13 @@ def test_ws_addresses() -> None:
     assert base_url("host:8000", tls=False) == "ws://host:8000"
     assert base_url("host:8000", tls=True) == "wss://host:8000"
     assert base_url("https://host/prefix/", tls=False) == "wss://host/prefix"
+
+
+def test_probe_addresses() -> None:
+    assert host_port("router:50051") == ("router", 50051)
+    assert host_port("[::1]:50051") == ("::1", 50051)
+    assert host_port("dns:///router:50051") is None
+    assert host_port("::1") is None and host_port("router") is None
 
 
 def test_rollout_is_sticky_per_user() -> None:

@@ -5,22 +5,20 @@
   (sha256 of the token's subject, else $USER, mod 100) is below N, WebSocket for the others;
   a user stays in the same bucket across runs and machines.
 - else gRPC.
-A gRPC choice that was not explicit falls back to WebSocket, with one warning line, when the gRPC
-port cannot be reached within a bounded probe.
+A gRPC choice that was not explicit falls back to WebSocket, with one warning line, when a TCP
+connection to the gRPC port cannot be made within a bounded probe (3 s).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import getpass
 import hashlib
 import json
 import logging
 
-import grpc
-
-from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
 from osmo_router.transport import GRPC, WS, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
@@ -71,18 +69,33 @@ def choose(config: ClientConfig) -> tuple[str, bool]:
     return GRPC, False
 
 
-async def reachable(channel: grpc.aio.Channel, timeout: float) -> bool:
-    """True once the channel is READY; False on a connection failure or after `timeout` seconds."""
-    state = channel.get_state(try_to_connect=True)
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `[v6]:port` address; None for other target forms."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in host:
+        return None
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return None
+    return host.strip("[]"), int(port)
+
+
+async def reachable(address: str, timeout: float) -> bool:
+    """True when a TCP connection to the gRPC port opens within `timeout` seconds.
+
+    Only reachability decides the fallback: a port that answers but fails later (TLS, auth) keeps
+    the gRPC path, so its error is reported as it is instead of being hidden behind WebSocket.
+    """
+    target = host_port(address)
+    if target is None:
+        return True  # a form we cannot probe (dns:///, unix:): let gRPC report on it
     try:
         async with asyncio.timeout(timeout):
-            while state != grpc.ChannelConnectivity.READY:
-                if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
-                    return False
-                await channel.wait_for_state_change(state)
-                state = channel.get_state(try_to_connect=True)
-    except TimeoutError:
+            _, writer = await asyncio.open_connection(*target)
+    except (OSError, TimeoutError):
         return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
     return True
 
 
@@ -97,9 +110,7 @@ async def connect_transport(config: ClientConfig) -> Transport:
     name, explicit = choose(config)
     if name == WS:
         return ws_transport(config)
-    channel = open_channel(config.dial)
-    if not explicit and not await reachable(channel, min(PROBE_TIMEOUT, config.connect_timeout)):
-        await channel.close(grace=None)
+    if not explicit and not await reachable(config.dial.address, min(PROBE_TIMEOUT, config.connect_timeout)):
         fallback = ws_transport(config)
         log.warning(
             "gRPC router %s unreachable; falling back to WebSocket at %s",
@@ -108,4 +119,4 @@ async def connect_transport(config: ClientConfig) -> Transport:
             extra={"fields": {"event": "transport fallback", "transport": WS}},
         )
         return fallback
-    return GrpcTransport(config, channel)
+    return GrpcTransport(config)
