@@ -1,1 +1,1 @@
-"""Benchmarks: each module has `run(quick: bool) -> dict` and runs with `python -m bench.NAME`."""
+"""Benchmarks: each figure is measured beside a baseline in the same run and printed as a ratio."""

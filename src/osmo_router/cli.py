@@ -7,21 +7,20 @@ import contextlib
 import logging
 import signal
 import sys
-from dataclasses import replace
 from typing import Any
 
 import click
 
 from osmo_router import __version__
-from osmo_router.agent.agent import Agent
 from osmo_router.agent.config import AgentConfig
-from osmo_router.agent.ws_backend import serve_ws_session
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.server import RouterServer
+
+# The server and agent modules (aiohttp, prometheus...) are imported where they are used: the client
+# imports this module for its dial options, and every client start (rsync starts two) would pay them.
 
 log = logging.getLogger("osmo_router")
 
@@ -172,6 +171,8 @@ def serve(log_level: str, log_format: str, **options: Any) -> None:
 
 
 async def _serve(config: RouterConfig) -> int:
+    from osmo_router.router.server import RouterServer
+
     try:
         server = RouterServer(config)
         await server.start()
@@ -263,11 +264,15 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         rsync_binary=options["rsync_binary"],
     )
     if ws is not None:
-        sys.exit(run_async(serve_ws_session(replace(ws, agent=config))))
+        from osmo_router.agent.ws_backend import WsBackendConfig, serve_ws_session
+
+        sys.exit(run_async(serve_ws_session(WsBackendConfig(agent=config, **ws))))
     run_async(_run_agent(config))
 
 
 async def _run_agent(config: AgentConfig) -> None:
+    from osmo_router.agent.agent import Agent
+
     agent = Agent(config)
     runner = asyncio.create_task(agent.run())
     stop = asyncio.Event()
@@ -292,15 +297,14 @@ async def _run_agent(config: AgentConfig) -> None:
 def local(port: int, metrics_port: int, ws_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
     """Embedded default: a router and an agent in one process on loopback (no TLS, no auth)."""
     setup_logging(log_level, "text" if log_format == "auto" else log_format)
-    run_async(
-        _local(
-            RouterConfig(port=port, metrics_port=metrics_port, ws_port=ws_port, tls_enabled=False, auth="none"),
-            workflow_id,
-        )
-    )
+    config = RouterConfig(port=port, metrics_port=metrics_port, ws_port=ws_port, tls_enabled=False, auth="none")
+    run_async(_local(config, workflow_id))
 
 
 async def _local(config: RouterConfig, workflow_id: str) -> None:
+    from osmo_router.agent.agent import Agent
+    from osmo_router.router.server import RouterServer
+
     server = RouterServer(config)
     await server.start()
     agent = Agent(AgentConfig(dial=DialConfig(address=f"127.0.0.1:{server.port}", tls=False), workflow_id=workflow_id))

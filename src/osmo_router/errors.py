@@ -10,6 +10,7 @@ RouterError                      (any failure; carries a grpc.StatusCode)
  +-- DeadlineExceeded            DEADLINE_EXCEEDED  rendezvous or init timeout, idle expiry
  +-- ResourceExhausted           RESOURCE_EXHAUSTED flow-control timeout, limits
  +-- Cancelled                   CANCELLED          the other side went away
+ +-- FailedPrecondition          FAILED_PRECONDITION the container lacks what the operation needs (rsync)
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class Cancelled(RouterError):
     code = grpc.StatusCode.CANCELLED
 
 
+class FailedPrecondition(RouterError):
+    """The container lacks something the operation needs (e.g. rsync)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_CODE: Final[dict[grpc.StatusCode, type[RouterError]]] = {
     cls.code: cls
     for cls in (
@@ -98,6 +105,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[RouterError]]] = {
         DeadlineExceeded,
         ResourceExhausted,
         Cancelled,
+        FailedPrecondition,
     )
 }
 

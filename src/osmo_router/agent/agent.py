@@ -15,6 +15,7 @@ import grpc
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
+from osmo_router.agent.rsync import serve_rsync
 from osmo_router.channel import open_channel
 from osmo_router.dial_errors import explain_dial_error
 from osmo_router.errors import RouterError
@@ -32,7 +33,7 @@ async def _serve_exec(stream: FrameStream, open_msg: pb.SessionOpen, config: Age
 
 def default_handlers() -> dict[str, SessionHandler]:
     """Session handlers by the name of the SessionOpen init they serve."""
-    return {"exec": _serve_exec}
+    return {"exec": _serve_exec, "rsync": serve_rsync}
 
 
 _OPERATION_OF_HANDLER = {

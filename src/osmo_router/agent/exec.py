@@ -11,9 +11,9 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
-from osmo_router.agent.fdio import read_fd, write_fd
+from osmo_router.agent.fdio import open_pipe, read_fd, read_gathered, write_fd
 from osmo_router.protocol import CHUNK_SIZE, pb
-from osmo_router.transport import SessionStream
+from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def exit_frame(returncode: int) -> pb.Frame:
 
 
 async def run_exec(
-    stream: SessionStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
+    stream: FrameStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
 ) -> None:
     """Serve one exec session to its end: output, exit status, half-close."""
     argv = list(init.command) or [shell or default_shell()]
@@ -48,11 +48,13 @@ async def run_exec(
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found\n".encode()))
         await _finish(stream, 127)
         return
-    runner = _run_tty if init.tty else _run_pipes
-    await runner(stream, argv, env, init, workdir)
+    if init.tty:
+        await _run_tty(stream, argv, env, init, workdir)
+    else:
+        await run_piped(stream, argv, env, workdir)
 
 
-async def _finish(stream: SessionStream, returncode: int) -> None:
+async def _finish(stream: FrameStream, returncode: int) -> None:
     await stream.send(exit_frame(returncode))
     await stream.send(pb.Frame(half_close=pb.HalfClose()))
     await stream.close()
@@ -75,7 +77,7 @@ async def _hang_up(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _pump_input(
-    stream: SessionStream,
+    stream: FrameStream,
     write: Callable[[bytes], Awaitable[None]],
     close_input: Callable[[], Awaitable[None]],
     signal_group: Callable[[int], None],
@@ -97,7 +99,7 @@ async def _pump_input(
 
 
 async def _relay_until_exit(
-    stream: SessionStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
+    stream: FrameStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
 ) -> None:
     """Run the pumps until the process exits and its output is sent; hang up if the client goes away."""
     output_tasks = [asyncio.ensure_future(o) for o in outputs]
@@ -139,45 +141,82 @@ def _killpg(pgid: int, number: int) -> None:
         log.info("signal %d to group %d: %s", number, pgid, err)
 
 
-async def _run_pipes(
-    stream: SessionStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
+async def run_piped(
+    stream: FrameStream,
+    argv: list[str],
+    env: dict[str, str] | None,
+    workdir: str | None,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    pipe_size: int | None = None,
+    linger: float = 0.0,
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=workdir,
-        start_new_session=True,
-        limit=CHUNK_SIZE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    stdin = proc.stdin
+    """Run argv with pipes: stdin from data frames, stdout and stderr as data and stderr frames, then the exit
+    status and half-close (exec without a TTY, and rsync --server). Raises OSError if argv cannot be started.
+
+    stdin and stdout are plain pipes driven with non-blocking writes and reads of up to `chunk_size`
+    (no stream buffers in between: a frame's payload goes to the pipe without a copy). For bulk
+    transfers (rsync), `pipe_size` enlarges the pipes and `linger` lets a streaming output fill
+    larger frames (see fdio.read_gathered): fewer wake-ups and messages.
+    """
+    stdin_r, stdin_w = open_pipe(pipe_size)
+    stdout_r, stdout_w = open_pipe(pipe_size)
+    os.set_blocking(stdin_w, False)
+    os.set_blocking(stdout_r, False)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=stdin_r,
+            stdout=stdout_w,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+            limit=CHUNK_SIZE,
+        )
+    except BaseException:
+        for fd in (stdin_w, stdout_r):
+            os.close(fd)
+        raise
+    finally:
+        # The child has its own copies of its ends.
+        os.close(stdin_r)
+        os.close(stdout_w)
+    assert proc.stderr is not None
+    stdin_open = [True]
 
     async def write(data: bytes) -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.write(data)
-            await stdin.drain()
+        if stdin_open[0]:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                await write_fd(stdin_w, data)
 
     async def close_input() -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            stdin.close()
+        if stdin_open[0]:
+            stdin_open[0] = False
+            os.close(stdin_w)
 
-    async def pump_output(reader: asyncio.StreamReader, is_stderr: bool) -> None:
+    async def pump_stdout() -> None:
+        while chunk := await read_gathered(stdout_r, chunk_size, linger):
+            await stream.send_data(chunk)
+
+    async def pump_stderr(reader: asyncio.StreamReader) -> None:
         while chunk := await reader.read(CHUNK_SIZE):
-            await stream.send(pb.Frame(stderr=chunk) if is_stderr else pb.Frame(data=chunk))
+            await stream.send(pb.Frame(stderr=chunk))
 
-    await _relay_until_exit(
-        stream,
-        proc,
-        [pump_output(proc.stdout, False), pump_output(proc.stderr, True)],
-        _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), lambda r, c: None),
-    )
+    try:
+        await _relay_until_exit(
+            stream,
+            proc,
+            [pump_stdout(), pump_stderr(proc.stderr)],
+            _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), lambda r, c: None),
+        )
+    finally:
+        await close_input()
+        os.close(stdout_r)
 
 
 async def _run_tty(
-    stream: SessionStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
+    stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
 ) -> None:
     master, slave = ptys.open_pty(init.size.rows, init.size.cols)
     try:
@@ -222,4 +261,4 @@ async def _run_tty(
         os.close(master)
 
 
-__all__ = ["default_shell", "exit_frame", "run_exec"]
+__all__ = ["default_shell", "exit_frame", "run_exec", "run_piped"]

@@ -1,9 +1,11 @@
-"""Non-blocking reads and writes on raw file descriptors (PTY masters) from asyncio."""
+"""Non-blocking reads and writes on raw file descriptors (PTY masters, pipes) from asyncio."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import os
 
 
@@ -25,6 +27,27 @@ async def read_fd(fd: int, size: int) -> bytes:
             await waiter
         finally:
             loop.remove_reader(fd)
+
+
+async def read_gathered(fd: int, size: int, linger: float, bulk: int = 16 * 1024) -> bytes:
+    """Like read_fd, but a bulk read (at least `bulk` bytes: the writer is streaming) also takes what
+    arrives within `linger` seconds, up to `size`: fewer, larger frames. Small reads return at once;
+    without linger this is read_fd."""
+    chunk = await read_fd(fd, size)
+    if not linger or len(chunk) < bulk:
+        return chunk
+    parts, total = [chunk], len(chunk)
+    while total < size:
+        try:
+            async with asyncio.timeout(linger):
+                more = await read_fd(fd, size - total)
+        except TimeoutError:
+            break
+        if not more:
+            break  # EOF: the next read reports it
+        parts.append(more)
+        total += len(more)
+    return b"".join(parts) if len(parts) > 1 else chunk
 
 
 async def write_fd(fd: int, data: bytes) -> None:
@@ -49,3 +72,16 @@ async def write_fd(fd: int, data: bytes) -> None:
 def _set(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def open_pipe(size: int | None = None) -> tuple[int, int]:
+    """A pipe (read end, write end), both close-on-exec, enlarged to `size` bytes when the system allows.
+
+    The parent's end is made non-blocking by the caller; the child's end stays blocking.
+    """
+    read_end, write_end = os.pipe()
+    if size:
+        # Beyond /proc/sys/fs/pipe-max-size, or past the user's pipe quota, the default size stays.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, size)
+    return read_end, write_end

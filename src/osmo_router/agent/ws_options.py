@@ -6,9 +6,6 @@ from typing import Any
 
 import click
 
-from osmo_router.agent.config import AgentConfig
-from osmo_router.agent.ws_backend import WsBackendConfig
-from osmo_router.channel import DialConfig
 from osmo_router.wsproto import OPERATIONS
 
 
@@ -49,13 +46,12 @@ def ws_agent_options(f: Any) -> Any:
     return f
 
 
-def ws_agent_settings(options: dict[str, Any]) -> WsBackendConfig | None:
-    """The WebSocket backend settings (popped from `options`), or None for the gRPC agent."""
+def ws_agent_settings(options: dict[str, Any]) -> dict[str, Any] | None:
+    """The WebSocket backend's settings (popped from `options`) for WsBackendConfig, or None for gRPC."""
     transport, key = options.pop("transport"), options.pop("session_key")
     operation, ws_address = options.pop("operation"), options.pop("ws_address")
     if transport != "ws":
         return None
     if not key:
         raise click.UsageError("--transport ws needs --session-key (issued by an orchestrator)")
-    placeholder = AgentConfig(dial=DialConfig(address=""), workflow_id="")
-    return WsBackendConfig(agent=placeholder, session_key=key, operation=OPERATIONS[operation], ws_address=ws_address)
+    return {"session_key": key, "operation": OPERATIONS[operation], "ws_address": ws_address}

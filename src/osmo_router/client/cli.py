@@ -170,14 +170,26 @@ def port_forward_command(
     )
 
 
-@main_group.command(name="rsync", context_settings={"ignore_unknown_options": True})
+class _RsyncCommand(click.Command):
+    """The rsync command: everything after `--` is kept apart, to be passed to rsync unchanged."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Split off the rsync options after `--` before click parses the rest."""
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta["rsync_extra_args"] = args[cut + 1 :]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+
+@main_group.command(name="rsync", cls=_RsyncCommand)
 @_session_options
 @click.option("--delete", is_flag=True, help="Delete files on the receiving side that the sender lacks.")
 @click.option("--exclude", multiple=True, help="Exclude files matching PATTERN (repeatable).")
 @click.option("--progress", is_flag=True, help="Show progress.")
-@click.option("--bwlimit", default=None, help="Bandwidth limit, as rsync's --bwlimit.")
+@click.option("--bwlimit", default=None, help="Bandwidth limit, as rsync's --bwlimit (none by default).")
 @click.option("--rsync-binary", default="rsync", show_default=True, help="Local rsync executable.")
-@click.argument("paths", nargs=-1, type=click.UNPROCESSED)
+@click.argument("paths", nargs=-1)
 def rsync_command(
     delete: bool,
     exclude: tuple[str, ...],
@@ -187,9 +199,13 @@ def rsync_command(
     paths: tuple[str, ...],
     **options: Any,
 ) -> None:
-    """Synchronise files with the container: SRC... DST, the remote side written as :/path."""
-    from osmo_router.client.rsync import run_rsync
+    """Synchronise files with the container: SRC... DST [-- RSYNC_OPTIONS], the remote side written :PATH.
 
+    Runs the local rsync (-a) with this client as its remote shell; exits with rsync's status.
+    """
+    from osmo_router.client.rsync import plan_paths, run_rsync
+
+    plan_paths(paths)
     config = client_config(options)
     sys.exit(
         run_rsync(
@@ -200,8 +216,28 @@ def rsync_command(
             progress=progress,
             bwlimit=bwlimit,
             rsync_binary=rsync_binary,
+            extra_args=click.get_current_context().meta.get("rsync_extra_args", []),
         )
     )
+
+
+@main_group.command(
+    name="rsync-shell",
+    hidden=True,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@_session_options
+@click.argument("remote_command", nargs=-1, type=click.UNPROCESSED)
+def rsync_shell_command(remote_command: tuple[str, ...], **options: Any) -> None:
+    """The remote shell of `rsync`: [-l USER] HOST rsync --server ... (settings from OSMO_* variables)."""
+    import signal
+
+    from osmo_router.client.rsync_shell import run_rsync_shell
+
+    # Ctrl-C also reaches the local rsync, which then closes our stdin: that ends the session cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = client_config(options)
+    sys.exit(run_async(run_rsync_shell(config, list(remote_command))))
 
 
 def rewrite_legacy_operation(args: list[str]) -> list[str]:

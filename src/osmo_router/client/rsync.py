@@ -1,10 +1,154 @@
-"""`osmo-net-client rsync` (placeholder until the rsync work lands)."""
+"""`osmo-net-client rsync`: the user's own rsync, with the router as its transport.
+
+The local rsync runs with `osmo-net-client rsync-shell` as its remote shell (`-e`), so every rsync
+feature works end to end: the delta algorithm, `-a`, `--delete`, filters, `--partial`, `--progress`.
+The agent runs `rsync --server` in the container. A remote path is written `:PATH`.
+
+Choices:
+- `-a` by default, without `-z`: compression costs more CPU than it saves on fast links (measured by
+  bench/bench_rsync.py); add `-- -z` for a slow link.
+- Options after `--` go to rsync unchanged (`osmo-net-client rsync SRC :DST -- --partial -c`).
+- The dial settings (router address, workflow, token, TLS files) reach the remote shell through
+  OSMO_* environment variables, never its argv, so the token does not show in `ps`.
+- Exit status: rsync's own. When rsync is missing locally: 127 (the shell's "command not found")
+  with an install hint; when it is missing in the container the remote shell exits 127 and rsync
+  reports "remote command not found (code 127)"; when the session cannot be made or breaks, 255
+  (like ssh). The remote shell records those two in a private status file, because rsync may notice
+  the closed pipe before the shell's exit status and report a generic protocol error (12) instead.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
+
+import click
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.rsync_shell import STATUS_FILE_ENV
+
+#: Exit status when the local rsync is missing.
+EXIT_RSYNC_MISSING = 127
+#: Host name given to rsync for the container; the remote shell ignores it (the OSMO_* settings say where to go).
+REMOTE_HOST = "osmo"
+LOCAL_INSTALL_HINT = (
+    "install it: apt-get install rsync (Debian/Ubuntu), dnf install rsync (Fedora/RHEL), "
+    "brew install rsync (macOS), or give its path with --rsync-binary"
+)
+#: Variables the remote shell reads its settings from (set or removed for each run).
+SHELL_ENV = (
+    "OSMO_ROUTER_ADDRESS",
+    "OSMO_WORKFLOW_ID",
+    "OSMO_TASK",
+    "OSMO_SESSION_KEY",
+    "OSMO_TOKEN",
+    "OSMO_COOKIE",
+    "OSMO_TLS",
+    "OSMO_TLS_CA",
+    "OSMO_TLS_CERT",
+    "OSMO_TLS_KEY",
+    "OSMO_TLS_SERVER_NAME",
+    "OSMO_TRANSPORT",
+)
+
+
+def plan_paths(paths: Sequence[str]) -> list[str]:
+    """rsync's path arguments for SRC... DST, exactly one side written `:PATH`; raises click.UsageError."""
+    if len(paths) < 2:
+        raise click.UsageError("give SRC... DST; the container's side is written :PATH (e.g. :/workspace/data)")
+    *sources, dest = paths
+    upload = dest.startswith(":")
+    if upload and any(s.startswith(":") for s in sources):
+        raise click.UsageError("exactly one side may be remote: the destination is :PATH, so the sources must be local")
+    if not upload and not all(s.startswith(":") for s in sources):
+        if any(s.startswith(":") for s in sources):
+            raise click.UsageError("exactly one side may be remote: give only :PATH sources, or a :PATH destination")
+        raise click.UsageError("one side must be remote: write the container's path with a leading ':' (:/workspace)")
+    return [_remote(p) if p.startswith(":") else _local(p) for p in paths]
+
+
+def _remote(path: str) -> str:
+    if path.startswith("::"):
+        raise click.UsageError(f"a remote path is :PATH, not {path!r}")
+    return f"{REMOTE_HOST}{path}"
+
+
+def _local(path: str) -> str:
+    # rsync reads `a:b` as host a; keep a local name with a colon local.
+    head = path.split("/", 1)[0]
+    return f"./{path}" if ":" in head else path
+
+
+def shell_command(config: ClientConfig) -> str:
+    """The `-e` value: this interpreter running the hidden rsync-shell command (settings via environment)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "osmo_router.client",
+        "rsync-shell",
+        "--connect-timeout",
+        f"{config.connect_timeout:g}s",
+    ]
+    return shlex.join(argv)
+
+
+def shell_env(config: ClientConfig, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the local rsync: the caller's, with the remote shell's OSMO_* settings."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in SHELL_ENV}
+    dial = config.dial
+    values = {
+        "OSMO_ROUTER_ADDRESS": dial.address,
+        "OSMO_WORKFLOW_ID": config.workflow_id,
+        "OSMO_TASK": config.task,
+        "OSMO_SESSION_KEY": config.session_key,
+        "OSMO_TOKEN": dial.token,
+        "OSMO_COOKIE": dial.cookie,
+        "OSMO_TLS": "true" if dial.tls else "false",
+        "OSMO_TLS_CA": _absolute(dial.tls_ca),
+        "OSMO_TLS_CERT": _absolute(dial.tls_cert),
+        "OSMO_TLS_KEY": _absolute(dial.tls_key),
+        "OSMO_TLS_SERVER_NAME": dial.tls_server_name,
+        "OSMO_TRANSPORT": "grpc",
+    }
+    env.update({k: v for k, v in values.items() if v})
+    return env
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+def rsync_argv(
+    config: ClientConfig,
+    rsync: str,
+    paths: Sequence[str],
+    *,
+    delete: bool,
+    exclude: Sequence[str],
+    progress: bool,
+    bwlimit: str | None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The local rsync command line."""
+    return [
+        rsync,
+        "-a",
+        *(["--delete"] if delete else []),
+        *(f"--exclude={pattern}" for pattern in exclude),
+        *(["--progress"] if progress else []),
+        *([f"--bwlimit={bwlimit}"] if bwlimit else []),
+        "-e",
+        shell_command(config),
+        *extra_args,
+        "--",
+        *plan_paths(paths),
+    ]
 
 
 def run_rsync(
@@ -16,7 +160,46 @@ def run_rsync(
     progress: bool,
     bwlimit: str | None,
     rsync_binary: str,
+    extra_args: Sequence[str] = (),
 ) -> int:
-    """Not implemented yet."""
-    print("osmo-net-client: rsync is not implemented yet", file=sys.stderr)
-    return 2
+    """Run the local rsync against the container and return its exit status."""
+    argv = rsync_argv(
+        config,
+        rsync_binary,
+        paths,
+        delete=delete,
+        exclude=exclude,
+        progress=progress,
+        bwlimit=bwlimit,
+        extra_args=extra_args,
+    )
+    binary = shutil.which(rsync_binary)
+    if binary is None:
+        print(
+            f"osmo-net-client: rsync: {rsync_binary!r} was not found on this machine; {LOCAL_INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return EXIT_RSYNC_MISSING
+    with tempfile.TemporaryDirectory(prefix="osmo-rsync-") as private:
+        status_file = os.path.join(private, "status")
+        env = shell_env(config)
+        env[STATUS_FILE_ENV] = status_file
+        proc = subprocess.Popen([binary, *argv[1:]], env=env)
+        # Ctrl-C reaches rsync too (same process group): let rsync stop cleanly and report its status.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if code == 0:
+            return 0
+        return _transport_status(status_file) or (128 - code if code < 0 else code)
+
+
+def _transport_status(path: str) -> int | None:
+    """The remote shell's exit status if it recorded a transport failure (127 or 255)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None

@@ -3,40 +3,96 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
 import contextlib
 import os
+import select
 import threading
 
 from osmo_router.protocol import CHUNK_SIZE
 
+#: A read at least this large means the writer is streaming (rsync writes 32 KiB at a time).
+BULK_READ = 16 * 1024
+
 
 class StdinReader:
-    """Chunks of a file descriptor, delivered to the event loop with backpressure; b"" at EOF."""
+    """Chunks of a file descriptor, delivered to the event loop with backpressure; b"" at EOF.
 
-    def __init__(self, fd: int = 0, depth: int = 4) -> None:
+    The thread reads while the loop is busy sending, up to `depth` chunks ahead. Two options make
+    large frames out of a writer that writes in small pieces, since every frame costs three
+    processes a few thread switches whatever its size:
+    - `linger`: after a bulk read, keep reading what arrives within `linger` seconds, up to
+      `chunk_size` (a small read, such as a keystroke or a protocol message, goes at once);
+    - `gather`: one read() also takes the chunks already waiting, up to `chunk_size` in all.
+    """
+
+    def __init__(
+        self, fd: int = 0, depth: int = 4, chunk_size: int = CHUNK_SIZE, gather: bool = False, linger: float = 0.0
+    ) -> None:
         self._fd = fd
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(depth)
+        self._chunk_size = chunk_size
+        self._gather = gather
+        self._linger = linger
+        self._eof_seen = False
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._ready = asyncio.Event()
+        # Free slots for chunks read ahead; the thread waits for one before each read (backpressure).
+        self._slots = threading.Semaphore(depth)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="stdin-reader", daemon=True)
         self._thread.start()
 
     async def read(self) -> bytes:
         """The next chunk; b"" once the input ended."""
-        return await self._queue.get()
+        while not self._chunks:
+            self._ready.clear()
+            await self._ready.wait()
+        chunk = self._take()
+        if not self._gather or not chunk:
+            return chunk
+        parts, size = [chunk], len(chunk)
+        while self._chunks and self._chunks[0] and size + len(self._chunks[0]) <= self._chunk_size:
+            parts.append(self._take())
+            size += len(parts[-1])
+        return b"".join(parts) if len(parts) > 1 else chunk
+
+    def _take(self) -> bytes:
+        self._slots.release()
+        return self._chunks.popleft()
+
+    def _deliver(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._ready.set()
 
     def _run(self) -> None:
         while True:
+            self._slots.acquire()
             try:
-                chunk = os.read(self._fd, CHUNK_SIZE)
+                chunk = self._read_chunk()
             except OSError:
                 chunk = b""
             try:
-                asyncio.run_coroutine_threadsafe(self._queue.put(chunk), self._loop).result()
-            except (RuntimeError, concurrent.futures.CancelledError):
+                self._loop.call_soon_threadsafe(self._deliver, chunk)
+            except RuntimeError:  # the loop is closed: nobody wants the rest
                 return
             if not chunk:
                 return
+
+    def _read_chunk(self) -> bytes:
+        if self._eof_seen:
+            return b""
+        chunk = os.read(self._fd, self._chunk_size)
+        if not self._linger or len(chunk) < BULK_READ:
+            return chunk
+        parts, size = [chunk], len(chunk)
+        while size < self._chunk_size and select.select([self._fd], [], [], self._linger)[0]:
+            more = os.read(self._fd, self._chunk_size - size)
+            if not more:
+                self._eof_seen = True  # deliver what we have, then the end
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts) if len(parts) > 1 else chunk
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -18,12 +18,15 @@ import getpass
 import hashlib
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.transport import GRPC, WS, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
-from osmo_router.transport.ws_transport import WsTransport
 from osmo_router.wsproto import default_ws_address
+
+if TYPE_CHECKING:
+    from osmo_router.transport.ws_transport import WsTransport
 
 log = logging.getLogger("osmo_router.client")
 
@@ -101,6 +104,8 @@ async def reachable(address: str, timeout: float) -> bool:
 
 def ws_transport(config: ClientConfig) -> WsTransport:
     """The WebSocket transport at --ws-address (default: the gRPC host, port 8000)."""
+    from osmo_router.transport.ws_transport import WsTransport  # aiohttp: only paid when used
+
     address = config.ws_address or default_ws_address(config.dial.address)
     return WsTransport(config.dial, address, connect_timeout=config.connect_timeout)
 

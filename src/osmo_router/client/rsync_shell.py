@@ -1,0 +1,164 @@
+"""`osmo-net-client rsync-shell`: the remote shell the local rsync runs, bridging its pipes to an Rsync session.
+
+rsync starts its remote shell as `SHELL [-l USER] HOST rsync --server ...` and speaks its protocol
+over the shell's stdin and stdout. This command opens an Rsync session whose init carries that
+server command line, then copies stdin to data frames and data frames to stdout until the agent
+reports how `rsync --server` ended. The router address, workflow and token come from the OSMO_*
+environment set by `osmo-net-client rsync`, so the token never appears in a process listing.
+
+Exit status: the remote rsync's; 127 when rsync is missing in the container (rsync itself then says
+"remote command not found"); 255 when the session could not be made or broke (like ssh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import stat
+import sys
+
+import grpc
+
+from osmo_router.agent.fdio import write_fd
+from osmo_router.channel import open_channel
+from osmo_router.client.bulk import BulkStream, encode_data_frame, rsync_method
+from osmo_router.client.config import ClientConfig
+from osmo_router.client.exec import exit_code_of
+from osmo_router.client.session import open_session, rpc_error
+from osmo_router.client.stdio import StdinReader, write_all
+from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError, from_status_number
+from osmo_router.memtune import tune_for_bulk
+from osmo_router.protocol import pb
+from osmo_router.streams import FrameStream
+
+#: Exit status when rsync is missing in the container (rsync reports "remote command not found").
+EXIT_COMMAND_NOT_FOUND = 127
+#: Environment variable naming the file where the shell records a transport failure for `osmo-net-client rsync`.
+STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
+#: Bytes read from rsync per data frame: large frames keep the per-message cost of three hops small.
+READ_SIZE = 1024 * 1024
+#: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
+LINGER = 0.001
+
+
+def parse_remote_command(args: list[str]) -> list[str]:
+    """The server argv from what rsync gives its remote shell: `[-l USER] HOST WORD...`.
+
+    rsync (3.2.4 and later) escapes the words for the remote login shell that ssh would run them
+    with: ssh joins its arguments with spaces and that shell splits them again. Do the same split
+    (quotes and backslashes only: no variables, globs or command substitution). Raises ValueError.
+    """
+    words = list(args)
+    if len(words) >= 2 and words[0] == "-l":
+        words = words[2:]
+    if len(words) < 2:
+        raise ValueError("expected HOST and a command (this is the remote shell of `osmo-net-client rsync`)")
+    return shlex.split(" ".join(words[1:]))
+
+
+async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
+    """Bridge stdin/stdout to an Rsync session; returns the exit status (see the module docstring)."""
+    try:
+        server_args = parse_remote_command(args)
+    except ValueError as err:
+        _say(f"cannot parse the remote command: {err}")
+        report_failure(EXIT_CONNECTION_ERROR)
+        return EXIT_CONNECTION_ERROR
+    tune_for_bulk()
+    channel = open_channel(config.dial)
+    try:
+        init = pb.RsyncInit(target=config.target(), server_args=server_args)
+        stream = await open_session(config, rsync_method(channel), pb.RsyncRequest, init)
+        return await _bridge(BulkStream.of(stream))
+    except grpc.aio.AioRpcError as err:
+        return _fail(rpc_error(err))
+    except RouterError as err:
+        return _fail(err)
+    finally:
+        await channel.close(grace=None)
+
+
+def _fail(err: RouterError) -> int:
+    _say(f"{err.message} [{err.code.name}]")
+    code = EXIT_COMMAND_NOT_FOUND if isinstance(err, FailedPrecondition) else EXIT_CONNECTION_ERROR
+    report_failure(code)
+    return code
+
+
+def report_failure(code: int) -> None:
+    """Tell `osmo-net-client rsync` why the transport failed (rsync may see the closed pipe before our exit
+    status, and then reports a generic protocol error instead)."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "w") as f:
+            f.write(f"{code}\n")
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"osmo-net-client: rsync: {message}\n")
+    sys.stderr.flush()
+
+
+async def _bridge(stream: BulkStream) -> int:
+    sender = asyncio.create_task(_send_stdin(stream))
+    try:
+        return await _receive(stream, _stdout_writer())
+    finally:
+        sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender
+
+
+class _Writer:
+    """Standard output, written without blocking the loop when it is non-blocking."""
+
+    def __init__(self, nonblocking: bool) -> None:
+        self.nonblocking = nonblocking
+
+    async def write(self, data: bytes) -> None:
+        """Write all of data (a reader that went away is ignored: rsync reports its own errors)."""
+        if not self.nonblocking:
+            write_all(1, data)
+            return
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await write_fd(1, data)
+
+
+def _stdout_writer() -> _Writer:
+    """Write stdout without blocking the event loop when it is rsync's pipe or socket.
+
+    A blocking write while rsync is busy would stall the loop, and with it the copy of rsync's own
+    output to the router: both sides would wait on each other.
+    """
+    mode = os.fstat(1).st_mode
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        os.set_blocking(1, False)
+        return _Writer(nonblocking=True)
+    return _Writer(nonblocking=False)
+
+
+async def _receive(stream: FrameStream, stdout: _Writer) -> int:
+    exit_code: int | None = None
+    while (frame := await stream.recv()) is not None:
+        kind = frame.WhichOneof("kind")
+        if kind == "data":
+            await stdout.write(frame.data)
+        elif kind == "stderr":
+            write_all(2, frame.stderr)
+        elif kind == "exit_status":
+            exit_code = exit_code_of(frame.exit_status)
+        elif kind == "error":
+            raise from_status_number(frame.error.code, frame.error.message)
+    if exit_code is None:
+        raise RouterError("the session ended without an exit status")
+    return exit_code
+
+
+async def _send_stdin(stream: BulkStream) -> None:
+    reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER)
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        while chunk := await reader.read():
+            await stream.send_encoded(encode_data_frame(chunk))
+        await stream.send(pb.Frame(half_close=pb.HalfClose()))

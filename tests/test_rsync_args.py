@@ -1,0 +1,134 @@
+"""The rules around rsync: which server commands the agent runs, and how the client builds rsync's command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from osmo_router.agent.rsync_args import check_server_args
+from osmo_router.channel import DialConfig
+from osmo_router.client.config import ClientConfig
+from osmo_router.client.rsync import plan_paths, rsync_argv, shell_env
+from osmo_router.client.rsync_shell import parse_remote_command
+from osmo_router.errors import PermissionDenied
+
+RECEIVER = ["rsync", "--server", "-logDtpre.iLsfxCIvu"]
+SENDER = ["rsync", "--server", "--sender", "-logDtpre.iLsfxCIvu"]
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> tuple[str, ...]:
+    """One allowed root with a symlink pointing out of it."""
+    (tmp_path / "root" / "sub").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "root" / "out").symlink_to(tmp_path / "other")
+    return (str(tmp_path / "root"),)
+
+
+def test_a_plain_server_command_passes_unconfined() -> None:
+    command = check_server_args([*RECEIVER, "--delete", ".", "/anywhere/"])
+    assert command.args == [*RECEIVER[1:], "--delete", ".", "/anywhere/"]
+    assert command.paths == ["/anywhere/"]
+    assert not command.sender
+    assert check_server_args([*SENDER, ".", "a", "b"]).sender
+    # rsync passes a remote --files-from list as two arguments: the value is not a path argument.
+    assert check_server_args([*SENDER, "--files-from", "/list", "--from0", ".", "src/"]).paths == ["src/"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["sh", "-c", "id"],
+        ["/usr/bin/rsync", "--server", ".", "x"],
+        ["rsync", "--daemon"],
+        ["rsync", "-e", "--server"],
+        ["rsync", "--server", "--daemon", "."],
+        ["rsync", "--server", "--config=/tmp/c", "."],
+        ["rsync", "--server", "-logDtpre.iLsfx", "/x", "/y"],  # no "." placeholder
+    ],
+)
+def test_anything_but_rsync_server_is_refused(argv: list[str]) -> None:
+    with pytest.raises(PermissionDenied):
+        check_server_args(argv)
+
+
+@pytest.mark.parametrize("path", ["sub/", "./sub/new", "", "sub/../sub"])
+def test_relative_and_inner_paths_pass_when_confined(roots: tuple[str, ...], path: str) -> None:
+    assert check_server_args([*RECEIVER, ".", path], roots, roots[0]).paths == [path]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        [".", "/etc/"],
+        [".", "../other/"],
+        [".", "out/"],  # a symlink that leads out
+        [".", "out/../other"],
+        [".", "sub/", "/etc/passwd"],
+        [".", "sub/", "--log-file=/tmp/evil.log"],  # options after the paths count too
+        ["--temp-dir", "/tmp", ".", "sub/"],
+        ["-T/tmp", ".", "sub/"],
+        ["--backup-dir", "/var/backup", ".", "sub/"],
+        ["--link-dest=/usr", ".", "sub/"],
+    ],
+)
+def test_paths_outside_the_roots_are_refused(roots: tuple[str, ...], tail: list[str]) -> None:
+    with pytest.raises(PermissionDenied, match="outside the allowed rsync roots"):
+        check_server_args([*RECEIVER, *tail], roots, roots[0])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rsync", "--server", "-slogDtpre.iLsfxCIvu"],  # protect-args: the paths are not on the command line
+        [*SENDER, "--copy-links", ".", "sub/"],
+        ["rsync", "--server", "--sender", "-lLogDtpre.iLsfx", ".", "sub/"],
+        ["rsync", "--server", "-lKogDtpre.iLsfx", ".", "sub/"],
+        [*SENDER, "--files-from=-", "--from0", ".", "sub/"],
+        [*RECEIVER, "-f", ". /etc/shadow", ".", "sub/"],
+    ],
+)
+def test_options_that_escape_are_refused_when_confined(roots: tuple[str, ...], argv: list[str]) -> None:
+    check_server_args(argv)  # fine without roots
+    with pytest.raises(PermissionDenied, match="confined"):
+        check_server_args(argv, roots, roots[0])
+
+
+def test_dotdot_in_a_path_option_is_refused_when_confined(roots: tuple[str, ...]) -> None:
+    with pytest.raises(PermissionDenied, match=r"'\.\.' is not allowed"):
+        check_server_args([*RECEIVER, "--partial-dir=sub/../..", ".", "sub/"], roots, roots[0])
+
+
+def test_path_options_inside_the_roots_pass(roots: tuple[str, ...]) -> None:
+    argv = [*RECEIVER, "--partial-dir", ".rsync-partial", "--temp-dir", f"{roots[0]}/sub", ".", "sub/"]
+    assert check_server_args(argv, roots, roots[0]).paths == ["sub/"]
+
+
+def test_remote_command_is_split_like_a_remote_shell() -> None:
+    words = ["osmo", "rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "/tmp/a\\ b/c\\'d"]
+    assert parse_remote_command(words) == ["rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "/tmp/a b/c'd"]
+    assert parse_remote_command(["-l", "me", "osmo", "rsync", "--server", "."]) == ["rsync", "--server", "."]
+    with pytest.raises(ValueError):
+        parse_remote_command(["osmo"])
+
+
+def test_paths_plan() -> None:
+    assert plan_paths(["a", "b:c", ":/x"]) == ["a", "./b:c", "osmo:/x"]
+    assert plan_paths([":/x", ":y", "local/"]) == ["osmo:/x", "osmo:y", "local/"]
+    for bad in (["a", "b"], [":a", ":b"], [":a", "b", "c"], ["a"], ["a", "::module"]):
+        with pytest.raises(click.UsageError):
+            plan_paths(bad)
+
+
+def test_the_token_travels_in_the_environment_not_the_command_line() -> None:
+    config = ClientConfig(dial=DialConfig(address="r:1", tls=False, token="s3cret"), workflow_id="wf")
+    argv = rsync_argv(config, "rsync", ["src/", ":/dst/"], delete=True, exclude=["*.o"], progress=True, bwlimit="10m")
+    assert not any("s3cret" in arg for arg in argv)
+    assert argv[:6] == ["rsync", "-a", "--delete", "--exclude=*.o", "--progress", "--bwlimit=10m"]
+    assert argv[-3:] == ["--", "src/", "osmo:/dst/"]
+    env = shell_env(config, {"OSMO_TOKEN": "stale", "OSMO_TLS_CA": "/stale", "HOME": "/h"})
+    assert env["OSMO_TOKEN"] == "s3cret" and env["OSMO_TLS"] == "false" and env["OSMO_WORKFLOW_ID"] == "wf"
+    assert "OSMO_TLS_CA" not in env and env["HOME"] == "/h"

@@ -1,0 +1,312 @@
+"""rsync end to end: the real rsync on both sides, a real router and agent; the "container" is a temp dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
+from tests.security_kit import Pki, Signer
+
+BIG_SIZE = 100 * 1024 * 1024
+RSYNC_TIMEOUT = 180.0
+
+
+def make_tree(root: Path, big: bool = True) -> None:
+    """A few hundred small files in nested folders, an executable script, a symlink and (big) a 100 MiB file."""
+    for a in range(6):
+        for b in range(5):
+            folder = root / f"dir{a}" / f"sub{b}"
+            folder.mkdir(parents=True)
+            for c in range(10):
+                (folder / f"file{c}.txt").write_bytes(f"{a}/{b}/{c}\n".encode() * (c + 1))
+    (root / "dir0" / "notes.log").write_text("a log line\n")
+    (root / "dir0" / "private.txt").write_text("read only for the owner\n")
+    (root / "dir0" / "private.txt").chmod(0o600)
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hello\n")
+    script.chmod(0o755)
+    (root / "latest").symlink_to("dir1/sub2/file3.txt")
+    if big:
+        with open(root / "big.bin", "wb") as f:
+            for _ in range(BIG_SIZE // (4 * 1024 * 1024)):
+                f.write(os.urandom(4 * 1024 * 1024))
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Every entry under root: (kind, permission bits, sha256 of the content or the link target)."""
+    entries: dict[str, tuple[str, int, str]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        rel = str(path.relative_to(root))
+        if stat.S_ISLNK(info.st_mode):
+            entries[rel] = ("link", 0, os.readlink(path))
+        elif stat.S_ISDIR(info.st_mode):
+            entries[rel] = ("dir", stat.S_IMODE(info.st_mode), "")
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            entries[rel] = ("file", stat.S_IMODE(info.st_mode), f"{digest}@{int(info.st_mtime)}")
+    return entries
+
+
+def rsync(client_args: list[str], *args: str, timeout: float = RSYNC_TIMEOUT) -> tuple[int, str]:
+    """Run `osmo-net-client rsync ARGS`; (exit status, stderr)."""
+    code, _, err = rsync_out(client_args, *args, timeout=timeout)
+    return code, err
+
+
+def rsync_out(client_args: list[str], *args: str, timeout: float = RSYNC_TIMEOUT) -> tuple[int, str, str]:
+    """Run `osmo-net-client rsync ARGS`; (exit status, stdout, stderr)."""
+    result = run_client("rsync", *client_args, *args, timeout=timeout)
+    return result.returncode, result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
+
+
+def rsync_bytes(router: Router) -> float:
+    """Bytes the router carried for rsync sessions, both directions."""
+    text = router.metrics_text()
+    return sum(
+        metric_value(text, "router_grpc_bytes_total", {"operation": "rsync", "direction": d})
+        for d in ("client_to_agent", "agent_to_client")
+    )
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local tree (made once for the module: the 100 MiB file takes a moment)."""
+    root = tmp_path_factory.mktemp("source")
+    make_tree(root)
+    return root
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Path:
+    """The agent's file system, as far as these tests are concerned."""
+    path = tmp_path / "container"
+    path.mkdir()
+    return path
+
+
+def test_upload_delta_delete_download_exclude(
+    router: Router, agent: AgentProc, client_args: list[str], source: Path, container: Path, tmp_path: Path
+) -> None:
+    local = tmp_path / "local"
+    shutil.copytree(source, local, symlinks=True)  # a private copy (modes and times kept): this test changes it
+    remote = container / "data"
+
+    code, err = rsync(client_args, f"{local}/", f":{remote}/")
+    assert code == 0, err
+    assert snapshot(remote) == snapshot(local)
+    assert os.access(remote / "run.sh", os.X_OK)
+    assert os.readlink(remote / "latest") == "dir1/sub2/file3.txt"
+
+    # Seven bytes changed in the middle of the big file: only a sliver crosses the router.
+    big = local / "big.bin"
+    with open(big, "r+b") as f:
+        f.seek(BIG_SIZE // 2)
+        f.write(b"CHANGED")
+    info = big.stat()
+    os.utime(big, ns=(info.st_atime_ns, info.st_mtime_ns + 10**10))
+    before = rsync_bytes(router)
+    code, err = rsync(client_args, f"{local}/", f":{remote}/")
+    assert code == 0, err
+    carried = rsync_bytes(router) - before
+    assert snapshot(remote) == snapshot(local)
+    assert 0 < carried < 0.05 * BIG_SIZE, f"{carried} bytes carried for a 7-byte change"
+
+    # Without --delete a file removed locally stays; with it, it goes.
+    (local / "dir0" / "sub0" / "file0.txt").unlink()
+    code, err = rsync(client_args, f"{local}/", f":{remote}/")
+    assert code == 0, err
+    assert (remote / "dir0" / "sub0" / "file0.txt").exists()
+    code, err = rsync(client_args, "--delete", f"{local}/", f":{remote}/")
+    assert code == 0, err
+    assert not (remote / "dir0" / "sub0" / "file0.txt").exists()
+    assert snapshot(remote) == snapshot(local)
+
+    # Download back into a fresh folder: identical.
+    back = tmp_path / "back"
+    code, out, err = rsync_out(client_args, "--progress", f":{remote}/", f"{back}/")
+    assert code == 0, err
+    assert snapshot(back) == snapshot(local)
+    assert "big.bin" in out and "100%" in out  # rsync's own progress lines
+
+    # Excludes (and extra options after --) apply to downloads too.
+    filtered = tmp_path / "filtered"
+    code, err = rsync(client_args, "--exclude", "*.log", "--exclude", "big.bin", f":{remote}/", f"{filtered}/")
+    assert code == 0, err
+    expected = {k: v for k, v in snapshot(local).items() if not k.endswith(".log") and k != "big.bin"}
+    assert snapshot(filtered) == expected
+
+
+def test_legacy_operation_form_and_paths_with_spaces(
+    agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
+) -> None:
+    local = tmp_path / "my files"
+    local.mkdir()
+    (local / "it's here.txt").write_text("quoted\n")
+    result = run_client("--operation=rsync", *client_args, f"{local}/", f":{container}/a dir/", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (container / "a dir" / "it's here.txt").read_text() == "quoted\n"
+
+
+def test_remote_path_missing_gives_rsyncs_error(
+    agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
+) -> None:
+    code, err = rsync(client_args, f":{container}/no-such-dir/", f"{tmp_path}/out/")
+    assert code == 23, err  # rsync's "partial transfer due to error"
+    assert "No such file or directory" in err
+
+
+@pytest.fixture
+def confined_agent(router: Router, workflow: str, container: Path) -> Iterator[AgentProc]:
+    """An agent that only lets rsync reach `container/allowed`."""
+    (container / "allowed").mkdir()
+    (container / "outside").mkdir()
+    (container / "allowed" / "escape").symlink_to(container / "outside")
+    proc = AgentProc(router.address, workflow, "--rsync-root", str(container / "allowed"))
+    yield proc
+    proc.stop()
+
+
+def test_rsync_root_confines_paths(
+    confined_agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "f.txt").write_text("inside\n")
+
+    code, err = rsync(client_args, f"{small}/", f":{container}/allowed/in/")
+    assert code == 0, err
+    assert (container / "allowed" / "in" / "f.txt").read_text() == "inside\n"
+
+    for target in (f"{container}/outside/", f"{container}/allowed/escape/", f"{container}/allowed/../outside/"):
+        code, err = rsync(client_args, f"{small}/", f":{target}")
+        assert code != 0
+        assert "PERMISSION_DENIED" in err and "outside the allowed rsync roots" in err, err
+    assert list((container / "outside").iterdir()) == []
+
+    code, err = rsync(client_args, f":{container}/allowed/in/", f"{tmp_path}/back/", "--", "--copy-links")
+    assert code != 0
+    assert "PERMISSION_DENIED" in err and "--copy-links" in err, err
+
+
+def test_rsync_missing_in_container(router: Router, workflow: str, client_args: list[str], tmp_path: Path) -> None:
+    agent = AgentProc(router.address, workflow, "--rsync-binary", "/nonexistent/rsync")
+    try:
+        code, err = rsync(client_args, f"{tmp_path}/", ":/tmp/x/")
+    finally:
+        agent.stop()
+    assert code == 127, err
+    assert "rsync is missing in the container" in err and "apt-get install rsync" in err
+
+
+#: Flags for tests that fail before any connection is made (no router needed).
+NOWHERE = ["--router-address", "127.0.0.1:9", "--workflow-id", "wf", "--tls=false"]
+
+
+def test_rsync_missing_locally(tmp_path: Path) -> None:
+    code, err = rsync(NOWHERE, "--rsync-binary", "/nonexistent/rsync", f"{tmp_path}/", ":/tmp/x/")
+    assert code == 127
+    assert "not found on this machine" in err and "apt-get install rsync" in err
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        (["a", "b"], "one side must be remote"),
+        ([":a", ":b"], "exactly one side may be remote"),
+        (["a", ":b", "c"], "exactly one side may be remote"),
+        (["a"], "give SRC... DST"),
+    ],
+)
+def test_usage_errors(paths: list[str], message: str) -> None:
+    code, err = rsync(NOWHERE, *paths, timeout=30)
+    assert code == 2
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sh", "-c", "echo pwned"],
+        ["rsync", "--daemon", "--config=/tmp/evil.conf"],
+        ["rsync", "--server", "--daemon", "."],
+    ],
+)
+def test_non_rsync_server_command_is_refused(
+    agent: AgentProc, router: Router, workflow: str, command: list[str]
+) -> None:
+    env = cli_env({"OSMO_ROUTER_ADDRESS": router.address, "OSMO_WORKFLOW_ID": workflow, "OSMO_TLS": "false"})
+    result = subprocess.run(
+        client_cmd("rsync-shell", "osmo", *command), capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 255
+    assert b"PERMISSION_DENIED" in result.stderr
+    assert b"pwned" not in result.stdout
+
+
+def test_transfer_broken_midway_exits_255_with_a_message(
+    router: Router, workflow: str, client_args: list[str], source: Path, container: Path
+) -> None:
+    agent = AgentProc(router.address, workflow)
+    client = Proc(
+        client_cmd("rsync", *client_args, "--bwlimit", "20m", f"{source}/big.bin", f":{container}/"),
+        env=cli_env(),
+    )
+    try:
+        agent.wait_event("rsync_start")
+        deadline = time.monotonic() + 60
+        # The transfer is under way once rsync's temporary file has data (bounded polling: no event to await).
+        while not any(p.stat().st_size > 0 for p in container.glob(".big.bin.*")):
+            assert time.monotonic() < deadline, "the transfer never started"
+            time.sleep(0.05)
+        os.kill(agent.pid, signal.SIGKILL)
+        code = client.wait_exit(60)
+    finally:
+        agent.stop()
+        client.stop()
+    assert code == 255
+    assert any("osmo-net-client: rsync:" in line and "UNAVAILABLE" in line for line in client.lines), client.lines
+
+
+def test_over_tls_with_a_token_kept_off_the_command_line(tmp_path: Path) -> None:
+    pki, signer = Pki.create(tmp_path), Signer.rs256()
+    (tmp_path / "jwt.pub.pem").write_bytes(signer.public_pem())
+    router = Router(
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pub.pem")),
+        secure=True,
+    )
+    agent_token = signer.token("pod", workflows=["wf-tls"], role="agent")
+    agent = AgentProc(router.address, "wf-tls", "--tls-ca", str(pki.ca), "--token", agent_token, tls=True)
+    # The local "rsync" records the command line it was given (its -e names the remote shell), then runs rsync.
+    argv_log = tmp_path / "rsync-argv"
+    recorder = tmp_path / "rsync-recorder"
+    recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_log}\nexec rsync "$@"\n')
+    recorder.chmod(0o755)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f.txt").write_text("over tls\n")
+    token = signer.token("alice", workflows=["wf-tls"])
+    flags = ["--router-address", router.address, "--workflow-id", "wf-tls", "--tls-ca", str(pki.ca)]
+    try:
+        code, err = rsync(
+            [*flags, "--token", token], "--rsync-binary", str(recorder), f"{tmp_path}/src/", f":{tmp_path}/dst/"
+        )
+        end = router.wait_for(lambda r: r.get("event") == "session end" and r.get("operation") == "rsync")
+    finally:
+        agent.stop()
+        router.stop()
+    assert code == 0, err
+    assert (tmp_path / "dst" / "f.txt").read_text() == "over tls\n"
+    assert end["user"] == "alice"
+    recorded = argv_log.read_text()
+    assert "rsync-shell" in recorded and token not in recorded
