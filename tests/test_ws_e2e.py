@@ -22,6 +22,7 @@ import pytest
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
 from tests.security_kit import Pki, Signer
 from tests.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
+from tests.test_rsync_e2e import make_tree, snapshot
 from tests.ws_kit import (
     WsBackendProc,
     client_args,
@@ -58,22 +59,24 @@ def grpc_workflow(router: Router) -> Iterator[str]:
 class Pairing:
     """Client flags for one pairing; a WS agent is a backend started for an orchestrator key."""
 
-    def __init__(self, router: Router, grpc_workflow: str, client: str, agent: str) -> None:
+    def __init__(
+        self, router: Router, grpc_workflow: str, client: str, agent: str, *backend_args: str, operation: str = "exec"
+    ) -> None:
         self.router, self.client, self.agent = router, client, agent
         self.backend: WsBackendProc | None = None
         extra: list[str] = []
         workflow = grpc_workflow
         if agent == "ws":
             workflow, key = f"wf-ws-{uuid.uuid4().hex[:8]}", new_key()
-            self.backend = WsBackendProc(router, workflow, key)
+            self.backend = WsBackendProc(router, workflow, key, *backend_args, operation=operation)
             extra = ["--session-key", key]
         self.args = client_args(router, workflow, client, *extra)
 
-    def finish(self) -> None:
-        """Check that a WS backend served its session and ended."""
+    def finish(self, served: bool = True) -> None:
+        """Check that a WS backend served its session (or failed to, when `served` is False) and ended."""
         if self.backend is not None:
             try:
-                assert self.backend.wait_exit(20) == 0, self.backend.lines[-5:]
+                assert self.backend.wait_exit(20) == (0 if served else 1), self.backend.lines[-5:]
             finally:
                 self.backend.stop()
 
@@ -295,3 +298,34 @@ def test_jwt_and_tls_on_the_websocket_port(tmp_path: Path) -> None:
     finally:
         backend.stop()
         router.stop()
+
+
+@pytest.mark.parametrize(("client", "agent"), PAIRINGS, ids=IDS)
+def test_rsync_tree_and_blob_intact(
+    router: Router, grpc_workflow: str, client: str, agent: str, tmp_path: Path
+) -> None:
+    local, remote = tmp_path / "local", tmp_path / "container" / "data"
+    local.mkdir()
+    remote.parent.mkdir()
+    make_tree(local, big=False)
+    (local / "blob.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    before = transport_counts(router, "rsync")
+    pairing = Pairing(router, grpc_workflow, client, agent, operation="rsync")
+    try:
+        result = run_client("rsync", *pairing.args, f"{local}/", f":{remote}/", timeout=120)
+    finally:
+        pairing.finish()
+    assert result.returncode == 0, result.stderr
+    assert snapshot(remote) == snapshot(local)  # modes, links, and the sha256 of every file
+    assert delta(before, transport_counts(router, "rsync")) == {f"client_{client}": 1, f"agent_{agent}": 1}
+
+
+def test_rsync_missing_behind_a_ws_backend_is_reported(router: Router, grpc_workflow: str, tmp_path: Path) -> None:
+    """A new WS backend reports errors as the router does (close 4000, `CODE: message`)."""
+    pairing = Pairing(router, grpc_workflow, "ws", "ws", "--rsync-binary", "/nonexistent/rsync", operation="rsync")
+    try:
+        result = run_client("rsync", *pairing.args, f"{tmp_path}/", ":/tmp/x/", timeout=60)
+    finally:
+        pairing.finish()
+    assert result.returncode == 127, result.stderr
+    assert b"rsync is missing in the container" in result.stderr

@@ -18,6 +18,7 @@ import os
 import shlex
 import stat
 import sys
+from typing import cast
 
 import grpc
 
@@ -32,6 +33,8 @@ from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, Router
 from osmo_router.memtune import tune_for_bulk
 from osmo_router.protocol import pb
 from osmo_router.streams import FrameStream
+from osmo_router.transport import WS
+from osmo_router.transport.rollout import ws_transport
 
 #: Exit status when rsync is missing in the container (rsync reports "remote command not found").
 EXIT_COMMAND_NOT_FOUND = 127
@@ -67,6 +70,8 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
     tune_for_bulk()
+    if config.transport == WS:
+        return await _run_over_websocket(config, server_args)
     channel = open_channel(config.dial)
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
@@ -78,6 +83,20 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         return _fail(err)
     finally:
         await channel.close(grace=None)
+
+
+async def _run_over_websocket(config: ClientConfig, server_args: list[str]) -> int:
+    """The same bridge over the old router's WebSocket protocol (the `exit=1` extension keeps the exit status)."""
+    transport = ws_transport(config)
+    try:
+        init = pb.RsyncInit(target=config.target(), server_args=server_args)
+        stream = await transport.open(pb.OPERATION_RSYNC, init)
+        # WsSessionStream has the BulkStream methods the bridge uses (send_encoded, send, recv).
+        return await _bridge(cast(BulkStream, stream))
+    except RouterError as err:
+        return _fail(err)
+    finally:
+        await transport.aclose()
 
 
 def _fail(err: RouterError) -> int:

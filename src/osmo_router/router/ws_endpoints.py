@@ -25,6 +25,7 @@ from osmo_router.router.sessions import Session
 from osmo_router.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
+    error_from_reason,
     error_reason,
     exit_from_reason,
     exit_reason,
@@ -132,9 +133,13 @@ class WsBackendEndpoint:
                     return ENCODED_HALF_CLOSE
                 continue
             # The close. The old protocol has no exit codes: a clean end of an exec backend is
-            # exit 0, unless its close reason carries one (the `exit` extension of new backends).
+            # exit 0, unless its close reason carries one (the `exit` extension of new backends);
+            # a new backend reports an error as the router does, with code 4000 and `CODE: message`.
             status = exit_from_reason(data) if isinstance(data, str) else None
-            if self._is_exec:
+            if isinstance(data, str) and self._ws.close_code == CLOSE_ERROR:
+                err = error_from_reason(data)
+                self._pending.append(encode(pb.Frame(error=pb.Error(code=err.code.value[0], message=err.message))))
+            elif self._is_exec:
                 self._pending.append(encode(pb.Frame(exit_status=status or pb.ExitStatus(code=0))))
             elif status is not None:
                 self._pending.append(encode(pb.Frame(exit_status=status)))

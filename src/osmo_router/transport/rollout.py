@@ -18,12 +18,13 @@ import getpass
 import hashlib
 import json
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.transport import GRPC, WS, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
-from osmo_router.wsproto import default_ws_address
+from osmo_router.wsproto import base_url, default_ws_address
 
 if TYPE_CHECKING:
     from osmo_router.transport.ws_transport import WsTransport
@@ -102,6 +103,46 @@ async def reachable(address: str, timeout: float) -> bool:
     return True
 
 
+def reachable_now(address: str, timeout: float) -> bool:
+    """`reachable` for code outside an event loop (the rsync command decides for its remote shell)."""
+    target = host_port(address)
+    if target is None:
+        return True
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _log_fallback(config: ClientConfig, base: str) -> None:
+    log.warning(
+        "gRPC router %s unreachable; falling back to WebSocket at %s",
+        config.dial.address,
+        base,
+        extra={"fields": {"event": "transport fallback", "transport": WS}},
+    )
+
+
+def resolve_transport(config: ClientConfig) -> str:
+    """The transport name, probe and fallback included, decided once (blocking; see `connect_transport`)."""
+    name, explicit = choose(config)
+    if name == GRPC and not explicit and not reachable_now(config.dial.address, probe_timeout(config)):
+        _log_fallback(config, ws_base(config))
+        return WS
+    return name
+
+
+def probe_timeout(config: ClientConfig) -> float:
+    """How long the gRPC port is probed."""
+    return min(PROBE_TIMEOUT, config.connect_timeout)
+
+
+def ws_base(config: ClientConfig) -> str:
+    """The WebSocket base URL the client uses."""
+    return base_url(config.ws_address or default_ws_address(config.dial.address), config.dial.tls)
+
+
 def ws_transport(config: ClientConfig) -> WsTransport:
     """The WebSocket transport at --ws-address (default: the gRPC host, port 8000)."""
     from osmo_router.transport.ws_transport import WsTransport  # aiohttp: only paid when used
@@ -115,13 +156,8 @@ async def connect_transport(config: ClientConfig) -> Transport:
     name, explicit = choose(config)
     if name == WS:
         return ws_transport(config)
-    if not explicit and not await reachable(config.dial.address, min(PROBE_TIMEOUT, config.connect_timeout)):
+    if not explicit and not await reachable(config.dial.address, probe_timeout(config)):
         fallback = ws_transport(config)
-        log.warning(
-            "gRPC router %s unreachable; falling back to WebSocket at %s",
-            config.dial.address,
-            fallback.base,
-            extra={"fields": {"event": "transport fallback", "transport": WS}},
-        )
+        _log_fallback(config, fallback.base)
         return fallback
     return GrpcTransport(config)

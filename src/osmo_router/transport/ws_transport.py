@@ -29,10 +29,12 @@ from osmo_router.protocol import MAX_MESSAGE_SIZE, pb
 from osmo_router.transport import WS, SessionInit, SessionStream
 from osmo_router.wsproto import (
     CLOSE_ERROR,
+    CLOSE_NORMAL,
     ERROR_HEADER,
     base_url,
     client_query,
     error_from_reason,
+    error_reason,
     exit_from_reason,
     exit_reason,
     frame_to_message,
@@ -111,6 +113,7 @@ class WsSessionStream:
         self._write_lock = asyncio.Lock()
         self._ended = False
         self._exit: pb.ExitStatus | None = None
+        self._error: str | None = None
         self.closed_for_writing = False
 
     async def send(self, frame: pb.Frame) -> None:
@@ -130,14 +133,20 @@ class WsSessionStream:
             with contextlib.suppress(ConnectionError):
                 await self.ws.send_bytes(payload)
 
+    async def send_encoded(self, message: bytes) -> None:
+        """Send a frame given as an encoded frame message (the bulk path of the gRPC stream)."""
+        await self.send(pb.ConnectRequest.FromString(message).frame)
+
     async def send_data(self, payload: bytes) -> None:
         """Send a data frame."""
         await self.send(pb.Frame(data=payload))
 
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
-        """The old protocol has no error message: log it and end the pipe."""
-        log.info("session error (not carried over WebSocket): %s: %s", code.name, message)
-        await self.close()
+        """A backend reports an error as the reason of its close (code 4000, as the router does)."""
+        if self._backend:
+            self._error = error_reason(code, message)
+        else:
+            log.info("session error (a client has no way to report it over WebSocket): %s: %s", code.name, message)
 
     async def recv(self) -> pb.Frame | None:
         """The next frame; the router's close becomes the exit status (client), or the end."""
@@ -171,9 +180,13 @@ class WsSessionStream:
         """Close the WebSocket (the old protocol has no half-close beyond the empty message)."""
         async with self._write_lock:
             self.closed_for_writing = True
-        reason = exit_reason(self._exit).encode() if self._backend and self._exit is not None else b""
+        code, reason = CLOSE_NORMAL, ""
+        if self._backend and self._error is not None:
+            code, reason = CLOSE_ERROR, self._error
+        elif self._backend and self._exit is not None:
+            reason = exit_reason(self._exit)
         with contextlib.suppress(Exception):
-            await self.ws.close(message=reason)
+            await self.ws.close(code=code, message=reason.encode())
 
 
 class WsTransport:
