@@ -250,7 +250,13 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
 def agent(log_level: str, log_format: str, **options: Any) -> None:
     """Run the agent inside a workload container."""
     setup_logging(log_level, log_format)
+    from osmo_router.agent.forward import parse_port_ranges
+
     ws = ws_agent_settings(options)
+    try:
+        parse_port_ranges(tuple(options["allow_ports"]))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
     dial = dial_config(options)
     config = AgentConfig(
         dial=dial,

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from osmo_router.errors import InvalidArgument, from_status_number
+from osmo_router.framecodec import encode_data_message
 from osmo_router.protocol import pb
 
 
@@ -16,12 +17,14 @@ class FrameStream:
     """Frames over one gRPC stream-stream call whose messages carry a Frame in field `frame`.
 
     `wrap` builds the call's request message from a Frame. Writes are serialised by a lock
-    because grpc.aio allows one outstanding write per call.
+    because grpc.aio allows one outstanding write per call. With `raw=True` (a call made with
+    framecodec's serializers) `send_data` writes pre-encoded bytes, skipping protobuf.
     """
 
-    def __init__(self, call: Any, wrap: Callable[[pb.Frame], Any]) -> None:
+    def __init__(self, call: Any, wrap: Callable[[pb.Frame], Any], *, raw: bool = False) -> None:
         self.call = call
         self._wrap = wrap
+        self._raw = raw
         self._write_lock = asyncio.Lock()
         self.closed_for_writing = False
         self.peer_half_closed = False
@@ -34,7 +37,13 @@ class FrameStream:
 
     async def send_data(self, payload: bytes) -> None:
         """Send a data frame."""
-        await self.send(pb.Frame(data=payload))
+        if not self._raw:
+            await self.send(pb.Frame(data=payload))
+            return
+        message = encode_data_message(payload)
+        async with self._write_lock:
+            if not self.closed_for_writing:
+                await self.call.write(message)
 
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
         """Report an error to the far side."""

@@ -15,11 +15,13 @@ import grpc
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
+from osmo_router.agent.forward import serve_port_forward
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.channel import open_channel
 from osmo_router.dial_errors import explain_dial_error
 from osmo_router.errors import RouterError
-from osmo_router.protocol import pb, pb_grpc
+from osmo_router.framecodec import fast_method
+from osmo_router.protocol import AGENT_SERVICE, pb, pb_grpc
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ async def _serve_exec(stream: FrameStream, open_msg: pb.SessionOpen, config: Age
 
 def default_handlers() -> dict[str, SessionHandler]:
     """Session handlers by the name of the SessionOpen init they serve."""
-    return {"exec": _serve_exec, "rsync": serve_rsync}
+    return {"exec": _serve_exec, "port_forward": serve_port_forward, "rsync": serve_rsync}
 
 
 _OPERATION_OF_HANDLER = {
@@ -135,8 +137,9 @@ class Agent:
 
     async def _serve_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
         """Open the Connect stream of a session and serve it with the handler for its operation."""
-        stub = pb_grpc.RouterAgentServiceStub(channel)
-        call = stub.Connect(metadata=self.config.dial.metadata())
+        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
+        connect = fast_method(channel, f"/{AGENT_SERVICE}/Connect", pb.ConnectResponse)
+        call = connect(metadata=self.config.dial.metadata())
         try:
             await call.write(
                 pb.ConnectRequest(
@@ -152,7 +155,7 @@ class Agent:
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "open":
                 return
             open_msg = first.open
-            stream = FrameStream(call, lambda frame: pb.ConnectRequest(frame=frame))
+            stream = FrameStream(call, lambda frame: pb.ConnectRequest(frame=frame), raw=True)
             handler = self.handlers.get(open_msg.WhichOneof("init") or "")
             if handler is None:
                 await stream.send_error(

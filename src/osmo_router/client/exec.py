@@ -131,5 +131,5 @@ async def _send_input(stream: SessionStream) -> None:
     reader = StdinReader(0)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
-            await stream.send(pb.Frame(data=chunk))
+            await stream.send_data(chunk)
         await stream.send(pb.Frame(half_close=pb.HalfClose()))

@@ -1,15 +1,261 @@
-"""`osmo-net-client port-forward` (placeholder until the port-forward work lands)."""
+"""`osmo-net-client port-forward`: local TCP or UDP ports forwarded to ports in the container.
+
+One gRPC channel per process. A *watch* session (see osmo_router.forwarding) proves the agent is
+there before anything listens, and its breaking says the agent or the router went away: then the
+command exits 255, or with --reconnect keeps listening and re-establishes the watch with backoff.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
+import random
+import signal
 import sys
+from dataclasses import dataclass, replace
 
+import grpc
+
+from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.forward_events import Reporter
+from osmo_router.client.forward_tcp import TcpListener, listen_tcp
+from osmo_router.client.forward_udp import UdpForward
+from osmo_router.client.session import open_session, rpc_error, start_session, wait_ready
+from osmo_router.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
+from osmo_router.forwarding import WATCH_PORT
+from osmo_router.framecodec import fast_method
+from osmo_router.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
+from osmo_router.streams import FrameStream
+
+#: Exit status for bad arguments and local failures (a port already in use).
+EXIT_USAGE = 2
+EXIT_LOCAL_ERROR = 1
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """One SPEC: a local port (0 = pick a free one) forwarded to a remote port."""
+
+    local_port: int
+    remote_port: int
+
+
+def parse_spec(text: str) -> PortSpec:
+    """LOCAL:REMOTE, REMOTE (same local port) or :REMOTE (free local port); ValueError if invalid."""
+    local, sep, remote = text.rpartition(":")
+    if not sep:
+        local = remote
+    try:
+        remote_port = int(remote)
+        local_port = int(local) if local else 0
+    except ValueError:
+        raise ValueError(f"{text!r} is not LOCAL:REMOTE, REMOTE or :REMOTE") from None
+    if not 1 <= remote_port <= 65535 or not 0 <= local_port <= 65535:
+        raise ValueError(f"{text!r}: ports must be within 1-65535")
+    return PortSpec(local_port, remote_port)
+
+
+def parse_address(text: str) -> str:
+    """A local address to listen on (IPv4 or IPv6 literal, or localhost); ValueError if invalid."""
+    if text == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise ValueError(f"--address {text!r} is not an IPv4 or IPv6 address") from None
 
 
 async def run_port_forward(
     config: ClientConfig, specs: list[str], *, protocol: str, addresses: list[str], json_output: bool, reconnect: bool
 ) -> int:
-    """Not implemented yet."""
-    print("osmo-net-client: port-forward is not implemented yet", file=sys.stderr)
-    return 2
+    """Forward until interrupted (exit 0); 255 when the agent or router is gone (unless --reconnect)."""
+    try:
+        ports = [parse_spec(spec) for spec in specs]
+        binds = [parse_address(address) for address in addresses]
+    except ValueError as err:
+        print(f"osmo-net-client: port-forward: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    # Every connection is its own session: a single-use orchestrator key cannot serve them all.
+    config = replace(config, session_key="")
+    channel = open_channel(config.dial)
+    try:
+        forward = PortForward(config, channel, Reporter(json_output), reconnect)
+        return await forward.run(ports, binds, protocol)
+    finally:
+        await channel.close(grace=None)
+
+
+class PortForward:
+    """The listeners, the watch session and the reaction to losing the agent."""
+
+    def __init__(self, config: ClientConfig, channel: grpc.aio.Channel, reporter: Reporter, reconnect: bool) -> None:
+        self.config = config
+        self.reporter = reporter
+        self.reconnect = reconnect
+        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
+        self._method = fast_method(channel, f"/{CLIENT_SERVICE}/PortForward", pb.PortForwardResponse)
+        self._stop = asyncio.Event()
+        self._tcp: list[TcpListener] = []
+        self._udp: list[UdpForward] = []
+        self._tasks: dict[object, asyncio.Task[None]] = {}
+
+    def _init(self, protocol: int, remote_port: int) -> pb.PortForwardInit:
+        return pb.PortForwardInit(
+            target=self.config.target(), protocol=pb.Protocol.ValueType(protocol), remote_port=remote_port
+        )
+
+    async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
+        """Open one PortForward session on the shared channel and wait until the agent joined."""
+        init = self._init(protocol, remote_port)
+        return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
+
+    async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
+        """Send a PortForward session's init without waiting for the agent (then `wait_ready`)."""
+        init = self._init(protocol, remote_port)
+        return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
+
+    async def wait_ready(self, stream: FrameStream) -> None:
+        """Wait until the agent of a started session joined; raises RouterError on refusal."""
+        await wait_ready(self.config, stream)
+
+    async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
+        """Check the agent, listen, announce, then serve until a signal or the agent's loss."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            watch = await self._first_watch()
+            if watch is None:
+                return 0 if self._stop.is_set() else EXIT_CONNECTION_ERROR
+            try:
+                await self._listen(ports, binds, protocol)
+            except OSError as err:
+                print(f"osmo-net-client: port-forward: cannot listen: {err.strerror or err}", file=sys.stderr)
+                return EXIT_LOCAL_ERROR
+            except RouterError as err:
+                self.reporter.fatal(err, "cannot open the forward")
+                return EXIT_CONNECTION_ERROR
+            return await self._supervise(watch)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self._close_listeners()
+
+    async def _listen(self, ports: list[PortSpec], binds: list[str], protocol: str) -> None:
+        for spec in ports:
+            local_port = spec.local_port
+            for address in binds:
+                # With :REMOTE the first address picks a free port; the others take the same one.
+                if protocol == "udp":
+                    udp = UdpForward(spec.remote_port, self, self.reporter)
+                    self._udp.append(udp)
+                    await udp.start(address, local_port)
+                    self._tasks[udp] = asyncio.create_task(udp.serve())
+                    local_port = udp.address[1]
+                else:
+                    sock = listen_tcp(address, local_port)
+                    tcp = TcpListener(sock, spec.remote_port, self, self.reporter)
+                    self._tcp.append(tcp)
+                    self._tasks[tcp] = asyncio.create_task(tcp.serve())
+                    local_port = tcp.address[1]
+                self.reporter.forwarding(protocol, address, local_port, spec.remote_port)
+
+    async def _close_listeners(self) -> None:
+        for udp in self._udp:
+            await udp.close(self._tasks.pop(udp, None))
+        for tcp in self._tcp:
+            accept = self._tasks.pop(tcp, None)
+            if accept is not None:
+                accept.cancel()
+                await asyncio.gather(accept, return_exceptions=True)
+            await tcp.close()
+
+    async def _first_watch(self) -> FrameStream | None:
+        """The watch session; None (after saying why) if there is no agent and no --reconnect, or on a signal."""
+        try:
+            return await self._open_watch()
+        except RouterError as err:
+            if not self.reconnect:
+                self.reporter.fatal(err, f"cannot reach an agent of workflow {self.config.workflow_id!r}")
+                return None
+            self.reporter.notice("waiting", f"waiting for an agent: {err.message} [{err.code.name}]")
+        return await self._rewatch()
+
+    async def _open_watch(self) -> FrameStream:
+        return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT)
+
+    async def _rewatch(self) -> FrameStream | None:
+        """Reopen the watch with exponential backoff and jitter until it works; None on a signal."""
+        backoff = BACKOFF_INITIAL
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff * (0.5 + random.random() / 2)):
+                    await self._stop.wait()
+            if self._stop.is_set():
+                break
+            try:
+                return await self._open_watch()
+            except RouterError:
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        return None
+
+    async def _supervise(self, watch: FrameStream) -> int:
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            while True:
+                lost = asyncio.create_task(_watch_until_lost(watch, self.config))
+                await asyncio.wait({lost, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if stopper.done():
+                    await _end_watch(watch, lost)
+                    return 0
+                err = lost.result()
+                if isinstance(err, DeadlineExceeded):
+                    # The router expired the idle watch (--session-ttl): open a new one at once.
+                    try:
+                        watch = await self._open_watch()
+                        continue
+                    except RouterError as again:
+                        err = again
+                what = "reconnecting" if self.reconnect else "stopping"
+                message = f"the agent or the router is gone ({err.message} [{err.code.name}]); {what}"
+                self.reporter.notice("agent_lost", message)
+                if not self.reconnect:
+                    return EXIT_CONNECTION_ERROR
+                replacement = await self._rewatch()
+                if replacement is None:
+                    return 0
+                self.reporter.notice("agent_back", "the agent is back; forwarding again")
+                watch = replacement
+        finally:
+            stopper.cancel()
+
+
+async def _watch_until_lost(watch: FrameStream, config: ClientConfig) -> RouterError:
+    """Wait for the watch to end and say why."""
+    try:
+        while await watch.recv() is not None:
+            pass
+    except grpc.aio.AioRpcError as err:
+        return rpc_error(err, config.dial)
+    except RouterError as err:
+        return err
+    return Unavailable("the agent ended the forward")
+
+
+async def _end_watch(watch: FrameStream, lost: asyncio.Task[RouterError]) -> None:
+    """Half-close the watch and let the agent end it (bounded): a clean end, not a cancelled RPC."""
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+        async with asyncio.timeout(CLOSE_GRACE):
+            await watch.send(half_close_frame())
+            await watch.close()
+            await asyncio.wait({lost})
+    if not lost.done():
+        lost.cancel()
+    await asyncio.gather(lost, return_exceptions=True)
+
+
+__all__ = ["PortForward", "PortSpec", "parse_address", "parse_spec", "run_port_forward"]

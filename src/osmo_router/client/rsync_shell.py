@@ -24,14 +24,14 @@ import grpc
 
 from osmo_router.agent.fdio import write_fd
 from osmo_router.channel import open_channel
-from osmo_router.client.bulk import BulkStream, encode_data_frame, rsync_method
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import exit_code_of
 from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError, from_status_number
+from osmo_router.framecodec import fast_method
 from osmo_router.memtune import tune_for_bulk
-from osmo_router.protocol import pb
+from osmo_router.protocol import CLIENT_SERVICE, pb
 from osmo_router.streams import FrameStream
 from osmo_router.transport import WS
 from osmo_router.transport.rollout import ws_transport
@@ -75,8 +75,9 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
     channel = open_channel(config.dial)
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
-        stream = await open_session(config, rsync_method(channel), pb.RsyncRequest, init)
-        return await _bridge(BulkStream.of(stream))
+        method = fast_method(channel, f"/{CLIENT_SERVICE}/Rsync", pb.RsyncResponse)
+        stream = await open_session(config, method, pb.RsyncRequest, init, raw=True)
+        return await _bridge(stream)
     except grpc.aio.AioRpcError as err:
         return _fail(rpc_error(err))
     except RouterError as err:
@@ -91,8 +92,8 @@ async def _run_over_websocket(config: ClientConfig, server_args: list[str]) -> i
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
         stream = await transport.open(pb.OPERATION_RSYNC, init)
-        # WsSessionStream has the BulkStream methods the bridge uses (send_encoded, send, recv).
-        return await _bridge(cast(BulkStream, stream))
+        # WsSessionStream has the FrameStream methods the bridge uses (send_data, send, recv).
+        return await _bridge(cast(FrameStream, stream))
     except RouterError as err:
         return _fail(err)
     finally:
@@ -120,7 +121,7 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-async def _bridge(stream: BulkStream) -> int:
+async def _bridge(stream: FrameStream) -> int:
     sender = asyncio.create_task(_send_stdin(stream))
     try:
         return await _receive(stream, _stdout_writer())
@@ -175,9 +176,9 @@ async def _receive(stream: FrameStream, stdout: _Writer) -> int:
     return exit_code
 
 
-async def _send_stdin(stream: BulkStream) -> None:
+async def _send_stdin(stream: FrameStream) -> None:
     reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
-            await stream.send_encoded(encode_data_frame(chunk))
+            await stream.send_data(chunk)
         await stream.send(pb.Frame(half_close=pb.HalfClose()))

@@ -27,11 +27,27 @@ def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None) -> Rout
     return from_status(err.code(), details)
 
 
-async def open_session(config: ClientConfig, method: Any, request_type: Any, init: Any) -> FrameStream:
-    """Start a stream with its init and wait until the agent joined; raises RouterError on refusal."""
+async def start_session(
+    config: ClientConfig, method: Any, request_type: Any, init: Any, *, raw: bool = False
+) -> FrameStream:
+    """Start a stream with its init, without waiting for the agent (then `wait_ready`).
+
+    Frames may be sent before the ready arrives: the router takes them once the session is paired,
+    which saves a round trip when a connection opens. `raw`: the call was made with framecodec's
+    serializers (see FrameStream).
+    """
     call = method(metadata=config.dial.metadata())
     try:
         await call.write(request_type(init=init))
+    except grpc.aio.AioRpcError as err:
+        raise rpc_error(err, config.dial) from None
+    return FrameStream(call, lambda frame: request_type(frame=frame), raw=raw)
+
+
+async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
+    """Wait for the router's ready (the agent joined); raises RouterError on refusal."""
+    call = stream.call
+    try:
         async with asyncio.timeout(config.connect_timeout + 60.0):
             first = await call.read()
     except grpc.aio.AioRpcError as err:
@@ -49,7 +65,15 @@ async def open_session(config: ClientConfig, method: Any, request_type: Any, ini
     if first.WhichOneof("kind") != "ready":
         call.cancel()
         raise RouterError("the router sent something other than ready")
-    return FrameStream(call, lambda frame: request_type(frame=frame))
 
 
-__all__ = ["open_session", "pb", "rpc_error"]
+async def open_session(
+    config: ClientConfig, method: Any, request_type: Any, init: Any, *, raw: bool = False
+) -> FrameStream:
+    """Start a stream with its init and wait until the agent joined; raises RouterError on refusal."""
+    stream = await start_session(config, method, request_type, init, raw=raw)
+    await wait_ready(config, stream)
+    return stream
+
+
+__all__ = ["open_session", "pb", "rpc_error", "start_session", "wait_ready"]

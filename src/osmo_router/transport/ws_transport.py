@@ -133,10 +133,6 @@ class WsSessionStream:
             with contextlib.suppress(ConnectionError):
                 await self.ws.send_bytes(payload)
 
-    async def send_encoded(self, message: bytes) -> None:
-        """Send a frame given as an encoded frame message (the bulk path of the gRPC stream)."""
-        await self.send(pb.ConnectRequest.FromString(message).frame)
-
     async def send_data(self, payload: bytes) -> None:
         """Send a data frame."""
         await self.send(pb.Frame(data=payload))

@@ -1,0 +1,230 @@
+"""Port-forward sessions on the agent: one TCP connection, one UDP port, or a watch.
+
+Targets are the container's own loopback only; `--allow-ports` narrows which ports. Every refusal
+is an Error frame (then a half-close), so the client can say exactly what went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import ipaddress
+import logging
+import socket
+
+import grpc
+
+from osmo_router.agent.config import AgentConfig
+from osmo_router.agent.forward_udp import UdpRelay
+from osmo_router.errors import RouterError
+from osmo_router.forwarding import WATCH_PORT, drain, retrieve, shutdown_quietly
+from osmo_router.protocol import CHUNK_SIZE, half_close_frame, pb
+from osmo_router.streams import FrameStream
+
+log = logging.getLogger(__name__)
+
+#: How long connecting to a target may take.
+CONNECT_TIMEOUT = 10.0
+
+
+@functools.lru_cache(maxsize=16)
+def parse_port_ranges(entries: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """Port ranges from `--allow-ports` entries ("8080", "8000-9000", "80,443"); ValueError if invalid."""
+    ranges: list[tuple[int, int]] = []
+    for entry in entries:
+        for part in filter(None, (p.strip() for p in entry.split(","))):
+            low, dash, high = part.partition("-")
+            try:
+                first, last = int(low), int(high if dash else low)
+            except ValueError:
+                raise ValueError(f"--allow-ports: {part!r} is not a port or a range like 8000-9000") from None
+            if not 1 <= first <= last <= 65535:
+                raise ValueError(f"--allow-ports: {part!r} is not within 1-65535 (low-high)")
+            ranges.append((first, last))
+    return tuple(ranges)
+
+
+def port_allowed(port: int, allow_ports: tuple[str, ...]) -> bool:
+    """True when no `--allow-ports` were given, or `port` is in one of them."""
+    if not allow_ports:
+        return True
+    return any(low <= port <= high for low, high in parse_port_ranges(allow_ports))
+
+
+def target_hosts(remote_host: str) -> list[str] | None:
+    """Loopback addresses to try for a requested host; None if the host is not the container's loopback."""
+    if remote_host in ("", "localhost"):
+        # IPv4 first, then IPv6, like kubectl: a server may listen on only one of them.
+        return ["127.0.0.1", "::1"]
+    try:
+        address = ipaddress.ip_address(remote_host.strip("[]"))
+    except ValueError:
+        return None
+    return [str(address)] if address.is_loopback else None
+
+
+async def serve_port_forward(stream: FrameStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
+    """Serve one port-forward session (a TCP connection, a UDP port or a watch) to its end."""
+    init = open_msg.port_forward
+    port = init.remote_port
+    if init.protocol != pb.PROTOCOL_UDP and port == WATCH_PORT:
+        await _serve_watch(stream)
+        return
+    if init.protocol not in (pb.PROTOCOL_TCP, pb.PROTOCOL_UDP):
+        await refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, "protocol must be tcp or udp")
+        return
+    if not 1 <= port <= 65535:
+        await refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, f"remote port {port} is not within 1-65535")
+        return
+    if not port_allowed(port, config.allow_ports):
+        allowed = ",".join(config.allow_ports)
+        await refuse(stream, grpc.StatusCode.PERMISSION_DENIED, f"port {port} is not allowed (--allow-ports {allowed})")
+        return
+    hosts = target_hosts(init.remote_host)
+    if hosts is None:
+        message = f"{init.remote_host!r} is not the container's loopback; only loopback ports can be forwarded"
+        await refuse(stream, grpc.StatusCode.PERMISSION_DENIED, message)
+        return
+    if init.protocol == pb.PROTOCOL_UDP:
+        await UdpRelay(stream, hosts[0], port).run()
+    else:
+        await _serve_tcp(stream, hosts, port)
+
+
+async def refuse(stream: FrameStream, code: grpc.StatusCode, message: str) -> None:
+    """Report an error, half-close, end our side and let the call finish."""
+    log.info("port-forward refused: %s", message)
+    await stream.send_error(code, message)
+    await stream.send(half_close_frame())
+    await stream.close()
+    await drain(stream)
+
+
+async def _serve_watch(stream: FrameStream) -> None:
+    """Hold the session open until the client half-closes it; its breaking tells the client we are gone."""
+    while (frame := await stream.recv()) is not None:
+        if frame.WhichOneof("kind") == "half_close":
+            await stream.send(half_close_frame())
+            await stream.close()
+            await drain(stream)
+            return
+
+
+async def _connect(hosts: list[str], port: int) -> socket.socket:
+    """A connected non-blocking socket to the first host that accepts; raises the last OSError."""
+    loop = asyncio.get_running_loop()
+    last: OSError = ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
+    for host in hosts:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await loop.sock_connect(sock, (host, port))
+        except TimeoutError:
+            sock.close()
+            raise
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise last
+
+
+async def _serve_tcp(stream: FrameStream, hosts: list[str], port: int) -> None:
+    where = f"port {port} in the container"
+    try:
+        sock = await _connect(hosts, port)
+    except TimeoutError:
+        await refuse(stream, grpc.StatusCode.DEADLINE_EXCEEDED, f"connecting to {where} timed out")
+        return
+    except OSError as err:
+        reason = "connection refused" if isinstance(err, ConnectionRefusedError) else err.strerror or str(err)
+        await refuse(stream, grpc.StatusCode.UNAVAILABLE, f"{reason} by {where}")
+        return
+    try:
+        await TcpRelay(stream, sock, where).run()
+    finally:
+        sock.close()
+
+
+class TcpRelay:
+    """One forwarded TCP connection: target socket <-> session stream, each direction closing on its own."""
+
+    def __init__(self, stream: FrameStream, sock: socket.socket, where: str) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.where = where
+        self.loop = asyncio.get_running_loop()
+        #: The client's direction is over: it half-closed, or its data can no longer be delivered.
+        self.client_done = asyncio.Event()
+        self._error_sent = False
+
+    async def run(self) -> None:
+        """Relay until both directions are closed (or the session broke)."""
+        # The stream reader is never cancelled (a cancelled read cancels the RPC); it ends by itself.
+        reader = asyncio.create_task(self._from_client())
+        reader.add_done_callback(retrieve)
+        target = asyncio.create_task(self._from_target())
+        client_done = asyncio.create_task(self.client_done.wait())
+        try:
+            await asyncio.wait({target, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not target.done():
+                return  # the session ended first: the client went away or the session failed
+            await asyncio.wait({client_done, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not self.client_done.is_set():
+                return
+            await self.stream.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await asyncio.shield(reader)
+        finally:
+            for task in (target, client_done):
+                task.cancel()
+            await asyncio.gather(target, client_done, return_exceptions=True)
+
+    async def _report(self, message: str) -> None:
+        if not self._error_sent:
+            self._error_sent = True
+            log.info("port-forward: %s", message)
+            await self.stream.send_error(grpc.StatusCode.UNAVAILABLE, message)
+
+    async def _from_target(self) -> None:
+        """Target bytes to data frames; a half-close at the target's EOF (after an Error on a reset)."""
+        try:
+            try:
+                while chunk := await self.loop.sock_recv(self.sock, CHUNK_SIZE):
+                    await self.stream.send_data(chunk)
+            except OSError as err:
+                await self._report(f"{self.where} reset the connection ({err.strerror or err})")
+                self.client_done.set()
+            await self.stream.send(half_close_frame())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the session is gone; the reader sees it too
+
+    async def _from_client(self) -> None:
+        """Data frames to the target; the client's half-close shuts the target's write side."""
+        writable = True
+        try:
+            while (frame := await self.stream.recv()) is not None:
+                kind = frame.WhichOneof("kind")
+                if kind == "data" and writable:
+                    try:
+                        await self.loop.sock_sendall(self.sock, frame.data)
+                    except OSError as err:
+                        writable = False
+                        await self._report(f"{self.where} reset the connection ({err.strerror or err})")
+                        self.client_done.set()
+                elif kind == "half_close" and not self.client_done.is_set():
+                    writable = False
+                    shutdown_quietly(self.sock, socket.SHUT_WR)
+                    self.client_done.set()
+        except (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError) as err:
+            log.info("port-forward session to %s broke: %s", self.where, err)

@@ -1,0 +1,179 @@
+"""Forwarded TCP on the client: each accepted connection gets its own PortForward stream.
+
+All streams share the process's one gRPC channel (one HTTP/2 connection), so a new connection
+costs a stream, not a TLS handshake; HTTP/2 flow control is per stream, so a stalled connection
+holds back only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
+from osmo_router.client.session import rpc_error
+from osmo_router.errors import RouterError, from_status_number
+from osmo_router.forwarding import shutdown_quietly
+from osmo_router.protocol import CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
+from osmo_router.streams import FrameStream
+
+log = logging.getLogger(__name__)
+
+#: Listen backlog: bursts of many connections at once must not be refused.
+BACKLOG = 4096
+
+
+def listen_tcp(address: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on address:port (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class TcpListener:
+    """Accepts local connections on one socket and forwards each to the remote port."""
+
+    def __init__(self, sock: socket.socket, remote_port: int, opener: SessionOpener, reporter: Reporter) -> None:
+        self.sock = sock
+        self.remote_port = remote_port
+        self._opener = opener
+        self._reporter = reporter
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (address, port)."""
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    async def serve(self) -> None:
+        """Accept until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(self.sock)
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: leave the connection in the backlog and let others finish first.
+                    log.warning("accept on %s: %s", host_port(*self.address), err)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._handle(conn, host_port(peer[0], peer[1])))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def close(self) -> None:
+        """Stop accepting and drop the connections in flight."""
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        self.sock.close()
+
+    async def _handle(self, conn: socket.socket, peer: str) -> None:
+        def report(err: RouterError) -> None:
+            self._reporter.connection_error("tcp", peer, self.remote_port, err)
+
+        try:
+            try:
+                stream = await self._opener.start_stream(pb.PROTOCOL_TCP, self.remote_port)
+            except RouterError as err:
+                report(err)
+                return
+            await ConnectionRelay(conn, stream, report, self._opener.wait_ready).run()
+        finally:
+            conn.close()
+
+
+class ConnectionRelay:
+    """One local connection <-> its session stream; half-close carried both ways."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        stream: FrameStream,
+        report: Callable[[RouterError], None],
+        wait_ready: Callable[[FrameStream], Awaitable[None]],
+    ) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.report = report
+        self.wait_ready = wait_ready
+        self.loop = asyncio.get_running_loop()
+        self.aborted = False
+        self.failed = False
+
+    async def run(self) -> None:
+        """Relay until the session ends; a failure is reported (once) as soon as it is known."""
+        upstream = asyncio.create_task(self._local_to_remote())
+        try:
+            await self._remote_to_local()
+            # Wake a pending local read with EOF so the upstream pump ends on its own.
+            shutdown_quietly(self.conn, socket.SHUT_RDWR)
+            await asyncio.wait({upstream}, timeout=CLOSE_GRACE)
+        finally:
+            # Only a pump stuck past the grace, or the forward shutting down, gets here unfinished.
+            shutdown_quietly(self.conn, socket.SHUT_RDWR)
+            upstream.cancel()
+            await asyncio.gather(upstream, return_exceptions=True)
+
+    def _fail(self, err: RouterError) -> None:
+        """Report the failure and close the local connection now; the session's end follows by itself."""
+        if not self.failed and not self.aborted:
+            self.failed = True
+            self.report(err)
+        shutdown_quietly(self.conn, socket.SHUT_RDWR)
+
+    def _abort(self) -> None:
+        """The local side broke (reset): cancel the session, as a reset would."""
+        self.aborted = True
+        self.stream.call.cancel()
+
+    async def _local_to_remote(self) -> None:
+        try:
+            while chunk := await self.loop.sock_recv(self.conn, CHUNK_SIZE):
+                await self.stream.send_data(chunk)
+            await self.stream.send(half_close_frame())
+            await self.stream.close()
+        except OSError:
+            self._abort()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the session is over; the downstream pump reports why
+
+    async def _remote_to_local(self) -> None:
+        try:
+            # The local side's bytes are already on their way: the router holds them until the
+            # agent joins, so a new connection costs no extra round trip.
+            await self.wait_ready(self.stream)
+            while (frame := await self.stream.recv()) is not None:
+                kind = frame.WhichOneof("kind")
+                if kind == "data" and not self.failed:
+                    try:
+                        await self.loop.sock_sendall(self.conn, frame.data)
+                    except OSError:
+                        self._abort()
+                elif kind == "half_close":
+                    shutdown_quietly(self.conn, socket.SHUT_WR)
+                elif kind == "error":
+                    self._fail(from_status_number(frame.error.code, frame.error.message))
+        except grpc.aio.AioRpcError as err:
+            self._fail(rpc_error(err))
+        except RouterError as err:
+            self._fail(err)

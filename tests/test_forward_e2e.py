@@ -1,0 +1,243 @@
+"""port-forward end to end: real router, agent and client processes; real TCP and UDP sockets."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import http.server
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.forward_servers import (
+    TIMEOUT,
+    GreetThenCount,
+    answer_after_eof,
+    closed_port,
+    connect,
+    echo,
+    echo_round_trip,
+    firehose,
+    recv_all,
+    start_forward,
+    tcp_server,
+    udp_echo_server,
+    wait_line,
+)
+from tests.harness import AgentProc, Proc, Router, client_cmd
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
+    """An HTTP server (in a thread) serving a 64 MiB random file; yields (port, sha256)."""
+    blob = os.urandom(64 * 1024 * 1024)
+    (tmp_path / "blob.bin").write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], hashlib.sha256(blob).digest()
+    server.shutdown()
+    server.server_close()
+
+
+def test_64_mib_over_http_arrives_intact(
+    agent: AgentProc, client_args: list[str], http_root: tuple[int, bytes]
+) -> None:
+    http_port, digest = http_root
+    proc, (local,) = start_forward(client_args, f":{http_port}")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{local}/blob.bin", timeout=60) as resp:
+            body = resp.read()
+        assert len(body) == 64 * 1024 * 1024
+        assert hashlib.sha256(body).digest() == digest
+    finally:
+        proc.stop()
+
+
+def test_64_concurrent_connections(agent: AgentProc, client_args: list[str]) -> None:
+    with tcp_server(echo) as port:
+        proc, (local,) = start_forward(client_args, f":{port}")
+        try:
+            payloads = [f"connection {i} ".encode() * (1000 + i) for i in range(64)]
+            with concurrent.futures.ThreadPoolExecutor(64) as pool:
+                results = list(pool.map(functools.partial(echo_round_trip, local), payloads))
+            assert results == payloads
+        finally:
+            proc.stop()
+
+
+def test_half_close_carried_through(agent: AgentProc, client_args: list[str]) -> None:
+    with tcp_server(answer_after_eof) as port:
+        proc, (local,) = start_forward(client_args, f":{port}")
+        try:
+            with connect(local) as sock:
+                sock.sendall(b"z" * 300_000)
+                sock.shutdown(socket.SHUT_WR)  # the server answers only after this EOF
+                assert recv_all(sock) == b"got 300000 bytes"
+        finally:
+            proc.stop()
+
+
+def test_half_close_from_the_target_side(agent: AgentProc, client_args: list[str]) -> None:
+    server = GreetThenCount()
+    with tcp_server(server) as port:
+        proc, (local,) = start_forward(client_args, f":{port}")
+        try:
+            with connect(local) as sock:
+                assert recv_all(sock) == b"hello, then EOF"  # the target's EOF arrived ...
+                sock.sendall(b"q" * 200_000)  # ... and our direction still flows
+                sock.shutdown(socket.SHUT_WR)
+                assert server.done.wait(TIMEOUT)
+                assert server.received == [200_000]
+                assert sock.recv(10) == b""
+        finally:
+            proc.stop()
+
+
+def test_udp_echo_100_of_100(agent: AgentProc, client_args: list[str]) -> None:
+    with udp_echo_server() as port:
+        proc, (local,) = start_forward(client_args, "--protocol", "udp", f":{port}")
+        try:
+            # Two local senders share the forward; each must get exactly its own replies.
+            senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+            expected: list[set[bytes]] = [set(), set()]
+            for i in range(100):
+                payload = f"datagram {i:03d}".encode()
+                senders[i % 2].sendto(payload, ("127.0.0.1", local))
+                expected[i % 2].add(b"echo:" + payload)
+            for sock, wanted in zip(senders, expected, strict=True):
+                got: set[bytes] = set()
+                sock.settimeout(TIMEOUT)
+                while got != wanted:
+                    data = sock.recv(65536)
+                    assert data in wanted, data
+                    got.add(data)
+                sock.close()
+        finally:
+            proc.stop()
+
+
+def test_udp_on_ipv6(agent: AgentProc, client_args: list[str]) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with udp_echo_server() as port:
+        proc, (local,) = start_forward(client_args, "--protocol", "udp", "--address", "::1", f":{port}")
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(TIMEOUT)
+                wanted = {f"v6 datagram {i}".encode() for i in range(10)}
+                for payload in wanted:
+                    sock.sendto(payload, ("::1", local))
+                got = {sock.recv(65536) for _ in wanted}
+                assert got == {b"echo:" + p for p in wanted}
+        finally:
+            proc.stop()
+
+
+def test_refused_target_closes_promptly_and_forward_goes_on(agent: AgentProc, client_args: list[str]) -> None:
+    refused = closed_port()
+    with tcp_server(echo) as port:
+        # Two ports in one command: one refused, one served.
+        proc, (bad, good) = start_forward(client_args, f":{refused}", f":{port}", count=2)
+        try:
+            with connect(bad) as sock:
+                started = time.monotonic()
+                try:
+                    assert sock.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+                assert time.monotonic() - started < 10
+            line = wait_line(proc, lambda ln: "refused" in ln and f"-> {refused}:" in ln)
+            assert "UNAVAILABLE" in line
+            assert echo_round_trip(good, b"still served") == b"still served"
+            assert echo_round_trip(bad, b"") == b""  # the refused port refuses again, the process lives
+            wait_line(proc, lambda ln: len([x for x in proc.lines if "refused" in x]) == 2)
+            proc.signal(signal.SIGTERM)
+            assert proc.wait_exit(TIMEOUT) == 0  # the forward lived on until told to stop
+            assert len([ln for ln in proc.lines if "refused" in ln]) == 2  # one line per connection
+        finally:
+            proc.stop()
+
+
+def test_ipv6_bind_with_json_output(agent: AgentProc, client_args: list[str]) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with tcp_server(echo, host="::1") as port:  # the target listens on ::1 only
+        proc = Proc(client_cmd("port-forward", *client_args, "--address", "::1", "--json", f":{port}"))
+        try:
+            line = proc.wait_for(lambda r: r["line"].startswith("{"), stdout=True)["line"]
+            event = json.loads(line)
+            assert event["event"] == "forwarding" and event["protocol"] == "tcp"
+            assert event["local_address"] == "::1" and event["remote_port"] == port
+            assert echo_round_trip(event["local_port"], b"over ipv6", host="::1") == b"over ipv6"
+        finally:
+            proc.stop()
+
+
+def test_two_ports_in_one_command(agent: AgentProc, client_args: list[str]) -> None:
+    with tcp_server(echo) as first, tcp_server(answer_after_eof) as second:
+        proc, (one, two) = start_forward(client_args, f":{first}", f":{second}", count=2)
+        try:
+            assert echo_round_trip(one, b"first") == b"first"
+            assert echo_round_trip(two, b"12345") == b"got 5 bytes"
+        finally:
+            proc.stop()
+
+
+def test_stalled_connection_does_not_block_another(agent: AgentProc, client_args: list[str]) -> None:
+    with tcp_server(firehose) as hose, tcp_server(echo) as port:
+        proc, (stalled_port, live) = start_forward(client_args, f":{hose}", f":{port}", count=2)
+        stalled = connect(stalled_port)
+        try:
+            # Let the firehose fill every buffer on its path, then never read again.
+            assert len(stalled.recv(65536)) > 0
+            payload = os.urandom(8 * 1024 * 1024)
+            for _ in range(3):
+                assert echo_round_trip(live, payload) == payload
+            # Interrupting the forward ends it at once, stuck connection or not.
+            started = time.monotonic()
+            proc.signal(signal.SIGINT)
+            assert proc.wait_exit(TIMEOUT) == 0
+            assert time.monotonic() - started < 10
+        finally:
+            stalled.close()
+            proc.stop()
+
+
+def test_allow_ports_refusal_is_reported(router: Router, workflow: str, client_args: list[str]) -> None:
+    with tcp_server(echo) as allowed, tcp_server(echo) as denied:
+        agent = AgentProc(router.address, workflow, "--allow-ports", f"{allowed}")
+        proc, (ok, refused) = start_forward(client_args, f":{allowed}", f":{denied}", count=2)
+        try:
+            assert echo_round_trip(ok, b"allowed") == b"allowed"
+            assert echo_round_trip(refused, b"denied") == b""
+            line = wait_line(proc, lambda ln: "PERMISSION_DENIED" in ln)
+            assert "not allowed" in line
+        finally:
+            proc.stop()
+            agent.stop()
+
+
+def test_legacy_operation_form(agent: AgentProc, client_args: list[str]) -> None:
+    local = closed_port()
+    with tcp_server(echo) as port:
+        argv = ["--operation=portforward", *client_args, "--protocol=tcp", f"--remote-port={port}"]
+        proc = Proc(client_cmd(*argv, f"--local-port={local}"))
+        try:
+            proc.wait_for(lambda r: r["line"] == f"Forwarding from 127.0.0.1:{local} -> {port}", stdout=True)
+            assert echo_round_trip(local, b"legacy") == b"legacy"
+            proc.signal(signal.SIGTERM)
+            assert proc.wait_exit(TIMEOUT) == 0
+        finally:
+            proc.stop()

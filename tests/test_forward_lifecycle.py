@@ -1,0 +1,131 @@
+"""port-forward lifecycle end to end: no agent, agent or router lost, --reconnect, idle expiry, TLS + tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.forward_servers import TIMEOUT, echo, echo_round_trip, start_forward, tcp_server, wait_line
+from tests.harness import AgentProc, Proc, Router, client_cmd
+from tests.security_kit import Pki, Signer
+
+
+def test_no_agent_gives_255_and_a_clear_line(router: Router) -> None:
+    args = ["--router-address", router.address, "--workflow-id", "wf-nobody", "--tls=false"]
+    proc = Proc(client_cmd("port-forward", *args, ":8080"))
+    try:
+        assert proc.wait_exit(TIMEOUT) == 255
+        assert proc.out_lines == []  # never announced a forward
+        assert any("wf-nobody" in line and "UNAVAILABLE" in line for line in proc.lines), proc.lines
+    finally:
+        proc.stop()
+
+
+def test_agent_lost_exits_255(router: Router, workflow: str, client_args: list[str]) -> None:
+    agent = AgentProc(router.address, workflow)
+    proc, _ = start_forward(client_args, ":8080")
+    try:
+        agent.popen.kill()
+        assert proc.wait_exit(TIMEOUT) == 255
+        assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
+    finally:
+        proc.stop()
+        agent.stop()
+
+
+def test_reconnect_waits_for_the_first_agent(router: Router, workflow: str, client_args: list[str]) -> None:
+    with tcp_server(echo) as port:
+        proc = Proc(client_cmd("port-forward", *client_args, "--reconnect", f":{port}"))
+        agent: AgentProc | None = None
+        try:
+            wait_line(proc, lambda ln: "waiting for an agent" in ln)
+            assert proc.out_lines == []  # nothing listens before the agent is there
+            agent = AgentProc(router.address, workflow)
+            line = proc.wait_for(lambda r: r["line"].startswith("Forwarding from"), stdout=True)["line"]
+            local = int(line.split()[2].rsplit(":", 1)[1])
+            assert echo_round_trip(local, b"first agent") == b"first agent"
+        finally:
+            proc.stop()
+            if agent is not None:
+                agent.stop()
+
+
+def test_idle_expiry_of_the_watch_is_not_a_loss(workflow: str) -> None:
+    router = Router("--session-ttl", "1s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    with tcp_server(echo) as port:
+        proc, (local,) = start_forward(args, f":{port}")
+        try:
+            router.wait_for(lambda r: r.get("event") == "session end" and r.get("status") == "DEADLINE_EXCEEDED")
+            assert echo_round_trip(local, b"after expiry") == b"after expiry"
+            assert proc.popen.poll() is None
+            assert not any("is gone" in line for line in proc.lines), proc.lines
+        finally:
+            proc.stop()
+            agent.stop()
+            router.stop()
+
+
+def test_router_lost_exits_255(workflow: str) -> None:
+    router = Router()
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    proc, _ = start_forward(args, ":8080")
+    try:
+        router.popen.kill()
+        assert proc.wait_exit(TIMEOUT) == 255
+        assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
+    finally:
+        proc.stop()
+        agent.stop()
+        router.stop()
+
+
+def test_reconnect_survives_an_agent_restart(router: Router, workflow: str, client_args: list[str]) -> None:
+    first = AgentProc(router.address, workflow)
+    with tcp_server(echo) as port:
+        proc, (local,) = start_forward(client_args, "--reconnect", f":{port}")
+        second: AgentProc | None = None
+        try:
+            assert echo_round_trip(local, b"before") == b"before"
+            first.popen.kill()
+            wait_line(proc, lambda ln: "is gone" in ln and "reconnecting" in ln)
+            second = AgentProc(router.address, workflow)
+            wait_line(proc, lambda ln: "agent is back" in ln)
+            assert echo_round_trip(local, b"after") == b"after"
+            assert proc.popen.poll() is None
+        finally:
+            proc.stop()
+            first.stop()
+            if second is not None:
+                second.stop()
+
+
+def test_forward_over_tls_with_tokens(tmp_path: Path) -> None:
+    pki = Pki.create(tmp_path)
+    signer = Signer.rs256()
+    (tmp_path / "jwt.pub.pem").write_bytes(signer.public_pem())
+    router = Router(
+        *("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pub.pem")),
+        secure=True,
+    )
+    agent_token = signer.token("pod-1", workflows=["wf-tls"], role="agent")
+    agent = AgentProc(router.address, "wf-tls", "--tls-ca", str(pki.ca), "--token", agent_token, tls=True)
+    base = ["--router-address", router.address, "--workflow-id", "wf-tls", "--tls-ca", str(pki.ca)]
+    with tcp_server(echo) as port:
+        proc, (local,) = start_forward([*base, "--token", signer.token("alice", workflows=["wf-tls"])], f":{port}")
+        # A user whose token does not cover the workflow is refused before anything listens.
+        intruder = Proc(client_cmd("port-forward", *base, "--token", signer.token("mallory", workflows=["x"]), ":1"))
+        try:
+            assert echo_round_trip(local, b"over tls") == b"over tls"
+            end = router.wait_for(lambda r: r.get("event") == "session end" and r.get("user") == "alice")
+            assert end["operation"] == "portforward"
+            assert intruder.wait_exit(TIMEOUT) == 255
+            assert intruder.out_lines == []
+            assert any("PERMISSION_DENIED" in line for line in intruder.lines), intruder.lines
+        finally:
+            intruder.stop()
+            proc.stop()
+            agent.stop()
+            router.stop()

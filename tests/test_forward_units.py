@@ -1,0 +1,91 @@
+"""Units of port-forward: SPEC and address parsing, --allow-ports, targets, peers, the data-frame codec."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from osmo_router.agent.forward import parse_port_ranges, port_allowed, target_hosts
+from osmo_router.client.forward import PortSpec, parse_address, parse_spec
+from osmo_router.forwarding import format_peer, parse_peer
+from osmo_router.framecodec import decode_data_message, encode_data_message, fast_deserializer, raw_serializer
+from osmo_router.protocol import pb
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [("8080:80", PortSpec(8080, 80)), ("5432", PortSpec(5432, 5432)), (":443", PortSpec(0, 443))],
+)
+def test_spec_forms(text: str, spec: PortSpec) -> None:
+    assert parse_spec(text) == spec
+
+
+@pytest.mark.parametrize("text", ["", ":", "abc", "80:", "0", "70000", "1:2:3", "-1:80", "80:0"])
+def test_bad_specs_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_spec(text)
+
+
+def test_addresses() -> None:
+    assert parse_address("127.0.0.1") == "127.0.0.1"
+    assert parse_address("[::1]") == "::1"
+    assert parse_address("localhost") == "127.0.0.1"
+    with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
+        parse_address("example.com")
+
+
+def test_allow_ports() -> None:
+    assert port_allowed(1, ())  # no list: every port
+    allow = ("8080", "9000-9002,22")
+    assert [p for p in (22, 8080, 8999, 9000, 9002, 9003) if port_allowed(p, allow)] == [22, 8080, 9000, 9002]
+    for bad in ("x", "0", "9-1", "1-70000", "80-"):
+        with pytest.raises(ValueError, match="--allow-ports"):
+            parse_port_ranges((bad,))
+
+
+def test_only_loopback_targets() -> None:
+    assert target_hosts("") == ["127.0.0.1", "::1"]
+    assert target_hosts("127.0.0.5") == ["127.0.0.5"]
+    assert target_hosts("[::1]") == ["::1"]
+    assert target_hosts("10.0.0.1") is None
+    assert target_hosts("example.com") is None
+
+
+def test_peer_text_round_trip() -> None:
+    assert format_peer(("127.0.0.1", 5353)) == "127.0.0.1:5353"
+    assert format_peer(("::1", 5353, 0, 0)) == "[::1]:5353"
+    assert parse_peer("[::1]:5353") == ("::1", 5353)
+    assert parse_peer("127.0.0.1:9") == ("127.0.0.1", 9)
+    with pytest.raises(ValueError):
+        parse_peer("nonsense")
+
+
+@given(st.binary(max_size=70_000))
+def test_codec_matches_protobuf(payload: bytes) -> None:
+    encoded = encode_data_message(payload)
+    assert encoded == pb.ConnectRequest(frame=pb.Frame(data=payload)).SerializeToString()
+    assert decode_data_message(encoded) == payload
+    message = fast_deserializer(pb.PortForwardResponse)(encoded)
+    assert message.WhichOneof("kind") == "frame"
+    assert message.frame.WhichOneof("kind") == "data" and message.frame.data == payload
+
+
+def test_codec_leaves_other_messages_to_protobuf() -> None:
+    deserialize = fast_deserializer(pb.PortForwardResponse)
+    for message in (
+        pb.PortForwardResponse(frame=pb.Frame(half_close=pb.HalfClose())),
+        pb.PortForwardResponse(frame=pb.Frame(stderr=b"err")),
+        pb.PortForwardResponse(frame=pb.Frame(datagram=pb.Datagram(payload=b"d", peer="p"))),
+        pb.PortForwardResponse(end=pb.SessionEnd()),
+        pb.PortForwardResponse(ready=pb.SessionReady(session_key="k")),
+    ):
+        raw = message.SerializeToString()
+        assert decode_data_message(raw) is None
+        assert deserialize(raw) == message
+    # Truncated or padded data messages are not taken for data frames.
+    good = encode_data_message(b"abc")
+    for broken in (good[:-1], good + b"x", good[:2], b"\x12\xff"):
+        assert decode_data_message(broken) is None
+    assert raw_serializer(b"raw") == b"raw"
+    assert raw_serializer(pb.PortForwardRequest(frame=pb.Frame(data=b"x"))) == encode_data_message(b"x")
