@@ -13,10 +13,12 @@ It carries no exit status, no stderr of its own and no signals.
 Optional extensions, only used when the client asks for them with query parameters (an old client
 never does, so it sees the old bytes exactly): `cmd` (repeatable; the argv to run), `tty=0` (pipe
 mode: no size parsing of later messages), `term`, `exit=1` (the router's final close carries the
-exit status as its reason, `exit:N` or `signal:N`), `port`/`host` (port-forward target), `arg`
+exit status as its reason, `exit:N` or `signal:N`), `eof=1` (the agent's half-close reaches the
+client as an empty message: TCP half-close both ways), `port`/`host` (port-forward target), `arg`
 (repeatable; rsync server argv) and `task`. A new backend (`osmo-router agent --transport ws`) asks
 with `init=1` for the session's `SessionOpen` (protobuf) as its first message instead of the size,
-and reports its exit status as the reason of its close (`exit:N`, `signal:N`).
+reports its exit status as the reason of its close (`exit:N`, `signal:N`), and an error as the
+router does (close code 4000, `CODE: message`).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def session_url(base: str, operation: int, workflow: str, side: str, key: str, q
 
 def client_query(init: pb.ExecInit | pb.PortForwardInit | pb.RsyncInit, want_exit: bool) -> list[tuple[str, str]]:
     """The extension parameters that carry what an init says beyond the old protocol."""
-    query: list[tuple[str, str]] = []
+    query: list[tuple[str, str]] = [("eof", "1")]
     if init.target.task:
         query.append(("task", init.target.task))
     if isinstance(init, pb.ExecInit):

@@ -87,6 +87,6 @@ async def serve_ws_session(config: WsBackendConfig) -> int:
         except (RouterError, ConnectionError, asyncio.CancelledError) as err:
             log.info("session %s ended: %r", config.session_key[:8], err)
         finally:
-            await stream.close()
+            await stream.aclose()
     log.info("session %s served", config.session_key[:8], extra={"fields": {"event": "session served"}})
     return 0

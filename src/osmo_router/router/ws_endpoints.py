@@ -6,7 +6,8 @@ side, through the same code path. The translation is `wsproto.frame_to_message` 
 `wsproto.message_to_frame`; what the old protocol cannot carry is handled here:
 
 - towards a WS client, an exit status is dropped (or, with the `exit=1` extension, becomes the
-  reason of the final close); an error frame closes with code 4000 and `CODE: message`;
+  reason of the final close), and so is the agent's half-close (or, with `eof=1`, it is the empty
+  message); an error frame closes with code 4000 and `CODE: message`;
 - from a WS backend, the end of its pipe (empty message or close) is its half-close, and for exec
   it also stands for exit status 0: the old protocol has no exit codes, and its clients took a
   clean end as success.
@@ -71,11 +72,14 @@ async def _receive(ws: web.WebSocketResponse) -> bytes | str | None:
 class WsClientEndpoint:
     """The user's side of a session over the old protocol."""
 
-    def __init__(self, ws: web.WebSocketResponse, session: Session, *, parse_resize: bool, want_exit: bool) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, session: Session, *, parse_resize: bool, want_exit: bool, want_eof: bool
+    ) -> None:
         self._ws = ws
         self._session = session
         self._parse_resize = parse_resize
         self._want_exit = want_exit
+        self._want_eof = want_eof
         self._exit: pb.ExitStatus | None = None
         self._closing = False
 
@@ -104,6 +108,9 @@ class WsClientEndpoint:
         elif kind == "error":
             code = _status_code(frame.error.code)
             await self._close(CLOSE_ERROR, error_reason(code, frame.error.message))
+        elif kind == "half_close":
+            if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
+                await self._ws.send_bytes(b"")
         elif (payload := frame_to_message(frame, to_backend=False)) is not None:
             await self._ws.send_bytes(payload)
 

@@ -32,6 +32,8 @@ class ClientInit:
     first_message: bytes | None = None
     parse_resize: bool = False
     want_exit: bool = False
+    #: The `eof=1` extension: the agent's half-close reaches the client as an empty message.
+    want_eof: bool = False
 
 
 def _flag(query: MultiMapping[str], name: str, default: bool) -> bool:
@@ -73,7 +75,7 @@ async def client_init(
 ) -> ClientInit:
     """The init of a WS client's session (reads the size message of an exec session)."""
     target = pb.SessionTarget(workflow_id=workflow, task=query.get("task", ""), session_key=key)
-    want_exit = _flag(query, "exit", False)
+    want_exit, want_eof = _flag(query, "exit", False), _flag(query, "eof", False)
     if operation == pb.OPERATION_EXEC:
         first = await first_message(ws, timeout)
         rows, cols = parse_size(first)
@@ -85,11 +87,11 @@ async def client_init(
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=query.get("term", ""),
         )
-        return ClientInit(target, pb.SessionOpen(exec=init), first, parse_resize=tty, want_exit=want_exit)
+        return ClientInit(target, pb.SessionOpen(exec=init), first, tty, want_exit, want_eof)
     if operation == pb.OPERATION_PORT_FORWARD:
         forward = pb.PortForwardInit(
             target=target, protocol=pb.PROTOCOL_TCP, remote_port=_port(query), remote_host=query.get("host", "")
         )
-        return ClientInit(target, pb.SessionOpen(port_forward=forward))
+        return ClientInit(target, pb.SessionOpen(port_forward=forward), want_exit=want_exit, want_eof=want_eof)
     rsync = pb.RsyncInit(target=target, server_args=_args(query, "arg"))
-    return ClientInit(target, pb.SessionOpen(rsync=rsync), want_exit=want_exit)
+    return ClientInit(target, pb.SessionOpen(rsync=rsync), want_exit=want_exit, want_eof=want_eof)

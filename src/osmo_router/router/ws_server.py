@@ -152,7 +152,9 @@ class WsServer:
             return ws
         if init.first_message is not None:
             self._first_messages[session] = init.first_message
-        endpoint = WsClientEndpoint(ws, session, parse_resize=init.parse_resize, want_exit=init.want_exit)
+        endpoint = WsClientEndpoint(
+            ws, session, parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof
+        )
         await self._run_client(session, ws, endpoint, timeout, request.remote or "unknown")
         return ws
 

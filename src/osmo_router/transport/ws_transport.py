@@ -114,7 +114,10 @@ class WsSessionStream:
         self._ended = False
         self._exit: pb.ExitStatus | None = None
         self._error: str | None = None
+        self._half_closed = False
         self.closed_for_writing = False
+        #: What FrameStream users cancel to abort a session (a reset): here it drops the WebSocket.
+        self.call = _Abort(self)
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame in its old form; what the old protocol cannot carry is dropped."""
@@ -122,6 +125,9 @@ class WsSessionStream:
             self._exit = frame.exit_status  # a backend reports it as its close reason
             return
         if frame.WhichOneof("kind") == "half_close":
+            if self._half_closed:
+                return
+            self._half_closed = True
             payload: bytes | None = b""  # EOF of this direction, both ways
         else:
             payload = frame_to_message(frame, to_backend=not self._backend)
@@ -173,7 +179,20 @@ class WsSessionStream:
         return pb.Frame(exit_status=status) if status is not None else None
 
     async def close(self) -> None:
-        """Close the WebSocket (the old protocol has no half-close beyond the empty message)."""
+        """End this side, as FrameStream.close does on gRPC.
+
+        A client only half-closes (the empty message; the agent's output keeps coming until the
+        router closes). A backend ends its stream: the WebSocket's close, whose reason carries the
+        exit status or the error (the router ends the session then, as for a gRPC agent).
+        """
+        if not self._backend:
+            await self.send(pb.Frame(half_close=pb.HalfClose()))
+            self.closed_for_writing = True
+            return
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the WebSocket now."""
         async with self._write_lock:
             self.closed_for_writing = True
         code, reason = CLOSE_NORMAL, ""
@@ -183,6 +202,21 @@ class WsSessionStream:
             reason = exit_reason(self._exit)
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=reason.encode())
+
+
+class _Abort:
+    """`stream.call.cancel()` of a WebSocket session: close it at once, from synchronous code."""
+
+    def __init__(self, stream: WsSessionStream) -> None:
+        self._stream = stream
+        self._task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> bool:
+        """Start closing the WebSocket; True the first time."""
+        if self._task is not None:
+            return False
+        self._task = asyncio.get_running_loop().create_task(self._stream.aclose())
+        return True
 
 
 class WsTransport:
