@@ -1,9 +1,10 @@
 """WebSocket path versus gRPC path through the same router, in the same run.
 
-Exec echo round trip (one small message to `cat` and back, p50/p99) and exec bulk throughput
-(a blob through `cat`), for a gRPC client and a WebSocket client meeting the same gRPC agent, and
-for a WebSocket client meeting a WebSocket backend. Printed as figures and as ratios to gRPC.
-TCP forward throughput joins once port-forward is in main.
+TCP forward throughput (one connection through `osmo-net-client port-forward --transport grpc|ws`,
+download and upload, best of a few runs), exec echo round trip (one small message to `cat` and
+back, p50/p99) and exec bulk throughput (a blob through `cat`), for a gRPC client and a WebSocket
+client meeting the same gRPC agent; the exec figures also for a WebSocket client meeting a
+WebSocket backend. Printed as figures and as ratios WebSocket / gRPC.
 
     .venv/bin/python -m bench.bench_ws [--quick]
 """
@@ -19,14 +20,17 @@ import time
 import uuid
 from typing import Any
 
+from bench.bench_forward import best_rate, download, upload
+from bench.forward_targets import BulkServer
 from osmo_router.channel import DialConfig
 from osmo_router.client.config import ClientConfig
 from osmo_router.protocol import CHUNK_SIZE, pb
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.transport.ws_transport import WsTransport
+from tests.forward_servers import start_forward
 from tests.harness import AgentProc, Router
-from tests.ws_kit import WsBackendProc, new_key
+from tests.ws_kit import WsBackendProc, client_args, new_key
 
 
 async def _open_cat(transport: Transport, workflow: str, key: str = "") -> SessionStream:
@@ -47,7 +51,7 @@ async def echo_rtt(transport: Transport, workflow: str, rounds: int, key: str = 
     for i in range(rounds + 10):
         payload = f"{i:063d}\n".encode()
         started = time.perf_counter()
-        await stream.send(pb.Frame(data=payload))
+        await stream.send_data(payload)
         got = b""
         while len(got) < len(payload):
             frame = await stream.recv()
@@ -68,7 +72,7 @@ async def bulk_throughput(transport: Transport, workflow: str, size: int, key: s
 
     async def send() -> None:
         for _ in range(size // CHUNK_SIZE):
-            await stream.send(pb.Frame(data=chunk))
+            await stream.send_data(chunk)
         await stream.send(pb.Frame(half_close=pb.HalfClose()))
 
     sender = asyncio.create_task(send())
@@ -123,13 +127,29 @@ async def _measure_ws_backend(router: Router, dial: DialConfig, ws_address: str,
     return out
 
 
+def forward_throughput(router: Router, workflow: str, transport: str, total: int, runs: int) -> dict[str, float]:
+    """MiB/s of one forwarded TCP connection each way, the CLI on `transport`."""
+    out: dict[str, float] = {}
+    with BulkServer(total) as target:
+        proc, (local,) = start_forward(client_args(router, workflow, transport), f":{target.port}")
+        try:
+            for name, transfer in (("download", download), ("upload", upload)):
+                out[f"forward_{name}_mib_s"] = round(best_rate(transfer, local, total, runs), 1)
+        finally:
+            proc.stop()
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     """Start a router and an agent, measure both paths, return the figures and ws/grpc ratios."""
     router = Router()
     workflow = f"bench-{uuid.uuid4().hex[:6]}"
     agent = AgentProc(router.address, workflow)
+    total, runs = (64 << 20, 2) if quick else (256 << 20, 3)
     try:
         results = asyncio.run(_measure(router, workflow, quick))
+        for transport in ("grpc", "ws"):
+            results[transport].update(forward_throughput(router, workflow, transport, total, runs))
     finally:
         agent.stop()
         router.stop()
@@ -138,6 +158,8 @@ def run(quick: bool) -> dict[str, Any]:
         "exec_echo_p50": round(ws["exec_echo"]["p50_ms"] / grpc["exec_echo"]["p50_ms"], 2),
         "exec_echo_p99": round(ws["exec_echo"]["p99_ms"] / grpc["exec_echo"]["p99_ms"], 2),
         "exec_throughput": round(ws["exec_mib_s"] / grpc["exec_mib_s"], 2),
+        "forward_download": round(ws["forward_download_mib_s"] / grpc["forward_download_mib_s"], 2),
+        "forward_upload": round(ws["forward_upload_mib_s"] / grpc["forward_upload_mib_s"], 2),
     }
     return results
 
