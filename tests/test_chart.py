@@ -460,3 +460,17 @@ def test_dockerfile_entrypoint_and_ports() -> None:
     assert re.search(r'^ENTRYPOINT \["osmo-router"\]', text, re.M)
     exposed = {p for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
     assert {"50051", "8080"} <= exposed
+
+
+def test_scale_out_wires_the_peer_secret_and_directory_ttl(values: dict[str, Any], serve: click.Command) -> None:
+    deployment = template("deployment.yaml")
+    # The secret comes from a Secret through the environment variable --peer-secret reads, never argv.
+    assert re.search(r"name: OSMO_PEER_SECRET\s*\n\s*valueFrom:\s*\n\s*secretKeyRef:", deployment)
+    assert "--peer-secret=" not in deployment
+    option = next(p for p in serve.params if p.name == "peer_secret")
+    assert isinstance(option, click.Option) and option.envvar == "OSMO_PEER_SECRET"
+    defaults = {p.name: p.default for p in serve.params}
+    assert parse_duration(values["redis"]["directoryTtl"]) == parse_duration(str(defaults["directory_ttl"]))
+    args = normalize_bool_flags(rendered_args(values)[1:], bool_option_names(serve))
+    params = serve.make_context("serve", args).params
+    assert params["directory_ttl"] == parse_duration(values["redis"]["directoryTtl"])

@@ -157,7 +157,31 @@ def main_group() -> None:
     envvar="OSMO_REDIS_URL",
     help="Share the session directory with other replicas through Redis.",
 )
-@click.option("--advertise-address", default=None, help="host:port other replicas use to reach this one.")
+@click.option(
+    "--advertise-address",
+    default=None,
+    help="host:port other replicas use to reach this one (default: --host and the gRPC port).",
+)
+@click.option(
+    "--peer-secret",
+    default=None,
+    envvar="OSMO_PEER_SECRET",
+    help="Shared secret replicas prove themselves with when relaying streams; required with --redis-url "
+    "unless --auth=none [env OSMO_PEER_SECRET].",
+)
+@click.option("--peer-tls-ca", default=None, help="CA bundle to verify other replicas with (default: system store).")
+@click.option(
+    "--peer-tls-server-name",
+    default=None,
+    help="Name to verify in other replicas' certificates (default: the host of their advertise address).",
+)
+@click.option(
+    "--directory-ttl",
+    type=DURATION,
+    default="45s",
+    show_default=True,
+    help="Lifetime of this replica's entries in Redis; refreshed every third of it, gone this long after a crash.",
+)
 @_log_options
 def serve(log_level: str, log_format: str, **options: Any) -> None:
     """Run the router."""
@@ -190,7 +214,8 @@ def _dial_options(f: Any) -> Any:
                 "--router-address",
                 envvar="OSMO_ROUTER_ADDRESS",
                 required=True,
-                help="host:port of the router [env OSMO_ROUTER_ADDRESS].",
+                help="host:port of the router; an agent may list several, comma-separated, tried in turn "
+                "[env OSMO_ROUTER_ADDRESS].",
             ),
             click.option(
                 "--tls/--no-tls", default=True, show_default=True, envvar="OSMO_TLS", help="Dial the router over TLS."

@@ -59,10 +59,17 @@ class Agent:
         self._closing = False
 
     async def run(self) -> None:
-        """Register and serve forever, reconnecting with exponential backoff and jitter."""
+        """Register and serve forever, reconnecting with exponential backoff and jitter.
+
+        `--router-address` may list several routers (comma-separated): each attempt dials the next.
+        """
         backoff = self.config.backoff_initial
+        addresses = [a.strip() for a in self.config.dial.address.split(",") if a.strip()]
+        attempt = 0
         while not self._closing:
-            self._channel = open_channel(self.config.dial)
+            address = addresses[attempt % len(addresses)] if addresses else self.config.dial.address
+            attempt += 1
+            self._channel = open_channel(replace(self.config.dial, address=address))
             try:
                 await self._register_and_serve(self._channel)
                 backoff = self.config.backoff_initial

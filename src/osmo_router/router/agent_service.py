@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -15,11 +15,15 @@ from osmo_router.protocol import AGENT_SERVICE, pb
 from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator
 from osmo_router.router.config import RouterConfig
+from osmo_router.router.directory import Directory, MemoryDirectory
 from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import SessionStore, check_id
+
+if TYPE_CHECKING:
+    from osmo_router.router.scaleout import ScaleOut
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +38,17 @@ class AgentService:
         registry: AgentRegistry,
         auth: Authenticator,
         metrics: RouterMetrics,
+        directory: Directory | None = None,
     ) -> None:
         self._config = config
         self._sessions = sessions
         self._registry = registry
         self._auth = auth
         self._metrics = metrics
+        self._directory = directory or MemoryDirectory()
         self.accepting = True
+        #: Set when replicas share a directory: Connect streams whose session is elsewhere are relayed there.
+        self.scaleout: ScaleOut | None = None
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a grpc.aio server."""
@@ -52,9 +60,17 @@ class AgentService:
                 "Register": grpc.stream_stream_rpc_method_handler(
                     self._register, response_serializer=pb.RegisterResponse.SerializeToString
                 ),
-                "Connect": grpc.stream_stream_rpc_method_handler(self._connect),
+                "Connect": self.connect_method(),
             },
         )
+
+    def connect_method(self, peer: Authenticator | None = None) -> grpc.RpcMethodHandler:
+        """The Connect handler; with `peer`, for agent streams another replica relays (served here)."""
+
+        async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await self.serve_connect(context, peer)
+
+        return grpc.stream_stream_rpc_method_handler(connect)
 
     async def _register(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
@@ -68,8 +84,10 @@ class AgentService:
         self._metrics.agents_registered.set(len(self._registry))
         log.info("agent %s registered for workflow %s task %r", reg.agent_id, reg.workflow_id, reg.task)
         try:
+            await self._directory.agent_registered(reg)
             await self._serve_registration(reg, context)
         finally:
+            self._directory.agent_unregistered(reg)
             self._registry.unregister(reg)
             self._metrics.agents_registered.set(len(self._registry))
             log.info("agent %s unregistered", reg.agent_id)
@@ -130,14 +148,22 @@ class AgentService:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def _connect(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def serve_connect(
+        self, context: grpc.aio.ServicerContext[Any, Any], peer: Authenticator | None = None
+    ) -> None:
+        """Serve one agent Connect stream: join (or relay to the replica holding the session), relay."""
         try:
-            identity = await authenticate_call(self._auth, context)
+            identity = await authenticate_call(peer or self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
             try:
                 request = pb.ConnectRequest.FromString(raw)
             except DecodeError as err:
                 raise InvalidArgument(f"malformed init message: {err}") from None
+            if self.scaleout is not None:
+                place = await self.scaleout.place_agent(identity, request.init, from_peer=peer is not None)
+                if place.owner is not None:
+                    await self.scaleout.relay_agent(place.owner, identity, raw, request.init, context)
+                    return
             session = self._sessions.join_agent(identity, request.init)
         except RouterError as err:
             self._metrics.error("connect", err.code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -18,6 +18,9 @@ from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_ca
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
+
+if TYPE_CHECKING:
+    from osmo_router.router.scaleout import ScaleOut
 
 InitParser = Callable[[bytes], tuple[pb.SessionTarget, pb.SessionOpen]]
 
@@ -53,30 +56,48 @@ class ClientService:
         self._sessions = sessions
         self._auth = auth
         self._metrics = metrics
+        #: Set when replicas share a directory: streams whose agent is elsewhere are relayed there.
+        self.scaleout: ScaleOut | None = None
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a grpc.aio server."""
+        return grpc.method_handlers_generic_handler(CLIENT_SERVICE, self.methods())
+
+    def methods(self, peer: Authenticator | None = None) -> dict[str, grpc.RpcMethodHandler]:
+        """Stream handlers by method name; with `peer`, for streams another replica relays (served here)."""
         methods = {}
         for name, (operation, parse) in _OPERATIONS.items():
-            methods[name] = grpc.stream_stream_rpc_method_handler(self._behaviour(operation, parse))
-        return grpc.method_handlers_generic_handler(CLIENT_SERVICE, methods)
+            methods[name] = grpc.stream_stream_rpc_method_handler(self._behaviour(operation, parse, peer))
+        return methods
 
-    def _behaviour(self, operation: int, parse: InitParser) -> Any:
+    def _behaviour(self, operation: int, parse: InitParser, peer: Authenticator | None) -> Any:
         async def behaviour(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await self.serve_stream(operation, parse, context)
+            await self.serve_stream(operation, parse, context, peer)
 
         return behaviour
 
     async def serve_stream(
-        self, operation: int, parse: InitParser, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        operation: int,
+        parse: InitParser,
+        context: grpc.aio.ServicerContext[Any, Any],
+        peer: Authenticator | None = None,
     ) -> None:
-        """Serve one client stream: authenticate, rendezvous, relay; errors become gRPC statuses."""
+        """Serve one client stream: authenticate, rendezvous (or relay to another replica), relay."""
         op_name = OPERATION_NAMES[operation]
         identity: Identity | None = None
         try:
-            identity = await authenticate_call(self._auth, context)
-            target, open_msg = parse(await read_init(context, self._config.init_timeout))
-            session = self._sessions.join_client(identity, operation, target, open_msg)
+            identity = await authenticate_call(peer or self._auth, context)
+            raw = await read_init(context, self._config.init_timeout)
+            target, open_msg = parse(raw)
+            key = None
+            if self.scaleout is not None:
+                place = await self.scaleout.place_client(identity, target, from_peer=peer is not None)
+                if place.owner is not None:
+                    await self.scaleout.relay_client(place.owner, operation, identity, raw, target, context)
+                    return
+                key = place.key
+            session = self._sessions.join_client(identity, operation, target, open_msg, key=key)
         except RouterError as err:
             self._metrics.error(op_name, err.code)
             audit.refused(op_name, err, audit.peer_of(context), identity)

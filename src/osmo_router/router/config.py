@@ -10,6 +10,9 @@ from osmo_router.protocol import CHUNK_SIZE, MAX_MESSAGE_SIZE
 #: Smallest --max-message-size: a full data chunk plus its framing must fit.
 MIN_MESSAGE_SIZE = 2 * CHUNK_SIZE
 
+#: Shortest accepted --peer-secret: it guards every stream relayed between replicas.
+MIN_PEER_SECRET = 16
+
 
 def is_loopback_host(host: str) -> bool:
     """True for localhost and addresses in 127.0.0.0/8 or ::1."""
@@ -54,6 +57,10 @@ class RouterConfig:
     heartbeat_interval: float = 15.0
     redis_url: str | None = None
     advertise_address: str | None = None
+    peer_secret: str | None = None
+    peer_tls_ca: str | None = None
+    peer_tls_server_name: str | None = None
+    directory_ttl: float = 45.0
     router_id: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -77,6 +84,20 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
-        for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout"):
+        for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout", "directory_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        self._validate_scaleout()
+
+    def _validate_scaleout(self) -> None:
+        if self.peer_secret and len(self.peer_secret) < MIN_PEER_SECRET:
+            raise ValueError(f"--peer-secret must be at least {MIN_PEER_SECRET} characters")
+        if not self.redis_url:
+            return
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"--redis-url must be a redis://, rediss:// or unix:// URL, not {self.redis_url!r}")
+        if self.auth != "none" and not self.peer_secret:
+            raise ValueError(
+                "--peer-secret (or OSMO_PEER_SECRET) is required with --redis-url: replicas relay "
+                "streams to each other on behalf of authenticated users and must prove who they are"
+            )

@@ -71,6 +71,10 @@ class AgentRegistry:
                 return reg
         return None
 
+    def registrations(self) -> list[AgentRegistration]:
+        """A snapshot of every registration."""
+        return list(self._by_target.values())
+
     def workflows(self) -> set[str]:
         """Workflows that have at least one agent."""
         return {wf for wf, _ in self._by_target}

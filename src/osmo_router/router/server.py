@@ -20,9 +20,11 @@ from osmo_router.router.agent_service import AgentService
 from osmo_router.router.auth import Authenticator, NoAuth
 from osmo_router.router.client_service import ClientService
 from osmo_router.router.config import RouterConfig, is_loopback_host
+from osmo_router.router.directory import Directory, MemoryDirectory
 from osmo_router.router.health import MetricsServer
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistry
+from osmo_router.router.scaleout import ScaleOut
 from osmo_router.router.sessions import SessionStore
 from osmo_router.router.ws_server import WsServer
 
@@ -88,8 +90,21 @@ class RouterServer:
         self.auth = authenticator or build_authenticator(config)
         # Read at scrape time, so the gauge is exact without bookkeeping on every join and leave.
         self.metrics.rendezvous_pending.set_function(lambda: self.sessions.pending)
+        self.directory: Directory = MemoryDirectory()
+        self.scaleout: ScaleOut | None = None
+        if config.redis_url:
+            from osmo_router.router.redis_directory import RedisDirectory
+
+            self.directory = RedisDirectory(
+                config.redis_url, replica=config.router_id, ttl=config.directory_ttl, registry=self.metrics.registry
+            )
+            self.scaleout = ScaleOut(config, self.sessions, self.registry, self.directory, self.metrics)
+            self.sessions.on_remove = lambda session: self.directory.session_removed(session.key)
         self.client_service = ClientService(config, self.sessions, self.auth, self.metrics)
-        self.agent_service = AgentService(config, self.sessions, self.registry, self.auth, self.metrics)
+        self.agent_service = AgentService(
+            config, self.sessions, self.registry, self.auth, self.metrics, directory=self.directory
+        )
+        self.client_service.scaleout = self.agent_service.scaleout = self.scaleout
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
         self.ws_server = WsServer(config, self.sessions, self.auth, self.metrics)
@@ -111,6 +126,9 @@ class RouterServer:
             )
         )
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
+        if self.scaleout is not None:
+            # Internal (replicas only), so not advertised through reflection.
+            server.add_generic_rpc_handlers((self.scaleout.handler(self.client_service, self.agent_service),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (CLIENT_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -126,8 +144,11 @@ class RouterServer:
             if not is_loopback_host(self.config.host):
                 log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
             self.port = server.add_insecure_port(address)
+        advertise = self.advertise_address() if self.config.redis_url else ""
         await server.start()
         self._server = server
+        if self.config.redis_url:
+            await self.directory.start(advertise, lambda key: self.sessions.get(key) is not None)
         for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
@@ -151,9 +172,20 @@ class RouterServer:
                     "metrics_port": self.metrics_server.port,
                     "ws_port": self.ws_server.port if self.config.ws_port >= 0 else -1,
                     "router_id": self.config.router_id,
+                    "directory": "redis" if self.config.redis_url else "memory",
+                    "advertise_address": advertise,
                 }
             },
         )
+
+    def advertise_address(self) -> str:
+        """host:port at which the other replicas reach this one (--advertise-address, else --host and the port)."""
+        if self.config.advertise_address:
+            return self.config.advertise_address
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::", "[::]"):
+            raise ValueError("--advertise-address is required with --redis-url when --host is a wildcard address")
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT (then drain) or until `close`."""
@@ -180,8 +212,15 @@ class RouterServer:
         self.sessions.accepting = False
         self.agent_service.accepting = False
         await self.health.enter_graceful_shutdown()
+        if self.scaleout is not None:
+            # Agents re-register with another replica at once, so their new sessions work there.
+            for reg in self.registry.registrations():
+                reg.replaced.set()
         log.info("draining: %d sessions in flight, waiting up to %gs", len(self.sessions), self.config.drain_timeout)
+        deadline = time.monotonic() + self.config.drain_timeout
         await self.sessions.wait_empty(self.config.drain_timeout)
+        if self.scaleout is not None:
+            await self.scaleout.wait_idle(max(0.0, deadline - time.monotonic()))
         log.info("drained (%d sessions left)", len(self.sessions))
 
     async def close(self) -> None:
@@ -191,10 +230,14 @@ class RouterServer:
             with contextlib.suppress(BaseException):
                 await self._janitor
             self._janitor = None
+        # Withdraw this replica's directory entries first: the others stop sending streams here.
+        await self.directory.close()
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
         await self.ws_server.close()
+        if self.scaleout is not None:
+            await self.scaleout.close()
         await self.metrics_server.close()
         await self.auth.close()
         self._stopped.set()

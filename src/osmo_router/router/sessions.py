@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from osmo_router.errors import (
@@ -112,6 +113,8 @@ class SessionStore:
         self._empty = asyncio.Event()
         self._empty.set()
         self.accepting = True
+        #: Called with each session once it is forgotten (the shared directory withdraws it).
+        self.on_remove: Callable[[Session], None] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -130,9 +133,17 @@ class SessionStore:
         return self._sessions.get(key)
 
     def join_client(
-        self, identity: Identity, operation: int, target: pb.SessionTarget, open_msg: pb.SessionOpen
+        self,
+        identity: Identity,
+        operation: int,
+        target: pb.SessionTarget,
+        open_msg: pb.SessionOpen,
+        key: str | None = None,
     ) -> Session:
-        """Create or take the session for a client; signal the agent. Raises a RouterError on refusal."""
+        """Create or take the session for a client; signal the agent. Raises a RouterError on refusal.
+
+        `key` is the key to give a new session when the client brings none (default: a fresh one).
+        """
         if not self.accepting:
             raise Unavailable("router is draining; retry on another replica")
         check_id("workflow_id", target.workflow_id, required=True)
@@ -149,7 +160,7 @@ class SessionStore:
                     + (f" task {target.task!r}" if target.task else "")
                 )
             self._check_capacity(identity.subject)
-            session = self._create(target.session_key or new_session_key(), target.workflow_id, target.task)
+            session = self._create(target.session_key or key or new_session_key(), target.workflow_id, target.task)
         elif session.client_joined:
             raise AlreadyExists("a client already joined this session")
         elif session.workflow_id != target.workflow_id or (target.task and session.task not in ("", target.task)):
@@ -229,6 +240,8 @@ class SessionStore:
                     self._per_user[session.user] = left
                 else:
                     self._per_user.pop(session.user, None)
+            if self.on_remove is not None:
+                self.on_remove(session)
 
     def _create(self, key: str, workflow_id: str, task: str) -> Session:
         session = Session(key=key, workflow_id=workflow_id, task=task, buffer=self._buffer)

@@ -932,3 +932,230 @@ class ConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class RouterPeerServiceExecRequest(_message.Message):
+    """Replica to replica (scale-out). When a client's or an agent's stream reaches a replica that does
+    not hold the other side, that replica opens the same stream on the replica that does (found in
+    the shared directory) and pipes the bytes through. Each request and response below has exactly
+    the field layout of its client or agent counterpart, so the encoded messages pass unchanged.
+    Calls carry the shared peer secret and the original caller's identity as metadata.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INIT_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def init(self) -> Global___ExecInit: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    def __init__(
+        self,
+        *,
+        init: Global___ExecInit | None = ...,
+        frame: Global___Frame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["init", "frame"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServiceExecRequest: _TypeAlias = RouterPeerServiceExecRequest  # noqa: Y015
+
+@_typing.final
+class RouterPeerServiceExecResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ready(self) -> Global___SessionReady: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    @_builtins.property
+    def end(self) -> Global___SessionEnd: ...
+    def __init__(
+        self,
+        *,
+        ready: Global___SessionReady | None = ...,
+        frame: Global___Frame | None = ...,
+        end: Global___SessionEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ready", "frame", "end"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServiceExecResponse: _TypeAlias = RouterPeerServiceExecResponse  # noqa: Y015
+
+@_typing.final
+class RouterPeerServicePortForwardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INIT_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def init(self) -> Global___PortForwardInit: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    def __init__(
+        self,
+        *,
+        init: Global___PortForwardInit | None = ...,
+        frame: Global___Frame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["init", "frame"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServicePortForwardRequest: _TypeAlias = RouterPeerServicePortForwardRequest  # noqa: Y015
+
+@_typing.final
+class RouterPeerServicePortForwardResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ready(self) -> Global___SessionReady: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    @_builtins.property
+    def end(self) -> Global___SessionEnd: ...
+    def __init__(
+        self,
+        *,
+        ready: Global___SessionReady | None = ...,
+        frame: Global___Frame | None = ...,
+        end: Global___SessionEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ready", "frame", "end"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServicePortForwardResponse: _TypeAlias = RouterPeerServicePortForwardResponse  # noqa: Y015
+
+@_typing.final
+class RouterPeerServiceRsyncRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INIT_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def init(self) -> Global___RsyncInit: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    def __init__(
+        self,
+        *,
+        init: Global___RsyncInit | None = ...,
+        frame: Global___Frame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["init", "frame"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServiceRsyncRequest: _TypeAlias = RouterPeerServiceRsyncRequest  # noqa: Y015
+
+@_typing.final
+class RouterPeerServiceRsyncResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READY_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ready(self) -> Global___SessionReady: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    @_builtins.property
+    def end(self) -> Global___SessionEnd: ...
+    def __init__(
+        self,
+        *,
+        ready: Global___SessionReady | None = ...,
+        frame: Global___Frame | None = ...,
+        end: Global___SessionEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "frame", b"frame", "kind", b"kind", "ready", b"ready"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["ready", "frame", "end"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServiceRsyncResponse: _TypeAlias = RouterPeerServiceRsyncResponse  # noqa: Y015
+
+@_typing.final
+class RouterPeerServiceConnectRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INIT_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def init(self) -> Global___ConnectInit: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    def __init__(
+        self,
+        *,
+        init: Global___ConnectInit | None = ...,
+        frame: Global___Frame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "init", b"init", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["init", "frame"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServiceConnectRequest: _TypeAlias = RouterPeerServiceConnectRequest  # noqa: Y015
+
+@_typing.final
+class RouterPeerServiceConnectResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open(self) -> Global___SessionOpen: ...
+    @_builtins.property
+    def frame(self) -> Global___Frame: ...
+    def __init__(
+        self,
+        *,
+        open: Global___SessionOpen | None = ...,
+        frame: Global___Frame | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "kind", b"kind", "open", b"open"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "kind", b"kind", "open", b"open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "frame"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___RouterPeerServiceConnectResponse: _TypeAlias = RouterPeerServiceConnectResponse  # noqa: Y015

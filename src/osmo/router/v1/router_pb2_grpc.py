@@ -307,3 +307,211 @@ class RouterAgentService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RouterPeerServiceStub:
+    """Internal: used only by other router replicas, never by clients or agents.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Exec = channel.stream_stream(
+                '/osmo.router.v1.RouterPeerService/Exec',
+                request_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceExecRequest.SerializeToString,
+                response_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceExecResponse.FromString,
+                _registered_method=True)
+        self.PortForward = channel.stream_stream(
+                '/osmo.router.v1.RouterPeerService/PortForward',
+                request_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServicePortForwardRequest.SerializeToString,
+                response_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServicePortForwardResponse.FromString,
+                _registered_method=True)
+        self.Rsync = channel.stream_stream(
+                '/osmo.router.v1.RouterPeerService/Rsync',
+                request_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceRsyncRequest.SerializeToString,
+                response_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceRsyncResponse.FromString,
+                _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/osmo.router.v1.RouterPeerService/Connect',
+                request_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceConnectRequest.SerializeToString,
+                response_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceConnectResponse.FromString,
+                _registered_method=True)
+
+
+class RouterPeerServiceServicer:
+    """Internal: used only by other router replicas, never by clients or agents.
+    """
+
+    def Exec(self, request_iterator, context):
+        """A client's Exec stream relayed from the replica it reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PortForward(self, request_iterator, context):
+        """A client's PortForward stream relayed from the replica it reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rsync(self, request_iterator, context):
+        """A client's Rsync stream relayed from the replica it reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """An agent's Connect stream relayed from the replica it reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RouterPeerServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Exec': grpc.stream_stream_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceExecRequest.FromString,
+                    response_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceExecResponse.SerializeToString,
+            ),
+            'PortForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServicePortForwardRequest.FromString,
+                    response_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServicePortForwardResponse.SerializeToString,
+            ),
+            'Rsync': grpc.stream_stream_rpc_method_handler(
+                    servicer.Rsync,
+                    request_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceRsyncRequest.FromString,
+                    response_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceRsyncResponse.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceConnectRequest.FromString,
+                    response_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceConnectResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'osmo.router.v1.RouterPeerService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('osmo.router.v1.RouterPeerService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RouterPeerService:
+    """Internal: used only by other router replicas, never by clients or agents.
+    """
+
+    @staticmethod
+    def Exec(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/osmo.router.v1.RouterPeerService/Exec',
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceExecRequest.SerializeToString,
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/osmo.router.v1.RouterPeerService/PortForward',
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServicePortForwardRequest.SerializeToString,
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServicePortForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rsync(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/osmo.router.v1.RouterPeerService/Rsync',
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceRsyncRequest.SerializeToString,
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceRsyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/osmo.router.v1.RouterPeerService/Connect',
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceConnectRequest.SerializeToString,
+            osmo_dot_router_dot_v1_dot_router__pb2.RouterPeerServiceConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

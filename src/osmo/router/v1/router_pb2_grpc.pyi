@@ -123,3 +123,70 @@ class RouterAgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """One data stream per session."""
 
 def add_RouterAgentServiceServicer_to_server(servicer: RouterAgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class RouterPeerServiceStub:
+    """Internal: used only by other router replicas, never by clients or agents."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> RouterPeerServiceAsyncStub: ...
+    Exec: _grpc.StreamStreamMultiCallable[_router_pb2.RouterPeerServiceExecRequest, _router_pb2.RouterPeerServiceExecResponse]
+    """A client's Exec stream relayed from the replica it reached."""
+    PortForward: _grpc.StreamStreamMultiCallable[_router_pb2.RouterPeerServicePortForwardRequest, _router_pb2.RouterPeerServicePortForwardResponse]
+    """A client's PortForward stream relayed from the replica it reached."""
+    Rsync: _grpc.StreamStreamMultiCallable[_router_pb2.RouterPeerServiceRsyncRequest, _router_pb2.RouterPeerServiceRsyncResponse]
+    """A client's Rsync stream relayed from the replica it reached."""
+    Connect: _grpc.StreamStreamMultiCallable[_router_pb2.RouterPeerServiceConnectRequest, _router_pb2.RouterPeerServiceConnectResponse]
+    """An agent's Connect stream relayed from the replica it reached."""
+
+@_typing.type_check_only
+class RouterPeerServiceAsyncStub(RouterPeerServiceStub):
+    """Internal: used only by other router replicas, never by clients or agents."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Exec: _aio.StreamStreamMultiCallable[_router_pb2.RouterPeerServiceExecRequest, _router_pb2.RouterPeerServiceExecResponse]  # type: ignore[assignment]
+    """A client's Exec stream relayed from the replica it reached."""
+    PortForward: _aio.StreamStreamMultiCallable[_router_pb2.RouterPeerServicePortForwardRequest, _router_pb2.RouterPeerServicePortForwardResponse]  # type: ignore[assignment]
+    """A client's PortForward stream relayed from the replica it reached."""
+    Rsync: _aio.StreamStreamMultiCallable[_router_pb2.RouterPeerServiceRsyncRequest, _router_pb2.RouterPeerServiceRsyncResponse]  # type: ignore[assignment]
+    """A client's Rsync stream relayed from the replica it reached."""
+    Connect: _aio.StreamStreamMultiCallable[_router_pb2.RouterPeerServiceConnectRequest, _router_pb2.RouterPeerServiceConnectResponse]  # type: ignore[assignment]
+    """An agent's Connect stream relayed from the replica it reached."""
+
+class RouterPeerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Internal: used only by other router replicas, never by clients or agents."""
+
+    @_abc_1.abstractmethod
+    def Exec(
+        self,
+        request_iterator: _MaybeAsyncIterator[_router_pb2.RouterPeerServiceExecRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_pb2.RouterPeerServiceExecResponse], _abc.AsyncIterator[_router_pb2.RouterPeerServiceExecResponse]]:
+        """A client's Exec stream relayed from the replica it reached."""
+
+    @_abc_1.abstractmethod
+    def PortForward(
+        self,
+        request_iterator: _MaybeAsyncIterator[_router_pb2.RouterPeerServicePortForwardRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_pb2.RouterPeerServicePortForwardResponse], _abc.AsyncIterator[_router_pb2.RouterPeerServicePortForwardResponse]]:
+        """A client's PortForward stream relayed from the replica it reached."""
+
+    @_abc_1.abstractmethod
+    def Rsync(
+        self,
+        request_iterator: _MaybeAsyncIterator[_router_pb2.RouterPeerServiceRsyncRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_pb2.RouterPeerServiceRsyncResponse], _abc.AsyncIterator[_router_pb2.RouterPeerServiceRsyncResponse]]:
+        """A client's Rsync stream relayed from the replica it reached."""
+
+    @_abc_1.abstractmethod
+    def Connect(
+        self,
+        request_iterator: _MaybeAsyncIterator[_router_pb2.RouterPeerServiceConnectRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_router_pb2.RouterPeerServiceConnectResponse], _abc.AsyncIterator[_router_pb2.RouterPeerServiceConnectResponse]]:
+        """An agent's Connect stream relayed from the replica it reached."""
+
+def add_RouterPeerServiceServicer_to_server(servicer: RouterPeerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,150 @@
+"""RedisDirectory against a real redis-server: ownership, lookups, expiry and Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from osmo_router.router.directory import DirectoryUnavailable, Owner
+from osmo_router.router.redis_directory import RedisDirectory, agent_key, session_entry
+from osmo_router.router.registry import AgentRegistration
+from tests.redis_harness import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the module, emptied before each test."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def directories(redis_server: RedisServer) -> AsyncIterator[tuple[RedisDirectory, RedisDirectory]]:
+    """Two replicas' views of one empty Redis (r1 at 10.0.0.1:1, r2 at 10.0.0.2:2)."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    with redis_server.client() as client:
+        client.flushall()
+    views = []
+    for n in (1, 2):
+        view = RedisDirectory(redis_server.url, replica=f"r{n}", ttl=30.0)
+        await view.start(f"10.0.0.{n}:{n}", lambda _key: True)
+        views.append(view)
+    yield views[0], views[1]
+    for view in views:
+        await view.close()
+
+
+def registration(workflow: str, task: str = "", agent_id: str = "agent") -> AgentRegistration:
+    """A registration as the agent service makes it."""
+    return AgentRegistration(agent_id=agent_id, workflow_id=workflow, task=task, operations=())
+
+
+@pytest.mark.asyncio
+async def test_agents_are_found_from_other_replicas_but_not_from_their_own(
+    directories: tuple[RedisDirectory, RedisDirectory],
+) -> None:
+    r1, r2 = directories
+    await r1.agent_registered(registration("wf", "t1"))
+    assert await r2.find_agent("wf", "t1") == Owner("r1", "10.0.0.1:1")
+    # No task asked: any task of the workflow will do (found through the workflow's index).
+    assert await r2.find_agent("wf", "") == Owner("r1", "10.0.0.1:1")
+    assert await r2.find_agent("wf", "t2") is None
+    assert await r2.find_agent("other", "") is None
+    # A replica never relays to itself: its own entries are not "elsewhere".
+    assert await r1.find_agent("wf", "t1") is None
+
+
+@pytest.mark.asyncio
+async def test_newest_registration_wins_across_replicas(
+    directories: tuple[RedisDirectory, RedisDirectory], redis_server: RedisServer
+) -> None:
+    r1, r2 = directories
+    old, new = registration("wf", agent_id="old"), registration("wf", agent_id="new")
+    await r1.agent_registered(old)
+    await r2.agent_registered(new)
+    assert await r1.find_agent("wf", "") == Owner("r2", "10.0.0.2:2")
+    await r1.refresh()
+    assert old.replaced.is_set(), "r1 must close the registration another replica took over"
+    assert not new.replaced.is_set()
+    # The loser's unregistration must not delete the winner's entry.
+    r1.agent_unregistered(old)
+    await r1.refresh()
+    with redis_server.client() as client:
+        assert client.hget(agent_key("wf", ""), "agent_id") == "new"
+
+
+@pytest.mark.asyncio
+async def test_ids_cannot_forge_each_others_keys(directories: tuple[RedisDirectory, RedisDirectory]) -> None:
+    r1, r2 = directories
+    assert agent_key("a:b", "c") != agent_key("a", "b:c")
+    await r1.agent_registered(registration("a:b", "c"))
+    assert await r2.find_agent("a", "b:c") is None
+    assert await r2.find_agent("a:b", "c") == Owner("r1", "10.0.0.1:1")
+    await r1.agent_registered(registration("x}", ""))
+    assert await r2.find_agent("x", "") is None
+
+
+@pytest.mark.asyncio
+async def test_a_session_key_has_one_owner_and_is_stored_hashed(
+    directories: tuple[RedisDirectory, RedisDirectory], redis_server: RedisServer
+) -> None:
+    r1, r2 = directories
+    key = "orchestrator-key-0123456789"
+    assert await r1.claim_session(key, "wf") is None
+    assert await r2.claim_session(key, "wf") == Owner("r1", "10.0.0.1:1")
+    assert await r2.find_session(key) == Owner("r1", "10.0.0.1:1")
+    with redis_server.client() as client:
+        keys = list(client.scan_iter())
+        assert keys == [session_entry(key)]
+        assert key not in str(client.hgetall(keys[0]))
+    r1.session_removed(key)
+    await r1.close()  # waits for the background withdrawal
+    assert await r2.find_session(key) is None
+    assert await r2.claim_session(key, "wf") is None
+
+
+@pytest.mark.asyncio
+async def test_sessions_no_longer_held_are_withdrawn_by_the_heartbeat(
+    directories: tuple[RedisDirectory, RedisDirectory], redis_server: RedisServer
+) -> None:
+    r1, _ = directories
+    view = RedisDirectory(redis_server.url, replica="r3", ttl=30.0)
+    await view.start("10.0.0.3:3", lambda key: key == "kept")
+    try:
+        await view.claim_session("kept", "wf")
+        await view.claim_session("abandoned", "wf")  # e.g. the join failed after the claim
+        await view.refresh()
+        assert await r1.find_session("kept") == Owner("r3", "10.0.0.3:3")
+        for _ in range(100):  # the withdrawal runs in the background: bounded polling
+            if await r1.find_session("abandoned") is None:
+                break
+            await asyncio.sleep(0.02)
+        assert await r1.find_session("abandoned") is None
+    finally:
+        await view.close()
+    assert await r1.find_session("kept") is None, "close() withdraws every entry of the replica"
+
+
+@pytest.mark.asyncio
+async def test_redis_outage(directories: tuple[RedisDirectory, RedisDirectory], redis_server: RedisServer) -> None:
+    r1, r2 = directories
+    reg = registration("wf")
+    redis_server.kill()
+    # Writes are best effort and never raise; lookups say what is wrong.
+    await r1.agent_registered(reg)
+    assert await r1.claim_session("k", "wf") is None
+    with pytest.raises(DirectoryUnavailable, match="Redis"):
+        await r2.find_agent("wf", "")
+    assert not r2.up and r2.up_gauge.collect()[0].samples[0].value == 0
+    redis_server.start()
+    # The heartbeat writes what could not be written while Redis was away.
+    await r1.refresh()
+    assert r1.up
+    assert await r2.find_agent("wf", "") == Owner("r1", "10.0.0.1:1")
+    assert await r2.find_session("k") == Owner("r1", "10.0.0.1:1")
+    assert r2.up and not reg.replaced.is_set()
