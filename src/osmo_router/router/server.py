@@ -108,6 +108,7 @@ class RouterServer:
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
         self.ws_server = WsServer(config, self.sessions, self.auth, self.metrics)
+        self.ws_server.scaleout = self.scaleout
         self.port = 0
         self.draining = False
         self._server: grpc.aio.Server | None = None

@@ -12,6 +12,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,7 +27,11 @@ from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
 from osmo_router.router.ws_endpoints import WsBackendEndpoint, WsClientEndpoint, close_with_error
 from osmo_router.router.ws_init import client_init
+from osmo_router.router.ws_relay import relay_backend, relay_client
 from osmo_router.wsproto import ERROR_HEADER, MAX_ERROR_HEADER, OPERATIONS, SESSION_PATH, VERSION_PATH, size_message
+
+if TYPE_CHECKING:
+    from osmo_router.router.scaleout import ScaleOut
 
 #: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
 _HTTP_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "INVALID_ARGUMENT": 400, "UNAVAILABLE": 503}
@@ -75,6 +80,8 @@ class WsServer:
         self._runner: web.AppRunner | None = None
         # The exec client's first message, passed verbatim to a WS backend (byte compatibility).
         self._first_messages: weakref.WeakKeyDictionary[Session, bytes] = weakref.WeakKeyDictionary()
+        #: With a shared directory (--redis-url): sides whose session is elsewhere are relayed there.
+        self.scaleout: ScaleOut | None = None
         self.port = 0
 
     def app(self) -> web.Application:
@@ -144,6 +151,12 @@ class WsServer:
         try:
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
             init = await client_init(ws, OPERATIONS[op_name], workflow, key, request.query, self._config.init_timeout)
+            if self.scaleout is not None:
+                place = await self.scaleout.place_client(identity, init.target, from_peer=False)
+                if place.owner is not None:
+                    peer, buffer = request.remote or "unknown", self._config.flow_control_buffer
+                    await relay_client(self.scaleout, place.owner, ws, identity, init, peer, buffer)
+                    return ws
             session = self._sessions.join_client(identity, OPERATIONS[op_name], init.target, init.open_msg)
         except RouterError as err:
             self._metrics.error(op_name, err.code, "ws")
@@ -210,10 +223,20 @@ class WsServer:
         try:
             identity = await self._authenticate(request, op_name)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
+            place = await self.scaleout.place_agent(identity, init, from_peer=False) if self.scaleout else None
             # Joined before the upgrade: once a backend's handshake is done, a client finds it.
-            session = self._sessions.join_agent(identity, init)
+            session = self._sessions.join_agent(identity, init) if place is None or place.owner is None else None
         except RouterError as err:
             return await self._refuse("connect", err, request)
+        send_init = request.query.get("init", "") in ("1", "true")
+        if session is None:
+            assert self.scaleout is not None and place is not None and place.owner is not None
+            ws = self._websocket()
+            await ws.prepare(request)
+            peer, buffer = request.remote or "unknown", self._config.flow_control_buffer
+            operation = OPERATIONS[op_name]
+            await relay_backend(self.scaleout, place.owner, ws, identity, init, operation, send_init, peer, buffer)
+            return ws
         ws = self._websocket()
         try:
             await ws.prepare(request)
@@ -221,7 +244,6 @@ class WsServer:
             session.fail(Unavailable("the backend went away during the handshake"))
             self._sessions.remove(session)
             raise
-        send_init = request.query.get("init", "") in ("1", "true")
         await self._run_backend(session, ws, OPERATIONS[op_name], timeout, send_init)
         return ws
 
