@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -150,3 +151,28 @@ async def test_ws_port_uses_the_routers_authenticator(ws_router: RouterServer) -
         await client.close()
         await backend.close()
     assert PermissionDenied.code.name in ws_router.metrics.render().decode()
+
+
+@pytest.mark.asyncio
+async def test_ws_sides_count_against_the_same_limits() -> None:
+    """One session per user: a second WS client of the same user is refused, as a gRPC one would be."""
+    config = RouterConfig(port=0, metrics_port=-1, ws_port=0, tls_enabled=False, auth="none", max_sessions_per_user=1)
+    server = RouterServer(config)
+    await server.start()
+    base = f"http://127.0.0.1:{server.ws_server.port}/api/router/portforward/wf-limits/client"
+    try:
+        async with aiohttp.ClientSession() as http:
+            first = await http.ws_connect(f"{base}/k1")  # waits for an agent that never comes
+            for _ in range(1000):  # no event says "joined": poll the store, at most 10 s
+                if len(server.sessions) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(server.sessions) == 1
+            second = await http.ws_connect(f"{base}/k2")
+            async with asyncio.timeout(10):
+                msg = await second.receive()
+            assert msg.type == aiohttp.WSMsgType.CLOSE and second.close_code == 4000
+            assert str(msg.extra).startswith("RESOURCE_EXHAUSTED"), msg.extra
+            await first.close()
+    finally:
+        await server.close()
