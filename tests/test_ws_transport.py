@@ -30,6 +30,7 @@ from osmo_router.wsproto import (
     message_to_frame,
     parse_size,
 )
+from tests.harness import metric_value
 
 
 def _jwt(claims: dict[str, object]) -> str:
@@ -150,7 +151,12 @@ async def test_ws_port_uses_the_routers_authenticator(ws_router: RouterServer) -
         assert await client.receive_bytes() == b"pong"
         await client.close()
         await backend.close()
-    assert PermissionDenied.code.name in ws_router.metrics.render().decode()
+    text = ws_router.metrics.render().decode()
+    by_transport = "router_grpc_errors_by_transport_total"
+    assert metric_value(text, by_transport, {"operation": "portforward", "code": "UNAUTHENTICATED"}) == 2
+    assert metric_value(text, by_transport, {"operation": "connect", "code": "UNAUTHENTICATED", "transport": "ws"}) == 1
+    assert metric_value(text, by_transport, {"code": PermissionDenied.code.name, "transport": "ws"}) == 2
+    assert metric_value(text, by_transport, {"transport": "grpc"}) == 0
 
 
 @pytest.mark.asyncio
