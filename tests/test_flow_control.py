@@ -70,3 +70,25 @@ async def test_waiting_consumer_is_woken_by_put() -> None:
     assert not consumer.done()
     await queue.put(b"z")
     assert await asyncio.wait_for(consumer, 5) == b"z"
+
+
+async def test_poll_and_readable_follow_the_queue() -> None:
+    queue = FlowQueue(2)
+    assert queue.poll() == b""  # nothing yet
+    readable = queue.readable()
+    assert not readable.done()
+    await queue.put(b"a")
+    await asyncio.wait_for(readable, 5)
+    assert queue.poll() == b"a"
+    queue.end()
+    await asyncio.wait_for(queue.readable(), 5)  # already ended: done at once
+    assert queue.poll() is None
+
+
+async def test_poll_raises_the_failure_and_readable_wakes_on_it() -> None:
+    queue = FlowQueue(2)
+    readable = queue.readable()
+    queue.fail(ResourceExhausted("stalled"))
+    await asyncio.wait_for(readable, 5)
+    with pytest.raises(ResourceExhausted):
+        queue.poll()

@@ -191,7 +191,7 @@ def serve(log_level: str, log_format: str, **options: Any) -> None:
         config.validate()
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    sys.exit(run_async(_serve(config)))
+    sys.exit(run_async(_serve(config), prefer_uvloop=True))
 
 
 async def _serve(config: RouterConfig) -> int:

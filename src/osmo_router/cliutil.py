@@ -68,13 +68,20 @@ def bool_option_names(command: click.Command) -> list[str]:
     return names
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on a fresh event loop (uvloop when OSMO_UVLOOP=1 and installed)."""
-    if os.environ.get("OSMO_UVLOOP", "") == "1":
+def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T:
+    """Run a coroutine on a fresh event loop; uvloop (when installed) if preferred or OSMO_UVLOOP=1.
+
+    `osmo-router serve` prefers uvloop: measured in the same run (bench/compare.py, see
+    docs/bench/NOTES.md) the router moves 1.3-2.2x the bytes on it. The CLI and the agent stay on
+    the standard loop unless OSMO_UVLOOP=1: an exec client on uvloop crashed (SIGSEGV) about once
+    in six 32 MiB transfers under load. OSMO_UVLOOP=0 turns uvloop off everywhere.
+    """
+    choice = os.environ.get("OSMO_UVLOOP", "")
+    if choice == "1" or (prefer_uvloop and choice != "0"):
         try:
             import uvloop
-
-            return uvloop.run(coro)  # type: ignore[no-any-return,unused-ignore]
         except ImportError:
             pass
+        else:
+            return uvloop.run(coro)  # type: ignore[no-any-return,unused-ignore]
     return asyncio.run(coro)

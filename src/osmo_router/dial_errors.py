@@ -43,6 +43,8 @@ def explain_dial_error(details: str, dial: DialConfig) -> str | None:
                 "(pass --tls-cert and --tls-key)"
             )
         return "TLS handshake failed: the router does not trust this client certificate (--tls-cert)"
-    if "connection refused" in text:
+    if "connection refused" in text and "failed to connect" in text:
+        # Only gRPC's own dial failure: a status the router sent may quote a refused connection of
+        # its own (e.g. to Redis), and that one must reach the user as the router worded it.
         return f"router unreachable at {dial.address}: connection refused"
     return None

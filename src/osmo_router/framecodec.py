@@ -11,7 +11,7 @@ FrameStream over them is built with `raw=True` so `send_data` writes pre-encoded
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from osmo_router.protocol import FRAME_TAG
@@ -49,20 +49,45 @@ def encode_data_message(payload: bytes) -> bytes:
     return b"".join((bytes((FRAME_TAG,)), _varint(len(inner) + len(payload)), inner, payload))
 
 
-def decode_data_message(raw: bytes) -> bytes | None:
-    """The payload if `raw` is exactly a message carrying one data frame, else None (use protobuf)."""
+def payload_offset(raw: bytes) -> int:
+    """Where the payload starts if `raw` is exactly a message carrying one data frame, else -1.
+
+    Only a message whose two lengths account for every byte qualifies: a frame with any other
+    field, a control frame or malformed bytes never does.
+    """
     try:
         if not raw or raw[0] != FRAME_TAG:
-            return None
+            return -1
         length, pos = _read_varint(raw, 1)
         if pos + length != len(raw) or raw[pos] != DATA_TAG:
-            return None
+            return -1
         size, start = _read_varint(raw, pos + 1)
     except (IndexError, ValueError):
-        return None
-    if start + size != len(raw):
-        return None
-    return raw[start:]
+        return -1
+    return start if start + size == len(raw) else -1
+
+
+def decode_data_message(raw: bytes) -> bytes | None:
+    """The payload if `raw` is exactly a message carrying one data frame, else None (use protobuf)."""
+    start = payload_offset(raw)
+    return raw[start:] if start >= 0 else None
+
+
+def data_header(payload_size: int) -> bytes:
+    """The bytes that precede a payload of this size in a data-frame message."""
+    inner = _varint(payload_size)
+    return b"".join((bytes((FRAME_TAG,)), _varint(1 + len(inner) + payload_size), bytes((DATA_TAG,)), inner))
+
+
+def merge_data_messages(messages: Sequence[bytes], offsets: Sequence[int]) -> bytes:
+    """One data-frame message whose payload is every message's payload, in order (one copy).
+
+    `offsets` are the messages' payload offsets, as `payload_offset` found them.
+    """
+    size = sum(len(m) - o for m, o in zip(messages, offsets, strict=True))
+    parts: list[bytes | memoryview] = [data_header(size)]
+    parts.extend(memoryview(m)[o:] for m, o in zip(messages, offsets, strict=True))
+    return b"".join(parts)
 
 
 class DataFrame:

@@ -170,6 +170,7 @@ class AgentService:
             audit.refused("connect", err, audit.peer_of(context))
             await abort(context, err.code, err.message)
             return
+        del identity, raw, request  # this frame lives as long as the session: keep only the session
         clean = False
         try:
             if not session.paired.is_set():

@@ -103,6 +103,9 @@ class ClientService:
             audit.refused(op_name, err, audit.peer_of(context), identity)
             await abort(context, err.code, err.message)
             return
+        # This frame lives as long as the session: keep only what the session needs (with thousands
+        # of idle sessions, the parsed init and the identity's claims add up).
+        del identity, target, open_msg
         await self._run_session(session, context)
 
     async def _run_session(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -8,7 +8,6 @@ stops reading ends the session instead of holding buffers forever.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 
 class FlowQueue:
@@ -17,7 +16,9 @@ class FlowQueue:
     __slots__ = ("_ended", "_error", "_getter", "_items", "_maxsize", "_putter")
 
     def __init__(self, maxsize: int) -> None:
-        self._items: deque[bytes] = deque()
+        # A list, not a deque: an empty deque allocates a 64-slot block (~600 bytes), and a router
+        # holds two queues per session, mostly empty; pop(0) on a handful of items costs nothing.
+        self._items: list[bytes] = []
         self._maxsize = maxsize
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
@@ -61,12 +62,51 @@ class FlowQueue:
                 self._getter = None
         if self._error is not None:
             raise self._error
-        item = self._items.popleft()
+        item = self._items.pop(0)
         _wake(self._putter)
         return item
 
-    def end(self) -> None:
-        """No more items will come (later puts are dropped); the consumer still receives the queued ones."""
+    def poll(self) -> bytes | None:
+        """The next item without waiting: an item, b"" when none is queued yet (items are never empty),
+        or None once the queue was ended and is empty; raises the failure if it failed."""
+        if self._error is not None:
+            raise self._error
+        if self._items:
+            item = self._items.pop(0)
+            _wake(self._putter)
+            return item
+        return None if self._ended else b""
+
+    def readable(self) -> asyncio.Future[None]:
+        """A future that completes once an item comes, or the queue ends or fails; then `poll` again.
+
+        Awaiting it directly (rather than `get`) keeps no coroutine frame alive while a relay
+        direction is idle: a router holds two per session.
+        """
+        getter = self._getter
+        if getter is None or getter.done():
+            getter = self._getter = asyncio.get_running_loop().create_future()
+        if self._items or self._ended or self._error is not None:
+            _wake(getter)
+        return getter
+
+    def peek(self) -> bytes | None:
+        """The next item without taking it; None when nothing is queued (or the queue failed)."""
+        if self._error is not None or not self._items:
+            return None
+        return self._items[0]
+
+    def pop(self) -> bytes:
+        """Take the next item without waiting (call only after `peek` returned one)."""
+        item = self._items.pop(0)
+        _wake(self._putter)
+        return item
+
+    def end(self, drop: bool = False) -> None:
+        """No more items will come (later puts are dropped); the consumer still receives the queued
+        ones, unless `drop` (nobody will read them)."""
+        if drop:
+            self._items.clear()
         self._ended = True
         _wake(self._getter)
         _wake(self._putter)
@@ -83,3 +123,73 @@ class FlowQueue:
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
+
+
+class WriteInterrupted(Exception):
+    """The write in progress was interrupted on purpose (the stream it wrote to is over)."""
+
+
+class WriteWatchdog:
+    """Bounds each write of one task by `timeout` seconds, with one timer per timeout period.
+
+    `asyncio.timeout` around every write arms and cancels a timer per message, which costs more
+    than the rest of the relay's own work per message. The watchdog notes when the current write
+    started; a single timer wakes once per period and cancels the task only if the write in
+    progress started more than `timeout` seconds ago. Use as `with watchdog: await write(...)`;
+    a write that overran raises TimeoutError from the block, and one stopped by `interrupt`
+    raises WriteInterrupted.
+    """
+
+    __slots__ = ("_closed", "_interrupted", "_loop", "_started", "_task", "_timer", "fired", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[object] | None = None
+        self._started: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._interrupted = False
+        self._closed = False
+        self.fired = False
+
+    def __enter__(self) -> None:
+        self._started = now = self._loop.time()
+        if self._timer is None and not self._closed:
+            self._task = asyncio.current_task()
+            self._timer = self._loop.call_at(now + self.timeout, self._check)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._started = None
+        if exc_type is asyncio.CancelledError and self._task is not None and (self.fired or self._interrupted):
+            # Our own cancellation (unless someone else cancelled too): a timeout or an interruption.
+            if self._task.uncancel() == 0:
+                if self._interrupted:
+                    raise WriteInterrupted from None
+                raise TimeoutError from None
+
+    def interrupt(self) -> None:
+        """Stop the write in progress, if any (it raises WriteInterrupted); later writes are not affected."""
+        if self._started is not None and self._task is not None and not self._task.done():
+            self._interrupted = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        """Stop the timer (the writing is over); `interrupt` does nothing after this."""
+        self._closed = True
+        self._started = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        started = self._started
+        if started is None:
+            return  # idle: the next write re-arms the timer
+        deadline = started + self.timeout
+        if self._loop.time() >= deadline:
+            if self._task is not None and not self._task.done():
+                self.fired = True
+                self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(deadline, self._check)

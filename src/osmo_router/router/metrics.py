@@ -1,11 +1,15 @@
 """Prometheus metrics of one router, in a registry of its own (no global state).
 
 Counting happens once per relayed chunk, never per byte, and without locks on the hot path:
-byte counts accumulate in plain integers on the session and are folded into the counters by
-the relay hooks.
+byte counts accumulate in plain integers on the session (`count_bytes`), and are folded into the
+Prometheus counters (whose `inc` takes a lock) when each side of a session ends and whenever
+/metrics is rendered, for every live session. A scrape therefore sees every byte relayed up
+to that moment; nothing is lost at the end of a session.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -81,16 +85,27 @@ class RouterMetrics:
             for direction in DIRECTIONS:
                 self.bytes_total.labels(op, direction)
         self._bytes = {(op, d): self.bytes_total.labels(op, d) for op in OPERATIONS for d in DIRECTIONS}
+        #: The live sessions whose counts a render folds in first (set by the server).
+        self.live_sessions: Callable[[], Iterable[Session]] = tuple
 
     def count_bytes(self, session: Session, direction: str, size: int) -> None:
-        """Relay hook: count one chunk."""
-        child = self._bytes.get((session.operation_name, direction))
-        if child is not None:
-            child.inc(size)
+        """Relay hook: count one chunk (plain integer additions; folded in later)."""
         if direction == "client_to_agent":
             session.bytes_to_agent += size
         else:
             session.bytes_to_client += size
+
+    def settle(self, session: Session) -> None:
+        """Relay hook: fold what was counted on the session since the last fold into the counters."""
+        op = session.operation_name
+        to_agent = session.bytes_to_agent - session.counted_to_agent
+        to_client = session.bytes_to_client - session.counted_to_client
+        if to_agent > 0 and (child := self._bytes.get((op, "client_to_agent"))) is not None:
+            child.inc(to_agent)
+        if to_client > 0 and (child := self._bytes.get((op, "agent_to_client"))) is not None:
+            child.inc(to_client)
+        session.counted_to_agent = session.bytes_to_agent
+        session.counted_to_client = session.bytes_to_client
 
     def flow_control_timeout(self, session: Session) -> None:
         """Relay hook: a reader stalled."""
@@ -102,5 +117,7 @@ class RouterMetrics:
         self.errors_by_transport.labels(operation, code.name, transport).inc()
 
     def render(self) -> bytes:
-        """The exposition text for /metrics."""
+        """The exposition text for /metrics, with the live sessions' bytes folded in first."""
+        for session in self.live_sessions():
+            self.settle(session)
         return generate_latest(self.registry)

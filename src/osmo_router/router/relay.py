@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import functools
 from typing import Protocol
 
 from osmo_router.errors import InvalidArgument, ResourceExhausted, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
 from osmo_router.router.audit import MAX_EXIT_STATUS_MESSAGE, is_exit_status_frame, note_exit_status
-from osmo_router.router.flow_control import FlowQueue
+from osmo_router.router.coalesce import coalesce
+from osmo_router.router.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
 from osmo_router.router.sessions import Session
 
 
@@ -43,6 +44,10 @@ class RelayHooks(Protocol):
         """A reader stopped reading for longer than the flow-control timeout."""
         ...
 
+    def settle(self, session: Session) -> None:
+        """One side of the session ended: fold its counts into shared totals."""
+        ...
+
 
 async def relay_side(
     session: Session,
@@ -54,42 +59,23 @@ async def relay_side(
 ) -> None:
     """Relay one side of a paired session until it ends; raises the session's RouterError on failure."""
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
-    direction = "client_to_agent" if is_client else "agent_to_client"
-    on_eof: Callable[[], Awaitable[None]]
-    if is_client:
-        # The client finished sending: tell the agent, keep delivering the agent's output.
-        async def on_eof() -> None:
-            await inbound.put(ENCODED_HALF_CLOSE)
-    else:
-        # The agent ending its stream after a half-close ends the session once its output is
-        # delivered; an end without one is a broken agent (killed, connection lost).
-        async def on_eof() -> None:
-            if session.agent_half_closed:
-                inbound.end()
-            else:
-                raise Unavailable("the agent disconnected")
-
-    reader = asyncio.create_task(_read_into(session, endpoint, inbound, direction, hooks, on_eof, not is_client))
+    reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
+    watchdog = WriteWatchdog(flow_control_timeout)
     try:
         if is_client:
-            await _write_from(session, endpoint, outbound, flow_control_timeout, hooks)
+            await _write_from(session, endpoint, outbound, watchdog, hooks)
             await _end_client(endpoint, reader, flow_control_timeout)
         else:
-            writer = asyncio.create_task(_write_from(session, endpoint, outbound, flow_control_timeout, hooks))
-            try:
-                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-                if reader in done:
-                    # The agent is finished: whatever the client still sends has no reader.
-                    outbound.end()
-                    return
-            finally:
-                writer.cancel()
-                with contextlib.suppress(BaseException):
-                    await writer
-            await reader
+            # This handler writes the client's frames to the agent; once the agent's stream is
+            # over (or broke), whatever the client still sends has no reader: the reader's end
+            # drops the queue and interrupts a write in progress. No third task per session.
+            reader.add_done_callback(functools.partial(_stop_writing, outbound, watchdog))
+            with contextlib.suppress(WriteInterrupted):
+                await _write_from(session, endpoint, outbound, watchdog, hooks)
+            if reader.done():
+                reader.result()
     finally:
+        hooks.settle(session)
         if reader.done():
             with contextlib.suppress(BaseException):
                 reader.result()
@@ -111,20 +97,19 @@ async def _end_client(endpoint: Endpoint, reader: asyncio.Task[None], timeout: f
             await asyncio.shield(reader)
 
 
+def _stop_writing(queue: FlowQueue, watchdog: WriteWatchdog, _reader: object) -> None:
+    queue.end(drop=True)
+    watchdog.interrupt()
+
+
 def _retrieve(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
 
 
-async def _read_into(
-    session: Session,
-    endpoint: Endpoint,
-    queue: FlowQueue,
-    direction: str,
-    hooks: RelayHooks,
-    on_eof: Callable[[], Awaitable[None]],
-    is_agent: bool,
-) -> None:
+async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hooks: RelayHooks, is_agent: bool) -> None:
+    # No closures or per-side callables here: a router holds two of these per session.
+    direction = "agent_to_client" if is_agent else "client_to_agent"
     try:
         while (message := await endpoint.read()) is not None:
             if not message or message[0] != FRAME_TAG:
@@ -138,7 +123,16 @@ async def _read_into(
                 elif is_exit_status_frame(message):
                     note_exit_status(session, message)
             await queue.put(message)
-        await on_eof()
+        if not is_agent:
+            # The client finished sending: tell the agent, keep delivering the agent's output.
+            await queue.put(ENCODED_HALF_CLOSE)
+        elif session.agent_half_closed:
+            # The agent ending its stream after a half-close ends the session once its output
+            # is delivered.
+            queue.end()
+        else:
+            # An end without a half-close is a broken agent (killed, connection lost).
+            raise Unavailable("the agent disconnected")
     except (InvalidArgument, Unavailable) as err:
         session.fail(err)
         raise
@@ -148,15 +142,26 @@ async def _write_from(
     session: Session,
     endpoint: Endpoint,
     queue: FlowQueue,
-    timeout: float,
+    watchdog: WriteWatchdog,
     hooks: RelayHooks,
 ) -> None:
-    while (message := await queue.get()) is not None:
-        try:
-            async with asyncio.timeout(timeout):
-                await endpoint.write(message)
-        except TimeoutError:
-            hooks.flow_control_timeout(session)
-            err = ResourceExhausted(f"peer stopped reading for {timeout:g}s (flow-control timeout)")
-            session.fail(err)
-            raise err from None
+    # Per message: at most one merge and one write; the watchdog bounds each write without a
+    # timer per message (see WriteWatchdog).
+    write = endpoint.write
+    try:
+        while (message := queue.poll()) is not None:
+            if not message:  # nothing queued yet
+                await queue.readable()
+                continue
+            if len(queue):
+                message = coalesce(message, queue)
+            try:
+                with watchdog:
+                    await write(message)
+            except TimeoutError:
+                hooks.flow_control_timeout(session)
+                err = ResourceExhausted(f"peer stopped reading for {watchdog.timeout:g}s (flow-control timeout)")
+                session.fail(err)
+                raise err from None
+    finally:
+        watchdog.close()

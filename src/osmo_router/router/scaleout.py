@@ -73,6 +73,9 @@ class _Hooks:
     def flow_control_timeout(self, session: Session) -> None:
         self._metrics.flow_control_timeouts_total.inc()
 
+    def settle(self, session: Session) -> None:
+        """Nothing to fold: the owner counts these bytes into router_grpc_bytes_total."""
+
 
 class ScaleOut:
     """Placement and relaying of streams across replicas."""

@@ -87,6 +87,7 @@ class RouterServer:
             max_sessions=config.max_sessions,
             max_per_user=config.max_sessions_per_user,
         )
+        self.metrics.live_sessions = self.sessions.sessions
         self.auth = authenticator or build_authenticator(config)
         # Read at scrape time, so the gauge is exact without bookkeeping on every join and leave.
         self.metrics.rendezvous_pending.set_function(lambda: self.sessions.pending)

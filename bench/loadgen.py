@@ -1,0 +1,123 @@
+"""The load generator: one process that holds both ends of sessions, through a router or a TCP relay.
+
+`python -m bench.loadgen MODE [options]` prints one JSON object per result line on stdout. It runs in
+a process of its own, so it does not share a GIL with the router it measures; it uses uvloop
+when it can and pre-encoded messages, so its own cost per message stays small.
+
+Modes: grpc-throughput, tcp-throughput, grpc-echo, tcp-echo, rendezvous, idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bench import wire
+from bench.tcp import tcp_echo, tcp_throughput
+from osmo_router.framecodec import encode_data_message as data_message
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One result line for the parent."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+async def grpc_throughput(args: argparse.Namespace) -> None:
+    """Payload MB/s from clients to agents through the router, `sessions` streams at once."""
+    client_ch, agent_ch = wire.open_channel(args.address), wire.open_channel(args.address)
+    pairs = [await wire.open_pair(client_ch, agent_ch, args.workflow) for _ in range(args.sessions)]
+    message = data_message(os.urandom(args.size))
+    for pair in pairs:  # warm the streams (windows, buffers) before timing
+        await wire.echo(pair)
+    counted = [0, 0]
+    last = [0.0]
+    stop = time.perf_counter() + args.seconds
+
+    async def send(pair: wire.Pair) -> None:
+        write = pair.client.write
+        while time.perf_counter() < stop:
+            for _ in range(16):
+                await write(message)
+        await wire.finish_client(pair.client)
+
+    async def receive(pair: wire.Pair) -> None:
+        await wire.drain_agent(pair.agent, counted)
+        last[0] = max(last[0], time.perf_counter())
+        await wire.end_agent(pair.agent)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(send(p) for p in pairs), *(receive(p) for p in pairs))
+    seconds = last[0] - start
+    emit({"bytes": counted[0], "messages": counted[1], "seconds": seconds, "mbps": counted[0] / seconds / 1e6})
+    await asyncio.gather(client_ch.close(), agent_ch.close())
+
+
+async def grpc_echo(args: argparse.Namespace) -> None:
+    """1-byte round trips client -> agent -> client through the router, one at a time."""
+    client_ch, agent_ch = wire.open_channel(args.address), wire.open_channel(args.address)
+    pair = await wire.open_pair(client_ch, agent_ch, args.workflow)
+    samples = await _timed(args.rounds, lambda: wire.echo(pair), warmup=50)
+    emit({"samples_us": samples})
+    await wire.close_pair(pair)
+    await asyncio.gather(client_ch.close(), agent_ch.close())
+
+
+async def _timed(rounds: int, op: Callable[[], Awaitable[None]], warmup: int = 0) -> list[float]:
+    for _ in range(warmup):
+        await op()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        await op()
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return samples
+
+
+def main() -> None:
+    """Parse the mode and its options, run it on uvloop when available."""
+    parser = argparse.ArgumentParser(prog="bench.loadgen")
+    parser.add_argument("mode")
+    parser.add_argument("--address", default="")
+    parser.add_argument("--workflow", default="bench")
+    parser.add_argument("--size", type=int, default=32 * 1024)
+    parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=1000)
+    parser.add_argument("--channels", type=int, default=8)
+    parser.add_argument("--real-agent", action="store_true")
+    parser.add_argument("--fresh-connection", action="store_true")
+    parser.add_argument("--no-uvloop", action="store_true")
+    args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    modes: dict[str, Callable[[argparse.Namespace], Awaitable[None]]] = {
+        "grpc-throughput": grpc_throughput,
+        "grpc-echo": grpc_echo,
+        "tcp-throughput": tcp_throughput,
+        "tcp-echo": tcp_echo,
+    }
+    from bench.sessions import idle, rendezvous
+
+    modes.update({"rendezvous": rendezvous, "idle": idle})
+    run = modes[args.mode](args)
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            uvloop.run(run)
+            return
+        except ImportError:
+            pass
+    asyncio.run(run)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()

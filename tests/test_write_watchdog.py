@@ -1,0 +1,117 @@
+"""WriteWatchdog: one timer per period bounds every write, like asyncio.timeout around each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from osmo_router.router.flow_control import WriteInterrupted, WriteWatchdog
+
+TIMEOUT = 0.2
+
+
+@pytest.mark.asyncio
+async def test_a_stuck_write_times_out() -> None:
+    watchdog = WriteWatchdog(TIMEOUT)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(5):
+            with watchdog:
+                await never
+    assert TIMEOUT <= time.monotonic() - started < 2.5
+    assert watchdog.fired
+    watchdog.close()
+
+
+@pytest.mark.asyncio
+async def test_quick_writes_spanning_many_periods_never_time_out() -> None:
+    watchdog = WriteWatchdog(TIMEOUT)
+    deadline = time.monotonic() + 4 * TIMEOUT
+    writes = 0
+    while time.monotonic() < deadline:
+        with watchdog:
+            await asyncio.sleep(TIMEOUT / 20)
+        writes += 1
+    watchdog.close()
+    assert not watchdog.fired
+    assert writes >= 10
+
+
+@pytest.mark.asyncio
+async def test_idle_time_between_writes_does_not_count() -> None:
+    watchdog = WriteWatchdog(TIMEOUT)
+    with watchdog:
+        await asyncio.sleep(0)
+    await asyncio.sleep(3 * TIMEOUT)  # idle, not writing: the timer fires and finds nothing to do
+    with watchdog:
+        await asyncio.sleep(TIMEOUT / 4)
+    watchdog.close()
+    assert not watchdog.fired
+
+
+@pytest.mark.asyncio
+async def test_a_write_that_starts_late_in_a_period_gets_its_full_timeout() -> None:
+    watchdog = WriteWatchdog(TIMEOUT)
+    with watchdog:
+        await asyncio.sleep(0)
+    await asyncio.sleep(TIMEOUT * 0.8)  # the timer armed by the first write fires during the next one
+    with watchdog:
+        await asyncio.sleep(TIMEOUT * 0.6)
+    watchdog.close()
+    assert not watchdog.fired
+
+
+@pytest.mark.asyncio
+async def test_an_outside_cancellation_stays_a_cancellation() -> None:
+    watchdog = WriteWatchdog(TIMEOUT)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def write() -> None:
+        with watchdog:
+            await never
+
+    task = asyncio.create_task(write())
+    await asyncio.sleep(TIMEOUT / 4)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not watchdog.fired
+    watchdog.close()
+
+
+@pytest.mark.asyncio
+async def test_interrupt_stops_the_write_in_progress_only() -> None:
+    watchdog = WriteWatchdog(30.0)
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    entered = asyncio.Event()
+
+    async def write() -> str:
+        with watchdog:
+            entered.set()
+            await never
+        return "finished"
+
+    task = asyncio.create_task(write())
+    await entered.wait()
+    watchdog.interrupt()
+    with pytest.raises(WriteInterrupted):
+        async with asyncio.timeout(5):
+            await task
+    assert not watchdog.fired
+    watchdog.close()
+    watchdog.interrupt()  # after close (and between writes) it does nothing
+
+
+@pytest.mark.asyncio
+async def test_interrupt_between_writes_does_nothing() -> None:
+    watchdog = WriteWatchdog(30.0)
+    with watchdog:
+        await asyncio.sleep(0)
+    watchdog.interrupt()
+    await asyncio.sleep(0.01)  # a stray cancellation would surface here
+    with watchdog:
+        await asyncio.sleep(0)
+    watchdog.close()
