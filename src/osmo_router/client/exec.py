@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -87,7 +88,7 @@ async def _relay(stream: SessionStream, tty: bool) -> int:
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
     try:
-        return await _receive_output(stream)
+        return await receive_output(stream)
     except grpc.aio.AioRpcError as err:
         log.debug("exec stream failed", exc_info=True)
         error = rpc_error(err)
@@ -110,12 +111,19 @@ def _say(message: str, tty: bool) -> None:
     sys.stderr.flush()
 
 
-async def _receive_output(stream: SessionStream) -> int:
+async def _write_stdout(data: bytes) -> None:
+    write_all(1, data)
+
+
+async def receive_output(
+    stream: SessionStream, write_stdout: Callable[[bytes], Awaitable[None]] = _write_stdout
+) -> int:
+    """Write the remote output out (stdout via `write_stdout`, stderr to fd 2) until the end; the exit code."""
     exit_code: int | None = None
     while (frame := await stream.recv()) is not None:
         kind = frame.WhichOneof("kind")
         if kind == "data":
-            write_all(1, frame.data)
+            await write_stdout(frame.data)
         elif kind == "stderr":
             write_all(2, frame.stderr)
         elif kind == "exit_status":
