@@ -156,12 +156,15 @@ class Router(Proc):
         base = ["serve", "--host", "127.0.0.1", "--metrics-port", "0", "--log-format", "json"]
         if "--port" not in args:
             base += ["--port", "0"]
+        if "--ws-port" not in args:
+            base += ["--ws-port", "0"]
         if not secure:
             base += ["--tls-enabled=false", "--auth=none"]
         super().__init__(router_cmd(*base, *args), env=cli_env(env))
         record = self.wait_event("listening")
         self.port: int = record["grpc_port"]
         self.metrics_port: int = record["metrics_port"]
+        self.ws_port: int = record.get("ws_port", -1)
         self.router_id: str = record["router_id"]
         self.address = f"127.0.0.1:{self.port}"
 

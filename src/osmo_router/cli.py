@@ -13,6 +13,7 @@ import click
 
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
+from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
@@ -56,6 +57,13 @@ def main_group() -> None:
     default=8080,
     show_default=True,
     help="Port of /metrics, /healthz and /readyz (0 picks a free one, -1 disables).",
+)
+@click.option(
+    "--ws-port",
+    type=int,
+    default=8000,
+    show_default=True,
+    help="Port of the old router's WebSocket endpoints, for the migration (0 picks a free one, -1 disables).",
 )
 @click.option("--tls-enabled/--no-tls-enabled", default=True, show_default=True, help="Serve gRPC over TLS.")
 @click.option("--tls-cert", default="/etc/router/tls/tls.crt", show_default=True, help="Server certificate (PEM).")
@@ -262,12 +270,14 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
     help="Directory rsync may read and write (repeatable); default anywhere.",
 )
 @click.option("--rsync-binary", default="rsync", show_default=True, help="rsync executable in the container.")
+@ws_agent_options
 @_log_options
 def agent(log_level: str, log_format: str, **options: Any) -> None:
     """Run the agent inside a workload container."""
     setup_logging(log_level, log_format)
     from osmo_router.agent.forward import parse_port_ranges
 
+    ws = ws_agent_settings(options)
     try:
         parse_port_ranges(tuple(options["allow_ports"]))
     except ValueError as err:
@@ -284,6 +294,10 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         rsync_roots=tuple(options["rsync_roots"]),
         rsync_binary=options["rsync_binary"],
     )
+    if ws is not None:
+        from osmo_router.agent.ws_backend import WsBackendConfig, serve_ws_session
+
+        sys.exit(run_async(serve_ws_session(WsBackendConfig(agent=config, **ws))))
     run_async(_run_agent(config))
 
 
@@ -308,19 +322,21 @@ async def _run_agent(config: AgentConfig) -> None:
 @main_group.command()
 @click.option("--port", type=int, default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
 @click.option("--metrics-port", type=int, default=8080, show_default=True, help="Metrics port on 127.0.0.1.")
+@click.option("--ws-port", type=int, default=8000, show_default=True, help="WebSocket port on 127.0.0.1 (-1: none).")
 @click.option("--workflow-id", default="local", show_default=True, help="Workflow id the local agent serves.")
 @_log_options
-def local(port: int, metrics_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
+def local(port: int, metrics_port: int, ws_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
     """Embedded default: a router and an agent in one process on loopback (no TLS, no auth)."""
     setup_logging(log_level, "text" if log_format == "auto" else log_format)
-    run_async(_local(port, metrics_port, workflow_id))
+    config = RouterConfig(port=port, metrics_port=metrics_port, ws_port=ws_port, tls_enabled=False, auth="none")
+    run_async(_local(config, workflow_id))
 
 
-async def _local(port: int, metrics_port: int, workflow_id: str) -> None:
+async def _local(config: RouterConfig, workflow_id: str) -> None:
     from osmo_router.agent.agent import Agent
     from osmo_router.router.server import RouterServer
 
-    server = RouterServer(RouterConfig(port=port, metrics_port=metrics_port, tls_enabled=False, auth="none"))
+    server = RouterServer(config)
     await server.start()
     agent = Agent(AgentConfig(dial=DialConfig(address=f"127.0.0.1:{server.port}", tls=False), workflow_id=workflow_id))
     runner = asyncio.create_task(agent.run())

@@ -49,9 +49,22 @@ def _session_options(f: Any) -> Any:
                 "--transport",
                 envvar="OSMO_TRANSPORT",
                 type=click.Choice(["grpc", "ws"]),
-                default="grpc",
-                show_default=True,
-                help="Transport to the router [env OSMO_TRANSPORT].",
+                default=None,
+                help="Transport to the router [env OSMO_TRANSPORT]; unset: gRPC (or --grpc-percent), "
+                "falling back to WebSocket when the gRPC port is unreachable.",
+            ),
+            click.option(
+                "--grpc-percent",
+                envvar="OSMO_GRPC_PERCENT",
+                type=click.IntRange(0, 100),
+                default=None,
+                help="Canary rollout: percentage of users (sticky per user) on gRPC, the rest on WebSocket.",
+            ),
+            click.option(
+                "--ws-address",
+                envvar="OSMO_WS_ADDRESS",
+                default=None,
+                help="The router's WebSocket endpoint, host:port or ws(s):// URL [default: router host, port 8000].",
             ),
             click.option(
                 "--connect-timeout",
@@ -76,7 +89,6 @@ def _session_options(f: Any) -> Any:
 def client_config(options: dict[str, Any]) -> ClientConfig:
     """A ClientConfig from the common flags (popped from `options`)."""
     setup_logging(options.pop("log_level"), "text")
-    options.pop("transport")
     dial = dial_config(options)
     return ClientConfig(
         dial=dial,
@@ -84,6 +96,9 @@ def client_config(options: dict[str, Any]) -> ClientConfig:
         task=options.pop("task"),
         session_key=options.pop("session_key"),
         connect_timeout=options.pop("connect_timeout"),
+        transport=options.pop("transport"),
+        grpc_percent=options.pop("grpc_percent"),
+        ws_address=options.pop("ws_address"),
     )
 
 

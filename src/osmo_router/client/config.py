@@ -17,6 +17,12 @@ class ClientConfig:
     task: str = ""
     session_key: str = ""
     connect_timeout: float = 20.0
+    #: "grpc" or "ws" when chosen explicitly (--transport / OSMO_TRANSPORT); None picks (see transport/rollout.py).
+    transport: str | None = None
+    #: Canary rollout: the percentage of users on gRPC (sticky per user); None means everyone.
+    grpc_percent: int | None = None
+    #: The router's WebSocket endpoint; None means the gRPC host, port 8000.
+    ws_address: str | None = None
 
     def target(self) -> pb.SessionTarget:
         """The SessionTarget every init carries."""

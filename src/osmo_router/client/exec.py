@@ -8,18 +8,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.session import open_session, rpc_error
+from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
-from osmo_router.framecodec import fast_method
-from osmo_router.protocol import CLIENT_SERVICE, pb
-from osmo_router.streams import FrameStream
+from osmo_router.protocol import pb
+from osmo_router.transport import SessionStream, Transport
+from osmo_router.transport.rollout import connect_transport
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,9 @@ def exit_code_of(status: pb.ExitStatus) -> int:
 
 async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
     """Run the session to its end and return the exit code to exit with."""
-    channel = open_channel(config.dial)
+    transport: Transport | None = None
     try:
+        transport = await connect_transport(config)
         rows, cols = terminal_size() if tty else (0, 0)
         init = pb.ExecInit(
             target=config.target(),
@@ -46,18 +47,18 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=os.environ.get("TERM", ""),
         )
-        method = fast_method(channel, f"/{CLIENT_SERVICE}/Exec", pb.ExecResponse)
-        stream = await open_session(config, method, pb.ExecRequest, init, raw=True)
+        stream = await transport.open(pb.OPERATION_EXEC, init)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             return await _relay(stream, tty)
     except RouterError as err:
         print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
         return EXIT_CONNECTION_ERROR
     finally:
-        await channel.close(grace=None)
+        if transport is not None:
+            await transport.aclose()
 
 
-async def _relay(stream: FrameStream, tty: bool) -> int:
+async def _relay(stream: SessionStream, tty: bool) -> int:
     loop = asyncio.get_running_loop()
     sender = asyncio.create_task(_send_input(stream))
     installed: list[int] = []
@@ -87,7 +88,7 @@ async def _relay(stream: FrameStream, tty: bool) -> int:
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
     try:
-        return await _receive_output(stream)
+        return await receive_output(stream)
     except grpc.aio.AioRpcError as err:
         log.debug("exec stream failed", exc_info=True)
         error = rpc_error(err)
@@ -110,12 +111,19 @@ def _say(message: str, tty: bool) -> None:
     sys.stderr.flush()
 
 
-async def _receive_output(stream: FrameStream) -> int:
+async def _write_stdout(data: bytes) -> None:
+    write_all(1, data)
+
+
+async def receive_output(
+    stream: SessionStream, write_stdout: Callable[[bytes], Awaitable[None]] = _write_stdout
+) -> int:
+    """Write the remote output out (stdout via `write_stdout`, stderr to fd 2) until the end; the exit code."""
     exit_code: int | None = None
     while (frame := await stream.recv()) is not None:
         kind = frame.WhichOneof("kind")
         if kind == "data":
-            write_all(1, frame.data)
+            await write_stdout(frame.data)
         elif kind == "stderr":
             write_all(2, frame.stderr)
         elif kind == "exit_status":
@@ -127,7 +135,7 @@ async def _receive_output(stream: FrameStream) -> int:
     return exit_code
 
 
-async def _send_input(stream: FrameStream) -> None:
+async def _send_input(stream: SessionStream) -> None:
     reader = StdinReader(0)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():

@@ -14,10 +14,10 @@ import random
 import signal
 import sys
 from dataclasses import dataclass, replace
+from typing import cast
 
 import grpc
 
-from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
@@ -28,6 +28,8 @@ from osmo_router.forwarding import WATCH_PORT
 from osmo_router.framecodec import fast_method
 from osmo_router.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
 from osmo_router.streams import FrameStream
+from osmo_router.transport import Transport
+from osmo_router.transport.rollout import connect_transport
 
 #: Exit status for bad arguments and local failures (a port already in use).
 EXIT_USAGE = 2
@@ -81,23 +83,30 @@ async def run_port_forward(
         return EXIT_USAGE
     # Every connection is its own session: a single-use orchestrator key cannot serve them all.
     config = replace(config, session_key="")
-    channel = open_channel(config.dial)
+    transport: Transport | None = None
     try:
-        forward = PortForward(config, channel, Reporter(json_output), reconnect)
+        transport = await connect_transport(config)
+        forward = PortForward(config, transport, Reporter(json_output), reconnect)
         return await forward.run(ports, binds, protocol)
     finally:
-        await channel.close(grace=None)
+        if transport is not None:
+            await transport.aclose()
 
 
 class PortForward:
     """The listeners, the watch session and the reaction to losing the agent."""
 
-    def __init__(self, config: ClientConfig, channel: grpc.aio.Channel, reporter: Reporter, reconnect: bool) -> None:
+    def __init__(self, config: ClientConfig, transport: Transport, reporter: Reporter, reconnect: bool) -> None:
         self.config = config
         self.reporter = reporter
         self.reconnect = reconnect
-        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
-        self._method = fast_method(channel, f"/{CLIENT_SERVICE}/PortForward", pb.PortForwardResponse)
+        self._transport = transport
+        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual. Over
+        # WebSocket (no channel) every session is a WebSocket of its own, and there is no ready to wait for.
+        channel = getattr(transport, "channel", None)
+        self._method = (
+            fast_method(channel, f"/{CLIENT_SERVICE}/PortForward", pb.PortForwardResponse) if channel else None
+        )
         self._stop = asyncio.Event()
         self._tcp: list[TcpListener] = []
         self._udp: list[UdpForward] = []
@@ -111,16 +120,22 @@ class PortForward:
     async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
         """Open one PortForward session on the shared channel and wait until the agent joined."""
         init = self._init(protocol, remote_port)
+        if self._method is None:
+            # WsSessionStream has what the forward uses of a FrameStream (send_data, send, recv, close, call).
+            return cast(FrameStream, await self._transport.open(pb.OPERATION_PORT_FORWARD, init))
         return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
     async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
         """Send a PortForward session's init without waiting for the agent (then `wait_ready`)."""
+        if self._method is None:
+            return await self.open_stream(protocol, remote_port)
         init = self._init(protocol, remote_port)
         return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
     async def wait_ready(self, stream: FrameStream) -> None:
         """Wait until the agent of a started session joined; raises RouterError on refusal."""
-        await wait_ready(self.config, stream)
+        if self._method is not None:
+            await wait_ready(self.config, stream)
 
     async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
         """Check the agent, listen, announce, then serve until a signal or the agent's loss."""

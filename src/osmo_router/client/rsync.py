@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 
 import click
 
@@ -55,6 +56,8 @@ SHELL_ENV = (
     "OSMO_TLS_KEY",
     "OSMO_TLS_SERVER_NAME",
     "OSMO_TRANSPORT",
+    "OSMO_WS_ADDRESS",
+    "OSMO_GRPC_PERCENT",
 )
 
 
@@ -114,7 +117,9 @@ def shell_env(config: ClientConfig, base: dict[str, str] | None = None) -> dict[
         "OSMO_TLS_CERT": _absolute(dial.tls_cert),
         "OSMO_TLS_KEY": _absolute(dial.tls_key),
         "OSMO_TLS_SERVER_NAME": dial.tls_server_name,
-        "OSMO_TRANSPORT": "grpc",
+        # Decided once by `run_rsync` (probe and fallback included), so the remote shell does not redo it.
+        "OSMO_TRANSPORT": config.transport or "grpc",
+        "OSMO_WS_ADDRESS": config.ws_address,
     }
     env.update({k: v for k, v in values.items() if v})
     return env
@@ -180,6 +185,9 @@ def run_rsync(
             file=sys.stderr,
         )
         return EXIT_RSYNC_MISSING
+    from osmo_router.transport.rollout import resolve_transport
+
+    config = replace(config, transport=resolve_transport(config))
     with tempfile.TemporaryDirectory(prefix="osmo-rsync-") as private:
         status_file = os.path.join(private, "status")
         env = shell_env(config)

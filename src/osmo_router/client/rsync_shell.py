@@ -18,20 +18,23 @@ import os
 import shlex
 import stat
 import sys
+from typing import cast
 
 import grpc
 
 from osmo_router.agent.fdio import write_fd
 from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.exec import exit_code_of
+from osmo_router.client.exec import receive_output
 from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
-from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError, from_status_number
+from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
 from osmo_router.framecodec import fast_method
 from osmo_router.memtune import tune_for_bulk
 from osmo_router.protocol import CLIENT_SERVICE, pb
 from osmo_router.streams import FrameStream
+from osmo_router.transport import WS
+from osmo_router.transport.rollout import ws_transport
 
 #: Exit status when rsync is missing in the container (rsync reports "remote command not found").
 EXIT_COMMAND_NOT_FOUND = 127
@@ -67,6 +70,8 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
     tune_for_bulk()
+    if config.transport == WS:
+        return await _run_over_websocket(config, server_args)
     channel = open_channel(config.dial)
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
@@ -79,6 +84,20 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         return _fail(err)
     finally:
         await channel.close(grace=None)
+
+
+async def _run_over_websocket(config: ClientConfig, server_args: list[str]) -> int:
+    """The same bridge over the old router's WebSocket protocol (the `exit=1` extension keeps the exit status)."""
+    transport = ws_transport(config)
+    try:
+        init = pb.RsyncInit(target=config.target(), server_args=server_args)
+        stream = await transport.open(pb.OPERATION_RSYNC, init)
+        # WsSessionStream has the FrameStream methods the bridge uses (send_data, send, recv).
+        return await _bridge(cast(FrameStream, stream))
+    except RouterError as err:
+        return _fail(err)
+    finally:
+        await transport.aclose()
 
 
 def _fail(err: RouterError) -> int:
@@ -105,7 +124,7 @@ def _say(message: str) -> None:
 async def _bridge(stream: FrameStream) -> int:
     sender = asyncio.create_task(_send_stdin(stream))
     try:
-        return await _receive(stream, _stdout_writer())
+        return await receive_output(stream, _stdout_writer().write)
     finally:
         sender.cancel()
         with contextlib.suppress(BaseException):
@@ -138,23 +157,6 @@ def _stdout_writer() -> _Writer:
         os.set_blocking(1, False)
         return _Writer(nonblocking=True)
     return _Writer(nonblocking=False)
-
-
-async def _receive(stream: FrameStream, stdout: _Writer) -> int:
-    exit_code: int | None = None
-    while (frame := await stream.recv()) is not None:
-        kind = frame.WhichOneof("kind")
-        if kind == "data":
-            await stdout.write(frame.data)
-        elif kind == "stderr":
-            write_all(2, frame.stderr)
-        elif kind == "exit_status":
-            exit_code = exit_code_of(frame.exit_status)
-        elif kind == "error":
-            raise from_status_number(frame.error.code, frame.error.message)
-    if exit_code is None:
-        raise RouterError("the session ended without an exit status")
-    return exit_code
 
 
 async def _send_stdin(stream: FrameStream) -> None:

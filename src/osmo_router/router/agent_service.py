@@ -175,6 +175,7 @@ class AgentService:
         try:
             if not session.paired.is_set():
                 await self._sessions.wait_paired(session, self._config.rendezvous_timeout)
+            self._metrics.agent_sessions_by_transport.labels(session.operation_name, "grpc").inc()
             await context.write(session.open_message)
             await relay_side(
                 session,

@@ -56,8 +56,10 @@ def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return "unknown"
 
 
-def session_event(event: str, session: Session, peer: str, duration: float | None = None) -> None:
-    """Log the start (duration None) or the end of a session."""
+def session_event(
+    event: str, session: Session, peer: str, duration: float | None = None, transport: str = "grpc"
+) -> None:
+    """Log the start (duration None) or the end of a session (`transport`: the client's, grpc or ws)."""
     fields: dict[str, object] = {
         "event": event,
         "user": session.user,
@@ -66,6 +68,7 @@ def session_event(event: str, session: Session, peer: str, duration: float | Non
         "operation": session.operation_name,
         "session": session.key[:8],
         "peer": peer,
+        "transport": transport,
     }
     if duration is not None:
         fields.update(
@@ -79,7 +82,9 @@ def session_event(event: str, session: Session, peer: str, duration: float | Non
     log.info(event, extra={"fields": fields})
 
 
-def refused(operation: str, error: RouterError, peer: str, identity: Identity | None = None) -> None:
+def refused(
+    operation: str, error: RouterError, peer: str, identity: Identity | None = None, transport: str = "grpc"
+) -> None:
     """Log a stream the router refused before it became a session (bad token, no access, limits)."""
     fields: dict[str, object] = {
         "event": "session refused",
@@ -87,6 +92,7 @@ def refused(operation: str, error: RouterError, peer: str, identity: Identity | 
         "code": error.code.name,
         "reason": error.message,
         "peer": peer,
+        "transport": transport,
     }
     if identity is not None:
         fields["user"] = identity.subject

@@ -127,6 +127,7 @@ class ClientService:
             )
             self._metrics.sessions_active.labels(op_name).inc()
             self._metrics.sessions_total.labels(op_name).inc()
+            self._metrics.sessions_by_transport.labels(op_name, "grpc").inc()
             active = True
             audit.session_event("session start", session, peer)
             await relay_side(

@@ -31,6 +31,8 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 8080
+    #: The old router's WebSocket endpoints (migration); -1 disables them.
+    ws_port: int = 8000
     tls_enabled: bool = True
     tls_cert: str = "/etc/router/tls/tls.crt"
     tls_key: str = "/etc/router/tls/tls.key"

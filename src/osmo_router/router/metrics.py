@@ -61,6 +61,25 @@ class RouterMetrics:
             "router_grpc_rendezvous_pending", "Sessions waiting for their second side.", registry=r
         )
         self.draining = Gauge("router_grpc_draining", "1 while the router drains for shutdown.", registry=r)
+        # The migration's view: the same sessions split by transport (grpc or ws) of each side.
+        self.sessions_by_transport = Counter(
+            "router_grpc_sessions_by_transport_total",
+            "Paired sessions by the client's transport.",
+            ["operation", "transport"],
+            registry=r,
+        )
+        self.agent_sessions_by_transport = Counter(
+            "router_grpc_agent_sessions_by_transport_total",
+            "Paired sessions by the agent's transport.",
+            ["operation", "transport"],
+            registry=r,
+        )
+        self.errors_by_transport = Counter(
+            "router_grpc_errors_by_transport_total",
+            "Streams ended with an error, by status code and transport.",
+            ["operation", "code", "transport"],
+            registry=r,
+        )
         for op in OPERATIONS:
             self.sessions_active.labels(op)
             for direction in DIRECTIONS:
@@ -92,9 +111,10 @@ class RouterMetrics:
         """Relay hook: a reader stalled."""
         self.flow_control_timeouts_total.inc()
 
-    def error(self, operation: str, code: grpc.StatusCode) -> None:
+    def error(self, operation: str, code: grpc.StatusCode, transport: str = "grpc") -> None:
         """Count a stream that ended with an error."""
         self.errors_total.labels(operation, code.name).inc()
+        self.errors_by_transport.labels(operation, code.name, transport).inc()
 
     def render(self) -> bytes:
         """The exposition text for /metrics, with the live sessions' bytes folded in first."""

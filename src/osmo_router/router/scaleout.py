@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -163,7 +164,8 @@ class ScaleOut:
             key="", workflow_id=target.workflow_id, task=target.task, buffer=self._config.flow_control_buffer
         )
         session.operation, session.user = operation, identity.subject
-        await self._relay(owner, _METHOD_OF[operation], session, identity, raw_init, context, near_is_client=True)
+        near = _context_side(context)
+        await self.relay(owner, _METHOD_OF[operation], session, identity, raw_init, near, near_is_client=True)
 
     async def relay_agent(
         self,
@@ -176,7 +178,8 @@ class ScaleOut:
         """Relay an agent's Connect stream to the replica where its session waits."""
         session = Session(key="", workflow_id=init.workflow_id, task=init.task, buffer=self._config.flow_control_buffer)
         session.user = identity.subject
-        await self._relay(owner, "Connect", session, identity, raw_init, context, near_is_client=False)
+        near = _context_side(context)
+        await self.relay(owner, "Connect", session, identity, raw_init, near, near_is_client=False)
 
     def handler(self, clients: ClientService, agents: AgentService) -> grpc.GenericRpcHandler:
         """RouterPeerService: streams other replicas relay here, served as this replica's own."""
@@ -206,19 +209,20 @@ class ScaleOut:
             return None
         return await self._directory.find_agent(target.workflow_id, target.task)
 
-    async def _relay(
+    async def relay(
         self,
         owner: Owner,
         method: str,
         session: Session,
         identity: Identity,
         raw_init: bytes,
-        context: grpc.aio.ServicerContext[Any, Any],
+        near: NearSide,
         *,
         near_is_client: bool,
     ) -> None:
+        """Relay the near side's stream (`method` of RouterPeerService) to the owner replica."""
         label = session.operation_name if near_is_client else "connect"
-        via = f"{self._config.router_id} {peer_of(context)}"
+        via = f"{self._config.router_id} {near.peer}"
         self._relayed.add(session)
         self._idle.clear()
         started = time.monotonic()
@@ -230,14 +234,14 @@ class ScaleOut:
                 metadata=peer_metadata(self._config.peer_secret, identity, via)
             )
             far = CallEndpoint(call, owner)
-            await self._open(far, owner, raw_init, context)
+            await self._open(far, owner, raw_init, near)
             self.relayed_active.labels(label).inc()
             try:
-                _audit("relay start", session, label, owner, context)
-                await self._pipe(session, ContextEndpoint(context), far, near_is_client)
+                _audit("relay start", session, label, owner, near.peer)
+                await self._pipe(session, near.endpoint, far, near_is_client)
             finally:
                 self.relayed_active.labels(label).dec()
-                _audit("relay end", session, label, owner, context, time.monotonic() - started)
+                _audit("relay end", session, label, owner, near.peer, time.monotonic() - started)
         except RouterError as err:
             failure = err
         finally:
@@ -249,11 +253,9 @@ class ScaleOut:
         if failure is not None:
             session.fail(failure)
             self.relay_errors_total.labels(label, failure.code.name).inc()
-            await abort(context, failure.code, failure.message)
+            await near.fail(failure)
 
-    async def _open(
-        self, far: CallEndpoint, owner: Owner, raw_init: bytes, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def _open(self, far: CallEndpoint, owner: Owner, raw_init: bytes, near: NearSide) -> None:
         """Send the init to the owner and pass its first answer (ready or open) on."""
         try:
             async with asyncio.timeout(self._answer_timeout):
@@ -265,7 +267,7 @@ class ScaleOut:
             raise Unavailable(f"router replica {owner.replica} ended the stream before the session started")
         if first[0] != INIT_TAG:
             raise InvalidArgument(f"router replica {owner.replica} answered with something other than its ready")
-        await context.write(first)
+        await near.send_first(first)
 
     async def _pipe(self, session: Session, near: Endpoint, far: CallEndpoint, near_is_client: bool) -> None:
         """Relay both sides; the near side plays its own role, the owner the other one."""
@@ -305,13 +307,27 @@ class ScaleOut:
             raise
 
 
+@dataclass(frozen=True)
+class NearSide:
+    """The stream this replica relays: a gRPC call, or an old-protocol WebSocket (router/ws_server.py)."""
+
+    endpoint: Endpoint
+    peer: str
+    #: Pass the owner's first answer on (the client's ready, the agent's session open).
+    send_first: Callable[[bytes], Awaitable[None]]
+    #: End the near stream with an error.
+    fail: Callable[[RouterError], Awaitable[None]]
+
+
+def _context_side(context: grpc.aio.ServicerContext[Any, Any]) -> NearSide:
+    async def fail(err: RouterError) -> None:
+        await abort(context, err.code, err.message)
+
+    return NearSide(ContextEndpoint(context), peer_of(context), context.write, fail)
+
+
 def _audit(
-    event: str,
-    session: Session,
-    operation: str,
-    owner: Owner,
-    context: grpc.aio.ServicerContext[Any, Any],
-    duration: float | None = None,
+    event: str, session: Session, operation: str, owner: Owner, peer: str, duration: float | None = None
 ) -> None:
     fields: dict[str, object] = {
         "event": event,
@@ -320,7 +336,7 @@ def _audit(
         "task": session.task,
         "operation": operation,
         "replica": owner.replica,
-        "peer": peer_of(context),
+        "peer": peer,
     }
     if duration is not None:
         fields.update(

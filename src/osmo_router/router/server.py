@@ -26,6 +26,7 @@ from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistry
 from osmo_router.router.scaleout import ScaleOut
 from osmo_router.router.sessions import SessionStore
+from osmo_router.router.ws_server import WsServer
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ class RouterServer:
         self.client_service.scaleout = self.agent_service.scaleout = self.scaleout
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
+        self.ws_server = WsServer(config, self.sessions, self.auth, self.metrics)
+        self.ws_server.scaleout = self.scaleout
         self.port = 0
         self.draining = False
         self._server: grpc.aio.Server | None = None
@@ -152,20 +155,24 @@ class RouterServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
             await self.metrics_server.start(self.config.host, self.config.metrics_port)
+        if self.config.ws_port >= 0:
+            await self.ws_server.start(self.config.host, self.config.ws_port)
         self._janitor = asyncio.create_task(self._expire_idle_sessions())
         log.info(
-            "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d",
+            "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
             self.config.router_id,
             self.config.host,
             self.port,
             self.config.tls_enabled,
             self.config.auth,
             self.metrics_server.port,
+            self.ws_server.port if self.config.ws_port >= 0 else -1,
             extra={
                 "fields": {
                     "event": "listening",
                     "grpc_port": self.port,
                     "metrics_port": self.metrics_server.port,
+                    "ws_port": self.ws_server.port if self.config.ws_port >= 0 else -1,
                     "router_id": self.config.router_id,
                     "directory": "redis" if self.config.redis_url else "memory",
                     "advertise_address": advertise,
@@ -230,6 +237,7 @@ class RouterServer:
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
+        await self.ws_server.close()
         if self.scaleout is not None:
             await self.scaleout.close()
         await self.metrics_server.close()

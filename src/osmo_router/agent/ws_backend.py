@@ -1,0 +1,92 @@
+"""`osmo-router agent --transport ws`: serve one session as a WebSocket backend of the old protocol.
+
+A gRPC agent learns its sessions from the router (Register); an old-protocol backend cannot, so an
+orchestrator hands it the session key, as the old router's workflow service did. The backend dials
+`/api/router/{operation}/{workflow}/backend/{key}` with the `init=1` extension, so its first message
+is the session's init (command, terminal, port, rsync arguments) whatever transport the client
+used, and then serves the session with the very handlers of the gRPC agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import cast
+
+import aiohttp
+from google.protobuf.message import DecodeError
+
+from osmo_router.agent.agent import default_handlers
+from osmo_router.agent.config import AgentConfig
+from osmo_router.errors import InvalidArgument, RouterError, Unavailable
+from osmo_router.protocol import pb
+from osmo_router.streams import FrameStream
+from osmo_router.transport.ws_transport import WsSessionStream, connect
+from osmo_router.wsproto import CLOSE_ERROR, base_url, default_ws_address, error_from_reason, session_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WsBackendConfig:
+    """One session to serve over WebSocket."""
+
+    agent: AgentConfig
+    session_key: str
+    operation: int
+    ws_address: str | None = None
+    #: How long the router may wait for the client (`?timeout=`); None: the router's default.
+    rendezvous_timeout: float | None = None
+
+
+async def _read_open(ws: aiohttp.ClientWebSocketResponse) -> pb.SessionOpen:
+    """The first message: the session's init (the router sends it once the client joined)."""
+    msg = await ws.receive()
+    if msg.type == aiohttp.WSMsgType.BINARY:
+        try:
+            return pb.SessionOpen.FromString(msg.data)
+        except DecodeError as err:
+            raise InvalidArgument(f"the router's first message is no session init: {err}") from None
+    if ws.close_code == CLOSE_ERROR:
+        raise error_from_reason(str(msg.extra or ""))
+    raise Unavailable("the router closed the WebSocket before the session started")
+
+
+async def serve_ws_session(config: WsBackendConfig) -> int:
+    """Serve the session to its end; 0 when it was served, 1 when it could not be."""
+    dial = config.agent.dial
+    base = base_url(config.ws_address or default_ws_address(dial.address), dial.tls)
+    query = [("init", "1")] + ([("task", config.agent.task)] if config.agent.task else [])
+    if config.rendezvous_timeout is not None:
+        query.append(("timeout", f"{config.rendezvous_timeout:g}"))
+    url = session_url(base, config.operation, config.agent.workflow_id, "backend", config.session_key, query)
+    async with aiohttp.ClientSession() as http:
+        try:
+            ws = await connect(http, url, dial, timeout=20.0)
+            log.info(
+                "waiting for the client of session %s",
+                config.session_key[:8],
+                extra={"fields": {"event": "connected", "transport": "ws"}},
+            )
+            open_msg = await _read_open(ws)
+        except RouterError as err:
+            log.error("session %s: %s [%s]", config.session_key[:8], err.message, err.code.name)
+            return 1
+        init = open_msg.WhichOneof("init") or ""
+        handler = default_handlers().get(init)
+        tty = init == "exec" and open_msg.exec.tty
+        stream = WsSessionStream(ws, operation=config.operation, backend=True, parse_resize=tty)
+        if handler is None:
+            log.error("session %s: this agent does not serve %s", config.session_key[:8], init)
+            await stream.close()
+            return 1
+        try:
+            # The handlers are written against the stream interface FrameStream and WsSessionStream share.
+            await handler(cast(FrameStream, stream), open_msg, config.agent)
+        except (RouterError, ConnectionError, asyncio.CancelledError) as err:
+            log.info("session %s ended: %r", config.session_key[:8], err)
+        finally:
+            await stream.aclose()
+    log.info("session %s served", config.session_key[:8], extra={"fields": {"event": "session served"}})
+    return 0

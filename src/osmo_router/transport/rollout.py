@@ -1,0 +1,163 @@
+"""Which transport a client uses: explicit choice, sticky canary percentage, fallback to WebSocket.
+
+- `--transport` / OSMO_TRANSPORT set: that transport, no fallback (the user asked for it).
+- else `--grpc-percent N` / OSMO_GRPC_PERCENT: gRPC for the users whose bucket
+  (sha256 of the token's subject, else $USER, mod 100) is below N, WebSocket for the others;
+  a user stays in the same bucket across runs and machines.
+- else gRPC.
+A gRPC choice that was not explicit falls back to WebSocket, with one warning line, when a TCP
+connection to the gRPC port cannot be made within a bounded probe (3 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import getpass
+import hashlib
+import json
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+from osmo_router.client.config import ClientConfig
+from osmo_router.transport import GRPC, WS, Transport
+from osmo_router.transport.grpc_transport import GrpcTransport
+from osmo_router.wsproto import base_url, default_ws_address
+
+if TYPE_CHECKING:
+    from osmo_router.transport.ws_transport import WsTransport
+
+log = logging.getLogger("osmo_router.client")
+
+#: Longest wait for the gRPC port before falling back to WebSocket.
+PROBE_TIMEOUT = 3.0
+
+
+def token_subject(token: str | None) -> str | None:
+    """The `sub` claim of a JWT, read without verifying it (only to pick a bucket)."""
+    if not token or token.count(".") != 2:
+        return None
+    payload = token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, TypeError):
+        return None
+    sub = claims.get("sub") if isinstance(claims, dict) else None
+    return sub if isinstance(sub, str) and sub else None
+
+
+def rollout_user(token: str | None) -> str:
+    """Who the canary bucket belongs to: the token's subject, else the local user."""
+    subject = token_subject(token)
+    if subject:
+        return subject
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "anonymous"
+
+
+def bucket(user: str) -> int:
+    """A stable bucket 0-99 for a user."""
+    return int.from_bytes(hashlib.sha256(user.encode()).digest()[:8], "big") % 100
+
+
+def choose(config: ClientConfig) -> tuple[str, bool]:
+    """(transport name, chosen explicitly)."""
+    if config.transport:
+        return config.transport, True
+    if config.grpc_percent is not None:
+        return (GRPC if bucket(rollout_user(config.dial.token)) < config.grpc_percent else WS), False
+    return GRPC, False
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a `host:port` or `[v6]:port` address; None for other target forms."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host or "/" in host:
+        return None
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return None
+    return host.strip("[]"), int(port)
+
+
+async def reachable(address: str, timeout: float) -> bool:
+    """True when a TCP connection to the gRPC port opens within `timeout` seconds.
+
+    Only reachability decides the fallback: a port that answers but fails later (TLS, auth) keeps
+    the gRPC path, so its error is reported as it is instead of being hidden behind WebSocket.
+    """
+    target = host_port(address)
+    if target is None:
+        return True  # a form we cannot probe (dns:///, unix:): let gRPC report on it
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(*target)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+def reachable_now(address: str, timeout: float) -> bool:
+    """`reachable` for code outside an event loop (the rsync command decides for its remote shell)."""
+    target = host_port(address)
+    if target is None:
+        return True
+    try:
+        socket.create_connection(target, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _log_fallback(config: ClientConfig, base: str) -> None:
+    log.warning(
+        "gRPC router %s unreachable; falling back to WebSocket at %s",
+        config.dial.address,
+        base,
+        extra={"fields": {"event": "transport fallback", "transport": WS}},
+    )
+
+
+def resolve_transport(config: ClientConfig) -> str:
+    """The transport name, probe and fallback included, decided once (blocking; see `connect_transport`)."""
+    name, explicit = choose(config)
+    if name == GRPC and not explicit and not reachable_now(config.dial.address, probe_timeout(config)):
+        _log_fallback(config, ws_base(config))
+        return WS
+    return name
+
+
+def probe_timeout(config: ClientConfig) -> float:
+    """How long the gRPC port is probed."""
+    return min(PROBE_TIMEOUT, config.connect_timeout)
+
+
+def ws_base(config: ClientConfig) -> str:
+    """The WebSocket base URL the client uses."""
+    return base_url(config.ws_address or default_ws_address(config.dial.address), config.dial.tls)
+
+
+def ws_transport(config: ClientConfig) -> WsTransport:
+    """The WebSocket transport at --ws-address (default: the gRPC host, port 8000)."""
+    from osmo_router.transport.ws_transport import WsTransport  # aiohttp: only paid when used
+
+    address = config.ws_address or default_ws_address(config.dial.address)
+    return WsTransport(config.dial, address, connect_timeout=config.connect_timeout)
+
+
+async def connect_transport(config: ClientConfig) -> Transport:
+    """The transport this invocation uses, with the bounded gRPC probe and fallback."""
+    name, explicit = choose(config)
+    if name == WS:
+        return ws_transport(config)
+    if not explicit and not await reachable(config.dial.address, probe_timeout(config)):
+        fallback = ws_transport(config)
+        _log_fallback(config, fallback.base)
+        return fallback
+    return GrpcTransport(config)

@@ -1,0 +1,252 @@
+"""The WebSocket transport: the old router's protocol (wsproto) behind the SessionStream interface.
+
+One WebSocket per session (as the old router had it), opened with aiohttp. What the old protocol
+cannot carry is lost exactly as it was with the old router: stderr arrives merged into stdout,
+signals are not delivered, and stdin EOF in pipe mode is the empty message. The client asks for
+the exit status with the `exit=1` extension; without it a clean end counts as exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+
+import aiohttp
+import grpc
+
+from osmo_router.channel import DialConfig
+from osmo_router.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    RouterError,
+    Unauthenticated,
+    Unavailable,
+)
+from osmo_router.protocol import MAX_MESSAGE_SIZE, pb
+from osmo_router.transport import WS, SessionInit, SessionStream
+from osmo_router.wsproto import (
+    CLOSE_ERROR,
+    CLOSE_NORMAL,
+    ERROR_HEADER,
+    base_url,
+    client_query,
+    error_from_reason,
+    error_reason,
+    exit_from_reason,
+    exit_reason,
+    frame_to_message,
+    message_to_frame,
+    session_url,
+    size_message,
+)
+
+log = logging.getLogger(__name__)
+
+#: Keep idle sessions alive through load balancers, as the gRPC keepalive does.
+HEARTBEAT = 20.0
+_HANDSHAKE_ERRORS: dict[int, type[RouterError]] = {
+    400: InvalidArgument,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    503: Unavailable,
+}
+
+
+def client_ssl_context(dial: DialConfig) -> ssl.SSLContext | None:
+    """TLS for wss://, verified like the gRPC channel (system store or --tls-ca, optional client cert)."""
+    if not dial.tls:
+        return None
+    context = ssl.create_default_context(cafile=dial.tls_ca)
+    if dial.tls_cert and dial.tls_key:
+        context.load_cert_chain(dial.tls_cert, dial.tls_key)
+    return context
+
+
+def auth_headers(dial: DialConfig) -> dict[str, str]:
+    """The bearer token and the load-balancer cookie, as the old router's clients sent them."""
+    headers: dict[str, str] = {}
+    if dial.token:
+        headers["Authorization"] = f"Bearer {dial.token}"
+    if dial.cookie:
+        headers["Cookie"] = dial.cookie
+    return headers
+
+
+async def connect(
+    session: aiohttp.ClientSession, url: str, dial: DialConfig, timeout: float
+) -> aiohttp.ClientWebSocketResponse:
+    """Open one WebSocket; handshake refusals become the matching RouterError."""
+    try:
+        return await session.ws_connect(
+            url,
+            headers=auth_headers(dial),
+            heartbeat=HEARTBEAT,
+            max_msg_size=MAX_MESSAGE_SIZE,
+            ssl=client_ssl_context(dial) or True,
+            server_hostname=dial.tls_server_name,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+            compress=0,
+        )
+    except aiohttp.WSServerHandshakeError as err:
+        # The router names the cause in a header (`CODE: message`); another server only gives a status.
+        error = error_from_reason(err.headers.get(ERROR_HEADER, "") if err.headers else "")
+        if type(error) is RouterError:
+            error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(f"the router refused the WebSocket: {err.message}")
+        raise error from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        raise Unavailable(f"cannot reach the router's WebSocket port ({url.split('/api/')[0]}): {err}") from None
+
+
+class WsSessionStream:
+    """Frames over one old-protocol WebSocket, as the client (`backend=False`) or as the backend."""
+
+    def __init__(
+        self, ws: aiohttp.ClientWebSocketResponse, *, operation: int, backend: bool, parse_resize: bool = False
+    ) -> None:
+        self.ws = ws
+        self._is_exec = operation == pb.OPERATION_EXEC
+        self._backend = backend
+        self._parse_resize = parse_resize
+        self._write_lock = asyncio.Lock()
+        self._ended = False
+        self._exit: pb.ExitStatus | None = None
+        self._error: str | None = None
+        self._half_closed = False
+        self.closed_for_writing = False
+        #: What FrameStream users cancel to abort a session (a reset): here it drops the WebSocket.
+        self.call = _Abort(self)
+
+    async def send(self, frame: pb.Frame) -> None:
+        """Send one frame in its old form; what the old protocol cannot carry is dropped."""
+        if frame.WhichOneof("kind") == "exit_status":
+            self._exit = frame.exit_status  # a backend reports it as its close reason
+            return
+        if frame.WhichOneof("kind") == "half_close":
+            if self._half_closed:
+                return
+            self._half_closed = True
+            payload: bytes | None = b""  # EOF of this direction, both ways
+        else:
+            payload = frame_to_message(frame, to_backend=not self._backend)
+        if payload is None:
+            return
+        async with self._write_lock:
+            if self.closed_for_writing or self.ws.closed:
+                return
+            with contextlib.suppress(ConnectionError):
+                await self.ws.send_bytes(payload)
+
+    async def send_data(self, payload: bytes) -> None:
+        """Send a data frame."""
+        await self.send(pb.Frame(data=payload))
+
+    async def send_error(self, code: grpc.StatusCode, message: str) -> None:
+        """A backend reports an error as the reason of its close (code 4000, as the router does)."""
+        if self._backend:
+            self._error = error_reason(code, message)
+        else:
+            log.info("session error (a client has no way to report it over WebSocket): %s: %s", code.name, message)
+
+    async def recv(self) -> pb.Frame | None:
+        """The next frame; the router's close becomes the exit status (client), or the end."""
+        if self._ended:
+            return None
+        while True:
+            msg = await self.ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                return message_to_frame(msg.data, parse_resize=self._parse_resize)
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                return message_to_frame(str(msg.data).encode(), parse_resize=self._parse_resize)
+            if msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
+                continue
+            self._ended = True
+            return self._end(msg)
+
+    def _end(self, msg: aiohttp.WSMessage) -> pb.Frame | None:
+        reason = str(msg.extra or "") if msg.type == aiohttp.WSMsgType.CLOSE else ""
+        if self._backend:
+            return None
+        if self.ws.close_code == CLOSE_ERROR:
+            raise error_from_reason(reason)
+        if msg.type == aiohttp.WSMsgType.ERROR or self.ws.close_code is None:
+            raise Unavailable(f"the WebSocket to the router broke: {self.ws.exception() or 'connection lost'}")
+        status = exit_from_reason(reason)
+        if status is None and self._is_exec:
+            status = pb.ExitStatus(code=0)  # an old backend: the old protocol has no exit codes
+        return pb.Frame(exit_status=status) if status is not None else None
+
+    async def close(self) -> None:
+        """End this side, as FrameStream.close does on gRPC.
+
+        A client only half-closes (the empty message; the agent's output keeps coming until the
+        router closes). A backend ends its stream: the WebSocket's close, whose reason carries the
+        exit status or the error (the router ends the session then, as for a gRPC agent).
+        """
+        if not self._backend:
+            await self.send(pb.Frame(half_close=pb.HalfClose()))
+            self.closed_for_writing = True
+            return
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the WebSocket now."""
+        async with self._write_lock:
+            self.closed_for_writing = True
+        code, reason = CLOSE_NORMAL, ""
+        if self._backend and self._error is not None:
+            code, reason = CLOSE_ERROR, self._error
+        elif self._backend and self._exit is not None:
+            reason = exit_reason(self._exit)
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=reason.encode())
+
+
+class _Abort:
+    """`stream.call.cancel()` of a WebSocket session: close it at once, from synchronous code."""
+
+    def __init__(self, stream: WsSessionStream) -> None:
+        self._stream = stream
+        self._task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> bool:
+        """Start closing the WebSocket; True the first time."""
+        if self._task is not None:
+            return False
+        self._task = asyncio.get_running_loop().create_task(self._stream.aclose())
+        return True
+
+
+class WsTransport:
+    """Sessions as old-protocol WebSockets to the router's --ws-port."""
+
+    name = WS
+
+    def __init__(self, dial: DialConfig, ws_address: str, *, connect_timeout: float = 20.0) -> None:
+        self._dial = dial
+        self.base = base_url(ws_address, dial.tls)
+        self._timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self, operation: int, init: SessionInit) -> SessionStream:
+        """Connect `/client/{key}` (the orchestrator's key, or a fresh one) and send the exec size."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout))
+        if isinstance(init, pb.PortForwardInit) and init.protocol == pb.PROTOCOL_UDP:
+            raise InvalidArgument("UDP port-forward is not carried over WebSocket; use --transport grpc")
+        key = init.target.session_key or secrets.token_urlsafe(16)
+        url = session_url(
+            self.base, operation, init.target.workflow_id, "client", key, client_query(init, want_exit=True)
+        )
+        ws = await connect(self._session, url, self._dial, self._timeout)
+        if isinstance(init, pb.ExecInit):
+            await ws.send_bytes(size_message(init.size.rows, init.size.cols))
+        return WsSessionStream(ws, operation=operation, backend=False)
+
+    async def aclose(self) -> None:
+        """Close the HTTP session (and with it every WebSocket still open)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

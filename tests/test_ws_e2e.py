@@ -1,0 +1,331 @@
+"""The WebSocket migration end to end: every client/agent transport pairing through one router.
+
+Real router, agents, WS backends and clients as processes on loopback; the old protocol is also
+spoken byte for byte by raw aiohttp WebSockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pty
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
+from tests.security_kit import Pki, Signer
+from tests.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
+from tests.test_rsync_e2e import make_tree, snapshot
+from tests.ws_kit import (
+    WsBackendProc,
+    client_args,
+    delta,
+    new_key,
+    receive_close,
+    receive_until,
+    run,
+    transport_counts,
+    ws_url,
+)
+
+PAIRINGS = [("grpc", "grpc"), ("ws", "grpc"), ("grpc", "ws"), ("ws", "ws")]
+IDS = [f"{c}-{a}" for c, a in PAIRINGS]
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Router]:
+    """One router for the module (each test uses its own workflows and keys)."""
+    proc = Router()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc_workflow(router: Router) -> Iterator[str]:
+    """A workflow served by a gRPC agent."""
+    workflow = f"wf-grpc-{uuid.uuid4().hex[:8]}"
+    agent = AgentProc(router.address, workflow)
+    yield workflow
+    agent.stop()
+
+
+class Pairing:
+    """Client flags for one pairing; a WS agent is a backend started for an orchestrator key."""
+
+    def __init__(
+        self, router: Router, grpc_workflow: str, client: str, agent: str, *backend_args: str, operation: str = "exec"
+    ) -> None:
+        self.router, self.client, self.agent = router, client, agent
+        self.backend: WsBackendProc | None = None
+        extra: list[str] = []
+        workflow = grpc_workflow
+        if agent == "ws":
+            workflow, key = f"wf-ws-{uuid.uuid4().hex[:8]}", new_key()
+            self.backend = WsBackendProc(router, workflow, key, *backend_args, operation=operation)
+            extra = ["--session-key", key]
+        self.args = client_args(router, workflow, client, *extra)
+
+    def finish(self, served: bool = True) -> None:
+        """Check that a WS backend served its session (or failed to, when `served` is False) and ended."""
+        if self.backend is not None:
+            try:
+                assert self.backend.wait_exit(20) == (0 if served else 1), self.backend.lines[-5:]
+            finally:
+                self.backend.stop()
+
+
+@pytest.mark.parametrize(("client", "agent"), PAIRINGS, ids=IDS)
+def test_exec_blob_exit_code_and_metrics(router: Router, grpc_workflow: str, client: str, agent: str) -> None:
+    before = transport_counts(router, "exec")
+    pairing = Pairing(router, grpc_workflow, client, agent)
+    blob = os.urandom(6 * 1024 * 1024)
+    try:
+        result = run_client("exec", *pairing.args, "--", "sh", "-c", "cat; echo to-err >&2; exit 5", input=blob)
+    finally:
+        pairing.finish()
+    assert result.returncode == 5, result.stderr
+    assert hashlib.sha256(result.stdout[: len(blob)]).digest() == hashlib.sha256(blob).digest()
+    if "ws" in (client, agent):
+        # The old protocol has one output stream: stderr arrives merged into stdout.
+        assert result.stdout[len(blob) :] == b"to-err\n"
+    else:
+        assert (result.stdout[len(blob) :], result.stderr) == (b"", b"to-err\n")
+    assert delta(before, transport_counts(router, "exec")) == {f"client_{client}": 1, f"agent_{agent}": 1}
+
+
+@pytest.mark.parametrize(("client", "agent"), PAIRINGS[1:], ids=IDS[1:])
+def test_tty_size_resize_and_ctrl_c(router: Router, grpc_workflow: str, client: str, agent: str) -> None:
+    pairing = Pairing(router, grpc_workflow, client, agent)
+    master, slave = pty.openpty()
+    _set_winsize(slave, 30, 100)
+    script = "trap 'echo size=$(stty size)' WINCH; echo size=$(stty size); while :; do sleep 0.05; done"
+    proc = subprocess.Popen(
+        client_cmd("exec", *pairing.args, "--tty", "--", "sh", "-c", script),
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=cli_env({"TERM": "xterm"}),
+        preexec_fn=_controlling_tty,
+    )
+    os.close(slave)
+    screen = PtyReader(master)
+    try:
+        screen.wait_for(rb"size=30 100")
+        _set_winsize(master, 40, 120)  # SIGWINCH to the client: a RESIZE message on the WS leg
+        screen.wait_for(rb"size=40 120")
+        os.write(master, b"\x03")
+        assert proc.wait(30) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+        pairing.finish()
+
+
+def test_old_client_bytes_to_a_grpc_agent(router: Router, grpc_workflow: str) -> None:
+    """An old client: size JSON first, RESIZE messages, empty message = EOF, no extensions."""
+
+    async def body(http: aiohttp.ClientSession) -> None:
+        url = ws_url(router, "exec", grpc_workflow, "client", new_key())
+        async with http.ws_connect(url) as ws:
+            await ws.send_bytes(b'{"Rows": 30, "Cols": 100}')
+            await ws.send_bytes(b"stty size\r")
+            await receive_until(ws, b"30 100")
+            await ws.send_bytes(b'\x00RESIZE:{"Rows": 40, "Cols": 120}')
+            await ws.send_bytes(b"stty size\r")
+            await receive_until(ws, b"40 120")
+            # A reader in the terminal's cooked mode (readline's own mode would swallow an early ^D).
+            await ws.send_bytes(b"exec sh -c 'echo rea''dy; cat'\r")
+            await receive_until(ws, b"ready\r\n")
+            await ws.send_bytes(b"")  # EOF: cat reads end of input and exits, and the session ends
+            code, reason, _ = await receive_close(ws)
+            assert (code, reason) == (1000, "")  # no exit status in the old protocol
+
+    run(body)
+
+
+def test_old_client_meets_old_backend_byte_for_byte(router: Router) -> None:
+    """Both sides old: every byte passes unchanged, the size message verbatim, EOF and close too."""
+    workflow, key = f"wf-old-{uuid.uuid4().hex[:8]}", new_key()
+    every_byte = bytes(range(256)) * 64
+
+    async def body(http: aiohttp.ClientSession) -> None:
+        backend = await http.ws_connect(ws_url(router, "exec", workflow, "backend", key))
+        client = await http.ws_connect(ws_url(router, "exec", workflow, "client", key, "timeout=10"))
+        await client.send_bytes(b'{"Rows": 24, "Cols": 80}')
+        assert (await backend.receive_bytes()) == b'{"Rows": 24, "Cols": 80}'
+        for message in (b"ls -l\r", every_byte, b'\x00RESIZE:{"Rows": 50, "Cols": 132}', b""):
+            await client.send_bytes(message)
+            assert (await backend.receive_bytes()) == message
+        await backend.send_bytes(every_byte)
+        assert (await client.receive_bytes()) == every_byte
+        await backend.close()
+        code, reason, rest = await receive_close(client)
+        assert (code, reason, rest) == (1000, "", b"")
+
+    run(body)
+
+
+def test_old_port_forward_control_pipe_passes_through(router: Router) -> None:
+    """The old port-forward control channel (JSON between old client and old backend) is just bytes."""
+    workflow, key = f"wf-pf-{uuid.uuid4().hex[:8]}", new_key()
+
+    async def body(http: aiohttp.ClientSession) -> None:
+        client = await http.ws_connect(ws_url(router, "portforward", workflow, "client", key))
+        backend = await http.ws_connect(ws_url(router, "portforward", workflow, "backend", key))
+        control = b'{"key": "PORTFORWARD-1", "cookie": ""}'
+        await client.send_bytes(control)
+        assert (await backend.receive_bytes()) == control
+        await client.close()
+        code, _, _ = await receive_close(backend)
+        assert code is not None
+
+    run(body)
+
+
+def test_rendezvous_timeout_query_parameter(router: Router) -> None:
+    async def body(http: aiohttp.ClientSession) -> None:
+        url = ws_url(router, "portforward", f"wf-none-{uuid.uuid4().hex[:8]}", "client", new_key(), "timeout=0.5")
+        async with http.ws_connect(url) as ws:
+            code, reason, _ = await receive_close(ws, timeout=10)
+        assert code == 4000
+        assert reason.startswith("DEADLINE_EXCEEDED")
+
+    run(body)
+
+
+def test_bad_size_message_is_refused(router: Router, grpc_workflow: str) -> None:
+    async def body(http: aiohttp.ClientSession) -> None:
+        async with http.ws_connect(ws_url(router, "exec", grpc_workflow, "client", new_key())) as ws:
+            await ws.send_bytes(b"not json")
+            code, reason, _ = await receive_close(ws)
+        assert code == 4000
+        assert reason.startswith("INVALID_ARGUMENT")
+
+    run(body)
+
+
+def test_version_and_unknown_operation(router: Router) -> None:
+    async def body(http: aiohttp.ClientSession) -> None:
+        async with http.get(f"http://127.0.0.1:{router.ws_port}/api/router/version") as resp:
+            assert resp.status == 200
+            assert await resp.json() == "0.1.0"
+        async with http.get(ws_url(router, "teleport", "wf", "client", "k")) as resp:
+            assert resp.status == 400
+
+    run(body)
+
+
+def test_fallback_to_websocket_when_grpc_port_is_closed(router: Router, grpc_workflow: str) -> None:
+    before = transport_counts(router, "exec")
+    args = ["--router-address", "127.0.0.1:1", "--ws-address", f"127.0.0.1:{router.ws_port}"]
+    result = run_client("exec", *args, "--workflow-id", grpc_workflow, "--tls=false", "--", "echo", "via-ws")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"via-ws\n"
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "falling back to WebSocket" in lines[0], lines
+    assert delta(before, transport_counts(router, "exec")) == {"client_ws": 1, "agent_grpc": 1}
+
+
+def test_explicit_grpc_does_not_fall_back(router: Router, grpc_workflow: str) -> None:
+    args = ["--router-address", "127.0.0.1:1", "--ws-address", f"127.0.0.1:{router.ws_port}", "--transport", "grpc"]
+    result = run_client("exec", *args, "--workflow-id", grpc_workflow, "--tls=false", "--", "true", timeout=60)
+    assert result.returncode == 255
+    assert b"falling back" not in result.stderr
+
+
+@pytest.mark.parametrize(("percent", "expected"), [(0, "ws"), (100, "grpc")])
+def test_grpc_percent_rollout(router: Router, grpc_workflow: str, percent: int, expected: str) -> None:
+    before = transport_counts(router, "exec")
+    args = client_args(router, grpc_workflow, "grpc")[:-2]  # no explicit --transport
+    result = run_client("exec", *args, "--grpc-percent", str(percent), "--", "echo", "canary")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"canary\n"
+    assert delta(before, transport_counts(router, "exec")) == {f"client_{expected}": 1, "agent_grpc": 1}
+
+
+def test_ws_client_gone_hangs_up_the_remote_process(router: Router, grpc_workflow: str, tmp_path: Path) -> None:
+    """A close ends the pipe (old protocol): the session fails and the agent hangs up its process."""
+    marker = tmp_path / "hup"
+    script = f"trap 'echo hup > {marker}; exit 0' HUP; echo started; while :; do sleep 0.1; done"
+    client = Proc(client_cmd("exec", *client_args(router, grpc_workflow, "ws"), "--", "sh", "-c", script))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        client.popen.kill()
+        client.wait_exit(10)
+        deadline = time.monotonic() + 20
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the remote process was not hung up"
+            time.sleep(0.05)
+        wanted = {"event": "session end", "transport": "ws", "workflow": grpc_workflow, "status": "CANCELLED"}
+        router.wait_for(lambda r: wanted.items() <= r.items())
+    finally:
+        client.stop()
+
+
+def test_jwt_and_tls_on_the_websocket_port(tmp_path: Path) -> None:
+    """wss with the gRPC port's certificate, and the router's JWT rules, on every WS side."""
+    pki, signer = Pki.create(tmp_path), Signer.rs256()
+    (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
+    tls = ("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key))
+    router = Router(*tls, "--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem"), secure=True)
+    workflow, key = f"wf-sec-{uuid.uuid4().hex[:8]}", new_key()
+    alice = signer.token("alice", workflows=[workflow])
+    agent_token = signer.token("pod-1", workflows=[workflow], role="agent")
+    backend = WsBackendProc(router, workflow, key, "--tls-ca", str(pki.ca), "--token", agent_token, tls=True)
+    try:
+        common = ["--router-address", router.address, "--ws-address", f"127.0.0.1:{router.ws_port}"]
+        common += ["--workflow-id", workflow, "--tls-ca", str(pki.ca)]
+        refused = run_client("exec", *common, "--transport", "ws", "--", "true")
+        assert refused.returncode == 255 and b"UNAUTHENTICATED" in refused.stderr
+        assert b"bearer token" in refused.stderr, refused.stderr  # the router's reason, not just "401"
+        # A gRPC client meets the WS backend on the orchestrator's key, both with their tokens.
+        result = run_client("exec", *common, "--token", alice, "--session-key", key, "--", "echo", "wss")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"wss\n"
+        assert backend.wait_exit(20) == 0
+        # An agent's token cannot open a client session over WebSocket either.
+        agent_as_user = run_client("exec", *common, "--transport", "ws", "--token", agent_token, "--", "true")
+        assert agent_as_user.returncode == 255 and b"PERMISSION_DENIED" in agent_as_user.stderr
+    finally:
+        backend.stop()
+        router.stop()
+
+
+@pytest.mark.parametrize(("client", "agent"), PAIRINGS, ids=IDS)
+def test_rsync_tree_and_blob_intact(
+    router: Router, grpc_workflow: str, client: str, agent: str, tmp_path: Path
+) -> None:
+    local, remote = tmp_path / "local", tmp_path / "container" / "data"
+    local.mkdir()
+    remote.parent.mkdir()
+    make_tree(local, big=False)
+    (local / "blob.bin").write_bytes(os.urandom(8 * 1024 * 1024))
+    before = transport_counts(router, "rsync")
+    pairing = Pairing(router, grpc_workflow, client, agent, operation="rsync")
+    try:
+        result = run_client("rsync", *pairing.args, f"{local}/", f":{remote}/", timeout=120)
+    finally:
+        pairing.finish()
+    assert result.returncode == 0, result.stderr
+    assert snapshot(remote) == snapshot(local)  # modes, links, and the sha256 of every file
+    assert delta(before, transport_counts(router, "rsync")) == {f"client_{client}": 1, f"agent_{agent}": 1}
+
+
+def test_rsync_missing_behind_a_ws_backend_is_reported(router: Router, grpc_workflow: str, tmp_path: Path) -> None:
+    """A new WS backend reports errors as the router does (close 4000, `CODE: message`)."""
+    pairing = Pairing(router, grpc_workflow, "ws", "ws", "--rsync-binary", "/nonexistent/rsync", operation="rsync")
+    try:
+        result = run_client("rsync", *pairing.args, f"{tmp_path}/", ":/tmp/x/", timeout=60)
+    finally:
+        pairing.finish()
+    assert result.returncode == 127, result.stderr
+    assert b"rsync is missing in the container" in result.stderr
