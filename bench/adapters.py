@@ -58,4 +58,25 @@ def rsync(result: dict[str, Any]) -> Figures:
     return [figure(f"rsync {size:.0f} MiB upload", value, "MiB/s", baseline=base, baseline_name="local rsync")]
 
 
-ADAPTERS: dict[str, Callable[[dict[str, Any]], Figures]] = {"bench_forward": forward, "bench_rsync": rsync}
+def ws(result: dict[str, Any]) -> Figures:
+    """The WebSocket transport beside the gRPC transport, same router and agent."""
+    out: Figures = []
+    for q in ("p50", "p99"):
+        value, base = _get(result, "ws", "exec_echo", f"{q}_ms"), _get(result, "grpc", "exec_echo", f"{q}_ms")
+        if value is not None and base:
+            out.append(figure(f"ws transport exec echo {q}", value * 1000, "us", baseline=base * 1000,
+                              baseline_name="gRPC transport"))  # fmt: skip
+    pairs = [("exec_mib_s", "ws transport exec throughput")]
+    pairs += [(f"forward_{way}_mib_s", f"ws transport forward {way}") for way in ("download", "upload")]
+    for key, name in pairs:
+        value, base = _get(result, "ws", key), _get(result, "grpc", key)
+        if value is not None and base:
+            out.append(figure(name, value, "MiB/s", baseline=base, baseline_name="gRPC transport"))
+    return out
+
+
+ADAPTERS: dict[str, Callable[[dict[str, Any]], Figures]] = {
+    "bench_forward": forward,
+    "bench_rsync": rsync,
+    "bench_ws": ws,
+}
