@@ -44,11 +44,13 @@ class Piped:
             raise TimeoutError(f"no output from {self.proc.args!r} within {timeout:g}s")
         return os.read(self.fd_out, size)
 
-    def echo(self) -> None:
-        """One byte in, the same byte out."""
+    def echo(self) -> float:
+        """Seconds for one byte in and the same byte out."""
+        started = time.perf_counter()
         os.write(self.fd_in, b"x")
         if self.read(1) != b"x":
             raise RuntimeError("echo returned something else")
+        return time.perf_counter() - started
 
     def close(self) -> int:
         """End stdin, wait for the exit code."""

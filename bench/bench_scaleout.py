@@ -15,14 +15,11 @@ Run: `.venv/bin/python -m bench.bench_scaleout [--quick]`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import os
 import re
-import selectors
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -34,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # tests.harness starts the router and agent processes
     sys.path.insert(0, str(ROOT))
 
-from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd  # noqa: E402
+from bench.bench_exec import Piped, transfer_mbps  # noqa: E402
+from tests.harness import AgentProc, Proc, Router, client_cmd  # noqa: E402
 from tests.redis_harness import RedisServer  # noqa: E402
 
 WORKFLOW = "bench-scaleout"
@@ -105,43 +103,6 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return float(ordered[max(1, -(-len(ordered) * int(q) // 100)) - 1])
 
 
-class Piped:
-    """A client process whose stdin and stdout the benchmark drives directly (unbuffered)."""
-
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.proc = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=cli_env()
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.fd_in, self.fd_out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self.fd_out, selectors.EVENT_READ)
-
-    def read(self, size: int) -> bytes:
-        """Up to `size` bytes of stdout; raises if nothing comes within WAIT."""
-        if not self._selector.select(WAIT):
-            raise TimeoutError(f"no output within {WAIT:g}s")
-        return os.read(self.fd_out, size)
-
-    def echo(self) -> float:
-        """Seconds for one byte in and the same byte out."""
-        started = time.perf_counter()
-        os.write(self.fd_in, b"x")
-        if self.read(1) != b"x":
-            raise RuntimeError("echo returned something else")
-        return time.perf_counter() - started
-
-    def close(self) -> None:
-        """End stdin and require a clean exit."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        code = self.proc.wait(WAIT)
-        self._selector.close()
-        if code != 0:
-            stderr = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-            raise RuntimeError(f"client exited {code}: {stderr[-1000:]}")
-
-
 def _echo(same: list[str], cross: list[str], rounds: int) -> list[dict[str, Any]]:
     """Both sessions open at once; rounds alternate between them."""
     sessions = [Piped(same), Piped(cross)]
@@ -159,33 +120,6 @@ def _echo(same: list[str], cross: list[str], rounds: int) -> list[dict[str, Any]
     return [figure(f"exec echo 1 B p{q}", "us", percentile(samples[1], q), percentile(samples[0], q)) for q in (50, 99)]
 
 
-def _transfer_mbps(argv: list[str], blob: bytes) -> float:
-    piped = Piped(argv)
-    digest = hashlib.sha256()
-    received = 0
-    try:
-        piped.echo()
-        started = time.perf_counter()
-        writer = threading.Thread(target=_write_all, args=(piped.fd_in, blob), daemon=True)
-        writer.start()
-        while received < len(blob) and (chunk := piped.read(1 << 20)):
-            digest.update(chunk)
-            received += len(chunk)
-        elapsed = time.perf_counter() - started
-        writer.join(WAIT)
-    finally:
-        piped.close()
-    if received != len(blob) or digest.digest() != hashlib.sha256(blob).digest():
-        raise RuntimeError(f"{received} of {len(blob)} bytes came back intact")
-    return len(blob) / elapsed / 1e6
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view[: 1 << 20]) :]
-
-
 def _exec_throughput(same: list[str], cross: list[str], repeats: int) -> list[dict[str, Any]]:
     blob = os.urandom(32 * 1024 * 1024)
     same_runs: list[float] = []
@@ -193,7 +127,7 @@ def _exec_throughput(same: list[str], cross: list[str], repeats: int) -> list[di
     for i in range(repeats):
         order = ((same, same_runs), (cross, cross_runs))
         for argv, runs in order if i % 2 == 0 else reversed(order):
-            runs.append(_transfer_mbps(argv, blob))
+            runs.append(transfer_mbps(argv, blob))
     measured, baseline = statistics.median(cross_runs), statistics.median(same_runs)
     return [figure("exec 32 MiB through cat", "MB/s", measured, baseline, cross_runs)]
 
