@@ -71,15 +71,20 @@ def session_event(
         "transport": transport,
     }
     if duration is not None:
-        fields.update(
-            bytes_to_agent=session.bytes_to_agent,
-            bytes_to_client=session.bytes_to_client,
-            duration_s=round(duration, 3),
-            status=session.error.code.name if session.error else "OK",
-        )
+        fields.update(end_fields(session, duration))
         if session.exit_status:
             fields["exit_status"] = session.exit_status
     log.info(event, extra={"fields": fields})
+
+
+def end_fields(session: Session, duration: float) -> dict[str, object]:
+    """What an end-of-session audit line adds: bytes each way, duration and status."""
+    return {
+        "bytes_to_agent": session.bytes_to_agent,
+        "bytes_to_client": session.bytes_to_client,
+        "duration_s": round(duration, 3),
+        "status": session.error.code.name if session.error else "OK",
+    }
 
 
 def refused(

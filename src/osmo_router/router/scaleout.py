@@ -23,7 +23,7 @@ from prometheus_client import Counter, Gauge
 
 from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
 from osmo_router.protocol import CLOSE_GRACE, INIT_TAG, pb
-from osmo_router.router.audit import peer_of
+from osmo_router.router.audit import end_fields, peer_of
 from osmo_router.router.auth import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.directory import Directory, DirectoryUnavailable, Owner
@@ -339,10 +339,5 @@ def _audit(
         "peer": peer,
     }
     if duration is not None:
-        fields.update(
-            bytes_to_agent=session.bytes_to_agent,
-            bytes_to_client=session.bytes_to_client,
-            duration_s=round(duration, 3),
-            status=session.error.code.name if session.error else "OK",
-        )
+        fields.update(end_fields(session, duration))
     log.info(event, extra={"fields": fields})
