@@ -14,8 +14,6 @@ import termios
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
 
 
@@ -222,10 +220,10 @@ class PtyReader:
         return match
 
 
-@pytest.mark.parametrize("initial", [(30, 100)])
-def test_tty_size_resize_and_ctrl_c(agent: AgentProc, client_args: list[str], initial: tuple[int, int]) -> None:
+def check_tty_size_resize_and_ctrl_c(client_args: list[str]) -> None:
+    """Through `exec --tty`: the remote sees the local size, follows a resize, and Ctrl-C ends it with 130."""
     master, slave = pty.openpty()
-    _set_winsize(slave, *initial)
+    _set_winsize(slave, 30, 100)
     script = "trap 'echo size=$(stty size)' WINCH; echo size=$(stty size); while :; do sleep 0.05; done"
     proc = subprocess.Popen(
         client_cmd("exec", *client_args, "--tty", "--", "sh", "-c", script),
@@ -248,6 +246,10 @@ def test_tty_size_resize_and_ctrl_c(agent: AgentProc, client_args: list[str], in
             proc.kill()
             proc.wait(10)
         os.close(master)
+
+
+def test_tty_size_resize_and_ctrl_c(agent: AgentProc, client_args: list[str]) -> None:
+    check_tty_size_resize_and_ctrl_c(client_args)
 
 
 def test_tty_mode_restores_the_local_terminal(agent: AgentProc, client_args: list[str]) -> None:

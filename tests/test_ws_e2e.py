@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pty
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
+from tests.harness import AgentProc, Proc, Router, client_cmd, run_client
 from tests.security_kit import Pki, Signer
-from tests.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
+from tests.test_exec_e2e import check_tty_size_resize_and_ctrl_c
 from tests.test_rsync_e2e import make_tree, snapshot
 from tests.ws_kit import (
     WsBackendProc,
@@ -103,30 +100,10 @@ def test_exec_blob_exit_code_and_metrics(router: Router, grpc_workflow: str, cli
 @pytest.mark.parametrize(("client", "agent"), PAIRINGS[1:], ids=IDS[1:])
 def test_tty_size_resize_and_ctrl_c(router: Router, grpc_workflow: str, client: str, agent: str) -> None:
     pairing = Pairing(router, grpc_workflow, client, agent)
-    master, slave = pty.openpty()
-    _set_winsize(slave, 30, 100)
-    script = "trap 'echo size=$(stty size)' WINCH; echo size=$(stty size); while :; do sleep 0.05; done"
-    proc = subprocess.Popen(
-        client_cmd("exec", *pairing.args, "--tty", "--", "sh", "-c", script),
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=cli_env({"TERM": "xterm"}),
-        preexec_fn=_controlling_tty,
-    )
-    os.close(slave)
-    screen = PtyReader(master)
     try:
-        screen.wait_for(rb"size=30 100")
-        _set_winsize(master, 40, 120)  # SIGWINCH to the client: a RESIZE message on the WS leg
-        screen.wait_for(rb"size=40 120")
-        os.write(master, b"\x03")
-        assert proc.wait(30) == 128 + signal.SIGINT
+        # SIGWINCH becomes a RESIZE message on a WS leg, a Resize frame on a gRPC one.
+        check_tty_size_resize_and_ctrl_c(pairing.args)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        os.close(master)
         pairing.finish()
 
 
