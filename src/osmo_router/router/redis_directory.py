@@ -173,8 +173,10 @@ class RedisDirectory:
                 await self._heartbeat
         agents, self._agents = self._agents, {}
         sessions, self._sessions = self._sessions, {}
-        with contextlib.suppress(DirectoryUnavailable):
-            async with self._redis.pipeline(transaction=False) as pipe:
+        # Bounded as a whole: the pipeline's own script loading and the connection close are not
+        # covered by _call's timeout, and a dead Redis must not hold up shutdown.
+        with contextlib.suppress(DirectoryUnavailable, TimeoutError):
+            async with asyncio.timeout(self._op_timeout), self._redis.pipeline(transaction=False) as pipe:
                 for (workflow_id, task), entry in agents.items():
                     await self._release(
                         keys=[agent_key(workflow_id, task), agent_index(workflow_id)],
@@ -186,7 +188,9 @@ class RedisDirectory:
                 await self._call("withdraw", pipe.execute())
         if self._background:
             await asyncio.wait(self._background, timeout=self._op_timeout)
-        await self._redis.aclose()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._op_timeout):
+                await self._redis.aclose()
 
     async def agent_registered(self, reg: AgentRegistration) -> None:
         """Publish (and take over) the agent's target; if Redis is down, the heartbeat publishes it later."""
