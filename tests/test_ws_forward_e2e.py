@@ -104,11 +104,12 @@ async def _forward_blob(router: Router, client: str, workflow: str, key: str, po
     received = bytearray()
     try:
         async with asyncio.timeout(TIMEOUT):
+            # To the end of the stream, past the echo's half-close, as the CLI reads: the router then
+            # closes the WebSocket. Leaving it open would leave its connection unreleased when the
+            # transport closes its HTTP session (aiohttp's "Unclosed connection" at garbage collection).
             while (frame := await stream.recv()) is not None:
                 if frame.WhichOneof("kind") == "data":
                     received += frame.data
-                elif frame.WhichOneof("kind") == "half_close":
-                    break
             await sender
     finally:
         await transport.aclose()
