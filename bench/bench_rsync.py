@@ -93,16 +93,25 @@ def _local_run(src: Path, work: Path, index: int) -> tuple[float, float, str]:
 
 def _router_run(
     src: Path, work: Path, index: int, router: Router, agent: AgentProc, extra: list[str]
-) -> tuple[float, float, str]:
-    """One upload through the router; the CPU figure adds the router's and the agent's (with rsync --server)."""
+) -> tuple[float, float, str, dict[str, float]]:
+    """One upload through the router; the CPU figure adds the router's and the agent's (with rsync --server).
+
+    The last item splits the CPU seconds by side: the user's (client and local rsync), the router,
+    and the agent (with `rsync --server`).
+    """
     dest = work / f"remote-{index}"
     args = ["--router-address", router.address, "--workflow-id", WORKFLOW, "--tls=false"]
-    servers = process_cpu(router.pid) + process_cpu(agent.pid)
+    router_cpu, agent_cpu = process_cpu(router.pid), process_cpu(agent.pid)
     try:
         wall, cpu, out = timed(
             client_cmd("rsync", *args, str(src), f":{dest}/", "--", "--stats", *extra), env=cli_env()
         )
-        return wall, cpu + process_cpu(router.pid) + process_cpu(agent.pid) - servers, out
+        split = {
+            "user side": cpu,
+            "router": process_cpu(router.pid) - router_cpu,
+            "agent side": process_cpu(agent.pid) - agent_cpu,
+        }
+        return wall, sum(split.values()), out, split
     finally:
         shutil.rmtree(dest, ignore_errors=True)
 
@@ -117,13 +126,14 @@ def run(quick: bool, rounds: int = 3, compress: bool = False) -> dict[str, Any]:
         router = Router()
         agent = AgentProc(router.address, WORKFLOW)
         try:
-            local_runs, router_runs, stats = [], [], {}
+            local_runs, router_runs, stats, splits = [], [], {}, []
             for index in range(rounds):
                 # Interleaved, so a burst of load on a shared machine hits both sides alike.
                 local_runs.append(_local_run(src, work, index)[:2])
                 before = router_bytes(router)
-                elapsed, cpu, output = _router_run(src, work, index, router, agent, [])
+                elapsed, cpu, output, split = _router_run(src, work, index, router, agent, [])
                 router_runs.append((elapsed, cpu))
+                splits.append(split)
                 stats = {**rsync_stats(output), "router_bytes": router_bytes(router) - before}
             compressed = _router_run(src, work, rounds, router, agent, ["-z"])[0] if compress else None
         finally:
@@ -141,6 +151,7 @@ def run(quick: bool, rounds: int = 3, compress: bool = False) -> dict[str, Any]:
         "ratio": best_local / best_router,
         "local_cpu_seconds": local_cpu,
         "router_cpu_seconds": router_cpu,
+        "router_cpu_split": min(splits, key=lambda split: sum(split.values())),
         "cpu_ratio": local_cpu / router_cpu,
         "router_z_mib_s": size / MIB / compressed if compressed else None,
         "rsync_stats_through_router": stats,
@@ -167,6 +178,8 @@ def main() -> None:
         f"router path {result['router_cpu_seconds']:.2f} (client, router, agent, both rsyncs): "
         f"{result['cpu_ratio']:.2f}x"
     )
+    split = ", ".join(f"{side} {seconds:.2f}" for side, seconds in result["router_cpu_split"].items())
+    print(f"  router path CPU by side:        {split}")
     print(f"  load average during the run:    {result['load_average']}")
     if result["router_z_mib_s"]:
         print(f"  through the router with -z:     {result['router_z_mib_s']:8.1f} MiB/s")

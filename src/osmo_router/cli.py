@@ -17,6 +17,7 @@ from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
+from osmo_router.memtune import tune_for_bulk
 from osmo_router.router.config import RouterConfig
 
 # The server and agent modules (aiohttp, prometheus...) are imported where they are used: the client
@@ -191,6 +192,9 @@ def serve(log_level: str, log_format: str, **options: Any) -> None:
         config.validate()
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    # Relayed rsync and forward traffic arrives in messages of up to 1 MiB; see memtune. The idle
+    # session figure (bench) is the same with and without it: small allocations are not affected.
+    tune_for_bulk()
     sys.exit(run_async(_serve(config), prefer_uvloop=True))
 
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import open_pipe, read_fd, read_gathered, write_fd
+from osmo_router.agent.pipe_writer import PipeWriter
 from osmo_router.protocol import CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
@@ -161,7 +162,6 @@ async def run_piped(
     """
     stdin_r, stdin_w = open_pipe(pipe_size)
     stdout_r, stdout_w = open_pipe(pipe_size)
-    os.set_blocking(stdin_w, False)
     os.set_blocking(stdout_r, False)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -183,17 +183,14 @@ async def run_piped(
         os.close(stdin_r)
         os.close(stdout_w)
     assert proc.stderr is not None
-    stdin_open = [True]
+    stdin = PipeWriter(stdin_w, name="stdin-writer")
 
     async def write(data: bytes) -> None:
-        if stdin_open[0]:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                await write_fd(stdin_w, data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await stdin.write(data)
 
     async def close_input() -> None:
-        if stdin_open[0]:
-            stdin_open[0] = False
-            os.close(stdin_w)
+        stdin.close()
 
     async def pump_stdout() -> None:
         while chunk := await read_gathered(stdout_r, chunk_size, linger):

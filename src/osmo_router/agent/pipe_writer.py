@@ -1,0 +1,101 @@
+"""A pipe whose full-pipe waits happen in a thread of its own: the input of exec and `rsync --server`.
+
+With a non-blocking pipe driven from the event loop, every time the reader has taken part of the
+pipe the loop wakes, writes what fits and waits again: a 1 MiB frame into rsync's pipe cost a dozen
+loop iterations, which made the agent's Python overhead the largest part of its CPU on a 1 GiB
+upload. Here the loop writes what fits at once (a keystroke never leaves the loop), and only the
+rest of a chunk goes to the thread, which waits for room with poll() outside the GIL and wakes the
+loop once when the chunk is all written.
+
+The thread owns the descriptor: it closes it after the writes queued before `close()`, so a write
+still in progress (a reader that stopped reading) never races the close, and the descriptor number
+is never reused under it. Its thread is a daemon: a writer stuck on a reader that never reads does
+not keep the agent from exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import select
+import threading
+
+_Item = tuple[memoryview, asyncio.Future[None]] | None
+
+
+class PipeWriter:
+    """Writes whole chunks to a non-blocking descriptor; `write` returns once the kernel has all of a chunk."""
+
+    def __init__(self, fd: int, name: str = "pipe-writer") -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._in_thread = 0  # chunks handed to the thread and not yet reported back
+        self._closed = False
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    async def write(self, data: bytes) -> None:
+        """Write all of `data`; raises BrokenPipeError once the reader is gone or the writer closed."""
+        if self._closed:
+            raise BrokenPipeError("the pipe writer is closed")
+        view = memoryview(data)
+        if not self._in_thread:  # nothing queued ahead: write what fits now, keeping the order
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BlockingIOError:
+                pass
+            if not view:
+                return
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._in_thread += 1
+        self._queue.put((view, done))
+        await done
+
+    def close(self) -> None:
+        """Close the descriptor after the writes already queued (does not wait for them)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+
+    def _run(self) -> None:
+        failed: OSError | None = None
+        try:
+            while (item := self._queue.get()) is not None:
+                data, done = item
+                if failed is None:
+                    try:
+                        _write_all(self._fd, data)
+                    except OSError as err:
+                        failed = err
+                self._report(done, failed)
+        finally:
+            os.close(self._fd)
+
+    def _report(self, done: asyncio.Future[None], error: OSError | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._settle, done, error)
+
+    def _settle(self, done: asyncio.Future[None], error: OSError | None) -> None:
+        # Counted down here, not when the waiter is cancelled: the thread still had the chunk,
+        # and a later write must not overtake it.
+        self._in_thread -= 1
+        if done.done():  # the writer was cancelled
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(BrokenPipeError(error.errno, error.strerror) if error.errno else error)
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    """Write all of view to a non-blocking descriptor, waiting for room outside the GIL."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            poller.poll()  # POLLERR/POLLHUP wake it too: the next write then raises
