@@ -1,15 +1,15 @@
-"""Static checks of the deployment artefacts: Helm chart, Grafana dashboard, Dockerfile.
+"""Static checks of the Helm chart (the dashboard and the Dockerfile have test files of their own).
 
-No helm or docker binary is available to the tests, so nothing is rendered or built. The checks
-tie the artefacts to the code instead: the flags the chart passes must be real `osmo-router serve`
-options, the metrics the dashboard plots must be ones RouterMetrics exports, and so on. Templates
-are Go templates, which YAML cannot parse, so they are read with regular expressions.
+No helm binary is available to the tests, so the checks tie the chart to the code instead: the
+flags the chart passes must be real `osmo-router serve` options that parse to the values' settings,
+every port must be wired from its value to the flag, the container and the Service, and so on.
+Templates are Go templates, which YAML cannot parse: they are read with regular expressions, and
+rendered for given values by tests/helm_lite.py where a branch matters.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,15 @@ from typing import Any
 import click
 import pytest
 import yaml
-from prometheus_client.metrics import MetricWrapperBase
 
 from osmo_router.cli import main_group
 from osmo_router.cliutil import bool_option_names, normalize_bool_flags
 from osmo_router.durations import parse_duration
-from osmo_router.router.metrics import RouterMetrics
+from tests.helm_lite import render, with_values
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "router-grpc"
 TEMPLATES = CHART / "templates"
-DASHBOARD = ROOT / "dashboards" / "router-grpc.json"
-DOCKERFILE = ROOT / "Dockerfile"
 
 # What the brief and DESIGN.md require; each must be wired, not merely allowed.
 REQUIRED_LABELS = {
@@ -42,6 +39,7 @@ REQUIRED_SERVE_FLAGS = {
     "host",
     "port",
     "metrics-port",
+    "ws-port",
     "tls-enabled",
     "tls-cert",
     "tls-key",
@@ -58,18 +56,6 @@ REQUIRED_SERVE_FLAGS = {
     "advertise-address",
     "log-format",
 }
-REQUIRED_DASHBOARD_METRICS = {
-    "router_grpc_sessions_active",
-    "router_grpc_rendezvous_duration_seconds_bucket",
-    "router_grpc_bytes_total",
-    "router_grpc_errors_total",
-    "router_grpc_flow_control_timeouts_total",
-    "router_grpc_sessions_expired_total",
-    "router_grpc_agents_registered",
-    "router_grpc_rendezvous_pending",
-}
-# Labels Prometheus attaches to every scraped series, so a dashboard may group by them.
-TARGET_LABELS = {"namespace", "pod", "instance", "job"}
 
 
 def template(name: str) -> str:
@@ -85,6 +71,21 @@ def values() -> dict[str, Any]:
     data = load_yaml(CHART / "values.yaml")
     assert isinstance(data, dict)
     return data
+
+
+@pytest.fixture(scope="module")
+def deployable(values: dict[str, Any]) -> dict[str, Any]:
+    """The defaults plus what the chart requires to render (a JWT key)."""
+    return with_values(values, {"auth.publicKeySecret": "router-jwt"})
+
+
+@pytest.fixture(scope="module")
+def full_values(deployable: dict[str, Any]) -> dict[str, Any]:
+    """Every optional feature on, so that its args are rendered too."""
+    return with_values(
+        deployable,
+        {"redis.enabled": True, "redis.url": "redis://redis:6379/0", "redis.peer.secretName": "router-grpc-peer"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +111,8 @@ def test_values_defaults_match_the_router_defaults(values: dict[str, Any], serve
     assert values["replicaCount"] == 2
     assert grpc["port"] == defaults["port"]
     assert values["metrics"]["port"] == defaults["metrics_port"]
+    assert values["ws"]["enabled"] is True
+    assert values["ws"]["port"] == defaults["ws_port"]
     assert grpc["tls"]["enabled"] is defaults["tls_enabled"]
     assert grpc["flowControlBuffer"] == defaults["flow_control_buffer"]
     assert values["auth"]["mode"] == defaults["auth"]
@@ -226,10 +229,21 @@ def container_ports(deployment: str) -> dict[str, str]:
 def test_container_ports_are_the_configured_ones() -> None:
     deployment = template("deployment.yaml")
     ports = container_ports(deployment)
-    assert ports == {"grpc": "{{ .Values.grpc.port }}", "metrics": "{{ .Values.metrics.port }}"}
+    assert ports == {
+        "grpc": "{{ .Values.grpc.port }}",
+        "metrics": "{{ .Values.metrics.port }}",
+        "ws": "{{ .Values.ws.port }}",
+    }
     # The router must listen where the container port says it does.
     assert '"--port={{ .Values.grpc.port }}"' in deployment
     assert '"--metrics-port={{ .Values.metrics.port }}"' in deployment
+    assert '"--ws-port={{ .Values.ws.port }}"' in deployment
+
+
+def service_ports(service: str) -> dict[str, tuple[str, str]]:
+    """Service port name -> (its port, its targetPort)."""
+    found = re.findall(r"- name: (\S+)\s*\n\s*port: (.+)\n\s*targetPort: (\S+)", service)
+    return {name: (port, target) for name, port, target in found}
 
 
 def test_service_targets_container_ports() -> None:
@@ -238,7 +252,7 @@ def test_service_targets_container_ports() -> None:
     targets = re.findall(r"targetPort: (\S+)", service)
     assert sorted(targets) == sorted(ports)
     # Each service port listens on the same number as the container port it targets.
-    for name, port, target in re.findall(r"- name: (\S+)\s*\n\s*port: (.+)\n\s*targetPort: (\S+)", service):
+    for name, (port, target) in service_ports(service).items():
         assert name == target
         assert port == ports[target]
 
@@ -299,46 +313,91 @@ def test_chart_passes_every_required_flag() -> None:
 
 
 def rendered_args(values: dict[str, Any]) -> list[str]:
-    """The container args with every branch taken and values filled in: a poor man's `helm template`."""
-    # The args list runs until the next key of the container; list items, comments and control
-    # actions belong to it.
-    lines = template("deployment.yaml").split("args:\n", 1)[1].splitlines()
-    block = list(itertools.takewhile(lambda line: re.match(r"\s*(- |#|\{\{)", line), lines))
+    """The container args `helm template` would render for these values (env vars filled in)."""
+    # The args list runs until the next key of the container: list items and comments belong to it.
+    lines = "\n".join(render(template("deployment.yaml"), values)).split("args:\n", 1)[1].splitlines()
+    block = list(itertools.takewhile(lambda line: re.match(r"\s*(- |#)", line), lines))
     assert len(block) > 10
     env = {"$(POD_IP)": "10.1.2.3", "$(OSMO_REDIS_URL)": "redis://redis:6379/0"}
-
-    def lookup(match: re.Match[str]) -> str:
-        node: Any = values
-        for key in match.group(1).split("."):
-            node = node[key]
-        return str(node).lower() if isinstance(node, bool) else str(node)
-
     args = []
     for line in block:
         item = re.fullmatch(r'\s*- "?(.*?)"?', line)
         if not item or "{{ . }}" in line or "| quote" in line:
-            continue  # control actions, comments, and args that only echo a value back
-        arg = re.sub(r"\{\{ \.Values\.([\w.]+) \}\}", lookup, item.group(1))
+            continue  # comments, and args that only echo a value back
+        arg = item.group(1)
         for var, value in env.items():
             arg = arg.replace(var, value)
         args.append(arg)
     return args
 
 
-def test_chart_args_parse_as_the_values_say(values: dict[str, Any], serve: click.Command) -> None:
-    args = rendered_args(values)
+def serve_params(args: list[str], serve: click.Command) -> dict[str, Any]:
+    """What `osmo-router serve` makes of rendered args."""
     assert args[0] == "serve"
-    ctx = serve.make_context("serve", normalize_bool_flags(args[1:], bool_option_names(serve)))
-    params = ctx.params
+    return serve.make_context("serve", normalize_bool_flags(args[1:], bool_option_names(serve))).params
+
+
+def test_chart_args_parse_as_the_values_say(full_values: dict[str, Any], serve: click.Command) -> None:
+    values = full_values
+    params = serve_params(rendered_args(values), serve)
     assert params["host"] == "0.0.0.0"
     assert params["port"] == values["grpc"]["port"]
     assert params["metrics_port"] == values["metrics"]["port"]
+    assert params["ws_port"] == values["ws"]["port"]
     assert params["tls_enabled"] is values["grpc"]["tls"]["enabled"]
     assert params["session_ttl"] == parse_duration(values["grpc"]["timeouts"]["sessionTtl"])
     assert params["drain_timeout"] == parse_duration(values["grpc"]["timeouts"]["drain"])
     assert params["flow_control_buffer"] == values["grpc"]["flowControlBuffer"]
+    assert params["redis_url"] == "redis://redis:6379/0"
     assert params["advertise_address"] == f"10.1.2.3:{values['grpc']['port']}"
+    assert params["jwt_public_key"] == "/etc/router/jwt/public.pem"
     assert params["log_format"] == "json"
+
+
+def test_optional_args_follow_their_values(deployable: dict[str, Any], serve: click.Command) -> None:
+    """The renderer really decides branches: scale-out and TLS args come and go with their values."""
+    params = serve_params(rendered_args(deployable), serve)
+    assert params["redis_url"] is None and params["advertise_address"] is None
+    plain = rendered_args(with_values(deployable, {"grpc.tls.enabled": False}))
+    assert serve_params(plain, serve)["tls_enabled"] is False
+    assert not [arg for arg in plain if arg.startswith(("--tls-cert", "--tls-key"))]
+
+
+# --- WebSocket compatibility port -------------------------------------------------------------
+
+
+def rendered_ports(values: dict[str, Any]) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """(container port name -> number, service port name -> (number, targetPort)) as rendered."""
+    deployment = "\n".join(render(template("deployment.yaml"), values))
+    service = "\n".join(render(template("service.yaml"), values))
+    return container_ports(deployment), service_ports(service)
+
+
+def test_ws_port_is_wired_from_value_to_service(deployable: dict[str, Any], serve: click.Command) -> None:
+    """ws.port -> --ws-port -> containerPort `ws` -> Service port `ws`, all the same number."""
+    values = with_values(deployable, {"ws.port": 8123})  # not the default: the value must flow through
+    assert serve_params(rendered_args(values), serve)["ws_port"] == 8123
+    container, service = rendered_ports(values)
+    assert container["ws"] == "8123"
+    assert service["ws"] == ("8123", "ws")
+    assert {"grpc", "metrics"} <= set(container) and {"grpc", "metrics"} <= set(service)
+
+
+def test_ws_disabled_closes_the_port(deployable: dict[str, Any], serve: click.Command) -> None:
+    """Off means off: the router is told -1 (its default would still listen on 8000), nothing exposed."""
+    values = with_values(deployable, {"ws.enabled": False})
+    args = rendered_args(values)
+    assert serve_params(args, serve)["ws_port"] == -1
+    assert [arg for arg in args if arg.startswith("--ws-port")] == ["--ws-port=-1"]
+    container, service = rendered_ports(values)
+    assert "ws" not in container and "ws" not in service
+    assert set(container) == set(service) == {"grpc", "metrics"}
+
+
+def test_chart_render_refuses_what_helm_refuses(values: dict[str, Any]) -> None:
+    """The defaults alone name no JWT key: helm fails, and so does the renderer the tests rely on."""
+    with pytest.raises(ValueError, match=r"auth\.publicKeySecret or auth\.jwksUrl"):
+        render(template("deployment.yaml"), values)
 
 
 def test_chart_runs_the_serve_command() -> None:
@@ -353,116 +412,9 @@ def test_scale_out_uses_the_downward_api() -> None:
     assert re.search(r"name: POD_IP\s*\n\s*valueFrom:\s*\n\s*fieldRef:\s*\n\s*fieldPath: status\.podIP", deployment)
 
 
-# --- dashboard ------------------------------------------------------------------------------
-
-
-def exported_metrics() -> dict[str, set[str]]:
-    """Series name -> label names, for every series RouterMetrics exports."""
-    metrics = RouterMetrics()
-    labels = {
-        wrapper._name: set(wrapper._labelnames)
-        for wrapper in vars(metrics).values()
-        if isinstance(wrapper, MetricWrapperBase)
-    }
-    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
-    series: dict[str, set[str]] = {}
-    for family in metrics.registry.collect():
-        base = labels.get(family.name, labels.get(family.name + "_total", set()))
-        for suffix in suffixes.get(family.type, [""]):
-            series[family.name + suffix] = base | ({"le"} if suffix == "_bucket" else set())
-    return series
-
-
-def dashboard_exprs() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
-    assert exprs
-    return exprs
-
-
-def test_exported_metrics_are_read_from_the_registry() -> None:
-    series = exported_metrics()
-    assert "router_grpc_bytes_total" in series
-    assert "router_grpc_rendezvous_duration_seconds_bucket" in series
-    assert series["router_grpc_errors_total"] == {"operation", "code"}
-
-
-def test_dashboard_uses_only_exported_metrics() -> None:
-    series = exported_metrics()
-    used = {name for expr in dashboard_exprs() for name in re.findall(r"\brouter_grpc_\w+", expr)}
-    assert used - set(series) == set()
-    assert REQUIRED_DASHBOARD_METRICS <= used
-
-
-def test_dashboard_groups_by_labels_the_metrics_have() -> None:
-    series = exported_metrics()
-    for expr in dashboard_exprs():
-        names = re.findall(r"\brouter_grpc_\w+", expr)
-        available = set().union(*(series[n] for n in names)) | TARGET_LABELS
-        for group in re.findall(r"\bby \(([^)]*)\)", expr):
-            grouped = {label.strip() for label in group.split(",")}
-            assert grouped <= available, (expr, grouped - available)
-
-
-def test_dashboard_panels_are_well_formed() -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
-    ids = [panel["id"] for panel in dashboard["panels"]]
-    assert len(ids) == len(set(ids))
-    variables = {v["name"] for v in dashboard["templating"]["list"]}
-    assert "datasource" in variables
-    for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
-
-
-# --- Dockerfile -----------------------------------------------------------------------------
-
-
-def docker_stages() -> dict[str, tuple[str, str]]:
-    """Stage name -> (base image or stage, instructions of the stage)."""
-    text = DOCKERFILE.read_text()
-    parts = re.split(r"^FROM\s+(\S+)\s+AS\s+(\S+)\s*$", text, flags=re.M | re.I)
-    return {name: (base, body) for base, name, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True)}
-
-
-def effective_user(stages: dict[str, tuple[str, str]], stage: str) -> str | None:
-    """The USER a stage runs as: its own last USER, else its parent stage's."""
-    base, body = stages[stage]
-    users: list[str] = re.findall(r"^USER\s+(\S+)", body, re.M)
-    if users:
-        return users[-1]
-    return effective_user(stages, base) if base in stages else None
-
-
-def test_dockerfile_stages() -> None:
-    stages = docker_stages()
-    assert {"build", "agent", "router"} <= set(stages)
-    # The last stage is what a plain `docker build .` produces.
-    assert list(stages)[-1] == "router"
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE.read_text(), re.M)
-    assert re.search(r"pip wheel\b", stages["build"][1])
-
-
-@pytest.mark.parametrize("stage", ["router", "agent"])
-def test_dockerfile_runs_as_non_root(stage: str) -> None:
-    user = effective_user(docker_stages(), stage)
-    assert user is not None
-    assert user.split(":")[0] not in {"root", "0"}
-
-
-def test_dockerfile_agent_has_rsync_and_router_does_not_need_it() -> None:
-    stages = docker_stages()
-    assert re.search(r"apt-get install[^\n]*\brsync\b", stages["agent"][1])
-    assert "rsync" not in stages["router"][1]
-
-
-def test_dockerfile_entrypoint_and_ports() -> None:
-    text = DOCKERFILE.read_text()
-    assert re.search(r'^ENTRYPOINT \["osmo-router"\]', text, re.M)
-    exposed = {p for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
-    assert {"50051", "8080"} <= exposed
-
-
-def test_scale_out_wires_the_peer_secret_and_directory_ttl(values: dict[str, Any], serve: click.Command) -> None:
+def test_scale_out_wires_the_peer_secret_and_directory_ttl(
+    values: dict[str, Any], full_values: dict[str, Any], serve: click.Command
+) -> None:
     deployment = template("deployment.yaml")
     # The secret comes from a Secret through the environment variable --peer-secret reads, never argv.
     assert re.search(r"name: OSMO_PEER_SECRET\s*\n\s*valueFrom:\s*\n\s*secretKeyRef:", deployment)
@@ -471,6 +423,6 @@ def test_scale_out_wires_the_peer_secret_and_directory_ttl(values: dict[str, Any
     assert isinstance(option, click.Option) and option.envvar == "OSMO_PEER_SECRET"
     defaults = {p.name: p.default for p in serve.params}
     assert parse_duration(values["redis"]["directoryTtl"]) == parse_duration(str(defaults["directory_ttl"]))
-    args = normalize_bool_flags(rendered_args(values)[1:], bool_option_names(serve))
-    params = serve.make_context("serve", args).params
-    assert params["directory_ttl"] == parse_duration(values["redis"]["directoryTtl"])
+    # Not the default, so the value must flow through to the flag.
+    params = serve_params(rendered_args(with_values(full_values, {"redis.directoryTtl": "90s"})), serve)
+    assert params["directory_ttl"] == 90

@@ -10,16 +10,16 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.harness import AgentProc, Proc, Router, client_cmd, run_client
+from tests.harness import Proc, Router, client_cmd, run_client
 from tests.security_kit import Pki, Signer
 from tests.test_exec_e2e import check_tty_size_resize_and_ctrl_c
 from tests.test_rsync_e2e import make_tree, snapshot
+from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
 from tests.ws_kit import (
     WsBackendProc,
     client_args,
@@ -34,23 +34,6 @@ from tests.ws_kit import (
 
 PAIRINGS = [("grpc", "grpc"), ("ws", "grpc"), ("grpc", "ws"), ("ws", "ws")]
 IDS = [f"{c}-{a}" for c, a in PAIRINGS]
-
-
-@pytest.fixture(scope="module")
-def router() -> Iterator[Router]:
-    """One router for the module (each test uses its own workflows and keys)."""
-    proc = Router()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def grpc_workflow(router: Router) -> Iterator[str]:
-    """A workflow served by a gRPC agent."""
-    workflow = f"wf-grpc-{uuid.uuid4().hex[:8]}"
-    agent = AgentProc(router.address, workflow)
-    yield workflow
-    agent.stop()
 
 
 class Pairing:

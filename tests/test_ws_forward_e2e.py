@@ -12,7 +12,6 @@ import hashlib
 import os
 import socket
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -32,27 +31,11 @@ from tests.forward_servers import (
     start_forward,
     tcp_server,
 )
-from tests.harness import AgentProc, Router, run_client
+from tests.harness import Router, run_client
+from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
 from tests.ws_kit import WsBackendProc, client_args, delta, new_key, transport_counts
 
 BLOB = 8 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def router() -> Iterator[Router]:
-    """One router for the module."""
-    proc = Router()
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def grpc_workflow(router: Router) -> Iterator[str]:
-    """A workflow served by a gRPC agent."""
-    workflow = f"wf-grpc-{uuid.uuid4().hex[:8]}"
-    agent = AgentProc(router.address, workflow)
-    yield workflow
-    agent.stop()
 
 
 def _echo_through(port: int, blob: bytes) -> bytes:
@@ -121,11 +104,12 @@ async def _forward_blob(router: Router, client: str, workflow: str, key: str, po
     received = bytearray()
     try:
         async with asyncio.timeout(TIMEOUT):
+            # To the end of the stream, past the echo's half-close, as the CLI reads: the router then
+            # closes the WebSocket. Leaving it open would leave its connection unreleased when the
+            # transport closes its HTTP session (aiohttp's "Unclosed connection" at garbage collection).
             while (frame := await stream.recv()) is not None:
                 if frame.WhichOneof("kind") == "data":
                     received += frame.data
-                elif frame.WhichOneof("kind") == "half_close":
-                    break
             await sender
     finally:
         await transport.aclose()
