@@ -54,6 +54,9 @@ def process_cpu(pid: int) -> float:
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """Run argv to completion; (wall seconds, CPU seconds of it and its children, stdout). Raises on failure."""
+    # The previous round's gigabyte is still being written back to disk; flush it first, so neither
+    # side is throttled for the other's dirty pages.
+    os.sync()
     cpu = children_cpu()
     start = time.perf_counter()
     result = subprocess.run(argv, capture_output=True, env=env, timeout=900)

@@ -35,12 +35,20 @@ class FrameStream:
             if not self.closed_for_writing:
                 await self.call.write(self._wrap(frame))
 
+    @property
+    def raw(self) -> bool:
+        """True if the call takes pre-encoded messages (see `send_data_message`)."""
+        return self._raw
+
     async def send_data(self, payload: bytes) -> None:
         """Send a data frame."""
         if not self._raw:
             await self.send(pb.Frame(data=payload))
             return
-        message = encode_data_message(payload)
+        await self.send_data_message(encode_data_message(payload))
+
+    async def send_data_message(self, message: bytes) -> None:
+        """Send a message already encoded by framecodec (a data frame); only on a `raw` stream."""
         async with self._write_lock:
             if not self.closed_for_writing:
                 await self.call.write(message)

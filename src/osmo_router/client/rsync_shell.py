@@ -160,8 +160,11 @@ def _stdout_writer() -> _Writer:
 
 
 async def _send_stdin(stream: FrameStream) -> None:
-    reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER)
+    # On a gRPC stream the reader thread hands over finished messages (one copy per frame).
+    framed = isinstance(stream, FrameStream) and stream.raw
+    reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER, framed=framed)
+    send = stream.send_data_message if framed else stream.send_data
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
-            await stream.send_data(chunk)
+            await send(chunk)
         await stream.send(pb.Frame(half_close=pb.HalfClose()))

@@ -9,8 +9,11 @@ import os
 import select
 import threading
 
+from osmo_router.framecodec import data_header
 from osmo_router.protocol import CHUNK_SIZE
 
+#: Room before the payload in a framed read for the message header (two tags, two varints).
+HEADROOM = 16
 #: A read at least this large means the writer is streaming (rsync writes 32 KiB at a time).
 BULK_READ = 16 * 1024
 
@@ -27,12 +30,22 @@ class StdinReader:
     """
 
     def __init__(
-        self, fd: int = 0, depth: int = 4, chunk_size: int = CHUNK_SIZE, gather: bool = False, linger: float = 0.0
+        self,
+        fd: int = 0,
+        depth: int = 4,
+        chunk_size: int = CHUNK_SIZE,
+        gather: bool = False,
+        linger: float = 0.0,
+        framed: bool = False,
     ) -> None:
         self._fd = fd
         self._chunk_size = chunk_size
-        self._gather = gather
+        self._gather = gather and not framed
         self._linger = linger
+        # framed: each chunk is delivered as a whole data-frame message (framecodec's layout), built
+        # in the thread with one copy out of a buffer that is read into and reused, instead of a
+        # join of the pieces and another to prepend the header on the event loop.
+        self._buffer = memoryview(bytearray(HEADROOM + chunk_size)) if framed else None
         self._eof_seen = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._ready = asyncio.Event()
@@ -81,6 +94,8 @@ class StdinReader:
     def _read_chunk(self) -> bytes:
         if self._eof_seen:
             return b""
+        if self._buffer is not None:
+            return self._read_framed(self._buffer)
         chunk = os.read(self._fd, self._chunk_size)
         if not self._linger or len(chunk) < BULK_READ:
             return chunk
@@ -93,6 +108,24 @@ class StdinReader:
             parts.append(more)
             size += len(more)
         return b"".join(parts) if len(parts) > 1 else chunk
+
+    def _read_framed(self, buffer: memoryview) -> bytes:
+        """One data-frame message of what a read (and its linger) brought; b"" at end of input."""
+        payload = buffer[HEADROOM:]
+        size = os.readv(self._fd, [payload])
+        if not size:
+            return b""
+        if self._linger and size >= BULK_READ:
+            while size < len(payload) and select.select([self._fd], [], [], self._linger)[0]:
+                more = os.readv(self._fd, [payload[size:]])
+                if not more:
+                    self._eof_seen = True  # deliver what we have, then the end
+                    break
+                size += more
+        header = data_header(size)
+        start = HEADROOM - len(header)
+        buffer[start:HEADROOM] = header
+        return bytes(buffer[start : HEADROOM + size])
 
 
 def write_all(fd: int, data: bytes) -> None:
