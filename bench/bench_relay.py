@@ -2,7 +2,8 @@
 
 - throughput at 4 / 32 / 256 KiB messages, THROUGHPUT_SESSIONS sessions at once, vs a socat relay
   carrying the same bytes in the same write sizes over as many connections;
-- 1-byte echo p50/p99 (client -> agent -> client) vs the same through socat;
+- 1-byte echo p50/p99 (client -> agent -> client) vs the same through socat, beside a plain
+  grpc.aio relay and a single grpc.aio round trip with no relay at all (the floor);
 - rendezvous: client start to the first byte back, with the generator as a registered agent;
 - router memory per idle session with 10,000 sessions held open, each checked to still answer.
 """
@@ -98,9 +99,12 @@ def _echo(address: str, plain: str, rounds: int) -> list[dict[str, Any]]:
     grpc = loadgen("grpc-echo", "--address", address, "--rounds", str(rounds))[0]["samples_us"]
     tcp = loadgen("tcp-echo", "--rounds", str(rounds))[0]["samples_us"]
     bare = loadgen("grpc-echo", "--address", plain, "--rounds", str(rounds))[0]["samples_us"]
+    one_hop = loadgen("grpc-bare-echo", "--address", plain, "--rounds", str(rounds))[0]["samples_us"]
     return [
         *latency_figures("relay echo 1 B", grpc, tcp, "socat", 550.0),
         *latency_figures("plain grpc.aio relay echo 1 B", bare, tcp, "socat", None),
+        # The floor: a relayed echo makes two such round trips (client-router, router-agent).
+        *latency_figures("one grpc.aio round trip, no relay, 1 B", one_hop, tcp, "socat", None),
     ]
 
 

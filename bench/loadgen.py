@@ -4,7 +4,7 @@
 a process of its own, so it does not share a GIL with the router it measures; it uses uvloop
 when it can and pre-encoded messages, so its own cost per message stays small.
 
-Modes: grpc-throughput, tcp-throughput, grpc-echo, tcp-echo, rendezvous, idle.
+Modes: grpc-throughput, tcp-throughput, grpc-echo, grpc-bare-echo, tcp-echo, rendezvous, idle.
 """
 
 from __future__ import annotations
@@ -70,6 +70,23 @@ async def grpc_echo(args: argparse.Namespace) -> None:
     await asyncio.gather(client_ch.close(), agent_ch.close())
 
 
+async def grpc_bare_echo(args: argparse.Namespace) -> None:
+    """1-byte round trips on one stream to plain_relay's Echo method: a single grpc.aio hop, no relay."""
+    channel = wire.open_channel(args.address)
+    call = channel.stream_stream("/osmo.bench.Echo/Echo")()
+    message = data_message(b"x")
+
+    async def once() -> None:
+        await call.write(message)
+        await call.read()
+
+    samples = await _timed(args.rounds, once, warmup=50)
+    emit({"samples_us": samples})
+    await call.done_writing()
+    await call.read()  # EOF: the server ends the call
+    await channel.close()
+
+
 async def _timed(rounds: int, op: Callable[[], Awaitable[None]], warmup: int = 0) -> list[float]:
     for _ in range(warmup):
         await op()
@@ -101,6 +118,7 @@ def main() -> None:
     modes: dict[str, Callable[[argparse.Namespace], Awaitable[None]]] = {
         "grpc-throughput": grpc_throughput,
         "grpc-echo": grpc_echo,
+        "grpc-bare-echo": grpc_bare_echo,
         "tcp-throughput": tcp_throughput,
         "tcp-echo": tcp_echo,
     }

@@ -6,6 +6,9 @@ It speaks just enough of the router's wire protocol for the load generator (init
 frames, SessionEnd) and pairs streams by session key, then each handler copies what it reads
 straight into the other stream: no bounded queues, no flow-control timeout, no coalescing, no
 metrics, no auth. Whatever the router loses against this is the router's own cost.
+
+It also serves `/osmo.bench.Echo/Echo`, which writes every message back on the same stream: one
+grpc.aio round trip with nothing else, the floor under any echo through a relay (which makes two).
 """
 
 from __future__ import annotations
@@ -54,9 +57,17 @@ class PlainRelay:
             await client.write(message)
         await client.write(ENCODED_SESSION_END)
 
+    async def echo(self, _requests: Any, context: Any) -> None:
+        """Echo: every message straight back, until the caller ends."""
+        while (message := await context.read()) is not grpc.aio.EOF:
+            await context.write(message)
+
     def handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
         """Generic handlers with identity serializers, like the router's."""
         return (
+            grpc.method_handlers_generic_handler(
+                "osmo.bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(self.echo)}
+            ),
             grpc.method_handlers_generic_handler(
                 "osmo.router.v1.RouterClientService", {"Exec": grpc.stream_stream_rpc_method_handler(self.client)}
             ),
