@@ -52,7 +52,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzEnv]:
     key.write_bytes(SIGNER.public_pem())
     router = Router(
         *("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", str(key)),
-        *("--init-timeout", "2s", "--rendezvous-timeout", "300ms", "--max-message-size", "262144"),
+        *("--init-timeout", "2s", "--rendezvous-timeout", "300ms", "--max-message-size", "2097152"),
         secure=True,
     )
     agent = AgentProc(router.address, GOOD_WF, "--token", SIGNER.token("pod", workflows=[GOOD_WF], role="agent"))

@@ -243,7 +243,7 @@ async def test_per_user_and_per_router_session_limits(tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_oversized_messages_are_resource_exhausted(tmp_path: Path) -> None:
-    limit = 256 * 1024
+    limit = 2 * 1024 * 1024
     router = jwt_router(tmp_path, "--max-message-size", str(limit))
     agent = AgentProc(router.address, WF, "--token", AGENT_TOKEN)
     channel = raw_channel(router.address)

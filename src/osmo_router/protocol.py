@@ -21,6 +21,11 @@ INIT_TAG: Final = 0x0A
 
 #: Payload bytes per data frame: large enough that per-message cost is small, well below the limits.
 CHUNK_SIZE: Final = 128 * 1024
+#: Largest read on bulk streams (TCP port-forward, rsync): grpc.aio costs about the same per message
+#: whatever its size, so a streaming connection goes in 1 MiB frames (a small read still goes at
+#: once, as it is). Measured (bench_forward): 128 KiB -> 1 MiB took one TCP connection from 0.35-0.43x
+#: to 0.88-0.90x of a socat relay, with glibc malloc tuned for it (memtune).
+BULK_CHUNK_SIZE: Final = 1024 * 1024
 #: Default limit on one gRPC message, on every side.
 MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 

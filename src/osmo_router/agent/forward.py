@@ -20,7 +20,7 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay
 from osmo_router.errors import RouterError
 from osmo_router.forwarding import WATCH_PORT, drain, retrieve, shutdown_quietly
-from osmo_router.protocol import CHUNK_SIZE, half_close_frame, pb
+from osmo_router.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class TcpRelay:
         """Target bytes to data frames; a half-close at the target's EOF (after an Error on a reset)."""
         try:
             try:
-                while chunk := await self.loop.sock_recv(self.sock, CHUNK_SIZE):
+                while chunk := await self.loop.sock_recv(self.sock, BULK_CHUNK_SIZE):
                     await self.stream.send_data(chunk)
             except OSError as err:
                 await self._report(f"{self.where} reset the connection ({err.strerror or err})")

@@ -18,13 +18,13 @@ from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
 from osmo_router.errors import PermissionDenied
 from osmo_router.memtune import tune_for_bulk
-from osmo_router.protocol import pb
+from osmo_router.protocol import BULK_CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
 #: Pipe size and largest read for rsync's bulk data: large frames keep the per-message cost small.
-BULK_CHUNK = 1024 * 1024
+BULK_CHUNK = BULK_CHUNK_SIZE
 #: How long streaming output may wait to fill a frame (downloads).
 LINGER = 0.001
 INSTALL_HINT = (

@@ -18,6 +18,7 @@ from osmo_router.cli import _dial_options, dial_config
 from osmo_router.client.config import ClientConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
+from osmo_router.memtune import tune_for_bulk
 
 LEGACY_OPERATIONS = {"exec": "exec", "portforward": "port-forward", "port-forward": "port-forward", "rsync": "rsync"}
 
@@ -156,6 +157,7 @@ def port_forward_command(
     if not all_specs:
         raise click.UsageError("give at least one SPEC (LOCAL:REMOTE, REMOTE or :REMOTE)")
     config = client_config(options)
+    tune_for_bulk()  # connections stream in 1 MiB frames (memtune)
     sys.exit(
         run_async(
             run_port_forward(

@@ -19,7 +19,7 @@ from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
 from osmo_router.errors import RouterError, from_status_number
 from osmo_router.forwarding import shutdown_quietly
-from osmo_router.protocol import CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
+from osmo_router.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ class ConnectionRelay:
 
     async def _local_to_remote(self) -> None:
         try:
-            while chunk := await self.loop.sock_recv(self.conn, CHUNK_SIZE):
+            while chunk := await self.loop.sock_recv(self.conn, BULK_CHUNK_SIZE):
                 await self.stream.send_data(chunk)
             await self.stream.send(half_close_frame())
             await self.stream.close()

@@ -31,7 +31,7 @@ from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
 from osmo_router.framecodec import fast_method
 from osmo_router.memtune import tune_for_bulk
-from osmo_router.protocol import CLIENT_SERVICE, pb
+from osmo_router.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
 from osmo_router.streams import FrameStream
 from osmo_router.transport import WS
 from osmo_router.transport.rollout import ws_transport
@@ -41,7 +41,7 @@ EXIT_COMMAND_NOT_FOUND = 127
 #: Environment variable naming the file where the shell records a transport failure for `osmo-net-client rsync`.
 STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
 #: Bytes read from rsync per data frame: large frames keep the per-message cost of three hops small.
-READ_SIZE = 1024 * 1024
+READ_SIZE = BULK_CHUNK_SIZE
 #: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
 LINGER = 0.001
 

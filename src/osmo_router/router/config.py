@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from osmo_router.protocol import CHUNK_SIZE, MAX_MESSAGE_SIZE
+from osmo_router.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
 
-#: Smallest --max-message-size: a full data chunk plus its framing must fit.
-MIN_MESSAGE_SIZE = 2 * CHUNK_SIZE
+#: Smallest --max-message-size: a full bulk data chunk plus its framing must fit, with room to spare.
+MIN_MESSAGE_SIZE = 2 * BULK_CHUNK_SIZE
 
 #: Shortest accepted --peer-secret: it guards every stream relayed between replicas.
 MIN_PEER_SECRET = 16
@@ -78,7 +78,9 @@ class RouterConfig:
                 "--auth=jwt needs --jwt-public-key or --jwks-url (or, for development, --jwt-hs256-secret)"
             )
         if self.max_message_size < MIN_MESSAGE_SIZE:
-            raise ValueError(f"--max-message-size must be at least {MIN_MESSAGE_SIZE} (data chunks are {CHUNK_SIZE})")
+            raise ValueError(
+                f"--max-message-size must be at least {MIN_MESSAGE_SIZE} (bulk data chunks are {BULK_CHUNK_SIZE})"
+            )
         for name in ("max_sessions", "max_sessions_per_user", "max_pending_rendezvous"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
