@@ -58,7 +58,9 @@ def rsync(result: dict[str, Any]) -> Figures:
     if value is None or not base:
         return []
     size = result.get("size_bytes", 0) / 2**20
-    return [figure(f"rsync {size:.0f} MiB upload", value, "MiB/s", baseline=base, baseline_name="local rsync")]
+    target = {"ratio_at_least": 0.5}
+    return [figure(f"rsync {size:.0f} MiB upload", value, "MiB/s", baseline=base, baseline_name="local rsync",
+                   target=target)]  # fmt: skip
 
 
 def ws(result: dict[str, Any]) -> Figures:
