@@ -156,4 +156,13 @@ def _transfer(remote: list[str], repeats: int) -> list[dict[str, Any]]:
 def _rendezvous(address: str, rounds: int) -> list[dict[str, Any]]:
     args = ["--address", address, "--workflow", "bench-exec", "--real-agent", "--rounds", str(rounds)]
     samples = loadgen("rendezvous", *args)[0]["samples_us"]
-    return latency_figures("exec rendezvous to first byte (agent spawns cat)", samples, None, "", None)
+    figures = latency_figures("exec rendezvous to first byte (agent spawns cat)", samples, None, "", None)
+    # The same with an agent that keeps no standby streams (every session is requested).
+    agent = AgentProc(address, "bench-exec-requested", "--standby-streams", "0")
+    try:
+        args = ["--address", address, "--workflow", "bench-exec-requested", "--real-agent", "--rounds", str(rounds)]
+        samples = loadgen("rendezvous", *args)[0]["samples_us"]
+    finally:
+        agent.stop()
+    figures += latency_figures("exec rendezvous to first byte, no standby", samples, None, "", None)
+    return figures

@@ -4,7 +4,8 @@
   carrying the same bytes in the same write sizes over as many connections;
 - 1-byte echo p50/p99 (client -> agent -> client) vs the same through socat, beside a plain
   grpc.aio relay and a single grpc.aio round trip with no relay at all (the floor);
-- rendezvous: client start to the first byte back, with the generator as a registered agent;
+- rendezvous: client start to the first byte back, with the generator as a registered agent keeping
+  two standby Connect streams (as the real agent does), and with none (every session requested);
 - router memory per idle session with 10,000 sessions held open, each checked to still answer.
 """
 
@@ -112,6 +113,11 @@ def _rendezvous(address: str, rounds: int) -> list[dict[str, Any]]:
     figures = []
     open_conn = loadgen("rendezvous", "--address", address, "--rounds", str(rounds), "--workflow", "rv1")
     figures += latency_figures("rendezvous to first byte", open_conn[0]["samples_us"], None, "", 5000.0)
+    # The same without standby streams: every session waits for the SessionRequest round trip.
+    requested = loadgen(
+        "rendezvous", "--address", address, "--rounds", str(rounds), "--workflow", "rv0", "--standby", "0"
+    )
+    figures += latency_figures("rendezvous to first byte, no standby", requested[0]["samples_us"], None, "", None)
     fresh = loadgen(
         "rendezvous", "--address", address, "--rounds", str(rounds // 2), "--workflow", "rv2", "--fresh-connection"
     )

@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=8)
     parser.add_argument("--real-agent", action="store_true")
     parser.add_argument("--fresh-connection", action="store_true")
+    parser.add_argument("--standby", type=int, default=2, help="rendezvous: the fake agent's standby streams")
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

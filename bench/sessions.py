@@ -18,11 +18,16 @@ FIRST_BYTE = data_message(b"x")
 
 
 class FakeAgent:
-    """A registered agent inside the load generator: answers session requests with an echo of the first frame."""
+    """A registered agent inside the load generator: answers session requests with an echo of the first frame.
 
-    def __init__(self, channel: Any, workflow: str) -> None:
+    Like the real agent, it keeps `standby` Connect streams parked on the router (replacing each one
+    a session takes), so a session starts without the SessionRequest round trip.
+    """
+
+    def __init__(self, channel: Any, workflow: str, standby: int = 0) -> None:
         self._channel = channel
         self._workflow = workflow
+        self._standby = standby
         self._tasks: set[asyncio.Task[None]] = set()
         self._call: Any = None
 
@@ -36,6 +41,8 @@ class FakeAgent:
             raise RuntimeError("registration was not confirmed")
         task = asyncio.create_task(self._serve())
         self._tasks.add(task)
+        for _ in range(self._standby):
+            self._tasks.add(asyncio.create_task(self._standby_slot()))
 
     async def _serve(self) -> None:
         while (raw := await wire.read(self._call)) is not None:
@@ -45,10 +52,24 @@ class FakeAgent:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    async def _standby_slot(self) -> None:
+        while True:
+            call = self._channel.stream_stream(wire.CONNECT)()
+            await call.write(wire.standby_init(self._workflow))
+            opened = await wire.read(call)  # SessionOpen, once a session takes this stream
+            if opened is None:
+                raise RuntimeError(f"standby stream ended: {await call.code()} {await call.details()}")
+            task = asyncio.create_task(self._echo(call))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     async def _session(self, key: str) -> None:
         call = self._channel.stream_stream(wire.CONNECT)()
         await call.write(wire.agent_init(self._workflow, key))
         await wire.read(call)  # SessionOpen
+        await self._echo(call)
+
+    async def _echo(self, call: Any) -> None:
         first = await wire.read(call)
         if first is not None and first != ENCODED_HALF_CLOSE:
             await call.write(first)
@@ -72,7 +93,7 @@ async def rendezvous(args: argparse.Namespace) -> None:
     round also dials a new connection to the router, as a new CLI process does.
     """
     agent_channel = wire.open_channel(args.address)
-    agent = None if args.real_agent else FakeAgent(agent_channel, args.workflow)
+    agent = None if args.real_agent else FakeAgent(agent_channel, args.workflow, args.standby)
     if agent is not None:
         await agent.register()
     shared = wire.open_channel(args.address)

@@ -43,6 +43,12 @@ def agent_init(workflow: str, key: str) -> bytes:
     return pb.ConnectRequest(init=init).SerializeToString()
 
 
+def standby_init(workflow: str) -> bytes:
+    """An encoded ConnectRequest init of a standby stream (parked until a session takes it)."""
+    init = pb.ConnectInit(agent_id="loadgen", workflow_id=workflow, standby=True)
+    return pb.ConnectRequest(init=init).SerializeToString()
+
+
 def payload_size(message: bytes) -> int:
     """Payload bytes of a data-frame message (0 for anything else)."""
     offset = payload_offset(message)

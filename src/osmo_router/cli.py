@@ -18,6 +18,7 @@ from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.logs import setup_logging
 from osmo_router.memtune import tune_for_bulk
+from osmo_router.protocol import MAX_STANDBY_STREAMS
 from osmo_router.router.config import RouterConfig
 
 # The server and agent modules (aiohttp, prometheus...) are imported where they are used: the client
@@ -274,6 +275,15 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
     help="Directory rsync may read and write (repeatable); default anywhere.",
 )
 @click.option("--rsync-binary", default="rsync", show_default=True, help="rsync executable in the container.")
+@click.option(
+    "--standby-streams",
+    envvar="OSMO_STANDBY_STREAMS",
+    type=click.IntRange(0, MAX_STANDBY_STREAMS),
+    default=2,
+    show_default=True,
+    help="Connect streams kept open on the router ahead of sessions, so a session starts without a "
+    "request round trip (a used one is replaced at once); 0: none [env OSMO_STANDBY_STREAMS].",
+)
 @ws_agent_options
 @_log_options
 def agent(log_level: str, log_format: str, **options: Any) -> None:
@@ -297,6 +307,7 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         allow_ports=tuple(options["allow_ports"]),
         rsync_roots=tuple(options["rsync_roots"]),
         rsync_binary=options["rsync_binary"],
+        standby_streams=options["standby_streams"],
     )
     if ws is not None:
         from osmo_router.agent.ws_backend import WsBackendConfig, serve_ws_session

@@ -29,6 +29,9 @@ BULK_CHUNK_SIZE: Final = 1024 * 1024
 #: Default limit on one gRPC message, on every side.
 MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 
+#: Most standby Connect streams a router parks for one registered agent; more are RESOURCE_EXHAUSTED.
+MAX_STANDBY_STREAMS: Final = 8
+
 #: Metadata keys.
 AUTHORIZATION_HEADER: Final = "authorization"
 COOKIE_HEADER: Final = "osmo-cookie"

@@ -55,6 +55,7 @@ class Agent:
         self.handlers = handlers or default_handlers()
         self.registered = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
+        self._standby: set[asyncio.Task[None]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._closing = False
 
@@ -95,9 +96,10 @@ class Agent:
     async def close(self) -> None:
         """Stop reconnecting, end sessions in flight, close the channel."""
         self._closing = True
-        for task in list(self._sessions):
+        # Unused standby streams are cancelled with their tasks: nothing was sent on them.
+        for task in [*self._standby, *self._sessions]:
             task.cancel()
-        await asyncio.gather(*self._sessions, return_exceptions=True)
+        await asyncio.gather(*self._standby, *self._sessions, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
 
@@ -128,11 +130,18 @@ class Agent:
         )
         self.registered.set()
         heartbeat = asyncio.create_task(_send_heartbeats(call, interval))
+        # Ended with the registration; the slots' parked streams are ended by the router then.
+        registration_over = asyncio.Event()
+        for _ in range(self.config.standby_streams):
+            slot = asyncio.create_task(self._standby_slot(channel, registration_over))
+            self._standby.add(slot)
+            slot.add_done_callback(self._standby.discard)
         try:
             while (message := await call.read()) is not grpc.aio.EOF:
                 if message.WhichOneof("kind") == "session_request":
                     self._start_session(channel, message.session_request.session_key)
         finally:
+            registration_over.set()
             heartbeat.cancel()
             with contextlib.suppress(BaseException):
                 await heartbeat
@@ -143,46 +152,117 @@ class Agent:
         task.add_done_callback(self._sessions.discard)
 
     async def _serve_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
-        """Open the Connect stream of a session and serve it with the handler for its operation."""
-        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
-        connect = fast_method(channel, f"/{AGENT_SERVICE}/Connect", pb.ConnectResponse)
-        call = connect(metadata=self.config.dial.metadata())
+        """Open the Connect stream of a requested session and serve it."""
+        call = self._connect(channel)
         try:
-            await call.write(
-                pb.ConnectRequest(
-                    init=pb.ConnectInit(
-                        session_key=session_key,
-                        agent_id=self.config.agent_id,
-                        workflow_id=self.config.workflow_id,
-                        task=self.config.task,
-                    )
-                )
-            )
+            await call.write(self._connect_init(session_key=session_key))
             first = await call.read()
             if first is grpc.aio.EOF or first.WhichOneof("kind") != "open":
                 return
-            open_msg = first.open
-            stream = FrameStream(call, lambda frame: pb.ConnectRequest(frame=frame), raw=True)
-            handler = self.handlers.get(open_msg.WhichOneof("init") or "")
-            if handler is None:
-                await stream.send_error(
-                    grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
-                )
-                await stream.close()
-                return
-            await handler(stream, open_msg, self.config)
-            # Let the router take our last frames before the call is torn down.
-            with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
-                async with asyncio.timeout(10):
-                    await call.code()
-        except grpc.aio.AioRpcError as err:
-            log.info("session %s ended: %s %s", session_key[:8], err.code().name, err.details())
-        except RouterError as err:
-            log.info("session %s ended: %s", session_key[:8], err.message)
-        except Exception:
-            log.exception("session %s failed", session_key[:8])
+            await self._serve_opened(call, first.open)
+        except Exception as err:
+            _log_session_end(session_key, err)
         finally:
             call.cancel()
+
+    async def _standby_slot(self, channel: grpc.aio.Channel, registration_over: asyncio.Event) -> None:
+        """Keep one standby Connect stream parked on the router for as long as the registration lasts.
+
+        When the router opens a session on it, the session is served by a task of its own and a
+        replacement is opened at once. A stream refused or ended unused is reopened after a backoff.
+        """
+        backoff = self.config.backoff_initial
+        while not registration_over.is_set() and not self._closing:
+            outcome = await self._standby_once(channel)
+            if outcome == "used":
+                backoff = self.config.backoff_initial
+                continue
+            if outcome == "unsupported" or registration_over.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff * (0.5 + random.random() / 2)):
+                    await registration_over.wait()
+            backoff = min(backoff * 2, self.config.backoff_max)
+
+    async def _standby_once(self, channel: grpc.aio.Channel) -> str:
+        """Park one standby stream and wait: "used" (a session started on it), "ended" or "unsupported"."""
+        call = self._connect(channel)
+        try:
+            await call.write(self._connect_init(standby=True))
+            first = await call.read()
+        except grpc.aio.AioRpcError as err:
+            log.debug("standby stream ended: %s %s", err.code().name, err.details())
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                # A router from before standby streams asks for a session key: request-only then.
+                log.info("the router does not park standby streams: %s", err.details())
+                return "unsupported"
+            return "ended"
+        except (asyncio.InvalidStateError, grpc.aio.UsageError):
+            call.cancel()
+            return "ended"
+        except BaseException:
+            call.cancel()
+            raise
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "open":
+            call.cancel()
+            return "ended"
+        task = asyncio.create_task(self._serve_standby_session(call, first.open))
+        self._sessions.add(task)
+        task.add_done_callback(self._sessions.discard)
+        return "used"
+
+    async def _serve_standby_session(self, call: grpc.aio.StreamStreamCall, open_msg: pb.SessionOpen) -> None:
+        key = open_msg.session_key
+        log.debug("session %s on a standby stream", key[:8], extra={"fields": {"event": "standby session"}})
+        try:
+            await self._serve_opened(call, open_msg)
+        except Exception as err:
+            _log_session_end(key, err)
+        finally:
+            call.cancel()
+
+    def _connect(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+        # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.
+        connect = fast_method(channel, f"/{AGENT_SERVICE}/Connect", pb.ConnectResponse)
+        call: grpc.aio.StreamStreamCall = connect(metadata=self.config.dial.metadata())
+        return call
+
+    def _connect_init(self, *, session_key: str = "", standby: bool = False) -> pb.ConnectRequest:
+        return pb.ConnectRequest(
+            init=pb.ConnectInit(
+                session_key=session_key,
+                agent_id=self.config.agent_id,
+                workflow_id=self.config.workflow_id,
+                task=self.config.task,
+                standby=standby,
+            )
+        )
+
+    async def _serve_opened(self, call: grpc.aio.StreamStreamCall, open_msg: pb.SessionOpen) -> None:
+        """Serve a session whose SessionOpen arrived, with the handler for its operation."""
+        stream = FrameStream(call, lambda frame: pb.ConnectRequest(frame=frame), raw=True)
+        handler = self.handlers.get(open_msg.WhichOneof("init") or "")
+        if handler is None:
+            await stream.send_error(
+                grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
+            )
+            await stream.close()
+            return
+        await handler(stream, open_msg, self.config)
+        # Let the router take our last frames before the call is torn down.
+        with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+            async with asyncio.timeout(10):
+                await call.code()
+
+
+def _log_session_end(session_key: str, err: Exception) -> None:
+    """Log how a session ended with an error."""
+    if isinstance(err, grpc.aio.AioRpcError):
+        log.info("session %s ended: %s %s", session_key[:8], err.code().name, err.details())
+    elif isinstance(err, RouterError):
+        log.info("session %s ended: %s", session_key[:8], err.message)
+    else:
+        log.error("session %s failed", session_key[:8], exc_info=err)
 
 
 async def _send_heartbeats(call: grpc.aio.StreamStreamCall, interval: float) -> None:

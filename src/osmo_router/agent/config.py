@@ -23,4 +23,6 @@ class AgentConfig:
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     heartbeat_interval: float = 15.0
+    #: Connect streams kept open ahead of sessions (0: none, every session waits for a SessionRequest).
+    standby_streams: int = 2
     extra: dict[str, str] = field(default_factory=dict)

@@ -10,17 +10,24 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from osmo_router.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
+from osmo_router.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    RouterError,
+    Unavailable,
+)
 from osmo_router.protocol import AGENT_SERVICE, pb
 from osmo_router.router import audit
-from osmo_router.router.auth import Authenticator
+from osmo_router.router.auth import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.directory import Directory, MemoryDirectory
 from osmo_router.router.endpoints import ContextEndpoint, abort, authenticate_call, read_init
 from osmo_router.router.metrics import RouterMetrics
-from osmo_router.router.registry import AgentRegistration, AgentRegistry
-from osmo_router.router.relay import relay_side
-from osmo_router.router.sessions import SessionStore, check_id
+from osmo_router.router.registry import MAX_STANDBY_PER_AGENT, AgentRegistration, AgentRegistry, StandbyStream
+from osmo_router.router.relay import Endpoint, relay_side
+from osmo_router.router.sessions import Session, SessionStore, check_id
 
 if TYPE_CHECKING:
     from osmo_router.router.scaleout import ScaleOut
@@ -87,6 +94,10 @@ class AgentService:
             await self._directory.agent_registered(reg)
             await self._serve_registration(reg, context)
         finally:
+            # Parked standby streams end with their registration (the agent opens new ones when it
+            # registers again).
+            reg.closed = True
+            reg.close_standby()
             self._directory.agent_unregistered(reg)
             self._registry.unregister(reg)
             self._metrics.agents_registered.set(len(self._registry))
@@ -159,18 +170,97 @@ class AgentService:
                 request = pb.ConnectRequest.FromString(raw)
             except DecodeError as err:
                 raise InvalidArgument(f"malformed init message: {err}") from None
-            if self.scaleout is not None:
-                place = await self.scaleout.place_agent(identity, request.init, from_peer=peer is not None)
-                if place.owner is not None:
-                    await self.scaleout.relay_agent(place.owner, identity, raw, request.init, context)
-                    return
-            session = self._sessions.join_agent(identity, request.init)
+            parked = None
+            if request.init.standby:
+                parked = self._park(identity, request.init, from_peer=peer is not None, context=context)
+            else:
+                if self.scaleout is not None:
+                    place = await self.scaleout.place_agent(identity, request.init, from_peer=peer is not None)
+                    if place.owner is not None:
+                        await self.scaleout.relay_agent(place.owner, identity, raw, request.init, context)
+                        return
+                session = self._sessions.join_agent(identity, request.init)
         except RouterError as err:
             self._metrics.error("connect", err.code)
             audit.refused("connect", err, audit.peer_of(context))
             await abort(context, err.code, err.message)
             return
         del identity, raw, request  # this frame lives as long as the session: keep only the session
+        if parked is not None:
+            await self._serve_standby(*parked, context)
+        else:
+            await self._run_agent_side(session, ContextEndpoint(context), context)
+
+    def _park(
+        self,
+        identity: Identity,
+        init: pb.ConnectInit,
+        *,
+        from_peer: bool,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[StandbyStream, AgentRegistration]:
+        """Check a standby Connect stream (same credentials and role as any Connect) and park it."""
+        check_id("workflow_id", init.workflow_id, required=True)
+        check_id("task", init.task, required=False)
+        check_id("agent_id", init.agent_id, required=True)
+        identity.require_agent()
+        identity.require_workflow(init.workflow_id)
+        if init.session_key:
+            raise InvalidArgument("a standby stream carries no session key")
+        if not self.accepting:
+            raise Unavailable("router is draining; no standby streams are parked")
+        reg = None if from_peer else self._registry.exact(init.workflow_id, init.task)
+        if reg is None or reg.agent_id != init.agent_id or reg.closed:
+            raise FailedPrecondition(
+                "standby streams are parked only on the router that holds the agent's registration: register first"
+            )
+        # The stream's one pending read: it ends when the agent closes the stream, and otherwise
+        # carries the agent's first frame of the session (taken over by the relay, never cancelled).
+        stream = StandbyStream(asyncio.ensure_future(context.read()))
+        if not reg.park(stream):
+            # Not parked: the read ends by itself once the handler has finished the call.
+            stream.first_read.add_done_callback(_retrieve)
+            raise ResourceExhausted(
+                f"agent {init.agent_id} holds its maximum of {MAX_STANDBY_PER_AGENT} standby streams"
+            )
+        stream.first_read.add_done_callback(lambda _read: stream.end())
+        return stream, reg
+
+    async def _serve_standby(
+        self, stream: StandbyStream, reg: AgentRegistration, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Hold a parked standby stream until a session takes it, the agent closes it, or it is ended."""
+        try:
+            session = await stream.outcome
+        except BaseException:
+            # The agent went away (the RPC was cancelled); a session that took the stream meanwhile fails.
+            reg.unpark(stream)
+            taken = stream.outcome.result() if stream.outcome.done() and not stream.outcome.cancelled() else None
+            if taken is not None:
+                taken.fail(Unavailable("the agent disconnected"))
+                self._sessions.remove(taken)
+            stream.first_read.add_done_callback(_retrieve)
+            raise
+        reg.unpark(stream)
+        if session is None:
+            read = stream.first_read
+            if not read.done():
+                # Ended by the router (registration over, draining): finish the call, status OK.
+                read.add_done_callback(_retrieve)
+                return
+            if read.cancelled() or read.exception() is not None or read.result() is grpc.aio.EOF:
+                return  # the agent closed it
+            err = InvalidArgument("a standby stream sends nothing before its SessionOpen")
+            self._metrics.error("connect", err.code)
+            await abort(context, err.code, err.message)
+            return
+        self._metrics.standby_sessions_total.labels(session.operation_name).inc()
+        await self._run_agent_side(session, _PrefetchEndpoint(context, stream.first_read), context)
+
+    async def _run_agent_side(
+        self, session: Session, endpoint: Endpoint, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """The agent's side of a session: wait for the client, send SessionOpen, relay."""
         clean = False
         try:
             if not session.paired.is_set():
@@ -179,7 +269,7 @@ class AgentService:
             await context.write(session.open_message)
             await relay_side(
                 session,
-                ContextEndpoint(context),
+                endpoint,
                 is_client=False,
                 flow_control_timeout=self._config.flow_control_timeout,
                 hooks=self._metrics,
@@ -194,6 +284,34 @@ class AgentService:
             if not clean:
                 session.fail(Unavailable("the agent disconnected"))
                 self._sessions.remove(session)
+
+
+class _PrefetchEndpoint:
+    """A standby stream as a relay Endpoint: its first read is the one started when it was parked."""
+
+    __slots__ = ("_context", "_first")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], first: asyncio.Future[Any]) -> None:
+        self._context = context
+        self._first: asyncio.Future[Any] | None = first
+
+    async def read(self) -> bytes | None:
+        """The next encoded message, or None once the agent half-closed."""
+        first, self._first = self._first, None
+        message = await (first if first is not None else self._context.read())
+        if message is grpc.aio.EOF:
+            return None
+        assert isinstance(message, bytes)
+        return message
+
+    async def write(self, message: bytes) -> None:
+        """Send one encoded message."""
+        await self._context.write(message)
+
+
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    if not read.cancelled():
+        read.exception()
 
 
 async def _drain_heartbeats(context: grpc.aio.ServicerContext[Any, Any], reg: AgentRegistration) -> None:

@@ -61,6 +61,17 @@ class RouterMetrics:
             "router_grpc_rendezvous_pending", "Sessions waiting for their second side.", registry=r
         )
         self.draining = Gauge("router_grpc_draining", "1 while the router drains for shutdown.", registry=r)
+        self.standby_streams = Gauge(
+            "router_grpc_standby_streams",
+            "Standby Connect streams agents opened ahead of time, parked until a session takes one.",
+            registry=r,
+        )
+        self.standby_sessions_total = Counter(
+            "router_grpc_standby_sessions_total",
+            "Sessions whose agent side was a parked standby stream (no SessionRequest round trip).",
+            ["operation"],
+            registry=r,
+        )
         # The migration's view: the same sessions split by transport (grpc or ws) of each side.
         self.sessions_by_transport = Counter(
             "router_grpc_sessions_by_transport_total",

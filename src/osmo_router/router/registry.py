@@ -4,11 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from osmo_router.protocol import pb
+from osmo_router.protocol import MAX_STANDBY_STREAMS, pb
+
+if TYPE_CHECKING:
+    from osmo_router.router.sessions import Session
 
 log = logging.getLogger(__name__)
+
+#: Most standby Connect streams the router parks for one registered agent (more: RESOURCE_EXHAUSTED).
+MAX_STANDBY_PER_AGENT = MAX_STANDBY_STREAMS
+
+
+class StandbyStream:
+    """An agent's Connect stream opened ahead of any session, parked next to its registration.
+
+    `first_read` is the stream's pending read, started when it was parked: it ends when the agent
+    closes the stream, and otherwise carries the agent's first frame once a session started. It is
+    never cancelled (that would cancel the RPC); the session's relay takes it over.
+    """
+
+    __slots__ = ("first_read", "outcome")
+
+    def __init__(self, first_read: asyncio.Future[object]) -> None:
+        self.first_read = first_read
+        #: Resolves to the session the stream serves, or None when it is ended unused.
+        self.outcome: asyncio.Future[Session | None] = asyncio.get_running_loop().create_future()
+
+    def usable(self) -> bool:
+        """Still parked, and the agent has not closed it."""
+        return not self.outcome.done() and not self.first_read.done()
+
+    def end(self) -> None:
+        """End the stream unused (its handler finishes the call)."""
+        if not self.outcome.done():
+            self.outcome.set_result(None)
+
+    def wait(self) -> Awaitable[Session | None]:
+        """The session this stream serves, or None once it is ended unused."""
+        return self.outcome
 
 
 @dataclass(eq=False)
@@ -21,6 +58,40 @@ class AgentRegistration:
     operations: tuple[int, ...]
     outbox: asyncio.Queue[pb.RegisterResponse] = field(default_factory=asyncio.Queue)
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Parked standby Connect streams, oldest first.
+    standby: list[StandbyStream] = field(default_factory=list)
+    #: Set once the Register stream ended: no stream is parked any more.
+    closed: bool = False
+
+    def park(self, stream: StandbyStream) -> bool:
+        """Park a standby stream; False when the registration ended or already holds its maximum."""
+        self.standby[:] = [s for s in self.standby if s.usable()]
+        if self.closed or len(self.standby) >= MAX_STANDBY_PER_AGENT:
+            return False
+        self.standby.append(stream)
+        return True
+
+    def unpark(self, stream: StandbyStream) -> None:
+        """Forget a standby stream (idempotent)."""
+        if stream in self.standby:
+            self.standby.remove(stream)
+
+    def take_standby(self, session: Session) -> bool:
+        """Give a session to the oldest usable parked stream; False when none is parked."""
+        while self.standby:
+            stream = self.standby.pop(0)
+            if stream.usable():
+                session.agent_joined = True
+                session.agent_id = self.agent_id
+                stream.outcome.set_result(session)
+                return True
+        return False
+
+    def close_standby(self) -> None:
+        """The registration ended (or the router drains): end every parked stream unused."""
+        streams, self.standby = self.standby, []
+        for stream in streams:
+            stream.end()
 
     def request_session(self, session_key: str, operation: int) -> None:
         """Ask the agent to open a Connect stream for a session."""
@@ -70,6 +141,14 @@ class AgentRegistry:
             if wf == workflow_id:
                 return reg
         return None
+
+    def exact(self, workflow_id: str, task: str) -> AgentRegistration | None:
+        """The registration for exactly this workflow and task."""
+        return self._by_target.get((workflow_id, task))
+
+    def standby_count(self) -> int:
+        """Standby streams parked over every registration."""
+        return sum(len(reg.standby) for reg in self._by_target.values())
 
     def registrations(self) -> list[AgentRegistration]:
         """A snapshot of every registration."""

@@ -91,6 +91,7 @@ class RouterServer:
         self.auth = authenticator or build_authenticator(config)
         # Read at scrape time, so the gauge is exact without bookkeeping on every join and leave.
         self.metrics.rendezvous_pending.set_function(lambda: self.sessions.pending)
+        self.metrics.standby_streams.set_function(self.registry.standby_count)
         self.directory: Directory = MemoryDirectory()
         self.scaleout: ScaleOut | None = None
         if config.redis_url:
@@ -214,6 +215,9 @@ class RouterServer:
         self.sessions.accepting = False
         self.agent_service.accepting = False
         await self.health.enter_graceful_shutdown()
+        # Parked standby streams are no sessions: end them now (new ones are refused while draining).
+        for reg in self.registry.registrations():
+            reg.close_standby()
         if self.scaleout is not None:
             # Agents re-register with another replica at once, so their new sessions work there.
             for reg in self.registry.registrations():

@@ -222,7 +222,11 @@ class SessionStore:
         if session.agent_joined:
             self._pair(session)
         elif agent is not None:
-            agent.request_session(session.key, operation)
+            if agent.take_standby(session):
+                # The agent's stream is already here: no SessionRequest round trip.
+                self._pair(session)
+            else:
+                agent.request_session(session.key, operation)
         return session
 
     def join_agent(self, identity: Identity, init: pb.ConnectInit) -> Session:

@@ -822,10 +822,18 @@ class ConnectInit(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    STANDBY_FIELD_NUMBER: _builtins.int
     session_key: _builtins.str
     agent_id: _builtins.str
     workflow_id: _builtins.str
     task: _builtins.str
+    standby: _builtins.bool
+    """A standby stream, opened ahead of any session (session_key empty): the router parks it next to
+    the agent's registration and sends SessionOpen on it as soon as a client needs this agent, with
+    no SessionRequest round trip. The stream must come from a registered agent (same agent_id,
+    workflow and task) on the same router; the router parks a few per agent and refuses more
+    with RESOURCE_EXHAUSTED, and ends them (status OK, no SessionOpen) when the registration ends.
+    """
     def __init__(
         self,
         *,
@@ -833,10 +841,11 @@ class ConnectInit(_message.Message):
         agent_id: _builtins.str = ...,
         workflow_id: _builtins.str = ...,
         task: _builtins.str = ...,
+        standby: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "session_key", b"session_key", "task", b"task", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "session_key", b"session_key", "standby", b"standby", "task", b"task", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
