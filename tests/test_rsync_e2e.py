@@ -278,6 +278,64 @@ def test_transfer_broken_midway_exits_255_with_a_message(
     assert any("osmo-net-client: rsync:" in line and "UNAVAILABLE" in line for line in client.lines), client.lines
 
 
+def test_partial_transfer_resumes_from_what_arrived(
+    router: Router, workflow: str, client_args: list[str], source: Path, container: Path
+) -> None:
+    """`-- --partial`: a transfer cut mid-way keeps what arrived, and the next run sends only the rest."""
+    agent = AgentProc(router.address, workflow)
+    client = Proc(
+        client_cmd("rsync", *client_args, "--bwlimit", "20m", f"{source}/big.bin", f":{container}/", "--", "--partial"),
+        env=cli_env(),
+    )
+    try:
+        agent.wait_event("rsync_start")
+        deadline = time.monotonic() + 60
+        # Bounded polling of the file system (no event to await): a third of the file has arrived.
+        while not any(p.stat().st_size > BIG_SIZE // 3 for p in container.glob(".big.bin.*")):
+            assert time.monotonic() < deadline, "the transfer never got a third of the way"
+            time.sleep(0.05)
+        os.kill(agent.pid, signal.SIGKILL)  # rsync --server sees its input end and keeps the partial file
+        assert client.wait_exit(60) == 255
+        while not (container / "big.bin").exists():
+            assert time.monotonic() < deadline + 30, "rsync --server did not keep the partial file"
+            time.sleep(0.05)
+    finally:
+        agent.stop()
+        client.stop()
+    kept = (container / "big.bin").stat().st_size
+    assert BIG_SIZE // 3 <= kept < BIG_SIZE
+    agent = AgentProc(router.address, workflow)
+    try:
+        before = rsync_bytes(router)
+        code, err = rsync(client_args, f"{source}/big.bin", f":{container}/", "--", "--partial")
+        carried = rsync_bytes(router) - before
+    finally:
+        agent.stop()
+    assert code == 0, err
+    assert (container / "big.bin").read_bytes() == (source / "big.bin").read_bytes()
+    # The kept part was matched by checksums, not sent again: at most the rest plus a few percent.
+    assert carried < (BIG_SIZE - kept) + BIG_SIZE * 0.05, (carried, kept)
+
+
+def test_checksum_mode_sends_no_data_for_same_content_with_new_times(
+    router: Router, agent: AgentProc, client_args: list[str], tmp_path: Path, container: Path
+) -> None:
+    """`-- --checksum`: files whose times changed but whose content did not are not sent again."""
+    local = tmp_path / "local"
+    local.mkdir()
+    for i in range(20):
+        (local / f"f{i}.bin").write_bytes(os.urandom(64 * 1024))
+    code, err = rsync(client_args, f"{local}/", f":{container}/")
+    assert code == 0, err
+    for path in local.iterdir():
+        os.utime(path, (time.time() + 3600, time.time() + 3600))
+    # Without --checksum the new times alone would make rsync transfer all 20 files (by delta).
+    code, out, err = rsync_out(client_args, f"{local}/", f":{container}/", "--", "--checksum", "--stats")
+    assert code == 0, err
+    assert "Number of regular files transferred: 0" in out, out
+    assert "Literal data: 0 bytes" in out and "Matched data: 0 bytes" in out, out
+
+
 def test_over_tls_with_a_token_kept_off_the_command_line(tmp_path: Path) -> None:
     pki, signer = Pki.create(tmp_path), Signer.rs256()
     (tmp_path / "jwt.pub.pem").write_bytes(signer.public_pem())

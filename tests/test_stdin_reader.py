@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 
 import pytest
@@ -63,3 +64,27 @@ async def test_framed_small_read_is_one_message_then_the_end() -> None:
     os.close(write_end)
     assert await asyncio.wait_for(reader.read(), 5) == b""
     os.close(read_end)
+
+
+async def test_framed_reads_from_a_socket_carry_every_byte_in_order() -> None:
+    """rsync's stdin is a socketpair: the MSG_WAITALL + receive-timeout path, like rsync's 32 KiB writes."""
+    ours, theirs = socket.socketpair()
+    pieces = [b"hello", *(os.urandom(32 * 1024) for _ in range(64)), b"tail"]
+
+    def send_rest() -> None:
+        for piece in pieces[1:]:
+            theirs.sendall(piece)
+        theirs.close()
+
+    sender = threading.Thread(target=send_rest, daemon=True)
+    reader = StdinReader(ours.fileno(), chunk_size=1024 * 1024, linger=0.001, framed=True)
+    theirs.sendall(pieces[0])
+    first = await asyncio.wait_for(reader.read(), 5)  # before the burst: a small message goes at once
+    assert decode_data_message(first) == b"hello"
+    sender.start()
+    chunks = await _read_all(reader)
+    sender.join(10)
+    payloads = [decode_data_message(chunk) for chunk in chunks]
+    assert b"".join(bytes(p) for p in payloads if p is not None) == b"".join(pieces[1:])
+    assert all(p is not None for p in payloads)
+    ours.close()
