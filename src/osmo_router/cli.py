@@ -282,7 +282,8 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
     default=2,
     show_default=True,
     help="Connect streams kept open on the router ahead of sessions, so a session starts without a "
-    "request round trip (a used one is replaced at once); 0: none [env OSMO_STANDBY_STREAMS].",
+    "request round trip (a used one is replaced at once); 0: none; the router parks at most 8 "
+    "[env OSMO_STANDBY_STREAMS].",
 )
 @ws_agent_options
 @_log_options
