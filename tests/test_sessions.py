@@ -14,9 +14,9 @@ from osmo_router.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from osmo_router.protocol import pb
+from osmo_router.protocol import MAX_STANDBY_STREAMS, pb
 from osmo_router.router.auth import ROLE_AGENT, Identity
-from osmo_router.router.registry import AgentRegistration, AgentRegistry
+from osmo_router.router.registry import AgentRegistration, AgentRegistry, StandbyStream
 from osmo_router.router.sessions import SessionStore, new_session_key
 
 pytestmark = pytest.mark.asyncio
@@ -164,3 +164,44 @@ async def test_newest_registration_wins() -> None:
     registry.unregister(old)  # the replaced stream ending must not remove its successor
     assert registry.pick("wf", "t") is new and registry.pick("wf", "") is new
     assert await asyncio.wait_for(old.replaced.wait(), 1)
+
+
+def _parked(reg: AgentRegistration) -> tuple[StandbyStream, asyncio.Future[object]]:
+    read: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    stream = StandbyStream(read)
+    assert reg.park(stream)
+    return stream, read
+
+
+async def test_a_parked_standby_stream_pairs_the_client_at_once() -> None:
+    registry = AgentRegistry()
+    reg = AgentRegistration(agent_id="a1", workflow_id="wf", task="", operations=())
+    registry.register(reg)
+    store = _store(registry)
+    older, _ = _parked(reg)
+    newer, _ = _parked(reg)
+    assert registry.standby_count() == 2
+    session = store.join_client(USER, pb.OPERATION_EXEC, _target(), _exec_open())
+    # Paired on the oldest parked stream, with no SessionRequest and nothing pending.
+    assert session.paired.is_set() and session.agent_joined and session.agent_id == "a1"
+    assert older.outcome.result() is session and not newer.outcome.done()
+    assert reg.outbox.empty() and store.pending == 0
+    assert registry.standby_count() == 1
+    # A stream whose agent closed it is skipped: the next session falls back to a SessionRequest.
+    _, read = _parked(reg)
+    read.set_result(None)
+    newer.end()
+    fallback = store.join_client(USER, pb.OPERATION_EXEC, _target(), _exec_open())
+    assert not fallback.paired.is_set()
+    assert reg.outbox.get_nowait().session_request.session_key == fallback.key
+
+
+async def test_parked_streams_are_capped_and_end_with_the_registration() -> None:
+    reg = AgentRegistration(agent_id="a1", workflow_id="wf", task="", operations=())
+    streams = [_parked(reg)[0] for _ in range(MAX_STANDBY_STREAMS)]
+    extra = StandbyStream(asyncio.get_running_loop().create_future())
+    assert not reg.park(extra)
+    reg.closed = True
+    reg.close_standby()
+    assert all(s.outcome.done() and s.outcome.result() is None for s in streams)
+    assert not reg.standby and not reg.park(extra)
