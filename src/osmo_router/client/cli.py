@@ -119,6 +119,7 @@ def exec_command(tty: bool, stdin: bool, command: tuple[str, ...], **options: An
     from osmo_router.client.exec import run_exec
 
     config = client_config(options)
+    tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
     sys.exit(run_async(run_exec(config, list(command), tty)))
 
 
