@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import open_pipe, read_fd, read_gathered, write_fd
-from osmo_router.agent.pipe_writer import PipeWriter
+from osmo_router.pipe_writer import PipeWriter
 from osmo_router.protocol import BULK_CHUNK_SIZE, CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
