@@ -22,8 +22,8 @@ from typing import Any
 
 from bench.bench_forward import best_rate, download, upload
 from bench.forward_targets import BulkServer
-from osmo_router.channel import DialConfig
 from osmo_router.client.config import ClientConfig
+from osmo_router.dial import DialConfig
 from osmo_router.protocol import CHUNK_SIZE, pb
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport

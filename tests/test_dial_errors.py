@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from osmo_router.channel import DialConfig
+from osmo_router.dial import DialConfig
 from osmo_router.dial_errors import explain_dial_error
 
 DIAL = DialConfig(address="127.0.0.1:50051", tls=False)

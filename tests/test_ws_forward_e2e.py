@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from osmo_router.channel import DialConfig
 from osmo_router.client.config import ClientConfig
+from osmo_router.dial import DialConfig
 from osmo_router.protocol import pb
 from osmo_router.transport import Transport
 from osmo_router.transport.grpc_transport import GrpcTransport

@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from osmo_router.channel import DialConfig
 from osmo_router.client.config import ClientConfig
+from osmo_router.dial import DialConfig
 from osmo_router.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
 from osmo_router.protocol import pb
 from osmo_router.router.auth import ROLE_AGENT, Identity

@@ -2,34 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 
-from osmo_router.protocol import AUTHORIZATION_HEADER, COOKIE_HEADER, channel_options
-
-
-@dataclass(frozen=True)
-class DialConfig:
-    """How to reach the router, shared by the client and the agent."""
-
-    address: str
-    tls: bool = True
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_server_name: str | None = None
-    token: str | None = None
-    cookie: str | None = None
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Per-call metadata: the bearer token and the load-balancer cookie."""
-        items: list[tuple[str, str]] = []
-        if self.token:
-            items.append((AUTHORIZATION_HEADER, f"Bearer {self.token}"))
-        if self.cookie:
-            items.append((COOKIE_HEADER, self.cookie))
-        return tuple(items)
+from osmo_router.dial import DialConfig
+from osmo_router.protocol import channel_options
 
 
 def _read(path: str | None) -> bytes | None:

@@ -14,8 +14,9 @@ import click
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
-from osmo_router.channel import DialConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.dial import DialConfig
+from osmo_router.dial_options import dial_config, dial_options
 from osmo_router.logs import setup_logging
 from osmo_router.memtune import tune_for_bulk
 from osmo_router.protocol import MAX_STANDBY_STREAMS
@@ -212,56 +213,8 @@ async def _serve(config: RouterConfig) -> int:
     return 0
 
 
-def _dial_options(f: Any) -> Any:
-    for decorator in reversed(
-        [
-            click.option(
-                "--router-address",
-                envvar="OSMO_ROUTER_ADDRESS",
-                required=True,
-                help="host:port of the router; an agent may list several, comma-separated, tried in turn "
-                "[env OSMO_ROUTER_ADDRESS].",
-            ),
-            click.option(
-                "--tls/--no-tls", default=True, show_default=True, envvar="OSMO_TLS", help="Dial the router over TLS."
-            ),
-            click.option(
-                "--tls-ca",
-                envvar="OSMO_TLS_CA",
-                default=None,
-                help="CA bundle to verify the router with (default: system store).",
-            ),
-            click.option("--tls-cert", envvar="OSMO_TLS_CERT", default=None, help="Client certificate (mutual TLS)."),
-            click.option("--tls-key", envvar="OSMO_TLS_KEY", default=None, help="Client key (mutual TLS)."),
-            click.option(
-                "--tls-server-name",
-                envvar="OSMO_TLS_SERVER_NAME",
-                default=None,
-                help="Name to verify in the router's certificate, if not the address's host.",
-            ),
-            click.option("--token", envvar="OSMO_TOKEN", default=None, help="Bearer token [env OSMO_TOKEN]."),
-        ]
-    ):
-        f = decorator(f)
-    return f
-
-
-def dial_config(options: dict[str, Any]) -> DialConfig:
-    """A DialConfig from the common dial flags (popped from `options`)."""
-    return DialConfig(
-        address=options.pop("router_address"),
-        tls=options.pop("tls"),
-        tls_ca=options.pop("tls_ca"),
-        tls_cert=options.pop("tls_cert"),
-        tls_key=options.pop("tls_key"),
-        tls_server_name=options.pop("tls_server_name"),
-        token=options.pop("token"),
-        cookie=options.pop("cookie", None),
-    )
-
-
 @main_group.command()
-@_dial_options
+@dial_options
 @click.option("--workflow-id", envvar="OSMO_WORKFLOW_ID", required=True, help="Workflow this agent serves.")
 @click.option("--task", envvar="OSMO_TASK", default="", help="Task within the workflow this agent serves.")
 @click.option("--agent-id", envvar="OSMO_AGENT_ID", default="", help="Stable id (default: random per process).")

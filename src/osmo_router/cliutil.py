@@ -6,7 +6,6 @@ Go-style `--flag=false` / `--flag=true` forms of the original tools by rewriting
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -84,4 +83,6 @@ def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T
             pass
         else:
             return uvloop.run(coro)  # type: ignore[no-any-return,unused-ignore]
+    import asyncio  # here: commands that never run a loop (`osmo-net-client rsync`) start faster
+
     return asyncio.run(coro)

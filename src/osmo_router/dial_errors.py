@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from osmo_router.channel import DialConfig
+from osmo_router.dial import DialConfig
 
 _VERIFY_REASON = re.compile(r"CERTIFICATE_VERIFY_FAILED:\s*([^:]+)")
 

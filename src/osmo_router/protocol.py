@@ -26,6 +26,8 @@ CHUNK_SIZE: Final = 128 * 1024
 #: once, as it is). Measured (bench_forward): 128 KiB -> 1 MiB took one TCP connection from 0.35-0.43x
 #: to 0.88-0.90x of a socat relay, with glibc malloc tuned for it (memtune).
 BULK_CHUNK_SIZE: Final = 1024 * 1024
+#: How long a bulk read (16 KiB or more: the writer is streaming) waits for more to fill a frame.
+BULK_LINGER: Final = 0.001
 #: Default limit on one gRPC message, on every side.
 MAX_MESSAGE_SIZE: Final = 4 * 1024 * 1024
 

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import open_pipe, read_fd, read_gathered, write_fd
-from osmo_router.agent.pipe_writer import PipeWriter
-from osmo_router.protocol import CHUNK_SIZE, pb
+from osmo_router.pipe_writer import PipeWriter
+from osmo_router.protocol import BULK_CHUNK_SIZE, CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ async def run_exec(
     if init.tty:
         await _run_tty(stream, argv, env, init, workdir)
     else:
-        await run_piped(stream, argv, env, workdir)
+        # Piped exec carries bulk data too (`tar c | osmo exec -- tar x`): large pipes and frames.
+        # No linger on the output: stdout read at once keeps its order with stderr, which the old
+        # WebSocket protocol merges into one stream.
+        await run_piped(stream, argv, env, workdir, chunk_size=BULK_CHUNK_SIZE, pipe_size=BULK_CHUNK_SIZE)
 
 
 async def _finish(stream: FrameStream, returncode: int) -> None:

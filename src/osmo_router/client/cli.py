@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from osmo_router import __version__
-from osmo_router.cli import _dial_options, dial_config
 from osmo_router.client.config import ClientConfig
 from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.dial_options import dial_config, dial_options
 from osmo_router.logs import setup_logging
 from osmo_router.memtune import tune_for_bulk
 
@@ -26,7 +26,7 @@ LEGACY_OPERATIONS = {"exec": "exec", "portforward": "port-forward", "port-forwar
 def _session_options(f: Any) -> Any:
     for decorator in reversed(
         [
-            *([_dial_options]),
+            *([dial_options]),
             click.option(
                 "--workflow-id",
                 envvar="OSMO_WORKFLOW_ID",
@@ -119,6 +119,7 @@ def exec_command(tty: bool, stdin: bool, command: tuple[str, ...], **options: An
     from osmo_router.client.exec import run_exec
 
     config = client_config(options)
+    tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
     sys.exit(run_async(run_exec(config, list(command), tty)))
 
 

@@ -17,7 +17,7 @@ from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
-from osmo_router.protocol import pb
+from osmo_router.protocol import BULK_CHUNK_SIZE, BULK_LINGER, pb
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
 
@@ -136,7 +136,7 @@ async def receive_output(
 
 
 async def _send_input(stream: SessionStream) -> None:
-    reader = StdinReader(0)
+    reader = StdinReader(0, chunk_size=BULK_CHUNK_SIZE, linger=BULK_LINGER)
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
             await stream.send_data(chunk)

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shlex
 import stat
 import sys
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import grpc
 
-from osmo_router.agent.fdio import write_fd
 from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
@@ -31,6 +32,7 @@ from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
 from osmo_router.framecodec import fast_method
 from osmo_router.memtune import tune_for_bulk
+from osmo_router.pipe_writer import PipeWriter
 from osmo_router.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
 from osmo_router.streams import FrameStream
 from osmo_router.transport import WS
@@ -124,39 +126,38 @@ def _say(message: str) -> None:
 async def _bridge(stream: FrameStream) -> int:
     sender = asyncio.create_task(_send_stdin(stream))
     try:
-        return await receive_output(stream, _stdout_writer().write)
+        return await receive_output(stream, _stdout_writer())
     finally:
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
 
 
-class _Writer:
-    """Standard output, written without blocking the loop when it is non-blocking."""
-
-    def __init__(self, nonblocking: bool) -> None:
-        self.nonblocking = nonblocking
-
-    async def write(self, data: bytes) -> None:
-        """Write all of data (a reader that went away is ignored: rsync reports its own errors)."""
-        if not self.nonblocking:
-            write_all(1, data)
-            return
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            await write_fd(1, data)
-
-
-def _stdout_writer() -> _Writer:
+def _stdout_writer() -> Callable[[bytes], Awaitable[None]]:
     """Write stdout without blocking the event loop when it is rsync's pipe or socket.
 
     A blocking write while rsync is busy would stall the loop, and with it the copy of rsync's own
-    output to the router: both sides would wait on each other.
+    output to the router: both sides would wait on each other. A pipe is enlarged to a bulk frame,
+    and what does not fit at once is written by PipeWriter's thread (one wake-up per frame). A
+    reader that went away is ignored: rsync reports its own errors.
     """
     mode = os.fstat(1).st_mode
-    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-        os.set_blocking(1, False)
-        return _Writer(nonblocking=True)
-    return _Writer(nonblocking=False)
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+
+        async def write_blocking(data: bytes) -> None:
+            write_all(1, data)
+
+        return write_blocking
+    if stat.S_ISFIFO(mode):
+        with contextlib.suppress(OSError):  # beyond the system's pipe-max-size the size stays
+            fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, BULK_CHUNK_SIZE)
+    writer = PipeWriter(1, name="stdout-writer")
+
+    async def write(data: bytes) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await writer.write(data)
+
+    return write
 
 
 async def _send_stdin(stream: FrameStream) -> None:

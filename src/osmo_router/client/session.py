@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from osmo_router.channel import DialConfig
 from osmo_router.client.config import ClientConfig
+from osmo_router.dial import DialConfig
 from osmo_router.dial_errors import explain_dial_error
 from osmo_router.errors import DeadlineExceeded, RouterError, Unavailable, from_status
 from osmo_router.protocol import pb

@@ -17,7 +17,7 @@ import ssl
 import aiohttp
 import grpc
 
-from osmo_router.channel import DialConfig
+from osmo_router.dial import DialConfig
 from osmo_router.errors import (
     InvalidArgument,
     PermissionDenied,
