@@ -30,6 +30,8 @@ class StdinReader:
     - `linger`: after a bulk read, keep reading what arrives within `linger` seconds, up to
       `chunk_size` (a small read, such as a keystroke or a protocol message, goes at once);
     - `gather`: one read() also takes the chunks already waiting, up to `chunk_size` in all.
+    With `framed`, each chunk comes as a whole data-frame message (framecodec's layout), ready
+    for FrameStream.send_data_message (no gathering then).
     """
 
     def __init__(
@@ -45,13 +47,15 @@ class StdinReader:
         self._chunk_size = chunk_size
         self._gather = gather and not framed
         self._linger = linger
-        # framed: each chunk is delivered as a whole data-frame message (framecodec's layout), built
-        # in the thread with one copy out of a buffer that is read into and reused, instead of a
-        # join of the pieces and another to prepend the header on the event loop.
-        self._buffer = memoryview(bytearray(HEADROOM + chunk_size)) if framed else None
-        # A framed bulk reader on a socket lingers with MSG_WAITALL and a receive timeout: one call
-        # per few hundred KiB instead of a select and a read per 32 KiB that rsync writes.
-        self._socket = _stream_socket(fd, linger) if framed and linger else None
+        self._framed = framed
+        # A lingering or framed reader reads into one reused buffer and hands over one copy of what
+        # it got (framed: as a whole data-frame message, framecodec's layout, with the header put in
+        # the room left before the payload), instead of joining the pieces and joining again to
+        # prepend the header on the event loop.
+        self._buffer = memoryview(bytearray(HEADROOM + chunk_size)) if framed or linger else None
+        # On a socket, lingering is MSG_WAITALL with a receive timeout: one call per few hundred KiB
+        # instead of a select and a read per 32 KiB that rsync writes.
+        self._socket = _stream_socket(fd, linger) if linger else None
         self._eof_seen = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._ready = asyncio.Event()
@@ -98,39 +102,31 @@ class StdinReader:
                 return
 
     def _read_chunk(self) -> bytes:
+        """What one read (and its linger) brought, framed if asked; b"" at end of input."""
         if self._eof_seen:
             return b""
-        if self._buffer is not None:
-            return self._read_framed(self._buffer)
-        chunk = os.read(self._fd, self._chunk_size)
-        if not self._linger or len(chunk) < BULK_READ:
-            return chunk
-        parts, size = [chunk], len(chunk)
-        while size < self._chunk_size and select.select([self._fd], [], [], self._linger)[0]:
-            more = os.read(self._fd, self._chunk_size - size)
-            if not more:
-                self._eof_seen = True  # deliver what we have, then the end
-                break
-            parts.append(more)
-            size += len(more)
-        return b"".join(parts) if len(parts) > 1 else chunk
-
-    def _read_framed(self, buffer: memoryview) -> bytes:
-        """One data-frame message of what a read (and its linger) brought; b"" at end of input."""
+        buffer = self._buffer
+        if buffer is None:
+            return os.read(self._fd, self._chunk_size)
         payload = buffer[HEADROOM:]
+        size = self._fill(payload)
+        if not size or not self._framed:
+            return bytes(payload[:size])
+        header = data_header(size)
+        start = HEADROOM - len(header)
+        buffer[start:HEADROOM] = header
+        return bytes(buffer[start : HEADROOM + size])
+
+    def _fill(self, payload: memoryview) -> int:
+        """Read into payload what is there and, after a bulk read, what arrives within `linger`; the size."""
         if self._socket is not None:
             # Its receives time out after `linger` (the option is the socket's, so fd's too): wait
             # for data first, however long that takes.
             select.select([self._fd], [], [])
         size = os.readv(self._fd, [payload])
-        if not size:
-            return b""
         if self._linger and size >= BULK_READ:
             size = self._linger_socket(payload, size) if self._socket else self._linger_fd(payload, size)
-        header = data_header(size)
-        start = HEADROOM - len(header)
-        buffer[start:HEADROOM] = header
-        return bytes(buffer[start : HEADROOM + size])
+        return size
 
     def _linger_fd(self, payload: memoryview, size: int) -> int:
         """Read on while more arrives within `linger`; the new size."""
