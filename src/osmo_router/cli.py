@@ -299,6 +299,7 @@ def local(port: int, metrics_port: int, ws_port: int, workflow_id: str, log_leve
     """Embedded default: a router and an agent in one process on loopback (no TLS, no auth)."""
     setup_logging(log_level, "text" if log_format == "auto" else log_format)
     config = RouterConfig(port=port, metrics_port=metrics_port, ws_port=ws_port, tls_enabled=False, auth="none")
+    tune_for_bulk()  # as `serve` and `agent` do: bulk sessions move 1 MiB frames (memtune)
     run_async(_local(config, workflow_id))
 
 
