@@ -124,6 +124,9 @@ class PeerChannels:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
+            # A channel dialled afresh after a failure must dial afresh: with the global subchannel
+            # pool it would share the failed channel's subchannel, still backing off, and fail at once.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if not self._config.tls_enabled:
             return grpc.aio.insecure_channel(address, options=options)
