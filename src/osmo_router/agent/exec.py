@@ -11,9 +11,9 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
-from osmo_router.agent.fdio import open_pipe, read_fd, read_gathered, write_fd
+from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
 from osmo_router.pipe_writer import PipeWriter
-from osmo_router.protocol import BULK_CHUNK_SIZE, CHUNK_SIZE, pb
+from osmo_router.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,12 @@ async def run_exec(
     if init.tty:
         await _run_tty(stream, argv, env, init, workdir)
     else:
-        # Piped exec carries bulk data too (`tar c | osmo exec -- tar x`): large pipes and frames.
-        # No linger on the output: stdout read at once keeps its order with stderr, which the old
-        # WebSocket protocol merges into one stream.
-        await run_piped(stream, argv, env, workdir, chunk_size=BULK_CHUNK_SIZE, pipe_size=BULK_CHUNK_SIZE)
+        # Piped exec carries bulk data too (`tar c | osmo exec -- tar x`): large pipes and frames (a
+        # small write, a keystroke or a prompt, still goes at once). run_piped keeps stdout and
+        # stderr in the order they were written.
+        await run_piped(
+            stream, argv, env, workdir, chunk_size=BULK_CHUNK_SIZE, pipe_size=BULK_CHUNK_SIZE, linger=BULK_LINGER
+        )
 
 
 async def _finish(stream: FrameStream, returncode: int) -> None:
@@ -161,7 +163,7 @@ async def run_piped(
     stdin and stdout are plain pipes driven with non-blocking writes and reads of up to `chunk_size`
     (no stream buffers in between: a frame's payload goes to the pipe without a copy). For bulk
     transfers (rsync), `pipe_size` enlarges the pipes and `linger` lets a streaming output fill
-    larger frames (see fdio.read_gathered): fewer wake-ups and messages.
+    larger frames (see fdio.gather_more): fewer wake-ups and messages.
     """
     stdin_r, stdin_w = open_pipe(pipe_size)
     stdout_r, stdout_w = open_pipe(pipe_size)
@@ -195,13 +197,28 @@ async def run_piped(
     async def close_input() -> None:
         stdin.close()
 
+    # stdout and stderr are two pipes. What the process wrote to stdout before it wrote to stderr
+    # is in the stdout pipe by the time stderr is read, so stdout is drained before each stderr
+    # chunk is sent: the order survives where the two are merged (the old WebSocket protocol).
+    output_order = asyncio.Lock()
+
     async def pump_stdout() -> None:
-        while chunk := await read_gathered(stdout_r, chunk_size, linger):
-            await stream.send_data(chunk)
+        while True:
+            await wait_readable(stdout_r)
+            async with output_order:
+                chunk = read_now(stdout_r, chunk_size)
+                if chunk is None:
+                    continue  # the stderr pump sent it
+                if not chunk:
+                    return
+                await stream.send_data(await gather_more(stdout_r, chunk, chunk_size, linger))
 
     async def pump_stderr(reader: asyncio.StreamReader) -> None:
         while chunk := await reader.read(CHUNK_SIZE):
-            await stream.send(pb.Frame(stderr=chunk))
+            async with output_order:
+                while pending := read_now(stdout_r, chunk_size):
+                    await stream.send_data(pending)
+                await stream.send(pb.Frame(stderr=chunk))
 
     try:
         await _relay_until_exit(

@@ -11,29 +11,36 @@ import os
 
 async def read_fd(fd: int, size: int) -> bytes:
     """Read up to `size` bytes; b"" at end of file (EIO on a PTY master whose slave closed)."""
+    while (chunk := read_now(fd, size)) is None:
+        await wait_readable(fd)
+    return chunk
+
+
+def read_now(fd: int, size: int) -> bytes | None:
+    """Up to `size` bytes if there are any now; None if none yet; b"" at end of file (or EIO)."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError as err:
+        if err.errno == errno.EIO:
+            return b""
+        raise
+
+
+async def wait_readable(fd: int) -> None:
+    """Return once `fd` has data or its end to read."""
     loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return os.read(fd, size)
-        except BlockingIOError:
-            pass
-        except OSError as err:
-            if err.errno == errno.EIO:
-                return b""
-            raise
-        waiter: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, _set, waiter)
-        try:
-            await waiter
-        finally:
-            loop.remove_reader(fd)
+    waiter: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _set, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
 
 
-async def read_gathered(fd: int, size: int, linger: float, bulk: int = 16 * 1024) -> bytes:
-    """Like read_fd, but a bulk read (at least `bulk` bytes: the writer is streaming) also takes what
-    arrives within `linger` seconds, up to `size`: fewer, larger frames. Small reads return at once;
-    without linger this is read_fd."""
-    chunk = await read_fd(fd, size)
+async def gather_more(fd: int, chunk: bytes, size: int, linger: float, bulk: int = 16 * 1024) -> bytes:
+    """`chunk`, plus (if it is a bulk read and `linger` is set) what arrives within `linger`, up to `size`."""
     if not linger or len(chunk) < bulk:
         return chunk
     parts, total = [chunk], len(chunk)
