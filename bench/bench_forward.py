@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import shutil
 import socket
@@ -24,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from bench.common import cpu_seconds, rss_kib
 from bench.forward_targets import BulkServer, EchoServer, free_port, wait_listening
 from tests.forward_servers import start_forward
 from tests.harness import AgentProc, Router
@@ -37,15 +37,6 @@ def raise_fd_limit() -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process in KiB."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def download(port: int, total: int) -> float:
@@ -76,13 +67,6 @@ def upload(port: int, total: int) -> float:
         if sock.recv(2) != b"ok":
             raise RuntimeError("the target did not confirm the upload")
     return time.perf_counter() - started
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import cpu_seconds
 from tests.harness import AgentProc, Router, cli_env, client_cmd, metric_value
 
 WORKFLOW = "bench-rsync"
@@ -44,12 +45,6 @@ def children_cpu() -> float:
     """CPU seconds used so far by finished child processes (and their own children)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds of a running process and its finished children (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
@@ -104,15 +99,15 @@ def _router_run(
     """
     dest = work / f"remote-{index}"
     args = ["--router-address", router.address, "--workflow-id", WORKFLOW, "--tls=false"]
-    router_cpu, agent_cpu = process_cpu(router.pid), process_cpu(agent.pid)
+    router_cpu, agent_cpu = cpu_seconds(router.pid, children=True), cpu_seconds(agent.pid, children=True)
     try:
         wall, cpu, out = timed(
             client_cmd("rsync", *args, str(src), f":{dest}/", "--", "--stats", *extra), env=cli_env()
         )
         split = {
             "user side": cpu,
-            "router": process_cpu(router.pid) - router_cpu,
-            "agent side": process_cpu(agent.pid) - agent_cpu,
+            "router": cpu_seconds(router.pid, children=True) - router_cpu,
+            "agent side": cpu_seconds(agent.pid, children=True) - agent_cpu,
         }
         return wall, sum(split.values()), out, split
     finally:

@@ -103,6 +103,12 @@ def loadgen(mode: str, *args: str, timeout: float = 300.0) -> list[dict[str, Any
     return [json.loads(line) for line in proc.stdout.decode().splitlines() if line.startswith("{")]
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds a live process has used so far (with its waited-for children if asked)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11 : 15 if children else 13]) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, in KiB."""
     with open(f"/proc/{pid}/status") as f:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, THROUGHPUT_SESSIONS, bench_env, percentile
+from bench.common import ROOT, THROUGHPUT_SESSIONS, bench_env, cpu_seconds, percentile
 from tests.harness import Router
 
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -35,12 +36,6 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("event loop (uvloop: polling, callbacks)", ("Runner.run", "run (uvloop", "run_forever", "selectors.py")),
     ("osmo_router code (relay, queues, metrics)", ("osmo_router/",)),
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bucket_of(stack: list[str]) -> str:
@@ -73,9 +68,8 @@ def profile(workload: str, seconds: float) -> None:
                  "-d", str(int(seconds)), "-p", str(router.pid)],
                 capture_output=True, timeout=seconds + 60,
             )  # fmt: skip
-            with_gen = gen.pid
             try:
-                gen_cpu = cpu_seconds(with_gen)
+                gen_cpu = cpu_seconds(gen.pid)
             except OSError:
                 gen_cpu = float("nan")
             router_cpu = cpu_seconds(router.pid) - router_cpu
@@ -101,8 +95,6 @@ def _report(workload: str, raw: Path, router_cpu: float, gen_cpu: float, wall: f
     print(f"   CPU over {wall:.1f}s: router {router_cpu / wall:.0%} of a core, load generator {gen_cpu / wall:.0%}")
     result = output.strip().splitlines()[-1] if output.strip() else ""
     if workload == "echo" and result:
-        import json
-
         samples = json.loads(result)["samples_us"]
         print(f"   echo p50 {percentile(samples, 50):.0f} us, p99 {percentile(samples, 99):.0f} us")
     elif result:
