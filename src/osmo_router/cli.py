@@ -263,11 +263,11 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         rsync_binary=options["rsync_binary"],
         standby_streams=options["standby_streams"],
     )
+    tune_for_bulk()  # exec, port-forward and rsync move 1 MiB frames (memtune), on either transport
     if ws is not None:
         from osmo_router.agent.ws_backend import WsBackendConfig, serve_ws_session
 
         sys.exit(run_async(serve_ws_session(WsBackendConfig(agent=config, **ws))))
-    tune_for_bulk()  # port-forward and rsync move 1 MiB frames (memtune)
     run_async(_run_agent(config))
 
 

@@ -17,7 +17,6 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
 from osmo_router.errors import PermissionDenied
-from osmo_router.memtune import tune_for_bulk
 from osmo_router.protocol import BULK_CHUNK_SIZE, pb
 from osmo_router.streams import FrameStream
 
@@ -62,7 +61,6 @@ async def serve_rsync(stream: FrameStream, open_msg: pb.SessionOpen, config: Age
         open_msg.user or "anonymous",
         extra={"fields": {"event": "rsync_start", "sender": command.sender, "paths": command.paths}},
     )
-    tune_for_bulk()
     try:
         await run_piped(
             stream, [binary, *command.args], None, cwd, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK, linger=LINGER

@@ -240,6 +240,7 @@ def rsync_shell_command(remote_command: tuple[str, ...], **options: Any) -> None
     # Ctrl-C also reaches the local rsync, which then closes our stdin: that ends the session cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = client_config(options)
+    tune_for_bulk()  # rsync's data moves in 1 MiB frames (memtune)
     sys.exit(run_async(run_rsync_shell(config, list(remote_command))))
 
 

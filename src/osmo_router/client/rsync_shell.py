@@ -31,7 +31,6 @@ from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
 from osmo_router.framecodec import fast_method
-from osmo_router.memtune import tune_for_bulk
 from osmo_router.pipe_writer import PipeWriter
 from osmo_router.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
 from osmo_router.streams import FrameStream
@@ -71,7 +70,6 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         _say(f"cannot parse the remote command: {err}")
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
-    tune_for_bulk()
     if config.transport == WS:
         return await _run_over_websocket(config, server_args)
     channel = open_channel(config.dial)
