@@ -23,11 +23,11 @@ from typing import Any
 from bench.bench_forward import best_rate, download, upload
 from bench.forward_targets import BulkServer
 from osmo_router.client.config import ClientConfig
-from osmo_router.dial import DialConfig
-from osmo_router.protocol import CHUNK_SIZE, pb
+from osmo_router.dial.config import DialConfig
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.transport.ws_transport import WsTransport
+from osmo_router.wire.protocol import CHUNK_SIZE, pb
 from tests.forward_servers import start_forward
 from tests.harness import AgentProc, Router
 from tests.ws_kit import WsBackendProc, client_args, new_key

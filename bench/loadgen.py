@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import wire
 from bench.tcp import tcp_echo, tcp_throughput
-from osmo_router.framecodec import encode_data_message as data_message
+from osmo_router.wire.codec import encode_data_message as data_message
 
 
 def emit(record: dict[str, Any]) -> None:

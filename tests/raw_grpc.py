@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from osmo_router.protocol import pb
+from osmo_router.wire.protocol import pb
 
 EXEC = "/osmo.router.v1.RouterClientService/Exec"
 PORT_FORWARD = "/osmo.router.v1.RouterClientService/PortForward"

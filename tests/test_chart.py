@@ -18,9 +18,9 @@ import click
 import pytest
 import yaml
 
-from osmo_router.cli import main_group
-from osmo_router.cliutil import bool_option_names, normalize_bool_flags
-from osmo_router.durations import parse_duration
+from osmo_router.cli.durations import parse_duration
+from osmo_router.cli.main import main_group
+from osmo_router.cli.options import bool_option_names, normalize_bool_flags
 from tests.helm_lite import render, with_values
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,14 +5,14 @@ from __future__ import annotations
 import click
 import pytest
 
-from osmo_router.cli import main_group as router_group
+from osmo_router.cli.durations import parse_bool, parse_duration
+from osmo_router.cli.main import main_group as router_group
+from osmo_router.cli.options import bool_option_names, normalize_bool_flags
 from osmo_router.client.cli import main_group as client_group
 from osmo_router.client.cli import rewrite_legacy_operation
 from osmo_router.client.exec import exit_code_of
-from osmo_router.cliutil import bool_option_names, normalize_bool_flags
-from osmo_router.durations import parse_bool, parse_duration
-from osmo_router.protocol import pb
 from osmo_router.router.config import RouterConfig, is_loopback_host
+from osmo_router.wire.protocol import pb
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from osmo_router.framecodec import data_header, decode_data_message, merge_data_messages, payload_offset
-from osmo_router.framecodec import encode_data_message as data_message
-from osmo_router.protocol import ENCODED_HALF_CLOSE, pb
-from osmo_router.router.coalesce import COALESCE_LIMIT, coalesce
-from osmo_router.router.flow_control import FlowQueue
+from osmo_router.router.core.coalesce import COALESCE_LIMIT, coalesce
+from osmo_router.router.core.flow_control import FlowQueue
+from osmo_router.wire.codec import data_header, decode_data_message, merge_data_messages, payload_offset
+from osmo_router.wire.codec import encode_data_message as data_message
+from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, pb
 
 CONTROL_FRAMES = [
     pb.Frame(half_close=pb.HalfClose()),

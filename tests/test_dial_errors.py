@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from osmo_router.dial import DialConfig
-from osmo_router.dial_errors import explain_dial_error
+from osmo_router.dial.config import DialConfig
+from osmo_router.dial.errors import explain_dial_error
 
 DIAL = DialConfig(address="127.0.0.1:50051", tls=False)
 

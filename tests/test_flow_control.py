@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from osmo_router.errors import ResourceExhausted
-from osmo_router.router.flow_control import FlowQueue
+from osmo_router.router.core.flow_control import FlowQueue
+from osmo_router.wire.errors import ResourceExhausted
 
 pytestmark = pytest.mark.asyncio
 

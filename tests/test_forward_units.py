@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from osmo_router.agent.forward import parse_port_ranges, port_allowed, target_hosts
 from osmo_router.client.forward import PortSpec, parse_address, parse_spec
-from osmo_router.forwarding import format_peer, parse_peer
-from osmo_router.framecodec import decode_data_message, encode_data_message, fast_deserializer, raw_serializer
-from osmo_router.protocol import pb
+from osmo_router.io.forwarding import format_peer, parse_peer
+from osmo_router.wire.codec import decode_data_message, encode_data_message, fast_deserializer, raw_serializer
+from osmo_router.wire.protocol import pb
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import jwt
 import pytest
 
-from osmo_router.errors import PermissionDenied, Unauthenticated
-from osmo_router.router.auth import ROLE_AGENT, ROLE_USER, Identity, NoAuth
+from osmo_router.router.auth.identity import ROLE_AGENT, ROLE_USER, Identity, NoAuth
+from osmo_router.router.auth.jwks import JwksKeys
+from osmo_router.router.auth.jwt import JwtAuthenticator, TokenCache, bearer_token, identity_from_claims
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.jwks import JwksKeys
-from osmo_router.router.jwt_auth import JwtAuthenticator, TokenCache, bearer_token, identity_from_claims
+from osmo_router.wire.errors import PermissionDenied, Unauthenticated
 from tests.security_kit import JwksServer, Signer
 
 RSA = Signer.rs256()

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from osmo_router.pipe_writer import PipeWriter
+from osmo_router.io.pipe_writer import PipeWriter
 
 pytestmark = pytest.mark.asyncio
 

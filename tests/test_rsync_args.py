@@ -11,8 +11,8 @@ from osmo_router.agent.rsync_args import check_server_args
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.rsync import plan_paths, rsync_argv, shell_env
 from osmo_router.client.rsync_shell import parse_remote_command
-from osmo_router.dial import DialConfig
-from osmo_router.errors import PermissionDenied
+from osmo_router.dial.config import DialConfig
+from osmo_router.wire.errors import PermissionDenied
 
 RECEIVER = ["rsync", "--server", "-logDtpre.iLsfxCIvu"]
 SENDER = ["rsync", "--server", "--sender", "-logDtpre.iLsfxCIvu"]

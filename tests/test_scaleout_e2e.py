@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from osmo_router.protocol import pb, pb_grpc
+from osmo_router.wire.protocol import pb, pb_grpc
 from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
 from tests.redis_harness import RedisServer
 from tests.security_kit import Pki, Signer

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from osmo_router.protocol import pb
+from osmo_router.wire.protocol import pb
 from tests.harness import AgentProc, Router, run_client
 from tests.raw_grpc import ALL_METHODS, CONNECT, EXEC, PORT_FORWARD, REGISTER, RSYNC, RawCall, raw_channel, wait_metric
 from tests.security_kit import Signer

@@ -6,7 +6,10 @@ import asyncio
 
 import pytest
 
-from osmo_router.errors import (
+from osmo_router.router.auth.identity import ROLE_AGENT, Identity
+from osmo_router.router.core.registry import AgentRegistration, AgentRegistry, StandbyStream
+from osmo_router.router.core.sessions import SessionStore, new_session_key
+from osmo_router.wire.errors import (
     AlreadyExists,
     DeadlineExceeded,
     InvalidArgument,
@@ -14,10 +17,7 @@ from osmo_router.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from osmo_router.protocol import MAX_STANDBY_STREAMS, pb
-from osmo_router.router.auth import ROLE_AGENT, Identity
-from osmo_router.router.registry import AgentRegistration, AgentRegistry, StandbyStream
-from osmo_router.router.sessions import SessionStore, new_session_key
+from osmo_router.wire.protocol import MAX_STANDBY_STREAMS, pb
 
 pytestmark = pytest.mark.asyncio
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from osmo_router.protocol import MAX_STANDBY_STREAMS, pb
+from osmo_router.wire.protocol import MAX_STANDBY_STREAMS, pb
 from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
 from tests.raw_grpc import CONNECT, EXEC, REGISTER, RawCall, exec_init, frame, hello, raw_channel, wait_metric
 from tests.security_kit import Signer

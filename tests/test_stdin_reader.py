@@ -10,8 +10,8 @@ import threading
 import pytest
 
 from osmo_router.client.stdio import StdinReader
-from osmo_router.framecodec import decode_data_message
-from osmo_router.protocol import pb
+from osmo_router.wire.codec import decode_data_message
+from osmo_router.wire.protocol import pb
 
 pytestmark = pytest.mark.asyncio
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from osmo_router.router.flow_control import WriteInterrupted, WriteWatchdog
+from osmo_router.router.core.flow_control import WriteInterrupted, WriteWatchdog
 
 TIMEOUT = 0.2
 

@@ -16,11 +16,11 @@ import uuid
 import pytest
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.dial import DialConfig
-from osmo_router.protocol import pb
+from osmo_router.dial.config import DialConfig
 from osmo_router.transport import Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.transport.ws_transport import WsTransport
+from osmo_router.wire.protocol import pb
 from tests.forward_servers import (
     TIMEOUT,
     GreetThenCount,

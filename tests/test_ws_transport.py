@@ -12,14 +12,14 @@ import pytest
 import pytest_asyncio
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.dial import DialConfig
-from osmo_router.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
-from osmo_router.protocol import pb
-from osmo_router.router.auth import ROLE_AGENT, Identity
+from osmo_router.dial.config import DialConfig
+from osmo_router.router.auth.identity import ROLE_AGENT, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.server import RouterServer
 from osmo_router.transport.rollout import bucket, choose, host_port, rollout_user, token_subject
-from osmo_router.wsproto import (
+from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unauthenticated
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.wsproto import (
     base_url,
     default_ws_address,
     error_from_reason,

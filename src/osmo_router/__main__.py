@@ -1,5 +1,5 @@
 """`python -m osmo_router` is `osmo-router`."""
 
-from osmo_router.cli import main
+from osmo_router.cli.main import main
 
 main()

@@ -17,12 +17,12 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import serve_port_forward
 from osmo_router.agent.rsync import serve_rsync
-from osmo_router.channel import open_channel
-from osmo_router.dial_errors import explain_dial_error
-from osmo_router.errors import RouterError
-from osmo_router.framecodec import fast_method
-from osmo_router.protocol import AGENT_SERVICE, pb, pb_grpc
-from osmo_router.streams import FrameStream
+from osmo_router.dial.channel import open_channel
+from osmo_router.dial.errors import explain_dial_error
+from osmo_router.wire.codec import fast_method
+from osmo_router.wire.errors import RouterError
+from osmo_router.wire.protocol import AGENT_SERVICE, pb, pb_grpc
+from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from osmo_router.dial import DialConfig
+from osmo_router.dial.config import DialConfig
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
-from osmo_router.pipe_writer import PipeWriter
-from osmo_router.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
-from osmo_router.streams import FrameStream
+from osmo_router.io.pipe_writer import PipeWriter
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
+from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import grpc
 
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay
-from osmo_router.errors import RouterError
-from osmo_router.forwarding import WATCH_PORT, drain, retrieve, shutdown_quietly
-from osmo_router.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
-from osmo_router.streams import FrameStream
+from osmo_router.io.forwarding import WATCH_PORT, drain, retrieve, shutdown_quietly
+from osmo_router.wire.errors import RouterError
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
+from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any, cast
 
 import grpc
 
-from osmo_router.errors import RouterError
-from osmo_router.forwarding import UDP_IDLE_TIMEOUT, UDP_QUEUE_DEPTH, drain
-from osmo_router.protocol import half_close_frame, pb
-from osmo_router.streams import FrameStream
+from osmo_router.io.forwarding import UDP_IDLE_TIMEOUT, UDP_QUEUE_DEPTH, drain
+from osmo_router.wire.errors import RouterError
+from osmo_router.wire.protocol import half_close_frame, pb
+from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import grpc
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
-from osmo_router.errors import PermissionDenied
-from osmo_router.protocol import BULK_CHUNK_SIZE, pb
-from osmo_router.streams import FrameStream
+from osmo_router.wire.errors import PermissionDenied
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
+from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from osmo_router.errors import PermissionDenied
+from osmo_router.wire.errors import PermissionDenied
 
 #: Long options whose value names a file or directory the server would read or write.
 PATH_OPTIONS = frozenset(

@@ -19,11 +19,11 @@ from google.protobuf.message import DecodeError
 
 from osmo_router.agent.agent import default_handlers
 from osmo_router.agent.config import AgentConfig
-from osmo_router.errors import InvalidArgument, RouterError, Unavailable
-from osmo_router.protocol import pb
-from osmo_router.streams import FrameStream
 from osmo_router.transport.ws_transport import WsSessionStream, connect
-from osmo_router.wsproto import CLOSE_ERROR, base_url, default_ws_address, error_from_reason, session_url
+from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.streams import FrameStream
+from osmo_router.wire.wsproto import CLOSE_ERROR, base_url, default_ws_address, error_from_reason, session_url
 
 log = logging.getLogger(__name__)
 

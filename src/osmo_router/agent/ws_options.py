@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from osmo_router.wsproto import OPERATIONS
+from osmo_router.wire.wsproto import OPERATIONS
 
 
 def ws_agent_options(f: Any) -> Any:

@@ -14,11 +14,11 @@ from typing import Any
 import click
 
 from osmo_router import __version__
+from osmo_router.cli.logs import setup_logging
+from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.client.config import ClientConfig
-from osmo_router.cliutil import DURATION, bool_option_names, normalize_bool_flags, run_async
-from osmo_router.dial_options import dial_config, dial_options
-from osmo_router.logs import setup_logging
-from osmo_router.memtune import tune_for_bulk
+from osmo_router.dial.options import dial_config, dial_options
+from osmo_router.io.memtune import tune_for_bulk
 
 LEGACY_OPERATIONS = {"exec": "exec", "portforward": "port-forward", "port-forward": "port-forward", "rsync": "rsync"}
 

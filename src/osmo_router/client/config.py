@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from osmo_router.dial import DialConfig
+from osmo_router.dial.config import DialConfig
 
 if TYPE_CHECKING:
-    from osmo_router.protocol import pb
+    from osmo_router.wire.protocol import pb
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,6 @@ class ClientConfig:
 
     def target(self) -> pb.SessionTarget:
         """The SessionTarget every init carries."""
-        from osmo_router.protocol import pb  # here: `osmo-net-client rsync` starts without protobuf
+        from osmo_router.wire.protocol import pb  # here: `osmo-net-client rsync` starts without protobuf
 
         return pb.SessionTarget(workflow_id=self.workflow_id, task=self.task, session_key=self.session_key)

@@ -16,10 +16,10 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.client.terminal import raw_mode, terminal_size
-from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
-from osmo_router.protocol import BULK_CHUNK_SIZE, BULK_LINGER, pb
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
+from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, pb
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`osmo-net-client port-forward`: local TCP or UDP ports forwarded to ports in the container.
 
-One gRPC channel per process. A *watch* session (see osmo_router.forwarding) proves the agent is
+One gRPC channel per process. A *watch* session (see osmo_router.io.forwarding) proves the agent is
 there before anything listens, and its breaking says the agent or the router went away: then the
 command exits 255, or with --reconnect keeps listening and re-establishes the watch with backoff.
 """
@@ -23,13 +23,13 @@ from osmo_router.client.forward_events import Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.session import open_session, rpc_error, start_session, wait_ready
-from osmo_router.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
-from osmo_router.forwarding import WATCH_PORT
-from osmo_router.framecodec import fast_method
-from osmo_router.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
-from osmo_router.streams import FrameStream
+from osmo_router.io.forwarding import WATCH_PORT
 from osmo_router.transport import Transport
 from osmo_router.transport.rollout import connect_transport
+from osmo_router.wire.codec import fast_method
+from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
+from osmo_router.wire.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
+from osmo_router.wire.streams import FrameStream
 
 #: Exit status for bad arguments and local failures (a port already in use).
 EXIT_USAGE = 2

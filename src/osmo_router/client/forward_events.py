@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any, Protocol
 
-from osmo_router.errors import RouterError
-from osmo_router.streams import FrameStream
+from osmo_router.wire.errors import RouterError
+from osmo_router.wire.streams import FrameStream
 
 
 class SessionOpener(Protocol):

@@ -17,10 +17,10 @@ import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
-from osmo_router.errors import RouterError, from_status_number
-from osmo_router.forwarding import shutdown_quietly
-from osmo_router.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
-from osmo_router.streams import FrameStream
+from osmo_router.io.forwarding import shutdown_quietly
+from osmo_router.wire.errors import RouterError, from_status_number
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
+from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 

@@ -24,18 +24,18 @@ from typing import cast
 
 import grpc
 
-from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
 from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
-from osmo_router.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
-from osmo_router.framecodec import fast_method
-from osmo_router.pipe_writer import PipeWriter
-from osmo_router.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
-from osmo_router.streams import FrameStream
+from osmo_router.dial.channel import open_channel
+from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.transport import WS
 from osmo_router.transport.rollout import ws_transport
+from osmo_router.wire.codec import fast_method
+from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
+from osmo_router.wire.streams import FrameStream
 
 #: Exit status when rsync is missing in the container (rsync reports "remote command not found").
 EXIT_COMMAND_NOT_FOUND = 127

@@ -8,11 +8,11 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.dial import DialConfig
-from osmo_router.dial_errors import explain_dial_error
-from osmo_router.errors import DeadlineExceeded, RouterError, Unavailable, from_status
-from osmo_router.protocol import pb
-from osmo_router.streams import FrameStream
+from osmo_router.dial.config import DialConfig
+from osmo_router.dial.errors import explain_dial_error
+from osmo_router.wire.errors import DeadlineExceeded, RouterError, Unavailable, from_status
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.streams import FrameStream
 
 
 def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None) -> RouterError:

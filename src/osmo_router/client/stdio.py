@@ -12,8 +12,8 @@ import stat
 import struct
 import threading
 
-from osmo_router.framecodec import data_header
-from osmo_router.protocol import CHUNK_SIZE
+from osmo_router.wire.codec import data_header
+from osmo_router.wire.protocol import CHUNK_SIZE
 
 #: Room before the payload in a framed read for the message header (two tags, two varints).
 HEADROOM = 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from osmo_router.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
 
 #: Smallest --max-message-size: a full bulk data chunk plus its framing must fit, with room to spare.
 MIN_MESSAGE_SIZE = 2 * BULK_CHUNK_SIZE

@@ -14,19 +14,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from osmo_router.errors import DeadlineExceeded
-from osmo_router.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
-from osmo_router.router.agent_service import AgentService
-from osmo_router.router.auth import Authenticator, NoAuth
-from osmo_router.router.client_service import ClientService
+from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
-from osmo_router.router.directory import Directory, MemoryDirectory
-from osmo_router.router.health import MetricsServer
-from osmo_router.router.metrics import RouterMetrics
-from osmo_router.router.registry import AgentRegistry
-from osmo_router.router.scaleout import ScaleOut
-from osmo_router.router.sessions import SessionStore
-from osmo_router.router.ws_server import WsServer
+from osmo_router.router.core.registry import AgentRegistry
+from osmo_router.router.core.sessions import SessionStore
+from osmo_router.router.grpc.agent_service import AgentService
+from osmo_router.router.grpc.client_service import ClientService
+from osmo_router.router.ops.health import MetricsServer
+from osmo_router.router.ops.metrics import RouterMetrics
+from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
+from osmo_router.router.scaleout.placer import ScaleOut
+from osmo_router.router.ws.server import WsServer
+from osmo_router.wire.errors import DeadlineExceeded
+from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def build_authenticator(config: RouterConfig) -> Authenticator:
     """The authenticator the config asks for."""
     if config.auth == "none":
         return NoAuth()
-    from osmo_router.router.jwt_auth import JwtAuthenticator
+    from osmo_router.router.auth.jwt import JwtAuthenticator
 
     authenticator: Authenticator = JwtAuthenticator.from_config(config)
     return authenticator
@@ -95,7 +95,7 @@ class RouterServer:
         self.directory: Directory = MemoryDirectory()
         self.scaleout: ScaleOut | None = None
         if config.redis_url:
-            from osmo_router.router.redis_directory import RedisDirectory
+            from osmo_router.router.scaleout.redis_directory import RedisDirectory
 
             self.directory = RedisDirectory(
                 config.redis_url, replica=config.router_id, ttl=config.directory_ttl, registry=self.metrics.registry

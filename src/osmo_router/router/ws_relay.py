@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from osmo_router.errors import InvalidArgument, RouterError
-from osmo_router.protocol import operation_of, pb
-from osmo_router.router.auth import Identity
-from osmo_router.router.directory import Owner
-from osmo_router.router.sessions import Session
-from osmo_router.router.ws_endpoints import WsBackendEndpoint, WsClientEndpoint, close_with_error
-from osmo_router.router.ws_init import ClientInit
-from osmo_router.wsproto import size_message
+from osmo_router.router.auth.identity import Identity
+from osmo_router.router.core.sessions import Session
+from osmo_router.router.scaleout.directory import Owner
+from osmo_router.router.ws.init import ClientInit
+from osmo_router.router.ws.sides import WsBackendEndpoint, WsClientEndpoint, close_with_error
+from osmo_router.wire.errors import InvalidArgument, RouterError
+from osmo_router.wire.protocol import operation_of, pb
+from osmo_router.wire.wsproto import size_message
 
 if TYPE_CHECKING:
-    from osmo_router.router.scaleout import ScaleOut
+    from osmo_router.router.scaleout.placer import ScaleOut
 
 _METHODS: dict[int, str] = {
     pb.OPERATION_EXEC: "Exec",
@@ -50,7 +50,7 @@ async def relay_client(
     buffer: int,
 ) -> None:
     """Relay a WS client to the replica that holds its agent or session."""
-    from osmo_router.router.scaleout import NearSide
+    from osmo_router.router.scaleout.placer import NearSide
 
     operation = operation_of(init.open_msg)
     session = Session(key="", workflow_id=init.target.workflow_id, task=init.target.task, buffer=buffer)
@@ -82,7 +82,7 @@ async def relay_backend(
     buffer: int,
 ) -> None:
     """Relay a WS backend to the replica where its session waits."""
-    from osmo_router.router.scaleout import NearSide
+    from osmo_router.router.scaleout.placer import NearSide
 
     session = Session(key="", workflow_id=init.workflow_id, task=init.task, buffer=buffer)
     session.user = identity.subject

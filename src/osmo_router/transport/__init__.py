@@ -13,7 +13,7 @@ from typing import Protocol
 
 import grpc
 
-from osmo_router.protocol import pb
+from osmo_router.wire.protocol import pb
 
 #: The init of a session, one per operation.
 SessionInit = pb.ExecInit | pb.PortForwardInit | pb.RsyncInit

@@ -6,13 +6,13 @@ from typing import Any
 
 import grpc
 
-from osmo_router.channel import open_channel
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.session import open_session
-from osmo_router.errors import InvalidArgument
-from osmo_router.framecodec import fast_method
-from osmo_router.protocol import CLIENT_SERVICE, pb
+from osmo_router.dial.channel import open_channel
 from osmo_router.transport import GRPC, SessionInit, SessionStream
+from osmo_router.wire.codec import fast_method
+from osmo_router.wire.errors import InvalidArgument
+from osmo_router.wire.protocol import CLIENT_SERVICE, pb
 
 _METHODS: dict[int, tuple[str, Any, Any]] = {
     pb.OPERATION_EXEC: ("Exec", pb.ExecRequest, pb.ExecResponse),

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from osmo_router.client.config import ClientConfig
 from osmo_router.transport import GRPC, WS, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
-from osmo_router.wsproto import base_url, default_ws_address
+from osmo_router.wire.wsproto import base_url, default_ws_address
 
 if TYPE_CHECKING:
     from osmo_router.transport.ws_transport import WsTransport

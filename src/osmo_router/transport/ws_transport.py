@@ -17,17 +17,17 @@ import ssl
 import aiohttp
 import grpc
 
-from osmo_router.dial import DialConfig
-from osmo_router.errors import (
+from osmo_router.dial.config import DialConfig
+from osmo_router.transport import WS, SessionInit, SessionStream
+from osmo_router.wire.errors import (
     InvalidArgument,
     PermissionDenied,
     RouterError,
     Unauthenticated,
     Unavailable,
 )
-from osmo_router.protocol import MAX_MESSAGE_SIZE, pb
-from osmo_router.transport import WS, SessionInit, SessionStream
-from osmo_router.wsproto import (
+from osmo_router.wire.protocol import MAX_MESSAGE_SIZE, pb
+from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
     ERROR_HEADER,

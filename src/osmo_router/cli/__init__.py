@@ -1,0 +1,1 @@
+"""The osmo-router command and the helpers both command lines share."""

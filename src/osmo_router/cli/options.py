@@ -1,0 +1,88 @@
+"""Command-line plumbing shared by `osmo-router` and `osmo-net-client`.
+
+Boolean flags are declared as click's `--flag/--no-flag`; `normalize_bool_flags` also accepts the
+Go-style `--flag=false` / `--flag=true` forms of the original tools by rewriting them first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from osmo_router.cli.durations import parse_bool, parse_duration
+
+T = TypeVar("T")
+
+
+class DurationType(click.ParamType):  # type: ignore[type-arg]
+    """A duration such as 30s, 5m or 1h30m, converted to seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        """Seconds, or a usage error."""
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+DURATION = DurationType()
+
+
+def normalize_bool_flags(args: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Rewrite `--name=VALUE` for boolean flags into `--name` or `--no-name`, up to a `--`."""
+    out: list[str] = []
+    wanted = set(names)
+    for index, arg in enumerate(args):
+        if arg == "--":
+            out.extend(args[index:])
+            break
+        if arg.startswith("--") and "=" in arg:
+            name, _, value = arg[2:].partition("=")
+            if name in wanted:
+                try:
+                    out.append(f"--{name}" if parse_bool(value) else f"--no-{name}")
+                except ValueError:
+                    raise click.UsageError(f"--{name} takes true or false, not {value!r}") from None
+                continue
+        out.append(arg)
+    return out
+
+
+def bool_option_names(command: click.Command) -> list[str]:
+    """Names of every `--x/--no-x` flag of a command and its subcommands."""
+    names: list[str] = []
+    for param in command.params:
+        if isinstance(param, click.Option) and param.is_flag and param.secondary_opts:
+            names.extend(opt[2:] for opt in param.opts if opt.startswith("--"))
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            names.extend(bool_option_names(sub))
+    return names
+
+
+def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T:
+    """Run a coroutine on a fresh event loop; uvloop (when installed) if preferred or OSMO_UVLOOP=1.
+
+    `osmo-router serve` prefers uvloop: measured in the same run (bench/compare.py, see
+    docs/bench/NOTES.md) the router moves 1.3-2.2x the bytes on it. The CLI and the agent stay on
+    the standard loop unless OSMO_UVLOOP=1: an exec client on uvloop crashed (SIGSEGV) about once
+    in six 32 MiB transfers under load. OSMO_UVLOOP=0 turns uvloop off everywhere.
+    """
+    choice = os.environ.get("OSMO_UVLOOP", "")
+    if choice == "1" or (prefer_uvloop and choice != "0"):
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(coro)  # type: ignore[no-any-return,unused-ignore]
+    import asyncio  # here: commands that never run a loop (`osmo-net-client rsync`) start faster
+
+    return asyncio.run(coro)

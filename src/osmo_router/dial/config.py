@@ -1,0 +1,34 @@
+"""How to reach the router: the settings both the client and the agent dial with.
+
+Kept free of grpc and protobuf imports, so a command that only needs its flags (`osmo-net-client
+rsync`, which starts the local rsync) starts quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DialConfig:
+    """How to reach the router, shared by the client and the agent."""
+
+    address: str
+    tls: bool = True
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    token: str | None = None
+    cookie: str | None = None
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the bearer token and the load-balancer cookie."""
+        from osmo_router.wire.protocol import AUTHORIZATION_HEADER, COOKIE_HEADER
+
+        items: list[tuple[str, str]] = []
+        if self.token:
+            items.append((AUTHORIZATION_HEADER, f"Bearer {self.token}"))
+        if self.cookie:
+            items.append((COOKIE_HEADER, self.cookie))
+        return tuple(items)

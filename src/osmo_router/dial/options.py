@@ -1,0 +1,58 @@
+"""The dial flags (router address, TLS, token) shared by `osmo-router agent` and `osmo-net-client`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from osmo_router.dial.config import DialConfig
+
+
+def dial_options(f: Any) -> Any:
+    """Add the dial flags to a click command."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--router-address",
+                envvar="OSMO_ROUTER_ADDRESS",
+                required=True,
+                help="host:port of the router; an agent may list several, comma-separated, tried in turn "
+                "[env OSMO_ROUTER_ADDRESS].",
+            ),
+            click.option(
+                "--tls/--no-tls", default=True, show_default=True, envvar="OSMO_TLS", help="Dial the router over TLS."
+            ),
+            click.option(
+                "--tls-ca",
+                envvar="OSMO_TLS_CA",
+                default=None,
+                help="CA bundle to verify the router with (default: system store).",
+            ),
+            click.option("--tls-cert", envvar="OSMO_TLS_CERT", default=None, help="Client certificate (mutual TLS)."),
+            click.option("--tls-key", envvar="OSMO_TLS_KEY", default=None, help="Client key (mutual TLS)."),
+            click.option(
+                "--tls-server-name",
+                envvar="OSMO_TLS_SERVER_NAME",
+                default=None,
+                help="Name to verify in the router's certificate, if not the address's host.",
+            ),
+            click.option("--token", envvar="OSMO_TOKEN", default=None, help="Bearer token [env OSMO_TOKEN]."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def dial_config(options: dict[str, Any]) -> DialConfig:
+    """A DialConfig from the common dial flags (popped from `options`)."""
+    return DialConfig(
+        address=options.pop("router_address"),
+        tls=options.pop("tls"),
+        tls_ca=options.pop("tls_ca"),
+        tls_cert=options.pop("tls_cert"),
+        tls_key=options.pop("tls_key"),
+        tls_server_name=options.pop("tls_server_name"),
+        token=options.pop("token"),
+        cookie=options.pop("cookie", None),
+    )

@@ -1,0 +1,1 @@
+"""Process and descriptor helpers shared by the agent and the client."""

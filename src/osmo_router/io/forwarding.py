@@ -1,0 +1,65 @@
+"""Port-forward pieces both sides share: peer addresses as text, socket shutdown, stream draining.
+
+A forwarded TCP connection is one session; a forwarded UDP port is one session carrying Datagram
+frames whose `peer` names the local sender. A TCP PortForwardInit with `remote_port` 0 is a *watch*:
+the agent holds it open until the client half-closes it, so the client learns at once when the
+agent or the router goes away (the stream breaks) without polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any, Final
+
+import grpc
+
+from osmo_router.wire.errors import RouterError
+from osmo_router.wire.protocol import CLOSE_GRACE
+from osmo_router.wire.streams import FrameStream
+
+#: remote_port of a watch session (no connection is made; see the module docstring).
+WATCH_PORT: Final = 0
+#: How long an idle UDP peer mapping lives.
+UDP_IDLE_TIMEOUT: Final = 60.0
+#: Datagrams queued per direction before new ones are dropped (UDP may drop; memory stays bounded).
+UDP_QUEUE_DEPTH: Final = 1024
+
+
+def format_peer(address: Any) -> str:
+    """A socket address as text: "127.0.0.1:5353" or "[::1]:5353"."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_peer(text: str) -> tuple[str, int]:
+    """The (host, port) of a peer written by `format_peer`; ValueError if it is not one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"not a peer address: {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def shutdown_quietly(sock: socket.socket, how: int) -> None:
+    """shutdown(2) that ignores a socket that is already closed or disconnected."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(how)
+
+
+async def drain(stream: FrameStream, timeout: float = CLOSE_GRACE) -> None:
+    """Read (and drop) frames until the far side ends the call, at most `timeout` seconds.
+
+    Our side has sent its last frame; reading on lets the call finish normally. Abandoning a
+    read would cancel the RPC, and frames still in flight could be lost.
+    """
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError):
+        async with asyncio.timeout(timeout):
+            while await stream.recv() is not None:
+                pass
+
+
+def retrieve(task: asyncio.Task[Any]) -> None:
+    """Done-callback that marks a task's exception as seen (it was handled or does not matter)."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,1 @@
+"""Who a caller is: identities, JWT verification, JWKS."""

@@ -1,0 +1,248 @@
+"""JWT bearer-token authentication: every stream carries `authorization: Bearer <token>`.
+
+Accepted tokens are RS256 or ES256, verified with the key of `--jwt-public-key` (a PEM public key or
+certificate) or with the key named by the token's `kid` at `--jwks-url`; HS256 only with the
+development flag `--jwt-hs256-secret`. Each token must carry `exp` and `sub` and name this router in
+`aud`; clocks may disagree by LEEWAY seconds. The algorithm is taken from the trusted key, never
+from the token alone, so a token cannot pick a weaker check ("none", HS256 with a public key).
+
+Claims become an Identity: `sub`, `workflows` (ids the bearer may reach, `["*"]` for all; missing
+means none), `role` (`agent` for agents, anything else is a user). Verified tokens are cached by
+their text for a short while, bounded in size, so a stream costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt import exceptions as jwt_errors
+
+from osmo_router.router.auth.identity import ROLE_AGENT, ROLE_USER, Identity
+from osmo_router.router.auth.jwks import JwksKeys
+from osmo_router.router.config import RouterConfig
+from osmo_router.wire.errors import Unauthenticated
+from osmo_router.wire.protocol import AUTHORIZATION_HEADER
+
+#: Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
+LEEWAY = 30.0
+#: How long a verified token is served from the cache (never past its `exp`).
+CACHE_TTL = 60.0
+#: Most tokens kept in the cache.
+CACHE_SIZE = 4096
+#: Longest token considered at all (bounds parsing work and cache memory).
+MAX_TOKEN_LENGTH = 16 * 1024
+#: Shortest HS256 secret accepted (RFC 7518: a key at least as long as the hash).
+MIN_HS256_SECRET = 32
+
+
+def load_public_key(pem: bytes) -> tuple[str, Any]:
+    """(algorithm, key) for a PEM public key or certificate: RSA gives RS256, EC P-256 gives ES256."""
+    try:
+        if b"BEGIN CERTIFICATE" in pem:
+            key: Any = x509.load_pem_x509_certificate(pem).public_key()
+        else:
+            key = serialization.load_pem_public_key(pem)
+    except ValueError as err:
+        raise ValueError(f"--jwt-public-key is not a PEM public key or certificate: {err}") from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RS256", key
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ES256", key
+    raise ValueError("--jwt-public-key must be an RSA key (RS256) or an EC P-256 key (ES256)")
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
+    """The token of the call's `authorization: Bearer T` metadata; raises Unauthenticated without one."""
+    for key, value in metadata:
+        if key != AUTHORIZATION_HEADER:
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("the authorization metadata is not a bearer token ('Bearer <token>')")
+        token = token.strip()
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise Unauthenticated(f"bearer token longer than {MAX_TOKEN_LENGTH} characters")
+        return token
+    raise Unauthenticated("no bearer token: pass --token or set OSMO_TOKEN")
+
+
+def identity_from_claims(claims: dict[str, Any]) -> Identity:
+    """The Identity that verified claims describe; raises Unauthenticated on malformed claims."""
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not subject:
+        raise Unauthenticated("token has no 'sub' claim")
+    workflows = claims.get("workflows", [])
+    if isinstance(workflows, str):
+        workflows = [workflows]
+    if not isinstance(workflows, list) or not all(isinstance(w, str) for w in workflows):
+        raise Unauthenticated("token's 'workflows' claim must be a list of workflow ids")
+    role = ROLE_AGENT if claims.get("role") == ROLE_AGENT else ROLE_USER
+    return Identity(subject=subject, role=role, workflows=tuple(workflows), claims=claims)
+
+
+def _describe(err: jwt_errors.PyJWTError, audience: str) -> str:
+    """A clear reason for a refused token."""
+    if isinstance(err, jwt_errors.ExpiredSignatureError):
+        return "token expired"
+    if isinstance(err, jwt_errors.InvalidAudienceError):
+        return f"token audience is not {audience!r}"
+    if isinstance(err, jwt_errors.MissingRequiredClaimError):
+        return f"token has no {err.claim!r} claim"
+    if isinstance(err, jwt_errors.InvalidSignatureError):
+        return "token signature is not valid (signed by a key this router does not trust)"
+    if isinstance(err, jwt_errors.ImmatureSignatureError):
+        return "token is not valid yet"
+    if isinstance(err, jwt_errors.InvalidKeyError | jwt_errors.InvalidAlgorithmError):
+        return "token algorithm does not match the router's key"
+    if isinstance(err, jwt_errors.DecodeError):
+        return "malformed token"
+    return f"invalid token: {err}"
+
+
+def _matching(entry: tuple[str, Any], algorithm: str) -> Any:
+    """The key of a trusted (algorithm, key) pair, if the token claims that algorithm."""
+    key_algorithm, key = entry
+    if key_algorithm != algorithm:
+        raise Unauthenticated(f"token algorithm {algorithm} does not match the router's key ({key_algorithm})")
+    return key
+
+
+class TokenCache:
+    """Verified tokens by their text: least recently used out first, entries live at most `ttl`."""
+
+    def __init__(self, size: int = CACHE_SIZE, ttl: float = CACHE_TTL) -> None:
+        self._size = size
+        self._ttl = ttl
+        self._entries: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str, now: float) -> Identity | None:
+        """The cached identity, if the entry has not expired."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        identity, valid_until = entry
+        if now >= valid_until:
+            del self._entries[token]
+            return None
+        self._entries.move_to_end(token)
+        return identity
+
+    def put(self, token: str, identity: Identity, now: float, expires: float) -> None:
+        """Remember a verified token until min(now + ttl, its expiry)."""
+        self._entries[token] = (identity, min(now + self._ttl, expires))
+        self._entries.move_to_end(token)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class JwtAuthenticator:
+    """Verifies bearer tokens (see the module docstring for what is accepted)."""
+
+    def __init__(
+        self,
+        *,
+        audience: str = "osmo-router",
+        public_key_pem: bytes | None = None,
+        jwks: JwksKeys | None = None,
+        hs256_secret: str | None = None,
+        leeway: float = LEEWAY,
+        cache: TokenCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if public_key_pem is None and jwks is None and hs256_secret is None:
+            raise ValueError(
+                "--auth=jwt needs --jwt-public-key or --jwks-url (or, for development, --jwt-hs256-secret)"
+            )
+        if hs256_secret is not None and len(hs256_secret.encode()) < MIN_HS256_SECRET:
+            raise ValueError(f"--jwt-hs256-secret must be at least {MIN_HS256_SECRET} bytes")
+        self.audience = audience
+        self._static = load_public_key(public_key_pem) if public_key_pem is not None else None
+        self._jwks = jwks
+        self._hs256_secret = hs256_secret
+        self._leeway = leeway
+        self._cache = cache if cache is not None else TokenCache()
+        self._clock = clock
+
+    @classmethod
+    def from_config(cls, config: RouterConfig) -> JwtAuthenticator:
+        """The authenticator for --jwt-public-key / --jwks-url / --jwt-hs256-secret / --jwt-audience."""
+        pem = None
+        if config.jwt_public_key:
+            with open(config.jwt_public_key, "rb") as f:
+                pem = f.read()
+        return cls(
+            audience=config.jwt_audience,
+            public_key_pem=pem,
+            jwks=JwksKeys(config.jwks_url) if config.jwks_url else None,
+            hs256_secret=config.jwt_hs256_secret,
+        )
+
+    async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        """The identity of the call's bearer token; raises Unauthenticated with the reason otherwise."""
+        token = bearer_token(metadata)
+        now = self._clock()
+        cached = self._cache.get(token, now)
+        if cached is not None:
+            return cached
+        claims = await self.verify(token)
+        identity = identity_from_claims(claims)
+        self._cache.put(token, identity, now, float(claims["exp"]) + self._leeway)
+        return identity
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The verified claims of a token; raises Unauthenticated with the reason otherwise."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt_errors.PyJWTError:
+            raise Unauthenticated("malformed token") from None
+        algorithm = header.get("alg")
+        kid = header.get("kid")
+        key = await self._key_for(algorithm, kid if isinstance(kid, str) else None)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[str(algorithm)],
+                audience=self.audience,
+                leeway=self._leeway,
+                options={"require": ["exp", "sub", "aud"]},
+            )
+        except jwt_errors.PyJWTError as err:
+            raise Unauthenticated(_describe(err, self.audience)) from None
+        return claims
+
+    async def _key_for(self, algorithm: object, kid: str | None) -> Any:
+        if algorithm == "HS256":
+            if self._hs256_secret is None:
+                raise Unauthenticated("HS256 tokens are not accepted (use RS256 or ES256)")
+            return self._hs256_secret
+        if algorithm not in ("RS256", "ES256"):
+            raise Unauthenticated(f"token algorithm {str(algorithm)[:16]!r} is not accepted (use RS256 or ES256)")
+        if self._jwks is None and self._static is None:
+            raise Unauthenticated(f"{algorithm} tokens are not accepted (no --jwt-public-key or --jwks-url)")
+        if self._jwks is not None and kid:
+            entry = await self._jwks.find(kid)
+            # A kid the JWKS does not list falls back to --jwt-public-key when there is one.
+            if entry is None and self._static is None:
+                raise self._jwks.missing(kid)
+            if entry is not None:
+                return _matching(entry, str(algorithm))
+        if self._static is not None:
+            return _matching(self._static, str(algorithm))
+        raise Unauthenticated("token has no key id ('kid') to look its key up with")
+
+    async def close(self) -> None:
+        """Let a key refresh in flight finish."""
+        if self._jwks is not None:
+            await self._jwks.close()

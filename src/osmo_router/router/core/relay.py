@@ -1,0 +1,167 @@
+"""The relay: moves encoded frames between the two streams of a session, unchanged.
+
+Each side of a session runs `relay_side` in its own RPC handler: a reader task feeds what its
+stream receives into the other side's queue, and the handler writes what the other side queued
+onto its own stream. Frames are forwarded as the bytes they arrived as; only the first byte is
+checked, so a peer cannot smuggle an init or a foreign field into the other stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from typing import Protocol
+
+from osmo_router.router.core.audit import MAX_EXIT_STATUS_MESSAGE, is_exit_status_frame, note_exit_status
+from osmo_router.router.core.coalesce import coalesce
+from osmo_router.router.core.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
+from osmo_router.router.core.sessions import Session
+from osmo_router.wire.errors import InvalidArgument, ResourceExhausted, Unavailable
+from osmo_router.wire.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
+
+
+class Endpoint(Protocol):
+    """One stream of a session, seen as encoded messages."""
+
+    async def read(self) -> bytes | None:
+        """The next encoded message, or None at the end of the stream."""
+        ...
+
+    async def write(self, message: bytes) -> None:
+        """Send one encoded message."""
+        ...
+
+
+class RelayHooks(Protocol):
+    """What the relay reports: bytes per chunk and flow-control timeouts."""
+
+    def count_bytes(self, session: Session, direction: str, size: int) -> None:
+        """Count `size` bytes moved in `direction` (client_to_agent or agent_to_client)."""
+        ...
+
+    def flow_control_timeout(self, session: Session) -> None:
+        """A reader stopped reading for longer than the flow-control timeout."""
+        ...
+
+    def settle(self, session: Session) -> None:
+        """One side of the session ended: fold its counts into shared totals."""
+        ...
+
+
+async def relay_side(
+    session: Session,
+    endpoint: Endpoint,
+    *,
+    is_client: bool,
+    flow_control_timeout: float,
+    hooks: RelayHooks,
+) -> None:
+    """Relay one side of a paired session until it ends; raises the session's RouterError on failure."""
+    inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
+    reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
+    watchdog = WriteWatchdog(flow_control_timeout)
+    try:
+        if is_client:
+            await _write_from(session, endpoint, outbound, watchdog, hooks)
+            await _end_client(endpoint, reader, flow_control_timeout)
+        else:
+            # This handler writes the client's frames to the agent; once the agent's stream is
+            # over (or broke), whatever the client still sends has no reader: the reader's end
+            # drops the queue and interrupts a write in progress. No third task per session.
+            reader.add_done_callback(functools.partial(_stop_writing, outbound, watchdog))
+            with contextlib.suppress(WriteInterrupted):
+                await _write_from(session, endpoint, outbound, watchdog, hooks)
+            if reader.done():
+                reader.result()
+    finally:
+        hooks.settle(session)
+        if reader.done():
+            with contextlib.suppress(BaseException):
+                reader.result()
+        else:
+            # Cancelling a task blocked in context.read() breaks the RPC's status ("Internal error
+            # from Core"); the read ends by itself once this handler returns and gRPC closes the call.
+            reader.add_done_callback(_retrieve)
+
+
+async def _end_client(endpoint: Endpoint, reader: asyncio.Task[None], timeout: float) -> None:
+    """Tell the client the session is over and give it a moment to end its side first."""
+    try:
+        async with asyncio.timeout(timeout):
+            await endpoint.write(ENCODED_SESSION_END)
+    except TimeoutError:
+        return
+    with contextlib.suppress(TimeoutError, Exception):
+        async with asyncio.timeout(CLOSE_GRACE):
+            await asyncio.shield(reader)
+
+
+def _stop_writing(queue: FlowQueue, watchdog: WriteWatchdog, _reader: object) -> None:
+    queue.end(drop=True)
+    watchdog.interrupt()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hooks: RelayHooks, is_agent: bool) -> None:
+    # No closures or per-side callables here: a router holds two of these per session.
+    direction = "agent_to_client" if is_agent else "client_to_agent"
+    try:
+        while (message := await endpoint.read()) is not None:
+            if not message or message[0] != FRAME_TAG:
+                raise InvalidArgument("expected a frame after the init")
+            session.touch()
+            hooks.count_bytes(session, direction, len(message))
+            if is_agent and len(message) <= MAX_EXIT_STATUS_MESSAGE:
+                # Control frames are small: bulk data never pays for these checks.
+                if message == ENCODED_HALF_CLOSE:
+                    session.agent_half_closed = True
+                elif is_exit_status_frame(message):
+                    note_exit_status(session, message)
+            await queue.put(message)
+        if not is_agent:
+            # The client finished sending: tell the agent, keep delivering the agent's output.
+            await queue.put(ENCODED_HALF_CLOSE)
+        elif session.agent_half_closed:
+            # The agent ending its stream after a half-close ends the session once its output
+            # is delivered.
+            queue.end()
+        else:
+            # An end without a half-close is a broken agent (killed, connection lost).
+            raise Unavailable("the agent disconnected")
+    except (InvalidArgument, Unavailable) as err:
+        session.fail(err)
+        raise
+
+
+async def _write_from(
+    session: Session,
+    endpoint: Endpoint,
+    queue: FlowQueue,
+    watchdog: WriteWatchdog,
+    hooks: RelayHooks,
+) -> None:
+    # Per message: at most one merge and one write; the watchdog bounds each write without a
+    # timer per message (see WriteWatchdog).
+    write = endpoint.write
+    try:
+        while (message := queue.poll()) is not None:
+            if not message:  # nothing queued yet
+                await queue.readable()
+                continue
+            if len(queue):
+                message = coalesce(message, queue)
+            try:
+                with watchdog:
+                    await write(message)
+            except TimeoutError:
+                hooks.flow_control_timeout(session)
+                err = ResourceExhausted(f"peer stopped reading for {watchdog.timeout:g}s (flow-control timeout)")
+                session.fail(err)
+                raise err from None
+    finally:
+        watchdog.close()

@@ -1,0 +1,319 @@
+"""Sessions and the rendezvous that pairs a client stream with an agent stream.
+
+A session is created by whichever side arrives first and is keyed by an unguessable key
+(128 random bits) bound to workflow, task, user and operation. The key is single use: once both
+sides have joined, a third party presenting it gets ALREADY_EXISTS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from osmo_router.router.auth.identity import Identity
+from osmo_router.router.core.flow_control import FlowQueue
+from osmo_router.router.core.registry import AgentRegistry
+from osmo_router.wire.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    RouterError,
+    Unavailable,
+)
+from osmo_router.wire.protocol import OPERATION_NAMES, pb
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 256
+
+
+def new_session_key() -> str:
+    """A fresh 128-bit random session key."""
+    return secrets.token_urlsafe(16)
+
+
+def check_id(kind: str, value: str, *, required: bool) -> None:
+    """Refuse empty (when required), over-long or control-character ids."""
+    if required and not value:
+        raise InvalidArgument(f"{kind} is required")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"{kind} is longer than {MAX_ID_LENGTH} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise InvalidArgument(f"{kind} contains control characters")
+
+
+class Latch:
+    """A one-shot asyncio.Event (is_set / set / wait) without Event's per-instance deque.
+
+    A router holds one per session, and 10,000 idle sessions should cost as little as they can.
+    """
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        """True once `set` was called."""
+        return self._set
+
+    def set(self) -> None:
+        """Set the latch and wake every waiter."""
+        if self._set:
+            return
+        self._set = True
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = None
+
+    async def wait(self) -> bool:
+        """Wait until the latch is set."""
+        if self._set:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        return True
+
+
+@dataclass(eq=False)
+class Session:
+    """One client-agent pairing and the two directions of its relay."""
+
+    key: str
+    workflow_id: str
+    task: str
+    buffer: int
+    operation: int = pb.OPERATION_UNSPECIFIED
+    user: str = ""
+    open_message: bytes = b""
+    agent_id: str = ""
+    client_joined: bool = False
+    agent_joined: bool = False
+    created: float = field(default_factory=time.monotonic)
+    paired_at: float | None = None
+    last_activity: float = field(default_factory=time.monotonic)
+    bytes_to_agent: int = 0
+    bytes_to_client: int = 0
+    #: How much of bytes_to_agent / bytes_to_client the metrics counters already hold.
+    counted_to_agent: int = 0
+    counted_to_client: int = 0
+    error: RouterError | None = None
+    agent_half_closed: bool = False
+    #: How the remote process ended, as the agent reported it ("code 0", "signal 9"), for the audit log.
+    exit_status: str = ""
+    paired: Latch = field(default_factory=Latch)
+    to_agent: FlowQueue = field(init=False)
+    to_client: FlowQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.to_agent = FlowQueue(self.buffer)
+        self.to_client = FlowQueue(self.buffer)
+
+    @property
+    def operation_name(self) -> str:
+        """The operation as the metrics label it."""
+        return OPERATION_NAMES.get(self.operation, "unknown")
+
+    def touch(self) -> None:
+        """Record activity (for idle expiry)."""
+        self.last_activity = time.monotonic()
+
+    def fail(self, error: RouterError) -> None:
+        """End the session with an error; both sides' relays raise it."""
+        if self.error is None:
+            self.error = error
+        self.to_agent.fail(error)
+        self.to_client.fail(error)
+
+
+class SessionStore:
+    """In-memory sessions of one router process, with rendezvous on top of an AgentRegistry."""
+
+    def __init__(
+        self, registry: AgentRegistry, *, buffer: int, max_pending: int, max_sessions: int, max_per_user: int
+    ) -> None:
+        self._registry = registry
+        self._buffer = buffer
+        self._max_pending = max_pending
+        self._max_sessions = max_sessions
+        self._max_per_user = max_per_user
+        self._sessions: dict[str, Session] = {}
+        self._per_user: dict[str, int] = {}
+        self._pending = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self.accepting = True
+        #: Called with each session once it is forgotten (the shared directory withdraws it).
+        self.on_remove: Callable[[Session], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def sessions(self) -> list[Session]:
+        """A snapshot of every session."""
+        return list(self._sessions.values())
+
+    @property
+    def pending(self) -> int:
+        """Sessions waiting for their second side."""
+        return self._pending
+
+    def get(self, key: str) -> Session | None:
+        """The session with this key, if any."""
+        return self._sessions.get(key)
+
+    def join_client(
+        self,
+        identity: Identity,
+        operation: int,
+        target: pb.SessionTarget,
+        open_msg: pb.SessionOpen,
+        key: str | None = None,
+    ) -> Session:
+        """Create or take the session for a client; signal the agent. Raises a RouterError on refusal.
+
+        `key` is the key to give a new session when the client brings none (default: a fresh one).
+        """
+        if not self.accepting:
+            raise Unavailable("router is draining; retry on another replica")
+        check_id("workflow_id", target.workflow_id, required=True)
+        check_id("task", target.task, required=False)
+        check_id("session_key", target.session_key, required=False)
+        identity.require_user()
+        identity.require_workflow(target.workflow_id)
+        agent = self._registry.pick(target.workflow_id, target.task)
+        session = self._sessions.get(target.session_key) if target.session_key else None
+        if session is None:
+            if agent is None and not target.session_key:
+                raise Unavailable(
+                    f"no agent is registered for workflow {target.workflow_id!r}"
+                    + (f" task {target.task!r}" if target.task else "")
+                )
+            self._check_capacity(identity.subject)
+            session = self._create(target.session_key or key or new_session_key(), target.workflow_id, target.task)
+        elif session.client_joined:
+            raise AlreadyExists("a client already joined this session")
+        elif session.workflow_id != target.workflow_id or (target.task and session.task not in ("", target.task)):
+            raise PermissionDenied("the session key belongs to another workflow")
+        else:
+            self._check_user_limit(identity.subject)
+        session.client_joined = True
+        session.operation = operation
+        session.user = identity.subject
+        open_msg.session_key = session.key
+        open_msg.user = identity.subject
+        session.open_message = pb.ConnectResponse(open=open_msg).SerializeToString()
+        self._per_user[identity.subject] = self._per_user.get(identity.subject, 0) + 1
+        if session.agent_joined:
+            self._pair(session)
+        elif agent is not None:
+            if agent.take_standby(session):
+                # The agent's stream is already here: no SessionRequest round trip.
+                self._pair(session)
+            else:
+                agent.request_session(session.key, operation)
+        return session
+
+    def join_agent(self, identity: Identity, init: pb.ConnectInit) -> Session:
+        """Create or take the session for an agent's Connect stream. Raises a RouterError on refusal."""
+        check_id("session_key", init.session_key, required=True)
+        check_id("workflow_id", init.workflow_id, required=True)
+        check_id("task", init.task, required=False)
+        check_id("agent_id", init.agent_id, required=False)
+        identity.require_agent()
+        identity.require_workflow(init.workflow_id)
+        session = self._sessions.get(init.session_key)
+        if session is None:
+            if not self.accepting:
+                raise Unavailable("router is draining")
+            self._check_pending()
+            session = self._create(init.session_key, init.workflow_id, init.task)
+        elif session.agent_joined:
+            raise AlreadyExists("an agent already joined this session")
+        elif session.workflow_id != init.workflow_id or (session.task and session.task != init.task):
+            raise PermissionDenied(
+                f"session belongs to workflow {session.workflow_id!r}, agent serves {init.workflow_id!r}"
+            )
+        session.agent_joined = True
+        session.agent_id = init.agent_id
+        if session.client_joined:
+            self._pair(session)
+        return session
+
+    async def wait_paired(self, session: Session, timeout: float) -> None:
+        """Wait for the other side; on timeout the session is removed and DeadlineExceeded raised."""
+        try:
+            async with asyncio.timeout(timeout):
+                await session.paired.wait()
+        except TimeoutError:
+            err = DeadlineExceeded(f"no {'agent' if session.client_joined else 'client'} joined within {timeout:g}s")
+            session.fail(err)
+            self.remove(session)
+            raise err from None
+
+    async def wait_empty(self, timeout: float) -> bool:
+        """Wait until no session is left, at most `timeout` seconds; True if none is left."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def remove(self, session: Session) -> None:
+        """Forget a session (idempotent)."""
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+            if not session.paired.is_set():
+                self._pending -= 1
+            if not self._sessions:
+                self._empty.set()
+            if session.client_joined and session.user:
+                left = self._per_user.get(session.user, 1) - 1
+                if left > 0:
+                    self._per_user[session.user] = left
+                else:
+                    self._per_user.pop(session.user, None)
+            if self.on_remove is not None:
+                self.on_remove(session)
+
+    def _create(self, key: str, workflow_id: str, task: str) -> Session:
+        session = Session(key=key, workflow_id=workflow_id, task=task, buffer=self._buffer)
+        self._sessions[key] = session
+        self._empty.clear()
+        self._pending += 1
+        return session
+
+    def _pair(self, session: Session) -> None:
+        session.paired_at = time.monotonic()
+        session.paired.set()
+        self._pending -= 1
+
+    def _check_pending(self) -> None:
+        if self.pending >= self._max_pending:
+            raise ResourceExhausted(f"too many sessions waiting for rendezvous (limit {self._max_pending})")
+        if len(self._sessions) >= self._max_sessions:
+            raise ResourceExhausted(f"router holds its maximum of {self._max_sessions} sessions")
+
+    def _check_capacity(self, user: str) -> None:
+        self._check_pending()
+        self._check_user_limit(user)
+
+    def _check_user_limit(self, user: str) -> None:
+        if self._per_user.get(user, 0) >= self._max_per_user:
+            raise ResourceExhausted(f"user {user} holds its maximum of {self._max_per_user} sessions")

@@ -1,0 +1,1 @@
+"""The gRPC entry points: client and agent services and their stream sides."""

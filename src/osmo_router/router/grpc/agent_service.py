@@ -1,0 +1,322 @@
+"""RouterAgentService: agents' Register control streams and their per-session Connect streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from osmo_router.router.auth.identity import Authenticator, Identity
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.core import audit
+from osmo_router.router.core.registry import MAX_STANDBY_PER_AGENT, AgentRegistration, AgentRegistry, StandbyStream
+from osmo_router.router.core.relay import Endpoint, relay_side
+from osmo_router.router.core.sessions import Session, SessionStore, check_id
+from osmo_router.router.grpc.calls import ContextEndpoint, abort, authenticate_call, read_init
+from osmo_router.router.ops.metrics import RouterMetrics
+from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
+from osmo_router.wire.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    RouterError,
+    Unavailable,
+)
+from osmo_router.wire.protocol import AGENT_SERVICE, pb
+
+if TYPE_CHECKING:
+    from osmo_router.router.scaleout.placer import ScaleOut
+
+log = logging.getLogger(__name__)
+
+
+class AgentService:
+    """Handlers for RouterAgentService."""
+
+    def __init__(
+        self,
+        config: RouterConfig,
+        sessions: SessionStore,
+        registry: AgentRegistry,
+        auth: Authenticator,
+        metrics: RouterMetrics,
+        directory: Directory | None = None,
+    ) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._registry = registry
+        self._auth = auth
+        self._metrics = metrics
+        self._directory = directory or MemoryDirectory()
+        self.accepting = True
+        #: Set when replicas share a directory: Connect streams whose session is elsewhere are relayed there.
+        self.scaleout: ScaleOut | None = None
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler to add to a grpc.aio server."""
+        return grpc.method_handlers_generic_handler(
+            AGENT_SERVICE,
+            {
+                # Requests stay encoded: the hello is parsed here (garbage is INVALID_ARGUMENT, not a
+                # servicer crash) and heartbeats are never decoded at all.
+                "Register": grpc.stream_stream_rpc_method_handler(
+                    self._register, response_serializer=pb.RegisterResponse.SerializeToString
+                ),
+                "Connect": self.connect_method(),
+            },
+        )
+
+    def connect_method(self, peer: Authenticator | None = None) -> grpc.RpcMethodHandler:
+        """The Connect handler; with `peer`, for agent streams another replica relays (served here)."""
+
+        async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await self.serve_connect(context, peer)
+
+        return grpc.stream_stream_rpc_method_handler(connect)
+
+    async def _register(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            reg = await self._accept_registration(context)
+        except RouterError as err:
+            self._metrics.error("register", err.code)
+            audit.refused("register", err, audit.peer_of(context))
+            await abort(context, err.code, err.message)
+            return
+        self._registry.register(reg)
+        self._metrics.agents_registered.set(len(self._registry))
+        log.info("agent %s registered for workflow %s task %r", reg.agent_id, reg.workflow_id, reg.task)
+        try:
+            await self._directory.agent_registered(reg)
+            await self._serve_registration(reg, context)
+        finally:
+            # Parked standby streams end with their registration (the agent opens new ones when it
+            # registers again).
+            reg.closed = True
+            reg.close_standby()
+            self._directory.agent_unregistered(reg)
+            self._registry.unregister(reg)
+            self._metrics.agents_registered.set(len(self._registry))
+            log.info("agent %s unregistered", reg.agent_id)
+
+    async def _accept_registration(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentRegistration:
+        if not self.accepting:
+            raise Unavailable("router is draining; register with another replica")
+        identity = await authenticate_call(self._auth, context)
+        try:
+            async with asyncio.timeout(self._config.init_timeout):
+                first = await context.read()
+        except TimeoutError:
+            raise DeadlineExceeded("no hello within the init deadline") from None
+        # Checked once the hello is in, so the refusal never races with the agent's write of it.
+        identity.require_agent()
+        try:
+            request = None if first is grpc.aio.EOF else pb.RegisterRequest.FromString(first)
+        except DecodeError as err:
+            raise InvalidArgument(f"malformed hello: {err}") from None
+        if request is None or request.WhichOneof("kind") != "hello":
+            raise InvalidArgument("the first message of Register must be a hello")
+        hello = request.hello
+        check_id("workflow_id", hello.workflow_id, required=True)
+        check_id("task", hello.task, required=False)
+        check_id("agent_id", hello.agent_id, required=True)
+        identity.require_workflow(hello.workflow_id)
+        return AgentRegistration(
+            agent_id=hello.agent_id, workflow_id=hello.workflow_id, task=hello.task, operations=tuple(hello.operations)
+        )
+
+    async def _serve_registration(self, reg: AgentRegistration, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        interval = self._config.heartbeat_interval
+        await context.write(
+            pb.RegisterResponse(
+                registered=pb.Registered(router_id=self._config.router_id, heartbeat_seconds=max(1, int(interval)))
+            )
+        )
+        reader = asyncio.create_task(_drain_heartbeats(context, reg))
+        replaced = asyncio.create_task(reg.replaced.wait())
+        try:
+            while True:
+                getter = asyncio.create_task(reg.outbox.get())
+                done, _ = await asyncio.wait(
+                    {getter, reader, replaced}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    await context.write(getter.result())
+                    continue
+                getter.cancel()
+                if reader in done or replaced in done:
+                    return
+                await context.write(pb.RegisterResponse(heartbeat=pb.Heartbeat()))
+                if reader.done():
+                    return
+        finally:
+            for task in (reader, replaced):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def serve_connect(
+        self, context: grpc.aio.ServicerContext[Any, Any], peer: Authenticator | None = None
+    ) -> None:
+        """Serve one agent Connect stream: join (or relay to the replica holding the session), relay."""
+        try:
+            identity = await authenticate_call(peer or self._auth, context)
+            raw = await read_init(context, self._config.init_timeout)
+            try:
+                request = pb.ConnectRequest.FromString(raw)
+            except DecodeError as err:
+                raise InvalidArgument(f"malformed init message: {err}") from None
+            parked = None
+            if request.init.standby:
+                parked = self._park(identity, request.init, from_peer=peer is not None, context=context)
+            else:
+                if self.scaleout is not None:
+                    place = await self.scaleout.place_agent(identity, request.init, from_peer=peer is not None)
+                    if place.owner is not None:
+                        await self.scaleout.relay_agent(place.owner, identity, raw, request.init, context)
+                        return
+                session = self._sessions.join_agent(identity, request.init)
+        except RouterError as err:
+            self._metrics.error("connect", err.code)
+            audit.refused("connect", err, audit.peer_of(context))
+            await abort(context, err.code, err.message)
+            return
+        del identity, raw, request  # this frame lives as long as the session: keep only the session
+        if parked is not None:
+            await self._serve_standby(*parked, context)
+        else:
+            await self._run_agent_side(session, ContextEndpoint(context), context)
+
+    def _park(
+        self,
+        identity: Identity,
+        init: pb.ConnectInit,
+        *,
+        from_peer: bool,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[StandbyStream, AgentRegistration]:
+        """Check a standby Connect stream (same credentials and role as any Connect) and park it."""
+        check_id("workflow_id", init.workflow_id, required=True)
+        check_id("task", init.task, required=False)
+        check_id("agent_id", init.agent_id, required=True)
+        identity.require_agent()
+        identity.require_workflow(init.workflow_id)
+        if init.session_key:
+            raise InvalidArgument("a standby stream carries no session key")
+        if not self.accepting:
+            raise Unavailable("router is draining; no standby streams are parked")
+        reg = None if from_peer else self._registry.exact(init.workflow_id, init.task)
+        if reg is None or reg.agent_id != init.agent_id or reg.closed:
+            raise FailedPrecondition(
+                "standby streams are parked only on the router that holds the agent's registration: register first"
+            )
+        # The stream's one pending read: it ends when the agent closes the stream, and otherwise
+        # carries the agent's first frame of the session (taken over by the relay, never cancelled).
+        stream = StandbyStream(asyncio.ensure_future(context.read()))
+        if not reg.park(stream):
+            # Not parked: the read ends by itself once the handler has finished the call.
+            stream.first_read.add_done_callback(_retrieve)
+            raise ResourceExhausted(
+                f"agent {init.agent_id} holds its maximum of {MAX_STANDBY_PER_AGENT} standby streams"
+            )
+        stream.first_read.add_done_callback(lambda _read: stream.end())
+        return stream, reg
+
+    async def _serve_standby(
+        self, stream: StandbyStream, reg: AgentRegistration, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Hold a parked standby stream until a session takes it, the agent closes it, or it is ended."""
+        try:
+            session = await stream.outcome
+        except BaseException:
+            # The agent went away (the RPC was cancelled); a session that took the stream meanwhile fails.
+            reg.unpark(stream)
+            taken = stream.outcome.result() if stream.outcome.done() and not stream.outcome.cancelled() else None
+            if taken is not None:
+                taken.fail(Unavailable("the agent disconnected"))
+                self._sessions.remove(taken)
+            stream.first_read.add_done_callback(_retrieve)
+            raise
+        reg.unpark(stream)
+        if session is None:
+            read = stream.first_read
+            if not read.done():
+                # Ended by the router (registration over, draining): finish the call, status OK.
+                read.add_done_callback(_retrieve)
+                return
+            if read.cancelled() or read.exception() is not None or read.result() is grpc.aio.EOF:
+                return  # the agent closed it
+            err = InvalidArgument("a standby stream sends nothing before its SessionOpen")
+            self._metrics.error("connect", err.code)
+            await abort(context, err.code, err.message)
+            return
+        self._metrics.standby_sessions_total.labels(session.operation_name).inc()
+        await self._run_agent_side(session, _PrefetchEndpoint(context, stream.first_read), context)
+
+    async def _run_agent_side(
+        self, session: Session, endpoint: Endpoint, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """The agent's side of a session: wait for the client, send SessionOpen, relay."""
+        clean = False
+        try:
+            if not session.paired.is_set():
+                await self._sessions.wait_paired(session, self._config.rendezvous_timeout)
+            self._metrics.agent_sessions_by_transport.labels(session.operation_name, "grpc").inc()
+            await context.write(session.open_message)
+            await relay_side(
+                session,
+                endpoint,
+                is_client=False,
+                flow_control_timeout=self._config.flow_control_timeout,
+                hooks=self._metrics,
+            )
+            clean = True
+        except RouterError as err:
+            await abort(context, err.code, err.message)
+        except BaseException as err:
+            log.info("agent stream of session %s ended: %r", session.key[:8], err)
+            raise
+        finally:
+            if not clean:
+                session.fail(Unavailable("the agent disconnected"))
+                self._sessions.remove(session)
+
+
+class _PrefetchEndpoint:
+    """A standby stream as a relay Endpoint: its first read is the one started when it was parked."""
+
+    __slots__ = ("_context", "_first")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], first: asyncio.Future[Any]) -> None:
+        self._context = context
+        self._first: asyncio.Future[Any] | None = first
+
+    async def read(self) -> bytes | None:
+        """The next encoded message, or None once the agent half-closed."""
+        first, self._first = self._first, None
+        message = await (first if first is not None else self._context.read())
+        if message is grpc.aio.EOF:
+            return None
+        assert isinstance(message, bytes)
+        return message
+
+    async def write(self, message: bytes) -> None:
+        """Send one encoded message."""
+        await self._context.write(message)
+
+
+def _retrieve(read: asyncio.Future[Any]) -> None:
+    if not read.cancelled():
+        read.exception()
+
+
+async def _drain_heartbeats(context: grpc.aio.ServicerContext[Any, Any], reg: AgentRegistration) -> None:
+    """Read the agent's side of Register until it ends (heartbeats only)."""
+    while True:
+        message = await context.read()
+        if message is grpc.aio.EOF:
+            return

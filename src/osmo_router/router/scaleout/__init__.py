@@ -1,0 +1,1 @@
+"""Several replicas: the shared directory, peer channels and stream placement."""

@@ -1,0 +1,348 @@
+"""The directory shared by router replicas, in Redis.
+
+Keys (every one written with a TTL and refreshed by each replica's heartbeat, so the entries of a
+replica that crashed vanish on their own; deleted at once on unregister, session end or shutdown):
+
+    osmo:agent:{WORKFLOW}:TASK   hash owner, replica, address, agent_id   an agent registered somewhere
+    osmo:agents:{WORKFLOW}       sorted set of TASK by last refresh       finds an agent when no task is given
+    osmo:session:SHA256(KEY)     hash owner, replica, address, workflow   a session held somewhere
+
+Ids are percent-encoded, so a `:` or `{` in a workflow id cannot forge another key; the braces
+make a workflow's keys one Redis Cluster hash slot. Session keys are stored hashed: reading the
+directory does not reveal a key that would let one join a session.
+
+Every write is conditional on ownership (Lua): a refresh never overwrites an entry that another
+replica took over since (a newer registration of the same agent target wins, as it does on one
+replica), and a delete never removes another replica's entry. Redis errors never reach the
+sessions of this replica: writes are retried by the next heartbeat, lookups raise
+DirectoryUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from osmo_router.router.core.registry import AgentRegistration
+from osmo_router.router.scaleout.directory import DirectoryUnavailable, Owner, SessionAlive
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# KEYS: entry, task index. ARGV: owner, replica, address, agent id, ttl ms, index member, take over ('1').
+_CLAIM_AGENT = """
+if ARGV[7] ~= '1' then
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and owner ~= ARGV[1] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replica', ARGV[2], 'address', ARGV[3], 'agent_id', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[2], now, ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+
+# KEYS: task-less entry, task index. ARGV: key prefix of the workflow's entries.
+_FIND_ANY_AGENT = """
+local entry = redis.call('HGETALL', KEYS[1])
+if #entry > 0 then return entry end
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  entry = redis.call('HGETALL', ARGV[1] .. member)
+  if #entry > 0 then return entry end
+end
+return {}
+"""
+
+# KEYS: entry. ARGV: owner, replica, address, workflow, ttl ms. Returns {} when ours, else the owner's entry.
+_CLAIM_SESSION = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] then return redis.call('HGETALL', KEYS[1]) end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replica', ARGV[2], 'address', ARGV[3], 'workflow', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {}
+"""
+
+# KEYS: entry, and the task index for an agent. ARGV: owner, and the index member for an agent.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if #KEYS > 1 then redis.call('ZREM', KEYS[2], ARGV[2]) end
+return 1
+"""
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+def agent_key(workflow_id: str, task: str) -> str:
+    """The key of the agent entry for a workflow and task."""
+    return f"{agent_prefix(workflow_id)}{_q(task)}"
+
+
+def agent_prefix(workflow_id: str) -> str:
+    """The common prefix of a workflow's agent entries."""
+    return f"osmo:agent:{{{_q(workflow_id)}}}:"
+
+
+def agent_index(workflow_id: str) -> str:
+    """The key of a workflow's task index."""
+    return f"osmo:agents:{{{_q(workflow_id)}}}"
+
+
+def session_entry(key: str) -> str:
+    """The key of a session's entry: a hash of the session key, never the key itself."""
+    return "osmo:session:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass(eq=False)
+class _AgentEntry:
+    reg: AgentRegistration
+    owner: str
+
+
+class RedisDirectory:
+    """This replica's view of, and contribution to, the shared directory."""
+
+    def __init__(self, url: str, *, replica: str, ttl: float, registry: CollectorRegistry | None = None) -> None:
+        self._interval = ttl / 3
+        self._op_timeout = min(2.0, self._interval)
+        self._redis: Redis = Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=self._op_timeout,
+            socket_connect_timeout=self._op_timeout,
+            # One immediate retry replaces a pooled connection that died with a restarted Redis; no
+            # longer loop: the heartbeat is the retry, and callers must not stall.
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._replica = replica
+        self._address = ""
+        self._ttl_ms = str(int(ttl * 1000))
+        self._claim_agent = self._redis.register_script(_CLAIM_AGENT)
+        self._find_any_agent = self._redis.register_script(_FIND_ANY_AGENT)
+        self._claim_session = self._redis.register_script(_CLAIM_SESSION)
+        self._release = self._redis.register_script(_RELEASE)
+        self._agents: dict[tuple[str, str], _AgentEntry] = {}
+        self._sessions: dict[str, str] = {}
+        self._serial = 0
+        self._session_alive: SessionAlive = lambda _key: True
+        self._up = True
+        self._wake = asyncio.Event()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.up_gauge = Gauge("router_grpc_directory_up", "1 while the shared directory answers.", registry=registry)
+        self.errors_total = Counter(
+            "router_grpc_directory_errors_total", "Failed directory operations.", registry=registry
+        )
+        self.up_gauge.set(1)
+
+    @property
+    def up(self) -> bool:
+        """False after an operation failed, until one succeeds."""
+        return self._up
+
+    async def start(self, address: str, session_alive: SessionAlive) -> None:
+        """Start the heartbeat; a Redis that is down now is logged, not fatal (local sessions work)."""
+        self._address = address
+        self._session_alive = session_alive
+        with contextlib.suppress(DirectoryUnavailable):
+            await self._call("ping", self._redis.ping())
+        self._heartbeat = asyncio.create_task(self._beat())
+
+    async def close(self) -> None:
+        """Stop the heartbeat and withdraw every entry of this replica (bounded)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await self._heartbeat
+        agents, self._agents = self._agents, {}
+        sessions, self._sessions = self._sessions, {}
+        # Bounded as a whole: the pipeline's own script loading and the connection close are not
+        # covered by _call's timeout, and a dead Redis must not hold up shutdown.
+        with contextlib.suppress(DirectoryUnavailable, TimeoutError):
+            async with asyncio.timeout(self._op_timeout), self._redis.pipeline(transaction=False) as pipe:
+                for (workflow_id, task), entry in agents.items():
+                    await self._release(
+                        keys=[agent_key(workflow_id, task), agent_index(workflow_id)],
+                        args=[entry.owner, _q(task)],
+                        client=pipe,
+                    )
+                for key in sessions:
+                    await self._release(keys=[session_entry(key)], args=[self._replica], client=pipe)
+                await self._call("withdraw", pipe.execute())
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._op_timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._op_timeout):
+                await self._redis.aclose()
+
+    async def agent_registered(self, reg: AgentRegistration) -> None:
+        """Publish (and take over) the agent's target; if Redis is down, the heartbeat publishes it later."""
+        self._serial += 1
+        entry = _AgentEntry(reg, f"{self._replica}/{self._serial}")
+        self._agents[(reg.workflow_id, reg.task)] = entry
+        with contextlib.suppress(DirectoryUnavailable):
+            await self._call("publish agent", self._write_agent(entry, take_over=True))
+
+    def agent_unregistered(self, reg: AgentRegistration) -> None:
+        """Withdraw the agent unless a newer registration took its place."""
+        entry = self._agents.get((reg.workflow_id, reg.task))
+        if entry is None or entry.reg is not reg:
+            return
+        del self._agents[(reg.workflow_id, reg.task)]
+        keys = [agent_key(reg.workflow_id, reg.task), agent_index(reg.workflow_id)]
+        self._spawn(self._call("withdraw agent", self._release(keys=keys, args=[entry.owner, _q(reg.task)])))
+
+    async def find_agent(self, workflow_id: str, task: str) -> Owner | None:
+        """The replica holding an agent for the workflow (and task); any task when none is given."""
+        if task:
+            fields: Any = await self._call("find agent", self._redis.hgetall(agent_key(workflow_id, task)))
+        else:
+            fields = await self._call(
+                "find agent",
+                self._find_any_agent(
+                    keys=[agent_key(workflow_id, ""), agent_index(workflow_id)], args=[agent_prefix(workflow_id)]
+                ),
+            )
+        return self._owner(fields)
+
+    async def find_session(self, key: str) -> Owner | None:
+        """The replica holding the session with this key."""
+        return self._owner(await self._call("find session", self._redis.hgetall(session_entry(key))))
+
+    async def claim_session(self, key: str, workflow_id: str) -> Owner | None:
+        """Publish a session of this replica, or return the replica that already holds the key.
+
+        Never raises: while Redis is down the session stays local and the heartbeat publishes it.
+        """
+        try:
+            other = await self._call("claim session", self._write_session(key, workflow_id))
+        except DirectoryUnavailable:
+            other = None
+        owner = self._owner(other)
+        if owner is None:
+            self._sessions[key] = workflow_id
+        return owner
+
+    def session_removed(self, key: str) -> None:
+        """Withdraw a session of this replica."""
+        if self._sessions.pop(key, None) is not None:
+            release = self._release(keys=[session_entry(key)], args=[self._replica])
+            self._spawn(self._call("withdraw session", release))
+
+    async def refresh(self) -> None:
+        """Re-write every entry of this replica with a fresh TTL; give up agents another replica took over."""
+        for key in [k for k in self._sessions if not self._session_alive(k)]:
+            self.session_removed(key)
+        agents = list(self._agents.values())
+        sessions = list(self._sessions.items())
+        if not agents and not sessions:
+            await self._call("ping", self._redis.ping())
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in agents:
+                await self._write_agent(entry, take_over=False, client=pipe)
+            for key, workflow_id in sessions:
+                await self._write_session(key, workflow_id, client=pipe)
+            results = await self._call("refresh", pipe.execute())
+        for entry, kept in zip(agents, results, strict=False):
+            if not kept and self._agents.get((entry.reg.workflow_id, entry.reg.task)) is entry:
+                log.info(
+                    "agent %s for workflow %s task %r registered with another replica: closing it here",
+                    entry.reg.agent_id,
+                    entry.reg.workflow_id,
+                    entry.reg.task,
+                )
+                del self._agents[(entry.reg.workflow_id, entry.reg.task)]
+                entry.reg.replaced.set()
+        for (key, _), other in zip(sessions, results[len(agents) :], strict=False):
+            if other:
+                self._sessions.pop(key, None)
+
+    def _write_agent(self, entry: _AgentEntry, *, take_over: bool, client: Any = None) -> Awaitable[Any]:
+        reg = entry.reg
+        return self._claim_agent(
+            keys=[agent_key(reg.workflow_id, reg.task), agent_index(reg.workflow_id)],
+            args=[
+                entry.owner,
+                self._replica,
+                self._address,
+                reg.agent_id,
+                self._ttl_ms,
+                _q(reg.task),
+                "1" if take_over else "0",
+            ],
+            client=client,
+        )
+
+    def _write_session(self, key: str, workflow_id: str, client: Any = None) -> Awaitable[Any]:
+        return self._claim_session(
+            keys=[session_entry(key)],
+            args=[self._replica, self._replica, self._address, workflow_id, self._ttl_ms],
+            client=client,
+        )
+
+    def _owner(self, fields: Any) -> Owner | None:
+        """The owner in a hash (a dict, or the flat list a script returns); None if empty or this replica."""
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2], strict=False))
+        if not fields or not fields.get("address") or fields.get("replica") == self._replica:
+            return None
+        return Owner(replica=str(fields["replica"]), address=str(fields["address"]))
+
+    async def _call(self, what: str, operation: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                result = await operation
+        except (RedisError, OSError, TimeoutError) as err:
+            self.errors_total.inc()
+            reason = str(err) or type(err).__name__
+            if self._up:
+                log.warning("session directory (Redis) unreachable (%s: %s); local sessions keep working", what, reason)
+            self._up = False
+            self.up_gauge.set(0)
+            raise DirectoryUnavailable(f"the session directory (Redis) is unreachable: {reason}") from None
+        if not self._up:
+            log.info("session directory (Redis) reachable again; re-publishing this replica's entries")
+            self._up = True
+            self.up_gauge.set(1)
+            self._wake.set()
+        return result
+
+    def _spawn(self, operation: Coroutine[Any, Any, Any]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(DirectoryUnavailable):
+                await operation
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _beat(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except DirectoryUnavailable:
+                pass
+            except Exception:
+                log.exception("directory heartbeat failed")

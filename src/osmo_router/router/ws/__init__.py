@@ -1,0 +1,1 @@
+"""The old router's WebSocket endpoints as sides of the same pipeline."""

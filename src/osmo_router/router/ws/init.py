@@ -1,0 +1,97 @@
+"""What a WS client's session is: its init, built from the URL, the extensions and the first message.
+
+An old client names only operation, workflow and key in its URL; for exec its first message is the
+terminal size. The gRPC side needs a full init, so the defaults are the old router's behaviour: the
+container's shell in a terminal of that size. A new client adds what the old protocol lacked with
+query parameters (see wsproto).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiohttp import WSMsgType, web
+from multidict import MultiMapping
+
+from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.wsproto import parse_size
+
+#: Most argv entries a client may pass in the URL.
+MAX_ARGS = 256
+
+
+@dataclass(frozen=True)
+class ClientInit:
+    """A WS client's session parameters."""
+
+    target: pb.SessionTarget
+    open_msg: pb.SessionOpen
+    #: The exec client's first (size) message, as it came.
+    first_message: bytes | None = None
+    parse_resize: bool = False
+    want_exit: bool = False
+    #: The `eof=1` extension: the agent's half-close reaches the client as an empty message.
+    want_eof: bool = False
+
+
+def _flag(query: MultiMapping[str], name: str, default: bool) -> bool:
+    value = query.get(name)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+def _args(query: MultiMapping[str], name: str) -> list[str]:
+    values = query.getall(name, [])
+    if len(values) > MAX_ARGS:
+        raise InvalidArgument(f"more than {MAX_ARGS} {name} parameters")
+    return [str(v) for v in values]
+
+
+def _port(query: MultiMapping[str]) -> int:
+    """The `port` extension; 0 when absent (an old client's pipe to an old backend needs none)."""
+    raw = query.get("port", "0")
+    if not raw.isdigit() or not 0 <= int(raw) < 65536:
+        raise InvalidArgument(f"port must be a port number, not {raw!r}")
+    return int(raw)
+
+
+async def first_message(ws: web.WebSocketResponse, timeout: float) -> bytes:
+    """The client's first message, within `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            msg = await ws.receive()
+    except TimeoutError:
+        raise DeadlineExceeded(f"no terminal size message within {timeout:g}s") from None
+    if msg.type == WSMsgType.BINARY:
+        return bytes(msg.data)
+    if msg.type == WSMsgType.TEXT:
+        return str(msg.data).encode()
+    raise InvalidArgument("the WebSocket ended before the terminal size message")
+
+
+async def client_init(
+    ws: web.WebSocketResponse, operation: int, workflow: str, key: str, query: MultiMapping[str], timeout: float
+) -> ClientInit:
+    """The init of a WS client's session (reads the size message of an exec session)."""
+    target = pb.SessionTarget(workflow_id=workflow, task=query.get("task", ""), session_key=key)
+    want_exit, want_eof = _flag(query, "exit", False), _flag(query, "eof", False)
+    if operation == pb.OPERATION_EXEC:
+        first = await first_message(ws, timeout)
+        rows, cols = parse_size(first)
+        tty = _flag(query, "tty", True)
+        init = pb.ExecInit(
+            target=target,
+            command=_args(query, "cmd"),
+            tty=tty,
+            size=pb.TerminalSize(rows=rows, cols=cols),
+            term=query.get("term", ""),
+        )
+        return ClientInit(target, pb.SessionOpen(exec=init), first, tty, want_exit, want_eof)
+    if operation == pb.OPERATION_PORT_FORWARD:
+        forward = pb.PortForwardInit(
+            target=target, protocol=pb.PROTOCOL_TCP, remote_port=_port(query), remote_host=query.get("host", "")
+        )
+        return ClientInit(target, pb.SessionOpen(port_forward=forward), want_exit=want_exit, want_eof=want_eof)
+    rsync = pb.RsyncInit(target=target, server_args=_args(query, "arg"))
+    return ClientInit(target, pb.SessionOpen(rsync=rsync), want_exit=want_exit, want_eof=want_eof)

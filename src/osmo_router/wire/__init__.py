@@ -1,0 +1,1 @@
+"""The wire protocol in one place: messages, frame bytes, operations, errors, the old WebSocket form."""

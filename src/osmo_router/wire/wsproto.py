@@ -1,0 +1,187 @@
+"""The WebSocket protocol of the router being replaced, in one place, and how it maps to Frames.
+
+The old router is a byte pipe between two WebSockets that meet on a key:
+
+    /api/router/{exec|portforward|rsync}/{workflow}/client/{key}    the user's side
+    /api/router/{exec|portforward|rsync}/{workflow}/backend/{key}   the container's side
+
+Messages are binary. The first exec message from the client is the terminal size as JSON
+(`{"Rows": R, "Cols": C}`); later `\\x00RESIZE:` followed by the same JSON resizes it. An empty
+message, or a close, ends the pipe; `?timeout=` (seconds) bounds the wait for the other side.
+It carries no exit status, no stderr of its own and no signals.
+
+Optional extensions, only used when the client asks for them with query parameters (an old client
+never does, so it sees the old bytes exactly): `cmd` (repeatable; the argv to run), `tty=0` (pipe
+mode: no size parsing of later messages), `term`, `exit=1` (the router's final close carries the
+exit status as its reason, `exit:N` or `signal:N`), `eof=1` (the agent's half-close reaches the
+client as an empty message: TCP half-close both ways), `port`/`host` (port-forward target), `arg`
+(repeatable; rsync server argv) and `task`. A new backend (`osmo-router agent --transport ws`) asks
+with `init=1` for the session's `SessionOpen` (protobuf) as its first message instead of the size,
+reports its exit status as the reason of its close (`exit:N`, `signal:N`), and an error as the
+router does (close code 4000, `CODE: message`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+from urllib.parse import urlencode, urlsplit
+
+import grpc
+
+from osmo_router.wire.errors import InvalidArgument, RouterError, from_status
+from osmo_router.wire.protocol import pb
+
+#: Path of a session endpoint; side is "client" or "backend".
+SESSION_PATH: Final = "/api/router/{operation}/{workflow}/{side}/{key}"
+VERSION_PATH: Final = "/api/router/version"
+#: Operation names as they appear in the paths (the same as the metrics labels).
+OPERATIONS: Final[dict[str, int]] = {
+    "exec": pb.OPERATION_EXEC,
+    "portforward": pb.OPERATION_PORT_FORWARD,
+    "rsync": pb.OPERATION_RSYNC,
+}
+OPERATION_PATH_NAMES: Final[dict[int, str]] = {value: name for name, value in OPERATIONS.items()}
+RESIZE_PREFIX: Final = b"\x00RESIZE:"
+#: Close code the old router used for its own failures (rendezvous timeout); we use it for every error.
+CLOSE_ERROR: Final = 4000
+CLOSE_NORMAL: Final = 1000
+#: The default port of the old router, and of this router's WebSocket listener.
+DEFAULT_WS_PORT: Final = 8000
+#: Response header of a refused handshake: `CODE: message` (the body is not shown to WebSocket clients).
+ERROR_HEADER: Final = "Osmo-Error"
+MAX_ERROR_HEADER: Final = 512
+#: Close reasons are limited to 123 bytes by RFC 6455.
+MAX_REASON: Final = 123
+
+
+def size_message(rows: int, cols: int) -> bytes:
+    """The exec client's first message: the terminal size."""
+    return json.dumps({"Rows": rows, "Cols": cols}).encode()
+
+
+def resize_message(rows: int, cols: int) -> bytes:
+    """A resize message."""
+    return RESIZE_PREFIX + size_message(rows, cols)
+
+
+def parse_size(raw: bytes) -> tuple[int, int]:
+    """(rows, cols) of a size message (the first exec message or a RESIZE body)."""
+    try:
+        value = json.loads(raw)
+        rows, cols = int(value["Rows"]), int(value["Cols"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidArgument(f'expected a terminal size {{"Rows": R, "Cols": C}}, got {raw[:60]!r}') from err
+    if not (0 <= rows < 65536 and 0 <= cols < 65536):
+        raise InvalidArgument(f"terminal size out of range: {rows}x{cols}")
+    return rows, cols
+
+
+def error_reason(code: grpc.StatusCode, message: str) -> str:
+    """The close reason of a failed session: `CODE: message`, cut to what a close frame can carry."""
+    text = f"{code.name}: {message}"
+    encoded = text.encode()[:MAX_REASON]
+    return encoded.decode(errors="ignore")
+
+
+def error_from_reason(reason: str) -> RouterError:
+    """The RouterError a close reason of `error_reason` reports (UNKNOWN when it names no code)."""
+    name, _, message = reason.partition(": ")
+    code = getattr(grpc.StatusCode, name, None)
+    if isinstance(code, grpc.StatusCode) and message:
+        return from_status(code, message)
+    return RouterError(reason or "the router closed the connection")
+
+
+def exit_reason(status: pb.ExitStatus) -> str:
+    """The close reason carrying an exit status (the `exit=1` extension)."""
+    if status.WhichOneof("status") == "signal":
+        return f"signal:{status.signal}"
+    return f"exit:{status.code}"
+
+
+def exit_from_reason(reason: str) -> pb.ExitStatus | None:
+    """The exit status in a close reason, if it carries one."""
+    kind, _, number = reason.partition(":")
+    if not number.isdigit():
+        return None
+    if kind == "exit":
+        return pb.ExitStatus(code=int(number))
+    if kind == "signal":
+        return pb.ExitStatus(signal=int(number))
+    return None
+
+
+def base_url(address: str, tls: bool) -> str:
+    """`ws://host:port` (or wss) for host:port, or the URL as given (http(s) becomes ws(s))."""
+    if "://" not in address:
+        return f"{'wss' if tls else 'ws'}://{address}"
+    parts = urlsplit(address)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def default_ws_address(router_address: str) -> str:
+    """The router's WebSocket address when none is given: its gRPC host, port 8000."""
+    host, _, port = router_address.rpartition(":")
+    if not port.isdigit() or not host or (":" in host and not host.endswith("]")):
+        host = router_address  # no port given (or a bare IPv6 address)
+    return f"{host}:{DEFAULT_WS_PORT}"
+
+
+def session_url(base: str, operation: int, workflow: str, side: str, key: str, query: list[tuple[str, str]]) -> str:
+    """The full URL of one side of a session."""
+    path = SESSION_PATH.format(operation=OPERATION_PATH_NAMES[operation], workflow=workflow, side=side, key=key)
+    return f"{base}{path}" + (f"?{urlencode(query)}" if query else "")
+
+
+def client_query(init: pb.ExecInit | pb.PortForwardInit | pb.RsyncInit, want_exit: bool) -> list[tuple[str, str]]:
+    """The extension parameters that carry what an init says beyond the old protocol."""
+    query: list[tuple[str, str]] = [("eof", "1")]
+    if init.target.task:
+        query.append(("task", init.target.task))
+    if isinstance(init, pb.ExecInit):
+        query += [("cmd", arg) for arg in init.command]
+        query.append(("tty", "1" if init.tty else "0"))
+        if init.term:
+            query.append(("term", init.term))
+        if want_exit:
+            query.append(("exit", "1"))
+    elif isinstance(init, pb.PortForwardInit):
+        query.append(("port", str(init.remote_port)))
+        if init.remote_host:
+            query.append(("host", init.remote_host))
+    else:
+        query += [("arg", arg) for arg in init.server_args]
+        if want_exit:
+            query.append(("exit", "1"))
+    return query
+
+
+def frame_to_message(frame: pb.Frame, *, to_backend: bool) -> bytes | None:
+    """What a frame becomes on an old WebSocket; None when the old protocol cannot carry it.
+
+    Data and stderr (merged: the old protocol has one output stream) pass as they are; a
+    half-close towards the backend is the empty message (EOF); a resize is a RESIZE message.
+    Signals, exit statuses, datagrams and errors have no old form: the caller handles or drops them.
+    """
+    kind = frame.WhichOneof("kind")
+    if kind == "data":
+        return frame.data or None  # an empty message would mean EOF
+    if kind == "stderr":
+        return frame.stderr or None
+    if kind == "half_close" and to_backend:
+        return b""
+    if kind == "resize" and to_backend:
+        return resize_message(frame.resize.size.rows, frame.resize.size.cols)
+    return None
+
+
+def message_to_frame(data: bytes, *, parse_resize: bool) -> pb.Frame:
+    """The frame an old WebSocket message stands for: EOF, a resize (exec client only) or data."""
+    if not data:
+        return pb.Frame(half_close=pb.HalfClose())
+    if parse_resize and data.startswith(RESIZE_PREFIX):
+        rows, cols = parse_size(data[len(RESIZE_PREFIX) :])
+        return pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols)))
+    return pb.Frame(data=data)
