@@ -18,7 +18,8 @@ from typing import Any
 
 import grpc
 
-from osmo_router.wire.protocol import ENCODED_SESSION_END, pb, server_options
+from osmo_router.wire.codec import ENCODED_SESSION_END
+from osmo_router.wire.protocol import pb, server_options
 
 READY = pb.ExecResponse(ready=pb.SessionReady(session_key="plain")).SerializeToString()
 OPEN = pb.ConnectResponse(open=pb.SessionOpen(session_key="plain")).SerializeToString()

@@ -30,8 +30,8 @@ PY_SPY = Path(sys.executable).with_name("py-spy")
 #: (bucket, substrings of a sample's innermost Python frame that put it there); the first match wins.
 #: grpc's Cython and C++ code shows as the Python frame that called into it.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("grpc write (into the C core: framing, sendmsg)", ("ContextEndpoint.write", "_write (grpc", "write (grpc")),
-    ("grpc read (one completion round trip per message)", ("ContextEndpoint.read", "_read (grpc", "read (grpc")),
+    ("grpc write (into the C core: framing, sendmsg)", ("GrpcSide.write", "_write (grpc", "write (grpc")),
+    ("grpc read (one completion round trip per message)", ("GrpcSide.read", "_read (grpc", "read (grpc")),
     ("grpc's completion-queue poller thread", ("Thread.run", "threading.py")),
     ("event loop (uvloop: polling, callbacks)", ("Runner.run", "run (uvloop", "run_forever", "selectors.py")),
     ("osmo_router code (relay, queues, metrics)", ("osmo_router/",)),

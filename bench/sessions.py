@@ -11,8 +11,9 @@ from typing import Any
 
 from bench import wire
 from bench.loadgen import emit
+from osmo_router.wire.codec import ENCODED_HALF_CLOSE
 from osmo_router.wire.codec import encode_data_message as data_message
-from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, pb
+from osmo_router.wire.protocol import pb
 
 FIRST_BYTE = data_message(b"x")
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 
+from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, payload_offset
 from osmo_router.wire.codec import encode_data_message as data_message
-from osmo_router.wire.codec import payload_offset
-from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, channel_options, pb
+from osmo_router.wire.protocol import channel_options, pb
 
 EXEC = "/osmo.router.v1.RouterClientService/Exec"
 CONNECT = "/osmo.router.v1.RouterAgentService/Connect"

@@ -10,9 +10,15 @@ from hypothesis import strategies as st
 
 from osmo_router.router.core.coalesce import COALESCE_LIMIT, coalesce
 from osmo_router.router.core.flow_control import FlowQueue
-from osmo_router.wire.codec import data_header, decode_data_message, merge_data_messages, payload_offset
+from osmo_router.wire.codec import (
+    ENCODED_HALF_CLOSE,
+    data_header,
+    decode_data_message,
+    merge_data_messages,
+    payload_offset,
+)
 from osmo_router.wire.codec import encode_data_message as data_message
-from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, pb
+from osmo_router.wire.protocol import pb
 
 CONTROL_FRAMES = [
     pb.Frame(half_close=pb.HalfClose()),

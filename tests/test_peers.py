@@ -7,8 +7,9 @@ import pytest
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.scaleout.peers import PEER_IDENTITY_HEADER, peer_identity, peer_metadata
+from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END
 from osmo_router.wire.errors import InvalidArgument, Unauthenticated
-from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, pb
+from osmo_router.wire.protocol import pb
 
 PAIRS = [
     (pb.ExecRequest, pb.RouterPeerServiceExecRequest),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG, INIT_TAG, pb
+from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG, INIT_TAG
+from osmo_router.wire.protocol import pb
 from tests.harness import ROOT
 
 

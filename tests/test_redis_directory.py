@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
+from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
-from osmo_router.router.scaleout.directory import DirectoryUnavailable, Owner
+from osmo_router.router.scaleout.directory import DirectoryUnavailable
 from osmo_router.router.scaleout.redis_directory import RedisDirectory, agent_key, session_entry
 from tests.redis_harness import RedisServer
 

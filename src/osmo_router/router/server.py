@@ -8,7 +8,9 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,8 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
+from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.registry import AgentRegistry
-from osmo_router.router.core.sessions import SessionStore
+from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
 from osmo_router.router.ops.health import MetricsServer
@@ -78,7 +81,6 @@ class RouterServer:
         if not config.router_id:
             config = replace(config, router_id=secrets.token_hex(4))
         self.config = config
-        self.metrics = RouterMetrics()
         self.registry = AgentRegistry()
         self.sessions = SessionStore(
             self.registry,
@@ -86,12 +88,15 @@ class RouterServer:
             max_pending=config.max_pending_rendezvous,
             max_sessions=config.max_sessions,
             max_per_user=config.max_sessions_per_user,
+            on_remove=self._session_removed,
         )
-        self.metrics.live_sessions = self.sessions.sessions
+        # Read at scrape time, so the gauges are exact without bookkeeping on every join and leave.
+        self.metrics = RouterMetrics(
+            live_sessions=self.sessions.sessions,
+            pending=lambda: self.sessions.pending,
+            standby=self.registry.standby_count,
+        )
         self.auth = authenticator or build_authenticator(config)
-        # Read at scrape time, so the gauge is exact without bookkeeping on every join and leave.
-        self.metrics.rendezvous_pending.set_function(lambda: self.sessions.pending)
-        self.metrics.standby_streams.set_function(self.registry.standby_count)
         self.directory: Directory = MemoryDirectory()
         self.scaleout: ScaleOut | None = None
         if config.redis_url:
@@ -101,16 +106,14 @@ class RouterServer:
                 config.redis_url, replica=config.router_id, ttl=config.directory_ttl, registry=self.metrics.registry
             )
             self.scaleout = ScaleOut(config, self.sessions, self.registry, self.directory, self.metrics)
-            self.sessions.on_remove = lambda session: self.directory.session_removed(session.key)
-        self.client_service = ClientService(config, self.sessions, self.auth, self.metrics)
+        self.pipeline = SessionPipeline(config, self.sessions, self.metrics, self.scaleout)
+        self.client_service = ClientService(config, self.auth, self.pipeline)
         self.agent_service = AgentService(
-            config, self.sessions, self.registry, self.auth, self.metrics, directory=self.directory
+            config, self.sessions, self.registry, self.auth, self.metrics, self.directory, self.pipeline
         )
-        self.client_service.scaleout = self.agent_service.scaleout = self.scaleout
+        self.ws_server = WsServer(config, self.auth, self.pipeline)
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
-        self.ws_server = WsServer(config, self.sessions, self.auth, self.metrics)
-        self.ws_server.scaleout = self.scaleout
         self.port = 0
         self.draining = False
         self._server: grpc.aio.Server | None = None
@@ -190,20 +193,29 @@ class RouterServer:
             raise ValueError("--advertise-address is required with --redis-url when --host is a wildcard address")
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
+    def _session_removed(self, session: Session) -> None:
+        """The shared directory withdraws a session this replica forgot."""
+        self.directory.session_removed(session.key)
+
     async def serve(self) -> None:
-        """Run until SIGTERM/SIGINT (then drain) or until `close`."""
+        """Run until SIGTERM/SIGINT or `close`: the first signal drains, a second one exits at once."""
         loop = asyncio.get_running_loop()
-        drain_started = asyncio.Event()
+        first, second = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            if first.is_set():
+                second.set()
+            first.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, drain_started.set)
-        waiter = asyncio.create_task(drain_started.wait())
-        stopped = asyncio.create_task(self._stopped.wait())
-        await asyncio.wait({waiter, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        stopped.cancel()
-        if drain_started.is_set():
-            await self.drain()
+                loop.add_signal_handler(sig, on_signal)
+        if await _first_of(first.wait(), self._stopped.wait()) == 0:
+            drained = await _first_of(self.drain(), second.wait())
+            if drained == 1:
+                log.info("second signal: exiting now, cutting off %d sessions", len(self.sessions))
+                await self.close(grace=0.0)
+                return
         await self.close()
 
     async def drain(self) -> None:
@@ -213,7 +225,6 @@ class RouterServer:
         self.draining = True
         self.metrics.draining.set(1)
         self.sessions.accepting = False
-        self.agent_service.accepting = False
         await self.health.enter_graceful_shutdown()
         # Parked standby streams are no sessions: end them now (new ones are refused while draining).
         for reg in self.registry.registrations():
@@ -225,12 +236,11 @@ class RouterServer:
         log.info("draining: %d sessions in flight, waiting up to %gs", len(self.sessions), self.config.drain_timeout)
         deadline = time.monotonic() + self.config.drain_timeout
         await self.sessions.wait_empty(self.config.drain_timeout)
-        if self.scaleout is not None:
-            await self.scaleout.wait_idle(max(0.0, deadline - time.monotonic()))
+        await self.pipeline.wait_relays_idle(max(0.0, deadline - time.monotonic()))
         log.info("drained (%d sessions left)", len(self.sessions))
 
-    async def close(self) -> None:
-        """Stop everything; sessions still open are cut off."""
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop everything; sessions still open are cut off (gRPC calls get `grace` seconds)."""
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(BaseException):
@@ -239,7 +249,7 @@ class RouterServer:
         # Withdraw this replica's directory entries first: the others stop sending streams here.
         await self.directory.close()
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            await self._server.stop(grace=grace)
             self._server = None
         await self.ws_server.close()
         if self.scaleout is not None:
@@ -259,3 +269,15 @@ class RouterServer:
                     log.info("session %s idle for %.0fs: expired", session.key[:8], now - session.last_activity)
                     self.metrics.sessions_expired_total.inc()
                     session.fail(DeadlineExceeded(f"session idle for longer than --session-ttl ({ttl:g}s)"))
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> int:
+    """Run the coroutines until one finishes; cancel the others; the index of the one that finished."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return next(i for i, task in enumerate(tasks) if task in done)

@@ -1,4 +1,9 @@
-"""Data frames encoded and decoded without protobuf objects: the hot path of every stream.
+"""Every byte-level fact about frame messages: tags, pre-encoded control frames, data frames without protobuf.
+
+Every stream message is an init (field 1, first byte INIT_TAG) or carries a Frame (field 2, first
+byte FRAME_TAG), the same bytes on every stream, so the router forwards frames as they arrived and
+checks only bytes: the first one, and for the audit's exit status the third one of small messages.
+
 
 Building `XRequest(frame=Frame(data=chunk))` and serialising it costs hundreds of microseconds per
 128 KiB chunk in the upb runtime (it copies the payload several times); parsing costs about 100.
@@ -14,10 +19,27 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from osmo_router.wire.protocol import FRAME_TAG
+from google.protobuf.message import DecodeError
+
+from osmo_router.wire.protocol import half_close_frame, pb
+
+#: Protobuf key byte of field 2 with wire type LEN: the first byte of every encoded frame message.
+FRAME_TAG: Final = 0x12
+#: Protobuf key byte of field 1 with wire type LEN: the first byte of every encoded init message.
+INIT_TAG: Final = 0x0A
 
 #: Key byte of Frame.data (field 1, wire type LEN).
 DATA_TAG: Final = 0x0A
+#: Key byte of Frame.exit_status (field 6, wire type LEN).
+EXIT_STATUS_TAG: Final = 0x32
+#: An encoded frame message carrying an ExitStatus is never longer than this: one-byte lengths, so
+#: its third byte is the Frame's first key.
+MAX_EXIT_STATUS_MESSAGE: Final = 32
+
+#: A half-close frame message, encoded once (the same bytes on every stream).
+ENCODED_HALF_CLOSE: Final = pb.ConnectResponse(frame=half_close_frame()).SerializeToString()
+#: The router's SessionEnd message to the client, encoded once (the same bytes for every operation).
+ENCODED_SESSION_END: Final = pb.ExecResponse(end=pb.SessionEnd()).SerializeToString()
 
 
 def _varint(value: int) -> bytes:
@@ -145,3 +167,32 @@ def fast_deserializer(message_type: Any) -> Callable[[bytes], Any]:
         return message_type.FromString(raw)
 
     return deserialize
+
+
+def is_exit_status_frame(message: bytes) -> bool:
+    """True for an encoded frame message carrying an ExitStatus (a byte check, no decoding)."""
+    return 2 < len(message) <= MAX_EXIT_STATUS_MESSAGE and message[0] == FRAME_TAG and message[2] == EXIT_STATUS_TAG
+
+
+def exit_status_text(message: bytes) -> str:
+    """How an exit-status frame message says the process ended ("code 0", "signal 9"); "" if it does not decode."""
+    try:
+        status = pb.ConnectRequest.FromString(message).frame.exit_status
+    except DecodeError:
+        return ""
+    which = status.WhichOneof("status")
+    if which == "signal":
+        return f"signal {status.signal}"
+    if which == "code":
+        return f"code {status.code}"
+    return ""
+
+
+def encode_frame(frame: pb.Frame) -> bytes:
+    """A frame as every stream carries it (an encoded message whose field 2 is the frame)."""
+    return bytes(pb.ConnectRequest(frame=frame).SerializeToString())
+
+
+def decode_frame(message: bytes) -> pb.Frame:
+    """The frame inside an encoded frame message (raises DecodeError on garbage)."""
+    return pb.ConnectRequest.FromString(message).frame

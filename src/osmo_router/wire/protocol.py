@@ -2,7 +2,7 @@
 
 Every stream starts with an init in field 1 of its request message; every later message carries
 a `Frame` in field 2, on every stream and in both directions. The router relies on that layout to
-forward encoded messages unchanged: a message whose first byte is `FRAME_TAG` is a frame.
+forward encoded messages unchanged: the byte-level facts are in `codec`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,6 @@ from osmo.router.v1 import router_pb2_grpc as pb_grpc
 
 __all__ = ["pb", "pb_grpc"]
 
-#: Protobuf key byte of field 2 with wire type LEN: the first byte of every encoded frame message.
-FRAME_TAG: Final = 0x12
-#: Protobuf key byte of field 1 with wire type LEN: the first byte of every encoded init message.
-INIT_TAG: Final = 0x0A
 
 #: Payload bytes per data frame: large enough that per-message cost is small, well below the limits.
 CHUNK_SIZE: Final = 128 * 1024
@@ -40,12 +36,6 @@ COOKIE_HEADER: Final = "osmo-cookie"
 
 CLIENT_SERVICE: Final = "osmo.router.v1.RouterClientService"
 AGENT_SERVICE: Final = "osmo.router.v1.RouterAgentService"
-
-OPERATION_NAMES: Final[dict[int, str]] = {
-    pb.OPERATION_EXEC: "exec",
-    pb.OPERATION_PORT_FORWARD: "portforward",
-    pb.OPERATION_RSYNC: "rsync",
-}
 
 
 #: Keepalive pings: idle streams survive load balancers, dead peers are found within time + timeout.
@@ -100,19 +90,5 @@ def error_frame(code: int, message: str) -> pb.Frame:
     return pb.Frame(error=pb.Error(code=code, message=message))
 
 
-#: A half-close frame message, encoded once (the same bytes on every stream).
-ENCODED_HALF_CLOSE: Final = pb.ConnectResponse(frame=half_close_frame()).SerializeToString()
-#: The router's SessionEnd message to the client, encoded once (the same bytes for every operation).
-ENCODED_SESSION_END: Final = pb.ExecResponse(end=pb.SessionEnd()).SerializeToString()
 #: How long the router waits for a client to end its side after SessionEnd.
 CLOSE_GRACE: Final = 5.0
-
-
-def operation_of(init: pb.SessionOpen) -> int:
-    """The Operation enum value of a SessionOpen, from the init it carries."""
-    which = init.WhichOneof("init")
-    return {
-        "exec": pb.OPERATION_EXEC,
-        "port_forward": pb.OPERATION_PORT_FORWARD,
-        "rsync": pb.OPERATION_RSYNC,
-    }.get(which or "", pb.OPERATION_UNSPECIFIED)

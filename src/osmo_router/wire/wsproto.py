@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urlsplit
 
 import grpc
 
+from osmo_router.wire import ops
 from osmo_router.wire.errors import InvalidArgument, RouterError, from_status
 from osmo_router.wire.protocol import pb
 
@@ -36,11 +37,7 @@ from osmo_router.wire.protocol import pb
 SESSION_PATH: Final = "/api/router/{operation}/{workflow}/{side}/{key}"
 VERSION_PATH: Final = "/api/router/version"
 #: Operation names as they appear in the paths (the same as the metrics labels).
-OPERATIONS: Final[dict[str, int]] = {
-    "exec": pb.OPERATION_EXEC,
-    "portforward": pb.OPERATION_PORT_FORWARD,
-    "rsync": pb.OPERATION_RSYNC,
-}
+OPERATIONS: Final[dict[str, int]] = {op.label: op.value for op in ops.OPERATIONS}
 OPERATION_PATH_NAMES: Final[dict[int, str]] = {value: name for name, value in OPERATIONS.items()}
 RESIZE_PREFIX: Final = b"\x00RESIZE:"
 #: Close code the old router used for its own failures (rendezvous timeout); we use it for every error.

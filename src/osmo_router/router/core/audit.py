@@ -5,55 +5,18 @@ keys: user, workflow, task, operation, session (the first 8 characters of its ke
 end bytes each way, duration, the gRPC status and the remote exit status when the agent sent one.
 
 The exit status is noticed without decoding the relayed stream: the relay hands over only small
-agent messages whose third byte is the tag of Frame.exit_status (see `is_exit_status_frame`).
+agent messages whose third byte is the tag of Frame.exit_status (`wire/codec.py`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Final
-
-import grpc
-from google.protobuf.message import DecodeError
 
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.core.sessions import Session
 from osmo_router.wire.errors import RouterError
-from osmo_router.wire.protocol import FRAME_TAG, pb
 
 log = logging.getLogger("osmo_router.audit")
-
-#: Key byte of Frame field 6 (exit_status) with wire type LEN.
-EXIT_STATUS_TAG: Final = 0x32
-#: An encoded ConnectRequest(frame=Frame(exit_status=...)) is never longer than this: one-byte
-#: lengths, so its third byte is the Frame's first key.
-MAX_EXIT_STATUS_MESSAGE: Final = 32
-
-
-def is_exit_status_frame(message: bytes) -> bool:
-    """True for an encoded frame message carrying an ExitStatus (a byte check, no decoding)."""
-    return 2 < len(message) <= MAX_EXIT_STATUS_MESSAGE and message[0] == FRAME_TAG and message[2] == EXIT_STATUS_TAG
-
-
-def note_exit_status(session: Session, message: bytes) -> None:
-    """Record the exit status an agent's frame message reports (ignored if it does not decode)."""
-    try:
-        status = pb.ConnectRequest.FromString(message).frame.exit_status
-    except DecodeError:
-        return
-    which = status.WhichOneof("status")
-    if which == "signal":
-        session.exit_status = f"signal {status.signal}"
-    elif which == "code":
-        session.exit_status = f"code {status.code}"
-
-
-def peer_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The peer address of a call, as gRPC reports it."""
-    try:
-        return str(context.peer())
-    except Exception:
-        return "unknown"
 
 
 def session_event(
@@ -103,3 +66,21 @@ def refused(
         fields["user"] = identity.subject
         fields["role"] = identity.role
     log.info("session refused", extra={"fields": fields})
+
+
+def relay_event(
+    event: str, session: Session, operation: str, replica: str, peer: str, duration: float | None = None
+) -> None:
+    """Log the start or end of a stream relayed to replica `replica` (which logs the session itself)."""
+    fields: dict[str, object] = {
+        "event": event,
+        "user": session.user,
+        "workflow": session.workflow_id,
+        "task": session.task,
+        "operation": operation,
+        "replica": replica,
+        "peer": peer,
+    }
+    if duration is not None:
+        fields.update(end_fields(session, duration))
+    log.info(event, extra={"fields": fields})

@@ -13,12 +13,19 @@ import contextlib
 import functools
 from typing import Protocol
 
-from osmo_router.router.core.audit import MAX_EXIT_STATUS_MESSAGE, is_exit_status_frame, note_exit_status
 from osmo_router.router.core.coalesce import coalesce
 from osmo_router.router.core.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
 from osmo_router.router.core.sessions import Session
-from osmo_router.wire.errors import InvalidArgument, ResourceExhausted, Unavailable
-from osmo_router.wire.protocol import CLOSE_GRACE, ENCODED_HALF_CLOSE, ENCODED_SESSION_END, FRAME_TAG
+from osmo_router.wire.codec import (
+    ENCODED_HALF_CLOSE,
+    ENCODED_SESSION_END,
+    FRAME_TAG,
+    MAX_EXIT_STATUS_MESSAGE,
+    exit_status_text,
+    is_exit_status_frame,
+)
+from osmo_router.wire.errors import InvalidArgument, ResourceExhausted, RouterError, Unavailable
+from osmo_router.wire.protocol import CLOSE_GRACE
 
 
 class Endpoint(Protocol):
@@ -56,14 +63,19 @@ async def relay_side(
     is_client: bool,
     flow_control_timeout: float,
     hooks: RelayHooks,
+    merge: bool = True,
 ) -> None:
-    """Relay one side of a paired session until it ends; raises the session's RouterError on failure."""
+    """Relay one side of a paired session until it ends; raises the session's RouterError on failure.
+
+    With `merge`, queued data frames are written to this side as one message; a side whose
+    protocol gives each message a meaning of its own (the old WebSocket protocol) passes False.
+    """
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
     reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
     watchdog = WriteWatchdog(flow_control_timeout)
     try:
         if is_client:
-            await _write_from(session, endpoint, outbound, watchdog, hooks)
+            await _write_from(session, endpoint, outbound, watchdog, hooks, merge)
             await _end_client(endpoint, reader, flow_control_timeout)
         else:
             # This handler writes the client's frames to the agent; once the agent's stream is
@@ -71,7 +83,7 @@ async def relay_side(
             # drops the queue and interrupts a write in progress. No third task per session.
             reader.add_done_callback(functools.partial(_stop_writing, outbound, watchdog))
             with contextlib.suppress(WriteInterrupted):
-                await _write_from(session, endpoint, outbound, watchdog, hooks)
+                await _write_from(session, endpoint, outbound, watchdog, hooks, merge)
             if reader.done():
                 reader.result()
     finally:
@@ -121,7 +133,7 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
                 if message == ENCODED_HALF_CLOSE:
                     session.agent_half_closed = True
                 elif is_exit_status_frame(message):
-                    note_exit_status(session, message)
+                    session.exit_status = exit_status_text(message) or session.exit_status
             await queue.put(message)
         if not is_agent:
             # The client finished sending: tell the agent, keep delivering the agent's output.
@@ -133,7 +145,8 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
         else:
             # An end without a half-close is a broken agent (killed, connection lost).
             raise Unavailable("the agent disconnected")
-    except (InvalidArgument, Unavailable) as err:
+    except RouterError as err:
+        # Whatever ended this stream (a broken transport, a malformed frame) ends the session.
         session.fail(err)
         raise
 
@@ -144,6 +157,7 @@ async def _write_from(
     queue: FlowQueue,
     watchdog: WriteWatchdog,
     hooks: RelayHooks,
+    merge: bool,
 ) -> None:
     # Per message: at most one merge and one write; the watchdog bounds each write without a
     # timer per message (see WriteWatchdog).
@@ -153,7 +167,7 @@ async def _write_from(
             if not message:  # nothing queued yet
                 await queue.readable()
                 continue
-            if len(queue):
+            if merge and len(queue):
                 message = coalesce(message, queue)
             try:
                 with watchdog:

@@ -26,7 +26,8 @@ from osmo_router.wire.errors import (
     RouterError,
     Unavailable,
 )
-from osmo_router.wire.protocol import OPERATION_NAMES, pb
+from osmo_router.wire.ops import label_of
+from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Session:
     @property
     def operation_name(self) -> str:
         """The operation as the metrics label it."""
-        return OPERATION_NAMES.get(self.operation, "unknown")
+        return label_of(self.operation)
 
     def touch(self) -> None:
         """Record activity (for idle expiry)."""
@@ -145,8 +146,16 @@ class SessionStore:
     """In-memory sessions of one router process, with rendezvous on top of an AgentRegistry."""
 
     def __init__(
-        self, registry: AgentRegistry, *, buffer: int, max_pending: int, max_sessions: int, max_per_user: int
+        self,
+        registry: AgentRegistry,
+        *,
+        buffer: int,
+        max_pending: int,
+        max_sessions: int,
+        max_per_user: int,
+        on_remove: Callable[[Session], None] | None = None,
     ) -> None:
+        """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it)."""
         self._registry = registry
         self._buffer = buffer
         self._max_pending = max_pending
@@ -158,8 +167,7 @@ class SessionStore:
         self._empty = asyncio.Event()
         self._empty.set()
         self.accepting = True
-        #: Called with each session once it is forgotten (the shared directory withdraws it).
-        self.on_remove: Callable[[Session], None] | None = None
+        self._on_remove = on_remove
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -289,8 +297,8 @@ class SessionStore:
                     self._per_user[session.user] = left
                 else:
                     self._per_user.pop(session.user, None)
-            if self.on_remove is not None:
-                self.on_remove(session)
+            if self._on_remove is not None:
+                self._on_remove(session)
 
     def _create(self, key: str, workflow_id: str, task: str) -> Session:
         session = Session(key=key, workflow_id=workflow_id, task=task, buffer=self._buffer)

@@ -5,20 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.core import audit
+from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
 from osmo_router.router.core.registry import MAX_STANDBY_PER_AGENT, AgentRegistration, AgentRegistry, StandbyStream
-from osmo_router.router.core.relay import Endpoint, relay_side
-from osmo_router.router.core.sessions import Session, SessionStore, check_id
-from osmo_router.router.grpc.calls import ContextEndpoint, abort, authenticate_call, read_init
+from osmo_router.router.core.sessions import SessionStore, check_id
+from osmo_router.router.core.side import AgentJoin
+from osmo_router.router.grpc.calls import GrpcSide, ServicerContext, abort, authenticate_call, read_init
 from osmo_router.router.ops.metrics import RouterMetrics
-from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
+from osmo_router.router.scaleout.directory import Directory
 from osmo_router.wire.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -28,9 +29,6 @@ from osmo_router.wire.errors import (
     Unavailable,
 )
 from osmo_router.wire.protocol import AGENT_SERVICE, pb
-
-if TYPE_CHECKING:
-    from osmo_router.router.scaleout.placer import ScaleOut
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +43,16 @@ class AgentService:
         registry: AgentRegistry,
         auth: Authenticator,
         metrics: RouterMetrics,
-        directory: Directory | None = None,
+        directory: Directory,
+        pipeline: SessionPipeline,
     ) -> None:
         self._config = config
         self._sessions = sessions
         self._registry = registry
         self._auth = auth
         self._metrics = metrics
-        self._directory = directory or MemoryDirectory()
-        self.accepting = True
-        #: Set when replicas share a directory: Connect streams whose session is elsewhere are relayed there.
-        self.scaleout: ScaleOut | None = None
+        self._directory = directory
+        self._pipeline = pipeline
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a grpc.aio server."""
@@ -74,18 +71,16 @@ class AgentService:
     def connect_method(self, peer: Authenticator | None = None) -> grpc.RpcMethodHandler:
         """The Connect handler; with `peer`, for agent streams another replica relays (served here)."""
 
-        async def connect(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def connect(_requests: Any, context: ServicerContext) -> None:
             await self.serve_connect(context, peer)
 
         return grpc.stream_stream_rpc_method_handler(connect)
 
-    async def _register(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _register(self, _requests: Any, context: ServicerContext) -> None:
         try:
             reg = await self._accept_registration(context)
         except RouterError as err:
-            self._metrics.error("register", err.code)
-            audit.refused("register", err, audit.peer_of(context))
-            await abort(context, err.code, err.message)
+            await self._pipeline.refuse(GrpcSide(context, is_client=False), "register", err)
             return
         self._registry.register(reg)
         self._metrics.agents_registered.set(len(self._registry))
@@ -103,8 +98,8 @@ class AgentService:
             self._metrics.agents_registered.set(len(self._registry))
             log.info("agent %s unregistered", reg.agent_id)
 
-    async def _accept_registration(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentRegistration:
-        if not self.accepting:
+    async def _accept_registration(self, context: ServicerContext) -> AgentRegistration:
+        if not self._sessions.accepting:
             raise Unavailable("router is draining; register with another replica")
         identity = await authenticate_call(self._auth, context)
         try:
@@ -129,7 +124,7 @@ class AgentService:
             agent_id=hello.agent_id, workflow_id=hello.workflow_id, task=hello.task, operations=tuple(hello.operations)
         )
 
-    async def _serve_registration(self, reg: AgentRegistration, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _serve_registration(self, reg: AgentRegistration, context: ServicerContext) -> None:
         interval = self._config.heartbeat_interval
         await context.write(
             pb.RegisterResponse(
@@ -159,37 +154,30 @@ class AgentService:
                 with contextlib.suppress(BaseException):
                     await task
 
-    async def serve_connect(
-        self, context: grpc.aio.ServicerContext[Any, Any], peer: Authenticator | None = None
-    ) -> None:
-        """Serve one agent Connect stream: join (or relay to the replica holding the session), relay."""
+    async def serve_connect(self, context: ServicerContext, peer: Authenticator | None = None) -> None:
+        """Serve one agent Connect stream: a standby stream is parked, a session stream goes to the pipeline."""
+        side = GrpcSide(context, is_client=False, merge_frames=peer is None)
+        await (await self._prepare(side, context, peer))
+
+    async def _prepare(
+        self, side: GrpcSide, context: ServicerContext, peer: Authenticator | None
+    ) -> Coroutine[Any, Any, None]:
+        """Authenticate and parse; the serving (or refusal) of the stream, to await."""
+        identity = None
         try:
             identity = await authenticate_call(peer or self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
             try:
-                request = pb.ConnectRequest.FromString(raw)
+                init = pb.ConnectRequest.FromString(raw).init
             except DecodeError as err:
                 raise InvalidArgument(f"malformed init message: {err}") from None
-            parked = None
-            if request.init.standby:
-                parked = self._park(identity, request.init, from_peer=peer is not None, context=context)
-            else:
-                if self.scaleout is not None:
-                    place = await self.scaleout.place_agent(identity, request.init, from_peer=peer is not None)
-                    if place.owner is not None:
-                        await self.scaleout.relay_agent(place.owner, identity, raw, request.init, context)
-                        return
-                session = self._sessions.join_agent(identity, request.init)
+            if init.standby:
+                stream, reg = self._park(identity, init, from_peer=peer is not None, context=context)
+                return self._serve_standby(stream, reg, context)
         except RouterError as err:
-            self._metrics.error("connect", err.code)
-            audit.refused("connect", err, audit.peer_of(context))
-            await abort(context, err.code, err.message)
-            return
-        del identity, raw, request  # this frame lives as long as the session: keep only the session
-        if parked is not None:
-            await self._serve_standby(*parked, context)
-        else:
-            await self._run_agent_side(session, ContextEndpoint(context), context)
+            return self._pipeline.refuse(side, CONNECT, err, identity)
+        join = AgentJoin(identity, init, raw, self._config.rendezvous_timeout, from_peer=peer is not None)
+        return self._pipeline.serve_agent(side, join)
 
     def _park(
         self,
@@ -197,7 +185,7 @@ class AgentService:
         init: pb.ConnectInit,
         *,
         from_peer: bool,
-        context: grpc.aio.ServicerContext[Any, Any],
+        context: ServicerContext,
     ) -> tuple[StandbyStream, AgentRegistration]:
         """Check a standby Connect stream (same credentials and role as any Connect) and park it."""
         check_id("workflow_id", init.workflow_id, required=True)
@@ -207,7 +195,7 @@ class AgentService:
         identity.require_workflow(init.workflow_id)
         if init.session_key:
             raise InvalidArgument("a standby stream carries no session key")
-        if not self.accepting:
+        if not self._sessions.accepting:
             raise Unavailable("router is draining; no standby streams are parked")
         reg = None if from_peer else self._registry.exact(init.workflow_id, init.task)
         if reg is None or reg.agent_id != init.agent_id or reg.closed:
@@ -226,9 +214,7 @@ class AgentService:
         stream.first_read.add_done_callback(lambda _read: stream.end())
         return stream, reg
 
-    async def _serve_standby(
-        self, stream: StandbyStream, reg: AgentRegistration, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
+    async def _serve_standby(self, stream: StandbyStream, reg: AgentRegistration, context: ServicerContext) -> None:
         """Hold a parked standby stream until a session takes it, the agent closes it, or it is ended."""
         try:
             session = await stream.outcome
@@ -251,62 +237,12 @@ class AgentService:
             if read.cancelled() or read.exception() is not None or read.result() is grpc.aio.EOF:
                 return  # the agent closed it
             err = InvalidArgument("a standby stream sends nothing before its SessionOpen")
-            self._metrics.error("connect", err.code)
+            self._metrics.error(CONNECT, err.code)
             await abort(context, err.code, err.message)
             return
         self._metrics.standby_sessions_total.labels(session.operation_name).inc()
-        await self._run_agent_side(session, _PrefetchEndpoint(context, stream.first_read), context)
-
-    async def _run_agent_side(
-        self, session: Session, endpoint: Endpoint, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        """The agent's side of a session: wait for the client, send SessionOpen, relay."""
-        clean = False
-        try:
-            if not session.paired.is_set():
-                await self._sessions.wait_paired(session, self._config.rendezvous_timeout)
-            self._metrics.agent_sessions_by_transport.labels(session.operation_name, "grpc").inc()
-            await context.write(session.open_message)
-            await relay_side(
-                session,
-                endpoint,
-                is_client=False,
-                flow_control_timeout=self._config.flow_control_timeout,
-                hooks=self._metrics,
-            )
-            clean = True
-        except RouterError as err:
-            await abort(context, err.code, err.message)
-        except BaseException as err:
-            log.info("agent stream of session %s ended: %r", session.key[:8], err)
-            raise
-        finally:
-            if not clean:
-                session.fail(Unavailable("the agent disconnected"))
-                self._sessions.remove(session)
-
-
-class _PrefetchEndpoint:
-    """A standby stream as a relay Endpoint: its first read is the one started when it was parked."""
-
-    __slots__ = ("_context", "_first")
-
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], first: asyncio.Future[Any]) -> None:
-        self._context = context
-        self._first: asyncio.Future[Any] | None = first
-
-    async def read(self) -> bytes | None:
-        """The next encoded message, or None once the agent half-closed."""
-        first, self._first = self._first, None
-        message = await (first if first is not None else self._context.read())
-        if message is grpc.aio.EOF:
-            return None
-        assert isinstance(message, bytes)
-        return message
-
-    async def write(self, message: bytes) -> None:
-        """Send one encoded message."""
-        await self._context.write(message)
+        side = GrpcSide(context, is_client=False, first_read=stream.first_read)
+        await self._pipeline.run_agent(session, side, self._config.rendezvous_timeout)
 
 
 def _retrieve(read: asyncio.Future[Any]) -> None:
@@ -314,7 +250,7 @@ def _retrieve(read: asyncio.Future[Any]) -> None:
         read.exception()
 
 
-async def _drain_heartbeats(context: grpc.aio.ServicerContext[Any, Any], reg: AgentRegistration) -> None:
+async def _drain_heartbeats(context: ServicerContext, reg: AgentRegistration) -> None:
     """Read the agent's side of Register until it ends (heartbeats only)."""
     while True:
         message = await context.read()

@@ -1,29 +1,69 @@
-"""Adapters from gRPC server contexts to the relay's Endpoint interface, and init reading."""
+"""gRPC server calls as pipeline Sides, and what every gRPC entry point does first: authenticate, read the init."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from osmo_router.router.auth.identity import Authenticator, Identity
-from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument, Unauthenticated
-from osmo_router.wire.protocol import INIT_TAG
+from osmo_router.wire.codec import INIT_TAG
+from osmo_router.wire.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    RouterError,
+    Unauthenticated,
+    Unavailable,
+)
+
+ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
-class ContextEndpoint:
-    """A server-side stream of encoded messages (the handler was registered without (de)serializers)."""
+def peer_of(context: ServicerContext) -> str:
+    """The peer address of a call, as gRPC reports it."""
+    try:
+        return str(context.peer())
+    except Exception:
+        return "unknown"
 
-    __slots__ = ("_context",)
 
-    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+class GrpcSide:
+    """A server-side gRPC stream as a pipeline Side (handlers registered without (de)serializers).
+
+    `first_read` is a read already started (a parked standby stream's): it is taken over, never
+    cancelled. A transport failure under a read or write (the call was torn down) is raised as
+    the RouterError of a side that went away.
+    """
+
+    __slots__ = ("_context", "_first", "_is_client", "merge_frames", "peer")
+    transport = "grpc"
+
+    def __init__(
+        self,
+        context: ServicerContext,
+        *,
+        is_client: bool,
+        first_read: asyncio.Future[Any] | None = None,
+        merge_frames: bool = True,
+    ) -> None:
         self._context = context
+        self._is_client = is_client
+        self._first = first_read
+        self.merge_frames = merge_frames
+        self.peer = peer_of(context)
 
     async def read(self) -> bytes | None:
         """The next encoded message, or None once the peer half-closed."""
-        message = await self._context.read()
+        first, self._first = self._first, None
+        try:
+            message = await (first if first is not None else self._context.read())
+        except RouterError:
+            raise
+        except Exception as err:
+            raise self._gone(err) from None
         if message is grpc.aio.EOF:
             return None
         assert isinstance(message, bytes)
@@ -31,14 +71,38 @@ class ContextEndpoint:
 
     async def write(self, message: bytes) -> None:
         """Send one encoded message."""
-        await self._context.write(message)
+        try:
+            await self._context.write(message)
+        except RouterError:
+            raise
+        except Exception as err:
+            raise self._gone(err) from None
+
+    async def accept(self) -> None:
+        """Nothing to do: a gRPC stream is accepted once its handler runs."""
+
+    async def send_first(self, message: bytes) -> None:
+        """The ready or SessionOpen goes out as it is."""
+        await self.write(message)
+
+    async def refuse(self, error: RouterError) -> None:
+        """End the call with the error's status."""
+        await abort(self._context, error.code, error.message)
+
+    async def finish(self) -> None:
+        """Nothing to do: the call ends with status OK when its handler returns."""
+
+    def _gone(self, err: Exception) -> RouterError:
+        if self._is_client:
+            return Cancelled(f"the client's stream broke ({type(err).__name__})")
+        return Unavailable(f"the agent disconnected ({type(err).__name__})")
 
 
 #: How long sending an error status may wait behind unread data before the handler gives up on it.
 ABORT_TIMEOUT = 1.0
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str) -> None:
+async def abort(context: ServicerContext, code: grpc.StatusCode, message: str) -> None:
     """End the call with an error status without waiting on a peer that stopped reading.
 
     The status goes out behind the data already queued on the stream, so on a stalled stream
@@ -56,7 +120,7 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCo
 REFUSAL_GRACE = 1.0
 
 
-async def authenticate_call(auth: Authenticator, context: grpc.aio.ServicerContext[Any, Any]) -> Identity:
+async def authenticate_call(auth: Authenticator, context: ServicerContext) -> Identity:
     """The caller's identity; on refusal, its first message is let in (briefly) before Unauthenticated is raised.
 
     A status sent while the caller's first write is still in flight fails that call with INTERNAL
@@ -71,7 +135,7 @@ async def authenticate_call(auth: Authenticator, context: grpc.aio.ServicerConte
         raise
 
 
-async def read_init(context: grpc.aio.ServicerContext[Any, Any], timeout: float) -> bytes:
+async def read_init(context: ServicerContext, timeout: float) -> bytes:
     """The encoded init message that must open every stream, within `timeout` seconds."""
     try:
         async with asyncio.timeout(timeout):

@@ -15,15 +15,21 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from osmo_router.router.core.sessions import Session
+from osmo_router.wire.ops import LABELS
 
-OPERATIONS = ("exec", "portforward", "rsync")
 DIRECTIONS = ("client_to_agent", "agent_to_client")
 
 
 class RouterMetrics:
     """The router's metrics, with the names and labels of DESIGN.md."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        live_sessions: Callable[[], Iterable[Session]] = tuple,
+        pending: Callable[[], int] = int,
+        standby: Callable[[], int] = int,
+    ) -> None:
+        """`live_sessions`, `pending` and `standby` are read at scrape time (exact without bookkeeping)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_active = Gauge(
@@ -91,13 +97,15 @@ class RouterMetrics:
             ["operation", "code", "transport"],
             registry=r,
         )
-        for op in OPERATIONS:
+        for op in LABELS:
             self.sessions_active.labels(op)
             for direction in DIRECTIONS:
                 self.bytes_total.labels(op, direction)
-        self._bytes = {(op, d): self.bytes_total.labels(op, d) for op in OPERATIONS for d in DIRECTIONS}
-        #: The live sessions whose counts a render folds in first (set by the server).
-        self.live_sessions: Callable[[], Iterable[Session]] = tuple
+        self._bytes = {(op, d): self.bytes_total.labels(op, d) for op in LABELS for d in DIRECTIONS}
+        #: The live sessions whose counts a render folds in first.
+        self.live_sessions = live_sessions
+        self.rendezvous_pending.set_function(pending)
+        self.standby_streams.set_function(standby)
 
     def count_bytes(self, session: Session, direction: str, size: int) -> None:
         """Relay hook: count one chunk (plain integer additions; folded in later)."""
@@ -121,6 +129,12 @@ class RouterMetrics:
     def flow_control_timeout(self, session: Session) -> None:
         """Relay hook: a reader stalled."""
         self.flow_control_timeouts_total.inc()
+
+    def session_started(self, operation: str, transport: str) -> None:
+        """Count a session whose client side started relaying (`transport`: the client's)."""
+        self.sessions_active.labels(operation).inc()
+        self.sessions_total.labels(operation).inc()
+        self.sessions_by_transport.labels(operation, transport).inc()
 
     def error(self, operation: str, code: grpc.StatusCode, transport: str = "grpc") -> None:
         """Count a stream that ended with an error."""

@@ -9,19 +9,11 @@ relayed to the right one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
+from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
 from osmo_router.wire.errors import Unavailable
-
-
-@dataclass(frozen=True)
-class Owner:
-    """The replica that holds an agent or a session, and the address other replicas reach it at."""
-
-    replica: str
-    address: str
 
 
 class DirectoryUnavailable(Unavailable):

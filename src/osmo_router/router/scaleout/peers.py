@@ -17,9 +17,10 @@ import grpc
 
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.scaleout.directory import Owner
+from osmo_router.router.core.placement import Owner
+from osmo_router.wire.codec import ENCODED_SESSION_END
 from osmo_router.wire.errors import InvalidArgument, RouterError, Unauthenticated, Unavailable, from_status
-from osmo_router.wire.protocol import ENCODED_SESSION_END, channel_options
+from osmo_router.wire.protocol import channel_options
 
 PEER_SERVICE = "osmo.router.v1.RouterPeerService"
 PEER_SECRET_HEADER = "osmo-peer-secret"

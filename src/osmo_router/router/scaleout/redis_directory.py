@@ -35,8 +35,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
-from osmo_router.router.scaleout.directory import DirectoryUnavailable, Owner, SessionAlive
+from osmo_router.router.scaleout.directory import DirectoryUnavailable, SessionAlive
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,47 +1,30 @@
 """The old router's WebSocket endpoints, served by this router on `--ws-port` (aiohttp, same event loop).
 
-A WebSocket side joins the same SessionStore as a gRPC side (`join_client` / `join_agent`), with
-the same Authenticator, limits, relay and metrics; it only adds the translation of
-`router/ws_endpoints.py`. So a WS client can meet a gRPC agent, a gRPC client an old WS backend,
-and either transport its own kind.
+An endpoint parses the URL, authenticates, builds a WebSocket Side (ws/sides.py) and hands it to
+the same SessionPipeline as a gRPC stream: same limits, placement across replicas, relay, metrics
+and audit. So a WS client can meet a gRPC agent, a gRPC client an old WS backend, and either
+transport its own kind.
 """
 
 from __future__ import annotations
 
 import ssl
-import time
-import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from osmo_router import __version__
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.core import audit
-from osmo_router.router.core.relay import relay_side
-from osmo_router.router.core.sessions import Session, SessionStore
-from osmo_router.router.ops.metrics import RouterMetrics
+from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
+from osmo_router.router.core.side import AgentJoin, ClientJoin
 from osmo_router.router.ws.init import client_init
-from osmo_router.router.ws.sides import WsBackendEndpoint, WsClientEndpoint, close_with_error
-from osmo_router.router.ws_relay import relay_backend, relay_client
-from osmo_router.wire.errors import Cancelled, InvalidArgument, RouterError, Unavailable
+from osmo_router.router.ws.sides import WsBackendSide, WsClientSide
+from osmo_router.wire.errors import InvalidArgument, RouterError
+from osmo_router.wire.ops import BY_LABEL, Operation
 from osmo_router.wire.protocol import AUTHORIZATION_HEADER, pb
-from osmo_router.wire.wsproto import (
-    ERROR_HEADER,
-    MAX_ERROR_HEADER,
-    OPERATIONS,
-    SESSION_PATH,
-    VERSION_PATH,
-    size_message,
-)
+from osmo_router.wire.wsproto import SESSION_PATH, VERSION_PATH
 
-if TYPE_CHECKING:
-    from osmo_router.router.scaleout.placer import ScaleOut
-
-#: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
-_HTTP_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "INVALID_ARGUMENT": 400, "UNAVAILABLE": 503}
 #: Longest `?timeout=` a client may ask for, in seconds.
 MAX_RENDEZVOUS_TIMEOUT = 3600.0
 #: How long closing a WebSocket waits for the peer's close frame.
@@ -77,18 +60,13 @@ def rendezvous_timeout(query: Mapping[str, str], default: float) -> float:
 class WsServer:
     """The aiohttp application of the WebSocket endpoints, and its listener."""
 
-    def __init__(
-        self, config: RouterConfig, sessions: SessionStore, auth: Authenticator, metrics: RouterMetrics
-    ) -> None:
+    def __init__(self, config: RouterConfig, auth: Authenticator, pipeline: SessionPipeline) -> None:
         self._config = config
-        self._sessions = sessions
         self._auth = auth
-        self._metrics = metrics
+        self._pipeline = pipeline
         self._runner: web.AppRunner | None = None
-        # The exec client's first message, passed verbatim to a WS backend (byte compatibility).
-        self._first_messages: weakref.WeakKeyDictionary[Session, bytes] = weakref.WeakKeyDictionary()
-        #: With a shared directory (--redis-url): sides whose session is elsewhere are relayed there.
-        self.scaleout: ScaleOut | None = None
+        # An exec client's first message, passed verbatim to a WS backend (byte compatibility), by key.
+        self._first_messages: dict[str, bytes] = {}
         self.port = 0
 
     def app(self) -> web.Application:
@@ -127,9 +105,9 @@ class WsServer:
             timeout=CLOSE_TIMEOUT,
         )
 
-    async def _authenticate(self, request: web.Request, operation: str) -> Identity:
-        if operation not in OPERATIONS:
-            raise InvalidArgument(f"unknown operation {operation!r} (exec, portforward or rsync)")
+    async def _authenticate(self, request: web.Request, operation: Operation | None) -> Identity:
+        if operation is None:
+            raise InvalidArgument(f"unknown operation {request.match_info['operation']!r} (exec, portforward or rsync)")
         header = request.headers.get("Authorization")
         token = request.query.get("token")
         metadata: list[tuple[str, str]] = []
@@ -139,159 +117,54 @@ class WsServer:
             metadata.append((AUTHORIZATION_HEADER, f"Bearer {token}"))
         return await self._auth.authenticate(metadata)
 
-    async def _refuse(self, operation: str, err: RouterError, request: web.Request) -> web.Response:
-        self._metrics.error(operation, err.code, "ws")
-        audit.refused(operation, err, request.remote or "unknown", transport="ws")
-        text = f"{err.code.name}: {err.message}"
-        # A header carries the cause too: WebSocket clients see a refused handshake's headers, not its body.
-        line = "".join(ch if 0x20 <= ord(ch) < 0x7F else " " for ch in text)[:MAX_ERROR_HEADER]
-        return web.Response(status=_HTTP_STATUS.get(err.code.name, 400), headers={ERROR_HEADER: line}, text=text + "\n")
-
     async def _client(self, request: web.Request) -> web.StreamResponse:
-        op_name, workflow, key = (request.match_info[k] for k in ("operation", "workflow", "key"))
+        workflow, key = request.match_info["workflow"], request.match_info["key"]
+        operation = BY_LABEL.get(request.match_info["operation"])
+        label = operation.label if operation is not None else "unknown"
+        side = WsClientSide(request, self._websocket())
+        identity = None
         try:
-            identity = await self._authenticate(request, op_name)
-        except RouterError as err:
-            return await self._refuse(op_name if op_name in OPERATIONS else "unknown", err, request)
-        ws = self._websocket()
-        await ws.prepare(request)
-        try:
+            identity = await self._authenticate(request, operation)
+            assert operation is not None
+            await side.accept()
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
-            init = await client_init(ws, OPERATIONS[op_name], workflow, key, request.query, self._config.init_timeout)
-            if self.scaleout is not None:
-                place = await self.scaleout.place_client(identity, init.target, from_peer=False)
-                if place.owner is not None:
-                    peer, buffer = request.remote or "unknown", self._config.flow_control_buffer
-                    await relay_client(self.scaleout, place.owner, ws, identity, init, peer, buffer)
-                    return ws
-            session = self._sessions.join_client(identity, OPERATIONS[op_name], init.target, init.open_msg)
+            init = await client_init(side.ws, operation.value, workflow, key, request.query, self._config.init_timeout)
         except RouterError as err:
-            self._metrics.error(op_name, err.code, "ws")
-            audit.refused(op_name, err, request.remote or "unknown", identity, transport="ws")
-            await close_with_error(ws, err)
-            return ws
-        if init.first_message is not None:
-            self._first_messages[session] = init.first_message
-        endpoint = WsClientEndpoint(
-            ws, session, parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof
-        )
-        await self._run_client(session, ws, endpoint, timeout, request.remote or "unknown")
-        return ws
-
-    async def _run_client(
-        self, session: Session, ws: web.WebSocketResponse, endpoint: WsClientEndpoint, timeout: float, peer: str
-    ) -> None:
-        op_name = session.operation_name
-        started, clean, active = time.monotonic(), False, False
-        failure: RouterError | None = None
+            await self._pipeline.refuse(side, label, err, identity)
+            return side.response
+        side.set_extensions(parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof)
+        raw_init = operation.encode_init(getattr(init.open_msg, operation.open_field))
+        join = ClientJoin(identity, operation, init.target, init.open_msg, raw_init, timeout)
+        first = init.first_message
+        if first is not None:
+            self._first_messages.setdefault(key, first)
+        del init
         try:
-            if not session.paired.is_set():
-                await self._sessions.wait_paired(session, timeout)
-            if session.paired_at is not None:
-                self._metrics.rendezvous_duration.labels(op_name).observe(session.paired_at - session.created)
-            self._metrics.sessions_active.labels(op_name).inc()
-            self._metrics.sessions_total.labels(op_name).inc()
-            self._metrics.sessions_by_transport.labels(op_name, "ws").inc()
-            active = True
-            audit.session_event("session start", session, peer, transport="ws")
-            await relay_side(
-                session,
-                endpoint,
-                is_client=True,
-                flow_control_timeout=self._config.flow_control_timeout,
-                hooks=self._metrics,
-            )
-            clean = True
-        except RouterError as err:
-            failure = err
-        except (ConnectionError, RuntimeError) as err:  # the WebSocket broke under a write
-            failure = Cancelled(f"the client's WebSocket broke: {err}")
+            await self._pipeline.serve_client(side, join)
         finally:
-            if not clean:
-                session.fail(failure or Cancelled("the client went away"))
-            self._sessions.remove(session)
-            if active:
-                self._metrics.sessions_active.labels(op_name).dec()
-                audit.session_event("session end", session, peer, time.monotonic() - started, transport="ws")
-        if failure is not None:
-            self._metrics.error(op_name, failure.code, "ws")
-            await close_with_error(ws, failure)
-        elif not ws.closed:
-            await ws.close()
+            if first is not None and self._first_messages.get(key) is first:
+                del self._first_messages[key]
+        return side.response
 
     async def _backend(self, request: web.Request) -> web.StreamResponse:
-        op_name, workflow, key = (request.match_info[k] for k in ("operation", "workflow", "key"))
+        workflow, key = request.match_info["workflow"], request.match_info["key"]
+        operation = BY_LABEL.get(request.match_info["operation"])
+        send_init = request.query.get("init", "") in ("1", "true")
+        side = WsBackendSide(
+            request, self._websocket(), operation, key=key, send_init=send_init, first_messages=self._first_messages
+        )
         init = pb.ConnectInit(
             session_key=key,
-            agent_id=f"ws-backend@{request.remote or 'unknown'}",
+            agent_id=f"ws-backend@{side.peer}",
             workflow_id=workflow,
             task=request.query.get("task", ""),
         )
         try:
-            identity = await self._authenticate(request, op_name)
+            identity = await self._authenticate(request, operation)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
-            place = await self.scaleout.place_agent(identity, init, from_peer=False) if self.scaleout else None
-            # Joined before the upgrade: once a backend's handshake is done, a client finds it.
-            session = self._sessions.join_agent(identity, init) if place is None or place.owner is None else None
         except RouterError as err:
-            return await self._refuse("connect", err, request)
-        send_init = request.query.get("init", "") in ("1", "true")
-        if session is None:
-            assert self.scaleout is not None and place is not None and place.owner is not None
-            ws = self._websocket()
-            await ws.prepare(request)
-            peer, buffer = request.remote or "unknown", self._config.flow_control_buffer
-            operation = OPERATIONS[op_name]
-            await relay_backend(self.scaleout, place.owner, ws, identity, init, operation, send_init, peer, buffer)
-            return ws
-        ws = self._websocket()
-        try:
-            await ws.prepare(request)
-        except BaseException:
-            session.fail(Unavailable("the backend went away during the handshake"))
-            self._sessions.remove(session)
-            raise
-        await self._run_backend(session, ws, OPERATIONS[op_name], timeout, send_init)
-        return ws
-
-    async def _run_backend(
-        self, session: Session, ws: web.WebSocketResponse, operation: int, timeout: float, send_init: bool
-    ) -> None:
-        clean = False
-        failure: RouterError | None = None
-        try:
-            if not session.paired.is_set():
-                await self._sessions.wait_paired(session, timeout)
-            if session.operation != operation:
-                raise InvalidArgument(f"the session is {session.operation_name}, this backend serves another")
-            self._metrics.agent_sessions_by_transport.labels(session.operation_name, "ws").inc()
-            if send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
-                await ws.send_bytes(pb.ConnectResponse.FromString(session.open_message).open.SerializeToString())
-            elif operation == pb.OPERATION_EXEC:
-                await ws.send_bytes(self._first_messages.get(session) or _size_of(session))
-            await relay_side(
-                session,
-                WsBackendEndpoint(ws, operation=operation),
-                is_client=False,
-                flow_control_timeout=self._config.flow_control_timeout,
-                hooks=self._metrics,
-            )
-            clean = True
-        except RouterError as err:
-            failure = err
-        except (ConnectionError, RuntimeError) as err:
-            failure = Unavailable(f"the backend's WebSocket broke: {err}")
-        finally:
-            if not clean:
-                session.fail(failure or Unavailable("the agent disconnected"))
-                self._sessions.remove(session)
-        if failure is not None:
-            await close_with_error(ws, failure)
-        elif not ws.closed:
-            await ws.close()
-
-
-def _size_of(session: Session) -> bytes:
-    """The size message for a WS backend whose client came over gRPC (from the ExecInit)."""
-    init = pb.ConnectResponse.FromString(session.open_message).open.exec
-    return size_message(init.size.rows, init.size.cols)
+            await self._pipeline.refuse(side, CONNECT, err)
+            return side.response
+        raw_init = pb.ConnectRequest(init=init).SerializeToString()
+        await self._pipeline.serve_agent(side, AgentJoin(identity, init, raw_init, timeout))
+        return side.response

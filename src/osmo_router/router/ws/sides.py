@@ -1,57 +1,68 @@
-"""Old-protocol WebSockets as the relay's Endpoints: WS messages in and out, encoded frames inside.
+"""Old-protocol WebSockets as pipeline Sides: WS messages in and out, encoded frames inside.
 
 The relay, its flow control and its metrics only see encoded frame messages (field 2 = Frame,
 the same bytes on every stream), so a WebSocket side meets a gRPC side, or another WebSocket
-side, through the same code path. The translation is `wsproto.frame_to_message` and
+side, through the same pipeline. The translation is `wsproto.frame_to_message` and
 `wsproto.message_to_frame`; what the old protocol cannot carry is handled here:
 
-- towards a WS client, an exit status is dropped (or, with the `exit=1` extension, becomes the
-  reason of the final close), and so is the agent's half-close (or, with `eof=1`, it is the empty
-  message); an error frame closes with code 4000 and `CODE: message`;
+- towards a WS client, the ready is dropped (the old protocol has none), an exit status is dropped
+  (or, with the `exit=1` extension, becomes the reason of the final close), and so is the agent's
+  half-close (or, with `eof=1`, it is the empty message); an error closes with code 4000 and
+  `CODE: message`;
 - from a WS backend, the end of its pipe (empty message or close) is its half-close, and for exec
   it also stands for exit status 0: the old protocol has no exit codes, and its clients took a
-  clean end as success.
+  clean end as success;
+- a refusal before the upgrade is an HTTP status with the cause in a header (WebSocket clients
+  see a refused handshake's headers, not its body);
+- queued data frames are never merged into one message: the old protocol's messages each mean
+  something (a port-forward control message, a datagram).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import grpc
 from aiohttp import WSMsgType, web
 
-from osmo_router.router.core.sessions import Session
-from osmo_router.wire.errors import Cancelled, RouterError
-from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, pb
+from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
+from osmo_router.wire.errors import Cancelled, InvalidArgument, RouterError, Unavailable
+from osmo_router.wire.ops import Operation, operation_of
+from osmo_router.wire.protocol import pb
 from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
+    ERROR_HEADER,
+    MAX_ERROR_HEADER,
     error_from_reason,
     error_reason,
     exit_from_reason,
     exit_reason,
     frame_to_message,
     message_to_frame,
+    size_message,
 )
 
-#: Message types that end a WebSocket's stream of messages.
-_ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+#: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
+HTTP_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "INVALID_ARGUMENT": 400, "UNAVAILABLE": 503}
 
 
-def encode(frame: pb.Frame) -> bytes:
-    """A frame as the relay carries it (an encoded message whose field 2 is the frame)."""
-    return pb.ConnectRequest(frame=frame).SerializeToString()
-
-
-def decode(message: bytes) -> pb.Frame:
-    """The frame inside an encoded frame message."""
-    return pb.ConnectRequest.FromString(message).frame
+def http_refusal(error: RouterError) -> web.Response:
+    """The HTTP answer to a request refused before its upgrade."""
+    text = f"{error.code.name}: {error.message}"
+    line = "".join(ch if 0x20 <= ord(ch) < 0x7F else " " for ch in text)[:MAX_ERROR_HEADER]
+    return web.Response(status=HTTP_STATUS.get(error.code.name, 400), headers={ERROR_HEADER: line}, text=text + "\n")
 
 
 async def close_with_error(ws: web.WebSocketResponse, error: RouterError) -> None:
     """Close a WebSocket with code 4000 and the error as its reason (bounded by the ws timeout)."""
     with contextlib.suppress(Exception):
         await ws.close(code=CLOSE_ERROR, message=error_reason(error.code, error.message).encode())
+
+
+#: Message types that end a WebSocket's stream of messages.
+_ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 async def _receive(ws: web.WebSocketResponse) -> bytes | str | None:
@@ -69,29 +80,73 @@ async def _receive(ws: web.WebSocketResponse) -> bytes | str | None:
             return None
 
 
-class WsClientEndpoint:
+class _WsSide:
+    """What both WebSocket sides share: the request, its WebSocket, refusals before and after the upgrade."""
+
+    transport = "ws"
+    merge_frames = False
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self._request = request
+        self._refusal: web.Response | None = None
+        self.peer = request.remote or "unknown"
+
+    @property
+    def response(self) -> web.StreamResponse:
+        """What the aiohttp handler returns: the refusal before the upgrade, else the WebSocket."""
+        return self._refusal if self._refusal is not None else self.ws
+
+    async def accept(self) -> None:
+        """Upgrade to a WebSocket (a no-op once done)."""
+        if not self.ws.prepared:
+            await self.ws.prepare(self._request)
+
+    async def refuse(self, error: RouterError) -> None:
+        """Before the upgrade an HTTP status; after it, close code 4000 with `CODE: message`."""
+        if self.ws.prepared:
+            await close_with_error(self.ws, error)
+        else:
+            self._refusal = http_refusal(error)
+
+    async def finish(self) -> None:
+        """Close the WebSocket normally if it is still open."""
+        if self.ws.prepared and not self.ws.closed:
+            with contextlib.suppress(Exception):
+                await self.ws.close()
+
+    async def _send(self, payload: bytes) -> None:
+        try:
+            await self.ws.send_bytes(payload)
+        except (ConnectionError, RuntimeError) as err:
+            raise self._broken(err) from None
+
+    def _broken(self, err: Exception) -> RouterError:
+        raise NotImplementedError
+
+
+class WsClientSide(_WsSide):
     """The user's side of a session over the old protocol."""
 
-    def __init__(
-        self, ws: web.WebSocketResponse, session: Session, *, parse_resize: bool, want_exit: bool, want_eof: bool
-    ) -> None:
-        self._ws = ws
-        self._session = session
-        self._parse_resize = parse_resize
-        self._want_exit = want_exit
-        self._want_eof = want_eof
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+        super().__init__(request, ws)
+        self._parse_resize = self._want_exit = self._want_eof = False
         self._exit: pb.ExitStatus | None = None
         self._closing = False
 
+    def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool) -> None:
+        """What the client's URL asked for (see ws/init.py)."""
+        self._parse_resize, self._want_exit, self._want_eof = parse_resize, want_exit, want_eof
+
     async def read(self) -> bytes | None:
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
-        data = await _receive(self._ws)
-        if not isinstance(data, bytes):
-            if not self._closing:
-                # The old protocol: a close ends the whole pipe (an empty message is the EOF).
-                self._session.fail(Cancelled("the client closed its WebSocket"))
+        data = await _receive(self.ws)
+        if isinstance(data, bytes):
+            return encode_frame(message_to_frame(data, parse_resize=self._parse_resize))
+        if self._closing:
             return None
-        return encode(message_to_frame(data, parse_resize=self._parse_resize))
+        # The old protocol: a close ends the whole pipe (an empty message is the EOF).
+        raise Cancelled("the client closed its WebSocket")
 
     async def write(self, message: bytes) -> None:
         """Deliver an encoded frame (or the SessionEnd) to the client in the old form."""
@@ -101,68 +156,114 @@ class WsClientEndpoint:
             reason = exit_reason(self._exit) if self._want_exit and self._exit is not None else ""
             await self._close(CLOSE_NORMAL, reason)
             return
-        frame = decode(message)
+        frame = decode_frame(message)
         kind = frame.WhichOneof("kind")
         if kind == "exit_status":
             self._exit = frame.exit_status
         elif kind == "error":
-            code = _status_code(frame.error.code)
-            await self._close(CLOSE_ERROR, error_reason(code, frame.error.message))
+            await self._close(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
         elif kind == "half_close":
             if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
-                await self._ws.send_bytes(b"")
+                await self._send(b"")
         elif (payload := frame_to_message(frame, to_backend=False)) is not None:
-            await self._ws.send_bytes(payload)
+            await self._send(payload)
+
+    async def send_first(self, message: bytes) -> None:
+        """The old protocol has no ready message."""
 
     async def _close(self, code: int, reason: str) -> None:
         self._closing = True
-        await self._ws.close(code=code, message=reason.encode())
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.close(code=code, message=reason.encode())
+
+    def _broken(self, err: Exception) -> RouterError:
+        return Cancelled(f"the client's WebSocket broke: {err}")
 
 
-class WsBackendEndpoint:
-    """The container's side of a session over the old protocol (an old agent, or `agent --transport ws`)."""
+class WsBackendSide(_WsSide):
+    """The container's side of a session over the old protocol (an old agent, or `agent --transport ws`).
 
-    def __init__(self, ws: web.WebSocketResponse, *, operation: int) -> None:
-        self._ws = ws
-        self._is_exec = operation == pb.OPERATION_EXEC
+    Its upgrade waits until the session is joined (`accept`): once a backend's handshake is done, a
+    client finds it. For exec, the first message it gets is the client's own first message
+    (`first_messages`, by session key, when the client came over WebSocket) or a size message.
+    """
+
+    def __init__(
+        self,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        operation: Operation | None,
+        *,
+        key: str,
+        send_init: bool,
+        first_messages: Mapping[str, bytes],
+    ) -> None:
+        super().__init__(request, ws)
+        self._operation = operation
+        self._is_exec = operation is not None and operation.value == pb.OPERATION_EXEC
+        self._key = key
+        self._send_init = send_init
+        self._first_messages = first_messages
         self._half_closed = False
         self._pending: list[bytes | None] = []
+
+    async def send_first(self, message: bytes) -> None:
+        """The SessionOpen in the old form: nothing, the exec size message, or (`init=1`) the whole open."""
+        open_msg = pb.ConnectResponse.FromString(message).open
+        if self._operation is None or operation_of(open_msg) != self._operation.value:
+            raise InvalidArgument("the session is of another operation than this backend serves")
+        if self._send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
+            await self._send(open_msg.SerializeToString())
+        elif self._is_exec:
+            first = self._first_messages.get(self._key)
+            await self._send(first or size_message(open_msg.exec.size.rows, open_msg.exec.size.cols))
 
     async def read(self) -> bytes | None:
         """The backend's next message as an encoded frame; its end becomes a clean half-close."""
         while not self._pending:
-            data = await _receive(self._ws)
+            data = await _receive(self.ws)
             if isinstance(data, bytes):
                 if data:
-                    return encode(pb.Frame(data=data))
+                    return encode_frame(pb.Frame(data=data))
                 if not self._half_closed:  # the empty message: EOF of the backend's output
                     self._half_closed = True
                     return ENCODED_HALF_CLOSE
                 continue
-            # The close. The old protocol has no exit codes: a clean end of an exec backend is
-            # exit 0, unless its close reason carries one (the `exit` extension of new backends);
-            # a new backend reports an error as the router does, with code 4000 and `CODE: message`.
-            status = exit_from_reason(data) if isinstance(data, str) else None
-            if isinstance(data, str) and self._ws.close_code == CLOSE_ERROR:
-                err = error_from_reason(data)
-                self._pending.append(encode(pb.Frame(error=pb.Error(code=err.code.value[0], message=err.message))))
-            elif self._is_exec:
-                self._pending.append(encode(pb.Frame(exit_status=status or pb.ExitStatus(code=0))))
-            elif status is not None:
-                self._pending.append(encode(pb.Frame(exit_status=status)))
-            if not self._half_closed:
-                self._half_closed = True
-                self._pending.append(ENCODED_HALF_CLOSE)
-            self._pending.append(None)
+            self._pending.extend(self._ending(data))
         return self._pending.pop(0)
+
+    def _ending(self, reason: str | None) -> list[bytes | None]:
+        """The frames the backend's close stands for, then the end of its stream.
+
+        The old protocol has no exit codes: a clean end of an exec backend is exit 0, unless its
+        close reason carries one (the `exit` extension of new backends); a new backend reports an
+        error as the router does, with code 4000 and `CODE: message`.
+        """
+        out: list[bytes | None] = []
+        status = exit_from_reason(reason) if reason is not None else None
+        if reason is not None and self.ws.close_code == CLOSE_ERROR:
+            err = error_from_reason(reason)
+            out.append(encode_frame(pb.Frame(error=pb.Error(code=err.code.value[0], message=err.message))))
+        elif self._is_exec:
+            out.append(encode_frame(pb.Frame(exit_status=status or pb.ExitStatus(code=0))))
+        elif status is not None:
+            out.append(encode_frame(pb.Frame(exit_status=status)))
+        if not self._half_closed:
+            self._half_closed = True
+            out.append(ENCODED_HALF_CLOSE)
+        out.append(None)
+        return out
 
     async def write(self, message: bytes) -> None:
         """Deliver the client's encoded frame to the backend in the old form."""
-        frame = decode(message)
+        frame = decode_frame(message)
         if frame.WhichOneof("kind") == "resize" and not self._is_exec:
             return
-        if (payload := frame_to_message(frame, to_backend=True)) is not None and not self._ws.closed:
-            await self._ws.send_bytes(payload)
+        if (payload := frame_to_message(frame, to_backend=True)) is not None and not self.ws.closed:
+            await self._send(payload)
+
+    def _broken(self, err: Exception) -> RouterError:
+        return Unavailable(f"the backend's WebSocket broke: {err}")
 
 
 def _status_code(number: int) -> grpc.StatusCode:

@@ -1,0 +1,327 @@
+"""The session pipeline: the one code path from a parsed, authenticated stream to its end.
+
+Every entry point (gRPC client and agent services, the WebSocket endpoints, the peer service that
+other replicas relay through) builds a `Side` and hands it here with a `ClientJoin` or an
+`AgentJoin`. The pipeline then places the stream (here, or relayed to the replica that holds its
+other side), joins the rendezvous, waits for the other side, sends the first message, counts the
+metrics, writes the audit lines, relays, and ends or refuses the stream. Nothing in here knows
+which transport carries a side.
+
+Decisions kept on purpose:
+- A client that goes away is not an error of the router: it is counted in no error counter, on
+  either transport (the audit's end line says CANCELLED). Refusals and failures the router sees
+  are counted by operation, code and the client's transport.
+- An agent side that fails is not counted as an error either (its client's side counts the
+  session's failure once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from osmo_router.router.auth.identity import Identity
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.core import audit
+from osmo_router.router.core.placement import FarStream, Owner, Placer
+from osmo_router.router.core.relay import relay_side
+from osmo_router.router.core.sessions import Session, SessionStore
+from osmo_router.router.core.side import AgentJoin, ClientJoin, Side
+from osmo_router.router.ops.metrics import RouterMetrics
+from osmo_router.wire.codec import INIT_TAG
+from osmo_router.wire.errors import Cancelled, DeadlineExceeded, InvalidArgument, RouterError, Unavailable
+from osmo_router.wire.protocol import CLOSE_GRACE, pb
+
+#: The label of agent session streams in refusal metrics and audit lines.
+CONNECT = "connect"
+
+
+class RelayedHooks:
+    """Relay hooks of a stream relayed to another replica: bytes are counted by the owner, stalls here."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+
+    def count_bytes(self, session: Session, direction: str, size: int) -> None:
+        """Keep the counts on the session, for the relay's audit line."""
+        if direction == "client_to_agent":
+            session.bytes_to_agent += size
+        else:
+            session.bytes_to_client += size
+
+    def flow_control_timeout(self, session: Session) -> None:
+        """A reader stopped reading: counted like a local session's."""
+        self._metrics.flow_control_timeouts_total.inc()
+
+    def settle(self, session: Session) -> None:
+        """Nothing to fold: the owner counts these bytes into router_grpc_bytes_total."""
+
+
+class SessionPipeline:
+    """Places, pairs, relays and ends every session stream of one router."""
+
+    def __init__(
+        self, config: RouterConfig, sessions: SessionStore, metrics: RouterMetrics, placer: Placer | None = None
+    ) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._metrics = metrics
+        self._placer = placer
+        self._relayed_hooks = RelayedHooks(metrics)
+        self._relays: set[Session] = set()
+        self._relays_idle = asyncio.Event()
+        self._relays_idle.set()
+
+    async def refuse(self, side: Side, label: str, error: RouterError, identity: Identity | None = None) -> None:
+        """Refuse a stream before it became a session: count it, audit it, end the stream with the error."""
+        self._metrics.error(label, error.code, side.transport)
+        audit.refused(label, error, side.peer, identity, transport=side.transport)
+        await side.refuse(error)
+
+    async def serve_client(self, side: Side, join: ClientJoin) -> None:
+        """Serve a client stream from placement to its end."""
+        label = join.operation.label
+        try:
+            key = None
+            if self._placer is not None:
+                place = await self._placer.place_client(join.identity, join.target, from_peer=join.from_peer)
+                if place.owner is not None:
+                    await self._relay_client(side, place.owner, join)
+                    return
+                key = place.key
+            session = self._sessions.join_client(
+                join.identity, join.operation.value, join.target, join.open_msg, key=key
+            )
+        except RouterError as err:
+            await self.refuse(side, label, err, join.identity)
+            return
+        timeout = join.rendezvous_timeout
+        # This frame lives as long as the session: keep only what the session needs (with thousands
+        # of idle sessions, the parsed init and the identity's claims add up).
+        del join
+        await self._accept(side, session)
+        await self._run_client(session, side, timeout)
+
+    async def serve_agent(self, side: Side, join: AgentJoin) -> None:
+        """Serve an agent's (or an old backend's) session stream from placement to its end."""
+        try:
+            if self._placer is not None:
+                place = await self._placer.place_agent(join.identity, join.init, from_peer=join.from_peer)
+                if place.owner is not None:
+                    await self._relay_agent(side, place.owner, join)
+                    return
+            session = self._sessions.join_agent(join.identity, join.init)
+        except RouterError as err:
+            await self.refuse(side, CONNECT, err, join.identity)
+            return
+        timeout = join.rendezvous_timeout
+        del join
+        await self._accept(side, session)
+        await self.run_agent(session, side, timeout)
+
+    async def run_agent(self, session: Session, side: Side, timeout: float) -> None:
+        """The agent's side of a joined session: wait for the client, send SessionOpen, relay, end."""
+        clean = False
+        failure: RouterError | None = None
+        try:
+            if not session.paired.is_set():
+                await self._sessions.wait_paired(session, timeout)
+            self._metrics.agent_sessions_by_transport.labels(session.operation_name, side.transport).inc()
+            await side.send_first(session.open_message)
+            await self._relay(session, side, is_client=False)
+            clean = True
+        except RouterError as err:
+            failure = err
+        finally:
+            if not clean:
+                session.fail(failure or Unavailable("the agent disconnected"))
+                self._sessions.remove(session)
+        await (side.refuse(failure) if failure is not None else side.finish())
+
+    async def wait_relays_idle(self, timeout: float) -> bool:
+        """Wait until no stream is relayed to another replica, at most `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._relays_idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _accept(self, side: Side, session: Session) -> None:
+        try:
+            await side.accept()
+        except BaseException:
+            session.fail(Unavailable("the stream went away before it was accepted"))
+            self._sessions.remove(session)
+            raise
+
+    async def _run_client(self, session: Session, side: Side, timeout: float) -> None:
+        op_name = session.operation_name
+        started, clean, active = time.monotonic(), False, False
+        failure: RouterError | None = None
+        try:
+            if not session.paired.is_set():
+                await self._sessions.wait_paired(session, timeout)
+            if session.paired_at is not None:
+                self._metrics.rendezvous_duration.labels(op_name).observe(session.paired_at - session.created)
+            await side.send_first(_ready(session))
+            self._metrics.session_started(op_name, side.transport)
+            active = True
+            audit.session_event("session start", session, side.peer, transport=side.transport)
+            await self._relay(session, side, is_client=True)
+            clean = True
+        except RouterError as err:
+            failure = err
+        finally:
+            if not clean:
+                session.fail(failure or Cancelled("the client went away"))
+            self._sessions.remove(session)
+            if active:
+                self._metrics.sessions_active.labels(op_name).dec()
+                duration = time.monotonic() - started
+                audit.session_event("session end", session, side.peer, duration, transport=side.transport)
+        if failure is None:
+            await side.finish()
+            return
+        if not isinstance(failure, Cancelled):
+            self._metrics.error(op_name, failure.code, side.transport)
+        await side.refuse(failure)
+
+    async def _relay(self, session: Session, side: Side, *, is_client: bool) -> None:
+        await relay_side(
+            session,
+            side,
+            is_client=is_client,
+            flow_control_timeout=self._config.flow_control_timeout,
+            hooks=self._metrics,
+            merge=side.merge_frames,
+        )
+
+    async def _relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
+        session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject)
+        session.operation = join.operation.value
+        await self._relay_to_owner(side, owner, join.operation.method, session, join, near_is_client=True)
+
+    async def _relay_agent(self, side: Side, owner: Owner, join: AgentJoin) -> None:
+        session = self._stub(join.init.workflow_id, join.init.task, join.identity.subject)
+        await self._relay_to_owner(side, owner, "Connect", session, join, near_is_client=False)
+
+    def _stub(self, workflow_id: str, task: str, user: str) -> Session:
+        """A session object for a relayed stream: its queues and counts only (the owner holds the session)."""
+        session = Session(key="", workflow_id=workflow_id, task=task, buffer=self._config.flow_control_buffer)
+        session.user = user
+        return session
+
+    async def _relay_to_owner(
+        self,
+        side: Side,
+        owner: Owner,
+        method: str,
+        session: Session,
+        join: ClientJoin | AgentJoin,
+        *,
+        near_is_client: bool,
+    ) -> None:
+        """Relay the side's stream to `method` of the owner's peer service, for the same identity."""
+        assert self._placer is not None
+        placer = self._placer
+        label = session.operation_name if near_is_client else CONNECT
+        self._relays.add(session)
+        self._relays_idle.clear()
+        started = time.monotonic()
+        failure: RouterError | None = None
+        far: FarStream | None = None
+        try:
+            await side.accept()
+            via = f"{self._config.router_id} {side.peer}"
+            far = await placer.open_stream(owner, method, join.identity, via)
+            await side.send_first(await self._open_far(far, owner, join.raw_init))
+            del join
+            placer.relay_started(label)
+            try:
+                audit.relay_event("relay start", session, label, owner.replica, side.peer)
+                await self._pipe(session, side, far, near_is_client)
+            finally:
+                placer.relay_ended(label)
+                duration = time.monotonic() - started
+                audit.relay_event("relay end", session, label, owner.replica, side.peer, duration)
+        except RouterError as err:
+            failure = err
+        finally:
+            if far is not None:
+                far.cancel()
+            self._relays.discard(session)
+            if not self._relays:
+                self._relays_idle.set()
+        if failure is None:
+            await side.finish()
+            return
+        session.fail(failure)
+        placer.relay_failed(label, failure.code.name)
+        await side.refuse(failure)
+
+    async def _open_far(self, far: FarStream, owner: Owner, raw_init: bytes) -> bytes:
+        """Send the init to the owner and return its first answer (the client's ready, the agent's open)."""
+        assert self._placer is not None
+        try:
+            async with asyncio.timeout(self._placer.answer_timeout):
+                await far.write(raw_init)
+                first = await far.read()
+        except TimeoutError:
+            raise DeadlineExceeded(f"router replica {owner.replica} did not answer in time") from None
+        if first is None:
+            raise Unavailable(f"router replica {owner.replica} ended the stream before the session started")
+        if first[0] != INIT_TAG:
+            raise InvalidArgument(f"router replica {owner.replica} answered with something other than its ready")
+        return first
+
+    async def _pipe(self, session: Session, near: Side, far: FarStream, near_is_client: bool) -> None:
+        """Relay both streams; the near side plays its own role, the owner the other one.
+
+        Frames are never merged on a relayed hop: either end may be an old WebSocket side whose
+        messages each mean something.
+        """
+        far_side = asyncio.create_task(self._far_side(session, far, is_client=not near_is_client))
+        timeout = self._config.flow_control_timeout
+        try:
+            await relay_side(
+                session,
+                near,
+                is_client=near_is_client,
+                flow_control_timeout=timeout,
+                hooks=self._relayed_hooks,
+                merge=False,
+            )
+            # The agent's last frames may still be on their way to the owner.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout + CLOSE_GRACE):
+                    await asyncio.shield(far_side)
+            if far_side.done():
+                far_side.result()
+        finally:
+            if not far_side.done():
+                far.cancel()
+                far_side.cancel()
+            with contextlib.suppress(BaseException):
+                await far_side
+
+    async def _far_side(self, session: Session, far: FarStream, *, is_client: bool) -> None:
+        try:
+            await relay_side(
+                session,
+                far,
+                is_client=is_client,
+                flow_control_timeout=self._config.flow_control_timeout,
+                hooks=self._relayed_hooks,
+                merge=False,
+            )
+        except RouterError as err:
+            session.fail(err)
+            raise
+
+
+def _ready(session: Session) -> bytes:
+    """The client's encoded SessionReady (the same bytes for every operation's response type)."""
+    ready = pb.SessionReady(session_key=session.key, agent_id=session.agent_id)
+    return bytes(pb.ExecResponse(ready=ready).SerializeToString())
