@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -50,3 +51,11 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def fingerprint(key: str) -> str:
+    """A session key as logs show it: 12 hex digits of its SHA-256, which names the key without revealing it.
+
+    A prefix of the key would reveal most of a short key an orchestrator chose.
+    """
+    return hashlib.sha256(key.encode()).hexdigest()[:12]

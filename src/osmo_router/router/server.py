@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.core.pipeline import SessionPipeline
@@ -266,7 +267,9 @@ class RouterServer:
             now = time.monotonic()
             for session in self.sessions.sessions():
                 if session.paired.is_set() and now - session.last_activity > ttl and session.error is None:
-                    log.info("session %s idle for %.0fs: expired", session.key[:8], now - session.last_activity)
+                    log.info(
+                        "session %s idle for %.0fs: expired", fingerprint(session.key), now - session.last_activity
+                    )
                     self.metrics.sessions_expired_total.inc()
                     session.fail(DeadlineExceeded(f"session idle for longer than --session-ttl ({ttl:g}s)"))
 

@@ -1,7 +1,7 @@
 """The audit trail: one structured log line per session start, end and refusal.
 
 Logged on the `osmo_router.audit` logger with `fields`, so the JSON log format carries them as
-keys: user, workflow, task, operation, session (the first 8 characters of its key), peer, and at the
+keys: user, workflow, task, operation, session (a fingerprint of its key, not the key), peer, and at the
 end bytes each way, duration, the gRPC status and the remote exit status when the agent sent one.
 
 The exit status is noticed without decoding the relayed stream: the relay hands over only small
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.core.sessions import Session
 from osmo_router.wire.errors import RouterError
@@ -23,21 +24,25 @@ def session_event(
     event: str, session: Session, peer: str, duration: float | None = None, transport: str = "grpc"
 ) -> None:
     """Log the start (duration None) or the end of a session (`transport`: the client's, grpc or ws)."""
+    fields = _fields(event, session, session.operation_name, peer, duration)
+    fields.update(session=fingerprint(session.key), transport=transport)
+    if duration is not None and session.exit_status:
+        fields["exit_status"] = session.exit_status
+    log.info(event, extra={"fields": fields})
+
+
+def _fields(event: str, session: Session, operation: str, peer: str, duration: float | None) -> dict[str, object]:
     fields: dict[str, object] = {
         "event": event,
         "user": session.user,
         "workflow": session.workflow_id,
         "task": session.task,
-        "operation": session.operation_name,
-        "session": session.key[:8],
+        "operation": operation,
         "peer": peer,
-        "transport": transport,
     }
     if duration is not None:
         fields.update(end_fields(session, duration))
-        if session.exit_status:
-            fields["exit_status"] = session.exit_status
-    log.info(event, extra={"fields": fields})
+    return fields
 
 
 def end_fields(session: Session, duration: float) -> dict[str, object]:
@@ -72,15 +77,6 @@ def relay_event(
     event: str, session: Session, operation: str, replica: str, peer: str, duration: float | None = None
 ) -> None:
     """Log the start or end of a stream relayed to replica `replica` (which logs the session itself)."""
-    fields: dict[str, object] = {
-        "event": event,
-        "user": session.user,
-        "workflow": session.workflow_id,
-        "task": session.task,
-        "operation": operation,
-        "replica": replica,
-        "peer": peer,
-    }
-    if duration is not None:
-        fields.update(end_fields(session, duration))
+    fields = _fields(event, session, operation, peer, duration)
+    fields["replica"] = replica
     log.info(event, extra={"fields": fields})

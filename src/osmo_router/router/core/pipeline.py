@@ -42,13 +42,8 @@ class RelayedHooks:
 
     def __init__(self, metrics: RouterMetrics) -> None:
         self._metrics = metrics
-
-    def count_bytes(self, session: Session, direction: str, size: int) -> None:
-        """Keep the counts on the session, for the relay's audit line."""
-        if direction == "client_to_agent":
-            session.bytes_to_agent += size
-        else:
-            session.bytes_to_client += size
+        #: Counts stay on the session (for the relay's audit line), as for a local session.
+        self.count_bytes = metrics.count_bytes
 
     def flow_control_timeout(self, session: Session) -> None:
         """A reader stopped reading: counted like a local session's."""
