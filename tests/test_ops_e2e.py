@@ -113,6 +113,28 @@ def test_sigterm_drains_in_flight_sessions(workflow: str) -> None:
         router.stop()
 
 
+def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(workflow: str) -> None:
+    router = Router("--drain-timeout", "120s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    in_flight = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 100"))
+    try:
+        in_flight.wait_for(lambda r: r["line"] == "started", stdout=True)
+        router.signal(signal.SIGTERM)
+        router.wait_for(lambda r: str(r.get("msg", "")).startswith("draining"))
+        started = time.monotonic()
+        router.signal(signal.SIGTERM)
+        assert router.wait_exit(30) == 0
+        # Far less than the 120 s drain and the session's 100 s: the second signal cut the drain short.
+        assert time.monotonic() - started < 20
+        assert any(str(r.get("msg", "")).startswith("second signal") for r in router.events())
+        assert in_flight.wait_exit(30) == 255  # the session was cut off, and the client says so
+    finally:
+        in_flight.stop()
+        agent.stop()
+        router.stop()
+
+
 def test_frozen_agent_is_detected_by_keepalive(workflow: str) -> None:
     router = Router("--keepalive-time", "1s", "--keepalive-timeout", "1s")
     agent = AgentProc(router.address, workflow)

@@ -70,10 +70,9 @@ def bool_option_names(command: click.Command) -> list[str]:
 def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T:
     """Run a coroutine on a fresh event loop; uvloop (when installed) if preferred or OSMO_UVLOOP=1.
 
-    `osmo-router serve` prefers uvloop: measured in the same run (bench/compare.py, see
-    docs/bench/NOTES.md) the router moves 1.3-2.2x the bytes on it. The CLI and the agent stay on
-    the standard loop unless OSMO_UVLOOP=1: an exec client on uvloop crashed (SIGSEGV) about once
-    in six 32 MiB transfers under load. OSMO_UVLOOP=0 turns uvloop off everywhere.
+    `osmo-router serve` prefers uvloop: the router relays markedly more on it (docs/bench/NOTES.md).
+    The CLI and the agent stay on the standard loop unless OSMO_UVLOOP=1: an exec client on uvloop
+    crashed (SIGSEGV) now and then under load. OSMO_UVLOOP=0 turns uvloop off everywhere.
     """
     choice = os.environ.get("OSMO_UVLOOP", "")
     if choice == "1" or (prefer_uvloop and choice != "0"):

@@ -2,8 +2,8 @@
 
 Every 1 MiB frame is a fresh bytes object (read, protobuf, gRPC), in the client, the agent and the
 router alike. With glibc's defaults the heap gives freed space back to the kernel as soon as 128 KiB
-sit free at its top, so each new buffer page-faults its memory in again: measured on an rsync
-upload, that was about a third of the client's and the agent's CPU. Keeping up to TRIM_THRESHOLD of
+sit free at its top, so each new buffer page-faults its memory in again: on an rsync upload that
+was a large share of the client's and the agent's CPU (docs/bench/NOTES.md). Keeping up to TRIM_THRESHOLD of
 freed memory for reuse (and serving buffers below the largest gRPC message from the heap, not from
 fresh mmaps) avoids it, at the price of that much retained memory. A no-op where malloc is not
 glibc's.

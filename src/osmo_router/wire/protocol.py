@@ -19,8 +19,7 @@ __all__ = ["pb", "pb_grpc"]
 CHUNK_SIZE: Final = 128 * 1024
 #: Largest read on bulk streams (TCP port-forward, rsync): grpc.aio costs about the same per message
 #: whatever its size, so a streaming connection goes in 1 MiB frames (a small read still goes at
-#: once, as it is). Measured (bench_forward): 128 KiB -> 1 MiB took one TCP connection from 0.35-0.43x
-#: to 0.88-0.90x of a socat relay, with glibc malloc tuned for it (memtune).
+#: once, as it is), with glibc malloc tuned for it (io/memtune.py). Figures: docs/bench/NOTES.md.
 BULK_CHUNK_SIZE: Final = 1024 * 1024
 #: How long a bulk read (16 KiB or more: the writer is streaming) waits for more to fill a frame.
 BULK_LINGER: Final = 0.001
