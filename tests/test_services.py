@@ -131,9 +131,7 @@ async def test_a_client_going_away_counts_as_no_error_on_either_transport(router
         for connect in (grpc_connect, ws_connect):
             outcome = await connect.finish(half_close=False)
             assert outcome.code != grpc.StatusCode.OK or outcome.responses == []
-        async with asyncio.timeout(BOUND):
-            while len(router.sessions):
-                await asyncio.sleep(0.01)
+        assert await router.sessions.wait_empty(BOUND)
     for code in ("CANCELLED", "UNAVAILABLE"):
         assert _sample(router, "router_grpc_errors_total", operation="exec", code=code) == 0
     assert _sample(router, "router_grpc_sessions_active", operation="exec") == 0
