@@ -87,16 +87,39 @@ async def test_same_party_twice_is_already_exists() -> None:
         store.join_client(USER, pb.OPERATION_EXEC, _target(key="k1"), _exec_open())
 
 
-async def test_workflow_mismatch_is_permission_denied() -> None:
+async def test_keys_are_scoped_to_their_workflow() -> None:
+    """The same key in another workflow is another session: nothing pairs across, nothing is revealed."""
     store = _store()
     other_user = Identity(subject="bob", workflows=("*",))
-    store.join_agent(AGENT, _connect("k2"))
-    with pytest.raises(PermissionDenied):
-        store.join_client(other_user, pb.OPERATION_EXEC, _target(workflow="other", key="k2"), _exec_open())
-    other_agent = Identity(subject="agent-2", role=ROLE_AGENT, workflows=("*",))
+    mine = store.join_agent(AGENT, _connect("k2"))
+    theirs = store.join_client(other_user, pb.OPERATION_EXEC, _target(workflow="other", key="k2"), _exec_open())
+    assert theirs is not mine and not mine.paired.is_set() and not theirs.paired.is_set()
+    assert store.get("wf", "k2") is mine and store.get("other", "k2") is theirs
+    # An agent of another workflow presenting a live key gets a session of its own, not an answer.
+    other_agent = Identity(subject="agent-2", role=ROLE_AGENT, workflows=("other2",))
     store.join_client(other_user, pb.OPERATION_EXEC, _target(workflow="other", key="k3"), _exec_open())
+    assert store.join_agent(other_agent, _connect("k3", workflow="other2")).workflow_id == "other2"
+
+
+async def test_agent_credentials_are_bound_to_their_task_and_the_requested_agent() -> None:
+    registry = AgentRegistry()
+    owner = Identity(subject="agent-t1", role=ROLE_AGENT, workflows=("wf",), task="t1")
+    reg = AgentRegistration(agent_id="a1", workflow_id="wf", task="t1", operations=(), identity=owner)
+    registry.register(reg)
+    store = _store(registry)
+    session = store.join_client(USER, pb.OPERATION_EXEC, _target(task="t1"), _exec_open())
+    intruder = Identity(subject="agent-t2", role=ROLE_AGENT, workflows=("wf",), task="t2")
+    with pytest.raises(PermissionDenied):  # its token serves task t2 only
+        store.join_agent(intruder, _connect(session.key, task="t1"))
+    unbound = Identity(subject="agent-any", role=ROLE_AGENT, workflows=("wf",))
+    with pytest.raises(AlreadyExists):  # not the agent asked: the same answer as a taken key
+        store.join_agent(unbound, _connect(session.key, task="t1"))
+    assert store.join_agent(owner, _connect(session.key, task="t1")) is session
+    # Another credential cannot take the registration over; the same credential can (a restart).
     with pytest.raises(PermissionDenied):
-        store.join_agent(other_agent, _connect("k3", workflow="wf"))
+        registry.register(AgentRegistration("a9", "wf", "t1", (), identity=unbound))
+    assert registry.register(AgentRegistration("a1b", "wf", "t1", (), identity=owner)) is True
+    assert reg.replaced.is_set()
 
 
 async def test_identity_scopes_are_enforced() -> None:
@@ -143,7 +166,7 @@ async def test_rendezvous_timeout_removes_the_session() -> None:
     session = store.join_agent(AGENT, _connect("t1"))
     with pytest.raises(DeadlineExceeded):
         await store.wait_paired(session, 0.05)
-    assert store.get("t1") is None and store.pending == 0 and len(store) == 0
+    assert store.get("wf", "t1") is None and store.pending == 0 and len(store) == 0
     assert await store.wait_empty(1)
 
 

@@ -112,6 +112,9 @@ class TokenAuth:
             return Identity(subject="alice", workflows=("wf-a",))
         raise Unauthenticated("no valid token")
 
+    async def revalidate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        return await self.authenticate(metadata)
+
     async def close(self) -> None:
         """Nothing to release."""
 

@@ -118,6 +118,14 @@ def main_group() -> None:
     help="Deadline for the first message of a stream.",
 )
 @click.option(
+    "--credential-recheck",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="How often an agent's long-lived Register stream has its token verified again (it also ends at "
+    "the token's exp; the agent then re-registers with its current token).",
+)
+@click.option(
     "--drain-timeout",
     type=DURATION,
     default="30s",

@@ -111,6 +111,7 @@ def shell_env(config: ClientConfig, base: dict[str, str] | None = None) -> dict[
         "OSMO_TASK": config.task,
         "OSMO_SESSION_KEY": config.session_key,
         "OSMO_TOKEN": dial.token,
+        "OSMO_TOKEN_FILE": _absolute(dial.token_file),
         "OSMO_COOKIE": dial.cookie,
         "OSMO_TLS": "true" if dial.tls else "false",
         "OSMO_TLS_CA": _absolute(dial.tls_ca),

@@ -20,6 +20,8 @@ class DialConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     token: str | None = None
+    #: A file holding the token, read at every call: a renewed token is used from the next call on.
+    token_file: str | None = None
     cookie: str | None = None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -27,8 +29,20 @@ class DialConfig:
         from osmo_router.wire.protocol import AUTHORIZATION_HEADER, COOKIE_HEADER
 
         items: list[tuple[str, str]] = []
-        if self.token:
-            items.append((AUTHORIZATION_HEADER, f"Bearer {self.token}"))
+        token = self.current_token()
+        if token:
+            items.append((AUTHORIZATION_HEADER, f"Bearer {token}"))
         if self.cookie:
             items.append((COOKIE_HEADER, self.cookie))
         return tuple(items)
+
+    def current_token(self) -> str | None:
+        """The token to send now: the token file's content when there is one and it reads, else --token."""
+        if self.token_file:
+            try:
+                with open(self.token_file, encoding="utf-8") as f:
+                    token = f.read().strip()
+            except OSError:
+                return self.token
+            return token or self.token
+        return self.token

@@ -38,6 +38,13 @@ def dial_options(f: Any) -> Any:
                 help="Name to verify in the router's certificate, if not the address's host.",
             ),
             click.option("--token", envvar="OSMO_TOKEN", default=None, help="Bearer token [env OSMO_TOKEN]."),
+            click.option(
+                "--token-file",
+                envvar="OSMO_TOKEN_FILE",
+                default=None,
+                help="File holding the bearer token, read at every call, so a renewed token is picked up "
+                "[env OSMO_TOKEN_FILE]; --token is the fallback when it cannot be read.",
+            ),
         ]
     ):
         f = decorator(f)
@@ -54,5 +61,6 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
         tls_key=options.pop("tls_key"),
         tls_server_name=options.pop("tls_server_name"),
         token=options.pop("token"),
+        token_file=options.pop("token_file", None),
         cookie=options.pop("cookie", None),
     )

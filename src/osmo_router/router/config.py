@@ -55,6 +55,8 @@ class RouterConfig:
     max_sessions_per_user: int = 256
     max_pending_rendezvous: int = 1_000
     heartbeat_interval: float = 15.0
+    #: How often a long-lived agent stream's token is verified again (it also ends at the token's exp).
+    credential_recheck: float = 60.0
     redis_url: str | None = None
     advertise_address: str | None = None
     peer_secret: str | None = None
@@ -66,6 +68,8 @@ class RouterConfig:
 
     def validate(self) -> None:
         """Refuse settings that are unsafe or make no sense."""
+        if self.credential_recheck <= 0:
+            raise ValueError("--credential-recheck must be positive")
         if self.auth not in ("jwt", "none"):
             raise ValueError(f"--auth must be jwt or none, not {self.auth!r}")
         if self.auth == "none" and not is_loopback_host(self.host):

@@ -155,7 +155,7 @@ class RouterServer:
         await server.start()
         self._server = server
         if self.config.redis_url:
-            await self.directory.start(advertise, lambda key: self.sessions.get(key) is not None)
+            await self.directory.start(advertise, lambda scoped: self.sessions.get_scoped(scoped) is not None)
         for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
@@ -196,7 +196,7 @@ class RouterServer:
 
     def _session_removed(self, session: Session) -> None:
         """The shared directory withdraws a session this replica forgot."""
-        self.directory.session_removed(session.key)
+        self.directory.session_removed(session.scoped_key)
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT or `close`: the first signal drains, a second one exits at once."""

@@ -69,7 +69,7 @@ def choose(config: ClientConfig) -> tuple[str, bool]:
     if config.transport:
         return config.transport, True
     if config.grpc_percent is not None:
-        return (GRPC if bucket(rollout_user(config.dial.token)) < config.grpc_percent else WS), False
+        return (GRPC if bucket(rollout_user(config.dial.current_token())) < config.grpc_percent else WS), False
     return GRPC, False
 
 

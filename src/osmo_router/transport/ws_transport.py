@@ -68,8 +68,8 @@ def client_ssl_context(dial: DialConfig) -> ssl.SSLContext | None:
 def auth_headers(dial: DialConfig) -> dict[str, str]:
     """The bearer token and the load-balancer cookie, as the old router's clients sent them."""
     headers: dict[str, str] = {}
-    if dial.token:
-        headers["Authorization"] = f"Bearer {dial.token}"
+    if token := dial.current_token():
+        headers["Authorization"] = f"Bearer {token}"
     if dial.cookie:
         headers["Cookie"] = dial.cookie
     return headers

@@ -26,6 +26,26 @@ class Identity:
     role: str = ROLE_USER
     workflows: tuple[str, ...] = ("*",)
     claims: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
+    #: The one task an agent credential serves (its `task` claim; "" is the task-less agent); None: any.
+    task: str | None = None
+    #: The one agent instance (pod) a credential is for (its `agent_id` claim); None: any.
+    instance: str | None = None
+    #: When the credential stops being valid (Unix time, its `exp`); None: never (--auth=none, peers).
+    expires: float | None = None
+
+    def require_task(self, task: str) -> None:
+        """Raise PermissionDenied unless this agent credential may serve `task` of its workflows."""
+        if self.task is not None and task != self.task:
+            raise PermissionDenied(f"{self.subject} may serve task {self.task!r} only, not {task!r}")
+
+    def require_instance(self, agent_id: str) -> None:
+        """Raise PermissionDenied unless this credential was issued for agent instance `agent_id`."""
+        if self.instance is not None and agent_id != self.instance:
+            raise PermissionDenied(f"{self.subject}'s token is for agent {self.instance!r}, not {agent_id!r}")
+
+    def same_agent(self, other: Identity) -> bool:
+        """True when `other` is the same agent credential holder (subject and bindings): it may replace us."""
+        return (self.subject, self.task, self.instance) == (other.subject, other.task, other.instance)
 
     def may_reach(self, workflow_id: str) -> bool:
         """True when this identity may use (or, for an agent, serve) the workflow."""
@@ -58,6 +78,10 @@ class Authenticator(Protocol):
         """The identity behind the call's metadata."""
         ...
 
+    async def revalidate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        """The identity again, verified afresh (no cache): long-lived streams are re-checked with it."""
+        ...
+
     async def close(self) -> None:
         """Release background resources (key refresh tasks, HTTP sessions)."""
         ...
@@ -69,6 +93,10 @@ class NoAuth:
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
         """An all-powerful anonymous identity."""
         return Identity(subject="anonymous", role=ROLE_ANY, workflows=("*",))
+
+    async def revalidate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        """The same all-powerful identity."""
+        return await self.authenticate(metadata)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -85,7 +85,14 @@ def identity_from_claims(claims: dict[str, Any]) -> Identity:
     if not isinstance(workflows, list) or not all(isinstance(w, str) for w in workflows):
         raise Unauthenticated("token's 'workflows' claim must be a list of workflow ids")
     role = ROLE_AGENT if claims.get("role") == ROLE_AGENT else ROLE_USER
-    return Identity(subject=subject, role=role, workflows=tuple(workflows), claims=claims)
+    task, instance = claims.get("task"), claims.get("agent_id")
+    if task is not None and not isinstance(task, str):
+        raise Unauthenticated("token's 'task' claim must be a task name")
+    if instance is not None and not isinstance(instance, str):
+        raise Unauthenticated("token's 'agent_id' claim must be an agent id")
+    exp = claims.get("exp")
+    expires = float(exp) if isinstance(exp, int | float) else None
+    return Identity(subject, role, tuple(workflows), claims, task=task, instance=instance, expires=expires)
 
 
 def _describe(err: jwt_errors.PyJWTError, audience: str) -> str:
@@ -199,6 +206,10 @@ class JwtAuthenticator:
         identity = identity_from_claims(claims)
         self._cache.put(token, identity, now, float(claims["exp"]) + self._leeway)
         return identity
+
+    async def revalidate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        """The identity of the call's bearer token verified afresh: keys removed from the JWKS now fail it."""
+        return identity_from_claims(await self.verify(bearer_token(metadata)))
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The verified claims of a token; raises Unauthenticated with the reason otherwise."""

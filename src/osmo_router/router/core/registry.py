@@ -8,6 +8,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from osmo_router.router.auth.identity import Identity
+from osmo_router.wire.errors import PermissionDenied
 from osmo_router.wire.protocol import MAX_STANDBY_STREAMS, pb
 
 if TYPE_CHECKING:
@@ -56,6 +58,9 @@ class AgentRegistration:
     workflow_id: str
     task: str
     operations: tuple[int, ...]
+    #: The credential that registered (None in unit tests that need none): only it may replace this
+    #: registration, park standby streams on it, or join the sessions it is asked to serve.
+    identity: Identity | None = None
     outbox: asyncio.Queue[pb.RegisterResponse] = field(default_factory=asyncio.Queue)
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
     #: Parked standby Connect streams, oldest first.
@@ -111,9 +116,20 @@ class AgentRegistry:
     def __len__(self) -> int:
         return len(self._by_target)
 
-    def register(self, reg: AgentRegistration) -> None:
-        """Add an agent; an older registration for the same workflow and task is told it was replaced."""
+    def register(self, reg: AgentRegistration) -> bool:
+        """Add an agent; an older registration of the same agent identity is told it was replaced.
+
+        Newest wins only within one identity (a restarted pod must not be locked out while the old
+        stream lingers); a registration held by another credential raises PermissionDenied. True
+        when an older registration was replaced.
+        """
         old = self._by_target.get((reg.workflow_id, reg.task))
+        if old is not None and old is not reg and old.identity is not None and reg.identity is not None:
+            if not old.identity.same_agent(reg.identity):
+                raise PermissionDenied(
+                    f"workflow {reg.workflow_id!r} task {reg.task!r} is served by another agent credential"
+                )
+        replaced = old is not None and old is not reg
         if old is not None and old is not reg:
             log.warning(
                 "agent %s replaces agent %s for workflow %s task %r",
@@ -124,6 +140,7 @@ class AgentRegistry:
             )
             old.replaced.set()
         self._by_target[(reg.workflow_id, reg.task)] = reg
+        return replaced
 
     def unregister(self, reg: AgentRegistration) -> None:
         """Remove an agent if it is still the registered one."""

@@ -39,6 +39,15 @@ def new_session_key() -> str:
     return secrets.token_urlsafe(16)
 
 
+def scoped_key(workflow_id: str, key: str) -> str:
+    """A session key in its workflow's key space: the same key in two workflows names two sessions.
+
+    So an agent or client of one workflow can neither join nor learn of another workflow's session,
+    whatever key it presents. Ids never hold control characters (check_id), so the NUL cannot clash.
+    """
+    return f"{workflow_id}\0{key}"
+
+
 def check_id(kind: str, value: str, *, required: bool) -> None:
     """Refuse empty (when required), over-long or control-character ids."""
     if required and not value:
@@ -117,6 +126,8 @@ class Session:
     agent_half_closed: bool = False
     #: How the remote process ended, as the agent reported it ("code 0", "signal 9"), for the audit log.
     exit_status: str = ""
+    #: The credential of the registered agent asked to serve the session: only it may join.
+    expected_agent: Identity | None = None
     paired: Latch = field(default_factory=Latch)
     to_agent: FlowQueue = field(init=False)
     to_client: FlowQueue = field(init=False)
@@ -124,6 +135,11 @@ class Session:
     def __post_init__(self) -> None:
         self.to_agent = FlowQueue(self.buffer)
         self.to_client = FlowQueue(self.buffer)
+
+    @property
+    def scoped_key(self) -> str:
+        """The key in its workflow's key space (see `scoped_key`)."""
+        return scoped_key(self.workflow_id, self.key)
 
     @property
     def operation_name(self) -> str:
@@ -181,9 +197,13 @@ class SessionStore:
         """Sessions waiting for their second side."""
         return self._pending
 
-    def get(self, key: str) -> Session | None:
-        """The session with this key, if any."""
-        return self._sessions.get(key)
+    def get(self, workflow_id: str, key: str) -> Session | None:
+        """The session with this key in this workflow, if any."""
+        return self._sessions.get(scoped_key(workflow_id, key))
+
+    def get_scoped(self, scoped: str) -> Session | None:
+        """The session with this scoped key (`scoped_key`), if any."""
+        return self._sessions.get(scoped)
 
     def join_client(
         self,
@@ -205,7 +225,7 @@ class SessionStore:
         identity.require_user()
         identity.require_workflow(target.workflow_id)
         agent = self._registry.pick(target.workflow_id, target.task)
-        session = self._sessions.get(target.session_key) if target.session_key else None
+        session = self.get(target.workflow_id, target.session_key) if target.session_key else None
         if session is None:
             if agent is None and not target.session_key:
                 raise Unavailable(
@@ -216,8 +236,8 @@ class SessionStore:
             session = self._create(target.session_key or key or new_session_key(), target.workflow_id, target.task)
         elif session.client_joined:
             raise AlreadyExists("a client already joined this session")
-        elif session.workflow_id != target.workflow_id or (target.task and session.task not in ("", target.task)):
-            raise PermissionDenied("the session key belongs to another workflow")
+        elif target.task and session.task not in ("", target.task):
+            raise PermissionDenied("the session key belongs to another task")
         else:
             self._check_user_limit(identity.subject)
         session.client_joined = True
@@ -234,6 +254,7 @@ class SessionStore:
                 # The agent's stream is already here: no SessionRequest round trip.
                 self._pair(session)
             else:
+                session.expected_agent = agent.identity
                 agent.request_session(session.key, operation)
         return session
 
@@ -245,18 +266,22 @@ class SessionStore:
         check_id("agent_id", init.agent_id, required=False)
         identity.require_agent()
         identity.require_workflow(init.workflow_id)
-        session = self._sessions.get(init.session_key)
+        identity.require_task(init.task)
+        if init.agent_id:
+            identity.require_instance(init.agent_id)
+        session = self.get(init.workflow_id, init.session_key)
         if session is None:
             if not self.accepting:
                 raise Unavailable("router is draining")
             self._check_pending()
             session = self._create(init.session_key, init.workflow_id, init.task)
-        elif session.agent_joined:
-            raise AlreadyExists("an agent already joined this session")
-        elif session.workflow_id != init.workflow_id or (session.task and session.task != init.task):
-            raise PermissionDenied(
-                f"session belongs to workflow {session.workflow_id!r}, agent serves {init.workflow_id!r}"
-            )
+        elif (
+            session.agent_joined
+            or (session.task and session.task != init.task)
+            or (session.expected_agent is not None and not session.expected_agent.same_agent(identity))
+        ):
+            # One answer for every reason, so that it tells an agent nothing about whose session it is.
+            raise AlreadyExists("the session key is taken")
         session.agent_joined = True
         session.agent_id = init.agent_id
         if session.client_joined:
@@ -285,8 +310,9 @@ class SessionStore:
 
     def remove(self, session: Session) -> None:
         """Forget a session (idempotent)."""
-        if self._sessions.get(session.key) is session:
-            del self._sessions[session.key]
+        scoped = session.scoped_key
+        if self._sessions.get(scoped) is session:
+            del self._sessions[scoped]
             if not session.paired.is_set():
                 self._pending -= 1
             if not self._sessions:
@@ -302,7 +328,7 @@ class SessionStore:
 
     def _create(self, key: str, workflow_id: str, task: str) -> Session:
         session = Session(key=key, workflow_id=workflow_id, task=task, buffer=self._buffer)
-        self._sessions[key] = session
+        self._sessions[session.scoped_key] = session
         self._empty.clear()
         self._pending += 1
         return session

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from osmo_router.router.auth.identity import Authenticator, Identity
+from osmo_router.router.auth.recheck import CredentialWatch
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
 from osmo_router.router.core.registry import MAX_STANDBY_PER_AGENT, AgentRegistration, AgentRegistry, StandbyStream
@@ -24,8 +25,10 @@ from osmo_router.wire.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     RouterError,
+    Unauthenticated,
     Unavailable,
 )
 from osmo_router.wire.protocol import AGENT_SERVICE, pb
@@ -78,16 +81,23 @@ class AgentService:
 
     async def _register(self, _requests: Any, context: ServicerContext) -> None:
         try:
-            reg = await self._accept_registration(context)
+            reg, watch = await self._accept_registration(context)
+            replaced = self._registry.register(reg)
         except RouterError as err:
+            if isinstance(err, PermissionDenied) and "another agent credential" in err.message:
+                self._metrics.agent_replacements_total.labels("refused").inc()
             await self._pipeline.refuse(GrpcSide(context, is_client=False), "register", err)
             return
-        self._registry.register(reg)
+        if replaced:
+            self._metrics.agent_replacements_total.labels("replaced").inc()
         self._metrics.agents_registered.set(len(self._registry))
         log.info("agent %s registered for workflow %s task %r", reg.agent_id, reg.workflow_id, reg.task)
+        ended: RouterError | None = None
         try:
             await self._directory.agent_registered(reg)
-            await self._serve_registration(reg, context)
+            await self._serve_registration(reg, context, watch)
+        except Unauthenticated as err:
+            ended = err
         finally:
             # Parked standby streams end with their registration (the agent opens new ones when it
             # registers again).
@@ -97,8 +107,11 @@ class AgentService:
             self._registry.unregister(reg)
             self._metrics.agents_registered.set(len(self._registry))
             log.info("agent %s unregistered", reg.agent_id)
+        if ended is not None:
+            log.info("agent %s: %s", reg.agent_id, ended.message, extra={"fields": {"event": "credential ended"}})
+            await abort(context, ended.code, ended.message)
 
-    async def _accept_registration(self, context: ServicerContext) -> AgentRegistration:
+    async def _accept_registration(self, context: ServicerContext) -> tuple[AgentRegistration, CredentialWatch]:
         if not self._sessions.accepting:
             raise Unavailable("router is draining; register with another replica")
         identity = await authenticate_call(self._auth, context)
@@ -120,11 +133,25 @@ class AgentService:
         check_id("task", hello.task, required=False)
         check_id("agent_id", hello.agent_id, required=True)
         identity.require_workflow(hello.workflow_id)
-        return AgentRegistration(
-            agent_id=hello.agent_id, workflow_id=hello.workflow_id, task=hello.task, operations=tuple(hello.operations)
+        identity.require_task(hello.task)
+        identity.require_instance(hello.agent_id)
+        reg = AgentRegistration(
+            agent_id=hello.agent_id,
+            workflow_id=hello.workflow_id,
+            task=hello.task,
+            operations=tuple(hello.operations),
+            identity=identity,
         )
+        metadata = context.invocation_metadata() or ()
+        return reg, CredentialWatch(self._auth, metadata, identity, self._config.credential_recheck)
 
-    async def _serve_registration(self, reg: AgentRegistration, context: ServicerContext) -> None:
+    async def _serve_registration(
+        self, reg: AgentRegistration, context: ServicerContext, watch: CredentialWatch
+    ) -> None:
+        """Push session requests and heartbeats down the Register stream until it ends.
+
+        Raises Unauthenticated once the agent's credential expired or no longer verifies.
+        """
         interval = self._config.heartbeat_interval
         await context.write(
             pb.RegisterResponse(
@@ -137,8 +164,16 @@ class AgentService:
             while True:
                 getter = asyncio.create_task(reg.outbox.get())
                 done, _ = await asyncio.wait(
-                    {getter, reader, replaced}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                    {getter, reader, replaced},
+                    timeout=min(interval, watch.due_in()),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
+                if watch.due_in() <= 0:
+                    if getter.done() and not getter.cancelled():
+                        reg.outbox.put_nowait(getter.result())  # delivered once the credential checked out
+                    getter.cancel()
+                    await watch.check()
+                    continue
                 if getter in done:
                     await context.write(getter.result())
                     continue
@@ -197,8 +232,12 @@ class AgentService:
             raise InvalidArgument("a standby stream carries no session key")
         if not self._sessions.accepting:
             raise Unavailable("router is draining; no standby streams are parked")
+        identity.require_task(init.task)
         reg = None if from_peer else self._registry.exact(init.workflow_id, init.task)
-        if reg is None or reg.agent_id != init.agent_id or reg.closed:
+        # A standby stream joins only a registration of the same credential: an agent id alone
+        # (which users were once shown) grants nothing.
+        same = reg is not None and (reg.identity is None or reg.identity.same_agent(identity))
+        if reg is None or not same or reg.agent_id != init.agent_id or reg.closed:
             raise FailedPrecondition(
                 "standby streams are parked only on the router that holds the agent's registration: register first"
             )

@@ -78,6 +78,12 @@ class RouterMetrics:
             ["operation"],
             registry=r,
         )
+        self.agent_replacements_total = Counter(
+            "router_grpc_agent_replacements_total",
+            "Registrations for a workflow and task already served: replaced (same credential) or refused (another).",
+            ["outcome"],
+            registry=r,
+        )
         # The migration's view: the same sessions split by transport (grpc or ws) of each side.
         self.sessions_by_transport = Counter(
             "router_grpc_sessions_by_transport_total",

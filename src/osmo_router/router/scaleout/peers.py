@@ -37,7 +37,16 @@ _HOP_CODES = frozenset(
 
 def peer_metadata(secret: str | None, identity: Identity, via: str) -> tuple[tuple[str, str], ...]:
     """Metadata of a relayed call: the peer secret, the caller's identity, and where it came from."""
-    who = json.dumps({"sub": identity.subject, "role": identity.role, "workflows": list(identity.workflows)})
+    who = json.dumps(
+        {
+            "sub": identity.subject,
+            "role": identity.role,
+            "workflows": list(identity.workflows),
+            "task": identity.task,
+            "agent_id": identity.instance,
+            "exp": identity.expires,
+        }
+    )
     items = [(PEER_IDENTITY_HEADER, who), (PEER_VIA_HEADER, via)]
     if secret:
         items.append((PEER_SECRET_HEADER, secret))
@@ -56,7 +65,19 @@ def peer_identity(metadata: Sequence[tuple[str, str | bytes]], secret: str | Non
         raise InvalidArgument("peer call without a valid identity") from None
     if not isinstance(subject, str) or not isinstance(role, str) or not isinstance(workflows, list):
         raise InvalidArgument("peer call without a valid identity")
-    identity = Identity(subject=subject, role=role, workflows=tuple(str(w) for w in workflows))
+    task, instance, expires = who.get("task"), who.get("agent_id"), who.get("exp")
+    if not all(isinstance(v, str) or v is None for v in (task, instance)) or not isinstance(
+        expires, int | float | None
+    ):
+        raise InvalidArgument("peer call without a valid identity")
+    identity = Identity(
+        subject=subject,
+        role=role,
+        workflows=tuple(str(w) for w in workflows),
+        task=task,
+        instance=instance,
+        expires=None if expires is None else float(expires),
+    )
     return identity, values.get(PEER_VIA_HEADER, "")
 
 
@@ -70,6 +91,10 @@ class PeerAuthenticator:
         """The identity a replica relays a call for; Unauthenticated without the right secret."""
         identity, _via = peer_identity(metadata, self._secret)
         return identity
+
+    async def revalidate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        """The relayed identity again (the relaying replica re-checks the caller's token itself)."""
+        return await self.authenticate(metadata)
 
     async def close(self) -> None:
         """Nothing to release."""

@@ -20,7 +20,7 @@ from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.placement import HERE, FarStream, Owner, Placement
 from osmo_router.router.core.registry import AgentRegistry
-from osmo_router.router.core.sessions import SessionStore, check_id, new_session_key
+from osmo_router.router.core.sessions import SessionStore, check_id, new_session_key, scoped_key
 from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.scaleout.directory import Directory, DirectoryUnavailable
 from osmo_router.router.scaleout.peers import PEER_SERVICE, CallEndpoint, PeerAuthenticator, PeerChannels, peer_metadata
@@ -71,7 +71,7 @@ class ScaleOut:
         identity.require_user()
         identity.require_workflow(target.workflow_id)
         key = target.session_key
-        if not self._sessions.accepting or (key and self._sessions.get(key) is not None):
+        if not self._sessions.accepting or (key and self._sessions.get(target.workflow_id, key) is not None):
             return HERE
         local_agent = self._registry.pick(target.workflow_id, target.task) is not None
         if not from_peer:
@@ -86,7 +86,7 @@ class ScaleOut:
         if not local_agent and not key:
             return HERE  # refused by the session store: no agent anywhere
         key = key or new_session_key()
-        other = await self._directory.claim_session(key, target.workflow_id)
+        other = await self._directory.claim_session(scoped_key(target.workflow_id, key), target.workflow_id)
         return Placement(owner=other) if other is not None and not from_peer else Placement(key=key)
 
     async def place_agent(self, identity: Identity, init: pb.ConnectInit, *, from_peer: bool) -> Placement:
@@ -95,9 +95,14 @@ class ScaleOut:
         check_id("workflow_id", init.workflow_id, required=True)
         identity.require_agent()
         identity.require_workflow(init.workflow_id)
-        if not self._sessions.accepting or not init.session_key or self._sessions.get(init.session_key) is not None:
+        if (
+            not self._sessions.accepting
+            or not init.session_key
+            or self._sessions.get(init.workflow_id, init.session_key) is not None
+        ):
             return HERE
-        other = await self._directory.claim_session(init.session_key, init.workflow_id)
+        scoped = scoped_key(init.workflow_id, init.session_key)
+        other = await self._directory.claim_session(scoped, init.workflow_id)
         return Placement(owner=other) if other is not None and not from_peer else HERE
 
     def handler(self, clients: ClientService, agents: AgentService) -> grpc.GenericRpcHandler:
@@ -112,7 +117,7 @@ class ScaleOut:
 
     async def _find_client_owner(self, target: pb.SessionTarget, local_agent: bool) -> Owner | None:
         if target.session_key:
-            owner = await self._directory.find_session(target.session_key)
+            owner = await self._directory.find_session(scoped_key(target.workflow_id, target.session_key))
             if owner is not None:
                 return owner
         if local_agent:
