@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -122,6 +123,9 @@ class AgentService:
             raise DeadlineExceeded("no hello within the init deadline") from None
         # Checked once the hello is in, so the refusal never races with the agent's write of it.
         identity.require_agent()
+        if identity.expires is not None and identity.expires <= time.time():
+            # No clock-skew grace for a stream meant to live on: it would end again at once.
+            raise Unauthenticated("the agent's token expired: renew it and register again")
         try:
             request = None if first is grpc.aio.EOF else pb.RegisterRequest.FromString(first)
         except DecodeError as err:
