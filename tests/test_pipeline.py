@@ -124,7 +124,7 @@ async def test_pairs_relays_both_ways_and_ends_cleanly_with_metrics_and_audit(ca
     assert await agent.next_sent() == _data(b"ping")
     # The first message each side got: the client's ready (with the key), the agent's SessionOpen.
     ready = pb.ExecResponse.FromString(client.first[0]).ready
-    assert ready.session_key and ready.agent_id == "a1"
+    assert ready.session_key and ready.agent_id == ""  # the agent's id never reaches users
     assert pb.ConnectResponse.FromString(agent.first[0]).open.exec.command == ["cat"]
     for message in (_data(b"pong"), _exit(3), ENCODED_HALF_CLOSE, None):
         await agent.inbox.put(message)

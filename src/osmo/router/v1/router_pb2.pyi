@@ -451,7 +451,9 @@ class SessionReady(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     session_key: _builtins.str
     agent_id: _builtins.str
-    """The agent that serves the session."""
+    """Deprecated: always empty. The agent's id stays inside the router (it names, and once granted,
+    more than a user needs).
+    """
     def __init__(
         self,
         *,
@@ -830,8 +832,8 @@ class ConnectInit(_message.Message):
     standby: _builtins.bool
     """A standby stream, opened ahead of any session (session_key empty): the router parks it next to
     the agent's registration and sends SessionOpen on it as soon as a client needs this agent, with
-    no SessionRequest round trip. The stream must come from a registered agent (same agent_id,
-    workflow and task) on the same router; the router parks a few per agent and refuses more
+    no SessionRequest round trip. The stream must come from a registered agent (same credential,
+    agent_id, workflow and task) on the same router; the router parks a few per agent and refuses more
     with RESOURCE_EXHAUSTED, and ends them (status OK, no SessionOpen) when the registration ends.
     """
     def __init__(

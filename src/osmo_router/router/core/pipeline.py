@@ -317,6 +317,10 @@ class SessionPipeline:
 
 
 def _ready(session: Session) -> bytes:
-    """The client's encoded SessionReady (the same bytes for every operation's response type)."""
-    ready = pb.SessionReady(session_key=session.key, agent_id=session.agent_id)
+    """The client's encoded SessionReady (the same bytes for every operation's response type).
+
+    The agent's id stays inside the router: users have no use for it, and an id that once granted
+    something (parking standby streams) should not travel.
+    """
+    ready = pb.SessionReady(session_key=session.key)
     return bytes(pb.ExecResponse(ready=ready).SerializeToString())
