@@ -392,3 +392,54 @@ def test_a_session_through_another_replica_uses_the_owners_standby_stream(wf: st
         for proc in procs:
             proc.stop()
         redis.stop()
+
+
+@pytest.mark.asyncio
+async def test_agents_killed_during_the_hand_over_leave_no_traceback_and_no_pending_task(wf: str) -> None:
+    """50 times: a session takes a parked stream while the agent's connection is torn down.
+
+    The "agent" is a scripted one whose whole channel is closed (its TCP connection reset, as when
+    the process is killed) at the moment the client's init goes out, so the router's SessionOpen
+    write races with the stream's end. The router must fail the session cleanly every time.
+    """
+    # A kill just before the hand-over leaves the session asking a registration that is gone: it
+    # then waits out the rendezvous timeout, kept short here.
+    router = Router("--rendezvous-timeout", "2s")
+    client_channel = raw_channel(router.address)
+    try:
+        outcomes: list[grpc.StatusCode] = []
+        for attempt in range(50):
+            agent = RawAgent(router.address, wf, agent_id=f"victim-{attempt}")
+            await agent.start()
+            await agent.standby()
+            await wait_metric(router, PARKED, 1)
+            client = RawCall(client_channel, EXEC, None)
+            # Both at once; a growing offset walks the kill across the hand-over window.
+            kill = asyncio.create_task(_kill_after(agent, attempt % 10 * 0.0005))
+            await client.send(exec_init(wf, ["cat"]))
+            await kill
+            outcome = await client.finish(timeout=20)
+            outcomes.append(outcome.code)
+            await wait_metric(router, PARKED, 0)
+        assert set(outcomes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED}
+        # Most kills land after the hand-over began: the session fails as the agent's, not by timeout.
+        assert outcomes.count(grpc.StatusCode.UNAVAILABLE) >= 25, outcomes
+        await wait_metric(router, ACTIVE, 0, {"operation": "exec"})
+        assert metric(router, "router_grpc_rendezvous_pending") == 0
+        healthy = AgentProc(router.address, wf)
+        try:
+            result = run_client("exec", *client_args(router, wf), "--", "echo", "still-serving")
+            assert (result.returncode, result.stdout) == (0, b"still-serving\n"), result.stderr
+        finally:
+            healthy.stop()
+    finally:
+        await client_channel.close()
+        router.stop()
+    log = "\n".join(router.lines)
+    for sign in ("Traceback", "Task was destroyed but it is pending", "ExecuteBatchError", "Exception in callback"):
+        assert sign not in log, log[-3000:]
+
+
+async def _kill_after(agent: RawAgent, delay: float) -> None:
+    await asyncio.sleep(delay)  # the race's offset, not a synchronisation
+    await agent.channel.close(grace=None)

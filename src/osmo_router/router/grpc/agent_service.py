@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Coroutine
 from typing import Any
 
@@ -164,34 +165,30 @@ class AgentService:
         )
         reader = asyncio.create_task(_drain_heartbeats(context, reg))
         replaced = asyncio.create_task(reg.replaced.wait())
+        # One pending get at a time, kept across heartbeats; every task is ended with the stream
+        # (a task left pending would be destroyed pending when the call is torn down).
+        getter: asyncio.Task[pb.RegisterResponse] | None = None
         try:
             while True:
-                getter = asyncio.create_task(reg.outbox.get())
-                done, _ = await asyncio.wait(
-                    {getter, reader, replaced},
-                    timeout=min(interval, watch.due_in()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if watch.due_in() <= 0:
-                    if getter.done() and not getter.cancelled():
-                        reg.outbox.put_nowait(getter.result())  # delivered once the credential checked out
-                    getter.cancel()
-                    await watch.check()
-                    continue
-                if getter in done:
-                    await context.write(getter.result())
-                    continue
-                getter.cancel()
+                if getter is None:
+                    getter = asyncio.create_task(reg.outbox.get())
+                timeout = min(interval, watch.due_in())
+                done, _ = await asyncio.wait({getter, reader, replaced}, timeout=timeout, return_when=FIRST_COMPLETED)
                 if reader in done or replaced in done:
                     return
-                await context.write(pb.RegisterResponse(heartbeat=pb.Heartbeat()))
-                if reader.done():
-                    return
+                if watch.due_in() <= 0:
+                    await watch.check()  # a message already taken is sent on the next turn
+                elif getter in done:
+                    message, getter = getter.result(), None
+                    await context.write(message)
+                else:
+                    await context.write(pb.RegisterResponse(heartbeat=pb.Heartbeat()))
         finally:
-            for task in (reader, replaced):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            for task in (reader, replaced, getter):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
 
     async def serve_connect(self, context: ServicerContext, peer: Authenticator | None = None) -> None:
         """Serve one agent Connect stream: a standby stream is parked, a session stream goes to the pipeline."""
