@@ -178,3 +178,14 @@ def test_the_token_travels_in_the_environment_not_the_command_line() -> None:
     env = shell_env(config, {"OSMO_TOKEN": "stale", "OSMO_TLS_CA": "/stale", "HOME": "/h"})
     assert env["OSMO_TOKEN"] == "s3cret" and env["OSMO_TLS"] == "false" and env["OSMO_WORKFLOW_ID"] == "wf"
     assert "OSMO_TLS_CA" not in env and env["HOME"] == "/h"
+
+
+def test_posixly_correct_makes_everything_after_the_first_path_a_path(
+    roots: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """popt stops at the first argument under POSIXLY_CORRECT, and rsync --server inherits the agent's environment."""
+    argv = [*RECEIVER, ".", "sub/", "--log-file=/tmp/x"]
+    with pytest.raises(PermissionDenied):
+        check_server_args(argv, roots, roots[0])
+    monkeypatch.setenv("POSIXLY_CORRECT", "1")
+    assert check_server_args(argv, roots, roots[0]).paths == ["sub/", "--log-file=/tmp/x"]

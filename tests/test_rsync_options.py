@@ -7,6 +7,7 @@ forwards to a server for each spelling of an option (its -e remote shell records
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -265,11 +266,17 @@ OUTSIDE = [
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.sampled_from(sorted(PATH_OPTIONS)), st.sampled_from(OUTSIDE), st.sampled_from(["sub/", "."]))
+@given(
+    st.sampled_from(sorted(PATH_OPTIONS)),
+    st.sampled_from(OUTSIDE),
+    st.lists(st.text("abz09._-", min_size=1, max_size=5), max_size=2),
+    st.sampled_from(["sub/", "."]),
+)
 def test_a_path_value_outside_the_root_is_refused_in_every_spelling(
-    tree: Path, name: str, value: str, dest: str
+    tree: Path, name: str, value: str, below: list[str], dest: str
 ) -> None:
-    root, value = str(tree / "root"), value.format(other=tree / "other", root=tree / "root")
+    root = str(tree / "root")
+    value = "/".join([value.format(other=tree / "other", root=tree / "root"), *below])
     for form in spellings(name, value):
         with pytest.raises(PermissionDenied, match=r"outside the allowed|'\.\.' is not allowed|confined"):
             check_server_args(["rsync", "--server", *form, ".", dest], (root,), root)
@@ -316,12 +323,14 @@ def recorder(tmp_path: Path) -> Path:
     return script
 
 
-def forwarded(recorder: Path, *options: str) -> list[str] | None:
+def forwarded(recorder: Path, *options: str, env: dict[str, str] | None = None) -> list[str] | None:
     """The server argv the real rsync client sends for `options` (an upload), None if it refused them."""
     argv_file = recorder.parent / "argv"
     if argv_file.exists():
         argv_file.unlink()
-    rsync_run("-e", str(recorder), *options, "src.txt", "host:dst/", cwd=recorder.parent)
+    assert RSYNC is not None
+    command = [RSYNC, "-e", str(recorder), *options, "src.txt", "host:dst/"]
+    subprocess.run(command, capture_output=True, timeout=30, stdin=subprocess.DEVNULL, cwd=recorder.parent, env=env)
     return argv_file.read_text().splitlines()[2:] if argv_file.exists() else None
 
 
@@ -363,3 +372,11 @@ def test_the_real_rsync_splices_the_next_argument_into_a_value(recorder: Path) -
     parsed = parse_args(server)
     assert ("--temp-dir", "xother.txt") in parsed.pairs  # other.txt went into the value...
     assert parsed.arguments == [".", "dst/"]  # ...and out of the arguments: only src.txt is sent
+
+
+@needs_rsync
+def test_posixly_correct_stops_the_real_rsync_at_the_first_argument(recorder: Path) -> None:
+    env = {**os.environ, "POSIXLY_CORRECT": "1"}
+    assert ("--temp-dir", "x") in parse_args(forwarded(recorder, "-T=x", "src.txt") or []).pairs
+    server = forwarded(recorder, "src.txt", "-T=x", env=env)  # -T=x is a source file now
+    assert server is not None and not any(name == "--temp-dir" for name, _ in parse_args(server).pairs)

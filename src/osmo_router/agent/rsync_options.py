@@ -27,8 +27,8 @@ written from reading rsync's sources (RsyncProject/rsync, version 3.5.0), not a 
     `POSIXLY_CORRECT` or `POSIX_ME_HARDER` is set in the environment: then the first argument
     ends the options (`poptGetContext()`); the agent's rsync inherits the agent's environment.
   - Every option value goes through `expandNextArg()`: `!#:+` in a value is replaced by the next
-    argument not starting with `-`, which is then removed from the arguments. `values_borrow_args`
-    tells the checker, which refuses such values when confined rather than replay it.
+    argument not starting with `-`, which is then removed from the arguments. The parser reports
+    values as written; the checker refuses any with NEXT_ARG when confined rather than replay it.
   - popt aliases (/etc/popt, ~/.popt) never apply: `parse_arguments()` in options.c starts a
     fresh context without them when it meets `--server`, which the agent requires first.
 """
@@ -121,11 +121,6 @@ class ParsedArgs:
     def pairs(self) -> list[tuple[str, str | None]]:
         """(name, value) of every option, in order."""
         return [(option.name, option.value) for option in self.options]
-
-    @property
-    def values_borrow_args(self) -> bool:
-        """True when a value has popt's `!#:+`: rsync would splice the next argument into it."""
-        return any(option.value is not None and NEXT_ARG in option.value for option in self.options)
 
 
 def takes_value(name: str) -> bool:
