@@ -7,10 +7,12 @@ forwards to a server for each spelling of an option (its -e remote shell records
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -243,8 +245,9 @@ def spellings(name: str, value: str) -> list[list[str]]:
     forms = [[f"{name}={value}"], [name, value]]
     if name in LETTER:
         for prefix in ("-", "-av", "-logDtpr"):
+            # Attached, the value loses one leading "=": `-T==x` is how to say "=x".
+            forms += [[f"{prefix}{LETTER[name]}{value}"]] if value and not value.startswith("=") else []
             forms += [
-                [f"{prefix}{LETTER[name]}{value}"],
                 [f"{prefix}{LETTER[name]}={value}"],
                 [f"{prefix}{LETTER[name]}", value],
             ]
@@ -380,3 +383,40 @@ def test_posixly_correct_stops_the_real_rsync_at_the_first_argument(recorder: Pa
     assert ("--temp-dir", "x") in parse_args(forwarded(recorder, "-T=x", "src.txt") or []).pairs
     server = forwarded(recorder, "src.txt", "-T=x", env=env)  # -T=x is a source file now
     assert server is not None and not any(name == "--temp-dir" for name, _ in parse_args(server).pairs)
+
+
+@pytest.fixture
+def server_shell(tmp_path: Path) -> Path:
+    """A remote shell that ignores the command rsync asks for and runs `rsync` with the argv in $SERVER_ARGS."""
+    script = tmp_path / "server.py"
+    script.write_text(
+        f"#!{sys.executable}\nimport json, os\n"
+        'args = json.loads(os.environ["SERVER_ARGS"])\nos.execvp("rsync", ["rsync", *args])\n'
+    )
+    script.chmod(0o755)
+    (tmp_path / "src.txt").write_text("x\n")
+    (tmp_path / "dst").mkdir()
+    return script
+
+
+@needs_rsync
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text("abz09_=", min_size=1, max_size=6), st.booleans(), st.data())
+def test_the_real_server_takes_every_spelling_of_the_temp_dir_as_we_do(
+    server_shell: Path, name: str, absolute: bool, data: st.DataObject
+) -> None:
+    """`rsync --server` names the temp dir it was given when it does not exist: the value as rsync parsed it."""
+    value = f"{server_shell.parent}/missing-{name}" if absolute else name
+    form = data.draw(st.sampled_from(spellings("--temp-dir", value)))
+    server = ["--server", "-vlogDtpre.iLsfxCIvu", *form, ".", "dst/"]
+    assert [v for n, v in parse_args(server).pairs if n == "--temp-dir"] == [value]
+    result = subprocess.run(
+        [RSYNC or "rsync", "-a", "-e", str(server_shell), "src.txt", "host:dst/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        cwd=server_shell.parent,
+        env={**os.environ, "SERVER_ARGS": json.dumps(server)},
+    )
+    assert f"The temp-dir does not exist: {value}\n" in result.stderr, (form, result.stderr)
