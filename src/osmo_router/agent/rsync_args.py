@@ -30,7 +30,9 @@ mode) pass unchecked.
 
 Limits, stated plainly: the check covers what the command line names. The rsync protocol itself is
 not sandboxed: a client that crafts protocol messages (its own file list, filter rules) is bounded
-by the container's file permissions, as with rsync over ssh.
+by the container's file permissions, as with rsync over ssh. Nor is what the tree holds: a relative
+`--partial-dir` is used in every folder rsync writes, and a symlink of that name deeper down is
+content the check does not walk.
 """
 
 from __future__ import annotations
