@@ -225,6 +225,23 @@ def test_rsync_root_confines_option_values_in_every_spelling(
     assert list(inside.iterdir()) == [] and list(outside.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "remote_option, message",
+    [
+        ("-avL", "-L in '-avL' (--copy-links)"),
+        ("--copy-l", "unknown rsync option --copy-l"),
+        ("-vF", "-F in '-vF' is not allowed"),
+    ],
+)
+def test_refused_options_are_refused_in_every_spelling(
+    confined_agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path, remote_option: str, message: str
+) -> None:
+    code, err = rsync(client_args, f":{container}/allowed/", f"{tmp_path}/back/", "--", f"-M{remote_option}")
+    assert code != 0
+    assert "PERMISSION_DENIED" in err and message in err, err
+    assert not (tmp_path / "back").exists()
+
+
 def test_rsync_missing_in_container(router: Router, workflow: str, client_args: list[str], tmp_path: Path) -> None:
     agent = AgentProc(router.address, workflow, "--rsync-binary", "/nonexistent/rsync")
     try:

@@ -123,7 +123,8 @@ def check_server_args(argv: list[str], roots: tuple[str, ...] = (), cwd: str | N
 
 def _check_option(option: Option, confined: bool) -> None:
     """Refuse an option that is never allowed, or not while confined."""
-    shown = option.spelled if option.spelled == option.name else f"{option.spelled} ({option.name})"
+    plain = option.spelled == option.name or not option.name.startswith("--")  # -F has no long name
+    shown = option.spelled if plain else f"{option.spelled} ({option.name})"
     if option.name in ALWAYS_REFUSED:
         raise PermissionDenied(f"{shown} is not allowed through an rsync session")
     if not confined:
