@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -24,6 +25,7 @@ def roots(tmp_path: Path) -> tuple[str, ...]:
     (tmp_path / "root" / "sub").mkdir(parents=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "root" / "out").symlink_to(tmp_path / "other")
+    (tmp_path / "root" / "sub" / "link").symlink_to(tmp_path / "other")
     return (str(tmp_path / "root"),)
 
 
@@ -73,6 +75,17 @@ def test_relative_and_inner_paths_pass_when_confined(roots: tuple[str, ...], pat
         ["-T/tmp", ".", "sub/"],
         ["--backup-dir", "/var/backup", ".", "sub/"],
         ["--link-dest=/usr", ".", "sub/"],
+        # rsync (popt) strips the "=" of an attached short value: -T=/tmp is the temp dir /tmp.
+        ["-T=/tmp", ".", "sub/"],
+        ["-avT=/tmp", ".", "sub/"],
+        ["-aT/tmp", ".", "sub/"],
+        ["-aT", "/tmp", ".", "sub/"],
+        ["--temp-dir=/tmp", ".", "sub/"],
+        ["-T=out", ".", "sub/"],  # a relative value through a symlink
+        ["--partial-dir=link", ".", "sub/"],  # relative to the destination, where sub/link leads out
+        ["--backup-dir", "link/x", ".", "sub/"],
+        [".", "sub/", "--confine-root=/"],
+        ["--password-file=/etc/shadow", ".", "sub/"],
     ],
 )
 def test_paths_outside_the_roots_are_refused(roots: tuple[str, ...], tail: list[str]) -> None:
@@ -89,12 +102,45 @@ def test_paths_outside_the_roots_are_refused(roots: tuple[str, ...], tail: list[
         ["rsync", "--server", "-lKogDtpre.iLsfx", ".", "sub/"],
         [*SENDER, "--files-from=-", "--from0", ".", "sub/"],
         [*RECEIVER, "-f", ". /etc/shadow", ".", "sub/"],
+        [*RECEIVER, "-vf. /etc/shadow", ".", "sub/"],
+        [*RECEIVER, "-F", ".", "sub/"],  # --filter='dir-merge /.rsync-filter'
+        [*SENDER, "-avL", ".", "sub/"],
+        [*SENDER, "-vsa", ".", "sub/"],
+        [*SENDER, "--secluded-args", ".", "sub/"],
+        [*SENDER, ".", "sub/", "--copy-unsafe-links"],
+        [*RECEIVER, "--trust-sender", ".", "sub/"],
+        [*RECEIVER, "--insecure-links", ".", "sub/"],
+        [*RECEIVER, "-M--copy-links", ".", "sub/"],
+        [*RECEIVER, "--temp-dir=!#:+", ".", "sub/", "x"],  # popt splices "sub/" into the value
     ],
 )
 def test_options_that_escape_are_refused_when_confined(roots: tuple[str, ...], argv: list[str]) -> None:
     check_server_args(argv)  # fine without roots
     with pytest.raises(PermissionDenied, match="confined"):
         check_server_args(argv, roots, roots[0])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*RECEIVER, "--copy-l", ".", "sub/"], "unknown rsync option --copy-l (rsync takes no abbreviations"),
+        ([*RECEIVER, "--temp-d=/tmp", ".", "sub/"], "unknown rsync option --temp-d"),
+        ([*RECEIVER, "-Q", ".", "sub/"], "unknown rsync option -Q"),
+        ([*RECEIVER, "--delete=yes", ".", "sub/"], "takes no value"),
+        ([*RECEIVER, ".", "sub/", "-T"], "needs a value"),
+        ([*RECEIVER, "--detach", ".", "sub/"], "not allowed through an rsync session"),
+        ([*RECEIVER, "-v", "--early-input=/x", ".", "sub/"], "not allowed through an rsync session"),
+    ],
+)
+def test_what_rsync_would_not_parse_is_refused_even_unconfined(argv: list[str], message: str) -> None:
+    with pytest.raises(PermissionDenied, match=re.escape(message)):
+        check_server_args(argv)
+
+
+def test_letters_after_a_valued_letter_are_its_value(roots: tuple[str, ...]) -> None:
+    """In -logDtpre.iLsfxCIvu the L, s and f belong to -e's value (the client's capabilities)."""
+    assert check_server_args([*SENDER, "-T.tmp", "--sender", ".", "sub/"], roots, roots[0]).sender
+    assert check_server_args([*RECEIVER, "-aT", "sub", ".", "sub/"], roots, roots[0]).paths == ["sub/"]
 
 
 def test_dotdot_in_a_path_option_is_refused_when_confined(roots: tuple[str, ...]) -> None:
@@ -132,3 +178,14 @@ def test_the_token_travels_in_the_environment_not_the_command_line() -> None:
     env = shell_env(config, {"OSMO_TOKEN": "stale", "OSMO_TLS_CA": "/stale", "HOME": "/h"})
     assert env["OSMO_TOKEN"] == "s3cret" and env["OSMO_TLS"] == "false" and env["OSMO_WORKFLOW_ID"] == "wf"
     assert "OSMO_TLS_CA" not in env and env["HOME"] == "/h"
+
+
+def test_posixly_correct_makes_everything_after_the_first_path_a_path(
+    roots: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """popt stops at the first argument under POSIXLY_CORRECT, and rsync --server inherits the agent's environment."""
+    argv = [*RECEIVER, ".", "sub/", "--log-file=/tmp/x"]
+    with pytest.raises(PermissionDenied):
+        check_server_args(argv, roots, roots[0])
+    monkeypatch.setenv("POSIXLY_CORRECT", "1")
+    assert check_server_args(argv, roots, roots[0]).paths == ["sub/", "--log-file=/tmp/x"]

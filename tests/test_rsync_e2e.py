@@ -199,6 +199,49 @@ def test_rsync_root_confines_paths(
     assert "PERMISSION_DENIED" in err and "--copy-links" in err, err
 
 
+@pytest.mark.parametrize("spelling", ["-T={dir}", "--temp-dir={dir}", "-aT={dir}", "-aT{dir}", "-avT={dir}"])
+def test_rsync_root_confines_option_values_in_every_spelling(
+    confined_agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path, spelling: str
+) -> None:
+    """What the server is sent verbatim (`-M`): rsync takes `-T=DIR` as the temp dir DIR, so must the agent."""
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "f.txt").write_text("inside\n")
+    outside = container / "outside"
+    remote = f"--remote-option={spelling.format(dir=outside)}"
+    code, err = rsync(client_args, f"{small}/", f":{container}/allowed/in/", "--", remote)
+    assert code != 0
+    assert "PERMISSION_DENIED" in err and "outside the allowed rsync roots" in err, err
+    assert list(outside.iterdir()) == []
+    assert not (container / "allowed" / "in").exists()
+
+    # The same spelling naming a folder inside the root works: the check reads it as rsync does.
+    inside = container / "allowed" / "tmp"
+    inside.mkdir()
+    remote = f"--remote-option={spelling.format(dir=inside)}"
+    code, err = rsync(client_args, f"{small}/", f":{container}/allowed/in/", "--", remote)
+    assert code == 0, err
+    assert (container / "allowed" / "in" / "f.txt").read_text() == "inside\n"
+    assert list(inside.iterdir()) == [] and list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "remote_option, message",
+    [
+        ("-avL", "-L in '-avL' (--copy-links)"),
+        ("--copy-l", "unknown rsync option --copy-l"),
+        ("-vF", "-F in '-vF' is not allowed"),
+    ],
+)
+def test_refused_options_are_refused_in_every_spelling(
+    confined_agent: AgentProc, client_args: list[str], container: Path, tmp_path: Path, remote_option: str, message: str
+) -> None:
+    code, err = rsync(client_args, f":{container}/allowed/", f"{tmp_path}/back/", "--", f"-M{remote_option}")
+    assert code != 0
+    assert "PERMISSION_DENIED" in err and message in err, err
+    assert not (tmp_path / "back").exists()
+
+
 def test_rsync_missing_in_container(router: Router, workflow: str, client_args: list[str], tmp_path: Path) -> None:
     agent = AgentProc(router.address, workflow, "--rsync-binary", "/nonexistent/rsync")
     try:

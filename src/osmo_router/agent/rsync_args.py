@@ -2,13 +2,37 @@
 
 The local rsync asks for `rsync --server [--sender] OPTIONS . PATH...`. The agent execs its own
 rsync binary with those arguments directly (no shell), so the only program that can run is rsync in
-server mode. With `--rsync-root` the paths are confined: every path argument and every path-valued
-option must resolve (symlinks followed, `..` applied) inside a root, and the options that would
-hide the paths (`--protect-args`) or follow symlinks out of the tree (`--copy-links`...) are refused.
+server mode. The arguments are read by `rsync_options.parse_args`, which follows rsync's own option
+table and popt's rules (see that module), so every spelling of an option counts: `-T DIR`, `-TDIR`,
+`-T=DIR`, `-avT=DIR`, `--temp-dir=DIR` and `--temp-dir DIR` all name the temp dir DIR. Options
+rsync does not know, abbreviations (popt has none), and values given to options that take none are
+refused: rsync would exit on them, and guessing their arity is how a checker gets out of step.
+
+Always refused: `--daemon`, `--config`, `--dparam`, `--detach`, `--no-detach` (they switch rsync to
+daemon parsing and its config file) and `--early-input` (a file for a daemon).
+
+With `--rsync-root` the paths are confined. Every path argument and every path-valued option
+(PATH_OPTIONS) must resolve, symlinks followed and `..` applied, inside a root. A relative value
+must also stay inside from each path argument (and its parent): rsync takes `--temp-dir`,
+`--partial-dir`, `--backup-dir` and the `--*-dest` directories relative to the destination, where
+a symlink could lead out; `..` in a value is refused outright. Refused as well when confined
+(CONFINED_REFUSED), in every spelling (`-L` inside `-avL` too): the options that hide the real
+arguments (`-s`/`--secluded-args`/`--protect-args`: the server reads them from the protocol),
+follow symlinks out of the tree (`-L`, `-k`, `-K`, `--copy-unsafe-links`), lift rsync's own guards
+(`--insecure-links`, `--trust-sender`), read rules or names the check never sees (`--filter`/`-f`,
+`-F`, which is `--filter='dir-merge /.rsync-filter'`, whose rules may merge any file, and
+`--files-from`), `-M`/`--remote-option` (an option for a further rsync: the server has none), and
+any value with popt's `!#:+`, which rsync would replace by a later path argument. The options
+without a value that touch devices (`--write-devices`, `--copy-devices`) act on the confined paths.
+Option values that are not paths (`--suffix`: rsync refuses a `/` in it; `--chown`, `--usermap`,
+`--chmod`, `--exclude`/`--include` patterns, `-e`, which carries the client's capabilities in server
+mode) pass unchecked.
 
 Limits, stated plainly: the check covers what the command line names. The rsync protocol itself is
 not sandboxed: a client that crafts protocol messages (its own file list, filter rules) is bounded
-by the container's file permissions, as with rsync over ssh.
+by the container's file permissions, as with rsync over ssh. Nor is what the tree holds: a relative
+`--partial-dir` is used in every folder rsync writes, and a symlink of that name deeper down is
+content the check does not walk.
 """
 
 from __future__ import annotations
@@ -16,9 +40,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from osmo_router.agent.rsync_options import NEXT_ARG, Option, parse_args, posix_me_harder
 from osmo_router.wire.errors import PermissionDenied
 
-#: Long options whose value names a file or directory the server would read or write.
+#: Options whose value names a file or directory the server would read or write.
 PATH_OPTIONS = frozenset(
     {
         "--backup-dir",
@@ -34,27 +59,31 @@ PATH_OPTIONS = frozenset(
         "--exclude-from",
         "--include-from",
         "--files-from",
+        "--password-file",
+        "--confine-root",
     }
 )
 #: Options that turn the server into something else than an rsync peer of this session.
-ALWAYS_REFUSED = frozenset({"--daemon", "--config", "--dparam", "--early-input"})
-#: Options refused when paths are confined: they hide the paths or follow symlinks out of the tree.
+ALWAYS_REFUSED = frozenset({"--daemon", "--config", "--dparam", "--detach", "--no-detach", "--early-input"})
+#: Options refused when paths are confined: they hide the paths, follow symlinks out of the tree,
+#: lift rsync's own guards or read rules and names from elsewhere.
 CONFINED_REFUSED = frozenset(
     {
-        "--protect-args",
         "--secluded-args",
+        "--protect-args",
         "--copy-links",
         "--copy-dirlinks",
         "--keep-dirlinks",
         "--copy-unsafe-links",
+        "--insecure-links",
+        "--trust-sender",
         "--files-from",
         "--filter",
+        "-F",
+        "--remote-option",
     }
 )
-#: Short flags refused when confined: -s (protect args), -L, -k, -K (follow symlinks).
-CONFINED_REFUSED_SHORT = {"s": "--protect-args", "L": "--copy-links", "k": "--copy-dirlinks", "K": "--keep-dirlinks"}
-#: Short options that take a value (the rest of the cluster, or the next argument).
-SHORT_WITH_VALUE = frozenset("eTBfM@")
+CONFINED = "while rsync is confined to --rsync-root directories"
 
 
 @dataclass(frozen=True)
@@ -75,96 +104,82 @@ def check_server_args(argv: list[str], roots: tuple[str, ...] = (), cwd: str | N
         shown = " ".join(argv[:3]) or "(empty)"
         raise PermissionDenied(f"only `rsync --server ...` may run through an rsync session, not {shown!r}")
     confined = bool(roots)
-    base = os.path.realpath(cwd or os.getcwd())
-    real_roots = [os.path.realpath(root) for root in roots]
-    path_values: list[str] = []
-    positionals: list[str] = []
-    args = argv[2:]
-    index = 0
-    while index < len(args):
-        arg = args[index]
-        index += 1
-        # Options may follow the paths: rsync's option parser (popt) accepts them anywhere.
-        if arg == "--":
-            positionals.extend(args[index:])
-            break
-        if arg == "-" or not arg.startswith("-"):
-            positionals.append(arg)
-        elif arg.startswith("--"):
-            name, has_value, value = arg.partition("=")
-            _check_long(name, confined)
-            if name in PATH_OPTIONS:
-                if not has_value:
-                    if index >= len(args):
-                        raise PermissionDenied(f"{name} without a value")
-                    value = args[index]
-                    index += 1
-                path_values.append(value)
-        else:
-            index = _check_short_cluster(arg, args, index, confined, path_values)
-    paths = _split_paths(positionals, confined)
+    parsed = parse_args(argv[2:], stop_at_first_argument=posix_me_harder())
+    for option in parsed.options:
+        _check_option(option, confined)
+    paths = _split_paths(parsed.arguments, confined)
     if confined:
+        base = os.path.realpath(cwd or os.getcwd())
+        real_roots = [os.path.realpath(root) for root in roots]
         for path in paths:
-            _check_inside(path, real_roots, base)
-        for value in path_values:
-            # Relative values count from each destination folder, not from here: refuse `..` outright.
-            if ".." in value.split(os.sep):
-                raise PermissionDenied(f"{value!r}: '..' is not allowed in path options while rsync is confined")
-            _check_inside(value, real_roots, base)
-    return ServerCommand(args=argv[1:], paths=paths, sender="--sender" in argv[2:])
+            _check_inside(path, real_roots, base, repr(path))
+        bases = _value_bases(paths, real_roots, base)
+        for option in parsed.options:
+            if option.name in PATH_OPTIONS and option.value is not None:
+                _check_path_value(option, option.value, real_roots, bases)
+    sender = any(option.name == "--sender" for option in parsed.options)
+    return ServerCommand(args=argv[1:], paths=paths, sender=sender)
 
 
-def _check_long(name: str, confined: bool) -> None:
-    if name in ALWAYS_REFUSED:
-        raise PermissionDenied(f"{name} is not allowed through an rsync session")
-    if confined and name in CONFINED_REFUSED:
-        raise PermissionDenied(f"{name} is not allowed while rsync is confined to --rsync-root directories")
+def _check_option(option: Option, confined: bool) -> None:
+    """Refuse an option that is never allowed, or not while confined."""
+    plain = option.spelled == option.name or not option.name.startswith("--")  # -F has no long name
+    shown = option.spelled if plain else f"{option.spelled} ({option.name})"
+    if option.name in ALWAYS_REFUSED:
+        raise PermissionDenied(f"{shown} is not allowed through an rsync session")
+    if not confined:
+        return
+    if option.name in CONFINED_REFUSED:
+        raise PermissionDenied(f"{shown} is not allowed {CONFINED}")
+    if option.value is not None and NEXT_ARG in option.value:
+        raise PermissionDenied(
+            f"{option.value!r} ({shown}): {NEXT_ARG!r} in an option value (rsync splices the next "
+            f"argument in) is not allowed {CONFINED}"
+        )
 
 
-def _check_short_cluster(arg: str, args: list[str], index: int, confined: bool, path_values: list[str]) -> int:
-    """Check one cluster of short flags (`-logDtpre.iLsfx`); returns the index of the next argument."""
-    letters = arg[1:]
-    for position, letter in enumerate(letters):
-        if letter in SHORT_WITH_VALUE:
-            value = letters[position + 1 :]
-            if not value:
-                if index >= len(args):
-                    raise PermissionDenied(f"-{letter} without a value")
-                value = args[index]
-                index += 1
-            if letter == "T":
-                path_values.append(value)
-            elif letter in "fM" and confined:
-                raise PermissionDenied(f"-{letter} is not allowed while rsync is confined to --rsync-root directories")
-            # -e's value in server mode is the client's capability string, not a command.
-            return index
-        if confined and letter in CONFINED_REFUSED_SHORT:
-            raise PermissionDenied(
-                f"-{letter} ({CONFINED_REFUSED_SHORT[letter]}) is not allowed while rsync is confined "
-                "to --rsync-root directories"
-            )
-    return index
-
-
-def _split_paths(positionals: list[str], confined: bool) -> list[str]:
+def _split_paths(arguments: list[str], confined: bool) -> list[str]:
     """The path arguments: what follows the "." placeholder the client always puts first."""
-    if not positionals:
+    if not arguments:
         if confined:
             raise PermissionDenied("an rsync server command without paths cannot be checked against --rsync-root")
         return []
-    if positionals[0] != ".":
-        raise PermissionDenied(f"malformed rsync server command: expected '.' before the paths, got {positionals[0]!r}")
-    return positionals[1:]
+    if arguments[0] != ".":
+        raise PermissionDenied(f"malformed rsync server command: expected '.' before the paths, got {arguments[0]!r}")
+    return arguments[1:]
 
 
-def _check_inside(path: str, roots: list[str], base: str) -> None:
+def _value_bases(paths: list[str], roots: list[str], base: str) -> list[str]:
+    """Where a relative path value may be taken from: the server's directory, each path and its parent."""
+    bases = [base]
+    for path in paths:
+        resolved = os.path.realpath(os.path.join(base, path))
+        for candidate in (resolved, os.path.dirname(resolved)):
+            if candidate not in bases and _inside(candidate, roots):
+                bases.append(candidate)
+    return bases
+
+
+def _check_path_value(option: Option, value: str, roots: list[str], bases: list[str]) -> None:
+    """Refuse a path-valued option that could lead outside the roots."""
+    what = f"{value!r} ({option.spelled})"
+    # Relative values count from each destination folder, not from here: refuse `..` outright.
+    if ".." in value.split(os.sep):
+        raise PermissionDenied(f"{what}: '..' is not allowed in path options {CONFINED}")
+    for base in bases[:1] if os.path.isabs(value) else bases:
+        _check_inside(value, roots, base, what)
+
+
+def _inside(resolved: str, roots: list[str]) -> bool:
+    """Whether an already resolved path is one of the roots or below one."""
+    return any(resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def _check_inside(path: str, roots: list[str], base: str, what: str) -> None:
     """Refuse a path that does not resolve inside one of the roots."""
     # No shell runs in between, so `~` and wildcards are literal for rsync: check exactly what it opens.
-    resolved = os.path.realpath(os.path.join(base, path))
-    for root in roots:
-        if resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep):
-            return
-    raise PermissionDenied(f"{path!r} is outside the allowed rsync roots ({', '.join(roots)})")
+    if not _inside(os.path.realpath(os.path.join(base, path)), roots):
+        raise PermissionDenied(f"{what} is outside the allowed rsync roots ({', '.join(roots)})")
 
 
 def server_cwd(workdir: str | None, roots: tuple[str, ...]) -> str | None:
