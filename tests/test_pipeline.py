@@ -42,6 +42,8 @@ class FakeSide:
     refused: list[RouterError] = field(default_factory=list)
     accepted: bool = False
     finished: bool = False
+    #: Set to a future to watch for the peer leaving while pending (a WebSocket side's behaviour).
+    gone: asyncio.Future[None] | None = None
 
     async def read(self) -> bytes | None:
         item = await self.inbox.get()
@@ -51,6 +53,9 @@ class FakeSide:
 
     async def write(self, message: bytes) -> None:
         await self.sent.put(message)
+
+    def watch_gone(self) -> asyncio.Future[None] | None:
+        return self.gone
 
     async def accept(self) -> None:
         self.accepted = True
@@ -293,3 +298,34 @@ async def test_the_owner_failing_fails_the_relayed_side() -> None:
         await world.pipeline.serve_client(client, world.client_join())
     assert [e.code for e in client.refused] == [grpc.StatusCode.UNAVAILABLE]
     assert placer.counts == {"UNAVAILABLE": 1}
+
+
+async def test_a_pending_side_whose_peer_leaves_ends_its_session_at_once() -> None:
+    world = World(rendezvous=30)
+    client = FakeSide(transport="ws")
+    client.gone = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(world.pipeline.serve_client(client, world.client_join()))
+    await world.requested_key()
+    assert world.store.pending == 1
+    client.gone.set_result(None)  # the WebSocket closed while its session waited
+    async with asyncio.timeout(WAIT):
+        await task
+    assert world.store.pending == 0 and len(world.store) == 0
+    assert [e.code for e in client.refused] == [grpc.StatusCode.CANCELLED]
+
+
+async def test_one_identity_cannot_fill_the_pending_rendezvous_for_everybody() -> None:
+    registry = AgentRegistry()
+    store = SessionStore(registry, buffer=8, max_pending=10, max_sessions=100, max_per_user=100,
+                         max_pending_per_identity=3)  # fmt: skip
+    flooder = Identity(subject="flooder", role=ROLE_AGENT, workflows=("wf",))
+    for i in range(3):
+        store.join_agent(flooder, pb.ConnectInit(session_key=f"made-up-{i}", workflow_id="wf"))
+    with pytest.raises(RouterError) as refused:
+        store.join_agent(flooder, pb.ConnectInit(session_key="made-up-3", workflow_id="wf"))
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Somebody else still gets a pending session; the flooder's slots come back as they end.
+    store.join_agent(AGENT, pb.ConnectInit(session_key="honest", workflow_id="wf"))
+    store.remove(store.get("wf", "made-up-0"))  # type: ignore[arg-type]
+    store.join_agent(flooder, pb.ConnectInit(session_key="made-up-4", workflow_id="wf"))
+    assert store.pending == 4  # three of the flooder's, one honest

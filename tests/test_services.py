@@ -145,3 +145,29 @@ async def test_ws_backend_refused_before_the_upgrade_gets_an_http_status(router:
     assert refused.value.status == 400
     labels = {"operation": "connect", "code": "INVALID_ARGUMENT", "transport": "ws"}
     assert _sample(router, "router_grpc_errors_by_transport_total", **labels) == 1
+
+
+async def _pending_drops_to(router: RouterServer, value: int) -> None:
+    """Poll the pending count (no event exists for it), within BOUND."""
+    for _ in range(int(BOUND / 0.01)):
+        if router.sessions.pending == value:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"pending stayed {router.sessions.pending}, not {value}")
+
+
+async def test_pending_websocket_sessions_end_with_their_socket(router: RouterServer) -> None:
+    base = f"http://127.0.0.1:{router.ws_server.port}/api/router"
+    async with aiohttp.ClientSession() as http:
+        # Backends with an hour-long rendezvous timeout, and clients, that connect and go away.
+        sockets = [await http.ws_connect(f"{base}/portforward/{WF}/backend/bk-{i}?timeout=3600") for i in range(5)]
+        for i in range(5):
+            ws = await http.ws_connect(f"{base}/portforward/{WF}/client/ck-{i}?timeout=3600")
+            sockets.append(ws)
+        await _pending_drops_to(router, 10)
+        for ws in sockets:
+            await ws.close()
+        await _pending_drops_to(router, 0)
+    assert len(router.sessions) == 0
+    for code in ("CANCELLED", "DEADLINE_EXCEEDED"):
+        assert _sample(router, "router_grpc_errors_total", operation="portforward", code=code) == 0

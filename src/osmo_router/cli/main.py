@@ -163,6 +163,14 @@ def main_group() -> None:
     help="Sessions waiting for their second side.",
 )
 @click.option(
+    "--max-pending-per-identity",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Sessions one token (user or agent) may keep waiting for their second side; 0: no such limit. "
+    "Not applied with --auth=none.",
+)
+@click.option(
     "--redis-url",
     default=None,
     envvar="OSMO_REDIS_URL",

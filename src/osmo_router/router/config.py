@@ -57,6 +57,8 @@ class RouterConfig:
     heartbeat_interval: float = 15.0
     #: How often a long-lived agent stream's token is verified again (it also ends at the token's exp).
     credential_recheck: float = 60.0
+    #: Most sessions one identity keeps waiting for rendezvous (0: no such limit).
+    max_pending_per_identity: int = 100
     redis_url: str | None = None
     advertise_address: str | None = None
     peer_secret: str | None = None

@@ -89,6 +89,7 @@ class RouterServer:
             max_pending=config.max_pending_rendezvous,
             max_sessions=config.max_sessions,
             max_per_user=config.max_sessions_per_user,
+            max_pending_per_identity=config.max_pending_per_identity,
             on_remove=self._session_removed,
         )
         # Read at scrape time, so the gauges are exact without bookkeeping on every join and leave.

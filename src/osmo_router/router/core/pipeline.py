@@ -121,7 +121,7 @@ class SessionPipeline:
         failure: RouterError | None = None
         try:
             if not session.paired.is_set():
-                await self._sessions.wait_paired(session, timeout)
+                await self._wait_paired(session, side, timeout, "agent")
             self._metrics.agent_sessions_by_transport.labels(session.operation_name, side.transport).inc()
             await side.send_first(session.open_message)
             await self._relay(session, side, is_client=False)
@@ -143,6 +143,28 @@ class SessionPipeline:
             return False
         return True
 
+    async def _wait_paired(self, session: Session, side: Side, timeout: float, role: str) -> None:
+        """Wait for the other side; a peer that leaves meanwhile ends the pending session at once."""
+        gone = side.watch_gone()
+        if gone is None:
+            await self._sessions.wait_paired(session, timeout)
+            return
+        watcher = asyncio.ensure_future(gone)
+        waiter = asyncio.ensure_future(self._sessions.wait_paired(session, timeout))
+        try:
+            await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watcher, waiter):
+                task.cancel()
+            await asyncio.gather(watcher, waiter, return_exceptions=True)
+        if waiter.done() and not waiter.cancelled():
+            waiter.result()  # paired, or DeadlineExceeded
+            return
+        error = Cancelled(f"the {role} went away before the other side joined")
+        session.fail(error)
+        self._sessions.remove(session)
+        raise error
+
     async def _accept(self, side: Side, session: Session) -> None:
         try:
             await side.accept()
@@ -157,7 +179,7 @@ class SessionPipeline:
         failure: RouterError | None = None
         try:
             if not session.paired.is_set():
-                await self._sessions.wait_paired(session, timeout)
+                await self._wait_paired(session, side, timeout, "client")
             if session.paired_at is not None:
                 self._metrics.rendezvous_duration.labels(op_name).observe(session.paired_at - session.created)
             await side.send_first(_ready(session))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from osmo_router.router.auth.identity import Identity
+from osmo_router.router.auth.identity import ROLE_ANY, Identity
 from osmo_router.router.core.flow_control import FlowQueue
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.wire.errors import (
@@ -128,6 +128,8 @@ class Session:
     exit_status: str = ""
     #: The credential of the registered agent asked to serve the session: only it may join.
     expected_agent: Identity | None = None
+    #: The subject of the side that created the session (its pending count is theirs).
+    creator: str = ""
     paired: Latch = field(default_factory=Latch)
     to_agent: FlowQueue = field(init=False)
     to_client: FlowQueue = field(init=False)
@@ -169,9 +171,15 @@ class SessionStore:
         max_pending: int,
         max_sessions: int,
         max_per_user: int,
+        max_pending_per_identity: int = 0,
         on_remove: Callable[[Session], None] | None = None,
     ) -> None:
-        """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it)."""
+        """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it).
+
+        `max_pending_per_identity` (0: no such limit) bounds the sessions one caller's identity keeps
+        waiting for their second side, so that one token cannot fill `max_pending` for everybody.
+        The development identity of --auth=none is not limited by it.
+        """
         self._registry = registry
         self._buffer = buffer
         self._max_pending = max_pending
@@ -180,6 +188,9 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._per_user: dict[str, int] = {}
         self._pending = 0
+        self._max_pending_per_identity = max_pending_per_identity
+        #: Sessions waiting for their second side, by the subject of the side that created them.
+        self._pending_by: dict[str, int] = {}
         self._empty = asyncio.Event()
         self._empty.set()
         self.accepting = True
@@ -232,8 +243,9 @@ class SessionStore:
                     f"no agent is registered for workflow {target.workflow_id!r}"
                     + (f" task {target.task!r}" if target.task else "")
                 )
-            self._check_capacity(identity.subject)
-            session = self._create(target.session_key or key or new_session_key(), target.workflow_id, target.task)
+            self._check_capacity(identity)
+            key = target.session_key or key or new_session_key()
+            session = self._create(key, target.workflow_id, target.task, identity.subject)
         elif session.client_joined:
             raise AlreadyExists("a client already joined this session")
         elif target.task and session.task not in ("", target.task):
@@ -273,8 +285,8 @@ class SessionStore:
         if session is None:
             if not self.accepting:
                 raise Unavailable("router is draining")
-            self._check_pending()
-            session = self._create(init.session_key, init.workflow_id, init.task)
+            self._check_pending(identity)
+            session = self._create(init.session_key, init.workflow_id, init.task, identity.subject)
         elif (
             session.agent_joined
             or (session.task and session.task != init.task)
@@ -314,7 +326,7 @@ class SessionStore:
         if self._sessions.get(scoped) is session:
             del self._sessions[scoped]
             if not session.paired.is_set():
-                self._pending -= 1
+                self._unpend(session)
             if not self._sessions:
                 self._empty.set()
             if session.client_joined and session.user:
@@ -326,27 +338,40 @@ class SessionStore:
             if self._on_remove is not None:
                 self._on_remove(session)
 
-    def _create(self, key: str, workflow_id: str, task: str) -> Session:
+    def _create(self, key: str, workflow_id: str, task: str, creator: str) -> Session:
         session = Session(key=key, workflow_id=workflow_id, task=task, buffer=self._buffer)
+        session.creator = creator
         self._sessions[session.scoped_key] = session
         self._empty.clear()
         self._pending += 1
+        self._pending_by[creator] = self._pending_by.get(creator, 0) + 1
         return session
 
     def _pair(self, session: Session) -> None:
         session.paired_at = time.monotonic()
         session.paired.set()
-        self._pending -= 1
+        self._unpend(session)
 
-    def _check_pending(self) -> None:
+    def _unpend(self, session: Session) -> None:
+        self._pending -= 1
+        left = self._pending_by.get(session.creator, 1) - 1
+        if left > 0:
+            self._pending_by[session.creator] = left
+        else:
+            self._pending_by.pop(session.creator, None)
+
+    def _check_pending(self, identity: Identity) -> None:
+        limit = self._max_pending_per_identity
+        if limit and identity.role != ROLE_ANY and self._pending_by.get(identity.subject, 0) >= limit:
+            raise ResourceExhausted(f"{identity.subject} keeps its maximum of {limit} sessions waiting for rendezvous")
         if self.pending >= self._max_pending:
             raise ResourceExhausted(f"too many sessions waiting for rendezvous (limit {self._max_pending})")
         if len(self._sessions) >= self._max_sessions:
             raise ResourceExhausted(f"router holds its maximum of {self._max_sessions} sessions")
 
-    def _check_capacity(self, user: str) -> None:
-        self._check_pending()
-        self._check_user_limit(user)
+    def _check_capacity(self, identity: Identity) -> None:
+        self._check_pending(identity)
+        self._check_user_limit(identity.subject)
 
     def _check_user_limit(self, user: str) -> None:
         if self._per_user.get(user, 0) >= self._max_per_user:

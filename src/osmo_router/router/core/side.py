@@ -8,6 +8,7 @@ messages every stream carries (`wire/codec.py`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +35,13 @@ class Side(Protocol):
 
     async def write(self, message: bytes) -> None:
         """Send one encoded frame message or the SessionEnd. Raises RouterError when the stream broke."""
+        ...
+
+    def watch_gone(self) -> Awaitable[None] | None:
+        """While the session waits for its other side: an awaitable that ends once this peer is gone.
+
+        None where the transport notices by itself (a gRPC call whose peer leaves is cancelled).
+        """
         ...
 
     async def accept(self) -> None:

@@ -78,6 +78,10 @@ class GrpcSide:
         except Exception as err:
             raise self._gone(err) from None
 
+    def watch_gone(self) -> None:
+        """None: a call whose peer leaves cancels its handler, pending or not."""
+        return None
+
     async def accept(self) -> None:
         """Nothing to do: a gRPC stream is accepted once its handler runs."""
 

@@ -20,11 +20,12 @@ side, through the same pipeline. The translation is `wsproto.frame_to_message` a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import grpc
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
 from osmo_router.wire.errors import Cancelled, InvalidArgument, RouterError, Unavailable
@@ -65,19 +66,21 @@ async def close_with_error(ws: web.WebSocketResponse, error: RouterError) -> Non
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
-async def _receive(ws: web.WebSocketResponse) -> bytes | str | None:
-    """The next message's bytes; at the end, the close reason (str), or None if there was none."""
-    while True:
-        msg = await ws.receive()
-        if msg.type == WSMsgType.BINARY:
-            data: bytes = msg.data
-            return data
-        if msg.type == WSMsgType.TEXT:
-            return str(msg.data).encode()
-        if msg.type == WSMsgType.CLOSE:
-            return str(msg.extra or "")
-        if msg.type in _ENDED:
-            return None
+#: Most bytes a waiting WebSocket side keeps of what its peer sends before the session is paired
+#: (read only to notice the peer leaving); past it the side stops reading, and TCP pushes back.
+STASH_LIMIT = 1 << 20
+
+
+def _as_received(msg: WSMessage) -> bytes | str | None:
+    """A message's bytes; for a close, its reason (str); None for a message that ends the stream without one."""
+    if msg.type == WSMsgType.BINARY:
+        data: bytes = msg.data
+        return data
+    if msg.type == WSMsgType.TEXT:
+        return str(msg.data).encode()
+    if msg.type == WSMsgType.CLOSE:
+        return str(msg.extra or "")
+    return None
 
 
 class _WsSide:
@@ -91,6 +94,31 @@ class _WsSide:
         self._request = request
         self._refusal: web.Response | None = None
         self.peer = request.remote or "unknown"
+        #: What the peer sent while the session waited (see watch_gone), delivered first.
+        self._stash: list[WSMessage] = []
+
+    def watch_gone(self) -> Awaitable[None]:
+        """Read (and keep) what the peer sends while the session waits, to notice it leaving."""
+        return self._watch_gone()
+
+    async def _watch_gone(self) -> None:
+        kept = 0
+        while kept < STASH_LIMIT:
+            msg = await self.ws.receive()
+            self._stash.append(msg)
+            if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                if msg.type in _ENDED:
+                    return
+                continue
+            kept += len(msg.data)
+        await asyncio.Event().wait()  # enough kept: stop reading, let TCP push back
+
+    async def _receive(self) -> bytes | str | None:
+        """The next message's bytes; at the end, the close reason (str), or None if there was none."""
+        while True:
+            msg = self._stash.pop(0) if self._stash else await self.ws.receive()
+            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CLOSE) or msg.type in _ENDED:
+                return _as_received(msg)
 
     @property
     def response(self) -> web.StreamResponse:
@@ -140,7 +168,7 @@ class WsClientSide(_WsSide):
 
     async def read(self) -> bytes | None:
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
-        data = await _receive(self.ws)
+        data = await self._receive()
         if isinstance(data, bytes):
             return encode_frame(message_to_frame(data, parse_resize=self._parse_resize))
         if self._closing:
@@ -221,7 +249,7 @@ class WsBackendSide(_WsSide):
     async def read(self) -> bytes | None:
         """The backend's next message as an encoded frame; its end becomes a clean half-close."""
         while not self._pending:
-            data = await _receive(self.ws)
+            data = await self._receive()
             if isinstance(data, bytes):
                 if data:
                     return encode_frame(pb.Frame(data=data))
