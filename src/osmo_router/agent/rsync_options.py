@@ -32,7 +32,7 @@ written from reading rsync's sources (RsyncProject/rsync, version 3.5.0), not a 
   - popt aliases (/etc/popt, ~/.popt) never apply: `parse_arguments()` in options.c starts a
     fresh context without them when it meets `--server`, which the agent requires first.
 
-tests/test_rsync_options.py holds this to the installed rsync: the table to its --help, to popt's
+tests/unit/test_rsync_options.py holds this to the installed rsync: the table to its --help, to popt's
 answer for `--NAME=x` and `-L=x` (unknown / takes no argument) for every name and letter, and to
 every option-like word in the binary; the parser to what the real client forwards and what the real
 server uses for each spelling. An older rsync in a container knows fewer options and refuses the

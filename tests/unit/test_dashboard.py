@@ -17,7 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.server import RouterServer
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "router-grpc.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "router-grpc.json"
 # The metrics of DESIGN.md: each must be on a panel.
 REQUIRED_DASHBOARD_METRICS = {
     "router_grpc_sessions_active",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-DOCKERFILE = Path(__file__).resolve().parent.parent / "Dockerfile"
+DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
 
 
 def docker_stages() -> dict[str, tuple[str, str]]:

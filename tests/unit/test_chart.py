@@ -3,7 +3,7 @@
 Every scenario of tests/chart_helm.py (each branch of the templates) is linted and rendered by the
 real helm, and every manifest is validated against the Kubernetes API schemas that
 kubernetes-validate ships (offline). What the router is told (args, ports, mounts) is checked in
-tests/test_chart_args.py. The dashboard and the Dockerfile have test files of their own.
+tests/unit/test_chart_args.py. The dashboard and the Dockerfile have test files of their own.
 """
 
 from __future__ import annotations

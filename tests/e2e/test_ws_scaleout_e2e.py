@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.e2e.test_scaleout_e2e import SECRET, Cluster
 from tests.harness import AgentProc, Router, metric_value, run_client
 from tests.redis_harness import RedisServer
-from tests.test_scaleout_e2e import SECRET, Cluster
 from tests.ws_kit import WsBackendProc, client_args, new_key
 
 

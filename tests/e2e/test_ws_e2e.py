@@ -15,10 +15,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.e2e.test_exec_e2e import check_tty_size_resize_and_ctrl_c
+from tests.e2e.test_rsync_e2e import make_tree, snapshot
 from tests.harness import Proc, Router, client_cmd, run_client
 from tests.security_kit import Pki, Signer
-from tests.test_exec_e2e import check_tty_size_resize_and_ctrl_c
-from tests.test_rsync_e2e import make_tree, snapshot
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
 from tests.ws_kit import (
     WsBackendProc,
