@@ -92,3 +92,27 @@ async def test_poll_raises_the_failure_and_readable_wakes_on_it() -> None:
     await asyncio.wait_for(readable, 5)
     with pytest.raises(ResourceExhausted):
         queue.poll()
+
+
+async def test_bytes_bound_the_queue_whatever_the_message_count() -> None:
+    q = FlowQueue(16, max_bytes=100)
+    await q.put(b"x" * 60)
+    await q.put(b"y" * 40)  # exactly at the bound
+    assert q.queued_bytes == 100
+    blocked = asyncio.create_task(q.put(b"z"))
+    await asyncio.sleep(0)  # let it reach its wait
+    assert not blocked.done() and len(q) == 2
+    assert await q.get() == b"x" * 60
+    await asyncio.wait_for(blocked, 1)
+    assert q.queued_bytes == 41
+
+
+async def test_one_message_larger_than_the_byte_bound_still_passes_alone() -> None:
+    q = FlowQueue(16, max_bytes=10)
+    await asyncio.wait_for(q.put(b"a" * 50), 1)  # an empty queue takes any one message
+    blocked = asyncio.create_task(q.put(b"b"))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    assert q.poll() == b"a" * 50
+    await asyncio.wait_for(blocked, 1)
+    assert q.queued_bytes == 1

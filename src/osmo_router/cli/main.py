@@ -153,6 +153,14 @@ def main_group() -> None:
     show_default=True,
     help="Largest gRPC message accepted or sent.",
 )
+@click.option(
+    "--flow-control-bytes",
+    type=int,
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Bytes a session may queue per direction in the router (with --flow-control-buffer messages); "
+    "a full queue stops reading from the sender.",
+)
 @click.option("--max-sessions", type=int, default=10_000, show_default=True, help="Sessions per router.")
 @click.option("--max-sessions-per-user", type=int, default=256, show_default=True, help="Sessions per user.")
 @click.option(

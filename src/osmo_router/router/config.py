@@ -45,6 +45,8 @@ class RouterConfig:
     session_ttl: float = 30 * 60.0
     rendezvous_timeout: float = 60.0
     flow_control_buffer: int = 16
+    #: Bytes queued per relay direction at most, whatever the message count (one message always fits).
+    flow_control_bytes: int = 4 * 1024 * 1024
     flow_control_timeout: float = 30.0
     init_timeout: float = 10.0
     drain_timeout: float = 30.0
@@ -90,6 +92,8 @@ class RouterConfig:
         for name in ("max_sessions", "max_sessions_per_user", "max_pending_rendezvous"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.flow_control_bytes < 64 * 1024:
+            raise ValueError("--flow-control-bytes must be at least 64 KiB")
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
         for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout", "directory_ttl"):

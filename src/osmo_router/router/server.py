@@ -86,6 +86,7 @@ class RouterServer:
         self.sessions = SessionStore(
             self.registry,
             buffer=config.flow_control_buffer,
+            buffer_bytes=config.flow_control_bytes,
             max_pending=config.max_pending_rendezvous,
             max_sessions=config.max_sessions,
             max_per_user=config.max_sessions_per_user,

@@ -1,4 +1,4 @@
-"""Backpressure for one relay direction: a small bounded queue of encoded frames.
+"""Backpressure for one relay direction: a small queue of encoded frames, bounded in messages and in bytes.
 
 A full queue suspends the reader of the sending side, so gRPC's own HTTP/2 flow control pushes
 back to the sender; the writer bounds each write by the flow-control timeout, so a receiver that
@@ -11,15 +11,21 @@ import asyncio
 
 
 class FlowQueue:
-    """A bounded single-producer, single-consumer queue that can be ended or failed."""
+    """A bounded single-producer, single-consumer queue that can be ended or failed.
 
-    __slots__ = ("_ended", "_error", "_getter", "_items", "_maxsize", "_putter")
+    Bounded twice: at most `maxsize` messages, and at most `max_bytes` bytes queued (one message
+    always fits into an empty queue, so a message as large as the gRPC limit still passes).
+    """
 
-    def __init__(self, maxsize: int) -> None:
+    __slots__ = ("_bytes", "_ended", "_error", "_getter", "_items", "_max_bytes", "_maxsize", "_putter")
+
+    def __init__(self, maxsize: int, max_bytes: int = 1 << 62) -> None:
         # A list, not a deque: an empty deque allocates a 64-slot block (~600 bytes), and a router
         # holds two queues per session, mostly empty; pop(0) on a handful of items costs nothing.
         self._items: list[bytes] = []
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -29,13 +35,21 @@ class FlowQueue:
         return len(self._items)
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes queued now."""
+        return self._bytes
+
+    def _full(self, incoming: int) -> bool:
+        return len(self._items) >= self._maxsize or (bool(self._items) and self._bytes + incoming > self._max_bytes)
+
+    @property
     def ended(self) -> bool:
         """True once `end` was called."""
         return self._ended
 
     async def put(self, item: bytes) -> None:
         """Queue an item, waiting while the queue is full; raises the failure if it failed."""
-        while len(self._items) >= self._maxsize and self._error is None and not self._ended:
+        while self._full(len(item)) and self._error is None and not self._ended:
             self._putter = asyncio.get_running_loop().create_future()
             try:
                 await self._putter
@@ -46,6 +60,7 @@ class FlowQueue:
         if self._ended:
             return
         self._items.append(item)
+        self._bytes += len(item)
         _wake(self._getter)
 
     async def get(self) -> bytes | None:
@@ -63,6 +78,7 @@ class FlowQueue:
         if self._error is not None:
             raise self._error
         item = self._items.pop(0)
+        self._bytes -= len(item)
         _wake(self._putter)
         return item
 
@@ -73,6 +89,7 @@ class FlowQueue:
             raise self._error
         if self._items:
             item = self._items.pop(0)
+            self._bytes -= len(item)
             _wake(self._putter)
             return item
         return None if self._ended else b""
@@ -99,6 +116,7 @@ class FlowQueue:
     def pop(self) -> bytes:
         """Take the next item without waiting (call only after `peek` returned one)."""
         item = self._items.pop(0)
+        self._bytes -= len(item)
         _wake(self._putter)
         return item
 
@@ -107,6 +125,7 @@ class FlowQueue:
         ones, unless `drop` (nobody will read them)."""
         if drop:
             self._items.clear()
+            self._bytes = 0
         self._ended = True
         _wake(self._getter)
         _wake(self._putter)
@@ -116,6 +135,7 @@ class FlowQueue:
         if self._error is None:
             self._error = error
         self._items.clear()
+        self._bytes = 0
         _wake(self._getter)
         _wake(self._putter)
 

@@ -226,7 +226,14 @@ class SessionPipeline:
 
     def _stub(self, workflow_id: str, task: str, user: str) -> Session:
         """A session object for a relayed stream: its queues and counts only (the owner holds the session)."""
-        session = Session(key="", workflow_id=workflow_id, task=task, buffer=self._config.flow_control_buffer)
+        config = self._config
+        session = Session(
+            key="",
+            workflow_id=workflow_id,
+            task=task,
+            buffer=config.flow_control_buffer,
+            buffer_bytes=config.flow_control_bytes,
+        )
         session.user = user
         return session
 

@@ -108,6 +108,7 @@ class Session:
     workflow_id: str
     task: str
     buffer: int
+    buffer_bytes: int = 4 * 1024 * 1024
     operation: int = pb.OPERATION_UNSPECIFIED
     user: str = ""
     open_message: bytes = b""
@@ -135,8 +136,8 @@ class Session:
     to_client: FlowQueue = field(init=False)
 
     def __post_init__(self) -> None:
-        self.to_agent = FlowQueue(self.buffer)
-        self.to_client = FlowQueue(self.buffer)
+        self.to_agent = FlowQueue(self.buffer, self.buffer_bytes)
+        self.to_client = FlowQueue(self.buffer, self.buffer_bytes)
 
     @property
     def scoped_key(self) -> str:
@@ -168,6 +169,7 @@ class SessionStore:
         registry: AgentRegistry,
         *,
         buffer: int,
+        buffer_bytes: int = 4 * 1024 * 1024,
         max_pending: int,
         max_sessions: int,
         max_per_user: int,
@@ -182,6 +184,7 @@ class SessionStore:
         """
         self._registry = registry
         self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
         self._max_pending = max_pending
         self._max_sessions = max_sessions
         self._max_per_user = max_per_user
@@ -339,7 +342,9 @@ class SessionStore:
                 self._on_remove(session)
 
     def _create(self, key: str, workflow_id: str, task: str, creator: str) -> Session:
-        session = Session(key=key, workflow_id=workflow_id, task=task, buffer=self._buffer)
+        session = Session(
+            key=key, workflow_id=workflow_id, task=task, buffer=self._buffer, buffer_bytes=self._buffer_bytes
+        )
         session.creator = creator
         self._sessions[session.scoped_key] = session
         self._empty.clear()
