@@ -161,19 +161,27 @@ def main_group() -> None:
     help="Bytes a session may queue per direction in the router (with --flow-control-buffer messages); "
     "a full queue stops reading from the sender.",
 )
+@click.option(
+    "--max-connections-per-forward",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Connections one port-forward command may hold at once; the command counts as one session "
+    "against --max-sessions-per-user.",
+)
 @click.option("--max-sessions", type=int, default=10_000, show_default=True, help="Sessions per router.")
 @click.option("--max-sessions-per-user", type=int, default=256, show_default=True, help="Sessions per user.")
 @click.option(
     "--max-pending-rendezvous",
     type=int,
-    default=1_000,
+    default=10_000,
     show_default=True,
     help="Sessions waiting for their second side.",
 )
 @click.option(
     "--max-pending-per-identity",
     type=int,
-    default=100,
+    default=1000,
     show_default=True,
     help="Sessions one token (user or agent) may keep waiting for their second side; 0: no such limit. "
     "Not applied with --auth=none.",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import random
+import secrets
 import signal
 import sys
 from dataclasses import dataclass, replace
@@ -108,13 +109,18 @@ class PortForward:
             fast_method(channel, f"/{CLIENT_SERVICE}/PortForward", pb.PortForwardResponse) if channel else None
         )
         self._stop = asyncio.Event()
+        # Names this command on all its streams: the router counts it as one session of the user.
+        self._forward_id = secrets.token_hex(8)
         self._tcp: list[TcpListener] = []
         self._udp: list[UdpForward] = []
         self._tasks: dict[object, asyncio.Task[None]] = {}
 
     def _init(self, protocol: int, remote_port: int) -> pb.PortForwardInit:
         return pb.PortForwardInit(
-            target=self.config.target(), protocol=pb.Protocol.ValueType(protocol), remote_port=remote_port
+            target=self.config.target(),
+            protocol=pb.Protocol.ValueType(protocol),
+            remote_port=remote_port,
+            forward_id=self._forward_id,
         )
 
     async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:

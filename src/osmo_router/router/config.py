@@ -55,12 +55,14 @@ class RouterConfig:
     max_message_size: int = MAX_MESSAGE_SIZE
     max_sessions: int = 10_000
     max_sessions_per_user: int = 256
-    max_pending_rendezvous: int = 1_000
+    max_pending_rendezvous: int = 10_000
     heartbeat_interval: float = 15.0
     #: How often a long-lived agent stream's token is verified again (it also ends at the token's exp).
     credential_recheck: float = 60.0
     #: Most sessions one identity keeps waiting for rendezvous (0: no such limit).
-    max_pending_per_identity: int = 100
+    max_pending_per_identity: int = 1000
+    #: Connections one port-forward command may hold at once (it counts as one session of its user).
+    max_connections_per_forward: int = 4096
     redis_url: str | None = None
     advertise_address: str | None = None
     peer_secret: str | None = None

@@ -91,6 +91,7 @@ class RouterServer:
             max_sessions=config.max_sessions,
             max_per_user=config.max_sessions_per_user,
             max_pending_per_identity=config.max_pending_per_identity,
+            max_per_forward=config.max_connections_per_forward,
             on_remove=self._session_removed,
         )
         # Read at scrape time, so the gauges are exact without bookkeeping on every join and leave.

@@ -198,11 +198,17 @@ class PortForwardInit(_message.Message):
     PROTOCOL_FIELD_NUMBER: _builtins.int
     REMOTE_PORT_FIELD_NUMBER: _builtins.int
     REMOTE_HOST_FIELD_NUMBER: _builtins.int
+    FORWARD_ID_FIELD_NUMBER: _builtins.int
     protocol: Global___Protocol.ValueType
     remote_port: _builtins.int
     """Port inside the container."""
     remote_host: _builtins.str
     """Host inside the container; empty means the container's loopback."""
+    forward_id: _builtins.str
+    """One port-forward command's id (random, chosen by the client), the same on its watch and on every
+    forwarded connection: the router counts the command once against the per-user session limit and
+    its connections against its own limit. Empty (older clients): every stream counts as a session.
+    """
     @_builtins.property
     def target(self) -> Global___SessionTarget: ...
     def __init__(
@@ -212,10 +218,11 @@ class PortForwardInit(_message.Message):
         protocol: Global___Protocol.ValueType = ...,
         remote_port: _builtins.int = ...,
         remote_host: _builtins.str = ...,
+        forward_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol", b"protocol", "remote_host", b"remote_host", "remote_port", b"remote_port", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "protocol", b"protocol", "remote_host", b"remote_host", "remote_port", b"remote_port", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

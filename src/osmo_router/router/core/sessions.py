@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from osmo_router.router.auth.identity import ROLE_ANY, Identity
 from osmo_router.router.core.flow_control import FlowQueue
+from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.wire.errors import (
     AlreadyExists,
@@ -131,6 +132,8 @@ class Session:
     expected_agent: Identity | None = None
     #: The subject of the side that created the session (its pending count is theirs).
     creator: str = ""
+    #: The port-forward command this session is a connection of ("" for none; see core/limits.py).
+    forward_id: str = ""
     paired: Latch = field(default_factory=Latch)
     to_agent: FlowQueue = field(init=False)
     to_client: FlowQueue = field(init=False)
@@ -173,6 +176,7 @@ class SessionStore:
         max_pending: int,
         max_sessions: int,
         max_per_user: int,
+        max_per_forward: int = 4096,
         max_pending_per_identity: int = 0,
         on_remove: Callable[[Session], None] | None = None,
     ) -> None:
@@ -187,9 +191,8 @@ class SessionStore:
         self._buffer_bytes = buffer_bytes
         self._max_pending = max_pending
         self._max_sessions = max_sessions
-        self._max_per_user = max_per_user
+        self._users = UserSessions(max_per_user, max_per_forward)
         self._sessions: dict[str, Session] = {}
-        self._per_user: dict[str, int] = {}
         self._pending = 0
         self._max_pending_per_identity = max_pending_per_identity
         #: Sessions waiting for their second side, by the subject of the side that created them.
@@ -240,13 +243,15 @@ class SessionStore:
         identity.require_workflow(target.workflow_id)
         agent = self._registry.pick(target.workflow_id, target.task)
         session = self.get(target.workflow_id, target.session_key) if target.session_key else None
+        forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
         if session is None:
             if agent is None and not target.session_key:
                 raise Unavailable(
                     f"no agent is registered for workflow {target.workflow_id!r}"
                     + (f" task {target.task!r}" if target.task else "")
                 )
-            self._check_capacity(identity)
+            self._check_pending(identity)
+            self._users.check(identity.subject, forward_id)
             key = target.session_key or key or new_session_key()
             session = self._create(key, target.workflow_id, target.task, identity.subject)
         elif session.client_joined:
@@ -254,14 +259,15 @@ class SessionStore:
         elif target.task and session.task not in ("", target.task):
             raise PermissionDenied("the session key belongs to another task")
         else:
-            self._check_user_limit(identity.subject)
+            self._users.check(identity.subject, forward_id)
         session.client_joined = True
+        session.forward_id = forward_id
         session.operation = operation
         session.user = identity.subject
         open_msg.session_key = session.key
         open_msg.user = identity.subject
         session.open_message = pb.ConnectResponse(open=open_msg).SerializeToString()
-        self._per_user[identity.subject] = self._per_user.get(identity.subject, 0) + 1
+        self._users.add(identity.subject, forward_id)
         if session.agent_joined:
             self._pair(session)
         elif agent is not None:
@@ -333,11 +339,7 @@ class SessionStore:
             if not self._sessions:
                 self._empty.set()
             if session.client_joined and session.user:
-                left = self._per_user.get(session.user, 1) - 1
-                if left > 0:
-                    self._per_user[session.user] = left
-                else:
-                    self._per_user.pop(session.user, None)
+                self._users.remove(session.user, session.forward_id)
             if self._on_remove is not None:
                 self._on_remove(session)
 
@@ -373,11 +375,3 @@ class SessionStore:
             raise ResourceExhausted(f"too many sessions waiting for rendezvous (limit {self._max_pending})")
         if len(self._sessions) >= self._max_sessions:
             raise ResourceExhausted(f"router holds its maximum of {self._max_sessions} sessions")
-
-    def _check_capacity(self, identity: Identity) -> None:
-        self._check_pending(identity)
-        self._check_user_limit(identity.subject)
-
-    def _check_user_limit(self, user: str) -> None:
-        if self._per_user.get(user, 0) >= self._max_per_user:
-            raise ResourceExhausted(f"user {user} holds its maximum of {self._max_per_user} sessions")
