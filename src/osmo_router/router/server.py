@@ -20,8 +20,10 @@ from osmo_router.router.agent_service import AgentService
 from osmo_router.router.auth import Authenticator, NoAuth
 from osmo_router.router.client_service import ClientService
 from osmo_router.router.config import RouterConfig, is_loopback_host
+from osmo_router.router.conn_limits import grpc_connection_options  # issue 14
 from osmo_router.router.directory import Directory, MemoryDirectory
 from osmo_router.router.health import MetricsServer
+from osmo_router.router.http_limits import metrics_limits  # issue 14
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.registry import AgentRegistry
 from osmo_router.router.scaleout import ScaleOut
@@ -124,9 +126,12 @@ class RouterServer:
     async def start(self) -> None:
         """Bind the gRPC and metrics ports and start serving."""
         server = grpc.aio.server(
-            options=server_options(
-                self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
-            )
+            options=[
+                *server_options(
+                    self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
+                ),
+                *grpc_connection_options(self.config),  # issue 14: connection limits and timeouts
+            ]
         )
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
@@ -155,7 +160,8 @@ class RouterServer:
         for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
-            await self.metrics_server.start(self.config.host, self.config.metrics_port)
+            limits = metrics_limits(self.config)  # issue 14
+            await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
             await self.ws_server.start(self.config.host, self.config.ws_port)
         self._janitor = asyncio.create_task(self._expire_idle_sessions())

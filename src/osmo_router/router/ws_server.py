@@ -22,6 +22,7 @@ from osmo_router.protocol import AUTHORIZATION_HEADER, pb
 from osmo_router.router import audit
 from osmo_router.router.auth import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
+from osmo_router.router.http_limits import serve_app, ws_limits  # issue 14
 from osmo_router.router.metrics import RouterMetrics
 from osmo_router.router.relay import relay_side
 from osmo_router.router.sessions import Session, SessionStore
@@ -96,12 +97,16 @@ class WsServer:
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (0 picks a free port, stored in `port`)."""
         # Sessions were drained before close; whatever is left is cut off like the gRPC side (grace 1s).
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=server_ssl_context(self._config))
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []  # aiohttp does not expose the bound port
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        # issue 14: per-address and total connection caps, TLS handshake and header timeouts.
+        self._runner, self.port = await serve_app(
+            self.app(),
+            host,
+            port,
+            ws_limits(self._config),
+            ssl_context=server_ssl_context(self._config),
+            shutdown_timeout=1.0,
+            registry=self._metrics.registry,
+        )
 
     async def close(self) -> None:
         """Stop listening and close the WebSockets still open."""
