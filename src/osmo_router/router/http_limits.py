@@ -23,12 +23,14 @@ import logging
 import socket
 import ssl
 import struct
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.conn_limits import ConnectionBudget, connection_budget
@@ -37,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Listen backlog of the guarded ports: a burst of connects waits in the kernel, not in SYN retries.
 BACKLOG = 1024
+#: A refusal is logged once per reason and address in this many seconds, for at most MAX_WARNED pairs.
+WARN_EVERY = 600.0
+MAX_WARNED = 1000
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,9 @@ def metrics_limits(config: RouterConfig, budget: ConnectionBudget | None = None)
 class _Metrics:
     """Connection counters of the guarded ports, one set per Prometheus registry."""
 
-    _by_registry: dict[int, _Metrics] = {}
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
 
-    def __init__(self, registry: CollectorRegistry | None) -> None:
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.open = Gauge(
             "router_http_connections_open",
             "Connections open on an aiohttp port (WebSocket, metrics)",
@@ -104,9 +109,10 @@ class _Metrics:
 
     @classmethod
     def of(cls, registry: CollectorRegistry | None) -> _Metrics:
-        key = id(registry)
+        """The counters registered in `registry` (prometheus_client's default one when None)."""
+        key = registry if registry is not None else REGISTRY
         if key not in cls._by_registry:
-            cls._by_registry[key] = cls(registry)
+            cls._by_registry[key] = cls(key)
         return cls._by_registry[key]
 
 
@@ -123,6 +129,7 @@ class ConnectionGate:
         self._open = metrics.open.labels(limits.port_name)
         self._refused = metrics.refused
         self._warned: set[str] = set()
+        self._warned_since = time.monotonic()
 
     def admit(self, address: str) -> bool:
         """Count a new connection from `address`, or refuse it (False) when a cap is reached."""
@@ -151,10 +158,13 @@ class ConnectionGate:
         self._open.dec()
 
     def refuse(self, reason: str, address: str) -> None:
-        """Count a connection closed by a limit (logged once per reason and address)."""
+        """Count a connection closed by a limit (logged once per reason and address every WARN_EVERY)."""
         self._refused.labels(self.limits.port_name, reason).inc()
         key = f"{reason} {address}"
-        if key not in self._warned and len(self._warned) < 1000:
+        if time.monotonic() - self._warned_since > WARN_EVERY:
+            self._warned.clear()
+            self._warned_since = time.monotonic()
+        if key not in self._warned and len(self._warned) < MAX_WARNED:
             self._warned.add(key)
             log.warning(
                 "%s port: connection from %s closed (%s)",
