@@ -123,8 +123,6 @@ class ConnectionGate:
         self.limits = limits
         self.total = 0
         self._by_address: dict[str, int] = {}
-        #: Transports still in their TLS handshake (not yet known to aiohttp), aborted on close.
-        self.handshaking: set[asyncio.BaseTransport] = set()
         metrics = _Metrics.of(registry)
         self._open = metrics.open.labels(limits.port_name)
         self._refused = metrics.refused
@@ -351,7 +349,10 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
             if (family, address) in seen:
                 continue
             seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this host does not have (IPv6 off): skipped, as asyncio does
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -365,6 +366,8 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(f"cannot listen on {host}:{port}: no usable address")
     return sockets
 
 
