@@ -138,13 +138,16 @@ def flood_router() -> Iterator[tuple[Router, AgentProc, str]]:
     router.stop()
 
 
-@pytest.mark.parametrize("port_name", ["grpc", "ws", "metrics"])
+@pytest.mark.parametrize(
+    ("port_name", "send"),
+    [("grpc", HALF_PREFACE), ("grpc", b""), ("ws", HALF_REQUEST), ("metrics", HALF_REQUEST)],
+    ids=["grpc-half-preface", "grpc-silent", "ws-half-request", "metrics-half-request"],
+)
 def test_half_open_flood_is_closed_and_others_are_served(
-    flood_router: tuple[Router, AgentProc, str], port_name: str
+    flood_router: tuple[Router, AgentProc, str], port_name: str, send: bytes
 ) -> None:
     router, _agent, workflow = flood_router
     port = {"grpc": router.port, "ws": router.ws_port, "metrics": router.metrics_port}[port_name]
-    send = HALF_PREFACE if port_name == "grpc" else HALF_REQUEST
     socks = flood(port, FLOOD, send)
     # Every flooding connection must be closed within the timeout of the last one (plus slack).
     deadline = time.monotonic() + TIMEOUT + SLACK
