@@ -69,6 +69,26 @@ class RouterConfig:
     peer_tls_ca: str | None = None
     peer_tls_server_name: str | None = None
     directory_ttl: float = 45.0
+    # Connection limits and timeouts (router/conn_limits.py, router/http_limits.py, docs/security.md).
+    #: TLS handshake, and on the gRPC port up to the client's HTTP/2 SETTINGS.
+    handshake_timeout: float = 10.0
+    #: WebSocket and metrics ports: connection open to a complete request line and headers.
+    http_header_timeout: float = 10.0
+    #: WebSocket and metrics ports: idle keep-alive between requests.
+    http_idle_timeout: float = 60.0
+    #: gRPC: a connection without calls for this long is closed (0: never).
+    max_connection_idle: float = 120.0
+    #: gRPC: connections older than this are drained, with --drain-timeout as grace (0: never).
+    max_connection_age: float = 0.0
+    #: gRPC: streams at once on one HTTP/2 connection.
+    max_concurrent_streams: int = 4096
+    #: Total connections on the gRPC / WebSocket / metrics port (0: a share of the descriptor limit).
+    max_connections: int = 0
+    ws_max_connections: int = 0
+    metrics_max_connections: int = 0
+    #: Connections from one peer address at once (0: no per-address cap).
+    ws_max_connections_per_address: int = 1024
+    metrics_max_connections_per_address: int = 16
     router_id: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -101,7 +121,26 @@ class RouterConfig:
         for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout", "directory_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        self._validate_connection_limits()
         self._validate_scaleout()
+
+    def _validate_connection_limits(self) -> None:
+        for name in ("handshake_timeout", "http_header_timeout", "http_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in (
+            "max_connection_idle",
+            "max_connection_age",
+            "max_connections",
+            "ws_max_connections",
+            "metrics_max_connections",
+            "ws_max_connections_per_address",
+            "metrics_max_connections_per_address",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 (off or automatic) or more")
+        if self.max_concurrent_streams < 1:
+            raise ValueError("--max-concurrent-streams must be at least 1")
 
     def _validate_scaleout(self) -> None:
         if self.peer_secret and len(self.peer_secret) < MIN_PEER_SECRET:

@@ -24,7 +24,9 @@ from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
+from osmo_router.router.ops.conn_limits import grpc_connection_options
 from osmo_router.router.ops.health import MetricsServer
+from osmo_router.router.ops.http_limits import metrics_limits
 from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
@@ -115,7 +117,7 @@ class RouterServer:
         self.agent_service = AgentService(
             config, self.sessions, self.registry, self.auth, self.metrics, self.directory, self.pipeline
         )
-        self.ws_server = WsServer(config, self.auth, self.pipeline)
+        self.ws_server = WsServer(config, self.auth, self.pipeline, self.metrics.registry)
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
         self.port = 0
@@ -131,9 +133,12 @@ class RouterServer:
     async def start(self) -> None:
         """Bind the gRPC and metrics ports and start serving."""
         server = grpc.aio.server(
-            options=server_options(
-                self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
-            )
+            options=[
+                *server_options(
+                    self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
+                ),
+                *grpc_connection_options(self.config),  # issue 14: connection limits and timeouts
+            ]
         )
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
@@ -162,7 +167,8 @@ class RouterServer:
         for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
-            await self.metrics_server.start(self.config.host, self.config.metrics_port)
+            limits = metrics_limits(self.config)  # issue 14
+            await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
             await self.ws_server.start(self.config.host, self.config.ws_port)
         self._janitor = asyncio.create_task(self._expire_idle_sessions())

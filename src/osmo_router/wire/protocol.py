@@ -70,7 +70,8 @@ def server_options(
         *channel_options(max_message_size, keepalive_time, keepalive_timeout),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        ("grpc.max_connection_idle_ms", 2**31 - 1),
+        # Connection limits and timeouts (idle, handshake, streams, total) are the router's settings:
+        # router/conn_limits.py grpc_connection_options, passed next to these.
     ]
 
 

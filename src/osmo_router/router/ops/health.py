@@ -7,6 +7,8 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.ops.http_limits import HttpLimits, metrics_limits, serve_app
 from osmo_router.router.ops.metrics import RouterMetrics
 
 
@@ -27,15 +29,16 @@ class MetricsServer:
         app.router.add_get("/readyz", self._readyz)
         return app
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port (0 picks a free port, stored in `port`)."""
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server  # aiohttp does not expose the bound port otherwise
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
+    async def start(self, host: str, port: int, limits: HttpLimits | None = None) -> None:
+        """Listen on host:port (0 picks a free port, stored in `port`).
+
+        Under `limits` (default: the defaults of `RouterConfig`): its own connection cap, per-address cap
+        and header timeout, so /healthz keeps answering while other ports or other addresses are flooded.
+        """
+        limits = limits or metrics_limits(RouterConfig())
+        self._runner, self.port = await serve_app(
+            self.app(), host, port, limits, shutdown_timeout=1.0, registry=self._metrics.registry
+        )
 
     async def close(self) -> None:
         """Stop listening."""

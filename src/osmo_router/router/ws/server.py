@@ -12,12 +12,14 @@ import ssl
 from collections.abc import Mapping
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from osmo_router import __version__
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
 from osmo_router.router.core.side import AgentJoin, ClientJoin
+from osmo_router.router.ops.http_limits import serve_app, ws_limits
 from osmo_router.router.ws.init import client_init
 from osmo_router.router.ws.sides import WsBackendSide, WsClientSide
 from osmo_router.wire.errors import InvalidArgument, RouterError
@@ -60,8 +62,12 @@ def rendezvous_timeout(query: Mapping[str, str], default: float) -> float:
 class WsServer:
     """The aiohttp application of the WebSocket endpoints, and its listener."""
 
-    def __init__(self, config: RouterConfig, auth: Authenticator, pipeline: SessionPipeline) -> None:
+    def __init__(
+        self, config: RouterConfig, auth: Authenticator, pipeline: SessionPipeline, registry: CollectorRegistry
+    ) -> None:
+        """`registry`: where the port's connection metrics go (the router's metrics registry)."""
         self._config = config
+        self._registry = registry
         self._auth = auth
         self._pipeline = pipeline
         self._runner: web.AppRunner | None = None
@@ -81,12 +87,16 @@ class WsServer:
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (0 picks a free port, stored in `port`)."""
         # Sessions were drained before close; whatever is left is cut off like the gRPC side (grace 1s).
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=server_ssl_context(self._config))
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []  # aiohttp does not expose the bound port
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        # Per-address and total connection caps, TLS handshake and header timeouts: ops/http_limits.py.
+        self._runner, self.port = await serve_app(
+            self.app(),
+            host,
+            port,
+            ws_limits(self._config),
+            ssl_context=server_ssl_context(self._config),
+            shutdown_timeout=1.0,
+            registry=self._registry,
+        )
 
     async def close(self) -> None:
         """Stop listening and close the WebSockets still open."""

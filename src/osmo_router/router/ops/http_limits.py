@@ -1,0 +1,428 @@
+"""Connection caps and timeouts for the router's aiohttp ports (WebSocket and metrics).
+
+aiohttp alone keeps a connection that sends half a request line for its keep-alive timeout (about
+an hour by default) and accepts any number of connections from one address. `serve_app` serves an
+application with:
+
+- a cap on connections per peer address and on the port's total: past either, a new connection is
+  reset right after `accept()`, before any byte is read, so it costs a descriptor for microseconds;
+- TLS done after that check (`loop.connect_accepted_socket` with a handshake timeout), so connections
+  stuck in the TLS handshake count against the caps too;
+- a header timeout: a connection whose first request line and headers are not complete within it
+  is aborted (aiohttp has no such timeout; the idle keep-alive timeout bounds the later requests).
+
+Admission is at accept, release in `connection_lost` of a `RequestHandler` subclass: nothing is
+added to the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.ops.conn_limits import ConnectionBudget, connection_budget
+
+log = logging.getLogger(__name__)
+
+#: Listen backlog of the guarded ports: a burst of connects waits in the kernel, not in SYN retries.
+BACKLOG = 1024
+#: A refusal is logged once per reason and address in this many seconds, for at most MAX_WARNED pairs.
+WARN_EVERY = 600.0
+MAX_WARNED = 1000
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The limits of one aiohttp port."""
+
+    #: Label of the port in metrics and logs ("ws", "metrics").
+    port_name: str
+    #: Connections at once on the port (0: no cap).
+    max_connections: int
+    #: Connections at once from one peer address (0: no cap).
+    max_per_address: int
+    #: Connection open (TLS done) to the first request's complete headers.
+    header_timeout: float
+    #: Idle keep-alive between requests (aiohttp's keepalive_timeout).
+    idle_timeout: float
+    #: TLS handshake (and its close_notify exchange on close).
+    handshake_timeout: float
+
+
+def ws_limits(config: RouterConfig, budget: ConnectionBudget | None = None) -> HttpLimits:
+    """The WebSocket port's limits."""
+    budget = budget or connection_budget(config)
+    return HttpLimits(
+        "ws",
+        budget.ws,
+        config.ws_max_connections_per_address,
+        config.http_header_timeout,
+        config.http_idle_timeout,
+        config.handshake_timeout,
+    )
+
+
+def metrics_limits(config: RouterConfig, budget: ConnectionBudget | None = None) -> HttpLimits:
+    """The metrics port's limits (its cap is its own share: floods on the other ports cannot take it)."""
+    budget = budget or connection_budget(config)
+    return HttpLimits(
+        "metrics",
+        budget.metrics,
+        config.metrics_max_connections_per_address,
+        config.http_header_timeout,
+        config.http_idle_timeout,
+        config.handshake_timeout,
+    )
+
+
+class _Metrics:
+    """Connection counters of the guarded ports, one set per Prometheus registry."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge(
+            "router_http_connections_open",
+            "Connections open on an aiohttp port (WebSocket, metrics)",
+            ["port"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "router_http_connections_refused_total",
+            "Connections closed by a limit: address_cap, port_cap, header_timeout, tls_handshake",
+            ["port", "reason"],
+            registry=registry,
+        )
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry | None) -> _Metrics:
+        """The counters registered in `registry` (prometheus_client's default one when None)."""
+        key = registry if registry is not None else REGISTRY
+        if key not in cls._by_registry:
+            cls._by_registry[key] = cls(key)
+        return cls._by_registry[key]
+
+
+class ConnectionGate:
+    """Open connections by peer address; admits a connection only under both caps."""
+
+    def __init__(self, limits: HttpLimits, registry: CollectorRegistry | None = None) -> None:
+        self.limits = limits
+        self.total = 0
+        self._by_address: dict[str, int] = {}
+        metrics = _Metrics.of(registry)
+        self._open = metrics.open.labels(limits.port_name)
+        self._refused = metrics.refused
+        self._warned: set[str] = set()
+        self._warned_since = time.monotonic()
+
+    def admit(self, address: str) -> bool:
+        """Count a new connection from `address`, or refuse it (False) when a cap is reached."""
+        limits = self.limits
+        reason = ""
+        if limits.max_connections and self.total >= limits.max_connections:
+            reason = "port_cap"
+        elif limits.max_per_address and self._by_address.get(address, 0) >= limits.max_per_address:
+            reason = "address_cap"
+        if reason:
+            self.refuse(reason, address)
+            return False
+        self.total += 1
+        self._by_address[address] = self._by_address.get(address, 0) + 1
+        self._open.inc()
+        return True
+
+    def release(self, address: str) -> None:
+        """One connection from `address` ended."""
+        self.total -= 1
+        left = self._by_address.get(address, 1) - 1
+        if left > 0:
+            self._by_address[address] = left
+        else:
+            self._by_address.pop(address, None)
+        self._open.dec()
+
+    def refuse(self, reason: str, address: str) -> None:
+        """Count a connection closed by a limit (logged once per reason and address every WARN_EVERY)."""
+        self._refused.labels(self.limits.port_name, reason).inc()
+        key = f"{reason} {address}"
+        if time.monotonic() - self._warned_since > WARN_EVERY:
+            self._warned.clear()
+            self._warned_since = time.monotonic()
+        if key not in self._warned and len(self._warned) < MAX_WARNED:
+            self._warned.add(key)
+            log.warning(
+                "%s port: connection from %s closed (%s)",
+                self.limits.port_name,
+                address,
+                reason.replace("_", " "),
+                extra={
+                    "fields": {
+                        "event": "connection refused",
+                        "port": self.limits.port_name,
+                        "peer": address,
+                        "reason": reason,
+                    }
+                },
+            )
+
+    def connections_from(self, address: str) -> int:
+        """Connections open from `address`."""
+        return self._by_address.get(address, 0)
+
+
+def peer_address(peer: Any) -> str:
+    """The IP address of a peer name (IPv4-mapped IPv6 written as IPv4)."""
+    if isinstance(peer, (tuple, list)) and peer:
+        address = str(peer[0])
+        return address.removeprefix("::ffff:") if address.startswith("::ffff:") and "." in address else address
+    return "unknown"
+
+
+class GuardedRequestHandler(web.RequestHandler):
+    """aiohttp's request handler for one admitted connection: counted out when it ends, with a header timeout."""
+
+    __slots__ = ("_address", "_gate", "_header_timer", "_headers_seen", "_made")
+
+    def __init__(self, manager: web.Server, *, gate: ConnectionGate, address: str, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._gate = gate
+        self._address = address
+        self._made = False
+        self._headers_seen = False
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Serve the connection (TLS, when on, is done by now); the header timeout starts."""
+        self._made = True
+        super().connection_made(transport)
+        timeout = self._gate.limits.header_timeout
+        if timeout > 0 and not self._headers_seen:
+            self._header_timer = asyncio.get_running_loop().call_later(timeout, self._header_deadline)
+
+    def headers_seen(self) -> None:
+        """A complete request arrived: the header timeout no longer applies (keep-alive does)."""
+        if not self._headers_seen:
+            self._headers_seen = True
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        if self._headers_seen or self.transport is None:
+            return
+        self._gate.refuse("header_timeout", self._address)
+        self.transport.abort()  # not close(): a TLS close would wait for the peer's close_notify
+
+    def release(self) -> None:
+        """Count the connection out of the gate (once)."""
+        if self._address:
+            self._gate.release(self._address)
+            self._address = ""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Count the connection out; aiohttp's own clean-up if it ever saw the connection."""
+        self.release()
+        if self._made:  # uvloop reports a failed TLS handshake to the app protocol too
+            super().connection_lost(exc)
+
+
+class GuardedListener:
+    """Listening sockets whose connections are admitted by a ConnectionGate before the loop sees them.
+
+    The accept is ours (not `loop.create_server`): a refused connection is closed before any transport
+    or TLS state exists, and an admitted one is handed over with `loop.connect_accepted_socket`, TLS
+    and its handshake timeout included, so connections in their handshake count against the caps too.
+    (`loop.start_tls` from `connection_made` would race with uvloop, which starts reading right after
+    `connection_made` even when the protocol paused reading.)
+    """
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        gate: ConnectionGate,
+        factory: Callable[[str], GuardedRequestHandler],
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.sockets = sockets
+        self._gate = gate
+        self._factory = factory
+        self._ssl = ssl_context
+        self._loop = asyncio.get_running_loop()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        """Accept connections."""
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(BACKLOG):
+            try:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:  # EMFILE, ENFILE, ENOBUFS...: wait, as asyncio does
+                log.warning("%s port: accept failed (%s); retrying in 1s", self._gate.limits.port_name, err)
+                self._loop.remove_reader(listener.fileno())
+                self._loop.call_later(1.0, self._resume, listener)
+                return
+            self._admit(conn, peer_address(peer))
+
+    def _resume(self, listener: socket.socket) -> None:
+        if not self._closed:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def _admit(self, conn: socket.socket, address: str) -> None:
+        if not self._gate.admit(address):
+            with contextlib.suppress(OSError):  # RST: the descriptor is freed at once, no TIME_WAIT
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            return
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handler = self._factory(address)
+        task = self._loop.create_task(self._hand_over(conn, handler, address))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _hand_over(self, conn: socket.socket, handler: GuardedRequestHandler, address: str) -> None:
+        timeout = self._gate.limits.handshake_timeout
+        started = self._loop.time()
+        try:
+            if self._ssl is None:
+                await self._loop.connect_accepted_socket(lambda: handler, conn)
+            else:
+                await self._loop.connect_accepted_socket(
+                    lambda: handler,
+                    conn,
+                    ssl=self._ssl,
+                    ssl_handshake_timeout=timeout,
+                    ssl_shutdown_timeout=timeout,
+                )
+        except asyncio.CancelledError:
+            handler.release()
+            conn.close()
+            raise
+        except Exception:  # a failed or timed-out TLS handshake, a reset
+            if self._loop.time() - started >= timeout * 0.9:  # the loops raise ConnectionAbortedError
+                self._gate.refuse("tls_handshake", address)
+            handler.release()
+            conn.close()
+
+    def close(self) -> None:
+        """Stop accepting; abort connections still in their TLS handshake."""
+        self._closed = True
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in list(self._handshakes):
+            task.cancel()
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for host:port (every address host resolves to; "" for all)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[Any] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this host does not have (IPv6 off): skipped, as asyncio does
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:  # one free port for every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    if not sockets:
+        raise OSError(f"cannot listen on {host}:{port}: no usable address")
+    return sockets
+
+
+@web.middleware
+async def _mark_headers(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    protocol = request.protocol
+    if isinstance(protocol, GuardedRequestHandler):
+        protocol.headers_seen()
+    return await handler(request)
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose clean-up also stops the GuardedListener (and its TLS handshakes in flight)."""
+
+    listener: GuardedListener | None = None
+
+    async def cleanup(self) -> None:
+        """Stop listening, abort handshakes in flight, close the connections aiohttp serves."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        await super().cleanup()
+
+
+async def serve_app(
+    app: web.Application,
+    host: str,
+    port: int,
+    limits: HttpLimits,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    shutdown_timeout: float = 60.0,
+    registry: CollectorRegistry | None = None,
+) -> tuple[GuardedRunner, int]:
+    """Serve `app` on host:port under `limits`; the runner (clean it up to stop) and the bound port."""
+    app.middlewares.append(_mark_headers)
+    runner = GuardedRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    gate = ConnectionGate(limits, registry)
+    loop = asyncio.get_running_loop()
+
+    def factory(address: str) -> GuardedRequestHandler:
+        return GuardedRequestHandler(
+            server, gate=gate, address=address, loop=loop, access_log=None, keepalive_timeout=limits.idle_timeout
+        )
+
+    try:
+        sockets = listening_sockets(host, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    runner.listener = GuardedListener(sockets, gate, factory, ssl_context)
+    runner.listener.start()
+    return runner, int(sockets[0].getsockname()[1])
