@@ -19,9 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options
 
 from osmo_router.router.config import RouterConfig
+from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options
 from tests.harness import AgentProc, Proc, Router, cli_env, metric_value, router_cmd, run_client
 from tests.security_kit import Pki
 

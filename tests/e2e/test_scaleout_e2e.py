@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from osmo_router.router.core.sessions import scoped_key
 from osmo_router.wire.protocol import pb, pb_grpc
 from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
 from tests.redis_harness import RedisServer
@@ -182,7 +183,8 @@ def test_orchestrator_key_pairs_across_replicas(pair: Pair, first: str) -> None:
     """A session key from outside: the two sides join on different replicas, in either order."""
     workflow = f"orchestrated-{uuid.uuid4().hex[:8]}"
     key = f"key-{workflow}"
-    entry = "osmo:session:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    # Keys live in their workflow's key space: the directory stores the digest of the scoped key.
+    entry = "osmo:session:" + hashlib.sha256(scoped_key(workflow, key).encode()).hexdigest()[:32]
     found: dict[str, object] = {}
     agent = threading.Thread(target=_fake_agent, args=(pair.a.address, workflow, key, found), daemon=True)
     client_argv = client_cmd("exec", *args_for(pair.b, workflow), "--session-key", key, "--", "echo", "x")

@@ -138,8 +138,13 @@ async def test_orchestrator_key_is_honoured_only_for_its_workflow(shared: Router
     await agent.send(connect_init("wf-a", key))
     await wait_metric(shared, "router_grpc_rendezvous_pending", 1)
     try:
-        other = await exchange(channel, EXEC, user(), exec_init("wf-b", key=key))
-        assert other.code == grpc.StatusCode.PERMISSION_DENIED and "another workflow" in other.details
+        # The same key in wf-b is another session of wf-b's key space: it waits for wf-b's agent and
+        # never meets (nor learns of) wf-a's.
+        other = RawCall(channel, EXEC, user())
+        await other.send(exec_init("wf-b", key=key))
+        await wait_metric(shared, "router_grpc_rendezvous_pending", 2)
+        other.cancel()
+        await wait_metric(shared, "router_grpc_rendezvous_pending", 1)
         no_access = await exchange(channel, EXEC, user("bob", ["wf-b"]), exec_init("wf-a", key=key))
         assert no_access.code == grpc.StatusCode.PERMISSION_DENIED and "no access" in no_access.details
         client = RawCall(channel, EXEC, user())
