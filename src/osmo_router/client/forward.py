@@ -22,7 +22,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
-from osmo_router.client.session import open_session, rpc_error, start_session, wait_ready
+from osmo_router.client.session import open_session, rpc_failure, start_session, wait_ready
 from osmo_router.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
 from osmo_router.forwarding import WATCH_PORT
 from osmo_router.framecodec import fast_method
@@ -255,7 +255,7 @@ async def _watch_until_lost(watch: FrameStream, config: ClientConfig) -> RouterE
         while await watch.recv() is not None:
             pass
     except grpc.aio.AioRpcError as err:
-        return rpc_error(err, config.dial)
+        return await rpc_failure(err, config.dial)
     except RouterError as err:
         return err
     return Unavailable("the agent ended the forward")

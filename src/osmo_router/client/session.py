@@ -9,22 +9,38 @@ import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial import DialConfig
-from osmo_router.dial_errors import explain_dial_error
+from osmo_router.dial_errors import Peer, explain_dial_error, needs_probe, probe_peer
 from osmo_router.errors import DeadlineExceeded, RouterError, Unavailable, from_status
 from osmo_router.protocol import pb
 from osmo_router.streams import FrameStream
 
 
-def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None) -> RouterError:
-    """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given)."""
+def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None, peer: Peer | None = None) -> RouterError:
+    """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given).
+
+    `peer`: what a probe of the router found (see `rpc_failure`, which makes it when it matters).
+    """
     if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
         # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
         # router has just ended (it only ends calls early when the session broke).
         return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
     details = err.details() or err.code().name.lower()
     if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
-        details = explain_dial_error(details, dial) or details
+        details = explain_dial_error(details, dial, peer) or details
     return from_status(err.code(), details)
+
+
+async def rpc_failure(err: grpc.aio.AioRpcError, dial: DialConfig) -> RouterError:
+    """`rpc_error` for a call that failed while connecting, the router probed when the details are ambiguous.
+
+    A connection closed or reset while it was being made is a TLS mismatch only if the router
+    answers a TLS ClientHello (osmo_router.dial_errors): the probe is what tells a plaintext client
+    against a TLS router from a router that died.
+    """
+    peer = None
+    if err.code() == grpc.StatusCode.UNAVAILABLE and needs_probe(err.details() or ""):
+        peer = await probe_peer(dial.address)
+    return rpc_error(err, dial, peer)
 
 
 async def start_session(
@@ -40,7 +56,7 @@ async def start_session(
     try:
         await call.write(request_type(init=init))
     except grpc.aio.AioRpcError as err:
-        raise rpc_error(err, config.dial) from None
+        raise await rpc_failure(err, config.dial) from None
     return FrameStream(call, lambda frame: request_type(frame=frame), raw=raw)
 
 
@@ -51,7 +67,7 @@ async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
         async with asyncio.timeout(config.connect_timeout + 60.0):
             first = await call.read()
     except grpc.aio.AioRpcError as err:
-        raise rpc_error(err, config.dial) from None
+        raise await rpc_failure(err, config.dial) from None
     except TimeoutError:
         call.cancel()
         raise DeadlineExceeded("the router did not answer") from None
@@ -76,4 +92,4 @@ async def open_session(
     return stream
 
 
-__all__ = ["open_session", "pb", "rpc_error", "start_session", "wait_ready"]
+__all__ = ["open_session", "pb", "rpc_error", "rpc_failure", "start_session", "wait_ready"]
