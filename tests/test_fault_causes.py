@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +22,7 @@ import pytest
 from osmo_router.dial_errors import Peer, probe_peer
 from tests.forward_servers import closed_port
 from tests.harness import AgentProc, Proc, Router, client_cmd, run_client
+from tests.redis_harness import RedisServer
 from tests.security_kit import Pki
 
 WAIT = 30.0
@@ -119,3 +122,35 @@ def test_killed_router_is_not_called_a_tls_mismatch(workflow: str) -> None:
         proc.stop()
         agent.stop()
         router.stop()
+
+
+def test_no_agent_after_redis_restarted_empty_says_the_directory_is_being_rebuilt(workflow: str) -> None:
+    redis_server = RedisServer()
+    secret = "peer-secret-for-tests-0123456789"
+    common = ("--redis-url", redis_server.url, "--directory-ttl=30s", "--peer-secret", secret)
+    a, b = Router(*common), Router(*common)
+    agent = AgentProc(a.address, workflow)
+    args_b = ["--router-address", b.address, "--workflow-id", workflow, "--tls=false"]
+    try:
+        assert run_client("exec", *args_b, "--", "true").returncode == 0  # B finds A's agent in Redis
+        # A cannot re-publish while it is stopped: the window stays open for the lookup below.
+        a.signal(signal.SIGSTOP)
+        redis_server.restart()
+        result = run_client("exec", *args_b, "--", "true")
+        stderr = result.stderr.decode()
+        assert result.returncode == 255
+        assert "being rebuilt" in stderr and "retry" in stderr and "UNAVAILABLE" in stderr, stderr
+        assert "no agent is registered" not in stderr, stderr
+        # The advice holds: once A's heartbeat has re-published, the same command works.
+        a.signal(signal.SIGCONT)
+        deadline = time.monotonic() + WAIT
+        while f"osmo:agent:{{{workflow}}}:" not in redis_server.keys():
+            assert time.monotonic() < deadline, "A never re-published its agent"
+            time.sleep(0.05)
+        result = run_client("exec", *args_b, "--", "echo", "back")
+        assert (result.returncode, result.stdout) == (0, b"back\n"), result.stderr
+    finally:
+        a.signal(signal.SIGCONT)
+        for proc in (agent, a, b):
+            proc.stop()
+        redis_server.stop()
