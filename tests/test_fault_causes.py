@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shlex
 import signal
 import socket
 import threading
@@ -21,7 +22,7 @@ import pytest
 
 from osmo_router.dial_errors import Peer, probe_peer
 from tests.forward_servers import closed_port
-from tests.harness import AgentProc, Proc, Router, client_cmd, run_client
+from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
 from tests.redis_harness import RedisServer
 from tests.security_kit import Pki
 
@@ -154,3 +155,32 @@ def test_no_agent_after_redis_restarted_empty_says_the_directory_is_being_rebuil
         for proc in (agent, a, b):
             proc.stop()
         redis_server.stop()
+
+
+def test_client_paused_past_the_flow_control_timeout_is_told_it_stopped_reading(workflow: str) -> None:
+    """The paused client writes too (stdin): its write meets the ended call, and grpc.aio loses the status."""
+    # 2 s: the pause (which begins before the router's timer) is surely longer than MIN_STALL.
+    router = Router("--flow-control-timeout", "2s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    # Output it never stops producing, input it never stops taking: both directions busy.
+    argv = client_cmd("exec", *args, "--", "sh", "-c", "cat /dev/zero & cat >/dev/null")
+    proc = Proc(["sh", "-c", f"exec {shlex.join(argv)} </dev/zero >/dev/null"])
+    try:
+        router.wait_for(lambda r: r.get("event") == "session start")
+        proc.signal(signal.SIGSTOP)
+        deadline = time.monotonic() + WAIT
+        while metric_value(router.metrics_text(), "router_grpc_flow_control_timeouts_total") < 1:
+            assert time.monotonic() < deadline, "the router never timed the paused client out"
+            time.sleep(0.05)
+        router.wait_for(lambda r: r.get("event") == "session end" and r.get("status") == "RESOURCE_EXHAUSTED")
+        proc.signal(signal.SIGCONT)
+        assert proc.wait_exit(WAIT) == 255
+        stderr = "\n".join(proc.lines)
+        assert "RESOURCE_EXHAUSTED" in stderr, stderr
+        assert "stopped reading" in stderr and "gone" not in stderr, stderr
+    finally:
+        proc.signal(signal.SIGCONT)
+        proc.stop()
+        agent.stop()
+        router.stop()

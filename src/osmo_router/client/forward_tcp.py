@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -138,6 +139,8 @@ class ConnectionRelay:
         self.loop = asyncio.get_running_loop()
         self.aborted = False
         self.failed = False
+        #: The longest time the local application took to take one frame (see osmo_router.client.stall).
+        self.longest_delivery = 0.0
 
     async def run(self) -> bool:
         """Relay until the session ends; True if it ended cleanly. A failure is reported (once) as soon as known."""
@@ -188,16 +191,18 @@ class ConnectionRelay:
             while (frame := await self.stream.recv()) is not None:
                 kind = frame.WhichOneof("kind")
                 if kind == "data" and not self.failed:
+                    started = time.monotonic()
                     try:
                         await self.loop.sock_sendall(self.conn, frame.data)
                     except OSError:
                         self._abort()
+                    self.longest_delivery = max(self.longest_delivery, time.monotonic() - started)
                 elif kind == "half_close" and not self.failed:
                     shutdown_quietly(self.conn, socket.SHUT_WR)
                 elif kind == "error":
                     self._fail(from_status_number(frame.error.code, frame.error.message))
         except grpc.aio.AioRpcError as err:
-            self._fail(rpc_error(err))
+            self._fail(rpc_error(err, stalled=self.longest_delivery))
             return False
         except RouterError as err:
             self._fail(err)

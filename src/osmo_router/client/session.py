@@ -8,21 +8,34 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.stall import METER, MIN_STALL
 from osmo_router.dial import DialConfig
 from osmo_router.dial_errors import Peer, explain_dial_error, needs_probe, probe_peer
-from osmo_router.errors import DeadlineExceeded, RouterError, Unavailable, from_status
+from osmo_router.errors import DeadlineExceeded, ResourceExhausted, RouterError, Unavailable, from_status
 from osmo_router.protocol import pb
 from osmo_router.streams import FrameStream
 
 
-def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None, peer: Peer | None = None) -> RouterError:
+def rpc_error(
+    err: grpc.aio.AioRpcError, dial: DialConfig | None = None, peer: Peer | None = None, stalled: float = 0.0
+) -> RouterError:
     """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given).
 
     `peer`: what a probe of the router found (see `rpc_failure`, which makes it when it matters).
+    `stalled`: how long the caller's own delivery stalled (a forwarded connection's local reader),
+    added to the process's stalls (osmo_router.client.stall).
     """
     if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
         # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
-        # router has just ended (it only ends calls early when the session broke).
+        # router has just ended: the session broke, or this client stopped reading past the
+        # router's flow-control timeout. Which one, only this client's own stalls can tell.
+        stall = max(METER.longest(), stalled)
+        if stall >= MIN_STALL:
+            return ResourceExhausted(
+                f"the router ended the session because this client stopped reading: it did not read for "
+                f"{stall:.1f}s (the process was paused, or what it writes to was not read), most likely past "
+                "the router's flow-control timeout (--flow-control-timeout)"
+            )
         return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
     details = err.details() or err.code().name.lower()
     if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
@@ -52,6 +65,7 @@ async def start_session(
     which saves a round trip when a connection opens. `raw`: the call was made with framecodec's
     serializers (see FrameStream).
     """
+    METER.start()
     call = method(metadata=config.dial.metadata())
     try:
         await call.write(request_type(init=init))
