@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import pytest_asyncio
 
-from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
-from osmo_router.router.scaleout.directory import DirectoryUnavailable
-from osmo_router.router.scaleout.redis_directory import RedisDirectory, agent_key, session_entry
+from osmo_router.router.scaleout.directory import DirectoryUnavailable, Owner
+from osmo_router.router.scaleout.redis_directory import EPOCH_KEY, RedisDirectory, agent_key, session_entry
 from tests.redis_harness import RedisServer
 
 
@@ -100,7 +99,7 @@ async def test_a_session_key_has_one_owner_and_is_stored_hashed(
     assert await r2.claim_session(key, "wf") == Owner("r1", "10.0.0.1:1")
     assert await r2.find_session(key) == Owner("r1", "10.0.0.1:1")
     with redis_server.client() as client:
-        keys = list(client.scan_iter())
+        keys = [k for k in client.scan_iter() if k != EPOCH_KEY]
         assert keys == [session_entry(key)]
         assert key not in str(client.hgetall(keys[0]))
     r1.session_removed(key)
@@ -149,3 +148,39 @@ async def test_redis_outage(directories: tuple[RedisDirectory, RedisDirectory], 
     assert await r2.find_agent("wf", "") == Owner("r1", "10.0.0.1:1")
     assert await r2.find_session("k") == Owner("r1", "10.0.0.1:1")
     assert r2.up and not reg.replaced.is_set()
+
+
+@pytest.mark.asyncio
+async def test_a_miss_while_the_directory_is_rebuilt_says_so(redis_server: RedisServer) -> None:
+    """After Redis lost its content, a miss is "being rebuilt" until a heartbeat interval after it refills."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    with redis_server.client() as client:
+        client.flushall()
+    r1 = RedisDirectory(redis_server.url, replica="r1", ttl=30.0)
+    r2 = RedisDirectory(redis_server.url, replica="r2", ttl=1.5)  # rebuild window: 0.5 + 0.5 s
+    try:
+        await r1.start("10.0.0.1:1", lambda _key: True)
+        await r2.start("10.0.0.2:2", lambda _key: True)
+        await r1.agent_registered(registration("wf"))
+        assert await r2.find_agent("gone", "") is None  # a fresh directory: a miss is a miss
+        with redis_server.client() as client:
+            client.flushall()  # what a restarted Redis holds
+        with pytest.raises(DirectoryUnavailable, match=r"being rebuilt.*retry"):
+            await r2.find_agent("wf", "")
+        await r1.refresh()  # r1's heartbeat re-publishes
+        assert await r2.find_agent("wf", "") == Owner("r1", "10.0.0.1:1")
+        with pytest.raises(DirectoryUnavailable, match="being rebuilt"):
+            await r2.find_agent("gone", "")  # other replicas may not have re-published yet
+        for _ in range(200):  # the window closes a heartbeat interval later: bounded polling
+            try:
+                assert await r2.find_agent("gone", "") is None
+                break
+            except DirectoryUnavailable:
+                await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the rebuild window never closed")
+        assert r2.up
+    finally:
+        await r1.close()
+        await r2.close()

@@ -85,3 +85,29 @@ def test_router_defaults_match_the_design() -> None:
     assert defaults["tls_cert"] == "/etc/router/tls/tls.crt" and defaults["tls_key"] == "/etc/router/tls/tls.key"
     assert defaults["session_ttl"] == "30m" and defaults["rendezvous_timeout"] == "60s"
     assert defaults["flow_control_buffer"] == 16 and defaults["flow_control_timeout"] == "30s"
+
+
+def test_a_write_that_meets_the_ended_call_is_named_by_this_clients_own_stall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc.aio's INTERNAL (execute_batch) hides the router's status: a recent stall says it was flow control."""
+    import grpc
+
+    from osmo_router.client import session
+    from osmo_router.client.stall import StallMeter
+    from osmo_router.wire.errors import ResourceExhausted, Unavailable
+
+    err = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Internal error from Core",
+        debug_error_string="INTERNAL: execute_batch ... grpc_call_start_batch",
+    )
+    meter = StallMeter()
+    monkeypatch.setattr(session, "METER", meter)
+    assert isinstance(session.rpc_error(err), Unavailable)  # no stall: the agent or the router went away
+    assert isinstance(session.rpc_error(err, stalled=2.5), ResourceExhausted)  # a connection's reader stalled
+    meter.note(0.4)  # too short to matter
+    assert isinstance(session.rpc_error(err), Unavailable)
+    meter.note(3.0)  # e.g. SIGSTOP, or a blocked stdout
+    error = session.rpc_error(err)
+    assert isinstance(error, ResourceExhausted) and "stopped reading" in error.message and "3.0s" in error.message

@@ -18,7 +18,7 @@ from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import serve_port_forward
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
-from osmo_router.dial.errors import explain_dial_error
+from osmo_router.dial.errors import explain_connection_error
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import AGENT_SERVICE, pb, pb_grpc
@@ -78,11 +78,9 @@ class Agent:
                 if self.registered.is_set():
                     backoff = self.config.backoff_initial
                 details = err.details() or ""
+                explained = await explain_connection_error(details, self.config.dial, address)
                 log.warning(
-                    "router connection lost: %s: %s; retrying in %.1fs",
-                    err.code().name,
-                    explain_dial_error(details, self.config.dial) or details,
-                    backoff,
+                    "router connection lost: %s: %s; retrying in %.1fs", err.code().name, explained or details, backoff
                 )
             except RouterError as err:
                 log.warning("router connection lost: %s; retrying in %.1fs", err.message, backoff)

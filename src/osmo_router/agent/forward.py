@@ -2,6 +2,13 @@
 
 Targets are the container's own loopback only; `--allow-ports` narrows which ports. Every refusal
 is an Error frame (then a half-close), so the client can say exactly what went wrong.
+
+The connection to a target ends the way the session did (issue 15): with a FIN only after a clean
+end (the target's EOF relayed, and the client's half-close received), with a TCP reset
+(`reset_socket`) otherwise: the session broke (client, router or connection gone, a status instead
+of the client's half-close), or the target itself reset the connection. A server in the container
+that is still sending or reading then gets ECONNRESET instead of an orderly close it would take
+for "the client read everything".
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import grpc
 
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay
-from osmo_router.io.forwarding import WATCH_PORT, drain, retrieve, shutdown_quietly
+from osmo_router.io.forwarding import WATCH_PORT, drain, reset_socket, retrieve, shutdown_quietly
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
 from osmo_router.wire.streams import FrameStream
@@ -149,14 +156,22 @@ async def _serve_tcp(stream: FrameStream, hosts: list[str], port: int) -> None:
         reason = "connection refused" if isinstance(err, ConnectionRefusedError) else err.strerror or str(err)
         await refuse(stream, grpc.StatusCode.UNAVAILABLE, f"{reason} by {where}")
         return
+    clean = False
     try:
-        await TcpRelay(stream, sock, where).run()
+        clean = await TcpRelay(stream, sock, where).run()
     finally:
-        sock.close()
+        if clean:
+            sock.close()
+        else:
+            reset_socket(sock)
 
 
 class TcpRelay:
-    """One forwarded TCP connection: target socket <-> session stream, each direction closing on its own."""
+    """One forwarded TCP connection: target socket <-> session stream, each direction closing on its own.
+
+    `run` says whether it ended cleanly; the caller closes the target socket with a FIN if so, with
+    a reset otherwise (see the module docstring).
+    """
 
     def __init__(self, stream: FrameStream, sock: socket.socket, where: str) -> None:
         self.stream = stream
@@ -165,10 +180,14 @@ class TcpRelay:
         self.loop = asyncio.get_running_loop()
         #: The client's direction is over: it half-closed, or its data can no longer be delivered.
         self.client_done = asyncio.Event()
+        #: The client half-closed its direction (the one clean way for client_done to be set).
+        self.client_half_closed = False
+        #: The target's direction ended with its EOF, relayed with our half-close.
+        self.target_eof = False
         self._error_sent = False
 
-    async def run(self) -> None:
-        """Relay until both directions are closed (or the session broke)."""
+    async def run(self) -> bool:
+        """Relay until both directions are closed (or the session broke); True if both closed cleanly."""
         # The stream reader is never cancelled (a cancelled read cancels the RPC); it ends by itself.
         reader = asyncio.create_task(self._from_client())
         reader.add_done_callback(retrieve)
@@ -177,14 +196,17 @@ class TcpRelay:
         try:
             await asyncio.wait({target, reader}, return_when=asyncio.FIRST_COMPLETED)
             if not target.done():
-                return  # the session ended first: the client went away or the session failed
+                return False  # the session ended first: the client went away or the session failed
             await asyncio.wait({client_done, reader}, return_when=asyncio.FIRST_COMPLETED)
             if not self.client_done.is_set():
-                return
+                return False
             await self.stream.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     await asyncio.shield(reader)
+            # Both directions are over at the socket level: what happens to the call now changes
+            # nothing the target could still be told.
+            return self.target_eof and self.client_half_closed and not self._error_sent
         finally:
             for task in (target, client_done):
                 task.cancel()
@@ -202,6 +224,7 @@ class TcpRelay:
             try:
                 while chunk := await self.loop.sock_recv(self.sock, BULK_CHUNK_SIZE):
                     await self.stream.send_data(chunk)
+                self.target_eof = True
             except OSError as err:
                 await self._report(f"{self.where} reset the connection ({err.strerror or err})")
                 self.client_done.set()
@@ -224,6 +247,7 @@ class TcpRelay:
                         self.client_done.set()
                 elif kind == "half_close" and not self.client_done.is_set():
                     writable = False
+                    self.client_half_closed = True
                     shutdown_quietly(self.sock, socket.SHUT_WR)
                     self.client_done.set()
         except (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError) as err:

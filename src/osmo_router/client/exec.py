@@ -8,12 +8,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.session import rpc_error
+from osmo_router.client.stall import METER
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.transport import SessionStream, Transport
@@ -123,7 +125,9 @@ async def receive_output(
     while (frame := await stream.recv()) is not None:
         kind = frame.WhichOneof("kind")
         if kind == "data":
+            started = time.monotonic()
             await write_stdout(frame.data)
+            METER.note(time.monotonic() - started)  # stdout not read: the stream is not read either
         elif kind == "stderr":
             write_all(2, frame.stderr)
         elif kind == "exit_status":

@@ -23,7 +23,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
-from osmo_router.client.session import open_session, rpc_error, start_session, wait_ready
+from osmo_router.client.session import open_session, rpc_failure, start_session, wait_ready
 from osmo_router.io.forwarding import WATCH_PORT
 from osmo_router.transport import Transport
 from osmo_router.transport.rollout import connect_transport
@@ -261,7 +261,7 @@ async def _watch_until_lost(watch: FrameStream, config: ClientConfig) -> RouterE
         while await watch.recv() is not None:
             pass
     except grpc.aio.AioRpcError as err:
-        return rpc_error(err, config.dial)
+        return await rpc_failure(err, config.dial)
     except RouterError as err:
         return err
     return Unavailable("the agent ended the forward")

@@ -3,6 +3,14 @@
 All streams share the process's one gRPC channel (one HTTP/2 connection), so a new connection
 costs a stream, not a TLS handshake; HTTP/2 flow control is per stream, so a stalled connection
 holds back only itself.
+
+A local connection ends the way its session ended (issue 15). Only a clean end, the agent's
+half-close and then the call finishing without error, closes it with a FIN (half-close first, as
+the agent's half-close arrives). Every other end aborts it with a TCP reset (`reset_socket`): the
+call failed (router or agent gone, flow-control timeout, the router's TTL), the agent sent an Error
+frame (the target refused or reset the connection, `--allow-ports`), the session could not be
+started, or the forward shut down with the connection in flight. An application that reads to
+end-of-stream then gets ECONNRESET, never a short file that looks complete.
 """
 
 from __future__ import annotations
@@ -11,13 +19,14 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
-from osmo_router.io.forwarding import shutdown_quietly
+from osmo_router.io.forwarding import reset_socket, shutdown_quietly
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
 from osmo_router.wire.streams import FrameStream
@@ -91,19 +100,30 @@ class TcpListener:
         def report(err: RouterError) -> None:
             self._reporter.connection_error("tcp", peer, self.remote_port, err)
 
+        clean = False
         try:
             try:
                 stream = await self._opener.start_stream(pb.PROTOCOL_TCP, self.remote_port)
             except RouterError as err:
                 report(err)
                 return
-            await ConnectionRelay(conn, stream, report, self._opener.wait_ready).run()
+            clean = await ConnectionRelay(conn, stream, report, self._opener.wait_ready).run()
         finally:
-            conn.close()
+            # Cancelled (the forward is shutting down) or failed: the connection did not end, it broke.
+            if clean:
+                conn.close()
+            else:
+                reset_socket(conn)
 
 
 class ConnectionRelay:
-    """One local connection <-> its session stream; half-close carried both ways."""
+    """One local connection <-> its session stream; half-close carried both ways.
+
+    `run` says whether the session ended cleanly; the caller closes the connection accordingly
+    (FIN if clean, reset otherwise: see the module docstring). Nothing here shuts the local socket's
+    sending side down except the agent's half-close: a FIN sent on a failure would be read as the end
+    of the data before the reset could say otherwise.
+    """
 
     def __init__(
         self,
@@ -119,27 +139,32 @@ class ConnectionRelay:
         self.loop = asyncio.get_running_loop()
         self.aborted = False
         self.failed = False
+        #: The longest time the local application took to take one frame (see osmo_router.client.stall).
+        self.longest_delivery = 0.0
 
-    async def run(self) -> None:
-        """Relay until the session ends; a failure is reported (once) as soon as it is known."""
+    async def run(self) -> bool:
+        """Relay until the session ends; True if it ended cleanly. A failure is reported (once) as soon as known."""
         upstream = asyncio.create_task(self._local_to_remote())
+        clean = False
         try:
-            await self._remote_to_local()
-            # Wake a pending local read with EOF so the upstream pump ends on its own.
-            shutdown_quietly(self.conn, socket.SHUT_RDWR)
-            await asyncio.wait({upstream}, timeout=CLOSE_GRACE)
+            clean = await self._remote_to_local()
+            if clean:
+                # Wake a pending local read with EOF so the upstream pump ends on its own (after a
+                # clean end it has normally sent its half-close already).
+                shutdown_quietly(self.conn, socket.SHUT_RDWR)
+                await asyncio.wait({upstream}, timeout=CLOSE_GRACE)
         finally:
-            # Only a pump stuck past the grace, or the forward shutting down, gets here unfinished.
-            shutdown_quietly(self.conn, socket.SHUT_RDWR)
+            # A broken session, a pump stuck past the grace, or the forward shutting down: the pump
+            # is cancelled (its local read or its write to a call that is over), never woken by a shutdown.
             upstream.cancel()
             await asyncio.gather(upstream, return_exceptions=True)
+        return clean and not self.aborted
 
     def _fail(self, err: RouterError) -> None:
-        """Report the failure and close the local connection now; the session's end follows by itself."""
+        """Report the failure (once); the connection is reset when the session's end follows."""
         if not self.failed and not self.aborted:
             self.failed = True
             self.report(err)
-        shutdown_quietly(self.conn, socket.SHUT_RDWR)
 
     def _abort(self) -> None:
         """The local side broke (reset): cancel the session, as a reset would."""
@@ -157,7 +182,8 @@ class ConnectionRelay:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the session is over; the downstream pump reports why
 
-    async def _remote_to_local(self) -> None:
+    async def _remote_to_local(self) -> bool:
+        """Deliver the agent's frames; True if the stream ended cleanly (no error, no Error frame)."""
         try:
             # The local side's bytes are already on their way: the router holds them until the
             # agent joins, so a new connection costs no extra round trip.
@@ -165,15 +191,20 @@ class ConnectionRelay:
             while (frame := await self.stream.recv()) is not None:
                 kind = frame.WhichOneof("kind")
                 if kind == "data" and not self.failed:
+                    started = time.monotonic()
                     try:
                         await self.loop.sock_sendall(self.conn, frame.data)
                     except OSError:
                         self._abort()
-                elif kind == "half_close":
+                    self.longest_delivery = max(self.longest_delivery, time.monotonic() - started)
+                elif kind == "half_close" and not self.failed:
                     shutdown_quietly(self.conn, socket.SHUT_WR)
                 elif kind == "error":
                     self._fail(from_status_number(frame.error.code, frame.error.message))
         except grpc.aio.AioRpcError as err:
-            self._fail(rpc_error(err))
+            self._fail(rpc_error(err, stalled=self.longest_delivery))
+            return False
         except RouterError as err:
             self._fail(err)
+            return False
+        return not self.failed

@@ -8,23 +8,52 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.stall import METER, MIN_STALL
 from osmo_router.dial.config import DialConfig
-from osmo_router.dial.errors import explain_dial_error
-from osmo_router.wire.errors import DeadlineExceeded, RouterError, Unavailable, from_status
+from osmo_router.dial.errors import Peer, explain_dial_error, needs_probe, probe_peer
+from osmo_router.wire.errors import DeadlineExceeded, ResourceExhausted, RouterError, Unavailable, from_status
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
 
 
-def rpc_error(err: grpc.aio.AioRpcError, dial: DialConfig | None = None) -> RouterError:
-    """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given)."""
+def rpc_error(
+    err: grpc.aio.AioRpcError, dial: DialConfig | None = None, peer: Peer | None = None, stalled: float = 0.0
+) -> RouterError:
+    """The RouterError for a failed call (a connection failure explained in plain words when `dial` is given).
+
+    `peer`: what a probe of the router found (see `rpc_failure`, which makes it when it matters).
+    `stalled`: how long the caller's own delivery stalled (a forwarded connection's local reader),
+    added to the process's stalls (osmo_router.client.stall).
+    """
     if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
         # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
-        # router has just ended (it only ends calls early when the session broke).
+        # router has just ended: the session broke, or this client stopped reading past the
+        # router's flow-control timeout. Which one, only this client's own stalls can tell.
+        stall = max(METER.longest(), stalled)
+        if stall >= MIN_STALL:
+            return ResourceExhausted(
+                f"the router ended the session because this client stopped reading: it did not read for "
+                f"{stall:.1f}s (the process was paused, or what it writes to was not read), most likely past "
+                "the router's flow-control timeout (--flow-control-timeout)"
+            )
         return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
     details = err.details() or err.code().name.lower()
     if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
-        details = explain_dial_error(details, dial) or details
+        details = explain_dial_error(details, dial, peer) or details
     return from_status(err.code(), details)
+
+
+async def rpc_failure(err: grpc.aio.AioRpcError, dial: DialConfig) -> RouterError:
+    """`rpc_error` for a call that failed while connecting, the router probed when the details are ambiguous.
+
+    A connection closed or reset while it was being made is a TLS mismatch only if the router
+    answers a TLS ClientHello (osmo_router.dial.errors): the probe is what tells a plaintext client
+    against a TLS router from a router that died.
+    """
+    peer = None
+    if err.code() == grpc.StatusCode.UNAVAILABLE and needs_probe(err.details() or ""):
+        peer = await probe_peer(dial.address)
+    return rpc_error(err, dial, peer)
 
 
 async def start_session(
@@ -36,11 +65,12 @@ async def start_session(
     which saves a round trip when a connection opens. `raw`: the call was made with framecodec's
     serializers (see FrameStream).
     """
+    METER.start()
     call = method(metadata=config.dial.metadata())
     try:
         await call.write(request_type(init=init))
     except grpc.aio.AioRpcError as err:
-        raise rpc_error(err, config.dial) from None
+        raise await rpc_failure(err, config.dial) from None
     return FrameStream(call, lambda frame: request_type(frame=frame), raw=raw)
 
 
@@ -51,7 +81,7 @@ async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
         async with asyncio.timeout(config.connect_timeout + 60.0):
             first = await call.read()
     except grpc.aio.AioRpcError as err:
-        raise rpc_error(err, config.dial) from None
+        raise await rpc_failure(err, config.dial) from None
     except TimeoutError:
         call.cancel()
         raise DeadlineExceeded("the router did not answer") from None
@@ -76,4 +106,4 @@ async def open_session(
     return stream
 
 
-__all__ = ["open_session", "pb", "rpc_error", "start_session", "wait_ready"]
+__all__ = ["open_session", "pb", "rpc_error", "rpc_failure", "start_session", "wait_ready"]

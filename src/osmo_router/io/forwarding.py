@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from typing import Any, Final
 
 import grpc
@@ -45,6 +46,18 @@ def shutdown_quietly(sock: socket.socket, how: int) -> None:
     """shutdown(2) that ignores a socket that is already closed or disconnected."""
     with contextlib.suppress(OSError):
         sock.shutdown(how)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close a TCP socket with a reset (RST) instead of a FIN: SO_LINGER {on, 0 s}, then close.
+
+    A forwarded connection whose session broke must not look finished: a FIN reads as a clean
+    end-of-stream (a short file, success), a reset as ECONNRESET. Data still queued in the socket
+    is discarded, as it would be on any reset. Never shut the socket down first: that sends a FIN.
+    """
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 async def drain(stream: FrameStream, timeout: float = CLOSE_GRACE) -> None:

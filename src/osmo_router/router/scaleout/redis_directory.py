@@ -16,6 +16,21 @@ replica took over since (a newer registration of the same agent target wins, as 
 replica), and a delete never removes another replica's entry. Redis errors never reach the
 sessions of this replica: writes are retried by the next heartbeat, lookups raise
 DirectoryUnavailable.
+
+A Redis that restarted empty (or was flushed) holds no agents until every replica's heartbeat has
+re-published its own, up to a third of the TTL later. A miss in that window is not "no agent is
+registered" (issue 15): one more key tells it apart,
+
+    osmo:directory               "start:MS" or "rebuild:MS"                 when this content began
+
+written set-if-absent with the TTL by every replica at start ("start") and by every heartbeat and
+registration ("rebuild": a replica that finds it missing after its start is re-publishing into an
+emptied Redis), so it lives as long as any replica does. A lookup that finds no agent reads it (one
+more round trip, on misses only): absent, or "rebuild" less than a heartbeat interval (plus the
+operation timeout) ago, means the directory is being rebuilt, and the lookup raises
+DirectoryUnavailable saying so and to retry, instead of reporting no agent. Limit: a replica that
+starts while the others are still re-publishing writes "start", so misses in what is left of that
+window read as "no agent".
 """
 
 from __future__ import annotations
@@ -87,6 +102,25 @@ return 1
 """
 
 
+# KEYS: the directory's epoch key. ARGV: kind ("start" or "rebuild"), ttl ms. Sets it if absent, else extends it.
+_MARK_EPOCH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. now, 'NX', 'PX', ARGV[2]) then return 1 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0
+"""
+
+# KEYS: the directory's epoch key. Returns {value or nil, now ms}.
+_READ_EPOCH = """
+local t = redis.call('TIME')
+return {redis.call('GET', KEYS[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+"""
+
+#: The key that says since when (and why) the directory's content exists; see the module docstring.
+EPOCH_KEY = "osmo:directory"
+
+
 def _q(value: str) -> str:
     return quote(value, safe="")
 
@@ -139,6 +173,8 @@ class RedisDirectory:
         self._find_any_agent = self._redis.register_script(_FIND_ANY_AGENT)
         self._claim_session = self._redis.register_script(_CLAIM_SESSION)
         self._release = self._redis.register_script(_RELEASE)
+        self._mark_epoch = self._redis.register_script(_MARK_EPOCH)
+        self._read_epoch = self._redis.register_script(_READ_EPOCH)
         self._agents: dict[tuple[str, str], _AgentEntry] = {}
         self._sessions: dict[str, str] = {}
         self._serial = 0
@@ -163,7 +199,7 @@ class RedisDirectory:
         self._address = address
         self._session_alive = session_alive
         with contextlib.suppress(DirectoryUnavailable):
-            await self._call("ping", self._redis.ping())
+            await self._call("ping", self._epoch("start"))
         self._heartbeat = asyncio.create_task(self._beat())
 
     async def close(self) -> None:
@@ -200,6 +236,7 @@ class RedisDirectory:
         self._agents[(reg.workflow_id, reg.task)] = entry
         with contextlib.suppress(DirectoryUnavailable):
             await self._call("publish agent", self._write_agent(entry, take_over=True))
+            await self._call("publish agent", self._epoch("rebuild"))
 
     def agent_unregistered(self, reg: AgentRegistration) -> None:
         """Withdraw the agent unless a newer registration took its place."""
@@ -221,7 +258,22 @@ class RedisDirectory:
                     keys=[agent_key(workflow_id, ""), agent_index(workflow_id)], args=[agent_prefix(workflow_id)]
                 ),
             )
-        return self._owner(fields)
+        owner = self._owner(fields)
+        if owner is None and not fields:
+            await self._raise_if_rebuilding(workflow_id, task)
+        return owner
+
+    async def _raise_if_rebuilding(self, workflow_id: str, task: str) -> None:
+        """Raise DirectoryUnavailable if the directory is being rebuilt after Redis lost its content."""
+        value, now = await self._call("find agent", self._read_epoch(keys=[EPOCH_KEY]))
+        kind, _, since = str(value or "").partition(":")
+        window = self._interval + self._op_timeout
+        if value is None or (kind == "rebuild" and since.isdigit() and int(now) - int(since) < window * 1000):
+            what = f"workflow {workflow_id!r}" + (f" task {task!r}" if task else "")
+            raise DirectoryUnavailable(
+                f"no agent found for {what} yet: the session directory (Redis) is being rebuilt after it "
+                f"lost its content; every replica re-publishes its agents within {window:.0f}s: retry"
+            )
 
     async def find_session(self, key: str) -> Owner | None:
         """The replica holding the session with this key."""
@@ -254,14 +306,16 @@ class RedisDirectory:
         agents = list(self._agents.values())
         sessions = list(self._sessions.items())
         if not agents and not sessions:
-            await self._call("ping", self._redis.ping())
+            await self._call("ping", self._epoch("rebuild"))
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry in agents:
                 await self._write_agent(entry, take_over=False, client=pipe)
             for key, workflow_id in sessions:
                 await self._write_session(key, workflow_id, client=pipe)
-            results = await self._call("refresh", pipe.execute())
+            # Last, after this replica's entries: "rebuild" starts once something is back in.
+            await self._epoch("rebuild", client=pipe)
+            results = (await self._call("refresh", pipe.execute()))[: len(agents) + len(sessions)]
         for entry, kept in zip(agents, results, strict=False):
             if not kept and self._agents.get((entry.reg.workflow_id, entry.reg.task)) is entry:
                 log.info(
@@ -291,6 +345,10 @@ class RedisDirectory:
             ],
             client=client,
         )
+
+    def _epoch(self, kind: str, client: Any = None) -> Awaitable[Any]:
+        """Write the epoch key if it is absent (as `kind`), else extend its TTL."""
+        return self._mark_epoch(keys=[EPOCH_KEY], args=[kind, self._ttl_ms], client=client)
 
     def _write_session(self, key: str, workflow_id: str, client: Any = None) -> Awaitable[Any]:
         return self._claim_session(
