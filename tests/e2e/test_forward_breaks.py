@@ -152,11 +152,6 @@ def test_agent_killed_resets_the_local_reader(setup: Setup) -> None:
             proc.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="needs the router to fail the session when a client's stream ends without its half-close "
-    "(router/relay.py _read_into): today a killed client often reaches the agent as a clean half-close",
-)
 def test_client_killed_resets_the_container_server(setup: Setup) -> None:
     """A killed client must not read as its half-close: the container's server gets a reset."""
     sink = Sink()

@@ -275,6 +275,7 @@ async def test_a_stream_placed_elsewhere_is_relayed_to_the_owner_unmerged() -> N
         await client.inbox.put(_data(payload))
     assert await client.next_sent() == _data(b"a")
     assert await client.next_sent() == _data(b"b")
+    await client.inbox.put(ENCODED_HALF_CLOSE)  # the client is done sending, then ends its stream
     await client.inbox.put(None)
     async with asyncio.timeout(WAIT):
         await task
@@ -329,3 +330,17 @@ async def test_one_identity_cannot_fill_the_pending_rendezvous_for_everybody() -
     store.remove(store.get("wf", "made-up-0"))  # type: ignore[arg-type]
     store.join_agent(flooder, pb.ConnectInit(session_key="made-up-4", workflow_id="wf"))
     assert store.pending == 4  # three of the flooder's, one honest
+
+
+async def test_a_client_stream_ending_without_its_half_close_is_a_client_gone() -> None:
+    """A killed client must not read as a clean end of the agent's input: the agent's side fails."""
+    world = World()
+    client, agent, client_task, agent_task = await _pair(world)
+    await client.inbox.put(_data(b"x"))
+    assert await agent.next_sent() == _data(b"x")
+    await client.inbox.put(None)  # the stream ended, no half-close frame before it
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(client_task, agent_task)
+    assert [e.code for e in agent.refused] == [grpc.StatusCode.CANCELLED]
+    assert ENCODED_HALF_CLOSE not in [agent.sent.get_nowait() for _ in range(agent.sent.qsize())]
+    assert world.sample("router_grpc_errors_total", operation="exec", code="CANCELLED") == 0

@@ -24,7 +24,7 @@ from osmo_router.wire.codec import (
     exit_status_text,
     is_exit_status_frame,
 )
-from osmo_router.wire.errors import InvalidArgument, ResourceExhausted, RouterError, Unavailable
+from osmo_router.wire.errors import Cancelled, InvalidArgument, ResourceExhausted, RouterError, Unavailable
 from osmo_router.wire.protocol import CLOSE_GRACE
 
 
@@ -122,20 +122,28 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hooks: RelayHooks, is_agent: bool) -> None:
     # No closures or per-side callables here: a router holds two of these per session.
     direction = "agent_to_client" if is_agent else "client_to_agent"
+    client_half_closed = False
     try:
         while (message := await endpoint.read()) is not None:
             if not message or message[0] != FRAME_TAG:
                 raise InvalidArgument("expected a frame after the init")
             session.touch()
             hooks.count_bytes(session, direction, len(message))
-            if is_agent and len(message) <= MAX_EXIT_STATUS_MESSAGE:
+            if len(message) <= MAX_EXIT_STATUS_MESSAGE:
                 # Control frames are small: bulk data never pays for these checks.
                 if message == ENCODED_HALF_CLOSE:
-                    session.agent_half_closed = True
-                elif is_exit_status_frame(message):
+                    if is_agent:
+                        session.agent_half_closed = True
+                    else:
+                        client_half_closed = True
+                elif is_agent and is_exit_status_frame(message):
                     session.exit_status = exit_status_text(message) or session.exit_status
             await queue.put(message)
         if not is_agent:
+            if not client_half_closed and not session.agent_half_closed:
+                # The client's stream ended with neither side done: the client went away (killed,
+                # cancelled), and the agent must not take it for a clean end of its input.
+                raise Cancelled("the client went away")
             # The client finished sending: tell the agent, keep delivering the agent's output.
             await queue.put(ENCODED_HALF_CLOSE)
         elif session.agent_half_closed:
