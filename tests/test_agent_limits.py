@@ -286,3 +286,36 @@ async def test_udp_floods_are_capped_per_session_and_per_agent(router: Router, c
         for session in sessions:
             session.call.cancel()
         agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_resize_is_ignored_and_the_tty_session_goes_on(
+    router: Router, channel: grpc.aio.Channel
+) -> None:
+    from osmo_router.wire.protocol import pb
+
+    wf = "wf-resize"
+    agent = AgentProc(router.address, wf)
+    try:
+        call = RawCall(channel, EXEC, None)
+        script = "read line; stty size; echo got:$line"
+        assert await call.send(exec_init(wf, command=["sh", "-c", script], tty=True))
+        huge = pb.Resize(size=pb.TerminalSize(rows=1 << 20, cols=70000))
+        assert await call.send(
+            frame(resize=huge),
+            frame(resize=pb.Resize(size=pb.TerminalSize(rows=33, cols=99))),
+            frame(data=b"hello\n"),
+        )
+        outcome = await call.finish()
+        output, exit_code = b"", None
+        for raw in outcome.responses:
+            response = pb.ExecResponse.FromString(raw)
+            if response.WhichOneof("kind") == "frame":
+                output += response.frame.data
+                if response.frame.WhichOneof("kind") == "exit_status":
+                    exit_code = response.frame.exit_status.code
+        assert b"33 99" in output and b"got:hello" in output, output
+        assert exit_code == 0, output
+        assert any("resize to 1048576x70000 ignored" in line for line in agent.lines), agent.lines[-5:]
+    finally:
+        agent.stop()
