@@ -319,3 +319,27 @@ async def test_an_oversized_resize_is_ignored_and_the_tty_session_goes_on(
         assert any("resize to 1048576x70000 ignored" in line for line in agent.lines), agent.lines[-5:]
     finally:
         agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_an_agent_out_of_descriptors_says_so_and_recovers(router: Router, channel: grpc.aio.Channel) -> None:
+    import resource
+
+    wf = "wf-emfile"
+    agent = AgentProc(router.address, wf)
+    try:
+        assert await exec_outcome(channel, wf, command=["true"]) == (None, "", 0)
+        base = fd_count(agent.pid)
+        soft, hard = resource.prlimit(agent.pid, resource.RLIMIT_NOFILE)
+        # Room for two more descriptors: not enough for a session's pipes or terminal.
+        resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (base + 2, hard))
+        for tty in (False, True) * 5:
+            _, text, exit_code = await exec_outcome(channel, wf, command=["true"], tty=tty)
+            assert exit_code == 126 and "Too many open files" in text, (tty, text)
+        assert fd_count(agent.pid) <= base + SLACK
+        resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert await exec_outcome(channel, wf, command=["true"]) == (None, "", 0)
+        assert await exec_outcome(channel, wf, command=["true"], tty=True) == (None, "", 0)
+        assert await settle_fds(agent.pid, base + SLACK) <= base + SLACK
+    finally:
+        agent.stop()

@@ -85,7 +85,8 @@ async def run_exec(
     if init.tty:
         env["TERM"] = init.term or env.get("TERM") or "xterm-256color"
     if workdir and not os.path.isdir(workdir):
-        await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, "not a directory"))
+        reason = "not a directory" if os.path.exists(workdir) else "no such directory"
+        await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason))
         return
     if shutil.which(argv[0], path=env.get("PATH")) is None and not os.path.exists(argv[0]):
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found\n".encode()))
@@ -242,11 +243,14 @@ async def run_piped(
     """
     owned: list[int] = []  # opened here and not yet closed or handed over
     try:
-        stdin_r, stdin_w = open_pipe(pipe_size)
-        owned += (stdin_r, stdin_w)
-        stdout_r, stdout_w = open_pipe(pipe_size)
-        owned += (stdout_r, stdout_w)
-        os.set_blocking(stdout_r, False)
+        try:
+            stdin_r, stdin_w = open_pipe(pipe_size)
+            owned += (stdin_r, stdin_w)
+            stdout_r, stdout_w = open_pipe(pipe_size)
+            owned += (stdout_r, stdout_w)
+            os.set_blocking(stdout_r, False)
+        except OSError as err:  # out of descriptors, say
+            raise SpawnError(err.errno, f"cannot open a pipe: {err.strerror}") from err
         try:
             proc = await _spawn(
                 argv,
@@ -330,7 +334,10 @@ async def _relay_piped(
 async def _run_tty(
     stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
 ) -> None:
-    master, slave = ptys.open_pty(init.size.rows, init.size.cols)  # both closed again if it fails
+    try:
+        master, slave = ptys.open_pty(init.size.rows, init.size.cols)  # both closed again if it fails
+    except OSError as err:  # out of descriptors or terminals, say
+        raise SpawnError(err.errno, f"cannot open a terminal: {err.strerror}") from err
     try:
         await _serve_tty(stream, master, slave, argv, env, workdir)
     finally:
