@@ -24,7 +24,7 @@ from tests.harness import ROOT, AgentProc, Router, cli_env, client_cmd, run_clie
 BURST = 100 << 20  # each way: exec upload and forward download
 WAIT = 60.0
 #: True once the router calls memtune.trim_when_idle() (src/osmo_router/router/ is the lead's).
-ROUTER_TRIMS = any("trim_when_idle" in p.read_text() for p in (ROOT / "src/osmo_router/router").glob("*.py"))
+ROUTER_TRIMS = any("trim_when_idle" in p.read_text() for p in (ROOT / "src/osmo_router/router").rglob("*.py"))
 
 
 def rss_kib(pid: int) -> int:

@@ -25,7 +25,7 @@ async def wait_for(predicate: object, timeout: float = 10.0) -> None:
 async def test_release_waits_for_a_quiet_spell_and_runs_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[float] = []
     monkeypatch.setattr(memtune, "release", lambda: calls.append(time.monotonic()) or True)
-    delay = 0.2
+    delay = 0.3
     armed = time.monotonic()
     memtune.trim_when_idle(delay)
     memtune.trim_when_idle(delay)  # debounced: the pending check covers it
