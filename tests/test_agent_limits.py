@@ -343,3 +343,31 @@ async def test_an_agent_out_of_descriptors_says_so_and_recovers(router: Router, 
         assert await settle_fds(agent.pid, base + SLACK) <= base + SLACK
     finally:
         agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_the_default_caps_hold_three_floods_to_256_sockets_each(
+    router: Router, channel: grpc.aio.Channel
+) -> None:
+    wf = "wf-udp-defaults"
+    agent = AgentProc(router.address, wf)
+    sessions: list[UdpSession] = []
+    try:
+        with udp_echo_server() as port:
+            base = fd_count(agent.pid)
+            for n in range(3):  # the case: three sessions of 400 senders took 3,190 descriptors
+                session = UdpSession(channel, wf, port)
+                sessions.append(session)
+                await session.start()
+                await session.flood(400, f"s{n}")
+                assert await session.probe(f"s{n}:probe"), f"session {n}: no echo after its flood"
+                held = fd_count(agent.pid) - base
+                assert 256 * (n + 1) - SLACK <= held <= 256 * (n + 1) + SLACK, (n, held)
+            for session in sessions:
+                await session.end()
+            sessions.clear()
+            assert await settle_fds(agent.pid, base + SLACK) <= base + SLACK
+    finally:
+        for session in sessions:
+            session.call.cancel()
+        agent.stop()
