@@ -371,3 +371,34 @@ async def test_the_default_caps_hold_three_floods_to_256_sockets_each(
         for session in sessions:
             session.call.cancel()
         agent.stop()
+
+
+@pytest.mark.asyncio
+async def test_udp_senders_beyond_the_descriptor_limit_are_dropped_with_one_warning(
+    router: Router, channel: grpc.aio.Channel
+) -> None:
+    import resource
+
+    wf = "wf-udp-emfile"
+    agent = AgentProc(router.address, wf)
+    try:
+        with udp_echo_server() as port:
+            base = fd_count(agent.pid)
+            soft, hard = resource.prlimit(agent.pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (base + 3, hard))
+            session = UdpSession(channel, wf, port)
+            await session.start()
+            await session.flood(100, "s")
+            await session.end()
+            record = agent.wait_for(lambda r: r.get("event") == "udp_forward_end")
+            assert record["refused"] >= 90, record
+            warnings = [r for r in agent.events() if r.get("event") == "udp_socket_cap"]
+            assert 1 <= len(warnings) <= 2 and "Too many open files" in warnings[0]["msg"], warnings
+            resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (soft, hard))
+            assert await settle_fds(agent.pid, base + SLACK) <= base + SLACK
+            again = UdpSession(channel, wf, port)
+            await again.start()
+            assert await again.probe("after"), "no echo once descriptors were available again"
+            await again.end()
+    finally:
+        agent.stop()

@@ -13,6 +13,7 @@ Sockets are descriptors, so they are capped twice (a flood of senders must not e
   a new sender again takes the place of its own session's least recently used mapping; a session
   that holds none has the datagram dropped. A session never evicts another session's mappings.
 
+A socket that cannot be opened (the process is out of descriptors, say) drops the datagram too.
 Evictions and drops are counted (UdpRelay.evicted / .refused, SocketBudget totals) and reported by
 one warning at most every WARN_INTERVAL seconds per agent, and with the totals when the session ends.
 """
@@ -65,7 +66,7 @@ class SocketBudget:
         """One socket fewer."""
         self.in_use -= 1
 
-    def note(self, *, evicted: int = 0, refused: int = 0, cap: str) -> None:
+    def note(self, *, evicted: int = 0, refused: int = 0, reason: str) -> None:
         """Count evictions or drops; log one warning per WARN_INTERVAL with what happened since the last."""
         self.evicted += evicted
         self.refused += refused
@@ -78,9 +79,9 @@ class SocketBudget:
         evicted_since, refused_since = self._unreported
         self._unreported = [0, 0]
         log.warning(
-            "udp forward: %s reached: %d mappings evicted and %d datagrams from new senders dropped "
+            "udp forward: %s: %d mappings evicted and %d datagrams from new senders dropped "
             "(%d sockets open in this agent, at most %d; this warning at most every %.0fs)",
-            cap,
+            reason,
             evicted_since,
             refused_since,
             self.in_use,
@@ -235,23 +236,26 @@ class UdpRelay:
         """A new mapping for a new sender, within the caps (see the module); None if there is no room."""
         if len(self._peers) >= self.max_sockets:
             self._evict_oldest()
-            self.budget.note(evicted=1, cap=f"--max-udp-sockets-per-session {self.max_sockets}")
+            self.budget.note(evicted=1, reason=f"--max-udp-sockets-per-session {self.max_sockets} reached")
         if not self.budget.take():
             if not self._peers:
                 self.refused += 1
-                self.budget.note(refused=1, cap=f"--max-udp-sockets {self.budget.limit}")
+                self.budget.note(refused=1, reason=f"--max-udp-sockets {self.budget.limit} reached")
                 return None
             self._evict_oldest()
-            self.budget.note(evicted=1, cap=f"--max-udp-sockets {self.budget.limit}")
+            self.budget.note(evicted=1, reason=f"--max-udp-sockets {self.budget.limit} reached")
             if not self.budget.take():  # (the budget shrank below what is open)
                 self.refused += 1
                 return None
         peer = _PeerSocket(self, name)
         try:
             await asyncio.get_running_loop().create_datagram_endpoint(lambda: peer, remote_addr=self.target)
-        except OSError as err:
+        except OSError as err:  # out of descriptors, say: dropped, counted and warned like a cap
             self.release(peer)
-            log.info("udp socket to %s:%d: %s", *self.target, err)
+            self.refused += 1
+            self.budget.note(
+                refused=1, reason=f"no socket to {self.target[0]}:{self.target[1]} ({err.strerror or err})"
+            )
             return None
         except BaseException:
             self.release(peer)
