@@ -416,7 +416,7 @@ async def test_agents_killed_during_the_hand_over_leave_no_traceback_and_no_pend
             client = RawCall(client_channel, EXEC, None)
             # Both at once; a growing offset walks the kill across the hand-over window.
             kill = asyncio.create_task(_kill_after(agent, attempt % 10 * 0.0005))
-            await client.send(exec_init(wf, ["cat"]))
+            await client.send(exec_init(wf, ["cat"]), frame(half_close={}))
             await kill
             outcome = await client.finish(timeout=20)
             outcomes.append(outcome.code)

@@ -19,6 +19,7 @@ from osmo_router.agent.forward import serve_port_forward
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
+from osmo_router.io import memtune
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import AGENT_SERVICE, pb, pb_grpc
@@ -147,7 +148,7 @@ class Agent:
     def _start_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
         task = asyncio.create_task(self._serve_session(channel, session_key))
         self._sessions.add(task)
-        task.add_done_callback(self._sessions.discard)
+        task.add_done_callback(self._session_ended)
 
     async def _serve_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
         """Open the Connect stream of a requested session and serve it."""
@@ -206,7 +207,7 @@ class Agent:
             return "ended"
         task = asyncio.create_task(self._serve_standby_session(call, first.open))
         self._sessions.add(task)
-        task.add_done_callback(self._sessions.discard)
+        task.add_done_callback(self._session_ended)
         return "used"
 
     async def _serve_standby_session(self, call: grpc.aio.StreamStreamCall, open_msg: pb.SessionOpen) -> None:
@@ -218,6 +219,11 @@ class Agent:
             _log_session_end(key, err)
         finally:
             call.cancel()
+
+    def _session_ended(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished session; once the agent is quiet, give the memory of its buffers back (memtune)."""
+        self._sessions.discard(task)
+        memtune.trim_when_idle()
 
     def _connect(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
         # Data frames skip protobuf both ways (framecodec); everything else is parsed as usual.

@@ -25,4 +25,8 @@ class AgentConfig:
     heartbeat_interval: float = 15.0
     #: Connect streams kept open ahead of sessions (0: none, every session waits for a SessionRequest).
     standby_streams: int = 2
+    #: UDP sockets one UDP forward session may hold (its least recently used mapping makes room).
+    max_udp_sockets_per_session: int = 256
+    #: UDP sockets of all UDP forward sessions of the agent process (see agent/forward_udp.py).
+    max_udp_sockets: int = 1024
     extra: dict[str, str] = field(default_factory=dict)

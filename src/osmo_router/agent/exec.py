@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
 
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
@@ -36,28 +40,98 @@ def exit_frame(returncode: int) -> pb.Frame:
     return pb.Frame(exit_status=pb.ExitStatus(code=returncode))
 
 
+class SpawnError(OSError):
+    """The command could not be started: the OSError (or the ValueError, as EINVAL) of the spawn."""
+
+
+def request_error(init: pb.ExecInit) -> str | None:
+    """Why an exec request cannot be run as asked (the client gets INVALID_ARGUMENT), or None.
+
+    Checked before anything is opened: a TTY's rows and columns must fit the kernel's 16-bit
+    window size (0 means the default 24x80); environment names must be non-empty and hold neither
+    `=` nor NUL; values, the command's arguments and TERM must not hold NUL (execve cannot pass it).
+    """
+    if init.tty and (problem := ptys.size_error(init.size.rows, init.size.cols)) is not None:
+        return problem
+    for name, value in init.env.items():
+        if not name or "=" in name or "\0" in name:
+            return f"environment variable name {name[:64]!r} is invalid: it must be non-empty, without '=' or NUL"
+        if "\0" in value:
+            return f"environment variable {name[:64]} holds a NUL character"
+    if any("\0" in arg for arg in init.command):
+        return "the command holds a NUL character"
+    if "\0" in init.term:
+        return "TERM holds a NUL character"
+    return None
+
+
 async def run_exec(
     stream: FrameStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
 ) -> None:
-    """Serve one exec session to its end: output, exit status, half-close."""
+    """Serve one exec session to its end: output, exit status, half-close.
+
+    A request that cannot be run (request_error) is refused with INVALID_ARGUMENT before any
+    descriptor is opened; a `--workdir` that cannot be entered is FAILED_PRECONDITION. A command
+    that does not exist exits 127 and one that cannot be executed 126, with the reason on stderr,
+    as in a shell. Every descriptor opened for the session (PTY pair, pipes) is closed on every
+    path, the failed ones included.
+    """
+    if (problem := request_error(init)) is not None:
+        await _refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        return
     argv = list(init.command) or [shell or default_shell()]
     env = dict(os.environ)
     env.update(init.env)
     if init.tty:
         env["TERM"] = init.term or env.get("TERM") or "xterm-256color"
+    if workdir and not os.path.isdir(workdir):
+        reason = "not a directory" if os.path.exists(workdir) else "no such directory"
+        await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason))
+        return
     if shutil.which(argv[0], path=env.get("PATH")) is None and not os.path.exists(argv[0]):
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found\n".encode()))
         await _finish(stream, 127)
         return
-    if init.tty:
-        await _run_tty(stream, argv, env, init, workdir)
-    else:
-        # Piped exec carries bulk data too (`tar c | osmo exec -- tar x`): large pipes and frames (a
-        # small write, a keystroke or a prompt, still goes at once). run_piped keeps stdout and
-        # stderr in the order they were written.
-        await run_piped(
-            stream, argv, env, workdir, chunk_size=BULK_CHUNK_SIZE, pipe_size=BULK_CHUNK_SIZE, linger=BULK_LINGER
-        )
+    try:
+        if init.tty:
+            await _run_tty(stream, argv, env, init, workdir)
+        else:
+            # Piped exec carries bulk data too (`tar c | osmo exec -- tar x`): large pipes and frames (a
+            # small write, a keystroke or a prompt, still goes at once). run_piped keeps stdout and
+            # stderr in the order they were written.
+            await run_piped(
+                stream, argv, env, workdir, chunk_size=BULK_CHUNK_SIZE, pipe_size=BULK_CHUNK_SIZE, linger=BULK_LINGER
+            )
+    except SpawnError as err:
+        reason = err.strerror or str(err)
+        if workdir and err.filename == workdir:
+            await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason))
+            return
+        log.info("exec %s: %s", argv[0], reason)
+        await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: {reason}\n".encode()))
+        await _finish(stream, 127 if err.errno == errno.ENOENT else 126)
+
+
+def _workdir_message(workdir: str, reason: str) -> str:
+    return f"the agent's working directory {workdir} cannot be entered: {reason} (agent --workdir)"
+
+
+async def _refuse(stream: FrameStream, code: grpc.StatusCode, message: str) -> None:
+    """Report an error, then end our direction (a half-close before the end)."""
+    log.info("exec refused: %s", message)
+    await stream.send_error(code, message)
+    await stream.send(pb.Frame(half_close=pb.HalfClose()))
+    await stream.close()
+
+
+async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
+    """create_subprocess_exec; raises SpawnError if the command could not be started."""
+    try:
+        return await asyncio.create_subprocess_exec(*argv, **kwargs)
+    except OSError as err:
+        raise SpawnError(err.errno, err.strerror, err.filename) from err
+    except ValueError as err:  # NUL or a bad environment name that got past request_error
+        raise SpawnError(errno.EINVAL, str(err)) from err
 
 
 async def _finish(stream: FrameStream, returncode: int) -> None:
@@ -164,31 +238,57 @@ async def run_piped(
     (no stream buffers in between: a frame's payload goes to the pipe without a copy). For bulk
     transfers (rsync), `pipe_size` enlarges the pipes and `linger` lets a streaming output fill
     larger frames (see fdio.gather_more): fewer wake-ups and messages.
+
+    Every descriptor opened here is closed on every path (failed spawn, cancellation, errors).
     """
-    stdin_r, stdin_w = open_pipe(pipe_size)
-    stdout_r, stdout_w = open_pipe(pipe_size)
-    os.set_blocking(stdout_r, False)
+    owned: list[int] = []  # opened here and not yet closed or handed over
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=stdin_r,
-            stdout=stdout_w,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=workdir,
-            start_new_session=True,
-            limit=CHUNK_SIZE,
-        )
-    except BaseException:
-        for fd in (stdin_w, stdout_r):
-            os.close(fd)
-        raise
+        try:
+            stdin_r, stdin_w = open_pipe(pipe_size)
+            owned += (stdin_r, stdin_w)
+            stdout_r, stdout_w = open_pipe(pipe_size)
+            owned += (stdout_r, stdout_w)
+            os.set_blocking(stdout_r, False)
+        except OSError as err:  # out of descriptors, say
+            raise SpawnError(err.errno, f"cannot open a pipe: {err.strerror}") from err
+        try:
+            proc = await _spawn(
+                argv,
+                stdin=stdin_r,
+                stdout=stdout_w,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=workdir,
+                start_new_session=True,
+                limit=CHUNK_SIZE,
+            )
+        finally:
+            # The child has its own copies of its ends.
+            for fd in (stdin_r, stdout_w):
+                owned.remove(fd)
+                os.close(fd)
+        try:
+            stdin = PipeWriter(stdin_w, name="stdin-writer")  # owns stdin_w from here on
+        except BaseException:
+            await _hang_up(proc)
+            raise
+        owned.remove(stdin_w)
+        await _relay_piped(stream, proc, stdin, stdout_r, chunk_size, linger)
     finally:
-        # The child has its own copies of its ends.
-        os.close(stdin_r)
-        os.close(stdout_w)
+        for fd in owned:
+            os.close(fd)
+
+
+async def _relay_piped(
+    stream: FrameStream,
+    proc: asyncio.subprocess.Process,
+    stdin: PipeWriter,
+    stdout_r: int,
+    chunk_size: int,
+    linger: float,
+) -> None:
+    """run_piped's relay; closes stdin (the writer) at its end, stdout_r is the caller's."""
     assert proc.stderr is not None
-    stdin = PipeWriter(stdin_w, name="stdin-writer")
 
     async def write(data: bytes) -> None:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -229,16 +329,28 @@ async def run_piped(
         )
     finally:
         await close_input()
-        os.close(stdout_r)
 
 
 async def _run_tty(
     stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
 ) -> None:
-    master, slave = ptys.open_pty(init.size.rows, init.size.cols)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *ptys.with_controlling_tty(argv),
+        master, slave = ptys.open_pty(init.size.rows, init.size.cols)  # both closed again if it fails
+    except OSError as err:  # out of descriptors or terminals, say
+        raise SpawnError(err.errno, f"cannot open a terminal: {err.strerror}") from err
+    try:
+        await _serve_tty(stream, master, slave, argv, env, workdir)
+    finally:
+        os.close(master)
+
+
+async def _serve_tty(
+    stream: FrameStream, master: int, slave: int, argv: list[str], env: dict[str, str], workdir: str | None
+) -> None:
+    """_run_tty's spawn and relay; closes the slave, the master is the caller's."""
+    try:
+        proc = await _spawn(
+            ptys.with_controlling_tty(argv),
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -263,19 +375,18 @@ async def _run_tty(
         _killpg(pgid, number)
 
     def resize(rows: int, cols: int) -> None:
-        with contextlib.suppress(OSError):
+        try:
             ptys.set_size(master, rows, cols)
+        except (OSError, ValueError) as err:  # a size out of range is ignored, the session goes on
+            log.info("resize to %dx%d ignored: %s", rows, cols, err)
 
     async def pump_output() -> None:
         while chunk := await read_fd(master, CHUNK_SIZE):
             await stream.send(pb.Frame(data=chunk))
 
-    try:
-        await _relay_until_exit(
-            stream, proc, [pump_output()], _pump_input(stream, write, close_input, signal_group, resize)
-        )
-    finally:
-        os.close(master)
+    await _relay_until_exit(
+        stream, proc, [pump_output()], _pump_input(stream, write, close_input, signal_group, resize)
+    )
 
 
-__all__ = ["default_shell", "exit_frame", "run_exec", "run_piped"]
+__all__ = ["SpawnError", "default_shell", "exit_frame", "request_error", "run_exec", "run_piped"]

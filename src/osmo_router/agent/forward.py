@@ -24,7 +24,7 @@ import socket
 import grpc
 
 from osmo_router.agent.config import AgentConfig
-from osmo_router.agent.forward_udp import UdpRelay
+from osmo_router.agent.forward_udp import UdpRelay, agent_budget
 from osmo_router.io.forwarding import WATCH_PORT, drain, reset_socket, retrieve, shutdown_quietly
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
@@ -95,7 +95,8 @@ async def serve_port_forward(stream: FrameStream, open_msg: pb.SessionOpen, conf
         await refuse(stream, grpc.StatusCode.PERMISSION_DENIED, message)
         return
     if init.protocol == pb.PROTOCOL_UDP:
-        await UdpRelay(stream, hosts[0], port).run()
+        budget = agent_budget(config.max_udp_sockets)
+        await UdpRelay(stream, hosts[0], port, max_sockets=config.max_udp_sockets_per_session, budget=budget).run()
     else:
         await _serve_tcp(stream, hosts, port)
 

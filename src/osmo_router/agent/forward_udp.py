@@ -2,7 +2,20 @@
 
 Each Datagram frame names the client-side sender in `peer`; the agent sends it from that peer's
 own socket, so the target's reply comes back on that socket and is returned with the same `peer`.
-Mappings idle for UDP_IDLE_TIMEOUT are closed by a timer (no polling); at most MAX_PEERS live at once.
+Mappings idle for UDP_IDLE_TIMEOUT are closed by a timer (no polling).
+
+Sockets are descriptors, so they are capped twice (a flood of senders must not exhaust the agent):
+
+- per UDP forward session (`--max-udp-sockets-per-session`, default 256): a datagram from a new
+  sender when the session holds that many mappings evicts the session's least recently used one
+  (like a NAT table; a resolver that uses a fresh source port per query keeps working);
+- per agent process, over all sessions (`--max-udp-sockets`, default 1024): when that many are open,
+  a new sender again takes the place of its own session's least recently used mapping; a session
+  that holds none has the datagram dropped. A session never evicts another session's mappings.
+
+A socket that cannot be opened (the process is out of descriptors, say) drops the datagram too.
+Evictions and drops are counted (UdpRelay.evicted / .refused, SocketBudget totals) and reported by
+one warning at most every WARN_INTERVAL seconds per agent, and with the totals when the session ends.
 """
 
 from __future__ import annotations
@@ -22,8 +35,69 @@ from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
-#: Peer mappings (sockets) one UDP forward may hold; the least recently used one goes first.
-MAX_PEERS = 1024
+#: Default of --max-udp-sockets-per-session: mappings (sockets) one UDP forward session may hold.
+MAX_SOCKETS_PER_SESSION = 256
+#: Default of --max-udp-sockets: UDP sockets of all the forward sessions of one agent process.
+MAX_SOCKETS = 1024
+#: Seconds between two warnings about a cap (per agent process); the counts in between are summed.
+WARN_INTERVAL = 10.0
+
+
+class SocketBudget:
+    """The UDP sockets the forward sessions of one agent process hold, against `limit`."""
+
+    def __init__(self, limit: int = MAX_SOCKETS) -> None:
+        self.limit = limit
+        self.in_use = 0
+        #: Totals since the start: mappings evicted for a new sender, datagrams of new senders dropped.
+        self.evicted = 0
+        self.refused = 0
+        self._warned_at: float | None = None
+        self._unreported = [0, 0]
+
+    def take(self) -> bool:
+        """Count one more socket; False (nothing counted) if `limit` are open."""
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def give_back(self) -> None:
+        """One socket fewer."""
+        self.in_use -= 1
+
+    def note(self, *, evicted: int = 0, refused: int = 0, reason: str) -> None:
+        """Count evictions or drops; log one warning per WARN_INTERVAL with what happened since the last."""
+        self.evicted += evicted
+        self.refused += refused
+        self._unreported[0] += evicted
+        self._unreported[1] += refused
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARN_INTERVAL:
+            return
+        self._warned_at = now
+        evicted_since, refused_since = self._unreported
+        self._unreported = [0, 0]
+        log.warning(
+            "udp forward: %s: %d mappings evicted and %d datagrams from new senders dropped "
+            "(%d sockets open in this agent, at most %d; this warning at most every %.0fs)",
+            reason,
+            evicted_since,
+            refused_since,
+            self.in_use,
+            self.limit,
+            WARN_INTERVAL,
+            extra={"fields": {"event": "udp_socket_cap", "evicted": evicted_since, "refused": refused_since}},
+        )
+
+
+_BUDGET = SocketBudget()
+
+
+def agent_budget(limit: int) -> SocketBudget:
+    """The process-wide budget (descriptors are a process's), held to `limit` (--max-udp-sockets)."""
+    _BUDGET.limit = limit
+    return _BUDGET
 
 
 class _PeerSocket(asyncio.DatagramProtocol):
@@ -35,6 +109,8 @@ class _PeerSocket(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.last_used = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
+        #: Counted in the relay's budget until closed.
+        self.counted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport and arm the idle timer."""
@@ -56,6 +132,7 @@ class _PeerSocket(asyncio.DatagramProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.relay.forget(self)
+        self.relay.release(self)
 
     def send(self, payload: bytes) -> None:
         """Send one datagram to the target."""
@@ -83,12 +160,27 @@ class _PeerSocket(asyncio.DatagramProtocol):
 class UdpRelay:
     """One forwarded UDP port: datagrams from the stream to the target and replies back."""
 
-    def __init__(self, stream: FrameStream, host: str, port: int) -> None:
+    def __init__(
+        self,
+        stream: FrameStream,
+        host: str,
+        port: int,
+        *,
+        max_sockets: int = MAX_SOCKETS_PER_SESSION,
+        budget: SocketBudget | None = None,
+    ) -> None:
         self.stream = stream
         self.target = (host, port)
+        self.max_sockets = max_sockets
+        self.budget = budget if budget is not None else _BUDGET
+        #: Mappings by peer.
         self._peers: dict[str, _PeerSocket] = {}
         self._replies: asyncio.Queue[pb.Frame | None] = asyncio.Queue(UDP_QUEUE_DEPTH)
+        #: Replies dropped because the client was far behind.
         self.dropped = 0
+        #: Mappings closed to make room for a new sender; datagrams of new senders dropped (no room).
+        self.evicted = 0
+        self.refused = 0
 
     async def run(self) -> None:
         """Relay until the client half-closes (then end cleanly) or the session breaks."""
@@ -107,7 +199,17 @@ class UdpRelay:
         finally:
             for peer in list(self._peers.values()):
                 peer.close()
+                self.release(peer)
+            self._peers.clear()
             await self._finish_sender(sender, graceful=clean)
+            if self.evicted or self.refused:
+                log.info(
+                    "udp forward to port %d ended: %d mappings evicted, %d datagrams from new senders dropped",
+                    self.target[1],
+                    self.evicted,
+                    self.refused,
+                    extra={"fields": {"event": "udp_forward_end", "evicted": self.evicted, "refused": self.refused}},
+                )
         if clean:
             await self.stream.send(half_close_frame())
             await self.stream.close()
@@ -125,19 +227,55 @@ class UdpRelay:
     async def _deliver(self, datagram: pb.Datagram) -> None:
         peer = self._peers.get(datagram.peer)
         if peer is None:
-            if len(self._peers) >= MAX_PEERS:
-                oldest = min(self._peers.values(), key=lambda p: p.last_used)
-                self.forget(oldest)
-                oldest.close()
-            try:
-                _, peer = await asyncio.get_running_loop().create_datagram_endpoint(
-                    lambda: _PeerSocket(self, datagram.peer), remote_addr=self.target
-                )
-            except OSError as err:
-                log.info("udp socket to %s:%d: %s", *self.target, err)
+            peer = await self._open(datagram.peer)
+            if peer is None:
                 return
-            self._peers[datagram.peer] = peer
         peer.send(datagram.payload)
+
+    async def _open(self, name: str) -> _PeerSocket | None:
+        """A new mapping for a new sender, within the caps (see the module); None if there is no room."""
+        if len(self._peers) >= self.max_sockets:
+            self._evict_oldest()
+            self.budget.note(evicted=1, reason=f"--max-udp-sockets-per-session {self.max_sockets} reached")
+        if not self.budget.take():
+            if not self._peers:
+                self.refused += 1
+                self.budget.note(refused=1, reason=f"--max-udp-sockets {self.budget.limit} reached")
+                return None
+            self._evict_oldest()
+            self.budget.note(evicted=1, reason=f"--max-udp-sockets {self.budget.limit} reached")
+            if not self.budget.take():  # (the budget shrank below what is open)
+                self.refused += 1
+                return None
+        peer = _PeerSocket(self, name)
+        try:
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: peer, remote_addr=self.target)
+        except OSError as err:  # out of descriptors, say: dropped, counted and warned like a cap
+            self.release(peer)
+            self.refused += 1
+            self.budget.note(
+                refused=1, reason=f"no socket to {self.target[0]}:{self.target[1]} ({err.strerror or err})"
+            )
+            return None
+        except BaseException:
+            self.release(peer)
+            raise
+        self._peers[name] = peer
+        return peer
+
+    def _evict_oldest(self) -> None:
+        """Close the least recently used mapping (its place is free at once)."""
+        oldest = min(self._peers.values(), key=lambda p: p.last_used)
+        self.evicted += 1
+        self.forget(oldest)
+        self.release(oldest)
+        oldest.close()
+
+    def release(self, peer: _PeerSocket) -> None:
+        """Give a mapping's socket back to the budget (once)."""
+        if peer.counted:
+            peer.counted = False
+            self.budget.give_back()
 
     def reply(self, peer: str, payload: bytes) -> None:
         """Queue a reply for the client (dropped if the client is far behind: UDP may drop)."""

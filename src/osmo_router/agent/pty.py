@@ -10,17 +10,43 @@ import struct
 import sys
 import termios
 
+#: Largest number of rows or columns: the kernel's window size fields are 16-bit.
+MAX_SIZE = 65535
+
+
+def size_error(rows: int, cols: int) -> str | None:
+    """Why (rows, cols) is not a terminal size (0 means the default), or None if it is one."""
+    if not (0 <= rows <= MAX_SIZE and 0 <= cols <= MAX_SIZE):
+        return f"terminal size {rows}x{cols} is out of range: rows and columns must be within 0-{MAX_SIZE}"
+    return None
+
 
 def set_size(fd: int, rows: int, cols: int) -> None:
-    """Set the window size of a terminal (the kernel sends SIGWINCH to its foreground group)."""
+    """Set the window size of a terminal (the kernel sends SIGWINCH to its foreground group).
+
+    Raises ValueError for a size out of range (see size_error), OSError if fd is not a terminal.
+    """
+    if (problem := size_error(rows, cols)) is not None:
+        raise ValueError(problem)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def open_pty(rows: int, cols: int) -> tuple[int, int]:
-    """A (master, slave) pair with the given size; the master is non-blocking."""
+    """A (master, slave) pair with the given size (0: 24 rows, 80 columns); the master is non-blocking.
+
+    Raises ValueError for a size out of range, OSError if no terminal could be opened; on any
+    failure both descriptors are closed again.
+    """
+    if (problem := size_error(rows, cols)) is not None:
+        raise ValueError(problem)
     master, slave = pty.openpty()
-    set_size(slave, rows or 24, cols or 80)
-    os.set_blocking(master, False)
+    try:
+        set_size(slave, rows or 24, cols or 80)
+        os.set_blocking(master, False)
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
     return master, slave
 
 

@@ -359,6 +359,25 @@ async def _serve(config: RouterConfig) -> int:
     "request round trip (a used one is replaced at once); 0: none; the router parks at most 8 "
     "[env OSMO_STANDBY_STREAMS].",
 )
+@click.option(
+    "--max-udp-sockets-per-session",
+    envvar="OSMO_MAX_UDP_SOCKETS_PER_SESSION",
+    type=click.IntRange(1, None),
+    default=256,
+    show_default=True,
+    help="UDP sockets (one per client-side sender) one UDP port-forward may hold; a new sender beyond "
+    "it takes the place of the session's least recently used one [env OSMO_MAX_UDP_SOCKETS_PER_SESSION].",
+)
+@click.option(
+    "--max-udp-sockets",
+    envvar="OSMO_MAX_UDP_SOCKETS",
+    type=click.IntRange(1, None),
+    default=1024,
+    show_default=True,
+    help="UDP sockets of all UDP port-forwards of this agent; when reached, a new sender takes the place "
+    "of its own session's least recently used one, or its datagram is dropped (counted, logged) "
+    "[env OSMO_MAX_UDP_SOCKETS].",
+)
 @ws_agent_options
 @_log_options
 def agent(log_level: str, log_format: str, **options: Any) -> None:
@@ -383,6 +402,8 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         rsync_roots=tuple(options["rsync_roots"]),
         rsync_binary=options["rsync_binary"],
         standby_streams=options["standby_streams"],
+        max_udp_sockets_per_session=options["max_udp_sockets_per_session"],
+        max_udp_sockets=options["max_udp_sockets"],
     )
     tune_for_bulk()  # exec, port-forward and rsync move 1 MiB frames (memtune), on either transport
     if ws is not None:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import time
 
+from osmo_router.io import memtune
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core import audit
@@ -194,6 +195,8 @@ class SessionPipeline:
             if not clean:
                 session.fail(failure or Cancelled("the client went away"))
             self._sessions.remove(session)
+            # Bulk sessions leave freed 1 MiB buffers in the heap: give them back once quiet.
+            memtune.trim_when_idle()
             if active:
                 self._metrics.sessions_active.labels(op_name).dec()
                 duration = time.monotonic() - started
@@ -278,6 +281,7 @@ class SessionPipeline:
             self._relays.discard(session)
             if not self._relays:
                 self._relays_idle.set()
+            memtune.trim_when_idle()
         if failure is None:
             await side.finish()
             return
