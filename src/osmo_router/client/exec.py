@@ -37,6 +37,14 @@ def exit_code_of(status: pb.ExitStatus) -> int:
 async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
     """Run the session to its end and return the exit code to exit with."""
     transport: Transport | None = None
+    if config.legacy_backend:
+        from osmo_router.client.legacy import EXIT_USAGE, LegacyUsageError, check_exec
+
+        try:
+            check_exec(command)
+        except LegacyUsageError as err:
+            print(f"osmo-net-client: exec: {err}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         transport = await connect_transport(config)
         rows, cols = terminal_size() if tty else (0, 0)
@@ -49,7 +57,7 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
         )
         stream = await transport.open(pb.OPERATION_EXEC, init)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
-            return await _relay(stream, tty)
+            return await _relay(stream, tty, legacy=config.legacy_backend)
     except RouterError as err:
         print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
         return EXIT_CONNECTION_ERROR
@@ -58,9 +66,9 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             await transport.aclose()
 
 
-async def _relay(stream: SessionStream, tty: bool) -> int:
+async def _relay(stream: SessionStream, tty: bool, legacy: bool = False) -> int:
     loop = asyncio.get_running_loop()
-    sender = asyncio.create_task(_send_input(stream))
+    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty))
     installed: list[int] = []
     received: dict[int, int] = {}
     pending: set[asyncio.Future[None]] = set()
@@ -135,9 +143,18 @@ async def receive_output(
     return exit_code
 
 
-async def _send_input(stream: SessionStream) -> None:
+async def _send_input(stream: SessionStream, legacy_eof: bool = False) -> None:
+    """stdin to the session, then its EOF: a half-close, or for an old backend's terminal ^D (client/legacy.py)."""
     reader = StdinReader(0, chunk_size=BULK_CHUNK_SIZE, linger=BULK_LINGER)
+    sent_any, last_byte = False, None
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
+            sent_any, last_byte = True, chunk[-1]
             await stream.send_data(chunk)
+        if legacy_eof:
+            from osmo_router.client.legacy import exec_eof
+
+            # An old backend writes an empty message to its terminal as zero bytes: only ^D ends the input.
+            await stream.send_data(exec_eof(sent_any, last_byte))
+            return
         await stream.send(pb.Frame(half_close=pb.HalfClose()))
