@@ -393,9 +393,18 @@ def test_udp_one_datagram_per_message_old_client_old_backend(router: Router, sto
 
 
 @pytest.mark.xfail(strict=True, reason=OUT_OF_BAND + "; UDP is not carried over WebSocket by our agents")
-def test_udp_old_client_grpc_agent(router: Router, grpc_workflow: str) -> None:
+@pytest.mark.parametrize("agent", ["grpc", "ws"])
+def test_udp_old_client_our_agent(router: Router, grpc_workflow: str, stopper: list[Proc], agent: str) -> None:
+    workflow, key = grpc_workflow, new_key()
+    start = lambda: None  # noqa: E731 - the gRPC agent is registered already
+    if agent == "ws":
+        workflow = f"wf-{uuid.uuid4().hex[:8]}"
+
+        def start() -> None:
+            stopper.append(WsBackendProc(router, workflow, key, operation="portforward"))
+
     with udp_echo_server():
-        replies = _udp_round(router, grpc_workflow, new_key(), lambda: None)
+        replies = _udp_round(router, workflow, key, start)
     assert sorted(replies) == EXPECTED_UDP
 
 
@@ -456,8 +465,15 @@ def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[
 
 
 @pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_RSYNC)
-def test_rsync_up_and_down_old_client_grpc_agent(router: Router, grpc_workflow: str, tmp_path: Path) -> None:
-    _rsync_up_down_old_client(router, grpc_workflow, new_key(), tmp_path, timeout=8)
+@pytest.mark.parametrize("agent", ["grpc", "ws"])
+def test_rsync_up_and_down_old_client_our_agent(
+    router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str
+) -> None:
+    workflow, key = grpc_workflow, new_key()
+    if agent == "ws":
+        workflow = f"wf-{uuid.uuid4().hex[:8]}"
+        stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
+    _rsync_up_down_old_client(router, workflow, key, tmp_path, timeout=8)
 
 
 # --- ?timeout= (rsync's RsyncClient passes it) ---------------------------------------------------
@@ -482,22 +498,35 @@ def test_timeout_expiry_closes_with_1000(router: Router) -> None:
 # --- auth (--auth=jwt) ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=AUTH_ROLE)
-def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Proc]) -> None:
-    """A JWT router: the CLI with the user's token, osmo-ctrl with the workflow's (no `role: agent`)."""
+def _jwt_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, object]:
     from tests.security_kit import Signer
 
     signer = Signer.rs256()
     (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
     router = Router("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem"), secure=True)
     stopper.append(router)
+    return router, signer
+
+
+@pytest.mark.xfail(strict=True, reason=AUTH_ROLE)
+@pytest.mark.parametrize("client", ["old", "new"])
+def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Proc], client: str) -> None:
+    """A JWT router: the CLI with the user's token, osmo-ctrl with the workflow's (no `role: agent`)."""
+    router, signer = _jwt_router(tmp_path, stopper)
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
-    user = signer.token("alice", workflows=[workflow])
-    service = signer.token("osmo-ctrl", workflows=[workflow])
-    backend = OldBackend(router, "exec", workflow, key, "--command", f"cat {blob}", "--token", service, wait=False)
+    user = signer.token("alice", workflows=[workflow])  # type: ignore[attr-defined]
+    service = signer.token("osmo-ctrl", workflows=[workflow])  # type: ignore[attr-defined]
+    command = f"cat {blob}" if client == "old" else f"sh -c 'cat > {blob.parent / 'got.txt'}'"
+    backend = OldBackend(router, "exec", workflow, key, "--command", command, "--token", service, wait=False)
     stopper.append(backend)
     first = backend.wait_for(lambda r: r.get("event") in ("connected", "dial failed"))
     assert first["event"] == "connected", first
+    if client == "new":
+        args = [*new_client_args(router, workflow, key), "--token", user]
+        result = run_client("exec", *args, input=blob.read_bytes(), timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert sha((blob.parent / "got.txt").read_bytes()) == sha(blob.read_bytes())
+        return
 
     async def body() -> osmo.Ended:
         ws = await osmo.create_websocket(ws_base(router), f"api/router/exec/{workflow}/client/{key}", token=user)
@@ -513,6 +542,35 @@ def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Pr
     ended = run(body)
     assert ended.close_code == 1000, ended
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
+
+
+def test_old_client_with_user_token_reaches_grpc_agent_under_jwt(tmp_path: Path, stopper: list[Proc]) -> None:
+    """The OSMO CLI's `Authorization: Bearer <id token>` is what the router checks: with our agent it works."""
+    router, signer = _jwt_router(tmp_path, stopper)
+    workflow = f"wf-{uuid.uuid4().hex[:8]}"
+    agent_token = signer.token("pod-1", workflows=[workflow], role="agent")  # type: ignore[attr-defined]
+    stopper.append(AgentProc(router.address, workflow, "--token", agent_token, "--shell", "/bin/sh"))
+    user = signer.token("alice", workflows=[workflow])  # type: ignore[attr-defined]
+
+    async def body() -> osmo.Ended:
+        term = osmo.Terminal(24, 80)
+        endpoint = f"api/router/exec/{workflow}/client/{new_key()}"
+        ws = await osmo.create_websocket(ws_base(router), endpoint, token=user)
+        await ws.send(osmo.size_message(24, 80))
+        ended = osmo.Ended()
+        await ws.send(b"echo to''ken-ok; exit\r")
+        try:
+            while True:
+                data = await ws.recv()
+                await term.write(data if isinstance(data, bytes) else data.encode())
+        except osmo.websockets.exceptions.ConnectionClosed as err:
+            ended.closed_by(err)
+        ended.output = term.output
+        return ended
+
+    ended = run(body)
+    assert ended.close_code == 1000, ended
+    assert b"token-ok" in ended.output
 
 
 # --- new client (`osmo-net-client --transport ws --session-key K --legacy-backend`) + old backend ----
@@ -649,3 +707,13 @@ def test_new_client_rsync_path_outside_the_module_is_refused(router: Router, tmp
     result = run_client("rsync", *new_client_args(router, "wf-x", new_key()), f"{tmp_path}/", ":/etc/", timeout=30)
     assert result.returncode == 2
     assert b"outside module 'osmo'" in result.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
+def test_new_client_workflow_named_differently_from_the_backend(router: Router, stopper: list[Proc]) -> None:
+    """The user gives the workflow's name; osmo-ctrl dialed with its ID."""
+    workflow_id, key = str(uuid.uuid4()), new_key()
+    stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
+    result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert b"hi" in result.stdout
