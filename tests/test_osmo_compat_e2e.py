@@ -12,8 +12,9 @@ and cases: exec with a command, interactive exec with resize, TCP forward (one a
 burst before the backend joins), UDP, rsync up and down, a workflow named by its UUID, `?timeout=`,
 JWT auth. Content is checked by sha256, ends by exit status or close code.
 
-What fails today because of the router is marked `xfail(strict=True)` with the cause, so the test
-turns into a failure the moment the router-side fix lands (then drop the mark). Causes:
+What fails today because of the router is marked `xfail(strict=True)` with the cause (the constants
+below, numbered as in issue 16 and docs/migration.md section 2), so the test turns into a failure the
+moment the router-side fix lands: then drop the mark.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ WAIT = 60.0
 
 #: Router-side causes (issue 16), each naming where in our code it happens.
 COALESCE = (
-    "issue 16 (1): the relay merges queued data frames into one WebSocket message (router/coalesce.py, used by "
-    "the relay writer towards WS legs), so queued control JSONs / UDP datagrams arrive as one message"
+    "issue 16 (1): the relay's writer merges queued data frames into one message (router/relay.py calls "
+    "router/coalesce.py for every endpoint, WebSocket legs included), so queued control JSONs / UDP datagrams "
+    "arrive as one WebSocket message"
 )
 RSYNC_OPS = (
     "issue 16 (2): OSMO's backend dials /portforward/{wf}/backend/{conn_key} for an rsync connection the CLI "
@@ -53,7 +55,8 @@ RSYNC_OPS = (
 )
 WORKFLOW_NAME = (
     "issue 16 (3): the OSMO CLI puts the workflow in the URL as typed (name or UUID), the backend its ID; "
-    "the old router ignored it, ours binds the key to the workflow (router/sessions.py join_agent)"
+    "the old router ignored it, ours binds the key to the workflow "
+    "(router/sessions.py join_client and join_agent: PERMISSION_DENIED)"
 )
 OUT_OF_BAND = (
     "issue 16 (4): an old client's URL names no target port (OSMO's service tells the backend out of band); "
@@ -217,11 +220,11 @@ def test_interactive_exec_with_resize(router: Router, grpc_workflow: str, stoppe
 # --- TCP port-forward (port_forward.py run_tcp_with_sock) ----------------------------------------
 
 
-def _echo_through(port: int, size: int = 64 * 1024) -> bool:
+def _echo_through(port: int, size: int = 64 * 1024, timeout: float = 10) -> bool:
     """One connection: send `size` random bytes, read as many back, compare by sha256, close."""
     payload = os.urandom(size)
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        sock.settimeout(15)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
         sock.sendall(payload)
         got = b""
         while len(got) < size:
@@ -268,7 +271,7 @@ def test_tcp_forward_old_client_grpc_agent(router: Router, grpc_workflow: str) -
             forward, task = osmo.start_tcp_forward(ws_base(router), grpc_workflow, new_key(), timeout=10)
             await forward.ready.wait()
             try:
-                return await asyncio.wait_for(asyncio.to_thread(_echo_through, target and forward.port), 10)
+                return await asyncio.to_thread(_echo_through, target and forward.port, 1024, 5)
             finally:
                 forward.close.set()
                 await task
@@ -576,19 +579,24 @@ def test_old_client_with_user_token_reaches_grpc_agent_under_jwt(tmp_path: Path,
 # --- new client (`osmo-net-client --transport ws --session-key K --legacy-backend`) + old backend ----
 
 
-def new_client_args(router: Router, workflow: str, key: str) -> list[str]:
+def new_client_args(router: Router, workflow: str, key: str, transport: str = "ws") -> list[str]:
+    """The new CLI for an old backend (`--legacy-backend` works over either transport; WS is the migration's)."""
     return [
         "--router-address", router.address, "--ws-address", f"127.0.0.1:{router.ws_port}",
-        "--workflow-id", workflow, "--tls=false", "--transport", "ws", "--session-key", key, "--legacy-backend",
+        "--workflow-id", workflow, "--tls=false", "--transport", transport, "--session-key", key, "--legacy-backend",
     ]  # fmt: skip
 
 
-def test_new_client_exec_pipe_eof_reaches_old_backend(router: Router, blob: Path, stopper: list[Proc]) -> None:
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
+def test_new_client_exec_pipe_eof_reaches_old_backend(
+    router: Router, blob: Path, stopper: list[Proc], transport: str
+) -> None:
     """stdin EOF becomes the terminal's ^D: the backend's `cat` ends, and so does the session (exit 0)."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     out = blob.parent / "received.txt"
     stopper.append(OldBackend(router, "exec", workflow, key, "--command", f"sh -c 'stty -echo; cat > {out}'"))
-    result = run_client("exec", *new_client_args(router, workflow, key), input=blob.read_bytes(), timeout=60)
+    args = new_client_args(router, workflow, key, transport)
+    result = run_client("exec", *args, input=blob.read_bytes(), timeout=60)
     assert result.returncode == 0, result.stderr
     assert sha(out.read_bytes()) == sha(blob.read_bytes())
 
@@ -642,18 +650,21 @@ def test_new_client_tty_size_and_resize_old_backend(router: Router, stopper: lis
         os.close(master)
 
 
-def _new_client_forward(router: Router, workflow: str, key: str, target: int) -> tuple[Proc, int]:
+def _new_client_forward(
+    router: Router, workflow: str, key: str, target: int, transport: str = "ws"
+) -> tuple[Proc, int]:
     from tests.forward_servers import start_forward
 
-    proc, ports = start_forward(new_client_args(router, workflow, key), f":{target}")
+    proc, ports = start_forward(new_client_args(router, workflow, key, transport), f":{target}")
     return proc, ports[0]
 
 
-def test_new_client_tcp_forward_one_at_a_time(router: Router, stopper: list[Proc]) -> None:
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
+def test_new_client_tcp_forward_one_at_a_time(router: Router, stopper: list[Proc], transport: str) -> None:
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with tcp_server(echo) as target:
         stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target)))
-        proc, port = _new_client_forward(router, workflow, key, target)
+        proc, port = _new_client_forward(router, workflow, key, target, transport)
         stopper.append(proc)
         assert [_echo_through(port) for _ in range(3)] == [True, True, True]
 

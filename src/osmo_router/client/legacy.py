@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import socket
-import struct
 import sys
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +38,9 @@ from osmo_router.client.forward_events import Reporter, host_port
 from osmo_router.errors import EXIT_CONNECTION_ERROR, RouterError, Unavailable
 from osmo_router.protocol import BULK_CHUNK_SIZE, pb
 from osmo_router.transport import SessionStream, Transport
+from osmo_router.wsproto import connection_key, control_message, parse_udp_message, terminal_eof, udp_message
 
 EXIT_USAGE = 2
-#: The terminal's EOF character (VEOF, ^D).
-VEOF = b"\x04"
 #: How `rsync-shell` learns the mode from `osmo-net-client rsync`.
 LEGACY_ENV = "OSMO_LEGACY_BACKEND"
 #: The command rsync gives its remote shell for `HOST::MODULE` (daemon over a remote shell).
@@ -55,17 +51,9 @@ class LegacyUsageError(Exception):
     """Something an old backend cannot be asked for."""
 
 
-def check_legacy(config: ClientConfig) -> None:
-    """The mode needs the orchestrator's key (the old backend waits on it)."""
-    if config.legacy_backend and not config.session_key:
-        raise LegacyUsageError("--legacy-backend needs --session-key: the key the OSMO service gave the old backend")
-
-
 def exec_eof(sent_any: bool, last_byte: int | None) -> bytes:
-    """What stands for stdin EOF on an old backend's terminal: ^D at the start of a line, else ^D^D."""
-    if not sent_any or last_byte in (0x0A, 0x0D):
-        return VEOF
-    return VEOF + VEOF  # the first one ends the unfinished line, the second is the EOF
+    """What stands for stdin EOF on an old backend's terminal (wsproto.terminal_eof)."""
+    return terminal_eof(sent_any, last_byte)
 
 
 def check_exec(command: list[str]) -> None:
@@ -75,16 +63,6 @@ def check_exec(command: list[str]) -> None:
             "an old backend runs the command the OSMO service gave it; a command on this command line "
             f"cannot be carried ({' '.join(command)!r}): drop it"
         )
-
-
-def control_message(conn_key: str, cookie: str = "") -> bytes:
-    """One connection's announcement on the control session (port_forward.py run_tcp_with_sock)."""
-    return json.dumps({"key": conn_key, "cookie": cookie}).encode()
-
-
-def new_connection_key() -> str:
-    """`PORTFORWARD-<uuid4 hex>`, as OSMO's CLI names its connections."""
-    return f"PORTFORWARD-{uuid.uuid4().hex}"
 
 
 def _init(config: ClientConfig, key: str, remote_port: int = 0) -> pb.PortForwardInit:
@@ -129,7 +107,7 @@ class Control:
         """Announce a new connection and open its session (always the portforward operation: ctrl.go
         portforwardConnectTCP dials `/portforward/{workflow}/backend/{key}`, also for rsync)."""
         assert self.stream is not None
-        conn_key = new_connection_key()
+        conn_key = connection_key()
         async with self._lock:
             await self.stream.send_data(control_message(conn_key))
         return await self.transport.open(pb.OPERATION_PORT_FORWARD, _init(self.config, conn_key, self.remote_port))
@@ -288,10 +266,6 @@ async def _listen_tcp(
     return closers
 
 
-def _encode_addr(data: bytes, addr: tuple[str, int]) -> bytes:
-    return socket.inet_aton(addr[0]) + struct.pack(">H", addr[1]) + data
-
-
 async def _listen_udp(
     control: Control, binds: list[str], local_port: int, remote_port: int, reporter: Reporter
 ) -> list[Callable[[], None]]:
@@ -304,7 +278,7 @@ async def _listen_udp(
 
     class Local(asyncio.DatagramProtocol):
         def datagram_received(self, data: bytes, addr: Any) -> None:
-            future = asyncio.ensure_future(stream.send_data(_encode_addr(data, (addr[0], addr[1]))))
+            future = asyncio.ensure_future(stream.send_data(udp_message(data, (addr[0], addr[1]))))
             pending.add(future)
             future.add_done_callback(pending.discard)
 
@@ -318,11 +292,13 @@ async def _listen_udp(
     async def replies() -> None:
         with contextlib.suppress(RouterError):
             while (frame := await stream.recv()) is not None:
-                if frame.WhichOneof("kind") != "data" or len(frame.data) < 6:
+                if frame.WhichOneof("kind") != "data":
                     continue
-                ip = socket.inet_ntoa(frame.data[:4])
-                (peer_port,) = struct.unpack(">H", frame.data[4:6])
-                transports[0].sendto(frame.data[6:], (ip, peer_port))
+                try:
+                    payload, sender = parse_udp_message(frame.data)
+                except RouterError:
+                    continue  # shorter than its header: nobody to send it to
+                transports[0].sendto(payload, sender)
 
     # The control session's only reader: the replies; their end is the loss of the backend.
     reply_task = asyncio.create_task(replies())
