@@ -151,7 +151,8 @@ async def ctrl_user_exec(dialer: Dialer, base: str, workflow: str, key: str, coo
 
     - dials `/api/router/exec/{workflow}/backend/{key}`, 5 attempts;
     - the first bytes are the size JSON; bytes after it in the same read are lost (Go's json.Decoder
-      buffers them and userExec never reads its buffer);
+      buffers them and userExec never reads its buffer): here the rest of the first message and every
+      message already received when it is decoded (they would be in the unix socket's buffer);
     - the entry command always runs in a pty (TERM=xterm), sized from that message;
     - every later message is written to the pty as it is: an empty message writes nothing (the old
       backend has no stdin EOF); RESIZE sequences resize the pty and send SIGWINCH;
@@ -165,6 +166,11 @@ async def ctrl_user_exec(dialer: Dialer, base: str, workflow: str, key: str, coo
         return
     event("connected", operation="exec")
     first = await _recv(ws)
+    lost = 0
+    while ws.messages:  # already here: read along with the size message, into the decoder's buffer
+        lost += len(ws.messages.popleft())
+    if lost:
+        event("input lost behind the size message", bytes=lost)
     size = _decode_size(first) if first is not None else None
     if size is None:
         with contextlib.suppress(Exception):

@@ -68,7 +68,12 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
 
 async def _relay(stream: SessionStream, tty: bool, legacy: bool = False) -> int:
     loop = asyncio.get_running_loop()
-    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty))
+    # An old backend's terminal side decodes the size message with a buffering JSON decoder and
+    # drops whatever came in the same read: its input waits for the first output (as OSMO's CLI
+    # does) or LEGACY_INPUT_HOLD (client/legacy.py).
+    first_output = asyncio.Event()
+    hold = first_output if legacy else None
+    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold))
     installed: list[int] = []
     received: dict[int, int] = {}
     pending: set[asyncio.Future[None]] = set()
@@ -96,6 +101,13 @@ async def _relay(stream: SessionStream, tty: bool, legacy: bool = False) -> int:
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
     try:
+        if legacy:
+
+            async def write_and_release(data: bytes) -> None:
+                first_output.set()
+                await _write_stdout(data)
+
+            return await receive_output(stream, write_and_release)
         return await receive_output(stream)
     except grpc.aio.AioRpcError as err:
         log.debug("exec stream failed", exc_info=True)
@@ -143,8 +155,17 @@ async def receive_output(
     return exit_code
 
 
-async def _send_input(stream: SessionStream, legacy_eof: bool = False) -> None:
-    """stdin to the session, then its EOF: a half-close, or for an old backend's terminal ^D (client/legacy.py)."""
+async def _send_input(stream: SessionStream, legacy_eof: bool = False, hold: asyncio.Event | None = None) -> None:
+    """stdin to the session, then its EOF: a half-close, or for an old backend's terminal ^D (client/legacy.py).
+
+    `hold`: wait for it (at most LEGACY_INPUT_HOLD seconds) before the first input.
+    """
+    if hold is not None:
+        from osmo_router.client.legacy import LEGACY_INPUT_HOLD
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LEGACY_INPUT_HOLD):
+                await hold.wait()
     reader = StdinReader(0, chunk_size=BULK_CHUNK_SIZE, linger=BULK_LINGER)
     sent_any, last_byte = False, None
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):

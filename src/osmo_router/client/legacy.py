@@ -7,9 +7,10 @@ new client reaching it with the orchestrator's key (`--session-key`) has to spea
 - exec: the backend always runs its command in a terminal (user.go userExec); an empty message is
   written to it as zero bytes, so the only end of input it understands is the terminal's EOF
   character. In pipe mode, stdin EOF is sent as ^D (twice when the input did not end a line, as a
-  terminal user would type it). The output is the terminal's (echo, CRLF) and the exit status is 0
-  when the backend ends (the old protocol has none). A command on the command line cannot be
-  carried: refused.
+  terminal user would type it). Input waits for the first output, or LEGACY_INPUT_HOLD, since
+  osmo-user loses bytes that come right behind the size message. The output is the terminal's
+  (echo, CRLF) and the exit status is 0 when the backend ends (the old protocol has none). A
+  command on the command line cannot be carried: refused.
 - port-forward: one control session on the key; each local TCP connection is announced on it as
   one JSON message `{"key": "PORTFORWARD-<hex>", "cookie": ""}` and gets a session of its own on
   that key (ctrl.go userPortForwardTCP / portforwardConnectTCP). An old backend cannot take a
@@ -30,7 +31,7 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from osmo_router.client.config import ClientConfig
@@ -41,8 +42,11 @@ from osmo_router.transport import SessionStream, Transport
 from osmo_router.wsproto import connection_key, control_message, parse_udp_message, terminal_eof, udp_message
 
 EXIT_USAGE = 2
-#: How `rsync-shell` learns the mode from `osmo-net-client rsync`.
-LEGACY_ENV = "OSMO_LEGACY_BACKEND"
+#: exec: how long input waits for the old backend's first output. osmo-user decodes the size message
+#: with a buffering JSON decoder and loses whatever came in the same read (user.go userExec), so
+#: input right behind it could vanish; OSMO's CLI waits for the first output (its shell's prompt).
+#: A command that prints nothing first (`cat`) gets its input after this long.
+LEGACY_INPUT_HOLD = 1.0
 #: The command rsync gives its remote shell for `HOST::MODULE` (daemon over a remote shell).
 DAEMON_COMMAND = ["rsync", "--server", "--daemon", "."]
 
@@ -315,7 +319,9 @@ async def _listen_udp(
 # --- rsync ---------------------------------------------------------------------------------------
 
 
-async def run_legacy_rsync_shell(config: ClientConfig, transport: Transport, server_args: list[str]) -> int:
+async def run_legacy_rsync_shell(
+    config: ClientConfig, transport: Transport, server_args: list[str], write_stdout: Callable[[bytes], Awaitable[None]]
+) -> int:
     """rsync-shell for an old backend: stdin/stdout through one port-forward connection to its rsync daemon."""
     if server_args[:3] != DAEMON_COMMAND[:3]:
         raise LegacyUsageError("an old backend serves an rsync daemon; expected `rsync --server --daemon`")
@@ -323,15 +329,18 @@ async def run_legacy_rsync_shell(config: ClientConfig, transport: Transport, ser
     await control.open()
     try:
         stream = await control.connection()
-        return await _bridge_stdio(stream)
+        return await _bridge_stdio(stream, write_stdout)
     finally:
         if control.stream is not None:
             await _abort(control.stream)
 
 
-async def _bridge_stdio(stream: SessionStream) -> int:
-    """stdin -> session, session -> stdout, until the daemon's side ends (exit 0: rsync judges the transfer)."""
-    from osmo_router.client.stdio import StdinReader, write_all
+async def _bridge_stdio(stream: SessionStream, write_stdout: Callable[[bytes], Awaitable[None]]) -> int:
+    """stdin -> session, session -> stdout, until the daemon's side ends (exit 0: rsync judges the transfer).
+
+    `write_stdout` must not block the loop (rsync's end of the pipe may be non-blocking and full).
+    """
+    from osmo_router.client.stdio import StdinReader
 
     reader = StdinReader(0, chunk_size=BULK_CHUNK_SIZE)
 
@@ -342,7 +351,7 @@ async def _bridge_stdio(stream: SessionStream) -> int:
     async def down() -> None:
         while (frame := await stream.recv()) is not None:
             if frame.WhichOneof("kind") == "data":
-                write_all(1, frame.data)
+                await write_stdout(frame.data)
             elif frame.WhichOneof("kind") in ("half_close", "exit_status"):
                 return
             elif frame.WhichOneof("kind") == "error":

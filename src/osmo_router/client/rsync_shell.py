@@ -109,7 +109,7 @@ async def _run_legacy(config: ClientConfig, server_args: list[str]) -> int:
 
     transport = await connect_transport(config)
     try:
-        return await run_legacy_rsync_shell(config, transport, server_args)
+        return await run_legacy_rsync_shell(config, transport, server_args, _stdout_writer())
     except LegacyUsageError as err:
         _say(str(err))
         report_failure(EXIT_CONNECTION_ERROR)
