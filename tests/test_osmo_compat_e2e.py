@@ -289,7 +289,9 @@ def test_tcp_forward_burst_before_backend_joins_old_client(router: Router, stopp
             forward, task = osmo.start_tcp_forward(ws_base(router), workflow, key)
             await forward.ready.wait()
             pending = [asyncio.create_task(asyncio.to_thread(_echo_through, forward.port)) for _ in range(8)]
-            await asyncio.sleep(1.0)  # every control message is sent and queued in the router
+            while forward.announced < 4:  # noqa: ASYNC110 - four control messages sent, to be queued
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
             stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target), wait=False))
             try:
                 return list(await asyncio.wait_for(asyncio.gather(*pending), 15))
@@ -316,7 +318,7 @@ def _udp_round(router: Router, workflow: str, key: str, start_backend) -> list[b
         await ready.wait()
         for n in range(10):
             local.sendto(bytes([65 + n]) * (100 + n), ("127.0.0.1", port))
-        await asyncio.sleep(1.0)  # the datagrams are sent and queued in the router
+        await asyncio.sleep(2.0)  # the datagrams are sent and queued in the router
         start_backend()
         local.settimeout(0.5)
         replies: list[bytes] = []
@@ -336,20 +338,26 @@ def _udp_round(router: Router, workflow: str, key: str, start_backend) -> list[b
 
 
 def _udp_one_at_a_time(port: int, count: int = 5) -> list[bytes]:
-    """Datagrams of distinct sizes from one local socket, each sent after the previous reply came back."""
-    replies = []
+    """Datagrams of distinct sizes from one local socket, each sent after the previous reply came back.
+
+    A datagram whose reply is late is sent again (the first may arrive before the backend's socket
+    exists); a second reply to an earlier datagram is then skipped, anything else is kept as it came.
+    """
+    replies: list[bytes] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as local:
         local.bind(("127.0.0.1", 0))
         local.settimeout(2)
         for n in range(count):
             datagram = bytes([97 + n]) * (50 + 7 * n)
-            for _ in range(5):  # the first one may arrive before the backend's socket exists: resend
+            for _ in range(5):
                 local.sendto(datagram, ("127.0.0.1", port))
                 try:
-                    replies.append(local.recv(65536))
-                    break
+                    while (reply := local.recv(65536)) in replies:
+                        pass
                 except TimeoutError:
                     continue
+                replies.append(reply)
+                break
     return replies
 
 
@@ -678,7 +686,7 @@ def test_new_client_tcp_forward_burst_before_backend_joins(router: Router, stopp
 
         async def body() -> list[bool]:
             pending = [asyncio.create_task(asyncio.to_thread(_echo_through, port)) for _ in range(8)]
-            await asyncio.sleep(1.0)  # the eight control messages are queued in the router
+            await asyncio.sleep(2.0)  # the control messages are sent and queued in the router
             stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target), wait=False))
             return list(await asyncio.wait_for(asyncio.gather(*pending), 20))
 

@@ -255,6 +255,8 @@ class Forward:
     close: asyncio.Event
     errors: list[str] = field(default_factory=list)
     control_ended: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Connections announced on the control WebSocket so far (for tests that need them queued).
+    announced: int = 0
 
 
 async def run_tcp_with_sock(
@@ -290,6 +292,7 @@ async def run_tcp_with_sock(
                 cookie = session_cookie(address, timeout)
                 payload = {"key": conn_key, "cookie": cookie}
                 await ctrl_ws.send(json.dumps(payload).encode())
+                forward.announced += 1
             except (OSError, websockets.exceptions.ConnectionClosedError) as err:
                 forward.errors.append(f"control connection closed: {err}")
                 forward.close.set()
