@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.forward_servers import echo, tcp_server, udp_echo_server
-from tests.harness import PYTHON, AgentProc, Proc, Router, cli_env, client_cmd, run_client
+from tests.harness import PYTHON, ROOT, AgentProc, Proc, Router, cli_env, client_cmd, run_client
 from tests.osmo_emu import client as osmo
 from tests.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
@@ -96,12 +96,12 @@ def run(coro_factory, timeout: float = WAIT):  # type: ignore[no-untyped-def]
 
 
 class OldBackend(Proc):
-    """tests/osmo_emu/backend.py as a process (osmo-ctrl + osmo-user)."""
+    """tests/osmo_emu/backend.py as a process (osmo-ctrl + osmo-user); dial retries 0.2 s apart, not 1 s."""
 
     def __init__(self, router: Router, operation: str, workflow: str, key: str, *args: str, wait: bool = True) -> None:
         argv = [PYTHON, "-m", "tests.osmo_emu.backend", operation, "--base", ws_base(router)]
         argv += ["--workflow", workflow, "--key", key, "--retry-delay", "0.2", *args]
-        super().__init__(argv)
+        super().__init__(argv, cwd=str(ROOT))
         if wait:
             self.wait_event("connected")
 

@@ -415,6 +415,10 @@ async def main_async(args: argparse.Namespace) -> int:
         finally:
             daemon.terminate()
             daemon.wait(5)
+            import shutil
+
+            config = next((a for a in daemon.args if str(a).startswith("--config=")), "")  # type: ignore[union-attr]
+            shutil.rmtree(os.path.dirname(str(config).removeprefix("--config=")), ignore_errors=True)
     event("done")
     return 0
 
