@@ -41,6 +41,13 @@ def _session_options(f: Any) -> Any:
                 help="Session key issued by an orchestrator [env OSMO_SESSION_KEY].",
             ),
             click.option(
+                "--legacy-backend/--no-legacy-backend",
+                envvar="OSMO_LEGACY_BACKEND",
+                default=False,
+                help="The --session-key belongs to an old OSMO backend (osmo-ctrl), which learned the command, "
+                "port or rsync module from the OSMO service: speak the old protocol to it [env OSMO_LEGACY_BACKEND].",
+            ),
+            click.option(
                 "--cookie",
                 envvar="OSMO_COOKIE",
                 default=None,
@@ -91,6 +98,8 @@ def client_config(options: dict[str, Any]) -> ClientConfig:
     """A ClientConfig from the common flags (popped from `options`)."""
     setup_logging(options.pop("log_level"), "text")
     dial = dial_config(options)
+    if options.get("legacy_backend") and not options.get("session_key"):
+        raise click.UsageError("--legacy-backend needs --session-key: the key the OSMO service gave the old backend")
     return ClientConfig(
         dial=dial,
         workflow_id=options.pop("workflow_id"),
@@ -100,6 +109,7 @@ def client_config(options: dict[str, Any]) -> ClientConfig:
         transport=options.pop("transport"),
         grpc_percent=options.pop("grpc_percent"),
         ws_address=options.pop("ws_address"),
+        legacy_backend=options.pop("legacy_backend"),
     )
 
 
@@ -208,7 +218,7 @@ def rsync_command(
     """
     from osmo_router.client.rsync import plan_paths, run_rsync
 
-    plan_paths(paths)
+    plan_paths(paths, legacy=bool(options.get("legacy_backend")))
     config = client_config(options)
     sys.exit(
         run_rsync(

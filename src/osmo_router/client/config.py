@@ -26,6 +26,8 @@ class ClientConfig:
     grpc_percent: int | None = None
     #: The router's WebSocket endpoint; None means the gRPC host, port 8000.
     ws_address: str | None = None
+    #: The session key belongs to an old OSMO backend (osmo-ctrl): speak the old protocol to it (client/legacy.py).
+    legacy_backend: bool = False
 
     def target(self) -> pb.SessionTarget:
         """The SessionTarget every init carries."""

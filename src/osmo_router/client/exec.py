@@ -39,6 +39,14 @@ def exit_code_of(status: pb.ExitStatus) -> int:
 async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
     """Run the session to its end and return the exit code to exit with."""
     transport: Transport | None = None
+    if config.legacy_backend:
+        from osmo_router.client.legacy import EXIT_USAGE, LegacyUsageError, check_exec
+
+        try:
+            check_exec(command)
+        except LegacyUsageError as err:
+            print(f"osmo-net-client: exec: {err}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         transport = await connect_transport(config)
         rows, cols = terminal_size() if tty else (0, 0)
@@ -51,7 +59,7 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
         )
         stream = await transport.open(pb.OPERATION_EXEC, init)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
-            return await _relay(stream, tty)
+            return await _relay(stream, tty, legacy=config.legacy_backend)
     except RouterError as err:
         print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
         return EXIT_CONNECTION_ERROR
@@ -60,9 +68,14 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             await transport.aclose()
 
 
-async def _relay(stream: SessionStream, tty: bool) -> int:
+async def _relay(stream: SessionStream, tty: bool, legacy: bool = False) -> int:
     loop = asyncio.get_running_loop()
-    sender = asyncio.create_task(_send_input(stream))
+    # An old backend's terminal side decodes the size message with a buffering JSON decoder and
+    # drops whatever came in the same read: its input waits for the first output (as OSMO's CLI
+    # does) or LEGACY_INPUT_HOLD (client/legacy.py).
+    first_output = asyncio.Event()
+    hold = first_output if legacy else None
+    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold))
     installed: list[int] = []
     received: dict[int, int] = {}
     pending: set[asyncio.Future[None]] = set()
@@ -90,6 +103,13 @@ async def _relay(stream: SessionStream, tty: bool) -> int:
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
     try:
+        if legacy:
+
+            async def write_and_release(data: bytes) -> None:
+                first_output.set()
+                await _write_stdout(data)
+
+            return await receive_output(stream, write_and_release)
         return await receive_output(stream)
     except grpc.aio.AioRpcError as err:
         log.debug("exec stream failed", exc_info=True)
@@ -139,9 +159,27 @@ async def receive_output(
     return exit_code
 
 
-async def _send_input(stream: SessionStream) -> None:
+async def _send_input(stream: SessionStream, legacy_eof: bool = False, hold: asyncio.Event | None = None) -> None:
+    """stdin to the session, then its EOF: a half-close, or for an old backend's terminal ^D (client/legacy.py).
+
+    `hold`: wait for it (at most LEGACY_INPUT_HOLD seconds) before the first input.
+    """
+    if hold is not None:
+        from osmo_router.client.legacy import LEGACY_INPUT_HOLD
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LEGACY_INPUT_HOLD):
+                await hold.wait()
     reader = StdinReader(0, chunk_size=BULK_CHUNK_SIZE, linger=BULK_LINGER)
+    sent_any, last_byte = False, None
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
+            sent_any, last_byte = True, chunk[-1]
             await stream.send_data(chunk)
+        if legacy_eof:
+            from osmo_router.client.legacy import exec_eof
+
+            # An old backend writes an empty message to its terminal as zero bytes: only ^D ends the input.
+            await stream.send_data(exec_eof(sent_any, last_byte))
+            return
         await stream.send(pb.Frame(half_close=pb.HalfClose()))

@@ -82,9 +82,20 @@ async def run_port_forward(
     except ValueError as err:
         print(f"osmo-net-client: port-forward: {err}", file=sys.stderr)
         return EXIT_USAGE
+    transport: Transport | None = None
+    if config.legacy_backend:
+        # An old backend's key is a control channel that announces every connection (client/legacy.py).
+        from osmo_router.client.legacy import run_legacy_forward
+
+        try:
+            transport = await connect_transport(config)
+            specs_ = [(p.local_port, p.remote_port) for p in ports]
+            return await run_legacy_forward(config, transport, specs_, binds, protocol, Reporter(json_output))
+        finally:
+            if transport is not None:
+                await transport.aclose()
     # Every connection is its own session: a single-use orchestrator key cannot serve them all.
     config = replace(config, session_key="")
-    transport: Transport | None = None
     try:
         transport = await connect_transport(config)
         forward = PortForward(config, transport, Reporter(json_output), reconnect)

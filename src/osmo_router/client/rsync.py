@@ -58,11 +58,21 @@ SHELL_ENV = (
     "OSMO_TRANSPORT",
     "OSMO_WS_ADDRESS",
     "OSMO_GRPC_PERCENT",
+    "OSMO_LEGACY_BACKEND",
 )
 
 
-def plan_paths(paths: Sequence[str]) -> list[str]:
-    """rsync's path arguments for SRC... DST, exactly one side written `:PATH`; raises click.UsageError."""
+#: An old OSMO backend's default rsync module and its directory (OSMO rsync.py DEFAULT_MODULE_INFO).
+LEGACY_MODULE = "osmo"
+LEGACY_MODULE_PATH = "/osmo/run/workspace"
+
+
+def plan_paths(paths: Sequence[str], legacy: bool = False) -> list[str]:
+    """rsync's path arguments for SRC... DST, exactly one side written `:PATH`; raises click.UsageError.
+
+    `legacy`: the container is an old OSMO backend serving an rsync daemon: the remote side becomes
+    `HOST::MODULE/PATH` (rsync's daemon over a remote shell; see client/legacy.py).
+    """
     if len(paths) < 2:
         raise click.UsageError("give SRC... DST; the container's side is written :PATH (e.g. :/workspace/data)")
     *sources, dest = paths
@@ -73,13 +83,30 @@ def plan_paths(paths: Sequence[str]) -> list[str]:
         if any(s.startswith(":") for s in sources):
             raise click.UsageError("exactly one side may be remote: give only :PATH sources, or a :PATH destination")
         raise click.UsageError("one side must be remote: write the container's path with a leading ':' (:/workspace)")
-    return [_remote(p) if p.startswith(":") else _local(p) for p in paths]
+    return [_remote(p, legacy) if p.startswith(":") else _local(p) for p in paths]
 
 
-def _remote(path: str) -> str:
+def _remote(path: str, legacy: bool = False) -> str:
     if path.startswith("::"):
         raise click.UsageError(f"a remote path is :PATH, not {path!r}")
+    if legacy:
+        return f"{REMOTE_HOST}::{legacy_module_path(path[1:])}"
     return f"{REMOTE_HOST}{path}"
+
+
+def legacy_module_path(remote: str) -> str:
+    """`MODULE/PATH` of a remote path on an old backend: inside module osmo's directory, or relative to it."""
+    path = os.path.normpath(remote) if remote else "."
+    if path.startswith("/"):
+        if os.path.commonpath([LEGACY_MODULE_PATH, path]) != LEGACY_MODULE_PATH:
+            raise click.UsageError(
+                f"an old backend serves rsync modules: {remote!r} is outside module {LEGACY_MODULE!r} "
+                f"({LEGACY_MODULE_PATH}); write :{LEGACY_MODULE_PATH}/... or a path relative to it"
+            )
+        path = os.path.relpath(path, LEGACY_MODULE_PATH)
+    rel = "" if path == "." else path
+    trailing = "/" if remote.endswith("/") and rel else ""
+    return f"{LEGACY_MODULE}/{rel}{trailing}"
 
 
 def _local(path: str) -> str:
@@ -121,6 +148,7 @@ def shell_env(config: ClientConfig, base: dict[str, str] | None = None) -> dict[
         # Decided once by `run_rsync` (probe and fallback included), so the remote shell does not redo it.
         "OSMO_TRANSPORT": config.transport or "grpc",
         "OSMO_WS_ADDRESS": config.ws_address,
+        "OSMO_LEGACY_BACKEND": "true" if config.legacy_backend else None,
     }
     env.update({k: v for k, v in values.items() if v})
     return env
@@ -153,7 +181,7 @@ def rsync_argv(
         shell_command(config),
         *extra_args,
         "--",
-        *plan_paths(paths),
+        *plan_paths(paths, legacy=config.legacy_backend),
     ]
 
 

@@ -70,6 +70,8 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         _say(f"cannot parse the remote command: {err}")
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
+    if config.legacy_backend:
+        return await _run_legacy(config, server_args)
     if config.transport == WS:
         return await _run_over_websocket(config, server_args)
     channel = open_channel(config.dial)
@@ -94,6 +96,24 @@ async def _run_over_websocket(config: ClientConfig, server_args: list[str]) -> i
         stream = await transport.open(pb.OPERATION_RSYNC, init)
         # WsSessionStream has the FrameStream methods the bridge uses (send_data, send, recv).
         return await _bridge(cast(FrameStream, stream))
+    except RouterError as err:
+        return _fail(err)
+    finally:
+        await transport.aclose()
+
+
+async def _run_legacy(config: ClientConfig, server_args: list[str]) -> int:
+    """An old OSMO backend: rsync's daemon protocol through one of its port-forward connections (client/legacy.py)."""
+    from osmo_router.client.legacy import LegacyUsageError, run_legacy_rsync_shell
+    from osmo_router.transport.rollout import connect_transport
+
+    transport = await connect_transport(config)
+    try:
+        return await run_legacy_rsync_shell(config, transport, server_args, _stdout_writer())
+    except LegacyUsageError as err:
+        _say(str(err))
+        report_failure(EXIT_CONNECTION_ERROR)
+        return EXIT_CONNECTION_ERROR
     except RouterError as err:
         return _fail(err)
     finally:

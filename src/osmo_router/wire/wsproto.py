@@ -182,3 +182,76 @@ def message_to_frame(data: bytes, *, parse_resize: bool) -> pb.Frame:
         rows, cols = parse_size(data[len(RESIZE_PREFIX) :])
         return pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols)))
     return pb.Frame(data=data)
+
+
+# --- How NVIDIA OSMO's own CLI and backend use the old protocol (docs/migration.md) -------------------
+#
+# The old router is a byte pipe, but OSMO puts framing of its own inside the messages. These helpers
+# speak it: the new CLI's `--legacy-backend` (client/legacy.py) and, later, the router side.
+
+#: Prefix of a port-forward connection's key (OSMO port_forward.py run_tcp_with_sock).
+CONNECTION_KEY_PREFIX: Final = "PORTFORWARD-"
+#: Length of a UDP message's sender header: IPv4 address and big-endian port (OSMO port_forward.py
+#: _encode_addr, ctrl.go getSrcAddr).
+UDP_HEADER_SIZE: Final = 6
+#: The terminal's EOF character. An old exec backend runs its command in a pty and writes an empty
+#: message to it as zero bytes (user.go userExec, ctrl.go ctrlUserExec): ^D is the only EOF it has.
+VEOF: Final = b"\x04"
+
+
+def connection_key() -> str:
+    """A new port-forward connection's key, as OSMO's CLI makes them (`PORTFORWARD-` + uuid4 hex)."""
+    import uuid
+
+    return f"{CONNECTION_KEY_PREFIX}{uuid.uuid4().hex}"
+
+
+def control_message(conn_key: str, cookie: str = "") -> bytes:
+    """One connection's announcement on a port-forward control channel: one JSON object, one message."""
+    return json.dumps({"key": conn_key, "cookie": cookie}).encode()
+
+
+def parse_control_message(data: bytes) -> tuple[str, str, str]:
+    """(key, cookie, type) of a control message; InvalidArgument unless it is exactly one JSON object with a key.
+
+    As strict as osmo-ctrl's `json.Unmarshal` (ctrl.go userPortForwardTCP): two objects in one
+    message, or an empty message, are errors (they end the control channel there).
+    """
+    try:
+        value = json.loads(data)
+    except ValueError as err:
+        raise InvalidArgument(f"a control message must be one JSON object: {err}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("key"), str):
+        raise InvalidArgument("a control message must be a JSON object with a string 'key'")
+    return value["key"], str(value.get("cookie", "")), str(value.get("type") or "tcp")
+
+
+def udp_message(data: bytes, sender: tuple[str, int]) -> bytes:
+    """A datagram as one message: the sender's IPv4 address and port, then the payload."""
+    import socket
+    import struct
+
+    try:
+        address = socket.inet_aton(sender[0])
+    except OSError:
+        raise InvalidArgument(f"the old UDP framing carries IPv4 senders only, not {sender[0]!r}") from None
+    return address + struct.pack(">H", sender[1]) + data
+
+
+def parse_udp_message(message: bytes) -> tuple[bytes, tuple[str, int]]:
+    """(payload, sender) of a UDP message; InvalidArgument when it is shorter than its header."""
+    import socket
+    import struct
+
+    if len(message) < UDP_HEADER_SIZE:
+        raise InvalidArgument(f"a UDP message has a {UDP_HEADER_SIZE}-byte header; got {len(message)} bytes")
+    (port,) = struct.unpack(">H", message[4:6])
+    return message[UDP_HEADER_SIZE:], (socket.inet_ntoa(message[:4]), port)
+
+
+def terminal_eof(sent_any: bool, last_byte: int | None) -> bytes:
+    """What stands for stdin EOF on an old backend's terminal: ^D at the start of a line, else ^D^D
+    (in canonical mode the first ^D ends the unfinished line, the second is the EOF)."""
+    if not sent_any or last_byte in (0x0A, 0x0D):
+        return VEOF
+    return VEOF + VEOF
