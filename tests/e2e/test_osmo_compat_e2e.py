@@ -33,21 +33,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.forward_servers import echo, tcp_server, udp_echo_server
 from tests.harness import PYTHON, ROOT, AgentProc, Proc, Router, cli_env, client_cmd, run_client
 from tests.osmo_emu import client as osmo
-from tests.e2e.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
 from tests.ws_kit import WsBackendProc
 
 WAIT = 60.0
 
 #: Router-side causes (issue 16), each naming where in our code it happens.
-COALESCE = (
-    "issue 16 (1): the relay's writer merges queued data frames into one message (router/relay.py calls "
-    "router/coalesce.py for every endpoint, WebSocket legs included), so queued control JSONs / UDP datagrams "
-    "arrive as one WebSocket message"
-)
 RSYNC_OPS = (
     "issue 16 (2): OSMO's backend dials /portforward/{wf}/backend/{conn_key} for an rsync connection the CLI "
     "opened at /rsync/{wf}/client/{conn_key}; the old router paired on the key alone, ours refuses the "
@@ -279,7 +274,6 @@ def test_tcp_forward_old_client_grpc_agent(router: Router, grpc_workflow: str) -
         assert run(body) is True
 
 
-@pytest.mark.xfail(strict=True, reason=COALESCE)
 def test_tcp_forward_burst_before_backend_joins_old_client(router: Router, stopper: list[Proc]) -> None:
     """Eight connections wait (their control JSONs queued in the router) until osmo-ctrl connects."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
@@ -388,7 +382,6 @@ def test_udp_one_at_a_time_old_client_old_backend(router: Router, stopper: list[
 EXPECTED_UDP = sorted(b"echo:" + bytes([65 + n]) * (100 + n) for n in range(10))
 
 
-@pytest.mark.xfail(strict=True, reason=COALESCE)
 def test_udp_one_datagram_per_message_old_client_old_backend(router: Router, stopper: list[Proc]) -> None:
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with udp_echo_server() as target:
@@ -677,7 +670,6 @@ def test_new_client_tcp_forward_one_at_a_time(router: Router, stopper: list[Proc
         assert [_echo_through(port) for _ in range(3)] == [True, True, True]
 
 
-@pytest.mark.xfail(strict=True, reason=COALESCE)
 def test_new_client_tcp_forward_burst_before_backend_joins(router: Router, stopper: list[Proc]) -> None:
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with tcp_server(echo) as target:
