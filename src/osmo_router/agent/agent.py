@@ -20,6 +20,7 @@ from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
 from osmo_router.io import memtune
+from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import AGENT_SERVICE, pb, pb_grpc
@@ -27,10 +28,10 @@ from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
-SessionHandler = Callable[[FrameStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
+SessionHandler = Callable[[SessionStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
 
 
-async def _serve_exec(stream: FrameStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
+async def _serve_exec(stream: SessionStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
     await run_exec(stream, open_msg.exec, shell=config.shell, workdir=config.workdir)
 
 

@@ -17,8 +17,8 @@ import grpc
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
 from osmo_router.io.pipe_writer import PipeWriter
+from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
-from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def request_error(init: pb.ExecInit) -> str | None:
 
 
 async def run_exec(
-    stream: FrameStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
+    stream: SessionStream, init: pb.ExecInit, *, shell: str | None = None, workdir: str | None = None
 ) -> None:
     """Serve one exec session to its end: output, exit status, half-close.
 
@@ -116,7 +116,7 @@ def _workdir_message(workdir: str, reason: str) -> str:
     return f"the agent's working directory {workdir} cannot be entered: {reason} (agent --workdir)"
 
 
-async def _refuse(stream: FrameStream, code: grpc.StatusCode, message: str) -> None:
+async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:
     """Report an error, then end our direction (a half-close before the end)."""
     log.info("exec refused: %s", message)
     await stream.send_error(code, message)
@@ -134,7 +134,7 @@ async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
         raise SpawnError(errno.EINVAL, str(err)) from err
 
 
-async def _finish(stream: FrameStream, returncode: int) -> None:
+async def _finish(stream: SessionStream, returncode: int) -> None:
     await stream.send(exit_frame(returncode))
     await stream.send(pb.Frame(half_close=pb.HalfClose()))
     await stream.close()
@@ -157,7 +157,7 @@ async def _hang_up(proc: asyncio.subprocess.Process) -> None:
 
 
 async def _pump_input(
-    stream: FrameStream,
+    stream: SessionStream,
     write: Callable[[bytes], Awaitable[None]],
     close_input: Callable[[], Awaitable[None]],
     signal_group: Callable[[int], None],
@@ -179,7 +179,7 @@ async def _pump_input(
 
 
 async def _relay_until_exit(
-    stream: FrameStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
+    stream: SessionStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
 ) -> None:
     """Run the pumps until the process exits and its output is sent; hang up if the client goes away."""
     output_tasks = [asyncio.ensure_future(o) for o in outputs]
@@ -222,7 +222,7 @@ def _killpg(pgid: int, number: int) -> None:
 
 
 async def run_piped(
-    stream: FrameStream,
+    stream: SessionStream,
     argv: list[str],
     env: dict[str, str] | None,
     workdir: str | None,
@@ -280,7 +280,7 @@ async def run_piped(
 
 
 async def _relay_piped(
-    stream: FrameStream,
+    stream: SessionStream,
     proc: asyncio.subprocess.Process,
     stdin: PipeWriter,
     stdout_r: int,
@@ -332,7 +332,7 @@ async def _relay_piped(
 
 
 async def _run_tty(
-    stream: FrameStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
+    stream: SessionStream, argv: list[str], env: dict[str, str], init: pb.ExecInit, workdir: str | None
 ) -> None:
     try:
         master, slave = ptys.open_pty(init.size.rows, init.size.cols)  # both closed again if it fails
@@ -345,7 +345,7 @@ async def _run_tty(
 
 
 async def _serve_tty(
-    stream: FrameStream, master: int, slave: int, argv: list[str], env: dict[str, str], workdir: str | None
+    stream: SessionStream, master: int, slave: int, argv: list[str], env: dict[str, str], workdir: str | None
 ) -> None:
     """_run_tty's spawn and relay; closes the slave, the master is the caller's."""
     try:

@@ -26,9 +26,9 @@ import grpc
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay, agent_budget
 from osmo_router.io.forwarding import WATCH_PORT, drain, reset_socket, retrieve, shutdown_quietly
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
-from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def target_hosts(remote_host: str) -> list[str] | None:
     return [str(address)] if address.is_loopback else None
 
 
-async def serve_port_forward(stream: FrameStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
+async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
     """Serve one port-forward session (a TCP connection, a UDP port or a watch) to its end."""
     init = open_msg.port_forward
     port = init.remote_port
@@ -101,7 +101,7 @@ async def serve_port_forward(stream: FrameStream, open_msg: pb.SessionOpen, conf
         await _serve_tcp(stream, hosts, port)
 
 
-async def refuse(stream: FrameStream, code: grpc.StatusCode, message: str) -> None:
+async def refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:
     """Report an error, half-close, end our side and let the call finish."""
     log.info("port-forward refused: %s", message)
     await stream.send_error(code, message)
@@ -110,7 +110,7 @@ async def refuse(stream: FrameStream, code: grpc.StatusCode, message: str) -> No
     await drain(stream)
 
 
-async def _serve_watch(stream: FrameStream) -> None:
+async def _serve_watch(stream: SessionStream) -> None:
     """Hold the session open until the client half-closes it; its breaking tells the client we are gone."""
     while (frame := await stream.recv()) is not None:
         if frame.WhichOneof("kind") == "half_close":
@@ -146,7 +146,7 @@ async def _connect(hosts: list[str], port: int) -> socket.socket:
     raise last
 
 
-async def _serve_tcp(stream: FrameStream, hosts: list[str], port: int) -> None:
+async def _serve_tcp(stream: SessionStream, hosts: list[str], port: int) -> None:
     where = f"port {port} in the container"
     try:
         sock = await _connect(hosts, port)
@@ -174,7 +174,7 @@ class TcpRelay:
     a reset otherwise (see the module docstring).
     """
 
-    def __init__(self, stream: FrameStream, sock: socket.socket, where: str) -> None:
+    def __init__(self, stream: SessionStream, sock: socket.socket, where: str) -> None:
         self.stream = stream
         self.sock = sock
         self.where = where

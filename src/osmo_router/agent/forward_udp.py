@@ -29,9 +29,9 @@ from typing import Any, cast
 import grpc
 
 from osmo_router.io.forwarding import UDP_IDLE_TIMEOUT, UDP_QUEUE_DEPTH, drain
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import half_close_frame, pb
-from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class UdpRelay:
 
     def __init__(
         self,
-        stream: FrameStream,
+        stream: SessionStream,
         host: str,
         port: int,
         *,

@@ -16,9 +16,9 @@ import grpc
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import PermissionDenied
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
-from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ INSTALL_HINT = (
 )
 
 
-async def serve_rsync(stream: FrameStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
+async def serve_rsync(stream: SessionStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
     """Serve one rsync session to its end; refusals and a missing rsync are reported as Error frames."""
     cwd = server_cwd(config.workdir, config.rsync_roots)
     try:
@@ -69,7 +69,7 @@ async def serve_rsync(stream: FrameStream, open_msg: pb.SessionOpen, config: Age
         await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
 
 
-async def _refuse(stream: FrameStream, code: grpc.StatusCode, message: str) -> None:
+async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:
     """Report an error, then end our direction properly (a half-close before the end)."""
     await stream.send_error(code, message)
     await stream.send(pb.Frame(half_close=pb.HalfClose()))

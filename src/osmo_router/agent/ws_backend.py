@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import cast
 
 import aiohttp
 from google.protobuf.message import DecodeError
@@ -22,7 +21,6 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.transport.ws_transport import WsSessionStream, connect
 from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
 from osmo_router.wire.protocol import pb
-from osmo_router.wire.streams import FrameStream
 from osmo_router.wire.wsproto import CLOSE_ERROR, base_url, default_ws_address, error_from_reason, session_url
 
 log = logging.getLogger(__name__)
@@ -82,8 +80,7 @@ async def serve_ws_session(config: WsBackendConfig) -> int:
             await stream.close()
             return 1
         try:
-            # The handlers are written against the stream interface FrameStream and WsSessionStream share.
-            await handler(cast(FrameStream, stream), open_msg, config.agent)
+            await handler(stream, open_msg, config.agent)
         except (RouterError, ConnectionError, asyncio.CancelledError) as err:
             log.info("session %s ended: %r", config.session_key[:8], err)
         finally:

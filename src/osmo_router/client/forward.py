@@ -15,7 +15,6 @@ import secrets
 import signal
 import sys
 from dataclasses import dataclass, replace
-from typing import cast
 
 import grpc
 
@@ -25,7 +24,7 @@ from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.session import open_session, rpc_failure, start_session, wait_ready
 from osmo_router.io.forwarding import WATCH_PORT
-from osmo_router.transport import Transport
+from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
@@ -134,24 +133,23 @@ class PortForward:
             forward_id=self._forward_id,
         )
 
-    async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
+    async def open_stream(self, protocol: int, remote_port: int) -> SessionStream:
         """Open one PortForward session on the shared channel and wait until the agent joined."""
         init = self._init(protocol, remote_port)
         if self._method is None:
-            # WsSessionStream has what the forward uses of a FrameStream (send_data, send, recv, close, call).
-            return cast(FrameStream, await self._transport.open(pb.OPERATION_PORT_FORWARD, init))
+            return await self._transport.open(pb.OPERATION_PORT_FORWARD, init)
         return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
-    async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
+    async def start_stream(self, protocol: int, remote_port: int) -> SessionStream:
         """Send a PortForward session's init without waiting for the agent (then `wait_ready`)."""
         if self._method is None:
             return await self.open_stream(protocol, remote_port)
         init = self._init(protocol, remote_port)
         return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
-    async def wait_ready(self, stream: FrameStream) -> None:
+    async def wait_ready(self, stream: SessionStream) -> None:
         """Wait until the agent of a started session joined; raises RouterError on refusal."""
-        if self._method is not None:
+        if isinstance(stream, FrameStream):  # a WebSocket session has no ready to wait for
             await wait_ready(self.config, stream)
 
     async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
@@ -206,7 +204,7 @@ class PortForward:
                 await asyncio.gather(accept, return_exceptions=True)
             await tcp.close()
 
-    async def _first_watch(self) -> FrameStream | None:
+    async def _first_watch(self) -> SessionStream | None:
         """The watch session; None (after saying why) if there is no agent and no --reconnect, or on a signal."""
         try:
             return await self._open_watch()
@@ -217,10 +215,10 @@ class PortForward:
             self.reporter.notice("waiting", f"waiting for an agent: {err.message} [{err.code.name}]")
         return await self._rewatch()
 
-    async def _open_watch(self) -> FrameStream:
+    async def _open_watch(self) -> SessionStream:
         return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT)
 
-    async def _rewatch(self) -> FrameStream | None:
+    async def _rewatch(self) -> SessionStream | None:
         """Reopen the watch with exponential backoff and jitter until it works; None on a signal."""
         backoff = BACKOFF_INITIAL
         while not self._stop.is_set():
@@ -235,7 +233,7 @@ class PortForward:
                 backoff = min(backoff * 2, BACKOFF_MAX)
         return None
 
-    async def _supervise(self, watch: FrameStream) -> int:
+    async def _supervise(self, watch: SessionStream) -> int:
         stopper = asyncio.create_task(self._stop.wait())
         try:
             while True:
@@ -266,7 +264,7 @@ class PortForward:
             stopper.cancel()
 
 
-async def _watch_until_lost(watch: FrameStream, config: ClientConfig) -> RouterError:
+async def _watch_until_lost(watch: SessionStream, config: ClientConfig) -> RouterError:
     """Wait for the watch to end and say why."""
     try:
         while await watch.recv() is not None:
@@ -278,7 +276,7 @@ async def _watch_until_lost(watch: FrameStream, config: ClientConfig) -> RouterE
     return Unavailable("the agent ended the forward")
 
 
-async def _end_watch(watch: FrameStream, lost: asyncio.Task[RouterError]) -> None:
+async def _end_watch(watch: SessionStream, lost: asyncio.Task[RouterError]) -> None:
     """Half-close the watch and let the agent end it (bounded): a clean end, not a cancelled RPC."""
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
         async with asyncio.timeout(CLOSE_GRACE):

@@ -10,22 +10,22 @@ import json
 import sys
 from typing import Any, Protocol
 
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
-from osmo_router.wire.streams import FrameStream
 
 
 class SessionOpener(Protocol):
     """Opens PortForward sessions on the shared channel."""
 
-    async def open_stream(self, protocol: int, remote_port: int) -> FrameStream:
+    async def open_stream(self, protocol: int, remote_port: int) -> SessionStream:
         """A session whose agent has joined; raises RouterError on refusal."""
         ...
 
-    async def start_stream(self, protocol: int, remote_port: int) -> FrameStream:
+    async def start_stream(self, protocol: int, remote_port: int) -> SessionStream:
         """A session whose init is sent; `wait_ready` follows (frames may be sent before it)."""
         ...
 
-    async def wait_ready(self, stream: FrameStream) -> None:
+    async def wait_ready(self, stream: SessionStream) -> None:
         """Wait until the agent of a started session joined; raises RouterError on refusal."""
         ...
 

@@ -27,9 +27,9 @@ import grpc
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
 from osmo_router.io.forwarding import reset_socket, shutdown_quietly
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
-from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,9 @@ class ConnectionRelay:
     def __init__(
         self,
         conn: socket.socket,
-        stream: FrameStream,
+        stream: SessionStream,
         report: Callable[[RouterError], None],
-        wait_ready: Callable[[FrameStream], Awaitable[None]],
+        wait_ready: Callable[[SessionStream], Awaitable[None]],
     ) -> None:
         self.conn = conn
         self.stream = stream
@@ -169,7 +169,7 @@ class ConnectionRelay:
     def _abort(self) -> None:
         """The local side broke (reset): cancel the session, as a reset would."""
         self.aborted = True
-        self.stream.call.cancel()
+        self.stream.abort()
 
     async def _local_to_remote(self) -> None:
         try:

@@ -17,9 +17,9 @@ import grpc
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
 from osmo_router.io.forwarding import UDP_QUEUE_DEPTH, format_peer, parse_peer
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import CLOSE_GRACE, half_close_frame, pb
-from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class UdpForward:
         self._reporter = reporter
         self._queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue(UDP_QUEUE_DEPTH)
         self._transport: asyncio.DatagramTransport | None = None
-        self._stream: FrameStream | None = None
+        self._stream: SessionStream | None = None
         self.address: tuple[str, int] = ("", 0)
         self._closing = False
         self.dropped = 0
@@ -112,7 +112,7 @@ class UdpForward:
     def _report(self, err: RouterError) -> None:
         self._reporter.connection_error("udp", host_port(*self.address), self.remote_port, err)
 
-    async def _relay(self, stream: FrameStream, pending: tuple[bytes, str] | None) -> RouterError | None:
+    async def _relay(self, stream: SessionStream, pending: tuple[bytes, str] | None) -> RouterError | None:
         sender = asyncio.create_task(self._send(stream, pending))
         failure: RouterError | None = None
         try:
@@ -139,7 +139,7 @@ class UdpForward:
         except (ValueError, OSError) as err:
             log.debug("udp reply to %r: %s", datagram.peer, err)
 
-    async def _send(self, stream: FrameStream, pending: tuple[bytes, str] | None) -> None:
+    async def _send(self, stream: SessionStream, pending: tuple[bytes, str] | None) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             if pending is not None:
                 await stream.send(pb.Frame(datagram=pb.Datagram(payload=pending[0], peer=pending[1])))

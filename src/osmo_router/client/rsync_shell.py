@@ -20,7 +20,6 @@ import shlex
 import stat
 import sys
 from collections.abc import Awaitable, Callable
-from typing import cast
 
 import grpc
 
@@ -30,12 +29,11 @@ from osmo_router.client.session import open_session, rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
 from osmo_router.dial.channel import open_channel
 from osmo_router.io.pipe_writer import PipeWriter
-from osmo_router.transport import WS
+from osmo_router.transport import WS, SessionStream
 from osmo_router.transport.rollout import ws_transport
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
-from osmo_router.wire.streams import FrameStream
 
 #: Exit status when rsync is missing in the container (rsync reports "remote command not found").
 EXIT_COMMAND_NOT_FOUND = 127
@@ -94,8 +92,7 @@ async def _run_over_websocket(config: ClientConfig, server_args: list[str]) -> i
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
         stream = await transport.open(pb.OPERATION_RSYNC, init)
-        # WsSessionStream has the FrameStream methods the bridge uses (send_data, send, recv).
-        return await _bridge(cast(FrameStream, stream))
+        return await _bridge(stream)
     except RouterError as err:
         return _fail(err)
     finally:
@@ -141,7 +138,7 @@ def _say(message: str) -> None:
     sys.stderr.flush()
 
 
-async def _bridge(stream: FrameStream) -> int:
+async def _bridge(stream: SessionStream) -> int:
     sender = asyncio.create_task(_send_stdin(stream))
     try:
         return await receive_output(stream, _stdout_writer())
@@ -178,9 +175,9 @@ def _stdout_writer() -> Callable[[bytes], Awaitable[None]]:
     return write
 
 
-async def _send_stdin(stream: FrameStream) -> None:
+async def _send_stdin(stream: SessionStream) -> None:
     # On a gRPC stream the reader thread hands over finished messages (one copy per frame).
-    framed = isinstance(stream, FrameStream) and stream.raw
+    framed = stream.raw
     reader = StdinReader(0, depth=8, chunk_size=READ_SIZE, gather=True, linger=LINGER, framed=framed)
     send = stream.send_data_message if framed else stream.send_data
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -16,9 +16,9 @@ from typing import Any, Final
 
 import grpc
 
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import CLOSE_GRACE
-from osmo_router.wire.streams import FrameStream
 
 #: remote_port of a watch session (no connection is made; see the module docstring).
 WATCH_PORT: Final = 0
@@ -60,7 +60,7 @@ def reset_socket(sock: socket.socket) -> None:
     sock.close()
 
 
-async def drain(stream: FrameStream, timeout: float = CLOSE_GRACE) -> None:
+async def drain(stream: SessionStream, timeout: float = CLOSE_GRACE) -> None:
     """Read (and drop) frames until the far side ends the call, at most `timeout` seconds.
 
     Our side has sent its last frame; reading on lets the call finish normally. Abandoning a

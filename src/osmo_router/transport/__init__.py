@@ -2,7 +2,8 @@
 
 Two methods open and end everything, in the spirit of httpx's transport interface:
 `Transport.open(operation, init)` starts a session and returns a `SessionStream`, whose
-`send(frame)` / `recv()` / `close()` move typed `Frame`s. `FrameStream` (streams.py) is the gRPC
+`send(frame)` / `recv()` / `close()` move typed `Frame`s and `abort()` ends it at once. Agent
+and client handlers are typed against it alone. `FrameStream` (wire/streams.py) is the gRPC
 implementation; `WsSessionStream` (ws_transport.py) speaks the old router's WebSocket protocol,
 so the same exec, port-forward and rsync code runs over either.
 """
@@ -44,6 +45,19 @@ class SessionStream(Protocol):
 
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
         """Report an error to the far side."""
+        ...
+
+    @property
+    def raw(self) -> bool:
+        """True when `send_data_message` takes pre-encoded data-frame messages (the gRPC fast path)."""
+        ...
+
+    async def send_data_message(self, message: bytes) -> None:
+        """Send a pre-encoded data-frame message (`wire.codec.encode_data_message`)."""
+        ...
+
+    def abort(self) -> None:
+        """End the session at once, from synchronous code too (a reset, not a half-close)."""
         ...
 
 

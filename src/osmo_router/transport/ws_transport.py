@@ -19,6 +19,7 @@ import grpc
 
 from osmo_router.dial.config import DialConfig
 from osmo_router.transport import WS, SessionInit, SessionStream
+from osmo_router.wire.codec import decode_data_message
 from osmo_router.wire.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -116,8 +117,7 @@ class WsSessionStream:
         self._error: str | None = None
         self._half_closed = False
         self.closed_for_writing = False
-        #: What FrameStream users cancel to abort a session (a reset): here it drops the WebSocket.
-        self.call = _Abort(self)
+        self._abort: asyncio.Task[None] | None = None
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame in its old form; what the old protocol cannot carry is dropped."""
@@ -138,6 +138,23 @@ class WsSessionStream:
                 return
             with contextlib.suppress(ConnectionError):
                 await self.ws.send_bytes(payload)
+
+    @property
+    def raw(self) -> bool:
+        """False: data goes as WebSocket messages, never as pre-encoded frame messages."""
+        return False
+
+    async def send_data_message(self, message: bytes) -> None:
+        """Send a pre-encoded data-frame message's payload (callers check `raw` and rarely get here)."""
+        payload = decode_data_message(message)
+        if payload is None:
+            raise InvalidArgument("not a data-frame message")
+        await self.send_data(bytes(payload))
+
+    def abort(self) -> None:
+        """Start closing the WebSocket at once, from synchronous code too."""
+        if self._abort is None:
+            self._abort = asyncio.get_running_loop().create_task(self.aclose())
 
     async def send_data(self, payload: bytes) -> None:
         """Send a data frame."""
@@ -202,21 +219,6 @@ class WsSessionStream:
             reason = exit_reason(self._exit)
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=reason.encode())
-
-
-class _Abort:
-    """`stream.call.cancel()` of a WebSocket session: close it at once, from synchronous code."""
-
-    def __init__(self, stream: WsSessionStream) -> None:
-        self._stream = stream
-        self._task: asyncio.Task[None] | None = None
-
-    def cancel(self) -> bool:
-        """Start closing the WebSocket; True the first time."""
-        if self._task is not None:
-            return False
-        self._task = asyncio.get_running_loop().create_task(self._stream.aclose())
-        return True
 
 
 class WsTransport:

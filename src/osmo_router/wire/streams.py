@@ -81,6 +81,10 @@ class FrameStream:
             self.peer_half_closed = True
         return frame
 
+    def abort(self) -> None:
+        """Cancel the call: the session ends at once (the far side sees it broken, not half-closed)."""
+        self.call.cancel()
+
     async def close(self) -> None:
         """Say this side sends nothing more (ends our half of the call)."""
         async with self._write_lock:
