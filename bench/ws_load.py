@@ -135,7 +135,7 @@ async def ws_throughput(args: argparse.Namespace, cpu: Callable[[], float] = _no
         "messages": counted[1],
         "seconds": seconds,
         "mbps": counted[0] / seconds / 1e6,
-        "cpu_s": used,
+        "cpu_s": used[0],
     }
 
 

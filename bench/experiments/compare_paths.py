@@ -42,6 +42,9 @@ class Spec:
     batch: int = -1  # -1: bench.loadgen; >= 0: bench.experiments.batching --batch N
     echo: bool = True
     what: str = ""
+    throughput: bool = True
+    #: The echo's client and agent: "loadgen" (grpc.aio or aiohttp, bench.loadgen) or "h2" (experiments/h2_client)
+    echo_client: str = "loadgen"
 
 
 SPECS: dict[str, Spec] = {
@@ -54,6 +57,11 @@ SPECS: dict[str, Spec] = {
     "h2": Spec(("bench.experiments.h2_relay",), what="(e) hand-rolled HTTP/2 + gRPC framing on asyncio, uvloop"),
     "h2-asyncio": Spec(("bench.experiments.h2_relay", "--no-uvloop"), what="(e) the same on the stdlib loop"),
     "h2+batch": Spec(("bench.experiments.h2_relay",), batch=BATCH_BYTES, echo=False, what="(e)+(c) h2, batching"),
+    "h2/h2c": Spec(
+        ("bench.experiments.h2_relay",), throughput=False, echo_client="h2", what="(e) h2 relay, h2 client and agent"
+    ),
+    "router/h2c": Spec(("router",), throughput=False, echo_client="h2", what="(e) the router, h2 client and agent"),
+    "aio/h2c": Spec(AIO, throughput=False, echo_client="h2", what="(e) plain grpc.aio relay, h2 client and agent"),
     "aio+queue": Spec(AIO, batch=0, echo=False, what="(c) aio, client through a producer queue, no merging"),
     "aio+batch": Spec(AIO, batch=BATCH_BYTES, echo=False, what="(c) aio, client merges queued chunks"),
     "router+queue": Spec(("router",), batch=0, echo=False, what="(c) router, client producer queue, no merging"),
@@ -152,6 +160,8 @@ class Bench:
     def echo(self, name: str, rounds: int) -> dict[str, Any]:
         spec, (address, pid) = SPECS[name], self.where[name]
         argv = [sys.executable, "-m", "bench.loadgen", f"{spec.proto}-echo", "--address", address]
+        if spec.echo_client == "h2":
+            argv = [sys.executable, "-m", "bench.experiments.h2_client", "echo", "--address", address]
         return run_json([*argv, "--rounds", str(rounds), "--cpu-pid", str(pid)])
 
 
@@ -161,10 +171,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(names)
     raw: dict[str, Any] = {n: {"throughput": {str(s): [] for s in args.sizes}, "echo": []} for n in names}
     try:
-        for rep in range(args.repeats):
+        for rep in range(0 if args.echo_only else args.repeats):
             for size in args.sizes:
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for name in order:
+                    if not SPECS[name].throughput:
+                        continue
                     try:
                         raw[name]["throughput"][str(size)].append(bench.throughput(name, size, args.seconds, 8))
                     except Exception as err:  # one failing candidate must not lose the others' figures
@@ -265,6 +277,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--echo-rounds", type=int, default=1000)
     parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--echo-only", action="store_true", help="only the echo figures")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "paths.json"))
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     args = parser.parse_args()
@@ -279,10 +292,12 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     raw = measure(args)
     info["load_average_end"] = list(os.getloadavg())
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json + ".raw", "w") as f:  # kept even if the summary fails
+        json.dump({"machine": info, "started": started, "args": vars(args), "raw": raw}, f)
     summary = summarise(raw, args.sizes)
     print(f"{started}; load average {info.get('load_average_start')} at start, {info['load_average_end']} at end")
     print(table(summary, args.sizes))
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"machine": info, "started": started, "args": vars(args), "summary": summary, "raw": raw}, f)
 
