@@ -56,16 +56,16 @@ SPECS: dict[str, Spec] = {
     "grpclib-asyncio": Spec(("bench.experiments.grpclib_relay", "--no-uvloop"), what="(b) grpclib, stdlib loop"),
     "h2": Spec(("bench.experiments.h2_relay",), what="(e) hand-rolled HTTP/2 + gRPC framing on asyncio, uvloop"),
     "h2-asyncio": Spec(("bench.experiments.h2_relay", "--no-uvloop"), what="(e) the same on the stdlib loop"),
-    "h2+batch": Spec(("bench.experiments.h2_relay",), batch=BATCH_BYTES, echo=False, what="(e)+(c) h2, batching"),
+    "h2+batch": Spec(("bench.experiments.h2_relay",), batch=BATCH_BYTES, what="(e)+(c) h2, batching"),
     "h2/h2c": Spec(
         ("bench.experiments.h2_relay",), throughput=False, echo_client="h2", what="(e) h2 relay, h2 client and agent"
     ),
     "router/h2c": Spec(("router",), throughput=False, echo_client="h2", what="(e) the router, h2 client and agent"),
     "aio/h2c": Spec(AIO, throughput=False, echo_client="h2", what="(e) plain grpc.aio relay, h2 client and agent"),
-    "aio+queue": Spec(AIO, batch=0, echo=False, what="(c) aio, client through a producer queue, no merging"),
-    "aio+batch": Spec(AIO, batch=BATCH_BYTES, echo=False, what="(c) aio, client merges queued chunks"),
-    "router+queue": Spec(("router",), batch=0, echo=False, what="(c) router, client producer queue, no merging"),
-    "router+batch": Spec(("router",), batch=BATCH_BYTES, echo=False, what="(c) router, client merges queued"),
+    "aio+queue": Spec(AIO, batch=0, what="(c) aio, client through a producer queue, no merging"),
+    "aio+batch": Spec(AIO, batch=BATCH_BYTES, what="(c) aio, client merges queued chunks"),
+    "router+queue": Spec(("router",), batch=0, what="(c) router, client producer queue, no merging"),
+    "router+batch": Spec(("router",), batch=BATCH_BYTES, what="(c) router, client merges queued"),
     "aio-asyncio": Spec((*AIO, "--no-uvloop"), what="(d) grpc.aio on the stdlib loop"),
     "aio-poll": Spec(AIO, env={"GRPC_POLL_STRATEGY": "poll"}, what="(d) GRPC_POLL_STRATEGY=poll"),
     "aio-epoll1": Spec(AIO, env={"GRPC_POLL_STRATEGY": "epoll1"}, what="(d) GRPC_POLL_STRATEGY=epoll1"),
@@ -160,6 +160,9 @@ class Bench:
     def echo(self, name: str, rounds: int) -> dict[str, Any]:
         spec, (address, pid) = SPECS[name], self.where[name]
         argv = [sys.executable, "-m", "bench.loadgen", f"{spec.proto}-echo", "--address", address]
+        if spec.batch >= 0:  # the client's side of each round trip through the batching writer
+            argv = [sys.executable, "-m", "bench.experiments.batching", "echo", "--batch", str(spec.batch)]
+            argv += ["--address", address]
         if spec.echo_client == "h2":
             argv = [sys.executable, "-m", "bench.experiments.h2_client", "echo", "--address", address]
         return run_json([*argv, "--rounds", str(rounds), "--cpu-pid", str(pid)])
