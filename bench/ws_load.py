@@ -17,13 +17,14 @@ import argparse
 import asyncio
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from bench.wire import WAIT
+from bench.wire import TLS_CA_ENV, WAIT
 
 PATH = "/api/router/portforward/{workflow}/{side}/{key}"
 
@@ -37,7 +38,8 @@ class WsPair:
 
 
 def _url(address: str, workflow: str, side: str, key: str) -> str:
-    return f"http://{address}" + PATH.format(workflow=workflow, side=side, key=key)
+    scheme = "https" if os.environ.get(TLS_CA_ENV) else "http"
+    return f"{scheme}://{address}" + PATH.format(workflow=workflow, side=side, key=key)
 
 
 async def open_ws_pair(http: aiohttp.ClientSession, address: str, workflow: str) -> WsPair:
@@ -86,8 +88,11 @@ async def close_ws_pair(pair: WsPair) -> None:
 
 
 def _http() -> aiohttp.ClientSession:
-    # One connection per WebSocket (no limit), no proxies from the environment.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=False)
+    # One connection per WebSocket (no limit), no proxies from the environment; TLS when the bench says so.
+    ca = os.environ.get(TLS_CA_ENV)
+    context = ssl.create_default_context(cafile=ca) if ca else None
+    connector = aiohttp.TCPConnector(limit=0, ssl=context) if context else aiohttp.TCPConnector(limit=0)
+    return aiohttp.ClientSession(connector=connector, trust_env=False)
 
 
 def _no_cpu() -> float:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+from typing import Any
 
 import grpc
 
@@ -24,13 +26,27 @@ def parse_option(text: str) -> tuple[str, int | str]:
     return name, int(value) if value.lstrip("-").isdigit() else value
 
 
+#: Certificate and key files in these variables make the prototypes listen with TLS (compare_paths --tls).
+TLS_CERT_ENV, TLS_KEY_ENV = "OSMO_BENCH_TLS_CERT", "OSMO_BENCH_TLS_KEY"
+
+
+def add_port(server: Any) -> int:
+    """A free loopback port on a grpcio server (sync or aio), with TLS when the environment says so."""
+    cert, key = os.environ.get(TLS_CERT_ENV), os.environ.get(TLS_KEY_ENV)
+    if cert and key:
+        with open(cert, "rb") as c, open(key, "rb") as k:
+            credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+        return int(server.add_secure_port("127.0.0.1:0", credentials))
+    return int(server.add_insecure_port("127.0.0.1:0"))
+
+
 async def serve(extra: list[tuple[str, int | str]]) -> None:
     """Listen on a free loopback port, print it, serve until killed."""
     names = {name for name, _ in extra}
     options = [(n, v) for n, v in server_options() if n not in names] + extra
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers(PlainRelay().handlers())
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = add_port(server)
     await server.start()
     print(f"listening {port}", flush=True)
     await server.wait_for_termination()

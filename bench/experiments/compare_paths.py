@@ -20,12 +20,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, bench_env, median, percentile
 from bench.machine import machine_info
+from bench.wire import TLS_CA_ENV
 from tests.harness import Router
 
 AIO = ("bench.experiments.aio_relay",)
@@ -123,8 +126,9 @@ def run_json(argv: list[str], timeout: float = 300.0) -> dict[str, Any]:
 class Bench:
     """The targets' processes and their measurements."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], tls: dict[str, str] | None = None) -> None:
         self.names = names
+        self.tls = tls or {}
         self.router: Router | None = None
         self.procs: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], RelayProc] = {}
         self.where: dict[str, tuple[str, int]] = {}
@@ -132,7 +136,11 @@ class Bench:
             spec = SPECS[name]
             if spec.server == ("router",):
                 if self.router is None:
-                    self.router = Router()
+                    if self.tls:
+                        cert, key = self.tls["OSMO_BENCH_TLS_CERT"], self.tls["OSMO_BENCH_TLS_KEY"]
+                        self.router = Router(f"--tls-cert={cert}", f"--tls-key={key}", "--auth=none", secure=True)
+                    else:
+                        self.router = Router()
                 address = f"127.0.0.1:{self.router.ws_port}" if spec.proto == "ws" else self.router.address
                 self.where[name] = (address, self.router.pid)
                 continue
@@ -171,7 +179,15 @@ class Bench:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every target, interleaved; raw runs per target."""
     names = args.targets
-    bench = Bench(names)
+    tls: dict[str, str] = {}
+    if args.tls:  # every server with a certificate from a fresh CA, every load generator trusting that CA
+        from tests.security_kit import Pki
+
+        pki = Pki.create(Path(tempfile.mkdtemp(prefix="bench-tls-")))
+        tls = {"OSMO_BENCH_TLS_CERT": str(pki.server_cert), "OSMO_BENCH_TLS_KEY": str(pki.server_key)}
+        tls[TLS_CA_ENV] = str(pki.ca)
+        os.environ.update(tls)  # bench_env() passes the environment on to every process started
+    bench = Bench(names, tls)
     raw: dict[str, Any] = {n: {"throughput": {str(s): [] for s in args.sizes}, "echo": []} for n in names}
     try:
         for rep in range(0 if args.echo_only else args.repeats):
@@ -281,6 +297,7 @@ def main() -> None:
     parser.add_argument("--echo-rounds", type=int, default=1000)
     parser.add_argument("--slices", type=int, default=4)
     parser.add_argument("--echo-only", action="store_true", help="only the echo figures")
+    parser.add_argument("--tls", action="store_true", help="TLS on every connection (not grpclib)")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "paths.json"))
     parser.add_argument("--list", action="store_true", help="list the targets and exit")
     args = parser.parse_args()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
+import ssl
 import struct
 import time
 from typing import Any
@@ -70,7 +72,7 @@ class Client(asyncio.Protocol):
         stream_id, self.next_id = self.next_id, self.next_id + 2
         headers = [
             (":method", "POST"),
-            (":scheme", "http"),
+            (":scheme", "https" if os.environ.get(wire.TLS_CA_ENV) else "http"),
             (":path", path),
             (":authority", self.authority),
             ("content-type", "application/grpc"),
@@ -147,7 +149,12 @@ class Client(asyncio.Protocol):
 
 async def connect(address: str) -> Client:
     host, _, port = address.rpartition(":")
-    _transport, client = await asyncio.get_running_loop().create_connection(lambda: Client(address), host, int(port))
+    context = None
+    if ca := os.environ.get(wire.TLS_CA_ENV):
+        context = ssl.create_default_context(cafile=ca)
+        context.set_alpn_protocols(["h2"])
+    loop = asyncio.get_running_loop()
+    _transport, client = await loop.create_connection(lambda: Client(address), host, int(port), ssl=context)
     return client
 
 

@@ -8,16 +8,19 @@ messages straight to the other connection's transport. hpack (already a dependen
 decodes and encodes the HEADERS, once per stream. The same wire protocol as bench/plain_relay.py, so
 today's grpc.aio clients and agents talk to it unchanged.
 
-A prototype, not a server: plaintext only (TLS would be the loop's SSL transport, or ALPN h2 through
-ssl.SSLContext), no compression, no deadlines or cancellation beyond RST_STREAM, no keepalive of its
-own (it answers PINGs), inbound flow control by acknowledging on receipt and pausing reading of the
-source connection while the destination is congested, outbound flow control by the peer's windows.
+A prototype, not a server: TLS only as the loop's SSL transport with ALPN h2 when OSMO_BENCH_TLS_CERT
+and OSMO_BENCH_TLS_KEY name the files (no client certificates), no compression, no deadlines or
+cancellation beyond RST_STREAM, no keepalive of its own (it answers PINGs), inbound flow control by
+acknowledging on receipt and pausing reading of the source connection while the destination is
+congested, outbound flow control by the peer's windows.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -404,11 +407,22 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def server_tls() -> ssl.SSLContext | None:
+    """TLS with ALPN h2 when OSMO_BENCH_TLS_CERT/KEY name the files (compare_paths --tls), else None."""
+    cert, key = os.environ.get("OSMO_BENCH_TLS_CERT"), os.environ.get("OSMO_BENCH_TLS_KEY")
+    if not (cert and key):
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 async def serve() -> None:
     """Listen on a free loopback port, print it, serve until killed."""
     relay = Relay()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(relay), "127.0.0.1", 0)
+    server = await loop.create_server(lambda: Connection(relay), "127.0.0.1", 0, ssl=server_tls())
     print(f"listening {server.sockets[0].getsockname()[1]}", flush=True)
     await server.serve_forever()
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from bench.experiments.aio_relay import add_port
 from bench.plain_relay import OPEN, READY
 from osmo_router.protocol import ENCODED_SESSION_END, pb, server_options
 
@@ -92,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.workers), options=server_options())
     server.add_generic_rpc_handlers(SyncRelay().handlers())
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = add_port(server)
     server.start()
     print(f"listening {port}", flush=True)
     server.wait_for_termination()
