@@ -4,7 +4,9 @@
 a process of its own, so it does not share a GIL with the router it measures; it uses uvloop
 when it can and pre-encoded messages, so its own cost per message stays small.
 
-Modes: grpc-throughput, tcp-throughput, grpc-echo, grpc-bare-echo, tcp-echo, rendezvous, idle.
+Modes: grpc-throughput, tcp-throughput, grpc-echo, grpc-bare-echo, tcp-echo, rendezvous, idle, and the
+WebSocket port's ws-throughput and ws-echo (bench/ws_load.py). With `--cpu-pid PID` the throughput and
+echo modes also report `cpu_s`, the CPU seconds that process (the relay measured) used during the timed part.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench import wire
+from bench.common import cpu_seconds
 from bench.tcp import tcp_echo, tcp_throughput
 from osmo_router.wire.codec import encode_data_message as data_message
+
+
+def relay_cpu(args: argparse.Namespace) -> float:
+    """CPU seconds used so far by the process named by --cpu-pid (0 without one)."""
+    return cpu_seconds(args.cpu_pid) if args.cpu_pid else 0.0
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -53,10 +61,12 @@ async def grpc_throughput(args: argparse.Namespace) -> None:
         last[0] = max(last[0], time.perf_counter())
         await wire.end_agent(pair.agent)
 
-    start = time.perf_counter()
+    cpu0, start = relay_cpu(args), time.perf_counter()
     await asyncio.gather(*(send(p) for p in pairs), *(receive(p) for p in pairs))
     seconds = last[0] - start
-    emit({"bytes": counted[0], "messages": counted[1], "seconds": seconds, "mbps": counted[0] / seconds / 1e6})
+    cpu = relay_cpu(args) - cpu0
+    emit({"bytes": counted[0], "messages": counted[1], "seconds": seconds, "mbps": counted[0] / seconds / 1e6,
+          "cpu_s": cpu})  # fmt: skip
     await asyncio.gather(client_ch.close(), agent_ch.close())
 
 
@@ -64,8 +74,9 @@ async def grpc_echo(args: argparse.Namespace) -> None:
     """1-byte round trips client -> agent -> client through the router, one at a time."""
     client_ch, agent_ch = wire.open_channel(args.address), wire.open_channel(args.address)
     pair = await wire.open_pair(client_ch, agent_ch, args.workflow)
+    cpu0 = relay_cpu(args)
     samples = await _timed(args.rounds, lambda: wire.echo(pair), warmup=50)
-    emit({"samples_us": samples})
+    emit({"samples_us": samples, "cpu_s": relay_cpu(args) - cpu0, "round_trips": args.rounds + 50})
     await wire.close_pair(pair)
     await asyncio.gather(client_ch.close(), agent_ch.close())
 
@@ -85,6 +96,21 @@ async def grpc_bare_echo(args: argparse.Namespace) -> None:
     await call.done_writing()
     await call.read()  # EOF: the server ends the call
     await channel.close()
+
+
+async def ws_throughput(args: argparse.Namespace) -> None:
+    """Payload MB/s from clients to backends through the router's WebSocket port (bench/ws_load.py)."""
+    from bench.ws_load import ws_throughput as run
+
+    emit(await run(args, lambda: relay_cpu(args)))
+
+
+async def ws_echo(args: argparse.Namespace) -> None:
+    """1-byte round trips client -> backend -> client through the router's WebSocket port."""
+    from bench.ws_load import ws_echo_rounds
+
+    samples, cpu = await ws_echo_rounds(args, warmup=50, cpu=lambda: relay_cpu(args))
+    emit({"samples_us": samples, "cpu_s": cpu, "round_trips": args.rounds + 50})
 
 
 async def _timed(rounds: int, op: Callable[[], Awaitable[None]], warmup: int = 0) -> list[float]:
@@ -113,6 +139,7 @@ def main() -> None:
     parser.add_argument("--fresh-connection", action="store_true")
     parser.add_argument("--standby", type=int, default=2, help="rendezvous: the fake agent's standby streams")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument("--cpu-pid", type=int, default=0, help="report the CPU this process used while timed")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -122,6 +149,8 @@ def main() -> None:
         "grpc-bare-echo": grpc_bare_echo,
         "tcp-throughput": tcp_throughput,
         "tcp-echo": tcp_echo,
+        "ws-throughput": ws_throughput,
+        "ws-echo": ws_echo,
     }
     from bench.sessions import idle, rendezvous
 

@@ -22,7 +22,7 @@ from bench.common import ROOT
 from bench.machine import machine_info
 
 #: Every benchmark the suite knows of, in the order they run; more bench_*.py files are picked up too.
-KNOWN = ("bench_relay", "bench_exec", "bench_forward", "bench_rsync", "bench_scaleout", "bench_ws")
+KNOWN = ("bench_relay", "bench_exec", "bench_forward", "bench_rsync", "bench_scaleout", "bench_ws", "bench_grpc_vs_ws")
 RESULTS = ROOT / "bench" / "results"
 PUBLISHED = ROOT / "docs" / "bench"
 

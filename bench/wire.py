@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,18 @@ REGISTER = "/osmo.router.v1.RouterAgentService/Register"
 WAIT = 30.0
 
 
+#: A CA file in this variable makes every channel of the load generator TLS (bench/experiments/compare_paths --tls).
+TLS_CA_ENV = "OSMO_BENCH_TLS_CA"
+
+
 def open_channel(address: str) -> grpc.aio.Channel:
     """A channel with a connection of its own (no subchannel shared with other channels)."""
     options: list[tuple[str, Any]] = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+    ca = os.environ.get(TLS_CA_ENV)
+    if ca:
+        with open(ca, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        return grpc.aio.secure_channel(address, credentials, options=options)
     return grpc.aio.insecure_channel(address, options=options)
 
 

@@ -1,0 +1,125 @@
+"""The gRPC relay against the router's own WebSocket port (issue 18), interleaved in one run.
+
+Issue 18: "the gRPC path must cost no more per message than the WebSocket router it replaces". The
+same router relays both: gRPC sessions (the load generator's client and agent streams, as in
+bench_relay) and WebSocket sessions on `--ws-port` (a WS client and a WS backend, bench/ws_load.py,
+the old protocol: raw payload bytes per binary message). Figures, each gRPC / WS:
+
+- relay throughput at 4 / 32 / 256 KiB messages, THROUGHPUT_SESSIONS sessions at once (targets
+  >= 0.55x / 1.0x / 1.2x the WS port's);
+- 1-byte echo p50 and p99 (target <= 1.1x each);
+- router CPU per echo round trip (target <= 1.3x) and router CPU per MB relayed, read from the
+  router's /proc/PID/stat around the timed part of each run.
+
+    .venv/bin/python -m bench.bench_grpc_vs_ws [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from bench.common import THROUGHPUT_SESSIONS, attempt, figure, latency_figures, loadgen, median, paired
+from tests.harness import Router
+
+#: Message size, and the target on gRPC throughput / WS port throughput.
+SIZES = ((4 * 1024, 0.55), (32 * 1024, 1.0), (256 * 1024, 1.2))
+ECHO_RATIO_MAX = 1.1
+CPU_PER_ECHO_RATIO_MAX = 1.3
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Every gRPC-vs-WebSocket-port figure."""
+    figures: list[dict[str, Any]] = []
+    notes = [f"throughput: {THROUGHPUT_SESSIONS} sessions at once on each transport; ratios are gRPC / WS port"]
+    router = Router()
+    try:
+        repeats, seconds = (2, 1.0) if quick else (5, 2.0)
+        attempt(figures, notes, "throughput", lambda: throughput(router, repeats, seconds))
+        attempt(figures, notes, "echo", lambda: echo(router, 500 if quick else 2000))
+    finally:
+        router.stop()
+    return {"figures": figures, "notes": notes}
+
+
+def _targets(router: Router) -> dict[str, tuple[str, str]]:
+    """name: (load generator mode prefix, address)."""
+    return {"grpc": ("grpc", router.address), "ws": ("ws", f"127.0.0.1:{router.ws_port}")}
+
+
+def throughput(router: Router, repeats: int, seconds: float) -> list[dict[str, Any]]:
+    """MB/s and router CPU per MB at each size, gRPC and WS runs alternating (the order rotating)."""
+    figures = []
+    targets = _targets(router)
+    common = ["--sessions", str(THROUGHPUT_SESSIONS), "--seconds", str(seconds), "--cpu-pid", str(router.pid)]
+    for size, ratio in SIZES:
+        mbps: dict[str, list[float]] = {name: [] for name in targets}
+        cpu_per_mb: dict[str, list[float]] = {name: [] for name in targets}
+        for i in range(repeats):
+            order = list(targets) if i % 2 == 0 else list(reversed(targets))
+            for name in order:
+                mode, address = targets[name]
+                result = loadgen(f"{mode}-throughput", "--size", str(size), "--address", address, *common)[0]
+                mbps[name].append(result["mbps"])
+                cpu_per_mb[name].append(result["cpu_s"] / (result["bytes"] / 1e6) * 1e6)
+        label = f"gRPC vs WS port: relay throughput {size // 1024} KiB"
+        note = f"median of {repeats}, interleaved"
+        figures.append(paired(label, "MB/s", mbps["grpc"], mbps["ws"], "WS port", {"ratio_at_least": ratio}, note))
+        figures.append(
+            paired(
+                f"gRPC vs WS port: router CPU per MB, {size // 1024} KiB",
+                "us/MB",
+                cpu_per_mb["grpc"],
+                cpu_per_mb["ws"],
+                "WS port",
+                None,
+                note,
+            )
+        )
+    return figures
+
+
+def echo(router: Router, rounds: int, slices: int = 4) -> list[dict[str, Any]]:
+    """1-byte echo p50/p99 and router CPU per round trip, in slices alternating gRPC and WS."""
+    targets = _targets(router)
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    cpu: dict[str, list[float]] = {name: [] for name in targets}
+    for i in range(slices):
+        order = list(targets) if i % 2 == 0 else list(reversed(targets))
+        for name in order:
+            mode, address = targets[name]
+            args = ("--address", address, "--rounds", str(rounds // slices), "--cpu-pid", str(router.pid))
+            result = loadgen(f"{mode}-echo", *args)[0]
+            samples[name] += result["samples_us"]
+            cpu[name].append(result["cpu_s"] / result["round_trips"] * 1e6)
+    out = []
+    for fig in latency_figures("gRPC vs WS port: relay echo 1 B", samples["grpc"], samples["ws"], "WS port", None):
+        fig["target"] = {"ratio_at_most": ECHO_RATIO_MAX}
+        out.append(fig)
+    grpc_cpu, ws_cpu = median(cpu["grpc"]), median(cpu["ws"])
+    out.append(
+        figure(
+            "gRPC vs WS port: router CPU per echo",
+            grpc_cpu,
+            "us",
+            baseline=ws_cpu,
+            baseline_name="WS port",
+            target={"ratio_at_most": CPU_PER_ECHO_RATIO_MAX},
+            runs=cpu["grpc"],
+            baseline_runs=cpu["ws"],
+            note=f"median of {slices} slices",
+        )
+    )
+    return out
+
+
+def summary(result: dict[str, Any]) -> dict[str, float]:
+    """name: ratio of every figure (for printing)."""
+    return {f["name"]: round(f["ratio"], 2) for f in result["figures"] if f.get("ratio") is not None}
+
+
+if __name__ == "__main__":
+    outcome = run(quick="--quick" in sys.argv[1:])
+    print(json.dumps(outcome, indent=2))
+    print(json.dumps(summary(outcome), indent=2), file=sys.stderr)
