@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from bench.plain_relay import PlainRelay
-from osmo_router.protocol import server_options
+from osmo_router.wire.protocol import server_options
 
 
 def parse_option(text: str) -> tuple[str, int | str]:

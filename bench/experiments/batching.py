@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import wire
 from bench.loadgen import emit, relay_cpu
-from osmo_router.framecodec import encode_data_message as data_message
+from osmo_router.wire.codec import encode_data_message as data_message
 
 #: Chunks a producer may have queued before it waits (128 KiB at 4 KiB: the router's coalescing cap).
 DEPTH = 32

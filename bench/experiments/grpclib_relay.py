@@ -19,7 +19,7 @@ from grpclib.encoding.base import CodecBase
 from grpclib.server import Server, Stream
 
 from bench.plain_relay import OPEN, READY
-from osmo_router.protocol import ENCODED_SESSION_END, pb
+from osmo_router.wire.protocol import ENCODED_SESSION_END, pb
 
 
 class RawCodec(CodecBase):

@@ -41,7 +41,7 @@ from bench.experiments.h2_relay import (
     frame,
 )
 from bench.loadgen import emit, relay_cpu
-from osmo_router.framecodec import encode_data_message as data_message
+from osmo_router.wire.codec import encode_data_message as data_message
 
 _HEADER = struct.Struct(">IBI")
 WINDOW = 8 * 2**20
@@ -191,7 +191,7 @@ async def echo(args: argparse.Namespace) -> None:
         samples.append((time.perf_counter() - t0) * 1e6)
     emit({"samples_us": samples, "cpu_s": relay_cpu(args) - cpu0, "round_trips": args.rounds + warmup})
     # End the session the way the load generator does: half-closes, SessionEnd, ends of both calls.
-    from osmo_router.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END
+    from osmo_router.wire.protocol import ENCODED_HALF_CLOSE, ENCODED_SESSION_END
 
     client.send(exec_id, ENCODED_HALF_CLOSE)
     async with asyncio.timeout(wire.WAIT):

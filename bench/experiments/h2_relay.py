@@ -28,7 +28,7 @@ from typing import Any
 import hpack
 
 from bench.plain_relay import OPEN, READY
-from osmo_router.protocol import ENCODED_SESSION_END, pb
+from osmo_router.wire.protocol import ENCODED_SESSION_END, pb
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9

@@ -21,7 +21,7 @@ import grpc
 
 from bench.experiments.aio_relay import add_port
 from bench.plain_relay import OPEN, READY
-from osmo_router.protocol import ENCODED_SESSION_END, pb, server_options
+from osmo_router.wire.protocol import ENCODED_SESSION_END, pb, server_options
 
 PAIR_TIMEOUT = 30.0
 
