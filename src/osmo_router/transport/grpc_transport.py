@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from osmo_router.client.config import ClientConfig
@@ -12,13 +10,8 @@ from osmo_router.dial.channel import open_channel
 from osmo_router.transport import GRPC, SessionInit, SessionStream
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import InvalidArgument
-from osmo_router.wire.protocol import CLIENT_SERVICE, pb
-
-_METHODS: dict[int, tuple[str, Any, Any]] = {
-    pb.OPERATION_EXEC: ("Exec", pb.ExecRequest, pb.ExecResponse),
-    pb.OPERATION_PORT_FORWARD: ("PortForward", pb.PortForwardRequest, pb.PortForwardResponse),
-    pb.OPERATION_RSYNC: ("Rsync", pb.RsyncRequest, pb.RsyncResponse),
-}
+from osmo_router.wire.ops import BY_VALUE
+from osmo_router.wire.protocol import CLIENT_SERVICE
 
 
 class GrpcTransport:
@@ -32,12 +25,12 @@ class GrpcTransport:
 
     async def open(self, operation: int, init: SessionInit) -> SessionStream:
         """Start the stream with its init and wait until the agent joined."""
-        if operation not in _METHODS:
+        op = BY_VALUE.get(operation)
+        if op is None:
             raise InvalidArgument(f"unknown operation {operation}")
-        name, request_type, response_type = _METHODS[operation]
-        # Data frames skip protobuf both ways (framecodec): the hot path of every stream.
-        method = fast_method(self.channel, f"/{CLIENT_SERVICE}/{name}", response_type)
-        return await open_session(self._config, method, request_type, init, raw=True)
+        # Data frames skip protobuf both ways (wire/codec.py): the hot path of every stream.
+        method = fast_method(self.channel, f"/{CLIENT_SERVICE}/{op.method}", op.response)
+        return await open_session(self._config, method, op.request, init, raw=True)
 
     async def aclose(self) -> None:
         """Close the channel."""
