@@ -23,6 +23,7 @@ from osmo_router.io import memtune
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import RouterError
+from osmo_router.wire.ops import BY_OPEN_FIELD
 from osmo_router.wire.protocol import AGENT_SERVICE, pb, pb_grpc
 from osmo_router.wire.streams import FrameStream
 
@@ -38,13 +39,6 @@ async def _serve_exec(stream: SessionStream, open_msg: pb.SessionOpen, config: A
 def default_handlers() -> dict[str, SessionHandler]:
     """Session handlers by the name of the SessionOpen init they serve."""
     return {"exec": _serve_exec, "port_forward": serve_port_forward, "rsync": serve_rsync}
-
-
-_OPERATION_OF_HANDLER = {
-    "exec": pb.OPERATION_EXEC,
-    "port_forward": pb.OPERATION_PORT_FORWARD,
-    "rsync": pb.OPERATION_RSYNC,
-}
 
 
 class Agent:
@@ -112,7 +106,7 @@ class Agent:
                     workflow_id=self.config.workflow_id,
                     task=self.config.task,
                     agent_id=self.config.agent_id,
-                    operations=[_OPERATION_OF_HANDLER[name] for name in self.handlers],
+                    operations=[pb.Operation.ValueType(BY_OPEN_FIELD[name].value) for name in self.handlers],
                     version=__version__,
                 )
             )
