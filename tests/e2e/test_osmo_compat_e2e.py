@@ -63,10 +63,6 @@ OUT_OF_BAND_RSYNC = (
     "port-forward control channel; the router makes it an RsyncInit with no server args "
     "(router/ws_init.py client_init) and the agent runs `rsync --server`, not a daemon"
 )
-TIMEOUT_CODE = (
-    "issue 16 (5): on ?timeout= expiry the old router closed the client with 1000 (router.py run_connect_client), "
-    "ours with 4000 DEADLINE_EXCEEDED (router/ws_server.py _run_client -> close_with_error)"
-)
 AUTH_ROLE = (
     "issue 16 (7): under --auth=jwt a backend needs `role: agent` (router/auth.py); OSMO's backends hold "
     "the workflow's service token, not an agent token"
@@ -483,7 +479,6 @@ def test_rsync_up_and_down_old_client_our_agent(
 # --- ?timeout= (rsync's RsyncClient passes it) ---------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=TIMEOUT_CODE)
 def test_timeout_expiry_closes_with_1000(router: Router) -> None:
     async def body() -> osmo.Ended:
         endpoint = f"api/router/rsync/wf-none-{uuid.uuid4().hex[:6]}/client/{new_key()}"

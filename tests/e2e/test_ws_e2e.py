@@ -153,11 +153,17 @@ def test_old_port_forward_control_pipe_passes_through(router: Router) -> None:
 
 def test_rendezvous_timeout_query_parameter(router: Router) -> None:
     async def body(http: aiohttp.ClientSession) -> None:
-        url = ws_url(router, "portforward", f"wf-none-{uuid.uuid4().hex[:8]}", "client", new_key(), "timeout=0.5")
+        # A new client (extensions asked for) learns why: 4000 and the status.
+        url = ws_url(router, "portforward", f"wf-none-{uuid.uuid4().hex[:8]}", "client", new_key(), "timeout=0.5&eof=1")
         async with http.ws_connect(url) as ws:
             code, reason, _ = await receive_close(ws, timeout=10)
         assert code == 4000
         assert reason.startswith("DEADLINE_EXCEEDED")
+        # An old client gets what the old router sent: a normal close.
+        url = ws_url(router, "portforward", f"wf-none-{uuid.uuid4().hex[:8]}", "client", new_key(), "timeout=0.5")
+        async with http.ws_connect(url) as ws:
+            code, reason, _ = await receive_close(ws, timeout=10)
+        assert code == 1000
 
     run(body)
 

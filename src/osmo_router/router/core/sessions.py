@@ -40,6 +40,10 @@ def new_session_key() -> str:
     return secrets.token_urlsafe(16)
 
 
+class RendezvousTimeout(DeadlineExceeded):
+    """The other side of a session did not join within the rendezvous timeout."""
+
+
 def scoped_key(workflow_id: str, key: str) -> str:
     """A session key in its workflow's key space: the same key in two workflows names two sessions.
 
@@ -315,7 +319,7 @@ class SessionStore:
             async with asyncio.timeout(timeout):
                 await session.paired.wait()
         except TimeoutError:
-            err = DeadlineExceeded(f"no {'agent' if session.client_joined else 'client'} joined within {timeout:g}s")
+            err = RendezvousTimeout(f"no {'agent' if session.client_joined else 'client'} joined within {timeout:g}s")
             session.fail(err)
             self.remove(session)
             raise err from None

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Mapping
 import grpc
 from aiohttp import WSMessage, WSMsgType, web
 
+from osmo_router.router.core.sessions import RendezvousTimeout
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
 from osmo_router.wire.errors import Cancelled, InvalidArgument, RouterError, Unavailable
 from osmo_router.wire.ops import Operation, operation_of
@@ -198,6 +199,15 @@ class WsClientSide(_WsSide):
 
     async def send_first(self, message: bytes) -> None:
         """The old protocol has no ready message."""
+
+    async def refuse(self, error: RouterError) -> None:
+        """As `_WsSide.refuse`; but an old client (no `eof`/`exit` extension) whose rendezvous timed out
+        is closed with 1000, as the old router closed it (OSMO's CLI takes that for a normal end)."""
+        legacy = not (self._want_eof or self._want_exit)
+        if legacy and isinstance(error, RendezvousTimeout) and self.ws.prepared:
+            await self._close(CLOSE_NORMAL, "")
+            return
+        await super().refuse(error)
 
     async def _close(self, code: int, reason: str) -> None:
         self._closing = True
