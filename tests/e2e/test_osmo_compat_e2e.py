@@ -43,11 +43,6 @@ from tests.ws_kit import WsBackendProc
 WAIT = 60.0
 
 #: Router-side causes (issue 16), each naming where in our code it happens.
-RSYNC_OPS = (
-    "issue 16 (2): OSMO's backend dials /portforward/{wf}/backend/{conn_key} for an rsync connection the CLI "
-    "opened at /rsync/{wf}/client/{conn_key}; the old router paired on the key alone, ours refuses the "
-    "operation mismatch (router/ws_server.py _run_backend: 'the session is rsync, this backend serves another')"
-)
 WORKFLOW_NAME = (
     "issue 16 (3): the OSMO CLI puts the workflow in the URL as typed (name or UUID), the backend its ID; "
     "the old router ignored it, ours binds the key to the workflow "
@@ -454,7 +449,12 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
     assert _tree(down / "data") == _tree(src)
 
 
-@pytest.mark.xfail(strict=True, reason=RSYNC_OPS)
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 16 (2): rsync and portforward now pair on the key (ws/sides.py _serves) and the upload "
+    "passes; the download does not: the rsync daemon's greeting does not reach the old client "
+    "('did not see server greeting'), cause not found yet",
+)
 def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[Proc], tmp_path: Path) -> None:
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     remote = tmp_path / "remote"

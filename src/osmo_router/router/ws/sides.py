@@ -248,7 +248,7 @@ class WsBackendSide(_WsSide):
     async def send_first(self, message: bytes) -> None:
         """The SessionOpen in the old form: nothing, the exec size message, or (`init=1`) the whole open."""
         open_msg = pb.ConnectResponse.FromString(message).open
-        if self._operation is None or operation_of(open_msg) != self._operation.value:
+        if self._operation is None or not _serves(self._operation.value, open_msg):
             raise InvalidArgument("the session is of another operation than this backend serves")
         if self._send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
             await self._send(open_msg.SerializeToString())
@@ -302,6 +302,21 @@ class WsBackendSide(_WsSide):
 
     def _broken(self, err: Exception) -> RouterError:
         return Unavailable(f"the backend's WebSocket broke: {err}")
+
+
+def _serves(backend_operation: int, open_msg: pb.SessionOpen) -> bool:
+    """Whether a backend of `backend_operation` may serve the session `open_msg` opens.
+
+    The same operation, or OSMO's rsync: its CLI opens each rsync connection at `rsync/.../client/K`
+    and its backend dials `portforward/.../backend/K` (rsync's daemon protocol through a forward), and
+    the old router paired them on the key alone. Only an old client's rsync session (no server
+    arguments: its URL carries none) pairs so; a new client's never reaches a forward.
+    """
+    operation = operation_of(open_msg)
+    if operation == backend_operation:
+        return True
+    legacy_rsync = operation == pb.OPERATION_RSYNC and not open_msg.rsync.server_args
+    return legacy_rsync and backend_operation == pb.OPERATION_PORT_FORWARD
 
 
 def _status_code(number: int) -> grpc.StatusCode:
