@@ -125,7 +125,11 @@ class SessionPipeline:
                 await self._wait_paired(session, side, timeout, "agent")
             self._metrics.agent_sessions_by_transport.labels(session.operation_name, side.transport).inc()
             await side.send_first(session.open_message)
-            await self._relay(session, side, is_client=False)
+            # relay_side is awaited here, not through a helper: each frame level lives as long as
+            # the session, and a router holds thousands of idle ones.
+            stall = self._config.flow_control_timeout
+            await relay_side(session, side, is_client=False, flow_control_timeout=stall, hooks=self._metrics,
+                             merge=side.merge_frames)  # fmt: skip
             clean = True
         except RouterError as err:
             failure = err
@@ -187,7 +191,9 @@ class SessionPipeline:
             self._metrics.session_started(op_name, side.transport)
             active = True
             audit.session_event("session start", session, side.peer, transport=side.transport)
-            await self._relay(session, side, is_client=True)
+            stall = self._config.flow_control_timeout
+            await relay_side(session, side, is_client=True, flow_control_timeout=stall, hooks=self._metrics,
+                             merge=side.merge_frames)  # fmt: skip
             clean = True
         except RouterError as err:
             failure = err
@@ -207,16 +213,6 @@ class SessionPipeline:
         if not isinstance(failure, Cancelled):
             self._metrics.error(op_name, failure.code, side.transport)
         await side.refuse(failure)
-
-    async def _relay(self, session: Session, side: Side, *, is_client: bool) -> None:
-        await relay_side(
-            session,
-            side,
-            is_client=is_client,
-            flow_control_timeout=self._config.flow_control_timeout,
-            hooks=self._metrics,
-            merge=side.merge_frames,
-        )
 
     async def _relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
         session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject)

@@ -105,7 +105,7 @@ class Latch:
         return True
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     """One client-agent pairing and the two directions of its relay."""
 
