@@ -14,6 +14,7 @@ import click
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
+from osmo_router.cli.limit_options import connection_limit_options
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.dial.config import DialConfig
@@ -43,94 +44,6 @@ def _log_options(f: Any) -> Any:
         show_default=True,
         help="Log verbosity.",
     )(f)
-
-
-def _connection_limit_options(f: Any) -> Any:
-    """`serve` flags of the connection limits and timeouts (issue 14; docs/security.md)."""
-    options = [
-        click.option(
-            "--handshake-timeout",
-            type=DURATION,
-            default="10s",
-            show_default=True,
-            help="TLS handshake on every port; on the gRPC port, up to the client's HTTP/2 settings.",
-        ),
-        click.option(
-            "--http-header-timeout",
-            type=DURATION,
-            default="10s",
-            show_default=True,
-            help="WebSocket and metrics ports: a connection's first request line and headers must arrive within this.",
-        ),
-        click.option(
-            "--http-idle-timeout",
-            type=DURATION,
-            default="60s",
-            show_default=True,
-            help="WebSocket and metrics ports: idle keep-alive between requests.",
-        ),
-        click.option(
-            "--max-connection-idle",
-            type=DURATION,
-            default="2m",
-            show_default=True,
-            help="gRPC: close a connection without calls for this long (0: never). Sessions are calls.",
-        ),
-        click.option(
-            "--max-connection-age",
-            type=DURATION,
-            default="0",
-            show_default=True,
-            help="gRPC: drain connections older than this, with --drain-timeout as grace (0: never; "
-            "cuts sessions longer than age + grace).",
-        ),
-        click.option(
-            "--max-concurrent-streams",
-            type=int,
-            default=4096,
-            show_default=True,
-            help="gRPC: streams at once on one connection (a port-forward uses one per forwarded connection).",
-        ),
-        click.option(
-            "--max-connections",
-            type=int,
-            default=0,
-            show_default=True,
-            help="gRPC port: connections at once (0: half of what the descriptor limit leaves, all without --ws-port).",
-        ),
-        click.option(
-            "--ws-max-connections",
-            type=int,
-            default=0,
-            show_default=True,
-            help="WebSocket port: connections at once (0: half of what the descriptor limit leaves).",
-        ),
-        click.option(
-            "--metrics-max-connections",
-            type=int,
-            default=0,
-            show_default=True,
-            help="Metrics port: connections at once, kept apart from the others (0: 256, less under 4096 descriptors).",
-        ),
-        click.option(
-            "--ws-max-connections-per-address",
-            type=int,
-            default=1024,
-            show_default=True,
-            help="WebSocket port: connections at once from one client address "
-            "(0: no cap; raise it behind SNAT or a proxy).",
-        ),
-        click.option(
-            "--metrics-max-connections-per-address",
-            type=int,
-            default=16,
-            show_default=True,
-            help="Metrics port: connections at once from one address (0: no cap).",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -305,7 +218,7 @@ def main_group() -> None:
     show_default=True,
     help="Lifetime of this replica's entries in Redis; refreshed every third of it, gone this long after a crash.",
 )
-@_connection_limit_options
+@connection_limit_options
 @_log_options
 def serve(log_level: str, log_format: str, **options: Any) -> None:
     """Run the router."""

@@ -1,0 +1,97 @@
+"""The `osmo-router serve` flags of the connection limits and timeouts on every port."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from osmo_router.cli.options import DURATION
+
+
+def connection_limit_options(f: Any) -> Any:
+    """`serve` flags of the connection limits and timeouts (docs/security.md, "Connection limits and timeouts")."""
+    options = [
+        click.option(
+            "--handshake-timeout",
+            type=DURATION,
+            default="10s",
+            show_default=True,
+            help="TLS handshake on every port; on the gRPC port, up to the client's HTTP/2 settings.",
+        ),
+        click.option(
+            "--http-header-timeout",
+            type=DURATION,
+            default="10s",
+            show_default=True,
+            help="WebSocket and metrics ports: a connection's first request line and headers must arrive within this.",
+        ),
+        click.option(
+            "--http-idle-timeout",
+            type=DURATION,
+            default="60s",
+            show_default=True,
+            help="WebSocket and metrics ports: idle keep-alive between requests.",
+        ),
+        click.option(
+            "--max-connection-idle",
+            type=DURATION,
+            default="2m",
+            show_default=True,
+            help="gRPC: close a connection without calls for this long (0: never). Sessions are calls.",
+        ),
+        click.option(
+            "--max-connection-age",
+            type=DURATION,
+            default="0",
+            show_default=True,
+            help="gRPC: drain connections older than this, with --drain-timeout as grace (0: never; "
+            "cuts sessions longer than age + grace).",
+        ),
+        click.option(
+            "--max-concurrent-streams",
+            type=int,
+            default=4096,
+            show_default=True,
+            help="gRPC: streams at once on one connection (a port-forward uses one per forwarded connection).",
+        ),
+        click.option(
+            "--max-connections",
+            type=int,
+            default=0,
+            show_default=True,
+            help="gRPC port: connections at once (0: half of what the descriptor limit leaves, all without --ws-port).",
+        ),
+        click.option(
+            "--ws-max-connections",
+            type=int,
+            default=0,
+            show_default=True,
+            help="WebSocket port: connections at once (0: half of what the descriptor limit leaves).",
+        ),
+        click.option(
+            "--metrics-max-connections",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Metrics port: connections at once, kept apart from the others (0: 256, less under 4096 descriptors).",
+        ),
+        click.option(
+            "--ws-max-connections-per-address",
+            type=int,
+            default=1024,
+            show_default=True,
+            help="WebSocket port: connections at once from one client address "
+            "(0: no cap; raise it behind SNAT or a proxy).",
+        ),
+        click.option(
+            "--metrics-max-connections-per-address",
+            type=int,
+            default=16,
+            show_default=True,
+            help="Metrics port: connections at once from one address (0: no cap).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
