@@ -163,6 +163,19 @@ def main_group() -> None:
     "a full queue stops reading from the sender.",
 )
 @click.option(
+    "--user-buffer-bytes",
+    type=int,
+    default=256 * 1024 * 1024,
+    show_default=True,
+    help="Bytes all of one user's sessions may queue in the router together; past it they stop reading.",
+)
+@click.option(
+    "--total-buffer-bytes",
+    type=int,
+    default=0,
+    help="Bytes every session may queue together [default: half the container's memory limit, else 2 GiB].",
+)
+@click.option(
     "--max-connections-per-forward",
     type=int,
     default=4096,

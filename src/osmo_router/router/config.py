@@ -61,6 +61,10 @@ class RouterConfig:
     credential_recheck: float = 60.0
     #: Most sessions one identity keeps waiting for rendezvous (0: no such limit).
     max_pending_per_identity: int = 1000
+    #: Bytes all of one user's sessions may queue in the router together.
+    user_buffer_bytes: int = 256 * 1024 * 1024
+    #: Bytes every session may queue together; 0: half the container's memory limit (else 2 GiB).
+    total_buffer_bytes: int = 0
     #: Connections one port-forward command may hold at once (it counts as one session of its user).
     max_connections_per_forward: int = 4096
     redis_url: str | None = None
@@ -94,6 +98,8 @@ class RouterConfig:
 
     def validate(self) -> None:
         """Refuse settings that are unsafe or make no sense."""
+        if self.user_buffer_bytes < self.flow_control_bytes or self.total_buffer_bytes < 0:
+            raise ValueError("--user-buffer-bytes must hold one session's --flow-control-bytes at least")
         if self.credential_recheck <= 0:
             raise ValueError("--credential-recheck must be positive")
         if self.auth not in ("jwt", "none"):

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
+from osmo_router.router.core.budget import Budgets, default_total_bytes
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import Session, SessionStore
@@ -85,6 +86,7 @@ class RouterServer:
             config = replace(config, router_id=secrets.token_hex(4))
         self.config = config
         self.registry = AgentRegistry()
+        self.budgets = Budgets(config.user_buffer_bytes, config.total_buffer_bytes or default_total_bytes())
         self.sessions = SessionStore(
             self.registry,
             buffer=config.flow_control_buffer,
@@ -94,6 +96,7 @@ class RouterServer:
             max_per_user=config.max_sessions_per_user,
             max_pending_per_identity=config.max_pending_per_identity,
             max_per_forward=config.max_connections_per_forward,
+            budgets=self.budgets,
             on_remove=self._session_removed,
         )
         # Read at scrape time, so the gauges are exact without bookkeeping on every join and leave.
@@ -101,6 +104,7 @@ class RouterServer:
             live_sessions=self.sessions.sessions,
             pending=lambda: self.sessions.pending,
             standby=self.registry.standby_count,
+            buffered=lambda: self.budgets.total.used,
         )
         self.auth = authenticator or build_authenticator(config)
         self.directory: Directory = MemoryDirectory()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+from osmo_router.router.core.budget import ByteBudget
+
 
 class FlowQueue:
     """A bounded single-producer, single-consumer queue that can be ended or failed.
@@ -17,7 +19,7 @@ class FlowQueue:
     always fits into an empty queue, so a message as large as the gRPC limit still passes).
     """
 
-    __slots__ = ("_bytes", "_ended", "_error", "_getter", "_items", "_max_bytes", "_maxsize", "_putter")
+    __slots__ = ("_budgets", "_bytes", "_ended", "_error", "_getter", "_items", "_max_bytes", "_maxsize", "_putter")
 
     def __init__(self, maxsize: int, max_bytes: int = 1 << 62) -> None:
         # A list, not a deque: an empty deque allocates a 64-slot block (~600 bytes), and a router
@@ -26,6 +28,8 @@ class FlowQueue:
         self._maxsize = maxsize
         self._max_bytes = max_bytes
         self._bytes = 0
+        #: Shared budgets every queued byte is also counted in (core/budget.py).
+        self._budgets: tuple[ByteBudget, ...] = ()
         self._getter: asyncio.Future[None] | None = None
         self._putter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -39,6 +43,12 @@ class FlowQueue:
         """Bytes queued now."""
         return self._bytes
 
+    def _release_all(self) -> None:
+        if self._budgets and self._bytes:
+            self._give(self._bytes)
+        self._items.clear()
+        self._bytes = 0
+
     def _full(self, incoming: int) -> bool:
         return len(self._items) >= self._maxsize or (bool(self._items) and self._bytes + incoming > self._max_bytes)
 
@@ -47,10 +57,23 @@ class FlowQueue:
         """True once `end` was called."""
         return self._ended
 
+    def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
+        """Count what this queue holds in shared budgets too (set before anything is queued)."""
+        assert not self._items
+        self._budgets = budgets
+
     async def put(self, item: bytes) -> None:
-        """Queue an item, waiting while the queue is full; raises the failure if it failed."""
-        while self._full(len(item)) and self._error is None and not self._ended:
+        """Queue an item, waiting while the queue or one of its budgets is full; raises the failure if it failed."""
+        size = len(item)
+        while self._error is None and not self._ended:
+            spent: ByteBudget | None = None
+            if not self._full(size):
+                spent = self._take(size)
+                if spent is None:
+                    break  # queued bytes counted in every budget
             self._putter = asyncio.get_running_loop().create_future()
+            if spent is not None:
+                spent.notify(self._putter)
             try:
                 await self._putter
             finally:
@@ -58,10 +81,23 @@ class FlowQueue:
         if self._error is not None:
             raise self._error
         if self._ended:
-            return
+            return  # (nothing was taken: the loop takes only right before it leaves)
         self._items.append(item)
-        self._bytes += len(item)
+        self._bytes += size
         _wake(self._getter)
+
+    def _take(self, size: int) -> ByteBudget | None:
+        """Take `size` from every budget: None when done, else the budget that had no room (none taken)."""
+        for i, budget in enumerate(self._budgets):
+            if not budget.try_take(size):
+                for taken in self._budgets[:i]:
+                    taken.give(size)
+                return budget
+        return None
+
+    def _give(self, size: int) -> None:
+        for budget in self._budgets:
+            budget.give(size)
 
     async def get(self) -> bytes | None:
         """The next item; None once the queue was ended and is empty; raises the failure if it failed."""
@@ -79,6 +115,8 @@ class FlowQueue:
             raise self._error
         item = self._items.pop(0)
         self._bytes -= len(item)
+        if self._budgets:
+            self._give(len(item))
         _wake(self._putter)
         return item
 
@@ -90,6 +128,8 @@ class FlowQueue:
         if self._items:
             item = self._items.pop(0)
             self._bytes -= len(item)
+            if self._budgets:
+                self._give(len(item))
             _wake(self._putter)
             return item
         return None if self._ended else b""
@@ -117,6 +157,8 @@ class FlowQueue:
         """Take the next item without waiting (call only after `peek` returned one)."""
         item = self._items.pop(0)
         self._bytes -= len(item)
+        if self._budgets:
+            self._give(len(item))
         _wake(self._putter)
         return item
 
@@ -124,8 +166,7 @@ class FlowQueue:
         """No more items will come (later puts are dropped); the consumer still receives the queued
         ones, unless `drop` (nobody will read them)."""
         if drop:
-            self._items.clear()
-            self._bytes = 0
+            self._release_all()
         self._ended = True
         _wake(self._getter)
         _wake(self._putter)
@@ -134,8 +175,7 @@ class FlowQueue:
         """Drop everything and make both ends raise `error`."""
         if self._error is None:
             self._error = error
-        self._items.clear()
-        self._bytes = 0
+        self._release_all()
         _wake(self._getter)
         _wake(self._putter)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from osmo_router.router.auth.identity import ROLE_ANY, Identity
+from osmo_router.router.core.budget import Budgets
 from osmo_router.router.core.flow_control import FlowQueue
 from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistry
@@ -182,6 +183,7 @@ class SessionStore:
         max_per_user: int,
         max_per_forward: int = 4096,
         max_pending_per_identity: int = 0,
+        budgets: Budgets | None = None,
         on_remove: Callable[[Session], None] | None = None,
     ) -> None:
         """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it).
@@ -196,6 +198,7 @@ class SessionStore:
         self._max_pending = max_pending
         self._max_sessions = max_sessions
         self._users = UserSessions(max_per_user, max_per_forward)
+        self._budgets = budgets
         self._sessions: dict[str, Session] = {}
         self._pending = 0
         self._max_pending_per_identity = max_pending_per_identity
@@ -266,6 +269,11 @@ class SessionStore:
             self._users.check(identity.subject, forward_id)
         session.client_joined = True
         session.forward_id = forward_id
+        if self._budgets is not None:
+            # Known from here on: the user whose budget the session's queued bytes count against.
+            budgets = self._budgets.acquire(identity.subject)
+            session.to_agent.use_budgets(budgets)
+            session.to_client.use_budgets(budgets)
         session.operation = operation
         session.user = identity.subject
         open_msg.session_key = session.key
@@ -344,6 +352,8 @@ class SessionStore:
                 self._empty.set()
             if session.client_joined and session.user:
                 self._users.remove(session.user, session.forward_id)
+                if self._budgets is not None:
+                    self._budgets.release(session.user)
             if self._on_remove is not None:
                 self._on_remove(session)
 

@@ -28,6 +28,7 @@ class RouterMetrics:
         live_sessions: Callable[[], Iterable[Session]] = tuple,
         pending: Callable[[], int] = int,
         standby: Callable[[], int] = int,
+        buffered: Callable[[], int] = int,
     ) -> None:
         """`live_sessions`, `pending` and `standby` are read at scrape time (exact without bookkeeping)."""
         self.registry = CollectorRegistry(auto_describe=True)
@@ -65,6 +66,11 @@ class RouterMetrics:
         )
         self.rendezvous_pending = Gauge(
             "router_grpc_rendezvous_pending", "Sessions waiting for their second side.", registry=r
+        )
+        self.buffered_bytes = Gauge(
+            "router_grpc_buffered_bytes",
+            "Bytes the relay queues hold now, every session together (bounded by --total-buffer-bytes).",
+            registry=r,
         )
         self.draining = Gauge("router_grpc_draining", "1 while the router drains for shutdown.", registry=r)
         self.standby_streams = Gauge(
@@ -111,6 +117,7 @@ class RouterMetrics:
         #: The live sessions whose counts a render folds in first.
         self.live_sessions = live_sessions
         self.rendezvous_pending.set_function(pending)
+        self.buffered_bytes.set_function(buffered)
         self.standby_streams.set_function(standby)
 
     def count_bytes(self, session: Session, direction: str, size: int) -> None:

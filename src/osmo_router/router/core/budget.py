@@ -1,0 +1,94 @@
+"""Byte budgets shared by many relay queues: per user, and for the whole process.
+
+A session's queues are bounded on their own (`--flow-control-bytes` per direction); these bound what
+all of one user's sessions queue together (`--user-buffer-bytes`), and what every session queues
+(`--total-buffer-bytes`, by default half the container's memory limit). A queue whose budget is
+spent stops reading from its sender until its own or another queue of the budget drains: backpressure,
+never more memory. Only the user's own sessions wait on a user budget, so one user filling it is
+not noticed by the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+#: Whole-process budget when the container's memory limit cannot be read.
+DEFAULT_TOTAL_BYTES = 2 * 1024**3
+#: Default of one user's budget.
+DEFAULT_USER_BYTES = 256 * 1024**2
+
+
+class ByteBudget:
+    """At most `limit` bytes taken at once; a taker that does not fit waits for bytes given back."""
+
+    __slots__ = ("_waiters", "limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def try_take(self, size: int) -> bool:
+        """Take `size` bytes if they fit (anything fits an unused budget); False otherwise."""
+        if self.used and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        """Give bytes back and wake whoever waits for room."""
+        self.used -= size
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def notify(self, waiter: asyncio.Future[None]) -> None:
+        """Complete `waiter` the next time bytes are given back."""
+        self._waiters.append(waiter)
+
+
+class Budgets:
+    """The whole process's budget and one per user, each user's held while any of its sessions lives."""
+
+    def __init__(self, per_user: int, total: int) -> None:
+        self.per_user = per_user
+        self.total = ByteBudget(total)
+        self._users: dict[str, tuple[ByteBudget, int]] = {}
+
+    def acquire(self, user: str) -> tuple[ByteBudget, ByteBudget]:
+        """The budgets a session of `user` queues under (call `release` when it ends)."""
+        budget, holders = self._users.get(user, (None, 0))
+        if budget is None:
+            budget = ByteBudget(self.per_user)
+        self._users[user] = (budget, holders + 1)
+        return budget, self.total
+
+    def release(self, user: str) -> None:
+        """A session of `user` ended."""
+        budget, holders = self._users.get(user, (None, 0))
+        if budget is None:
+            return
+        if holders > 1:
+            self._users[user] = (budget, holders - 1)
+        else:
+            del self._users[user]
+
+
+def container_memory_limit(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The container's memory limit in bytes (cgroup v2, else v1), or None when there is none."""
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (cgroup / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes a huge number for "no limit"
+            return int(text)
+    return None
+
+
+def default_total_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Half the container's memory limit (the rest is the process, gRPC's own buffers and headroom)."""
+    limit = container_memory_limit(cgroup)
+    return DEFAULT_TOTAL_BYTES if limit is None else max(limit // 2, 64 * 1024**2)
