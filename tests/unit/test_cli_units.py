@@ -111,3 +111,18 @@ def test_a_write_that_meets_the_ended_call_is_named_by_this_clients_own_stall(mo
     meter.note(3.0)  # e.g. SIGSTOP, or a blocked stdout
     error = session.rpc_error(err)
     assert isinstance(error, ResourceExhausted) and "stopped reading" in error.message and "3.0s" in error.message
+
+
+def test_a_connection_lost_under_an_open_call_is_named_so() -> None:
+    """gRPC's 'Stream removed' (the router died, the network cut) reads as the connection breaking."""
+    import grpc
+
+    from osmo_router.client import session
+
+    def failed(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+    lost = session.rpc_error(failed(grpc.StatusCode.UNAVAILABLE, "Stream removed (recvmsg:Connection reset by peer)"))
+    assert lost.message.startswith("the connection to the router broke") and "Stream removed" in lost.message
+    other = session.rpc_error(failed(grpc.StatusCode.UNAVAILABLE, "the agent disconnected"))
+    assert other.message == "the agent disconnected"

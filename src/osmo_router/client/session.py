@@ -40,7 +40,14 @@ def rpc_error(
     details = err.details() or err.code().name.lower()
     if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
         details = explain_dial_error(details, dial, peer) or details
+    if err.code() == grpc.StatusCode.UNAVAILABLE and details.startswith(_TRANSPORT_BREAKS):
+        # gRPC's words for a connection lost under an open call: say what happened, keep them after.
+        details = f"the connection to the router broke (router gone or network cut): {details}"
     return from_status(err.code(), details)
+
+
+#: How gRPC words a connection lost under a call that was already open.
+_TRANSPORT_BREAKS = ("Stream removed", "Socket closed", "Connection reset", "recvmsg", "Broken pipe", "GOAWAY")
 
 
 async def rpc_failure(err: grpc.aio.AioRpcError, dial: DialConfig) -> RouterError:
