@@ -416,7 +416,16 @@ def _make_source(root: Path) -> None:
     (root / "sub" / "b.txt").write_text("hello\n" * 1000)
 
 
-def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path: Path, timeout: int = 30) -> None:
+def _rsync_up_down_old_client(
+    router: Router, workflow: str, keys: tuple[str, str], tmp_path: Path, timeout: int = 30
+) -> None:
+    """An upload, then a download, each its own RsyncClient run with its own key.
+
+    OSMO's CLI asks the service for each run (`POST api/workflow/{id}/rsync/task/{task}`), which
+    answers a new key `RSYNC-<id>` (workflow_service.py action_request_helper) and tells osmo-ctrl
+    to open a new control channel for it (ctrl.go ActionRsync -> userPortForwardTCP): one key
+    serves one run, and the old router ended the backend's control channel with the client's.
+    """
     src, down = tmp_path / "src", tmp_path / "down"
     _make_source(src)
 
@@ -424,7 +433,7 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
         up = await osmo.rsync_client(
             ws_base(router),
             workflow,
-            key,
+            keys[0],
             "",
             direction="upload",
             local_path=f"{src}/",
@@ -434,7 +443,7 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
         back = await osmo.rsync_client(
             ws_base(router),
             workflow,
-            key,
+            keys[1],
             "",
             direction="download",
             local_path=str(down),
@@ -449,18 +458,13 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
     assert _tree(down / "data") == _tree(src)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 (2): rsync and portforward now pair on the key (ws/sides.py _serves) and the upload "
-    "passes; the download does not: the rsync daemon's greeting does not reach the old client "
-    "('did not see server greeting'), cause not found yet",
-)
 def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[Proc], tmp_path: Path) -> None:
-    workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
+    workflow, keys = f"wf-{uuid.uuid4().hex[:8]}", (new_key(), new_key())
     remote = tmp_path / "remote"
     remote.mkdir()
-    stopper.append(OldBackend(router, "rsync", workflow, key, "--root", str(remote)))
-    _rsync_up_down_old_client(router, workflow, key, tmp_path, timeout=8)
+    for key in keys:  # osmo-ctrl opens one control channel per rsync action (per key)
+        stopper.append(OldBackend(router, "rsync", workflow, key, "--root", str(remote)))
+    _rsync_up_down_old_client(router, workflow, keys, tmp_path, timeout=8)
     assert _tree(remote / "data") == _tree(tmp_path / "src")
 
 
@@ -469,11 +473,12 @@ def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[
 def test_rsync_up_and_down_old_client_our_agent(
     router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str
 ) -> None:
-    workflow, key = grpc_workflow, new_key()
+    workflow, keys = grpc_workflow, (new_key(), new_key())
     if agent == "ws":
         workflow = f"wf-{uuid.uuid4().hex[:8]}"
-        stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
-    _rsync_up_down_old_client(router, workflow, key, tmp_path, timeout=8)
+        for key in keys:
+            stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
+    _rsync_up_down_old_client(router, workflow, keys, tmp_path, timeout=8)
 
 
 # --- ?timeout= (rsync's RsyncClient passes it) ---------------------------------------------------
