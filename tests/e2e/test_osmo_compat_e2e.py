@@ -58,10 +58,6 @@ OUT_OF_BAND_RSYNC = (
     "port-forward control channel; the router makes it an RsyncInit with no server args "
     "(router/ws_init.py client_init) and the agent runs `rsync --server`, not a daemon"
 )
-AUTH_ROLE = (
-    "issue 16 (7): under --auth=jwt a backend needs `role: agent` (router/auth.py); OSMO's backends hold "
-    "the workflow's service token, not an agent token"
-)
 
 
 def ws_base(router: Router) -> str:
@@ -502,24 +498,62 @@ def test_timeout_expiry_closes_with_1000(router: Router) -> None:
 # --- auth (--auth=jwt) ---------------------------------------------------------------------------
 
 
-def _jwt_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, object]:
+#: What marks OSMO's backend tokens in these tests (`--ws-backend-role`): OSMO's default `ctrl_roles`.
+OSMO_CTRL_ROLE = "osmo-ctrl"
+
+
+def _jwt_router(tmp_path: Path, stopper: list[Proc], *args: str) -> tuple[Router, object]:
     from tests.security_kit import Signer
 
     signer = Signer.rs256()
     (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
-    router = Router("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem"), secure=True)
+    pem = str(tmp_path / "jwt.pem")
+    router = Router("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", pem, *args, secure=True)
     stopper.append(router)
     return router, signer
 
 
-@pytest.mark.xfail(strict=True, reason=AUTH_ROLE)
+def _osmo_ctrl_token(signer: object, workflow: str) -> str:
+    """The token osmo-ctrl holds: auth_service.py _create_jwt_from_refresh_token -> auth.py create_idtoken_jwt.
+
+    `unique_name` (the submitting user), `roles` (service_auth.ctrl_roles, by default
+    `["osmo-user", "osmo-ctrl"]`), `osmo_workflow_id`, and no `sub`.
+    """
+    return signer.token(  # type: ignore[attr-defined,no-any-return]
+        None, unique_name="alice", roles=["osmo-user", OSMO_CTRL_ROLE], osmo_workflow_id=workflow, iss="osmo"
+    )
+
+
+async def _handshake_status(url: str, token: str, first: bytes | None = None) -> int | str:
+    """The HTTP status of a WebSocket handshake with `Authorization: Bearer token`; 101 when upgraded.
+
+    With `first`, an upgraded WebSocket sends it and reads on: its close (`code reason`) is the answer.
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        ws = await osmo.websockets.client.connect(url, extra_headers=headers, open_timeout=10)
+    except osmo.websockets.exceptions.InvalidStatusCode as err:
+        return int(err.status_code)
+    if first is None:
+        await ws.close()
+        return 101
+    await ws.send(first)
+    try:
+        async with asyncio.timeout(10):
+            await ws.recv()
+    except osmo.websockets.exceptions.ConnectionClosed as err:
+        return f"{err.rcvd.code if err.rcvd else None} {err.rcvd.reason if err.rcvd else ''}"
+    await ws.close()
+    return "open"
+
+
 @pytest.mark.parametrize("client", ["old", "new"])
 def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Proc], client: str) -> None:
-    """A JWT router: the CLI with the user's token, osmo-ctrl with the workflow's (no `role: agent`)."""
-    router, signer = _jwt_router(tmp_path, stopper)
+    """A JWT router with --ws-backend-role: the CLI with the user's token, osmo-ctrl with the workflow's."""
+    router, signer = _jwt_router(tmp_path, stopper, "--ws-backend-role", OSMO_CTRL_ROLE, "--ws-backend-issuer", "osmo")
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     user = signer.token("alice", workflows=[workflow])  # type: ignore[attr-defined]
-    service = signer.token("osmo-ctrl", workflows=[workflow])  # type: ignore[attr-defined]
+    service = _osmo_ctrl_token(signer, workflow)
     command = f"cat {blob}" if client == "old" else f"sh -c 'cat > {blob.parent / 'got.txt'}'"
     backend = OldBackend(router, "exec", workflow, key, "--command", command, "--token", service, wait=False)
     stopper.append(backend)
@@ -546,6 +580,37 @@ def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Pr
     ended = run(body)
     assert ended.close_code == 1000, ended
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
+
+
+def test_osmo_backend_token_serves_its_workflow_on_the_ws_backend_endpoint_only(
+    tmp_path: Path, stopper: list[Proc]
+) -> None:
+    """An OSMO backend token: refused for another workflow, on the client endpoint, and without the flag."""
+    router, signer = _jwt_router(tmp_path, stopper, "--ws-backend-role", OSMO_CTRL_ROLE)
+    plain, _ = _jwt_router(tmp_path, stopper)  # same key, no --ws-backend-role
+    workflow, other = f"wf-{uuid.uuid4().hex[:8]}", f"wf-{uuid.uuid4().hex[:8]}"
+    service = _osmo_ctrl_token(signer, workflow)
+
+    def url(r: Router, wf: str, side: str) -> str:
+        return f"{ws_base(r)}/api/router/exec/{wf}/{side}/{new_key()}?timeout=1"
+
+    size = osmo.size_message(24, 80)
+
+    async def body() -> dict[str, int | str]:
+        return {
+            "own workflow, backend": await _handshake_status(url(router, workflow, "backend"), service),
+            "other workflow, backend": await _handshake_status(url(router, other, "backend"), service),
+            "own workflow, client": await _handshake_status(url(router, workflow, "client"), service, size),
+            "router without the flag": await _handshake_status(url(plain, workflow, "backend"), service),
+        }
+
+    assert run(body, timeout=60) == {
+        "own workflow, backend": 101,
+        "other workflow, backend": 403,
+        "own workflow, client": "4000 PERMISSION_DENIED: alice holds an OSMO backend token; "
+        "it cannot open client sessions",
+        "router without the flag": 401,
+    }
 
 
 def test_old_client_with_user_token_reaches_grpc_agent_under_jwt(tmp_path: Path, stopper: list[Proc]) -> None:

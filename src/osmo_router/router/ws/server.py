@@ -170,7 +170,8 @@ class WsServer:
             task=request.query.get("task", ""),
         )
         try:
-            identity = await self._authenticate(request, operation)
+            # An OSMO backend's workflow token serves its own workflow here, and nowhere else.
+            identity = (await self._authenticate(request, operation)).as_legacy_backend(workflow)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
         except RouterError as err:
             await self._pipeline.refuse(side, CONNECT, err)
