@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import pty
 import re
@@ -45,8 +46,8 @@ WAIT = 60.0
 #: Router-side causes (issue 16), each naming where in our code it happens.
 WORKFLOW_NAME = (
     "issue 16 (3): the OSMO CLI puts the workflow in the URL as typed (name or UUID), the backend its ID; "
-    "the old router ignored it, ours binds the key to the workflow "
-    "(router/sessions.py join_client and join_agent: PERMISSION_DENIED)"
+    "the old router ignored it, ours scopes session keys by workflow (core/sessions.py scoped_key), so "
+    "without --ws-workflow-aliases the client waits in the typed name's key space and never meets the backend"
 )
 OUT_OF_BAND = (
     "issue 16 (4): an old client's URL names no target port (OSMO's service tells the backend out of band); "
@@ -155,12 +156,34 @@ def test_exec_command_old_client_grpc_agent(router: Router, blob: Path, stopper:
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
 
 
+def _alias_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, Path]:
+    """A router with --ws-workflow-aliases at a file that does not exist yet (the test writes it)."""
+    aliases = tmp_path / "aliases.json"
+    router = Router("--ws-workflow-aliases", str(aliases))
+    stopper.append(router)
+    return router, aliases
+
+
 @pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
 def test_exec_workflow_named_by_uuid(router: Router, blob: Path, stopper: list[Proc]) -> None:
     """The user typed the workflow's name; osmo-ctrl dials with the workflow's ID (cmdArgs.Workflow)."""
     name, workflow_id, key = f"my-wf-{uuid.uuid4().hex[:4]}", str(uuid.uuid4()), new_key()
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", f"cat {blob}"))
     _text, ended = run(lambda: osmo.exec_command(ws_base(router), name, key, "", "task1"), timeout=15)
+    assert ended.how == "closed ok" and ended.close_code == 1000, ended
+    assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
+
+
+def test_exec_workflow_named_by_uuid_with_aliases(tmp_path: Path, blob: Path, stopper: list[Proc]) -> None:
+    """--ws-workflow-aliases: the orchestrator maps the UUID the user typed to the ID osmo-ctrl dials with.
+
+    The file is written after the router started: it is read again when it changes.
+    """
+    router, aliases = _alias_router(tmp_path, stopper)
+    typed, workflow_id, key = str(uuid.uuid4()), f"my-wf-{uuid.uuid4().hex[:4]}", new_key()
+    stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", f"cat {blob}"))
+    aliases.write_text(json.dumps({typed: workflow_id}))
+    _text, ended = run(lambda: osmo.exec_command(ws_base(router), typed, key, "", "task1"), timeout=15)
     assert ended.how == "closed ok" and ended.close_code == 1000, ended
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
 
@@ -613,6 +636,18 @@ def test_osmo_backend_token_serves_its_workflow_on_the_ws_backend_endpoint_only(
     }
 
 
+def test_workflow_alias_is_authorized_as_the_resolved_workflow(tmp_path: Path, stopper: list[Proc]) -> None:
+    """Under --auth=jwt an aliased URL is the workflow it resolves to: a token for the typed name only is refused."""
+    aliases = tmp_path / "aliases.json"
+    typed, workflow_id = str(uuid.uuid4()), f"wf-{uuid.uuid4().hex[:8]}"
+    aliases.write_text(json.dumps({typed: workflow_id}))
+    router, signer = _jwt_router(tmp_path, stopper, "--ws-workflow-aliases", str(aliases))
+    user = signer.token("alice", workflows=[typed])  # type: ignore[attr-defined]
+    url = f"{ws_base(router)}/api/router/exec/{typed}/client/{new_key()}"
+    answer = run(lambda: _handshake_status(url, user, osmo.size_message(24, 80)), timeout=30)
+    assert answer == f"4000 PERMISSION_DENIED: alice has no access to workflow {workflow_id!r}"
+
+
 def test_old_client_with_user_token_reaches_grpc_agent_under_jwt(tmp_path: Path, stopper: list[Proc]) -> None:
     """The OSMO CLI's `Authorization: Bearer <id token>` is what the router checks: with our agent it works."""
     router, signer = _jwt_router(tmp_path, stopper)
@@ -785,9 +820,22 @@ def test_new_client_rsync_path_outside_the_module_is_refused(router: Router, tmp
     assert b"outside module 'osmo'" in result.stderr
 
 
+def test_new_client_workflow_named_differently_from_the_backend(tmp_path: Path, stopper: list[Proc]) -> None:
+    """The user gives the workflow's name; osmo-ctrl dialed with its ID: resolved by --ws-workflow-aliases."""
+    router, aliases = _alias_router(tmp_path, stopper)
+    workflow_id, key = str(uuid.uuid4()), new_key()
+    aliases.write_text(json.dumps({f"my-wf-{key[:4]}": workflow_id}))
+    stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
+    result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert b"hi" in result.stdout
+
+
 @pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
-def test_new_client_workflow_named_differently_from_the_backend(router: Router, stopper: list[Proc]) -> None:
-    """The user gives the workflow's name; osmo-ctrl dialed with its ID."""
+def test_new_client_workflow_named_differently_from_the_backend_without_aliases(
+    router: Router, stopper: list[Proc]
+) -> None:
+    """Without --ws-workflow-aliases the name is its own key space: the client never meets the backend."""
     workflow_id, key = str(uuid.uuid4()), new_key()
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
     result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)

@@ -185,6 +185,13 @@ def main_group() -> None:
 )
 @click.option("--ws-backend-issuer", default=None, help="When set, OSMO backend tokens must have this `iss`.")
 @click.option(
+    "--ws-workflow-aliases",
+    default=None,
+    help='JSON file {"name or UUID": "workflow id"} the orchestrator keeps: a WebSocket client\'s URL '
+    "workflow is resolved through it (re-read when it changes), so OSMO's CLI meets osmo-ctrl, which "
+    "dials with the ID. The client's token must reach the resolved workflow.",
+)
+@click.option(
     "--jwt-hs256-secret",
     default=None,
     envvar="OSMO_JWT_HS256_SECRET",

@@ -52,6 +52,8 @@ class RouterConfig:
     ws_backend_workflow_claim: str = "osmo_workflow_id"
     #: When set, such tokens must also have this issuer (`iss`).
     ws_backend_issuer: str | None = None
+    #: A JSON file of workflow names (as OSMO's CLI types them) to workflow IDs, for WS clients (ws/aliases.py).
+    ws_workflow_aliases: str | None = None
     session_ttl: float = 30 * 60.0
     rendezvous_timeout: float = 60.0
     flow_control_buffer: int = 16
