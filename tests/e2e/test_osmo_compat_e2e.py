@@ -477,6 +477,33 @@ def _rsync_up_down_old_client(
     assert _tree(down / "data") == _tree(src)
 
 
+def test_backend_speaks_first_before_the_client_joins(router: Router) -> None:
+    """The rsync daemon greets first (`@RSYNCD: ...`): what a backend sends while it waits reaches the client first.
+
+    osmo-ctrl dials the connection's backend side as soon as the control message arrives and
+    forwards the daemon's greeting at once, often before the CLI's side of that connection joined.
+    """
+    workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
+    greeting = b"@RSYNCD: 31.0 sha512 sha256 sha1 md5 md4\n"
+
+    async def body() -> tuple[bytes, bytes]:
+        backend = await osmo.websockets.client.connect(
+            f"{ws_base(router)}/api/router/portforward/{workflow}/backend/{key}", open_timeout=10
+        )
+        await backend.send(greeting)
+        await asyncio.sleep(0.3)  # the router reads (and keeps) it while no client is there
+        client = await osmo.create_websocket(ws_base(router), f"api/router/rsync/{workflow}/client/{key}")
+        async with asyncio.timeout(10):
+            first = await client.recv()
+            await client.send(b"osmo\n")
+            answer = await backend.recv()
+        await client.close()
+        await backend.close()
+        return bytes(first) if isinstance(first, bytes) else first.encode(), bytes(answer)  # type: ignore[arg-type]
+
+    assert run(body, timeout=30) == (greeting, b"osmo\n")
+
+
 def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[Proc], tmp_path: Path) -> None:
     workflow, keys = f"wf-{uuid.uuid4().hex[:8]}", (new_key(), new_key())
     remote = tmp_path / "remote"
