@@ -181,7 +181,7 @@ class Signer:
 
     def token(
         self,
-        sub: str = "alice",
+        sub: str | None = "alice",
         *,
         workflows: Any = None,
         role: str | None = None,
@@ -189,8 +189,10 @@ class Signer:
         ttl: float = 600.0,
         **extra: Any,
     ) -> str:
-        """A signed token; pass ttl < 0 for an expired one, aud=None to leave `aud` out."""
-        claims: dict[str, Any] = {"sub": sub, "exp": int(time.time() + ttl), "iat": int(time.time())}
+        """A signed token; pass ttl < 0 for an expired one, aud=None (sub=None) to leave `aud` (`sub`) out."""
+        claims: dict[str, Any] = {"exp": int(time.time() + ttl), "iat": int(time.time())}
+        if sub is not None:
+            claims["sub"] = sub
         if aud is not None:
             claims["aud"] = aud
         if workflows is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import pty
 import re
@@ -45,8 +46,8 @@ WAIT = 60.0
 #: Router-side causes (issue 16), each naming where in our code it happens.
 WORKFLOW_NAME = (
     "issue 16 (3): the OSMO CLI puts the workflow in the URL as typed (name or UUID), the backend its ID; "
-    "the old router ignored it, ours binds the key to the workflow "
-    "(router/sessions.py join_client and join_agent: PERMISSION_DENIED)"
+    "the old router ignored it, ours scopes session keys by workflow (core/sessions.py scoped_key), so "
+    "without --ws-workflow-aliases the client waits in the typed name's key space and never meets the backend"
 )
 OUT_OF_BAND = (
     "issue 16 (4): an old client's URL names no target port (OSMO's service tells the backend out of band); "
@@ -57,10 +58,6 @@ OUT_OF_BAND_RSYNC = (
     "issue 16 (4): an old rsync client speaks the rsync daemon protocol (rsync://, module osmo) through a "
     "port-forward control channel; the router makes it an RsyncInit with no server args "
     "(router/ws_init.py client_init) and the agent runs `rsync --server`, not a daemon"
-)
-AUTH_ROLE = (
-    "issue 16 (7): under --auth=jwt a backend needs `role: agent` (router/auth.py); OSMO's backends hold "
-    "the workflow's service token, not an agent token"
 )
 
 
@@ -159,12 +156,34 @@ def test_exec_command_old_client_grpc_agent(router: Router, blob: Path, stopper:
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
 
 
+def _alias_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, Path]:
+    """A router with --ws-workflow-aliases at a file that does not exist yet (the test writes it)."""
+    aliases = tmp_path / "aliases.json"
+    router = Router("--ws-workflow-aliases", str(aliases))
+    stopper.append(router)
+    return router, aliases
+
+
 @pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
 def test_exec_workflow_named_by_uuid(router: Router, blob: Path, stopper: list[Proc]) -> None:
     """The user typed the workflow's name; osmo-ctrl dials with the workflow's ID (cmdArgs.Workflow)."""
     name, workflow_id, key = f"my-wf-{uuid.uuid4().hex[:4]}", str(uuid.uuid4()), new_key()
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", f"cat {blob}"))
     _text, ended = run(lambda: osmo.exec_command(ws_base(router), name, key, "", "task1"), timeout=15)
+    assert ended.how == "closed ok" and ended.close_code == 1000, ended
+    assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
+
+
+def test_exec_workflow_named_by_uuid_with_aliases(tmp_path: Path, blob: Path, stopper: list[Proc]) -> None:
+    """--ws-workflow-aliases: the orchestrator maps the UUID the user typed to the ID osmo-ctrl dials with.
+
+    The file is written after the router started: it is read again when it changes.
+    """
+    router, aliases = _alias_router(tmp_path, stopper)
+    typed, workflow_id, key = str(uuid.uuid4()), f"my-wf-{uuid.uuid4().hex[:4]}", new_key()
+    stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", f"cat {blob}"))
+    aliases.write_text(json.dumps({typed: workflow_id}))
+    _text, ended = run(lambda: osmo.exec_command(ws_base(router), typed, key, "", "task1"), timeout=15)
     assert ended.how == "closed ok" and ended.close_code == 1000, ended
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
 
@@ -416,7 +435,16 @@ def _make_source(root: Path) -> None:
     (root / "sub" / "b.txt").write_text("hello\n" * 1000)
 
 
-def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path: Path, timeout: int = 30) -> None:
+def _rsync_up_down_old_client(
+    router: Router, workflow: str, keys: tuple[str, str], tmp_path: Path, timeout: int = 30
+) -> None:
+    """An upload, then a download, each its own RsyncClient run with its own key.
+
+    OSMO's CLI asks the service for each run (`POST api/workflow/{id}/rsync/task/{task}`), which
+    answers a new key `RSYNC-<id>` (workflow_service.py action_request_helper) and tells osmo-ctrl
+    to open a new control channel for it (ctrl.go ActionRsync -> userPortForwardTCP): one key
+    serves one run, and the old router ended the backend's control channel with the client's.
+    """
     src, down = tmp_path / "src", tmp_path / "down"
     _make_source(src)
 
@@ -424,7 +452,7 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
         up = await osmo.rsync_client(
             ws_base(router),
             workflow,
-            key,
+            keys[0],
             "",
             direction="upload",
             local_path=f"{src}/",
@@ -434,7 +462,7 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
         back = await osmo.rsync_client(
             ws_base(router),
             workflow,
-            key,
+            keys[1],
             "",
             direction="download",
             local_path=str(down),
@@ -449,18 +477,40 @@ def _rsync_up_down_old_client(router: Router, workflow: str, key: str, tmp_path:
     assert _tree(down / "data") == _tree(src)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 (2): rsync and portforward now pair on the key (ws/sides.py _serves) and the upload "
-    "passes; the download does not: the rsync daemon's greeting does not reach the old client "
-    "('did not see server greeting'), cause not found yet",
-)
-def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[Proc], tmp_path: Path) -> None:
+def test_backend_speaks_first_before_the_client_joins(router: Router) -> None:
+    """The rsync daemon greets first (`@RSYNCD: ...`): what a backend sends while it waits reaches the client first.
+
+    osmo-ctrl dials the connection's backend side as soon as the control message arrives and
+    forwards the daemon's greeting at once, often before the CLI's side of that connection joined.
+    """
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
+    greeting = b"@RSYNCD: 31.0 sha512 sha256 sha1 md5 md4\n"
+
+    async def body() -> tuple[bytes, bytes]:
+        backend = await osmo.websockets.client.connect(
+            f"{ws_base(router)}/api/router/portforward/{workflow}/backend/{key}", open_timeout=10
+        )
+        await backend.send(greeting)
+        await asyncio.sleep(0.3)  # the router reads (and keeps) it while no client is there
+        client = await osmo.create_websocket(ws_base(router), f"api/router/rsync/{workflow}/client/{key}")
+        async with asyncio.timeout(10):
+            first = await client.recv()
+            await client.send(b"osmo\n")
+            answer = await backend.recv()
+        await client.close()
+        await backend.close()
+        return bytes(first) if isinstance(first, bytes) else first.encode(), bytes(answer)  # type: ignore[arg-type]
+
+    assert run(body, timeout=30) == (greeting, b"osmo\n")
+
+
+def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[Proc], tmp_path: Path) -> None:
+    workflow, keys = f"wf-{uuid.uuid4().hex[:8]}", (new_key(), new_key())
     remote = tmp_path / "remote"
     remote.mkdir()
-    stopper.append(OldBackend(router, "rsync", workflow, key, "--root", str(remote)))
-    _rsync_up_down_old_client(router, workflow, key, tmp_path, timeout=8)
+    for key in keys:  # osmo-ctrl opens one control channel per rsync action (per key)
+        stopper.append(OldBackend(router, "rsync", workflow, key, "--root", str(remote)))
+    _rsync_up_down_old_client(router, workflow, keys, tmp_path, timeout=8)
     assert _tree(remote / "data") == _tree(tmp_path / "src")
 
 
@@ -469,11 +519,12 @@ def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[
 def test_rsync_up_and_down_old_client_our_agent(
     router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str
 ) -> None:
-    workflow, key = grpc_workflow, new_key()
+    workflow, keys = grpc_workflow, (new_key(), new_key())
     if agent == "ws":
         workflow = f"wf-{uuid.uuid4().hex[:8]}"
-        stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
-    _rsync_up_down_old_client(router, workflow, key, tmp_path, timeout=8)
+        for key in keys:
+            stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
+    _rsync_up_down_old_client(router, workflow, keys, tmp_path, timeout=8)
 
 
 # --- ?timeout= (rsync's RsyncClient passes it) ---------------------------------------------------
@@ -497,24 +548,62 @@ def test_timeout_expiry_closes_with_1000(router: Router) -> None:
 # --- auth (--auth=jwt) ---------------------------------------------------------------------------
 
 
-def _jwt_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, object]:
+#: What marks OSMO's backend tokens in these tests (`--ws-backend-role`): OSMO's default `ctrl_roles`.
+OSMO_CTRL_ROLE = "osmo-ctrl"
+
+
+def _jwt_router(tmp_path: Path, stopper: list[Proc], *args: str) -> tuple[Router, object]:
     from tests.security_kit import Signer
 
     signer = Signer.rs256()
     (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
-    router = Router("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem"), secure=True)
+    pem = str(tmp_path / "jwt.pem")
+    router = Router("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", pem, *args, secure=True)
     stopper.append(router)
     return router, signer
 
 
-@pytest.mark.xfail(strict=True, reason=AUTH_ROLE)
+def _osmo_ctrl_token(signer: object, workflow: str) -> str:
+    """The token osmo-ctrl holds: auth_service.py _create_jwt_from_refresh_token -> auth.py create_idtoken_jwt.
+
+    `unique_name` (the submitting user), `roles` (service_auth.ctrl_roles, by default
+    `["osmo-user", "osmo-ctrl"]`), `osmo_workflow_id`, and no `sub`.
+    """
+    return signer.token(  # type: ignore[attr-defined,no-any-return]
+        None, unique_name="alice", roles=["osmo-user", OSMO_CTRL_ROLE], osmo_workflow_id=workflow, iss="osmo"
+    )
+
+
+async def _handshake_status(url: str, token: str, first: bytes | None = None) -> int | str:
+    """The HTTP status of a WebSocket handshake with `Authorization: Bearer token`; 101 when upgraded.
+
+    With `first`, an upgraded WebSocket sends it and reads on: its close (`code reason`) is the answer.
+    """
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        ws = await osmo.websockets.client.connect(url, extra_headers=headers, open_timeout=10)
+    except osmo.websockets.exceptions.InvalidStatusCode as err:
+        return int(err.status_code)
+    if first is None:
+        await ws.close()
+        return 101
+    await ws.send(first)
+    try:
+        async with asyncio.timeout(10):
+            await ws.recv()
+    except osmo.websockets.exceptions.ConnectionClosed as err:
+        return f"{err.rcvd.code if err.rcvd else None} {err.rcvd.reason if err.rcvd else ''}"
+    await ws.close()
+    return "open"
+
+
 @pytest.mark.parametrize("client", ["old", "new"])
 def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Proc], client: str) -> None:
-    """A JWT router: the CLI with the user's token, osmo-ctrl with the workflow's (no `role: agent`)."""
-    router, signer = _jwt_router(tmp_path, stopper)
+    """A JWT router with --ws-backend-role: the CLI with the user's token, osmo-ctrl with the workflow's."""
+    router, signer = _jwt_router(tmp_path, stopper, "--ws-backend-role", OSMO_CTRL_ROLE, "--ws-backend-issuer", "osmo")
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     user = signer.token("alice", workflows=[workflow])  # type: ignore[attr-defined]
-    service = signer.token("osmo-ctrl", workflows=[workflow])  # type: ignore[attr-defined]
+    service = _osmo_ctrl_token(signer, workflow)
     command = f"cat {blob}" if client == "old" else f"sh -c 'cat > {blob.parent / 'got.txt'}'"
     backend = OldBackend(router, "exec", workflow, key, "--command", command, "--token", service, wait=False)
     stopper.append(backend)
@@ -541,6 +630,49 @@ def test_old_backend_under_jwt_auth(tmp_path: Path, blob: Path, stopper: list[Pr
     ended = run(body)
     assert ended.close_code == 1000, ended
     assert sha(terminal_text(bytes(ended.output))) == sha(blob.read_bytes())
+
+
+def test_osmo_backend_token_serves_its_workflow_on_the_ws_backend_endpoint_only(
+    tmp_path: Path, stopper: list[Proc]
+) -> None:
+    """An OSMO backend token: refused for another workflow, on the client endpoint, and without the flag."""
+    router, signer = _jwt_router(tmp_path, stopper, "--ws-backend-role", OSMO_CTRL_ROLE)
+    plain, _ = _jwt_router(tmp_path, stopper)  # same key, no --ws-backend-role
+    workflow, other = f"wf-{uuid.uuid4().hex[:8]}", f"wf-{uuid.uuid4().hex[:8]}"
+    service = _osmo_ctrl_token(signer, workflow)
+
+    def url(r: Router, wf: str, side: str) -> str:
+        return f"{ws_base(r)}/api/router/exec/{wf}/{side}/{new_key()}?timeout=1"
+
+    size = osmo.size_message(24, 80)
+
+    async def body() -> dict[str, int | str]:
+        return {
+            "own workflow, backend": await _handshake_status(url(router, workflow, "backend"), service),
+            "other workflow, backend": await _handshake_status(url(router, other, "backend"), service),
+            "own workflow, client": await _handshake_status(url(router, workflow, "client"), service, size),
+            "router without the flag": await _handshake_status(url(plain, workflow, "backend"), service),
+        }
+
+    assert run(body, timeout=60) == {
+        "own workflow, backend": 101,
+        "other workflow, backend": 403,
+        "own workflow, client": "4000 PERMISSION_DENIED: alice holds an OSMO backend token; "
+        "it cannot open client sessions",
+        "router without the flag": 401,
+    }
+
+
+def test_workflow_alias_is_authorized_as_the_resolved_workflow(tmp_path: Path, stopper: list[Proc]) -> None:
+    """Under --auth=jwt an aliased URL is the workflow it resolves to: a token for the typed name only is refused."""
+    aliases = tmp_path / "aliases.json"
+    typed, workflow_id = str(uuid.uuid4()), f"wf-{uuid.uuid4().hex[:8]}"
+    aliases.write_text(json.dumps({typed: workflow_id}))
+    router, signer = _jwt_router(tmp_path, stopper, "--ws-workflow-aliases", str(aliases))
+    user = signer.token("alice", workflows=[typed])  # type: ignore[attr-defined]
+    url = f"{ws_base(router)}/api/router/exec/{typed}/client/{new_key()}"
+    answer = run(lambda: _handshake_status(url, user, osmo.size_message(24, 80)), timeout=30)
+    assert answer == f"4000 PERMISSION_DENIED: alice has no access to workflow {workflow_id!r}"
 
 
 def test_old_client_with_user_token_reaches_grpc_agent_under_jwt(tmp_path: Path, stopper: list[Proc]) -> None:
@@ -715,9 +847,22 @@ def test_new_client_rsync_path_outside_the_module_is_refused(router: Router, tmp
     assert b"outside module 'osmo'" in result.stderr
 
 
+def test_new_client_workflow_named_differently_from_the_backend(tmp_path: Path, stopper: list[Proc]) -> None:
+    """The user gives the workflow's name; osmo-ctrl dialed with its ID: resolved by --ws-workflow-aliases."""
+    router, aliases = _alias_router(tmp_path, stopper)
+    workflow_id, key = str(uuid.uuid4()), new_key()
+    aliases.write_text(json.dumps({f"my-wf-{key[:4]}": workflow_id}))
+    stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
+    result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert b"hi" in result.stdout
+
+
 @pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
-def test_new_client_workflow_named_differently_from_the_backend(router: Router, stopper: list[Proc]) -> None:
-    """The user gives the workflow's name; osmo-ctrl dialed with its ID."""
+def test_new_client_workflow_named_differently_from_the_backend_without_aliases(
+    router: Router, stopper: list[Proc]
+) -> None:
+    """Without --ws-workflow-aliases the name is its own key space: the client never meets the backend."""
     workflow_id, key = str(uuid.uuid4()), new_key()
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
     result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)

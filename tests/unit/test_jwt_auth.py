@@ -271,3 +271,83 @@ def test_kid_unknown_to_jwks_falls_back_to_the_public_key() -> None:
         asyncio.run(scenario())
     finally:
         server.close()
+
+
+# --- OSMO backend tokens (--ws-backend-role) ---------------------------------------------------
+
+
+def osmo_ctrl_claims(workflow: str = "wf-1", **extra: object) -> dict[str, object]:
+    """The verified claims of osmo-ctrl's token (OSMO auth.py create_idtoken_jwt with ctrl_roles): no `sub`."""
+    claims: dict[str, object] = {
+        "iss": "osmo",
+        "aud": "osmo-router",
+        "exp": int(time.time()) + 600,
+        "unique_name": "alice",
+        "roles": ["osmo-user", "osmo-ctrl"],
+        "osmo_workflow_id": workflow,
+    }
+    claims.update(extra)
+    return claims
+
+
+def test_osmo_backend_token_serves_its_own_workflow_only() -> None:
+    from osmo_router.router.auth.identity import ROLE_LEGACY_BACKEND
+    from osmo_router.router.auth.jwt import LegacyBackendRule
+
+    identity = identity_from_claims(osmo_ctrl_claims(), LegacyBackendRule("osmo-ctrl"))
+    assert (identity.subject, identity.role, identity.workflows) == ("alice", ROLE_LEGACY_BACKEND, ("wf-1",))
+    with pytest.raises(PermissionDenied):  # gRPC agent services and the placer call this
+        identity.require_agent()
+    with pytest.raises(PermissionDenied, match="OSMO backend token"):  # every client endpoint
+        identity.require_user()
+    with pytest.raises(PermissionDenied, match="no access to workflow 'wf-2'"):
+        identity.as_legacy_backend("wf-2")
+    backend = identity.as_legacy_backend("wf-1")  # the WebSocket backend endpoint only
+    assert (backend.role, backend.workflows) == (ROLE_AGENT, ("wf-1",))
+    backend.require_agent()
+    with pytest.raises(PermissionDenied):
+        backend.require_workflow("wf-2")
+
+
+def test_osmo_backend_rule_needs_the_role_the_issuer_and_a_workflow() -> None:
+    from osmo_router.router.auth.jwt import LegacyBackendRule
+
+    rule = LegacyBackendRule("osmo-ctrl", issuer="osmo")
+    # A user's OSMO token (user_roles: osmo-user only) is not a backend token: no `sub`, so refused.
+    with pytest.raises(Unauthenticated, match="'sub'"):
+        identity_from_claims(osmo_ctrl_claims(roles=["osmo-user"]), rule)
+    # Another issuer's token with the role is not one either.
+    with pytest.raises(Unauthenticated, match="'sub'"):
+        identity_from_claims(osmo_ctrl_claims(iss="elsewhere"), rule)
+    for workflow in ("", "*", None):
+        with pytest.raises(Unauthenticated, match="osmo_workflow_id"):
+            identity_from_claims(osmo_ctrl_claims(workflow=workflow), rule)  # type: ignore[arg-type]
+    # `workflows` on a backend token widens nothing.
+    identity = identity_from_claims(osmo_ctrl_claims(workflows=["*"], sub="ctrl"), rule)
+    assert (identity.subject, identity.workflows) == ("ctrl", ("wf-1",))
+    # Without the rule, the same token with a `sub` is a user's, limited to its `workflows`.
+    assert identity_from_claims(osmo_ctrl_claims(sub="ctrl")).role == ROLE_USER
+
+
+def test_jwt_authenticator_accepts_osmo_backend_tokens_only_with_the_rule() -> None:
+    from osmo_router.router.auth.identity import ROLE_LEGACY_BACKEND
+    from osmo_router.router.auth.jwt import LegacyBackendRule
+
+    token = RSA.token(None, **{k: v for k, v in osmo_ctrl_claims().items() if k not in ("aud", "exp")})
+    assert refusal(JwtAuthenticator(public_key_pem=RSA.public_pem()), token) == "token has no 'sub' claim"
+    auth = JwtAuthenticator(public_key_pem=RSA.public_pem(), legacy_backend=LegacyBackendRule("osmo-ctrl"))
+    assert authenticate(auth, token).role == ROLE_LEGACY_BACKEND
+    # With the rule, other tokens still need `sub`.
+    assert refusal(auth, RSA.token(None, workflows=["wf-1"])) == "token has no 'sub' claim"
+
+
+def test_ws_backend_role_flags_are_validated() -> None:
+    base = {"auth": "jwt", "jwt_public_key": "/k.pem"}
+    RouterConfig(**base, ws_backend_role="osmo-ctrl").validate()  # type: ignore[arg-type]
+    for bad in (
+        {"ws_backend_role": "agent"},
+        {"ws_backend_role": "*"},
+        {"ws_backend_role": "x", "ws_backend_workflow_claim": ""},
+    ):
+        with pytest.raises(ValueError, match="ws-backend"):
+            RouterConfig(**base, **bad).validate()  # type: ignore[arg-type]

@@ -84,6 +84,27 @@ def main_group() -> None:
 @click.option("--jwks-url", default=None, help="JWKS URL to fetch signing keys from (cached, refreshed).")
 @click.option("--jwt-audience", default="osmo-router", show_default=True, help="Required `aud` claim.")
 @click.option(
+    "--ws-backend-role",
+    default="",
+    help="Role value (in the token's `roles` list or `role`) of OSMO backends' workflow tokens: such a "
+    "token may serve the workflow its --ws-backend-workflow-claim names, on the WebSocket backend "
+    "endpoint only (docs/security.md). Empty: none is accepted.",
+)
+@click.option(
+    "--ws-backend-workflow-claim",
+    default="osmo_workflow_id",
+    show_default=True,
+    help="Claim of an OSMO backend token that names its workflow.",
+)
+@click.option("--ws-backend-issuer", default=None, help="When set, OSMO backend tokens must have this `iss`.")
+@click.option(
+    "--ws-workflow-aliases",
+    default=None,
+    help='JSON file {"name or UUID": "workflow id"} the orchestrator keeps: a WebSocket client\'s URL '
+    "workflow is resolved through it (re-read when it changes), so OSMO's CLI meets osmo-ctrl, which "
+    "dials with the ID. The client's token must reach the resolved workflow.",
+)
+@click.option(
     "--jwt-hs256-secret",
     default=None,
     envvar="OSMO_JWT_HS256_SECRET",

@@ -10,6 +10,9 @@ from osmo_router.wire.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
 #: Smallest --max-message-size: a full bulk data chunk plus its framing must fit, with room to spare.
 MIN_MESSAGE_SIZE = 2 * BULK_CHUNK_SIZE
 
+#: The role claim of agent tokens (auth/identity.py ROLE_AGENT); not usable as --ws-backend-role.
+ROLE_AGENT_VALUE = "agent"
+
 #: Shortest accepted --peer-secret: it guards every stream relayed between replicas.
 MIN_PEER_SECRET = 16
 
@@ -42,6 +45,15 @@ class RouterConfig:
     jwks_url: str | None = None
     jwt_audience: str = "osmo-router"
     jwt_hs256_secret: str | None = None
+    #: A role value marking OSMO backends' workflow tokens, accepted on the WS backend endpoint only
+    #: for the workflow the token names (auth/jwt.py LegacyBackendRule); "" accepts none.
+    ws_backend_role: str = ""
+    #: The claim of such a token that names its workflow.
+    ws_backend_workflow_claim: str = "osmo_workflow_id"
+    #: When set, such tokens must also have this issuer (`iss`).
+    ws_backend_issuer: str | None = None
+    #: A JSON file of workflow names (as OSMO's CLI types them) to workflow IDs, for WS clients (ws/aliases.py).
+    ws_workflow_aliases: str | None = None
     session_ttl: float = 30 * 60.0
     rendezvous_timeout: float = 60.0
     flow_control_buffer: int = 16
@@ -113,6 +125,10 @@ class RouterConfig:
             raise ValueError(
                 "--auth=jwt needs --jwt-public-key or --jwks-url (or, for development, --jwt-hs256-secret)"
             )
+        if self.ws_backend_role and not self.ws_backend_workflow_claim:
+            raise ValueError("--ws-backend-role needs a --ws-backend-workflow-claim")
+        if self.ws_backend_role in (ROLE_AGENT_VALUE, "*"):
+            raise ValueError(f"--ws-backend-role cannot be {self.ws_backend_role!r}")
         if self.max_message_size < MIN_MESSAGE_SIZE:
             raise ValueError(
                 f"--max-message-size must be at least {MIN_MESSAGE_SIZE} (bulk data chunks are {BULK_CHUNK_SIZE})"

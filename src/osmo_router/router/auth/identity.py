@@ -7,7 +7,7 @@ implements the same interface; the services only ever see an `Identity`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from osmo_router.wire.errors import PermissionDenied
@@ -16,6 +16,9 @@ ROLE_AGENT = "agent"
 ROLE_USER = "user"
 #: The development identity of --auth=none (loopback only): may act as an agent and as a user.
 ROLE_ANY = "any"
+#: An OSMO backend (osmo-ctrl) holding its workflow's service token (`--ws-backend-role`, auth/jwt.py):
+#: it may serve its one workflow on the old router's WebSocket backend endpoint, and nothing else.
+ROLE_LEGACY_BACKEND = "legacy-backend"
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,26 @@ class Identity:
         """Raise PermissionDenied for agent identities: an agent's token cannot open client sessions.
 
         A workload's token is readable inside its container; were it good for exec, code in one
-        task could enter every other task of the workflow through the router.
+        task could enter every other task of the workflow through the router. The same holds for
+        an OSMO backend's workflow token.
         """
         if self.role == ROLE_AGENT:
             raise PermissionDenied(f"{self.subject} holds an agent token; agents cannot open client sessions")
+        if self.role == ROLE_LEGACY_BACKEND:
+            raise PermissionDenied(f"{self.subject} holds an OSMO backend token; it cannot open client sessions")
+
+    def as_legacy_backend(self, workflow_id: str) -> Identity:
+        """The identity an old-protocol WebSocket backend serves `workflow_id` with.
+
+        Only the WebSocket backend endpoint calls this. An OSMO backend token (ROLE_LEGACY_BACKEND)
+        becomes an agent identity for its own workflow only (PermissionDenied for any other); every
+        other identity is returned as it is (an agent token still serves, a user token is refused
+        later by `require_agent`).
+        """
+        if self.role != ROLE_LEGACY_BACKEND:
+            return self
+        self.require_workflow(workflow_id)
+        return replace(self, role=ROLE_AGENT, workflows=(workflow_id,))
 
 
 class Authenticator(Protocol):

@@ -9,6 +9,13 @@ from the token alone, so a token cannot pick a weaker check ("none", HS256 with 
 Claims become an Identity: `sub`, `workflows` (ids the bearer may reach, `["*"]` for all; missing
 means none), `role` (`agent` for agents, anything else is a user). Verified tokens are cached by
 their text for a short while, bounded in size, so a stream costs one dictionary lookup.
+
+With `--ws-backend-role R` (a `LegacyBackendRule`), a token whose `roles` list (or `role`) holds R,
+and whose `iss` is `--ws-backend-issuer` when that is set, is an OSMO backend's workflow token
+(OSMO's `create_idtoken_jwt` with `ctrl_roles`, e.g. `["osmo-user", "osmo-ctrl"]`): it names its
+one workflow in `--ws-backend-workflow-claim` (`osmo_workflow_id`), may lack `sub` (its subject is
+then `unique_name`), and becomes a ROLE_LEGACY_BACKEND identity for that workflow alone, which only
+the WebSocket backend endpoint accepts (identity.py `as_legacy_backend`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -24,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt import exceptions as jwt_errors
 
-from osmo_router.router.auth.identity import ROLE_AGENT, ROLE_USER, Identity
+from osmo_router.router.auth.identity import ROLE_AGENT, ROLE_LEGACY_BACKEND, ROLE_USER, Identity
 from osmo_router.router.auth.jwks import JwksKeys
 from osmo_router.router.config import RouterConfig
 from osmo_router.wire.errors import Unauthenticated
@@ -74,8 +82,40 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str:
     raise Unauthenticated("no bearer token: pass --token or set OSMO_TOKEN")
 
 
-def identity_from_claims(claims: dict[str, Any]) -> Identity:
+@dataclass(frozen=True)
+class LegacyBackendRule:
+    """Which verified tokens are OSMO backends' workflow tokens (see the module docstring)."""
+
+    #: The role value that marks them, in the `roles` list claim or the `role` claim.
+    role: str
+    #: The claim that names the one workflow the token serves.
+    workflow_claim: str = "osmo_workflow_id"
+    #: When set, only tokens of this issuer (`iss`) are backend tokens.
+    issuer: str | None = None
+
+    def matches(self, claims: dict[str, Any]) -> bool:
+        """Whether verified claims are a backend token under this rule."""
+        roles = claims.get("roles")
+        marked = claims.get("role") == self.role or (isinstance(roles, list) and self.role in roles)
+        return marked and (self.issuer is None or claims.get("iss") == self.issuer)
+
+    def identity(self, claims: dict[str, Any]) -> Identity:
+        """The ROLE_LEGACY_BACKEND identity of a matching token; Unauthenticated when it names no workflow."""
+        workflow = claims.get(self.workflow_claim)
+        if not isinstance(workflow, str) or not workflow or workflow == "*":
+            raise Unauthenticated(f"OSMO backend token has no {self.workflow_claim!r} claim naming its workflow")
+        subject = claims.get("sub") or claims.get("unique_name")
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated("OSMO backend token has neither a 'sub' nor a 'unique_name' claim")
+        exp = claims.get("exp")
+        expires = float(exp) if isinstance(exp, int | float) else None
+        return Identity(subject, ROLE_LEGACY_BACKEND, (workflow,), claims, expires=expires)
+
+
+def identity_from_claims(claims: dict[str, Any], legacy_backend: LegacyBackendRule | None = None) -> Identity:
     """The Identity that verified claims describe; raises Unauthenticated on malformed claims."""
+    if legacy_backend is not None and legacy_backend.matches(claims):
+        return legacy_backend.identity(claims)
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise Unauthenticated("token has no 'sub' claim")
@@ -166,6 +206,7 @@ class JwtAuthenticator:
         leeway: float = LEEWAY,
         cache: TokenCache | None = None,
         clock: Callable[[], float] = time.time,
+        legacy_backend: LegacyBackendRule | None = None,
     ) -> None:
         if public_key_pem is None and jwks is None and hs256_secret is None:
             raise ValueError(
@@ -180,6 +221,7 @@ class JwtAuthenticator:
         self._leeway = leeway
         self._cache = cache if cache is not None else TokenCache()
         self._clock = clock
+        self._legacy_backend = legacy_backend
 
     @classmethod
     def from_config(cls, config: RouterConfig) -> JwtAuthenticator:
@@ -193,6 +235,11 @@ class JwtAuthenticator:
             public_key_pem=pem,
             jwks=JwksKeys(config.jwks_url) if config.jwks_url else None,
             hs256_secret=config.jwt_hs256_secret,
+            legacy_backend=LegacyBackendRule(
+                config.ws_backend_role, config.ws_backend_workflow_claim, config.ws_backend_issuer or None
+            )
+            if config.ws_backend_role
+            else None,
         )
 
     async def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
@@ -203,13 +250,13 @@ class JwtAuthenticator:
         if cached is not None:
             return cached
         claims = await self.verify(token)
-        identity = identity_from_claims(claims)
+        identity = identity_from_claims(claims, self._legacy_backend)
         self._cache.put(token, identity, now, float(claims["exp"]) + self._leeway)
         return identity
 
     async def revalidate(self, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
         """The identity of the call's bearer token verified afresh: keys removed from the JWKS now fail it."""
-        return identity_from_claims(await self.verify(bearer_token(metadata)))
+        return identity_from_claims(await self.verify(bearer_token(metadata)), self._legacy_backend)
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The verified claims of a token; raises Unauthenticated with the reason otherwise."""
@@ -227,7 +274,8 @@ class JwtAuthenticator:
                 algorithms=[str(algorithm)],
                 audience=self.audience,
                 leeway=self._leeway,
-                options={"require": ["exp", "sub", "aud"]},
+                # OSMO's backend tokens carry no `sub` (identity_from_claims requires it of the others).
+                options={"require": ["exp", "aud"] if self._legacy_backend else ["exp", "sub", "aud"]},
             )
         except jwt_errors.PyJWTError as err:
             raise Unauthenticated(_describe(err, self.audience)) from None

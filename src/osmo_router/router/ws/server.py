@@ -20,6 +20,7 @@ from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
 from osmo_router.router.core.side import AgentJoin, ClientJoin
 from osmo_router.router.ops.http_limits import serve_app, ws_limits
+from osmo_router.router.ws.aliases import WorkflowAliases
 from osmo_router.router.ws.init import client_init
 from osmo_router.router.ws.sides import WsBackendSide, WsClientSide
 from osmo_router.wire.errors import InvalidArgument, RouterError
@@ -73,6 +74,8 @@ class WsServer:
         self._runner: web.AppRunner | None = None
         # An exec client's first message, passed verbatim to a WS backend (byte compatibility), by key.
         self._first_messages: dict[str, bytes] = {}
+        # A client's workflow as typed (name or UUID), to the ID backends dial with (--ws-workflow-aliases).
+        self._aliases = WorkflowAliases(config.ws_workflow_aliases)
         self.port = 0
 
     def app(self) -> web.Application:
@@ -128,7 +131,7 @@ class WsServer:
         return await self._auth.authenticate(metadata)
 
     async def _client(self, request: web.Request) -> web.StreamResponse:
-        workflow, key = request.match_info["workflow"], request.match_info["key"]
+        workflow, key = self._aliases.resolve(request.match_info["workflow"]), request.match_info["key"]
         operation = BY_LABEL.get(request.match_info["operation"])
         label = operation.label if operation is not None else "unknown"
         side = WsClientSide(request, self._websocket())
@@ -170,7 +173,8 @@ class WsServer:
             task=request.query.get("task", ""),
         )
         try:
-            identity = await self._authenticate(request, operation)
+            # An OSMO backend's workflow token serves its own workflow here, and nowhere else.
+            identity = (await self._authenticate(request, operation)).as_legacy_backend(workflow)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
         except RouterError as err:
             await self._pipeline.refuse(side, CONNECT, err)
