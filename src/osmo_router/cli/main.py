@@ -16,6 +16,7 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.cli.limit_options import connection_limit_options
 from osmo_router.cli.logs import setup_logging
+from osmo_router.cli.migration_options import migration_options
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.dial.config import DialConfig
 from osmo_router.dial.options import dial_config, dial_options
@@ -83,27 +84,6 @@ def main_group() -> None:
 @click.option("--jwt-public-key", default=None, help="PEM file with the RS256/ES256 key that signs tokens.")
 @click.option("--jwks-url", default=None, help="JWKS URL to fetch signing keys from (cached, refreshed).")
 @click.option("--jwt-audience", default="osmo-router", show_default=True, help="Required `aud` claim.")
-@click.option(
-    "--ws-backend-role",
-    default="",
-    help="Role value (in the token's `roles` list or `role`) of OSMO backends' workflow tokens: such a "
-    "token may serve the workflow its --ws-backend-workflow-claim names, on the WebSocket backend "
-    "endpoint only (docs/security.md). Empty: none is accepted.",
-)
-@click.option(
-    "--ws-backend-workflow-claim",
-    default="osmo_workflow_id",
-    show_default=True,
-    help="Claim of an OSMO backend token that names its workflow.",
-)
-@click.option("--ws-backend-issuer", default=None, help="When set, OSMO backend tokens must have this `iss`.")
-@click.option(
-    "--ws-workflow-aliases",
-    default=None,
-    help='JSON file {"name or UUID": "workflow id"} the orchestrator keeps: a WebSocket client\'s URL '
-    "workflow is resolved through it (re-read when it changes), so OSMO's CLI meets osmo-ctrl, which "
-    "dials with the ID. The client's token must reach the resolved workflow.",
-)
 @click.option(
     "--jwt-hs256-secret",
     default=None,
@@ -253,6 +233,7 @@ def main_group() -> None:
     help="Lifetime of this replica's entries in Redis; refreshed every third of it, gone this long after a crash.",
 )
 @connection_limit_options
+@migration_options
 @_log_options
 def serve(log_level: str, log_format: str, **options: Any) -> None:
     """Run the router."""

@@ -1,0 +1,37 @@
+"""The `osmo-router serve` flags of the migration: OSMO's backends and workflow names on the WebSocket port."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def migration_options(f: Any) -> Any:
+    """OSMO backend tokens and workflow aliases (docs/migration.md, docs/security.md)."""
+    options = [
+        click.option(
+            "--ws-backend-role",
+            default="",
+            help="Role value (in the token's `roles` list or `role`) of OSMO backends' workflow tokens: such a "
+            "token may serve the workflow its --ws-backend-workflow-claim names, on the WebSocket backend "
+            "endpoint only (docs/security.md). Empty: none is accepted.",
+        ),
+        click.option(
+            "--ws-backend-workflow-claim",
+            default="osmo_workflow_id",
+            show_default=True,
+            help="Claim of an OSMO backend token that names its workflow.",
+        ),
+        click.option("--ws-backend-issuer", default=None, help="When set, OSMO backend tokens must have this `iss`."),
+        click.option(
+            "--ws-workflow-aliases",
+            default=None,
+            help='JSON file {"name or UUID": "workflow id"} the orchestrator keeps: a WebSocket client\'s URL '
+            "workflow is resolved through it (re-read when it changes), so OSMO's CLI meets osmo-ctrl, which "
+            "dials with the ID. The client's token must reach the resolved workflow.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
