@@ -113,12 +113,7 @@ class FlowQueue:
                 self._getter = None
         if self._error is not None:
             raise self._error
-        item = self._items.pop(0)
-        self._bytes -= len(item)
-        if self._budgets:
-            self._give(len(item))
-        _wake(self._putter)
-        return item
+        return self.pop()
 
     def poll(self) -> bytes | None:
         """The next item without waiting: an item, b"" when none is queued yet (items are never empty),
@@ -126,12 +121,7 @@ class FlowQueue:
         if self._error is not None:
             raise self._error
         if self._items:
-            item = self._items.pop(0)
-            self._bytes -= len(item)
-            if self._budgets:
-                self._give(len(item))
-            _wake(self._putter)
-            return item
+            return self.pop()
         return None if self._ended else b""
 
     def readable(self) -> asyncio.Future[None]:

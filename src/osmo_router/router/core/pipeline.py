@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from osmo_router.io import memtune
 from osmo_router.router.auth.identity import Identity
@@ -125,11 +127,7 @@ class SessionPipeline:
                 await self._wait_paired(session, side, timeout, "agent")
             self._metrics.agent_sessions_by_transport.labels(session.operation_name, side.transport).inc()
             await side.send_first(session.open_message)
-            # relay_side is awaited here, not through a helper: each frame level lives as long as
-            # the session, and a router holds thousands of idle ones.
-            stall = self._config.flow_control_timeout
-            await relay_side(session, side, is_client=False, flow_control_timeout=stall, hooks=self._metrics,
-                             merge=side.merge_frames)  # fmt: skip
+            await self._relay(session, side, is_client=False)
             clean = True
         except RouterError as err:
             failure = err
@@ -191,9 +189,7 @@ class SessionPipeline:
             self._metrics.session_started(op_name, side.transport)
             active = True
             audit.session_event("session start", session, side.peer, transport=side.transport)
-            stall = self._config.flow_control_timeout
-            await relay_side(session, side, is_client=True, flow_control_timeout=stall, hooks=self._metrics,
-                             merge=side.merge_frames)  # fmt: skip
+            await self._relay(session, side, is_client=True)
             clean = True
         except RouterError as err:
             failure = err
@@ -213,6 +209,17 @@ class SessionPipeline:
         if not isinstance(failure, Cancelled):
             self._metrics.error(op_name, failure.code, side.transport)
         await side.refuse(failure)
+
+    def _relay(self, session: Session, side: Side, *, is_client: bool) -> Coroutine[Any, Any, None]:
+        """The relay of one side, as a coroutine for the caller to await.
+
+        A plain function, not a coroutine: awaiting a helper coroutine would keep one more frame
+        alive for the session's whole life, and a router holds thousands of idle sessions.
+        """
+        stall = self._config.flow_control_timeout
+        return relay_side(
+            session, side, is_client=is_client, flow_control_timeout=stall, hooks=self._metrics, merge=side.merge_frames
+        )
 
     async def _relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
         session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject)
