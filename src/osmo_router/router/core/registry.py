@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 MAX_STANDBY_PER_AGENT = MAX_STANDBY_STREAMS
 
 
+class RegistrationHeld(PermissionDenied):
+    """A live registration belongs to another agent credential: it may not be replaced."""
+
+
 class StandbyStream:
     """An agent's Connect stream opened ahead of any session, parked next to its registration.
 
@@ -126,7 +130,7 @@ class AgentRegistry:
         old = self._by_target.get((reg.workflow_id, reg.task))
         if old is not None and old is not reg and old.identity is not None and reg.identity is not None:
             if not old.identity.same_agent(reg.identity):
-                raise PermissionDenied(
+                raise RegistrationHeld(
                     f"workflow {reg.workflow_id!r} task {reg.task!r} is served by another agent credential"
                 )
         replaced = old is not None and old is not reg

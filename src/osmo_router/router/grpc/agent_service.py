@@ -17,7 +17,13 @@ from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.auth.recheck import CredentialWatch
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
-from osmo_router.router.core.registry import MAX_STANDBY_PER_AGENT, AgentRegistration, AgentRegistry, StandbyStream
+from osmo_router.router.core.registry import (
+    MAX_STANDBY_PER_AGENT,
+    AgentRegistration,
+    AgentRegistry,
+    RegistrationHeld,
+    StandbyStream,
+)
 from osmo_router.router.core.sessions import SessionStore, check_id
 from osmo_router.router.core.side import AgentJoin
 from osmo_router.router.grpc.calls import GrpcSide, ServicerContext, abort, authenticate_call, read_init
@@ -27,7 +33,6 @@ from osmo_router.wire.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
-    PermissionDenied,
     ResourceExhausted,
     RouterError,
     Unauthenticated,
@@ -86,7 +91,7 @@ class AgentService:
             reg, watch = await self._accept_registration(context)
             replaced = self._registry.register(reg)
         except RouterError as err:
-            if isinstance(err, PermissionDenied) and "another agent credential" in err.message:
+            if isinstance(err, RegistrationHeld):
                 self._metrics.agent_replacements_total.labels("refused").inc()
             await self._pipeline.refuse(GrpcSide(context, is_client=False), "register", err)
             return
