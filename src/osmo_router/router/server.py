@@ -25,9 +25,9 @@ from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
-from osmo_router.router.ops.conn_limits import grpc_connection_options
+from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options, log_limits
 from osmo_router.router.ops.health import MetricsServer
-from osmo_router.router.ops.http_limits import metrics_limits
+from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
 from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
@@ -136,12 +136,15 @@ class RouterServer:
 
     async def start(self) -> None:
         """Bind the gRPC and metrics ports and start serving."""
+        # One share of the descriptor limit per port, worked out once (it may raise the soft limit).
+        budget = connection_budget(self.config)
+        log_limits(self.config, budget)
         server = grpc.aio.server(
             options=[
                 *server_options(
                     self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
                 ),
-                *grpc_connection_options(self.config),  # issue 14: connection limits and timeouts
+                *grpc_connection_options(self.config, budget),
             ]
         )
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
@@ -171,10 +174,10 @@ class RouterServer:
         for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
-            limits = metrics_limits(self.config)  # issue 14
+            limits = metrics_limits(self.config, budget)
             await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
-            await self.ws_server.start(self.config.host, self.config.ws_port)
+            await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
         self._janitor = asyncio.create_task(self._expire_idle_sessions())
         log.info(
             "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d, websocket on port %d",

@@ -71,7 +71,7 @@ def server_options(
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
         # Connection limits and timeouts (idle, handshake, streams, total) are the router's settings:
-        # router/conn_limits.py grpc_connection_options, passed next to these.
+        # router/ops/conn_limits.py grpc_connection_options, passed next to these.
     ]
 
 

@@ -92,7 +92,7 @@ def _ms(seconds: float) -> int:
     return GRPC_INFINITE_MS if seconds <= 0 else min(GRPC_INFINITE_MS, max(1, int(seconds * 1000)))
 
 
-def grpc_connection_options(config: RouterConfig, budget: ConnectionBudget | None = None) -> list[tuple[str, int]]:
+def grpc_connection_options(config: RouterConfig, budget: ConnectionBudget) -> list[tuple[str, int]]:
     """gRPC server channel arguments for the limits: pass them with `protocol.server_options`.
 
     - `grpc.server_handshake_timeout_ms`: TCP accept to the client's HTTP/2 SETTINGS, TLS included
@@ -104,12 +104,7 @@ def grpc_connection_options(config: RouterConfig, budget: ConnectionBudget | Non
     - `grpc.max_allowed_incoming_connections`: the port's total; past it, gRPC closes a new
       connection at once (the client sees UNAVAILABLE and retries).
     - `grpc.max_concurrent_streams`: per connection; a client past it queues its new streams.
-
-    Called once at start, it logs every limit in force (`log_limits`).
     """
-    if budget is None:
-        budget = connection_budget(config)
-        log_limits(config, budget)
     options = [
         ("grpc.server_handshake_timeout_ms", _ms(config.handshake_timeout)),
         ("grpc.max_connection_idle_ms", _ms(config.max_connection_idle)),

@@ -19,7 +19,7 @@ from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
 from osmo_router.router.core.side import AgentJoin, ClientJoin
-from osmo_router.router.ops.http_limits import serve_app, ws_limits
+from osmo_router.router.ops.http_limits import HttpLimits, serve_app, ws_limits
 from osmo_router.router.ws.aliases import WorkflowAliases
 from osmo_router.router.ws.init import client_init
 from osmo_router.router.ws.sides import WsBackendSide, WsClientSide
@@ -87,15 +87,15 @@ class WsServer:
             app.router.add_get(path, handler)
         return app
 
-    async def start(self, host: str, port: int) -> None:
-        """Listen on host:port (0 picks a free port, stored in `port`)."""
+    async def start(self, host: str, port: int, limits: HttpLimits | None = None) -> None:
+        """Listen on host:port (0 picks a free port, stored in `port`), with the port's connection limits."""
         # Sessions were drained before close; whatever is left is cut off like the gRPC side (grace 1s).
         # Per-address and total connection caps, TLS handshake and header timeouts: ops/http_limits.py.
         self._runner, self.port = await serve_app(
             self.app(),
             host,
             port,
-            ws_limits(self._config),
+            limits or ws_limits(self._config),
             ssl_context=server_ssl_context(self._config),
             shutdown_timeout=1.0,
             registry=self._registry,
