@@ -16,10 +16,12 @@ from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import serve_port_forward
+from osmo_router.agent.held import HeldSessions
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
 from osmo_router.io import memtune
+from osmo_router.resume.stream import SessionLost
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import RouterError
@@ -54,6 +56,7 @@ class Agent:
         self._standby: set[asyncio.Task[None]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._closing = False
+        self.held = HeldSessions(grace=config.resume_grace, replay_bytes=config.replay_buffer_bytes)
 
     async def run(self) -> None:
         """Register and serve forever, reconnecting with exponential backoff and jitter.
@@ -215,6 +218,28 @@ class Agent:
         finally:
             call.cancel()
 
+    async def _serve_new(self, stream: FrameStream, open_msg: pb.SessionOpen) -> None:
+        """A new session: its handler, on a resumable stream when the client asked for one."""
+        handler = self.handlers.get(open_msg.WhichOneof("init") or "")
+        if handler is None:
+            await _refuse(
+                stream, grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
+            )
+            return
+        session: SessionStream = stream
+        if self.held.wants(open_msg):
+            try:
+                session = await self.held.start(stream, open_msg)
+            except SessionLost as lost:
+                await _refuse(stream, lost.code, lost.message)
+                return
+        try:
+            await handler(session, open_msg, self.config)
+        except BaseException:
+            self.held.forget(session)
+            raise
+        await self.held.finish(session)
+
     def _session_ended(self, task: asyncio.Task[None]) -> None:
         """Forget a finished session; once the agent is quiet, give the memory of its buffers back (memtune)."""
         self._sessions.discard(task)
@@ -240,18 +265,20 @@ class Agent:
     async def _serve_opened(self, call: grpc.aio.StreamStreamCall, open_msg: pb.SessionOpen) -> None:
         """Serve a session whose SessionOpen arrived, with the handler for its operation."""
         stream = FrameStream(call, lambda frame: pb.ConnectRequest(frame=frame), raw=True)
-        handler = self.handlers.get(open_msg.WhichOneof("init") or "")
-        if handler is None:
-            await stream.send_error(
-                grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
-            )
-            await stream.close()
-            return
-        await handler(stream, open_msg, self.config)
+        if self.held.is_resume(open_msg):
+            await self.held.attach(stream, open_msg)
+        else:
+            await self._serve_new(stream, open_msg)
         # Let the router take our last frames before the call is torn down.
         with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
             async with asyncio.timeout(10):
                 await call.code()
+
+
+async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:
+    await stream.send_error(code, message)
+    await stream.send(pb.Frame(half_close=pb.HalfClose()))
+    await stream.close()
 
 
 def _log_session_end(session_key: str, err: Exception) -> None:

@@ -29,4 +29,8 @@ class AgentConfig:
     max_udp_sockets_per_session: int = 256
     #: UDP sockets of all UDP forward sessions of the agent process (see agent/forward_udp.py).
     max_udp_sockets: int = 1024
+    #: Seconds a resumable session waits for its client after a break (0: no resume; agent/held.py).
+    resume_grace: float = 300.0
+    #: Bytes of unacknowledged output one resumable session keeps (resume/window.py).
+    replay_buffer_bytes: int = 8 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)

@@ -306,6 +306,25 @@ async def _serve(config: RouterConfig) -> int:
     "of its own session's least recently used one, or its datagram is dropped (counted, logged) "
     "[env OSMO_MAX_UDP_SOCKETS].",
 )
+@click.option(
+    "--resume-grace",
+    envvar="OSMO_RESUME_GRACE",
+    type=click.FloatRange(0, None),
+    default=300.0,
+    show_default=True,
+    help="Seconds a resumable session (exec, port-forward, rsync of a client that asks for resume) is kept "
+    "after its client went away, for it to resume or attach; its exec process keeps running meanwhile. "
+    "0: sessions end at the first break [env OSMO_RESUME_GRACE].",
+)
+@click.option(
+    "--replay-buffer-bytes",
+    envvar="OSMO_REPLAY_BUFFER_BYTES",
+    type=click.IntRange(65536, None),
+    default=8 * 1024 * 1024,
+    show_default=True,
+    help="Bytes of output one resumable session keeps until its client acknowledges them; a full buffer "
+    "pauses the session's output [env OSMO_REPLAY_BUFFER_BYTES].",
+)
 @ws_agent_options
 @_log_options
 def agent(log_level: str, log_format: str, **options: Any) -> None:
@@ -332,6 +351,8 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         standby_streams=options["standby_streams"],
         max_udp_sockets_per_session=options["max_udp_sockets_per_session"],
         max_udp_sockets=options["max_udp_sockets"],
+        resume_grace=options["resume_grace"],
+        replay_buffer_bytes=options["replay_buffer_bytes"],
     )
     tune_for_bulk()  # exec, port-forward and rsync move 1 MiB frames (memtune), on either transport
     if ws is not None:

@@ -82,6 +82,16 @@ def _session_options(f: Any) -> Any:
                 help="How long to wait for the router.",
             ),
             click.option(
+                "--resume-grace",
+                envvar="OSMO_RESUME_GRACE",
+                type=DURATION,
+                default="300s",
+                show_default=True,
+                help="After a break (network cut, router restart) keep resuming the session for up to this long "
+                "(at most the agent's own grace); nothing sent is lost. 0: a break ends the session. gRPC "
+                "transport only [env OSMO_RESUME_GRACE].",
+            ),
+            click.option(
                 "--log-level",
                 type=click.Choice(["debug", "info", "warning", "error"]),
                 default="warning",
@@ -110,6 +120,7 @@ def client_config(options: dict[str, Any]) -> ClientConfig:
         grpc_percent=options.pop("grpc_percent"),
         ws_address=options.pop("ws_address"),
         legacy_backend=options.pop("legacy_backend"),
+        resume_grace=options.pop("resume_grace"),
     )
 
 

@@ -28,6 +28,8 @@ class ClientConfig:
     ws_address: str | None = None
     #: The session key belongs to an old OSMO backend (osmo-ctrl): speak the old protocol to it (client/legacy.py).
     legacy_backend: bool = False
+    #: Longest the client tries to resume a session after a break (0: no resume; client/resume.py).
+    resume_grace: float = 300.0
 
     def target(self) -> pb.SessionTarget:
         """The SessionTarget every init carries."""

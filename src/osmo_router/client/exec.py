@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.resume import open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.stall import METER
 from osmo_router.client.stdio import StdinReader, write_all
@@ -57,7 +58,7 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=os.environ.get("TERM", ""),
         )
-        stream = await transport.open(pb.OPERATION_EXEC, init)
+        stream = await open_stream(transport, config, pb.OPERATION_EXEC, init)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             return await _relay(stream, tty, legacy=config.legacy_backend)
     except RouterError as err:

@@ -102,6 +102,7 @@ async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
     if first.WhichOneof("kind") != "ready":
         call.cancel()
         raise RouterError("the router sent something other than ready")
+    stream.session_key = first.ready.session_key
 
 
 async def open_session(

@@ -28,6 +28,8 @@ class FrameStream:
         self._write_lock = asyncio.Lock()
         self.closed_for_writing = False
         self.peer_half_closed = False
+        #: The session's key, as the router's ready named it (client side; "" until then).
+        self.session_key = ""
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""

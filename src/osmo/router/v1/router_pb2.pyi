@@ -75,26 +75,74 @@ class SessionTarget(_message.Message):
     WORKFLOW_ID_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     SESSION_KEY_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     """The workflow the agent serves."""
     task: _builtins.str
     """Optional task within the workflow; empty means any agent of the workflow."""
     session_key: _builtins.str
-    """Optional session key issued by an outside orchestrator; empty means the router makes one."""
+    """Optional session key issued by an outside orchestrator; empty means the router makes one.
+    A resuming or attaching client names its session here.
+    """
+    @_builtins.property
+    def resume(self) -> Global___ResumeToken:
+        """Set for a resumable session (client and agent keep what the other has not acknowledged and
+        reconnect after a break); absent for a session that ends at the first break.
+        """
+
     def __init__(
         self,
         *,
         workflow_id: _builtins.str = ...,
         task: _builtins.str = ...,
         session_key: _builtins.str = ...,
+        resume: Global___ResumeToken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_key", b"session_key", "task", b"task", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume", "session_key", b"session_key", "task", b"task", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionTarget: _TypeAlias = SessionTarget  # noqa: Y015
+
+@_typing.final
+class ResumeToken(_message.Message):
+    """Resumable sessions (docs/resume.md). The router relays Ack and Resume frames like any other;
+    the numbering is end to end between client and agent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    RESUMING_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    ATTACH_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """Random secret the client chose when it started the session; a resume must present it."""
+    resuming: _builtins.bool
+    """True: this init reconnects to a session the agent still holds (session_key names it)."""
+    received: _builtins.int
+    """Units of the agent's frames this client received: the agent resends from there."""
+    attach: _builtins.bool
+    """Attach from a process that holds no state of the session (no secret; only the session's
+    owner may): the agent resends what it still holds and says from where in Resume.
+    """
+    def __init__(
+        self,
+        *,
+        secret: _builtins.str = ...,
+        resuming: _builtins.bool = ...,
+        received: _builtins.int = ...,
+        attach: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeToken: _TypeAlias = ResumeToken  # noqa: Y015
 
 @_typing.final
 class TerminalSize(_message.Message):
@@ -410,6 +458,9 @@ class Frame(_message.Message):
     EXIT_STATUS_FIELD_NUMBER: _builtins.int
     DATAGRAM_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    DETACH_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """stdin (to the agent), stdout (to the client), TCP bytes, rsync bytes."""
     stderr: _builtins.bytes
@@ -426,6 +477,18 @@ class Frame(_message.Message):
     def datagram(self) -> Global___Datagram: ...
     @_builtins.property
     def error(self) -> Global___Error: ...
+    @_builtins.property
+    def ack(self) -> Global___Ack:
+        """How much of the other side's frames the sender received (resumable sessions only)."""
+
+    @_builtins.property
+    def resume(self) -> Global___Resume:
+        """The agent's first frame on each (re)connection of a resumable session."""
+
+    @_builtins.property
+    def detach(self) -> Global___Detach:
+        """The client leaves the session running on purpose (exec --detach, the escape key)."""
+
     def __init__(
         self,
         *,
@@ -437,16 +500,96 @@ class Frame(_message.Message):
         exit_status: Global___ExitStatus | None = ...,
         datagram: Global___Datagram | None = ...,
         error: Global___Error | None = ...,
+        ack: Global___Ack | None = ...,
+        resume: Global___Resume | None = ...,
+        detach: Global___Detach | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "datagram", b"datagram", "error", b"error", "exit_status", b"exit_status", "half_close", b"half_close", "kind", b"kind", "resize", b"resize", "signal", b"signal", "stderr", b"stderr"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "data", b"data", "datagram", b"datagram", "detach", b"detach", "error", b"error", "exit_status", b"exit_status", "half_close", b"half_close", "kind", b"kind", "resize", b"resize", "resume", b"resume", "signal", b"signal", "stderr", b"stderr"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "datagram", b"datagram", "error", b"error", "exit_status", b"exit_status", "half_close", b"half_close", "kind", b"kind", "resize", b"resize", "signal", b"signal", "stderr", b"stderr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "data", b"data", "datagram", b"datagram", "detach", b"detach", "error", b"error", "exit_status", b"exit_status", "half_close", b"half_close", "kind", b"kind", "resize", b"resize", "resume", b"resume", "signal", b"signal", "stderr", b"stderr"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["data", "stderr", "half_close", "resize", "signal", "exit_status", "datagram", "error"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["data", "stderr", "half_close", "resize", "signal", "exit_status", "datagram", "error", "ack", "resume", "detach"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Frame: _TypeAlias = Frame  # noqa: Y015
+
+@_typing.final
+class Ack(_message.Message):
+    """Cumulative count of units received from the other side: the sender may forget everything
+    before it. A data or stderr frame counts its payload bytes, any other numbered frame (half-close,
+    resize, signal, exit status, datagram, error) counts 1; Ack, Resume and Detach are not numbered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    received: _builtins.int
+    def __init__(
+        self,
+        *,
+        received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Ack: _TypeAlias = Ack  # noqa: Y015
+
+@_typing.final
+class Resume(_message.Message):
+    """Sent by the agent first on every connection of a resumable session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    SENDING_FROM_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
+    received: _builtins.int
+    """Units of the client's frames the agent received: the client resends from there."""
+    sending_from: _builtins.int
+    """Where the agent's numbering of what follows starts: the client's `received`, or, on an
+    attach, the oldest unit the agent still holds.
+    """
+    grace_seconds: _builtins.int
+    """How long the agent keeps the session after its client goes away, in seconds."""
+    fresh: _builtins.bool
+    """True on the first connection (a new session), false on a resume or attach."""
+    def __init__(
+        self,
+        *,
+        received: _builtins.int = ...,
+        sending_from: _builtins.int = ...,
+        grace_seconds: _builtins.int = ...,
+        fresh: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resume: _TypeAlias = Resume  # noqa: Y015
+
+@_typing.final
+class Detach(_message.Message):
+    """The client detaches: the agent keeps the session for its grace period, for an attach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Detach: _TypeAlias = Detach  # noqa: Y015
 
 @_typing.final
 class SessionReady(_message.Message):
@@ -664,6 +807,94 @@ class RsyncResponse(_message.Message):
 Global___RsyncResponse: _TypeAlias = RsyncResponse  # noqa: Y015
 
 @_typing.final
+class ListSessionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def target(self) -> Global___SessionTarget:
+        """The workflow (and optionally task) whose agents to ask; session_key and resume are ignored."""
+
+    def __init__(
+        self,
+        *,
+        target: Global___SessionTarget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class HeldSession(_message.Message):
+    """One resumable session an agent holds, as its Register stream reported it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    ATTACHED_FIELD_NUMBER: _builtins.int
+    STARTED_UNIX_FIELD_NUMBER: _builtins.int
+    DETACHED_UNIX_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    session_key: _builtins.str
+    user: _builtins.str
+    """The user who started it: only they may attach."""
+    operation: Global___Operation.ValueType
+    summary: _builtins.str
+    """What runs (exec argv joined with spaces, "port 8080", "rsync"), for people to read."""
+    attached: _builtins.bool
+    """True while a client is connected."""
+    started_unix: _builtins.int
+    """Unix time the session started, and when it was last detached (0 while attached)."""
+    detached_unix: _builtins.int
+    task: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_key: _builtins.str = ...,
+        user: _builtins.str = ...,
+        operation: Global___Operation.ValueType = ...,
+        summary: _builtins.str = ...,
+        attached: _builtins.bool = ...,
+        started_unix: _builtins.int = ...,
+        detached_unix: _builtins.int = ...,
+        task: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "detached_unix", b"detached_unix", "operation", b"operation", "session_key", b"session_key", "started_unix", b"started_unix", "summary", b"summary", "task", b"task", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldSession: _TypeAlias = HeldSession  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldSession]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___HeldSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
 class AgentHello(_message.Message):
     """First message of an agent's Register stream."""
 
@@ -716,26 +947,52 @@ class Heartbeat(_message.Message):
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
+class HeldSessions(_message.Message):
+    """The resumable sessions an agent holds now (the whole list, replacing the previous one)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldSession]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___HeldSession] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldSessions: _TypeAlias = HeldSessions  # noqa: Y015
+
+@_typing.final
 class RegisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HELLO_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___AgentHello: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def held(self) -> Global___HeldSessions: ...
     def __init__(
         self,
         *,
         hello: Global___AgentHello | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        held: Global___HeldSessions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "held", b"held", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "held", b"held", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "held"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -50,6 +50,11 @@ class RouterClientServiceStub:
                 request_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RsyncRequest.SerializeToString,
                 response_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RsyncResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/osmo.router.v1.RouterClientService/ListSessions',
+                request_serializer=osmo_dot_router_dot_v1_dot_router__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class RouterClientServiceServicer:
@@ -77,6 +82,13 @@ class RouterClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """The caller's resumable sessions that the workflow's agents hold (attached or detached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +106,11 @@ def add_RouterClientServiceServicer_to_server(servicer, server):
                     servicer.Rsync,
                     request_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.RsyncRequest.FromString,
                     response_serializer=osmo_dot_router_dot_v1_dot_router__pb2.RsyncResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=osmo_dot_router_dot_v1_dot_router__pb2.ListSessionsRequest.FromString,
+                    response_serializer=osmo_dot_router_dot_v1_dot_router__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class RouterClientService:
             '/osmo.router.v1.RouterClientService/Rsync',
             osmo_dot_router_dot_v1_dot_router__pb2.RsyncRequest.SerializeToString,
             osmo_dot_router_dot_v1_dot_router__pb2.RsyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/osmo.router.v1.RouterClientService/ListSessions',
+            osmo_dot_router_dot_v1_dot_router__pb2.ListSessionsRequest.SerializeToString,
+            osmo_dot_router_dot_v1_dot_router__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

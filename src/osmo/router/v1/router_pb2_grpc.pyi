@@ -39,6 +39,8 @@ class RouterClientServiceStub:
     """One forwarded TCP connection, or one UDP forward."""
     Rsync: _grpc.StreamStreamMultiCallable[_router_pb2.RsyncRequest, _router_pb2.RsyncResponse]
     """The byte stream between a local rsync and `rsync --server` in the container."""
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_router_pb2.ListSessionsRequest, _router_pb2.ListSessionsResponse]
+    """The caller's resumable sessions that the workflow's agents hold (attached or detached)."""
 
 @_typing.type_check_only
 class RouterClientServiceAsyncStub(RouterClientServiceStub):
@@ -51,6 +53,8 @@ class RouterClientServiceAsyncStub(RouterClientServiceStub):
     """One forwarded TCP connection, or one UDP forward."""
     Rsync: _aio.StreamStreamMultiCallable[_router_pb2.RsyncRequest, _router_pb2.RsyncResponse]  # type: ignore[assignment]
     """The byte stream between a local rsync and `rsync --server` in the container."""
+    ListSessions: _aio.UnaryUnaryMultiCallable[_router_pb2.ListSessionsRequest, _router_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """The caller's resumable sessions that the workflow's agents hold (attached or detached)."""
 
 class RouterClientServiceServicer(metaclass=_abc_1.ABCMeta):
     """The CLI's service."""
@@ -78,6 +82,14 @@ class RouterClientServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_router_pb2.RsyncResponse], _abc.AsyncIterator[_router_pb2.RsyncResponse]]:
         """The byte stream between a local rsync and `rsync --server` in the container."""
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _router_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.ListSessionsResponse, _abc.Awaitable[_router_pb2.ListSessionsResponse]]:
+        """The caller's resumable sessions that the workflow's agents hold (attached or detached)."""
 
 def add_RouterClientServiceServicer_to_server(servicer: RouterClientServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

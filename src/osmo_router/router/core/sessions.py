@@ -251,8 +251,12 @@ class SessionStore:
         agent = self._registry.pick(target.workflow_id, target.task)
         session = self.get(target.workflow_id, target.session_key) if target.session_key else None
         forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
+        resuming = target.resume.resuming or target.resume.attach
+        if session is not None and resuming:
+            self._supersede(session, identity)
+            session = None
         if session is None:
-            if agent is None and not target.session_key:
+            if agent is None and (not target.session_key or resuming):
                 raise Unavailable(
                     f"no agent is registered for workflow {target.workflow_id!r}"
                     + (f" task {target.task!r}" if target.task else "")
@@ -356,6 +360,17 @@ class SessionStore:
                     self._budgets.release(session.user)
             if self._on_remove is not None:
                 self._on_remove(session)
+
+    def _supersede(self, session: Session, identity: Identity) -> None:
+        """A resume or attach of a session this router still holds: its owner's new stream replaces it.
+
+        The old streams may not have noticed the break yet (a cut with no reset): the session is
+        ended here so that the key can pair again. Only its user may; anyone else is refused.
+        """
+        if session.user and session.user != identity.subject:
+            raise PermissionDenied("the session belongs to another user")
+        session.fail(Unavailable("the client resumed the session on a new stream"))
+        self.remove(session)
 
     def _create(self, key: str, workflow_id: str, task: str, creator: str) -> Session:
         session = Session(

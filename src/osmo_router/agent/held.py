@@ -1,0 +1,235 @@
+"""The agent's resumable sessions: kept across breaks for a grace period, re-attached by their owner.
+
+A client that starts a session with a `ResumeToken` gets a `HeldStream`: the handler (exec,
+port-forward, rsync) runs against it and never sees a break. When the stream under it breaks,
+the session waits up to `grace` seconds for its client to come back: a new Connect stream whose
+SessionOpen carries the same session key with `resuming` (and the secret) or `attach` (another
+process of the same user). Anyone else is refused; after the grace the session ends (the exec
+process is hung up, as when a client goes away today).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from osmo_router.resume.stream import ResumableStream, SessionLost
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
+from osmo_router.transport import SessionStream
+from osmo_router.wire.protocol import pb
+
+log = logging.getLogger(__name__)
+
+#: Default for `agent --resume-grace`: how long a session waits for its client after a break.
+DEFAULT_RESUME_GRACE = 300.0
+#: Most resumable sessions one agent holds at once; more are served without resume.
+MAX_HELD = 256
+
+
+def target_of(open_msg: pb.SessionOpen) -> pb.SessionTarget:
+    """The SessionTarget inside a SessionOpen's init (an empty one when there is no init)."""
+    kind = open_msg.WhichOneof("init")
+    if kind is None:
+        return pb.SessionTarget()
+    target: pb.SessionTarget = getattr(open_msg, kind).target
+    return target
+
+
+def summary_of(open_msg: pb.SessionOpen) -> str:
+    """What a session runs, for `osmo-net-client sessions`."""
+    kind = open_msg.WhichOneof("init")
+    if kind == "exec":
+        return " ".join(open_msg.exec.command) or "(shell)"
+    if kind == "port_forward":
+        proto = "udp" if open_msg.port_forward.protocol == pb.PROTOCOL_UDP else "tcp"
+        return f"port {open_msg.port_forward.remote_port}/{proto}"
+    return kind or ""
+
+
+@dataclass(eq=False)
+class Attach:
+    """A client's new stream for a held session, handed to the session's resume."""
+
+    stream: SessionStream
+    token: pb.ResumeToken
+    released: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class HeldStream(ResumableStream):
+    """The agent's side of a resumable session."""
+
+    def __init__(self, inner: SessionStream, open_msg: pb.SessionOpen, *, grace: float, replay_bytes: int) -> None:
+        super().__init__(inner, replay_bytes=replay_bytes)
+        token = target_of(open_msg).resume
+        self.key = open_msg.session_key
+        self.user = open_msg.user
+        self.secret = token.secret
+        self.grace = grace
+        self.operation = open_msg.WhichOneof("init") or ""
+        self.summary = summary_of(open_msg)
+        self.started = time.time()
+        self.detached_at = 0.0
+        self.finishing = False
+        self._attaches: asyncio.Queue[Attach] = asyncio.Queue(maxsize=1)
+        self._current: Attach | None = None
+
+    async def open(self) -> None:
+        """Tell the client this session is resumable (the first frame of a new session)."""
+        inner = self._inner
+        if inner is not None:
+            resume = pb.Resume(received=0, sending_from=0, grace_seconds=int(self.grace), fresh=True)
+            await inner.send(pb.Frame(resume=resume))
+        self.start()
+
+    def _ended_cleanly(self) -> bool:
+        return self.finishing and self.buffer.settled
+
+    def _on_control(self, frame: pb.Frame) -> None:
+        if frame.WhichOneof("kind") == "detach":
+            log.info("session %s: client detached", self.key[:8], extra={"fields": {"event": "detach"}})
+
+    def check(self, open_msg: pb.SessionOpen) -> None:
+        """Refuse (SessionLost with the code to report) a resume or attach that is not this session's owner's."""
+        token = target_of(open_msg).resume
+        if open_msg.user != self.user:
+            raise SessionLost("the session belongs to another user", grpc.StatusCode.PERMISSION_DENIED)
+        if not token.attach and token.secret != self.secret:
+            raise SessionLost("wrong resume secret for this session", grpc.StatusCode.PERMISSION_DENIED)
+        if open_msg.WhichOneof("init") != self.operation:
+            raise SessionLost(f"the session is a {self.operation} session", grpc.StatusCode.INVALID_ARGUMENT)
+        if not token.attach and not self.buffer.holds(token.received):
+            raise SessionLost(
+                f"cannot resume from {token.received}: the agent holds {self.buffer.first_held()}-{self.buffer.end}",
+                grpc.StatusCode.DATA_LOSS,
+            )
+
+    async def attach(self, stream: SessionStream, open_msg: pb.SessionOpen) -> None:
+        """Hand a client's new stream to this session; returns once the session no longer uses it."""
+        self.check(open_msg)
+        attach = Attach(stream, target_of(open_msg).resume)
+        while self._attaches.full():  # an older attach not taken yet loses to this one
+            self._attaches.get_nowait().released.set_result(None)
+        self._attaches.put_nowait(attach)
+        if self._inner is not None:
+            self._broken(self._generation, "superseded by the client's new stream")
+        await attach.released
+
+    async def _reconnect(self, cause: str) -> tuple[SessionStream, int]:
+        if self._current is not None and not self._current.released.done():
+            self._current.released.set_result(None)
+        self._current = None
+        if self.finishing and self.buffer.settled:
+            raise SessionLost("the session ended", grpc.StatusCode.OK)
+        self.detached_at = time.time()
+        log.info(
+            "session %s: client gone (%s); holding it for %gs",
+            self.key[:8],
+            cause,
+            self.grace,
+            extra={"fields": {"event": "held"}},
+        )
+        try:
+            async with asyncio.timeout(self.grace):
+                attach = await self._attaches.get()
+        except TimeoutError:
+            raise SessionLost(f"the client did not come back within the resume grace ({self.grace:g}s)") from None
+        token = attach.token
+        sending_from = self.buffer.first_held() if token.attach else token.received
+        resume = pb.Resume(received=self.taken, sending_from=sending_from, grace_seconds=int(self.grace))
+        try:
+            await attach.stream.send(pb.Frame(resume=resume))
+        except Exception as err:
+            attach.released.set_result(None)
+            raise SessionLost(f"the resumed stream broke at once: {err}") from None
+        self._current = attach
+        self.detached_at = 0.0
+        log.info(
+            "session %s: %s from %d",
+            self.key[:8],
+            "attached" if token.attach else "resumed",
+            sending_from,
+            extra={"fields": {"event": "attach" if token.attach else "resume"}},
+        )
+        return attach.stream, sending_from
+
+    def _stop(self) -> None:
+        super()._stop()
+        if self._current is not None and not self._current.released.done():
+            self._current.released.set_result(None)
+
+
+class HeldSessions:
+    """The resumable sessions of one agent, by session key."""
+
+    def __init__(self, *, grace: float = DEFAULT_RESUME_GRACE, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+        self.grace = grace
+        self.replay_bytes = replay_bytes
+        self._held: dict[str, HeldStream] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def sessions(self) -> list[HeldStream]:
+        """A snapshot of the held sessions."""
+        return list(self._held.values())
+
+    def wants(self, open_msg: pb.SessionOpen) -> bool:
+        """True if this SessionOpen starts a resumable session that this agent will hold."""
+        token = target_of(open_msg).resume
+        return bool(token.secret) and not token.resuming and not token.attach and self.grace > 0
+
+    def is_resume(self, open_msg: pb.SessionOpen) -> bool:
+        """True if this SessionOpen resumes or attaches to a session."""
+        token = target_of(open_msg).resume
+        return token.resuming or token.attach
+
+    async def start(self, inner: SessionStream, open_msg: pb.SessionOpen) -> SessionStream:
+        """Wrap a new session's stream for resume (the plain stream when the agent holds too many)."""
+        if open_msg.session_key in self._held:
+            raise SessionLost("a session with this key is already held", grpc.StatusCode.ALREADY_EXISTS)
+        if len(self._held) >= MAX_HELD:
+            log.warning("holding %d resumable sessions already; this one ends at its first break", MAX_HELD)
+            return inner
+        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes)
+        self._held[held.key] = held
+        await held.open()
+        return held
+
+    async def attach(self, stream: SessionStream, open_msg: pb.SessionOpen) -> None:
+        """Serve a resume or attach on `stream`; refuses with an Error frame what cannot be resumed."""
+        held = self._held.get(open_msg.session_key)
+        try:
+            if held is None:
+                raise SessionLost(
+                    "the agent holds no such session (it ended, its resume grace passed, or the agent restarted)",
+                    grpc.StatusCode.NOT_FOUND,
+                )
+            await held.attach(stream, open_msg)
+        except SessionLost as lost:
+            log.info("resume of %s refused: %s", open_msg.session_key[:8], lost.message)
+            await stream.send_error(lost.code, lost.message)
+            await stream.send(pb.Frame(half_close=pb.HalfClose()))
+            await stream.close()
+
+    async def finish(self, stream: SessionStream) -> None:
+        """After the handler returned: let the client acknowledge the last frames, then forget the session."""
+        if not isinstance(stream, HeldStream):
+            return
+        stream.finishing = True
+        try:
+            await stream.finish(self.grace)
+        finally:
+            self._held.pop(stream.key, None)
+
+    def forget(self, stream: SessionStream) -> None:
+        """Drop a session whose handler failed."""
+        if isinstance(stream, HeldStream):
+            self._held.pop(stream.key, None)
+            stream.abort()
+
+
+__all__ = ["DEFAULT_RESUME_GRACE", "HeldSessions", "HeldStream", "summary_of", "target_of"]

@@ -1,0 +1,385 @@
+"""A session stream that outlives the gRPC streams under it (issue 17, docs/resume.md).
+
+`ResumableStream` is a `SessionStream` for the handlers (exec, port-forward, rsync on either side):
+they send and receive frames as before, and never see a break. Under it, each frame sent is
+numbered and held in a `ReplayBuffer` until the peer acknowledges it; a reader task takes the
+peer's frames off the current stream at once (so acknowledgements never wait behind data the
+handler has not consumed) and acknowledges what the handler consumed. When the stream under it
+breaks, `_reconnect` (the client dials again; the agent waits for the client's attach) gives a
+new one and the position the peer received, and everything after it is sent again.
+
+Memory: the replay buffer holds at most `replay_bytes`; what the reader took and the handler has
+not consumed is bounded by the peer's replay buffer (the peer cannot send more unacknowledged),
+and a peer that sends more than twice `replay_bytes` unacknowledged ends the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+import grpc
+
+from osmo_router.resume.window import (
+    ACK_DELAY,
+    DEFAULT_REPLAY_BYTES,
+    TERMINAL,
+    AckClock,
+    Item,
+    ReplayBuffer,
+    units_of,
+)
+from osmo_router.transport import SessionStream
+from osmo_router.wire.codec import encode_data_message, payload_offset
+from osmo_router.wire.errors import RouterError
+from osmo_router.wire.protocol import pb
+
+log = logging.getLogger(__name__)
+
+#: What a broken stream under a session raises.
+BREAKS = (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
+
+
+class SessionLost(Exception):
+    """The session cannot go on: `message` says why (shown to the user, logged by the agent)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class ResumableStream:
+    """A `SessionStream` over a replaceable stream: numbered, acknowledged, resent after a break."""
+
+    def __init__(self, inner: SessionStream, *, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+        self._inner: SessionStream | None = inner
+        self._raw = inner.raw
+        self._generation = 0
+        self.buffer = ReplayBuffer(replay_bytes)
+        self._acks = AckClock()
+        self._write_lock = asyncio.Lock()
+        self._next_seq = 0  # the first frame of the buffer not written to the current stream
+        self._incoming: deque[pb.Frame] = deque()
+        self._incoming_units = 0
+        self._arrived = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._connected.set()
+        self._ended = False
+        self._lost: SessionLost | None = None
+        self._lost_reported = False
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: False once the peer turned out not to resume (an older agent): frames pass straight through.
+        self.resumable = True
+        self.local_closed = False
+        self.remote_half_closed = False
+        self.remote_final = False
+        self.resumes = 0
+        self.replayed_units = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+
+    # --- what a side provides ---------------------------------------------------------------
+
+    @property
+    def taken(self) -> int:
+        """Units of the peer's frames taken off the streams (consumed or waiting): where a resume starts."""
+        return self._acks.received + self._incoming_units
+
+    async def _reconnect(self, cause: str) -> tuple[SessionStream, int]:
+        """A new stream and how much of this side's frames the peer received; raises SessionLost."""
+        raise SessionLost(f"the session broke: {cause}")
+
+    def _ended_cleanly(self) -> bool:
+        """True if the stream under us may end now without a resume."""
+        if not self.resumable:
+            return True
+        return self.remote_final or (self.remote_half_closed and self.local_closed and self.buffer.settled)
+
+    # --- SessionStream ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start taking the peer's frames (call once the first stream is in place)."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever())
+
+    @property
+    def raw(self) -> bool:
+        """As the stream under it: pre-encoded data messages are taken (and held as they are)."""
+        return self._raw
+
+    async def send(self, frame: pb.Frame) -> None:
+        """Number, hold and send one frame (waits while the replay buffer is full)."""
+        await self._send_item(frame, units_of(frame), frame.ByteSize())
+
+    async def send_data(self, payload: bytes) -> None:
+        """Send a data frame."""
+        if self._raw:
+            await self.send_data_message(encode_data_message(payload))
+        else:
+            await self.send(pb.Frame(data=payload))
+
+    async def send_data_message(self, message: bytes) -> None:
+        """Send a pre-encoded data-frame message."""
+        await self._send_item(message, len(message) - payload_offset(message), len(message))
+
+    async def send_error(self, code: grpc.StatusCode, message: str) -> None:
+        """Report an error to the far side."""
+        await self.send(pb.Frame(error=pb.Error(code=code.value[0], message=message)))
+
+    async def recv(self) -> pb.Frame | None:
+        """The peer's next frame; None at the end. A lost session gives one Error frame saying why."""
+        while not self._incoming:
+            if self._failure is not None:
+                raise self._failure
+            if self._lost is not None:
+                if self._lost_reported:
+                    return None
+                self._lost_reported = True
+                return pb.Frame(error=pb.Error(code=self._lost.code.value[0], message=self._lost.message))
+            if self._ended:
+                return None
+            self._arrived.clear()
+            await self._arrived.wait()
+        frame = self._incoming.popleft()
+        units = units_of(frame)
+        self._incoming_units -= units
+        if not self.resumable:
+            return frame
+        due = self._acks.take(units) or frame.WhichOneof("kind") in TERMINAL
+        if due:
+            await self._send_ack()
+        elif self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_soon)
+        return frame
+
+    async def close(self) -> None:
+        """This side sends nothing more; the stream under it stays open for acknowledgements."""
+        self.local_closed = True
+
+    def abort(self) -> None:
+        """End the session at once, here and (by cancelling the stream) for the peer."""
+        self._lose(SessionLost("the session was aborted", grpc.StatusCode.CANCELLED))
+
+    # --- ending ---------------------------------------------------------------------------------
+
+    async def finish(self, timeout: float) -> bool:
+        """Wait (at most `timeout` s, across resumes) until the peer acknowledged everything, then end.
+
+        Returns True if everything was acknowledged.
+        """
+        settled = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.buffer.settled and self._lost is None:
+                    await self.buffer.wait_settled()
+                settled = self.buffer.settled
+        inner = self._inner
+        if inner is not None:
+            with contextlib.suppress(*BREAKS):
+                await inner.close()
+        self._stop()
+        return settled
+
+    def _lose(self, lost: SessionLost) -> None:
+        if self._lost is None:
+            self._lost = lost
+            log.info("session lost: %s", lost.message)
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            inner.abort()
+        self._stop()
+        self.buffer.close()
+        self._connected.set()
+        self._arrived.set()
+
+    def _stop(self) -> None:
+        self._ended = True
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._arrived.set()
+
+    # --- sending --------------------------------------------------------------------------------
+
+    async def _send_item(self, item: Item, units: int, size: int) -> None:
+        if self._lost is not None:
+            return
+        if not self.resumable:
+            async with self._write_lock:
+                if self._inner is not None:
+                    try:
+                        await self._put(self._inner, item)
+                    except BREAKS as err:
+                        self._broken(self._generation, err)
+            return
+        await self.buffer.reserve(size)
+        entry = self.buffer.append(item, units, size)
+        async with self._write_lock:
+            inner = self._inner
+            if inner is None or entry.seq < self._next_seq:
+                return  # sent again by a resume already, or waiting for one
+            self._next_seq = entry.seq + 1
+            generation = self._generation
+            try:
+                await self._put(inner, item)
+            except BREAKS as err:
+                self._broken(generation, err)
+
+    @staticmethod
+    async def _put(inner: SessionStream, item: Item) -> None:
+        if isinstance(item, bytes):
+            await inner.send_data_message(item)
+        else:
+            await inner.send(item)
+
+    def _ack_soon(self) -> None:
+        self._ack_timer = None
+        if self._acks.owed and not self._ended:
+            task = asyncio.create_task(self._send_ack())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send_ack(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        async with self._write_lock:
+            inner, generation = self._inner, self._generation
+            if inner is None:
+                return
+            try:
+                await inner.send(self._acks.frame())
+            except BREAKS as err:
+                self._broken(generation, err)
+
+    # --- receiving ------------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        while not self._ended:
+            inner, generation = self._inner, self._generation
+            if inner is None:
+                if self._connected.is_set():
+                    self._connected.clear()
+                await self._connected.wait()
+                continue
+            try:
+                frame = await inner.recv()
+            except BREAKS as err:
+                if not self.resumable:
+                    self._failure = err  # raised to the handler as it is, as without resume
+                    break
+                if self._ended_cleanly():
+                    break
+                self._broken(generation, err)
+                continue
+            if frame is None:
+                if self._ended_cleanly():
+                    break
+                self._broken(generation, "the router ended the stream")
+                continue
+            self._take(frame)
+        self._ended = True
+        self._arrived.set()
+
+    def _take(self, frame: pb.Frame) -> None:
+        kind = frame.WhichOneof("kind")
+        if kind == "ack":
+            self.buffer.ack(frame.ack.received)
+            return
+        if kind in ("resume", "detach"):
+            self._on_control(frame)
+            return
+        if kind == "half_close":
+            self.remote_half_closed = True
+        elif kind in ("exit_status", "error"):
+            self.remote_final = True
+        self._incoming.append(frame)
+        self._incoming_units += units_of(frame)
+        if self._incoming_units > 2 * self.buffer.limit + 1024 * 1024:
+            self._lose(SessionLost("the peer sent past its replay window", grpc.StatusCode.RESOURCE_EXHAUSTED))
+        self._arrived.set()
+
+    def _on_control(self, frame: pb.Frame) -> None:
+        """A Resume or Detach frame arrived mid-stream (a side that expects one overrides this)."""
+        log.debug("ignored %s frame", frame.WhichOneof("kind"))
+
+    # --- breaks and resumes ---------------------------------------------------------------------
+
+    def _broken(self, generation: int, cause: object) -> None:
+        """The stream of `generation` broke: drop it and resume (once, whoever noticed first)."""
+        if generation != self._generation or self._inner is None or self._lost is not None:
+            return
+        text = _describe(cause)
+        if not self.resumable:
+            self._lose(SessionLost(text))
+            return
+        inner, self._inner = self._inner, None
+        self._generation += 1
+        self._connected.clear()
+        inner.abort()
+        log.info("session stream broke (%s); resuming", text)
+        task = asyncio.create_task(self._recover(text))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _recover(self, cause: str) -> None:
+        try:
+            inner, peer_received = await self._reconnect(cause)
+        except SessionLost as lost:
+            self._lose(lost)
+            return
+        await self._adopt(inner, peer_received)
+
+    async def _adopt(self, inner: SessionStream, peer_received: int) -> None:
+        """Put `inner` in place: forget what the peer has, send again what it lacks."""
+        async with self._write_lock:
+            if self._lost is not None:
+                inner.abort()
+                return
+            if not self.buffer.holds(peer_received):
+                inner.abort()
+                self._lose(
+                    SessionLost(
+                        f"cannot resume: the peer received {peer_received} units, this side holds "
+                        f"{self.buffer.first_held()}-{self.buffer.end}",
+                        grpc.StatusCode.DATA_LOSS,
+                    )
+                )
+                return
+            self.buffer.ack(peer_received)
+            generation = self._generation
+            self._inner = inner
+            self.resumes += 1
+            resent = self.buffer.since(peer_received)
+            self._next_seq = resent[-1][0].seq + 1 if resent else self.buffer.appended
+            try:
+                for entry, item in resent:
+                    self.replayed_units += entry.units
+                    await self._put(inner, item)
+                if self._acks.owed:
+                    await inner.send(self._acks.frame())
+            except BREAKS as err:
+                self._connected.set()
+                self._broken(generation, err)
+                return
+        self._connected.set()
+
+
+def _describe(cause: object) -> str:
+    if isinstance(cause, grpc.aio.AioRpcError):
+        return f"{cause.code().name}: {cause.details()}"
+    if isinstance(cause, RouterError):
+        return f"{cause.code.name}: {cause.message}"
+    return str(cause) or type(cause).__name__
+
+
+__all__ = ["BREAKS", "ResumableStream", "SessionLost"]

@@ -1,0 +1,203 @@
+"""Numbering the frames of a resumable session, and the replay buffer of what is not acknowledged.
+
+Units (docs/resume.md): a data or stderr frame counts its payload bytes, every other numbered
+frame counts 1, and Ack, Resume and Detach frames are not numbered. Counting payload bytes rather
+than frames keeps the numbering intact when the router merges queued data frames into one message
+(router/core/coalesce.py): a merge never crosses a control frame, so every offset a receiver
+acknowledges falls on a boundary the sender can resend from (slicing a data frame when it must).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from osmo_router.wire.codec import encode_data_message, payload_offset
+from osmo_router.wire.protocol import pb
+
+#: Frame kinds that are about the stream itself, not the session: never numbered or replayed.
+UNNUMBERED: Final = frozenset({"ack", "resume", "detach"})
+#: Frames after which the receiver acknowledges at once (the sender waits for that ack to end).
+TERMINAL: Final = frozenset({"half_close", "exit_status", "error"})
+#: Bytes a receiver takes before it acknowledges, when nothing else makes it acknowledge sooner.
+ACK_EVERY: Final = 256 * 1024
+#: Longest a receiver holds an acknowledgement back once it received something.
+ACK_DELAY: Final = 0.2
+#: Bytes one side keeps for the other until acknowledged (per direction, per session).
+DEFAULT_REPLAY_BYTES: Final = 8 * 1024 * 1024
+#: What a frame costs the replay buffer beyond its payload (protobuf objects, deque entry).
+ENTRY_OVERHEAD: Final = 128
+
+
+def units_of(frame: pb.Frame) -> int:
+    """How many units `frame` takes in the numbering (0 for Ack, Resume and Detach)."""
+    kind = frame.WhichOneof("kind")
+    if kind == "data":
+        return len(frame.data)
+    if kind == "stderr":
+        return len(frame.stderr)
+    return 0 if kind in UNNUMBERED or kind is None else 1
+
+
+Item = pb.Frame | bytes
+
+
+@dataclass(slots=True)
+class Entry:
+    """One frame sent: where it starts in the numbering, how many units, and the frame itself."""
+
+    start: int
+    units: int
+    item: Item
+    size: int
+    #: Position among the frames appended (tells a resent frame from one not written yet).
+    seq: int
+
+
+def slice_from(entry: Entry, offset: int) -> Item:
+    """The part of `entry` from unit `offset` on (a data frame cut; anything else whole)."""
+    skip = offset - entry.start
+    if skip <= 0:
+        return entry.item
+    if isinstance(entry.item, bytes):
+        return encode_data_message(entry.item[payload_offset(entry.item) + skip :])
+    frame = entry.item
+    if frame.WhichOneof("kind") == "stderr":
+        return pb.Frame(stderr=frame.stderr[skip:])
+    return pb.Frame(data=frame.data[skip:])
+
+
+class ReplayBuffer:
+    """What this side sent and the other side has not acknowledged, bounded in bytes.
+
+    `reserve` waits while the buffer is full: a peer that stops acknowledging (a break, a slow
+    reader) stops this side's sender, it never grows the buffer. One frame larger than the whole
+    limit is still taken when the buffer is empty, so nothing can wedge.
+    """
+
+    def __init__(self, limit_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+        self.limit = limit_bytes
+        self._entries: deque[Entry] = deque()
+        #: First unit still held, and the next unit to be numbered.
+        self.base = 0
+        self.end = 0
+        self.bytes = 0
+        self.appended = 0
+        self.closed = False
+        self._space = asyncio.Event()
+        self._space.set()
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def reserve(self, size: int) -> None:
+        """Wait until `size` more bytes fit (or the buffer is empty)."""
+        while self._entries and self.bytes + size > self.limit and not self.closed:
+            self._space.clear()
+            await self._space.wait()
+
+    async def wait_settled(self) -> None:
+        """Wait until the peer acknowledged everything sent (or the buffer was closed)."""
+        if self._entries and not self.closed:
+            self._settled.clear()
+            await self._settled.wait()
+
+    def close(self) -> None:
+        """Wake every waiter for good: the session is over."""
+        self.closed = True
+        self._space.set()
+        self._settled.set()
+
+    def append(self, item: Item, units: int, size: int) -> Entry:
+        """Number `item` and hold it."""
+        entry = Entry(self.end, units, item, size + ENTRY_OVERHEAD, self.appended)
+        self._entries.append(entry)
+        self.appended += 1
+        self.end += units
+        self.bytes += entry.size
+        self._settled.clear()
+        return entry
+
+    def ack(self, received: int) -> int:
+        """Forget what the peer received (everything before unit `received`); returns bytes freed."""
+        received = min(received, self.end)
+        freed = 0
+        while self._entries:
+            head = self._entries[0]
+            if head.start + head.units > received or (head.units == 0 and head.start >= received):
+                break
+            self._entries.popleft()
+            freed += head.size
+        if received > self.base:
+            self.base = received
+        self.bytes -= freed
+        if freed:
+            self._space.set()
+        if not self._entries:
+            self._settled.set()
+        return freed
+
+    def holds(self, offset: int) -> bool:
+        """True if the buffer can resend from unit `offset`."""
+        first = self._entries[0].start if self._entries else self.end
+        return first <= offset <= self.end
+
+    def first_held(self) -> int:
+        """The oldest unit still held (what an attach replays from)."""
+        return self._entries[0].start if self._entries else self.end
+
+    def since(self, offset: int) -> list[tuple[Entry, Item]]:
+        """Everything from unit `offset` on, the first frame cut if `offset` falls inside it."""
+        out: list[tuple[Entry, Item]] = []
+        for entry in self._entries:
+            if entry.start + entry.units <= offset and not (entry.units == 0 and entry.start >= offset):
+                continue
+            out.append((entry, slice_from(entry, offset)))
+        return out
+
+    @property
+    def settled(self) -> bool:
+        """True when the peer acknowledged everything sent."""
+        return not self._entries
+
+
+class AckClock:
+    """When a receiver owes its peer an acknowledgement."""
+
+    def __init__(self, every: int = ACK_EVERY) -> None:
+        self.every = every
+        self.received = 0
+        self.acked = 0
+
+    def take(self, units: int) -> bool:
+        """Count `units` received; True if an acknowledgement is due at once."""
+        self.received += units
+        return self.received - self.acked >= self.every
+
+    @property
+    def owed(self) -> bool:
+        """True if something received is not acknowledged yet."""
+        return self.received > self.acked
+
+    def frame(self) -> pb.Frame:
+        """The Ack frame to send now (and count it sent)."""
+        self.acked = self.received
+        return pb.Frame(ack=pb.Ack(received=self.received))
+
+
+__all__ = [
+    "ACK_DELAY",
+    "ACK_EVERY",
+    "DEFAULT_REPLAY_BYTES",
+    "TERMINAL",
+    "UNNUMBERED",
+    "AckClock",
+    "Entry",
+    "ReplayBuffer",
+    "slice_from",
+    "units_of",
+]
