@@ -76,12 +76,19 @@ class HeldStream(ResumableStream):
         self.finishing = False
         self._attaches: asyncio.Queue[Attach] = asyncio.Queue(maxsize=1)
         self._current: Attach | None = None
+        self.set_peer_window(token.window_bytes)
 
     async def open(self) -> None:
         """Tell the client this session is resumable (the first frame of a new session)."""
         inner = self._inner
         if inner is not None:
-            resume = pb.Resume(received=0, sending_from=0, grace_seconds=int(self.grace), fresh=True)
+            resume = pb.Resume(
+                received=0,
+                sending_from=0,
+                grace_seconds=int(self.grace),
+                fresh=True,
+                window_bytes=self.buffer.limit,
+            )
             await inner.send(pb.Frame(resume=resume))
         self.start()
 
@@ -139,7 +146,13 @@ class HeldStream(ResumableStream):
             raise SessionLost(f"the client did not come back within the resume grace ({self.grace:g}s)") from None
         token = attach.token
         sending_from = self.buffer.first_held() if token.attach else token.received
-        resume = pb.Resume(received=self.taken, sending_from=sending_from, grace_seconds=int(self.grace))
+        resume = pb.Resume(
+            received=self.taken,
+            sending_from=sending_from,
+            grace_seconds=int(self.grace),
+            window_bytes=self.buffer.limit,
+        )
+        self.set_peer_window(token.window_bytes)
         try:
             await attach.stream.send(pb.Frame(resume=resume))
         except Exception as err:

@@ -83,6 +83,7 @@ class ResumingStream(ResumableStream):
     def _on_control(self, frame: pb.Frame) -> None:
         if frame.WhichOneof("kind") == "resume" and not self.confirmed:
             self.confirmed = True
+            self.set_peer_window(frame.resume.window_bytes)
             if frame.resume.grace_seconds:
                 self._grace = min(self._grace, float(frame.resume.grace_seconds))
 
@@ -94,7 +95,9 @@ class ResumingStream(ResumableStream):
         self._tell(f"connection lost ({cause}); resuming the session (for up to {self._grace:g}s)")
         backoff, last = BACKOFF_INITIAL, cause
         while (remaining := deadline - loop.time()) > 0:
-            token = pb.ResumeToken(secret=self._secret, resuming=True, received=self.taken)
+            token = pb.ResumeToken(
+                secret=self._secret, resuming=True, received=self.taken, window_bytes=self.buffer.limit
+            )
             try:
                 async with asyncio.timeout(remaining):
                     return await self._try_resume(token)
@@ -146,7 +149,7 @@ async def open_stream(
     if transport.name != GRPC or config.resume_grace <= 0:
         return await transport.open(operation, init)
     secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret))
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
     inner = await transport.open(operation, init)
     key = getattr(inner, "session_key", "")
     if not key:

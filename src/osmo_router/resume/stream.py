@@ -27,6 +27,7 @@ from osmo_router.resume.window import (
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
     AckClock,
+    ack_interval,
     Item,
     ReplayBuffer,
     units_of,
@@ -98,6 +99,10 @@ class ResumableStream:
         if not self.resumable:
             return True
         return self.remote_final or (self.remote_half_closed and self.local_closed and self.buffer.settled)
+
+    def set_peer_window(self, window_bytes: int) -> None:
+        """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
+        self._acks.every = ack_interval(window_bytes)
 
     # --- SessionStream ------------------------------------------------------------------------
 

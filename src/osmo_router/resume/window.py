@@ -31,6 +31,15 @@ DEFAULT_REPLAY_BYTES: Final = 8 * 1024 * 1024
 ENTRY_OVERHEAD: Final = 128
 
 
+def ack_interval(peer_window: int) -> int:
+    """Units a receiver takes before it acknowledges, for a sender that holds `peer_window` bytes.
+
+    A quarter of the sender's window keeps it sending while the acknowledgement travels; 0 (the
+    peer did not say) means the default window.
+    """
+    return max(4096, min(ACK_EVERY, (peer_window or DEFAULT_REPLAY_BYTES) // 4))
+
+
 def units_of(frame: pb.Frame) -> int:
     """How many units `frame` takes in the numbering (0 for Ack, Resume and Detach)."""
     kind = frame.WhichOneof("kind")
@@ -196,6 +205,7 @@ __all__ = [
     "TERMINAL",
     "UNNUMBERED",
     "AckClock",
+    "ack_interval",
     "Entry",
     "ReplayBuffer",
     "slice_from",

@@ -1,0 +1,195 @@
+"""ResumableStream (resume/stream.py) over in-memory streams that a test cuts: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+
+from osmo_router.resume.stream import ResumableStream, SessionLost
+from osmo_router.transport import SessionStream
+from osmo_router.wire.protocol import pb
+
+
+class Cut(ConnectionError):
+    """The in-memory stream was cut."""
+
+
+class PipeEnd:
+    """One end of an in-memory stream of frames; `cut` breaks both ends."""
+
+    def __init__(self, inbox: asyncio.Queue[pb.Frame | None], outbox: asyncio.Queue[pb.Frame | None]) -> None:
+        self.inbox, self.outbox = inbox, outbox
+        self.broken = asyncio.Event()
+        self.peer: PipeEnd | None = None
+        self.sent: list[pb.Frame] = []
+        self.progress = asyncio.Event()
+
+    raw = False
+
+    def cut(self) -> None:
+        for end in (self, self.peer):
+            if end is not None:
+                end.broken.set()
+                end.inbox.put_nowait(None)
+
+    async def send(self, frame: pb.Frame) -> None:
+        if self.broken.is_set():
+            raise Cut("cut")
+        self.sent.append(frame)
+        self.progress.set()
+        await self.outbox.put(frame)
+
+    async def recv(self) -> pb.Frame | None:
+        frame = await self.inbox.get()
+        if frame is None or self.broken.is_set():
+            raise Cut("cut")
+        return frame
+
+    async def close(self) -> None:
+        return None
+
+    async def send_data(self, payload: bytes) -> None:
+        await self.send(pb.Frame(data=payload))
+
+    async def send_error(self, code: grpc.StatusCode, message: str) -> None:
+        await self.send(pb.Frame(error=pb.Error(code=code.value[0], message=message)))
+
+    async def send_data_message(self, message: bytes) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        self.cut()
+
+
+def pipe() -> tuple[PipeEnd, PipeEnd]:
+    a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    a, b = PipeEnd(a_in, b_in), PipeEnd(b_in, a_in)
+    a.peer, b.peer = b, a
+    return a, b
+
+
+class Side(ResumableStream):
+    """A side whose resume takes the next in-memory stream the test hands out."""
+
+    def __init__(self, inner: SessionStream, replay_bytes: int) -> None:
+        super().__init__(inner, replay_bytes=replay_bytes)
+        self.set_peer_window(replay_bytes)
+        self.next: asyncio.Queue[tuple[SessionStream, ResumableStream]] = asyncio.Queue()
+        self.fail_resume: SessionLost | None = None
+        self.waiting = asyncio.Event()
+
+    async def _reconnect(self, cause: str) -> tuple[SessionStream, int]:
+        if self.fail_resume is not None:
+            raise self.fail_resume
+        self.waiting.set()
+        inner, peer = await self.next.get()
+        self.waiting.clear()
+        # Both ends noticed the cut before the test hands out the new stream: `taken` is final.
+        return inner, peer.taken
+
+
+async def reconnect(a: Side, b: Side) -> None:
+    """Wait until both sides lost their stream, then give them a new one."""
+    async with asyncio.timeout(5):
+        await a.waiting.wait()
+        await b.waiting.wait()
+    end_a, end_b = pipe()
+    a.next.put_nowait((end_a, b))
+    b.next.put_nowait((end_b, a))
+
+
+async def until_sent(side: Side, count: int) -> None:
+    """Wait until the side's current stream carried `count` frames."""
+    async with asyncio.timeout(5):
+        while True:
+            current = side._inner
+            if isinstance(current, PipeEnd):
+                if len(current.sent) >= count:
+                    return
+                current.progress.clear()
+                await current.progress.wait()
+            else:
+                await side._connected.wait()
+
+
+async def pump(sender: Side, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        await sender.send(pb.Frame(data=chunk))
+    await sender.send(pb.Frame(half_close=pb.HalfClose()))
+    await sender.close()
+
+
+async def drain(receiver: Side) -> bytes:
+    got = bytearray()
+    while (frame := await receiver.recv()) is not None:
+        if frame.WhichOneof("kind") == "half_close":
+            return bytes(got)
+        got += frame.data
+    return bytes(got)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cuts", [0, 1, 3])
+async def test_both_directions_arrive_exactly_once_across_cuts(cuts: int) -> None:
+    rng = random.Random(cuts)
+    chunks_ab = [rng.randbytes(rng.randint(1, 5000)) for _ in range(400)]
+    chunks_ba = [rng.randbytes(rng.randint(1, 5000)) for _ in range(400)]
+    end_a, end_b = pipe()
+    a, b = Side(end_a, 64 * 1024), Side(end_b, 64 * 1024)
+    a.start()
+    b.start()
+    work = asyncio.gather(pump(a, chunks_ab), pump(b, chunks_ba), drain(b), drain(a))
+    for _ in range(cuts):
+        await until_sent(a, 20)
+        current = a._inner
+        assert isinstance(current, PipeEnd)
+        current.cut()
+        await reconnect(a, b)
+    _, _, at_b, at_a = await asyncio.wait_for(work, 20)
+    assert at_b == b"".join(chunks_ab)
+    assert at_a == b"".join(chunks_ba)
+    assert a.resumes == cuts and b.resumes == cuts
+    # The replay buffers held no more than their bound (plus one frame) at any time they are checked.
+    assert a.buffer.bytes <= 64 * 1024 + 6000
+
+
+@pytest.mark.asyncio
+async def test_a_side_that_cannot_resume_reports_why_once() -> None:
+    end_a, end_b = pipe()
+    a, b = Side(end_a, 1 << 20), Side(end_b, 1 << 20)
+    a.fail_resume = SessionLost("the agent holds no such session", grpc.StatusCode.NOT_FOUND)
+    a.start()
+    b.start()
+    end_a.cut()
+    frame = await asyncio.wait_for(a.recv(), 5)
+    assert frame is not None and frame.WhichOneof("kind") == "error"
+    assert frame.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "no such session" in frame.error.message
+    assert await asyncio.wait_for(a.recv(), 5) is None
+    b.abort()
+
+
+@pytest.mark.asyncio
+async def test_a_full_replay_buffer_pauses_the_sender_until_acknowledged() -> None:
+    end_a, end_b = pipe()
+    a, b = Side(end_a, 16 * 1024), Side(end_b, 16 * 1024)
+    a.start()
+    b.start()
+    sender = asyncio.create_task(pump(a, [b"x" * 4096] * 16))
+    async with asyncio.timeout(5):
+        while a.buffer.bytes < 12 * 1024:
+            end_a.progress.clear()
+            await end_a.progress.wait()
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not sender.done()  # 64 KiB against a 16 KiB window: nobody consumed, nothing acknowledged
+    assert a.buffer.bytes <= 16 * 1024 + 4096 + 256
+    got = await asyncio.wait_for(drain(b), 5)
+    await asyncio.wait_for(sender, 5)
+    assert got == b"x" * 4096 * 16
+    a.abort()
+    b.abort()
