@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from osmo_router.resume.window import AckClock, ReplayBuffer, slice_from, units_of
+from osmo_router.resume.window import AckClock, ReplayBuffer, SharedWindow, ack_interval, slice_from, units_of
 from osmo_router.wire.codec import decode_data_message, encode_data_message
 from osmo_router.wire.protocol import pb
 
@@ -98,3 +98,26 @@ def test_ack_clock(every: int) -> None:
     assert clock.owed
     frame = clock.frame()
     assert frame.ack.received == 50 and not clock.owed
+
+
+@pytest.mark.asyncio
+async def test_a_shared_window_bounds_all_buffers_together() -> None:
+    shared = SharedWindow(1000)
+    first, second = ReplayBuffer(800, shared), ReplayBuffer(800, shared)
+    first.append(pb.Frame(data=b"x" * 500), 500, 500)
+    second.append(pb.Frame(data=b"y" * 300), 300, 300)
+    assert shared.used > 800
+    # Within its own limit, but not within what the process may hold: the second buffer waits.
+    blocked = asyncio.create_task(second.reserve(200))
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    first.ack(500)  # the first session's client acknowledged: room for everyone
+    await asyncio.wait_for(blocked, 1)
+    second.close()
+    assert shared.used == 0
+
+
+def test_ack_interval_is_a_quarter_of_the_peer_window() -> None:
+    assert ack_interval(64 * 1024) == 16 * 1024
+    assert ack_interval(0) == ack_interval(8 * 1024 * 1024) == 256 * 1024
+    assert ack_interval(1) == 4096

@@ -56,7 +56,11 @@ class Agent:
         self._standby: set[asyncio.Task[None]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._closing = False
-        self.held = HeldSessions(grace=config.resume_grace, replay_bytes=config.replay_buffer_bytes)
+        self.held = HeldSessions(
+            grace=config.resume_grace,
+            replay_bytes=config.replay_buffer_bytes,
+            total_bytes=config.replay_total_bytes,
+        )
 
     async def run(self) -> None:
         """Register and serve forever, reconnecting with exponential backoff and jitter.

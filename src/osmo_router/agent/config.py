@@ -33,4 +33,6 @@ class AgentConfig:
     resume_grace: float = 300.0
     #: Bytes of unacknowledged output one resumable session keeps (resume/window.py).
     replay_buffer_bytes: int = 8 * 1024 * 1024
+    #: Bytes the replay buffers of all resumable sessions hold together at most.
+    replay_total_bytes: int = 256 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from osmo_router.resume.stream import ResumableStream, SessionLost
-from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, SharedWindow
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import pb
 
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Default for `agent --resume-grace`: how long a session waits for its client after a break.
 DEFAULT_RESUME_GRACE = 300.0
+#: Default for `agent --replay-total-bytes`: the replay buffers of all sessions together.
+DEFAULT_REPLAY_TOTAL = 256 * 1024 * 1024
 #: Most resumable sessions one agent holds at once; more are served without resume.
 MAX_HELD = 256
 
@@ -62,8 +64,16 @@ class Attach:
 class HeldStream(ResumableStream):
     """The agent's side of a resumable session."""
 
-    def __init__(self, inner: SessionStream, open_msg: pb.SessionOpen, *, grace: float, replay_bytes: int) -> None:
-        super().__init__(inner, replay_bytes=replay_bytes)
+    def __init__(
+        self,
+        inner: SessionStream,
+        open_msg: pb.SessionOpen,
+        *,
+        grace: float,
+        replay_bytes: int,
+        shared: SharedWindow | None = None,
+    ) -> None:
+        super().__init__(inner, replay_bytes=replay_bytes, shared=shared)
         token = target_of(open_msg).resume
         self.key = open_msg.session_key
         self.user = open_msg.user
@@ -178,9 +188,17 @@ class HeldStream(ResumableStream):
 class HeldSessions:
     """The resumable sessions of one agent, by session key."""
 
-    def __init__(self, *, grace: float = DEFAULT_RESUME_GRACE, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        grace: float = DEFAULT_RESUME_GRACE,
+        replay_bytes: int = DEFAULT_REPLAY_BYTES,
+        total_bytes: int = DEFAULT_REPLAY_TOTAL,
+    ) -> None:
+        """`total_bytes`: what the replay buffers of all held sessions hold together at most."""
         self.grace = grace
         self.replay_bytes = replay_bytes
+        self.window = SharedWindow(total_bytes)
         self._held: dict[str, HeldStream] = {}
 
     def __len__(self) -> int:
@@ -207,7 +225,7 @@ class HeldSessions:
         if len(self._held) >= MAX_HELD:
             log.warning("holding %d resumable sessions already; this one ends at its first break", MAX_HELD)
             return inner
-        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes)
+        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=self.window)
         self._held[held.key] = held
         await held.open()
         return held

@@ -18,6 +18,7 @@ from osmo_router.cli.limit_options import connection_limit_options
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.migration_options import migration_options
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.cli.resume_options import agent_resume_options
 from osmo_router.dial.config import DialConfig
 from osmo_router.dial.options import dial_config, dial_options
 from osmo_router.io.memtune import tune_for_bulk
@@ -306,25 +307,7 @@ async def _serve(config: RouterConfig) -> int:
     "of its own session's least recently used one, or its datagram is dropped (counted, logged) "
     "[env OSMO_MAX_UDP_SOCKETS].",
 )
-@click.option(
-    "--resume-grace",
-    envvar="OSMO_RESUME_GRACE",
-    type=click.FloatRange(0, None),
-    default=300.0,
-    show_default=True,
-    help="Seconds a resumable session (exec, port-forward, rsync of a client that asks for resume) is kept "
-    "after its client went away, for it to resume or attach; its exec process keeps running meanwhile. "
-    "0: sessions end at the first break [env OSMO_RESUME_GRACE].",
-)
-@click.option(
-    "--replay-buffer-bytes",
-    envvar="OSMO_REPLAY_BUFFER_BYTES",
-    type=click.IntRange(65536, None),
-    default=8 * 1024 * 1024,
-    show_default=True,
-    help="Bytes of output one resumable session keeps until its client acknowledges them; a full buffer "
-    "pauses the session's output [env OSMO_REPLAY_BUFFER_BYTES].",
-)
+@agent_resume_options
 @ws_agent_options
 @_log_options
 def agent(log_level: str, log_format: str, **options: Any) -> None:
@@ -353,6 +336,7 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         max_udp_sockets=options["max_udp_sockets"],
         resume_grace=options["resume_grace"],
         replay_buffer_bytes=options["replay_buffer_bytes"],
+        replay_total_bytes=options["replay_total_bytes"],
     )
     tune_for_bulk()  # exec, port-forward and rsync move 1 MiB frames (memtune), on either transport
     if ws is not None:

@@ -27,9 +27,10 @@ from osmo_router.resume.window import (
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
     AckClock,
-    ack_interval,
     Item,
     ReplayBuffer,
+    SharedWindow,
+    ack_interval,
     units_of,
 )
 from osmo_router.transport import SessionStream
@@ -55,11 +56,13 @@ class SessionLost(Exception):
 class ResumableStream:
     """A `SessionStream` over a replaceable stream: numbered, acknowledged, resent after a break."""
 
-    def __init__(self, inner: SessionStream, *, replay_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+    def __init__(
+        self, inner: SessionStream, *, replay_bytes: int = DEFAULT_REPLAY_BYTES, shared: SharedWindow | None = None
+    ) -> None:
         self._inner: SessionStream | None = inner
         self._raw = inner.raw
         self._generation = 0
-        self.buffer = ReplayBuffer(replay_bytes)
+        self.buffer = ReplayBuffer(replay_bytes, shared)
         self._acks = AckClock()
         self._write_lock = asyncio.Lock()
         self._next_seq = 0  # the first frame of the buffer not written to the current stream
@@ -197,12 +200,12 @@ class ResumableStream:
         if inner is not None:
             inner.abort()
         self._stop()
-        self.buffer.close()
         self._connected.set()
         self._arrived.set()
 
     def _stop(self) -> None:
         self._ended = True
+        self.buffer.close()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None

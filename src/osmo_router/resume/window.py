@@ -78,6 +78,35 @@ def slice_from(entry: Entry, offset: int) -> Item:
     return pb.Frame(data=frame.data[skip:])
 
 
+class SharedWindow:
+    """Bytes all the replay buffers of one process may hold together (the agent's total)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self._blocked: set[asyncio.Event] = set()
+
+    def fits(self, size: int) -> bool:
+        """True if `size` more bytes fit."""
+        return self.used + size <= self.limit
+
+    def take(self, size: int) -> None:
+        """Count `size` bytes held."""
+        self.used += size
+
+    def give(self, size: int) -> None:
+        """Count `size` bytes freed; wake the buffers waiting for room."""
+        self.used -= size
+        if size and self._blocked:
+            for event in self._blocked:
+                event.set()
+            self._blocked.clear()
+
+    def wait_on(self, event: asyncio.Event) -> None:
+        """Set `event` the next time bytes are freed."""
+        self._blocked.add(event)
+
+
 class ReplayBuffer:
     """What this side sent and the other side has not acknowledged, bounded in bytes.
 
@@ -86,8 +115,9 @@ class ReplayBuffer:
     limit is still taken when the buffer is empty, so nothing can wedge.
     """
 
-    def __init__(self, limit_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+    def __init__(self, limit_bytes: int = DEFAULT_REPLAY_BYTES, shared: SharedWindow | None = None) -> None:
         self.limit = limit_bytes
+        self.shared = shared
         self._entries: deque[Entry] = deque()
         #: First unit still held, and the next unit to be numbered.
         self.base = 0
@@ -105,8 +135,12 @@ class ReplayBuffer:
 
     async def reserve(self, size: int) -> None:
         """Wait until `size` more bytes fit (or the buffer is empty)."""
-        while self._entries and self.bytes + size > self.limit and not self.closed:
+        while self._entries and not self.closed:
+            if self.bytes + size <= self.limit and (self.shared is None or self.shared.fits(size)):
+                return
             self._space.clear()
+            if self.shared is not None:
+                self.shared.wait_on(self._space)
             await self._space.wait()
 
     async def wait_settled(self) -> None:
@@ -116,8 +150,12 @@ class ReplayBuffer:
             await self._settled.wait()
 
     def close(self) -> None:
-        """Wake every waiter for good: the session is over."""
+        """Wake every waiter for good and give the shared window back: the session is over."""
         self.closed = True
+        if self.shared is not None:
+            self.shared.give(self.bytes)
+        self.bytes = 0
+        self._entries.clear()
         self._space.set()
         self._settled.set()
 
@@ -128,6 +166,8 @@ class ReplayBuffer:
         self.appended += 1
         self.end += units
         self.bytes += entry.size
+        if self.shared is not None:
+            self.shared.take(entry.size)
         self._settled.clear()
         return entry
 
@@ -144,6 +184,8 @@ class ReplayBuffer:
         if received > self.base:
             self.base = received
         self.bytes -= freed
+        if self.shared is not None:
+            self.shared.give(freed)
         if freed:
             self._space.set()
         if not self._entries:
@@ -205,9 +247,10 @@ __all__ = [
     "TERMINAL",
     "UNNUMBERED",
     "AckClock",
-    "ack_interval",
     "Entry",
     "ReplayBuffer",
+    "SharedWindow",
+    "ack_interval",
     "slice_from",
     "units_of",
 ]
