@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -95,7 +96,7 @@ class HeldStream(ResumableStream):
             resume = pb.Resume(
                 received=0,
                 sending_from=0,
-                grace_seconds=int(self.grace),
+                grace_seconds=max(1, math.ceil(self.grace)),
                 fresh=True,
                 window_bytes=self.buffer.limit,
             )
@@ -159,7 +160,7 @@ class HeldStream(ResumableStream):
         resume = pb.Resume(
             received=self.taken,
             sending_from=sending_from,
-            grace_seconds=int(self.grace),
+            grace_seconds=max(1, math.ceil(self.grace)),
             window_bytes=self.buffer.limit,
         )
         self.set_peer_window(token.window_bytes)
@@ -209,9 +210,9 @@ class HeldSessions:
         return list(self._held.values())
 
     def wants(self, open_msg: pb.SessionOpen) -> bool:
-        """True if this SessionOpen starts a resumable session that this agent will hold."""
+        """True if this SessionOpen asks for resume (`start` holds the session, or declines)."""
         token = target_of(open_msg).resume
-        return bool(token.secret) and not token.resuming and not token.attach and self.grace > 0
+        return bool(token.secret) and not token.resuming and not token.attach
 
     def is_resume(self, open_msg: pb.SessionOpen) -> bool:
         """True if this SessionOpen resumes or attaches to a session."""
@@ -222,8 +223,11 @@ class HeldSessions:
         """Wrap a new session's stream for resume (the plain stream when the agent holds too many)."""
         if open_msg.session_key in self._held:
             raise SessionLost("a session with this key is already held", grpc.StatusCode.ALREADY_EXISTS)
-        if len(self._held) >= MAX_HELD:
-            log.warning("holding %d resumable sessions already; this one ends at its first break", MAX_HELD)
+        if self.grace <= 0 or len(self._held) >= MAX_HELD:
+            if self.grace > 0:
+                log.warning("holding %d resumable sessions already; this one ends at its first break", MAX_HELD)
+            # A Resume with no grace declines: the client stops holding what it sends at once.
+            await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0)))
             return inner
         held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=self.window)
         self._held[held.key] = held

@@ -40,6 +40,9 @@ FATAL = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
+#: Longest a client holds its sent frames for an agent that has not said it resumes (an agent that
+#: does answers with its first frame, one round trip after the session started).
+CONFIRM_WAIT = 5.0
 #: First and longest wait between two resume attempts.
 BACKOFF_INITIAL = 0.25
 BACKOFF_MAX = 4.0
@@ -72,17 +75,38 @@ class ResumingStream(ResumableStream):
         self._grace = grace
         self._notify = notify
         self.confirmed = False
+        self.acking = False  # until the agent's Resume says it numbers what it sends
 
     def _take(self, frame: pb.Frame) -> None:
         if not self.confirmed and self.resumable and frame.WhichOneof("kind") != "resume":
-            # An agent without resume: what was held is sent already; no numbering from here on.
-            self.resumable = False
-            self.buffer.ack(self.buffer.end)
+            self._fall_back("the agent does not resume sessions")
         super()._take(frame)
+
+    def _fall_back(self, why: str) -> None:
+        """No resume for this session: what was held is sent already; a break ends the session."""
+        log.info("%s: this session ends at the first break", why)
+        self.resumable = False
+        self.buffer.ack(self.buffer.end)
+
+    async def _room(self, size: int) -> None:
+        if self.confirmed or not self.resumable:
+            await super()._room(size)
+            return
+        try:
+            async with asyncio.timeout(CONFIRM_WAIT):
+                await super()._room(size)
+        except TimeoutError:
+            if not self.confirmed:
+                self._fall_back(f"the agent did not answer the resume request within {CONFIRM_WAIT:g}s")
 
     def _on_control(self, frame: pb.Frame) -> None:
         if frame.WhichOneof("kind") == "resume" and not self.confirmed:
             self.confirmed = True
+            if not frame.resume.grace_seconds:
+                self._fall_back("the agent holds no sessions across breaks (agent --resume-grace 0)")
+                return
+            # Acknowledge from now on even if resume was given up meanwhile: the agent counts on it.
+            self.acking = True
             self.set_peer_window(frame.resume.window_bytes)
             if frame.resume.grace_seconds:
                 self._grace = min(self._grace, float(frame.resume.grace_seconds))

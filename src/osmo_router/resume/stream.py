@@ -78,6 +78,8 @@ class ResumableStream:
         self._tasks: set[asyncio.Task[None]] = set()
         #: False once the peer turned out not to resume (an older agent): frames pass straight through.
         self.resumable = True
+        #: True while the peer takes acknowledgements (it numbers what it sends).
+        self.acking = True
         self.local_closed = False
         self.remote_half_closed = False
         self.remote_final = False
@@ -155,7 +157,7 @@ class ResumableStream:
         frame = self._incoming.popleft()
         units = units_of(frame)
         self._incoming_units -= units
-        if not self.resumable:
+        if not self.acking:
             return frame
         due = self._acks.take(units) or frame.WhichOneof("kind") in TERMINAL
         if due:
@@ -229,7 +231,10 @@ class ResumableStream:
                     except BREAKS as err:
                         self._broken(self._generation, err)
             return
-        await self.buffer.reserve(size)
+        await self._room(size)
+        if not self.resumable:  # gave up on resume while waiting for room
+            await self._send_item(item, units, size)
+            return
         entry = self.buffer.append(item, units, size)
         async with self._write_lock:
             inner = self._inner
@@ -241,6 +246,10 @@ class ResumableStream:
                 await self._put(inner, item)
             except BREAKS as err:
                 self._broken(generation, err)
+
+    async def _room(self, size: int) -> None:
+        """Wait until the replay buffer takes `size` more bytes."""
+        await self.buffer.reserve(size)
 
     @staticmethod
     async def _put(inner: SessionStream, item: Item) -> None:
