@@ -32,7 +32,7 @@ class AgentConfig:
     #: Seconds a resumable session waits for its client after a break (0: no resume; agent/held.py).
     resume_grace: float = 300.0
     #: Bytes of unacknowledged output one resumable session keeps (resume/window.py).
-    replay_buffer_bytes: int = 8 * 1024 * 1024
+    replay_buffer_bytes: int = 16 * 1024 * 1024
     #: Bytes the replay buffers of all resumable sessions hold together at most.
     replay_total_bytes: int = 256 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)

@@ -24,10 +24,12 @@ def agent_resume_options(f: Any) -> Any:
             "--replay-buffer-bytes",
             envvar="OSMO_REPLAY_BUFFER_BYTES",
             type=click.IntRange(65536, None),
-            default=8 * 1024 * 1024,
+            default=16 * 1024 * 1024,
             show_default=True,
             help="Bytes of output one resumable session keeps until its client acknowledges them; a full buffer "
-            "pauses the session's output [env OSMO_REPLAY_BUFFER_BYTES].",
+            "pauses the session's output. Larger than the client's (8 MiB) on purpose: the client's acknowledgements "
+            "travel behind its own input, and a full-duplex transfer (exec -- cat) would otherwise wait on them "
+            "[env OSMO_REPLAY_BUFFER_BYTES].",
         ),
         click.option(
             "--replay-total-bytes",

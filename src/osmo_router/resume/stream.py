@@ -75,6 +75,8 @@ class ResumableStream:
         self._lost: SessionLost | None = None
         self._lost_reported = False
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._acker: asyncio.Task[None] | None = None
+        self._ack_wanted = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: False once the peer turned out not to resume (an older agent): frames pass straight through.
         self.resumable = True
@@ -161,7 +163,7 @@ class ResumableStream:
             return frame
         due = self._acks.take(units) or frame.WhichOneof("kind") in TERMINAL
         if due:
-            await self._send_ack()
+            self._ack_now()
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_soon)
         return frame
@@ -213,8 +215,8 @@ class ResumableStream:
             self._ack_timer = None
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
+        for task in [*self._tasks, self._acker]:
+            if task is not None and task is not asyncio.current_task():
                 task.cancel()
         self._arrived.set()
 
@@ -261,22 +263,30 @@ class ResumableStream:
     def _ack_soon(self) -> None:
         self._ack_timer = None
         if self._acks.owed and not self._ended:
-            task = asyncio.create_task(self._send_ack())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._ack_now()
 
-    async def _send_ack(self) -> None:
+    def _ack_now(self) -> None:
+        """Acknowledge what was consumed, from a task of its own: a receiver never waits for a write."""
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        async with self._write_lock:
-            inner, generation = self._inner, self._generation
-            if inner is None:
-                return
-            try:
-                await inner.send(self._acks.frame())
-            except BREAKS as err:
-                self._broken(generation, err)
+        self._ack_wanted = True
+        if self._acker is None or self._acker.done():
+            self._acker = asyncio.create_task(self._send_acks())
+
+    async def _send_acks(self) -> None:
+        # One task at a time; an ack wanted while one is being written goes out right after it,
+        # with the count of that moment.
+        while self._ack_wanted and not self._ended:
+            self._ack_wanted = False
+            async with self._write_lock:
+                inner, generation = self._inner, self._generation
+                if inner is None:
+                    return
+                try:
+                    await inner.send(self._acks.frame())
+                except BREAKS as err:
+                    self._broken(generation, err)
 
     # --- receiving ------------------------------------------------------------------------------
 
