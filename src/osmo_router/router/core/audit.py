@@ -80,3 +80,11 @@ def relay_event(
     fields = _fields(event, session, operation, peer, duration)
     fields["replica"] = replica
     log.info(event, extra={"fields": fields})
+
+
+def resume_event(event: str, session: Session, peer: str = "") -> None:
+    """Log a client detaching from a resumable session ("session detach", seen as its Detach frame in
+    the relay) or attaching to one ("session attach", seen as the attach flag of its init)."""
+    fields = _fields(event, session, session.operation_name, peer, None)
+    fields["session"] = fingerprint(session.key)
+    log.info(event, extra={"fields": fields})
