@@ -30,8 +30,8 @@ def register(
         default=None,
         help="Raw terminal, resize and the escape key [default: when stdin is a terminal].",
     )
-    @click.argument("session_key")
-    def attach_command(session_key: str, tty: bool | None, **options: Any) -> None:
+    @click.argument("key", metavar="SESSION_KEY")
+    def attach_command(key: str, tty: bool | None, **options: Any) -> None:
         """Attach to a running exec session (see `sessions`); exits with the remote exit code.
 
         Only the session's owner may attach. Attaching to a session that is attached elsewhere takes
@@ -41,7 +41,7 @@ def register(
         from osmo_router.client.attach import run_attach
 
         config = client_config(options)
-        sys.exit(run_async(run_attach(config, session_key, tty)))
+        sys.exit(run_async(run_attach(config, key, tty)))
 
     @group.command(name="sessions")
     @session_options

@@ -95,7 +95,7 @@ class SessionPipeline:
             await self.refuse(side, label, err, join.identity)
             return
         if join.target.resume.attach:
-            audit.resume_event("session attach", session, side.peer)
+            audit.attach_event("session attach", session, side.peer)
         timeout = join.rendezvous_timeout
         # This frame lives as long as the session: keep only what the session needs (with thousands
         # of idle sessions, the parsed init and the identity's claims add up).

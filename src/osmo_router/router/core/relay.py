@@ -143,7 +143,7 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
                 elif is_agent and is_exit_status_frame(message):
                     session.exit_status = exit_status_text(message) or session.exit_status
                 elif message == ENCODED_DETACH and not is_agent:
-                    audit.resume_event("session detach", session)
+                    audit.attach_event("session detach", session)
             await queue.put(message)
         if not is_agent:
             if not client_half_closed and not session.agent_half_closed:
