@@ -10,7 +10,7 @@ import pytest
 from osmo_router.agent.held import MAX_HELD, HeldSessions
 from osmo_router.client.attach import ESCAPE, EscapeFilter, format_sessions
 from osmo_router.client.resume import ResumingStream
-from osmo_router.router.auth.identity import Identity
+from osmo_router.router.auth.identity import Identity, NoAuth
 from osmo_router.router.core.registry import MAX_HELD_REPORTED, AgentRegistration, AgentRegistry
 from osmo_router.router.grpc.list_sessions import ListSessions
 from osmo_router.wire.errors import PermissionDenied
@@ -73,7 +73,7 @@ async def test_list_sessions_answers_the_callers_own_sessions_only() -> None:
             pb.HeldSession(session_key="early", user="alice", started_unix=10),
         )
     )
-    handler = ListSessions(_NoAuth(), registry)
+    handler = ListSessions(NoAuth(), registry)
     request = pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id="wf"))
     answer = await handler.answer(ALICE, request)
     assert [e.session_key for e in answer.sessions] == ["early", "late"]
@@ -89,14 +89,9 @@ async def test_list_sessions_asks_the_holding_replica_when_no_agent_is_here() ->
         asked.append(identity.subject)
         return pb.ListSessionsResponse(sessions=[pb.HeldSession(session_key="there", user="alice")])
 
-    handler = ListSessions(_NoAuth(), AgentRegistry(), relay)
+    handler = ListSessions(NoAuth(), AgentRegistry(), relay)
     answer = await handler.answer(ALICE, pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id="wf")))
     assert asked == ["alice"] and [e.session_key for e in answer.sessions] == ["there"]
-
-
-class _NoAuth:
-    async def authenticate(self, metadata: object) -> Identity:
-        return ALICE
 
 
 class _Inner:
