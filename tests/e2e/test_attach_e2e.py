@@ -268,3 +268,32 @@ def test_only_the_owner_attaches_and_lists(jwt_router: tuple[Router, Signer]) ->
         attached.wait_for(lambda r: r["line"] == "hi", stdout=True)
     finally:
         attached.stop()
+
+
+def test_sessions_asked_of_a_replica_without_the_agent(workflow: str) -> None:
+    """Scale-out: replica B has no registration for the workflow; it relays ListSessions to A, which has."""
+    from tests.redis_harness import RedisServer
+
+    server = RedisServer()
+    procs: list[Proc] = []
+    try:
+        secret = "peer-secret-for-tests-0123456789"
+        a = Router("--redis-url", server.url, "--peer-secret", secret)
+        procs.append(a)
+        b = Router("--redis-url", server.url, "--peer-secret", secret)
+        procs.append(b)
+        procs.append(AgentProc(a.address, workflow))
+        args_a = ["--router-address", a.address, "--workflow-id", workflow, "--tls=false"]
+        args_b = ["--router-address", b.address, "--workflow-id", workflow, "--tls=false"]
+        started = run_client("exec", *args_a, "--detach", "--", "sh", "-c", "exec sleep 120")
+        assert started.returncode == 0, started.stderr
+        key = started.stdout.decode().strip()
+        deadline = time.monotonic() + STEP
+        while not [s for s in _listed(args_b) if s["session_key"] == key and s["attached"] is False]:
+            assert time.monotonic() < deadline, _listed(args_b)
+            time.sleep(0.2)
+        assert [s["command"] for s in _listed(args_b)] == ["sh -c exec sleep 120"]
+    finally:
+        for proc in procs:
+            proc.stop()
+        server.stop()
