@@ -120,7 +120,8 @@ def _shell_state(client: TtyClient) -> tuple[bytes, bytes]:
     return match.group(1), match.group(2)
 
 
-@pytest.mark.parametrize("cut_seconds", [3, 30])
+# The 30 s cut (a shorter one, e.g. 3, is a quick check: `-k cut` after editing this list).
+@pytest.mark.parametrize("cut_seconds", [30])
 def test_tty_shell_survives_a_network_cut(
     agent: AgentProc, proxied: tuple[CutProxy, list[str]], cut_seconds: float
 ) -> None:
