@@ -120,8 +120,7 @@ def _wait_metric(router: Router, name: str, labels: dict[str, str], value: float
 
 def test_agent_killed_mid_session(router: Router, workflow: str, client_args: list[str]) -> None:
     agent = AgentProc(router.address, workflow)
-    # The client tries to resume for --resume-grace (issue 17): no agent comes back within 3 s.
-    client = Proc(client_cmd("exec", *client_args, "--resume-grace", "3s", "--", "sh", "-c", "echo started; sleep 60"))
+    client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", "echo started; sleep 60"))
     try:
         client.wait_for(lambda r: r["line"] == "started", stdout=True)
         agent.popen.kill()
@@ -136,12 +135,10 @@ def test_agent_killed_mid_session(router: Router, workflow: str, client_args: li
 
 
 def test_client_killed_hangs_up_remote_process(
-    router: Router, workflow: str, client_args: list[str], tmp_path: Path
+    agent: AgentProc, router: Router, client_args: list[str], tmp_path: Path
 ) -> None:
     marker = tmp_path / "hup"
     script = f"trap 'echo hup > {marker}; exit 0' HUP; echo started; while :; do sleep 0.1; done"
-    # The agent holds a session whose client went away for its --resume-grace (issue 17), then hangs it up.
-    agent = AgentProc(router.address, workflow, "--resume-grace", "2")
     client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", script))
     try:
         client.wait_for(lambda r: r["line"] == "started", stdout=True)
@@ -155,7 +152,6 @@ def test_client_killed_hangs_up_remote_process(
         _wait_metric(router, "router_grpc_sessions_active", {"operation": "exec"}, 0)
     finally:
         client.stop()
-        agent.stop()
 
 
 def test_stalled_reader_trips_flow_control_without_blocking_others(workflow: str) -> None:

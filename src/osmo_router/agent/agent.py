@@ -16,7 +16,7 @@ from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import serve_port_forward
-from osmo_router.agent.held import HeldSessions
+from osmo_router.agent.held import REPORT_DELAY, HeldSessions
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
@@ -30,9 +30,6 @@ from osmo_router.wire.protocol import AGENT_SERVICE, pb, pb_grpc
 from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
-
-#: How long the agent gathers changes of its held sessions before it reports them.
-HELD_REPORT_DELAY = 0.25
 
 SessionHandler = Callable[[SessionStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
 
@@ -251,7 +248,7 @@ class Agent:
     async def _report_held(self, call: grpc.aio.StreamStreamCall, writes: asyncio.Lock) -> None:
         """Send the held sessions on the Register stream: at once (a new router knows none), then on change.
 
-        Changes are debounced (HELD_REPORT_DELAY) so a burst of attaches and detaches is one message;
+        Changes are debounced (REPORT_DELAY) so a burst of attaches and detaches is one message;
         the list is bounded (MAX_HELD entries, see HeldSessions.report).
         """
         if not len(self.held) and not self._held_changed.is_set():
@@ -261,7 +258,7 @@ class Agent:
             async with writes:
                 await call.write(pb.RegisterRequest(held=self.held.report()))
             await self._held_changed.wait()
-            await asyncio.sleep(HELD_REPORT_DELAY)  # debounce: gather the changes of a burst
+            await asyncio.sleep(REPORT_DELAY)  # debounce: gather the changes of a burst
 
     def _session_ended(self, task: asyncio.Task[None]) -> None:
         """Forget a finished session; once the agent is quiet, give the memory of its buffers back (memtune)."""

@@ -34,6 +34,8 @@ DEFAULT_RESUME_GRACE = 300.0
 MAX_HELD = 256
 #: What a client that was attached hears when it tries to resume after another client attached.
 ATTACHED_ELSEWHERE = "the session was attached from another client"
+#: How long the agent gathers changes of its held sessions before it reports them to the router.
+REPORT_DELAY = 0.25
 #: Longest the agent tries to tell the attached client that another one takes the session over.
 TAKEOVER_NOTICE = 1.0
 
@@ -292,4 +294,4 @@ class HeldSessions:
             stream.abort()
 
 
-__all__ = ["DEFAULT_RESUME_GRACE", "HeldSessions", "HeldStream", "summary_of", "target_of"]
+__all__ = ["DEFAULT_RESUME_GRACE", "REPORT_DELAY", "HeldSessions", "HeldStream", "summary_of", "target_of"]

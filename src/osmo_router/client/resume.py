@@ -13,7 +13,6 @@ break, as before. The WebSocket transport has no resume (the old protocol cannot
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import sys
@@ -42,10 +41,6 @@ FATAL = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
-#: What a client is told when another client of the session's owner attached to it.
-TAKEN_OVER = "the session was attached from another client; detached here"
-#: Longest a detach waits for the agent to acknowledge what this side sent.
-DETACH_SETTLE = 2.0
 #: First and longest wait between two resume attempts.
 BACKOFF_INITIAL = 0.25
 BACKOFF_MAX = 4.0
@@ -57,6 +52,12 @@ def say(message: str) -> None:
     """One line on stderr (at the start of a line, raw terminal or not)."""
     sys.stderr.write(f"\r\nosmo-net-client: {message}\r\n" if sys.stderr.isatty() else f"osmo-net-client: {message}\n")
     sys.stderr.flush()
+
+
+#: What a client is told when another client of the session's owner attached to it.
+TAKEN_OVER = "the session was attached from another client; detached here"
+#: Longest a detach waits for the agent to acknowledge what this side sent.
+DETACH_SETTLE = 2.0
 
 
 class ResumingStream(ResumableStream):
@@ -109,20 +110,24 @@ class ResumingStream(ResumableStream):
         """
         if not (self.confirmed and self.resumable) or self._lost is not None:
             return False
-        with contextlib.suppress(TimeoutError):
+        try:
             async with asyncio.timeout(settle):
                 await self._connected.wait()  # a resume in progress
                 await self.buffer.wait_settled()
+        except TimeoutError:
+            log.info("detaching with input the agent has not acknowledged")
         async with self._write_lock:
             inner = self._inner
             if inner is None or self._lost is not None:
                 return False
             self.detached = True
-            with contextlib.suppress(*BREAKS):
+            try:
                 if self._acks.owed:
                     await inner.send(self._acks.frame())
                 await inner.send(pb.Frame(detach=pb.Detach()))
                 await inner.close()
+            except BREAKS as err:
+                log.info("the stream broke while detaching: %s", err)
         self._lose(SessionLost("detached", grpc.StatusCode.OK))
         return True
 
