@@ -272,7 +272,7 @@ def test_only_the_owner_attaches_and_lists(jwt_router: tuple[Router, Signer]) ->
 
 
 def test_sessions_asked_of_a_replica_without_the_agent(workflow: str) -> None:
-    """Scale-out: replica B has no registration for the workflow; it relays ListSessions to A, which has."""
+    """Scale-out: replica B has no registration for the workflow; it relays ListSessions (and the attach) to A."""
     from tests.redis_harness import RedisServer
 
     server = RedisServer()
@@ -286,14 +286,17 @@ def test_sessions_asked_of_a_replica_without_the_agent(workflow: str) -> None:
         procs.append(AgentProc(a.address, workflow))
         args_a = ["--router-address", a.address, "--workflow-id", workflow, "--tls=false"]
         args_b = ["--router-address", b.address, "--workflow-id", workflow, "--tls=false"]
-        started = run_client("exec", *args_a, "--detach", "--", "sh", "-c", "exec sleep 120")
+        started = run_client("exec", *args_a, "--detach", "--", "sh", "-c", "read line; echo got=$line; exit 5")
         assert started.returncode == 0, started.stderr
         key = started.stdout.decode().strip()
         deadline = time.monotonic() + STEP
         while not [s for s in _listed(args_b) if s["session_key"] == key and s["attached"] is False]:
             assert time.monotonic() < deadline, _listed(args_b)
             time.sleep(0.2)
-        assert [s["command"] for s in _listed(args_b)] == ["sh -c exec sleep 120"]
+        assert [s["command"] for s in _listed(args_b)] == ["sh -c read line; echo got=$line; exit 5"]
+        # The attach through B is relayed to A like any stream.
+        attached = run_client("attach", key, *args_b, input=b"via-b\n")
+        assert (attached.returncode, attached.stdout) == (5, b"got=via-b\n"), attached.stderr
     finally:
         for proc in procs:
             proc.stop()
