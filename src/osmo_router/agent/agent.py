@@ -16,7 +16,7 @@ from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import serve_port_forward
-from osmo_router.agent.held import HeldSessions
+from osmo_router.agent.held import REPORT_DELAY, HeldSessions
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
@@ -61,6 +61,8 @@ class Agent:
             replay_bytes=config.replay_buffer_bytes,
             total_bytes=config.replay_total_bytes,
         )
+        self._held_changed = asyncio.Event()
+        self.held.on_change = self._held_changed.set
 
     async def run(self) -> None:
         """Register and serve forever, reconnecting with exponential backoff and jitter.
@@ -130,7 +132,9 @@ class Agent:
             extra={"fields": {"event": "registered", "router_id": first.registered.router_id}},
         )
         self.registered.set()
-        heartbeat = asyncio.create_task(_send_heartbeats(call, interval))
+        writes = asyncio.Lock()  # heartbeats and held-session reports share the stream
+        heartbeat = asyncio.create_task(_send_heartbeats(call, interval, writes))
+        reports = asyncio.create_task(self._report_held(call, writes))
         # Ended with the registration; the slots' parked streams are ended by the router then.
         registration_over = asyncio.Event()
         for _ in range(self.config.standby_streams):
@@ -143,9 +147,10 @@ class Agent:
                     self._start_session(channel, message.session_request.session_key)
         finally:
             registration_over.set()
-            heartbeat.cancel()
-            with contextlib.suppress(BaseException):
-                await heartbeat
+            for task in (heartbeat, reports):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     def _start_session(self, channel: grpc.aio.Channel, session_key: str) -> None:
         task = asyncio.create_task(self._serve_session(channel, session_key))
@@ -244,6 +249,21 @@ class Agent:
             raise
         await self.held.finish(session)
 
+    async def _report_held(self, call: grpc.aio.StreamStreamCall, writes: asyncio.Lock) -> None:
+        """Send the held sessions on the Register stream: at once (a new router knows none), then on change.
+
+        Changes are debounced (REPORT_DELAY) so a burst of attaches and detaches is one message;
+        the list is bounded (MAX_HELD entries, see HeldSessions.report).
+        """
+        if not len(self.held) and not self._held_changed.is_set():
+            await self._held_changed.wait()
+        while True:
+            self._held_changed.clear()
+            async with writes:
+                await call.write(pb.RegisterRequest(held=self.held.report()))
+            await self._held_changed.wait()
+            await asyncio.sleep(REPORT_DELAY)  # debounce: gather the changes of a burst
+
     def _session_ended(self, task: asyncio.Task[None]) -> None:
         """Forget a finished session; once the agent is quiet, give the memory of its buffers back (memtune)."""
         self._sessions.discard(task)
@@ -295,7 +315,8 @@ def _log_session_end(session_key: str, err: Exception) -> None:
         log.error("session %s failed", session_key[:8], exc_info=err)
 
 
-async def _send_heartbeats(call: grpc.aio.StreamStreamCall, interval: float) -> None:
+async def _send_heartbeats(call: grpc.aio.StreamStreamCall, interval: float, writes: asyncio.Lock) -> None:
     while True:
         await asyncio.sleep(interval)
-        await call.write(pb.RegisterRequest(heartbeat=pb.Heartbeat()))
+        async with writes:
+            await call.write(pb.RegisterRequest(heartbeat=pb.Heartbeat()))

@@ -11,16 +11,20 @@ process is hung up, as when a client goes away today).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from osmo_router.resume.stream import ResumableStream, SessionLost
+from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, SharedWindow
 from osmo_router.transport import SessionStream
+from osmo_router.wire.ops import BY_OPEN_FIELD
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,12 @@ DEFAULT_RESUME_GRACE = 300.0
 DEFAULT_REPLAY_TOTAL = 256 * 1024 * 1024
 #: Most resumable sessions one agent holds at once; more are served without resume.
 MAX_HELD = 256
+#: What a client that was attached hears when it tries to resume after another client attached.
+ATTACHED_ELSEWHERE = "the session was attached from another client"
+#: How long the agent gathers changes of its held sessions before it reports them to the router.
+REPORT_DELAY = 0.25
+#: Longest the agent tries to tell the attached client that another one takes the session over.
+TAKEOVER_NOTICE = 1.0
 
 
 def target_of(open_msg: pb.SessionOpen) -> pb.SessionTarget:
@@ -85,6 +95,9 @@ class HeldStream(ResumableStream):
         self.started = time.time()
         self.detached_at = 0.0
         self.finishing = False
+        #: Called when the session is attached or detached (HeldSessions reports the list to the router).
+        self.changed: Callable[[], None] = lambda: None
+        self._former_secrets: deque[str] = deque(maxlen=16)
         self._attaches: asyncio.Queue[Attach] = asyncio.Queue(maxsize=1)
         self._current: Attach | None = None
         self.set_peer_window(token.window_bytes)
@@ -115,6 +128,8 @@ class HeldStream(ResumableStream):
         token = target_of(open_msg).resume
         if open_msg.user != self.user:
             raise SessionLost("the session belongs to another user", grpc.StatusCode.PERMISSION_DENIED)
+        if not token.attach and token.secret in self._former_secrets:
+            raise SessionLost(ATTACHED_ELSEWHERE, grpc.StatusCode.PERMISSION_DENIED)
         if not token.attach and token.secret != self.secret:
             raise SessionLost("wrong resume secret for this session", grpc.StatusCode.PERMISSION_DENIED)
         if open_msg.WhichOneof("init") != self.operation:
@@ -129,12 +144,44 @@ class HeldStream(ResumableStream):
         """Hand a client's new stream to this session; returns once the session no longer uses it."""
         self.check(open_msg)
         attach = Attach(stream, target_of(open_msg).resume)
+        if attach.token.attach and attach.token.secret:
+            # From now on only the attaching client may resume; the one it replaces is told so.
+            self._former_secrets.append(self.secret)
+            self.secret = attach.token.secret
         while self._attaches.full():  # an older attach not taken yet loses to this one
             self._attaches.get_nowait().released.set_result(None)
         self._attaches.put_nowait(attach)
         if self._inner is not None:
+            if attach.token.attach:
+                await self._tell_taken_over()
             self._broken(self._generation, "superseded by the client's new stream")
         await attach.released
+
+    @property
+    def attached(self) -> bool:
+        """True while a client is connected (or the session has not been detached yet)."""
+        return self.detached_at == 0.0
+
+    def describe(self) -> pb.HeldSession:
+        """The session as `osmo-net-client sessions` lists it (the router fills in the task)."""
+        op = BY_OPEN_FIELD.get(self.operation)
+        return pb.HeldSession(
+            session_key=self.key,
+            user=self.user,
+            operation=pb.Operation.ValueType(op.value if op is not None else 0),
+            summary=self.summary[:200],
+            attached=self.attached,
+            started_unix=int(self.started),
+            detached_unix=int(self.detached_at),
+        )
+
+    async def _tell_taken_over(self) -> None:
+        """Best effort: a Detach frame to the attached client (it then exits instead of resuming)."""
+        inner = self._inner
+        with contextlib.suppress(TimeoutError, *BREAKS):
+            async with asyncio.timeout(TAKEOVER_NOTICE), self._write_lock:
+                if inner is not None and self._inner is inner:
+                    await inner.send(pb.Frame(detach=pb.Detach()))
 
     async def _reconnect(self, cause: str) -> tuple[SessionStream, int]:
         if self._current is not None and not self._current.released.done():
@@ -143,6 +190,7 @@ class HeldStream(ResumableStream):
         if self.finishing and self.buffer.settled:
             raise SessionLost("the session ended", grpc.StatusCode.OK)
         self.detached_at = time.time()
+        self.changed()
         log.info(
             "session %s: client gone (%s); holding it for %gs",
             self.key[:8],
@@ -171,6 +219,7 @@ class HeldStream(ResumableStream):
             raise SessionLost(f"the resumed stream broke at once: {err}") from None
         self._current = attach
         self.detached_at = 0.0
+        self.changed()
         log.info(
             "session %s: %s from %d",
             self.key[:8],
@@ -201,6 +250,8 @@ class HeldSessions:
         self.replay_bytes = replay_bytes
         self.window = SharedWindow(total_bytes)
         self._held: dict[str, HeldStream] = {}
+        #: Called whenever the list changes (a session held, attached, detached or ended).
+        self.on_change: Callable[[], None] = lambda: None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -208,6 +259,13 @@ class HeldSessions:
     def sessions(self) -> list[HeldStream]:
         """A snapshot of the held sessions."""
         return list(self._held.values())
+
+    def report(self) -> pb.HeldSessions:
+        """Every held session, as the agent reports them on its Register stream (at most MAX_HELD)."""
+        return pb.HeldSessions(sessions=[held.describe() for held in list(self._held.values())[:MAX_HELD]])
+
+    def _changed(self) -> None:
+        self.on_change()
 
     def wants(self, open_msg: pb.SessionOpen) -> bool:
         """True if this SessionOpen asks for resume (`start` holds the session, or declines)."""
@@ -230,7 +288,9 @@ class HeldSessions:
             await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0)))
             return inner
         held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=self.window)
+        held.changed = self._changed
         self._held[held.key] = held
+        self._changed()
         await held.open()
         return held
 
@@ -258,13 +318,15 @@ class HeldSessions:
         try:
             await stream.finish(self.grace)
         finally:
-            self._held.pop(stream.key, None)
+            if self._held.pop(stream.key, None) is not None:
+                self._changed()
 
     def forget(self, stream: SessionStream) -> None:
         """Drop a session whose handler failed."""
         if isinstance(stream, HeldStream):
-            self._held.pop(stream.key, None)
+            if self._held.pop(stream.key, None) is not None:
+                self._changed()
             stream.abort()
 
 
-__all__ = ["DEFAULT_RESUME_GRACE", "HeldSessions", "HeldStream", "summary_of", "target_of"]
+__all__ = ["DEFAULT_RESUME_GRACE", "REPORT_DELAY", "HeldSessions", "HeldStream", "summary_of", "target_of"]

@@ -16,6 +16,7 @@ import click
 from osmo_router import __version__
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.client import attach_cli
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.options import dial_config, dial_options
 from osmo_router.io.memtune import tune_for_bulk
@@ -134,14 +135,24 @@ def main_group() -> None:
 @_session_options
 @click.option("--tty/--no-tty", "-t", default=False, help="Allocate a terminal (raw mode, resize, Ctrl-C).")
 @click.option("--stdin/--no-stdin", "-i", default=True, hidden=True, help="Accepted for kubectl compatibility.")
+@click.option(
+    "--detach",
+    "-d",
+    is_flag=True,
+    help="Start the session and detach at once: print its key (attach with `osmo-net-client attach KEY`).",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def exec_command(tty: bool, stdin: bool, command: tuple[str, ...], **options: Any) -> None:
-    """Run COMMAND in the container (default: its shell); exits with the remote exit code."""
+def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...], **options: Any) -> None:
+    """Run COMMAND in the container (default: its shell); exits with the remote exit code.
+
+    In a TTY session, Ctrl-] then d detaches (the session keeps running; exit 0); Ctrl-] twice
+    sends one Ctrl-].
+    """
     from osmo_router.client.exec import run_exec
 
     config = client_config(options)
     tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
-    sys.exit(run_async(run_exec(config, list(command), tty)))
+    sys.exit(run_async(run_exec(config, list(command), tty, detach=detach)))
 
 
 @main_group.command(name="port-forward")
@@ -263,6 +274,9 @@ def rsync_shell_command(remote_command: tuple[str, ...], **options: Any) -> None
     config = client_config(options)
     tune_for_bulk()  # rsync's data moves in 1 MiB frames (memtune)
     sys.exit(run_async(run_rsync_shell(config, list(remote_command))))
+
+
+attach_cli.register(main_group, _session_options, client_config)
 
 
 def rewrite_legacy_operation(args: list[str]) -> list[str]:

@@ -37,8 +37,13 @@ def exit_code_of(status: pb.ExitStatus) -> int:
     return status.code & 0xFF
 
 
-async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
-    """Run the session to its end and return the exit code to exit with."""
+async def run_exec(config: ClientConfig, command: list[str], tty: bool, detach: bool = False) -> int:
+    """Run the session to its end and return the exit code to exit with.
+
+    `detach`: start the session and detach at once (client/attach.py), printing its key.
+    """
+    from osmo_router.client.attach import detach_now, detached_notice
+
     transport: Transport | None = None
     if config.legacy_backend:
         from osmo_router.client.legacy import EXIT_USAGE, LegacyUsageError, check_exec
@@ -59,8 +64,12 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             term=os.environ.get("TERM", ""),
         )
         stream = await open_stream(transport, config, pb.OPERATION_EXEC, init)
+        if detach:
+            return await detach_now(config, stream)
         with raw_mode(0) if tty else contextlib.nullcontext(False):
-            return await _relay(stream, tty, legacy=config.legacy_backend)
+            return await relay_session(
+                stream, tty, legacy=config.legacy_backend, detached=detached_notice(config, stream)
+            )
     except RouterError as err:
         print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
         return EXIT_CONNECTION_ERROR
@@ -69,14 +78,22 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool) -> int:
             await transport.aclose()
 
 
-async def _relay(stream: SessionStream, tty: bool, legacy: bool = False) -> int:
+async def relay_session(
+    stream: SessionStream, tty: bool, legacy: bool = False, detached: Callable[[], int] | None = None
+) -> int:
+    """Relay this terminal (or these pipes) and the session until it ends; the exit code.
+
+    `detached`: in a TTY session the escape key detaches (client/attach.py); once detached, its
+    result is the exit code.
+    """
     loop = asyncio.get_running_loop()
     # An old backend's terminal side decodes the size message with a buffering JSON decoder and
     # drops whatever came in the same read: its input waits for the first output (as OSMO's CLI
     # does) or LEGACY_INPUT_HOLD (client/legacy.py).
     first_output = asyncio.Event()
     hold = first_output if legacy else None
-    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold))
+    escape = _escape(stream) if tty and detached is not None else None
+    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape))
     installed: list[int] = []
     received: dict[int, int] = {}
     pending: set[asyncio.Future[None]] = set()
@@ -112,13 +129,13 @@ async def _relay(stream: SessionStream, tty: bool, legacy: bool = False) -> int:
 
             return await receive_output(stream, write_and_release)
         return await receive_output(stream)
-    except grpc.aio.AioRpcError as err:
-        log.debug("exec stream failed", exc_info=True)
-        error = rpc_error(err)
+    except (grpc.aio.AioRpcError, RouterError) as err:
+        if detached is not None and getattr(stream, "detached", False):
+            return detached()
+        if isinstance(err, grpc.aio.AioRpcError):
+            log.debug("exec stream failed", exc_info=True)
+        error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
         _say(f"{error.message} [{error.code.name}]", tty)
-        return EXIT_CONNECTION_ERROR
-    except RouterError as err:
-        _say(f"{err.message} [{err.code.name}]", tty)
         return EXIT_CONNECTION_ERROR
     finally:
         for number in installed:
@@ -160,10 +177,37 @@ async def receive_output(
     return exit_code
 
 
-async def _send_input(stream: SessionStream, legacy_eof: bool = False, hold: asyncio.Event | None = None) -> None:
+def _escape(stream: SessionStream) -> Callable[[bytes], Awaitable[tuple[bytes, bool]]]:
+    """The escape key of a TTY session: the bytes to send, and True once the session detached."""
+    from osmo_router.client.attach import EscapeFilter
+    from osmo_router.client.resume import ResumingStream, say
+
+    keys = EscapeFilter()
+
+    async def escape(chunk: bytes) -> tuple[bytes, bool]:
+        data, detach = keys.feed(chunk)
+        if not detach:
+            return data, False
+        if data:
+            await stream.send_data(data)
+        if isinstance(stream, ResumingStream) and await stream.detach():
+            return b"", True
+        say("this session cannot be detached (it is not resumable); going on")
+        return b"", False
+
+    return escape
+
+
+async def _send_input(
+    stream: SessionStream,
+    legacy_eof: bool = False,
+    hold: asyncio.Event | None = None,
+    escape: Callable[[bytes], Awaitable[tuple[bytes, bool]]] | None = None,
+) -> None:
     """stdin to the session, then its EOF: a half-close, or for an old backend's terminal ^D (client/legacy.py).
 
-    `hold`: wait for it (at most LEGACY_INPUT_HOLD seconds) before the first input.
+    `hold`: wait for it (at most LEGACY_INPUT_HOLD seconds) before the first input. `escape`:
+    filters terminal input for the escape key; once it detached, the input ends without EOF.
     """
     if hold is not None:
         from osmo_router.client.legacy import LEGACY_INPUT_HOLD
@@ -176,6 +220,12 @@ async def _send_input(stream: SessionStream, legacy_eof: bool = False, hold: asy
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():
             sent_any, last_byte = True, chunk[-1]
+            if escape is not None:
+                chunk, detached = await escape(chunk)
+                if detached:
+                    return
+                if not chunk:
+                    continue
             await stream.send_data(chunk)
         if legacy_eof:
             from osmo_router.client.legacy import exec_eof

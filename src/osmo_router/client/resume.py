@@ -17,14 +17,15 @@ import logging
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.resume.stream import ResumableStream, SessionLost
+from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
-from osmo_router.wire.errors import RouterError
+from osmo_router.wire.errors import FailedPrecondition, RouterError, from_status, from_status_number
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+#: What a client is told when another client of the session's owner attached to it.
+TAKEN_OVER = "the session was attached from another client; detached here"
+#: Longest a detach waits for the agent to acknowledge what this side sent.
+DETACH_SETTLE = 2.0
+
+
 class ResumingStream(ResumableStream):
     """The client's side of a resumable session."""
 
@@ -76,11 +83,82 @@ class ResumingStream(ResumableStream):
         self._notify = notify
         self.confirmed = False
         self.acking = False  # until the agent's Resume says it numbers what it sends
+        #: The session's key (what `attach` takes), once the router gave it.
+        self.session_key = getattr(inner, "session_key", "")
+        self.detached = False
+        #: Set once the agent answered (Resume or anything else) or the session was lost.
+        self.answered = asyncio.Event()
+
+    @classmethod
+    def attached(cls, inner: SessionStream, resume: pb.Resume, *, secret: str, **kwargs: Any) -> ResumingStream:
+        """The stream of an attach: this process has no state, so it adopts the agent's numbering.
+
+        What it receives is numbered from the agent's `sending_from` (the agent resends what it still
+        holds), and what it sends from the agent's `received`.
+        """
+        stream = cls(inner, secret=secret, **kwargs)
+        stream.confirmed = True
+        stream.acking = True
+        stream.set_peer_window(resume.window_bytes)
+        stream.answered.set()
+        stream._acks.received = stream._acks.acked = resume.sending_from
+        stream.buffer.base = stream.buffer.end = resume.received
+        if resume.grace_seconds:
+            stream._grace = min(stream._grace, float(resume.grace_seconds))
+        return stream
+
+    async def detach(self, settle: float = DETACH_SETTLE) -> bool:
+        """Leave the session running on the agent: a Detach frame, then the end of this stream.
+
+        Waits (at most `settle` s) until the agent acknowledged what this side sent, and acknowledges
+        what this side received first, so an attach resends only what nobody saw. False when the
+        session cannot be detached (not resumable, or lost).
+        """
+        if not (self.confirmed and self.resumable) or self._lost is not None:
+            return False
+        try:
+            async with asyncio.timeout(settle):
+                await self._connected.wait()  # a resume in progress
+                await self.buffer.wait_settled()
+        except TimeoutError:
+            log.info("detaching with input the agent has not acknowledged")
+        async with self._write_lock:
+            inner = self._inner
+            if inner is None or self._lost is not None:
+                return False
+            self.detached = True
+            try:
+                if self._acks.owed:
+                    await inner.send(self._acks.frame())
+                await inner.send(pb.Frame(detach=pb.Detach()))
+                await inner.close()
+            except BREAKS as err:
+                log.info("the stream broke while detaching: %s", err)
+        self._lose(SessionLost("detached", grpc.StatusCode.OK))
+        return True
+
+    async def recv(self) -> pb.Frame | None:
+        """As ResumableStream.recv; None once this client detached."""
+        frame = None if self.detached else await super().recv()
+        return None if self.detached else frame
+
+    def _broken(self, generation: int, cause: object) -> None:
+        if isinstance(cause, grpc.aio.AioRpcError) and cause.code() == grpc.StatusCode.ABORTED:
+            # The router ended this stream because another client of the owner attached.
+            if generation == self._generation and self._lost is None:
+                self._lose(SessionLost(f"{cause.details()}; detached here", grpc.StatusCode.ABORTED))
+            return
+        super()._broken(generation, cause)
 
     def _take(self, frame: pb.Frame) -> None:
         if not self.confirmed and self.resumable and frame.WhichOneof("kind") != "resume":
             self._fall_back("the agent does not resume sessions")
         super()._take(frame)
+        self.answered.set()
+
+    def _lose(self, lost: SessionLost) -> None:
+        super()._lose(lost)
+        self.answered.set()
 
     def _fall_back(self, why: str) -> None:
         """No resume for this session: what was held is sent already; a break ends the session."""
@@ -100,6 +178,10 @@ class ResumingStream(ResumableStream):
                 self._fall_back(f"the agent did not answer the resume request within {CONFIRM_WAIT:g}s")
 
     def _on_control(self, frame: pb.Frame) -> None:
+        if frame.WhichOneof("kind") == "detach":
+            # The agent gave the session to another client of its owner (an attach).
+            self._lose(SessionLost(TAKEN_OVER, grpc.StatusCode.ABORTED))
+            return
         if frame.WhichOneof("kind") == "resume" and not self.confirmed:
             self.confirmed = True
             if not frame.resume.grace_seconds:
@@ -166,6 +248,16 @@ def _status(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def _reopener(transport: Transport, operation: int, init: SessionInit, key: str) -> Reopen:
+    async def reopen(token: pb.ResumeToken) -> SessionStream:
+        again = type(init).FromString(init.SerializeToString())
+        again.target.session_key = key
+        again.target.resume.CopyFrom(token)
+        return await transport.open(operation, again)
+
+    return reopen
+
+
 async def open_stream(
     transport: Transport, config: ClientConfig, operation: int, init: SessionInit, *, notify: bool = True
 ) -> SessionStream:
@@ -178,18 +270,46 @@ async def open_stream(
     key = getattr(inner, "session_key", "")
     if not key:
         return inner
-
-    async def reopen(token: pb.ResumeToken) -> SessionStream:
-        again = type(init).FromString(init.SerializeToString())
-        again.target.session_key = key
-        again.target.resume.CopyFrom(token)
-        return await transport.open(operation, again)
-
     stream = ResumingStream(
-        inner, reopen=reopen, secret=secret, grace=config.resume_grace, notify=say if notify else None
+        inner,
+        reopen=_reopener(transport, operation, init, key),
+        secret=secret,
+        grace=config.resume_grace,
+        notify=say if notify else None,
     )
     stream.start()
     return stream
 
 
-__all__ = ["FATAL", "ResumingStream", "open_stream", "say"]
+async def open_attach(transport: Transport, config: ClientConfig, operation: int, init: SessionInit) -> ResumingStream:
+    """Attach to the held session `init.target.session_key`; RouterError when the agent refuses.
+
+    The attach brings a secret of its own: the agent takes it for the session's later resumes, and
+    the client that was attached can no longer resume it.
+    """
+    if transport.name != GRPC:
+        raise FailedPrecondition("attach needs the gRPC transport (the WebSocket transport has no resume)")
+    key = init.target.session_key
+    secret = secrets.token_hex(16)
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, attach=True))
+    inner = await transport.open(operation, init)
+    try:
+        first = await inner.recv()
+    except grpc.aio.AioRpcError as err:
+        inner.abort()
+        raise from_status(err.code(), err.details() or "") from None
+    kind = first.WhichOneof("kind") if first is not None else None
+    if first is None or kind != "resume":
+        inner.abort()
+        if first is not None and kind == "error":
+            raise from_status_number(first.error.code, first.error.message)
+        raise FailedPrecondition("the agent does not hold resumable sessions (it answered the attach without Resume)")
+    stream = ResumingStream.attached(
+        inner, first.resume, reopen=_reopener(transport, operation, init, key), secret=secret, grace=config.resume_grace
+    )
+    stream.session_key = key
+    stream.start()
+    return stream
+
+
+__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "open_attach", "open_stream", "say"]

@@ -25,6 +25,7 @@ from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
+from osmo_router.router.grpc.list_sessions import ListSessions
 from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options, log_limits
 from osmo_router.router.ops.health import MetricsServer
 from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
@@ -117,7 +118,10 @@ class RouterServer:
             )
             self.scaleout = ScaleOut(config, self.sessions, self.registry, self.directory, self.metrics)
         self.pipeline = SessionPipeline(config, self.sessions, self.metrics, self.scaleout)
-        self.client_service = ClientService(config, self.auth, self.pipeline)
+        relay = self.scaleout.list_sessions if self.scaleout is not None else None
+        self.client_service = ClientService(
+            config, self.auth, self.pipeline, ListSessions(self.auth, self.registry, relay)
+        )
         self.agent_service = AgentService(
             config, self.sessions, self.registry, self.auth, self.metrics, self.directory, self.pipeline
         )

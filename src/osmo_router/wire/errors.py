@@ -93,6 +93,12 @@ class FailedPrecondition(RouterError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(RouterError):
+    """The session goes on elsewhere: another client of its owner attached to it."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 _BY_CODE: Final[dict[grpc.StatusCode, type[RouterError]]] = {
     cls.code: cls
     for cls in (
@@ -106,6 +112,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[RouterError]]] = {
         ResourceExhausted,
         Cancelled,
         FailedPrecondition,
+        Aborted,
     )
 }
 

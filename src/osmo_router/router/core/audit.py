@@ -31,6 +31,14 @@ def session_event(
     log.info(event, extra={"fields": fields})
 
 
+def attach_event(event: str, session: Session, peer: str = "") -> None:
+    """Log a client detaching from a resumable session ("session detach", seen as its Detach frame in
+    the relay) or attaching to one ("session attach", seen as the attach flag of its init)."""
+    fields = _fields(event, session, session.operation_name, peer, None)
+    fields["session"] = fingerprint(session.key)
+    log.info(event, extra={"fields": fields})
+
+
 def _fields(event: str, session: Session, operation: str, peer: str, duration: float | None) -> dict[str, object]:
     fields: dict[str, object] = {
         "event": event,

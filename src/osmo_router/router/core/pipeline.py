@@ -94,6 +94,8 @@ class SessionPipeline:
         except RouterError as err:
             await self.refuse(side, label, err, join.identity)
             return
+        if join.target.resume.attach:
+            audit.attach_event("session attach", session, side.peer)
         timeout = join.rendezvous_timeout
         # This frame lives as long as the session: keep only what the session needs (with thousands
         # of idle sessions, the parsed init and the identity's claims add up).

@@ -8,6 +8,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from osmo_router.router.auth.identity import Identity
 from osmo_router.wire.errors import PermissionDenied
 from osmo_router.wire.protocol import MAX_STANDBY_STREAMS, pb
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Most standby Connect streams the router parks for one registered agent (more: RESOURCE_EXHAUSTED).
 MAX_STANDBY_PER_AGENT = MAX_STANDBY_STREAMS
+#: Most held sessions kept per registration (the agent reports at most as many: agent/held.py).
+MAX_HELD_REPORTED = 256
 
 
 class RegistrationHeld(PermissionDenied):
@@ -71,6 +75,29 @@ class AgentRegistration:
     standby: list[StandbyStream] = field(default_factory=list)
     #: Set once the Register stream ended: no stream is parked any more.
     closed: bool = False
+    #: The resumable sessions the agent holds, as it last reported them (`osmo-net-client sessions`).
+    held: tuple[pb.HeldSession, ...] = ()
+
+    def take_report(self, raw: bytes) -> None:
+        """Take a message of the agent's Register stream other than a heartbeat: its held-session list."""
+        try:
+            request = pb.RegisterRequest.FromString(raw)
+        except DecodeError:
+            log.warning("agent %s sent an undecodable message on Register; ignored", self.agent_id)
+            return
+        if request.WhichOneof("kind") == "held":
+            self.held = tuple(request.held.sessions[:MAX_HELD_REPORTED])
+
+    def held_by(self, user: str) -> list[pb.HeldSession]:
+        """The sessions of `user` the agent holds, with this registration's task filled in."""
+        out = []
+        for entry in self.held:
+            if entry.user == user:
+                copy = pb.HeldSession()
+                copy.CopyFrom(entry)
+                copy.task = self.task
+                out.append(copy)
+        return out
 
     def park(self, stream: StandbyStream) -> bool:
         """Park a standby stream; False when the registration ended or already holds its maximum."""

@@ -13,6 +13,7 @@ import contextlib
 import functools
 from typing import Protocol
 
+from osmo_router.router.core import audit
 from osmo_router.router.core.coalesce import coalesce
 from osmo_router.router.core.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
 from osmo_router.router.core.sessions import Session
@@ -25,7 +26,10 @@ from osmo_router.wire.codec import (
     is_exit_status_frame,
 )
 from osmo_router.wire.errors import Cancelled, InvalidArgument, ResourceExhausted, RouterError, Unavailable
-from osmo_router.wire.protocol import CLOSE_GRACE
+from osmo_router.wire.protocol import CLOSE_GRACE, pb
+
+#: A client's Detach frame (exec --detach, the escape key), encoded: compared, never decoded.
+ENCODED_DETACH = pb.ExecRequest(frame=pb.Frame(detach=pb.Detach())).SerializeToString()
 
 
 class Endpoint(Protocol):
@@ -138,6 +142,8 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
                         client_half_closed = True
                 elif is_agent and is_exit_status_frame(message):
                     session.exit_status = exit_status_text(message) or session.exit_status
+                elif message == ENCODED_DETACH and not is_agent:
+                    audit.attach_event("session detach", session)
             await queue.put(message)
         if not is_agent:
             if not client_half_closed and not session.agent_half_closed:

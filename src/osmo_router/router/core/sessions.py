@@ -20,6 +20,7 @@ from osmo_router.router.core.flow_control import FlowQueue
 from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.wire.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
     InvalidArgument,
@@ -253,6 +254,9 @@ class SessionStore:
         forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
         resuming = target.resume.resuming or target.resume.attach
         if session is not None and resuming:
+            if target.resume.attach and session.user == identity.subject:
+                # Another process of the owner takes it over: the attached client is told, and exits.
+                session.fail(Aborted("the session was attached from another client"))
             self._supersede(session, identity)
             session = None
         if session is None:

@@ -42,6 +42,9 @@ from osmo_router.wire.protocol import AGENT_SERVICE, pb
 
 log = logging.getLogger(__name__)
 
+#: An agent's heartbeat on Register, encoded: compared, never decoded.
+ENCODED_HEARTBEAT = pb.RegisterRequest(heartbeat=pb.Heartbeat()).SerializeToString()
+
 
 class AgentService:
     """Handlers for RouterAgentService."""
@@ -296,8 +299,10 @@ def _retrieve(read: asyncio.Future[Any]) -> None:
 
 
 async def _drain_heartbeats(context: ServicerContext, reg: AgentRegistration) -> None:
-    """Read the agent's side of Register until it ends (heartbeats only)."""
+    """Read the agent's side of Register until it ends: heartbeats (never decoded) and held-session lists."""
     while True:
         message = await context.read()
         if message is grpc.aio.EOF:
             return
+        if message != ENCODED_HEARTBEAT:
+            reg.take_report(message)

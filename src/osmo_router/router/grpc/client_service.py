@@ -18,6 +18,7 @@ from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.side import ClientJoin
 from osmo_router.router.grpc.calls import GrpcSide, ServicerContext, authenticate_call, read_init
+from osmo_router.router.grpc.list_sessions import ListSessions
 from osmo_router.wire.errors import InvalidArgument, RouterError
 from osmo_router.wire.ops import OPERATIONS, Operation
 from osmo_router.wire.protocol import CLIENT_SERVICE, pb
@@ -37,10 +38,17 @@ def parse_client_init(operation: Operation, raw: bytes) -> tuple[pb.SessionTarge
 class ClientService:
     """Handlers for RouterClientService (and the client methods of RouterPeerService)."""
 
-    def __init__(self, config: RouterConfig, auth: Authenticator, pipeline: SessionPipeline) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        auth: Authenticator,
+        pipeline: SessionPipeline,
+        list_sessions: ListSessions | None = None,
+    ) -> None:
         self._config = config
         self._auth = auth
         self._pipeline = pipeline
+        self._list_sessions = list_sessions
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a grpc.aio server."""
@@ -48,7 +56,10 @@ class ClientService:
 
     def methods(self, peer: Authenticator | None = None) -> dict[str, grpc.RpcMethodHandler]:
         """Stream handlers by method name; with `peer`, for streams another replica relays (served here)."""
-        return {op.method: grpc.stream_stream_rpc_method_handler(self._behaviour(op, peer)) for op in OPERATIONS}
+        methods = {op.method: grpc.stream_stream_rpc_method_handler(self._behaviour(op, peer)) for op in OPERATIONS}
+        if self._list_sessions is not None:
+            methods["ListSessions"] = self._list_sessions.method(peer)
+        return methods
 
     def _behaviour(self, operation: Operation, peer: Authenticator | None) -> Any:
         async def behaviour(_requests: Any, context: ServicerContext) -> None:

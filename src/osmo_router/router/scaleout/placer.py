@@ -24,7 +24,11 @@ from osmo_router.router.core.sessions import SessionStore, check_id, new_session
 from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.scaleout.directory import Directory, DirectoryUnavailable
 from osmo_router.router.scaleout.peers import PEER_SERVICE, CallEndpoint, PeerAuthenticator, PeerChannels, peer_metadata
+from osmo_router.wire.errors import from_status
 from osmo_router.wire.protocol import pb
+
+#: Longest a ListSessions relayed to another replica may take.
+LIST_TIMEOUT = 10.0
 
 if TYPE_CHECKING:
     from osmo_router.router.grpc.agent_service import AgentService
@@ -131,6 +135,29 @@ class ScaleOut:
             metadata=peer_metadata(self._config.peer_secret, identity, via)
         )
         return CallEndpoint(call, owner)
+
+    async def list_sessions(
+        self, identity: Identity, request: pb.ListSessionsRequest
+    ) -> pb.ListSessionsResponse | None:
+        """ListSessions answered by the replica holding the workflow's agent; None when no other one holds it."""
+        try:
+            owner = await self._directory.find_agent(request.target.workflow_id, request.target.task)
+        except DirectoryUnavailable:
+            return None
+        if owner is None:
+            return None
+        channel = await self._channels.connect(owner)
+        call = channel.unary_unary(
+            f"/{PEER_SERVICE}/ListSessions",
+            request_serializer=pb.ListSessionsRequest.SerializeToString,
+            response_deserializer=pb.ListSessionsResponse.FromString,
+        )
+        metadata = peer_metadata(self._config.peer_secret, identity, f"{self._config.router_id} list-sessions")
+        try:
+            response: pb.ListSessionsResponse = await call(request, metadata=metadata, timeout=LIST_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            raise from_status(err.code(), err.details() or "") from None
+        return response
 
     def relay_started(self, label: str) -> None:
         """A relayed stream of `label` started."""

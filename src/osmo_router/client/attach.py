@@ -1,0 +1,219 @@
+"""Detach, attach and list resumable exec sessions (tmux-like; issue 17, docs/resume.md).
+
+- `exec --detach` starts the session and detaches as soon as the agent confirmed it holds it;
+  in a TTY session the escape key `Ctrl-]` then `d` detaches (`Ctrl-]` twice sends one `Ctrl-]`).
+  Detaching sends a Detach frame and ends the stream; the agent keeps the session for its grace.
+- `attach SESSION_KEY` opens an exec stream on that key with `ResumeToken(attach=True)` and then
+  behaves as exec (raw terminal, resize, exit code). Only the session's owner may; a client that
+  was attached is told (and exits 255, see TAKEN_OVER).
+- `sessions` lists the caller's live resumable sessions on a workflow (RouterClientService.ListSessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from osmo_router.client.config import ClientConfig
+from osmo_router.client.resume import ResumingStream, open_attach, say
+from osmo_router.client.terminal import raw_mode, terminal_size
+from osmo_router.dial.channel import open_channel
+from osmo_router.transport import SessionStream, Transport
+from osmo_router.transport.rollout import connect_transport
+from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, from_status
+from osmo_router.wire.protocol import CLIENT_SERVICE, pb
+
+#: The escape key of TTY sessions: Ctrl-] (as telnet), then `d` to detach.
+ESCAPE = 0x1D
+#: The key after ESCAPE that detaches.
+DETACH_KEY = ord("d")
+#: Exit status of a client that detached on purpose (--detach, the escape key).
+EXIT_DETACHED = 0
+#: How the escape key is documented (exec --help, attach --help).
+ESCAPE_HELP = "In a TTY session, Ctrl-] then d detaches (the session keeps running); Ctrl-] twice sends one Ctrl-]."
+
+
+class EscapeFilter:
+    """Finds the escape sequence in terminal input: `Ctrl-] d` detaches, `Ctrl-] Ctrl-]` is one literal `Ctrl-]`.
+
+    `Ctrl-]` followed by any other byte sends both, as typed. A `Ctrl-]` at the end of a read waits
+    for the next one.
+    """
+
+    def __init__(self) -> None:
+        self._pending = False
+
+    def feed(self, chunk: bytes) -> tuple[bytes, bool]:
+        """The bytes to send, and True when the user asked to detach (what follows is dropped)."""
+        if not self._pending and ESCAPE not in chunk:
+            return chunk, False
+        out = bytearray()
+        for byte in chunk:
+            if self._pending:
+                self._pending = False
+                if byte == DETACH_KEY:
+                    return bytes(out), True
+                out.append(ESCAPE)
+                if byte != ESCAPE:
+                    out.append(byte)
+            elif byte == ESCAPE:
+                self._pending = True
+            else:
+                out.append(byte)
+        return bytes(out), False
+
+
+def attach_hint(config: ClientConfig, key: str) -> str:
+    """The command that attaches to `key` again."""
+    words = ["osmo-net-client", "attach", key, "--workflow-id", config.workflow_id]
+    if config.task:
+        words += ["--task", config.task]
+    return shlex.join(words)
+
+
+def detached_notice(config: ClientConfig, stream: SessionStream) -> Callable[[], int]:
+    """What a client that detached says (on stderr) before it exits with EXIT_DETACHED."""
+
+    def notice() -> int:
+        key = getattr(stream, "session_key", "")
+        say(f"detached from session {key}; attach again with: {attach_hint(config, key)}")
+        return EXIT_DETACHED
+
+    return notice
+
+
+async def detach_now(config: ClientConfig, stream: SessionStream) -> int:
+    """`exec --detach`: wait until the agent confirmed it holds the session, detach, print the key."""
+    if not isinstance(stream, ResumingStream):
+        stream.abort()
+        say("cannot detach: the session is not resumable (the WebSocket transport, or --resume-grace 0)")
+        return EXIT_CONNECTION_ERROR
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(config.connect_timeout):
+            await stream.answered.wait()
+    if not await stream.detach():
+        stream.abort()
+        say("cannot detach: the agent does not hold resumable sessions (agent --resume-grace 0, or an older agent)")
+        return EXIT_CONNECTION_ERROR
+    print(stream.session_key, flush=True)
+    say(f"detached; the session runs on. Attach with: {attach_hint(config, stream.session_key)}")
+    return EXIT_DETACHED
+
+
+async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
+    """`osmo-net-client attach KEY`: attach, then relay as exec does; the exit code to exit with."""
+    from osmo_router.client.exec import relay_session
+
+    if tty is None:
+        tty = os.isatty(0)
+    transport: Transport | None = None
+    try:
+        transport = await connect_transport(config)
+        rows, cols = terminal_size() if tty else (0, 0)
+        target = config.target()
+        target.session_key = key
+        init = pb.ExecInit(target=target, tty=tty, size=pb.TerminalSize(rows=rows, cols=cols))
+        try:
+            stream = await open_attach(transport, config, pb.OPERATION_EXEC, init)
+        except RouterError as err:
+            print(f"osmo-net-client: attach: cannot attach to session {key}: {err.message} [{err.code.name}]",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_CONNECTION_ERROR
+        with raw_mode(0) if tty else contextlib.nullcontext(False):
+            if tty:  # the remote terminal takes this terminal's size
+                await stream.send(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
+            return await relay_session(stream, tty, detached=detached_notice(config, stream))
+    except RouterError as err:
+        print(f"osmo-net-client: attach: {err.message} [{err.code.name}]", file=sys.stderr)
+        return EXIT_CONNECTION_ERROR
+    finally:
+        if transport is not None:
+            await transport.aclose()
+
+
+async def list_sessions(config: ClientConfig) -> list[pb.HeldSession]:
+    """The caller's resumable sessions on the configured workflow (and task)."""
+    channel = open_channel(config.dial)
+    try:
+        call: Callable[..., Awaitable[pb.ListSessionsResponse]] = channel.unary_unary(
+            f"/{CLIENT_SERVICE}/ListSessions",
+            request_serializer=pb.ListSessionsRequest.SerializeToString,
+            response_deserializer=pb.ListSessionsResponse.FromString,
+        )
+        request = pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id=config.workflow_id, task=config.task))
+        try:
+            response = await call(request, metadata=config.dial.metadata(), timeout=config.connect_timeout)
+        except grpc.aio.AioRpcError as err:
+            raise from_status(err.code(), err.details() or "") from None
+        return list(response.sessions)
+    finally:
+        await channel.close(grace=None)
+
+
+def _ago(unix: int, now: float) -> str:
+    seconds = max(0, int(now - unix))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
+
+
+def format_sessions(sessions: list[pb.HeldSession], now: float | None = None) -> list[str]:
+    """A table: KEY, TASK, COMMAND, STATE, SINCE (when it started, or when it was detached)."""
+    now = time.time() if now is None else now
+    rows = [("SESSION", "TASK", "COMMAND", "STATE", "SINCE")]
+    for entry in sessions:
+        state = "attached" if entry.attached else "detached"
+        since = entry.started_unix if entry.attached else entry.detached_unix
+        rows.append((entry.session_key, entry.task or "-", entry.summary or "-", state, _ago(since, now)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows]
+
+
+async def run_sessions(config: ClientConfig, json_output: bool) -> int:
+    """`osmo-net-client sessions`: print the caller's live sessions; 255 when the router refuses."""
+    try:
+        sessions = await list_sessions(config)
+    except RouterError as err:
+        print(f"osmo-net-client: sessions: {err.message} [{err.code.name}]", file=sys.stderr)
+        return EXIT_CONNECTION_ERROR
+    if json_output:
+        for entry in sessions:
+            record = {
+                "session_key": entry.session_key,
+                "task": entry.task,
+                "command": entry.summary,
+                "attached": entry.attached,
+                "started_unix": entry.started_unix,
+                "detached_unix": entry.detached_unix,
+            }
+            print(json.dumps(record))
+    elif sessions:
+        print("\n".join(format_sessions(sessions)))
+    else:
+        print(f"no resumable sessions of yours on workflow {config.workflow_id}", file=sys.stderr)
+    return 0
+
+
+__all__ = [
+    "ESCAPE",
+    "ESCAPE_HELP",
+    "EXIT_DETACHED",
+    "EscapeFilter",
+    "attach_hint",
+    "detach_now",
+    "detached_notice",
+    "format_sessions",
+    "list_sessions",
+    "run_attach",
+    "run_sessions",
+]
