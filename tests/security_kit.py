@@ -186,7 +186,7 @@ class Signer:
         workflows: Any = None,
         role: str | None = None,
         aud: str | None = "osmo-router",
-        ttl: float = 600.0,
+        ttl: float = 3600.0,
         **extra: Any,
     ) -> str:
         """A signed token; pass ttl < 0 for an expired one, aud=None (sub=None) to leave `aud` (`sub`) out."""
