@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from osmo_router.router.auth.identity import ROLE_ANY, Identity
 from osmo_router.router.core.budget import Budgets
@@ -30,6 +31,9 @@ from osmo_router.wire.errors import (
 )
 from osmo_router.wire.ops import label_of
 from osmo_router.wire.protocol import pb
+
+if TYPE_CHECKING:
+    from osmo_router.router.core.created import CreatedSessions
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +189,7 @@ class SessionStore:
         max_pending_per_identity: int = 0,
         budgets: Budgets | None = None,
         on_remove: Callable[[Session], None] | None = None,
+        created: CreatedSessions | None = None,
     ) -> None:
         """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it).
 
@@ -208,6 +213,12 @@ class SessionStore:
         self._empty.set()
         self.accepting = True
         self._on_remove = on_remove
+        #: Sessions an orchestrator created ahead of time (RouterControlService), by key.
+        if created is None:
+            from osmo_router.router.core.created import CreatedSessions  # (it imports this module)
+
+            created = CreatedSessions()
+        self.created = created
 
     def __len__(self) -> int:
         return len(self._sessions)
