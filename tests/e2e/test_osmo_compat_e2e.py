@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import control_kit as control
 from tests.e2e.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.forward_servers import echo, tcp_server, udp_echo_server
 from tests.harness import PYTHON, ROOT, AgentProc, Proc, Router, cli_env, client_cmd, run_client
@@ -164,10 +165,13 @@ def _alias_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, Path]:
     return router, aliases
 
 
-@pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
 def test_exec_workflow_named_by_uuid(router: Router, blob: Path, stopper: list[Proc]) -> None:
-    """The user typed the workflow's name; osmo-ctrl dials with the workflow's ID (cmdArgs.Workflow)."""
+    """The user typed the workflow's name; osmo-ctrl dials with the workflow's ID (cmdArgs.Workflow).
+
+    The orchestrator created the session with the workflow's names (CreateSession, no alias file).
+    """
     name, workflow_id, key = f"my-wf-{uuid.uuid4().hex[:4]}", str(uuid.uuid4()), new_key()
+    control.create_session(router.address, control.created(workflow_id, key, "exec", aliases=(name,)))
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", f"cat {blob}"))
     _text, ended = run(lambda: osmo.exec_command(ws_base(router), name, key, "", "task1"), timeout=15)
     assert ended.how == "closed ok" and ended.close_code == 1000, ended
@@ -858,13 +862,16 @@ def test_new_client_workflow_named_differently_from_the_backend(tmp_path: Path, 
     assert b"hi" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
 def test_new_client_workflow_named_differently_from_the_backend_without_aliases(
-    router: Router, stopper: list[Proc]
+    router: Router, stopper: list[Proc], transport: str
 ) -> None:
-    """Without --ws-workflow-aliases the name is its own key space: the client never meets the backend."""
+    """Without --ws-workflow-aliases: the created session names the workflow's name, so the two meet."""
     workflow_id, key = str(uuid.uuid4()), new_key()
+    session = control.created(workflow_id, key, "exec", aliases=(f"my-wf-{key[:4]}",))
+    control.create_session(router.address, session)
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
-    result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)
+    args = new_client_args(router, f"my-wf-{key[:4]}", key, transport)
+    result = run_client("exec", *args, input=b"hi\n", timeout=30)
     assert result.returncode == 0, result.stderr
     assert b"hi" in result.stdout

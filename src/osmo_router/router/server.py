@@ -136,7 +136,9 @@ class RouterServer:
             config, self.sessions, self.registry, self.auth, self.metrics, self.directory, self.pipeline
         )
         self.control_service = ControlService(self.auth, self.sessions)
-        self.ws_server = WsServer(config, self.auth, self.pipeline, self.metrics.registry)
+        self.ws_server = WsServer(
+            config, self.auth, self.pipeline, self.metrics.registry, created=self.sessions.created, agents=self.registry
+        )
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
         self.port = 0

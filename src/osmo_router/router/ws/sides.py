@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 from aiohttp import WSMessage, WSMsgType, web
@@ -43,7 +43,9 @@ from osmo_router.wire.wsproto import (
     exit_reason,
     frame_to_message,
     message_to_frame,
+    parse_udp_message,
     size_message,
+    udp_message,
 )
 
 #: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
@@ -159,18 +161,25 @@ class WsClientSide(_WsSide):
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         super().__init__(request, ws)
-        self._parse_resize = self._want_exit = self._want_eof = False
+        self._parse_resize = self._want_exit = self._want_eof = self._udp = False
         self._exit: pb.ExitStatus | None = None
         self._closing = False
+        #: Called with each message the client sends (a created session's control channel, ws/created.py).
+        self.on_message: Callable[[bytes], None] | None = None
 
-    def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool) -> None:
-        """What the client's URL asked for (see ws/init.py)."""
+    def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool, udp: bool = False) -> None:
+        """What the client's URL asked for (see ws/init.py); `udp`: OSMO's datagram framing (a created UDP forward)."""
         self._parse_resize, self._want_exit, self._want_eof = parse_resize, want_exit, want_eof
+        self._udp = udp
 
     async def read(self) -> bytes | None:
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
         data = await self._receive()
         if isinstance(data, bytes):
+            if self.on_message is not None:
+                self.on_message(data)
+            if self._udp:
+                return encode_frame(_datagram_frame(data))
             return encode_frame(message_to_frame(data, parse_resize=self._parse_resize))
         if self._closing:
             return None
@@ -191,6 +200,8 @@ class WsClientSide(_WsSide):
             self._exit = frame.exit_status
         elif kind == "error":
             await self._close(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
+        elif kind == "datagram" and self._udp:
+            await self._send(_datagram_message(frame.datagram))
         elif kind == "half_close":
             if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
                 await self._send(b"")
@@ -317,6 +328,24 @@ def _serves(backend_operation: int, open_msg: pb.SessionOpen) -> bool:
         return True
     legacy_rsync = operation == pb.OPERATION_RSYNC and not open_msg.rsync.server_args
     return legacy_rsync and backend_operation == pb.OPERATION_PORT_FORWARD
+
+
+def _datagram_frame(message: bytes) -> pb.Frame:
+    """An old client's UDP message (6-byte IPv4 sender header, then the datagram) as a Datagram frame.
+
+    A message shorter than its header is refused (InvalidArgument ends the session): osmo-ctrl
+    crashed on one (docs/migration.md 1.7).
+    """
+    payload, (host, port) = parse_udp_message(message)
+    return pb.Frame(datagram=pb.Datagram(payload=payload, peer=f"{host}:{port}"))
+
+
+def _datagram_message(datagram: pb.Datagram) -> bytes:
+    """A Datagram frame for an old client: the sender's header (from its `peer`), then the payload."""
+    host, _, port = datagram.peer.rpartition(":")
+    if not port.isdigit():
+        raise InvalidArgument(f"a datagram's peer is not host:port: {datagram.peer!r}")
+    return udp_message(datagram.payload, (host, int(port)))
 
 
 def _status_code(number: int) -> grpc.StatusCode:
