@@ -55,6 +55,10 @@ OUT_OF_BAND = (
     "the router opens a PortForwardInit with port 0 (router/ws_init.py client_init), which the agent serves "
     "as a watch, and it has no place for the control-channel JSON of the old protocol"
 )
+OUT_OF_BAND_WS_AGENT = (
+    "issue 16 (4): our WebSocket agent serves one session per key; an old client's port-forward needs a "
+    "backend that speaks the control channel (one WebSocket per announced connection), which it does not"
+)
 OUT_OF_BAND_RSYNC = (
     "issue 16 (4): an old rsync client speaks the rsync daemon protocol (rsync://, module osmo) through a "
     "port-forward control channel; the router makes it an RsyncInit with no server args "
@@ -272,20 +276,26 @@ def test_tcp_forward_one_at_a_time_old_client(router: Router, stopper: list[Proc
         assert run(body) == [True, True, True]
 
 
-@pytest.mark.xfail(strict=True, reason=OUT_OF_BAND)
 def test_tcp_forward_old_client_grpc_agent(router: Router, grpc_workflow: str) -> None:
+    """The orchestrator created the session (port): the router serves the control channel, each connection
+    becomes a PortForward session to the gRPC agent on the created port."""
+    key = new_key()
     with tcp_server(echo) as target:
+        control.create_session(router.address, control.created(grpc_workflow, key, "portforward", port=target))
 
-        async def body() -> bool:
-            forward, task = osmo.start_tcp_forward(ws_base(router), grpc_workflow, new_key(), timeout=10)
+        async def body() -> list[bool]:
+            forward, task = osmo.start_tcp_forward(ws_base(router), grpc_workflow, key, timeout=10)
             await forward.ready.wait()
             try:
-                return await asyncio.to_thread(_echo_through, target and forward.port, 1024, 5)
+                pending = [asyncio.to_thread(_echo_through, forward.port, 64 * 1024, 10) for _ in range(4)]
+                results = list(await asyncio.gather(*pending))
+                results.append(await asyncio.to_thread(_echo_through, forward.port, 1024, 5))
+                return results
             finally:
                 forward.close.set()
                 await task
 
-        assert run(body) is True
+        assert run(body) == [True] * 5
 
 
 def test_tcp_forward_burst_before_backend_joins_old_client(router: Router, stopper: list[Proc]) -> None:
@@ -410,9 +420,12 @@ def test_udp_one_datagram_per_message_old_client_old_backend(router: Router, sto
     assert sorted(replies) == EXPECTED_UDP
 
 
-@pytest.mark.xfail(strict=True, reason=OUT_OF_BAND + "; UDP is not carried over WebSocket by our agents")
-@pytest.mark.parametrize("agent", ["grpc", "ws"])
+@pytest.mark.parametrize(
+    "agent",
+    ["grpc", pytest.param("ws", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_WS_AGENT))],
+)
 def test_udp_old_client_our_agent(router: Router, grpc_workflow: str, stopper: list[Proc], agent: str) -> None:
+    """A created UDP forward: OSMO's 6-byte sender header per message becomes the agent's Datagram frames."""
     workflow, key = grpc_workflow, new_key()
     start = lambda: None  # noqa: E731 - the gRPC agent is registered already
     if agent == "ws":
@@ -421,7 +434,9 @@ def test_udp_old_client_our_agent(router: Router, grpc_workflow: str, stopper: l
         def start() -> None:
             stopper.append(WsBackendProc(router, workflow, key, operation="portforward"))
 
-    with udp_echo_server():
+    with udp_echo_server() as target:
+        session = control.created(workflow, key, "portforward", port=target, udp=True)
+        control.create_session(router.address, session)
         replies = _udp_round(router, workflow, key, start)
     assert sorted(replies) == EXPECTED_UDP
 
