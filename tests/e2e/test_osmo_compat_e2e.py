@@ -533,17 +533,26 @@ def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[
     assert _tree(remote / "data") == _tree(tmp_path / "src")
 
 
-@pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_RSYNC)
-@pytest.mark.parametrize("agent", ["grpc", "ws"])
+@pytest.mark.parametrize(
+    "agent",
+    ["grpc", pytest.param("ws", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_WS_AGENT))],
+)
 def test_rsync_up_and_down_old_client_our_agent(
     router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str
 ) -> None:
+    """Created rsync sessions (module `osmo` at a directory): the agent serves rsync's daemon protocol."""
     workflow, keys = grpc_workflow, (new_key(), new_key())
+    remote = tmp_path / "remote"
+    remote.mkdir()
     if agent == "ws":
         workflow = f"wf-{uuid.uuid4().hex[:8]}"
-        for key in keys:
+    for key in keys:
+        session = control.created(workflow, key, "rsync", module="osmo", path=str(remote))
+        control.create_session(router.address, session)
+        if agent == "ws":
             stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
     _rsync_up_down_old_client(router, workflow, keys, tmp_path, timeout=8)
+    assert _tree(remote / "data") == _tree(tmp_path / "src")
 
 
 # --- ?timeout= (rsync's RsyncClient passes it) ---------------------------------------------------

@@ -120,8 +120,9 @@ def validate(message: cpb.CreatedSession) -> None:
             raise InvalidArgument("protocol must be TCP or UDP")
     if kind == "rsync":
         check_id("rsync module", message.rsync.module, required=True)
-        if not message.rsync.path.startswith("/"):
-            raise InvalidArgument("the rsync path must be absolute")
+        check_id("rsync path", message.rsync.path, required=True)
+        if set("[]") & set(message.rsync.module) or not message.rsync.path.startswith("/"):
+            raise InvalidArgument("the rsync module must be a plain name and its path absolute")
 
 
 class CreatedSessions:

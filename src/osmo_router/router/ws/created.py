@@ -83,6 +83,14 @@ def created_forward(created: CreatedSession, init: pb.PortForwardInit) -> None:
         init.protocol = pb.PROTOCOL_UDP if udp else pb.PROTOCOL_TCP
 
 
+def created_rsync(created: CreatedSession, init: pb.RsyncInit) -> None:
+    """An old client's rsync connection: the agent serves the created module in rsync's daemon protocol."""
+    if created.message.HasField("rsync"):
+        del init.server_args[:]
+        module = created.message.rsync
+        init.daemon.CopyFrom(pb.RsyncDaemon(module=module.module, path=module.path, writable=module.writable))
+
+
 async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSession, store: CreatedSessions) -> None:
     """Be the far end of an old client's control channel until it closes or the session ends.
 

@@ -15,7 +15,7 @@ from aiohttp import WSMsgType, web
 from multidict import MultiMapping
 
 from osmo_router.router.core.created import CreatedSession
-from osmo_router.router.ws.created import created_exec, created_forward
+from osmo_router.router.ws.created import created_exec, created_forward, created_rsync
 from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.wsproto import parse_size
@@ -115,4 +115,6 @@ async def client_init(
         open_msg = pb.SessionOpen(port_forward=forward)
         return ClientInit(target, open_msg, want_exit=want_exit, want_eof=want_eof, udp=udp)
     rsync = pb.RsyncInit(target=target, server_args=_args(query, "arg"))
+    if created is not None:
+        created_rsync(created, rsync)
     return ClientInit(target, pb.SessionOpen(rsync=rsync), want_exit=want_exit, want_eof=want_eof)
