@@ -12,9 +12,9 @@ and cases: exec with a command, interactive exec with resize, TCP forward (one a
 burst before the backend joins), UDP, rsync up and down, a workflow named by its UUID, `?timeout=`,
 JWT auth. Content is checked by sha256, ends by exit status or close code.
 
-What fails today because of the router is marked `xfail(strict=True)` with the cause (the constants
-below, numbered as in issue 16 and docs/migration.md section 2), so the test turns into a failure the
-moment the router-side fix lands: then drop the mark.
+Cases an old URL cannot describe (our agents serving an old client's command, port, UDP or rsync
+module; a workflow the client names otherwise than its backend) start with the orchestrator creating
+the session through RouterControlService (tests/control_kit.py), as OSMO's service would.
 """
 
 from __future__ import annotations
@@ -43,27 +43,6 @@ from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 
 from tests.ws_kit import WsBackendProc
 
 WAIT = 60.0
-
-#: Router-side causes (issue 16), each naming where in our code it happens.
-WORKFLOW_NAME = (
-    "issue 16 (3): the OSMO CLI puts the workflow in the URL as typed (name or UUID), the backend its ID; "
-    "the old router ignored it, ours scopes session keys by workflow (core/sessions.py scoped_key), so "
-    "without --ws-workflow-aliases the client waits in the typed name's key space and never meets the backend"
-)
-OUT_OF_BAND = (
-    "issue 16 (4): an old client's URL names no target port (OSMO's service tells the backend out of band); "
-    "the router opens a PortForwardInit with port 0 (router/ws_init.py client_init), which the agent serves "
-    "as a watch, and it has no place for the control-channel JSON of the old protocol"
-)
-OUT_OF_BAND_WS_AGENT = (
-    "issue 16 (4): our WebSocket agent serves one session per key; an old client's port-forward needs a "
-    "backend that speaks the control channel (one WebSocket per announced connection), which it does not"
-)
-OUT_OF_BAND_RSYNC = (
-    "issue 16 (4): an old rsync client speaks the rsync daemon protocol (rsync://, module osmo) through a "
-    "port-forward control channel; the router makes it an RsyncInit with no server args "
-    "(router/ws_init.py client_init) and the agent runs `rsync --server`, not a daemon"
-)
 
 
 def ws_base(router: Router) -> str:
@@ -256,11 +235,16 @@ def _start_tcp_backend(router: Router, backend: str, workflow: str, key: str, ta
 
 @pytest.mark.parametrize(
     "backend",
-    ["old", pytest.param("ws", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_BAND))],
+    ["old", "ws", "old-created"],
 )
 def test_tcp_forward_one_at_a_time_old_client(router: Router, stopper: list[Proc], backend: str) -> None:
+    """Old backend as with the old router; our WS agent and osmo-ctrl with a created session (the router
+    serves both control channels, announcing each connection to the backend as OSMO's CLI did)."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with tcp_server(echo) as target:
+        if backend != "old":
+            control.create_session(router.address, control.created(workflow, key, "portforward", port=target))
+            backend = backend.removesuffix("-created")
         stopper.append(_start_tcp_backend(router, backend, workflow, key, target, wait=True))
 
         async def body() -> list[bool]:
@@ -422,7 +406,7 @@ def test_udp_one_datagram_per_message_old_client_old_backend(router: Router, sto
 
 @pytest.mark.parametrize(
     "agent",
-    ["grpc", pytest.param("ws", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_WS_AGENT))],
+    ["grpc", "ws"],
 )
 def test_udp_old_client_our_agent(router: Router, grpc_workflow: str, stopper: list[Proc], agent: str) -> None:
     """A created UDP forward: OSMO's 6-byte sender header per message becomes the agent's Datagram frames."""
@@ -535,7 +519,7 @@ def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[
 
 @pytest.mark.parametrize(
     "agent",
-    ["grpc", pytest.param("ws", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_WS_AGENT))],
+    ["grpc", "ws"],
 )
 def test_rsync_up_and_down_old_client_our_agent(
     router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str

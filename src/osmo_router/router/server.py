@@ -137,7 +137,7 @@ class RouterServer:
         )
         self.control_service = ControlService(self.auth, self.sessions)
         self.ws_server = WsServer(
-            config, self.auth, self.pipeline, self.metrics.registry, created=self.sessions.created, agents=self.registry
+            config, self.auth, self.pipeline, self.metrics.registry, created=self.sessions.created
         )
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)

@@ -44,10 +44,18 @@ class CreatedSession:
     size: int
     expires: float
     used: bool = False
-    #: Connection keys announced on its control channel (old port-forward and rsync).
-    children: set[str] = field(default_factory=set)
+    #: Connection keys announced on its control channel (old port-forward and rsync), in order.
+    children: list[str] = field(default_factory=list)
     #: Set when the session is terminated or expires: what runs on it ends.
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set on each announcement and when the client's control channel closes (ws/created.py waits on it).
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The client's control channel has closed (the backend's then closes too, as with the old router).
+    channel_closed: bool = False
+    #: A backend holds the control channel's far end.
+    backend_attached: bool = False
+    #: Control channels open on the session: it does not expire while one is.
+    holders: int = 0
 
     @property
     def key(self) -> str:
@@ -81,6 +89,15 @@ class CreatedSession:
         """A side presented the key: mark it used and keep it alive for another `ttl`."""
         self.used = True
         self.expires = time.monotonic() + self.ttl
+
+    def expired(self, now: float) -> bool:
+        """Past its expiry with no control channel open on it."""
+        return self.holders == 0 and self.expires <= now
+
+    def hold(self, delta: int) -> None:
+        """A control channel opens (+1) or closes (-1) on the session; its ttl starts again at the close."""
+        self.holders += delta
+        self.use()
 
 
 @dataclass(frozen=True)
@@ -163,7 +180,7 @@ class CreatedSessions:
     def get(self, key: str) -> CreatedSession | None:
         """The created session of `key` (its own key, or a connection key announced on it), if live."""
         session = self._by_key.get(key) or self._by_child.get(key)
-        if session is not None and session.expires <= time.monotonic():
+        if session is not None and session.expired(time.monotonic()):
             self.remove(session)
             return None
         return session
@@ -185,7 +202,8 @@ class CreatedSessions:
         if len(session.children) >= self.limits.max_children:
             raise ResourceExhausted(f"more than {self.limits.max_children} connections announced on one session")
         self._check_room(session.owner, CHILD_COST, new_session=False)
-        session.children.add(child)
+        session.children.append(child)
+        session.changed.set()
         self._by_child[child] = session
         session.size += CHILD_COST
         self._charge(session.owner, 0, CHILD_COST)
@@ -212,7 +230,7 @@ class CreatedSessions:
     def expire(self) -> int:
         """Remove every expired session; how many."""
         now = time.monotonic()
-        expired = [s for s in self._by_key.values() if s.expires <= now]
+        expired = [s for s in self._by_key.values() if s.expired(now)]
         for session in expired:
             self.remove(session)
         return len(expired)

@@ -6,12 +6,13 @@ What a created session gives the WebSocket endpoints:
   lives in the id's key space, so the CLI's typed name and the backend's id meet;
 - the parameters an old URL cannot say: an old client's exec runs the created command (terminal
   or not), a port-forward reaches the created port over TCP or UDP;
-- the old port-forward's control channel (docs/migration.md 1.6): when a gRPC agent serves the
-  workflow, the router itself is the control channel's far end. It reads the client's
-  `{"key", "cookie"}` messages and records each connection key as a child of the session; the
-  connection's own WebSocket then becomes a PortForward session to the agent on the created port.
-  (With an old backend, the channel is piped to it as the old router did, and the connection keys
-  are recorded on the way, so the backend's per-connection WebSockets present a known key.)
+- the old port-forward's (and old rsync's) control channel (docs/migration.md 1.6): the router
+  itself is the far end of the client's channel. It reads the client's `{"key", "cookie"}`
+  messages and records each connection key as a child of the session; the connection's own
+  WebSocket then becomes a session on that key with the created port (or rsync module): a gRPC
+  agent is asked for it like for any session, and a WebSocket backend (osmo-ctrl, or
+  `agent --transport ws`) holding the session's own key is sent the same `{"key", "cookie"}`
+  message on its control channel, and dials the connection's backend side, as with the old router;
 - the old backend's credential: under --auth=jwt a backend without a token that presents the key
   (or one of its connection keys) serves that session, and only that one (`key_identity`).
 """
@@ -22,15 +23,15 @@ import asyncio
 import contextlib
 import logging
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import ROLE_AGENT, Identity
 from osmo_router.router.core.created import CreatedSession, CreatedSessions
-from osmo_router.wire.errors import InvalidArgument, RouterError
+from osmo_router.wire.errors import AlreadyExists, InvalidArgument, RouterError
 from osmo_router.wire.ops import Operation
 from osmo_router.wire.protocol import pb
-from osmo_router.wire.wsproto import CLOSE_ERROR, CLOSE_NORMAL, error_reason, parse_control_message
+from osmo_router.wire.wsproto import CLOSE_ERROR, CLOSE_NORMAL, control_message, error_reason, parse_control_message
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +96,15 @@ async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSessi
     """Be the far end of an old client's control channel until it closes or the session ends.
 
     Each message must be one JSON object with a `key` (as osmo-ctrl requires); the key is recorded
-    as a connection of the session. A malformed message, or a key the store refuses, closes the
-    channel with 4000 and the reason, as osmo-ctrl would end it; nothing else is affected.
+    as a connection of the session (and announced to its backend, `serve_control_backend`). A
+    malformed message, or a key the store refuses, closes the channel with 4000 and the reason, as
+    osmo-ctrl would end it; nothing else is affected.
     """
-    ended = asyncio.ensure_future(created.ended.wait())
+    created.hold(+1)
     try:
         while True:
-            receive = asyncio.ensure_future(ws.receive())
-            await asyncio.wait((receive, ended), return_when=asyncio.FIRST_COMPLETED)
-            if not receive.done():
-                receive.cancel()
-                await _close(ws, CLOSE_NORMAL, "")
-                return
-            msg = receive.result()
-            if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+            msg = await _next_or_ended(ws, created)
+            if msg is None or msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
                 return
             data = msg.data if isinstance(msg.data, bytes) else str(msg.data).encode()
             try:
@@ -118,16 +114,68 @@ async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSessi
                 await _close(ws, CLOSE_ERROR, error_reason(err.code, err.message))
                 return
     finally:
-        ended.cancel()
+        created.hold(-1)
+        created.channel_closed = True
+        created.changed.set()
+        await _close(ws, CLOSE_NORMAL, "")
 
 
-def record_connection(created: CreatedSession, store: CreatedSessions, data: bytes) -> None:
-    """A control message an old client sends to an old backend: record its connection key (best effort)."""
-    with contextlib.suppress(RouterError):
-        conn_key, _cookie, _kind = parse_control_message(data)
-        store.add_child(created, conn_key)
+async def serve_control_backend(ws: web.WebSocketResponse, created: CreatedSession, send_init: bool) -> None:
+    """Be the client of a backend's control channel: announce each connection as OSMO's client would.
+
+    The backend (osmo-ctrl, or `agent --transport ws`) gets one `{"key", "cookie"}` message per
+    connection, those announced before it joined first; a new backend (`init=1`) first gets a
+    SessionOpen without init, which says that a control channel follows. The channel closes when the
+    client's does or the session ends. One backend per session (ALREADY_EXISTS for a second).
+    """
+    if created.backend_attached:
+        raise AlreadyExists("a backend already serves this session's control channel")
+    created.backend_attached = True
+    created.hold(+1)
+    sent = 0
+    try:
+        if send_init:
+            await ws.send_bytes(pb.SessionOpen(session_key=created.key).SerializeToString())
+        while not ws.closed:
+            for conn_key in created.children[sent:]:
+                await ws.send_bytes(control_message(conn_key))
+            sent = len(created.children)
+            if created.channel_closed or created.ended.is_set():
+                return
+            created.changed.clear()
+            if await _next_or_ended(ws, created, created.changed) is not None and ws.closed:
+                return
+    except (ConnectionError, RuntimeError):
+        return
+    finally:
+        created.backend_attached = False
+        created.hold(-1)
+        await _close(ws, CLOSE_NORMAL, "")
+
+
+async def _next_or_ended(
+    ws: web.WebSocketResponse, created: CreatedSession, also: asyncio.Event | None = None
+) -> WSMessage | None:
+    """The WebSocket's next message; None once the session ended (or `also` was set) first."""
+    receive = asyncio.ensure_future(ws.receive())
+    waits = [asyncio.ensure_future(created.ended.wait())]
+    if also is not None:
+        waits.append(asyncio.ensure_future(also.wait()))
+    try:
+        await asyncio.wait((receive, *waits), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    if receive.done():
+        return receive.result()
+    receive.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await receive  # so that the next receive does not overlap this one
+    return None
 
 
 async def _close(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    if ws.closed:
+        return
     with contextlib.suppress(ConnectionError, RuntimeError):
         await ws.close(code=code, message=reason.encode())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Mapping
-from functools import partial
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -20,7 +19,6 @@ from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.created import CreatedSession, CreatedSessions
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
-from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.side import AgentJoin, ClientJoin
 from osmo_router.router.ops.http_limits import HttpLimits, serve_app, ws_limits
 from osmo_router.router.ws.aliases import WorkflowAliases
@@ -28,7 +26,7 @@ from osmo_router.router.ws.created import (
     check_operation,
     is_control_channel,
     key_identity,
-    record_connection,
+    serve_control_backend,
     serve_control_channel,
 )
 from osmo_router.router.ws.init import client_init
@@ -81,12 +79,10 @@ class WsServer:
         registry: CollectorRegistry,
         *,
         created: CreatedSessions | None = None,
-        agents: AgentRegistry | None = None,
     ) -> None:
         """`registry`: where the port's connection metrics go (the router's metrics registry).
 
-        `created`: the sessions orchestrators created (ws/created.py); `agents`: the registered gRPC
-        agents (an old client's control channel is served here when one serves its workflow).
+        `created`: the sessions orchestrators created (ws/created.py).
         """
         self._config = config
         self._registry = registry
@@ -98,7 +94,6 @@ class WsServer:
         # A client's workflow as typed (name or UUID), to the ID backends dial with (--ws-workflow-aliases).
         self._aliases = WorkflowAliases(config.ws_workflow_aliases)
         self._created = created if created is not None else CreatedSessions()
-        self._agents = agents
         self.port = 0
 
     def app(self) -> web.Application:
@@ -180,9 +175,6 @@ class WsServer:
         side.set_extensions(
             parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof, udp=init.udp
         )
-        if created is not None and is_control_channel(created, key):
-            # Piped to an old backend: the connection keys it announces are recorded on the way.
-            side.on_message = partial(record_connection, created, self._created)
         raw_init = operation.encode_init(getattr(init.open_msg, operation.open_field))
         join = ClientJoin(identity, operation, init.target, init.open_msg, raw_init, timeout)
         first = init.first_message
@@ -197,13 +189,11 @@ class WsServer:
         return side.response
 
     async def _control_channel(self, side: WsClientSide, identity: Identity, created: CreatedSession, key: str) -> bool:
-        """Serve an old client's control channel here when a gRPC agent serves the created session.
+        """Serve an old client's control channel of a created session here (ws/created.py).
 
-        True when it was served (the request is done); False when the channel goes to a backend.
+        True when it was served (the request is done); False when the WebSocket is no control channel.
         """
-        if not is_control_channel(created, key) or self._agents is None:
-            return False
-        if self._agents.pick(created.workflow_id, created.task) is None:
+        if not is_control_channel(created, key):
             return False
         identity.require_user()
         identity.require_workflow(created.workflow_id)
@@ -226,6 +216,11 @@ class WsServer:
             init.task = request.query.get("task", "") or (created.task if created is not None else "")
             identity = await self._backend_identity(request, operation, init.workflow_id, created)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
+            if created is not None and is_control_channel(created, key):
+                identity.require_agent()
+                await side.accept()
+                await serve_control_backend(side.ws, created, send_init)
+                return side.response
         except RouterError as err:
             await self._pipeline.refuse(side, CONNECT, err)
             return side.response

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 
 import grpc
 from aiohttp import WSMessage, WSMsgType, web
@@ -37,15 +37,15 @@ from osmo_router.wire.wsproto import (
     CLOSE_NORMAL,
     ERROR_HEADER,
     MAX_ERROR_HEADER,
+    datagram_frame,
+    datagram_message,
     error_from_reason,
     error_reason,
     exit_from_reason,
     exit_reason,
     frame_to_message,
     message_to_frame,
-    parse_udp_message,
     size_message,
-    udp_message,
 )
 
 #: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
@@ -164,8 +164,6 @@ class WsClientSide(_WsSide):
         self._parse_resize = self._want_exit = self._want_eof = self._udp = False
         self._exit: pb.ExitStatus | None = None
         self._closing = False
-        #: Called with each message the client sends (a created session's control channel, ws/created.py).
-        self.on_message: Callable[[bytes], None] | None = None
 
     def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool, udp: bool = False) -> None:
         """What the client's URL asked for (see ws/init.py); `udp`: OSMO's datagram framing (a created UDP forward)."""
@@ -176,10 +174,8 @@ class WsClientSide(_WsSide):
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
         data = await self._receive()
         if isinstance(data, bytes):
-            if self.on_message is not None:
-                self.on_message(data)
             if self._udp:
-                return encode_frame(_datagram_frame(data))
+                return encode_frame(datagram_frame(data))
             return encode_frame(message_to_frame(data, parse_resize=self._parse_resize))
         if self._closing:
             return None
@@ -201,7 +197,7 @@ class WsClientSide(_WsSide):
         elif kind == "error":
             await self._close(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
         elif kind == "datagram" and self._udp:
-            await self._send(_datagram_message(frame.datagram))
+            await self._send(datagram_message(frame.datagram))
         elif kind == "half_close":
             if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
                 await self._send(b"")
@@ -255,12 +251,15 @@ class WsBackendSide(_WsSide):
         self._first_messages = first_messages
         self._half_closed = False
         self._pending: list[bytes | None] = []
+        #: A UDP forward: datagrams go as OSMO's messages (6-byte sender header), both ways.
+        self._udp = False
 
     async def send_first(self, message: bytes) -> None:
         """The SessionOpen in the old form: nothing, the exec size message, or (`init=1`) the whole open."""
         open_msg = pb.ConnectResponse.FromString(message).open
         if self._operation is None or not _serves(self._operation.value, open_msg):
             raise InvalidArgument("the session is of another operation than this backend serves")
+        self._udp = open_msg.WhichOneof("init") == "port_forward" and open_msg.port_forward.protocol == pb.PROTOCOL_UDP
         if self._send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
             await self._send(open_msg.SerializeToString())
         elif self._is_exec:
@@ -273,7 +272,7 @@ class WsBackendSide(_WsSide):
             data = await self._receive()
             if isinstance(data, bytes):
                 if data:
-                    return encode_frame(pb.Frame(data=data))
+                    return encode_frame(datagram_frame(data) if self._udp else pb.Frame(data=data))
                 if not self._half_closed:  # the empty message: EOF of the backend's output
                     self._half_closed = True
                     return ENCODED_HALF_CLOSE
@@ -308,6 +307,9 @@ class WsBackendSide(_WsSide):
         frame = decode_frame(message)
         if frame.WhichOneof("kind") == "resize" and not self._is_exec:
             return
+        if frame.WhichOneof("kind") == "datagram" and self._udp and not self.ws.closed:
+            await self._send(datagram_message(frame.datagram))
+            return
         if (payload := frame_to_message(frame, to_backend=True)) is not None and not self.ws.closed:
             await self._send(payload)
 
@@ -328,24 +330,6 @@ def _serves(backend_operation: int, open_msg: pb.SessionOpen) -> bool:
         return True
     legacy_rsync = operation == pb.OPERATION_RSYNC and not open_msg.rsync.server_args
     return legacy_rsync and backend_operation == pb.OPERATION_PORT_FORWARD
-
-
-def _datagram_frame(message: bytes) -> pb.Frame:
-    """An old client's UDP message (6-byte IPv4 sender header, then the datagram) as a Datagram frame.
-
-    A message shorter than its header is refused (InvalidArgument ends the session): osmo-ctrl
-    crashed on one (docs/migration.md 1.7).
-    """
-    payload, (host, port) = parse_udp_message(message)
-    return pb.Frame(datagram=pb.Datagram(payload=payload, peer=f"{host}:{port}"))
-
-
-def _datagram_message(datagram: pb.Datagram) -> bytes:
-    """A Datagram frame for an old client: the sender's header (from its `peer`), then the payload."""
-    host, _, port = datagram.peer.rpartition(":")
-    if not port.isdigit():
-        raise InvalidArgument(f"a datagram's peer is not host:port: {datagram.peer!r}")
-    return udp_message(datagram.payload, (host, int(port)))
 
 
 def _status_code(number: int) -> grpc.StatusCode:
