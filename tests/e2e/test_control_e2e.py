@@ -32,6 +32,7 @@ from tests.forward_servers import echo, tcp_server
 from tests.harness import AgentProc, Proc, Router
 from tests.osmo_emu import client as osmo
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
+from tests.ws_kit import WsBackendProc
 
 
 @pytest.fixture
@@ -52,17 +53,21 @@ def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
     return grpc.StatusCode.OK
 
 
-@pytest.mark.parametrize("tty", [False, True])
-def test_old_client_exec_runs_the_created_command_on_a_grpc_agent(
-    router: Router, grpc_workflow: str, tmp_path: Path, tty: bool
+@pytest.mark.parametrize(("agent", "tty"), [("grpc", False), ("grpc", True), ("ws", False)])
+def test_old_client_exec_runs_the_created_command_on_our_agent(
+    router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str, tty: bool
 ) -> None:
     """OSMO's group exec names no command; the created one runs (pipe or terminal), the output is the file's."""
     blob = tmp_path / "blob.txt"
-    blob.write_bytes(b"line %d of the created command's output\n" * 3000)
-    key = new_key()
-    session = control.created(grpc_workflow, key, "exec", command=["cat", str(blob)], tty=tty)
+    blob.write_bytes(b"line of the created command's output\n" * 3000)
+    workflow, key = grpc_workflow, new_key()
+    if agent == "ws":
+        workflow = f"wf-{uuid.uuid4().hex[:8]}"
+    session = control.created(workflow, key, "exec", command=["cat", str(blob)], tty=tty)
     control.create_session(router.address, session)
-    _text, ended = run(lambda: osmo.exec_command(ws_base(router), grpc_workflow, key, "", "task1"))
+    if agent == "ws":
+        stopper.append(WsBackendProc(router, workflow, key, operation="exec"))
+    _text, ended = run(lambda: osmo.exec_command(ws_base(router), workflow, key, "", "task1"))
     assert ended.how == "closed ok" and ended.close_code == 1000, ended
     output = terminal_text(bytes(ended.output)) if tty else bytes(ended.output)
     assert sha(output) == sha(blob.read_bytes())
