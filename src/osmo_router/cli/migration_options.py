@@ -10,7 +10,7 @@ from osmo_router.cli.options import DURATION
 
 
 def migration_options(f: Any) -> Any:
-    """OSMO backend tokens and workflow aliases (docs/migration.md, docs/security.md)."""
+    """OSMO backend tokens, workflow aliases and created sessions (docs/migration.md, docs/security.md)."""
     options = [
         click.option(
             "--ws-backend-role",
@@ -48,7 +48,13 @@ def migration_options(f: Any) -> Any:
             show_default=True,
             help="Most created sessions held at once (each service: --max-created-per-service).",
         ),
-        click.option("--max-created-per-service", type=int, default=1000, show_default=True),
+        click.option(
+            "--max-created-per-service",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Most created sessions one service identity (token subject) holds at once.",
+        ),
         click.option(
             "--max-created-bytes",
             type=int,
@@ -56,7 +62,13 @@ def migration_options(f: Any) -> Any:
             show_default=True,
             help="Most bytes created sessions (and their announced connection keys) hold at once.",
         ),
-        click.option("--max-created-bytes-per-service", type=int, default=4 * 1024 * 1024, show_default=True),
+        click.option(
+            "--max-created-bytes-per-service",
+            type=int,
+            default=4 * 1024 * 1024,
+            show_default=True,
+            help="Most bytes one service identity's created sessions hold at once.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)

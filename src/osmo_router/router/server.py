@@ -58,6 +58,7 @@ def created_limits(config: RouterConfig) -> CreatedLimits:
         max_bytes=config.max_created_bytes,
         max_bytes_per_service=config.max_created_bytes_per_service,
         default_ttl=config.created_session_ttl,
+        max_ttl=max(24 * 3600.0, config.created_session_ttl),
     )
 
 
