@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from osmo.router.v1 import control_pb2 as cpb
-from osmo_router.router.core.sessions import check_id, new_session_key
+from osmo_router.router.core.ids import check_id, new_session_key
 from osmo_router.wire.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from osmo_router.wire.protocol import pb
 

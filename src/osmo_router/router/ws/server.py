@@ -155,10 +155,10 @@ class WsServer:
         side = WsClientSide(request, self._websocket())
         identity = None
         try:
-            created = self._created.lookup(key, typed)
-            workflow = created.workflow_id if created is not None else self._aliases.resolve(typed)
             identity = await self._authenticate(request, operation)
             assert operation is not None
+            created = self._created.lookup(key, typed)
+            workflow = created.workflow_id if created is not None else self._aliases.resolve(typed)
             if created is not None:
                 check_operation(created, operation, backend=False)
                 created.use()
@@ -218,6 +218,7 @@ class WsServer:
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
             if created is not None and is_control_channel(created, key):
                 identity.require_agent()
+                identity.require_workflow(created.workflow_id)
                 await side.accept()
                 await serve_control_backend(side.ws, created, send_init)
                 return side.response
