@@ -9,6 +9,8 @@ gets a clear error without harming anything else.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +31,7 @@ from tests.e2e.test_osmo_compat_e2e import (
     ws_base,
 )
 from tests.forward_servers import echo, tcp_server
-from tests.harness import AgentProc, Proc, Router
+from tests.harness import AgentProc, Proc, Router, cli_env, router_cmd
 from tests.osmo_emu import client as osmo
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
 from tests.ws_kit import WsBackendProc
@@ -279,3 +281,29 @@ def test_created_exec_with_a_registered_agent_under_jwt(tmp_path: Path, stopper:
     ended = run(body, timeout=30)
     assert ended.close_code == 1000, ended
     assert bytes(ended.output) == b"created-ok\n"
+
+
+def _session_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """`osmo-router session ARGS` as a process."""
+    return subprocess.run(router_cmd("session", *args), capture_output=True, timeout=60, env=cli_env())
+
+
+def test_session_commands_create_get_and_terminate(router: Router, grpc_workflow: str) -> None:
+    """`osmo-router session create|get|terminate`: the API from the command line, JSON out, refusals exit 1."""
+    dial = ["--router-address", router.address, "--tls=false"]
+    name = f"my-{uuid.uuid4().hex[:6]}"
+    made = _session_cli(
+        "create", *dial, "--workflow-id", grpc_workflow, "--alias", name, "--operation", "exec",
+        "--", "echo", "made by the cli",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)["session"]["session_key"]
+    _text, ended = run(lambda: osmo.exec_command(ws_base(router), name, key, "", "task1"))
+    assert (ended.close_code, bytes(ended.output)) == (1000, b"made by the cli\n"), ended
+    got = _session_cli("get", *dial, key)
+    assert got.returncode == 0 and json.loads(got.stdout)["used"] is True, got
+    assert _session_cli("terminate", *dial, key).returncode == 0
+    gone = _session_cli("get", *dial, key)
+    assert (gone.returncode, gone.stderr.strip()) == (1, b"NOT_FOUND: no such created session")
+    wrong = _session_cli("create", *dial, "--workflow-id", grpc_workflow, "--operation", "exec", "--port", "80")
+    assert wrong.returncode == 2 and b"takes no parameters of another operation" in wrong.stderr

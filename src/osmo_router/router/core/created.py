@@ -52,7 +52,8 @@ class CreatedSession:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     #: The client's control channel has closed (the backend's then closes too, as with the old router).
     channel_closed: bool = False
-    #: A backend holds the control channel's far end.
+    #: A client, and a backend, hold the two ends of the control channel (one each at a time).
+    client_attached: bool = False
     backend_attached: bool = False
     #: Control channels open on the session: it does not expire while one is.
     holders: int = 0

@@ -100,6 +100,10 @@ async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSessi
     malformed message, or a key the store refuses, closes the channel with 4000 and the reason, as
     osmo-ctrl would end it; nothing else is affected.
     """
+    if created.client_attached:
+        await _close(ws, CLOSE_ERROR, error_reason(AlreadyExists.code, "a client already holds this control channel"))
+        return
+    created.client_attached, created.channel_closed = True, False
     created.hold(+1)
     try:
         while True:
@@ -115,7 +119,7 @@ async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSessi
                 return
     finally:
         created.hold(-1)
-        created.channel_closed = True
+        created.client_attached, created.channel_closed = False, True
         created.changed.set()
         await _close(ws, CLOSE_NORMAL, "")
 
