@@ -4,6 +4,10 @@ An endpoint parses the URL, authenticates, builds a WebSocket Side (ws/sides.py)
 the same SessionPipeline as a gRPC stream: same limits, placement across replicas, relay, metrics
 and audit. So a WS client can meet a gRPC agent, a gRPC client an old WS backend, and either
 transport its own kind.
+
+A key an orchestrator created (RouterControlService) brings its session's workflow names and
+parameters, makes the router both ends of OSMO's port-forward control channel, and is an old
+backend's credential for that session (ws/created.py).
 """
 
 from __future__ import annotations
