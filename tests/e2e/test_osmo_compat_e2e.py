@@ -885,13 +885,16 @@ def test_new_client_workflow_named_differently_from_the_backend_without_aliases(
     assert b"hi" in result.stdout
 
 
-def test_new_client_tcp_forward_old_backend_with_a_created_session(router: Router, stopper: list[Proc]) -> None:
-    """A created TCP key: the router serves both ends of the control channel; the new CLI (over WebSocket)
-    and osmo-ctrl (no token needed for its connections' keys) meet on each connection."""
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
+def test_new_client_tcp_forward_old_backend_with_a_created_session(
+    router: Router, stopper: list[Proc], transport: str
+) -> None:
+    """A created TCP key: the router serves both ends of the control channel (the client's over either
+    transport); the new CLI and osmo-ctrl (no token needed for its connections' keys) meet on each connection."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with tcp_server(echo) as target:
         control.create_session(router.address, control.created(workflow, key, "portforward", port=target))
         stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target)))
-        proc, port = _new_client_forward(router, workflow, key, target)
+        proc, port = _new_client_forward(router, workflow, key, target, transport)
         stopper.append(proc)
         assert [_echo_through(port) for _ in range(3)] == [True, True, True]

@@ -132,7 +132,7 @@ class RouterServer:
             )
             self.scaleout = ScaleOut(config, self.sessions, self.registry, self.directory, self.metrics)
         self.pipeline = SessionPipeline(config, self.sessions, self.metrics, self.scaleout)
-        self.client_service = ClientService(config, self.auth, self.pipeline)
+        self.client_service = ClientService(config, self.auth, self.pipeline, self.sessions.created)
         self.agent_service = AgentService(
             config, self.sessions, self.registry, self.auth, self.metrics, self.directory, self.pipeline
         )

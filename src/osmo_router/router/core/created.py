@@ -24,6 +24,7 @@ from osmo.router.v1 import control_pb2 as cpb
 from osmo_router.router.core.ids import check_id, new_session_key
 from osmo_router.wire.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from osmo_router.wire.protocol import pb
+from osmo_router.wire.wsproto import parse_control_message
 
 #: Which `params` a created session of each operation may carry.
 PARAMS_OF = {pb.OPERATION_EXEC: "exec", pb.OPERATION_PORT_FORWARD: "port_forward", pb.OPERATION_RSYNC: "rsync"}
@@ -90,6 +91,14 @@ class CreatedSession:
         """A side presented the key: mark it used and keep it alive for another `ttl`."""
         self.used = True
         self.expires = time.monotonic() + self.ttl
+
+    def is_control_key(self, key: str) -> bool:
+        """Whether a client presenting `key` opens an old port-forward's control channel (TCP, or rsync)."""
+        if key != self.key:
+            return False
+        if self.operation == pb.OPERATION_RSYNC:
+            return True
+        return self.operation == pb.OPERATION_PORT_FORWARD and self.message.port_forward.protocol != pb.PROTOCOL_UDP
 
     def expired(self, now: float) -> bool:
         """Past its expiry with no control channel open on it."""
@@ -209,6 +218,24 @@ class CreatedSessions:
         session.size += CHILD_COST
         self._charge(session.owner, 0, CHILD_COST)
         session.use()
+
+    def attach_client(self, session: CreatedSession) -> None:
+        """A client's control channel opens on the session (AlreadyExists while another one is open)."""
+        if session.client_attached:
+            raise AlreadyExists("a client already holds this session's control channel")
+        session.client_attached, session.channel_closed = True, False
+        session.hold(+1)
+
+    def announce(self, session: CreatedSession, message: bytes) -> None:
+        """One control message of the client: exactly one JSON object with a key, recorded as a connection."""
+        conn_key, _cookie, _kind = parse_control_message(message)
+        self.add_child(session, conn_key)
+
+    def detach_client(self, session: CreatedSession) -> None:
+        """The client's control channel closed: so will the backend's."""
+        session.hold(-1)
+        session.client_attached, session.channel_closed = False, True
+        session.changed.set()
 
     def remove(self, session: CreatedSession) -> None:
         """Forget a session and its connection keys (idempotent); what runs on it is told to end."""

@@ -31,7 +31,7 @@ from osmo_router.router.core.created import CreatedSession, CreatedSessions
 from osmo_router.wire.errors import AlreadyExists, InvalidArgument, RouterError
 from osmo_router.wire.ops import Operation
 from osmo_router.wire.protocol import pb
-from osmo_router.wire.wsproto import CLOSE_ERROR, CLOSE_NORMAL, control_message, error_reason, parse_control_message
+from osmo_router.wire.wsproto import CLOSE_ERROR, CLOSE_NORMAL, control_message, error_reason
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,7 @@ def check_operation(created: CreatedSession, operation: Operation, *, backend: b
 
 def is_control_channel(created: CreatedSession, key: str) -> bool:
     """Whether a client WebSocket on `key` is an old port-forward's control channel (TCP, or rsync)."""
-    if key != created.key:
-        return False
-    if created.operation == pb.OPERATION_RSYNC:
-        return True
-    return created.operation == pb.OPERATION_PORT_FORWARD and created.message.port_forward.protocol != pb.PROTOCOL_UDP
+    return created.is_control_key(key)
 
 
 def key_identity(created: CreatedSession, workflow_id: str) -> Identity:
@@ -100,11 +96,11 @@ async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSessi
     malformed message, or a key the store refuses, closes the channel with 4000 and the reason, as
     osmo-ctrl would end it; nothing else is affected.
     """
-    if created.client_attached:
-        await _close(ws, CLOSE_ERROR, error_reason(AlreadyExists.code, "a client already holds this control channel"))
+    try:
+        store.attach_client(created)
+    except RouterError as err:
+        await _close(ws, CLOSE_ERROR, error_reason(err.code, err.message))
         return
-    created.client_attached, created.channel_closed = True, False
-    created.hold(+1)
     try:
         while True:
             msg = await _next_or_ended(ws, created)
@@ -112,15 +108,12 @@ async def serve_control_channel(ws: web.WebSocketResponse, created: CreatedSessi
                 return
             data = msg.data if isinstance(msg.data, bytes) else str(msg.data).encode()
             try:
-                conn_key, _cookie, _kind = parse_control_message(data)
-                store.add_child(created, conn_key)
+                store.announce(created, data)
             except RouterError as err:
                 await _close(ws, CLOSE_ERROR, error_reason(err.code, err.message))
                 return
     finally:
-        created.hold(-1)
-        created.client_attached, created.channel_closed = False, True
-        created.changed.set()
+        store.detach_client(created)
         await _close(ws, CLOSE_NORMAL, "")
 
 
