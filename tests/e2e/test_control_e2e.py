@@ -31,7 +31,7 @@ from tests.e2e.test_osmo_compat_e2e import (
     ws_base,
 )
 from tests.forward_servers import echo, tcp_server
-from tests.harness import AgentProc, Proc, Router, cli_env, router_cmd
+from tests.harness import AgentProc, Proc, Router, cli_env, metric_value, router_cmd
 from tests.osmo_emu import client as osmo
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
 from tests.ws_kit import WsBackendProc
@@ -96,8 +96,11 @@ def test_control_calls_refuse_bad_input_clearly(router: Router, grpc_workflow: s
         "exec with a port": grpc.StatusCode.INVALID_ARGUMENT,
         "no workflow": grpc.StatusCode.INVALID_ARGUMENT,
     }
-    # The first session is untouched by the refusals.
+    # The first session is untouched by the refusals, and counted.
     assert control.get_session(router.address, key).session.workflow_id == grpc_workflow
+    held = metric_value(router.metrics_text(), "router_grpc_created_sessions")
+    control.terminate_session(router.address, key)
+    assert metric_value(router.metrics_text(), "router_grpc_created_sessions") == held - 1 >= 0
 
 
 def test_created_key_refuses_another_workflow_and_operation(router: Router, grpc_workflow: str) -> None:

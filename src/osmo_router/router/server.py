@@ -120,6 +120,7 @@ class RouterServer:
             pending=lambda: self.sessions.pending,
             standby=self.registry.standby_count,
             buffered=lambda: self.budgets.total.used,
+            created=lambda: len(self.sessions.created),
         )
         self.auth = authenticator or build_authenticator(config)
         self.directory: Directory = MemoryDirectory()
