@@ -366,9 +366,15 @@ def _udp_one_at_a_time(port: int, count: int = 5) -> list[bytes]:
 EXPECTED_UDP_SEQUENTIAL = [b"echo:" + bytes([97 + n]) * (50 + 7 * n) for n in range(5)]
 
 
-def test_udp_one_at_a_time_old_client_old_backend(router: Router, stopper: list[Proc]) -> None:
+@pytest.mark.parametrize("created", [False, True])
+def test_udp_one_at_a_time_old_client_old_backend(router: Router, stopper: list[Proc], created: bool) -> None:
+    """As with the old router; and with a created UDP session, where the router translates OSMO's framing
+    to Datagram frames and back (lossless between two old sides)."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with udp_echo_server() as target:
+        if created:
+            session = control.created(workflow, key, "portforward", port=target, udp=True)
+            control.create_session(router.address, session)
         stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target), "--udp"))
 
         async def body() -> list[bytes]:
