@@ -12,9 +12,9 @@ and cases: exec with a command, interactive exec with resize, TCP forward (one a
 burst before the backend joins), UDP, rsync up and down, a workflow named by its UUID, `?timeout=`,
 JWT auth. Content is checked by sha256, ends by exit status or close code.
 
-What fails today because of the router is marked `xfail(strict=True)` with the cause (the constants
-below, numbered as in issue 16 and docs/migration.md section 2), so the test turns into a failure the
-moment the router-side fix lands: then drop the mark.
+Cases an old URL cannot describe (our agents serving an old client's command, port, UDP or rsync
+module; a workflow the client names otherwise than its backend) start with the orchestrator creating
+the session through RouterControlService (tests/control_kit.py), as OSMO's service would.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import control_kit as control
 from tests.e2e.test_exec_e2e import PtyReader, _controlling_tty, _set_winsize
 from tests.forward_servers import echo, tcp_server, udp_echo_server
 from tests.harness import PYTHON, ROOT, AgentProc, Proc, Router, cli_env, client_cmd, run_client
@@ -42,23 +43,6 @@ from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 
 from tests.ws_kit import WsBackendProc
 
 WAIT = 60.0
-
-#: Router-side causes (issue 16), each naming where in our code it happens.
-WORKFLOW_NAME = (
-    "issue 16 (3): the OSMO CLI puts the workflow in the URL as typed (name or UUID), the backend its ID; "
-    "the old router ignored it, ours scopes session keys by workflow (core/sessions.py scoped_key), so "
-    "without --ws-workflow-aliases the client waits in the typed name's key space and never meets the backend"
-)
-OUT_OF_BAND = (
-    "issue 16 (4): an old client's URL names no target port (OSMO's service tells the backend out of band); "
-    "the router opens a PortForwardInit with port 0 (router/ws_init.py client_init), which the agent serves "
-    "as a watch, and it has no place for the control-channel JSON of the old protocol"
-)
-OUT_OF_BAND_RSYNC = (
-    "issue 16 (4): an old rsync client speaks the rsync daemon protocol (rsync://, module osmo) through a "
-    "port-forward control channel; the router makes it an RsyncInit with no server args "
-    "(router/ws_init.py client_init) and the agent runs `rsync --server`, not a daemon"
-)
 
 
 def ws_base(router: Router) -> str:
@@ -164,10 +148,13 @@ def _alias_router(tmp_path: Path, stopper: list[Proc]) -> tuple[Router, Path]:
     return router, aliases
 
 
-@pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
 def test_exec_workflow_named_by_uuid(router: Router, blob: Path, stopper: list[Proc]) -> None:
-    """The user typed the workflow's name; osmo-ctrl dials with the workflow's ID (cmdArgs.Workflow)."""
+    """The user typed the workflow's name; osmo-ctrl dials with the workflow's ID (cmdArgs.Workflow).
+
+    The orchestrator created the session with the workflow's names (CreateSession, no alias file).
+    """
     name, workflow_id, key = f"my-wf-{uuid.uuid4().hex[:4]}", str(uuid.uuid4()), new_key()
+    control.create_session(router.address, control.created(workflow_id, key, "exec", aliases=(name,)))
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", f"cat {blob}"))
     _text, ended = run(lambda: osmo.exec_command(ws_base(router), name, key, "", "task1"), timeout=15)
     assert ended.how == "closed ok" and ended.close_code == 1000, ended
@@ -248,11 +235,16 @@ def _start_tcp_backend(router: Router, backend: str, workflow: str, key: str, ta
 
 @pytest.mark.parametrize(
     "backend",
-    ["old", pytest.param("ws", marks=pytest.mark.xfail(strict=True, reason=OUT_OF_BAND))],
+    ["old", "ws", "old-created"],
 )
 def test_tcp_forward_one_at_a_time_old_client(router: Router, stopper: list[Proc], backend: str) -> None:
+    """Old backend as with the old router; our WS agent and osmo-ctrl with a created session (the router
+    serves both control channels, announcing each connection to the backend as OSMO's CLI did)."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with tcp_server(echo) as target:
+        if backend != "old":
+            control.create_session(router.address, control.created(workflow, key, "portforward", port=target))
+            backend = backend.removesuffix("-created")
         stopper.append(_start_tcp_backend(router, backend, workflow, key, target, wait=True))
 
         async def body() -> list[bool]:
@@ -268,20 +260,26 @@ def test_tcp_forward_one_at_a_time_old_client(router: Router, stopper: list[Proc
         assert run(body) == [True, True, True]
 
 
-@pytest.mark.xfail(strict=True, reason=OUT_OF_BAND)
 def test_tcp_forward_old_client_grpc_agent(router: Router, grpc_workflow: str) -> None:
+    """The orchestrator created the session (port): the router serves the control channel, each connection
+    becomes a PortForward session to the gRPC agent on the created port."""
+    key = new_key()
     with tcp_server(echo) as target:
+        control.create_session(router.address, control.created(grpc_workflow, key, "portforward", port=target))
 
-        async def body() -> bool:
-            forward, task = osmo.start_tcp_forward(ws_base(router), grpc_workflow, new_key(), timeout=10)
+        async def body() -> list[bool]:
+            forward, task = osmo.start_tcp_forward(ws_base(router), grpc_workflow, key, timeout=10)
             await forward.ready.wait()
             try:
-                return await asyncio.to_thread(_echo_through, target and forward.port, 1024, 5)
+                pending = [asyncio.to_thread(_echo_through, forward.port, 64 * 1024, 10) for _ in range(4)]
+                results = list(await asyncio.gather(*pending))
+                results.append(await asyncio.to_thread(_echo_through, forward.port, 1024, 5))
+                return results
             finally:
                 forward.close.set()
                 await task
 
-        assert run(body) is True
+        assert run(body) == [True] * 5
 
 
 def test_tcp_forward_burst_before_backend_joins_old_client(router: Router, stopper: list[Proc]) -> None:
@@ -368,9 +366,15 @@ def _udp_one_at_a_time(port: int, count: int = 5) -> list[bytes]:
 EXPECTED_UDP_SEQUENTIAL = [b"echo:" + bytes([97 + n]) * (50 + 7 * n) for n in range(5)]
 
 
-def test_udp_one_at_a_time_old_client_old_backend(router: Router, stopper: list[Proc]) -> None:
+@pytest.mark.parametrize("created", [False, True])
+def test_udp_one_at_a_time_old_client_old_backend(router: Router, stopper: list[Proc], created: bool) -> None:
+    """As with the old router; and with a created UDP session, where the router translates OSMO's framing
+    to Datagram frames and back (lossless between two old sides)."""
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with udp_echo_server() as target:
+        if created:
+            session = control.created(workflow, key, "portforward", port=target, udp=True)
+            control.create_session(router.address, session)
         stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target), "--udp"))
 
         async def body() -> list[bytes]:
@@ -406,9 +410,12 @@ def test_udp_one_datagram_per_message_old_client_old_backend(router: Router, sto
     assert sorted(replies) == EXPECTED_UDP
 
 
-@pytest.mark.xfail(strict=True, reason=OUT_OF_BAND + "; UDP is not carried over WebSocket by our agents")
-@pytest.mark.parametrize("agent", ["grpc", "ws"])
+@pytest.mark.parametrize(
+    "agent",
+    ["grpc", "ws"],
+)
 def test_udp_old_client_our_agent(router: Router, grpc_workflow: str, stopper: list[Proc], agent: str) -> None:
+    """A created UDP forward: OSMO's 6-byte sender header per message becomes the agent's Datagram frames."""
     workflow, key = grpc_workflow, new_key()
     start = lambda: None  # noqa: E731 - the gRPC agent is registered already
     if agent == "ws":
@@ -417,7 +424,9 @@ def test_udp_old_client_our_agent(router: Router, grpc_workflow: str, stopper: l
         def start() -> None:
             stopper.append(WsBackendProc(router, workflow, key, operation="portforward"))
 
-    with udp_echo_server():
+    with udp_echo_server() as target:
+        session = control.created(workflow, key, "portforward", port=target, udp=True)
+        control.create_session(router.address, session)
         replies = _udp_round(router, workflow, key, start)
     assert sorted(replies) == EXPECTED_UDP
 
@@ -514,17 +523,26 @@ def test_rsync_up_and_down_old_client_old_backend(router: Router, stopper: list[
     assert _tree(remote / "data") == _tree(tmp_path / "src")
 
 
-@pytest.mark.xfail(strict=True, reason=OUT_OF_BAND_RSYNC)
-@pytest.mark.parametrize("agent", ["grpc", "ws"])
+@pytest.mark.parametrize(
+    "agent",
+    ["grpc", "ws"],
+)
 def test_rsync_up_and_down_old_client_our_agent(
     router: Router, grpc_workflow: str, tmp_path: Path, stopper: list[Proc], agent: str
 ) -> None:
+    """Created rsync sessions (module `osmo` at a directory): the agent serves rsync's daemon protocol."""
     workflow, keys = grpc_workflow, (new_key(), new_key())
+    remote = tmp_path / "remote"
+    remote.mkdir()
     if agent == "ws":
         workflow = f"wf-{uuid.uuid4().hex[:8]}"
-        for key in keys:
+    for key in keys:
+        session = control.created(workflow, key, "rsync", module="osmo", path=str(remote))
+        control.create_session(router.address, session)
+        if agent == "ws":
             stopper.append(WsBackendProc(router, workflow, key, operation="rsync"))
     _rsync_up_down_old_client(router, workflow, keys, tmp_path, timeout=8)
+    assert _tree(remote / "data") == _tree(tmp_path / "src")
 
 
 # --- ?timeout= (rsync's RsyncClient passes it) ---------------------------------------------------
@@ -858,13 +876,31 @@ def test_new_client_workflow_named_differently_from_the_backend(tmp_path: Path, 
     assert b"hi" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=WORKFLOW_NAME)
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
 def test_new_client_workflow_named_differently_from_the_backend_without_aliases(
-    router: Router, stopper: list[Proc]
+    router: Router, stopper: list[Proc], transport: str
 ) -> None:
-    """Without --ws-workflow-aliases the name is its own key space: the client never meets the backend."""
+    """Without --ws-workflow-aliases: the created session names the workflow's name, so the two meet."""
     workflow_id, key = str(uuid.uuid4()), new_key()
+    session = control.created(workflow_id, key, "exec", aliases=(f"my-wf-{key[:4]}",))
+    control.create_session(router.address, session)
     stopper.append(OldBackend(router, "exec", workflow_id, key, "--command", "sh -c 'stty -echo; cat'"))
-    result = run_client("exec", *new_client_args(router, f"my-wf-{key[:4]}", key), input=b"hi\n", timeout=30)
+    args = new_client_args(router, f"my-wf-{key[:4]}", key, transport)
+    result = run_client("exec", *args, input=b"hi\n", timeout=30)
     assert result.returncode == 0, result.stderr
     assert b"hi" in result.stdout
+
+
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
+def test_new_client_tcp_forward_old_backend_with_a_created_session(
+    router: Router, stopper: list[Proc], transport: str
+) -> None:
+    """A created TCP key: the router serves both ends of the control channel (the client's over either
+    transport); the new CLI and osmo-ctrl (no token needed for its connections' keys) meet on each connection."""
+    workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
+    with tcp_server(echo) as target:
+        control.create_session(router.address, control.created(workflow, key, "portforward", port=target))
+        stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target)))
+        proc, port = _new_client_forward(router, workflow, key, target, transport)
+        stopper.append(proc)
+        assert [_echo_through(port) for _ in range(3)] == [True, True, True]

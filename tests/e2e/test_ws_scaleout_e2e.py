@@ -72,3 +72,34 @@ def test_ws_backend_on_a_meets_a_client_on_b(replicas: Replicas, client: str) ->
         backend.stop()
     relayed = {"event": "relay end", "replica": a.router_id, "workflow": workflow, "status": "OK"}
     b.wait_for(lambda r: relayed.items() <= r.items())
+
+
+def test_created_session_works_from_the_replica_that_created_it(replicas: Replicas) -> None:
+    """Created sessions are held by the replica that created them (not shared through Redis): OSMO's CLI
+    reaches B, where the orchestrator created the session; the gRPC agent is on A. The created command
+    and the control channel's connections are placed to A like any session."""
+    import asyncio
+
+    from tests import control_kit as control
+    from tests.e2e.test_osmo_compat_e2e import _echo_through, run
+    from tests.forward_servers import echo, tcp_server
+    from tests.osmo_emu import client as osmo
+
+    b, workflow, base = replicas.b, replicas.workflow, f"ws://127.0.0.1:{replicas.b.ws_port}"
+    exec_key, forward_key = new_key(), new_key()
+    control.create_session(b.address, control.created(workflow, exec_key, "exec", command=["echo", "created on B"]))
+    _text, ended = run(lambda: osmo.exec_command(base, workflow, exec_key, "", "task1"))
+    assert (ended.close_code, bytes(ended.output)) == (1000, b"created on B\n"), ended
+    with tcp_server(echo) as target:
+        control.create_session(b.address, control.created(workflow, forward_key, "portforward", port=target))
+
+        async def body() -> list[bool]:
+            forward, task = osmo.start_tcp_forward(base, workflow, forward_key, timeout=10)
+            await forward.ready.wait()
+            try:
+                return [await asyncio.to_thread(_echo_through, forward.port, 32 * 1024, 10) for _ in range(2)]
+            finally:
+                forward.close.set()
+                await task
+
+        assert run(body) == [True, True]

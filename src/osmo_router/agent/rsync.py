@@ -16,6 +16,7 @@ import grpc
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
+from osmo_router.agent.rsync_daemon import check_daemon, daemon_argv
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import PermissionDenied
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
@@ -34,6 +35,9 @@ INSTALL_HINT = (
 
 async def serve_rsync(stream: SessionStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
     """Serve one rsync session to its end; refusals and a missing rsync are reported as Error frames."""
+    if open_msg.rsync.HasField("daemon"):
+        await _serve_daemon(stream, open_msg, config)
+        return
     cwd = server_cwd(config.workdir, config.rsync_roots)
     try:
         command = check_server_args(list(open_msg.rsync.server_args), config.rsync_roots, cwd)
@@ -67,6 +71,28 @@ async def serve_rsync(stream: SessionStream, open_msg: pb.SessionOpen, config: A
         )
     except OSError as err:
         await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
+
+
+async def _serve_daemon(stream: SessionStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
+    """The daemon protocol for the one module of RsyncInit.daemon (agent/rsync_daemon.py)."""
+    daemon = open_msg.rsync.daemon
+    try:
+        path = check_daemon(daemon, config.rsync_roots)
+    except PermissionDenied as err:
+        log.warning("rsync daemon refused for %s: %s", open_msg.user or "anonymous", err.message)
+        await _refuse(stream, grpc.StatusCode.PERMISSION_DENIED, err.message)
+        return
+    binary = shutil.which(config.rsync_binary)
+    if binary is None:
+        message = f"rsync is missing in the container ({config.rsync_binary!r} not found): {INSTALL_HINT}"
+        await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, message)
+        return
+    log.info("rsync daemon, module %s at %s, for %s", daemon.module, path, open_msg.user or "anonymous")
+    with daemon_argv(binary, daemon, path) as argv:
+        try:
+            await run_piped(stream, argv, None, path, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK, linger=LINGER)
+        except OSError as err:
+            await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
 
 
 async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:

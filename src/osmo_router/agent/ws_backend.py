@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from google.protobuf.message import DecodeError
@@ -21,7 +21,14 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.transport.ws_transport import WsSessionStream, connect
 from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
 from osmo_router.wire.protocol import pb
-from osmo_router.wire.wsproto import CLOSE_ERROR, base_url, default_ws_address, error_from_reason, session_url
+from osmo_router.wire.wsproto import (
+    CLOSE_ERROR,
+    base_url,
+    default_ws_address,
+    error_from_reason,
+    parse_control_message,
+    session_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +78,56 @@ async def serve_ws_session(config: WsBackendConfig) -> int:
         except RouterError as err:
             log.error("session %s: %s [%s]", config.session_key[:8], err.message, err.code.name)
             return 1
-        init = open_msg.WhichOneof("init") or ""
-        handler = default_handlers().get(init)
-        tty = init == "exec" and open_msg.exec.tty
-        stream = WsSessionStream(ws, operation=config.operation, backend=True, parse_resize=tty)
-        if handler is None:
-            log.error("session %s: this agent does not serve %s", config.session_key[:8], init)
-            await stream.close()
+        if open_msg.WhichOneof("init") is None:
+            await _serve_control_channel(ws, config)
+        elif not await _serve_opened(ws, open_msg, config):
             return 1
-        try:
-            await handler(stream, open_msg, config.agent)
-        except (RouterError, ConnectionError, asyncio.CancelledError) as err:
-            log.info("session %s ended: %r", config.session_key[:8], err)
-        finally:
-            await stream.aclose()
     log.info("session %s served", config.session_key[:8], extra={"fields": {"event": "session served"}})
     return 0
+
+
+async def _serve_opened(ws: aiohttp.ClientWebSocketResponse, open_msg: pb.SessionOpen, config: WsBackendConfig) -> bool:
+    """Serve an opened session with the gRPC agent's handlers; False when this agent does not serve it."""
+    init = open_msg.WhichOneof("init") or ""
+    handler = default_handlers().get(init)
+    tty = init == "exec" and open_msg.exec.tty
+    udp = init == "port_forward" and open_msg.port_forward.protocol == pb.PROTOCOL_UDP
+    stream = WsSessionStream(ws, operation=config.operation, backend=True, parse_resize=tty, udp=udp)
+    if handler is None:
+        log.error("session %s: this agent does not serve %s", config.session_key[:8], init)
+        await stream.close()
+        return False
+    try:
+        await handler(stream, open_msg, config.agent)
+    except (RouterError, ConnectionError, asyncio.CancelledError) as err:
+        log.info("session %s ended: %r", config.session_key[:8], err)
+    finally:
+        await stream.aclose()
+    return True
+
+
+async def _serve_control_channel(ws: aiohttp.ClientWebSocketResponse, config: WsBackendConfig) -> None:
+    """An old port-forward's control channel (a SessionOpen without init, then OSMO's control messages).
+
+    Each message `{"key": K, "cookie": ...}` announces one connection: it is served as its own
+    session on K (the `portforward` operation, as osmo-ctrl dials it), with the parameters the router
+    sends for it. The channel ends when the router closes it; the connections under way finish.
+    """
+    connections: set[asyncio.Task[int]] = set()
+    try:
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                continue
+            try:
+                conn_key, _cookie, _kind = parse_control_message(msg.data)
+            except RouterError as err:
+                log.warning("control channel %s: %s", config.session_key[:8], err.message)
+                break
+            connection = replace(config, session_key=conn_key, operation=pb.OPERATION_PORT_FORWARD)
+            task = asyncio.create_task(serve_ws_session(connection))
+            connections.add(task)
+            task.add_done_callback(connections.discard)
+    finally:
+        await ws.close()
+        if connections:
+            await asyncio.gather(*connections, return_exceptions=True)

@@ -19,6 +19,7 @@ from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.migration_options import migration_options
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
 from osmo_router.cli.resume_options import agent_resume_options
+from osmo_router.cli.session import session as session_commands
 from osmo_router.dial.config import DialConfig
 from osmo_router.dial.options import dial_config, dial_options
 from osmo_router.io.memtune import tune_for_bulk
@@ -405,6 +406,9 @@ async def _local(config: RouterConfig, workflow_id: str) -> None:
         runner.cancel()
         with contextlib.suppress(BaseException):
             await runner
+
+
+main_group.add_command(session_commands)
 
 
 def main(argv: list[str] | None = None) -> None:

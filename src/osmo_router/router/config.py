@@ -54,6 +54,13 @@ class RouterConfig:
     ws_backend_issuer: str | None = None
     #: A JSON file of workflow names (as OSMO's CLI types them) to workflow IDs, for WS clients (ws/aliases.py).
     ws_workflow_aliases: str | None = None
+    #: How long a session created through RouterControlService lives unused (its own ttl_seconds wins).
+    created_session_ttl: float = 600.0
+    #: Bounds on created sessions, in total and per service identity (count and bytes).
+    max_created_sessions: int = 10_000
+    max_created_per_service: int = 1000
+    max_created_bytes: int = 64 * 1024 * 1024
+    max_created_bytes_per_service: int = 4 * 1024 * 1024
     session_ttl: float = 30 * 60.0
     rendezvous_timeout: float = 60.0
     flow_control_buffer: int = 16
@@ -133,14 +140,23 @@ class RouterConfig:
             raise ValueError(
                 f"--max-message-size must be at least {MIN_MESSAGE_SIZE} (bulk data chunks are {BULK_CHUNK_SIZE})"
             )
-        for name in ("max_sessions", "max_sessions_per_user", "max_pending_rendezvous"):
+        for name in (
+            "max_sessions",
+            "max_sessions_per_user",
+            "max_pending_rendezvous",
+            "max_created_sessions",
+            "max_created_per_service",
+            "max_created_bytes",
+            "max_created_bytes_per_service",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.flow_control_bytes < 64 * 1024:
             raise ValueError("--flow-control-bytes must be at least 64 KiB")
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
-        for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout", "directory_ttl"):
+        timeouts = ("session_ttl", "created_session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout")
+        for name in (*timeouts, "directory_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         self._validate_connection_limits()

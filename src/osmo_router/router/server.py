@@ -20,11 +20,13 @@ from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.core.budget import Budgets, default_total_bytes
+from osmo_router.router.core.created import CreatedLimits, CreatedSessions
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
+from osmo_router.router.grpc.control_service import CONTROL_SERVICE, ControlService
 from osmo_router.router.grpc.list_sessions import ListSessions
 from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options, log_limits
 from osmo_router.router.ops.health import MetricsServer
@@ -47,6 +49,18 @@ def build_authenticator(config: RouterConfig) -> Authenticator:
 
     authenticator: Authenticator = JwtAuthenticator.from_config(config)
     return authenticator
+
+
+def created_limits(config: RouterConfig) -> CreatedLimits:
+    """The bounds on created sessions the config asks for."""
+    return CreatedLimits(
+        max_sessions=config.max_created_sessions,
+        max_per_service=config.max_created_per_service,
+        max_bytes=config.max_created_bytes,
+        max_bytes_per_service=config.max_created_bytes_per_service,
+        default_ttl=config.created_session_ttl,
+        max_ttl=max(24 * 3600.0, config.created_session_ttl),
+    )
 
 
 def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
@@ -99,6 +113,7 @@ class RouterServer:
             max_per_forward=config.max_connections_per_forward,
             budgets=self.budgets,
             on_remove=self._session_removed,
+            created=CreatedSessions(created_limits(config)),
         )
         # Read at scrape time, so the gauges are exact without bookkeeping on every join and leave.
         self.metrics = RouterMetrics(
@@ -106,6 +121,7 @@ class RouterServer:
             pending=lambda: self.sessions.pending,
             standby=self.registry.standby_count,
             buffered=lambda: self.budgets.total.used,
+            created=lambda: len(self.sessions.created),
         )
         self.auth = authenticator or build_authenticator(config)
         self.directory: Directory = MemoryDirectory()
@@ -120,12 +136,15 @@ class RouterServer:
         self.pipeline = SessionPipeline(config, self.sessions, self.metrics, self.scaleout)
         relay = self.scaleout.list_sessions if self.scaleout is not None else None
         self.client_service = ClientService(
-            config, self.auth, self.pipeline, ListSessions(self.auth, self.registry, relay)
+            config, self.auth, self.pipeline, ListSessions(self.auth, self.registry, relay), self.sessions.created
         )
         self.agent_service = AgentService(
             config, self.sessions, self.registry, self.auth, self.metrics, self.directory, self.pipeline
         )
-        self.ws_server = WsServer(config, self.auth, self.pipeline, self.metrics.registry)
+        self.control_service = ControlService(self.auth, self.sessions)
+        self.ws_server = WsServer(
+            config, self.auth, self.pipeline, self.metrics.registry, created=self.sessions.created
+        )
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
         self.port = 0
@@ -155,9 +174,10 @@ class RouterServer:
         if self.scaleout is not None:
             # Internal (replicas only), so not advertised through reflection.
             server.add_generic_rpc_handlers((self.scaleout.handler(self.client_service, self.agent_service),))
+        self.control_service.add_to(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (CLIENT_SERVICE, AGENT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (CLIENT_SERVICE, AGENT_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = (
             f"[{self.config.host}]:{self.config.port}"
@@ -285,6 +305,7 @@ class RouterServer:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
+            self.sessions.created.expire()
             for session in self.sessions.sessions():
                 if session.paired.is_set() and now - session.last_activity > ttl and session.error is None:
                     log.info(

@@ -34,6 +34,8 @@ from osmo_router.wire.wsproto import (
     ERROR_HEADER,
     base_url,
     client_query,
+    datagram_frame,
+    datagram_message,
     error_from_reason,
     error_reason,
     exit_from_reason,
@@ -105,9 +107,17 @@ class WsSessionStream:
     """Frames over one old-protocol WebSocket, as the client (`backend=False`) or as the backend."""
 
     def __init__(
-        self, ws: aiohttp.ClientWebSocketResponse, *, operation: int, backend: bool, parse_resize: bool = False
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        *,
+        operation: int,
+        backend: bool,
+        parse_resize: bool = False,
+        udp: bool = False,
     ) -> None:
+        """`udp`: a UDP forward, each message one datagram behind OSMO's 6-byte sender header (wsproto)."""
         self.ws = ws
+        self._udp = udp
         self._is_exec = operation == pb.OPERATION_EXEC
         self._backend = backend
         self._parse_resize = parse_resize
@@ -129,6 +139,8 @@ class WsSessionStream:
                 return
             self._half_closed = True
             payload: bytes | None = b""  # EOF of this direction, both ways
+        elif frame.WhichOneof("kind") == "datagram" and self._udp:
+            payload = datagram_message(frame.datagram)
         else:
             payload = frame_to_message(frame, to_backend=not self._backend)
         if payload is None:
@@ -174,6 +186,8 @@ class WsSessionStream:
         while True:
             msg = await self.ws.receive()
             if msg.type == aiohttp.WSMsgType.BINARY:
+                if self._udp:
+                    return datagram_frame(msg.data)
                 return message_to_frame(msg.data, parse_resize=self._parse_resize)
             if msg.type == aiohttp.WSMsgType.TEXT:
                 return message_to_frame(str(msg.data).encode(), parse_resize=self._parse_resize)

@@ -249,6 +249,26 @@ def parse_udp_message(message: bytes) -> tuple[bytes, tuple[str, int]]:
     return message[UDP_HEADER_SIZE:], (socket.inet_ntoa(message[:4]), port)
 
 
+def datagram_frame(message: bytes) -> pb.Frame:
+    """An OSMO UDP message (6-byte IPv4 sender header, then the datagram) as a Datagram frame.
+
+    A message shorter than its header is refused with InvalidArgument (osmo-ctrl crashed on one,
+    docs/migration.md 1.7); an empty message is the end of the sender's direction.
+    """
+    if not message:
+        return pb.Frame(half_close=pb.HalfClose())
+    payload, (host, port) = parse_udp_message(message)
+    return pb.Frame(datagram=pb.Datagram(payload=payload, peer=f"{host}:{port}"))
+
+
+def datagram_message(datagram: pb.Datagram) -> bytes:
+    """A Datagram frame as an OSMO UDP message: the sender's header (from its `peer` host:port), then the payload."""
+    host, _, port = datagram.peer.rpartition(":")
+    if not port.isdigit():
+        raise InvalidArgument(f"a datagram's peer is not host:port: {datagram.peer!r}")
+    return udp_message(datagram.payload, (host, int(port)))
+
+
 def terminal_eof(sent_any: bool, last_byte: int | None) -> bytes:
     """What stands for stdin EOF on an old backend's terminal: ^D at the start of a line, else ^D^D
     (in canonical mode the first ^D ends the unfinished line, the second is the EOF)."""

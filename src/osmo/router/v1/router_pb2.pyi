@@ -290,19 +290,27 @@ class RsyncInit(_message.Message):
 
     TARGET_FIELD_NUMBER: _builtins.int
     SERVER_ARGS_FIELD_NUMBER: _builtins.int
+    DAEMON_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def target(self) -> Global___SessionTarget: ...
     @_builtins.property
     def server_args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def daemon(self) -> Global___RsyncDaemon:
+        """When set, the agent serves rsync's daemon protocol for this one module instead of running
+        server_args (OSMO's old rsync client speaks it; the router sets it for a created session).
+        """
+
     def __init__(
         self,
         *,
         target: Global___SessionTarget | None = ...,
         server_args: _abc.Iterable[_builtins.str] | None = ...,
+        daemon: Global___RsyncDaemon | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["daemon", b"daemon", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["server_args", b"server_args", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon", b"daemon", "server_args", b"server_args", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1444,3 +1452,33 @@ class RouterPeerServiceConnectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___RouterPeerServiceConnectResponse: _TypeAlias = RouterPeerServiceConnectResponse  # noqa: Y015
+
+@_typing.final
+class RsyncDaemon(_message.Message):
+    """One module of an rsync daemon the agent runs over a session's stream (`rsync --server --daemon`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODULE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    module: _builtins.str
+    """The module name the client asks for (OSMO's CLI: `osmo`)."""
+    path: _builtins.str
+    """The directory in the container the module serves."""
+    writable: _builtins.bool
+    """Whether the client may write to it."""
+    def __init__(
+        self,
+        *,
+        module: _builtins.str = ...,
+        path: _builtins.str = ...,
+        writable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["module", b"module", "path", b"path", "writable", b"writable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RsyncDaemon: _TypeAlias = RsyncDaemon  # noqa: Y015

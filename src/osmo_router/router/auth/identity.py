@@ -19,6 +19,8 @@ ROLE_ANY = "any"
 #: An OSMO backend (osmo-ctrl) holding its workflow's service token (`--ws-backend-role`, auth/jwt.py):
 #: it may serve its one workflow on the old router's WebSocket backend endpoint, and nothing else.
 ROLE_LEGACY_BACKEND = "legacy-backend"
+#: An orchestrator (OSMO's service): may call RouterControlService, and nothing else.
+ROLE_SERVICE = "service"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,15 @@ class Identity:
             raise PermissionDenied(f"{self.subject} holds an agent token; agents cannot open client sessions")
         if self.role == ROLE_LEGACY_BACKEND:
             raise PermissionDenied(f"{self.subject} holds an OSMO backend token; it cannot open client sessions")
+        if self.role == ROLE_SERVICE:
+            raise PermissionDenied(f"{self.subject} holds a service token; it cannot open client sessions")
+
+    def require_service(self) -> None:
+        """Raise PermissionDenied unless this identity is an orchestrator's (role `service`)."""
+        if self.role not in (ROLE_SERVICE, ROLE_ANY):
+            raise PermissionDenied(
+                f"{self.subject} is not a service (role {self.role!r}): only service tokens may manage sessions"
+            )
 
     def as_legacy_backend(self, workflow_id: str) -> Identity:
         """The identity an old-protocol WebSocket backend serves `workflow_id` with.

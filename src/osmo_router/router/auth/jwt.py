@@ -7,7 +7,8 @@ development flag `--jwt-hs256-secret`. Each token must carry `exp` and `sub` and
 from the token alone, so a token cannot pick a weaker check ("none", HS256 with a public key).
 
 Claims become an Identity: `sub`, `workflows` (ids the bearer may reach, `["*"]` for all; missing
-means none), `role` (`agent` for agents, anything else is a user). Verified tokens are cached by
+means none), `role` (`agent` for agents, `service` for orchestrators calling RouterControlService, anything else
+is a user). Verified tokens are cached by
 their text for a short while, bounded in size, so a stream costs one dictionary lookup.
 
 With `--ws-backend-role R` (a `LegacyBackendRule`), a token whose `roles` list (or `role`) holds R,
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt import exceptions as jwt_errors
 
-from osmo_router.router.auth.identity import ROLE_AGENT, ROLE_LEGACY_BACKEND, ROLE_USER, Identity
+from osmo_router.router.auth.identity import ROLE_AGENT, ROLE_LEGACY_BACKEND, ROLE_SERVICE, ROLE_USER, Identity
 from osmo_router.router.auth.jwks import JwksKeys
 from osmo_router.router.config import RouterConfig
 from osmo_router.wire.errors import Unauthenticated
@@ -124,7 +125,8 @@ def identity_from_claims(claims: dict[str, Any], legacy_backend: LegacyBackendRu
         workflows = [workflows]
     if not isinstance(workflows, list) or not all(isinstance(w, str) for w in workflows):
         raise Unauthenticated("token's 'workflows' claim must be a list of workflow ids")
-    role = ROLE_AGENT if claims.get("role") == ROLE_AGENT else ROLE_USER
+    raw_role = claims.get("role")
+    role = ROLE_AGENT if raw_role == ROLE_AGENT else ROLE_SERVICE if raw_role == ROLE_SERVICE else ROLE_USER
     task, instance = claims.get("task"), claims.get("agent_id")
     if task is not None and not isinstance(task, str):
         raise Unauthenticated("token's 'task' claim must be a task name")

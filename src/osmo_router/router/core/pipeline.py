@@ -82,6 +82,10 @@ class SessionPipeline:
         label = join.operation.label
         try:
             key = None
+            # A created session's key: the workflow the client named (maybe an alias) is the session's.
+            created = self._sessions.created.lookup(join.target.session_key, join.target.workflow_id)
+            if created is not None:
+                join.target.workflow_id = created.workflow_id
             if self._placer is not None:
                 place = await self._placer.place_client(join.identity, join.target, from_peer=join.from_peer)
                 if place.owner is not None:

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from osmo_router.router.auth.identity import ROLE_ANY, Identity
 from osmo_router.router.core.budget import Budgets
+from osmo_router.router.core.created import CreatedSessions
 from osmo_router.router.core.flow_control import FlowQueue
+
+# (re-exported: ids were checked here before they had a module of their own)
+from osmo_router.router.core.ids import MAX_ID_LENGTH as MAX_ID_LENGTH
+from osmo_router.router.core.ids import check_id as check_id
+from osmo_router.router.core.ids import new_session_key as new_session_key
 from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.wire.errors import (
     Aborted,
     AlreadyExists,
     DeadlineExceeded,
-    InvalidArgument,
     PermissionDenied,
     ResourceExhausted,
     RouterError,
@@ -33,13 +37,6 @@ from osmo_router.wire.ops import label_of
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
-
-MAX_ID_LENGTH = 256
-
-
-def new_session_key() -> str:
-    """A fresh 128-bit random session key."""
-    return secrets.token_urlsafe(16)
 
 
 class RendezvousTimeout(DeadlineExceeded):
@@ -53,16 +50,6 @@ def scoped_key(workflow_id: str, key: str) -> str:
     whatever key it presents. Ids never hold control characters (check_id), so the NUL cannot clash.
     """
     return f"{workflow_id}\0{key}"
-
-
-def check_id(kind: str, value: str, *, required: bool) -> None:
-    """Refuse empty (when required), over-long or control-character ids."""
-    if required and not value:
-        raise InvalidArgument(f"{kind} is required")
-    if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(f"{kind} is longer than {MAX_ID_LENGTH} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        raise InvalidArgument(f"{kind} contains control characters")
 
 
 class Latch:
@@ -186,6 +173,7 @@ class SessionStore:
         max_pending_per_identity: int = 0,
         budgets: Budgets | None = None,
         on_remove: Callable[[Session], None] | None = None,
+        created: CreatedSessions | None = None,
     ) -> None:
         """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it).
 
@@ -209,6 +197,8 @@ class SessionStore:
         self._empty.set()
         self.accepting = True
         self._on_remove = on_remove
+        #: Sessions an orchestrator created ahead of time (RouterControlService), by key.
+        self.created = created if created is not None else CreatedSessions()
 
     def __len__(self) -> int:
         return len(self._sessions)

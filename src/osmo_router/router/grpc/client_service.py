@@ -13,11 +13,13 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from osmo_router.router.auth.identity import Authenticator
+from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
+from osmo_router.router.core.created import CreatedSessions
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.side import ClientJoin
 from osmo_router.router.grpc.calls import GrpcSide, ServicerContext, authenticate_call, read_init
+from osmo_router.router.grpc.control_channel import serve_grpc_control_channel
 from osmo_router.router.grpc.list_sessions import ListSessions
 from osmo_router.wire.errors import InvalidArgument, RouterError
 from osmo_router.wire.ops import OPERATIONS, Operation
@@ -44,11 +46,14 @@ class ClientService:
         auth: Authenticator,
         pipeline: SessionPipeline,
         list_sessions: ListSessions | None = None,
+        created: CreatedSessions | None = None,
     ) -> None:
+        """`created`: the sessions orchestrators created (their control channels are served here)."""
         self._config = config
         self._auth = auth
         self._pipeline = pipeline
         self._list_sessions = list_sessions
+        self._created = created if created is not None else CreatedSessions()
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The generic handler to add to a grpc.aio server."""
@@ -78,9 +83,24 @@ class ClientService:
             identity = await authenticate_call(peer or self._auth, context)
             raw = await read_init(context, self._config.init_timeout)
             target, open_msg = parse_client_init(operation, raw)
+            control = self._control_channel(identity, target, context, peer)
         except RouterError as err:
             return self._pipeline.refuse(side, operation.label, err, identity)
+        if control is not None:
+            return control
         join = ClientJoin(
             identity, operation, target, open_msg, raw, self._config.rendezvous_timeout, from_peer=peer is not None
         )
         return self._pipeline.serve_client(side, join)
+
+    def _control_channel(
+        self, identity: Identity, target: pb.SessionTarget, context: ServicerContext, peer: Authenticator | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """The serving of a created session's control channel, when the stream is one (None otherwise)."""
+        created = self._created.lookup(target.session_key, target.workflow_id) if target.session_key else None
+        if peer is not None or created is None or not created.is_control_key(target.session_key):
+            return None
+        identity.require_user()
+        identity.require_workflow(created.workflow_id)
+        created.use()
+        return serve_grpc_control_channel(context, created, self._created)

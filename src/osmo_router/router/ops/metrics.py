@@ -29,8 +29,9 @@ class RouterMetrics:
         pending: Callable[[], int] = int,
         standby: Callable[[], int] = int,
         buffered: Callable[[], int] = int,
+        created: Callable[[], int] = int,
     ) -> None:
-        """`live_sessions`, `pending` and `standby` are read at scrape time (exact without bookkeeping)."""
+        """`live_sessions`, `pending`, `standby` and `created` are read at scrape time (exact without bookkeeping)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_active = Gauge(
@@ -119,6 +120,12 @@ class RouterMetrics:
         self.rendezvous_pending.set_function(pending)
         self.buffered_bytes.set_function(buffered)
         self.standby_streams.set_function(standby)
+        self.created_sessions = Gauge(
+            "router_grpc_created_sessions",
+            "Sessions an orchestrator created (RouterControlService) that this replica holds.",
+            registry=r,
+        )
+        self.created_sessions.set_function(created)
 
     def count_bytes(self, session: Session, direction: str, size: int) -> None:
         """Relay hook: count one chunk (plain integer additions; folded in later)."""

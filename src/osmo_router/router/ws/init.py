@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from aiohttp import WSMsgType, web
 from multidict import MultiMapping
 
+from osmo_router.router.core.created import CreatedSession
+from osmo_router.router.ws.created import created_exec, created_forward, created_rsync
 from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.wsproto import parse_size
@@ -34,6 +36,8 @@ class ClientInit:
     want_exit: bool = False
     #: The `eof=1` extension: the agent's half-close reaches the client as an empty message.
     want_eof: bool = False
+    #: A created UDP forward: each message is a datagram behind OSMO's 6-byte IPv4 sender header.
+    udp: bool = False
 
 
 def _flag(query: MultiMapping[str], name: str, default: bool) -> bool:
@@ -71,10 +75,21 @@ async def first_message(ws: web.WebSocketResponse, timeout: float) -> bytes:
 
 
 async def client_init(
-    ws: web.WebSocketResponse, operation: int, workflow: str, key: str, query: MultiMapping[str], timeout: float
+    ws: web.WebSocketResponse,
+    operation: int,
+    workflow: str,
+    key: str,
+    query: MultiMapping[str],
+    timeout: float,
+    created: CreatedSession | None = None,
 ) -> ClientInit:
-    """The init of a WS client's session (reads the size message of an exec session)."""
-    target = pb.SessionTarget(workflow_id=workflow, task=query.get("task", ""), session_key=key)
+    """The init of a WS client's session (reads the size message of an exec session).
+
+    With `created` (a session an orchestrator created), its task, command, terminal mode, port and
+    protocol stand in for what the URL does not say.
+    """
+    task = query.get("task", "") or (created.task if created is not None else "")
+    target = pb.SessionTarget(workflow_id=workflow, task=task, session_key=key)
     want_exit, want_eof = _flag(query, "exit", False), _flag(query, "eof", False)
     if operation == pb.OPERATION_EXEC:
         first = await first_message(ws, timeout)
@@ -87,11 +102,19 @@ async def client_init(
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=query.get("term", ""),
         )
-        return ClientInit(target, pb.SessionOpen(exec=init), first, tty, want_exit, want_eof)
+        if created is not None:
+            created_exec(created, init)
+        return ClientInit(target, pb.SessionOpen(exec=init), first, init.tty, want_exit, want_eof)
     if operation == pb.OPERATION_PORT_FORWARD:
         forward = pb.PortForwardInit(
             target=target, protocol=pb.PROTOCOL_TCP, remote_port=_port(query), remote_host=query.get("host", "")
         )
-        return ClientInit(target, pb.SessionOpen(port_forward=forward), want_exit=want_exit, want_eof=want_eof)
+        if created is not None:
+            created_forward(created, forward)
+        udp = forward.protocol == pb.PROTOCOL_UDP
+        open_msg = pb.SessionOpen(port_forward=forward)
+        return ClientInit(target, open_msg, want_exit=want_exit, want_eof=want_eof, udp=udp)
     rsync = pb.RsyncInit(target=target, server_args=_args(query, "arg"))
+    if created is not None:
+        created_rsync(created, rsync)
     return ClientInit(target, pb.SessionOpen(rsync=rsync), want_exit=want_exit, want_eof=want_eof)

@@ -4,6 +4,10 @@ An endpoint parses the URL, authenticates, builds a WebSocket Side (ws/sides.py)
 the same SessionPipeline as a gRPC stream: same limits, placement across replicas, relay, metrics
 and audit. So a WS client can meet a gRPC agent, a gRPC client an old WS backend, and either
 transport its own kind.
+
+A key an orchestrator created (RouterControlService) brings its session's workflow names and
+parameters, makes the router both ends of OSMO's port-forward control channel, and is an old
+backend's credential for that session (ws/created.py).
 """
 
 from __future__ import annotations
@@ -17,10 +21,18 @@ from prometheus_client import CollectorRegistry
 from osmo_router import __version__
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
+from osmo_router.router.core.created import CreatedSession, CreatedSessions
 from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
 from osmo_router.router.core.side import AgentJoin, ClientJoin
 from osmo_router.router.ops.http_limits import HttpLimits, serve_app, ws_limits
 from osmo_router.router.ws.aliases import WorkflowAliases
+from osmo_router.router.ws.created import (
+    check_operation,
+    is_control_channel,
+    key_identity,
+    serve_control_backend,
+    serve_control_channel,
+)
 from osmo_router.router.ws.init import client_init
 from osmo_router.router.ws.sides import WsBackendSide, WsClientSide
 from osmo_router.wire.errors import InvalidArgument, RouterError
@@ -64,9 +76,18 @@ class WsServer:
     """The aiohttp application of the WebSocket endpoints, and its listener."""
 
     def __init__(
-        self, config: RouterConfig, auth: Authenticator, pipeline: SessionPipeline, registry: CollectorRegistry
+        self,
+        config: RouterConfig,
+        auth: Authenticator,
+        pipeline: SessionPipeline,
+        registry: CollectorRegistry,
+        *,
+        created: CreatedSessions | None = None,
     ) -> None:
-        """`registry`: where the port's connection metrics go (the router's metrics registry)."""
+        """`registry`: where the port's connection metrics go (the router's metrics registry).
+
+        `created`: the sessions orchestrators created (ws/created.py).
+        """
         self._config = config
         self._registry = registry
         self._auth = auth
@@ -76,6 +97,7 @@ class WsServer:
         self._first_messages: dict[str, bytes] = {}
         # A client's workflow as typed (name or UUID), to the ID backends dial with (--ws-workflow-aliases).
         self._aliases = WorkflowAliases(config.ws_workflow_aliases)
+        self._created = created if created is not None else CreatedSessions()
         self.port = 0
 
     def app(self) -> web.Application:
@@ -131,7 +153,7 @@ class WsServer:
         return await self._auth.authenticate(metadata)
 
     async def _client(self, request: web.Request) -> web.StreamResponse:
-        workflow, key = self._aliases.resolve(request.match_info["workflow"]), request.match_info["key"]
+        typed, key = request.match_info["workflow"], request.match_info["key"]
         operation = BY_LABEL.get(request.match_info["operation"])
         label = operation.label if operation is not None else "unknown"
         side = WsClientSide(request, self._websocket())
@@ -139,13 +161,24 @@ class WsServer:
         try:
             identity = await self._authenticate(request, operation)
             assert operation is not None
+            created = self._created.lookup(key, typed)
+            workflow = created.workflow_id if created is not None else self._aliases.resolve(typed)
+            if created is not None:
+                check_operation(created, operation, backend=False)
+                created.use()
+                if await self._control_channel(side, identity, created, key):
+                    return side.response
             await side.accept()
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
-            init = await client_init(side.ws, operation.value, workflow, key, request.query, self._config.init_timeout)
+            init = await client_init(
+                side.ws, operation.value, workflow, key, request.query, self._config.init_timeout, created
+            )
         except RouterError as err:
             await self._pipeline.refuse(side, label, err, identity)
             return side.response
-        side.set_extensions(parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof)
+        side.set_extensions(
+            parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof, udp=init.udp
+        )
         raw_init = operation.encode_init(getattr(init.open_msg, operation.open_field))
         join = ClientJoin(identity, operation, init.target, init.open_msg, raw_init, timeout)
         first = init.first_message
@@ -159,26 +192,58 @@ class WsServer:
                 del self._first_messages[key]
         return side.response
 
+    async def _control_channel(self, side: WsClientSide, identity: Identity, created: CreatedSession, key: str) -> bool:
+        """Serve an old client's control channel of a created session here (ws/created.py).
+
+        True when it was served (the request is done); False when the WebSocket is no control channel.
+        """
+        if not is_control_channel(created, key):
+            return False
+        identity.require_user()
+        identity.require_workflow(created.workflow_id)
+        await side.accept()
+        await serve_control_channel(side.ws, created, self._created)
+        return True
+
     async def _backend(self, request: web.Request) -> web.StreamResponse:
-        workflow, key = request.match_info["workflow"], request.match_info["key"]
+        typed, key = request.match_info["workflow"], request.match_info["key"]
         operation = BY_LABEL.get(request.match_info["operation"])
         send_init = request.query.get("init", "") in ("1", "true")
         side = WsBackendSide(
             request, self._websocket(), operation, key=key, send_init=send_init, first_messages=self._first_messages
         )
-        init = pb.ConnectInit(
-            session_key=key,
-            agent_id=f"ws-backend@{side.peer}",
-            workflow_id=workflow,
-            task=request.query.get("task", ""),
-        )
+        init = pb.ConnectInit(session_key=key, agent_id=f"ws-backend@{side.peer}", workflow_id=typed)
         try:
-            # An OSMO backend's workflow token serves its own workflow here, and nowhere else.
-            identity = (await self._authenticate(request, operation)).as_legacy_backend(workflow)
+            created = self._created.lookup(key, typed)
+            if created is not None:
+                init.workflow_id = created.workflow_id
+            init.task = request.query.get("task", "") or (created.task if created is not None else "")
+            identity = await self._backend_identity(request, operation, init.workflow_id, created)
             timeout = rendezvous_timeout(request.query, self._config.rendezvous_timeout)
+            if created is not None and is_control_channel(created, key):
+                identity.require_agent()
+                identity.require_workflow(created.workflow_id)
+                await side.accept()
+                await serve_control_backend(side.ws, created, send_init)
+                return side.response
         except RouterError as err:
             await self._pipeline.refuse(side, CONNECT, err)
             return side.response
         raw_init = pb.ConnectRequest(init=init).SerializeToString()
         await self._pipeline.serve_agent(side, AgentJoin(identity, init, raw_init, timeout))
         return side.response
+
+    async def _backend_identity(
+        self, request: web.Request, operation: Operation | None, workflow: str, created: CreatedSession | None
+    ) -> Identity:
+        """Who a backend is: its token's identity, or, without a token, the created session key it presents.
+
+        An OSMO backend's workflow token serves its own workflow here, and nowhere else. A backend
+        with no token at all is accepted for a created session whose key it presents (docs/security.md).
+        """
+        if created is not None and operation is not None:
+            check_operation(created, operation, backend=True)
+            created.use()
+            if "Authorization" not in request.headers and "token" not in request.query:
+                return key_identity(created, workflow)
+        return (await self._authenticate(request, operation)).as_legacy_backend(workflow)

@@ -37,6 +37,8 @@ from osmo_router.wire.wsproto import (
     CLOSE_NORMAL,
     ERROR_HEADER,
     MAX_ERROR_HEADER,
+    datagram_frame,
+    datagram_message,
     error_from_reason,
     error_reason,
     exit_from_reason,
@@ -159,18 +161,21 @@ class WsClientSide(_WsSide):
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         super().__init__(request, ws)
-        self._parse_resize = self._want_exit = self._want_eof = False
+        self._parse_resize = self._want_exit = self._want_eof = self._udp = False
         self._exit: pb.ExitStatus | None = None
         self._closing = False
 
-    def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool) -> None:
-        """What the client's URL asked for (see ws/init.py)."""
+    def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool, udp: bool = False) -> None:
+        """What the client's URL asked for (see ws/init.py); `udp`: OSMO's datagram framing (a created UDP forward)."""
         self._parse_resize, self._want_exit, self._want_eof = parse_resize, want_exit, want_eof
+        self._udp = udp
 
     async def read(self) -> bytes | None:
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
         data = await self._receive()
         if isinstance(data, bytes):
+            if self._udp:
+                return encode_frame(datagram_frame(data))
             return encode_frame(message_to_frame(data, parse_resize=self._parse_resize))
         if self._closing:
             return None
@@ -191,6 +196,8 @@ class WsClientSide(_WsSide):
             self._exit = frame.exit_status
         elif kind == "error":
             await self._close(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
+        elif kind == "datagram" and self._udp:
+            await self._send(datagram_message(frame.datagram))
         elif kind == "half_close":
             if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
                 await self._send(b"")
@@ -244,12 +251,15 @@ class WsBackendSide(_WsSide):
         self._first_messages = first_messages
         self._half_closed = False
         self._pending: list[bytes | None] = []
+        #: A UDP forward: datagrams go as OSMO's messages (6-byte sender header), both ways.
+        self._udp = False
 
     async def send_first(self, message: bytes) -> None:
         """The SessionOpen in the old form: nothing, the exec size message, or (`init=1`) the whole open."""
         open_msg = pb.ConnectResponse.FromString(message).open
         if self._operation is None or not _serves(self._operation.value, open_msg):
             raise InvalidArgument("the session is of another operation than this backend serves")
+        self._udp = open_msg.WhichOneof("init") == "port_forward" and open_msg.port_forward.protocol == pb.PROTOCOL_UDP
         if self._send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
             await self._send(open_msg.SerializeToString())
         elif self._is_exec:
@@ -262,7 +272,7 @@ class WsBackendSide(_WsSide):
             data = await self._receive()
             if isinstance(data, bytes):
                 if data:
-                    return encode_frame(pb.Frame(data=data))
+                    return encode_frame(datagram_frame(data) if self._udp else pb.Frame(data=data))
                 if not self._half_closed:  # the empty message: EOF of the backend's output
                     self._half_closed = True
                     return ENCODED_HALF_CLOSE
@@ -296,6 +306,9 @@ class WsBackendSide(_WsSide):
         """Deliver the client's encoded frame to the backend in the old form."""
         frame = decode_frame(message)
         if frame.WhichOneof("kind") == "resize" and not self._is_exec:
+            return
+        if frame.WhichOneof("kind") == "datagram" and self._udp and not self.ws.closed:
+            await self._send(datagram_message(frame.datagram))
             return
         if (payload := frame_to_message(frame, to_backend=True)) is not None and not self.ws.closed:
             await self._send(payload)
