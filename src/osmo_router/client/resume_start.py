@@ -1,0 +1,114 @@
+"""Resumable sessions that send before the agent joined: the start/wait form of `open_stream`.
+
+A forwarded TCP connection sends its first bytes with the init and waits for the router's ready
+only when it reads (client/forward_tcp.py): that saves a round trip per connection.
+`start_resumable` keeps that: it sends the init (with a resume secret), returns a
+`PendingResumingStream` at once, and the frames sent before the ready are numbered and held like
+any other. `PendingResumingStream.ready` waits for the router's ready (it names the session key a
+resume presents) and only then starts taking the agent's frames. A break before the ready ends the
+session as it did without resume (no key to resume with); a break after it is repaired like an
+exec's (client/resume.py).
+
+The same two steps back to back (`open_resumable`) serve the port-forward's watch and UDP sessions.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+
+from osmo_router.client.config import ClientConfig
+from osmo_router.client.resume import Reopen, ResumingStream
+from osmo_router.client.session import wait_ready
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
+from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.streams import FrameStream
+
+#: Sends an init and returns the started (not yet ready) stream: `client.session.start_session`.
+Starter = Callable[[SessionInit], Awaitable[FrameStream]]
+#: Where a session says it lost its connection and resumed (None: only the log).
+Notify = Callable[[str], None] | None
+
+
+class PendingResumingStream(ResumingStream):
+    """A `ResumingStream` whose first stream is started but whose ready has not arrived yet."""
+
+    def __init__(
+        self, first: FrameStream, *, reopen: Reopen, secret: str, grace: float, notify: Notify, replay_bytes: int
+    ) -> None:
+        super().__init__(first, reopen=reopen, secret=secret, grace=grace, notify=notify, replay_bytes=replay_bytes)
+        self.first = first
+
+    async def ready(self, config: ClientConfig) -> None:
+        """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal."""
+        try:
+            await wait_ready(config, self.first)
+        except BaseException:
+            self.abort()
+            raise
+        if not self.first.session_key:
+            self.resumable = False  # a router that names no key: nothing to resume with
+        self.start()
+
+
+def can_resume(transport: Transport, config: ClientConfig) -> bool:
+    """True when sessions over `transport` ask for resume (gRPC, and --resume-grace above 0)."""
+    return transport.name == GRPC and config.resume_grace > 0
+
+
+async def start_resumable(
+    transport: Transport,
+    config: ClientConfig,
+    operation: int,
+    init: SessionInit,
+    start: Starter,
+    *,
+    notify: Notify = None,
+    replay_bytes: int = DEFAULT_REPLAY_BYTES,
+) -> SessionStream:
+    """Send `init` with `start` and return the stream without waiting for the agent (then `ready_resumable`).
+
+    Without resume (see `can_resume`) this is `start(init)` itself: a plain stream.
+    """
+    if not can_resume(transport, config):
+        return await start(init)
+    secret = secrets.token_hex(16)
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret))
+    first = await start(init)
+
+    async def reopen(token: pb.ResumeToken) -> SessionStream:
+        again = type(init).FromString(init.SerializeToString())
+        again.target.session_key = first.session_key
+        again.target.resume.CopyFrom(token)
+        return await transport.open(operation, again)
+
+    return PendingResumingStream(
+        first, reopen=reopen, secret=secret, grace=config.resume_grace, notify=notify, replay_bytes=replay_bytes
+    )
+
+
+async def ready_resumable(config: ClientConfig, stream: SessionStream) -> None:
+    """Wait until the agent of a started stream joined (either kind); raises RouterError on refusal."""
+    if isinstance(stream, PendingResumingStream):
+        await stream.ready(config)
+    elif isinstance(stream, FrameStream):
+        await wait_ready(config, stream)
+
+
+async def open_resumable(
+    transport: Transport,
+    config: ClientConfig,
+    operation: int,
+    init: SessionInit,
+    start: Starter,
+    *,
+    notify: Notify = None,
+) -> SessionStream:
+    """`start_resumable` and `ready_resumable` in one: a session whose agent has joined."""
+    stream = await start_resumable(transport, config, operation, init, start, notify=notify)
+    await ready_resumable(config, stream)
+    return stream
+
+
+__all__ = ["PendingResumingStream", "can_resume", "open_resumable", "ready_resumable", "start_resumable"]
