@@ -10,6 +10,7 @@ holds no such session), the client says so and exits 255 at once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import socket
 import subprocess
@@ -84,7 +85,7 @@ class Received:
     def longest_gap_after(self, moment: float) -> float:
         """The longest time without a byte after `moment` (the resume, when `moment` is the kill)."""
         times = [moment] + [t for t, _ in self.reads if t > moment]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 def read_all(read: object, received: Received, trigger: int) -> None:
