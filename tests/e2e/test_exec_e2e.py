@@ -141,7 +141,7 @@ def test_client_killed_hangs_up_remote_process(
     router: Router, workflow: str, client_args: list[str], tmp_path: Path
 ) -> None:
     """The agent keeps the process for its resume grace (issue 17: here 2 s), then hangs it up."""
-    agent = AgentProc(router.address, workflow, "--resume-grace", "2s")
+    agent = AgentProc(router.address, workflow, "--resume-grace", "2")
     marker = tmp_path / "hup"
     script = f"trap 'echo hup > {marker}; exit 0' HUP; echo started; while :; do sleep 0.1; done"
     client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", script))

@@ -109,9 +109,9 @@ class Setup:
 
 
 #: The client's and the agent's resume grace here: a break not repaired within it ends the connection.
-GRACE = "2s"
+GRACE = "2"
 #: What the client says when the grace passed.
-NOT_RESUMED = f"could not be resumed within {GRACE}"
+NOT_RESUMED = f"could not be resumed within {GRACE}s"
 
 
 @pytest.fixture
