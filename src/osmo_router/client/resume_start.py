@@ -14,6 +14,8 @@ The same two steps back to back (`open_resumable`) serve the port-forward's watc
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -39,9 +41,16 @@ class PendingResumingStream(ResumingStream):
     ) -> None:
         super().__init__(first, reopen=reopen, secret=secret, grace=grace, notify=notify, replay_bytes=replay_bytes)
         self.first = first
+        #: Set once the agent's first frame said whether it resumes (a Resume frame, or anything else).
+        self.answered = asyncio.Event()
 
-    async def ready(self, config: ClientConfig) -> None:
-        """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal."""
+    async def ready(self, config: ClientConfig, *, confirm: bool = False) -> None:
+        """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal.
+
+        `confirm`: also wait (bounded) for the agent's first frame, which says whether the session
+        resumes: a break before it cannot be resumed (an agent without resume would take a
+        resume for a new session).
+        """
         try:
             await wait_ready(config, self.first)
         except BaseException:
@@ -49,7 +58,20 @@ class PendingResumingStream(ResumingStream):
             raise
         if not self.first.session_key:
             self.resumable = False  # a router that names no key: nothing to resume with
+            self.answered.set()
         self.start()
+        if confirm:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.connect_timeout):
+                    await self.answered.wait()
+
+    def _take(self, frame: pb.Frame) -> None:
+        super()._take(frame)
+        self.answered.set()
+
+    def _stop(self) -> None:
+        super()._stop()
+        self.answered.set()  # lost or ended before the agent answered: nothing more to wait for
 
 
 def can_resume(transport: Transport, config: ClientConfig) -> bool:
@@ -88,10 +110,13 @@ async def start_resumable(
     )
 
 
-async def ready_resumable(config: ClientConfig, stream: SessionStream) -> None:
-    """Wait until the agent of a started stream joined (either kind); raises RouterError on refusal."""
+async def ready_resumable(config: ClientConfig, stream: SessionStream, *, confirm: bool = False) -> None:
+    """Wait until the agent of a started stream joined (either kind); raises RouterError on refusal.
+
+    `confirm`: for a resumable one, also until the agent said it resumes (PendingResumingStream.ready).
+    """
     if isinstance(stream, PendingResumingStream):
-        await stream.ready(config)
+        await stream.ready(config, confirm=confirm)
     elif isinstance(stream, FrameStream):
         await wait_ready(config, stream)
 
@@ -105,9 +130,9 @@ async def open_resumable(
     *,
     notify: Notify = None,
 ) -> SessionStream:
-    """`start_resumable` and `ready_resumable` in one: a session whose agent has joined."""
+    """`start_resumable` and `ready_resumable` in one: a session whose agent has joined and said it resumes."""
     stream = await start_resumable(transport, config, operation, init, start, notify=notify)
-    await ready_resumable(config, stream)
+    await ready_resumable(config, stream, confirm=True)
     return stream
 
 
