@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.forward_servers import connect, start_forward, tcp_server, wait_line
+from tests.forward_servers import connect, start_forward, tcp_server, udp_echo_server, wait_line
 from tests.harness import AgentProc, Router, cli_env, client_cmd, run_client
 
 MIB = 1024 * 1024
@@ -336,3 +336,29 @@ def test_client_paused_past_the_flow_control_timeout_resumes_when_it_runs_again(
         agent.stop()
         router.stop()
     assert b"resuming the session" in errors[0] and b"session resumed" in errors[0], errors
+
+
+def test_udp_forward_keeps_its_port_and_replays_datagrams_sent_during_a_router_restart(rig: Rig) -> None:
+    """UDP resumes like TCP: the local port stays, and datagrams sent while the router is down arrive after."""
+    with udp_echo_server() as port:
+        proc, (local,) = start_forward(rig.args, "--protocol", "udp", f":{port}")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.settimeout(READ_TIMEOUT)
+        try:
+            sock.sendto(b"before", ("127.0.0.1", local))
+            assert sock.recv(65536) == b"echo:before"
+            rig.router.popen.kill()  # down: what is sent now waits in the client's replay buffer
+            rig.router.wait_exit(30)
+            during = {f"during {i}".encode() for i in range(10)}
+            for payload in during:
+                sock.sendto(payload, ("127.0.0.1", local))
+            rig.router.stop()
+            rig.router = Router("--port", str(rig.router.port))
+            got = {sock.recv(65536) for _ in during}
+            assert got == {b"echo:" + p for p in during}
+            sock.sendto(b"after", ("127.0.0.1", local))
+            assert sock.recv(65536) == b"echo:after"
+            assert proc.popen.poll() is None
+        finally:
+            sock.close()
+            proc.stop()
