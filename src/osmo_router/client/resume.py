@@ -42,7 +42,7 @@ FATAL = frozenset(
 )
 #: First and longest wait between two resume attempts.
 BACKOFF_INITIAL = 0.25
-BACKOFF_MAX = 4.0
+BACKOFF_MAX = 1.0
 
 Reopen = Callable[[pb.ResumeToken], Awaitable[SessionStream]]
 
