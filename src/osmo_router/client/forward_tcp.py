@@ -134,7 +134,7 @@ async def give_up(stream: SessionStream, why: str) -> None:
     grace, waiting for a resume that never comes: it is told with an Error frame first (and given
     GIVE_UP_WAIT to acknowledge it), then the stream is cancelled.
     """
-    if isinstance(stream, ResumableStream):
+    if isinstance(stream, ResumableStream) and not stream.remote_final:  # (else the agent ended it already)
         with contextlib.suppress(TimeoutError, *BREAKS):
             async with asyncio.timeout(GIVE_UP_WAIT):
                 await stream.send_error(grpc.StatusCode.CANCELLED, why)
