@@ -119,15 +119,18 @@ def _wait_metric(router: Router, name: str, labels: dict[str, str], value: float
 
 
 def test_agent_killed_mid_session(router: Router, workflow: str, client_args: list[str]) -> None:
+    """The client tries to resume for its grace (issue 17: here 2 s), then says why it could not."""
     agent = AgentProc(router.address, workflow)
-    client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", "echo started; sleep 60"))
+    client = Proc(client_cmd("exec", *client_args, "--resume-grace", "2s", "--", "sh", "-c", "echo started; sleep 60"))
     try:
         client.wait_for(lambda r: r["line"] == "started", stdout=True)
         agent.popen.kill()
         started = time.monotonic()
         assert client.wait_exit(30) == 255
         assert time.monotonic() - started < 25
-        assert any("UNAVAILABLE" in line or "CANCELLED" in line for line in client.lines), client.lines
+        assert any("could not be resumed within 2s" in line and "UNAVAILABLE" in line for line in client.lines), (
+            client.lines
+        )
         _wait_metric(router, "router_grpc_sessions_active", {"operation": "exec"}, 0)
     finally:
         client.stop()
@@ -135,8 +138,10 @@ def test_agent_killed_mid_session(router: Router, workflow: str, client_args: li
 
 
 def test_client_killed_hangs_up_remote_process(
-    agent: AgentProc, router: Router, client_args: list[str], tmp_path: Path
+    router: Router, workflow: str, client_args: list[str], tmp_path: Path
 ) -> None:
+    """The agent keeps the process for its resume grace (issue 17: here 2 s), then hangs it up."""
+    agent = AgentProc(router.address, workflow, "--resume-grace", "2")
     marker = tmp_path / "hup"
     script = f"trap 'echo hup > {marker}; exit 0' HUP; echo started; while :; do sleep 0.1; done"
     client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", script))
@@ -144,6 +149,7 @@ def test_client_killed_hangs_up_remote_process(
         client.wait_for(lambda r: r["line"] == "started", stdout=True)
         client.popen.kill()
         client.wait_exit(10)
+        agent.wait_for(lambda r: "did not come back within the resume grace (2s)" in r.get("msg", ""))
         deadline = time.monotonic() + 20
         while not marker.exists():
             assert time.monotonic() < deadline, "the remote process was not hung up"
@@ -152,6 +158,7 @@ def test_client_killed_hangs_up_remote_process(
         _wait_metric(router, "router_grpc_sessions_active", {"operation": "exec"}, 0)
     finally:
         client.stop()
+        agent.stop()
 
 
 def test_stalled_reader_trips_flow_control_without_blocking_others(workflow: str) -> None:

@@ -107,7 +107,8 @@ def test_a_peer_that_closes_without_tls_is_not_called_tls() -> None:
 def test_killed_router_is_not_called_a_tls_mismatch(workflow: str) -> None:
     router = Router()
     agent = AgentProc(router.address, workflow)
-    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    # A short resume grace (issue 17): the client tries to resume on the dead router, then names the cause.
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "2s"]
     proc = Proc(client_cmd("exec", *args, "--", "sleep", "60"))
     try:
         router.wait_for(lambda r: r.get("event") == "session start")
@@ -162,7 +163,9 @@ def test_client_paused_past_the_flow_control_timeout_is_told_it_stopped_reading(
     # 2 s: the pause (which begins before the router's timer) is surely longer than MIN_STALL.
     router = Router("--flow-control-timeout", "2s")
     agent = AgentProc(router.address, workflow)
-    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    # Without resume: with it the client resumes once it runs again (test_resume_e2e.py); this is
+    # the diagnosis a session that ends gets (resume off, the WebSocket transport).
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "0"]
     # Output it never stops producing, input it never stops taking: both directions busy.
     argv = client_cmd("exec", *args, "--", "sh", "-c", "cat /dev/zero & cat >/dev/null")
     proc = Proc(["sh", "-c", f"exec {shlex.join(argv)} </dev/zero >/dev/null"])

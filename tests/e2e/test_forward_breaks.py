@@ -4,6 +4,11 @@ Real router, agent and client processes. A forwarded connection whose session br
 the agent or the client killed mid-transfer) must not look finished: the local application that
 reads to end-of-stream gets ECONNRESET, not EOF and a short file, and a server in the container
 that reads gets ECONNRESET too. A transfer that ends cleanly still ends with EOF and the exact bytes.
+
+Since issue 17 a break is first resumed: it ends the connection only once the resume grace passed
+with nobody to resume with (the router or the agent gone for good, the client killed). These tests
+give the client and the agent a short grace (GRACE) and expect the resets after it, with the cause
+named; test_resume_e2e.py covers the breaks that are repaired.
 """
 
 from __future__ import annotations
@@ -103,13 +108,20 @@ class Setup:
     args: list[str]
 
 
+#: The client's and the agent's resume grace here: a break not repaired within it ends the connection.
+GRACE = "2"
+#: What the client says when the grace passed.
+NOT_RESUMED = f"could not be resumed within {GRACE}s"
+
+
 @pytest.fixture
 def setup(workflow: str) -> Iterator[Setup]:
     """A router and an agent of their own: the tests kill them."""
     router = Router()
-    agent = AgentProc(router.address, workflow)
+    agent = AgentProc(router.address, workflow, "--resume-grace", GRACE)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", GRACE]
     try:
-        yield Setup(router, agent, ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"])
+        yield Setup(router, agent, args)
     finally:
         agent.stop()
         router.stop()
@@ -128,6 +140,7 @@ def test_router_killed_resets_the_local_reader_and_the_container_server(setup: S
             assert got.ended == "reset", f"the local reader saw {got.ended} after {got.received} bytes"
             assert sink.outcome.ended == "reset", f"the container's server saw {sink.outcome.ended}"
             assert proc.wait_exit(TIMEOUT) == 255
+            assert any("is gone" in line and NOT_RESUMED in line for line in proc.lines), proc.lines
         finally:
             reader.close()
             writer.close()
@@ -146,6 +159,7 @@ def test_agent_killed_resets_the_local_reader(setup: Setup) -> None:
             assert got.done.wait(TIMEOUT)
             assert got.ended == "reset", f"the local reader saw {got.ended} after {got.received} bytes"
             assert proc.wait_exit(TIMEOUT) == 255
+            assert any(NOT_RESUMED in line and "UNAVAILABLE" in line for line in proc.lines), proc.lines
         finally:
             reader.close()
             reading.join(TIMEOUT)
@@ -163,6 +177,8 @@ def test_client_killed_resets_the_container_server(setup: Setup) -> None:
             proc.popen.send_signal(signal.SIGKILL)
             assert sink.outcome.done.wait(TIMEOUT)
             assert sink.outcome.ended == "reset", f"the container's server saw {sink.outcome.ended}"
+            # After the agent's grace, not before: a client that comes back within it would resume.
+            setup.agent.wait_for(lambda r: "did not come back within the resume grace" in r.get("msg", ""))
         finally:
             writer.close()
             writing.join(TIMEOUT)

@@ -20,13 +20,19 @@ def test_no_agent_gives_255_and_a_clear_line(router: Router) -> None:
         proc.stop()
 
 
+#: A short resume grace for the tests whose agent or router is gone for good (issue 17: a break is
+#: resumed first; the forward gives up once the grace passed).
+GRACE = ["--resume-grace", "2s"]
+
+
 def test_agent_lost_exits_255(router: Router, workflow: str, client_args: list[str]) -> None:
     agent = AgentProc(router.address, workflow)
-    proc, _ = start_forward(client_args, ":8080")
+    proc, _ = start_forward([*client_args, *GRACE], ":8080")
     try:
         agent.popen.kill()
         assert proc.wait_exit(TIMEOUT) == 255
         assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
+        assert any("could not be resumed within 2s" in line for line in proc.lines), proc.lines
     finally:
         proc.stop()
         agent.stop()
@@ -69,12 +75,13 @@ def test_idle_expiry_of_the_watch_is_not_a_loss(workflow: str) -> None:
 def test_router_lost_exits_255(workflow: str) -> None:
     router = Router()
     agent = AgentProc(router.address, workflow)
-    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", *GRACE]
     proc, _ = start_forward(args, ":8080")
     try:
         router.popen.kill()
         assert proc.wait_exit(TIMEOUT) == 255
         assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
+        assert any("could not be resumed within 2s" in line for line in proc.lines), proc.lines
     finally:
         proc.stop()
         agent.stop()
@@ -89,8 +96,11 @@ def test_reconnect_survives_an_agent_restart(router: Router, workflow: str, clie
         try:
             assert echo_round_trip(local, b"before") == b"before"
             first.popen.kill()
-            wait_line(proc, lambda ln: "is gone" in ln and "reconnecting" in ln)
+            # The watch tries to resume (issue 17); the new agent holds no such session (NOT_FOUND):
+            # that, not a grace running out, is how the forward learns the agent restarted.
+            wait_line(proc, lambda ln: "resuming the session" in ln)
             second = AgentProc(router.address, workflow)
+            wait_line(proc, lambda ln: "is gone" in ln and "reconnecting" in ln and "NOT_FOUND" in ln)
             wait_line(proc, lambda ln: "agent is back" in ln)
             assert echo_round_trip(local, b"after") == b"after"
             assert proc.popen.poll() is None

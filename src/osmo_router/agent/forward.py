@@ -25,7 +25,7 @@ import grpc
 
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay, agent_budget
-from osmo_router.io.forwarding import WATCH_PORT, drain, reset_socket, retrieve, shutdown_quietly
+from osmo_router.io.forwarding import WATCH_PORT, drain, is_resumable, reset_socket, retrieve, shutdown_quietly
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
@@ -202,9 +202,13 @@ class TcpRelay:
             if not self.client_done.is_set():
                 return False
             await self.stream.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CONNECT_TIMEOUT):
-                    await asyncio.shield(reader)
+            if is_resumable(self.stream):
+                # Its reader keeps the call, which ends only after the handler (agent/held.py).
+                reader.cancel()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CONNECT_TIMEOUT):
+                        await asyncio.shield(reader)
             # Both directions are over at the socket level: what happens to the call now changes
             # nothing the target could still be told.
             return self.target_eof and self.client_half_closed and not self._error_sent
@@ -251,5 +255,9 @@ class TcpRelay:
                     self.client_half_closed = True
                     shutdown_quietly(self.sock, socket.SHUT_WR)
                     self.client_done.set()
+                elif kind == "error":
+                    # The client's side broke (its application reset the connection): reset the target.
+                    log.info("port-forward to %s: the client ended it: %s", self.where, frame.error.message)
+                    return
         except (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError) as err:
             log.info("port-forward session to %s broke: %s", self.where, err)

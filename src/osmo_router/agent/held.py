@@ -189,6 +189,8 @@ class HeldStream(ResumableStream):
         self._current = None
         if self.finishing and self.buffer.settled:
             raise SessionLost("the session ended", grpc.StatusCode.OK)
+        if self.remote_final:  # the client ended it with an Error frame (a forwarded connection reset)
+            raise SessionLost("the client ended the session", grpc.StatusCode.CANCELLED)
         self.detached_at = time.time()
         self.changed()
         log.info(

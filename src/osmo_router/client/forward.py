@@ -3,6 +3,10 @@
 One gRPC channel per process. A *watch* session (see osmo_router.io.forwarding) proves the agent is
 there before anything listens, and its breaking says the agent or the router went away: then the
 command exits 255, or with --reconnect keeps listening and re-establishes the watch with backoff.
+
+Every session (the watch, each TCP connection, each UDP port) is resumable (issue 17,
+docs/resume.md): a router restart or a network cut is repaired within --resume-grace, the
+listeners stay up meanwhile, and the watch is lost only when its session cannot be resumed.
 """
 
 from __future__ import annotations
@@ -22,12 +26,19 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
-from osmo_router.client.session import open_session, rpc_failure, start_session, wait_ready
+from osmo_router.client.resume_start import Notify, open_resumable, ready_resumable, start_resumable
+from osmo_router.client.session import rpc_failure, start_session
 from osmo_router.io.forwarding import WATCH_PORT
-from osmo_router.transport import SessionStream, Transport
+from osmo_router.transport import SessionInit, SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
 from osmo_router.wire.codec import fast_method
-from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, DeadlineExceeded, RouterError, Unavailable
+from osmo_router.wire.errors import (
+    EXIT_CONNECTION_ERROR,
+    DeadlineExceeded,
+    RouterError,
+    Unavailable,
+    from_status_number,
+)
 from osmo_router.wire.protocol import CLIENT_SERVICE, CLOSE_GRACE, half_close_frame, pb
 from osmo_router.wire.streams import FrameStream
 
@@ -133,24 +144,32 @@ class PortForward:
             forward_id=self._forward_id,
         )
 
-    async def open_stream(self, protocol: int, remote_port: int) -> SessionStream:
-        """Open one PortForward session on the shared channel and wait until the agent joined."""
+    async def _start(self, init: SessionInit) -> FrameStream:
+        assert self._method is not None
+        return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
+
+    async def open_stream(self, protocol: int, remote_port: int, notify: Notify = None) -> SessionStream:
+        """Open one PortForward session on the shared channel (resumable) and wait until the agent joined."""
         init = self._init(protocol, remote_port)
         if self._method is None:
             return await self._transport.open(pb.OPERATION_PORT_FORWARD, init)
-        return await open_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
+        op = pb.OPERATION_PORT_FORWARD
+        return await open_resumable(self._transport, self.config, op, init, self._start, notify=notify)
 
     async def start_stream(self, protocol: int, remote_port: int) -> SessionStream:
-        """Send a PortForward session's init without waiting for the agent (then `wait_ready`)."""
+        """Send a PortForward session's init without waiting for the agent (then `wait_ready`).
+
+        Every forwarded connection is a resumable session of its own (client/resume_start.py): a
+        break (router restarted, network cut) is repaired without the local application noticing.
+        """
         if self._method is None:
             return await self.open_stream(protocol, remote_port)
         init = self._init(protocol, remote_port)
-        return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
+        return await start_resumable(self._transport, self.config, pb.OPERATION_PORT_FORWARD, init, self._start)
 
     async def wait_ready(self, stream: SessionStream) -> None:
         """Wait until the agent of a started session joined; raises RouterError on refusal."""
-        if isinstance(stream, FrameStream):  # a WebSocket session has no ready to wait for
-            await wait_ready(self.config, stream)
+        await ready_resumable(self.config, stream)  # a WebSocket session has no ready to wait for
 
     async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
         """Check the agent, listen, announce, then serve until a signal or the agent's loss."""
@@ -216,7 +235,12 @@ class PortForward:
         return await self._rewatch()
 
     async def _open_watch(self) -> SessionStream:
-        return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT)
+        # The watch resumes too: it is lost only when the agent is (grace passed, agent restarted).
+        return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT, notify=self._tell_resume)
+
+    def _tell_resume(self, message: str) -> None:
+        """One line when the forward lost its connection to the router, one when it resumed."""
+        self.reporter.notice("resumed" if message == "session resumed" else "resuming", message)
 
     async def _rewatch(self) -> SessionStream | None:
         """Reopen the watch with exponential backoff and jitter until it works; None on a signal."""
@@ -267,8 +291,9 @@ class PortForward:
 async def _watch_until_lost(watch: SessionStream, config: ClientConfig) -> RouterError:
     """Wait for the watch to end and say why."""
     try:
-        while await watch.recv() is not None:
-            pass
+        while (frame := await watch.recv()) is not None:
+            if frame.WhichOneof("kind") == "error":  # a resumable watch that could not resume says why
+                return from_status_number(frame.error.code, frame.error.message)
     except grpc.aio.AioRpcError as err:
         return await rpc_failure(err, config.dial)
     except RouterError as err:

@@ -11,11 +11,16 @@ call failed (router or agent gone, flow-control timeout, the router's TTL), the 
 frame (the target refused or reset the connection, `--allow-ports`), the session could not be
 started, or the forward shut down with the connection in flight. An application that reads to
 end-of-stream then gets ECONNRESET, never a short file that looks complete.
+
+Each connection is a resumable session (issue 17): a break under it (router restarted, network
+cut) is repaired with every byte in flight sent again, and the application does not notice. Only
+a session that could not be resumed (its grace passed, the agent restarted) ends in a reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -27,6 +32,7 @@ import grpc
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
 from osmo_router.io.forwarding import reset_socket, shutdown_quietly
+from osmo_router.resume.stream import BREAKS, ResumableStream
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Listen backlog: bursts of many connections at once must not be refused.
 BACKLOG = 4096
+#: Longest a connection that broke on this side waits for the agent to take its Error frame.
+GIVE_UP_WAIT = 2.0
 
 
 def listen_tcp(address: str, port: int) -> socket.socket:
@@ -101,6 +109,7 @@ class TcpListener:
             self._reporter.connection_error("tcp", peer, self.remote_port, err)
 
         clean = False
+        stream: SessionStream | None = None
         try:
             try:
                 stream = await self._opener.start_stream(pb.PROTOCOL_TCP, self.remote_port)
@@ -114,6 +123,23 @@ class TcpListener:
                 conn.close()
             else:
                 reset_socket(conn)
+                if stream is not None:
+                    await give_up(stream, "the forwarded connection was closed on the client's side")
+
+
+async def give_up(stream: SessionStream, why: str) -> None:
+    """End a session that did not end cleanly, for the agent too.
+
+    A resumable session's agent would otherwise hold the connection to the target for its resume
+    grace, waiting for a resume that never comes: it is told with an Error frame first (and given
+    GIVE_UP_WAIT to acknowledge it), then the stream is cancelled.
+    """
+    if isinstance(stream, ResumableStream) and not stream.remote_final:  # (else the agent ended it already)
+        with contextlib.suppress(TimeoutError, *BREAKS):
+            async with asyncio.timeout(GIVE_UP_WAIT):
+                await stream.send_error(grpc.StatusCode.CANCELLED, why)
+                await stream.finish(GIVE_UP_WAIT)
+    stream.abort()
 
 
 class ConnectionRelay:
@@ -166,10 +192,11 @@ class ConnectionRelay:
             self.failed = True
             self.report(err)
 
-    def _abort(self) -> None:
-        """The local side broke (reset): cancel the session, as a reset would."""
-        self.aborted = True
-        self.stream.abort()
+    async def _abort(self) -> None:
+        """The local side broke (reset): end the session, as a reset would."""
+        if not self.aborted:
+            self.aborted = True
+            await give_up(self.stream, "the local application reset the connection")
 
     async def _local_to_remote(self) -> None:
         try:
@@ -178,7 +205,7 @@ class ConnectionRelay:
             await self.stream.send(half_close_frame())
             await self.stream.close()
         except OSError:
-            self._abort()
+            await self._abort()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the session is over; the downstream pump reports why
 
@@ -195,7 +222,7 @@ class ConnectionRelay:
                     try:
                         await self.loop.sock_sendall(self.conn, frame.data)
                     except OSError:
-                        self._abort()
+                        await self._abort()
                     self.longest_delivery = max(self.longest_delivery, time.monotonic() - started)
                 elif kind == "half_close" and not self.failed:
                     shutdown_quietly(self.conn, socket.SHUT_WR)

@@ -46,7 +46,7 @@ FATAL = frozenset(
 CONFIRM_WAIT = 5.0
 #: First and longest wait between two resume attempts.
 BACKOFF_INITIAL = 0.25
-BACKOFF_MAX = 4.0
+BACKOFF_MAX = 1.0
 
 Reopen = Callable[[pb.ResumeToken], Awaitable[SessionStream]]
 

@@ -59,6 +59,7 @@ SHELL_ENV = (
     "OSMO_WS_ADDRESS",
     "OSMO_GRPC_PERCENT",
     "OSMO_LEGACY_BACKEND",
+    "OSMO_RESUME_GRACE",
 )
 
 
@@ -149,6 +150,7 @@ def shell_env(config: ClientConfig, base: dict[str, str] | None = None) -> dict[
         "OSMO_TRANSPORT": config.transport or "grpc",
         "OSMO_WS_ADDRESS": config.ws_address,
         "OSMO_LEGACY_BACKEND": "true" if config.legacy_backend else None,
+        "OSMO_RESUME_GRACE": f"{config.resume_grace:g}s",
     }
     env.update({k: v for k, v in values.items() if v})
     return env

@@ -7,7 +7,8 @@ reports how `rsync --server` ended. The router address, workflow and token come 
 environment set by `osmo-net-client rsync`, so the token never appears in a process listing.
 
 Exit status: the remote rsync's; 127 when rsync is missing in the container (rsync itself then says
-"remote command not found"); 255 when the session could not be made or broke (like ssh).
+"remote command not found"); 255 when the session could not be made, or broke and could not be
+resumed within --resume-grace (OSMO_RESUME_GRACE; like ssh).
 """
 
 from __future__ import annotations
@@ -25,15 +26,15 @@ import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
-from osmo_router.client.session import open_session, rpc_error
+from osmo_router.client.resume import open_stream
+from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import StdinReader, write_all
-from osmo_router.dial.channel import open_channel
 from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.transport import WS, SessionStream
+from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.transport.rollout import ws_transport
-from osmo_router.wire.codec import fast_method
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
-from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLIENT_SERVICE, pb
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
 
 #: Exit status when rsync is missing in the container (rsync reports "remote command not found").
 EXIT_COMMAND_NOT_FOUND = 127
@@ -72,18 +73,19 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         return await _run_legacy(config, server_args)
     if config.transport == WS:
         return await _run_over_websocket(config, server_args)
-    channel = open_channel(config.dial)
+    # Its own channel (this is a process of its own), and a resumable session like exec's: a break
+    # under rsync (router restarted, network cut) is repaired without rsync noticing (issue 17).
+    transport = GrpcTransport(config)
     try:
         init = pb.RsyncInit(target=config.target(), server_args=server_args)
-        method = fast_method(channel, f"/{CLIENT_SERVICE}/Rsync", pb.RsyncResponse)
-        stream = await open_session(config, method, pb.RsyncRequest, init, raw=True)
+        stream = await open_stream(transport, config, pb.OPERATION_RSYNC, init)
         return await _bridge(stream)
     except grpc.aio.AioRpcError as err:
         return _fail(rpc_error(err))
     except RouterError as err:
         return _fail(err)
     finally:
-        await channel.close(grace=None)
+        await transport.aclose()
 
 
 async def _run_over_websocket(config: ClientConfig, server_args: list[str]) -> int:

@@ -15,9 +15,19 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
+#: gRPC waits 1 s, then 1.6 times longer each time (up to 2 min), before it dials a lost router
+#: again, and fails every call meanwhile: a session resuming after a router restart would wait for
+#: that rather than its own backoff (client/resume.py). Dial again within 2 s.
+RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 def open_channel(dial: DialConfig) -> grpc.aio.Channel:
     """A grpc.aio channel to the router (TLS verified against the system store or --tls-ca)."""
-    options: list[tuple[str, int | str]] = list(channel_options())
+    options: list[tuple[str, int | str]] = [*channel_options(), *RECONNECT_OPTIONS]
     if not dial.tls:
         return grpc.aio.insecure_channel(dial.address, options=options)
     if dial.tls_server_name:

@@ -64,12 +64,22 @@ async def drain(stream: SessionStream, timeout: float = CLOSE_GRACE) -> None:
     """Read (and drop) frames until the far side ends the call, at most `timeout` seconds.
 
     Our side has sent its last frame; reading on lets the call finish normally. Abandoning a
-    read would cancel the RPC, and frames still in flight could be lost.
+    read would cancel the RPC, and frames still in flight could be lost. A resumable stream is not
+    read: its own reader keeps the call, and it ends only once the handler returned (agent/held.py).
     """
+    if is_resumable(stream):
+        return
     with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError):
         async with asyncio.timeout(timeout):
             while await stream.recv() is not None:
                 pass
+
+
+def is_resumable(stream: SessionStream) -> bool:
+    """True for a resumable session stream (resume/stream.py): it never ends while its handler runs."""
+    from osmo_router.resume.stream import ResumableStream
+
+    return isinstance(stream, ResumableStream)
 
 
 def retrieve(task: asyncio.Task[Any]) -> None:

@@ -313,6 +313,10 @@ class ResumableStream:
                     break
                 self._broken(generation, "the router ended the stream")
                 continue
+            if generation != self._generation:
+                # Read off a stream already given up (a write to it failed meanwhile): the resume
+                # asks for it again from what was taken before, so taking it here would repeat it.
+                continue
             self._take(frame)
         self._ended = True
         self._arrived.set()

@@ -1,0 +1,139 @@
+"""Resumable sessions that send before the agent joined: the start/wait form of `open_stream`.
+
+A forwarded TCP connection sends its first bytes with the init and waits for the router's ready
+only when it reads (client/forward_tcp.py): that saves a round trip per connection.
+`start_resumable` keeps that: it sends the init (with a resume secret), returns a
+`PendingResumingStream` at once, and the frames sent before the ready are numbered and held like
+any other. `PendingResumingStream.ready` waits for the router's ready (it names the session key a
+resume presents) and only then starts taking the agent's frames. A break before the ready ends the
+session as it did without resume (no key to resume with); a break after it is repaired like an
+exec's (client/resume.py).
+
+The same two steps back to back (`open_resumable`) serve the port-forward's watch and UDP sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Awaitable, Callable
+
+from osmo_router.client.config import ClientConfig
+from osmo_router.client.resume import Reopen, ResumingStream
+from osmo_router.client.session import wait_ready
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
+from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.streams import FrameStream
+
+#: Sends an init and returns the started (not yet ready) stream: `client.session.start_session`.
+Starter = Callable[[SessionInit], Awaitable[FrameStream]]
+#: Where a session says it lost its connection and resumed (None: only the log).
+Notify = Callable[[str], None] | None
+
+
+class PendingResumingStream(ResumingStream):
+    """A `ResumingStream` whose first stream is started but whose ready has not arrived yet."""
+
+    def __init__(
+        self, first: FrameStream, *, reopen: Reopen, secret: str, grace: float, notify: Notify, replay_bytes: int
+    ) -> None:
+        super().__init__(first, reopen=reopen, secret=secret, grace=grace, notify=notify, replay_bytes=replay_bytes)
+        self.first = first
+        #: Set once the agent's first frame said whether it resumes (a Resume frame, or anything else).
+        self.answered = asyncio.Event()
+
+    async def ready(self, config: ClientConfig, *, confirm: bool = False) -> None:
+        """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal.
+
+        `confirm`: also wait (bounded) for the agent's first frame, which says whether the session
+        resumes: a break before it cannot be resumed (an agent without resume would take a
+        resume for a new session).
+        """
+        try:
+            await wait_ready(config, self.first)
+        except BaseException:
+            self.abort()
+            raise
+        if not self.first.session_key:
+            self.resumable = False  # a router that names no key: nothing to resume with
+            self.answered.set()
+        self.start()
+        if confirm:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(config.connect_timeout):
+                    await self.answered.wait()
+
+    def _take(self, frame: pb.Frame) -> None:
+        super()._take(frame)
+        self.answered.set()
+
+    def _stop(self) -> None:
+        super()._stop()
+        self.answered.set()  # lost or ended before the agent answered: nothing more to wait for
+
+
+def can_resume(transport: Transport, config: ClientConfig) -> bool:
+    """True when sessions over `transport` ask for resume (gRPC, and --resume-grace above 0)."""
+    return transport.name == GRPC and config.resume_grace > 0
+
+
+async def start_resumable(
+    transport: Transport,
+    config: ClientConfig,
+    operation: int,
+    init: SessionInit,
+    start: Starter,
+    *,
+    notify: Notify = None,
+    replay_bytes: int = DEFAULT_REPLAY_BYTES,
+) -> SessionStream:
+    """Send `init` with `start` and return the stream without waiting for the agent (then `ready_resumable`).
+
+    Without resume (see `can_resume`) this is `start(init)` itself: a plain stream.
+    """
+    if not can_resume(transport, config):
+        return await start(init)
+    secret = secrets.token_hex(16)
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret))
+    first = await start(init)
+
+    async def reopen(token: pb.ResumeToken) -> SessionStream:
+        again = type(init).FromString(init.SerializeToString())
+        again.target.session_key = first.session_key
+        again.target.resume.CopyFrom(token)
+        return await transport.open(operation, again)
+
+    return PendingResumingStream(
+        first, reopen=reopen, secret=secret, grace=config.resume_grace, notify=notify, replay_bytes=replay_bytes
+    )
+
+
+async def ready_resumable(config: ClientConfig, stream: SessionStream, *, confirm: bool = False) -> None:
+    """Wait until the agent of a started stream joined (either kind); raises RouterError on refusal.
+
+    `confirm`: for a resumable one, also until the agent said it resumes (PendingResumingStream.ready).
+    """
+    if isinstance(stream, PendingResumingStream):
+        await stream.ready(config, confirm=confirm)
+    elif isinstance(stream, FrameStream):
+        await wait_ready(config, stream)
+
+
+async def open_resumable(
+    transport: Transport,
+    config: ClientConfig,
+    operation: int,
+    init: SessionInit,
+    start: Starter,
+    *,
+    notify: Notify = None,
+) -> SessionStream:
+    """`start_resumable` and `ready_resumable` in one: a session whose agent has joined and said it resumes."""
+    stream = await start_resumable(transport, config, operation, init, start, notify=notify)
+    await ready_resumable(config, stream, confirm=True)
+    return stream
+
+
+__all__ = ["PendingResumingStream", "can_resume", "open_resumable", "ready_resumable", "start_resumable"]
