@@ -139,7 +139,9 @@ class HeldStream(ResumableStream):
             raise SessionLost(f"the client did not come back within the resume grace ({self.grace:g}s)") from None
         token = attach.token
         sending_from = self.buffer.first_held() if token.attach else token.received
-        resume = pb.Resume(received=self.taken, sending_from=sending_from, grace_seconds=int(self.grace))
+        resume = pb.Resume(
+            received=self.taken, sending_from=sending_from, grace_seconds=int(self.grace), sent=self.buffer.end
+        )
         try:
             await attach.stream.send(pb.Frame(resume=resume))
         except Exception as err:

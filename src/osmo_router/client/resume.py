@@ -94,7 +94,7 @@ class ResumingStream(ResumableStream):
         self._tell(f"connection lost ({cause}); resuming the session (for up to {self._grace:g}s)")
         backoff, last = BACKOFF_INITIAL, cause
         while (remaining := deadline - loop.time()) > 0:
-            token = pb.ResumeToken(secret=self._secret, resuming=True, received=self.taken)
+            token = pb.ResumeToken(secret=self._secret, resuming=True, received=self.taken, sent=self.buffer.end)
             try:
                 async with asyncio.timeout(remaining):
                     return await self._try_resume(token)

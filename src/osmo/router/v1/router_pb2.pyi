@@ -118,6 +118,7 @@ class ResumeToken(_message.Message):
     RESUMING_FIELD_NUMBER: _builtins.int
     RECEIVED_FIELD_NUMBER: _builtins.int
     ATTACH_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Random secret the client chose when it started the session; a resume must present it."""
     resuming: _builtins.bool
@@ -128,6 +129,10 @@ class ResumeToken(_message.Message):
     """Attach from a process that holds no state of the session (no secret; only the session's
     owner may): the agent resends what it still holds and says from where in Resume.
     """
+    sent: _builtins.int
+    """On a resume: units this client numbered so far (it resends what follows the agent's
+    Resume.received). Informational: the router counts the replay from it.
+    """
     def __init__(
         self,
         *,
@@ -135,10 +140,11 @@ class ResumeToken(_message.Message):
         resuming: _builtins.bool = ...,
         received: _builtins.int = ...,
         attach: _builtins.bool = ...,
+        sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -548,6 +554,7 @@ class Resume(_message.Message):
     SENDING_FROM_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     FRESH_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Units of the client's frames the agent received: the client resends from there."""
     sending_from: _builtins.int
@@ -558,6 +565,10 @@ class Resume(_message.Message):
     """How long the agent keeps the session after its client goes away, in seconds."""
     fresh: _builtins.bool
     """True on the first connection (a new session), false on a resume or attach."""
+    sent: _builtins.int
+    """Units the agent numbered so far (it resends from sending_from up to here). Informational:
+    the router counts the replay from it.
+    """
     def __init__(
         self,
         *,
@@ -565,10 +576,11 @@ class Resume(_message.Message):
         sending_from: _builtins.int = ...,
         grace_seconds: _builtins.int = ...,
         fresh: _builtins.bool = ...,
+        sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
