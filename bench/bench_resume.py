@@ -1,0 +1,205 @@
+"""Resumable sessions (issue 17): time to resume after a cut, and the steady-state cost of resume.
+
+    .venv/bin/python -m bench.bench_resume [--quick]
+
+- time to resume: an `exec -- cat` session echoes one byte at a time; the path is cut and the
+  time from the cut to the first byte echoed after it is taken, over N cuts (p50/p99):
+  - *TCP cut*: a proxy between the client and the router resets both connections (the router and
+    the agent stay up: the client reconnects through the proxy, the agent takes the resume);
+  - *router kill -9 + restart*: the router is SIGKILLed and started again on the same port at once
+    (the figure includes the new router's start-up and the agent's re-registration).
+- steady-state cost: the same transfers with resume (numbering, acks, replay buffers on both ends)
+  and with `--resume-grace 0` on both ends, interleaved in one run, as ratios (goal: >= 0.95):
+  32 MiB through `exec -- cat` (both directions at once) and a 256 MiB port-forward download
+  (1.00 by construction while port-forward does not number its frames: it does once issue 17's
+  port-forward part is in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench.bench_exec import transfer_mbps
+from bench.bench_forward import download
+from bench.common import attempt, latency_figures, paired
+from bench.cut_proxy import CutProxy
+from bench.forward_targets import BulkServer
+from tests.forward_servers import start_forward
+from tests.harness import AgentProc, Router, cli_env, client_cmd
+
+WAIT = 60.0
+ON, OFF = "bench-resume-on", "bench-resume-off"
+NO_RESUME = "--resume-grace=0"
+
+
+class EchoSession:
+    """`exec -- cat` driven one byte at a time (stderr to /dev/null: it says when it resumes)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=cli_env()
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._out, selectors.EVENT_READ)
+
+    def echo(self, timeout: float = WAIT) -> float:
+        """Write one byte; the perf_counter() time its echo came back."""
+        os.write(self._in, b"x")
+        if not self._selector.select(timeout) or os.read(self._out, 1) != b"x":
+            raise RuntimeError(f"no echo within {timeout:g}s")
+        return time.perf_counter()
+
+    def close(self) -> None:
+        """End the session (stdin EOF), bounded."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(WAIT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._selector.close()
+
+
+def resume_after_tcp_cuts(rounds: int) -> list[float]:
+    """Microseconds from a proxy's reset of the client's connection to the first byte echoed after it."""
+    router = Router()
+    agent = AgentProc(router.address, ON)
+    samples: list[float] = []
+    try:
+        with CutProxy(router.port) as proxy:
+            session = EchoSession(exec_argv(f"127.0.0.1:{proxy.port}", ON))
+            try:
+                for _ in range(20):
+                    session.echo()
+                for _ in range(rounds):
+                    cut = time.perf_counter()
+                    proxy.cut()
+                    samples.append((session.echo() - cut) * 1e6)
+                    for _ in range(5):  # settled before the next cut
+                        session.echo()
+            finally:
+                session.close()
+    finally:
+        agent.stop()
+        router.stop()
+    return samples
+
+
+def resume_after_router_restarts(rounds: int) -> list[float]:
+    """Microseconds from a router's SIGKILL (restarted at once, same port) to the first byte echoed after it."""
+    router = Router()
+    port = router.port
+    agent = AgentProc(router.address, ON)
+    samples: list[float] = []
+    try:
+        session = EchoSession(exec_argv(router.address, ON))
+        try:
+            session.echo()
+            for _ in range(rounds):
+                cut = time.perf_counter()
+                router.signal(signal.SIGKILL)
+                router.wait_exit()
+                router.stop()
+                router = Router("--port", str(port))
+                samples.append((session.echo() - cut) * 1e6)
+                agent.wait_for(lambda r, rid=router.router_id: r.get("router_id") == rid)
+        finally:
+            session.close()
+    finally:
+        agent.stop()
+        router.stop()
+    return samples
+
+
+def exec_argv(address: str, workflow: str, *extra: str) -> list[str]:
+    """`osmo-net-client exec ... -- cat`."""
+    dial = ["--router-address", address, "--workflow-id", workflow, "--tls=false", *extra]
+    return [*client_cmd("exec", *dial), "--", "cat"]
+
+
+def steady_state(repeats: int, blob_mib: int, forward_mib: int) -> list[dict[str, Any]]:
+    """exec and forward throughput with resume on and off (both ends), interleaved."""
+    router = Router()
+    agents = [AgentProc(router.address, ON), AgentProc(router.address, OFF, NO_RESUME)]
+    blob = os.urandom(blob_mib << 20)
+    total = forward_mib << 20
+    runs: dict[str, list[float]] = {"exec_on": [], "exec_off": [], "fwd_on": [], "fwd_off": []}
+    forwards = []
+    try:
+        with BulkServer(total) as target:
+            for workflow, extra in ((ON, ()), (OFF, (NO_RESUME,))):
+                dial = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", *extra]
+                forwards.append(start_forward(dial, f":{target.port}"))
+            for _ in range(repeats):
+                runs["exec_on"].append(transfer_mbps(exec_argv(router.address, ON), blob))
+                runs["exec_off"].append(transfer_mbps(exec_argv(router.address, OFF, NO_RESUME), blob))
+                runs["fwd_on"].append(total / (1 << 20) / download(forwards[0][1][0], total))
+                runs["fwd_off"].append(total / (1 << 20) / download(forwards[1][1][0], total))
+    finally:
+        for proc, _ports in forwards:
+            proc.stop()
+        for agent in agents:
+            agent.stop()
+        router.stop()
+    goal = {"ratio_at_least": 0.95}
+    note = f"{repeats} interleaved runs each"
+    exec_name = f"exec {blob_mib} MiB through cat, resume on"
+    forward_name = f"forward download {forward_mib} MiB, resume on"
+    return [
+        paired(exec_name, "MB/s", runs["exec_on"], runs["exec_off"], "resume off", goal, note),
+        paired(forward_name, "MiB/s", runs["fwd_on"], runs["fwd_off"], "resume off", goal, note),
+    ]
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Every resume figure."""
+    figures: list[dict[str, Any]] = []
+    notes = [
+        "time to resume: from the cut to the first byte echoed through `exec -- cat` after it",
+        "steady-state: resume on vs --resume-grace 0 on the client and the agent, same router, interleaved",
+    ]
+    cuts, restarts, repeats = (20, 3, 3) if quick else (50, 10, 5)
+    attempt(
+        figures,
+        notes,
+        "resume after TCP cuts",
+        lambda: latency_figures("resume after a TCP cut", resume_after_tcp_cuts(cuts), None, "", None),
+    )
+    attempt(
+        figures,
+        notes,
+        "resume after router restarts",
+        lambda: latency_figures(
+            "resume after router kill -9 + restart", resume_after_router_restarts(restarts), None, "", None
+        ),
+    )
+    attempt(figures, notes, "steady-state cost", lambda: steady_state(repeats, 32, 64 if quick else 256))
+    return {"figures": figures, "notes": notes}
+
+
+def main() -> None:
+    """Run and print the figures as JSON lines."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    result = run(args.quick)
+    for fig in result["figures"]:
+        print(json.dumps({k: fig[k] for k in ("name", "value", "unit", "baseline", "ratio", "runs", "baseline_runs")}))
+    for note in result["notes"]:
+        print("#", note)
+
+
+if __name__ == "__main__":
+    main()
