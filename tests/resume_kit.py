@@ -107,7 +107,12 @@ class CatRoundTrip:
         return self.received == len(self.blob) and self._digest.digest() == hashlib.sha256(self.blob).digest()
 
     def stop(self) -> None:
-        """Kill the client if it still runs."""
+        """Kill the client if it still runs, and close its pipes."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        for thread in self._threads:
+            thread.join(10)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()

@@ -71,6 +71,7 @@ class ResumableStream:
         self._lost: SessionLost | None = None
         self._lost_reported = False
         self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_pending = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: False once the peer turned out not to resume (an older agent): frames pass straight through.
         self.resumable = True
@@ -151,7 +152,9 @@ class ResumableStream:
             return frame
         due = self._acks.take(units) or frame.WhichOneof("kind") in TERMINAL
         if due:
-            await self._send_ack()
+            # In the background: the ack waits for the write lock behind this side's own sends
+            # (a 1 MiB write waits for the peer's flow control), and consuming must not wait too.
+            self._ack_now()
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_soon)
         return frame
@@ -244,22 +247,33 @@ class ResumableStream:
     def _ack_soon(self) -> None:
         self._ack_timer = None
         if self._acks.owed and not self._ended:
-            task = asyncio.create_task(self._send_ack())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._ack_now()
+
+    def _ack_now(self) -> None:
+        """Send an ack from a task of its own; one at a time (a pending one sends the newest count)."""
+        if self._ack_pending or self._ended:
+            return
+        self._ack_pending = True
+        task = asyncio.create_task(self._send_ack())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send_ack(self) -> None:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
             self._ack_timer = None
-        async with self._write_lock:
-            inner, generation = self._inner, self._generation
-            if inner is None:
-                return
-            try:
-                await inner.send(self._acks.frame())
-            except BREAKS as err:
-                self._broken(generation, err)
+        try:
+            async with self._write_lock:
+                self._ack_pending = False  # what is consumed from here on needs an ack of its own
+                inner, generation = self._inner, self._generation
+                if inner is None or not self._acks.owed:
+                    return
+                try:
+                    await inner.send(self._acks.frame())
+                except BREAKS as err:
+                    self._broken(generation, err)
+        finally:
+            self._ack_pending = False
 
     # --- receiving ------------------------------------------------------------------------------
 
