@@ -43,9 +43,9 @@ NO_RESUME = "--resume-grace=0"
 class EchoSession:
     """`exec -- cat` driven one byte at a time (stderr to /dev/null: it says when it resumes)."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], stderr: Any = None) -> None:
         self.proc = subprocess.Popen(
-            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=cli_env()
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if stderr is None else stderr, env=cli_env()
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
