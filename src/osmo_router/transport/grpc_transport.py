@@ -36,6 +36,7 @@ class GrpcTransport:
         self.addresses = config.dial.addresses
         self._current = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []
         if channel is not None:
             self._channels[self.addresses[0]] = channel
 
@@ -73,14 +74,25 @@ class GrpcTransport:
             try:
                 return await open_session(config, method, op.request, init, raw=True)
             except RouterError as err:
+                if err.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.message:
+                    # Dial afresh next time: behind a balancer a new connection reaches a live replica,
+                    # while this one would keep reaching the draining one.
+                    await self._forget(address)
                 if err.code != grpc.StatusCode.UNAVAILABLE or tried == len(self.addresses) - 1:
                     raise
                 self._current = (self._current + 1) % len(self.addresses)
                 log.info("router %s: %s; trying %s", address, err.message, self.address)
         raise AssertionError("unreachable")  # the loop returns or raises
 
+    async def _forget(self, address: str) -> None:
+        """New sessions to `address` get a new channel; streams still on the old one keep it until aclose."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            self._retired.append(channel)
+
     async def aclose(self) -> None:
         """Close the channels."""
         channels, self._channels = self._channels, {}
-        for channel in channels.values():
+        retired, self._retired = self._retired, []
+        for channel in [*channels.values(), *retired]:
             await channel.close(grace=None)
