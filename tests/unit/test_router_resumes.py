@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from osmo_router.dial.config import DialConfig, split_addresses
-from osmo_router.router.core.resumes import ResumeInfo, cause_of, note_agent_answer, resume_info
+from osmo_router.router.core.resumes import ResumeInfo, cause_of, note_agent_answer, resume_info, resume_info_of_open
 from osmo_router.wire.codec import encode_data_message
 from osmo_router.wire.protocol import pb
 
@@ -84,3 +84,12 @@ def test_router_address_lists() -> None:
     assert split_addresses("a:1") == ["a:1"]
     assert split_addresses(" a:1, b:2 ,") == ["a:1", "b:2"]
     assert DialConfig(address="[::1]:1,127.0.0.1:2").addresses == ["[::1]:1", "127.0.0.1:2"]
+
+
+def test_resume_info_of_a_relayed_session_open() -> None:
+    target = pb.SessionTarget(workflow_id="wf", resume=pb.ResumeToken(secret="s"))
+    opened = pb.ConnectResponse(open=pb.SessionOpen(session_key="k", exec=pb.ExecInit(target=target)))
+    assert resume_info_of_open(opened.SerializeToString()) == ResumeInfo(resuming=False)
+    plain = pb.ConnectResponse(open=pb.SessionOpen(session_key="k", exec=pb.ExecInit()))
+    assert resume_info_of_open(plain.SerializeToString()) is None
+    assert resume_info_of_open(b"\xff\xff") is None

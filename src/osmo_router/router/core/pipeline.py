@@ -30,7 +30,7 @@ from osmo_router.router.core import audit
 from osmo_router.router.core.hooks import LocalHooks, RelayedHooks
 from osmo_router.router.core.placement import FarStream, Owner, Placer
 from osmo_router.router.core.relay import relay_side
-from osmo_router.router.core.resumes import Moved, cause_of, is_resuming, resume_info
+from osmo_router.router.core.resumes import Moved, cause_of, is_resuming, resume_info, resume_info_of_open
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.core.side import AgentJoin, ClientJoin, Side
 from osmo_router.router.ops.metrics import RouterMetrics
@@ -215,8 +215,10 @@ class SessionPipeline:
         if failure is None:
             await side.finish()
             return
-        if session.resume is not None and session.resume.resuming and not session.paired.is_set():
-            self._resume_failed(op_name, failure, None)
+        resume = session.resume
+        if resume is not None and resume.resuming and not session.paired.is_set():
+            if not isinstance(failure, Cancelled):  # a resume the client gave up is not a failure
+                self._resume_failed(op_name, failure, None)
         if not isinstance(failure, Cancelled | Moved):
             self._metrics.error(op_name, failure.code, side.transport)
         await side.refuse(failure)
@@ -278,8 +280,11 @@ class SessionPipeline:
             await side.accept()
             via = f"{self._config.router_id} {side.peer}"
             far = await placer.open_stream(owner, method, join.identity, via)
-            await side.send_first(await self._open_far(far, owner, join.raw_init))
-            del join
+            first = await self._open_far(far, owner, join.raw_init)
+            if not near_is_client:
+                session.resume = resume_info_of_open(first)  # the agent's stream of a resumable session
+            await side.send_first(first)
+            del join, first
             placer.relay_started(label)
             try:
                 audit.relay_event("relay start", session, label, owner.replica, side.peer)

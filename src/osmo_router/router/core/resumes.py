@@ -71,6 +71,16 @@ def resume_info(target: pb.SessionTarget) -> ResumeInfo | None:
     return ResumeInfo(resuming=token.resuming or token.attach, attach=token.attach, client_sent=token.sent)
 
 
+def resume_info_of_open(message: bytes) -> ResumeInfo | None:
+    """The ResumeInfo of an encoded ConnectResponse carrying the SessionOpen (an agent's stream relayed here)."""
+    try:
+        open_msg = pb.ConnectResponse.FromString(message).open
+    except Exception:  # the agent's end judges it
+        return None
+    kind = open_msg.WhichOneof("init")
+    return resume_info(getattr(open_msg, kind).target) if kind is not None else None
+
+
 def is_resuming(target: pb.SessionTarget) -> bool:
     """True when a client's init resumes or attaches to a held session."""
     return target.HasField("resume") and (target.resume.resuming or target.resume.attach)
@@ -110,4 +120,13 @@ def _code(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-__all__ = ["CAUSES", "Moved", "ResumeInfo", "cause_of", "is_resuming", "note_agent_answer", "resume_info"]
+__all__ = [
+    "CAUSES",
+    "Moved",
+    "ResumeInfo",
+    "cause_of",
+    "is_resuming",
+    "note_agent_answer",
+    "resume_info",
+    "resume_info_of_open",
+]
