@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ FATAL = frozenset(
 #: meets the old connection before gRPC has noticed it is gone ("Stream removed"), and the second
 #: one, on a new connection, succeeds.
 BACKOFF_INITIAL = 0.05
-BACKOFF_MAX = 4.0
+BACKOFF_MAX = 2.0
 
 Reopen = Callable[[pb.ResumeToken], Awaitable[SessionStream]]
 
@@ -109,7 +110,8 @@ class ResumingStream(ResumableStream):
             except grpc.aio.AioRpcError as err:
                 last = f"{err.code().name}: {err.details()}"
             log.debug("resume attempt failed: %s", last)
-            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+            # Jittered: the clients of a restarted router do not all come back in the same instant.
+            await asyncio.sleep(min(backoff * (0.5 + random.random() / 2), max(0.0, deadline - loop.time())))
             backoff = min(backoff * 2, BACKOFF_MAX)
         raise SessionLost(f"the session could not be resumed within {self._grace:g}s (last attempt: {last})")
 

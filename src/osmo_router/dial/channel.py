@@ -8,7 +8,7 @@ from osmo_router.dial.config import DialConfig
 from osmo_router.wire.protocol import channel_options
 
 #: First and longest wait (ms) before the channel dials a router again after losing it.
-RECONNECT_BACKOFF_MS = (250, 4_000)
+RECONNECT_BACKOFF_MS = (250, 2_000)
 
 
 def _read(path: str | None) -> bytes | None:
