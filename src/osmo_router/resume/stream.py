@@ -24,6 +24,8 @@ import grpc
 
 from osmo_router.resume.window import (
     ACK_DELAY,
+    ACK_EVERY,
+    ACK_MAX,
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
     AckClock,
@@ -150,7 +152,9 @@ class ResumableStream:
         self._incoming_units -= units
         if not self.resumable:
             return frame
-        due = self._acks.take(units) or frame.WhichOneof("kind") in TERMINAL
+        self._acks.take(units)
+        owed = self._acks.received - self._acks.acked
+        due = (owed >= ACK_EVERY and not self._incoming) or owed >= ACK_MAX or frame.WhichOneof("kind") in TERMINAL
         if due:
             # In the background: the ack waits for the write lock behind this side's own sends
             # (a 1 MiB write waits for the peer's flow control), and consuming must not wait too.

@@ -23,6 +23,10 @@ UNNUMBERED: Final = frozenset({"ack", "resume", "detach"})
 TERMINAL: Final = frozenset({"half_close", "exit_status", "error"})
 #: Bytes a receiver takes before it acknowledges, when nothing else makes it acknowledge sooner.
 ACK_EVERY: Final = 256 * 1024
+#: ...unless more of the peer's frames are already waiting to be consumed: then it acknowledges once
+#: they are (or at the latest after this many bytes, a quarter of the default replay buffer), so
+#: a bulk transfer costs one ack per few data frames rather than one per frame.
+ACK_MAX: Final = 2 * 1024 * 1024
 #: Longest a receiver holds an acknowledgement back once it received something.
 ACK_DELAY: Final = 0.2
 #: Bytes one side keeps for the other until acknowledged (per direction, per session).
@@ -192,6 +196,7 @@ class AckClock:
 __all__ = [
     "ACK_DELAY",
     "ACK_EVERY",
+    "ACK_MAX",
     "DEFAULT_REPLAY_BYTES",
     "TERMINAL",
     "UNNUMBERED",
