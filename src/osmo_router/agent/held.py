@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from osmo_router.resume.stream import ResumableStream, SessionLost
-from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, ack_every
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import pb
 
@@ -68,6 +68,7 @@ class HeldStream(ResumableStream):
         self.key = open_msg.session_key
         self.user = open_msg.user
         self.secret = token.secret
+        self.ack_every = ack_every(token.window)
         self.grace = grace
         self.operation = open_msg.WhichOneof("init") or ""
         self.summary = summary_of(open_msg)
@@ -81,7 +82,9 @@ class HeldStream(ResumableStream):
         """Tell the client this session is resumable (the first frame of a new session)."""
         inner = self._inner
         if inner is not None:
-            resume = pb.Resume(received=0, sending_from=0, grace_seconds=int(self.grace), fresh=True)
+            resume = pb.Resume(
+                received=0, sending_from=0, grace_seconds=int(self.grace), fresh=True, window=self.buffer.limit
+            )
             await inner.send(pb.Frame(resume=resume))
         self.start()
 
@@ -140,7 +143,11 @@ class HeldStream(ResumableStream):
         token = attach.token
         sending_from = self.buffer.first_held() if token.attach else token.received
         resume = pb.Resume(
-            received=self.taken, sending_from=sending_from, grace_seconds=int(self.grace), sent=self.buffer.end
+            received=self.taken,
+            sending_from=sending_from,
+            grace_seconds=int(self.grace),
+            sent=self.buffer.end,
+            window=self.buffer.limit,
         )
         try:
             await attach.stream.send(pb.Frame(resume=resume))

@@ -23,7 +23,7 @@ import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.resume.stream import ResumableStream, SessionLost
-from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, ack_every
 from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import pb
@@ -86,6 +86,7 @@ class ResumingStream(ResumableStream):
     def _on_control(self, frame: pb.Frame) -> None:
         if frame.WhichOneof("kind") == "resume" and not self.confirmed:
             self.confirmed = True
+            self.ack_every = ack_every(frame.resume.window)
             if frame.resume.grace_seconds:
                 self._grace = min(self._grace, float(frame.resume.grace_seconds))
 
@@ -97,7 +98,9 @@ class ResumingStream(ResumableStream):
         self._tell(f"connection lost ({cause}); resuming the session (for up to {self._grace:g}s)")
         backoff, last = BACKOFF_INITIAL, cause
         while (remaining := deadline - loop.time()) > 0:
-            token = pb.ResumeToken(secret=self._secret, resuming=True, received=self.taken, sent=self.buffer.end)
+            token = pb.ResumeToken(
+                secret=self._secret, resuming=True, received=self.taken, sent=self.buffer.end, window=self.buffer.limit
+            )
             try:
                 async with asyncio.timeout(remaining):
                     return await self._try_resume(token)
@@ -150,7 +153,7 @@ async def open_stream(
     if transport.name != GRPC or config.resume_grace <= 0:
         return await transport.open(operation, init)
     secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret))
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window=DEFAULT_REPLAY_BYTES))
     inner = await transport.open(operation, init)
     key = getattr(inner, "session_key", "")
     if not key:

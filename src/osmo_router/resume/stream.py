@@ -25,7 +25,6 @@ import grpc
 from osmo_router.resume.window import (
     ACK_DELAY,
     ACK_EVERY,
-    ACK_MAX,
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
     AckClock,
@@ -74,6 +73,8 @@ class ResumableStream:
         self._lost_reported = False
         self._ack_timer: asyncio.TimerHandle | None = None
         self._ack_pending = False
+        #: Units taken before an ack is due (a quarter of the peer's window once it said: window.ack_every).
+        self.ack_every = ACK_EVERY
         self._tasks: set[asyncio.Task[None]] = set()
         #: False once the peer turned out not to resume (an older agent): frames pass straight through.
         self.resumable = True
@@ -153,8 +154,7 @@ class ResumableStream:
         if not self.resumable:
             return frame
         self._acks.take(units)
-        owed = self._acks.received - self._acks.acked
-        due = (owed >= ACK_EVERY and not self._incoming) or owed >= ACK_MAX or frame.WhichOneof("kind") in TERMINAL
+        due = self._acks.received - self._acks.acked >= self.ack_every or frame.WhichOneof("kind") in TERMINAL
         if due:
             # In the background: the ack waits for the write lock behind this side's own sends
             # (a 1 MiB write waits for the peer's flow control), and consuming must not wait too.

@@ -23,9 +23,9 @@ UNNUMBERED: Final = frozenset({"ack", "resume", "detach"})
 TERMINAL: Final = frozenset({"half_close", "exit_status", "error"})
 #: Bytes a receiver takes before it acknowledges, when nothing else makes it acknowledge sooner.
 ACK_EVERY: Final = 256 * 1024
-#: ...unless more of the peer's frames are already waiting to be consumed: then it acknowledges once
-#: they are (or at the latest after this many bytes, a quarter of the default replay buffer), so
-#: a bulk transfer costs one ack per few data frames rather than one per frame.
+#: ...or a quarter of the peer's replay buffer when the peer says how large it is (Resume.window,
+#: ResumeToken.window), at most this: a bulk transfer then costs one ack per few data frames
+#: rather than one per frame (every ack is one more message through every hop).
 ACK_MAX: Final = 2 * 1024 * 1024
 #: Longest a receiver holds an acknowledgement back once it received something.
 ACK_DELAY: Final = 0.2
@@ -33,6 +33,13 @@ ACK_DELAY: Final = 0.2
 DEFAULT_REPLAY_BYTES: Final = 8 * 1024 * 1024
 #: What a frame costs the replay buffer beyond its payload (protobuf objects, deque entry).
 ENTRY_OVERHEAD: Final = 128
+
+
+def ack_every(peer_window: int) -> int:
+    """How many units a receiver takes before it acknowledges, for a peer keeping `peer_window` bytes."""
+    if peer_window <= 0:
+        return ACK_EVERY  # a peer that does not say (an older end)
+    return max(1, min(ACK_MAX, peer_window // 4))
 
 
 def units_of(frame: pb.Frame) -> int:
@@ -203,6 +210,7 @@ __all__ = [
     "AckClock",
     "Entry",
     "ReplayBuffer",
+    "ack_every",
     "slice_from",
     "units_of",
 ]

@@ -119,6 +119,7 @@ class ResumeToken(_message.Message):
     RECEIVED_FIELD_NUMBER: _builtins.int
     ATTACH_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Random secret the client chose when it started the session; a resume must present it."""
     resuming: _builtins.bool
@@ -133,6 +134,8 @@ class ResumeToken(_message.Message):
     """On a resume: units this client numbered so far (it resends what follows the agent's
     Resume.received). Informational: the router counts the replay from it.
     """
+    window: _builtins.int
+    """Bytes of replay buffer this client keeps: the agent acknowledges at least every quarter of it."""
     def __init__(
         self,
         *,
@@ -141,10 +144,11 @@ class ResumeToken(_message.Message):
         received: _builtins.int = ...,
         attach: _builtins.bool = ...,
         sent: _builtins.int = ...,
+        window: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -555,6 +559,7 @@ class Resume(_message.Message):
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     FRESH_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Units of the client's frames the agent received: the client resends from there."""
     sending_from: _builtins.int
@@ -569,6 +574,8 @@ class Resume(_message.Message):
     """Units the agent numbered so far (it resends from sending_from up to here). Informational:
     the router counts the replay from it.
     """
+    window: _builtins.int
+    """Bytes of replay buffer the agent keeps: the client acknowledges at least every quarter of it."""
     def __init__(
         self,
         *,
@@ -577,10 +584,11 @@ class Resume(_message.Message):
         grace_seconds: _builtins.int = ...,
         fresh: _builtins.bool = ...,
         sent: _builtins.int = ...,
+        window: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
