@@ -7,7 +7,9 @@
   - *TCP cut*: a proxy between the client and the router resets both connections (the router and
     the agent stay up: the client reconnects through the proxy, the agent takes the resume);
   - *router kill -9 + restart*: the router is SIGKILLed and started again on the same port at once
-    (the figure includes the new router's start-up and the agent's re-registration).
+    (the figure includes the new router's start-up and the agent's re-registration);
+  - *replica loss*: two replicas and Redis, the replica holding the agent is SIGKILLed; the agent
+    re-registers with the other one and the client resumes there (both know both addresses).
 - steady-state cost: the same transfers with resume (numbering, acks, replay buffers on both ends)
   and with `--resume-grace 0` on both ends, interleaved in one run, as ratios of throughput (goal
   >= 0.95) and of the CPU seconds client, router and agent spend per GiB (goal <= 1.05):
@@ -129,6 +131,45 @@ def resume_after_router_restarts(rounds: int) -> list[float]:
     return samples
 
 
+def resume_after_replica_loss(rounds: int) -> list[float]:
+    """Microseconds from the SIGKILL of the replica holding the agent (two replicas, Redis) to the next echo.
+
+    The client and the agent know both replicas; the client's stream goes through the other one
+    or through the lost one, as the previous round left it. The lost replica is started again on
+    its port after the measurement (the next round kills the agent's new replica).
+    """
+    from tests.redis_harness import RedisServer
+
+    redis = RedisServer()
+    args = ("--redis-url", redis.url, "--directory-ttl=60s")
+    routers = [Router(*args), Router(*args)]
+    agent = AgentProc(f"{routers[0].address},{routers[1].address}", ON)
+    samples: list[float] = []
+    try:
+        session = EchoSession(exec_argv(f"{routers[1].address},{routers[0].address}", ON))
+        try:
+            session.echo()
+            holder = 0
+            for _ in range(rounds):
+                lost, survivor = routers[holder], routers[1 - holder]
+                cut = time.perf_counter()
+                lost.signal(signal.SIGKILL)
+                lost.wait_exit()
+                samples.append((session.echo() - cut) * 1e6)
+                agent.wait_for(lambda r, rid=survivor.router_id: r.get("router_id") == rid)
+                lost.stop()
+                routers[holder] = Router(*args, "--port", str(lost.port))
+                holder = 1 - holder
+        finally:
+            session.close()
+    finally:
+        agent.stop()
+        for router in routers:
+            router.stop()
+        redis.stop()
+    return samples
+
+
 def exec_argv(address: str, workflow: str, *extra: str) -> list[str]:
     """`osmo-net-client exec ... -- cat`."""
     dial = ["--router-address", address, "--workflow-id", workflow, "--tls=false", *extra]
@@ -228,6 +269,18 @@ def run(quick: bool) -> dict[str, Any]:
         "resume after router restarts",
         lambda: latency_figures(
             "resume after router kill -9 + restart", resume_after_router_restarts(restarts), None, "", None
+        ),
+    )
+    attempt(
+        figures,
+        notes,
+        "resume after replica loss",
+        lambda: latency_figures(
+            "resume after the loss of the agent's replica (scale-out)",
+            resume_after_replica_loss(restarts),
+            None,
+            "",
+            None,
         ),
     )
     attempt(figures, notes, "steady-state cost", lambda: steady_state(repeats, 32, 64 if quick else 256))
