@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 BREAKS = (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
 
 
+#: Statuses with which the router ends a session on purpose: the session is over, not broken.
+#: DEADLINE_EXCEEDED: idle past --session-ttl; PERMISSION_DENIED / UNAUTHENTICATED: access or
+#: credentials gone. (A flow-control timeout, RESOURCE_EXHAUSTED, is resumed: a laptop that slept.)
+ENDS = frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+)
+
+
 class SessionLost(Exception):
     """The session cannot go on: `message` says why (shown to the user, logged by the agent)."""
 
@@ -296,6 +304,10 @@ class ResumableStream:
                     self._failure = err  # raised to the handler as it is, as without resume
                     break
                 if self._ended_cleanly():
+                    break
+                if isinstance(err, grpc.aio.AioRpcError) and err.code() in ENDS:
+                    # The router ended the session on purpose: not a break to resume from.
+                    self._lose(SessionLost(err.details() or err.code().name, err.code()))
                     break
                 self._broken(generation, err)
                 continue
