@@ -306,7 +306,8 @@ class SessionPipeline:
             await side.finish()
             return
         session.fail(failure)
-        placer.relay_failed(label, failure.code.name)
+        if not isinstance(failure, Moved):  # a drain's move is no relay error
+            placer.relay_failed(label, failure.code.name)
         await side.refuse(failure)
 
     async def _open_far(self, far: FarStream, owner: Owner, raw_init: bytes) -> bytes:
