@@ -94,13 +94,17 @@ def test_exec_survives_the_loss_of_the_replica_in_its_path(redis_server: RedisSe
         replicas.stop()
 
 
-def test_sigterm_moves_resumable_sessions_to_another_replica(redis_server: RedisServer) -> None:
-    """A drains: its session is ended as a break and resumes via B; A exits long before --drain-timeout."""
-    replicas = Replicas(redis_server, "--drain-timeout=120s")
+@pytest.mark.parametrize("drained", ["owner", "relay"])
+def test_sigterm_moves_resumable_sessions_to_another_replica(redis_server: RedisServer, drained: str) -> None:
+    """A drains: its session is ended as a break and resumes via B; A exits long before --drain-timeout.
+
+    owner: A holds the agent and the session. relay: the agent is on B and A relays the client to it.
+    """
+    replicas = Replicas(redis_server, "--drain-timeout=120s", agent_first="a" if drained == "owner" else "b")
     a, b = replicas.a, replicas.b
     cat = CatRoundTrip(replicas.dial(a, b))
     try:
-        a.wait_for(lambda r: r.get("event") == "session start")
+        a.wait_for(lambda r: r.get("event") == ("session start" if drained == "owner" else "relay start"))
         cat.wait_received(16 * MIB)
         a.signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -110,7 +114,7 @@ def test_sigterm_moves_resumable_sessions_to_another_replica(redis_server: Redis
         exited = time.monotonic() - signalled
         assert exited < 30, "A waited for its session instead of moving it"
         resumed = cat.wait_stderr("session resumed", timeout=RESUME_WITHIN) - signalled
-        print(f"drain: A exited {exited:.2f}s after SIGTERM (--drain-timeout 120s), resumed after {resumed:.2f}s")
+        print(f"drain ({drained}): A exited {exited:.2f}s after SIGTERM, resumed at {resumed:.2f}s")
         assert cat.finish() == 0, cat.stderr
         assert cat.intact, f"{cat.received} of {len(cat.blob)} bytes, or not the same bytes"
         # The status the client reads is "router draining" unless its own write raced with the end of
