@@ -90,10 +90,12 @@ async def _grpc_health(address: str) -> int:
 
 
 def test_sigterm_drains_in_flight_sessions(workflow: str) -> None:
+    """A session that cannot resume is waited for (a resumable one is moved: test_resume_ops_e2e.py)."""
     router = Router("--drain-timeout", "20s")
     agent = AgentProc(router.address, workflow)
     args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    in_flight = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 3; echo done"))
+    command = ["sh", "-c", "echo started; sleep 3; echo done"]
+    in_flight = Proc(client_cmd("exec", *args, "--resume-grace=0", "--", *command))
     try:
         assert asyncio.run(_grpc_health(router.address)) == health_pb2.HealthCheckResponse.SERVING
         in_flight.wait_for(lambda r: r["line"] == "started", stdout=True)
@@ -117,7 +119,8 @@ def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(workflow: 
     router = Router("--drain-timeout", "120s")
     agent = AgentProc(router.address, workflow)
     args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    in_flight = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 100"))
+    # Without resume: a resumable session would be moved at the first signal, not cut off.
+    in_flight = Proc(client_cmd("exec", *args, "--resume-grace=0", "--", "sh", "-c", "echo started; sleep 100"))
     try:
         in_flight.wait_for(lambda r: r["line"] == "started", stdout=True)
         router.signal(signal.SIGTERM)

@@ -291,7 +291,8 @@ def test_replica_loss_breaks_sessions_cleanly_and_agents_come_back(cluster: Clus
     # A second agent knows both replicas and moves to the live one by itself.
     roaming = f"{workflow}-roaming"
     roamer = cluster.agent(f"{a.address},{b.address}", roaming)
-    client = Proc(client_cmd("exec", *args_for(b, workflow), "--", "sleep", "60"))
+    # A session that cannot resume (a resumable one resumes: tests/e2e/test_resume_scaleout_e2e.py).
+    client = Proc(client_cmd("exec", *args_for(b, workflow), "--resume-grace=0", "--", "sleep", "60"))
     b.wait_for(lambda r: r.get("event") == "relay start")
     a.signal(signal.SIGKILL)
     a.wait_exit()

@@ -184,3 +184,23 @@ async def test_a_miss_while_the_directory_is_rebuilt_says_so(redis_server: Redis
     finally:
         await r1.close()
         await r2.close()
+
+
+@pytest.mark.asyncio
+async def test_a_resume_takes_the_session_entry_over(
+    directories: tuple[RedisDirectory, RedisDirectory], redis_server: RedisServer
+) -> None:
+    """The replica serving a resume publishes the session whoever held it (the old holder may be dead)."""
+    r1, r2 = directories
+    key = "resumed-session-key"
+    assert await r1.claim_session(key, "wf") is None
+    assert await r2.claim_session(key, "wf", take_over=True) is None
+    assert await r1.find_session(key) == Owner("r2", "10.0.0.2:2")
+    # The old holder's refresh does not take it back, and its withdrawal does not remove r2's entry.
+    await r1.refresh()
+    assert await r1.find_session(key) == Owner("r2", "10.0.0.2:2")
+    r1.session_removed(key)
+    await r1.close()
+    with redis_server.client() as client:
+        assert client.hget(session_entry(key), "replica") == "r2"
+    assert await r2.claim_session(key, "wf") is None

@@ -31,6 +31,9 @@ from osmo_router.wire.streams import FrameStream
 
 log = logging.getLogger(__name__)
 
+#: Longest wait between two registration attempts while sessions are held for a resume (agent/held.py).
+HELD_BACKOFF_MAX = 1.0
+
 SessionHandler = Callable[[SessionStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
 
 
@@ -94,7 +97,8 @@ class Agent:
             if self._closing:
                 break
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
-            backoff = min(backoff * 2, self.config.backoff_max)
+            # Sessions held for their clients' resume need this agent registered again soon.
+            backoff = min(backoff * 2, self.config.backoff_max if not len(self.held) else HELD_BACKOFF_MAX)
 
     async def close(self) -> None:
         """Stop reconnecting, end sessions in flight, close the channel."""

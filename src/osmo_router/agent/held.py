@@ -211,6 +211,7 @@ class HeldStream(ResumableStream):
             received=self.taken,
             sending_from=sending_from,
             grace_seconds=max(1, math.ceil(self.grace)),
+            sent=self.buffer.end,
             window_bytes=self.buffer.limit,
         )
         self.set_peer_window(token.window_bytes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
@@ -44,8 +45,11 @@ FATAL = frozenset(
 #: Longest a client holds its sent frames for an agent that has not said it resumes (an agent that
 #: does answers with its first frame, one round trip after the session started).
 CONFIRM_WAIT = 5.0
-#: First and longest wait between two resume attempts.
-BACKOFF_INITIAL = 0.25
+#: First and longest wait between two resume attempts. The first is short: the first attempt often
+#: meets the old connection before gRPC has noticed it is gone ("Stream removed"), and the second
+#: one, on a new connection, succeeds. The longest is short too: a router restart is over in a
+#: second or two, and a 4 s step was what a resume waited for.
+BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 1.0
 
 Reopen = Callable[[pb.ResumeToken], Awaitable[SessionStream]]
@@ -202,7 +206,11 @@ class ResumingStream(ResumableStream):
         backoff, last = BACKOFF_INITIAL, cause
         while (remaining := deadline - loop.time()) > 0:
             token = pb.ResumeToken(
-                secret=self._secret, resuming=True, received=self.taken, window_bytes=self.buffer.limit
+                secret=self._secret,
+                resuming=True,
+                received=self.taken,
+                sent=self.buffer.end,
+                window_bytes=self.buffer.limit,
             )
             try:
                 async with asyncio.timeout(remaining):
@@ -216,7 +224,8 @@ class ResumingStream(ResumableStream):
             except grpc.aio.AioRpcError as err:
                 last = f"{err.code().name}: {err.details()}"
             log.debug("resume attempt failed: %s", last)
-            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+            # Jittered: the clients of a restarted router do not all come back in the same instant.
+            await asyncio.sleep(min(backoff * (0.5 + random.random() / 2), max(0.0, deadline - loop.time())))
             backoff = min(backoff * 2, BACKOFF_MAX)
         raise SessionLost(f"the session could not be resumed within {self._grace:g}s (last attempt: {last})")
 

@@ -96,7 +96,7 @@ async def start_resumable(
     if not can_resume(transport, config):
         return await start(init)
     secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret))
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
     first = await start(init)
 
     async def reopen(token: pb.ResumeToken) -> SessionStream:

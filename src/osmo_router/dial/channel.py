@@ -7,6 +7,9 @@ import grpc
 from osmo_router.dial.config import DialConfig
 from osmo_router.wire.protocol import channel_options
 
+#: First and longest wait (ms) before the channel dials a router again after losing it.
+RECONNECT_BACKOFF_MS = (250, 2_000)
+
 
 def _read(path: str | None) -> bytes | None:
     if not path:
@@ -15,19 +18,19 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-#: gRPC waits 1 s, then 1.6 times longer each time (up to 2 min), before it dials a lost router
-#: again, and fails every call meanwhile: a session resuming after a router restart would wait for
-#: that rather than its own backoff (client/resume.py). Dial again within 2 s.
-RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
-
-
 def open_channel(dial: DialConfig) -> grpc.aio.Channel:
-    """A grpc.aio channel to the router (TLS verified against the system store or --tls-ca)."""
-    options: list[tuple[str, int | str]] = [*channel_options(), *RECONNECT_OPTIONS]
+    """A grpc.aio channel to the router (TLS verified against the system store or --tls-ca).
+
+    `dial.address` is one address: callers that accept a list (`DialConfig.addresses`) dial each.
+    """
+    options: list[tuple[str, int | str]] = [
+        *channel_options(),
+        # A router that restarts (or a replica taking over) is back in seconds: a resuming session
+        # must not wait out gRPC's default reconnect backoff (up to 2 minutes).
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+    ]
     if not dial.tls:
         return grpc.aio.insecure_channel(dial.address, options=options)
     if dial.tls_server_name:

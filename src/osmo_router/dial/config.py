@@ -36,6 +36,11 @@ class DialConfig:
             items.append((COOKIE_HEADER, self.cookie))
         return tuple(items)
 
+    @property
+    def addresses(self) -> list[str]:
+        """The router addresses `address` lists (comma-separated; one for the common case)."""
+        return split_addresses(self.address)
+
     def current_token(self) -> str | None:
         """The token to send now: the token file's content when there is one and it reads, else --token."""
         if self.token_file:
@@ -46,3 +51,9 @@ class DialConfig:
                 return self.token
             return token or self.token
         return self.token
+
+
+def split_addresses(address: str) -> list[str]:
+    """`host:port[,host:port...]` as a list (blanks dropped; the whole string when nothing is left)."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    return parts or [address]

@@ -17,7 +17,9 @@ def dial_options(f: Any) -> Any:
                 "--router-address",
                 envvar="OSMO_ROUTER_ADDRESS",
                 required=True,
-                help="host:port of the router; an agent may list several, comma-separated, tried in turn "
+                help="host:port of the router; several may be listed, comma-separated (replicas of one "
+                "router): the agent registers with the next one when it reconnects, a client opens its "
+                "sessions (and resumes them) on the next one when one is unreachable or draining "
                 "[env OSMO_ROUTER_ADDRESS].",
             ),
             click.option(

@@ -24,6 +24,7 @@ import grpc
 
 from osmo_router.resume.window import (
     ACK_DELAY,
+    ACK_EVERY,
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
     AckClock,
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 
 #: What a broken stream under a session raises.
 BREAKS = (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
+
+
+#: Statuses with which the router ends a session on purpose: the session is over, not broken.
+#: DEADLINE_EXCEEDED: idle past --session-ttl; PERMISSION_DENIED / UNAUTHENTICATED: access or
+#: credentials gone. (A flow-control timeout, RESOURCE_EXHAUSTED, is resumed: a laptop that slept.)
+ENDS = frozenset(
+    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+)
 
 
 class SessionLost(Exception):
@@ -77,6 +86,8 @@ class ResumableStream:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._acker: asyncio.Task[None] | None = None
         self._ack_wanted = False
+        #: Units taken before an ack is due (a quarter of the peer's window once it said: set_peer_window).
+        self.ack_every = ACK_EVERY
         self._tasks: set[asyncio.Task[None]] = set()
         #: False once the peer turned out not to resume (an older agent): frames pass straight through.
         self.resumable = True
@@ -109,7 +120,7 @@ class ResumableStream:
 
     def set_peer_window(self, window_bytes: int) -> None:
         """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
-        self._acks.every = ack_interval(window_bytes)
+        self.ack_every = ack_interval(window_bytes)
 
     # --- SessionStream ------------------------------------------------------------------------
 
@@ -161,8 +172,11 @@ class ResumableStream:
         self._incoming_units -= units
         if not self.acking:
             return frame
-        due = self._acks.take(units) or frame.WhichOneof("kind") in TERMINAL
+        self._acks.take(units)
+        due = self._acks.received - self._acks.acked >= self.ack_every or frame.WhichOneof("kind") in TERMINAL
         if due:
+            # In the background: the ack waits for the write lock behind this side's own sends
+            # (a 1 MiB write waits for the peer's flow control), and consuming must not wait too.
             self._ack_now()
         elif self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_soon)
@@ -305,6 +319,10 @@ class ResumableStream:
                     self._failure = err  # raised to the handler as it is, as without resume
                     break
                 if self._ended_cleanly():
+                    break
+                if isinstance(err, grpc.aio.AioRpcError) and err.code() in ENDS:
+                    # The router ended the session on purpose: not a break to resume from.
+                    self._lose(SessionLost(err.details() or err.code().name, err.code()))
                     break
                 self._broken(generation, err)
                 continue

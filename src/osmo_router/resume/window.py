@@ -23,6 +23,10 @@ UNNUMBERED: Final = frozenset({"ack", "resume", "detach"})
 TERMINAL: Final = frozenset({"half_close", "exit_status", "error"})
 #: Bytes a receiver takes before it acknowledges, when nothing else makes it acknowledge sooner.
 ACK_EVERY: Final = 256 * 1024
+#: ...or a quarter of the peer's replay buffer when the peer says how large it is (Resume.window_bytes,
+#: ResumeToken.window_bytes), at most this: a bulk transfer then costs one ack per few data frames
+#: rather than one per frame (every ack is one more message through every hop).
+ACK_MAX: Final = 2 * 1024 * 1024
 #: Longest a receiver holds an acknowledgement back once it received something.
 ACK_DELAY: Final = 0.2
 #: Bytes one side keeps for the other until acknowledged (per direction, per session).
@@ -34,10 +38,13 @@ ENTRY_OVERHEAD: Final = 128
 def ack_interval(peer_window: int) -> int:
     """Units a receiver takes before it acknowledges, for a sender that holds `peer_window` bytes.
 
-    A quarter of the sender's window keeps it sending while the acknowledgement travels; 0 (the
-    peer did not say) means the default window.
+    A quarter of the sender's window keeps it sending while the acknowledgement travels, at most
+    ACK_MAX (an ack per 1 MiB data frame doubled the messages of a bulk transfer); 0 (an end that
+    does not say) means ACK_EVERY.
     """
-    return max(4096, min(ACK_EVERY, (peer_window or DEFAULT_REPLAY_BYTES) // 4))
+    if peer_window <= 0:
+        return ACK_EVERY
+    return max(4096, min(ACK_MAX, peer_window // 4))
 
 
 def units_of(frame: pb.Frame) -> int:
@@ -243,6 +250,7 @@ class AckClock:
 __all__ = [
     "ACK_DELAY",
     "ACK_EVERY",
+    "ACK_MAX",
     "DEFAULT_REPLAY_BYTES",
     "TERMINAL",
     "UNNUMBERED",

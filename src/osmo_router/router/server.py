@@ -40,6 +40,9 @@ from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_opti
 
 log = logging.getLogger(__name__)
 
+#: What the ends of a resumable session read when a draining router moves them.
+DRAINING = "router draining: the session resumes on another replica"
+
 
 def build_authenticator(config: RouterConfig) -> Authenticator:
     """The authenticator the config asks for."""
@@ -260,7 +263,14 @@ class RouterServer:
         await self.close()
 
     async def drain(self) -> None:
-        """Refuse new sessions, let in-flight ones finish up to --drain-timeout."""
+        """Refuse new sessions, move resumable ones, let the others finish up to --drain-timeout.
+
+        Resumable sessions (the client asked and the agent answered with a Resume frame) are ended
+        at once with UNAVAILABLE "router draining": both ends take it as a break and resume on
+        another replica (or on this router once it is back), so they hold up neither the drain
+        nor the user. The others (WebSocket transport, clients or agents without resume) are
+        waited for, as before.
+        """
         if self.draining:
             return
         self.draining = True
@@ -271,10 +281,18 @@ class RouterServer:
         for reg in self.registry.registrations():
             reg.close_standby()
         if self.scaleout is not None:
-            # Agents re-register with another replica at once, so their new sessions work there.
+            # Agents re-register with another replica at once, so their new sessions (and the
+            # resumes of the sessions moved below) work there.
             for reg in self.registry.registrations():
                 reg.replaced.set()
-        log.info("draining: %d sessions in flight, waiting up to %gs", len(self.sessions), self.config.drain_timeout)
+        moved = self.pipeline.move_resumable(DRAINING)
+        log.info(
+            "draining: %d sessions in flight (%d resumable ones moved), waiting up to %gs",
+            len(self.sessions),
+            moved,
+            self.config.drain_timeout,
+            extra={"fields": {"event": "draining", "moved": moved}},
+        )
         deadline = time.monotonic() + self.config.drain_timeout
         await self.sessions.wait_empty(self.config.drain_timeout)
         await self.pipeline.wait_relays_idle(max(0.0, deadline - time.monotonic()))

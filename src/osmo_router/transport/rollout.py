@@ -22,6 +22,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.dial.config import split_addresses
 from osmo_router.transport import GRPC, WS, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.wire.wsproto import base_url, default_ws_address
@@ -89,30 +90,34 @@ async def reachable(address: str, timeout: float) -> bool:
     Only reachability decides the fallback: a port that answers but fails later (TLS, auth) keeps
     the gRPC path, so its error is reported as it is instead of being hidden behind WebSocket.
     """
-    target = host_port(address)
-    if target is None:
-        return True  # a form we cannot probe (dns:///, unix:): let gRPC report on it
-    try:
-        async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(*target)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    for one in split_addresses(address):  # a list of replicas: reachable if any one is
+        target = host_port(one)
+        if target is None:
+            return True  # a form we cannot probe (dns:///, unix:): let gRPC report on it
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(*target)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
 
 
 def reachable_now(address: str, timeout: float) -> bool:
     """`reachable` for code outside an event loop (the rsync command decides for its remote shell)."""
-    target = host_port(address)
-    if target is None:
+    for one in split_addresses(address):
+        target = host_port(one)
+        if target is None:
+            return True
+        try:
+            socket.create_connection(target, timeout=timeout).close()
+        except OSError:
+            continue
         return True
-    try:
-        socket.create_connection(target, timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+    return False
 
 
 def _log_fallback(config: ClientConfig, base: str) -> None:
@@ -140,14 +145,14 @@ def probe_timeout(config: ClientConfig) -> float:
 
 def ws_base(config: ClientConfig) -> str:
     """The WebSocket base URL the client uses."""
-    return base_url(config.ws_address or default_ws_address(config.dial.address), config.dial.tls)
+    return base_url(config.ws_address or default_ws_address(config.dial.addresses[0]), config.dial.tls)
 
 
 def ws_transport(config: ClientConfig) -> WsTransport:
     """The WebSocket transport at --ws-address (default: the gRPC host, port 8000)."""
     from osmo_router.transport.ws_transport import WsTransport  # aiohttp: only paid when used
 
-    address = config.ws_address or default_ws_address(config.dial.address)
+    address = config.ws_address or default_ws_address(config.dial.addresses[0])
     return WsTransport(config.dial, address, connect_timeout=config.connect_timeout)
 
 

@@ -119,6 +119,7 @@ class ResumeToken(_message.Message):
     RECEIVED_FIELD_NUMBER: _builtins.int
     ATTACH_FIELD_NUMBER: _builtins.int
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Random secret the client chose when it started the session; a resume must present it."""
     resuming: _builtins.bool
@@ -133,6 +134,10 @@ class ResumeToken(_message.Message):
     """Bytes the client keeps unacknowledged at most (its replay buffer): the agent acknowledges
     often enough for it (0: the default, 8 MiB).
     """
+    sent: _builtins.int
+    """On a resume: units this client numbered so far (it resends what follows the agent's
+    Resume.received). Informational: the router counts the replay from it.
+    """
     def __init__(
         self,
         *,
@@ -141,10 +146,11 @@ class ResumeToken(_message.Message):
         received: _builtins.int = ...,
         attach: _builtins.bool = ...,
         window_bytes: _builtins.int = ...,
+        sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -563,6 +569,7 @@ class Resume(_message.Message):
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     FRESH_FIELD_NUMBER: _builtins.int
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Units of the client's frames the agent received: the client resends from there."""
     sending_from: _builtins.int
@@ -575,6 +582,10 @@ class Resume(_message.Message):
     """True on the first connection (a new session), false on a resume or attach."""
     window_bytes: _builtins.int
     """Bytes the agent keeps unacknowledged at most (see ResumeToken.window_bytes)."""
+    sent: _builtins.int
+    """Units the agent numbered so far (it resends from sending_from up to here). Informational:
+    the router counts the replay from it.
+    """
     def __init__(
         self,
         *,
@@ -583,10 +594,11 @@ class Resume(_message.Message):
         grace_seconds: _builtins.int = ...,
         fresh: _builtins.bool = ...,
         window_bytes: _builtins.int = ...,
+        sent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The audit trail: one structured log line per session start, end and refusal.
+"""The audit trail: one structured log line per session start, end and refusal, and per resume.
 
 Logged on the `osmo_router.audit` logger with `fields`, so the JSON log format carries them as
 keys: user, workflow, task, operation, session (a fingerprint of its key, not the key), peer, and at the
@@ -14,6 +14,7 @@ import logging
 
 from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import Identity
+from osmo_router.router.core.resumes import cause_of
 from osmo_router.router.core.sessions import Session
 from osmo_router.wire.errors import RouterError
 
@@ -88,3 +89,36 @@ def relay_event(
     fields = _fields(event, session, operation, peer, duration)
     fields["replica"] = replica
     log.info(event, extra={"fields": fields})
+
+
+def resume_event(session: Session) -> None:
+    """Log a resume (or attach) the agent took ("session resumed") or refused ("resume refused")."""
+    info = session.resume
+    if info is None:
+        return
+    fields = _fields("", session, session.operation_name, "", None)
+    del fields["peer"]
+    fields["session"] = fingerprint(session.key)
+    fields["attach"] = info.attach
+    if info.refused is None:
+        event = "session resumed"
+        fields.update(replayed_to_agent=info.replayed_to_agent, replayed_to_client=info.replayed_to_client)
+    else:
+        event = "resume refused"
+        fields.update(code=info.refused.name, cause=cause_of(info.refused, info.refusal), reason=info.refusal)
+    fields["event"] = event
+    log.info(event, extra={"fields": fields})
+
+
+def resume_failed(operation: str, error: RouterError, identity: Identity | None, cause: str) -> None:
+    """Log a resume the router could not pair (no agent registered, another user's session, ...)."""
+    fields: dict[str, object] = {
+        "event": "resume refused",
+        "operation": operation,
+        "code": error.code.name,
+        "cause": cause,
+        "reason": error.message,
+    }
+    if identity is not None:
+        fields["user"] = identity.subject
+    log.info("resume refused", extra={"fields": fields})

@@ -27,8 +27,10 @@ from osmo_router.io import memtune
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core import audit
+from osmo_router.router.core.hooks import LocalHooks, RelayedHooks
 from osmo_router.router.core.placement import FarStream, Owner, Placer
 from osmo_router.router.core.relay import relay_side
+from osmo_router.router.core.resumes import Moved, cause_of, is_resuming, resume_info, resume_info_of_open
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.core.side import AgentJoin, ClientJoin, Side
 from osmo_router.router.ops.metrics import RouterMetrics
@@ -38,22 +40,6 @@ from osmo_router.wire.protocol import CLOSE_GRACE, pb
 
 #: The label of agent session streams in refusal metrics and audit lines.
 CONNECT = "connect"
-
-
-class RelayedHooks:
-    """Relay hooks of a stream relayed to another replica: bytes are counted by the owner, stalls here."""
-
-    def __init__(self, metrics: RouterMetrics) -> None:
-        self._metrics = metrics
-        #: Counts stay on the session (for the relay's audit line), as for a local session.
-        self.count_bytes = metrics.count_bytes
-
-    def flow_control_timeout(self, session: Session) -> None:
-        """A reader stopped reading: counted like a local session's."""
-        self._metrics.flow_control_timeouts_total.inc()
-
-    def settle(self, session: Session) -> None:
-        """Nothing to fold: the owner counts these bytes into router_grpc_bytes_total."""
 
 
 class SessionPipeline:
@@ -67,6 +53,7 @@ class SessionPipeline:
         self._metrics = metrics
         self._placer = placer
         self._relayed_hooks = RelayedHooks(metrics)
+        self._hooks = LocalHooks(metrics)
         self._relays: set[Session] = set()
         self._relays_idle = asyncio.Event()
         self._relays_idle.set()
@@ -96,6 +83,8 @@ class SessionPipeline:
                 join.identity, join.operation.value, join.target, join.open_msg, key=key
             )
         except RouterError as err:
+            if is_resuming(join.target):
+                self._resume_failed(label, err, join.identity)
             await self.refuse(side, label, err, join.identity)
             return
         if join.target.resume.attach:
@@ -142,6 +131,26 @@ class SessionPipeline:
                 session.fail(failure or Unavailable("the agent disconnected"))
                 self._sessions.remove(session)
         await (side.refuse(failure) if failure is not None else side.finish())
+
+    def move_resumable(self, reason: str) -> int:
+        """End every resumable session served or relayed here with `Moved`: both ends resume elsewhere.
+
+        Returns how many were ended. Sessions that cannot resume (no resume asked, an agent without
+        resume, the WebSocket transport) are left to end by themselves.
+        """
+        moved = 0
+        for session in [*self._sessions.sessions(), *self._relays]:
+            if session.resume is not None and session.resume.confirmed and session.error is None:
+                session.fail(Moved(reason))
+                if session.key:  # a relayed stream's owner counts the session
+                    self._metrics.sessions_moved_total.labels(session.operation_name).inc()
+                moved += 1
+        return moved
+
+    def _resume_failed(self, label: str, err: RouterError, identity: Identity | None) -> None:
+        cause = "timeout" if isinstance(err, DeadlineExceeded) else cause_of(err.code, err.message)
+        self._metrics.resume_failed(label, cause)
+        audit.resume_failed(label, err, identity, cause)
 
     async def wait_relays_idle(self, timeout: float) -> bool:
         """Wait until no stream is relayed to another replica, at most `timeout` seconds."""
@@ -212,7 +221,11 @@ class SessionPipeline:
         if failure is None:
             await side.finish()
             return
-        if not isinstance(failure, Cancelled):
+        resume = session.resume
+        if resume is not None and resume.resuming and not session.paired.is_set():
+            if not isinstance(failure, Cancelled):  # a resume the client gave up is not a failure
+                self._resume_failed(op_name, failure, None)
+        if not isinstance(failure, Cancelled | Moved):
             self._metrics.error(op_name, failure.code, side.transport)
         await side.refuse(failure)
 
@@ -224,12 +237,13 @@ class SessionPipeline:
         """
         stall = self._config.flow_control_timeout
         return relay_side(
-            session, side, is_client=is_client, flow_control_timeout=stall, hooks=self._metrics, merge=side.merge_frames
+            session, side, is_client=is_client, flow_control_timeout=stall, hooks=self._hooks, merge=side.merge_frames
         )
 
     async def _relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
         session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject)
         session.operation = join.operation.value
+        session.resume = resume_info(join.target)
         await self._relay_to_owner(side, owner, join.operation.method, session, join, near_is_client=True)
 
     async def _relay_agent(self, side: Side, owner: Owner, join: AgentJoin) -> None:
@@ -272,8 +286,11 @@ class SessionPipeline:
             await side.accept()
             via = f"{self._config.router_id} {side.peer}"
             far = await placer.open_stream(owner, method, join.identity, via)
-            await side.send_first(await self._open_far(far, owner, join.raw_init))
-            del join
+            first = await self._open_far(far, owner, join.raw_init)
+            if not near_is_client:
+                session.resume = resume_info_of_open(first)  # the agent's stream of a resumable session
+            await side.send_first(first)
+            del join, first
             placer.relay_started(label)
             try:
                 audit.relay_event("relay start", session, label, owner.replica, side.peer)
@@ -295,7 +312,8 @@ class SessionPipeline:
             await side.finish()
             return
         session.fail(failure)
-        placer.relay_failed(label, failure.code.name)
+        if not isinstance(failure, Moved):  # a drain's move is no relay error
+            placer.relay_failed(label, failure.code.name)
         await side.refuse(failure)
 
     async def _open_far(self, far: FarStream, owner: Owner, raw_init: bytes) -> bytes:

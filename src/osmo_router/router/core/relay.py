@@ -59,6 +59,10 @@ class RelayHooks(Protocol):
         """One side of the session ended: fold its counts into shared totals."""
         ...
 
+    def agent_answered(self, session: Session, message: bytes) -> None:
+        """The agent's first frame of a session whose client asked for resume (core/resumes.py)."""
+        ...
+
 
 async def relay_side(
     session: Session,
@@ -127,10 +131,15 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
     # No closures or per-side callables here: a router holds two of these per session.
     direction = "agent_to_client" if is_agent else "client_to_agent"
     client_half_closed = False
+    # The agent's first frame tells whether a session that asked for resume got it (core/resumes.py).
+    answer = is_agent and session.resume is not None
     try:
         while (message := await endpoint.read()) is not None:
             if not message or message[0] != FRAME_TAG:
                 raise InvalidArgument("expected a frame after the init")
+            if answer:
+                answer = False
+                hooks.agent_answered(session, message)
             session.touch()
             hooks.count_bytes(session, direction, len(message))
             if len(message) <= MAX_EXIT_STATUS_MESSAGE:

@@ -24,6 +24,7 @@ from osmo_router.router.core.ids import check_id as check_id
 from osmo_router.router.core.ids import new_session_key as new_session_key
 from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistry
+from osmo_router.router.core.resumes import ResumeInfo, resume_info
 from osmo_router.wire.errors import (
     Aborted,
     AlreadyExists,
@@ -127,6 +128,8 @@ class Session:
     creator: str = ""
     #: The port-forward command this session is a connection of ("" for none; see core/limits.py).
     forward_id: str = ""
+    #: Set when the client asked for resume (core/resumes.py); None for every other session.
+    resume: ResumeInfo | None = None
     paired: Latch = field(default_factory=Latch)
     to_agent: FlowQueue = field(init=False)
     to_client: FlowQueue = field(init=False)
@@ -274,6 +277,7 @@ class SessionStore:
             session.to_client.use_budgets(budgets)
         session.operation = operation
         session.user = identity.subject
+        session.resume = resume_info(target)
         open_msg.session_key = session.key
         open_msg.user = identity.subject
         session.open_message = pb.ConnectResponse(open=open_msg).SerializeToString()
@@ -354,6 +358,12 @@ class SessionStore:
                     self._budgets.release(session.user)
             if self._on_remove is not None:
                 self._on_remove(session)
+
+    def supersede(self, workflow_id: str, key: str, identity: Identity) -> None:
+        """End the session with this key, if held here, for its owner's resume served elsewhere."""
+        session = self.get(workflow_id, key)
+        if session is not None:
+            self._supersede(session, identity)
 
     def _supersede(self, session: Session, identity: Identity) -> None:
         """A resume or attach of a session this router still holds: its owner's new stream replaces it.

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from osmo_router.router.core.resumes import cause_of
 from osmo_router.router.core.sessions import Session
 from osmo_router.wire.ops import LABELS
 
@@ -110,6 +111,7 @@ class RouterMetrics:
             ["operation", "code", "transport"],
             registry=r,
         )
+        self._resume_metrics(r)
         for op in LABELS:
             self.sessions_active.labels(op)
             for direction in DIRECTIONS:
@@ -126,6 +128,51 @@ class RouterMetrics:
             registry=r,
         )
         self.created_sessions.set_function(created)
+
+    def _resume_metrics(self, r: CollectorRegistry) -> None:
+        """Resumable sessions (docs/resume.md): what the router sees of them as their relay."""
+        self.resumes_total = Counter(
+            "router_grpc_resumes_total",
+            "Sessions resumed or attached: the agent answered the client's resume with a Resume frame.",
+            ["operation"],
+            registry=r,
+        )
+        self.resume_failures_total = Counter(
+            "router_grpc_resume_failures_total",
+            "Resume attempts that failed, by cause: refused by the agent (not_found, denied, data_loss, "
+            "invalid), no_agent registered, timeout, unavailable, other. A client retries some of them.",
+            ["operation", "cause"],
+            registry=r,
+        )
+        self.resume_replayed_bytes_total = Counter(
+            "router_grpc_resume_replayed_bytes_total",
+            "Units (payload bytes, 1 per control frame) resent after resumes, as the two ends declared them.",
+            ["operation", "direction"],
+            registry=r,
+        )
+        self.sessions_moved_total = Counter(
+            "router_grpc_sessions_moved_total",
+            "Resumable sessions a draining router ended so that they resume on another replica.",
+            ["operation"],
+            registry=r,
+        )
+
+    def resume_answered(self, session: Session) -> None:
+        """Count a resume the agent answered (taken or refused): see core/resumes.py."""
+        info = session.resume
+        if info is None or not info.resuming:
+            return
+        op = session.operation_name
+        if info.refused is not None:
+            self.resume_failures_total.labels(op, cause_of(info.refused, info.refusal)).inc()
+        elif info.confirmed:
+            self.resumes_total.labels(op).inc()
+            self.resume_replayed_bytes_total.labels(op, "client_to_agent").inc(info.replayed_to_agent)
+            self.resume_replayed_bytes_total.labels(op, "agent_to_client").inc(info.replayed_to_client)
+
+    def resume_failed(self, operation: str, cause: str) -> None:
+        """Count a resume the router could not pair (no agent, timeout, another user's session)."""
+        self.resume_failures_total.labels(operation, cause).inc()
 
     def count_bytes(self, session: Session, direction: str, size: int) -> None:
         """Relay hook: count one chunk (plain integer additions; folded in later)."""

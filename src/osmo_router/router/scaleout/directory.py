@@ -51,8 +51,11 @@ class Directory(Protocol):
         """The replica holding the session with this key."""
         ...
 
-    async def claim_session(self, key: str, workflow_id: str) -> Owner | None:
-        """Publish a session held here; if another replica already holds the key, that replica instead."""
+    async def claim_session(self, key: str, workflow_id: str, *, take_over: bool = False) -> Owner | None:
+        """Publish a session held here; if another replica already holds the key, that replica instead.
+
+        `take_over`: publish it here whoever held it (a resume: the old holder lost the session).
+        """
         ...
 
     def session_removed(self, key: str) -> None:
@@ -83,7 +86,7 @@ class MemoryDirectory:
         """Never elsewhere."""
         return None
 
-    async def claim_session(self, key: str, workflow_id: str) -> Owner | None:
+    async def claim_session(self, key: str, workflow_id: str, *, take_over: bool = False) -> Owner | None:
         """Always ours."""
         return None
 

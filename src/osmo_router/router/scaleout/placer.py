@@ -20,6 +20,7 @@ from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.placement import HERE, FarStream, Owner, Placement
 from osmo_router.router.core.registry import AgentRegistry
+from osmo_router.router.core.resumes import is_resuming
 from osmo_router.router.core.sessions import SessionStore, check_id, new_session_key, scoped_key
 from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.scaleout.directory import Directory, DirectoryUnavailable
@@ -75,9 +76,13 @@ class ScaleOut:
         identity.require_user()
         identity.require_workflow(target.workflow_id)
         key = target.session_key
-        if not self._sessions.accepting or (key and self._sessions.get(target.workflow_id, key) is not None):
+        if not self._sessions.accepting:
             return HERE
         local_agent = self._registry.pick(target.workflow_id, target.task) is not None
+        if key and is_resuming(target):
+            return await self._place_resume(identity, target, local_agent, from_peer=from_peer)
+        if key and self._sessions.get(target.workflow_id, key) is not None:
+            return HERE
         if not from_peer:
             try:
                 owner = await self._find_client_owner(target, local_agent)
@@ -92,6 +97,27 @@ class ScaleOut:
         key = key or new_session_key()
         other = await self._directory.claim_session(scoped_key(target.workflow_id, key), target.workflow_id)
         return Placement(owner=other) if other is not None and not from_peer else Placement(key=key)
+
+    async def _place_resume(
+        self, identity: Identity, target: pb.SessionTarget, local_agent: bool, *, from_peer: bool
+    ) -> Placement:
+        """A resume (or attach) is served where the agent is registered, whoever held the session before.
+
+        The session's directory entry is not followed: it names the replica that paired it, which
+        may be the very replica that was lost (its entry lives until the TTL) or one that drains.
+        The agent holds the session, so the resume goes where its agent registered; that replica
+        takes the entry over (the owner's old session, wherever it still is, has lost its client).
+        """
+        key = target.session_key
+        if local_agent:
+            await self._directory.claim_session(scoped_key(target.workflow_id, key), target.workflow_id, take_over=True)
+            return Placement(key=key)
+        if from_peer:
+            return HERE  # the agent left this replica since: refused (no agent), the client retries
+        # An old session still held here has lost its client: end it (its owner's only).
+        self._sessions.supersede(target.workflow_id, key, identity)
+        owner = await self._directory.find_agent(target.workflow_id, target.task)
+        return Placement(owner=owner) if owner is not None else HERE
 
     async def place_agent(self, identity: Identity, init: pb.ConnectInit, *, from_peer: bool) -> Placement:
         """Where an agent's Connect stream is served: with the session, wherever it waits."""

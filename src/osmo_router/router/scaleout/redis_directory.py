@@ -84,10 +84,11 @@ end
 return {}
 """
 
-# KEYS: entry. ARGV: owner, replica, address, workflow, ttl ms. Returns {} when ours, else the owner's entry.
+# KEYS: entry. ARGV: owner, replica, address, workflow, ttl ms, take over ('1').
+# Returns {} when ours (now), else the owner's entry.
 _CLAIM_SESSION = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= ARGV[1] then return redis.call('HGETALL', KEYS[1]) end
+if owner and owner ~= ARGV[1] and ARGV[6] ~= '1' then return redis.call('HGETALL', KEYS[1]) end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replica', ARGV[2], 'address', ARGV[3], 'workflow', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {}
@@ -279,13 +280,15 @@ class RedisDirectory:
         """The replica holding the session with this key."""
         return self._owner(await self._call("find session", self._redis.hgetall(session_entry(key))))
 
-    async def claim_session(self, key: str, workflow_id: str) -> Owner | None:
+    async def claim_session(self, key: str, workflow_id: str, *, take_over: bool = False) -> Owner | None:
         """Publish a session of this replica, or return the replica that already holds the key.
 
-        Never raises: while Redis is down the session stays local and the heartbeat publishes it.
+        `take_over` (a resume): publish it here whoever held it. Never raises: while Redis is down
+        the session stays local and the heartbeat publishes it.
         """
         try:
-            other = await self._call("claim session", self._write_session(key, workflow_id))
+            write = self._write_session(key, workflow_id, take_over=take_over)
+            other = await self._call("claim session", write)
         except DirectoryUnavailable:
             other = None
         owner = self._owner(other)
@@ -350,10 +353,12 @@ class RedisDirectory:
         """Write the epoch key if it is absent (as `kind`), else extend its TTL."""
         return self._mark_epoch(keys=[EPOCH_KEY], args=[kind, self._ttl_ms], client=client)
 
-    def _write_session(self, key: str, workflow_id: str, client: Any = None) -> Awaitable[Any]:
+    def _write_session(
+        self, key: str, workflow_id: str, client: Any = None, *, take_over: bool = False
+    ) -> Awaitable[Any]:
         return self._claim_session(
             keys=[session_entry(key)],
-            args=[self._replica, self._replica, self._address, workflow_id, self._ttl_ms],
+            args=[self._replica, self._replica, self._address, workflow_id, self._ttl_ms, "1" if take_over else "0"],
             client=client,
         )
 
