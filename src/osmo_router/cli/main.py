@@ -113,6 +113,14 @@ def main_group() -> None:
     help="How long a side may stop reading before its session ends.",
 )
 @click.option(
+    "--min-drain-rate",
+    type=int,
+    default=16 * 1024,
+    show_default=True,
+    help="Bytes a second a side must read while data waits for it: one that takes less over a whole "
+    "--flow-control-timeout (a trickle) ends its session like a stalled one; 0: no such rule.",
+)
+@click.option(
     "--init-timeout",
     type=DURATION,
     default="10s",

@@ -60,6 +60,9 @@ class RouterConfig:
     #: Bytes queued per relay direction at most, whatever the message count (one message always fits).
     flow_control_bytes: int = 4 * 1024 * 1024
     flow_control_timeout: float = 30.0
+    #: Bytes a second a reader must take while data waits for it, over each flow-control-timeout
+    #: period (relay.py; 0: only the flow-control timeout applies).
+    min_drain_rate: int = 16 * 1024
     init_timeout: float = 10.0
     drain_timeout: float = 30.0
     keepalive_time: float = 20.0
@@ -138,6 +141,8 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.flow_control_bytes < 64 * 1024:
             raise ValueError("--flow-control-bytes must be at least 64 KiB")
+        if self.min_drain_rate < 0:
+            raise ValueError("--min-drain-rate must be 0 (off) or more")
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
         for name in ("session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout", "directory_ttl"):
