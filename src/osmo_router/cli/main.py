@@ -185,6 +185,14 @@ def main_group() -> None:
     help="Bytes every session may queue together [default: half the container's memory limit, else 2 GiB].",
 )
 @click.option(
+    "--memory-guard-bytes",
+    type=int,
+    default=0,
+    help="When the router's RSS passes this, the sessions its readers hold back are ended, the user with "
+    "the most of them first (gRPC buffers for them beyond the budgets) "
+    "[default: 3/4 of the container's memory limit, else 1.5 x --total-buffer-bytes].",
+)
+@click.option(
     "--max-connections-per-forward",
     type=int,
     default=4096,

@@ -54,6 +54,11 @@ class FlowQueue:
         return len(self._items) >= self._maxsize or (bool(self._items) and self._bytes + incoming > self._max_bytes)
 
     @property
+    def held_back(self) -> bool:
+        """True while a put waits for room: the sender's stream is not being read (gRPC buffers for it)."""
+        return self._putter is not None
+
+    @property
     def ended(self) -> bool:
         """True once `end` was called."""
         return self._ended
