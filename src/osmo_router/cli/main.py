@@ -14,7 +14,7 @@ import click
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
-from osmo_router.cli.limit_options import connection_limit_options
+from osmo_router.cli.limit_options import buffer_limit_options, connection_limit_options
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.migration_options import migration_options
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
@@ -113,14 +113,6 @@ def main_group() -> None:
     help="How long a side may stop reading before its session ends.",
 )
 @click.option(
-    "--min-drain-rate",
-    type=int,
-    default=16 * 1024,
-    show_default=True,
-    help="Bytes a second a side must read while data waits for it: one that takes less over a whole "
-    "--flow-control-timeout (a trickle) ends its session like a stalled one; 0: no such rule.",
-)
-@click.option(
     "--init-timeout",
     type=DURATION,
     default="10s",
@@ -162,35 +154,6 @@ def main_group() -> None:
     default=4 * 1024 * 1024,
     show_default=True,
     help="Largest gRPC message accepted or sent.",
-)
-@click.option(
-    "--flow-control-bytes",
-    type=int,
-    default=4 * 1024 * 1024,
-    show_default=True,
-    help="Bytes a session may queue per direction in the router (with --flow-control-buffer messages); "
-    "a full queue stops reading from the sender.",
-)
-@click.option(
-    "--user-buffer-bytes",
-    type=int,
-    default=256 * 1024 * 1024,
-    show_default=True,
-    help="Bytes all of one user's sessions may queue in the router together; past it they stop reading.",
-)
-@click.option(
-    "--total-buffer-bytes",
-    type=int,
-    default=0,
-    help="Bytes every session may queue together [default: half the container's memory limit, else 2 GiB].",
-)
-@click.option(
-    "--memory-guard-bytes",
-    type=int,
-    default=0,
-    help="When the router's RSS passes this, the sessions its readers hold back are ended, the user with "
-    "the most of them first (gRPC buffers for them beyond the budgets) "
-    "[default: 3/4 of the container's memory limit, else 1.5 x --total-buffer-bytes].",
 )
 @click.option(
     "--max-connections-per-forward",
@@ -248,6 +211,7 @@ def main_group() -> None:
     show_default=True,
     help="Lifetime of this replica's entries in Redis; refreshed every third of it, gone this long after a crash.",
 )
+@buffer_limit_options
 @connection_limit_options
 @migration_options
 @_log_options
