@@ -142,6 +142,7 @@ class RouterServer:
         # One share of the descriptor limit per port, worked out once (it may raise the soft limit).
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
+        self._log_memory_limits()
         server = grpc.aio.server(
             options=[
                 *server_options(
@@ -277,6 +278,24 @@ class RouterServer:
         await self.metrics_server.close()
         await self.auth.close()
         self._stopped.set()
+
+    def _log_memory_limits(self) -> None:
+        """One log line with the byte budgets and the memory guard in force (`event: memory limits`)."""
+        fields = {
+            "event": "memory limits",
+            "flow_control_bytes": self.config.flow_control_bytes,
+            "user_buffer_bytes": self.budgets.per_user,
+            "total_buffer_bytes": self.budgets.total.limit,
+            "memory_guard_bytes": self.guard.limit,
+            "min_drain_rate": self.config.min_drain_rate,
+        }
+        log.info(
+            "memory limits: %d MiB per user, %d MiB in all, memory guard at %d MiB RSS",
+            self.budgets.per_user >> 20,
+            self.budgets.total.limit >> 20,
+            self.guard.limit >> 20,
+            extra={"fields": fields},
+        )
 
     async def _watch(self) -> None:
         """The background checks: idle sessions, and the memory guard."""
