@@ -38,6 +38,11 @@ INTERVAL = 0.05
 PAUSE = 1.0
 #: How long after ending sessions the freed memory is given back (the calls are torn down first).
 RELEASE_DELAY = 0.5
+#: Every this many seconds, a process whose RSS is TRIM_SLACK above what the last trim left asks for
+#: a trim once it is quiet: gRPC frees some buffers long after their session ended (a stream whose
+#: reader took its time), when no session end asks for one.
+TRIM_EVERY = 10.0
+TRIM_SLACK = 16 * 1024 * 1024
 
 
 def rss_bytes() -> int:
@@ -76,11 +81,17 @@ class MemoryGuard:
 
     async def run(self, interval: float = INTERVAL) -> None:
         """Check every `interval` seconds, for ever (cancel to stop)."""
+        loop = asyncio.get_running_loop()
+        next_trim = loop.time() + TRIM_EVERY
         while True:
             await asyncio.sleep(interval)
             rss = self._rss()
             if rss > self.limit:
                 self.check(rss)
+            if loop.time() >= next_trim:
+                next_trim = loop.time() + TRIM_EVERY
+                if rss > memtune.released_kib() * 1024 + TRIM_SLACK:
+                    memtune.trim_when_idle()
 
     def check(self, rss: int) -> bool:
         """End the held-back sessions of the user with the most of them; False when none is held back."""
