@@ -15,6 +15,10 @@ whose reader is held back (a queue of theirs is full, so gRPC buffers for their 
 user with the most of them, ends those with RESOURCE_EXHAUSTED, and gives the freed memory back
 (malloc_trim). For a second after that only more of the same user's sessions are ended, while the
 memory of the ended ones is being freed: one user's flood ends her own sessions only.
+
+The same loop asks for a trim once the process is quiet (memtune.trim_when_idle) every TRIM_EVERY
+seconds while its RSS is well above what the last trim left: gRPC frees the buffers of a stream whose
+reader took its time long after the session ended, when no session end asks for a trim.
 """
 
 from __future__ import annotations
