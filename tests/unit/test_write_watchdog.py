@@ -115,3 +115,50 @@ async def test_interrupt_between_writes_does_nothing() -> None:
     with watchdog:
         await asyncio.sleep(0)
     watchdog.close()
+
+
+async def _write_steadily(watchdog: WriteWatchdog, size: int, pause: float, writes: int) -> int:
+    """`writes` writes of `size` bytes, each taking `pause` seconds, back to back; the count done."""
+    done = 0
+    for _ in range(writes):
+        with watchdog:
+            await asyncio.sleep(pause)
+        watchdog.moved += size
+        done += 1
+    return done
+
+
+@pytest.mark.asyncio
+async def test_a_trickle_of_short_writes_is_ended_by_the_minimum_drain_rate() -> None:
+    # 4 KiB every 20 ms is 200 KiB/s: under a 1 MiB/s minimum, though no write comes near the timeout.
+    watchdog = WriteWatchdog(0.2, min_rate=1024 * 1024)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(5):
+            await _write_steadily(watchdog, 4096, 0.02, 1000)
+    assert watchdog.fired and watchdog.slow
+    watchdog.close()
+
+
+@pytest.mark.asyncio
+async def test_a_reader_at_the_rate_or_without_the_rule_goes_on() -> None:
+    fast = WriteWatchdog(0.2, min_rate=1024 * 1024)
+    assert await _write_steadily(fast, 256 * 1024, 0.02, 30) == 30  # 12.5 MiB/s
+    assert not fast.fired
+    fast.close()
+    off = WriteWatchdog(0.2)
+    assert await _write_steadily(off, 1, 0.02, 30) == 30
+    assert not off.fired
+    off.close()
+
+
+@pytest.mark.asyncio
+async def test_a_period_in_which_the_writer_waited_for_data_is_not_held_against_the_reader() -> None:
+    watchdog = WriteWatchdog(0.2, min_rate=1024 * 1024)
+    for _ in range(30):  # a slow sender: the writer idles between small writes
+        with watchdog:
+            await asyncio.sleep(0.005)
+        watchdog.moved += 100
+        watchdog.idle()
+        await asyncio.sleep(0.015)
+    assert not watchdog.fired
+    watchdog.close()

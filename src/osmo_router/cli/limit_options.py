@@ -1,4 +1,4 @@
-"""The `osmo-router serve` flags of the connection limits and timeouts on every port."""
+"""The `osmo-router serve` flags of the limits: connections and timeouts on every port, and buffers."""
 
 from __future__ import annotations
 
@@ -90,6 +90,53 @@ def connection_limit_options(f: Any) -> Any:
             default=16,
             show_default=True,
             help="Metrics port: connections at once from one address (0: no cap).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def buffer_limit_options(f: Any) -> Any:
+    """`serve` flags of what sessions may make the router hold, and of readers too slow to keep up
+    (docs/security.md, "Resource limits")."""
+    options = [
+        click.option(
+            "--flow-control-bytes",
+            type=int,
+            default=4 * 1024 * 1024,
+            show_default=True,
+            help="Bytes a session may queue per direction in the router (with --flow-control-buffer messages); "
+            "a full queue stops reading from the sender.",
+        ),
+        click.option(
+            "--user-buffer-bytes",
+            type=int,
+            default=256 * 1024 * 1024,
+            show_default=True,
+            help="Bytes all of one user's sessions may queue in the router together; past it they stop reading.",
+        ),
+        click.option(
+            "--total-buffer-bytes",
+            type=int,
+            default=0,
+            help="Bytes every session may queue together [default: half the container's memory limit, else 2 GiB].",
+        ),
+        click.option(
+            "--min-drain-rate",
+            type=int,
+            default=16 * 1024,
+            show_default=True,
+            help="Bytes a second a side must read while data waits for it: one that takes less over a whole "
+            "--flow-control-timeout (a trickle) ends its session like a stalled one; 0: no such rule.",
+        ),
+        click.option(
+            "--memory-guard-bytes",
+            type=int,
+            default=0,
+            help="When the router's RSS passes this, the sessions its readers hold back are ended, the user with "
+            "the most of them first (gRPC buffers for them beyond the budgets) "
+            "[default: 3/4 of the container's memory limit, else 1.5 x --total-buffer-bytes].",
         ),
     ]
     for option in reversed(options):

@@ -14,7 +14,7 @@ import click
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
-from osmo_router.cli.limit_options import connection_limit_options
+from osmo_router.cli.limit_options import buffer_limit_options, connection_limit_options
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.migration_options import migration_options
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
@@ -158,27 +158,6 @@ def main_group() -> None:
     help="Largest gRPC message accepted or sent.",
 )
 @click.option(
-    "--flow-control-bytes",
-    type=int,
-    default=4 * 1024 * 1024,
-    show_default=True,
-    help="Bytes a session may queue per direction in the router (with --flow-control-buffer messages); "
-    "a full queue stops reading from the sender.",
-)
-@click.option(
-    "--user-buffer-bytes",
-    type=int,
-    default=256 * 1024 * 1024,
-    show_default=True,
-    help="Bytes all of one user's sessions may queue in the router together; past it they stop reading.",
-)
-@click.option(
-    "--total-buffer-bytes",
-    type=int,
-    default=0,
-    help="Bytes every session may queue together [default: half the container's memory limit, else 2 GiB].",
-)
-@click.option(
     "--max-connections-per-forward",
     type=int,
     default=4096,
@@ -234,6 +213,7 @@ def main_group() -> None:
     show_default=True,
     help="Lifetime of this replica's entries in Redis; refreshed every third of it, gone this long after a crash.",
 )
+@buffer_limit_options
 @connection_limit_options
 @migration_options
 @_log_options

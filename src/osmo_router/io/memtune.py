@@ -51,6 +51,8 @@ IDLE_CPU_SHARE: Final = 0.05
 
 _done = False
 _libc: Any = None
+#: VmRSS (KiB) right after the last release(), 0 before the first.
+_released_kib = 0
 
 
 def _c_library() -> Any:
@@ -102,9 +104,10 @@ def release() -> bool:
     libc = _c_library()
     if libc is None:
         return False
+    global _released_kib
     before, started = _rss_kib(), time.perf_counter()
     released = bool(libc.malloc_trim(0))
-    after = _rss_kib()
+    after = _released_kib = _rss_kib()
     log.debug(
         "memory given back: RSS %d -> %d KiB in %.1f ms",
         before,
@@ -157,6 +160,11 @@ def trim_when_idle(delay: float = IDLE_DELAY) -> None:
     _idle_trim.arm(delay)
 
 
+def released_kib() -> int:
+    """VmRSS in KiB right after the last release() (0 before the first): what the process is down to."""
+    return _released_kib
+
+
 def _rss_kib() -> int:
     try:
         with open("/proc/self/status") as status:
@@ -168,4 +176,4 @@ def _rss_kib() -> int:
     return 0
 
 
-__all__ = ["release", "trim_when_idle", "tune", "tune_for_bulk"]
+__all__ = ["release", "released_kib", "trim_when_idle", "tune", "tune_for_bulk"]

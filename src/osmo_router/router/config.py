@@ -67,6 +67,9 @@ class RouterConfig:
     #: Bytes queued per relay direction at most, whatever the message count (one message always fits).
     flow_control_bytes: int = 4 * 1024 * 1024
     flow_control_timeout: float = 30.0
+    #: Bytes a second a reader must take while data waits for it, over each flow-control-timeout
+    #: period (relay.py; 0: only the flow-control timeout applies).
+    min_drain_rate: int = 16 * 1024
     init_timeout: float = 10.0
     drain_timeout: float = 30.0
     keepalive_time: float = 20.0
@@ -84,6 +87,9 @@ class RouterConfig:
     user_buffer_bytes: int = 256 * 1024 * 1024
     #: Bytes every session may queue together; 0: half the container's memory limit (else 2 GiB).
     total_buffer_bytes: int = 0
+    #: RSS above which the held-back sessions of the heaviest user are ended (core/memory_guard.py);
+    #: 0: three quarters of the container's memory limit, else 1.5 x the total buffer budget.
+    memory_guard_bytes: int = 0
     #: Connections one port-forward command may hold at once (it counts as one session of its user).
     max_connections_per_forward: int = 4096
     redis_url: str | None = None
@@ -153,6 +159,10 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.flow_control_bytes < 64 * 1024:
             raise ValueError("--flow-control-bytes must be at least 64 KiB")
+        if self.memory_guard_bytes < 0:
+            raise ValueError("--memory-guard-bytes must be 0 (automatic) or more")
+        if self.min_drain_rate < 0:
+            raise ValueError("--min-drain-rate must be 0 (off) or more")
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
         timeouts = ("session_ttl", "created_session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout")

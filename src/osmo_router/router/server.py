@@ -19,8 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from osmo_router.cli.logs import fingerprint
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
-from osmo_router.router.core.budget import Budgets, default_total_bytes
+from osmo_router.router.core.budget import Budgets, container_memory_limit, default_total_bytes
 from osmo_router.router.core.created import CreatedLimits, CreatedSessions
+from osmo_router.router.core.memory_guard import MemoryGuard, default_limit
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import Session, SessionStore
@@ -118,6 +119,8 @@ class RouterServer:
             on_remove=self._session_removed,
             created=CreatedSessions(created_limits(config)),
         )
+        guard_limit = config.memory_guard_bytes or default_limit(self.budgets.total.limit, container_memory_limit())
+        self.guard = MemoryGuard(guard_limit, self.sessions.sessions, self._guard_ended)
         # Read at scrape time, so the gauges are exact without bookkeeping on every join and leave.
         self.metrics = RouterMetrics(
             live_sessions=self.sessions.sessions,
@@ -165,6 +168,7 @@ class RouterServer:
         # One share of the descriptor limit per port, worked out once (it may raise the soft limit).
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
+        self._log_memory_limits()
         server = grpc.aio.server(
             options=[
                 *server_options(
@@ -205,7 +209,7 @@ class RouterServer:
             await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
             await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
-        self._janitor = asyncio.create_task(self._expire_idle_sessions())
+        self._janitor = asyncio.create_task(self._watch())
         log.info(
             "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
             self.config.router_id,
@@ -316,6 +320,31 @@ class RouterServer:
         await self.metrics_server.close()
         await self.auth.close()
         self._stopped.set()
+
+    def _log_memory_limits(self) -> None:
+        """One log line with the byte budgets and the memory guard in force (`event: memory limits`)."""
+        fields = {
+            "event": "memory limits",
+            "flow_control_bytes": self.config.flow_control_bytes,
+            "user_buffer_bytes": self.budgets.per_user,
+            "total_buffer_bytes": self.budgets.total.limit,
+            "memory_guard_bytes": self.guard.limit,
+            "min_drain_rate": self.config.min_drain_rate,
+        }
+        log.info(
+            "memory limits: %d MiB per user, %d MiB in all, memory guard at %d MiB RSS",
+            self.budgets.per_user >> 20,
+            self.budgets.total.limit >> 20,
+            self.guard.limit >> 20,
+            extra={"fields": fields},
+        )
+
+    async def _watch(self) -> None:
+        """The background checks: idle sessions, and the memory guard."""
+        await asyncio.gather(self._expire_idle_sessions(), self.guard.run())
+
+    def _guard_ended(self, _user: str, count: int) -> None:
+        self.metrics.memory_guard_sessions_total.inc(count)
 
     async def _expire_idle_sessions(self) -> None:
         ttl = self.config.session_ttl

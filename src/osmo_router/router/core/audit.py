@@ -55,13 +55,16 @@ def _fields(event: str, session: Session, operation: str, peer: str, duration: f
 
 
 def end_fields(session: Session, duration: float) -> dict[str, object]:
-    """What an end-of-session audit line adds: bytes each way, duration and status."""
-    return {
+    """What an end-of-session audit line adds: bytes each way, duration, status (and why it failed)."""
+    fields: dict[str, object] = {
         "bytes_to_agent": session.bytes_to_agent,
         "bytes_to_client": session.bytes_to_client,
         "duration_s": round(duration, 3),
         "status": session.error.code.name if session.error else "OK",
     }
+    if session.error is not None:
+        fields["reason"] = session.error.message
+    return fields
 
 
 def refused(

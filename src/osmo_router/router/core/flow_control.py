@@ -1,8 +1,9 @@
 """Backpressure for one relay direction: a small queue of encoded frames, bounded in messages and in bytes.
 
 A full queue suspends the reader of the sending side, so gRPC's own HTTP/2 flow control pushes
-back to the sender; the writer bounds each write by the flow-control timeout, so a receiver that
-stops reading ends the session instead of holding buffers forever.
+back to the sender; the writer bounds each write by the flow-control timeout, and its progress over
+each such period by the minimum drain rate, so a receiver that stops reading, or only takes a
+trickle, ends the session instead of holding buffers forever.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class FlowQueue:
 
     def _full(self, incoming: int) -> bool:
         return len(self._items) >= self._maxsize or (bool(self._items) and self._bytes + incoming > self._max_bytes)
+
+    @property
+    def held_back(self) -> bool:
+        """True while a put waits for room: the sender's stream is not being read (gRPC buffers for it)."""
+        return self._putter is not None
 
     @property
     def ended(self) -> bool:
@@ -180,20 +186,46 @@ class WriteInterrupted(Exception):
 
 
 class WriteWatchdog:
-    """Bounds each write of one task by `timeout` seconds, with one timer per timeout period.
+    """Bounds the writes of one task: none may take longer than `timeout` seconds, and a writer that
+    had data waiting for a whole `timeout` period must have moved `min_rate * timeout` bytes in it.
 
     `asyncio.timeout` around every write arms and cancels a timer per message, which costs more
     than the rest of the relay's own work per message. The watchdog notes when the current write
-    started; a single timer wakes once per period and cancels the task only if the write in
-    progress started more than `timeout` seconds ago. Use as `with watchdog: await write(...)`;
-    a write that overran raises TimeoutError from the block, and one stopped by `interrupt`
-    raises WriteInterrupted.
+    started; a single timer wakes once per period and cancels the task if the write in progress
+    started more than `timeout` seconds ago, or if the period was spent writing (the writer never
+    waited for data: `idle` was not called) and moved fewer than `min_rate * timeout` bytes (the
+    relay adds each write's size to `moved`). The second rule ends a reader that takes a trickle
+    (4 KiB every few seconds) and so never lets one write run past the timeout. Use as
+    `with watchdog: await write(...)`; a write that overran raises TimeoutError from the block
+    (`slow` tells which rule fired), and one stopped by `interrupt` raises WriteInterrupted.
     """
 
-    __slots__ = ("_closed", "_interrupted", "_loop", "_started", "_task", "_timer", "fired", "timeout")
+    __slots__ = (
+        "_closed",
+        "_idle",
+        "_interrupted",
+        "_loop",
+        "_mark",
+        "_period_end",
+        "_started",
+        "_task",
+        "_timer",
+        "fired",
+        "min_bytes",
+        "moved",
+        "slow",
+        "timeout",
+    )
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, min_rate: float = 0.0) -> None:
         self.timeout = timeout
+        #: Bytes a period spent writing must move at least (0: no such rule).
+        self.min_bytes = int(min_rate * timeout)
+        #: Bytes written so far: the writer adds each completed write's size.
+        self.moved = 0
+        self._mark = 0
+        self._idle = False
+        self._period_end = 0.0
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[object] | None = None
         self._started: float | None = None
@@ -201,12 +233,14 @@ class WriteWatchdog:
         self._interrupted = False
         self._closed = False
         self.fired = False
+        self.slow = False
 
     def __enter__(self) -> None:
         self._started = now = self._loop.time()
         if self._timer is None and not self._closed:
             self._task = asyncio.current_task()
-            self._timer = self._loop.call_at(now + self.timeout, self._check)
+            self._start_period(now)
+            self._timer = self._loop.call_at(self._period_end, self._check)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self._started = None
@@ -216,6 +250,10 @@ class WriteWatchdog:
                 if self._interrupted:
                     raise WriteInterrupted from None
                 raise TimeoutError from None
+
+    def idle(self) -> None:
+        """The writer waits for data: the period in progress is not held against the reader's rate."""
+        self._idle = True
 
     def interrupt(self) -> None:
         """Stop the write in progress, if any (it raises WriteInterrupted); later writes are not affected."""
@@ -231,15 +269,29 @@ class WriteWatchdog:
             self._timer.cancel()
             self._timer = None
 
+    def _start_period(self, now: float) -> None:
+        self._mark = self.moved
+        self._idle = False
+        self._period_end = now + self.timeout
+
     def _check(self) -> None:
         self._timer = None
         started = self._started
         if started is None:
-            return  # idle: the next write re-arms the timer
-        deadline = started + self.timeout
-        if self._loop.time() >= deadline:
-            if self._task is not None and not self._task.done():
-                self.fired = True
-                self._task.cancel()
-        else:
-            self._timer = self._loop.call_at(deadline, self._check)
+            return  # idle: the next write starts a new period
+        now = self._loop.time()
+        if now >= started + self.timeout:
+            self._fire(slow=False)
+            return
+        if now >= self._period_end:
+            if self.min_bytes and not self._idle and self.moved - self._mark < self.min_bytes:
+                self._fire(slow=True)
+                return
+            self._start_period(now)
+        self._timer = self._loop.call_at(min(started + self.timeout, self._period_end), self._check)
+
+    def _fire(self, *, slow: bool) -> None:
+        if self._task is not None and not self._task.done():
+            self.fired = True
+            self.slow = slow
+            self._task.cancel()

@@ -235,9 +235,15 @@ class SessionPipeline:
         A plain function, not a coroutine: awaiting a helper coroutine would keep one more frame
         alive for the session's whole life, and a router holds thousands of idle sessions.
         """
-        stall = self._config.flow_control_timeout
+        config = self._config
         return relay_side(
-            session, side, is_client=is_client, flow_control_timeout=stall, hooks=self._hooks, merge=side.merge_frames
+            session,
+            side,
+            is_client=is_client,
+            flow_control_timeout=config.flow_control_timeout,
+            hooks=self._hooks,
+            merge=side.merge_frames,
+            min_drain_rate=config.min_drain_rate,
         )
 
     async def _relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
@@ -347,6 +353,7 @@ class SessionPipeline:
                 flow_control_timeout=timeout,
                 hooks=self._relayed_hooks,
                 merge=False,
+                min_drain_rate=self._config.min_drain_rate,
             )
             # The agent's last frames may still be on their way to the owner.
             with contextlib.suppress(TimeoutError):
@@ -370,6 +377,7 @@ class SessionPipeline:
                 flow_control_timeout=self._config.flow_control_timeout,
                 hooks=self._relayed_hooks,
                 merge=False,
+                min_drain_rate=self._config.min_drain_rate,
             )
         except RouterError as err:
             session.fail(err)

@@ -72,15 +72,18 @@ async def relay_side(
     flow_control_timeout: float,
     hooks: RelayHooks,
     merge: bool = True,
+    min_drain_rate: float = 0.0,
 ) -> None:
     """Relay one side of a paired session until it ends; raises the session's RouterError on failure.
 
     With `merge`, queued data frames are written to this side as one message; a side whose
     protocol gives each message a meaning of its own (the old WebSocket protocol) passes False.
+    A side that stops reading for `flow_control_timeout`, or that had data waiting for a whole such
+    period and took less than `min_drain_rate` bytes a second of it, ends the session.
     """
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
     reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
-    watchdog = WriteWatchdog(flow_control_timeout)
+    watchdog = WriteWatchdog(flow_control_timeout, min_drain_rate)
     try:
         if is_client:
             await _write_from(session, endpoint, outbound, watchdog, hooks, merge)
@@ -115,6 +118,16 @@ async def _end_client(endpoint: Endpoint, reader: asyncio.Task[None], timeout: f
     with contextlib.suppress(TimeoutError, Exception):
         async with asyncio.timeout(CLOSE_GRACE):
             await asyncio.shield(reader)
+
+
+def _stall_reason(watchdog: WriteWatchdog) -> str:
+    if watchdog.slow:
+        rate = watchdog.min_bytes / watchdog.timeout
+        return (
+            f"peer reads too slowly: under {rate / 1024:g} KiB/s for {watchdog.timeout:g}s "
+            "with data waiting (minimum drain rate)"
+        )
+    return f"peer stopped reading for {watchdog.timeout:g}s (flow-control timeout)"
 
 
 def _stop_writing(queue: FlowQueue, watchdog: WriteWatchdog, _reader: object) -> None:
@@ -188,6 +201,7 @@ async def _write_from(
     try:
         while (message := queue.poll()) is not None:
             if not message:  # nothing queued yet
+                watchdog.idle()
                 await queue.readable()
                 continue
             if merge and len(queue):
@@ -195,9 +209,10 @@ async def _write_from(
             try:
                 with watchdog:
                     await write(message)
+                watchdog.moved += len(message)
             except TimeoutError:
                 hooks.flow_control_timeout(session)
-                err = ResourceExhausted(f"peer stopped reading for {watchdog.timeout:g}s (flow-control timeout)")
+                err = ResourceExhausted(_stall_reason(watchdog))
                 session.fail(err)
                 raise err from None
     finally:

@@ -57,6 +57,11 @@ class RouterMetrics:
         self.flow_control_timeouts_total = Counter(
             "router_grpc_flow_control_timeouts_total", "Sessions ended because a reader stopped reading.", registry=r
         )
+        self.memory_guard_sessions_total = Counter(
+            "router_grpc_memory_guard_sessions_total",
+            "Held-back sessions ended because the router's memory passed --memory-guard-bytes.",
+            registry=r,
+        )
         self.sessions_expired_total = Counter(
             "router_grpc_sessions_expired_total", "Sessions ended by --session-ttl idle expiry.", registry=r
         )
