@@ -22,16 +22,14 @@ from collections import deque
 
 import grpc
 
+from osmo_router.resume.acks import Acknowledger
 from osmo_router.resume.window import (
-    ACK_DELAY,
-    ACK_EVERY,
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
     AckClock,
     Item,
     ReplayBuffer,
     SharedWindow,
-    ack_interval,
     units_of,
 )
 from osmo_router.transport import SessionStream
@@ -83,11 +81,7 @@ class ResumableStream:
         self._ended = False
         self._lost: SessionLost | None = None
         self._lost_reported = False
-        self._ack_timer: asyncio.TimerHandle | None = None
-        self._acker: asyncio.Task[None] | None = None
-        self._ack_wanted = False
-        #: Units taken before an ack is due (a quarter of the peer's window once it said: set_peer_window).
-        self.ack_every = ACK_EVERY
+        self._acker = Acknowledger(self._acks, self._write_ack)
         self._tasks: set[asyncio.Task[None]] = set()
         #: False once the peer turned out not to resume (an older agent): frames pass straight through.
         self.resumable = True
@@ -120,7 +114,7 @@ class ResumableStream:
 
     def set_peer_window(self, window_bytes: int) -> None:
         """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
-        self.ack_every = ack_interval(window_bytes)
+        self._acker.set_peer_window(window_bytes)
 
     # --- SessionStream ------------------------------------------------------------------------
 
@@ -172,14 +166,7 @@ class ResumableStream:
         self._incoming_units -= units
         if not self.acking:
             return frame
-        self._acks.take(units)
-        due = self._acks.received - self._acks.acked >= self.ack_every or frame.WhichOneof("kind") in TERMINAL
-        if due:
-            # In the background: the ack waits for the write lock behind this side's own sends
-            # (a 1 MiB write waits for the peer's flow control), and consuming must not wait too.
-            self._ack_now()
-        elif self._ack_timer is None:
-            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_soon)
+        self._acker.consumed(units, frame.WhichOneof("kind") in TERMINAL)
         return frame
 
     async def close(self) -> None:
@@ -224,13 +211,11 @@ class ResumableStream:
     def _stop(self) -> None:
         self._ended = True
         self.buffer.close()
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
+        self._acker.close()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
-        for task in [*self._tasks, self._acker]:
-            if task is not None and task is not asyncio.current_task():
+        for task in self._tasks:
+            if task is not asyncio.current_task():
                 task.cancel()
         self._arrived.set()
 
@@ -274,33 +259,15 @@ class ResumableStream:
         else:
             await inner.send(item)
 
-    def _ack_soon(self) -> None:
-        self._ack_timer = None
-        if self._acks.owed and not self._ended:
-            self._ack_now()
-
-    def _ack_now(self) -> None:
-        """Acknowledge what was consumed, from a task of its own: a receiver never waits for a write."""
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        self._ack_wanted = True
-        if self._acker is None or self._acker.done():
-            self._acker = asyncio.create_task(self._send_acks())
-
-    async def _send_acks(self) -> None:
-        # One task at a time; an ack wanted while one is being written goes out right after it,
-        # with the count of that moment.
-        while self._ack_wanted and not self._ended:
-            self._ack_wanted = False
-            async with self._write_lock:
-                inner, generation = self._inner, self._generation
-                if inner is None:
-                    return
-                try:
-                    await inner.send(self._acks.frame())
-                except BREAKS as err:
-                    self._broken(generation, err)
+    async def _write_ack(self) -> None:
+        async with self._write_lock:
+            inner, generation = self._inner, self._generation
+            if inner is None:
+                return
+            try:
+                await inner.send(self._acks.frame())
+            except BREAKS as err:
+                self._broken(generation, err)
 
     # --- receiving ------------------------------------------------------------------------------
 
