@@ -15,13 +15,13 @@ import select
 import subprocess
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cut_proxy import CutProxy
-from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
 from tests.security_kit import Signer
 
 #: A session key as the client prints it.
@@ -301,3 +301,30 @@ def test_sessions_asked_of_a_replica_without_the_agent(workflow: str) -> None:
         for proc in procs:
             proc.stop()
         server.stop()
+
+
+def _replay_bytes(router: Router) -> float:
+    return metric_value(router.metrics_text(), "router_grpc_replay_buffer_bytes")
+
+
+def _until(predicate: Callable[[], bool], what: str, timeout: float = STEP) -> None:
+    """Poll (bounded) until `predicate` holds: the agent reports its held sessions every few seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.2)
+
+
+def test_replay_buffer_bytes_of_a_detached_session_are_reported(
+    agent: AgentProc, router: Router, client_args: list[str]
+) -> None:
+    size = 3_000_000
+    started = run_client("exec", *client_args, "--detach", "--", "sh", "-c", f"head -c {size} /dev/zero; read x")
+    assert started.returncode == 0, started.stderr
+    key = started.stdout.decode().strip()
+    # Nobody acknowledges the output while detached: the agent holds all of it, and says so.
+    _until(lambda: _replay_bytes(router) >= size, f"{size} replay-buffer bytes")
+    attached = run_client("attach", key, *client_args, input=b"done\n")
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stdout == b"\0" * size
+    _until(lambda: _replay_bytes(router) == 0, "the replay buffer given back")

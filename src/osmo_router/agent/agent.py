@@ -16,7 +16,7 @@ from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import serve_port_forward
-from osmo_router.agent.held import REPORT_DELAY, HeldSessions
+from osmo_router.agent.held import REPORT_DELAY, REPORT_EVERY, HeldSessions
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
@@ -256,7 +256,8 @@ class Agent:
     async def _report_held(self, call: grpc.aio.StreamStreamCall, writes: asyncio.Lock) -> None:
         """Send the held sessions on the Register stream: at once (a new router knows none), then on change.
 
-        Changes are debounced (REPORT_DELAY) so a burst of attaches and detaches is one message;
+        Changes are debounced (REPORT_DELAY) so a burst of attaches and detaches is one message, and
+        while any session is held the list goes again every REPORT_EVERY s (its replay-buffer bytes);
         the list is bounded (MAX_HELD entries, see HeldSessions.report).
         """
         if not len(self.held) and not self._held_changed.is_set():
@@ -265,7 +266,12 @@ class Agent:
             self._held_changed.clear()
             async with writes:
                 await call.write(pb.RegisterRequest(held=self.held.report()))
-            await self._held_changed.wait()
+            if len(self.held):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(REPORT_EVERY):
+                        await self._held_changed.wait()
+            else:
+                await self._held_changed.wait()
             await asyncio.sleep(REPORT_DELAY)  # debounce: gather the changes of a burst
 
     def _session_ended(self, task: asyncio.Task[None]) -> None:

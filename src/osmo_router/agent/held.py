@@ -37,6 +37,9 @@ DEFAULT_REPLAY_TOTAL = 256 * 1024 * 1024
 MAX_HELD = 256
 #: What a client that was attached hears when it tries to resume after another client attached.
 ATTACHED_ELSEWHERE = "the session was attached from another client"
+#: How often the agent reports its held sessions while it holds any (their replay-buffer bytes change
+#: without any attach or detach: the router's router_grpc_replay_buffer_bytes gauge reads them).
+REPORT_EVERY = 5.0
 #: How long the agent gathers changes of its held sessions before it reports them to the router.
 REPORT_DELAY = 0.25
 #: Longest the agent tries to tell the attached client that another one takes the session over.
@@ -173,6 +176,7 @@ class HeldStream(ResumableStream):
             attached=self.attached,
             started_unix=int(self.started),
             detached_unix=int(self.detached_at),
+            replay_bytes=self.buffer.bytes,
         )
 
     async def _tell_taken_over(self) -> None:

@@ -128,6 +128,7 @@ class RouterServer:
             standby=self.registry.standby_count,
             buffered=lambda: self.budgets.total.used,
             created=lambda: len(self.sessions.created),
+            replay=self.registry.replay_bytes,
         )
         self.auth = authenticator or build_authenticator(config)
         self.directory: Directory = MemoryDirectory()

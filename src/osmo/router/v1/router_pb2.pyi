@@ -872,6 +872,7 @@ class HeldSession(_message.Message):
     STARTED_UNIX_FIELD_NUMBER: _builtins.int
     DETACHED_UNIX_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
+    REPLAY_BYTES_FIELD_NUMBER: _builtins.int
     session_key: _builtins.str
     user: _builtins.str
     """The user who started it: only they may attach."""
@@ -884,6 +885,10 @@ class HeldSession(_message.Message):
     """Unix time the session started, and when it was last detached (0 while attached)."""
     detached_unix: _builtins.int
     task: _builtins.str
+    replay_bytes: _builtins.int
+    """Bytes the agent's replay buffer held for the session (what its client has not acknowledged)
+    when the list was sent: sent on every change and every few seconds while sessions are held.
+    """
     def __init__(
         self,
         *,
@@ -895,10 +900,11 @@ class HeldSession(_message.Message):
         started_unix: _builtins.int = ...,
         detached_unix: _builtins.int = ...,
         task: _builtins.str = ...,
+        replay_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "detached_unix", b"detached_unix", "operation", b"operation", "session_key", b"session_key", "started_unix", b"started_unix", "summary", b"summary", "task", b"task", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "detached_unix", b"detached_unix", "operation", b"operation", "replay_bytes", b"replay_bytes", "session_key", b"session_key", "started_unix", b"started_unix", "summary", b"summary", "task", b"task", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

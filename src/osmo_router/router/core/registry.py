@@ -198,6 +198,10 @@ class AgentRegistry:
         """Standby streams parked over every registration."""
         return sum(len(reg.standby) for reg in self._by_target.values())
 
+    def replay_bytes(self) -> int:
+        """Bytes the registered agents hold in replay buffers, as they last reported."""
+        return sum(entry.replay_bytes for reg in self._by_target.values() for entry in reg.held)
+
     def registrations(self) -> list[AgentRegistration]:
         """A snapshot of every registration."""
         return list(self._by_target.values())

@@ -31,8 +31,9 @@ class RouterMetrics:
         standby: Callable[[], int] = int,
         buffered: Callable[[], int] = int,
         created: Callable[[], int] = int,
+        replay: Callable[[], int] = int,
     ) -> None:
-        """`live_sessions`, `pending`, `standby` and `created` are read at scrape time (exact without bookkeeping)."""
+        """`live_sessions`, `pending`, `standby`, `created` and `replay` are read at scrape time (no bookkeeping)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_active = Gauge(
@@ -133,6 +134,13 @@ class RouterMetrics:
             registry=r,
         )
         self.created_sessions.set_function(created)
+        self.replay_buffer_bytes = Gauge(
+            "router_grpc_replay_buffer_bytes",
+            "Bytes the agents registered here hold in the replay buffers of their resumable sessions (what "
+            "clients have not acknowledged), as the agents last reported (every few seconds).",
+            registry=r,
+        )
+        self.replay_buffer_bytes.set_function(replay)
 
     def _resume_metrics(self, r: CollectorRegistry) -> None:
         """Resumable sessions (docs/resume.md): what the router sees of them as their relay."""
