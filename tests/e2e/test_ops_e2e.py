@@ -142,14 +142,17 @@ def test_frozen_agent_is_detected_by_keepalive(workflow: str) -> None:
     router = Router("--keepalive-time", "1s", "--keepalive-timeout", "1s")
     agent = AgentProc(router.address, workflow)
     args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    client = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 60"))
+    # The session is resumable: the client first tries to resume it (a frozen agent never answers),
+    # for a short grace here, then exits naming the cause.
+    client = Proc(client_cmd("exec", *args, "--resume-grace", "3s", "--", "sh", "-c", "echo started; sleep 60"))
     try:
         client.wait_for(lambda r: r["line"] == "started", stdout=True)
         agent.signal(signal.SIGSTOP)  # the TCP connection stays up; only pings go unanswered
         started = time.monotonic()
-        assert client.wait_exit(30) == 255
-        assert time.monotonic() - started < 25
+        assert client.wait_exit(40) == 255
+        assert time.monotonic() - started < 25 + 3
         assert any("agent disconnected" in line for line in client.lines), client.lines
+        assert any("could not be resumed within 3s" in line for line in client.lines), client.lines
     finally:
         agent.signal(signal.SIGCONT)
         client.stop()
