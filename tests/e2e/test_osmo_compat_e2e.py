@@ -43,6 +43,10 @@ from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 
 from tests.ws_kit import WsBackendProc
 
 WAIT = 60.0
+#: Alone, after the parallel part of the suite (scripts/test): the OSMO CLI emulation runs in the test
+#: process, and under four parallel workers its close handshake sometimes ended as ConnectionClosedError
+#: although the router closed with 1000 (seen in 2 of ~6 parallel runs, never alone; not yet explained).
+pytestmark = pytest.mark.serial
 
 
 def ws_base(router: Router) -> str:

@@ -164,6 +164,7 @@ def _mallory_active(router: Router) -> tuple[float, float]:
     return paired, metric_value(text, "router_grpc_sessions_active", {"operation": "exec"}) - 1
 
 
+@pytest.mark.serial  # compares echo p99 with a quiet baseline: alone (scripts/test)
 @pytest.mark.timeout(240)
 def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another_users_echo(
     setup: tuple[Router, Signer],

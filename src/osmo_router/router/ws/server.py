@@ -42,8 +42,11 @@ from osmo_router.wire.wsproto import SESSION_PATH, VERSION_PATH
 
 #: Longest `?timeout=` a client may ask for, in seconds.
 MAX_RENDEZVOUS_TIMEOUT = 3600.0
-#: How long closing a WebSocket waits for the peer's close frame.
-CLOSE_TIMEOUT = 2.0
+#: How long closing a WebSocket waits for the peer's close frame. A busy client reads everything
+#: queued before it (a whole `cat` of output) and only then answers the close: the old CLI takes a
+#: close it could not answer for a broken connection ("Connection Closed"), so be patient (aiohttp's
+#: own default); a peer that never answers costs this handler 10 s.
+CLOSE_TIMEOUT = 10.0
 
 
 def server_ssl_context(config: RouterConfig) -> ssl.SSLContext | None:
