@@ -112,3 +112,11 @@ def test_children_stand_for_the_session_and_go_with_it() -> None:
             store.terminate("k")
 
     asyncio.run(body())
+
+
+def test_new_session_keys_never_start_like_an_option() -> None:
+    from osmo_router.router.core.ids import new_session_key
+
+    keys = [new_session_key() for _ in range(2000)]
+    assert all(key[0] not in "-_" and len(key) == 22 for key in keys)
+    assert len(set(keys)) == len(keys)
