@@ -41,6 +41,21 @@ async def settle_fds(pid: int, at_most: int, timeout: float = WAIT) -> int:
     return count
 
 
+async def steady_fds(pid: int, timeout: float = WAIT) -> int:
+    """Poll (bounded) until the process's descriptor count holds still for 0.5 s; that count.
+
+    A session that just ended may still be closing its pipes: a limit computed from a count taken
+    then leaves the next session more room than intended.
+    """
+    deadline = time.monotonic() + timeout
+    count, same = fd_count(pid), 0
+    while same < 10 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        now = fd_count(pid)
+        count, same = now, (same + 1 if now == count else 0)
+    return count
+
+
 def exec_init(workflow: str, **init: object) -> bytes:
     from osmo_router.wire.protocol import pb
 
@@ -330,7 +345,7 @@ async def test_an_agent_out_of_descriptors_says_so_and_recovers(router: Router, 
     agent = AgentProc(router.address, wf)
     try:
         assert await exec_outcome(channel, wf, command=["true"]) == (None, "", 0)
-        base = fd_count(agent.pid)
+        base = await steady_fds(agent.pid)
         soft, hard = resource.prlimit(agent.pid, resource.RLIMIT_NOFILE)
         # Room for two more descriptors: not enough for a session's pipes or terminal.
         resource.prlimit(agent.pid, resource.RLIMIT_NOFILE, (base + 2, hard))
