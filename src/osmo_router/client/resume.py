@@ -160,9 +160,9 @@ class ResumingStream(ResumableStream):
         super()._take(frame)
         self.answered.set()
 
-    def _lose(self, lost: SessionLost) -> None:
-        super()._lose(lost)
-        self.answered.set()
+    def _stop(self) -> None:
+        super()._stop()
+        self.answered.set()  # lost or ended before the agent answered: nothing more to wait for
 
     def _fall_back(self, why: str) -> None:
         """No resume for this session: what was held is sent already; a break ends the session."""
@@ -257,10 +257,17 @@ def _status(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def _reopener(transport: Transport, operation: int, init: SessionInit, key: str) -> Reopen:
+def can_resume(transport: Transport, config: ClientConfig) -> bool:
+    """True when sessions over `transport` ask for resume (gRPC, and --resume-grace above 0)."""
+    return transport.name == GRPC and config.resume_grace > 0
+
+
+def reopener(transport: Transport, operation: int, init: SessionInit, key: Callable[[], str]) -> Reopen:
+    """How a session opens its stream again: `init` with its key (read when it resumes) and a resume token."""
+
     async def reopen(token: pb.ResumeToken) -> SessionStream:
         again = type(init).FromString(init.SerializeToString())
-        again.target.session_key = key
+        again.target.session_key = key()
         again.target.resume.CopyFrom(token)
         return await transport.open(operation, again)
 
@@ -271,7 +278,7 @@ async def open_stream(
     transport: Transport, config: ClientConfig, operation: int, init: SessionInit, *, notify: bool = True
 ) -> SessionStream:
     """`transport.open`, resumable when the transport and the agent can (see the module docstring)."""
-    if transport.name != GRPC or config.resume_grace <= 0:
+    if not can_resume(transport, config):
         return await transport.open(operation, init)
     secret = secrets.token_hex(16)
     init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
@@ -281,7 +288,7 @@ async def open_stream(
         return inner
     stream = ResumingStream(
         inner,
-        reopen=_reopener(transport, operation, init, key),
+        reopen=reopener(transport, operation, init, lambda: key),
         secret=secret,
         grace=config.resume_grace,
         notify=say if notify else None,
@@ -314,11 +321,15 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
             raise from_status_number(first.error.code, first.error.message)
         raise FailedPrecondition("the agent does not hold resumable sessions (it answered the attach without Resume)")
     stream = ResumingStream.attached(
-        inner, first.resume, reopen=_reopener(transport, operation, init, key), secret=secret, grace=config.resume_grace
+        inner,
+        first.resume,
+        reopen=reopener(transport, operation, init, lambda: key),
+        secret=secret,
+        grace=config.resume_grace,
     )
     stream.session_key = key
     stream.start()
     return stream
 
 
-__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "open_attach", "open_stream", "say"]
+__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "can_resume", "open_attach", "open_stream", "reopener", "say"]

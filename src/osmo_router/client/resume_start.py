@@ -20,10 +20,10 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import Reopen, ResumingStream
+from osmo_router.client.resume import Reopen, ResumingStream, can_resume, reopener
 from osmo_router.client.session import wait_ready
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
-from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
+from osmo_router.transport import SessionInit, SessionStream, Transport
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
 
@@ -41,8 +41,6 @@ class PendingResumingStream(ResumingStream):
     ) -> None:
         super().__init__(first, reopen=reopen, secret=secret, grace=grace, notify=notify, replay_bytes=replay_bytes)
         self.first = first
-        #: Set once the agent's first frame said whether it resumes (a Resume frame, or anything else).
-        self.answered = asyncio.Event()
 
     async def ready(self, config: ClientConfig, *, confirm: bool = False) -> None:
         """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal.
@@ -65,19 +63,6 @@ class PendingResumingStream(ResumingStream):
                 async with asyncio.timeout(config.connect_timeout):
                     await self.answered.wait()
 
-    def _take(self, frame: pb.Frame) -> None:
-        super()._take(frame)
-        self.answered.set()
-
-    def _stop(self) -> None:
-        super()._stop()
-        self.answered.set()  # lost or ended before the agent answered: nothing more to wait for
-
-
-def can_resume(transport: Transport, config: ClientConfig) -> bool:
-    """True when sessions over `transport` ask for resume (gRPC, and --resume-grace above 0)."""
-    return transport.name == GRPC and config.resume_grace > 0
-
 
 async def start_resumable(
     transport: Transport,
@@ -98,13 +83,8 @@ async def start_resumable(
     secret = secrets.token_hex(16)
     init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
     first = await start(init)
-
-    async def reopen(token: pb.ResumeToken) -> SessionStream:
-        again = type(init).FromString(init.SerializeToString())
-        again.target.session_key = first.session_key
-        again.target.resume.CopyFrom(token)
-        return await transport.open(operation, again)
-
+    # The key is known once the router's ready arrived (it names it): read when the session resumes.
+    reopen = reopener(transport, operation, init, lambda: first.session_key)
     return PendingResumingStream(
         first, reopen=reopen, secret=secret, grace=config.resume_grace, notify=notify, replay_bytes=replay_bytes
     )
@@ -136,4 +116,4 @@ async def open_resumable(
     return stream
 
 
-__all__ = ["PendingResumingStream", "can_resume", "open_resumable", "ready_resumable", "start_resumable"]
+__all__ = ["PendingResumingStream", "open_resumable", "ready_resumable", "start_resumable"]
