@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from osmo_router.resume.window import ACK_DELAY, ACK_EVERY, AckClock, ack_interval
+from osmo_router.resume.window import ACK_DELAY, AckClock, ack_interval
 
 
 class Acknowledger:
@@ -20,8 +20,6 @@ class Acknowledger:
     def __init__(self, clock: AckClock, write: Callable[[], Awaitable[None]]) -> None:
         """`write` sends `clock.frame()` on the current stream (or nothing when there is none)."""
         self.clock = clock
-        #: Units taken before an ack is due (a quarter of the peer's window once it said).
-        self.every = ACK_EVERY
         self._write = write
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
@@ -30,12 +28,11 @@ class Acknowledger:
 
     def set_peer_window(self, window_bytes: int) -> None:
         """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
-        self.every = ack_interval(window_bytes)
+        self.clock.every = ack_interval(window_bytes)
 
     def consumed(self, units: int, terminal: bool) -> None:
         """The handler consumed a frame of `units`; `terminal`: a half-close, exit status or error."""
-        self.clock.take(units)
-        if terminal or self.clock.received - self.clock.acked >= self.every:
+        if self.clock.take(units) or terminal:
             self.now()
         elif self._timer is None and not self._closed:
             self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._soon)

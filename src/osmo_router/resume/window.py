@@ -227,6 +227,7 @@ class AckClock:
     """When a receiver owes its peer an acknowledgement."""
 
     def __init__(self, every: int = ACK_EVERY) -> None:
+        #: Units taken before an ack is due (a quarter of the peer's window once it said: ack_interval).
         self.every = every
         self.received = 0
         self.acked = 0
