@@ -69,21 +69,33 @@ class FlowQueue:
         self._budgets = budgets
 
     async def put(self, item: bytes) -> None:
-        """Queue an item, waiting while the queue or one of its budgets is full; raises the failure if it failed."""
+        """Queue an item, waiting while the queue or one of its budgets is full; raises the failure if it failed.
+
+        While it waits the item is in memory all the same: its bytes are counted as held in every
+        budget (so other queues of the budget see them) until it is queued or dropped.
+        """
         size = len(item)
-        while self._error is None and not self._ended:
-            spent: ByteBudget | None = None
-            if not self._full(size):
-                spent = self._take(size)
-                if spent is None:
-                    break  # queued bytes counted in every budget
-            self._putter = asyncio.get_running_loop().create_future()
-            if spent is not None:
-                spent.notify(self._putter)
-            try:
-                await self._putter
-            finally:
-                self._putter = None
+        holding = False
+        try:
+            while self._error is None and not self._ended:
+                spent: ByteBudget | None = None
+                if not self._full(size):
+                    spent = self._take(size, holding)
+                    if spent is None:
+                        break  # queued bytes counted in every budget
+                if not holding and self._budgets:
+                    self._hold(size)
+                    holding = True
+                self._putter = asyncio.get_running_loop().create_future()
+                if spent is not None:
+                    spent.notify(self._putter)
+                try:
+                    await self._putter
+                finally:
+                    self._putter = None
+        finally:
+            if holding:
+                self._unhold(size)
         if self._error is not None:
             raise self._error
         if self._ended:
@@ -92,14 +104,22 @@ class FlowQueue:
         self._bytes += size
         _wake(self._getter)
 
-    def _take(self, size: int) -> ByteBudget | None:
+    def _take(self, size: int, holding: bool) -> ByteBudget | None:
         """Take `size` from every budget: None when done, else the budget that had no room (none taken)."""
         for i, budget in enumerate(self._budgets):
-            if not budget.try_take(size):
+            if not budget.try_take(size, holding):
                 for taken in self._budgets[:i]:
                     taken.give(size)
                 return budget
         return None
+
+    def _hold(self, size: int) -> None:
+        for budget in self._budgets:
+            budget.hold(size)
+
+    def _unhold(self, size: int) -> None:
+        for budget in self._budgets:
+            budget.unhold(size)
 
     def _give(self, size: int) -> None:
         for budget in self._budgets:
