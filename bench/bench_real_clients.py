@@ -35,7 +35,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from bench.bench_forward import ROUTER_FLAGS, socat_relay
-from bench.common import attempt, paired
+from bench.common import attempt, cpu_seconds, figure, median, paired
 from bench.forward_targets import free_port, wait_listening
 from tests.forward_servers import start_forward
 from tests.harness import AgentProc, Router
@@ -47,6 +47,8 @@ REDIS_RATIO_MIN = 0.35
 IPERF_CASES = ((8, 0.7), (1, 0.85))
 #: The key redis-benchmark's GET asks for (its default key, without -r).
 REDIS_KEY = b"key:__rand_int__"
+#: One measurement through one path: the port to use -> its values.
+Run = Callable[[int], tuple[float, ...]]
 #: Attempts of one iperf3 run while its server says it is busy (backing off 50 ms more each time).
 BUSY_RETRIES = 10
 
@@ -128,7 +130,7 @@ class Rounds:
         self.ports = ports
         self.values: dict[str, dict[str, list[float]]] = {}
 
-    def measure(self, cases: tuple[str, ...], target: str, rnd: int, run: Callable[[int], tuple[float, ...]]) -> None:
+    def measure(self, cases: tuple[str, ...], target: str, rnd: int, run: Run) -> None:
         """Run `run(port)` through both paths, socat first in even rounds and the forward first in odd
         ones; its values are the figures of `cases`, in that order."""
         paths = ["socat", "forward"] if rnd % 2 == 0 else ["forward", "socat"]
@@ -142,15 +144,35 @@ class Rounds:
         note = f"median of {len(slot['forward'])} interleaved rounds"
         return paired(name, unit, slot["forward"], slot["socat"], "socat hop", target, note)
 
+    def forward_only(self, case: str, name: str, unit: str) -> dict[str, Any]:
+        """The case's row, the forward's values alone (a figure socat has no counterpart of)."""
+        runs = self.values[case]["forward"]
+        return figure(name, median(runs), unit, runs=runs, note=f"median of {len(runs)} rounds")
 
-def _all_rounds(rounds: Rounds, count: int, requests: int, seconds: float) -> None:
+
+def _router_cpu(router_pid: int, run: Run, units: Callable[[tuple[float, ...]], float]) -> Run:
+    """`run` with one more value: the router's CPU microseconds per unit of work (`units(values)`)
+    spent during it (about 0 through socat, where the router idles)."""
+
+    def measured(port: int) -> tuple[float, ...]:
+        before = cpu_seconds(router_pid)
+        values = run(port)
+        return (*values, (cpu_seconds(router_pid) - before) * 1e6 / max(units(values), 1e-9))
+
+    return measured
+
+
+def _all_rounds(rounds: Rounds, router_pid: int, count: int, requests: int, seconds: float) -> None:
     """Every case, round by round (so slow drift of the machine's load hits both paths alike)."""
+    redis = _router_cpu(router_pid, lambda port: redis_get(port, requests), lambda _values: requests)
     for rnd in range(count):
-        rounds.measure(("redis_rps", "redis_p50"), "redis", rnd, lambda port: redis_get(port, requests))
+        rounds.measure(("redis_rps", "redis_p50", "redis_cpu"), "redis", rnd, redis)
         for streams, _ in IPERF_CASES:
             for reverse in (False, True):
                 run = lambda port, s=streams, r=reverse: (iperf3_rate(port, s, r, seconds),)  # noqa: E731
-                rounds.measure((f"iperf3_{streams}_{'down' if reverse else 'up'}",), "iperf3", rnd, run)
+                case = f"iperf3_{streams}_{'down' if reverse else 'up'}"
+                moved = _router_cpu(router_pid, run, lambda values: values[0] * seconds)  # MB
+                rounds.measure((case, f"{case}_cpu"), "iperf3", rnd, moved)
 
 
 def _figures(rounds: Rounds, requests: int, seconds: float) -> list[dict[str, Any]]:
@@ -162,11 +184,15 @@ def _figures(rounds: Rounds, requests: int, seconds: float) -> list[dict[str, An
             {"ratio_at_least": REDIS_RATIO_MIN},
         ),
         rounds.figure("redis_p50", "real clients: redis-benchmark GET -c 1 via port-forward p50", "us", None),
+        rounds.forward_only("redis_cpu", "real clients: router CPU per GET via port-forward", "us"),
     ]
     for streams, ratio in IPERF_CASES:
         for way, flag in (("up", "client -> target"), ("down", "-R, target -> client")):
             name = f"real clients: iperf3 -P {streams} via port-forward, {flag} ({seconds:g} s)"
             out.append(rounds.figure(f"iperf3_{streams}_{way}", name, "MB/s", {"ratio_at_least": ratio}))
+    for way, flag in (("up", "client -> target"), ("down", "target -> client")):
+        name = f"real clients: router CPU per MB, iperf3 -P 8 {flag}"
+        out.append(rounds.forward_only(f"iperf3_8_{way}_cpu", name, "us/MB"))
     return out
 
 
@@ -193,7 +219,7 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
         }
         redis_get(ports["redis"]["forward"], 200)  # warm-up: the first connection pays the rendezvous
         rounds = Rounds(ports)
-        _all_rounds(rounds, count, requests, seconds)
+        _all_rounds(rounds, router.pid, count, requests, seconds)
         return _figures(rounds, requests, seconds)
 
 
