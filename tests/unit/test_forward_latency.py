@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 import grpc
 import pytest
 
 from osmo_router.agent.forward import _connect
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
+from osmo_router.io.forwarding import SocketReader
 from osmo_router.resume.stream import ResumableStream
 from osmo_router.wire.protocol import pb
 
@@ -123,3 +125,37 @@ async def test_a_waiting_handler_gets_its_frame_before_the_next_read_starts() ->
         assert log[:6] == ["read", "delivered 0", "read", "delivered 1", "read", "delivered 2"]
     finally:
         stream.abort()
+
+
+@pytest.mark.asyncio
+async def test_a_socket_reader_stays_registered_across_reads_and_leaves_none_behind() -> None:
+    loop = asyncio.get_running_loop()
+    added: list[int] = []
+    add_reader = loop.add_reader
+
+    def counting(fd: int, callback: Any, *args: Any) -> None:
+        added.append(fd)
+        add_reader(fd, callback, *args)
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    reader = SocketReader(ours)
+    loop.add_reader = counting  # type: ignore[method-assign,assignment]
+    try:
+        for n in range(5):  # a ping-pong: each read waits for data that is not there yet
+            reading = asyncio.create_task(reader.recv(64))
+            await asyncio.sleep(0)  # let it find nothing and wait
+            assert not reading.done()
+            peer.sendall(b"%d" % n)
+            async with asyncio.timeout(5):
+                assert await reading == b"%d" % n
+        peer.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(5):
+            assert await reader.recv(64) == b""
+        assert added == [ours.fileno()]  # registered once, not once per read
+    finally:
+        loop.add_reader = add_reader  # type: ignore[method-assign]
+        reader.close()
+        assert not loop.remove_reader(ours.fileno())  # nothing left watching the socket
+        ours.close()
+        peer.close()
