@@ -7,8 +7,10 @@ A and B (the order flipping each round) so load on a shared machine falls on bot
 hop to the same target is the baseline. Per round: p50/p99 of `--rounds` round trips, and the CPU
 each process of the stack used per round trip (/proc/PID/stat). Medians over the rounds, and the
 median of the per-round B/A ratios (issue 18: redis-benchmark through port-forward is this round trip).
+With `--redis` the target is a redis-server and each run is `redis-benchmark -c 1 -t get -n ROUNDS`
+(its requests/s as "rps", its p50 as "p50"; no p99) instead of the ping-pong.
 
-    .venv/bin/python -m bench.experiments.forward_ab --a-env PYTHONPATH=/tmp/main/src [--rounds 800] [--repeats 6]
+    .venv/bin/python -m bench.experiments.forward_ab --a-env PYTHONPATH=/tmp/main/src [--redis]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from bench.bench_forward import ROUTER_FLAGS, socat_relay
+from bench.bench_real_clients import redis_get, redis_server
 from bench.common import cpu_seconds
 from tests.forward_servers import FORWARDING
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd
@@ -81,24 +84,36 @@ def forward_stack(stack: ExitStack, env: dict[str, str], target: int, workflow: 
     return int(match.group(2)), {"router": router.pid, "agent": agent.popen.pid, "client": client.popen.pid}
 
 
-def measure(envs: dict[str, dict[str, str]], rounds: int, repeats: int) -> dict[str, Any]:
-    """Alternate the stacks' ping-pong rounds; every round's figures and the socat baseline."""
+def measure(envs: dict[str, dict[str, str]], rounds: int, repeats: int, redis: bool) -> dict[str, Any]:
+    """Alternate the stacks' rounds (ping-pong, or redis-benchmark); every round's figures and the socat baseline."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in envs}
     socat: list[float] = []
+
+    def run(port: int) -> dict[str, float]:
+        if redis:
+            rps, p50 = redis_get(port, rounds)
+            return {"p50": p50, "rps": rps}
+        p50, p99 = ping_pong(port, rounds)
+        return {"p50": p50, "p99": p99}
+
     with ExitStack() as stack:
-        server, target = echo_target()
-        stack.callback(server.close)
+        if redis:
+            target = stack.enter_context(redis_server())
+        else:
+            server, target = echo_target()
+            stack.callback(server.close)
         stacks = {name: forward_stack(stack, env, target, f"ab-{name}") for name, env in envs.items()}
         hop = stack.enter_context(socat_relay(target))
         for repeat in range(repeats):
             for name in list(envs) if repeat % 2 == 0 else list(reversed(envs)):
                 port, pids = stacks[name]
                 before = {role: cpu_seconds(pid) for role, pid in pids.items()}
-                p50, p99 = ping_pong(port, rounds)
-                per_rt = {f"{r} cpu": (cpu_seconds(p) - before[r]) / (rounds + WARMUP) * 1e6 for r, p in pids.items()}
-                runs[name].append({"p50": p50, "p99": p99, **per_rt})
+                figures = run(port)
+                trips = rounds if redis else rounds + WARMUP
+                per_rt = {f"{r} cpu": (cpu_seconds(p) - before[r]) / trips * 1e6 for r, p in pids.items()}
+                runs[name].append({**figures, **per_rt})
                 print(name, {k: round(v) for k, v in runs[name][-1].items()}, flush=True)
-            socat.append(ping_pong(hop, rounds)[0])
+            socat.append(run(hop)["p50"])
     return {"runs": runs, "socat_p50": statistics.median(socat)}
 
 
@@ -109,9 +124,10 @@ def main() -> None:
     parser.add_argument("--b-env", action="append", default=[], help="K=V for stack B (repeatable)")
     parser.add_argument("--rounds", type=int, default=800, help="round trips per run")
     parser.add_argument("--repeats", type=int, default=6, help="runs of each stack")
+    parser.add_argument("--redis", action="store_true", help="redis-benchmark GET -c 1 instead of the ping-pong")
     args = parser.parse_args()
     envs = {"A": dict(kv.split("=", 1) for kv in args.a_env), "B": dict(kv.split("=", 1) for kv in args.b_env)}
-    result = measure(envs, args.rounds, args.repeats)
+    result = measure(envs, args.rounds, args.repeats, args.redis)
     for name, runs in result["runs"].items():
         medians = {key: round(statistics.median(run[key] for run in runs)) for key in runs[0]}
         print(f"{name} {envs[name]}: medians {medians}")
