@@ -133,11 +133,11 @@ async def test_a_reset_wakes_the_other_side(pair: Pair) -> None:
     async with asyncio.timeout(5):
         stream = await pair.client.open_stream(REQUEST)
         served = await pair.streams.get()
-        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        served.add_close_callback(lambda _f: gone.done() or gone.set_result(None))
+        gone = asyncio.Event()
+        served.add_close_callback(lambda _f: gone.set())
         reader = asyncio.create_task(served.read())
         stream.reset()
-        await gone
+        await gone.wait()
         with pytest.raises(StreamReset) as err:
             await reader
         assert err.value.code == 8  # CANCEL
@@ -171,14 +171,9 @@ async def test_a_message_over_the_limit_is_resource_exhausted(pair: Pair) -> Non
 @pytest.mark.asyncio
 @pytest.mark.parametrize("pair", [H2Config(keepalive_time=0.05, keepalive_timeout=1.0)], indirect=True)
 async def test_keepalive_pings_are_acked_and_the_connection_stays(pair: Pair) -> None:
-    acks = 0
-    original = pair.client._timers.ping_acked
-
-    def counting(payload: bytes) -> None:
-        nonlocal acks
-        acks += 1
-        original(payload)
-
-    pair.client._timers.ping_acked = counting  # type: ignore[method-assign]
-    await _until(lambda: acks >= 3)
+    acked = _signal(pair.client._timers, "ping_acked")
+    async with asyncio.timeout(5):
+        for _ in range(3):
+            await acked.wait()
+            acked.clear()
     assert not pair.client.closed
