@@ -216,11 +216,14 @@ class Connection(asyncio.Protocol):
     def _too_large(self, stream: Stream, message: str) -> None:
         from osmo_router.h2.grpc import RESOURCE_EXHAUSTED, status_trailers
 
-        if stream.headers_sent or self.role == "client":
+        if self.role == "client" or stream.closed_out:
             stream.reset(fr.ErrorCode.CANCEL)
             return
-        stream.send_headers(status_trailers(RESOURCE_EXHAUSTED, message, headers=True), end_stream=True)
-        stream.reset(fr.ErrorCode.CANCEL)
+        # The status at once (data still queued is dropped with the reset that follows).
+        trailers = status_trailers(RESOURCE_EXHAUSTED, message, headers=not stream.headers_sent)
+        stream.send_headers(trailers, end_stream=True)
+        # NO_ERROR: the response is complete, the client need not send the rest (RFC 9113 8.1).
+        stream.reset(fr.ErrorCode.NO_ERROR)
 
     def _on_headers(self, frame: fr.Frame) -> None:
         try:
