@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -37,7 +38,7 @@ def test_reflection_lists_the_services() -> None:
             async with grpc.aio.insecure_channel(router.address) as channel:
                 stub = reflection_pb2_grpc.ServerReflectionStub(channel)
 
-                async def requests():  # type: ignore[no-untyped-def]
+                async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
                     yield reflection_pb2.ServerReflectionRequest(list_services="")
 
                 async with asyncio.timeout(10):
