@@ -278,6 +278,8 @@ class Connection(asyncio.Protocol):
         stream = self.streams.get(frame.stream_id)
         if stream is not None:
             stream.gone(int.from_bytes(frame.payload, "big"))
+            if self.role == "server" and not self._timers.peer_reset_allowed():
+                raise fr.ProtocolError(fr.ErrorCode.ENHANCE_YOUR_CALM, "too many stream resets")
 
     def _on_settings(self, frame: fr.Frame) -> None:
         if frame.flags & fr.ACK:
