@@ -98,9 +98,9 @@ def test_stalled_streams_hold_at_most_their_window() -> None:
         bound = STREAMS * (WINDOW + MESSAGE) + 48 * MIB
         assert unfinished == STREAMS, "every writer is held back: the router stopped taking its data"
         assert written * MESSAGE >= STREAMS * WINDOW // 2, "the windows did let data in"
-        assert growth <= bound, (
-            f"router RSS grew {growth >> 20} MiB for {STREAMS} stalled streams (bound {bound >> 20})"
-        )
+        figures = f"router RSS grew {growth >> 20} MiB for {STREAMS} stalled streams (bound {bound >> 20} MiB)"
+        print(figures)  # for the record (-rA)
+        assert growth <= bound, figures
         # The clients reset their streams: the pending sessions are gone.
         asyncio.run(wait_metric(router, "router_grpc_rendezvous_pending", 0))
     finally:
