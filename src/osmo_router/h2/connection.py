@@ -197,6 +197,8 @@ class Connection(asyncio.Protocol):
     def _on_data(self, frame: fr.Frame) -> None:
         flow = frame.flow
         self._recv_unacked += flow
+        if self._recv_unacked > max(self.config.connection_window, fr.DEFAULT_WINDOW):
+            raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
         stream = self.streams.get(frame.stream_id)
         if stream is None or stream.ended_in:
             if frame.stream_id > self._last_peer_id and frame.stream_id % 2 != self._next_id % 2:
