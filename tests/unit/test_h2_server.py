@@ -35,6 +35,7 @@ async def stream_unary(requests: AsyncIterator[bytes], context: grpc.aio.Service
 async def aborting(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
     context.set_trailing_metadata((("why-bin", b"\x00\xff"),))
     await context.abort(grpc.StatusCode.PERMISSION_DENIED, "nein: ü 100%")
+    raise AssertionError("abort returned")
 
 
 async def hanging(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
