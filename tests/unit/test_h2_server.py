@@ -11,6 +11,8 @@ import pytest
 import pytest_asyncio
 
 from osmo_router.h2.config import H2Config
+from osmo_router.h2.connection import Connection
+from osmo_router.h2.frames import ErrorCode
 from osmo_router.h2.server import NativeServer
 
 SERVICE = "t.Svc"
@@ -131,3 +133,38 @@ async def test_compressed_requests_are_unimplemented(channel: grpc.aio.Channel) 
         call = channel.unary_unary(_m("Unary"))
         await asyncio.wait_for(call(b"abc" * 100, compression=grpc.Compression.Gzip), 10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.asyncio
+async def test_a_finished_call_whose_client_does_not_read_is_reset_after_the_grace() -> None:
+    """The status waits behind data the client does not read: after close_grace the stream is reset, not held."""
+
+    async def flood(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            async with asyncio.timeout(0.3):
+                while True:
+                    yield b"x" * 65536
+        except TimeoutError:
+            return
+
+    server = NativeServer(H2Config(), close_grace=0.3)
+    server.add_registered_method_handlers(SERVICE, {"Flood": grpc.unary_stream_rpc_method_handler(flood)})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(
+        lambda: Connection("client", H2Config(stream_window=65535)), "127.0.0.1", port
+    )
+    try:
+        async with asyncio.timeout(10):
+            await client.ready()
+            headers = [(":method", "POST"), (":scheme", "http"), (":path", f"/{SERVICE}/Flood"), (":authority", "x")]
+            stream = await client.open_stream([*headers, ("content-type", "application/grpc"), ("te", "trailers")])
+            await stream.write(b"")
+            stream.end()
+            await stream.wait_closed()  # never reading a message
+        assert stream.reset_code == ErrorCode.CANCEL
+        assert not server.calls
+    finally:
+        client.close()
+        await server.stop(0)
