@@ -96,6 +96,8 @@ class Connection(asyncio.Protocol):
         self.send_window = fr.DEFAULT_WINDOW  # connection-level, outbound
         self._recv_unacked = 0  # connection-level, inbound: received and not yet given back
         self._blocked: dict[int, Stream] = {}  # streams with data waiting for a window or the transport
+        #: Streams whose writer waits in `drained` (woken once the transport takes data again).
+        self.drain_waiters: set[Stream] = set()
         self._goaway_sent = False
         self._goaway_received = False
         self._slot_waiters: list[asyncio.Future[None]] = []
@@ -339,7 +341,8 @@ class Connection(asyncio.Protocol):
             stream.reset(fr.ErrorCode.FLOW_CONTROL_ERROR if increment else fr.ErrorCode.PROTOCOL_ERROR)
             return
         stream.send_window += increment
-        self.flush(stream)
+        if stream.unsent:  # grpc peers acknowledge every message: most updates find nothing waiting
+            self.flush(stream)
 
     _handlers: dict[int, Callable[[Connection, fr.Frame], None]] = {
         fr.DATA: _on_data,
@@ -414,8 +417,10 @@ class Connection(asyncio.Protocol):
             if self.write_paused:
                 return
             self.flush(stream)
-        if not self.write_paused:
-            for stream in list(self.streams.values()):
+        if not self.write_paused and self.drain_waiters:
+            # Writers that waited only for the transport (their own data had gone out).
+            waiters, self.drain_waiters = self.drain_waiters, set()
+            for stream in waiters:
                 if not stream.unsent:
                     stream.notify_drained()
 
