@@ -29,7 +29,8 @@ from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
 from osmo_router.router.grpc.control_service import CONTROL_SERVICE, ControlService
 from osmo_router.router.grpc.list_sessions import ListSessions
-from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options, log_limits
+from osmo_router.router.ops.conn_limits import connection_budget, log_limits
+from osmo_router.router.ops.grpc_server import build_grpc_server, grpc_credentials
 from osmo_router.router.ops.health import MetricsServer
 from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
 from osmo_router.router.ops.metrics import RouterMetrics
@@ -37,7 +38,7 @@ from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
 from osmo_router.router.ws.server import WsServer
 from osmo_router.wire.errors import DeadlineExceeded
-from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
+from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -65,35 +66,6 @@ def created_limits(config: RouterConfig) -> CreatedLimits:
         default_ttl=config.created_session_ttl,
         max_ttl=max(24 * 3600.0, config.created_session_ttl),
     )
-
-
-def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
-    """TLS credentials from the configured certificate and key (and client CA for mutual TLS).
-
-    gRPC Python offers two client-certificate modes only: not requested, or requested, required and
-    verified. So with --tls-client-ca every caller (agents and users alike) must present a
-    certificate that chains to that CA; the handshake fails for anyone else.
-    """
-    cert = _read_pem("--tls-cert", config.tls_cert)
-    key = _read_pem("--tls-key", config.tls_key)
-    client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
-def _read_pem(flag: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise ValueError(
-            f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
-            "pass --tls-cert and --tls-key, or --tls-enabled=false on loopback"
-        ) from None
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{flag} {path} is not a PEM file")
-    return data
 
 
 class RouterServer:
@@ -170,14 +142,7 @@ class RouterServer:
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
         self._log_memory_limits()
-        server = grpc.aio.server(
-            options=[
-                *server_options(
-                    self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
-                ),
-                *grpc_connection_options(self.config, budget),
-            ]
-        )
+        server = build_grpc_server(self.config, budget)
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
             # Internal (replicas only), so not advertised through reflection.
@@ -193,7 +158,7 @@ class RouterServer:
             else f"{self.config.host}:{self.config.port}"
         )
         if self.config.tls_enabled:
-            self.port = server.add_secure_port(address, server_credentials(self.config))
+            self.port = server.add_secure_port(address, grpc_credentials(self.config))
         else:
             if not is_loopback_host(self.config.host):
                 log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
@@ -212,10 +177,11 @@ class RouterServer:
             await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
         self._janitor = asyncio.create_task(self._watch())
         log.info(
-            "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
+            "osmo-router %s listening on %s:%d (grpc %s, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
             self.config.router_id,
             self.config.host,
             self.port,
+            self.config.grpc_server,
             self.config.tls_enabled,
             self.config.auth,
             self.metrics_server.port,
@@ -224,6 +190,7 @@ class RouterServer:
                 "fields": {
                     "event": "listening",
                     "grpc_port": self.port,
+                    "grpc_server": self.config.grpc_server,
                     "metrics_port": self.metrics_server.port,
                     "ws_port": self.ws_server.port if self.config.ws_port >= 0 else -1,
                     "router_id": self.config.router_id,
@@ -331,6 +298,9 @@ class RouterServer:
             "total_buffer_bytes": self.budgets.total.limit,
             "memory_guard_bytes": self.guard.limit,
             "min_drain_rate": self.config.min_drain_rate,
+            "grpc_server": self.config.grpc_server,
+            # Native server: what one stream the relay does not read can hold besides the budgets.
+            "stream_window_bytes": self.config.stream_window_bytes if self.config.grpc_server == "native" else None,
         }
         log.info(
             "memory limits: %d MiB per user, %d MiB in all, memory guard at %d MiB RSS",
