@@ -56,6 +56,21 @@ def connection_limit_options(f: Any) -> Any:
             help="gRPC: streams at once on one connection (a port-forward uses one per forwarded connection).",
         ),
         click.option(
+            "--grpc-server",
+            type=click.Choice(["native", "grpcio"]),
+            default="native",
+            show_default=True,
+            help="gRPC port: the router's own HTTP/2 server (native: 3-5x less CPU per message) or grpc.aio (grpcio).",
+        ),
+        click.option(
+            "--stream-window-bytes",
+            type=int,
+            default=2 * 1024 * 1024,
+            show_default=True,
+            help="gRPC port, native server: each stream's HTTP/2 receive window, given back as the router reads; "
+            "a stream whose data the router cannot pass on holds at most this (plus one message).",
+        ),
+        click.option(
             "--max-connections",
             type=int,
             default=0,

@@ -111,6 +111,11 @@ class RouterConfig:
     max_connection_age: float = 0.0
     #: gRPC: streams at once on one HTTP/2 connection.
     max_concurrent_streams: int = 4096
+    #: The gRPC port's server: "native" (osmo_router.h2, issue 18) or "grpcio" (grpc.aio).
+    grpc_server: str = "native"
+    #: Native server: each stream's receive window. A stream whose reader (the router's relay) stops
+    #: taking messages holds at most this much in the router (plus one partial message).
+    stream_window_bytes: int = 2 * 1024 * 1024
     #: Total connections on the gRPC / WebSocket / metrics port (0: a share of the descriptor limit).
     max_connections: int = 0
     ws_max_connections: int = 0
@@ -189,6 +194,10 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off or automatic) or more")
         if self.max_concurrent_streams < 1:
             raise ValueError("--max-concurrent-streams must be at least 1")
+        if self.grpc_server not in ("native", "grpcio"):
+            raise ValueError(f"--grpc-server must be native or grpcio, not {self.grpc_server!r}")
+        if not 64 * 1024 <= self.stream_window_bytes <= 2**31 - 1:
+            raise ValueError("--stream-window-bytes must be between 64 KiB and 2 GiB")
 
     def _validate_scaleout(self) -> None:
         if self.peer_secret and len(self.peer_secret) < MIN_PEER_SECRET:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -17,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from osmo_router.cli.logs import fingerprint
+from osmo_router.h2.config import H2Config
+from osmo_router.h2.server import NativeServer, tls_context
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.core.budget import Budgets, container_memory_limit, default_total_bytes
@@ -29,7 +32,12 @@ from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
 from osmo_router.router.grpc.control_service import CONTROL_SERVICE, ControlService
 from osmo_router.router.grpc.list_sessions import ListSessions
-from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options, log_limits
+from osmo_router.router.ops.conn_limits import (
+    ConnectionBudget,
+    connection_budget,
+    grpc_connection_options,
+    log_limits,
+)
 from osmo_router.router.ops.health import MetricsServer
 from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
 from osmo_router.router.ops.metrics import RouterMetrics
@@ -37,7 +45,7 @@ from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
 from osmo_router.router.ws.server import WsServer
 from osmo_router.wire.errors import DeadlineExceeded
-from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE, server_options
+from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE, CLOSE_GRACE, MIN_PING_INTERVAL, server_options
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,44 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
     client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def native_tls(config: RouterConfig) -> ssl.SSLContext:
+    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials."""
+    _read_pem("--tls-cert", config.tls_cert)
+    _read_pem("--tls-key", config.tls_key)
+    if config.tls_client_ca:
+        _read_pem("--tls-client-ca", config.tls_client_ca)
+    return tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+
+def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.aio.Server:
+    """The gRPC port's server (--grpc-server): the native h2 one, or grpc.aio, with the same limits."""
+    if config.grpc_server == "native":
+        return NativeServer(
+            H2Config(
+                stream_window=config.stream_window_bytes,
+                # Given back on receipt: room for every stream's window on a busy connection.
+                connection_window=max(64 * 1024 * 1024, 4 * config.stream_window_bytes),
+                max_concurrent_streams=config.max_concurrent_streams,
+                max_message_size=config.max_message_size,
+                keepalive_time=config.keepalive_time,
+                keepalive_timeout=config.keepalive_timeout,
+                min_ping_interval=MIN_PING_INTERVAL,
+                handshake_timeout=config.handshake_timeout,
+                max_connection_idle=config.max_connection_idle,
+                max_connection_age=config.max_connection_age,
+                max_connection_age_grace=config.drain_timeout,
+            ),
+            max_connections=budget.grpc,
+            close_grace=CLOSE_GRACE,
+        )
+    return grpc.aio.server(
+        options=[
+            *server_options(config.max_message_size, config.keepalive_time, config.keepalive_timeout),
+            *grpc_connection_options(config, budget),
+        ]
     )
 
 
@@ -170,14 +216,7 @@ class RouterServer:
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
         self._log_memory_limits()
-        server = grpc.aio.server(
-            options=[
-                *server_options(
-                    self.config.max_message_size, self.config.keepalive_time, self.config.keepalive_timeout
-                ),
-                *grpc_connection_options(self.config, budget),
-            ]
-        )
+        server = build_grpc_server(self.config, budget)
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
             # Internal (replicas only), so not advertised through reflection.
@@ -193,7 +232,10 @@ class RouterServer:
             else f"{self.config.host}:{self.config.port}"
         )
         if self.config.tls_enabled:
-            self.port = server.add_secure_port(address, server_credentials(self.config))
+            credentials = (
+                native_tls(self.config) if self.config.grpc_server == "native" else server_credentials(self.config)
+            )
+            self.port = server.add_secure_port(address, credentials)
         else:
             if not is_loopback_host(self.config.host):
                 log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
@@ -212,10 +254,11 @@ class RouterServer:
             await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
         self._janitor = asyncio.create_task(self._watch())
         log.info(
-            "osmo-router %s listening on %s:%d (grpc, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
+            "osmo-router %s listening on %s:%d (grpc %s, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
             self.config.router_id,
             self.config.host,
             self.port,
+            self.config.grpc_server,
             self.config.tls_enabled,
             self.config.auth,
             self.metrics_server.port,
@@ -224,6 +267,7 @@ class RouterServer:
                 "fields": {
                     "event": "listening",
                     "grpc_port": self.port,
+                    "grpc_server": self.config.grpc_server,
                     "metrics_port": self.metrics_server.port,
                     "ws_port": self.ws_server.port if self.config.ws_port >= 0 else -1,
                     "router_id": self.config.router_id,

@@ -60,6 +60,10 @@ def channel_options(
     ]
 
 
+#: Servers take the peers' pings at most this often without data in between (more: GOAWAY ENHANCE_YOUR_CALM).
+MIN_PING_INTERVAL: Final = 5.0
+
+
 def server_options(
     max_message_size: int = MAX_MESSAGE_SIZE,
     keepalive_time: float = KEEPALIVE_TIME,
@@ -68,8 +72,8 @@ def server_options(
     """gRPC server options: the channel options, and tolerance for the peers' own keepalive pings."""
     return [
         *channel_options(max_message_size, keepalive_time, keepalive_timeout),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(MIN_PING_INTERVAL * 1000)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(MIN_PING_INTERVAL * 1000)),
         # Connection limits and timeouts (idle, handshake, streams, total) are the router's settings:
         # router/ops/conn_limits.py grpc_connection_options, passed next to these.
     ]

@@ -1,0 +1,38 @@
+"""Settings of one HTTP/2 connection (both roles)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Per-stream receive window: what a stream whose reader stalls can make us hold (plus one message).
+DEFAULT_STREAM_WINDOW = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class H2Config:
+    """What a connection advertises and enforces. Times in seconds; 0 turns a timer off."""
+
+    #: Our receive window per stream (SETTINGS_INITIAL_WINDOW_SIZE), given back as messages are read.
+    stream_window: int = DEFAULT_STREAM_WINDOW
+    #: Our receive window for the whole connection, given back on receipt.
+    connection_window: int = 64 * 1024 * 1024
+    #: Largest frame we accept (SETTINGS_MAX_FRAME_SIZE): big frames cost the peer fewer writes.
+    max_frame_size: int = 1024 * 1024
+    max_header_list_size: int = 64 * 1024
+    #: Streams the peer may have open at once (server role; past it, RST_STREAM REFUSED_STREAM).
+    max_concurrent_streams: int = 2**31 - 1
+    #: Largest gRPC message we accept (past it, RESOURCE_EXHAUSTED).
+    max_message_size: int = 4 * 1024 * 1024
+    #: Our keepalive pings: one after `keepalive_time` without an ack; close if none in `keepalive_timeout`.
+    keepalive_time: float = 0.0
+    keepalive_timeout: float = 20.0
+    #: The peer's pings closer together than this are strikes (the third: GOAWAY ENHANCE_YOUR_CALM);
+    #: strikes are forgiven whenever we send HEADERS or DATA, as in grpc.
+    min_ping_interval: float = 0.0
+    #: From accept to the peer's preface and SETTINGS.
+    handshake_timeout: float = 0.0
+    #: Server role: GOAWAY after this long without a stream.
+    max_connection_idle: float = 0.0
+    #: Server role: GOAWAY after this age, then close after the grace.
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 0.0

@@ -1,0 +1,303 @@
+"""One HTTP/2 stream carrying one gRPC call: its messages in, its messages out, its windows.
+
+Inbound, the stream parses gRPC length-prefixed messages out of DATA payloads and queues them for
+`read`; it gives the peer window back only as `read` takes messages, so what a stalled reader
+makes us hold is bounded by the window we advertise (plus at most one partial message: a message
+larger than the window must be able to arrive whole). Outbound, `write` queues one message and
+returns once all of it went to the transport (the peer's windows and the transport's buffer allow
+it), so a writer is held back by a peer that does not read, and holds at most one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from osmo_router.h2 import frames as fr
+
+if TYPE_CHECKING:
+    from osmo_router.h2.connection import Connection
+
+Headers = list[tuple[str, str]]
+
+
+class StreamReset(Exception):
+    """The stream ended abnormally: the peer reset it (`code`), we did, or the connection was lost (`code` -1)."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or f"stream reset ({code})")
+        self.code = code
+
+
+class MessageTooLarge(Exception):
+    """A received message is longer than the connection's max_message_size."""
+
+
+class Stream:
+    """One stream. Created by `Connection.open_stream` (client role) or for the peer's HEADERS (server role)."""
+
+    def __init__(self, conn: Connection, stream_id: int, send_window: int, recv_window: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        #: The request headers (server role) or response headers (client role), once received.
+        self.headers: Headers | None = None
+        #: The trailers (client role; for a trailers-only response also the headers), once received.
+        self.trailers: Headers | None = None
+        #: Set when the peer ended its side (END_STREAM) or the stream was reset.
+        self.ended_in = False
+        self.reset_code: int | None = None
+        self.send_window = send_window
+        self.headers_sent = False
+        self.closed_out = False  # our END_STREAM went out
+        self._recv_window = recv_window  # what we let this stream's peer have unread
+        self._recv_left = recv_window  # what the peer may still send before our next WINDOW_UPDATE
+        self._messages: deque[bytes] = deque()
+        self._queued = 0  # bytes (with prefixes) of complete messages not yet read
+        self._partial = bytearray()  # an incomplete message, with its prefix
+        self._need = 0  # the partial message's total length with its prefix (0 = not known yet)
+        self.compressed_received = False
+        self._out: deque[memoryview] = deque()
+        self._out_bytes = 0
+        self._end_after: Headers | None = None  # trailers to send once the data has gone out
+        self._end_pending = False
+        self._readable: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._headers_event: asyncio.Future[None] | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # -- inbound ---------------------------------------------------------------------------------
+
+    def received_data(self, payload: memoryview, flow_length: int) -> None:
+        """A DATA payload (padding removed); `flow_length` is what it counted against the windows."""
+        self._recv_left -= flow_length
+        if self._recv_left < 0:
+            raise StreamReset(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the stream window")
+        max_message = self.conn.config.max_message_size
+        pos, size = 0, len(payload)
+        while pos < size:
+            if not self._partial and size - pos >= 5:
+                length = int.from_bytes(payload[pos + 1 : pos + 5], "big")
+                self._check(payload[pos], length, max_message)
+                if size - pos >= 5 + length:  # whole in this payload: one copy, straight out of it
+                    self._queue(bytes(payload[pos + 5 : pos + 5 + length]), length + 5)
+                    pos += 5 + length
+                    continue
+            pos = self._append_partial(payload, pos, max_message)
+        # Bytes of a partial message are given back at once (a message larger than the window must
+        # be able to arrive); complete messages only once read.
+        self._grant()
+        self._wake_reader()
+
+    def _append_partial(self, payload: memoryview, pos: int, max_message: int) -> int:
+        partial = self._partial
+        if not self._need:
+            take = min(5 - len(partial), len(payload) - pos)
+            partial += payload[pos : pos + take]
+            pos += take
+            if len(partial) < 5:
+                return pos
+            length = int.from_bytes(partial[1:5], "big")
+            self._check(partial[0], length, max_message)
+            self._need = 5 + length
+        take = min(self._need - len(partial), len(payload) - pos)
+        partial += payload[pos : pos + take]
+        pos += take
+        if len(partial) == self._need:
+            self._queue(bytes(memoryview(partial)[5:]), self._need)
+            self._partial = bytearray()
+            self._need = 0
+        return pos
+
+    def _check(self, flag: int, length: int, max_message: int) -> None:
+        if flag & 1:
+            self.compressed_received = True
+        if length > max_message:
+            raise MessageTooLarge(f"received message larger than max ({length} vs. {max_message})")
+
+    def _queue(self, message: bytes, framed: int) -> None:
+        self._messages.append(message)
+        self._queued += framed
+
+    def received_end(self) -> None:
+        """The peer's END_STREAM."""
+        self.ended_in = True
+        self._wake_reader()
+
+    def has_message(self) -> bool:
+        """Whether `read` would return at once."""
+        return bool(self._messages) or self.ended_in or self.reset_code is not None
+
+    def read_nowait(self) -> bytes | None:
+        """The next message if one is queued (None when none is, or at the end: check `has_message`)."""
+        if self._messages:
+            message = self._messages.popleft()
+            self._queued -= len(message) + 5
+            self._grant()
+            return message
+        if self.reset_code is not None:
+            raise StreamReset(self.reset_code)
+        return None
+
+    async def read(self) -> bytes | None:
+        """The next message; None once the peer ended its side; StreamReset if the stream was reset."""
+        while not self.has_message():
+            self._readable = asyncio.get_running_loop().create_future()
+            try:
+                await self._readable
+            finally:
+                self._readable = None
+        return self.read_nowait()
+
+    def _grant(self) -> None:
+        """Give the peer back the window its read messages used (in steps of a quarter window)."""
+        if self.ended_in or self.reset_code is not None:
+            return
+        grant = self._recv_window - self._queued - self._recv_left
+        if grant >= self._recv_window >> 2 or (grant > 0 and self._recv_left <= 0):
+            self._recv_left += grant
+            self.conn.send_window_update(self.id, grant)
+
+    def _wake_reader(self) -> None:
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    # -- outbound --------------------------------------------------------------------------------
+
+    def send_headers(self, headers: Headers, end_stream: bool = False) -> None:
+        """Send HEADERS now (request or response headers; with end_stream, a trailers-only response)."""
+        self.headers_sent = True
+        self.conn.send_headers(self, headers, end_stream)
+        if end_stream:
+            self.end_sent()
+
+    def write_nowait(self, message: bytes | bytearray | memoryview) -> None:
+        """Queue one gRPC message and send what the windows allow; never waits."""
+        if self.closed_out or self._end_pending:
+            raise StreamReset(fr.ErrorCode.STREAM_CLOSED, "write after the end of the stream")
+        if self.reset_code is not None:
+            raise StreamReset(self.reset_code)
+        self._out.append(memoryview(b"\x00" + len(message).to_bytes(4, "big")))
+        if message:
+            self._out.append(memoryview(message))
+        self._out_bytes += 5 + len(message)
+        self.conn.flush(self)
+
+    async def write(self, message: bytes | bytearray | memoryview) -> None:
+        """Queue one gRPC message; return once it all went to the transport (StreamReset if the stream ends)."""
+        self.write_nowait(message)
+        await self.drained()
+
+    async def drained(self) -> None:
+        """Wait until everything queued went to the transport."""
+        while self._out_bytes or self.conn.write_paused:
+            if self.reset_code is not None:
+                raise StreamReset(self.reset_code)
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await self._drained
+            finally:
+                self._drained = None
+        if self.reset_code is not None:
+            raise StreamReset(self.reset_code)
+
+    def end(self, trailers: Headers | None = None) -> None:
+        """End our side once the queued data went out: with trailers (server role), else an empty END_STREAM DATA."""
+        if self.closed_out or self._end_pending or self.reset_code is not None:
+            return
+        self._end_pending = True
+        self._end_after = trailers
+        self.conn.flush(self)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued and not yet written to the transport."""
+        return self._out_bytes
+
+    def take(self, room: int) -> list[memoryview]:
+        """Up to `room` queued bytes, as views (for the connection's DATA frames)."""
+        pieces: list[memoryview] = []
+        out = self._out
+        while room and out:
+            head = out[0]
+            if len(head) <= room:
+                pieces.append(out.popleft())
+                room -= len(head)
+            else:
+                pieces.append(head[:room])
+                out[0] = head[room:]
+                room = 0
+        taken = sum(len(p) for p in pieces)
+        self._out_bytes -= taken
+        self.send_window -= taken
+        return pieces
+
+    def pending_end(self) -> tuple[bool, Headers | None]:
+        """(True, trailers) once the data went out and an end is due (the connection sends it)."""
+        return (self._end_pending and not self._out_bytes and not self.closed_out), self._end_after
+
+    def end_sent(self) -> None:
+        """Our END_STREAM went out (the connection calls it)."""
+        self.closed_out = True
+        self._end_pending = False
+        self.conn.maybe_forget(self)
+
+    def notify_drained(self) -> None:
+        """Wake the writer waiting in `drained` (all went out, or the stream ended)."""
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def reset(self, code: int = fr.ErrorCode.CANCEL) -> None:
+        """Reset the stream (RST_STREAM to the peer); what is queued either way is dropped."""
+        if self.reset_code is None and not (self.closed_out and self.ended_in):
+            self.conn.send_reset(self, code)
+        self.gone(code)
+
+    def gone(self, code: int) -> None:
+        """The stream is over abnormally (reset by either side, or connection lost): wake everyone."""
+        if self.reset_code is None and not (self.closed_out and self.ended_in):
+            self.reset_code = code
+        self._out.clear()
+        self._out_bytes = 0
+        self._messages.clear()
+        self._queued = 0
+        self._wake_reader()
+        self.notify_drained()
+        self.headers_arrived()
+        if not self._closed.done():
+            self._closed.set_result(None)
+        self.conn.maybe_forget(self, force=True)
+
+    def maybe_closed(self) -> None:
+        """Both sides ended normally: the stream is closed."""
+        if self.closed_out and self.ended_in and not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- client role: the response --------------------------------------------------------------
+
+    def headers_arrived(self) -> None:
+        """The response headers (or trailers-only) arrived, or the stream ended."""
+        if self._headers_event is not None and not self._headers_event.done():
+            self._headers_event.set_result(None)
+
+    async def response_headers(self) -> Headers:
+        """The response headers (for a trailers-only response, the trailers); StreamReset if reset first."""
+        while self.headers is None and self.reset_code is None:
+            self._headers_event = asyncio.get_running_loop().create_future()
+            await self._headers_event
+        if self.headers is None:
+            raise StreamReset(self.reset_code if self.reset_code is not None else -1)
+        return self.headers
+
+    async def wait_closed(self) -> None:
+        """Until the stream is closed (both sides ended, or reset, or the connection lost)."""
+        await asyncio.shield(self._closed)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream is over."""
+        return self._closed.done()
+
+    def add_close_callback(self, callback: object) -> None:
+        """Call `callback(future)` once the stream is over."""
+        self._closed.add_done_callback(callback)  # type: ignore[arg-type]

@@ -1,0 +1,110 @@
+"""A connection's timers: handshake, keepalive pings, the peer's ping rate, max idle, max age."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from osmo_router.h2 import frames as fr
+
+if TYPE_CHECKING:
+    from osmo_router.h2.connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+class Timers:
+    """A connection's timers: handshake, keepalive pings, ping tolerance, max idle, max age."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.preface_buf = bytearray()
+        self._handles: dict[str, asyncio.TimerHandle] = {}
+        self._ping_payload: bytes | None = None
+        self._last_peer_ping = 0.0
+        self._strikes = 0
+
+    def _later(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        self._stop(name)
+        if delay > 0:
+            self._handles[name] = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _stop(self, name: str) -> None:
+        handle = self._handles.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    def start(self) -> None:
+        """At connection_made."""
+        config = self.conn.config
+        self._later("handshake", config.handshake_timeout, self.conn.close)
+        self._later("keepalive", config.keepalive_time, self._ping)
+        if self.conn.role == "server":
+            self.idle()
+            if config.max_connection_age > 0:
+                self._later("age", config.max_connection_age, self._aged)
+
+    def handshake_done(self) -> None:
+        """The peer's first SETTINGS arrived."""
+        self._stop("handshake")
+
+    def busy(self) -> None:
+        """A stream was opened: the connection is not idle."""
+        self._stop("idle")
+
+    def idle(self) -> None:
+        """No stream left: close after max_connection_idle (server role)."""
+        if self.conn.role == "server" and not self.conn.closed:
+            self._later("idle", self.conn.config.max_connection_idle, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        if not self.conn.streams:
+            self.conn.goaway(fr.ErrorCode.NO_ERROR, "max_idle")
+
+    def _aged(self) -> None:
+        self.conn.goaway(fr.ErrorCode.NO_ERROR, "max_age")
+        self._later("age_grace", self.conn.config.max_connection_age_grace, self.conn.close)
+
+    def _ping(self) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        self._ping_payload = time.monotonic_ns().to_bytes(8, "big")
+        conn.write_frame(fr.encode(fr.PING, 0, 0, self._ping_payload))
+        self._later("ping_timeout", conn.config.keepalive_timeout, self._ping_timed_out)
+
+    def _ping_timed_out(self) -> None:
+        log.info("h2 keepalive: no ping ack within %gs, closing", self.conn.config.keepalive_timeout)
+        self.conn.abort()
+
+    def ping_acked(self, payload: bytes) -> None:
+        """A PING ack: the peer is alive."""
+        if payload == self._ping_payload:
+            self._ping_payload = None
+            self._stop("ping_timeout")
+            self._later("keepalive", self.conn.config.keepalive_time, self._ping)
+
+    def ping_received(self) -> bool:
+        """The peer's PING: False (and GOAWAY ENHANCE_YOUR_CALM) when it pings too often, as grpc servers do."""
+        now = time.monotonic()
+        interval = self.conn.config.min_ping_interval
+        if interval > 0 and now - self._last_peer_ping < interval:
+            self._strikes += 1
+            if self._strikes > 2:
+                self.conn.fail(fr.ErrorCode.ENHANCE_YOUR_CALM, "too_many_pings")
+                return False
+        self._last_peer_ping = now
+        return True
+
+    def sent_data(self) -> None:
+        """We sent HEADERS or DATA: the peer's pings are welcome again (grpc's rule)."""
+        self._strikes = 0
+
+    def cancel(self) -> None:
+        """At connection_lost."""
+        for handle in self._handles.values():
+            handle.cancel()
+        self._handles.clear()

@@ -1,0 +1,179 @@
+"""HTTP/2 connections in both roles over a loopback socket: messages, windows, a stalled reader, resets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from osmo_router.h2.connection import Connection, H2Config, Stream, StreamReset
+from osmo_router.h2.grpc import status_of, status_trailers
+
+REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
+
+
+@dataclass
+class Pair:
+    client: Connection
+    streams: asyncio.Queue[Stream]
+    servers: list[Connection]
+
+
+@pytest_asyncio.fixture
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    config: H2Config = getattr(request, "param", H2Config(stream_window=256 * 1024))
+    loop = asyncio.get_running_loop()
+    streams: asyncio.Queue[Stream] = asyncio.Queue()
+    servers: list[Connection] = []
+
+    def accept() -> Connection:
+        conn = Connection("server", config, on_stream=streams.put_nowait)
+        servers.append(conn)
+        return conn
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(lambda: Connection("client", config), "127.0.0.1", port)
+    async with asyncio.timeout(5):
+        await client.ready()
+    yield Pair(client, streams, servers)
+    client.close()
+    server.close()
+    await server.wait_closed()
+
+
+def _signal(obj: object, name: str) -> asyncio.Event:
+    """An event set after every call of obj.name (wraps the method)."""
+    event = asyncio.Event()
+    original = getattr(obj, name)
+
+    def wrapped(*args: object) -> object:
+        result = original(*args)
+        event.set()
+        return result
+
+    setattr(obj, name, wrapped)
+    return event
+
+
+async def _until(event: asyncio.Event, condition: Callable[[], bool]) -> None:
+    while not condition():
+        await event.wait()
+        event.clear()
+
+
+@pytest.mark.asyncio
+async def test_messages_both_ways_with_trailers(pair: Pair) -> None:
+    sizes = [0, 1, 70_000, 3 * 1024 * 1024]  # the last is larger than the 256 KiB window
+    async with asyncio.timeout(10):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        assert dict(served.headers or [])[":path"] == "/t.S/M"
+
+        async def echo() -> None:
+            served.send_headers([(":status", "200"), ("content-type", "application/grpc")])
+            while (message := await served.read()) is not None:
+                await served.write(message[::-1])
+            served.end(status_trailers(0))
+
+        task = asyncio.create_task(echo())
+        for size in sizes:
+            await stream.write(bytes(range(256)) * (size // 256) + b"z" * (size % 256))
+        stream.end()
+        got = []
+        while (message := await stream.read()) is not None:
+            got.append(message)
+        await task
+    assert [len(m) for m in got] == sizes
+    assert got[2] == (bytes(range(256)) * (70_000 // 256) + b"z" * (70_000 % 256))[::-1]
+    assert status_of(stream.trailers) == (0, "")
+    assert not pair.client.streams  # closed on both sides: forgotten
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_reader_holds_no_more_than_its_window(pair: Pair) -> None:
+    window, message = 256 * 1024, b"m" * 16 * 1024
+    async with asyncio.timeout(10):
+        stalled = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+
+        async def flood() -> int:
+            for _ in range(200):  # 3.2 MiB: far beyond the window
+                await stalled.write(message)
+            return 200
+
+        received = _signal(served, "received_data")
+        writer = asyncio.create_task(flood())
+        await _until(received, lambda: served._queued >= window - len(message) - 5)
+        # The server's application reads nothing: what it holds is what the window let in (a
+        # message that began inside the window may complete past it).
+        held = served._queued
+        assert window - len(message) - 5 <= held <= window + len(message) + 5
+        assert not writer.done()
+
+        # The connection window was given back on receipt: another stream still flows.
+        other = await pair.client.open_stream(REQUEST)
+        other_served = await pair.streams.get()
+        await other.write(b"x" * 100_000)
+        assert await other_served.read() == b"x" * 100_000
+
+        # Reading releases the writer, message by message.
+        count = 0
+        while count < 200:
+            assert await served.read() == message
+            count += 1
+        assert await writer == 200
+
+
+@pytest.mark.asyncio
+async def test_a_reset_wakes_the_other_side(pair: Pair) -> None:
+    async with asyncio.timeout(5):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        gone = asyncio.Event()
+        served.add_close_callback(lambda _f: gone.set())
+        reader = asyncio.create_task(served.read())
+        stream.reset()
+        await gone.wait()
+        with pytest.raises(StreamReset) as err:
+            await reader
+        assert err.value.code == 8  # CANCEL
+        assert not pair.servers[0].streams
+
+
+@pytest.mark.asyncio
+async def test_connection_lost_resets_every_stream(pair: Pair) -> None:
+    async with asyncio.timeout(5):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        pair.client.abort()
+        with pytest.raises(StreamReset):
+            await served.read()
+        with pytest.raises(StreamReset):
+            await stream.read()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pair", [H2Config(max_message_size=1000)], indirect=True)
+async def test_a_message_over_the_limit_is_resource_exhausted(pair: Pair) -> None:
+    async with asyncio.timeout(5):
+        stream = await pair.client.open_stream(REQUEST)
+        await pair.streams.get()
+        with pytest.raises(StreamReset):
+            await stream.write(b"x" * 1001)
+            await stream.read()
+        assert status_of(stream.headers) == (8, "received message larger than max (1001 vs. 1000)")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pair", [H2Config(keepalive_time=0.05, keepalive_timeout=1.0)], indirect=True)
+async def test_keepalive_pings_are_acked_and_the_connection_stays(pair: Pair) -> None:
+    acked = _signal(pair.client._timers, "ping_acked")
+    async with asyncio.timeout(5):
+        for _ in range(3):
+            await acked.wait()
+            acked.clear()
+    assert not pair.client.closed
