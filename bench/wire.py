@@ -32,8 +32,18 @@ WAIT = 30.0
 TLS_CA_ENV = "OSMO_BENCH_TLS_CA"
 
 
+#: "native" in this variable makes every channel of the load generator the h2 channel (h2/channel.py).
+CHANNEL_ENV = "OSMO_BENCH_CHANNEL"
+
+
 def open_channel(address: str) -> grpc.aio.Channel:
     """A channel with a connection of its own (no subchannel shared with other channels)."""
+    if os.environ.get(CHANNEL_ENV) == "native":
+        from osmo_router.dial.channel import open_channel as dial
+        from osmo_router.dial.config import DialConfig
+
+        ca = os.environ.get(TLS_CA_ENV)
+        return dial(DialConfig(address=address, tls=bool(ca), tls_ca=ca or None, grpc_channel="native"))
     options: list[tuple[str, Any]] = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
     ca = os.environ.get(TLS_CA_ENV)
     if ca:

@@ -273,8 +273,14 @@ class Connection(asyncio.Protocol):
 
     def _on_rst_stream(self, frame: fr.Frame) -> None:
         stream = self.streams.get(frame.stream_id)
-        if stream is not None:
-            stream.gone(int.from_bytes(frame.payload, "big"))
+        if stream is None:
+            return
+        code = int.from_bytes(frame.payload, "big")
+        if code == fr.ErrorCode.NO_ERROR and stream.ended_in:
+            # A complete response, then "stop sending" (RFC 9113 8.1): the response stays readable.
+            stream.stop_sending()
+            return
+        stream.gone(code)
 
     def _on_settings(self, frame: fr.Frame) -> None:
         if frame.flags & fr.ACK:
