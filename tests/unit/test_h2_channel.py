@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 from osmo_router.h2.channel import Channel, client_ssl_context
+from osmo_router.h2.config import H2Config
 from tests.security_kit import CertificateAuthority
 
 WAIT = 10.0
@@ -211,3 +212,31 @@ async def test_tls_alpn_server_name_and_client_certificates(tmp_path: Path) -> N
             assert "CERTIFICATE_VERIFY_FAILED" in (mismatch.value.details() or "")
     finally:
         await server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_keepalive_pings_end_a_call_on_a_silent_peer() -> None:
+    """A peer that sends its SETTINGS, then nothing (no PING ack): the call fails UNAVAILABLE within the timeout."""
+    empty_settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+        writer.write(empty_settings)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = H2Config(keepalive_time=0.2, keepalive_timeout=0.3)
+    channel = Channel(f"127.0.0.1:{port}", config=config)
+    try:
+        call = channel.stream_stream("/test.Echo/Bidi")()
+        await call.write(b"anyone?")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), WAIT)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
