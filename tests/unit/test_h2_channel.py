@@ -240,3 +240,13 @@ async def test_keepalive_pings_end_a_call_on_a_silent_peer() -> None:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_the_status_is_known_without_reading_and_unread_messages_stay_readable(
+    served: tuple[grpc.aio.Server, Channel],
+) -> None:
+    _server, channel = served
+    call = channel.unary_stream("/test.Echo/Count")(b"3", timeout=WAIT)
+    assert await asyncio.wait_for(call.code(), WAIT) == grpc.StatusCode.OK  # nothing read yet
+    assert [m async for m in call] == [b"0", b"1", b"2"]

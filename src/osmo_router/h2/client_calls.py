@@ -84,7 +84,17 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             stream.reset(fr.ErrorCode.CANCEL)
             return None
         self._stream = stream
+        # The status is known once the stream closes, read or not (grpc.aio's calls end without reads).
+        stream.add_close_callback(lambda _future: self._on_closed(stream))
         return stream
+
+    def _on_closed(self, stream: Stream) -> None:
+        if self._status is not None:
+            return
+        if stream.trailers is not None:
+            self._finish_from(stream)  # messages not read yet stay on the stream for `read`
+        elif stream.reset_code is not None:
+            self._finish_reset(stream.reset_code)
 
     async def _started(self) -> Stream:
         stream = self._stream or await asyncio.shield(self._opening)
@@ -237,6 +247,11 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             async with self._read_lock:
                 if self._buffer:
                     return self._deserialize(self._buffer.popleft())
+                if self._status is not None and self._stream is not None and self._stream.has_message():
+                    with contextlib.suppress(StreamReset):  # the end came before these were read
+                        message = self._stream.read_nowait()
+                        if message is not None:
+                            return self._deserialize(message)
                 if self._status is None:
                     stream = await self._started()
                     message = await self._read_stream(stream)
