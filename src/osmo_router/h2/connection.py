@@ -385,13 +385,18 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        out: list[bytes | memoryview] = []
+        # Every DATA frame the windows allow, in one writelines: a message larger than the peer's
+        # max frame size (16 KiB for grpc) is one system call, not one per frame.
         while stream.unsent and not self.write_paused:
             room = min(stream.unsent, stream.send_window, self.send_window, self._peer_max_frame)
             if room <= 0:
                 break
-            pieces = stream.take(room)
+            out.append(fr.header(fr.DATA, 0, stream.id, room))
+            out.extend(stream.take(room))
             self.send_window -= room
-            transport.writelines([fr.header(fr.DATA, 0, stream.id, room), *pieces])
+        if out:
+            transport.writelines(out)
             self._timers.sent_data()
         if stream.unsent:
             self._blocked[stream.id] = stream
