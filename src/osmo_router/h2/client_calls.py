@@ -80,6 +80,9 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         except grpc.aio.AioRpcError as err:
             self._finish(err.code(), err.details() or "")
             return None
+        except Exception as err:  # never an unretrieved task error: the call carries it
+            self._finish(grpc.StatusCode.UNAVAILABLE, f"cannot open the stream: {err}")
+            return None
         if self._status is not None:  # cancelled or expired while the stream opened
             stream.reset(fr.ErrorCode.CANCEL)
             return None
