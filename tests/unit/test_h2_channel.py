@@ -25,6 +25,7 @@ class EchoService(grpc.GenericRpcHandler):
 
     def __init__(self) -> None:
         self.metadata: list[tuple[str, Any]] = []
+        self.joined: asyncio.Queue[bytes] = asyncio.Queue()
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
@@ -55,7 +56,9 @@ class EchoService(grpc.GenericRpcHandler):
             yield request.upper()
 
     async def join(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
-        return b"+".join([r async for r in requests])
+        joined = b"+".join([r async for r in requests])
+        self.joined.put_nowait(joined)
+        return joined
 
     async def hang(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         await asyncio.Event().wait()  # ended by the client's deadline or cancellation
@@ -250,3 +253,18 @@ async def test_the_status_is_known_without_reading_and_unread_messages_stay_read
     call = channel.unary_stream("/test.Echo/Count")(b"3", timeout=WAIT)
     assert await asyncio.wait_for(call.code(), WAIT) == grpc.StatusCode.OK  # nothing read yet
     assert [m async for m in call] == [b"0", b"1", b"2"]
+
+
+@pytest.mark.asyncio
+async def test_cancel_after_the_end_of_the_requests_lets_the_server_take_them_all(
+    served: tuple[grpc.aio.Server, Channel],
+) -> None:
+    """What a client sent before its END_STREAM (a Detach frame, say) is not lost to a cancel right after."""
+    server, channel = served
+    call = channel.stream_unary("/test.Echo/Join")()
+    for part in (b"a", b"b", b"detach"):
+        await call.write(part)
+    await call.done_writing()
+    assert call.cancel()
+    assert await call.code() == grpc.StatusCode.CANCELLED
+    assert await asyncio.wait_for(server.service.joined.get(), WAIT) == b"a+b+detach"  # type: ignore[attr-defined]

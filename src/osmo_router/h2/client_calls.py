@@ -170,8 +170,12 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         if self._status is not None:
             return False
         self._locally_cancelled = True
-        if self._stream is not None:
-            self._stream.reset(fr.ErrorCode.CANCEL)
+        stream = self._stream
+        if stream is not None and not (stream.closed_out and not stream.ended_in):
+            stream.reset(fr.ErrorCode.CANCEL)
+        # else: our END_STREAM went out and the server has not ended yet. A reset now would make it
+        # drop what it received and has not read (a Detach frame right before the end, say); it ends
+        # the call itself after our end, and its answer is ignored here.
         self._finish(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
         return True
 
@@ -250,9 +254,10 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             async with self._read_lock:
                 if self._buffer:
                     return self._deserialize(self._buffer.popleft())
-                if self._status is not None and self._stream is not None and self._stream.has_message():
+                stream = self._stream
+                if self._status is not None and not self._locally_cancelled and stream and stream.has_message():
                     with contextlib.suppress(StreamReset):  # the end came before these were read
-                        message = self._stream.read_nowait()
+                        message = stream.read_nowait()
                         if message is not None:
                             return self._deserialize(message)
                 if self._status is None:

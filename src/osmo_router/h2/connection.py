@@ -276,7 +276,7 @@ class Connection(asyncio.Protocol):
         if stream is None:
             return
         code = int.from_bytes(frame.payload, "big")
-        if code == fr.ErrorCode.NO_ERROR and stream.ended_in:
+        if code == fr.ErrorCode.NO_ERROR and stream.ended_in and self.role == "client":
             # A complete response, then "stop sending" (RFC 9113 8.1): the response stays readable.
             stream.stop_sending()
             return
