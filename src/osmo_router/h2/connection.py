@@ -56,6 +56,9 @@ from osmo_router.h2.timers import Timers
 
 log = logging.getLogger(__name__)
 
+#: Client role: DATA bytes written with one writelines at most (see Connection.flush).
+FLUSH_BATCH = 256 * 1024
+
 __all__ = ["Connection", "ConnectionClosed", "H2Config", "Stream", "StreamReset"]
 
 
@@ -385,9 +388,12 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        # Client role: the DATA frames of up to FLUSH_BATCH bytes in one writelines (a 128 KiB message
+        # to a grpc peer, 16 KiB frames, was 8 system calls); between batches the transport's
+        # pause_writing can stop us. Server role: one writelines per frame, as measured for issue 18.
+        batch = FLUSH_BATCH if self.role == "client" else 0
         out: list[bytes | memoryview] = []
-        # Every DATA frame the windows allow, in one writelines: a message larger than the peer's
-        # max frame size (16 KiB for grpc) is one system call, not one per frame.
+        pending = 0
         while stream.unsent and not self.write_paused:
             room = min(stream.unsent, stream.send_window, self.send_window, self._peer_max_frame)
             if room <= 0:
@@ -395,6 +401,11 @@ class Connection(asyncio.Protocol):
             out.append(fr.header(fr.DATA, 0, stream.id, room))
             out.extend(stream.take(room))
             self.send_window -= room
+            pending += room
+            if pending >= batch:
+                transport.writelines(out)
+                self._timers.sent_data()
+                out, pending = [], 0
         if out:
             transport.writelines(out)
             self._timers.sent_data()
