@@ -33,39 +33,65 @@ def run(quick: bool) -> dict[str, Any]:
     """Every gRPC-vs-WebSocket-port figure."""
     figures: list[dict[str, Any]] = []
     notes = [f"throughput: {THROUGHPUT_SESSIONS} sessions at once on each transport; ratios are gRPC / WS port"]
-    router = Router()
+    notes.append(
+        "gRPC is the router's native server (--grpc-server native); 'grpcio' rows: a second router on grpc.aio"
+    )
+    router = Router("--grpc-server", "native")
+    grpcio = Router("--grpc-server", "grpcio", "--ws-port", "-1")
     try:
         repeats, seconds = (2, 1.0) if quick else (5, 2.0)
-        attempt(figures, notes, "throughput", lambda: throughput(router, repeats, seconds))
-        attempt(figures, notes, "echo", lambda: echo(router, 500 if quick else 2000))
+        targets = _targets(router, grpcio)
+        attempt(figures, notes, "throughput", lambda: throughput(targets, repeats, seconds))
+        attempt(figures, notes, "echo", lambda: echo(targets, 500 if quick else 2000))
     finally:
         router.stop()
+        grpcio.stop()
     return {"figures": figures, "notes": notes}
 
 
-def _targets(router: Router) -> dict[str, tuple[str, str]]:
-    """name: (load generator mode prefix, address)."""
-    return {"grpc": ("grpc", router.address), "ws": ("ws", f"127.0.0.1:{router.ws_port}")}
+def _targets(router: Router, grpcio: Router) -> dict[str, tuple[str, str, int]]:
+    """name: (load generator mode prefix, address, router pid)."""
+    return {
+        "grpc": ("grpc", router.address, router.pid),
+        "grpcio": ("grpc", grpcio.address, grpcio.pid),
+        "ws": ("ws", f"127.0.0.1:{router.ws_port}", router.pid),
+    }
 
 
-def throughput(router: Router, repeats: int, seconds: float) -> list[dict[str, Any]]:
-    """MB/s and router CPU per MB at each size, gRPC and WS runs alternating (the order rotating)."""
+def _order(targets: dict[str, Any], i: int) -> list[str]:
+    names = list(targets)
+    return names[i % len(names) :] + names[: i % len(names)]
+
+
+def throughput(targets: dict[str, tuple[str, str, int]], repeats: int, seconds: float) -> list[dict[str, Any]]:
+    """MB/s and router CPU per MB at each size, the targets' runs interleaved (the order rotating)."""
     figures = []
-    targets = _targets(router)
-    common = ["--sessions", str(THROUGHPUT_SESSIONS), "--seconds", str(seconds), "--cpu-pid", str(router.pid)]
+    common = ["--sessions", str(THROUGHPUT_SESSIONS), "--seconds", str(seconds)]
     for size, ratio in SIZES:
         mbps: dict[str, list[float]] = {name: [] for name in targets}
         cpu_per_mb: dict[str, list[float]] = {name: [] for name in targets}
         for i in range(repeats):
-            order = list(targets) if i % 2 == 0 else list(reversed(targets))
-            for name in order:
-                mode, address = targets[name]
-                result = loadgen(f"{mode}-throughput", "--size", str(size), "--address", address, *common)[0]
+            for name in _order(targets, i):
+                mode, address, pid = targets[name]
+                args = ("--size", str(size), "--address", address, "--cpu-pid", str(pid), *common)
+                result = loadgen(f"{mode}-throughput", *args)[0]
                 mbps[name].append(result["mbps"])
                 cpu_per_mb[name].append(result["cpu_s"] / (result["bytes"] / 1e6) * 1e6)
         label = f"gRPC vs WS port: relay throughput {size // 1024} KiB"
         note = f"median of {repeats}, interleaved"
         figures.append(paired(label, "MB/s", mbps["grpc"], mbps["ws"], "WS port", {"ratio_at_least": ratio}, note))
+        figures.append(paired(f"{label}, grpcio", "MB/s", mbps["grpcio"], mbps["ws"], "WS port", None, note))
+        figures.append(
+            paired(
+                f"gRPC vs WS port: router CPU per MB, {size // 1024} KiB, grpcio",
+                "us/MB",
+                cpu_per_mb["grpcio"],
+                cpu_per_mb["ws"],
+                "WS port",
+                None,
+                note,
+            )
+        )
         figures.append(
             paired(
                 f"gRPC vs WS port: router CPU per MB, {size // 1024} KiB",
@@ -80,16 +106,14 @@ def throughput(router: Router, repeats: int, seconds: float) -> list[dict[str, A
     return figures
 
 
-def echo(router: Router, rounds: int, slices: int = 4) -> list[dict[str, Any]]:
-    """1-byte echo p50/p99 and router CPU per round trip, in slices alternating gRPC and WS."""
-    targets = _targets(router)
+def echo(targets: dict[str, tuple[str, str, int]], rounds: int, slices: int = 4) -> list[dict[str, Any]]:
+    """1-byte echo p50/p99 and router CPU per round trip, in slices interleaving the targets."""
     samples: dict[str, list[float]] = {name: [] for name in targets}
     cpu: dict[str, list[float]] = {name: [] for name in targets}
     for i in range(slices):
-        order = list(targets) if i % 2 == 0 else list(reversed(targets))
-        for name in order:
-            mode, address = targets[name]
-            args = ("--address", address, "--rounds", str(rounds // slices), "--cpu-pid", str(router.pid))
+        for name in _order(targets, i):
+            mode, address, pid = targets[name]
+            args = ("--address", address, "--rounds", str(rounds // slices), "--cpu-pid", str(pid))
             result = loadgen(f"{mode}-echo", *args)[0]
             samples[name] += result["samples_us"]
             cpu[name].append(result["cpu_s"] / result["round_trips"] * 1e6)
@@ -97,6 +121,19 @@ def echo(router: Router, rounds: int, slices: int = 4) -> list[dict[str, Any]]:
     for fig in latency_figures("gRPC vs WS port: relay echo 1 B", samples["grpc"], samples["ws"], "WS port", None):
         fig["target"] = {"ratio_at_most": ECHO_RATIO_MAX}
         out.append(fig)
+    out += latency_figures("gRPC vs WS port: relay echo 1 B, grpcio", samples["grpcio"], samples["ws"], "WS port", None)
+    out.append(
+        figure(
+            "gRPC vs WS port: router CPU per echo, grpcio",
+            median(cpu["grpcio"]),
+            "us",
+            baseline=median(cpu["ws"]),
+            baseline_name="WS port",
+            runs=cpu["grpcio"],
+            baseline_runs=cpu["ws"],
+            note=f"median of {slices} slices",
+        )
+    )
     grpc_cpu, ws_cpu = median(cpu["grpc"]), median(cpu["ws"])
     out.append(
         figure(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from osmo_router.h2.connection import Connection, H2Config, Stream, StreamReset
+from osmo_router.h2.connection import Connection, ConnectionClosed, H2Config, Stream, StreamReset
 from osmo_router.h2.grpc import status_of, status_trailers
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
@@ -177,3 +177,21 @@ async def test_keepalive_pings_are_acked_and_the_connection_stays(pair: Pair) ->
             await acked.wait()
             acked.clear()
     assert not pair.client.closed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pair", [H2Config(max_peer_resets_per_second=10)], indirect=True)
+async def test_a_rapid_reset_flood_ends_the_connection(pair: Pair) -> None:
+    """Streams opened and reset faster than the limit (100 allowed at once here): GOAWAY ENHANCE_YOUR_CALM."""
+    async with asyncio.timeout(10):
+        for _ in range(150):
+            if pair.client.closed:
+                break
+            try:
+                stream = await pair.client.open_stream(REQUEST)
+            except ConnectionClosed:
+                break
+            stream.reset()
+        await pair.client.wait_closed()
+    assert pair.client.closed
+    assert pair.streams.qsize() <= 110  # the server stopped taking streams near the limit

@@ -87,6 +87,9 @@ class Call:
         if self.stream.reset_code is not None and not self.task.done():
             self.context.cancelled_by_peer = True
             self.task.cancel()
+            # The RPC is over now (as in grpc.aio): done callbacks run before the handler unwinds, so
+            # what they undo is undone before any other peer can act on the news.
+            self.context.finish()
 
     def _deadline(self) -> None:
         if not self.task.done():

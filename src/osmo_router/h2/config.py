@@ -29,6 +29,9 @@ class H2Config:
     #: The peer's pings closer together than this are strikes (the third: GOAWAY ENHANCE_YOUR_CALM);
     #: strikes are forgiven whenever we send HEADERS or DATA, as in grpc.
     min_ping_interval: float = 0.0
+    #: Server role: streams the peer may reset (RST_STREAM before they ended) per second, in bursts of
+    #: ten seconds' worth; past it GOAWAY ENHANCE_YOUR_CALM (HTTP/2 rapid reset, CVE-2023-44487). 0: no limit.
+    max_peer_resets_per_second: float = 200.0
     #: From accept to the peer's preface and SETTINGS.
     handshake_timeout: float = 0.0
     #: Server role: GOAWAY after this long without a stream.

@@ -99,6 +99,8 @@ class Connection(asyncio.Protocol):
         self.send_window = fr.DEFAULT_WINDOW  # connection-level, outbound
         self._recv_unacked = 0  # connection-level, inbound: received and not yet given back
         self._blocked: dict[int, Stream] = {}  # streams with data waiting for a window or the transport
+        #: Streams whose writer waits in `drained` (woken once the transport takes data again).
+        self.drain_waiters: set[Stream] = set()
         self._goaway_sent = False
         self._goaway_received = False
         self._slot_waiters: list[asyncio.Future[None]] = []
@@ -200,6 +202,8 @@ class Connection(asyncio.Protocol):
     def _on_data(self, frame: fr.Frame) -> None:
         flow = frame.flow
         self._recv_unacked += flow
+        if self._recv_unacked > max(self.config.connection_window, fr.DEFAULT_WINDOW):
+            raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
         stream = self.streams.get(frame.stream_id)
         if stream is None or stream.ended_in:
             if frame.stream_id > self._last_peer_id and frame.stream_id % 2 != self._next_id % 2:
@@ -219,11 +223,14 @@ class Connection(asyncio.Protocol):
     def _too_large(self, stream: Stream, message: str) -> None:
         from osmo_router.h2.grpc import RESOURCE_EXHAUSTED, status_trailers
 
-        if stream.headers_sent or self.role == "client":
+        if self.role == "client" or stream.closed_out:
             stream.reset(fr.ErrorCode.CANCEL)
             return
-        stream.send_headers(status_trailers(RESOURCE_EXHAUSTED, message, headers=True), end_stream=True)
-        stream.reset(fr.ErrorCode.CANCEL)
+        # The status at once (data still queued is dropped with the reset that follows).
+        trailers = status_trailers(RESOURCE_EXHAUSTED, message, headers=not stream.headers_sent)
+        stream.send_headers(trailers, end_stream=True)
+        # NO_ERROR: the response is complete, the client need not send the rest (RFC 9113 8.1).
+        stream.reset(fr.ErrorCode.NO_ERROR)
 
     def _on_headers(self, frame: fr.Frame) -> None:
         try:
@@ -284,6 +291,8 @@ class Connection(asyncio.Protocol):
             stream.stop_sending()
             return
         stream.gone(code)
+        if self.role == "server" and not self._timers.peer_reset_allowed():
+            raise fr.ProtocolError(fr.ErrorCode.ENHANCE_YOUR_CALM, "too many stream resets")
 
     def _on_settings(self, frame: fr.Frame) -> None:
         if frame.flags & fr.ACK:
@@ -341,7 +350,8 @@ class Connection(asyncio.Protocol):
             stream.reset(fr.ErrorCode.FLOW_CONTROL_ERROR if increment else fr.ErrorCode.PROTOCOL_ERROR)
             return
         stream.send_window += increment
-        self.flush(stream)
+        if stream.unsent:  # grpc peers acknowledge every message: most updates find nothing waiting
+            self.flush(stream)
 
     _handlers: dict[int, Callable[[Connection, fr.Frame], None]] = {
         fr.DATA: _on_data,
@@ -429,8 +439,10 @@ class Connection(asyncio.Protocol):
             if self.write_paused:
                 return
             self.flush(stream)
-        if not self.write_paused:
-            for stream in list(self.streams.values()):
+        if not self.write_paused and self.drain_waiters:
+            # Writers that waited only for the transport (their own data had gone out).
+            waiters, self.drain_waiters = self.drain_waiters, set()
+            for stream in waiters:
                 if not stream.unsent:
                     stream.notify_drained()
 

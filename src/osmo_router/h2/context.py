@@ -54,8 +54,12 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
     # -- messages -------------------------------------------------------------------------------------
 
     async def read(self) -> Any:
-        """The next request, or grpc.aio.EOF once the client half-closed."""
-        message = await self._stream.read()
+        """The next request, or grpc.aio.EOF once the client half-closed or went away (as grpc.aio does:
+        a read that fails returns EOF; the handler itself is cancelled when its client goes away)."""
+        try:
+            message = await self._stream.read()
+        except StreamReset:
+            return grpc.aio.EOF
         if message is None:
             return grpc.aio.EOF
         if self._stream.compressed_received:

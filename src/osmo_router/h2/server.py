@@ -44,7 +44,9 @@ class _Refused(asyncio.Protocol):
 
 def tls_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
     """A server TLS context with ALPN h2; with `client_ca`, client certificates required and verified."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # Not create_default_context: it would also trust the system's CAs for client certificates.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2"])
     if client_ca:

@@ -194,10 +194,12 @@ class Stream:
             if self.reset_code is not None:
                 raise StreamReset(self.reset_code)
             self._drained = asyncio.get_running_loop().create_future()
+            self.conn.drain_waiters.add(self)
             try:
                 await self._drained
             finally:
                 self._drained = None
+                self.conn.drain_waiters.discard(self)
         if self.reset_code is not None:
             raise StreamReset(self.reset_code)
 

@@ -26,6 +26,8 @@ class Timers:
         self._ping_payload: bytes | None = None
         self._last_peer_ping = 0.0
         self._strikes = 0
+        self._reset_tokens = 10 * conn.config.max_peer_resets_per_second
+        self._reset_at = time.monotonic()
 
     def _later(self, name: str, delay: float, callback: Callable[[], None]) -> None:
         self._stop(name)
@@ -98,6 +100,17 @@ class Timers:
                 return False
         self._last_peer_ping = now
         return True
+
+    def peer_reset_allowed(self) -> bool:
+        """Count a stream the peer reset: False once it resets faster than max_peer_resets_per_second."""
+        rate = self.conn.config.max_peer_resets_per_second
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        burst = 10 * rate
+        self._reset_tokens = min(burst, self._reset_tokens + (now - self._reset_at) * rate) - 1
+        self._reset_at = now
+        return self._reset_tokens >= 0
 
     def sent_data(self) -> None:
         """We sent HEADERS or DATA: the peer's pings are welcome again (grpc's rule)."""

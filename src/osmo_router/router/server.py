@@ -7,7 +7,6 @@ import contextlib
 import logging
 import secrets
 import signal
-import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -18,8 +17,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from osmo_router.cli.logs import fingerprint
-from osmo_router.h2.config import H2Config
-from osmo_router.h2.server import NativeServer, tls_context
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.core.budget import Budgets, container_memory_limit, default_total_bytes
@@ -32,12 +29,8 @@ from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
 from osmo_router.router.grpc.control_service import CONTROL_SERVICE, ControlService
 from osmo_router.router.grpc.list_sessions import ListSessions
-from osmo_router.router.ops.conn_limits import (
-    ConnectionBudget,
-    connection_budget,
-    grpc_connection_options,
-    log_limits,
-)
+from osmo_router.router.ops.conn_limits import connection_budget, log_limits
+from osmo_router.router.ops.grpc_server import build_grpc_server, grpc_credentials
 from osmo_router.router.ops.health import MetricsServer
 from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
 from osmo_router.router.ops.metrics import RouterMetrics
@@ -45,7 +38,7 @@ from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
 from osmo_router.router.ws.server import WsServer
 from osmo_router.wire.errors import DeadlineExceeded
-from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE, CLOSE_GRACE, MIN_PING_INTERVAL, server_options
+from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -73,73 +66,6 @@ def created_limits(config: RouterConfig) -> CreatedLimits:
         default_ttl=config.created_session_ttl,
         max_ttl=max(24 * 3600.0, config.created_session_ttl),
     )
-
-
-def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
-    """TLS credentials from the configured certificate and key (and client CA for mutual TLS).
-
-    gRPC Python offers two client-certificate modes only: not requested, or requested, required and
-    verified. So with --tls-client-ca every caller (agents and users alike) must present a
-    certificate that chains to that CA; the handshake fails for anyone else.
-    """
-    cert = _read_pem("--tls-cert", config.tls_cert)
-    key = _read_pem("--tls-key", config.tls_key)
-    client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
-
-
-def native_tls(config: RouterConfig) -> ssl.SSLContext:
-    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials."""
-    _read_pem("--tls-cert", config.tls_cert)
-    _read_pem("--tls-key", config.tls_key)
-    if config.tls_client_ca:
-        _read_pem("--tls-client-ca", config.tls_client_ca)
-    return tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-
-
-def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.aio.Server:
-    """The gRPC port's server (--grpc-server): the native h2 one, or grpc.aio, with the same limits."""
-    if config.grpc_server == "native":
-        return NativeServer(
-            H2Config(
-                stream_window=config.stream_window_bytes,
-                # Given back on receipt: room for every stream's window on a busy connection.
-                connection_window=max(64 * 1024 * 1024, 4 * config.stream_window_bytes),
-                max_concurrent_streams=config.max_concurrent_streams,
-                max_message_size=config.max_message_size,
-                keepalive_time=config.keepalive_time,
-                keepalive_timeout=config.keepalive_timeout,
-                min_ping_interval=MIN_PING_INTERVAL,
-                handshake_timeout=config.handshake_timeout,
-                max_connection_idle=config.max_connection_idle,
-                max_connection_age=config.max_connection_age,
-                max_connection_age_grace=config.drain_timeout,
-            ),
-            max_connections=budget.grpc,
-            close_grace=CLOSE_GRACE,
-        )
-    return grpc.aio.server(
-        options=[
-            *server_options(config.max_message_size, config.keepalive_time, config.keepalive_timeout),
-            *grpc_connection_options(config, budget),
-        ]
-    )
-
-
-def _read_pem(flag: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise ValueError(
-            f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
-            "pass --tls-cert and --tls-key, or --tls-enabled=false on loopback"
-        ) from None
-    if b"-----BEGIN" not in data:
-        raise ValueError(f"{flag} {path} is not a PEM file")
-    return data
 
 
 class RouterServer:
@@ -232,10 +158,7 @@ class RouterServer:
             else f"{self.config.host}:{self.config.port}"
         )
         if self.config.tls_enabled:
-            credentials = (
-                native_tls(self.config) if self.config.grpc_server == "native" else server_credentials(self.config)
-            )
-            self.port = server.add_secure_port(address, credentials)
+            self.port = server.add_secure_port(address, grpc_credentials(self.config))
         else:
             if not is_loopback_host(self.config.host):
                 log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
@@ -375,6 +298,9 @@ class RouterServer:
             "total_buffer_bytes": self.budgets.total.limit,
             "memory_guard_bytes": self.guard.limit,
             "min_drain_rate": self.config.min_drain_rate,
+            "grpc_server": self.config.grpc_server,
+            # Native server: what one stream the relay does not read can hold besides the budgets.
+            "stream_window_bytes": self.config.stream_window_bytes if self.config.grpc_server == "native" else None,
         }
         log.info(
             "memory limits: %d MiB per user, %d MiB in all, memory guard at %d MiB RSS",

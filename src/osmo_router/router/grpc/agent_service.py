@@ -93,6 +93,9 @@ class AgentService:
         try:
             reg, watch = await self._accept_registration(context)
             replaced = self._registry.register(reg)
+            # Gone with the call at once: a session routed here after the agent's connection broke, and
+            # before this handler unwinds, would wait for an agent that cannot answer.
+            context.add_done_callback(lambda _call: self._registry.unregister(reg))
         except RouterError as err:
             if isinstance(err, RegistrationHeld):
                 self._metrics.agent_replacements_total.labels("refused").inc()

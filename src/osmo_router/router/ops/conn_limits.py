@@ -11,7 +11,8 @@ see `Handshake read failed` and the health probes are reset. So:
   `max_connection_idle`);
 - the aiohttp ports (WebSocket, metrics) also cap connections per peer address (`http_limits.py`).
 
-gRPC Python exposes no per-connection accept hook, so the gRPC port has no per-address cap: its
+With --grpc-server grpcio the gRPC port has no per-address cap (gRPC Python exposes no per-connection
+accept hook; the native server could add one): its
 half-open and idle connections are bounded in time and its total is bounded (see docs/security.md).
 """
 

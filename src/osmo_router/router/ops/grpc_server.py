@@ -1,0 +1,85 @@
+"""The gRPC port's server (--grpc-server): the native h2 one or grpc.aio, with the same limits and TLS rules."""
+
+from __future__ import annotations
+
+import ssl
+
+import grpc
+
+from osmo_router.h2.config import H2Config
+from osmo_router.h2.server import NativeServer, tls_context
+from osmo_router.router.config import RouterConfig
+from osmo_router.router.ops.conn_limits import ConnectionBudget, grpc_connection_options
+from osmo_router.wire.protocol import CLOSE_GRACE, MIN_PING_INTERVAL, server_options
+
+
+def grpc_credentials(config: RouterConfig) -> grpc.ServerCredentials | ssl.SSLContext:
+    """What add_secure_port takes on the configured server: an SSLContext (native) or grpc credentials."""
+    return native_tls(config) if config.grpc_server == "native" else server_credentials(config)
+
+
+def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
+    """TLS credentials from the configured certificate and key (and client CA for mutual TLS).
+
+    gRPC Python offers two client-certificate modes only: not requested, or requested, required and
+    verified. So with --tls-client-ca every caller (agents and users alike) must present a
+    certificate that chains to that CA; the handshake fails for anyone else.
+    """
+    cert = _read_pem("--tls-cert", config.tls_cert)
+    key = _read_pem("--tls-key", config.tls_key)
+    client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def native_tls(config: RouterConfig) -> ssl.SSLContext:
+    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials."""
+    _read_pem("--tls-cert", config.tls_cert)
+    _read_pem("--tls-key", config.tls_key)
+    if config.tls_client_ca:
+        _read_pem("--tls-client-ca", config.tls_client_ca)
+    return tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+
+def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.aio.Server:
+    """The gRPC port's server (--grpc-server): the native h2 one, or grpc.aio, with the same limits."""
+    if config.grpc_server == "native":
+        return NativeServer(
+            H2Config(
+                stream_window=config.stream_window_bytes,
+                # Given back on receipt: room for every stream's window on a busy connection.
+                connection_window=max(64 * 1024 * 1024, 4 * config.stream_window_bytes),
+                max_concurrent_streams=config.max_concurrent_streams,
+                max_message_size=config.max_message_size,
+                keepalive_time=config.keepalive_time,
+                keepalive_timeout=config.keepalive_timeout,
+                min_ping_interval=MIN_PING_INTERVAL,
+                handshake_timeout=config.handshake_timeout,
+                max_connection_idle=config.max_connection_idle,
+                max_connection_age=config.max_connection_age,
+                max_connection_age_grace=config.drain_timeout,
+            ),
+            max_connections=budget.grpc,
+            close_grace=CLOSE_GRACE,
+        )
+    return grpc.aio.server(
+        options=[
+            *server_options(config.max_message_size, config.keepalive_time, config.keepalive_timeout),
+            *grpc_connection_options(config, budget),
+        ]
+    )
+
+
+def _read_pem(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ValueError(
+            f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
+            "pass --tls-cert and --tls-key, or --tls-enabled=false on loopback"
+        ) from None
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{flag} {path} is not a PEM file")
+    return data
