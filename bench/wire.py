@@ -32,15 +32,17 @@ WAIT = 30.0
 TLS_CA_ENV = "OSMO_BENCH_TLS_CA"
 
 
-#: "native" in this variable makes every channel of the load generator the h2 channel (h2/channel.py).
+#: "grpcio" or "native" (h2/channel.py) in this variable picks the load generator's channel; unset, it is
+#: the CLI's and agent's default (dial/config.py DEFAULT_GRPC_CHANNEL), so the figures are what users get.
 CHANNEL_ENV = "OSMO_BENCH_CHANNEL"
 
 
 def open_channel(address: str) -> grpc.aio.Channel:
     """A channel with a connection of its own (no subchannel shared with other channels)."""
-    if os.environ.get(CHANNEL_ENV) == "native":
+    from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig
+
+    if os.environ.get(CHANNEL_ENV, DEFAULT_GRPC_CHANNEL) == "native":
         from osmo_router.dial.channel import open_channel as dial
-        from osmo_router.dial.config import DialConfig
 
         ca = os.environ.get(TLS_CA_ENV)
         return dial(DialConfig(address=address, tls=bool(ca), tls_ca=ca or None, grpc_channel="native"))

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from osmo_router.dial.config import DialConfig
+from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig
 
 #: The values of --grpc-channel.
 GRPC_CHANNELS = ("grpcio", "native")
@@ -53,7 +53,7 @@ def dial_options(f: Any) -> Any:
             click.option(
                 "--grpc-channel",
                 type=click.Choice(GRPC_CHANNELS),
-                default="grpcio",
+                default=DEFAULT_GRPC_CHANNEL,
                 show_default=True,
                 envvar="OSMO_GRPC_CHANNEL",
                 help="gRPC client implementation: grpcio (grpc.aio) or native (asyncio HTTP/2, cheaper per "
@@ -77,5 +77,5 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
         token=options.pop("token"),
         token_file=options.pop("token_file", None),
         cookie=options.pop("cookie", None),
-        grpc_channel=options.pop("grpc_channel", None) or "grpcio",
+        grpc_channel=options.pop("grpc_channel", None) or DEFAULT_GRPC_CHANNEL,
     )
