@@ -23,6 +23,8 @@ class DialConfig:
     #: A file holding the token, read at every call: a renewed token is used from the next call on.
     token_file: str | None = None
     cookie: str | None = None
+    #: The gRPC channel implementation: "grpcio" (grpc.aio) or "native" (osmo_router.h2.channel, issue 18).
+    grpc_channel: str = "grpcio"
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the bearer token and the load-balancer cookie."""

@@ -270,6 +270,17 @@ class Stream:
             self._closed.set_result(None)
         self.conn.maybe_forget(self, force=True)
 
+    def stop_sending(self) -> None:
+        """The peer, its response complete, asked us to stop sending (RST_STREAM NO_ERROR): drop what is
+        queued out and close our side, but keep the messages received for `read` (RFC 9113 8.1)."""
+        self._out.clear()
+        self._out_bytes = 0
+        self._end_pending = False
+        self.closed_out = True
+        self.notify_drained()
+        self.maybe_closed()
+        self.conn.maybe_forget(self)
+
     def maybe_closed(self) -> None:
         """Both sides ended normally: the stream is closed."""
         if self.closed_out and self.ended_in and not self._closed.done():
