@@ -40,6 +40,7 @@ MAX_WINDOW = 2**31 - 1
 MAX_FRAME_LIMIT = 2**24 - 1
 
 _HEADER = struct.Struct(">IBI")  # length (24 bits) and type in one word, flags, stream id
+_DATA_MESSAGE = struct.Struct(">IBIBI")  # a DATA frame header, then a gRPC message prefix
 _SETTING = struct.Struct(">HI")
 
 
@@ -90,6 +91,12 @@ def encode(kind: int, flags: int, stream_id: int, payload: bytes | bytearray | m
 def header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
     """A frame's 9-byte header alone, for a payload written separately (no copy of a large DATA payload)."""
     return _HEADER.pack(length << 8 | kind, flags, stream_id)
+
+
+def data_message_prefix(stream_id: int, message_length: int) -> bytes:
+    """The header of a DATA frame carrying exactly one uncompressed gRPC message, with the message's
+    5-byte prefix: the 14 bytes to write before the message itself."""
+    return _DATA_MESSAGE.pack((message_length + 5) << 8 | DATA, 0, stream_id, 0, message_length)
 
 
 def encode_settings(settings: dict[int, int]) -> bytes:
