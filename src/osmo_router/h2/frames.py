@@ -168,27 +168,43 @@ class FrameParser:
         if self._pos:
             del buf[: self._pos]
             self._pos = 0
-        buf += data
-        size = len(buf)
-        view = memoryview(buf)
+        if buf or not isinstance(data, bytes):
+            buf += data
+            yield from self._frames(buf, True)
+        else:
+            # Nothing left over (the usual case): parse the received bytes where they are, no copy;
+            # only an incomplete frame at the end is kept.
+            yield from self._frames(data, False)
+
+    def _frames(self, src: bytes | bytearray, buffered: bool) -> Iterator[Frame]:
+        size = len(src)
+        view = memoryview(src)
+        pos = self._pos
         try:
-            while size - self._pos >= 9:
-                word, flags, stream_id = _HEADER.unpack_from(buf, self._pos)
+            while size - pos >= 9:
+                word, flags, stream_id = _HEADER.unpack_from(src, pos)
                 length, kind = word >> 8, word & 0xFF
                 if length > self.max_frame_size:
                     raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
-                end = self._pos + 9 + length
+                end = pos + 9 + length
                 if end > size:
                     break
-                payload = view[self._pos + 9 : end]
-                self._pos = end
+                payload = view[pos + 9 : end]
+                pos = end
+                if buffered:
+                    self._pos = pos
                 frame = self._check(kind, flags, stream_id & 0x7FFFFFFF, payload)
                 if frame is not None:
                     yield frame
         finally:
             view.release()
+            if not buffered and pos < size:
+                self._buf += src[pos:]
 
     def _check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
+        if kind == DATA and self._block is None and stream_id:  # the common case, checked as below
+            flow = len(payload)
+            return Frame(DATA, flags, stream_id, _strip(kind, flags, payload) if flags & PADDED else payload, flow)
         if self._block is not None and kind != CONTINUATION:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a frame inside a header block")
         on_stream = _ON_STREAM.get(kind)

@@ -64,7 +64,8 @@ class Stream:
         self._readable: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._headers_event: asyncio.Future[None] | None = None
-        self._closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
+        self._closed = self._loop.create_future()
 
     # -- inbound ---------------------------------------------------------------------------------
 
@@ -146,7 +147,7 @@ class Stream:
     async def read(self) -> bytes | None:
         """The next message; None once the peer ended its side; StreamReset if the stream was reset."""
         while not self.has_message():
-            self._readable = asyncio.get_running_loop().create_future()
+            self._readable = self._loop.create_future()
             try:
                 await self._readable
             finally:
