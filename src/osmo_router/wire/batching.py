@@ -48,12 +48,21 @@ class BatchingWriter:
     """Writes one call's messages in order; data-frame messages queued behind a write go out merged.
 
     `write` is the call's write (one outstanding at a time, which this class guarantees).
+    `try_write` (the native channel's calls have one) sends a message at once if the transport takes
+    it without waiting and returns False otherwise: a data frame written while the writer is idle
+    then goes out from the caller, with no drain task per message.
     """
 
     def __init__(
-        self, write: Callable[[Any], Awaitable[Any]], *, limit: int = BATCH_LIMIT, backlog: int = BACKLOG
+        self,
+        write: Callable[[Any], Awaitable[Any]],
+        *,
+        limit: int = BATCH_LIMIT,
+        backlog: int = BACKLOG,
+        try_write: Callable[[Any], bool] | None = None,
     ) -> None:
         self._write = write
+        self._try_write = try_write
         self._limit = limit
         self._backlog = backlog
         self._pending: deque[bytes | _Barrier] = deque()
@@ -78,6 +87,9 @@ class BatchingWriter:
         """
         self._check()
         self.data_frames += 1
+        if self._try_write is not None and self.idle and not self._lock.locked() and self._try_write(message):
+            self.written += 1  # nothing queued or in flight: sent in order, as the drain task would
+            return
         self._pending.append(message)
         self._pending_bytes += len(message)
         self._kick()
