@@ -249,9 +249,10 @@ async def test_an_idle_writer_sends_through_try_write_and_keeps_order_when_it_re
         return accept
 
     writer = BatchingWriter(call.write, try_write=try_write)
-    one, two, three, four = (data_message(bytes([65 + i]) * 3) for i in range(4))
+    one, two, three, four, five = (data_message(bytes([65 + i]) * 3) for i in range(5))
     await writer.write_data(one)  # idle: out at once, no drain task
     assert direct == [one] and writer.idle and writer.written == 1
+    await asyncio.sleep(0)  # a turn of the loop: the sender waited, so it is not a burst
     accept = False
     await writer.write_data(two)  # refused (window closed, say): queued, the drain task writes it
     accept = True
@@ -261,5 +262,11 @@ async def test_an_idle_writer_sends_through_try_write_and_keeps_order_when_it_re
     async with asyncio.timeout(WAIT):
         await writer.flush()
     assert [f.data for f in call.frames()] == [b"BBBCCC"]  # merged behind the write in flight
+    await asyncio.sleep(0)
     await writer.write_data(four)
-    assert direct == [one, four] and writer.data_frames == 4
+    await writer.write_data(five)  # a burst (no wait in between): queued for the drain task to merge
+    assert direct == [one, four] and writer.data_frames == 5
+    call.release()
+    async with asyncio.timeout(WAIT):
+        await writer.flush()
+    assert [f.data for f in call.frames()] == [b"BBBCCC", b"EEE"]
