@@ -121,7 +121,7 @@ def data_writer(call: Any, kind: str = "batch") -> DataWrite:
     CLI's and the agent's FrameStream use (wire/batching.py), "direct" one awaited call.write each."""
     if kind == "direct":
         return cast(DataWrite, call.write)
-    return BatchingWriter(call.write).write_data
+    return BatchingWriter(call.write, try_write=getattr(call, "try_write", None)).write_data
 
 
 async def flush(write: DataWrite) -> None:

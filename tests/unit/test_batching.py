@@ -235,3 +235,38 @@ async def test_an_aborted_frame_stream_drops_its_queue_and_refuses_writes() -> N
     await asyncio.wait_for(drain, WAIT)  # the write in flight ends; nothing queued follows it
     assert stream.writer.idle
     assert call.frames()[0].data == b"a" and len(call.written) == 1
+
+
+@pytest.mark.asyncio
+async def test_an_idle_writer_sends_through_try_write_and_keeps_order_when_it_refuses() -> None:
+    call = GatedCall()
+    direct: list[bytes] = []
+    accept = True
+
+    def try_write(message: bytes) -> bool:
+        if accept:
+            direct.append(message)
+        return accept
+
+    writer = BatchingWriter(call.write, try_write=try_write)
+    one, two, three, four, five = (data_message(bytes([65 + i]) * 3) for i in range(5))
+    await writer.write_data(one)  # idle: out at once, no drain task
+    assert direct == [one] and writer.idle and writer.written == 1
+    await asyncio.sleep(0)  # a turn of the loop: the sender waited, so it is not a burst
+    accept = False
+    await writer.write_data(two)  # refused (window closed, say): queued, the drain task writes it
+    accept = True
+    await writer.write_data(three)  # the writer is busy: queued behind, never jumps ahead
+    assert direct == [one] and not writer.idle
+    call.release()
+    async with asyncio.timeout(WAIT):
+        await writer.flush()
+    assert [f.data for f in call.frames()] == [b"BBBCCC"]  # merged behind the write in flight
+    await asyncio.sleep(0)
+    await writer.write_data(four)
+    await writer.write_data(five)  # a burst (no wait in between): queued for the drain task to merge
+    assert direct == [one, four] and writer.data_frames == 5
+    call.release()
+    async with asyncio.timeout(WAIT):
+        await writer.flush()
+    assert [f.data for f in call.frames()] == [b"BBBCCC", b"EEE"]

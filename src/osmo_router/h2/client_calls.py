@@ -304,6 +304,14 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             self.cancel()
             raise
 
+    def try_write(self, request: Any) -> bool:
+        """Send one request at once if it can all go to the transport now (the stream open, nothing
+        queued on it, the windows open); False with nothing sent otherwise (then use `write`)."""
+        stream = self._stream
+        if stream is None or self._status is not None or self._half_closed or stream.ended_in:
+            return False
+        return stream.try_write(self._serialize(request))
+
     async def done_writing(self) -> None:
         """End the requests (END_STREAM after what is queued)."""
         if self._half_closed or self._status is not None:

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Client role: DATA bytes written with one writelines at most (see Connection.flush).
 FLUSH_BATCH = 256 * 1024
+#: Up to this size (frame payload) a message written by `try_send` is joined with its header into one buffer.
+SMALL_MESSAGE = 4096
 
 __all__ = ["Connection", "ConnectionClosed", "H2Config", "Stream", "StreamReset"]
 
@@ -392,6 +394,35 @@ class Connection(asyncio.Protocol):
     def send_reset(self, stream: Stream, code: int) -> None:
         """RST_STREAM for a stream."""
         self.write_frame(fr.rst_stream(stream.id, code))
+
+    def try_send(self, stream: Stream, message: bytes) -> bool:
+        """Write one gRPC message as one DATA frame right now, if nothing stands in the way; else False.
+
+        The common case of a relay hop (nothing queued on the stream, the windows open, the transport
+        not paused): the same bytes `flush` would write for it, without queueing views and taking
+        them back off. False changes nothing; the caller then queues the message as usual.
+        """
+        length = len(message) + 5
+        transport = self.transport
+        if (
+            stream._out_bytes
+            or self.write_paused
+            or length > stream.send_window
+            or length > self.send_window
+            or length > self._peer_max_frame
+            or transport is None
+            or transport.is_closing()
+        ):
+            return False
+        self.send_window -= length
+        stream.send_window -= length
+        prefix = fr.data_message_prefix(stream.id, length - 5)
+        if length <= SMALL_MESSAGE:
+            transport.write(prefix + message)  # one small copy is cheaper than a vector of three
+        else:
+            transport.writelines((prefix, message))
+        self._timers.sent_data()
+        return True
 
     def flush(self, stream: Stream) -> None:
         """Send what the windows and the transport allow of a stream's queued data, then its end if due."""

@@ -48,12 +48,24 @@ class BatchingWriter:
     """Writes one call's messages in order; data-frame messages queued behind a write go out merged.
 
     `write` is the call's write (one outstanding at a time, which this class guarantees).
+    `try_write` (the native channel's calls have one) sends a message at once if the transport takes
+    it without waiting and returns False otherwise: a data frame written while the writer is idle
+    then goes out from the caller, with no drain task per message. Only the first of a turn of the
+    event loop goes that way: a sender that writes again without waiting in between (a burst), or
+    right after the drain task emptied the queue, queues, so a burst still merges as before.
     """
 
     def __init__(
-        self, write: Callable[[Any], Awaitable[Any]], *, limit: int = BATCH_LIMIT, backlog: int = BACKLOG
+        self,
+        write: Callable[[Any], Awaitable[Any]],
+        *,
+        limit: int = BATCH_LIMIT,
+        backlog: int = BACKLOG,
+        try_write: Callable[[Any], bool] | None = None,
     ) -> None:
         self._write = write
+        self._try_write = try_write
+        self._direct_held = False  # a direct write (or a drain) happened in this turn of the loop
         self._limit = limit
         self._backlog = backlog
         self._pending: deque[bytes | _Barrier] = deque()
@@ -78,6 +90,11 @@ class BatchingWriter:
         """
         self._check()
         self.data_frames += 1
+        if self._try_write is not None and not self._direct_held and self.idle and not self._lock.locked():
+            self._hold_direct()
+            if self._try_write(message):
+                self.written += 1  # nothing queued or in flight: sent in order, as the drain task would
+                return
         self._pending.append(message)
         self._pending_bytes += len(message)
         self._kick()
@@ -111,6 +128,14 @@ class BatchingWriter:
         """Drop what is queued; later writes raise `error` (the call was cancelled)."""
         self._fail(error)
 
+    def _hold_direct(self) -> None:
+        if not self._direct_held:
+            self._direct_held = True
+            asyncio.get_running_loop().call_soon(self._release_direct)
+
+    def _release_direct(self) -> None:
+        self._direct_held = False
+
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
@@ -137,6 +162,8 @@ class BatchingWriter:
             raise
         finally:
             self._task = None
+            if self._try_write is not None:
+                self._hold_direct()  # a sender woken by this drain is mid-burst: its next frame queues
 
     async def _counted_write(self, message: Any) -> None:
         self.written += 1

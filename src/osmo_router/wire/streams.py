@@ -29,7 +29,7 @@ class FrameStream:
         self._wrap = wrap
         self._raw = raw
         self._batch = batch and raw
-        self.writer = BatchingWriter(call.write)
+        self.writer = BatchingWriter(call.write, try_write=getattr(call, "try_write", None))
         self.closed_for_writing = False
         self.peer_half_closed = False
         #: The session's key, as the router's ready named it (client side; "" until then).
