@@ -41,14 +41,17 @@ class ByteBudget:
         """Every byte the budget knows of: queued and held."""
         return self.used + self.held
 
-    def try_take(self, size: int, holding: bool = False) -> bool:
-        """Take `size` bytes if they fit (anything fits when nothing is queued); False otherwise.
+    def fits(self, size: int, holding: bool = False) -> bool:
+        """Whether `size` more bytes fit (anything fits when nothing is queued).
 
-        `holding`: the caller's `size` bytes are already counted as held (see `hold`); they are not
-        counted twice, and they stay held until `unhold`.
+        `holding`: the caller's `size` bytes are already counted as held (see `hold`), so not twice.
         """
         others_held = self.held - (size if holding else 0)
-        if self.used and self.used + others_held + size > self.limit:
+        return not self.used or self.used + others_held + size <= self.limit
+
+    def try_take(self, size: int, holding: bool = False) -> bool:
+        """Take `size` bytes if they fit (`fits`); False otherwise. Held bytes stay held until `unhold`."""
+        if not self.fits(size, holding):
             return False
         self.used += size
         return True

@@ -93,9 +93,9 @@ class FlowQueue:
         if getter is None or getter.done() or self._items or self._error is not None or self._ended:
             return False  # the consumer is busy (it may hold an item), or the queue is over
         size = len(item)
+        # Exactly when `put` would not wait: the item passes through as if queued and taken at once.
         for budget in self._budgets:
-            # Exactly when `put` would not wait: the item passes through as if queued and taken at once.
-            if budget.used and budget.used + budget.held + size > budget.limit:
+            if not budget.fits(size):
                 return False
         return self._sink(item)  # type: ignore[misc]
 
