@@ -8,6 +8,7 @@ import click
 
 from osmo_router.cli.options import DURATION
 from osmo_router.h2.config import DEFAULT_STREAM_WINDOW
+from osmo_router.router.config import DEFAULT_GRPC_SERVER, GRPC_SERVERS
 
 
 def connection_limit_options(f: Any) -> Any:
@@ -58,8 +59,8 @@ def connection_limit_options(f: Any) -> Any:
         ),
         click.option(
             "--grpc-server",
-            type=click.Choice(["native", "grpcio"]),
-            default="native",
+            type=click.Choice(list(GRPC_SERVERS)),
+            default=DEFAULT_GRPC_SERVER,
             show_default=True,
             help="gRPC port: the router's own HTTP/2 server (native: 3-5x less CPU per message) or grpc.aio (grpcio).",
         ),

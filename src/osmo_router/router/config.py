@@ -10,6 +10,9 @@ from osmo_router.wire.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
 
 #: Smallest --max-message-size: a full bulk data chunk plus its framing must fit, with room to spare.
 MIN_MESSAGE_SIZE = 2 * BULK_CHUNK_SIZE
+#: The gRPC port's servers (--grpc-server) and the default: the native one costs 3-5x less CPU per message.
+GRPC_SERVERS = ("native", "grpcio")
+DEFAULT_GRPC_SERVER = "native"
 
 #: The role claim of agent tokens (auth/identity.py ROLE_AGENT); not usable as --ws-backend-role.
 ROLE_AGENT_VALUE = "agent"
@@ -113,7 +116,7 @@ class RouterConfig:
     #: gRPC: streams at once on one HTTP/2 connection.
     max_concurrent_streams: int = 4096
     #: The gRPC port's server: "native" (osmo_router.h2, issue 18) or "grpcio" (grpc.aio).
-    grpc_server: str = "native"
+    grpc_server: str = DEFAULT_GRPC_SERVER
     #: Native server: each stream's receive window. A stream whose reader (the router's relay) stops
     #: taking messages holds at most this much in the router (plus one partial message).
     stream_window_bytes: int = DEFAULT_STREAM_WINDOW
@@ -195,7 +198,7 @@ class RouterConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 (off or automatic) or more")
         if self.max_concurrent_streams < 1:
             raise ValueError("--max-concurrent-streams must be at least 1")
-        if self.grpc_server not in ("native", "grpcio"):
+        if self.grpc_server not in GRPC_SERVERS:
             raise ValueError(f"--grpc-server must be native or grpcio, not {self.grpc_server!r}")
         if not 64 * 1024 <= self.stream_window_bytes <= 2**31 - 1:
             raise ValueError("--stream-window-bytes must be between 64 KiB and 2 GiB")

@@ -34,7 +34,11 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
 
 
 def native_tls(config: RouterConfig) -> ssl.SSLContext:
-    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials."""
+    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials.
+
+    The files are read twice (here, then by `ssl`, which loads a certificate chain only from a path)
+    so that a missing or non-PEM file gives the same clear error on both servers, not OpenSSL's.
+    """
     _read_pem("--tls-cert", config.tls_cert)
     _read_pem("--tls-key", config.tls_key)
     if config.tls_client_ca:
