@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from osmo_router.cli.options import DURATION
-from osmo_router.h2.config import DEFAULT_STREAM_WINDOW
+from osmo_router.h2.config import DEFAULT_MAX_STREAM_WINDOW, DEFAULT_STREAM_WINDOW
 from osmo_router.router.config import DEFAULT_GRPC_SERVER, GRPC_SERVERS
 
 
@@ -71,6 +71,14 @@ def connection_limit_options(f: Any) -> Any:
             show_default=True,
             help="gRPC port, native server: each stream's HTTP/2 receive window, given back as the router reads; "
             "a stream whose data the router cannot pass on holds at most this (plus one message).",
+        ),
+        click.option(
+            "--max-stream-window-bytes",
+            type=int,
+            default=DEFAULT_MAX_STREAM_WINDOW,
+            show_default=True,
+            help="gRPC port, native server: the stream window grows up to this when a connection's "
+            "bandwidth-delay product calls for it (a long, fast link); --stream-window-bytes' value turns growth off.",
         ),
         click.option(
             "--max-connections",

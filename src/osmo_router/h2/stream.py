@@ -138,6 +138,9 @@ class Stream:
         if self._messages:
             message = self._messages.popleft()
             self._queued -= len(message) + 5
+            # The connection's window grew with the link (h2/bdp.py): a stream takes it up as it reads.
+            if self._recv_window < self.conn.stream_window:
+                self._recv_window = self.conn.stream_window
             self._grant()
             return message
         if self.reset_code is not None:

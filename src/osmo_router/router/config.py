@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from osmo_router.h2.config import DEFAULT_STREAM_WINDOW
+from osmo_router.h2.config import DEFAULT_MAX_STREAM_WINDOW, DEFAULT_STREAM_WINDOW
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
 
 #: Smallest --max-message-size: a full bulk data chunk plus its framing must fit, with room to spare.
@@ -120,6 +120,9 @@ class RouterConfig:
     #: Native server: each stream's receive window. A stream whose reader (the router's relay) stops
     #: taking messages holds at most this much in the router (plus one partial message).
     stream_window_bytes: int = DEFAULT_STREAM_WINDOW
+    #: Native server: the stream window grows up to this while a connection's bandwidth-delay product
+    #: calls for it (h2/bdp.py: a long, fast link); equal to stream_window_bytes: no growth.
+    max_stream_window_bytes: int = DEFAULT_MAX_STREAM_WINDOW
     #: Total connections on the gRPC / WebSocket / metrics port (0: a share of the descriptor limit).
     max_connections: int = 0
     ws_max_connections: int = 0
@@ -202,6 +205,8 @@ class RouterConfig:
             raise ValueError(f"--grpc-server must be native or grpcio, not {self.grpc_server!r}")
         if not 64 * 1024 <= self.stream_window_bytes <= 2**31 - 1:
             raise ValueError("--stream-window-bytes must be between 64 KiB and 2 GiB")
+        if not self.stream_window_bytes <= self.max_stream_window_bytes <= 2**31 - 1:
+            raise ValueError("--max-stream-window-bytes must be between --stream-window-bytes and 2 GiB")
 
     def _validate_scaleout(self) -> None:
         if self.peer_secret and len(self.peer_secret) < MIN_PEER_SECRET:

@@ -52,6 +52,7 @@ def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.ai
         return NativeServer(
             H2Config(
                 stream_window=config.stream_window_bytes,
+                max_stream_window=config.max_stream_window_bytes,
                 # Given back on receipt: room for every stream's window on a busy connection.
                 connection_window=max(DEFAULT_CONNECTION_WINDOW, 4 * config.stream_window_bytes),
                 max_concurrent_streams=config.max_concurrent_streams,
