@@ -173,7 +173,9 @@ def _hold_idle(router: Router, sessions: int) -> list[dict[str, Any]]:
     per_session = (rss["open"] - rss["warm"]) / max(opened, 1)
     note = f"{opened} sessions held, router RSS {rss['warm'] // 1024} -> {rss['open'] // 1024} MiB"
     return [
-        figure("router memory per idle session", per_session, "KiB", target={"at_most": IDLE_SESSION_MAX_KIB}, note=note),
+        figure(
+            "router memory per idle session", per_session, "KiB", target={"at_most": IDLE_SESSION_MAX_KIB}, note=note
+        ),
         figure(
             "idle sessions still answering",
             steps["check"]["answered"],
