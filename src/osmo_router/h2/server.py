@@ -132,7 +132,7 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
             )
             self._servers.append(server)
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         if self._stopping or (self.max_connections and len(self.connections) >= self.max_connections):
             return _Refused()
         conn = Connection("server", self.config, on_stream=self._on_stream, on_close=self.connections.discard)

@@ -15,11 +15,14 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
+from osmo_router.h2.buffers import finish, new_message
 
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
 
 Headers = list[tuple[str, str]]
+
+_EMPTY_VIEW = memoryview(b"")
 
 
 class StreamReset(Exception):
@@ -54,8 +57,12 @@ class Stream:
         self._recv_left = recv_window  # what the peer may still send before our next WINDOW_UPDATE
         self._messages: deque[bytes] = deque()
         self._queued = 0  # bytes (with prefixes) of complete messages not yet read
-        self._partial = bytearray()  # an incomplete message, with its prefix
-        self._need = 0  # the partial message's total length with its prefix (0 = not known yet)
+        self._head = bytearray()  # the prefix of the next message, when it came split
+        self._message: bytes | bytearray = b""  # the message being assembled (see buffers.py)
+        self._into = _EMPTY_VIEW  # a writable view of all of it
+        self._need = 0  # its length (0: none under way)
+        self._filled = 0  # its bytes received so far
+        self._inflight = 0  # bytes of the current DATA frame counted against the window, not yet here
         self.compressed_received = False
         self._out: deque[memoryview] = deque()
         self._out_bytes = 0
@@ -70,45 +77,92 @@ class Stream:
     # -- inbound ---------------------------------------------------------------------------------
 
     def received_data(self, payload: memoryview, flow_length: int) -> None:
-        """A DATA payload (padding removed); `flow_length` is what it counted against the windows."""
+        """A whole DATA payload (padding removed); `flow_length` is what it counted against the windows."""
+        self.data_begin(flow_length)
+        self._inflight = 0
+        self._assemble(payload)
+        self._grant()
+        self._wake_reader()
+
+    def data_begin(self, flow_length: int) -> None:
+        """A DATA frame's header: its `flow_length` counts against the stream window now; its payload
+        follows in pieces (`data_piece`, `direct_filled`)."""
         self._recv_left -= flow_length
         if self._recv_left < 0:
             raise StreamReset(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the stream window")
+        self._inflight = flow_length
+
+    def data_piece(self, payload: memoryview) -> None:
+        """The next piece of the current DATA frame's (unpadded) payload, as it arrived."""
+        self._inflight -= len(payload)
+        self._assemble(payload)
+        self._grant()
+        self._wake_reader()
+
+    def direct_buffer(self) -> memoryview | None:
+        """Where the rest of the message being assembled goes, for the transport to read into; None
+        unless one is under way (its prefix arrived)."""
+        if self._need and self.reset_code is None:
+            return self._into[self._filled :]
+        return None
+
+    def direct_filled(self, count: int) -> None:
+        """`count` payload bytes were read straight into `direct_buffer`."""
+        self._inflight -= count
+        self._filled += count
+        if self._filled == self._need:
+            self._complete()
+        self._grant()
+        self._wake_reader()
+
+    def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
         pos, size = 0, len(payload)
         while pos < size:
-            if not self._partial and size - pos >= 5:
+            if not self._need and not self._head and size - pos >= 5:
                 length = int.from_bytes(payload[pos + 1 : pos + 5], "big")
                 self._check(payload[pos], length, max_message)
                 if size - pos >= 5 + length:  # whole in this payload: one copy, straight out of it
                     self._queue(bytes(payload[pos + 5 : pos + 5 + length]), length + 5)
                     pos += 5 + length
                     continue
+                self._start_message(length)
+                pos += 5
             pos = self._append_partial(payload, pos, max_message)
-        # Bytes of a partial message are given back at once (a message larger than the window must
-        # be able to arrive); complete messages only once read.
-        self._grant()
-        self._wake_reader()
 
     def _append_partial(self, payload: memoryview, pos: int, max_message: int) -> int:
-        partial = self._partial
-        if not self._need:
-            take = min(5 - len(partial), len(payload) - pos)
-            partial += payload[pos : pos + take]
+        if not self._need:  # the prefix, split across payloads
+            head = self._head
+            take = min(5 - len(head), len(payload) - pos)
+            head += payload[pos : pos + take]
             pos += take
-            if len(partial) < 5:
+            if len(head) < 5:
                 return pos
-            length = int.from_bytes(partial[1:5], "big")
-            self._check(partial[0], length, max_message)
-            self._need = 5 + length
-        take = min(self._need - len(partial), len(payload) - pos)
-        partial += payload[pos : pos + take]
-        pos += take
-        if len(partial) == self._need:
-            self._queue(bytes(memoryview(partial)[5:]), self._need)
-            self._partial = bytearray()
-            self._need = 0
-        return pos
+            length = int.from_bytes(head[1:5], "big")
+            flag = head[0]
+            head.clear()
+            self._check(flag, length, max_message)
+            if not length:
+                self._queue(b"", 5)
+                return pos
+            self._start_message(length)
+        take = min(self._need - self._filled, len(payload) - pos)
+        self._into[self._filled : self._filled + take] = payload[pos : pos + take]
+        self._filled += take
+        if self._filled == self._need:
+            self._complete()
+        return pos + take
+
+    def _start_message(self, length: int) -> None:
+        """A message of `length` bytes (checked) begins: allocated once, filled as its bytes arrive."""
+        self._message, self._into = new_message(length)
+        self._need = length
+        self._filled = 0
+
+    def _complete(self) -> None:
+        self._queue(finish(self._message), self._need + 5)
+        self._message, self._into = b"", _EMPTY_VIEW
+        self._need = self._filled = 0
 
     def _check(self, flag: int, length: int, max_message: int) -> None:
         if flag & 1:
@@ -161,7 +215,7 @@ class Stream:
         """Give the peer back the window its read messages used (in steps of a quarter window)."""
         if self.ended_in or self.reset_code is not None:
             return
-        grant = self._recv_window - self._queued - self._recv_left
+        grant = self._recv_window - self._queued - self._recv_left - self._inflight
         if grant >= self._recv_window >> 2 or (grant > 0 and self._recv_left <= 0):
             self._recv_left += grant
             self.conn.send_window_update(self.id, grant)
@@ -280,6 +334,8 @@ class Stream:
         self._out_bytes = 0
         self._messages.clear()
         self._queued = 0
+        self._message, self._into = b"", _EMPTY_VIEW  # a message under way is dropped: no more of it is taken
+        self._need = self._filled = 0
         self._wake_reader()
         self.notify_drained()
         self.headers_arrived()
