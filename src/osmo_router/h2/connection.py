@@ -55,6 +55,7 @@ from osmo_router.h2.config import H2Config
 from osmo_router.h2.reader import FrameReader
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.timers import Timers
+from osmo_router.h2.writer import VectorWriter
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: Any) -> None:
         """Send our preface (client) and SETTINGS, open the connection window, start the timers."""
         self.transport = transport
+        self._output = VectorWriter(transport)
         self.peer_address = transport.get_extra_info("peername")
         config = self.config
         settings = {
@@ -530,7 +532,7 @@ class Connection(asyncio.BufferedProtocol):
         if length <= SMALL_MESSAGE:
             transport.write(prefix + message)  # one small copy is cheaper than a vector of three
         else:
-            transport.writelines((prefix, message))
+            self._output.writelines((prefix, message))  # (no join: see writer.py)
         self._timers.sent_data()
         return True
 
@@ -554,11 +556,11 @@ class Connection(asyncio.BufferedProtocol):
             self.send_window -= room
             pending += room
             if pending >= batch:
-                transport.writelines(out)
+                self._output.writelines(out)
                 self._timers.sent_data()
                 out, pending = [], 0
         if out:
-            transport.writelines(out)
+            self._output.writelines(out)
             self._timers.sent_data()
         if stream.unsent:
             self._blocked[stream.id] = stream
