@@ -5,7 +5,7 @@ whole, it was copied three times on its way to the reader (into the parser's buf
 stream's partial message, out of it as bytes). Here the transport reads into a buffer we hand it
 (`get_buffer`): our read buffer for frame headers, control frames and small messages, or, while a
 DATA frame's payload continues a message whose length is known, the message itself
-(`DataSink.data_buffer`, see buffers.py), so the kernel's copy is the only one. Unpadded DATA
+(`DataSink.data_buffer`, see io/buffers.py), so the kernel's copy is the only one. Unpadded DATA
 payloads go to the sink piecewise, as they arrive; every other frame (PADDED DATA included) is
 parsed whole by `FrameParser` as before.
 """

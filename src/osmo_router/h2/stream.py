@@ -15,7 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
-from osmo_router.h2.buffers import finish, new_message
+from osmo_router.io.buffers import finish, new_message
 
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
@@ -58,7 +58,7 @@ class Stream:
         self._messages: deque[bytes] = deque()
         self._queued = 0  # bytes (with prefixes) of complete messages not yet read
         self._head = bytearray()  # the prefix of the next message, when it came split
-        self._message: bytes | bytearray = b""  # the message being assembled (see buffers.py)
+        self._message: bytes | bytearray = b""  # the message being assembled (see io/buffers.py)
         self._into = _EMPTY_VIEW  # a writable view of all of it
         self._need = 0  # its length (0: none under way)
         self._filled = 0  # its bytes received so far
