@@ -8,7 +8,11 @@ padded frames, and an oversized message refused before anything is allocated for
 
 from __future__ import annotations
 
+import asyncio
+import os
+import ssl
 from collections.abc import Iterable
+from pathlib import Path
 
 import hpack
 import pytest
@@ -16,6 +20,7 @@ import pytest
 from osmo_router.h2 import frames as fr
 from osmo_router.h2 import stream as stream_module
 from osmo_router.h2.connection import Connection, H2Config, Stream
+from tests.security_kit import CertificateAuthority
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
 
@@ -175,3 +180,40 @@ async def test_an_oversized_message_is_refused_before_it_is_allocated(monkeypatc
         frames = FakeTransport.frames(conn.transport)  # type: ignore[arg-type]
         assert any(f.kind == fr.RST_STREAM and f.stream_id == 1 for f in frames)
     assert allocated == []
+
+
+@pytest.mark.asyncio
+async def test_bulk_messages_over_tls_arrive_intact(tmp_path: Path) -> None:
+    # The loop's TLS transport drives a BufferedProtocol too: decrypted bytes land in the messages.
+    ca = CertificateAuthority.create("test-ca")
+    cert, key = ca.issue("localhost", server=True)
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client_tls = ssl.create_default_context(cadata=ca.pem.decode())
+    loop = asyncio.get_running_loop()
+    served: asyncio.Queue[Stream] = asyncio.Queue()
+    server = await loop.create_server(
+        lambda: Connection("server", on_stream=served.put_nowait), "127.0.0.1", 0, ssl=server_tls
+    )
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(
+        lambda: Connection("client"), "127.0.0.1", port, ssl=client_tls, server_hostname="localhost"
+    )
+    bodies = [os.urandom(size) for size in (1, 70_000, (1 << 20) - 5, 3 << 20)]
+    try:
+        async with asyncio.timeout(30):
+            await client.ready()
+            stream = await client.open_stream(REQUEST)
+            echo = await served.get()
+            for body in bodies:
+                await stream.write(body)
+                got = await echo.read()
+                assert got == body
+                await echo.write(got)
+                assert await stream.read() == body
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
