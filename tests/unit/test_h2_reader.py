@@ -20,6 +20,7 @@ import pytest
 from osmo_router.h2 import frames as fr
 from osmo_router.h2 import stream as stream_module
 from osmo_router.h2.connection import Connection, H2Config, Stream
+from osmo_router.h2.reader import HEADER_READ, QUIET_AFTER, READ_SIZE
 from tests.security_kit import CertificateAuthority
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
@@ -217,3 +218,21 @@ async def test_bulk_messages_over_tls_arrive_intact(tmp_path: Path) -> None:
         client.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_the_read_buffer_grows_while_busy_and_shrinks_when_quiet() -> None:
+    conn, stream = await deliver(opening(), [])
+    assert len(conn.get_buffer(-1)) <= HEADER_READ  # an idle connection holds a small buffer
+    target = conn.get_buffer(-1)
+    filling = b"f" * (len(target) - 14)
+    target[:] = fr.encode(fr.DATA, 0, 1, message(filling))  # a read that fills what it was offered: busy
+    conn.buffer_updated(len(target))
+    assert len(conn.get_buffer(-1)) >= READ_SIZE // 4
+    frame = fr.encode(fr.DATA, 0, 1, message(b"x"))
+    for _ in range(QUIET_AFTER + 1):  # small reads: quiet again
+        target = conn.get_buffer(-1)
+        target[: len(frame)] = frame
+        conn.buffer_updated(len(frame))
+    assert len(conn.get_buffer(-1)) <= HEADER_READ
+    assert read_all(stream) == [filling] + [b"x"] * (QUIET_AFTER + 1)

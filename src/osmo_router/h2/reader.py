@@ -16,8 +16,15 @@ from typing import Protocol
 
 from osmo_router.h2 import frames as fr
 
-#: What the read buffer offers the transport at least (its size at first; it grows for a larger frame).
+#: The read buffer of a busy connection (one whose reads fill what they are offered).
 READ_SIZE = 256 * 1024
+#: The read buffer of a quiet connection (a router holds one connection per agent and client: an
+#: idle one keeps this much). After a DATA frame of READ_SIZE or more, the read for the next frame
+#: header is this small too: that frame is likely as large, and what a read brings of its payload
+#: into the read buffer is copied out again, while the rest of it is read straight into its message.
+HEADER_READ = 16 * 1024
+#: Reads this small, this many in a row, make a busy connection quiet again.
+SMALL_READ, QUIET_AFTER = 4 * 1024, 32
 
 
 class DataSink(Protocol):
@@ -48,12 +55,16 @@ class FrameReader:
     def __init__(self, parser: fr.FrameParser, sink: DataSink) -> None:
         self._parser = parser
         self._sink = sink
-        self._buf = bytearray(READ_SIZE)
+        self._capacity = HEADER_READ  # the read buffer's usual size now (READ_SIZE while busy)
+        self._small_reads = 0  # small reads in a row
+        self._buf = bytearray(HEADER_READ)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of what arrived
         self._need = 0  # bytes from _start a whole frame needs (0: unknown, a header at least)
         self._left = 0  # payload bytes of the current DATA frame not yet delivered
         self._direct = False  # the last buffer handed out was the sink's
+        self._large = False  # the last DATA frame was large (see HEADER_READ)
+        self._offered = 0  # the size of the last read buffer handed out (ours)
 
     def get_buffer(self) -> memoryview:
         """The buffer for the transport's next read."""
@@ -64,27 +75,42 @@ class FrameReader:
                 return target[: self._left] if len(target) > self._left else target
         self._direct = False
         self._make_room()
+        if self._large and self._start == self._end:
+            self._offered = HEADER_READ
+            return memoryview(self._buf)[:HEADER_READ]
+        self._offered = len(self._buf) - self._end
         return memoryview(self._buf)[self._end :]
 
     def _make_room(self) -> None:
         # Never resized in place: the transport may still hold a view of the last buffer.
-        start, end, size = self._start, self._end, len(self._buf)
-        if start == end:
-            self._start = self._end = 0
-            if size > READ_SIZE >= self._need:
-                self._buf = bytearray(READ_SIZE)  # grown for one large frame: back to the usual size
-            if self._need <= len(self._buf):
-                return
-        if size - end >= max(self._need - (end - start), READ_SIZE // 4):
-            return
+        start, end, need, capacity = self._start, self._end, self._need, self._capacity
         kept = end - start
-        if max(self._need, kept + READ_SIZE // 4) <= size:
+        if not kept:
+            self._start = self._end = 0
+            if len(self._buf) != capacity and need <= capacity:
+                self._buf = bytearray(capacity)  # busy, quiet again, or grown for one large frame
+            if need <= len(self._buf):
+                return
+        room = capacity // 4
+        if len(self._buf) - end >= max(need - kept, room):
+            return
+        if max(need, kept + room) <= len(self._buf):
             self._buf[:kept] = self._buf[start:end]  # same length: allowed while views exist
         else:
-            grown = bytearray(max(self._need, kept + READ_SIZE // 4, READ_SIZE))
+            grown = bytearray(max(need, kept + room, capacity))
             grown[:kept] = self._buf[start:end]
             self._buf = grown
         self._start, self._end = 0, kept
+
+    def _note_read(self, count: int) -> None:
+        """A busy connection gets the larger read buffer; a quiet one the smaller again."""
+        if count >= self._offered:
+            self._small_reads = 0
+            self._capacity = READ_SIZE
+        elif count < SMALL_READ:
+            self._small_reads += 1
+            if self._small_reads >= QUIET_AFTER:
+                self._capacity = HEADER_READ
 
     def buffer_updated(self, count: int) -> None:
         """`count` bytes were read into the last buffer: deliver them (raises ProtocolError)."""
@@ -96,17 +122,8 @@ class FrameReader:
                 self._sink.data_end()
             return
         self._end += count
+        self._note_read(count)
         self._walk()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Deliver bytes that arrived elsewhere (a Protocol's data_received, the preface's leftover)."""
-        view = memoryview(data)
-        while view:
-            target = self.get_buffer()
-            take = min(len(target), len(view))
-            target[:take] = view[:take]
-            view = view[take:]
-            self.buffer_updated(take)
 
     def _walk(self) -> None:
         buf, sink, parser = self._buf, self._sink, self._parser
@@ -136,6 +153,7 @@ class FrameReader:
                     start += 9
                     self._start = start
                     self._left = length
+                    self._large = length >= READ_SIZE
                     sink.data_begin(stream_id, flags, length)
                     if not length:
                         sink.data_end()
