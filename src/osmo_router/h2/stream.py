@@ -96,7 +96,7 @@ class Stream:
         """The next piece of the current DATA frame's (unpadded) payload, as it arrived."""
         self._inflight -= len(payload)
         self._assemble(payload)
-        self._grant()
+        self._grant_if_stuck()
         self._wake_reader()
 
     def direct_buffer(self) -> memoryview | None:
@@ -112,8 +112,16 @@ class Stream:
         self._filled += count
         if self._filled == self._need:
             self._complete()
-        self._grant()
+        self._grant_if_stuck()
         self._wake_reader()
+
+    def _grant_if_stuck(self) -> None:
+        """Give back the bytes of the message under way now if it could not complete otherwise (it is
+        larger than what the peer may still send); else they go back with the message, once read: one
+        WINDOW_UPDATE per message, not one per read of it."""
+        missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
+        if missing > self._recv_left + self._inflight:
+            self._grant()
 
     def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
