@@ -21,6 +21,7 @@ from osmo_router.h2 import frames as fr
 from osmo_router.h2 import stream as stream_module
 from osmo_router.h2.connection import Connection, H2Config, Stream
 from osmo_router.h2.reader import HEADER_READ, QUIET_AFTER, READ_SIZE
+from osmo_router.h2.writer import VectorWriter
 from tests.security_kit import CertificateAuthority
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
@@ -236,3 +237,46 @@ async def test_the_read_buffer_grows_while_busy_and_shrinks_when_quiet() -> None
         conn.buffer_updated(len(frame))
     assert len(conn.get_buffer(-1)) <= HEADER_READ
     assert read_all(stream) == [filling] + [b"x"] * (QUIET_AFTER + 1)
+
+
+class PausingTransport(FakeTransport):
+    """Pauses the connection's writing on a write while `pause_on_write` is set (a full socket)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn: Connection | None = None
+        self.pause_on_write = False
+
+    def writelines(self, pieces: Iterable[bytes]) -> None:
+        super().writelines(pieces)
+        if self.pause_on_write and self.conn is not None:
+            self.conn.pause_writing()
+
+
+@pytest.mark.asyncio
+async def test_a_writer_blocked_by_the_window_wakes_when_its_data_left_during_a_pause() -> None:
+    # The writer waits for the peer's window; a pause and resume of the transport pass meanwhile; the
+    # window opens and its data goes out but the transport pauses again: the next resume wakes it.
+    conn, stream = await deliver(opening(), [])
+    transport = PausingTransport()
+    conn.transport, transport.conn = transport, conn
+    conn._output = VectorWriter(transport)  # type: ignore[arg-type]
+    stream.send_headers([(":status", "200")])
+    stream.write_nowait(bytes(100_000))  # more than the first 65,535-byte window
+    assert stream.unsent
+    writer = asyncio.create_task(stream.drained())
+    async with asyncio.timeout(5):
+        await asyncio.sleep(0)  # one turn of the loop: the writer now waits in drained()
+        assert stream in conn.drain_waiters
+        conn.pause_writing()
+        conn.resume_writing()
+        transport.pause_on_write = True
+        larger_frames = fr.encode_settings({fr.SETTINGS_MAX_FRAME_SIZE: 1 << 20})  # the rest in one write
+        grant = larger_frames + fr.window_update(0, 1 << 20) + fr.window_update(1, 1 << 20)
+        target = conn.get_buffer(-1)
+        target[: len(grant)] = grant
+        conn.buffer_updated(len(grant))
+        assert not stream.unsent and conn.write_paused and not writer.done()
+        transport.pause_on_write = False
+        conn.resume_writing()
+        await writer

@@ -583,10 +583,14 @@ class Connection(asyncio.BufferedProtocol):
                 return
             self.flush(stream)
         if not self.write_paused and self.drain_waiters:
-            # Writers that waited only for the transport (their own data had gone out).
+            # Writers that waited only for the transport (their own data had gone out) are woken; the
+            # others stay: their data may yet go out while the transport is paused again, and then
+            # only the next resume wakes them (flush does not while paused).
             waiters, self.drain_waiters = self.drain_waiters, set()
             for stream in waiters:
-                if not stream.unsent:
+                if stream.unsent:
+                    self.drain_waiters.add(stream)
+                else:
                     stream.notify_drained()
 
     def maybe_forget(self, stream: Stream, force: bool = False) -> None:
