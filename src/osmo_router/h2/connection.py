@@ -1,4 +1,4 @@
-"""An HTTP/2 connection for gRPC on an asyncio Protocol, in either role (client or server).
+"""An HTTP/2 connection for gRPC on an asyncio BufferedProtocol, in either role (client or server).
 
 API (stable; add, don't rename):
 
