@@ -280,3 +280,32 @@ async def test_a_writer_blocked_by_the_window_wakes_when_its_data_left_during_a_
         transport.pause_on_write = False
         conn.resume_writing()
         await writer
+
+
+@pytest.mark.asyncio
+async def test_a_message_larger_than_the_window_is_not_allocated_ahead_of_its_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    allocated: list[int] = []
+    original = stream_module.new_message
+
+    def recording(length: int) -> tuple[bytes | bytearray, memoryview]:
+        allocated.append(length)
+        return original(length)
+
+    monkeypatch.setattr(stream_module, "new_message", recording)
+    window, body = 4096, os.urandom(10_000)  # announced: more than the peer may send
+    wire = message(body)
+    head = opening() + fr.encode(fr.DATA, 0, 1, wire[:3000])
+    conn, stream = await deliver(head, [], H2Config(stream_window=window))
+    assert allocated == []
+    assert len(conn.get_buffer(-1)) != len(body) - 2995  # the read buffer, not the message
+    # The rest arrives as the window is given back (the peer may send once bytes are returned).
+    for pos in range(3000, len(wire), 3000):
+        chunk = fr.encode(fr.DATA, 0, 1, wire[pos : pos + 3000])
+        target = conn.get_buffer(-1)
+        target[: len(chunk)] = chunk
+        conn.buffer_updated(len(chunk))
+        assert stream.reset_code is None
+    assert read_all(stream) == [body]
+    assert allocated == []

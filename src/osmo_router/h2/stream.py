@@ -62,6 +62,7 @@ class Stream:
         self._into = _EMPTY_VIEW  # a writable view of all of it
         self._need = 0  # its length (0: none under way)
         self._filled = 0  # its bytes received so far
+        self._growing = False  # it is assembled piecewise (see _start_message), not read into in place
         self._inflight = 0  # bytes of the current DATA frame counted against the window, not yet here
         self.compressed_received = False
         self._out: deque[memoryview] = deque()
@@ -102,7 +103,7 @@ class Stream:
     def direct_buffer(self) -> memoryview | None:
         """Where the rest of the message being assembled goes, for the transport to read into; None
         unless one is under way (its prefix arrived)."""
-        if self._need and self.reset_code is None:
+        if self._need and not self._growing and self.reset_code is None:
             return self._into[self._filled :]
         return None
 
@@ -134,7 +135,7 @@ class Stream:
                     self._queue(bytes(payload[pos + 5 : pos + 5 + length]), length + 5)
                     pos += 5 + length
                     continue
-                self._start_message(length)
+                self._start_message(length, size - pos - 5)
                 pos += 5
             pos = self._append_partial(payload, pos, max_message)
 
@@ -153,17 +154,29 @@ class Stream:
             if not length:
                 self._queue(b"", 5)
                 return pos
-            self._start_message(length)
+            self._start_message(length, len(payload) - pos)
         take = min(self._need - self._filled, len(payload) - pos)
-        self._into[self._filled : self._filled + take] = payload[pos : pos + take]
+        if self._growing:
+            self._message += payload[pos : pos + take]
+        else:
+            self._into[self._filled : self._filled + take] = payload[pos : pos + take]
         self._filled += take
         if self._filled == self._need:
             self._complete()
         return pos + take
 
-    def _start_message(self, length: int) -> None:
-        """A message of `length` bytes (checked) begins: allocated once, filled as its bytes arrive."""
-        self._message, self._into = new_message(length)
+    def _start_message(self, length: int, here: int) -> None:
+        """A message of `length` bytes (checked) begins, `here` of them in the payload at hand.
+
+        Allocated once at its length when the peer may send all of it now (the windows bound what a
+        peer makes us hold, not the lengths it announces); else it grows as its bytes arrive (and is
+        copied once at the end, as any message assembled in pieces used to be).
+        """
+        self._growing = length > here + self._inflight + max(self._recv_left, 0)
+        if self._growing:
+            self._message, self._into = bytearray(), _EMPTY_VIEW
+        else:
+            self._message, self._into = new_message(length)
         self._need = length
         self._filled = 0
 
