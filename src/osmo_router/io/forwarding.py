@@ -99,14 +99,25 @@ class SocketReader:
         self._waiter: asyncio.Future[None] | None = None
         self._registered = False
         self._unclaimed = False
+        self._emptied = False  # the last read took less than asked: the socket had no more then
 
     async def recv(self, size: int) -> bytes:
-        """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError."""
+        """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError.
+
+        After a read that took less than asked (the socket was emptied), the next one waits for
+        readiness first instead of trying a read that would fail: on a request/response stream that
+        is one system call and one exception less per message.
+        """
         while True:
-            try:
-                return self.sock.recv(size)
-            except (BlockingIOError, InterruptedError):
-                pass
+            if not (self._emptied and self._registered and not self._unclaimed):
+                try:
+                    data = self.sock.recv(size)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                else:
+                    self._emptied = len(data) < size
+                    return data
+            self._emptied = False
             self._waiter = self._loop.create_future()
             self._unclaimed = False
             if not self._registered:

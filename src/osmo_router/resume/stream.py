@@ -91,6 +91,7 @@ class ResumableStream:
         self._recv_calls = 0
         self._reclaim_at_calls = 0
         self._reclaim: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_registered: SessionStream | None = None  # the stream that wakes the handler when it has more
         self._connected = asyncio.Event()
         self._connected.set()
@@ -419,7 +420,12 @@ class ResumableStream:
 
     def _arm_reclaim(self) -> None:
         self._reclaim_at_calls = self._recv_calls
-        self._reclaim = asyncio.get_running_loop().call_later(DIRECT_HOLD, self._reclaim_check)
+        self._reclaim = self._arrived_loop().call_later(DIRECT_HOLD, self._reclaim_check)
+
+    def _arrived_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # once: on 3.11 it is a getpid() per call
+        return self._loop
 
     def _reclaim_check(self) -> None:
         """DIRECT_HOLD after the handler left recv: give the reading back unless it came back since."""
