@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
 
 import grpc
 import pytest
@@ -27,7 +26,6 @@ class PipeEnd:
         self.peer: PipeEnd | None = None
         self.sent: list[pb.Frame] = []
         self.progress = asyncio.Event()
-        self.wakes: list[Callable[[], None]] = []
 
     raw = False
 
@@ -36,13 +34,6 @@ class PipeEnd:
             if end is not None:
                 end.broken.set()
                 end.inbox.put_nowait(None)
-                end.arrived()
-
-    def arrived(self) -> None:
-        """Something arrived: call the wake-ups a poll arranged (PollingPipeEnd)."""
-        wakes, self.wakes = self.wakes, []
-        for wake in wakes:
-            wake()
 
     async def send(self, frame: pb.Frame) -> None:
         if self.broken.is_set():
@@ -50,8 +41,6 @@ class PipeEnd:
         self.sent.append(frame)
         self.progress.set()
         await self.outbox.put(frame)
-        if self.peer is not None:
-            self.peer.arrived()
 
     async def recv(self) -> pb.Frame | None:
         frame = await self.inbox.get()
@@ -75,22 +64,10 @@ class PipeEnd:
         self.cut()
 
 
-class PollingPipeEnd(PipeEnd):
-    """A PipeEnd that can say whether a frame is at hand, as the native channel's streams can
-    (FrameStream.poll): the handler of a ResumableStream over it reads it directly."""
-
-    def poll(self, wake: Callable[[], None]) -> bool:
-        if not self.inbox.empty():
-            return True
-        self.wakes.append(wake)
-        return False
-
-
-def pipe(polling: bool = False) -> tuple[PipeEnd, PipeEnd]:
+def pipe() -> tuple[PipeEnd, PipeEnd]:
     a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
     b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
-    end = PollingPipeEnd if polling else PipeEnd
-    a, b = end(a_in, b_in), end(b_in, a_in)
+    a, b = PipeEnd(a_in, b_in), PipeEnd(b_in, a_in)
     a.peer, b.peer = b, a
     return a, b
 
@@ -115,12 +92,12 @@ class Side(ResumableStream):
         return inner, peer.taken
 
 
-async def reconnect(a: Side, b: Side, polling: bool = False) -> None:
+async def reconnect(a: Side, b: Side) -> None:
     """Wait until both sides lost their stream, then give them a new one."""
     async with asyncio.timeout(5):
         await a.waiting.wait()
         await b.waiting.wait()
-    end_a, end_b = pipe(polling)
+    end_a, end_b = pipe()
     a.next.put_nowait((end_a, b))
     b.next.put_nowait((end_b, a))
 
@@ -156,13 +133,12 @@ async def drain(receiver: Side) -> bytes:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("polling", [False, True])
 @pytest.mark.parametrize("cuts", [0, 1, 3])
-async def test_both_directions_arrive_exactly_once_across_cuts(cuts: int, polling: bool) -> None:
+async def test_both_directions_arrive_exactly_once_across_cuts(cuts: int) -> None:
     rng = random.Random(cuts)
     chunks_ab = [rng.randbytes(rng.randint(1, 5000)) for _ in range(400)]
     chunks_ba = [rng.randbytes(rng.randint(1, 5000)) for _ in range(400)]
-    end_a, end_b = pipe(polling)
+    end_a, end_b = pipe()
     a, b = Side(end_a, 64 * 1024), Side(end_b, 64 * 1024)
     a.start()
     b.start()
@@ -172,7 +148,7 @@ async def test_both_directions_arrive_exactly_once_across_cuts(cuts: int, pollin
         current = a._inner
         assert isinstance(current, PipeEnd)
         current.cut()
-        await reconnect(a, b, polling)
+        await reconnect(a, b)
     _, _, at_b, at_a = await asyncio.wait_for(work, 20)
     assert at_b == b"".join(chunks_ab)
     assert at_a == b"".join(chunks_ba)
@@ -217,34 +193,3 @@ async def test_a_full_replay_buffer_pauses_the_sender_until_acknowledged() -> No
     assert got == b"x" * 4096 * 16
     a.abort()
     b.abort()
-
-
-@pytest.mark.asyncio
-async def test_a_handler_that_keeps_coming_back_reads_the_stream_itself() -> None:
-    end_a, end_b = pipe(polling=True)
-    a, b = Side(end_a, 1 << 20), Side(end_b, 1 << 20)
-    a.start()
-    b.start()
-    try:
-        for n in range(5):  # a ping-pong: the handler waits in recv for each frame
-            receiving = asyncio.create_task(b.recv())
-            await asyncio.sleep(0)
-            # From the second frame on, the reader task has handed the reading over: the handler's
-            # wait is arranged with the stream itself, so the frame wakes the handler, not the task.
-            assert bool(end_b.wakes) == (n > 0) == b._handler_reads
-            await a.send(pb.Frame(data=b"%d" % n))
-            async with asyncio.timeout(5):
-                frame = await receiving
-            assert frame is not None and frame.data == b"%d" % n
-        # Away longer than DIRECT_HOLD: the reader task reads again (acks must not wait for the handler).
-        await a.send(pb.Frame(ack=pb.Ack(received=0)))
-        async with asyncio.timeout(5):
-            await b._reader_turn.wait()  # set when the reading is given back (DIRECT_HOLD after recv)
-        assert not b._handler_reads
-        await a.send(pb.Frame(data=b"late"))
-        async with asyncio.timeout(5):
-            frame = await b.recv()
-        assert frame is not None and frame.data == b"late"
-    finally:
-        a.abort()
-        b.abort()

@@ -277,21 +277,6 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._raise_for_status()
         return grpc.aio.EOF
 
-    def poll_readable(self, wake: Callable[[], None]) -> bool | None:
-        """Whether `read` would return now without waiting for the peer, for a reader that waits itself.
-
-        True: it would (a message, the end or the status is at hand). False: it would wait, and
-        `wake()` is called once at the stream's next arrival or end. None: cannot tell now (the
-        stream is not open, another read is under way, or the call was cancelled here): use `read`.
-        """
-        stream = self._stream
-        if stream is None or self._locally_cancelled or self._read_lock.locked():
-            return None
-        if self._buffer or self._status is not None or stream.has_message():
-            return True
-        stream.call_when_readable(wake)
-        return False
-
     def _raise_for_status(self) -> None:
         assert self._status is not None
         if self._locally_cancelled:

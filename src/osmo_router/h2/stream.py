@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
@@ -63,7 +62,6 @@ class Stream:
         self._end_after: Headers | None = None  # trailers to send once the data has gone out
         self._end_pending = False
         self._readable: asyncio.Future[None] | None = None
-        self._read_callbacks: list[Callable[[], None]] | None = None  # call_when_readable's, once each
         self._drained: asyncio.Future[None] | None = None
         self._headers_event: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
@@ -165,20 +163,9 @@ class Stream:
             self._recv_left += grant
             self.conn.send_window_update(self.id, grant)
 
-    def call_when_readable(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` once, at the next arrival (a message may still be partial), end or reset."""
-        if self._read_callbacks is None:
-            self._read_callbacks = [callback]
-        else:
-            self._read_callbacks.append(callback)
-
     def _wake_reader(self) -> None:
         if self._readable is not None and not self._readable.done():
             self._readable.set_result(None)
-        if self._read_callbacks is not None:
-            callbacks, self._read_callbacks = self._read_callbacks, None
-            for callback in callbacks:
-                callback()
 
     # -- outbound --------------------------------------------------------------------------------
 

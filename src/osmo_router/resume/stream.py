@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
 
 import grpc
 
@@ -43,10 +42,6 @@ log = logging.getLogger(__name__)
 #: What a broken stream under a session raises.
 BREAKS = (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
 
-
-#: How long a handler that reads the stream under it itself (see `ResumableStream.recv`) may stay
-#: away from `recv` before the reader task takes the reading back (acks must not wait much longer).
-DIRECT_HOLD = 0.005
 
 #: Statuses with which the router ends a session on purpose: the session is over, not broken.
 #: DEADLINE_EXCEEDED: idle past --session-ttl; PERMISSION_DENIED / UNAUTHENTICATED: access or
@@ -82,17 +77,6 @@ class ResumableStream:
         self._incoming_units = 0
         self._arrived = asyncio.Event()
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
-        # The handler reads the stream under it itself while it keeps coming back to recv (see recv);
-        # the reader task then waits on _reader_turn, and takes the reading back DIRECT_HOLD after
-        # the handler last left recv.
-        self._handler_reads = False
-        self._reader_turn = asyncio.Event()
-        self._in_recv = False
-        self._recv_calls = 0
-        self._reclaim_at_calls = 0
-        self._reclaim: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_registered: SessionStream | None = None  # the stream that wakes the handler when it has more
         self._connected = asyncio.Event()
         self._connected.set()
         self._ended = False
@@ -165,24 +149,7 @@ class ResumableStream:
         await self.send(pb.Frame(error=pb.Error(code=code.value[0], message=message)))
 
     async def recv(self) -> pb.Frame | None:
-        """The peer's next frame; None at the end. A lost session gives one Error frame saying why.
-
-        While the handler keeps coming back for frames, it reads the stream under it itself (when
-        that stream can be waited on without the risk of cancelling it: the native channel's): the
-        peer's frame then wakes the handler directly, not the reader task first and the handler
-        after it (two task switches on every round trip's critical path). Acks and resume frames
-        read this way are taken as the reader task takes them.
-        """
-        self._in_recv = True
-        self._recv_calls += 1
-        try:
-            return await self._recv()
-        finally:
-            self._in_recv = False
-            if self._handler_reads and self._reclaim is None and not self._ended:
-                self._arm_reclaim()
-
-    async def _recv(self) -> pb.Frame | None:
+        """The peer's next frame; None at the end. A lost session gives one Error frame saying why."""
         while not self._incoming:
             if self._failure is not None:
                 raise self._failure
@@ -193,10 +160,6 @@ class ResumableStream:
                 return pb.Frame(error=pb.Error(code=self._lost.code.value[0], message=self._lost.message))
             if self._ended:
                 return None
-            if self._handler_reads and await self._read_directly():
-                continue
-            if self._incoming:
-                break  # (a reader task's frame, while this handler gave the reading back)
             self._arrived.clear()
             self._handler_waiting = True
             try:
@@ -252,10 +215,6 @@ class ResumableStream:
 
     def _stop(self) -> None:
         self._ended = True
-        self._reader_turn.set()
-        if self._reclaim is not None:
-            self._reclaim.cancel()
-            self._reclaim = None
         self.buffer.close()
         self._acker.close()
         if self._reader is not None and self._reader is not asyncio.current_task():
@@ -319,10 +278,6 @@ class ResumableStream:
 
     async def _read_forever(self) -> None:
         while not self._ended:
-            if self._handler_reads:
-                self._reader_turn.clear()
-                await self._reader_turn.wait()
-                continue
             inner, generation = self._inner, self._generation
             if inner is None:
                 if self._connected.is_set():
@@ -332,110 +287,34 @@ class ResumableStream:
             try:
                 frame = await inner.recv()
             except BREAKS as err:
-                if self._read_failed(generation, err):
+                if not self.resumable:
+                    self._failure = err  # raised to the handler as it is, as without resume
                     break
+                if self._ended_cleanly():
+                    break
+                if isinstance(err, grpc.aio.AioRpcError) and err.code() in ENDS:
+                    # The router ended the session on purpose: not a break to resume from.
+                    self._lose(SessionLost(err.details() or err.code().name, err.code()))
+                    break
+                self._broken(generation, err)
+                continue
+            if frame is None:
+                if self._ended_cleanly():
+                    break
+                self._broken(generation, "the router ended the stream")
+                continue
+            if generation != self._generation:
+                # Read off a stream already given up (a write to it failed meanwhile): the resume
+                # asks for it again from what was taken before, so taking it here would repeat it.
                 continue
             handler_waiting = self._handler_waiting
-            if self._read_done(generation, frame):
-                break
+            self._take(frame)
             if handler_waiting and self._incoming:
-                if hasattr(inner, "poll") and inner is self._inner:
-                    # The handler is back for more: from now on it reads the stream itself (recv).
-                    self._handler_reads = True
-                    continue
                 # Let the handler deliver the frame before this task asks gRPC for the next one:
                 # starting a read costs tens of microseconds, on every round trip's critical path.
                 await asyncio.sleep(0)
-        self._reading_ended()
-
-    def _read_failed(self, generation: int, err: BaseException) -> bool:
-        """The stream of `generation` raised `err` on a read; True if reading is over."""
-        if not self.resumable:
-            self._failure = err  # raised to the handler as it is, as without resume
-            return True
-        if self._ended_cleanly():
-            return True
-        if isinstance(err, grpc.aio.AioRpcError) and err.code() in ENDS:
-            # The router ended the session on purpose: not a break to resume from.
-            self._lose(SessionLost(err.details() or err.code().name, err.code()))
-            return True
-        self._broken(generation, err)
-        return False
-
-    def _read_done(self, generation: int, frame: pb.Frame | None) -> bool:
-        """A read of the stream of `generation` gave `frame`; True if reading is over."""
-        if frame is None:
-            if self._ended_cleanly():
-                return True
-            self._broken(generation, "the router ended the stream")
-            return False
-        if generation == self._generation:
-            self._take(frame)
-        # (else read off a stream already given up, a write to it failed meanwhile: the resume asks
-        # for it again from what was taken before, so taking it here would repeat it)
-        return False
-
-    def _reading_ended(self) -> None:
         self._ended = True
-        self._handler_reads = False
-        self._reader_turn.set()
         self._arrived.set()
-
-    async def _read_directly(self) -> bool:
-        """The handler's own read (it holds the reading): True if it took what was at hand; False if
-        nothing was (the peer's next arrival sets `_arrived`) or it gave the reading back."""
-        inner, generation = self._inner, self._generation
-        if inner is None or not self._connected.is_set():
-            self._give_back()
-            return False
-        waking = self._wake_registered is inner  # a wake-up from this stream is arranged already
-        at_hand = _poll(inner, _nothing if waking else self._wake)
-        if at_hand is None:
-            self._give_back()
-            return False
-        if not at_hand:
-            self._wake_registered = inner
-            return False
-        # At hand: this read returns without waiting (so no cancellation can reach the call in it).
-        try:
-            frame = await inner.recv()
-        except BREAKS as err:
-            over = self._read_failed(generation, err)
-        else:
-            over = self._read_done(generation, frame)
-        if over:
-            self._reading_ended()
-        return True
-
-    def _wake(self) -> None:
-        """The stream under it has more (or ended): wake the handler reading it (see `_read_directly`)."""
-        self._wake_registered = None
-        self._arrived.set()
-
-    def _give_back(self) -> None:
-        """The reader task reads again (the handler stays away, or the stream under it changed)."""
-        if self._handler_reads:
-            self._handler_reads = False
-            self._reader_turn.set()
-
-    def _arm_reclaim(self) -> None:
-        self._reclaim_at_calls = self._recv_calls
-        self._reclaim = self._arrived_loop().call_later(DIRECT_HOLD, self._reclaim_check)
-
-    def _arrived_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()  # once: on 3.11 it is a getpid() per call
-        return self._loop
-
-    def _reclaim_check(self) -> None:
-        """DIRECT_HOLD after the handler left recv: give the reading back unless it came back since."""
-        self._reclaim = None
-        if not self._handler_reads or self._ended or self._in_recv:
-            return  # (a handler in recv arms this again when it leaves)
-        if self._recv_calls != self._reclaim_at_calls:
-            self._arm_reclaim()
-            return
-        self._give_back()
 
     def _take(self, frame: pb.Frame) -> None:
         kind = frame.WhichOneof("kind")
@@ -472,7 +351,6 @@ class ResumableStream:
         inner, self._inner = self._inner, None
         self._generation += 1
         self._connected.clear()
-        self._give_back()  # the reader task waits for the new stream (a handler in recv for the next frame)
         inner.abort()
         log.info("session stream broke (%s); resuming", text)
         task = asyncio.create_task(self._recover(text))
@@ -520,16 +398,6 @@ class ResumableStream:
                 self._broken(generation, err)
                 return
         self._connected.set()
-
-
-def _nothing() -> None:
-    """A wake-up already arranged."""
-
-
-def _poll(inner: SessionStream, wake: Callable[[], None]) -> bool | None:
-    """`inner.poll(wake)` where the stream under it has one (wire/streams.py FrameStream), else None."""
-    poll = getattr(inner, "poll", None)
-    return None if poll is None else poll(wake)
 
 
 def _describe(cause: object) -> str:

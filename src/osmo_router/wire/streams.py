@@ -68,13 +68,6 @@ class FrameStream:
         """Report an error to the far side."""
         await self.send(pb.Frame(error=pb.Error(code=code.value[0], message=message)))
 
-    def poll(self, wake: Callable[[], None]) -> bool | None:
-        """For a reader that waits on its own (resume/stream.py): True if `recv` has a message at hand
-        and returns without waiting for the peer; False if not, and then `wake()` is called once at the
-        next arrival; None if this stream cannot tell (a grpc.aio call, or another read under way)."""
-        poll = getattr(self.call, "poll_readable", None)
-        return None if poll is None else poll(wake)
-
     async def recv(self) -> pb.Frame | None:
         """The next frame, or None when the stream ended."""
         try:
