@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import click
 import pytest
 
 from osmo_router.cli.durations import parse_bool, parse_duration
 from osmo_router.cli.main import main_group as router_group
-from osmo_router.cli.options import bool_option_names, normalize_bool_flags
+from osmo_router.cli.options import bool_option_names, normalize_bool_flags, prefers_uvloop, run_async
 from osmo_router.client.cli import main_group as client_group
 from osmo_router.client.cli import rewrite_legacy_operation
 from osmo_router.client.exec import exit_code_of
@@ -126,3 +128,23 @@ def test_a_connection_lost_under_an_open_call_is_named_so() -> None:
     assert lost.message.startswith("the connection to the router broke") and "Stream removed" in lost.message
     other = session.rpc_error(failed(grpc.StatusCode.UNAVAILABLE, "the agent disconnected"))
     assert other.message == "the agent disconnected"
+
+
+async def _loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+@pytest.mark.parametrize(
+    ("channel", "env", "loop"),
+    [
+        ("native", "", "uvloop"),  # the default channel: uvloop (issue 18)
+        ("grpcio", "", "asyncio"),  # grpc.aio keeps the standard loop (a SIGSEGV seen with uvloop)
+        ("native", "0", "asyncio"),
+        ("grpcio", "1", "uvloop"),
+    ],
+)
+def test_the_cli_and_agent_run_on_uvloop_with_the_native_channel(
+    monkeypatch: pytest.MonkeyPatch, channel: str, env: str, loop: str
+) -> None:
+    monkeypatch.setenv("OSMO_UVLOOP", env)
+    assert run_async(_loop_module(), prefer_uvloop=prefers_uvloop(channel)) == loop

@@ -159,3 +159,58 @@ async def test_a_socket_reader_stays_registered_across_reads_and_leaves_none_beh
         assert not loop.remove_reader(ours.fileno())  # nothing left watching the socket
         ours.close()
         peer.close()
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts its recv calls (and those that found nothing)."""
+
+    calls = 0
+    empty = 0
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.calls += 1
+        try:
+            return super().recv(size, flags)
+        except BlockingIOError:
+            self.empty += 1
+            raise
+
+
+async def _short_reads() -> tuple[int, int]:
+    """A ping-pong of short reads, then a long one and EOF through a SocketReader: its (recv calls, empty ones)."""
+    first, peer = socket.socketpair()
+    ours = CountingSocket(fileno=first.detach())
+    ours.setblocking(False)
+    reader = SocketReader(ours)
+    try:
+        for n in range(5):  # a ping-pong: each answer is shorter than asked, and the next is not there yet
+            reading = asyncio.create_task(reader.recv(64))
+            await asyncio.sleep(0)
+            assert not reading.done()
+            peer.sendall(b"%d" % n)
+            async with asyncio.timeout(5):
+                assert await reading == b"%d" % n
+        counts = ours.calls, ours.empty
+        peer.sendall(b"y" * 100)  # a full read leaves more behind: the next read takes it at once
+        async with asyncio.timeout(5):
+            assert await reader.recv(64) == b"y" * 64
+            assert await reader.recv(64) == b"y" * 36
+        peer.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(5):
+            assert await reader.recv(64) == b""
+        return counts
+    finally:
+        reader.close()
+        ours.close()
+        peer.close()
+
+
+def test_a_socket_reader_after_a_short_read_waits_for_readiness_instead_of_a_failing_recv() -> None:
+    import uvloop
+
+    # On uvloop (the CLI's and the agent's loop) only the first read of the ping-pong found nothing:
+    # after a short read the reader waited for readiness instead of trying a recv that would fail.
+    assert uvloop.run(_short_reads()) == (6, 1)
+    # The standard loop reports readiness once more after the read (a stale event): a read is tried then.
+    calls, empty = asyncio.run(_short_reads())
+    assert calls - empty == 5

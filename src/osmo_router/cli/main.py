@@ -17,7 +17,7 @@ from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.cli.limit_options import buffer_limit_options, connection_limit_options
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.migration_options import migration_options
-from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, prefers_uvloop, run_async
 from osmo_router.cli.resume_options import agent_resume_options
 from osmo_router.cli.session import session as session_commands
 from osmo_router.dial.config import DialConfig
@@ -324,7 +324,7 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         from osmo_router.agent.ws_backend import WsBackendConfig, serve_ws_session
 
         sys.exit(run_async(serve_ws_session(WsBackendConfig(agent=config, **ws))))
-    run_async(_run_agent(config))
+    run_async(_run_agent(config), prefer_uvloop=prefers_uvloop(dial.grpc_channel))
 
 
 async def _run_agent(config: AgentConfig) -> None:

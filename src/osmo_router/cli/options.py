@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from osmo_router.cli.durations import parse_bool, parse_duration
+from osmo_router.dial.config import NATIVE_CHANNEL
 
 T = TypeVar("T")
 
@@ -68,11 +69,13 @@ def bool_option_names(command: click.Command) -> list[str]:
 
 
 def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T:
-    """Run a coroutine on a fresh event loop; uvloop (when installed) if preferred or OSMO_UVLOOP=1.
+    """Run a coroutine on a fresh event loop: uvloop (when installed) if preferred, else the standard one.
 
-    `osmo-router serve` prefers uvloop: the router relays markedly more on it (docs/bench/NOTES.md).
-    The CLI and the agent stay on the standard loop unless OSMO_UVLOOP=1: an exec client on uvloop
-    crashed (SIGSEGV) now and then under load. OSMO_UVLOOP=0 turns uvloop off everywhere.
+    OSMO_UVLOOP=1 / OSMO_UVLOOP=0 override the preference either way. `osmo-router serve` prefers
+    uvloop (the router relays markedly more on it), and so do the CLI and the agent when they dial
+    with the native h2 channel (`prefers_uvloop`): uvloop takes about a quarter off their CPU per
+    message (docs/bench/NOTES.md, issue 18). On grpc.aio (`--grpc-channel grpcio`) they keep the
+    standard loop: an exec client on uvloop with grpc.aio crashed (SIGSEGV) now and then under load.
     """
     choice = os.environ.get("OSMO_UVLOOP", "")
     if choice == "1" or (prefer_uvloop and choice != "0"):
@@ -85,3 +88,8 @@ def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T
     import asyncio  # here: commands that never run a loop (`osmo-net-client rsync`) start faster
 
     return asyncio.run(coro)
+
+
+def prefers_uvloop(grpc_channel: str) -> bool:
+    """Whether a CLI or agent dialling with `grpc_channel` runs on uvloop by default (see `run_async`)."""
+    return grpc_channel == NATIVE_CHANNEL

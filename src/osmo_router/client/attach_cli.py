@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from osmo_router.cli.options import run_async
+from osmo_router.cli.options import prefers_uvloop, run_async
 from osmo_router.client.config import ClientConfig
 
 Decorator = Callable[[Any], Any]
@@ -41,7 +41,7 @@ def register(
         from osmo_router.client.attach import run_attach
 
         config = client_config(options)
-        sys.exit(run_async(run_attach(config, key, tty)))
+        sys.exit(run_async(run_attach(config, key, tty), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel)))
 
     @group.command(name="sessions")
     @session_options
@@ -51,7 +51,7 @@ def register(
         from osmo_router.client.attach import run_sessions
 
         config = client_config(options)
-        sys.exit(run_async(run_sessions(config, json_output)))
+        sys.exit(run_async(run_sessions(config, json_output), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel)))
 
 
 __all__ = ["register"]

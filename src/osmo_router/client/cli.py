@@ -15,7 +15,7 @@ import click
 
 from osmo_router import __version__
 from osmo_router.cli.logs import setup_logging
-from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, run_async
+from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, prefers_uvloop, run_async
 from osmo_router.client import attach_cli
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.options import dial_config, dial_options
@@ -125,6 +125,11 @@ def client_config(options: dict[str, Any]) -> ClientConfig:
     )
 
 
+def _uvloop(config: ClientConfig) -> bool:
+    """Whether this client runs on uvloop unless OSMO_UVLOOP says otherwise (cli/options.py run_async)."""
+    return prefers_uvloop(config.dial.grpc_channel)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="osmo-net-client")
 def main_group() -> None:
@@ -152,7 +157,7 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
 
     config = client_config(options)
     tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
-    sys.exit(run_async(run_exec(config, list(command), tty, detach=detach)))
+    sys.exit(run_async(run_exec(config, list(command), tty, detach=detach), prefer_uvloop=_uvloop(config)))
 
 
 @main_group.command(name="port-forward")
@@ -200,7 +205,8 @@ def port_forward_command(
                 addresses=list(addresses),
                 json_output=json_output,
                 reconnect=reconnect,
-            )
+            ),
+            prefer_uvloop=_uvloop(config),
         )
     )
 
@@ -273,7 +279,7 @@ def rsync_shell_command(remote_command: tuple[str, ...], **options: Any) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = client_config(options)
     tune_for_bulk()  # rsync's data moves in 1 MiB frames (memtune)
-    sys.exit(run_async(run_rsync_shell(config, list(remote_command))))
+    sys.exit(run_async(run_rsync_shell(config, list(remote_command)), prefer_uvloop=_uvloop(config)))
 
 
 attach_cli.register(main_group, _session_options, client_config)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The value of --grpc-channel for our asyncio HTTP/2 channel (the other is "grpcio", grpc.aio).
+NATIVE_CHANNEL = "native"
 #: The gRPC client the CLI and agent use unless told: our asyncio HTTP/2 channel (h2/channel.py), which
 #: costs 0.4-0.6x grpc.aio per message (docs/bench/NOTES.md, issue 18); `grpcio` stays selectable.
-DEFAULT_GRPC_CHANNEL = "native"
+DEFAULT_GRPC_CHANNEL = NATIVE_CHANNEL
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,12 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         As in grpc.aio: a call cancelled here raises CancelledError, and a read that is cancelled
         cancels the call.
         """
+        stream = self._stream
+        if stream is not None and self._status is None and not self._buffer and stream.more_queued():
+            message = None if self._read_lock.locked() else stream.read_nowait()
+            if message is not None:
+                # At hand, nobody else reading: nothing here waits, so no lock is needed (issue 18).
+                return self._deserialize(message)
         try:
             async with self._read_lock:
                 if self._buffer:

@@ -106,14 +106,24 @@ class SocketReader:
         self._unclaimed = False
         self._fionread = True
         self._count = bytearray(4)  # FIONREAD's answer (a C int)
+        self._emptied = False  # the last read took less than asked: the socket had no more then
 
     async def recv(self, size: int) -> bytes:
-        """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError."""
+        """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError.
+
+        After a read that took less than asked (the socket was emptied), the next one waits for
+        readiness first instead of trying a read that would fail: on a request/response stream that
+        is one system call and one exception less per message.
+        """
         while True:
-            try:
-                return self.sock.recv(size)
-            except (BlockingIOError, InterruptedError):
-                pass
+            if self._may_hold_more():
+                try:
+                    data = self.sock.recv(size)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                else:
+                    self._emptied = len(data) < size
+                    return data
             await self._readable()
 
     async def send_all(self, stream: SessionStream, size: int) -> None:
@@ -137,15 +147,22 @@ class SocketReader:
         the socket's bytes are read straight after the header.
         """
         while True:
-            try:
-                waiting = self._waiting()
-                if waiting:
-                    return self._read_message(min(waiting, size))
-                chunk = self.sock.recv(size)  # nothing waiting: EOF, an error, or bytes just arrived
-                return encode_data_message(chunk) if chunk else b""
-            except (BlockingIOError, InterruptedError):
-                pass
+            if self._may_hold_more():
+                try:
+                    waiting = self._waiting()
+                    if waiting:
+                        self._emptied = waiting < size
+                        return self._read_message(min(waiting, size))
+                    chunk = self.sock.recv(size)  # nothing waiting: EOF, an error, or bytes just arrived
+                    self._emptied = len(chunk) < size
+                    return encode_data_message(chunk) if chunk else b""
+                except (BlockingIOError, InterruptedError):
+                    pass
             await self._readable()
+
+    def _may_hold_more(self) -> bool:
+        """False when the last read emptied the socket and no readiness came since: wait before reading."""
+        return not (self._emptied and self._registered and not self._unclaimed)
 
     def _waiting(self) -> int:
         """Bytes the socket holds unread (0 where FIONREAD is not supported)."""
@@ -169,6 +186,7 @@ class SocketReader:
 
     async def _readable(self) -> None:
         """Until the socket may be read (staying registered for the next wait; see the class docstring)."""
+        self._emptied = False
         self._waiter = self._loop.create_future()
         self._unclaimed = False
         if not self._registered:

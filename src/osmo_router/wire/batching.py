@@ -66,6 +66,7 @@ class BatchingWriter:
         self._write = write
         self._try_write = try_write
         self._direct_held = False  # a direct write (or a drain) happened in this turn of the loop
+        self._loop: asyncio.AbstractEventLoop | None = None  # (get_running_loop is a getpid() per call)
         self._limit = limit
         self._backlog = backlog
         self._pending: deque[bytes | _Barrier] = deque()
@@ -131,7 +132,9 @@ class BatchingWriter:
     def _hold_direct(self) -> None:
         if not self._direct_held:
             self._direct_held = True
-            asyncio.get_running_loop().call_soon(self._release_direct)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._release_direct)
 
     def _release_direct(self) -> None:
         self._direct_held = False
