@@ -50,7 +50,7 @@ PER_SESSION = WINDOW + 3 * MESSAGE
 #: the allocator's rounding (the fixed baseline beyond the fresh RSS).
 BOUND = USER_BUDGET + SESSIONS * PER_SESSION + 8 * MIB
 #: Alice's echo p99 under the attack against her quiet p99 (issue 14: at most 2x).
-ECHO_P99_BOUND = 3.0
+ECHO_P99_BOUND = 2.0
 SAMPLES = 300  # echo round trips before and after the attack
 #: How long mallory's stalled commands live (they never read their input): past every check below.
 SLEEP = 150
@@ -60,7 +60,7 @@ RELEASE = 30.0
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Router, AgentProc, Signer]]:
+def setup(tmp_path: Path) -> Iterator[tuple[Router, Signer]]:
     signer = Signer.rs256()
     (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
     router = Router(
@@ -72,7 +72,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[Router, AgentProc, Signer]]:
     )
     agent = AgentProc(router.address, WF, "--token", signer.token("pod", workflows=[WF], role="agent"))
     try:
-        yield router, agent, signer
+        yield router, signer
     finally:
         agent.stop()
         router.stop()
@@ -174,12 +174,17 @@ def _wait_metric_at_least(router: Router, name: str, value: float, timeout: floa
     return seen
 
 
-def _wait_held(agent: AgentProc, count: int, timeout: float) -> int:
-    """Wait (bounded) until the agent logged `count` sessions whose router stream went away; how many."""
+def _wait_resets(router: Router, count: int, timeout: float) -> int:
+    """Wait (bounded) until the router reset `count` streams whose peer did not read; how many."""
     deadline = time.monotonic() + timeout
-    while (held := sum(r.get("event") == "held" for r in agent.events())) < count and time.monotonic() < deadline:
+    while (resets := _resets(router)) < count and time.monotonic() < deadline:
         time.sleep(0.1)
-    return held
+    return resets
+
+
+def _resets(router: Router) -> int:
+    """Streams the router reset, holding data, because their peer did not read after the call ended."""
+    return sum(r.get("event") == "stream_reset" and r.get("unsent_bytes", 0) > 0 for r in router.events())
 
 
 def _commands(cmdline: str) -> list[int]:
@@ -207,9 +212,9 @@ def _mallory_active(router: Router) -> tuple[float, float]:
 @pytest.mark.serial  # compares echo p99 with a quiet baseline: alone (scripts/test)
 @pytest.mark.timeout(240)
 def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another_users_echo(
-    setup: tuple[Router, AgentProc, Signer],
+    setup: tuple[Router, Signer],
 ) -> None:
-    router, agent, signer = setup
+    router, signer = setup
 
     def flags(user: str) -> list[str]:
         return ["--router-address", router.address, "--workflow-id", WF, "--tls=false", "--token",
@@ -233,14 +238,18 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
                 paired, active = _mallory_active(router)
                 if paired >= SESSIONS and active == 0:
                     break
-            assert _mallory_active(router) == (SESSIONS, 0), "her sessions did not all run, or outlived the limits"
+            state = _mallory_active(router)
+            # (A session the limits ended may be paired again by her client's resume: at least SESSIONS.)
+            assert state[0] >= SESSIONS and state[1] == 0, (
+                f"her sessions did not all run, or outlived the limits: {state}"
+            )
         peak = sampler.peak["router"]
         text = router.metrics_text()
         by_guard = metric_value(text, "router_grpc_memory_guard_sessions_total")
         by_timeout = metric_value(text, "router_grpc_flow_control_timeouts_total")
         # Her ended sessions' streams toward her commands, which never read, are reset by the router
-        # (the agent sees them go: it holds each session for a resume) while the commands still run.
-        resets = _wait_held(agent, STALLED, RELEASE)
+        # (and their last message dropped) while the commands still run.
+        resets = _wait_resets(router, STALLED, RELEASE)
         running = len(_commands(f"sleep {SLEEP}"))
         attacker.kill()
         attacker.wait()
