@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -135,10 +136,11 @@ class Trickle:
     """Mallory's trickle reader: `exec cat /dev/zero`, 4 KiB taken every half second, for ever."""
 
     def __init__(self, flags: list[str]) -> None:
+        self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             client_cmd("exec", *flags, "--", "sh", "-c", "exec cat /dev/zero"),
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._stderr,
             env=cli_env(),
         )
         self.taken = 0
@@ -153,12 +155,18 @@ class Trickle:
             if ready and (chunk := os.read(self.proc.stdout.fileno(), 4096)):
                 self.taken += len(chunk)
 
+    def stderr_tail(self) -> str:
+        """The last lines its CLI wrote to stderr (why it did not start, if it did not)."""
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-800:]
+
     def stop(self) -> None:
         """Kill the reader."""
         self._stop.set()
         self._thread.join(5)
         self.proc.kill()
         self.proc.wait()
+        self._stderr.close()
 
 
 def _attacker(router: Router, token: str) -> subprocess.Popen[bytes]:
@@ -250,7 +258,8 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
                     break
             state = _mallory_active(router)
             assert state[0] >= SESSIONS and state[1] == 0, (
-                f"her sessions did not all run, or outlived the limits: {state}; {_audit(router)}"
+                f"her sessions did not all run, or outlived the limits: {state}; {_audit(router)}; "
+                f"trickle stderr: {trickle.stderr_tail()}"
             )
         peak = sampler.peak["router"]
         text = router.metrics_text()
