@@ -147,8 +147,9 @@ class PeerChannels:
                 self._config.max_message_size, self._config.keepalive_time, self._config.keepalive_timeout
             ),
             # A replica that restarts comes back in seconds: don't wait out gRPC's long default backoff.
+            # (Not grpc.min_reconnect_backoff_ms: gRPC core makes it each connection attempt's time
+            # to receive SETTINGS, and 200 ms gives up on a busy replica; see dial/channel.py.)
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 2_000),
             # A channel dialled afresh after a failure must dial afresh: with the global subchannel
             # pool it would share the failed channel's subchannel, still backing off, and fail at once.
