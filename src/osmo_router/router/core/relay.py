@@ -78,8 +78,9 @@ async def relay_side(
 
     With `merge`, queued data frames are written to this side as one message; a side whose
     protocol gives each message a meaning of its own (the old WebSocket protocol) passes False.
-    A side that stops reading for `flow_control_timeout`, or that had data waiting for a whole such
-    period and took less than `min_drain_rate` bytes a second of it, ends the session.
+    A side that stops reading for `flow_control_timeout`, or that had data waiting for that long in
+    all (waits for data between writes not counted) and took less than `min_drain_rate` bytes a
+    second of it, ends the session.
     """
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
     reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
