@@ -50,10 +50,12 @@ async def grpc_throughput(args: argparse.Namespace) -> None:
     stop = time.perf_counter() + args.seconds
 
     async def send(pair: wire.Pair) -> None:
-        write = pair.client.write
+        # The client's side writes as the CLI's FrameStream does (wire/batching.py), unless --writer direct.
+        writer = wire.data_writer(pair.client, args.writer)
         while time.perf_counter() < stop:
             for _ in range(16):
-                await write(message)
+                await writer(message)
+        await wire.flush(writer)
         await wire.finish_client(pair.client)
 
     async def receive(pair: wire.Pair) -> None:
@@ -61,12 +63,14 @@ async def grpc_throughput(args: argparse.Namespace) -> None:
         last[0] = max(last[0], time.perf_counter())
         await wire.end_agent(pair.agent)
 
-    cpu0, start = relay_cpu(args), time.perf_counter()
+    cpu0, start, own0 = relay_cpu(args), time.perf_counter(), time.process_time()
     await asyncio.gather(*(send(p) for p in pairs), *(receive(p) for p in pairs))
     seconds = last[0] - start
     cpu = relay_cpu(args) - cpu0
+    own = time.process_time() - own0
     emit({"bytes": counted[0], "messages": counted[1], "seconds": seconds, "mbps": counted[0] / seconds / 1e6,
-          "cpu_s": cpu})  # fmt: skip
+          "cpu_s": cpu, "payload_per_message": counted[0] / max(counted[1], 1), "writer": args.writer,
+          "ends_cpu_s": own})  # fmt: skip
     await asyncio.gather(client_ch.close(), agent_ch.close())
 
 
@@ -74,9 +78,13 @@ async def grpc_echo(args: argparse.Namespace) -> None:
     """1-byte round trips client -> agent -> client through the router, one at a time."""
     client_ch, agent_ch = wire.open_channel(args.address), wire.open_channel(args.address)
     pair = await wire.open_pair(client_ch, agent_ch, args.workflow)
-    cpu0 = relay_cpu(args)
-    samples = await _timed(args.rounds, lambda: wire.echo(pair), warmup=50)
-    emit({"samples_us": samples, "cpu_s": relay_cpu(args) - cpu0, "round_trips": args.rounds + 50})
+    # Both ends write through the writer the CLI and the agent use (wire/batching.py) unless --writer direct.
+    writers = (wire.data_writer(pair.client, args.writer), wire.data_writer(pair.agent, args.writer))
+    cpu0, own0 = relay_cpu(args), time.process_time()
+    samples = await _timed(args.rounds, lambda: wire.echo(pair, writers=writers), warmup=50)
+    # ends_cpu_s: this process's CPU (the client's and the agent's ends of every round trip).
+    emit({"samples_us": samples, "cpu_s": relay_cpu(args) - cpu0, "round_trips": args.rounds + 50,
+          "ends_cpu_s": time.process_time() - own0})  # fmt: skip
     await wire.close_pair(pair)
     await asyncio.gather(client_ch.close(), agent_ch.close())
 
@@ -139,6 +147,12 @@ def main() -> None:
     parser.add_argument("--fresh-connection", action="store_true")
     parser.add_argument("--standby", type=int, default=2, help="rendezvous: the fake agent's standby streams")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument(
+        "--writer",
+        choices=["batch", "direct"],
+        default="batch",
+        help="gRPC data writes: through the edges' BatchingWriter as the CLI and agent (default), or one write each",
+    )
     parser.add_argument("--cpu-pid", type=int, default=0, help="report the CPU this process used while timed")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

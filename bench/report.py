@@ -148,6 +148,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# Benchmark results",
         "",
         f"`python -m bench.run{' --quick' if results['quick'] else ''}` on {m['date']}, commit {m['commit']}.",
+        *(f"Re-run since: {u['module']}, {u['note']}." for u in results.get("updated", [])),
         "",
         "| " + " | ".join(HEADER[:-1]) + " | Verdict |",
         "|" + "---|" * len(HEADER),

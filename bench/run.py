@@ -3,7 +3,9 @@
 Each `bench/bench_*.py` exposes `run(quick: bool) -> dict` (see bench/common.py for the figure
 format). Modules that are not there yet are skipped with a note; a module that fails is reported
 and the others still run. Results go to bench/results/ (results.json, RESULTS.md, chart.png);
-`--publish` copies RESULTS.md and chart.png to docs/bench/ for the README.
+`--publish` copies RESULTS.md and chart.png to docs/bench/ for the README; with `--only`, the
+modules run replace their rows in the published table and the others' rows stay (each re-run
+module's notes say when, at which commit and under which load it was measured).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from bench.common import ROOT
 from bench.machine import machine_info
 
 #: Every benchmark the suite knows of, in the order they run; more bench_*.py files are picked up too.
-KNOWN = ("bench_relay", "bench_exec", "bench_forward", "bench_rsync", "bench_scaleout", "bench_ws", "bench_grpc_vs_ws")
+KNOWN = ("bench_relay", "bench_exec", "bench_forward", "bench_rsync", "bench_scaleout", "bench_ws", "bench_grpc_vs_ws",
+         "bench_real_clients")  # fmt: skip
 RESULTS = ROOT / "bench" / "results"
 PUBLISHED = ROOT / "docs" / "bench"
 
@@ -75,7 +78,34 @@ def main(argv: list[str] | None = None) -> int:
         modules.append(run_module(name, args.quick))
     info["load_average_end"] = machine_info()["load_average_start"]
     results = {"machine": info, "quick": args.quick, "modules": modules}
+    if args.publish and wanted and (PUBLISHED / "results.json").exists():
+        results = merge(json.loads((PUBLISHED / "results.json").read_text()), results)
     return _write(results, args.publish)
+
+
+def merge(published: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """The published results with the modules of a partial run (`--only`) replaced or added.
+
+    The table keeps the published run's header (machine, date, commit); each fresh module gets a
+    note with its own date, commit and load, since they differ from the rest of the table's.
+    """
+    m = fresh["machine"]
+    stamp = (
+        f"measured {m['date']}, commit {m['commit']}{' (--quick)' if fresh['quick'] else ''}, "
+        f"load average {m['load_average_start']} at start, {m.get('load_average_end')} at end"
+    )
+    modules = list(published["modules"])
+    for module in fresh["modules"]:
+        module = {**module, "notes": [stamp, *module.get("notes", [])]}
+        names = [old["module"] for old in modules]
+        if module["module"] in names:
+            modules[names.index(module["module"])] = module
+        else:
+            modules.append(module)
+    fresh_names = {module["module"] for module in fresh["modules"]}
+    updated = [entry for entry in published.get("updated", []) if entry["module"] not in fresh_names]
+    updated += [{"module": module["module"], "note": stamp} for module in fresh["modules"]]
+    return {**published, "modules": modules, "updated": updated}
 
 
 def _write(results: dict[str, Any], publish: bool) -> int:

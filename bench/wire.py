@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
+from osmo_router.wire.batching import BatchingWriter
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, payload_offset
 from osmo_router.wire.codec import encode_data_message as data_message
 from osmo_router.wire.protocol import channel_options, pb
@@ -30,8 +32,20 @@ WAIT = 30.0
 TLS_CA_ENV = "OSMO_BENCH_TLS_CA"
 
 
+#: "grpcio" or "native" (h2/channel.py) in this variable picks the load generator's channel; unset, it is
+#: the CLI's and agent's default (dial/config.py DEFAULT_GRPC_CHANNEL), so the figures are what users get.
+CHANNEL_ENV = "OSMO_BENCH_CHANNEL"
+
+
 def open_channel(address: str) -> grpc.aio.Channel:
     """A channel with a connection of its own (no subchannel shared with other channels)."""
+    from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig
+
+    if os.environ.get(CHANNEL_ENV, DEFAULT_GRPC_CHANNEL) == "native":
+        from osmo_router.dial.channel import open_channel as dial
+
+        ca = os.environ.get(TLS_CA_ENV)
+        return dial(DialConfig(address=address, tls=bool(ca), tls_ca=ca or None, grpc_channel="native"))
     options: list[tuple[str, Any]] = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
     ca = os.environ.get(TLS_CA_ENV)
     if ca:
@@ -98,13 +112,36 @@ async def open_pair(client_channel: grpc.aio.Channel, agent_channel: grpc.aio.Ch
     return Pair(client, agent, key)
 
 
-async def echo(pair: Pair, message: bytes = data_message(b"x")) -> None:
-    """One round trip: client -> agent, agent echoes it back -> client."""
-    await pair.client.write(message)
+#: Writes one data-frame message to a call (returns once it is queued or written).
+DataWrite = Callable[[bytes], Awaitable[None]]
+
+
+def data_writer(call: Any, kind: str = "batch") -> DataWrite:
+    """How the load generator writes data frames to `call`: "batch" through the BatchingWriter the
+    CLI's and the agent's FrameStream use (wire/batching.py), "direct" one awaited call.write each."""
+    if kind == "direct":
+        return cast(DataWrite, call.write)
+    return BatchingWriter(call.write, try_write=getattr(call, "try_write", None)).write_data
+
+
+async def flush(write: DataWrite) -> None:
+    """Wait until everything a `data_writer` queued was written."""
+    owner = getattr(write, "__self__", None)
+    if isinstance(owner, BatchingWriter):
+        async with asyncio.timeout(WAIT):
+            await owner.flush()
+
+
+async def echo(
+    pair: Pair, message: bytes = data_message(b"x"), writers: tuple[DataWrite, DataWrite] | None = None
+) -> None:
+    """One round trip: client -> agent, agent echoes it back -> client (through `writers` if given)."""
+    to_agent, to_client = writers or (pair.client.write, pair.agent.write)
+    await to_agent(message)
     got = await read(pair.agent)
     if got != message:
         raise RuntimeError(f"agent got {got!r}")
-    await pair.agent.write(got)
+    await to_client(got)
     back = await read(pair.client)
     if back != message:
         raise RuntimeError(f"client got {back!r}")

@@ -27,6 +27,9 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OSMO_") and "proxy" not in k.lower()}
     env["PYTHONPATH"] = str(ROOT / "src")
     env["PYTHONUNBUFFERED"] = "1"
+    # TEST_GRPC_CHANNEL=native runs every spawned client and agent on the h2 channel (issue 18).
+    if os.environ.get("TEST_GRPC_CHANNEL"):
+        env["OSMO_GRPC_CHANNEL"] = os.environ["TEST_GRPC_CHANNEL"]
     env.update(extra or {})
     return env
 

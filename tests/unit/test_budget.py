@@ -22,10 +22,74 @@ async def test_queues_of_one_budget_wait_for_each_other_and_resume_as_it_drains(
     await second.put(b"b" * 20)  # the budget is full now
     blocked = asyncio.create_task(second.put(b"c" * 10))
     await asyncio.sleep(0)
-    assert not blocked.done() and budget.used == 100
+    assert not blocked.done() and budget.used == 100 and budget.held == 10
     assert first.poll() == b"a" * 80  # another queue of the budget drains: room for the waiter
     await asyncio.wait_for(blocked, 1)
-    assert budget.used == 30
+    assert (budget.used, budget.held) == (30, 0)
+
+
+@pytest.mark.asyncio
+async def test_the_message_a_reader_holds_at_a_full_queue_counts_in_the_budget() -> None:
+    # Issue 14: the message a reader holds while its queue is full is in memory all the same; other
+    # queues of the budget must see it, or a user holds a budget plus one message per session.
+    budget = ByteBudget(100)
+    full, other = FlowQueue(1), FlowQueue(16)
+    for queue in (full, other):
+        queue.use_budgets((budget,))
+    await full.put(b"a" * 10)
+    held = asyncio.create_task(full.put(b"b" * 40))  # its queue holds its one message: it waits
+    await asyncio.sleep(0)
+    assert not held.done() and (budget.used, budget.held, budget.counted) == (10, 40, 50)
+    blocked = asyncio.create_task(other.put(b"c" * 60))  # 10 queued + 40 held + 60 > 100
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    assert full.poll() == b"a" * 10  # the held message is queued (held -> used), then 40 + 60 fits
+    await asyncio.wait_for(asyncio.gather(held, blocked), 1)
+    assert (budget.used, budget.held) == (100, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_held_message_is_given_back_when_its_queue_fails_or_ends() -> None:
+    budget = ByteBudget(100)
+    queue = FlowQueue(1)
+    queue.use_budgets((budget,))
+    await queue.put(b"a")
+    held = asyncio.create_task(queue.put(b"b" * 50))
+    await asyncio.sleep(0)
+    assert budget.held == 50
+    queue.fail(Cancelled("gone"))
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(held, 1)
+    assert (budget.used, budget.held) == (0, 0)
+    ended = FlowQueue(1)
+    ended.use_budgets((budget,))
+    await ended.put(b"a")
+    held = asyncio.create_task(ended.put(b"b" * 50))
+    await asyncio.sleep(0)
+    ended.end(drop=True)
+    await asyncio.wait_for(held, 1)
+    assert (budget.used, budget.held) == (0, 0)
+
+
+@pytest.mark.asyncio
+async def test_readers_that_all_hold_messages_still_go_through_in_turn() -> None:
+    # Held bytes count against other takers, but never block a taker while nothing is queued:
+    # two readers each holding more than half the budget must not wait for each other forever.
+    budget = ByteBudget(100)
+    first, second, third = FlowQueue(16), FlowQueue(16), FlowQueue(16)
+    for queue in (first, second, third):
+        queue.use_budgets((budget,))
+    await third.put(b"z" * 50)
+    a = asyncio.create_task(first.put(b"a" * 60))
+    b = asyncio.create_task(second.put(b"b" * 60))
+    await asyncio.sleep(0)
+    assert not a.done() and not b.done() and budget.held == 120
+    third.poll()
+    done, _ = await asyncio.wait((a, b), timeout=1, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1 and budget.used == 60
+    (first if a in done else second).poll()
+    await asyncio.wait_for(asyncio.gather(a, b), 1)
+    assert (budget.used, budget.held) == (60, 0)
 
 
 @pytest.mark.asyncio

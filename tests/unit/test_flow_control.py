@@ -116,3 +116,64 @@ async def test_one_message_larger_than_the_byte_bound_still_passes_alone() -> No
     assert q.poll() == b"a" * 50
     await asyncio.wait_for(blocked, 1)
     assert q.queued_bytes == 1
+
+
+class _Sink:
+    def __init__(self, accept: bool = True) -> None:
+        self.accept = accept
+        self.got: list[bytes] = []
+
+    def __call__(self, item: bytes) -> bool:
+        if self.accept:
+            self.got.append(item)
+        return self.accept
+
+
+async def test_a_waiting_consumer_gets_items_through_its_sink_without_a_wake_up() -> None:
+    queue = FlowQueue(4)
+    sink = _Sink()
+    queue.set_sink(sink)
+    waiting = queue.readable()
+    await queue.put(b"a", more=False)
+    assert sink.got == [b"a"] and not waiting.done() and len(queue) == 0
+    await queue.put(b"b")  # more behind it: queued, so the consumer can merge the burst
+    assert sink.got == [b"a"] and waiting.done() and queue.poll() == b"b"
+
+
+async def test_the_sink_is_skipped_while_the_consumer_is_busy_or_items_are_queued() -> None:
+    queue = FlowQueue(4)
+    sink = _Sink()
+    queue.set_sink(sink)
+    await queue.put(b"1", more=False)  # nobody waits in readable(): the consumer may be writing
+    assert sink.got == [] and len(queue) == 1
+    queue.readable()  # (completes at once: an item is queued)
+    await queue.put(b"2", more=False)
+    assert sink.got == [] and [queue.poll(), queue.poll()] == [b"1", b"2"]  # order kept
+    refusing = _Sink(accept=False)
+    queue.set_sink(refusing)
+    waiting = queue.readable()
+    await queue.put(b"3", more=False)  # the sink could not send it: queued and the consumer woken
+    assert waiting.done() and queue.poll() == b"3"
+    queue.set_sink(None)
+    waiting = queue.readable()
+    await queue.put(b"4", more=False)
+    assert waiting.done() and queue.poll() == b"4"
+
+
+async def test_the_sink_respects_a_spent_budget() -> None:
+    from osmo_router.router.core.budget import ByteBudget
+
+    shared = ByteBudget(10)
+    other, queue = FlowQueue(4), FlowQueue(4)
+    other.use_budgets((shared,))
+    queue.use_budgets((shared,))
+    await other.put(b"x" * 8)
+    sink = _Sink()
+    queue.set_sink(sink)
+    waiting = queue.readable()
+    blocked = asyncio.create_task(queue.put(b"y" * 5, more=False))  # 8 + 5 > 10: waits, as before
+    await asyncio.sleep(0)
+    assert not blocked.done() and sink.got == []
+    assert other.poll() == b"x" * 8
+    await asyncio.wait_for(blocked, 5)
+    assert waiting.done() and queue.poll() == b"y" * 5

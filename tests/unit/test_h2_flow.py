@@ -162,9 +162,11 @@ async def test_a_message_over_the_limit_is_resource_exhausted(pair: Pair) -> Non
     async with asyncio.timeout(5):
         stream = await pair.client.open_stream(REQUEST)
         await pair.streams.get()
-        with pytest.raises(StreamReset):
-            await stream.write(b"x" * 1001)
-            await stream.read()
+        await stream.write(b"x" * 1001)
+        # Trailers-only RESOURCE_EXHAUSTED, then RST_STREAM NO_ERROR: the client keeps the complete
+        # response readable (RFC 9113 8.1) and reads its end instead of a reset.
+        assert await stream.read() is None
+        assert stream.trailers is not None and stream.closed_out
         assert status_of(stream.headers) == (8, "received message larger than max (1001 vs. 1000)")
 
 
@@ -195,3 +197,32 @@ async def test_a_rapid_reset_flood_ends_the_connection(pair: Pair) -> None:
         await pair.client.wait_closed()
     assert pair.client.closed
     assert pair.streams.qsize() <= 110  # the server stopped taking streams near the limit
+
+
+@pytest.mark.asyncio
+async def test_try_write_sends_at_once_only_while_nothing_stands_in_the_way(pair: Pair) -> None:
+    window = 256 * 1024
+    async with asyncio.timeout(10):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        assert not served.try_write(b"early")  # no response headers yet: the slow path sends them
+        served.send_headers([(":status", "200"), ("content-type", "application/grpc")])
+        assert served.try_write(b"one") and served.try_write(b"")
+        assert await stream.read() == b"one" and await stream.read() == b""
+        # The client reads nothing more: fill its window, then try_write must refuse (never queue).
+        big = b"b" * (window // 4)
+        sent = 0
+        while served.try_write(big):
+            sent += 1
+        assert sent == 3 and served.unsent == 0  # 4 would overrun the window with the prefixes
+        writer = asyncio.create_task(served.write(big))  # the slow path queues and waits
+        await asyncio.sleep(0)
+        assert served.unsent > 0 and not served.try_write(b"x")  # nothing jumps the queue
+        for _ in range(4):
+            assert await stream.read() == big
+        await writer
+        assert served.try_write(b"after")
+        assert await stream.read() == b"after"
+        served.end(status_trailers(0))
+        assert not served.try_write(b"late")
+        assert await stream.read() is None

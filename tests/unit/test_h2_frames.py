@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from osmo_router.h2 import frames as fr
@@ -67,3 +69,40 @@ def test_settings_values_are_checked() -> None:
     bad = fr.encode_settings({fr.SETTINGS_MAX_FRAME_SIZE: 100})
     with pytest.raises(fr.ProtocolError):
         fr.decode_settings(next(fr.FrameParser().feed(bad)).payload)
+
+
+def _parse_chunks(chunks: list[bytes | bytearray]) -> list[tuple[int, int, int, bytes, int]]:
+    parser = fr.FrameParser()
+    out: list[tuple[int, int, int, bytes, int]] = []
+    for chunk in chunks:
+        out.extend((f.kind, f.flags, f.stream_id, bytes(f.payload), f.flow) for f in parser.feed(chunk))
+    return out
+
+
+def test_frames_split_anywhere_parse_the_same_as_whole() -> None:
+    # feed parses a chunk in place when nothing is left over and buffers otherwise: both must agree.
+    rng = random.Random(1)
+    frames = []
+    for _ in range(300):
+        kind = rng.choice([fr.DATA, fr.DATA, fr.PING, fr.WINDOW_UPDATE])
+        if kind == fr.DATA:
+            body = rng.randbytes(rng.randint(0, 300))
+            stream_id = 1 + 2 * rng.randint(0, 3)
+            if rng.random() < 0.3:
+                pad = rng.randint(0, 10)
+                frames.append(fr.encode(kind, fr.PADDED, stream_id, bytes([pad]) + body + b"\0" * pad))
+            else:
+                frames.append(fr.encode(kind, 0, stream_id, body))
+        elif kind == fr.PING:
+            frames.append(fr.encode(kind, 0, 0, b"12345678"))
+        else:
+            frames.append(fr.encode(kind, 0, 1, (5).to_bytes(4, "big")))
+    blob = b"".join(frames)
+    whole = _parse_chunks([blob])
+    assert len(whole) == 300
+    for trial in range(200):
+        cuts = sorted(rng.sample(range(1, len(blob)), rng.randint(1, 80)))
+        chunks: list[bytes | bytearray] = [blob[a:b] for a, b in zip([0, *cuts], [*cuts, len(blob)], strict=True)]
+        if trial % 2:
+            chunks = [bytearray(c) if rng.random() < 0.3 else c for c in chunks]
+        assert _parse_chunks(chunks) == whole

@@ -178,6 +178,8 @@ def test_the_token_travels_in_the_environment_not_the_command_line() -> None:
     env = shell_env(config, {"OSMO_TOKEN": "stale", "OSMO_TLS_CA": "/stale", "HOME": "/h"})
     assert env["OSMO_TOKEN"] == "s3cret" and env["OSMO_TLS"] == "false" and env["OSMO_WORKFLOW_ID"] == "wf"
     assert "OSMO_TLS_CA" not in env and env["HOME"] == "/h"
+    native = ClientConfig(dial=DialConfig(address="r:1", grpc_channel="native"), workflow_id="wf")
+    assert shell_env(native, {})["OSMO_GRPC_CHANNEL"] == "native"  # the remote shell dials as the command does
 
 
 def test_posixly_correct_makes_everything_after_the_first_path_a_path(

@@ -25,7 +25,15 @@ import grpc
 
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay, agent_budget
-from osmo_router.io.forwarding import WATCH_PORT, drain, is_resumable, reset_socket, retrieve, shutdown_quietly
+from osmo_router.io.forwarding import (
+    WATCH_PORT,
+    SocketReader,
+    drain,
+    is_resumable,
+    reset_socket,
+    retrieve,
+    shutdown_quietly,
+)
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
@@ -225,14 +233,17 @@ class TcpRelay:
 
     async def _from_target(self) -> None:
         """Target bytes to data frames; a half-close at the target's EOF (after an Error on a reset)."""
+        reader = SocketReader(self.sock)
         try:
             try:
-                while chunk := await self.loop.sock_recv(self.sock, BULK_CHUNK_SIZE):
+                while chunk := await reader.recv(BULK_CHUNK_SIZE):
                     await self.stream.send_data(chunk)
                 self.target_eof = True
             except OSError as err:
                 await self._report(f"{self.where} reset the connection ({err.strerror or err})")
                 self.client_done.set()
+            finally:
+                reader.close()
             await self.stream.send(half_close_frame())
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the session is gone; the reader sees it too

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from osmo_router.cli.options import DURATION
+from osmo_router.h2.config import DEFAULT_STREAM_WINDOW
 
 
 def connection_limit_options(f: Any) -> Any:
@@ -65,7 +66,7 @@ def connection_limit_options(f: Any) -> Any:
         click.option(
             "--stream-window-bytes",
             type=int,
-            default=2 * 1024 * 1024,
+            default=DEFAULT_STREAM_WINDOW,
             show_default=True,
             help="gRPC port, native server: each stream's HTTP/2 receive window, given back as the router reads; "
             "a stream whose data the router cannot pass on holds at most this (plus one message).",

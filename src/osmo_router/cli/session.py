@@ -75,48 +75,62 @@ def created_session(options: dict[str, Any], command: tuple[str, ...]) -> cpb.Cr
     return session
 
 
+#: Seconds one control call may take.
+CALL_TIMEOUT = 30.0
+
+#: What `session create` takes beyond the dial flags.
+CREATE_OPTIONS = (
+    click.option("--workflow-id", required=True, help="The workflow's id, as its backends name it."),
+    click.option("--alias", multiple=True, help="Another name of the workflow a user may type (repeatable)."),
+    click.option("--task", default="", help="The task (default: any agent of the workflow)."),
+    click.option("--operation", type=click.Choice(sorted(OPERATIONS)), required=True),
+    click.option("--session-key", default=None, help="The key (default: the router makes one)."),
+    click.option("--ttl", type=DURATION, default=None, help="How long it may wait unused (default: the router's)."),
+    click.option("--tty", is_flag=True, help="exec: run the command in a terminal."),
+    click.option("--port", type=click.IntRange(1, 65535), default=None, help="portforward: the port in the container."),
+    click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True),
+    click.option("--module", default="osmo", show_default=True, help="rsync: the module the client names."),
+    click.option("--path", default=None, help="rsync: the directory in the container the module serves."),
+    click.option("--read-only", is_flag=True, help="rsync: the module may not be written to."),
+    click.argument("command", nargs=-1),
+)
+
+
 @click.group()
 def session() -> None:
     """Create, read and terminate sessions ahead of time (RouterControlService; a service token)."""
 
 
-@session.command()
-@dial_options
-@click.option("--workflow-id", required=True, help="The workflow's id, as its backends name it.")
-@click.option("--alias", multiple=True, help="Another name of the workflow a user may type (repeatable).")
-@click.option("--task", default="", help="The task (default: any agent of the workflow).")
-@click.option("--operation", type=click.Choice(sorted(OPERATIONS)), required=True)
-@click.option("--session-key", default=None, help="The key (default: the router makes one).")
-@click.option("--ttl", type=DURATION, default=None, help="How long it may wait unused (default: the router's).")
-@click.option("--tty", is_flag=True, help="exec: run the command in a terminal.")
-@click.option("--port", type=click.IntRange(1, 65535), default=None, help="portforward: the port in the container.")
-@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
-@click.option("--module", default="osmo", show_default=True, help="rsync: the module the client names.")
-@click.option("--path", default=None, help="rsync: the directory in the container the module serves.")
-@click.option("--read-only", is_flag=True, help="rsync: the module may not be written to.")
-@click.argument("command", nargs=-1)
+def _control_command(*params: Callable[[Any], Any]) -> Callable[[Callable[..., None]], click.Command]:
+    """A `session` subcommand: the dial flags, then `params` (click options and arguments) in order."""
+
+    def make(func: Callable[..., None]) -> click.Command:
+        for param in reversed(params):
+            func = param(func)
+        return session.command()(dial_options(func))
+
+    return make
+
+
+def _send(options: dict[str, Any], rpc: str, request: Message) -> None:
+    """Call RouterControlService.`rpc` with `request` on the router the dial flags name."""
+    dial = dial_config(options)
+    _call(dial, lambda stub: getattr(stub, rpc)(request, metadata=dial.metadata(), timeout=CALL_TIMEOUT))
+
+
+@_control_command(*CREATE_OPTIONS)
 def create(command: tuple[str, ...], **options: Any) -> None:
     """Create a session; COMMAND (after --) is an exec session's command."""
-    dial = dial_config(options)
-    request = cpb.CreateSessionRequest(session=created_session(options, command))
-    _call(dial, lambda stub: stub.CreateSession(request, metadata=dial.metadata(), timeout=30))
+    _send(options, "CreateSession", cpb.CreateSessionRequest(session=created_session(options, command)))
 
 
-@session.command()
-@dial_options
-@click.argument("key")
+@_control_command(click.argument("key"))
 def get(key: str, **options: Any) -> None:
     """What the router holds for the created session KEY."""
-    dial = dial_config(options)
-    request = cpb.GetSessionRequest(session_key=key)
-    _call(dial, lambda stub: stub.GetSession(request, metadata=dial.metadata(), timeout=30))
+    _send(options, "GetSession", cpb.GetSessionRequest(session_key=key))
 
 
-@session.command()
-@dial_options
-@click.argument("key")
+@_control_command(click.argument("key"))
 def terminate(key: str, **options: Any) -> None:
     """Forget the created session KEY and end what runs on it."""
-    dial = dial_config(options)
-    request = cpb.TerminateSessionRequest(session_key=key)
-    _call(dial, lambda stub: stub.TerminateSession(request, metadata=dial.metadata(), timeout=30))
+    _send(options, "TerminateSession", cpb.TerminateSessionRequest(session_key=key))

@@ -31,7 +31,7 @@ import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
-from osmo_router.io.forwarding import reset_socket, shutdown_quietly
+from osmo_router.io.forwarding import SocketReader, reset_socket, shutdown_quietly
 from osmo_router.resume.stream import BREAKS, ResumableStream
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
@@ -199,8 +199,9 @@ class ConnectionRelay:
             await give_up(self.stream, "the local application reset the connection")
 
     async def _local_to_remote(self) -> None:
+        reader = SocketReader(self.conn)
         try:
-            while chunk := await self.loop.sock_recv(self.conn, BULK_CHUNK_SIZE):
+            while chunk := await reader.recv(BULK_CHUNK_SIZE):
                 await self.stream.send_data(chunk)
             await self.stream.send(half_close_frame())
             await self.stream.close()
@@ -208,6 +209,8 @@ class ConnectionRelay:
             await self._abort()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the session is over; the downstream pump reports why
+        finally:
+            reader.close()
 
     async def _remote_to_local(self) -> bool:
         """Deliver the agent's frames; True if the stream ended cleanly (no error, no Error frame)."""

@@ -138,6 +138,7 @@ class ResumingStream(ResumableStream):
                 await inner.close()
             except BREAKS as err:
                 log.info("the stream broke while detaching: %s", err)
+        await _until_ended(inner, settle)
         self._lose(SessionLost("detached", grpc.StatusCode.OK))
         return True
 
@@ -330,6 +331,22 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
     stream.session_key = key
     stream.start()
     return stream
+
+
+async def _until_ended(inner: SessionStream, timeout: float) -> None:
+    """Wait (bounded) until the router ended a call whose last frames were a Detach and our end.
+
+    Cancelling it at once would reset the stream, and a server drops what it received and has
+    not read yet: the Detach would be lost and the session taken for a broken one.
+    """
+    call = getattr(inner, "call", None)
+    if call is None:
+        return
+    try:
+        async with asyncio.timeout(timeout):
+            await call.code()
+    except (TimeoutError, *BREAKS):
+        pass
 
 
 __all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "can_resume", "open_attach", "open_stream", "reopener", "say"]

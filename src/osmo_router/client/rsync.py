@@ -55,6 +55,7 @@ SHELL_ENV = (
     "OSMO_TLS_CERT",
     "OSMO_TLS_KEY",
     "OSMO_TLS_SERVER_NAME",
+    "OSMO_GRPC_CHANNEL",
     "OSMO_TRANSPORT",
     "OSMO_WS_ADDRESS",
     "OSMO_GRPC_PERCENT",
@@ -146,6 +147,7 @@ def shell_env(config: ClientConfig, base: dict[str, str] | None = None) -> dict[
         "OSMO_TLS_CERT": _absolute(dial.tls_cert),
         "OSMO_TLS_KEY": _absolute(dial.tls_key),
         "OSMO_TLS_SERVER_NAME": dial.tls_server_name,
+        "OSMO_GRPC_CHANNEL": dial.grpc_channel,
         # Decided once by `run_rsync` (probe and fallback included), so the remote shell does not redo it.
         "OSMO_TRANSPORT": config.transport or "grpc",
         "OSMO_WS_ADDRESS": config.ws_address,

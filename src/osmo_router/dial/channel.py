@@ -24,7 +24,10 @@ def open_channel(dial: DialConfig) -> grpc.aio.Channel:
     """A grpc.aio channel to the router (TLS verified against the system store or --tls-ca).
 
     `dial.address` is one address: callers that accept a list (`DialConfig.addresses`) dial each.
+    With `dial.grpc_channel == "native"` it is the asyncio HTTP/2 channel (h2/channel.py), same API.
     """
+    if dial.grpc_channel == "native":
+        return _native_channel(dial)
     options: list[tuple[str, int | str]] = [
         *channel_options(),
         # A router that restarts (or a replica taking over) is back in seconds: a resuming session
@@ -48,3 +51,16 @@ def open_channel(dial: DialConfig) -> grpc.aio.Channel:
         certificate_chain=_read(dial.tls_cert),
     )
     return grpc.aio.secure_channel(dial.address, credentials, options=options)
+
+
+def _native_channel(dial: DialConfig) -> grpc.aio.Channel:
+    """The h2 channel: the same TLS, keepalive and message limits as the grpc.aio one."""
+    from osmo_router.h2.channel import Channel, client_ssl_context
+    from osmo_router.h2.config import H2Config
+    from osmo_router.wire.protocol import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT, MAX_MESSAGE_SIZE
+
+    config = H2Config(
+        max_message_size=MAX_MESSAGE_SIZE, keepalive_time=KEEPALIVE_TIME, keepalive_timeout=KEEPALIVE_TIMEOUT
+    )
+    context = client_ssl_context(dial.tls_ca, dial.tls_cert, dial.tls_key) if dial.tls else None
+    return Channel(dial.address, ssl=context, server_name=dial.tls_server_name, config=config)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: The gRPC client the CLI and agent use unless told: our asyncio HTTP/2 channel (h2/channel.py), which
+#: costs 0.4-0.6x grpc.aio per message (docs/bench/NOTES.md, issue 18); `grpcio` stays selectable.
+DEFAULT_GRPC_CHANNEL = "native"
+
 
 @dataclass(frozen=True)
 class DialConfig:
@@ -23,6 +27,8 @@ class DialConfig:
     #: A file holding the token, read at every call: a renewed token is used from the next call on.
     token_file: str | None = None
     cookie: str | None = None
+    #: The gRPC channel implementation: "grpcio" (grpc.aio) or "native" (osmo_router.h2.channel, issue 18).
+    grpc_channel: str = DEFAULT_GRPC_CHANNEL
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the bearer token and the load-balancer cookie."""

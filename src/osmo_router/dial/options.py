@@ -6,7 +6,10 @@ from typing import Any
 
 import click
 
-from osmo_router.dial.config import DialConfig
+from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig
+
+#: The values of --grpc-channel.
+GRPC_CHANNELS = ("grpcio", "native")
 
 
 def dial_options(f: Any) -> Any:
@@ -47,6 +50,15 @@ def dial_options(f: Any) -> Any:
                 help="File holding the bearer token, read at every call, so a renewed token is picked up "
                 "[env OSMO_TOKEN_FILE]; --token is the fallback when it cannot be read.",
             ),
+            click.option(
+                "--grpc-channel",
+                type=click.Choice(GRPC_CHANNELS),
+                default=DEFAULT_GRPC_CHANNEL,
+                show_default=True,
+                envvar="OSMO_GRPC_CHANNEL",
+                help="gRPC client implementation: grpcio (grpc.aio) or native (asyncio HTTP/2, cheaper per "
+                "message) [env OSMO_GRPC_CHANNEL].",
+            ),
         ]
     ):
         f = decorator(f)
@@ -65,4 +77,5 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
         token=options.pop("token"),
         token_file=options.pop("token_file", None),
         cookie=options.pop("cookie", None),
+        grpc_channel=options.pop("grpc_channel", None) or DEFAULT_GRPC_CHANNEL,
     )

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 #: Per-stream receive window: what a stream whose reader stalls can make us hold (plus one message).
 DEFAULT_STREAM_WINDOW = 2 * 1024 * 1024
+#: Receive window for a whole connection, given back on receipt (so one stalled stream blocks no other).
+DEFAULT_CONNECTION_WINDOW = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,7 @@ class H2Config:
     #: Our receive window per stream (SETTINGS_INITIAL_WINDOW_SIZE), given back as messages are read.
     stream_window: int = DEFAULT_STREAM_WINDOW
     #: Our receive window for the whole connection, given back on receipt.
-    connection_window: int = 64 * 1024 * 1024
+    connection_window: int = DEFAULT_CONNECTION_WINDOW
     #: Largest frame we accept (SETTINGS_MAX_FRAME_SIZE): big frames cost the peer fewer writes.
     max_frame_size: int = 1024 * 1024
     max_header_list_size: int = 64 * 1024

@@ -87,6 +87,17 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
         data = self._serializer(message) if self._serializer is not None else message
         await self._stream.write(data)
 
+    def more_queued(self) -> bool:
+        """Whether another request has already arrived (the next `read` returns without waiting for one)."""
+        return self._stream.more_queued()
+
+    def try_write(self, message: bytes) -> bool:
+        """Send one encoded response at once if it can all go out now (headers sent, no serializer,
+        nothing queued, windows open); False with nothing done otherwise (then use `write`)."""
+        if self._serializer is not None:
+            return False
+        return self._stream.try_write(message)
+
     async def send_initial_metadata(self, initial_metadata: Sequence[tuple[str, str | bytes]]) -> None:
         """Send the response headers now, with this metadata."""
         self._ensure_headers(initial_metadata)

@@ -40,6 +40,7 @@ MAX_WINDOW = 2**31 - 1
 MAX_FRAME_LIMIT = 2**24 - 1
 
 _HEADER = struct.Struct(">IBI")  # length (24 bits) and type in one word, flags, stream id
+_DATA_MESSAGE = struct.Struct(">IBIBI")  # a DATA frame header, then a gRPC message prefix
 _SETTING = struct.Struct(">HI")
 
 
@@ -90,6 +91,12 @@ def encode(kind: int, flags: int, stream_id: int, payload: bytes | bytearray | m
 def header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
     """A frame's 9-byte header alone, for a payload written separately (no copy of a large DATA payload)."""
     return _HEADER.pack(length << 8 | kind, flags, stream_id)
+
+
+def data_message_prefix(stream_id: int, message_length: int) -> bytes:
+    """The header of a DATA frame carrying exactly one uncompressed gRPC message, with the message's
+    5-byte prefix: the 14 bytes to write before the message itself."""
+    return _DATA_MESSAGE.pack((message_length + 5) << 8 | DATA, 0, stream_id, 0, message_length)
 
 
 def encode_settings(settings: dict[int, int]) -> bytes:
@@ -161,27 +168,43 @@ class FrameParser:
         if self._pos:
             del buf[: self._pos]
             self._pos = 0
-        buf += data
-        size = len(buf)
-        view = memoryview(buf)
+        if buf or not isinstance(data, bytes):
+            buf += data
+            yield from self._frames(buf, True)
+        else:
+            # Nothing left over (the usual case): parse the received bytes where they are, no copy;
+            # only an incomplete frame at the end is kept.
+            yield from self._frames(data, False)
+
+    def _frames(self, src: bytes | bytearray, buffered: bool) -> Iterator[Frame]:
+        size = len(src)
+        view = memoryview(src)
+        pos = self._pos
         try:
-            while size - self._pos >= 9:
-                word, flags, stream_id = _HEADER.unpack_from(buf, self._pos)
+            while size - pos >= 9:
+                word, flags, stream_id = _HEADER.unpack_from(src, pos)
                 length, kind = word >> 8, word & 0xFF
                 if length > self.max_frame_size:
                     raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
-                end = self._pos + 9 + length
+                end = pos + 9 + length
                 if end > size:
                     break
-                payload = view[self._pos + 9 : end]
-                self._pos = end
+                payload = view[pos + 9 : end]
+                pos = end
+                if buffered:
+                    self._pos = pos
                 frame = self._check(kind, flags, stream_id & 0x7FFFFFFF, payload)
                 if frame is not None:
                     yield frame
         finally:
             view.release()
+            if not buffered and pos < size:
+                self._buf += src[pos:]
 
     def _check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
+        if kind == DATA and self._block is None and stream_id:  # the common case, checked as below
+            flow = len(payload)
+            return Frame(DATA, flags, stream_id, _strip(kind, flags, payload) if flags & PADDED else payload, flow)
         if self._block is not None and kind != CONTINUATION:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "a frame inside a header block")
         on_stream = _ON_STREAM.get(kind)

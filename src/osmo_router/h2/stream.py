@@ -64,7 +64,8 @@ class Stream:
         self._readable: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._headers_event: asyncio.Future[None] | None = None
-        self._closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
+        self._closed = self._loop.create_future()
 
     # -- inbound ---------------------------------------------------------------------------------
 
@@ -128,6 +129,10 @@ class Stream:
         """Whether `read` would return at once."""
         return bool(self._messages) or self.ended_in or self.reset_code is not None
 
+    def more_queued(self) -> bool:
+        """Whether a complete message is queued for `read` (more of what arrived is waiting)."""
+        return bool(self._messages)
+
     def read_nowait(self) -> bytes | None:
         """The next message if one is queued (None when none is, or at the end: check `has_message`)."""
         if self._messages:
@@ -142,7 +147,7 @@ class Stream:
     async def read(self) -> bytes | None:
         """The next message; None once the peer ended its side; StreamReset if the stream was reset."""
         while not self.has_message():
-            self._readable = asyncio.get_running_loop().create_future()
+            self._readable = self._loop.create_future()
             try:
                 await self._readable
             finally:
@@ -183,6 +188,13 @@ class Stream:
         self._out_bytes += 5 + len(message)
         self.conn.flush(self)
 
+    def try_write(self, message: bytes) -> bool:
+        """Send one gRPC message at once if it can all go to the transport now (nothing queued before it,
+        the windows open); False otherwise, with nothing done (use `write`). Never raises."""
+        if self.closed_out or self._end_pending or self.reset_code is not None or not self.headers_sent:
+            return False
+        return self.conn.try_send(self, message)
+
     async def write(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one gRPC message; return once it all went to the transport (StreamReset if the stream ends)."""
         self.write_nowait(message)
@@ -220,16 +232,18 @@ class Stream:
         """Up to `room` queued bytes, as views (for the connection's DATA frames)."""
         pieces: list[memoryview] = []
         out = self._out
+        taken = 0
         while room and out:
             head = out[0]
             if len(head) <= room:
                 pieces.append(out.popleft())
                 room -= len(head)
+                taken += len(head)
             else:
                 pieces.append(head[:room])
                 out[0] = head[room:]
+                taken += room
                 room = 0
-        taken = sum(len(p) for p in pieces)
         self._out_bytes -= taken
         self.send_window -= taken
         return pieces
@@ -269,6 +283,17 @@ class Stream:
         if not self._closed.done():
             self._closed.set_result(None)
         self.conn.maybe_forget(self, force=True)
+
+    def stop_sending(self) -> None:
+        """The peer, its response complete, asked us to stop sending (RST_STREAM NO_ERROR): drop what is
+        queued out and close our side, but keep the messages received for `read` (RFC 9113 8.1)."""
+        self._out.clear()
+        self._out_bytes = 0
+        self._end_pending = False
+        self.closed_out = True
+        self.notify_drained()
+        self.maybe_closed()
+        self.conn.maybe_forget(self)
 
     def maybe_closed(self) -> None:
         """Both sides ended normally: the stream is closed."""

@@ -82,6 +82,63 @@ def is_resumable(stream: SessionStream) -> bool:
     return isinstance(stream, ResumableStream)
 
 
+class SocketReader:
+    """`loop.sock_recv` for one pump that reads a socket again and again, without the per-read churn.
+
+    `loop.sock_recv` registers the socket with the selector before each wait and removes it after
+    each read: two epoll_ctl calls and the selector's bookkeeping per message, on the path of every
+    forwarded round trip. This reader stays registered while its pump waits for data again; only
+    readiness that comes while nobody waits (the pump is busy sending) unregisters it, so a socket
+    with data nobody takes yet never spins the loop. `close` must run before the socket is closed.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._waiter: asyncio.Future[None] | None = None
+        self._registered = False
+        self._unclaimed = False
+
+    async def recv(self, size: int) -> bytes:
+        """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError."""
+        while True:
+            try:
+                return self.sock.recv(size)
+            except (BlockingIOError, InterruptedError):
+                pass
+            self._waiter = self._loop.create_future()
+            self._unclaimed = False
+            if not self._registered:
+                self._loop.add_reader(self._fd, self._ready)
+                self._registered = True
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _ready(self) -> None:
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            # (else the pump was woken already and reads in this loop iteration)
+        elif self._unclaimed:
+            # Readable twice with nobody reading: the pump is busy; it re-registers when it waits again.
+            self._unregister()
+        else:
+            # Often a stale event, queued before the pump's read in the same loop iteration took the data.
+            self._unclaimed = True
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self._loop.remove_reader(self._fd)
+
+    def close(self) -> None:
+        """Stop watching the socket (before it is closed: the selector must not hold a closed descriptor)."""
+        self._unregister()
+
+
 def retrieve(task: asyncio.Task[Any]) -> None:
     """Done-callback that marks a task's exception as seen (it was handled or does not matter)."""
     if not task.cancelled():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from osmo_router.h2.config import DEFAULT_STREAM_WINDOW
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, MAX_MESSAGE_SIZE
 
 #: Smallest --max-message-size: a full bulk data chunk plus its framing must fit, with room to spare.
@@ -115,7 +116,7 @@ class RouterConfig:
     grpc_server: str = "native"
     #: Native server: each stream's receive window. A stream whose reader (the router's relay) stops
     #: taking messages holds at most this much in the router (plus one partial message).
-    stream_window_bytes: int = 2 * 1024 * 1024
+    stream_window_bytes: int = DEFAULT_STREAM_WINDOW
     #: Total connections on the gRPC / WebSocket / metrics port (0: a share of the descriptor limit).
     max_connections: int = 0
     ws_max_connections: int = 0

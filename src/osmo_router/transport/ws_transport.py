@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import ssl
 
 import aiohttp
@@ -27,6 +26,7 @@ from osmo_router.wire.errors import (
     Unauthenticated,
     Unavailable,
 )
+from osmo_router.wire.keys import new_session_key
 from osmo_router.wire.protocol import MAX_MESSAGE_SIZE, pb
 from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
@@ -252,7 +252,7 @@ class WsTransport:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout))
         if isinstance(init, pb.PortForwardInit) and init.protocol == pb.PROTOCOL_UDP:
             raise InvalidArgument("UDP port-forward is not carried over WebSocket; use --transport grpc")
-        key = init.target.session_key or secrets.token_urlsafe(16)
+        key = init.target.session_key or new_session_key()  # typed by users later: `attach KEY`
         url = session_url(
             self.base, operation, init.target.workflow_id, "client", key, client_query(init, want_exit=True)
         )

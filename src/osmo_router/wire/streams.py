@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from osmo_router.wire.batching import BatchingWriter
 from osmo_router.wire.codec import encode_data_message
 from osmo_router.wire.errors import InvalidArgument, from_status_number
 from osmo_router.wire.protocol import pb
@@ -16,16 +17,19 @@ from osmo_router.wire.protocol import pb
 class FrameStream:
     """Frames over one gRPC stream-stream call whose messages carry a Frame in field `frame`.
 
-    `wrap` builds the call's request message from a Frame. Writes are serialised by a lock
-    because grpc.aio allows one outstanding write per call. With `raw=True` (a call made with
-    framecodec's serializers) `send_data` writes pre-encoded bytes, skipping protobuf.
+    `wrap` builds the call's request message from a Frame. Writes go through a BatchingWriter
+    (wire/batching.py), which keeps one outstanding write per call as grpc.aio requires. With
+    `raw=True` (a call made with framecodec's serializers) `send_data` writes pre-encoded bytes,
+    skipping protobuf, and data frames queued behind a write in flight go out merged
+    (`batch=False`: each is written and awaited on its own, as before issue 18).
     """
 
-    def __init__(self, call: Any, wrap: Callable[[pb.Frame], Any], *, raw: bool = False) -> None:
+    def __init__(self, call: Any, wrap: Callable[[pb.Frame], Any], *, raw: bool = False, batch: bool = True) -> None:
         self.call = call
         self._wrap = wrap
         self._raw = raw
-        self._write_lock = asyncio.Lock()
+        self._batch = batch and raw
+        self.writer = BatchingWriter(call.write, try_write=getattr(call, "try_write", None))
         self.closed_for_writing = False
         self.peer_half_closed = False
         #: The session's key, as the router's ready named it (client side; "" until then).
@@ -33,9 +37,8 @@ class FrameStream:
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""
-        async with self._write_lock:
-            if not self.closed_for_writing:
-                await self.call.write(self._wrap(frame))
+        if not self.closed_for_writing:
+            await self.writer.write(self._wrap(frame))
 
     @property
     def raw(self) -> bool:
@@ -50,10 +53,16 @@ class FrameStream:
         await self.send_data_message(encode_data_message(payload))
 
     async def send_data_message(self, message: bytes) -> None:
-        """Send a message already encoded by framecodec (a data frame); only on a `raw` stream."""
-        async with self._write_lock:
-            if not self.closed_for_writing:
-                await self.call.write(message)
+        """Send a message already encoded by framecodec (a data frame); only on a `raw` stream.
+
+        Returns once the message is queued (see BatchingWriter), unless batching is off.
+        """
+        if self.closed_for_writing:
+            return
+        if self._batch:
+            await self.writer.write_data(message)
+        else:
+            await self.writer.write(message)
 
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
         """Report an error to the far side."""
@@ -86,13 +95,13 @@ class FrameStream:
     def abort(self) -> None:
         """Cancel the call: the session ends at once (the far side sees it broken, not half-closed)."""
         self.call.cancel()
+        self.writer.stop(asyncio.InvalidStateError("the call was cancelled"))
 
     async def close(self) -> None:
-        """Say this side sends nothing more (ends our half of the call)."""
-        async with self._write_lock:
-            if not self.closed_for_writing:
-                self.closed_for_writing = True
-                await self.call.done_writing()
+        """Say this side sends nothing more (ends our half of the call), after everything queued."""
+        if not self.closed_for_writing:
+            self.closed_for_writing = True
+            await self.writer.barrier(self.call.done_writing)
 
 
 def raise_for_error_frame(frame: pb.Frame) -> None:

@@ -20,25 +20,57 @@ DEFAULT_USER_BYTES = 256 * 1024**2
 
 
 class ByteBudget:
-    """At most `limit` bytes taken at once; a taker that does not fit waits for bytes given back."""
+    """At most `limit` bytes taken at once; a taker that does not fit waits for bytes given back.
 
-    __slots__ = ("_waiters", "limit", "used")
+    Bytes come in two kinds: `used`, queued in a relay queue, and `held`, a message a reader has in
+    hand while its queue or this budget has no room for it (it is in memory all the same). Both
+    count against every other taker; a holder is not held back by its own message, and anything
+    fits while nothing is queued, so holders never wait for each other alone.
+    """
+
+    __slots__ = ("_waiters", "held", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.held = 0
         self._waiters: list[asyncio.Future[None]] = []
 
-    def try_take(self, size: int) -> bool:
-        """Take `size` bytes if they fit (anything fits an unused budget); False otherwise."""
-        if self.used and self.used + size > self.limit:
+    @property
+    def counted(self) -> int:
+        """Every byte the budget knows of: queued and held."""
+        return self.used + self.held
+
+    def fits(self, size: int, holding: bool = False) -> bool:
+        """Whether `size` more bytes fit (anything fits when nothing is queued).
+
+        `holding`: the caller's `size` bytes are already counted as held (see `hold`), so not twice.
+        """
+        others_held = self.held - (size if holding else 0)
+        return not self.used or self.used + others_held + size <= self.limit
+
+    def try_take(self, size: int, holding: bool = False) -> bool:
+        """Take `size` bytes if they fit (`fits`); False otherwise. Held bytes stay held until `unhold`."""
+        if not self.fits(size, holding):
             return False
         self.used += size
         return True
 
+    def hold(self, size: int) -> None:
+        """Count a message a reader holds while it waits for room."""
+        self.held += size
+
+    def unhold(self, size: int) -> None:
+        """The held message was queued (taken) or dropped; others may fit now."""
+        self.held -= size
+        self._wake()
+
     def give(self, size: int) -> None:
         """Give bytes back and wake whoever waits for room."""
         self.used -= size
+        self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

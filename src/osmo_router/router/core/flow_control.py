@@ -9,6 +9,7 @@ trickle, ends the session instead of holding buffers forever.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from osmo_router.router.core.budget import ByteBudget
 
@@ -20,7 +21,18 @@ class FlowQueue:
     always fits into an empty queue, so a message as large as the gRPC limit still passes).
     """
 
-    __slots__ = ("_budgets", "_bytes", "_ended", "_error", "_getter", "_items", "_max_bytes", "_maxsize", "_putter")
+    __slots__ = (
+        "_budgets",
+        "_bytes",
+        "_ended",
+        "_error",
+        "_getter",
+        "_items",
+        "_max_bytes",
+        "_maxsize",
+        "_putter",
+        "_sink",
+    )
 
     def __init__(self, maxsize: int, max_bytes: int = 1 << 62) -> None:
         # A list, not a deque: an empty deque allocates a 64-slot block (~600 bytes), and a router
@@ -35,6 +47,8 @@ class FlowQueue:
         self._putter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._ended = False
+        #: The consumer's direct hand-over (see `set_sink`).
+        self._sink: Callable[[bytes], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -68,22 +82,55 @@ class FlowQueue:
         assert not self._items
         self._budgets = budgets
 
-    async def put(self, item: bytes) -> None:
-        """Queue an item, waiting while the queue or one of its budgets is full; raises the failure if it failed."""
+    def set_sink(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Let `put` hand an item straight to the consumer while it waits for one (`readable` pending,
+        nothing queued): `sink(item)` sends it and returns True, or returns False having done nothing
+        (then the item is queued as usual). Saves the consumer a wake-up per item when it keeps up."""
+        self._sink = sink
+
+    def _handed_over(self, item: bytes) -> bool:
+        getter = self._getter
+        if getter is None or getter.done() or self._items or self._error is not None or self._ended:
+            return False  # the consumer is busy (it may hold an item), or the queue is over
         size = len(item)
-        while self._error is None and not self._ended:
-            spent: ByteBudget | None = None
-            if not self._full(size):
-                spent = self._take(size)
-                if spent is None:
-                    break  # queued bytes counted in every budget
-            self._putter = asyncio.get_running_loop().create_future()
-            if spent is not None:
-                spent.notify(self._putter)
-            try:
-                await self._putter
-            finally:
-                self._putter = None
+        # Exactly when `put` would not wait: the item passes through as if queued and taken at once.
+        for budget in self._budgets:
+            if not budget.fits(size):
+                return False
+        return self._sink(item)  # type: ignore[misc]
+
+    async def put(self, item: bytes, more: bool = True) -> None:
+        """Queue an item, waiting while the queue or one of its budgets is full; raises the failure if it failed.
+
+        While it waits the item is in memory all the same: its bytes are counted as held in every
+        budget (so other queues of the budget see them) until it is queued or dropped. With `more`
+        False (the producer has nothing else in hand) it may go to the sink instead (`set_sink`);
+        with more to come it is queued, so the consumer can merge what follows it.
+        """
+        if not more and self._sink is not None and self._handed_over(item):
+            return
+        size = len(item)
+        holding = False
+        try:
+            while self._error is None and not self._ended:
+                spent: ByteBudget | None = None
+                if not self._full(size):
+                    spent = self._take(size, holding)
+                    if spent is None:
+                        break  # queued bytes counted in every budget
+                if not holding and self._budgets:
+                    self._hold(size)
+                    holding = True
+                self._putter = asyncio.get_running_loop().create_future()
+                if spent is not None:
+                    spent.notify(self._putter)
+                try:
+                    await self._putter
+                finally:
+                    self._putter = None
+        finally:
+            if holding:
+                self._unhold(size)
         if self._error is not None:
             raise self._error
         if self._ended:
@@ -92,14 +139,22 @@ class FlowQueue:
         self._bytes += size
         _wake(self._getter)
 
-    def _take(self, size: int) -> ByteBudget | None:
+    def _take(self, size: int, holding: bool) -> ByteBudget | None:
         """Take `size` from every budget: None when done, else the budget that had no room (none taken)."""
         for i, budget in enumerate(self._budgets):
-            if not budget.try_take(size):
+            if not budget.try_take(size, holding):
                 for taken in self._budgets[:i]:
                     taken.give(size)
                 return budget
         return None
+
+    def _hold(self, size: int) -> None:
+        for budget in self._budgets:
+            budget.hold(size)
+
+    def _unhold(self, size: int) -> None:
+        for budget in self._budgets:
+            budget.unhold(size)
 
     def _give(self, size: int) -> None:
         for budget in self._budgets:

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
-
 from osmo_router.wire.errors import InvalidArgument
+from osmo_router.wire.keys import new_session_key as new_session_key  # the router's callers import it here
 
 MAX_ID_LENGTH = 256
-
-
-def new_session_key() -> str:
-    """A fresh 128-bit random session key that never starts with '-' or '_'.
-
-    Users type it on command lines (`osmo-net-client attach KEY`), where a leading '-' reads as an
-    option: such draws (1 in 32) are drawn again.
-    """
-    while (key := secrets.token_urlsafe(16))[0] in "-_":
-        pass
-    return key
 
 
 def check_id(kind: str, value: str, *, required: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from collections.abc import Callable
 from typing import Protocol
 
 from osmo_router.router.core import audit
@@ -147,6 +148,9 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
     client_half_closed = False
     # The agent's first frame tells whether a session that asked for resume got it (core/resumes.py).
     answer = is_agent and session.resume is not None
+    # Whether more has arrived behind a message: only a message with nothing behind it may be
+    # sent on directly (FlowQueue.set_sink); a burst is queued so the writer can merge it.
+    more_queued = getattr(endpoint, "more_queued", None)
     try:
         while (message := await endpoint.read()) is not None:
             if not message or message[0] != FRAME_TAG:
@@ -167,7 +171,7 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
                     session.exit_status = exit_status_text(message) or session.exit_status
                 elif message == ENCODED_DETACH and not is_agent:
                     audit.attach_event("session detach", session)
-            await queue.put(message)
+            await queue.put(message, more_queued is None or more_queued())
         if not is_agent:
             if not client_half_closed and not session.agent_half_closed:
                 # The client's stream ended with neither side done: the client went away (killed,
@@ -199,6 +203,11 @@ async def _write_from(
     # Per message: at most one merge and one write; the watchdog bounds each write without a
     # timer per message (see WriteWatchdog).
     write = endpoint.write
+    try_write = getattr(endpoint, "try_write", None)
+    if try_write is not None:
+        # While this writer waits for data, the other side's reader sends what it reads straight
+        # out (when the transport takes it at once) instead of waking this task for each message.
+        queue.set_sink(_DirectWrite(try_write, watchdog))
     try:
         while (message := queue.poll()) is not None:
             if not message:  # nothing queued yet
@@ -217,4 +226,21 @@ async def _write_from(
                 session.fail(err)
                 raise err from None
     finally:
+        queue.set_sink(None)
         watchdog.close()
+
+
+class _DirectWrite:
+    """A writer's direct hand-over (FlowQueue.set_sink): a message sent at once counts as written."""
+
+    __slots__ = ("_try_write", "_watchdog")
+
+    def __init__(self, try_write: Callable[[bytes], bool], watchdog: WriteWatchdog) -> None:
+        self._try_write = try_write
+        self._watchdog = watchdog
+
+    def __call__(self, message: bytes) -> bool:
+        if self._try_write(message):
+            self._watchdog.moved += len(message)
+            return True
+        return False

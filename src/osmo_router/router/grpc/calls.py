@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -19,6 +20,7 @@ from osmo_router.wire.errors import (
     Unavailable,
 )
 
+_EOF = grpc.aio.EOF
 ServicerContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
@@ -38,7 +40,7 @@ class GrpcSide:
     the RouterError of a side that went away.
     """
 
-    __slots__ = ("_context", "_first", "_is_client", "merge_frames", "peer")
+    __slots__ = ("_context", "_first", "_is_client", "merge_frames", "more_queued", "peer", "try_write")
     transport = "grpc"
 
     def __init__(
@@ -54,6 +56,11 @@ class GrpcSide:
         self._first = first_read
         self.merge_frames = merge_frames
         self.peer = peer_of(context)
+        #: `try_write(message) -> bool`: send at once without waiting, if the transport allows it
+        #: (the native server's calls); None where every write must go through `write` (grpc.aio).
+        self.try_write: Callable[[bytes], bool] | None = getattr(context, "try_write", None)
+        #: `more_queued() -> bool`: another message has arrived already (None where it is not known).
+        self.more_queued: Callable[[], bool] | None = getattr(context, "more_queued", None)
 
     async def read(self) -> bytes | None:
         """The next encoded message, or None once the peer half-closed."""
@@ -64,10 +71,9 @@ class GrpcSide:
             raise
         except Exception as err:
             raise self._gone(err) from None
-        if message is grpc.aio.EOF:
+        if message is _EOF:
             return None
-        assert isinstance(message, bytes)
-        return message
+        return message  # type: ignore[no-any-return]  # bytes: registered without deserializers
 
     async def write(self, message: bytes) -> None:
         """Send one encoded message."""

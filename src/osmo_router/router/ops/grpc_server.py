@@ -6,7 +6,7 @@ import ssl
 
 import grpc
 
-from osmo_router.h2.config import H2Config
+from osmo_router.h2.config import DEFAULT_CONNECTION_WINDOW, H2Config
 from osmo_router.h2.server import NativeServer, tls_context
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, grpc_connection_options
@@ -49,7 +49,7 @@ def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.ai
             H2Config(
                 stream_window=config.stream_window_bytes,
                 # Given back on receipt: room for every stream's window on a busy connection.
-                connection_window=max(64 * 1024 * 1024, 4 * config.stream_window_bytes),
+                connection_window=max(DEFAULT_CONNECTION_WINDOW, 4 * config.stream_window_bytes),
                 max_concurrent_streams=config.max_concurrent_streams,
                 max_message_size=config.max_message_size,
                 keepalive_time=config.keepalive_time,

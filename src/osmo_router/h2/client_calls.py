@@ -1,0 +1,364 @@
+"""Client-side gRPC calls on the h2 core, with the grpc.aio call API the client and the agent use.
+
+A call object is made at once (as grpc.aio's are) and opens its HTTP/2 stream in the background;
+`write`, `read`, `done_writing`, `cancel`, `code()`, `details()`, `initial_metadata()`,
+`trailing_metadata()`, `wait_for_connection()`, async iteration and (unary responses) `await`
+behave as grpc.aio's: `read` gives `grpc.aio.EOF` at a clean end and raises a real
+`grpc.aio.AioRpcError` for any other status, so the existing error handling works unchanged.
+Messages go straight from the connection's `data_received` to the reader: no thread, no
+completion queue, no extra task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable
+from typing import Any
+
+import grpc
+
+from osmo_router.h2 import frames as fr
+from osmo_router.h2.grpc import metadata_of, status_of
+from osmo_router.h2.stream import Stream, StreamReset
+
+Serializer = Callable[[Any], bytes]
+Deserializer = Callable[[bytes], Any]
+Opener = Callable[[], Awaitable[Stream]]
+
+#: The status of a call whose stream was reset, by RST_STREAM code (-1: the connection was lost).
+_RESET_STATUS = {
+    fr.ErrorCode.CANCEL: (grpc.StatusCode.CANCELLED, "Received RST_STREAM: cancelled"),
+    fr.ErrorCode.REFUSED_STREAM: (grpc.StatusCode.UNAVAILABLE, "Stream refused by the server (GOAWAY)"),
+    fr.ErrorCode.ENHANCE_YOUR_CALM: (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received RST_STREAM: enhance your calm"),
+    -1: (grpc.StatusCode.UNAVAILABLE, "Socket closed"),
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: grpc.aio's words for a write after the end of writing or after the call finished.
+_HALF_CLOSED = "RPC is half closed after calling done_writing"
+_FINISHED = "RPC already finished."
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def aio_error(code: grpc.StatusCode, details: str, initial: Any = None, trailing: Any = None) -> grpc.aio.AioRpcError:
+    """A grpc.aio.AioRpcError as grpc.aio raises it (metadata objects included)."""
+    return grpc.aio.AioRpcError(
+        code, initial or grpc.aio.Metadata(), trailing or grpc.aio.Metadata(), details=details, debug_error_string=""
+    )
+
+
+class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
+    """One call of any cardinality (the subclasses add what theirs needs)."""
+
+    def __init__(
+        self, opener: Opener, serializer: Serializer | None, deserializer: Deserializer | None, timeout: float | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._serialize = serializer or _identity
+        self._deserialize = deserializer or _identity
+        self._stream: Stream | None = None
+        self._buffer: deque[bytes] = deque()  # messages taken off the stream by code()/details() waiting for the end
+        self._read_lock = asyncio.Lock()
+        self._locally_cancelled = False
+        self._half_closed = False
+        self._status: tuple[grpc.StatusCode, str] | None = None
+        self._trailing: grpc.aio.Metadata = grpc.aio.Metadata()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._timer = None if timeout is None else loop.call_later(max(timeout, 0.0), self._expire)
+        self._opening = asyncio.ensure_future(self._open(opener))
+
+    async def _open(self, opener: Opener) -> Stream | None:
+        try:
+            stream = await opener()
+        except grpc.aio.AioRpcError as err:
+            self._finish(err.code(), err.details() or "")
+            return None
+        except Exception as err:  # never an unretrieved task error: the call carries it
+            self._finish(grpc.StatusCode.UNAVAILABLE, f"cannot open the stream: {err}")
+            return None
+        if self._status is not None:  # cancelled or expired while the stream opened
+            stream.reset(fr.ErrorCode.CANCEL)
+            return None
+        self._stream = stream
+        # The status is known once the stream closes, read or not (grpc.aio's calls end without reads).
+        stream.add_close_callback(lambda _future: self._on_closed(stream))
+        return stream
+
+    def _on_closed(self, stream: Stream) -> None:
+        if self._status is not None:
+            return
+        if stream.trailers is not None:
+            self._finish_from(stream)  # messages not read yet stay on the stream for `read`
+        elif stream.reset_code is not None:
+            self._finish_reset(stream.reset_code)
+
+    async def _started(self) -> Stream:
+        stream = self._stream or await asyncio.shield(self._opening)
+        if stream is None:
+            raise self._error()
+        return stream
+
+    # -- status -----------------------------------------------------------------------------------
+
+    def _finish(self, code: grpc.StatusCode, details: str, trailing: Any = None) -> None:
+        if self._status is not None:
+            return
+        self._status = (code, details)
+        if trailing is not None:
+            self._trailing = trailing
+        if self._timer is not None:
+            self._timer.cancel()
+        self._done.set_result(None)
+        for callback in self._callbacks:
+            callback(self)
+        self._callbacks.clear()
+
+    def _finish_from(self, stream: Stream) -> None:
+        """The peer ended the stream: its trailers say how the call ended."""
+        if self._status is not None:
+            return
+        code, details = status_of(stream.trailers)
+        if stream.trailers is None:
+            details = "the server ended the stream without trailers"
+        trailing = grpc.aio.Metadata(*(item for item in metadata_of(stream.trailers or ()) if item[0][:5] != "grpc-"))
+        self._finish(_CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)
+        if not stream.closed_out:
+            stream.reset(fr.ErrorCode.NO_ERROR)  # the call is over: our side too (what is unsent is dropped)
+
+    def _finish_reset(self, code: int) -> None:
+        status, details = _RESET_STATUS.get(
+            code, (grpc.StatusCode.INTERNAL, f"Received RST_STREAM with error code {code}")
+        )
+        self._finish(status, details)
+
+    def _error(self) -> grpc.aio.AioRpcError:
+        assert self._status is not None
+        return aio_error(self._status[0], self._status[1], self._initial_now(), self._trailing)
+
+    def _initial_now(self) -> grpc.aio.Metadata:
+        headers = self._stream.headers if self._stream is not None else None
+        return grpc.aio.Metadata(*metadata_of(headers or ()))
+
+    def _expire(self) -> None:
+        if self._stream is not None:
+            self._stream.reset(fr.ErrorCode.CANCEL)
+        self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    # -- RpcContext and Call -------------------------------------------------------------------------
+
+    def cancelled(self) -> bool:
+        """True if the call ended CANCELLED."""
+        return self._status is not None and self._status[0] == grpc.StatusCode.CANCELLED
+
+    def done(self) -> bool:
+        """True once the call has its status."""
+        return self._status is not None
+
+    def time_remaining(self) -> float | None:
+        """Seconds to the deadline (None without one)."""
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def cancel(self) -> bool:
+        """End the call at once (RST_STREAM CANCEL); False if it had already ended."""
+        if self._status is not None:
+            return False
+        self._locally_cancelled = True
+        stream = self._stream
+        if stream is not None and not (stream.closed_out and not stream.ended_in):
+            stream.reset(fr.ErrorCode.CANCEL)
+        # else: our END_STREAM went out and the server has not ended yet. A reset now would make it
+        # drop what it received and has not read (a Detach frame right before the end, say); it ends
+        # the call itself after our end, and its answer is ignored here.
+        self._finish(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        return True
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """Call `callback(call)` once the call ended (at once if it has)."""
+        if self._status is not None:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        """The response headers' metadata (empty if the call ended without them)."""
+        stream = self._stream or await asyncio.shield(self._opening)
+        if stream is None:
+            return grpc.aio.Metadata()
+        with contextlib.suppress(StreamReset):
+            await stream.response_headers()
+        return self._initial_now()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        """The trailers' metadata, once the call ended."""
+        await self._until_done()
+        return self._trailing
+
+    async def code(self) -> grpc.StatusCode:
+        """The status code, once the call ended."""
+        await self._until_done()
+        assert self._status is not None
+        return self._status[0]
+
+    async def details(self) -> str:
+        """The status message, once the call ended."""
+        await self._until_done()
+        assert self._status is not None
+        return self._status[1]
+
+    async def wait_for_connection(self) -> None:
+        """Until the stream is open (raises the call's error if it could not be)."""
+        await self._started()
+
+    async def _until_done(self) -> None:
+        """Wait for the end, taking the remaining messages off the stream (kept for `read`) to see it."""
+        while self._status is None:
+            stream = self._stream or await asyncio.shield(self._opening)
+            if stream is None:
+                return  # the stream could not be opened: _open set the status
+            async with self._read_lock:  # never two reads of the stream at once
+                if self._status is None:
+                    message = await self._read_stream(stream)
+                    if message is not None:
+                        self._buffer.append(message)
+
+    async def _read_stream(self, stream: Stream) -> bytes | None:
+        """The next message off the stream, or None once the call ended (its status set)."""
+        try:
+            message = await stream.read()
+        except StreamReset as err:
+            if stream.ended_in and stream.trailers is not None:
+                self._finish_from(stream)  # the status arrived before the reset
+            else:
+                self._finish_reset(err.code)
+            return None
+        if message is None:
+            self._finish_from(stream)
+        return message
+
+    # -- messages --------------------------------------------------------------------------------
+
+    async def read(self) -> Any:
+        """The next response; grpc.aio.EOF at a clean end; AioRpcError for any other status.
+
+        As in grpc.aio: a call cancelled here raises CancelledError, and a read that is cancelled
+        cancels the call.
+        """
+        try:
+            async with self._read_lock:
+                if self._buffer:
+                    return self._deserialize(self._buffer.popleft())
+                stream = self._stream
+                if self._status is not None and not self._locally_cancelled and stream and stream.has_message():
+                    with contextlib.suppress(StreamReset):  # the end came before these were read
+                        message = stream.read_nowait()
+                        if message is not None:
+                            return self._deserialize(message)
+                if self._status is None:
+                    stream = await self._started()
+                    message = await self._read_stream(stream)
+                    if message is not None:
+                        return self._deserialize(message)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        self._raise_for_status()
+        return grpc.aio.EOF
+
+    def _raise_for_status(self) -> None:
+        assert self._status is not None
+        if self._locally_cancelled:
+            raise asyncio.CancelledError()
+        if self._status[0] != grpc.StatusCode.OK:
+            raise self._error()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while (message := await self.read()) is not grpc.aio.EOF:
+            yield message
+
+    async def write(self, request: Any) -> None:
+        """Send one request; returns once it went to the transport (the peer's windows allowing)."""
+        if self._status is not None:
+            raise asyncio.InvalidStateError(_FINISHED)
+        if self._half_closed:
+            raise asyncio.InvalidStateError(_HALF_CLOSED)
+        try:
+            stream = await self._started()
+            if stream.ended_in and stream.trailers is not None:
+                # The server already ended the call (its last messages may still wait for `read`).
+                raise asyncio.InvalidStateError(_FINISHED)
+            await stream.write(self._serialize(request))
+        except StreamReset as err:
+            self._finish_reset(err.code)
+            self._raise_for_status()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    def try_write(self, request: Any) -> bool:
+        """Send one request at once if it can all go to the transport now (the stream open, nothing
+        queued on it, the windows open); False with nothing sent otherwise (then use `write`)."""
+        stream = self._stream
+        if stream is None or self._status is not None or self._half_closed or stream.ended_in:
+            return False
+        return stream.try_write(self._serialize(request))
+
+    async def done_writing(self) -> None:
+        """End the requests (END_STREAM after what is queued)."""
+        if self._half_closed or self._status is not None:
+            return
+        self._half_closed = True
+        stream = await self._started()
+        stream.end()
+
+    async def _write_all(self, requests: AsyncIterable[Any] | Iterable[Any]) -> None:
+        """Send a request iterator, then end the requests (a request_iterator given to the call)."""
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            if isinstance(requests, AsyncIterable):
+                async for request in requests:
+                    await self.write(request)
+            else:
+                for request in requests:
+                    await self.write(request)
+            await self.done_writing()
+
+    async def _single_response(self) -> Any:
+        """The one response of a unary-response call (AioRpcError unless it ended OK with exactly one)."""
+        response = await self.read()
+        if response is grpc.aio.EOF:
+            raise aio_error(grpc.StatusCode.INTERNAL, "the server sent no response")
+        if await self.read() is not grpc.aio.EOF:
+            raise aio_error(grpc.StatusCode.INTERNAL, "the server sent more than one response")
+        return response
+
+
+class UnaryResponseCall(Call, grpc.aio.UnaryUnaryCall, grpc.aio.StreamUnaryCall):  # type: ignore[misc]
+    """A unary-unary or stream-unary call: awaiting it gives the response."""
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._single_response().__await__()
+
+
+def start_requests(call: Call, requests: AsyncIterable[Any] | Iterable[Any] | None) -> None:
+    """Send `requests` (then the end) in the background, as grpc.aio does with a request iterator."""
+    if requests is None:
+        return
+    task = asyncio.ensure_future(call._write_all(requests))
+    call.add_done_callback(lambda _call: _cancel(task))
+
+
+def _cancel(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+
+
+__all__ = ["Call", "UnaryResponseCall", "aio_error", "start_requests"]
