@@ -139,12 +139,16 @@ def p99(samples: list[float]) -> float:
 
 
 class Trickle:
-    """Mallory's trickle reader: `exec cat /dev/zero`, 4 KiB taken every half second, for ever."""
+    """Mallory's trickle reader: `exec cat /dev/zero` (no resume), 4 KiB taken every half second, for ever."""
 
     def __init__(self, flags: list[str]) -> None:
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            client_cmd("exec", *flags, "--", "sh", "-c", "exec cat /dev/zero"),
+            # Without resume: a resumable session's output is also bounded end to end by the agent's
+            # replay window (16 MiB unacknowledged), which stops the agent sending once the client
+            # holds that much unread, with nothing left in the router for a router limit to judge
+            # (docs/security.md). A hostile reader does not ask for resume: the router must bound it.
+            client_cmd("exec", *flags, "--resume-grace", "0", "--", "sh", "-c", "exec cat /dev/zero"),
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=cli_env(),
