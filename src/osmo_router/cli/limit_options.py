@@ -93,6 +93,14 @@ def connection_limit_options(f: Any) -> Any:
             help="Metrics port: connections at once, kept apart from the others (0: 256, less under 4096 descriptors).",
         ),
         click.option(
+            "--max-connections-per-address",
+            type=int,
+            default=1024,
+            show_default=True,
+            help="gRPC port, native server: connections at once from one client address; past it a new one is "
+            "closed as soon as its address is known (0: no cap; raise it behind SNAT or a proxy).",
+        ),
+        click.option(
             "--ws-max-connections-per-address",
             type=int,
             default=1024,

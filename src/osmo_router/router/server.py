@@ -142,7 +142,7 @@ class RouterServer:
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
         self._log_memory_limits()
-        server = build_grpc_server(self.config, budget)
+        server = build_grpc_server(self.config, budget, self.metrics.registry)
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
             # Internal (replicas only), so not advertised through reflection.
