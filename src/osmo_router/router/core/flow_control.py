@@ -77,6 +77,11 @@ class FlowQueue:
         """True once `end` was called."""
         return self._ended
 
+    @property
+    def budgets(self) -> tuple[ByteBudget, ...]:
+        """The shared budgets this queue counts in (none: only its own bounds)."""
+        return self._budgets
+
     def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
         """Count what this queue holds in shared budgets too (set before anything is queued)."""
         assert not self._items

@@ -10,10 +10,14 @@ from prometheus_client import CollectorRegistry
 
 from osmo_router.h2.config import DEFAULT_CONNECTION_WINDOW, H2Config
 from osmo_router.h2.server import NativeServer, tls_context
+from osmo_router.h2.stream import CREDIT_FLOOR
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, grpc_connection_options
 from osmo_router.router.ops.http_limits import ConnectionGate, HttpLimits, peer_address
 from osmo_router.wire.protocol import CLOSE_GRACE, MIN_PING_INTERVAL, server_options
+
+#: The native server's SETTINGS_INITIAL_WINDOW_SIZE: what a stream not (yet) counted in budgets may hold.
+INITIAL_STREAM_WINDOW = CREDIT_FLOOR
 
 
 def grpc_credentials(config: RouterConfig) -> grpc.ServerCredentials | ssl.SSLContext:
@@ -85,6 +89,10 @@ def build_grpc_server(
         return NativeServer(
             H2Config(
                 stream_window=config.stream_window_bytes,
+                # A stream starts small and grows to --stream-window-bytes once the relay counts it in
+                # its session's budgets (h2/stream.py): uncounted streams (before the init, a pending
+                # session, a registration) hold at most this much each.
+                initial_stream_window=min(INITIAL_STREAM_WINDOW, config.stream_window_bytes),
                 # Given back on receipt: room for every stream's window on a busy connection.
                 connection_window=max(DEFAULT_CONNECTION_WINDOW, 4 * config.stream_window_bytes),
                 max_concurrent_streams=config.max_concurrent_streams,
