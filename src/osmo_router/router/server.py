@@ -99,6 +99,7 @@ class RouterServer:
             pending=lambda: self.sessions.pending,
             standby=self.registry.standby_count,
             buffered=lambda: self.budgets.total.used,
+            held=lambda: self.budgets.total.held,
             created=lambda: len(self.sessions.created),
             replay=self.registry.replay_bytes,
         )
