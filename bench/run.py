@@ -25,7 +25,7 @@ from bench.machine import machine_info
 
 #: Every benchmark the suite knows of, in the order they run; more bench_*.py files are picked up too.
 KNOWN = ("bench_relay", "bench_exec", "bench_forward", "bench_rsync", "bench_scaleout", "bench_ws", "bench_grpc_vs_ws",
-         "bench_real_clients")  # fmt: skip
+         "bench_real_clients", "bench_long_link")  # fmt: skip
 RESULTS = ROOT / "bench" / "results"
 PUBLISHED = ROOT / "docs" / "bench"
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from osmo_router.h2.stream import CREDIT_FLOOR
 from tests.e2e.test_memory_idle import PeakSampler, rss_kib, wait_rss_at_most
 from tests.harness import PYTHON, ROOT, AgentProc, Router, cli_env, client_cmd, metric_value
 from tests.security_kit import Signer
@@ -42,10 +43,11 @@ TIMEOUT = 15.0  # --flow-control-timeout
 #: the attack (the guard's own tests: tests/unit/test_memory_guard.py).
 GUARD = 1024 * MIB
 #: What the router may hold for one held-back session beyond the user's budget (docs/security.md):
-#: its inbound stream's window plus the message that arrives across the window's edge (W + M), the
-#: message its relay reader holds while the queue or budget is full (M), and the message its writer
-#: has handed to the stalled outbound stream (M).
-PER_SESSION = WINDOW + 3 * MESSAGE
+#: its inbound stream's window counts in the budget, except the floor a full budget leaves it plus
+#: the message that arrives across its edge (CREDIT_FLOOR + M), the message its relay reader holds
+#: while the queue or budget is full (M), and the message its writer has handed to the stalled
+#: outbound stream (M). (Before the windows were counted: WINDOW + 3M.)
+PER_SESSION = CREDIT_FLOOR + 3 * MESSAGE
 #: What the router holds beyond the bytes above: her connections and sessions themselves, and the
 #: allocator's rounding of the multi-MiB messages. Measured: 7 idle exec sessions of hers (7
 #: connections, more than the attack's 2) add 372-376 KiB to the fresh RSS (3 runs, the same flags;

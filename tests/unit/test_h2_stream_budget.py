@@ -129,3 +129,12 @@ async def test_without_budgets_a_stream_keeps_its_initial_window(pair: Pair) -> 
             assert await served.read() is not None
         await _until(pair.arrived, lambda: served._recv_left <= 0)
         assert _held(served) <= CREDIT_FLOOR + FRAMED  # (the message arriving across its edge)
+
+
+@pytest.mark.asyncio
+async def test_a_relayed_stream_without_budgets_takes_up_its_full_window_uncounted(pair: Pair) -> None:
+    async with asyncio.timeout(10):
+        _, served = await _open_and_push(pair, 16)
+        served.use_budgets(())  # a session relayed for another replica: no budgets of its own here
+        await _until(pair.arrived, lambda: served._recv_left <= 0 and _held(served) >= WINDOW)
+        assert WINDOW <= _held(served) <= WINDOW + FRAMED

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from osmo_router.cli.options import DURATION
-from osmo_router.h2.config import DEFAULT_STREAM_WINDOW
+from osmo_router.h2.config import DEFAULT_MAX_STREAM_WINDOW, DEFAULT_STREAM_WINDOW
+from osmo_router.router.config import DEFAULT_GRPC_SERVER, GRPC_SERVERS
 
 
 def connection_limit_options(f: Any) -> Any:
@@ -58,8 +59,8 @@ def connection_limit_options(f: Any) -> Any:
         ),
         click.option(
             "--grpc-server",
-            type=click.Choice(["native", "grpcio"]),
-            default="native",
+            type=click.Choice(list(GRPC_SERVERS)),
+            default=DEFAULT_GRPC_SERVER,
             show_default=True,
             help="gRPC port: the router's own HTTP/2 server (native: 3-5x less CPU per message) or grpc.aio (grpcio).",
         ),
@@ -68,8 +69,18 @@ def connection_limit_options(f: Any) -> Any:
             type=int,
             default=DEFAULT_STREAM_WINDOW,
             show_default=True,
-            help="gRPC port, native server: each stream's HTTP/2 receive window, given back as the router reads; "
-            "a stream whose data the router cannot pass on holds at most this (plus one message).",
+            help="gRPC port, native server: each session stream's HTTP/2 receive window, given back as the router "
+            "reads; counted in the user's and total buffer budgets (a stream starts at 64 KiB and grows to this "
+            "while they have room), so a stream whose data the router cannot pass on holds at most this "
+            "(plus one message).",
+        ),
+        click.option(
+            "--max-stream-window-bytes",
+            type=int,
+            default=DEFAULT_MAX_STREAM_WINDOW,
+            show_default=True,
+            help="gRPC port, native server: the stream window grows up to this when a connection's "
+            "bandwidth-delay product calls for it (a long, fast link); --stream-window-bytes' value turns growth off.",
         ),
         click.option(
             "--max-connections",

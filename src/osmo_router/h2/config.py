@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 #: Per-stream receive window: what a stream whose reader stalls can make us hold (plus one message).
 DEFAULT_STREAM_WINDOW = 2 * 1024 * 1024
+#: Largest the stream window grows to on a long, fast link (h2/bdp.py; 16 MiB, as grpc's own limit).
+DEFAULT_MAX_STREAM_WINDOW = 16 * 1024 * 1024
 #: Receive window for a whole connection, given back on receipt (so one stalled stream blocks no other).
 DEFAULT_CONNECTION_WINDOW = 64 * 1024 * 1024
 
@@ -20,6 +22,9 @@ class H2Config:
     #: grows to `stream_window` only once given byte budgets that have room (Stream.use_budgets), so
     #: what streams not yet counted can make us hold is this much each (plus one message).
     initial_stream_window: int = 0
+    #: The stream window grows up to this while the link's bandwidth-delay product calls for it
+    #: (h2/bdp.py); at or below `stream_window` it never grows.
+    max_stream_window: int = DEFAULT_MAX_STREAM_WINDOW
     #: Our receive window for the whole connection, given back on receipt.
     connection_window: int = DEFAULT_CONNECTION_WINDOW
     #: Largest frame we accept (SETTINGS_MAX_FRAME_SIZE): big frames cost the peer fewer writes.

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import hpack
 
 from osmo_router.h2 import frames as fr
+from osmo_router.h2.bdp import BDP_PING, BdpEstimator
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.timers import Timers
@@ -100,6 +101,12 @@ class Connection(asyncio.Protocol):
         self._peer_max_streams = 2**31 - 1
         self.send_window = fr.DEFAULT_WINDOW  # connection-level, outbound
         self._recv_unacked = 0  # connection-level, inbound: received and not yet given back
+        #: Our receive windows now: what a reading stream may have unread (grows with the link, h2/bdp.py),
+        #: and the connection's.
+        self.stream_window = self.config.stream_window
+        self._connection_window = max(self.config.connection_window, fr.DEFAULT_WINDOW)
+        grows = self.config.max_stream_window > self.config.stream_window
+        self._bdp = BdpEstimator(self.config.stream_window, self.config.max_stream_window) if grows else None
         self._blocked: dict[int, Stream] = {}  # streams with data waiting for a window or the transport
         #: Streams whose writer waits in `drained` (woken once the transport takes data again).
         self.drain_waiters: set[Stream] = set()
@@ -173,7 +180,7 @@ class Connection(asyncio.Protocol):
         except fr.ProtocolError as err:
             self.fail(err.code, str(err))
             return
-        if self._recv_unacked >= self.config.connection_window >> 2:
+        if self._recv_unacked >= self._connection_window >> 2:
             self.write_frame(fr.window_update(0, self._recv_unacked))
             self._recv_unacked = 0
 
@@ -204,8 +211,10 @@ class Connection(asyncio.Protocol):
     def _on_data(self, frame: fr.Frame) -> None:
         flow = frame.flow
         self._recv_unacked += flow
-        if self._recv_unacked > max(self.config.connection_window, fr.DEFAULT_WINDOW):
+        if self._recv_unacked > self._connection_window:
             raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
+        if self._bdp is not None and self._bdp.on_data(flow):
+            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
         stream = self.streams.get(frame.stream_id)
         if stream is None or stream.ended_in:
             if frame.stream_id > self._last_peer_id and frame.stream_id % 2 != self._next_id % 2:
@@ -321,10 +330,26 @@ class Connection(asyncio.Protocol):
 
     def _on_ping(self, frame: fr.Frame) -> None:
         if frame.flags & fr.ACK:
-            self._timers.ping_acked(bytes(frame.payload))
+            payload = bytes(frame.payload)
+            if payload == BDP_PING and self._bdp is not None:
+                grown = self._bdp.on_ack()
+                if grown is not None:
+                    self._grow_windows(grown)
+                return
+            self._timers.ping_acked(payload)
             return
         if self._timers.ping_received():
             self.write_frame(fr.encode(fr.PING, fr.ACK, 0, frame.payload))
+
+    def _grow_windows(self, stream_window: int) -> None:
+        """Let every stream have up to `stream_window` unread, taken up by each stream as its reader
+        reads (stream.py `_grant`): a stream whose reader stalled keeps the window it had. New streams
+        start at the configured window (SETTINGS stay as sent) and grow on their first read."""
+        self.stream_window = stream_window
+        if (wanted := 2 * stream_window) > self._connection_window:
+            self.write_frame(fr.window_update(0, wanted - self._connection_window))
+            self._connection_window = wanted
+        log.debug("h2 stream window grown to %d bytes", stream_window)
 
     def _on_goaway(self, frame: fr.Frame) -> None:
         last = int.from_bytes(frame.payload[:4], "big") & 0x7FFFFFFF

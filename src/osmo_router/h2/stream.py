@@ -92,6 +92,9 @@ class Stream:
         self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
         self._closed = self._loop.create_future()
         self._credit: _Credit | None = None  # set by use_budgets
+        #: Whether the stream may take up the connection's (grown) window: from the start unless the
+        #: connection starts streams smaller (H2Config.initial_stream_window), else once `use_budgets`.
+        self._may_grow = recv_window >= conn.config.stream_window
 
     # -- inbound ---------------------------------------------------------------------------------
 
@@ -166,6 +169,9 @@ class Stream:
         if self._messages:
             message = self._messages.popleft()
             self._queued -= len(message) + 5
+            # The connection's window grew with the link (h2/bdp.py): a stream takes it up as it reads.
+            if self._recv_window < self.conn.stream_window and self._may_grow:
+                self._recv_window = self.conn.stream_window
             self._grant()
             return message
         if self.reset_code is not None:
@@ -198,12 +204,15 @@ class Stream:
             self._credit.sync(self)
 
     def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
-        """Count what this stream holds and may receive in `budgets` from now on, and grow its window to
-        the connection's `stream_window` as they have room (see the module docstring). Once."""
-        if self._credit is not None or not budgets or self.closed:
+        """Take up the connection's full stream window from now on; with `budgets`, count what this
+        stream holds and may receive in them, and grow only as they have room (see the module
+        docstring). Once (the relay calls it for every stream it reads)."""
+        if (self._may_grow and (self._credit is not None or not budgets)) or self.closed:
             return
-        self._credit = _Credit(budgets)
-        self._recv_window = max(self._recv_window, self.conn.config.stream_window)
+        self._may_grow = True
+        if budgets:
+            self._credit = _Credit(budgets)
+        self._recv_window = max(self._recv_window, self.conn.stream_window)
         self._grant()
 
     @property

@@ -302,6 +302,9 @@ class RouterServer:
             "grpc_server": self.config.grpc_server,
             # Native server: what one stream the relay does not read can hold besides the budgets.
             "stream_window_bytes": self.config.stream_window_bytes if self.config.grpc_server == "native" else None,
+            "max_stream_window_bytes": (
+                self.config.max_stream_window_bytes if self.config.grpc_server == "native" else None
+            ),
         }
         log.info(
             "memory limits: %d MiB per user, %d MiB in all, memory guard at %d MiB RSS",

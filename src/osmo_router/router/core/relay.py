@@ -85,9 +85,10 @@ async def relay_side(
     """
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
     use_budgets = getattr(endpoint, "use_budgets", None)
-    if use_budgets is not None and inbound.budgets:
-        # What this side's stream holds unread, and the window its sender may still fill, count in
-        # the budgets its queue counts in: the per-user and total budgets bound the streams too.
+    if use_budgets is not None:
+        # The stream (native server) takes up its full window now, and what it holds unread and the
+        # window its sender may still fill count in the budgets its queue counts in: the per-user and
+        # total budgets bound the streams too. (A session relayed for another replica has none.)
         use_budgets(inbound.budgets)
     reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
     watchdog = WriteWatchdog(flow_control_timeout, min_drain_rate)

@@ -41,7 +41,11 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
 
 
 def native_tls(config: RouterConfig) -> ssl.SSLContext:
-    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials."""
+    """The native server's TLS context: the same certificate, key and client-CA rule as server_credentials.
+
+    The files are read twice (here, then by `ssl`, which loads a certificate chain only from a path)
+    so that a missing or non-PEM file gives the same clear error on both servers, not OpenSSL's.
+    """
     _read_pem("--tls-cert", config.tls_cert)
     _read_pem("--tls-key", config.tls_key)
     if config.tls_client_ca:
@@ -93,6 +97,7 @@ def build_grpc_server(
                 # its session's budgets (h2/stream.py): uncounted streams (before the init, a pending
                 # session, a registration) hold at most this much each.
                 initial_stream_window=min(INITIAL_STREAM_WINDOW, config.stream_window_bytes),
+                max_stream_window=config.max_stream_window_bytes,
                 # Given back on receipt: room for every stream's window on a busy connection.
                 connection_window=max(DEFAULT_CONNECTION_WINDOW, 4 * config.stream_window_bytes),
                 max_concurrent_streams=config.max_concurrent_streams,
