@@ -141,16 +141,12 @@ def p99(samples: list[float]) -> float:
 
 
 class Trickle:
-    """Mallory's trickle reader: `exec cat /dev/zero` (no resume), 4 KiB taken every half second, for ever."""
+    """Mallory's trickle reader: `exec cat /dev/zero`, 4 KiB taken every half second, for ever."""
 
     def __init__(self, flags: list[str]) -> None:
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            # Without resume: a resumable session's output is also bounded end to end by the agent's
-            # replay window (16 MiB unacknowledged), which stops the agent sending once the client
-            # holds that much unread, with nothing left in the router for a router limit to judge
-            # (docs/security.md). A hostile reader does not ask for resume: the router must bound it.
-            client_cmd("exec", *flags, "--resume-grace", "0", "--", "sh", "-c", "exec cat /dev/zero"),
+            client_cmd("exec", *flags, "--", "sh", "-c", "exec cat /dev/zero"),
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=cli_env(),
@@ -294,7 +290,8 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
             f"by the flow-control timeout {by_timeout:g}; streams to her commands reset {resets}, "
             f"{running} commands running; echo p99 "
             f"quiet {p99(quiet) * 1e3:.2f}/{p99(after) * 1e3:.2f} ms, attacked {p99(attacked) * 1e3:.2f} ms "
-            f"({len(attacked)} round trips, {p99(attacked) / p99(quiet + after):.2f}x)"
+            f"({len(attacked)} round trips, {p99(attacked) / p99(quiet + after):.2f}x); "
+            f"not ended by a limit: {[end for end in _audit(router) if 'flow-control' not in end[1]]}"
         )
         print(figures)
         assert by_guard + by_timeout >= SESSIONS, figures  # every one of her sessions was ended by a limit

@@ -39,9 +39,7 @@ def router() -> Iterator[Router]:
 def test_a_trickle_reader_is_ended_like_a_stalled_one(router: Router) -> None:
     args = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
     trickle = subprocess.Popen(
-        # Without resume: a resumable session's output is bounded end to end by the agent's replay window
-        # instead, with nothing left in the router to judge (docs/security.md, the stall test's trickle).
-        client_cmd("exec", *args, "--resume-grace", "0", "--", "sh", "-c", "exec cat /dev/zero"),
+        client_cmd("exec", *args, "--", "sh", "-c", "exec cat /dev/zero"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=cli_env(),

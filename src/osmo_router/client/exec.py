@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import select
 import signal
 import sys
 import time
@@ -153,30 +152,7 @@ def _say(message: str, tty: bool) -> None:
 
 
 async def _write_stdout(data: bytes) -> None:
-    """Write `data` to stdout without blocking the event loop.
-
-    grpc.aio does its socket reads and answers the router's keepalive pings on this loop: a loop
-    blocked on a full stdout pipe (a reader taking a trickle) left the router's PING unanswered
-    behind the data in the socket, and the router cut the connection after its keepalive timeout
-    (issue 14: the session ended as "the client's stream broke", not by the flow-control limits).
-    A small write that fits the pipe goes at once; anything else waits in a thread, so the loop
-    keeps reading the socket (up to the stream's HTTP/2 window: no more is read ahead).
-    """
-    if len(data) <= _PIPE_BUF and _writable(1):
-        write_all(1, data)
-    else:
-        await asyncio.to_thread(write_all, 1, data)
-
-
-#: Bytes a pipe reported writable takes without blocking (POSIX: at least 512; Linux: 4096).
-_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
-
-
-def _writable(fd: int) -> bool:
-    try:
-        return bool(select.select([], [fd], [], 0)[1])
-    except (OSError, ValueError):
-        return False
+    write_all(1, data)
 
 
 async def receive_output(

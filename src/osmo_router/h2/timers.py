@@ -79,8 +79,20 @@ class Timers:
         self._later("ping_timeout", conn.config.keepalive_timeout, self._ping_timed_out)
 
     def _ping_timed_out(self) -> None:
-        log.info("h2 keepalive: no ping ack within %gs, closing", self.conn.config.keepalive_timeout)
-        self.conn.abort()
+        conn = self.conn
+        if _peer_not_reading(conn):
+            # Our data waits for the peer (its windows or our transport's buffer are full): the PING is
+            # queued behind it, so no ack says nothing of a lost peer, only of one that does not read,
+            # and its sessions' writers are held back, which the flow-control limits judge and end
+            # with their reason (issue 14: a trickle reader was cut here as "the client's stream broke"
+            # before its drain-rate limit fired). Ping again later; a peer lost for good stays bounded
+            # by those limits, then by this keepalive once nothing waits.
+            log.debug("h2 keepalive: no ping ack, but data waits for the peer: leaving it to the flow-control limits")
+            self._ping_payload = None
+            self._later("keepalive", conn.config.keepalive_time, self._ping)
+            return
+        log.info("h2 keepalive: no ping ack within %gs, closing", conn.config.keepalive_timeout)
+        conn.abort()
 
     def ping_acked(self, payload: bytes) -> None:
         """A PING ack: the peer is alive."""
@@ -121,3 +133,11 @@ class Timers:
         for handle in self._handles.values():
             handle.cancel()
         self._handles.clear()
+
+
+def _peer_not_reading(conn: Connection) -> bool:
+    """Whether data of ours waits for the peer: a stream blocked on a window or the transport, or the
+    transport's own buffer paused or not empty."""
+    transport = conn.transport
+    buffered = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+    return bool(conn._blocked) or conn.write_paused or buffered > 0
