@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -15,6 +18,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Keepalive rounds an unanswered PING is forgiven while our unsent data sits in the kernel only (no
+#: writer of ours waits): about 90 s with the defaults, time for a starved session's writer to get
+#: data again and meet the flow-control limits; a lost peer is then cut as before.
+KERNEL_ONLY_ROUNDS = 3
+
 
 class Timers:
     """A connection's timers: handshake, keepalive pings, ping tolerance, max idle, max age."""
@@ -24,6 +32,7 @@ class Timers:
         self.preface_buf = bytearray()
         self._handles: dict[str, asyncio.TimerHandle] = {}
         self._ping_payload: bytes | None = None
+        self._unanswered = 0  # keepalive rounds in a row left unanswered behind data in the kernel only
         self._last_peer_ping = 0.0
         self._strikes = 0
         self._reset_tokens = 10 * conn.config.max_peer_resets_per_second
@@ -80,7 +89,13 @@ class Timers:
 
     def _ping_timed_out(self) -> None:
         conn = self.conn
-        if _peer_not_reading(conn):
+        waiting = _peer_not_reading(conn)
+        if not waiting and _unsent_in_kernel(conn) > 0 and self._unanswered < KERNEL_ONLY_ROUNDS:
+            # Only the kernel holds our data (the last writes fit its buffer; the session's writer
+            # waits for more): the same non-reading peer, for a bounded number of rounds.
+            self._unanswered += 1
+            waiting = True
+        if waiting:
             # Our data waits for the peer (its windows or our transport's buffer are full): the PING is
             # queued behind it, so no ack says nothing of a lost peer, only of one that does not read,
             # and its sessions' writers are held back, which the flow-control limits judge and end
@@ -96,6 +111,7 @@ class Timers:
 
     def ping_acked(self, payload: bytes) -> None:
         """A PING ack: the peer is alive."""
+        self._unanswered = 0
         if payload == self._ping_payload:
             self._ping_payload = None
             self._stop("ping_timeout")
@@ -141,3 +157,15 @@ def _peer_not_reading(conn: Connection) -> bool:
     transport = conn.transport
     buffered = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
     return bool(conn._blocked) or conn.write_paused or buffered > 0
+
+
+def _unsent_in_kernel(conn: Connection) -> int:
+    """Bytes the kernel holds for the peer not yet acknowledged (TIOCOUTQ); 0 when unknown."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+    except (OSError, ValueError):
+        return 0
