@@ -116,11 +116,31 @@ async def _transfer_through_delay_link(config: H2Config, delay: float, total: in
             assert chunk is not None
             got += len(chunk)
         await sender
+        await _grants_arrived(client, stream, receiving)
         return servers[0], stream, stalled
     finally:
         client.close()
         link.close()
         server.close()
+
+
+async def _grants_arrived(client: Connection, sending: Stream, receiving: Stream) -> None:
+    """Until every WINDOW_UPDATE the receiver sent for the stream crossed the link (both sides then
+    agree on what the sender may still send), checked after each read of the client's connection."""
+    arrived = asyncio.Event()
+    received = client.buffer_updated
+
+    def check() -> None:
+        if sending.send_window == receiving._recv_left:
+            arrived.set()
+
+    def buffer_updated(count: int) -> None:
+        received(count)
+        check()
+
+    client.buffer_updated = buffer_updated  # type: ignore[method-assign]
+    check()
+    await arrived.wait()
 
 
 @pytest.mark.asyncio
@@ -131,8 +151,8 @@ async def test_the_window_grows_on_a_long_link_and_the_sender_sees_it() -> None:
     # 256 KiB per 100 ms round trip is 2.5 MiB/s: the window is the limit, so it grew.
     assert server.stream_window >= 1 * MIB
     assert server.stream_window <= 4 * MIB
-    # The client applied the new SETTINGS to its open stream: at the end (everything read, at most a
-    # quarter of the window not yet given back) it may send more than the first window.
+    # The client took the grown window up for its open stream: at the end (everything read and the
+    # grants arrived, at most a quarter of the window not yet given back) it may send more than the first.
     assert stream.send_window > 256 * 1024
     # A stream whose reader never read keeps the first window (plus the message in part received,
     # given back so that it can complete): most of its 1 MiB is still unsent.

@@ -105,7 +105,7 @@ async def test_a_stalled_reader_holds_no_more_than_its_window(pair: Pair) -> Non
                 await stalled.write(message)
             return 200
 
-        received = _signal(served, "received_data")
+        received = _signal(served, "_wake_reader")
         writer = asyncio.create_task(flood())
         await _until(received, lambda: served._queued >= window - len(message) - 5)
         # The server's application reads nothing: what it holds is what the window let in (a

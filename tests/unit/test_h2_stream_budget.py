@@ -25,7 +25,7 @@ class Pair:
     client: Connection
     streams: asyncio.Queue[Stream]
     servers: list[Connection]
-    arrived: asyncio.Event  # set after every data_received of a server connection
+    arrived: asyncio.Event  # set after every read of a server connection
 
 
 @pytest_asyncio.fixture
@@ -38,13 +38,13 @@ async def pair() -> AsyncIterator[Pair]:
 
     def accept() -> Connection:
         conn = Connection("server", server_config, on_stream=streams.put_nowait)
-        original = conn.data_received
+        original = conn.buffer_updated  # (a BufferedProtocol: every read ends here)
 
-        def data_received(data: bytes) -> None:
-            original(data)
+        def buffer_updated(nbytes: int) -> None:
+            original(nbytes)
             arrived.set()
 
-        conn.data_received = data_received  # type: ignore[method-assign]
+        conn.buffer_updated = buffer_updated  # type: ignore[method-assign]
         servers.append(conn)
         return conn
 

@@ -236,8 +236,7 @@ class TcpRelay:
         reader = SocketReader(self.sock)
         try:
             try:
-                while chunk := await reader.recv(BULK_CHUNK_SIZE):
-                    await self.stream.send_data(chunk)
+                await reader.send_all(self.stream, BULK_CHUNK_SIZE)
                 self.target_eof = True
             except OSError as err:
                 await self._report(f"{self.where} reset the connection ({err.strerror or err})")

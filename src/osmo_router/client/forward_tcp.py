@@ -201,8 +201,7 @@ class ConnectionRelay:
     async def _local_to_remote(self) -> None:
         reader = SocketReader(self.conn)
         try:
-            while chunk := await reader.recv(BULK_CHUNK_SIZE):
-                await self.stream.send_data(chunk)
+            await reader.send_all(self.stream, BULK_CHUNK_SIZE)
             await self.stream.send(half_close_frame())
             await self.stream.close()
         except OSError:

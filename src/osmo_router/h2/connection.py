@@ -1,4 +1,4 @@
-"""An HTTP/2 connection for gRPC on an asyncio Protocol, in either role (client or server).
+"""An HTTP/2 connection for gRPC on an asyncio BufferedProtocol, in either role (client or server).
 
 API (stable; add, don't rename):
 
@@ -52,8 +52,10 @@ import hpack
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.bdp import BDP_PING, BdpEstimator
 from osmo_router.h2.config import H2Config
+from osmo_router.h2.reader import FrameReader
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.timers import Timers
+from osmo_router.h2.writer import VectorWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class ConnectionClosed(Exception):
     """The connection is closed or going away: no new stream can be opened."""
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One HTTP/2 connection (see the module docstring for the API)."""
 
     def __init__(
@@ -88,6 +90,11 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self.closed = False
         self._parser = fr.FrameParser(self.config.max_frame_size, self.config.max_header_list_size)
+        self._reader = FrameReader(self._parser, self)
+        self._preface_view = memoryview(bytearray(len(fr.PREFACE)))
+        self._data_stream: Stream | None = None  # the stream of the DATA frame arriving
+        self._data_end_stream = False  # whether that frame has END_STREAM
+        self._data_flow = 0  # and its length
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=self.config.max_header_list_size)
         self._preface_pending = role == "server"
@@ -121,6 +128,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         """Send our preface (client) and SETTINGS, open the connection window, start the timers."""
         self.transport = transport
+        self._output = VectorWriter(transport)
         self.peer_address = transport.get_extra_info("peername")
         config = self.config
         settings = {
@@ -168,15 +176,19 @@ class Connection(asyncio.Protocol):
         self.write_paused = False
         self._flush_blocked()
 
-    def data_received(self, data: bytes) -> None:
-        """Parse and handle every complete frame; protocol errors end the connection with GOAWAY."""
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """asyncio.BufferedProtocol: where the transport reads to (see h2/reader.py)."""
         if self._preface_pending:
-            data = self._take_preface(data)
-            if not data:
-                return
+            return self._preface_view
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """Handle every complete frame (and DATA as it arrives); protocol errors end the connection with GOAWAY."""
         try:
-            for frame in self._parser.feed(data):
-                self._handle(frame)
+            if self._preface_pending:
+                self._take_preface(nbytes)
+            else:
+                self._reader.buffer_updated(nbytes)
         except fr.ProtocolError as err:
             self.fail(err.code, str(err))
             return
@@ -184,20 +196,29 @@ class Connection(asyncio.Protocol):
             self.write_frame(fr.window_update(0, self._recv_unacked))
             self._recv_unacked = 0
 
-    def _take_preface(self, data: bytes) -> bytes:
+    def data_received(self, data: bytes) -> None:
+        """The same for a transport that hands over bytes (copied into the read buffers)."""
+        view = memoryview(data)
+        while view and not self.closed:
+            target = self.get_buffer(len(view))
+            take = min(len(target), len(view))
+            target[:take] = view[:take]
+            view = view[take:]
+            self.buffer_updated(take)
+
+    def _take_preface(self, count: int) -> None:
+        # The client preface is read into a buffer of its own size: nothing past it is read with it.
         buf = self._timers.preface_buf
-        buf += data
+        buf += self._preface_view[:count]
         if len(buf) < len(fr.PREFACE):
+            self._preface_view = memoryview(bytearray(len(fr.PREFACE) - len(buf)))
             if not fr.PREFACE.startswith(bytes(buf)):
                 self.close()
-            return b""
-        if not buf.startswith(fr.PREFACE):
-            self.close()
-            return b""
+            return
         self._preface_pending = False
-        rest = bytes(buf[len(fr.PREFACE) :])
+        if buf != fr.PREFACE:
+            self.close()
         buf.clear()
-        return rest
 
     # -- frames in ------------------------------------------------------------------------------------
 
@@ -208,18 +229,84 @@ class Connection(asyncio.Protocol):
         if handler is not None:  # unknown frame types (and PRIORITY, PUSH_PROMISE to a server) are ignored
             handler(self, frame)
 
-    def _on_data(self, frame: fr.Frame) -> None:
-        flow = frame.flow
+    # -- DATA as it arrives (h2/reader.py's DataSink) ------------------------------------------------
+
+    def on_frame(self, frame: fr.Frame) -> None:
+        """A whole frame from the reader."""
+        self._handle(frame)
+
+    def data_begin(self, stream_id: int, flags: int, length: int) -> None:
+        """An unpadded DATA frame's header: the windows count it now; its payload follows."""
+        if not self._settings_received:
+            raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+        self._data_stream = None
+        self._data_end_stream = bool(flags & fr.END_STREAM)
+        self._data_flow = length
+        stream = self._data_target(stream_id, length)
+        if stream is None:
+            return
+        try:
+            stream.data_begin(length)
+        except StreamReset as err:
+            stream.reset(err.code)
+            return
+        self._data_stream = stream
+
+    def data_piece(self, payload: memoryview) -> None:
+        """The next bytes of the current DATA frame's payload."""
+        stream = self._data_stream
+        if stream is None:
+            return
+        if stream.reset_code is not None:  # reset while its frame was arriving: the rest is dropped
+            self._data_stream = None
+            return
+        try:
+            stream.data_piece(payload)
+        except MessageTooLarge as err:
+            self._data_stream = None
+            self._too_large(stream, str(err))
+
+    def data_buffer(self) -> memoryview | None:
+        """The message under way on the current DATA frame's stream, to read into directly."""
+        stream = self._data_stream
+        return stream.direct_buffer() if stream is not None else None
+
+    def data_filled(self, count: int) -> None:
+        """`count` bytes were read into `data_buffer`."""
+        if self._data_stream is not None:
+            self._data_stream.direct_filled(count)
+
+    def data_end(self) -> None:
+        """The current DATA frame is complete: its END_STREAM, if it had one."""
+        self._count_for_bdp(self._data_flow)
+        stream, self._data_stream = self._data_stream, None
+        if stream is not None and self._data_end_stream and stream.reset_code is None:
+            self._peer_ended(stream)
+
+    def _count_for_bdp(self, flow: int) -> None:
+        """A DATA frame arrived whole: its bytes count for the bandwidth sample (h2/bdp.py)."""
+        if self._bdp is not None and self._bdp.on_data(flow):
+            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
+
+    def _data_target(self, stream_id: int, flow: int) -> Stream | None:
+        """Count a DATA frame against the connection window; its stream, if it still takes data."""
         self._recv_unacked += flow
         if self._recv_unacked > self._connection_window:
             raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
-        if self._bdp is not None and self._bdp.on_data(flow):
-            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
-        stream = self.streams.get(frame.stream_id)
+        stream = self.streams.get(stream_id)
         if stream is None or stream.ended_in:
-            if frame.stream_id > self._last_peer_id and frame.stream_id % 2 != self._next_id % 2:
+            if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:
                 raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream we reset or closed: its bytes still count for the connection window
+            return None  # a stream we reset or closed: its bytes still count for the connection window
+        return stream
+
+    def _on_data(self, frame: fr.Frame) -> None:
+        # A PADDED DATA frame, parsed whole (unpadded ones come piecewise: data_begin above).
+        flow = frame.flow
+        stream = self._data_target(frame.stream_id, flow)
+        self._count_for_bdp(flow)
+        if stream is None:
+            return
         try:
             stream.received_data(frame.payload, flow)
         except StreamReset as err:
@@ -445,7 +532,7 @@ class Connection(asyncio.Protocol):
         if length <= SMALL_MESSAGE:
             transport.write(prefix + message)  # one small copy is cheaper than a vector of three
         else:
-            transport.writelines((prefix, message))
+            self._output.writelines((prefix, message))  # (no join: see writer.py)
         self._timers.sent_data()
         return True
 
@@ -469,11 +556,11 @@ class Connection(asyncio.Protocol):
             self.send_window -= room
             pending += room
             if pending >= batch:
-                transport.writelines(out)
+                self._output.writelines(out)
                 self._timers.sent_data()
                 out, pending = [], 0
         if out:
-            transport.writelines(out)
+            self._output.writelines(out)
             self._timers.sent_data()
         if stream.unsent:
             self._blocked[stream.id] = stream
@@ -496,10 +583,14 @@ class Connection(asyncio.Protocol):
                 return
             self.flush(stream)
         if not self.write_paused and self.drain_waiters:
-            # Writers that waited only for the transport (their own data had gone out).
+            # Writers that waited only for the transport (their own data had gone out) are woken; the
+            # others stay: their data may yet go out while the transport is paused again, and then
+            # only the next resume wakes them (flush does not while paused).
             waiters, self.drain_waiters = self.drain_waiters, set()
             for stream in waiters:
-                if not stream.unsent:
+                if stream.unsent:
+                    self.drain_waiters.add(stream)
+                else:
                     stream.notify_drained()
 
     def maybe_forget(self, stream: Stream, force: bool = False) -> None:

@@ -40,6 +40,8 @@ MAX_WINDOW = 2**31 - 1
 MAX_FRAME_LIMIT = 2**24 - 1
 
 _HEADER = struct.Struct(">IBI")  # length (24 bits) and type in one word, flags, stream id
+#: A frame header: length (24 bits) and type in one word, flags, stream id (R bit included).
+HEADER = _HEADER
 _DATA_MESSAGE = struct.Struct(">IBIBI")  # a DATA frame header, then a gRPC message prefix
 _SETTING = struct.Struct(">HI")
 
@@ -200,6 +202,16 @@ class FrameParser:
             view.release()
             if not buffered and pos < size:
                 self._buf += src[pos:]
+
+    @property
+    def in_header_block(self) -> bool:
+        """Whether a HEADERS block awaits its CONTINUATIONs (no other frame may come)."""
+        return self._block is not None
+
+    def check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
+        """One whole frame whose header was read elsewhere (h2/reader.py), checked as `feed` checks it;
+        None while a header block is incomplete."""
+        return self._check(kind, flags, stream_id, payload)
 
     def _check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
         if kind == DATA and self._block is None and stream_id:  # the common case, checked as below

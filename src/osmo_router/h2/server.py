@@ -173,7 +173,7 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
             )
             self._servers.append(server)
 
-    def _accept(self) -> asyncio.Protocol:
+    def _accept(self) -> asyncio.BaseProtocol:
         if self._stopping or (self.max_connections and len(self.connections) >= self.max_connections):
             return _Refused()
         if self.address_gate is None:

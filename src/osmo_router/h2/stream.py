@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from osmo_router.h2 import frames as fr
+from osmo_router.io.buffers import finish, new_message
 
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 CREDIT_FLOOR = 64 * 1024
 
 Headers = list[tuple[str, str]]
+
+_EMPTY_VIEW = memoryview(b"")
 
 
 class ByteBudget(Protocol):
@@ -79,8 +82,13 @@ class Stream:
         self._recv_left = recv_window  # what the peer may still send before our next WINDOW_UPDATE
         self._messages: deque[bytes] = deque()
         self._queued = 0  # bytes (with prefixes) of complete messages not yet read
-        self._partial = bytearray()  # an incomplete message, with its prefix
-        self._need = 0  # the partial message's total length with its prefix (0 = not known yet)
+        self._head = bytearray()  # the prefix of the next message, when it came split
+        self._message: bytes | bytearray = b""  # the message being assembled (see io/buffers.py)
+        self._into = _EMPTY_VIEW  # a writable view of all of it
+        self._need = 0  # its length (0: none under way)
+        self._filled = 0  # its bytes received so far
+        self._growing = False  # it is assembled piecewise (see _start_message), not read into in place
+        self._inflight = 0  # bytes of the current DATA frame counted against the window, not yet here
         self.compressed_received = False
         self._out: deque[memoryview] = deque()
         self._out_bytes = 0
@@ -99,45 +107,112 @@ class Stream:
     # -- inbound ---------------------------------------------------------------------------------
 
     def received_data(self, payload: memoryview, flow_length: int) -> None:
-        """A DATA payload (padding removed); `flow_length` is what it counted against the windows."""
+        """A whole DATA payload (padding removed); `flow_length` is what it counted against the windows."""
+        self.data_begin(flow_length)
+        self._inflight = 0
+        self._assemble(payload)
+        self._grant()
+        self._wake_reader()
+
+    def data_begin(self, flow_length: int) -> None:
+        """A DATA frame's header: its `flow_length` counts against the stream window now; its payload
+        follows in pieces (`data_piece`, `direct_filled`)."""
         self._recv_left -= flow_length
         if self._recv_left < 0:
             raise StreamReset(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the stream window")
+        self._inflight = flow_length
+
+    def data_piece(self, payload: memoryview) -> None:
+        """The next piece of the current DATA frame's (unpadded) payload, as it arrived."""
+        self._inflight -= len(payload)
+        self._assemble(payload)
+        self._grant_if_stuck()
+        self._wake_reader()
+
+    def direct_buffer(self) -> memoryview | None:
+        """Where the rest of the message being assembled goes, for the transport to read into; None
+        unless one is under way (its prefix arrived)."""
+        if self._need and not self._growing and self.reset_code is None:
+            return self._into[self._filled :]
+        return None
+
+    def direct_filled(self, count: int) -> None:
+        """`count` payload bytes were read straight into `direct_buffer`."""
+        self._inflight -= count
+        self._filled += count
+        if self._filled == self._need:
+            self._complete()
+        self._grant_if_stuck()
+        self._wake_reader()
+
+    def _grant_if_stuck(self) -> None:
+        """Give back the bytes of the message under way now if it could not complete otherwise (it is
+        larger than what the peer may still send); else they go back with the message, once read: one
+        WINDOW_UPDATE per message, not one per read of it."""
+        missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
+        if missing > self._recv_left + self._inflight:
+            self._grant()
+
+    def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
         pos, size = 0, len(payload)
         while pos < size:
-            if not self._partial and size - pos >= 5:
+            if not self._need and not self._head and size - pos >= 5:
                 length = int.from_bytes(payload[pos + 1 : pos + 5], "big")
                 self._check(payload[pos], length, max_message)
                 if size - pos >= 5 + length:  # whole in this payload: one copy, straight out of it
                     self._queue(bytes(payload[pos + 5 : pos + 5 + length]), length + 5)
                     pos += 5 + length
                     continue
+                self._start_message(length, size - pos - 5)
+                pos += 5
             pos = self._append_partial(payload, pos, max_message)
-        # Bytes of a partial message are given back at once (a message larger than the window must
-        # be able to arrive); complete messages only once read.
-        self._grant()
-        self._wake_reader()
 
     def _append_partial(self, payload: memoryview, pos: int, max_message: int) -> int:
-        partial = self._partial
-        if not self._need:
-            take = min(5 - len(partial), len(payload) - pos)
-            partial += payload[pos : pos + take]
+        if not self._need:  # the prefix, split across payloads
+            head = self._head
+            take = min(5 - len(head), len(payload) - pos)
+            head += payload[pos : pos + take]
             pos += take
-            if len(partial) < 5:
+            if len(head) < 5:
                 return pos
-            length = int.from_bytes(partial[1:5], "big")
-            self._check(partial[0], length, max_message)
-            self._need = 5 + length
-        take = min(self._need - len(partial), len(payload) - pos)
-        partial += payload[pos : pos + take]
-        pos += take
-        if len(partial) == self._need:
-            self._queue(bytes(memoryview(partial)[5:]), self._need)
-            self._partial = bytearray()
-            self._need = 0
-        return pos
+            length = int.from_bytes(head[1:5], "big")
+            flag = head[0]
+            head.clear()
+            self._check(flag, length, max_message)
+            if not length:
+                self._queue(b"", 5)
+                return pos
+            self._start_message(length, len(payload) - pos)
+        take = min(self._need - self._filled, len(payload) - pos)
+        if self._growing:
+            self._message += payload[pos : pos + take]
+        else:
+            self._into[self._filled : self._filled + take] = payload[pos : pos + take]
+        self._filled += take
+        if self._filled == self._need:
+            self._complete()
+        return pos + take
+
+    def _start_message(self, length: int, here: int) -> None:
+        """A message of `length` bytes (checked) begins, `here` of them in the payload at hand.
+
+        Allocated once at its length when the peer may send all of it now (the windows bound what a
+        peer makes us hold, not the lengths it announces); else it grows as its bytes arrive (and is
+        copied once at the end, as any message assembled in pieces used to be).
+        """
+        self._growing = length > here + self._inflight + max(self._recv_left, 0)
+        if self._growing:
+            self._message, self._into = bytearray(), _EMPTY_VIEW
+        else:
+            self._message, self._into = new_message(length)
+        self._need = length
+        self._filled = 0
+
+    def _complete(self) -> None:
+        self._queue(finish(self._message), self._need + 5)
+        self._message, self._into = b"", _EMPTY_VIEW
+        self._need = self._filled = 0
 
     def _check(self, flag: int, length: int, max_message: int) -> None:
         if flag & 1:
@@ -194,7 +269,7 @@ class Stream:
             if self._credit is not None:
                 self._credit.sync(self)
             return
-        grant = self._recv_window - self._queued - self._recv_left
+        grant = self._recv_window - self._queued - self._recv_left - self._inflight
         if self._credit is not None:
             grant = self._credit.allowed(self, grant)
         if grant >= self._recv_window >> 2 or (grant > 0 and self._recv_left <= 0):
@@ -217,15 +292,15 @@ class Stream:
 
     @property
     def exposure(self) -> int:
-        """Bytes this stream holds unread plus the window its peer may still fill."""
+        """Bytes this stream holds unread (a message under way included) plus the window its peer has
+        filled (a DATA frame still arriving) or may still fill."""
         open_window = 0 if self.ended_in or self.reset_code is not None else max(0, self._recv_left)
-        return open_window + self._queued + len(self._partial)
+        return open_window + self._inflight + self._queued + self._filled + len(self._head)
 
     def _missing(self) -> int:
-        """Window the message that has begun still needs beyond what the peer may send now."""
-        if not self._partial:
-            return 0
-        return max(0, (self._need or 5) - len(self._partial) - self._recv_left)
+        """Window the message under way still needs beyond what the peer may send now."""
+        missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
+        return max(0, missing - self._recv_left - self._inflight)
 
     def _wake_reader(self) -> None:
         if self._readable is not None and not self._readable.done():
@@ -341,6 +416,8 @@ class Stream:
         self._out_bytes = 0
         self._messages.clear()
         self._queued = 0
+        self._message, self._into = b"", _EMPTY_VIEW  # a message under way is dropped: no more of it is taken
+        self._need = self._filled = 0
         if self._credit is not None:
             self._credit.release()
             self._credit = None  # over: nothing is counted again

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import struct
+import sys
+import termios
 from typing import Any, Final
 
 import grpc
 
+from osmo_router.io.buffers import finish, new_message
 from osmo_router.transport import SessionStream
+from osmo_router.wire.codec import data_header, encode_data_message
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import CLOSE_GRACE
 
@@ -99,6 +104,8 @@ class SocketReader:
         self._waiter: asyncio.Future[None] | None = None
         self._registered = False
         self._unclaimed = False
+        self._fionread = True
+        self._count = bytearray(4)  # FIONREAD's answer (a C int)
 
     async def recv(self, size: int) -> bytes:
         """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError."""
@@ -107,15 +114,70 @@ class SocketReader:
                 return self.sock.recv(size)
             except (BlockingIOError, InterruptedError):
                 pass
-            self._waiter = self._loop.create_future()
-            self._unclaimed = False
-            if not self._registered:
-                self._loop.add_reader(self._fd, self._ready)
-                self._registered = True
+            await self._readable()
+
+    async def send_all(self, stream: SessionStream, size: int) -> None:
+        """Send what the socket gives as data frames of up to `size` bytes until its EOF. Raises OSError.
+
+        On a raw stream each frame message is read in place (`recv_data_message`): the payload is
+        not copied again to put the message's header in front of it.
+        """
+        if not stream.raw:
+            while chunk := await self.recv(size):
+                await stream.send_data(chunk)
+            return
+        while message := await self.recv_data_message(size):
+            await stream.send_data_message(message)
+
+    async def recv_data_message(self, size: int) -> bytes:
+        """Up to `size` bytes as an encoded data-frame message (`encode_data_message` of them), waiting
+        until some came; b"" at the peer's EOF. Raises OSError.
+
+        How much is waiting (FIONREAD) sizes the message, allocated once with its header in front;
+        the socket's bytes are read straight after the header.
+        """
+        while True:
             try:
-                await self._waiter
-            finally:
-                self._waiter = None
+                waiting = self._waiting()
+                if waiting:
+                    return self._read_message(min(waiting, size))
+                chunk = self.sock.recv(size)  # nothing waiting: EOF, an error, or bytes just arrived
+                return encode_data_message(chunk) if chunk else b""
+            except (BlockingIOError, InterruptedError):
+                pass
+            await self._readable()
+
+    def _waiting(self) -> int:
+        """Bytes the socket holds unread (0 where FIONREAD is not supported)."""
+        if not self._fionread:
+            return 0
+        try:
+            fcntl.ioctl(self._fd, termios.FIONREAD, self._count)
+        except OSError:
+            self._fionread = False
+            return 0
+        return int.from_bytes(self._count, sys.byteorder, signed=True)
+
+    def _read_message(self, length: int) -> bytes:
+        header = data_header(length)
+        holder, view = new_message(len(header) + length)
+        view[: len(header)] = header
+        got = self.sock.recv_into(view[len(header) :])
+        if got == length:  # (FIONREAD's count is there: always, on a stream socket nobody else reads)
+            return finish(holder)
+        return encode_data_message(bytes(view[len(header) : len(header) + got])) if got else b""
+
+    async def _readable(self) -> None:
+        """Until the socket may be read (staying registered for the next wait; see the class docstring)."""
+        self._waiter = self._loop.create_future()
+        self._unclaimed = False
+        if not self._registered:
+            self._loop.add_reader(self._fd, self._ready)
+            self._registered = True
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
 
     def _ready(self) -> None:
         if self._waiter is not None:

@@ -1,0 +1,173 @@
+"""The receiving half of a connection: a read buffer for asyncio.BufferedProtocol, and the frame walk.
+
+A bulk gRPC message (1 MiB) arrives as one large DATA frame over several transport reads. Parsed
+whole, it was copied three times on its way to the reader (into the parser's buffer, into the
+stream's partial message, out of it as bytes). Here the transport reads into a buffer we hand it
+(`get_buffer`): our read buffer for frame headers, control frames and small messages, or, while a
+DATA frame's payload continues a message whose length is known, the message itself
+(`DataSink.data_buffer`, see io/buffers.py), so the kernel's copy is the only one. Unpadded DATA
+payloads go to the sink piecewise, as they arrive; every other frame (PADDED DATA included) is
+parsed whole by `FrameParser` as before.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from osmo_router.h2 import frames as fr
+
+#: The read buffer of a busy connection (one whose reads fill what they are offered).
+READ_SIZE = 256 * 1024
+#: The read buffer of a quiet connection (a router holds one connection per agent and client: an
+#: idle one keeps this much). After a DATA frame of READ_SIZE or more, the read for the next frame
+#: header is this small too: that frame is likely as large, and what a read brings of its payload
+#: into the read buffer is copied out again, while the rest of it is read straight into its message.
+HEADER_READ = 16 * 1024
+#: Reads this small, this many in a row, make a busy connection quiet again.
+SMALL_READ, QUIET_AFTER = 4 * 1024, 32
+
+
+class DataSink(Protocol):
+    """Where `FrameReader` delivers frames (the connection)."""
+
+    def on_frame(self, frame: fr.Frame) -> None:
+        """A whole frame (anything but unpadded DATA)."""
+
+    def data_begin(self, stream_id: int, flags: int, length: int) -> None:
+        """An unpadded DATA frame's header; its `length` payload bytes follow."""
+
+    def data_piece(self, payload: memoryview) -> None:
+        """The next payload bytes of the current DATA frame (a view valid during the call)."""
+
+    def data_end(self) -> None:
+        """The current DATA frame's payload is complete."""
+
+    def data_buffer(self) -> memoryview | None:
+        """Where the current DATA frame's next bytes may be read to directly (None: the read buffer)."""
+
+    def data_filled(self, count: int) -> None:
+        """`count` bytes of the current DATA frame were read into the last `data_buffer`."""
+
+
+class FrameReader:
+    """Hands the transport its read buffers and walks the frames in what arrived."""
+
+    def __init__(self, parser: fr.FrameParser, sink: DataSink) -> None:
+        self._parser = parser
+        self._sink = sink
+        self._capacity = HEADER_READ  # the read buffer's usual size now (READ_SIZE while busy)
+        self._small_reads = 0  # small reads in a row
+        self._buf = bytearray(HEADER_READ)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # end of what arrived
+        self._need = 0  # bytes from _start a whole frame needs (0: unknown, a header at least)
+        self._left = 0  # payload bytes of the current DATA frame not yet delivered
+        self._direct = False  # the last buffer handed out was the sink's
+        self._large = False  # the last DATA frame was large (see HEADER_READ)
+        self._offered = 0  # the size of the last read buffer handed out (ours)
+
+    def get_buffer(self) -> memoryview:
+        """The buffer for the transport's next read."""
+        if self._left and self._start == self._end:
+            target = self._sink.data_buffer()
+            if target is not None and len(target):
+                self._direct = True
+                return target[: self._left] if len(target) > self._left else target
+        self._direct = False
+        self._make_room()
+        if self._large and self._start == self._end:
+            self._offered = HEADER_READ
+            return memoryview(self._buf)[:HEADER_READ]
+        self._offered = len(self._buf) - self._end
+        return memoryview(self._buf)[self._end :]
+
+    def _make_room(self) -> None:
+        # Never resized in place: the transport may still hold a view of the last buffer.
+        start, end, need, capacity = self._start, self._end, self._need, self._capacity
+        kept = end - start
+        if not kept:
+            self._start = self._end = 0
+            if len(self._buf) != capacity and need <= capacity:
+                self._buf = bytearray(capacity)  # busy, quiet again, or grown for one large frame
+            if need <= len(self._buf):
+                return
+        room = capacity // 4
+        if len(self._buf) - end >= max(need - kept, room):
+            return
+        if max(need, kept + room) <= len(self._buf):
+            self._buf[:kept] = self._buf[start:end]  # same length: allowed while views exist
+        else:
+            grown = bytearray(max(need, kept + room, capacity))
+            grown[:kept] = self._buf[start:end]
+            self._buf = grown
+        self._start, self._end = 0, kept
+
+    def _note_read(self, count: int) -> None:
+        """A busy connection gets the larger read buffer; a quiet one the smaller again."""
+        if count >= self._offered:
+            self._small_reads = 0
+            self._capacity = READ_SIZE
+        elif count < SMALL_READ:
+            self._small_reads += 1
+            if self._small_reads >= QUIET_AFTER:
+                self._capacity = HEADER_READ
+
+    def buffer_updated(self, count: int) -> None:
+        """`count` bytes were read into the last buffer: deliver them (raises ProtocolError)."""
+        if self._direct:
+            self._direct = False
+            self._left -= count
+            self._sink.data_filled(count)
+            if not self._left:
+                self._sink.data_end()
+            return
+        self._end += count
+        self._note_read(count)
+        self._walk()
+
+    def _walk(self) -> None:
+        buf, sink, parser = self._buf, self._sink, self._parser
+        view = memoryview(buf)
+        start, end = self._start, self._end
+        try:
+            while True:
+                if self._left:
+                    take = min(self._left, end - start)
+                    if not take:
+                        break
+                    self._left -= take
+                    start += take
+                    self._start = start
+                    sink.data_piece(view[start - take : start])
+                    if not self._left:
+                        sink.data_end()
+                    continue
+                if end - start < 9:
+                    break
+                word, flags, stream_id = fr.HEADER.unpack_from(buf, start)
+                length, kind = word >> 8, word & 0xFF
+                if length > parser.max_frame_size:
+                    raise fr.ProtocolError(fr.ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                stream_id &= 0x7FFFFFFF
+                if kind == fr.DATA and not flags & fr.PADDED and stream_id and not parser.in_header_block:
+                    start += 9
+                    self._start = start
+                    self._left = length
+                    self._large = length >= READ_SIZE
+                    sink.data_begin(stream_id, flags, length)
+                    if not length:
+                        sink.data_end()
+                    continue
+                if end - start < 9 + length:
+                    self._need = 9 + length
+                    break
+                payload = view[start + 9 : start + 9 + length]
+                start += 9 + length
+                self._start = start
+                frame = parser.check(kind, flags, stream_id, payload)
+                if frame is not None:
+                    sink.on_frame(frame)
+            if start == end or self._left:
+                self._need = 0
+        finally:
+            view.release()

@@ -1,0 +1,59 @@
+"""SocketReader.recv_data_message: a socket's bytes as data-frame messages read in place (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+from osmo_router.io.forwarding import SocketReader
+from osmo_router.wire.codec import decode_data_message, encode_data_message
+
+
+@pytest.mark.asyncio
+async def test_messages_are_exactly_the_encoded_payloads_at_every_size() -> None:
+    # Sizes across every header length (one- to three-byte varints), and past the read size.
+    sizes = [1, 127, 128, 16_379, 16_384, 200_000, 3 << 20]
+    payloads = [os.urandom(size) for size in sizes]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sending = socket.create_connection(server.getsockname())
+        receiving, _ = server.accept()
+    receiving.setblocking(False)
+    reader = SocketReader(receiving)
+    try:
+        async with asyncio.timeout(20):
+            for payload in payloads:
+                sending.sendall(payload)
+                got = bytearray()
+                while len(got) < len(payload):
+                    message = await reader.recv_data_message(1 << 20)
+                    assert isinstance(message, bytes)
+                    piece = decode_data_message(message)
+                    assert piece is not None and 0 < len(piece) <= 1 << 20
+                    assert message == encode_data_message(bytes(piece))
+                    got += piece
+                assert got == payload
+            sending.close()
+            assert await reader.recv_data_message(1 << 20) == b""
+    finally:
+        reader.close()
+        receiving.close()
+
+
+@pytest.mark.asyncio
+async def test_without_fionread_the_message_is_encoded_from_a_plain_read() -> None:
+    left, right = socket.socketpair()
+    right.setblocking(False)
+    reader = SocketReader(right)
+    reader._fionread = False  # as after an ioctl the socket refused
+    try:
+        async with asyncio.timeout(5):
+            left.send(b"abc")
+            assert await reader.recv_data_message(1024) == encode_data_message(b"abc")
+            left.close()
+            assert await reader.recv_data_message(1024) == b""
+    finally:
+        reader.close()
+        right.close()
