@@ -162,3 +162,41 @@ async def test_a_period_in_which_the_writer_waited_for_data_is_not_held_against_
         await asyncio.sleep(0.015)
     assert not watchdog.fired
     watchdog.close()
+
+
+async def _trickle_with_gaps(watchdog: WriteWatchdog, gap_every: int, writes: int) -> None:
+    """4 KiB writes of 20 ms each; every `gap_every` writes the queue runs empty for 30 ms (the
+    sender is held back by a shared budget), as the stall test's trickle reader sees it."""
+    for done in range(writes):
+        if done % gap_every == gap_every - 1:
+            watchdog.idle()
+            await asyncio.sleep(0.03)
+        with watchdog:
+            await asyncio.sleep(0.02)
+        watchdog.moved += 4096
+
+
+@pytest.mark.asyncio
+async def test_a_trickle_whose_queue_runs_empty_now_and_then_is_still_ended() -> None:
+    # 200 KiB/s of writing time, under 1 MiB/s: a short wait for data in every period must not
+    # exempt the period (before: it was thrown away, or never judged, and the trickle went on).
+    watchdog = WriteWatchdog(0.2, min_rate=1024 * 1024)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(5):
+            await _trickle_with_gaps(watchdog, 4, 1000)
+    assert watchdog.fired and watchdog.slow
+    watchdog.close()
+
+
+@pytest.mark.asyncio
+async def test_a_slow_sender_with_a_fast_reader_goes_on() -> None:
+    # Mostly waiting for data, each write quick and large: the reader keeps up, nothing fires.
+    watchdog = WriteWatchdog(0.2, min_rate=1024 * 1024)
+    for _ in range(40):
+        watchdog.idle()
+        await asyncio.sleep(0.02)
+        with watchdog:
+            await asyncio.sleep(0.002)
+        watchdog.moved += 64 * 1024
+    assert not watchdog.fired
+    watchdog.close()

@@ -69,8 +69,10 @@ def connection_limit_options(f: Any) -> Any:
             type=int,
             default=DEFAULT_STREAM_WINDOW,
             show_default=True,
-            help="gRPC port, native server: each stream's HTTP/2 receive window, given back as the router reads; "
-            "a stream whose data the router cannot pass on holds at most this (plus one message).",
+            help="gRPC port, native server: each session stream's HTTP/2 receive window, given back as the router "
+            "reads; counted in the user's and total buffer budgets (a stream starts at 64 KiB and grows to this "
+            "while they have room), so a stream whose data the router cannot pass on holds at most this "
+            "(plus one message).",
         ),
         click.option(
             "--max-stream-window-bytes",
@@ -100,6 +102,14 @@ def connection_limit_options(f: Any) -> Any:
             default=0,
             show_default=True,
             help="Metrics port: connections at once, kept apart from the others (0: 256, less under 4096 descriptors).",
+        ),
+        click.option(
+            "--max-connections-per-address",
+            type=int,
+            default=1024,
+            show_default=True,
+            help="gRPC port, native server: connections at once from one client address; past it a new one is "
+            "closed as soon as its address is known (0: no cap; raise it behind SNAT or a proxy).",
         ),
         click.option(
             "--ws-max-connections-per-address",

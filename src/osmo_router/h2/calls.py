@@ -166,6 +166,13 @@ class Call:
                         await stream.drained()
                 except TimeoutError:
                     # The client stopped reading: reset rather than hold its data and the handler.
+                    log.info(
+                        "stream %d reset: its peer did not read for %gs after the call ended (%d bytes dropped)",
+                        stream.id,
+                        self.close_grace,
+                        stream.unsent,
+                        extra={"fields": {"event": "stream_reset", "unsent_bytes": stream.unsent}},
+                    )
                     stream.reset(fr.ErrorCode.CANCEL)
                     return
                 except StreamReset:

@@ -18,6 +18,10 @@ class H2Config:
 
     #: Our receive window per stream (SETTINGS_INITIAL_WINDOW_SIZE), given back as messages are read.
     stream_window: int = DEFAULT_STREAM_WINDOW
+    #: What a stream starts with (SETTINGS_INITIAL_WINDOW_SIZE; 0: `stream_window`). Smaller, a stream
+    #: grows to `stream_window` only once given byte budgets that have room (Stream.use_budgets), so
+    #: what streams not yet counted can make us hold is this much each (plus one message).
+    initial_stream_window: int = 0
     #: The stream window grows up to this while the link's bandwidth-delay product calls for it
     #: (h2/bdp.py); at or below `stream_window` it never grows.
     max_stream_window: int = DEFAULT_MAX_STREAM_WINDOW
@@ -46,3 +50,8 @@ class H2Config:
     #: Server role: GOAWAY after this age, then close after the grace.
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 0.0
+
+    @property
+    def initial_window(self) -> int:
+        """The window a stream starts with (SETTINGS_INITIAL_WINDOW_SIZE)."""
+        return self.initial_stream_window or self.stream_window

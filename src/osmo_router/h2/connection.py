@@ -132,7 +132,7 @@ class Connection(asyncio.BufferedProtocol):
         self.peer_address = transport.get_extra_info("peername")
         config = self.config
         settings = {
-            fr.SETTINGS_INITIAL_WINDOW_SIZE: config.stream_window,
+            fr.SETTINGS_INITIAL_WINDOW_SIZE: config.initial_window,
             fr.SETTINGS_MAX_FRAME_SIZE: config.max_frame_size,
             fr.SETTINGS_MAX_HEADER_LIST_SIZE: config.max_header_list_size,
         }
@@ -351,7 +351,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._goaway_sent or len(self.streams) >= self.config.max_concurrent_streams:
             self.write_frame(fr.rst_stream(stream_id, fr.ErrorCode.REFUSED_STREAM))
             return
-        stream = Stream(self, stream_id, self._peer_window, self.config.stream_window)
+        stream = Stream(self, stream_id, self._peer_window, self.config.initial_window)
         stream.headers = headers
         self.streams[stream_id] = stream
         self._timers.busy()
@@ -619,7 +619,7 @@ class Connection(asyncio.BufferedProtocol):
             waiter = asyncio.get_running_loop().create_future()
             self._slot_waiters.append(waiter)
             await waiter
-        stream = Stream(self, self._next_id, self._peer_window, self.config.stream_window)
+        stream = Stream(self, self._next_id, self._peer_window, self.config.initial_window)
         self._next_id += 2
         self.streams[stream.id] = stream
         self._timers.busy()

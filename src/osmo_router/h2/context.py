@@ -91,6 +91,10 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
         """Whether another request has already arrived (the next `read` returns without waiting for one)."""
         return self._stream.more_queued()
 
+    def use_budgets(self, budgets: tuple[Any, ...]) -> None:
+        """Count what the request stream holds and may receive in these byte budgets (Stream.use_budgets)."""
+        self._stream.use_budgets(budgets)
+
     def try_write(self, message: bytes) -> bool:
         """Send one encoded response at once if it can all go out now (headers sent, no serializer,
         nothing queued, windows open); False with nothing done otherwise (then use `write`)."""

@@ -6,7 +6,8 @@ all four cardinalities, serializers or raw bytes. TLS is an `ssl.SSLContext` (`t
 to `add_secure_port` instead of grpc credentials.
 
 Limits, as grpc's channel arguments give them (router/ops/conn_limits.py): `max_connections`
-(past it a new connection is closed at once), per connection `H2Config.max_concurrent_streams`,
+(past it a new connection is closed at once), `address_gate` (connections per peer address: one the
+gate refuses is aborted as soon as its address is known, after TLS), per connection `H2Config.max_concurrent_streams`,
 `max_connection_idle`, `max_connection_age` (+ grace) and `handshake_timeout` (TLS handshake, then
 preface and SETTINGS), the peer's ping rate (`min_ping_interval`) and `max_message_size`.
 """
@@ -19,7 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -33,6 +34,39 @@ log = logging.getLogger(__name__)
 
 #: How long a finished call's status may wait behind data its client does not read before a reset.
 CLOSE_GRACE = 5.0
+
+
+class AddressGate(Protocol):
+    """Admits connections by peer address (`transport.get_extra_info("peername")`)."""
+
+    def admit(self, peer: Any) -> bool:
+        """Count a new connection from `peer`, or refuse it (False)."""
+        ...
+
+    def release(self, peer: Any) -> None:
+        """A connection `admit` let in ended."""
+        ...
+
+
+class _GatedConnection(Connection):
+    """A server connection counted by peer address: refused (aborted) when the gate says so."""
+
+    gate: AddressGate
+    admitted = False
+
+    def connection_made(self, transport: Any) -> None:
+        peer = transport.get_extra_info("peername")
+        if not self.gate.admit(peer):
+            transport.abort()
+            return
+        self.admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.gate.release(self.peer_address)
+        super().connection_lost(exc)
 
 
 class _Refused(asyncio.Protocol):
@@ -58,9 +92,16 @@ def tls_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLCon
 class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stubs
     """gRPC on osmo_router.h2: no grpc core on the data path."""
 
-    def __init__(self, config: H2Config, max_connections: int = 0, close_grace: float = CLOSE_GRACE) -> None:
+    def __init__(
+        self,
+        config: H2Config,
+        max_connections: int = 0,
+        close_grace: float = CLOSE_GRACE,
+        address_gate: AddressGate | None = None,
+    ) -> None:
         self.config = config
         self.max_connections = max_connections
+        self.address_gate = address_gate
         self.close_grace = close_grace
         self.handlers = Handlers()
         self.connections: set[Connection] = set()
@@ -135,7 +176,11 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
     def _accept(self) -> asyncio.BaseProtocol:
         if self._stopping or (self.max_connections and len(self.connections) >= self.max_connections):
             return _Refused()
-        conn = Connection("server", self.config, on_stream=self._on_stream, on_close=self.connections.discard)
+        if self.address_gate is None:
+            conn = Connection("server", self.config, on_stream=self._on_stream, on_close=self.connections.discard)
+        else:
+            conn = _GatedConnection("server", self.config, on_stream=self._on_stream, on_close=self.connections.discard)
+            conn.gate = self.address_gate
         self.connections.add(conn)
         return conn
 

@@ -6,13 +6,19 @@ makes us hold is bounded by the window we advertise (plus at most one partial me
 larger than the window must be able to arrive whole). Outbound, `write` queues one message and
 returns once all of it went to the transport (the peer's windows and the transport's buffer allow
 it), so a writer is held back by a peer that does not read, and holds at most one message.
+
+Given byte budgets (`use_budgets`: the router's relay gives a session's streams its user's and the
+process's budgets), a stream counts in them as held everything its peer can make it hold: what it
+has received and not yet had read, and the window its peer may still fill. It grows its window to
+the connection's `stream_window` and gives window back only while every budget has room for it,
+except up to `CREDIT_FLOOR` (so it always moves) and what completes a message that has begun.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from osmo_router.h2 import frames as fr
 from osmo_router.io.buffers import finish, new_message
@@ -20,9 +26,28 @@ from osmo_router.io.buffers import finish, new_message
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
 
+#: Window a stream with budgets may always have, whatever its budgets' room: it never stops.
+CREDIT_FLOOR = 64 * 1024
+
 Headers = list[tuple[str, str]]
 
 _EMPTY_VIEW = memoryview(b"")
+
+
+class ByteBudget(Protocol):
+    """A shared byte budget (the router's core/budget.py ByteBudget): what `use_budgets` needs of it."""
+
+    limit: int
+    used: int
+    held: int
+
+    def hold(self, size: int) -> None:
+        """Count `size` more bytes as held."""
+        ...
+
+    def unhold(self, size: int) -> None:
+        """Count `size` fewer bytes as held (and wake whoever waits for room)."""
+        ...
 
 
 class StreamReset(Exception):
@@ -74,6 +99,10 @@ class Stream:
         self._headers_event: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
         self._closed = self._loop.create_future()
+        self._credit: _Credit | None = None  # set by use_budgets
+        #: Whether the stream may take up the connection's (grown) window: from the start unless the
+        #: connection starts streams smaller (H2Config.initial_stream_window), else once `use_budgets`.
+        self._may_grow = recv_window >= conn.config.stream_window
 
     # -- inbound ---------------------------------------------------------------------------------
 
@@ -198,6 +227,8 @@ class Stream:
     def received_end(self) -> None:
         """The peer's END_STREAM."""
         self.ended_in = True
+        if self._credit is not None:
+            self._credit.sync(self)  # the peer's open window is no longer its to fill
         self._wake_reader()
 
     def has_message(self) -> bool:
@@ -214,7 +245,7 @@ class Stream:
             message = self._messages.popleft()
             self._queued -= len(message) + 5
             # The connection's window grew with the link (h2/bdp.py): a stream takes it up as it reads.
-            if self._recv_window < self.conn.stream_window:
+            if self._recv_window < self.conn.stream_window and self._may_grow:
                 self._recv_window = self.conn.stream_window
             self._grant()
             return message
@@ -235,11 +266,41 @@ class Stream:
     def _grant(self) -> None:
         """Give the peer back the window its read messages used (in steps of a quarter window)."""
         if self.ended_in or self.reset_code is not None:
+            if self._credit is not None:
+                self._credit.sync(self)
             return
         grant = self._recv_window - self._queued - self._recv_left - self._inflight
+        if self._credit is not None:
+            grant = self._credit.allowed(self, grant)
         if grant >= self._recv_window >> 2 or (grant > 0 and self._recv_left <= 0):
             self._recv_left += grant
             self.conn.send_window_update(self.id, grant)
+        if self._credit is not None:
+            self._credit.sync(self)
+
+    def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
+        """Take up the connection's full stream window from now on; with `budgets`, count what this
+        stream holds and may receive in them, and grow only as they have room (see the module
+        docstring). Once (the relay calls it for every stream it reads)."""
+        if (self._may_grow and (self._credit is not None or not budgets)) or self.closed:
+            return
+        self._may_grow = True
+        if budgets:
+            self._credit = _Credit(budgets)
+        self._recv_window = max(self._recv_window, self.conn.stream_window)
+        self._grant()
+
+    @property
+    def exposure(self) -> int:
+        """Bytes this stream holds unread (a message under way included) plus the window its peer has
+        filled (a DATA frame still arriving) or may still fill."""
+        open_window = 0 if self.ended_in or self.reset_code is not None else max(0, self._recv_left)
+        return open_window + self._inflight + self._queued + self._filled + len(self._head)
+
+    def _missing(self) -> int:
+        """Window the message under way still needs beyond what the peer may send now."""
+        missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
+        return max(0, missing - self._recv_left - self._inflight)
 
     def _wake_reader(self) -> None:
         if self._readable is not None and not self._readable.done():
@@ -357,6 +418,9 @@ class Stream:
         self._queued = 0
         self._message, self._into = b"", _EMPTY_VIEW  # a message under way is dropped: no more of it is taken
         self._need = self._filled = 0
+        if self._credit is not None:
+            self._credit.release()
+            self._credit = None  # over: nothing is counted again
         self._wake_reader()
         self.notify_drained()
         self.headers_arrived()
@@ -378,6 +442,9 @@ class Stream:
     def maybe_closed(self) -> None:
         """Both sides ended normally: the stream is closed."""
         if self.closed_out and self.ended_in and not self._closed.done():
+            if self._credit is not None:
+                self._credit.release()
+                self._credit = None
             self._closed.set_result(None)
 
     # -- client role: the response --------------------------------------------------------------
@@ -408,3 +475,49 @@ class Stream:
     def add_close_callback(self, callback: object) -> None:
         """Call `callback(future)` once the stream is over."""
         self._closed.add_done_callback(callback)  # type: ignore[arg-type]
+
+
+class _Credit:
+    """A stream's bytes counted as held in byte budgets (see the module docstring)."""
+
+    __slots__ = ("budgets", "charged")
+
+    def __init__(self, budgets: tuple[ByteBudget, ...]) -> None:
+        self.budgets = budgets
+        self.charged = 0
+
+    def allowed(self, stream: Stream, grant: int) -> int:
+        """How much of `grant` the stream may give back now: all of it while every budget has room,
+        else up to CREDIT_FLOOR and what completes a begun message.
+
+        No waiting for room: the floor keeps data arriving, and every DATA frame and every read asks
+        again (waking every held-back stream at each byte given back cost O(streams) per message).
+        """
+        if grant <= 0:
+            return grant
+        # What was read since the last count is still counted as held: not twice.
+        counted = self.charged - stream.exposure
+        for budget in self.budgets:
+            if budget.used + budget.held - counted + grant > budget.limit:
+                break
+        else:
+            return grant
+        return min(grant, max(CREDIT_FLOOR - stream.exposure, stream._missing()))
+
+    def sync(self, stream: Stream) -> None:
+        """Count the stream's exposure now."""
+        self._set(stream.exposure)
+
+    def release(self) -> None:
+        """The stream is over: nothing counted any more."""
+        self._set(0)
+
+    def _set(self, exposure: int) -> None:
+        delta = exposure - self.charged
+        if delta > 0:
+            for budget in self.budgets:
+                budget.hold(delta)
+        elif delta < 0:
+            for budget in self.budgets:
+                budget.unhold(-delta)
+        self.charged = exposure

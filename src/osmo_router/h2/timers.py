@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -15,6 +18,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Keepalive rounds an unanswered PING is forgiven while our unsent data sits in the kernel only (no
+#: writer of ours waits): about 90 s with the defaults, time for a starved session's writer to get
+#: data again and meet the flow-control limits; a lost peer is then cut as before.
+KERNEL_ONLY_ROUNDS = 3
+
 
 class Timers:
     """A connection's timers: handshake, keepalive pings, ping tolerance, max idle, max age."""
@@ -24,6 +32,7 @@ class Timers:
         self.preface_buf = bytearray()
         self._handles: dict[str, asyncio.TimerHandle] = {}
         self._ping_payload: bytes | None = None
+        self._unanswered = 0  # keepalive rounds in a row left unanswered behind data in the kernel only
         self._last_peer_ping = 0.0
         self._strikes = 0
         self._reset_tokens = 10 * conn.config.max_peer_resets_per_second
@@ -79,11 +88,30 @@ class Timers:
         self._later("ping_timeout", conn.config.keepalive_timeout, self._ping_timed_out)
 
     def _ping_timed_out(self) -> None:
-        log.info("h2 keepalive: no ping ack within %gs, closing", self.conn.config.keepalive_timeout)
-        self.conn.abort()
+        conn = self.conn
+        waiting = _peer_not_reading(conn)
+        if not waiting and _unsent_in_kernel(conn) > 0 and self._unanswered < KERNEL_ONLY_ROUNDS:
+            # Only the kernel holds our data (the last writes fit its buffer; the session's writer
+            # waits for more): the same non-reading peer, for a bounded number of rounds.
+            self._unanswered += 1
+            waiting = True
+        if waiting:
+            # Our data waits for the peer (its windows or our transport's buffer are full): the PING is
+            # queued behind it, so no ack says nothing of a lost peer, only of one that does not read,
+            # and its sessions' writers are held back, which the flow-control limits judge and end
+            # with their reason (issue 14: a trickle reader was cut here as "the client's stream broke"
+            # before its drain-rate limit fired). Ping again later; a peer lost for good stays bounded
+            # by those limits, then by this keepalive once nothing waits.
+            log.debug("h2 keepalive: no ping ack, but data waits for the peer: leaving it to the flow-control limits")
+            self._ping_payload = None
+            self._later("keepalive", conn.config.keepalive_time, self._ping)
+            return
+        log.info("h2 keepalive: no ping ack within %gs, closing", conn.config.keepalive_timeout)
+        conn.abort()
 
     def ping_acked(self, payload: bytes) -> None:
         """A PING ack: the peer is alive."""
+        self._unanswered = 0
         if payload == self._ping_payload:
             self._ping_payload = None
             self._stop("ping_timeout")
@@ -121,3 +149,23 @@ class Timers:
         for handle in self._handles.values():
             handle.cancel()
         self._handles.clear()
+
+
+def _peer_not_reading(conn: Connection) -> bool:
+    """Whether data of ours waits for the peer: a stream blocked on a window or the transport, or the
+    transport's own buffer paused or not empty."""
+    transport = conn.transport
+    buffered = transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+    return bool(conn._blocked) or conn.write_paused or buffered > 0
+
+
+def _unsent_in_kernel(conn: Connection) -> int:
+    """Bytes the kernel holds for the peer not yet acknowledged (TIOCOUTQ); 0 when unknown."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
+    except (OSError, ValueError):
+        return 0

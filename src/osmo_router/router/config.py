@@ -127,7 +127,9 @@ class RouterConfig:
     max_connections: int = 0
     ws_max_connections: int = 0
     metrics_max_connections: int = 0
-    #: Connections from one peer address at once (0: no per-address cap).
+    #: Connections from one peer address at once (0: no per-address cap); the gRPC port's needs the
+    #: native server (grpc.aio has no accept hook).
+    max_connections_per_address: int = 1024
     ws_max_connections_per_address: int = 1024
     metrics_max_connections_per_address: int = 16
     router_id: str = ""
@@ -194,6 +196,7 @@ class RouterConfig:
             "max_connections",
             "ws_max_connections",
             "metrics_max_connections",
+            "max_connections_per_address",
             "ws_max_connections_per_address",
             "metrics_max_connections_per_address",
         ):

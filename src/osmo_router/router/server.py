@@ -99,6 +99,7 @@ class RouterServer:
             pending=lambda: self.sessions.pending,
             standby=self.registry.standby_count,
             buffered=lambda: self.budgets.total.used,
+            held=lambda: self.budgets.total.held,
             created=lambda: len(self.sessions.created),
             replay=self.registry.replay_bytes,
         )
@@ -142,7 +143,7 @@ class RouterServer:
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
         self._log_memory_limits()
-        server = build_grpc_server(self.config, budget)
+        server = build_grpc_server(self.config, budget, self.metrics.registry)
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
             # Internal (replicas only), so not advertised through reflection.

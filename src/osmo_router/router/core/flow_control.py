@@ -77,6 +77,11 @@ class FlowQueue:
         """True once `end` was called."""
         return self._ended
 
+    @property
+    def budgets(self) -> tuple[ByteBudget, ...]:
+        """The shared budgets this queue counts in (none: only its own bounds)."""
+        return self._budgets
+
     def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
         """Count what this queue holds in shared budgets too (set before anything is queued)."""
         assert not self._items
@@ -242,26 +247,28 @@ class WriteInterrupted(Exception):
 
 class WriteWatchdog:
     """Bounds the writes of one task: none may take longer than `timeout` seconds, and a writer that
-    had data waiting for a whole `timeout` period must have moved `min_rate * timeout` bytes in it.
+    had data waiting for `timeout` seconds in all must have moved `min_rate * timeout` bytes in them.
 
     `asyncio.timeout` around every write arms and cancels a timer per message, which costs more
     than the rest of the relay's own work per message. The watchdog notes when the current write
-    started; a single timer wakes once per period and cancels the task if the write in progress
-    started more than `timeout` seconds ago, or if the period was spent writing (the writer never
-    waited for data: `idle` was not called) and moved fewer than `min_rate * timeout` bytes (the
-    relay adds each write's size to `moved`). The second rule ends a reader that takes a trickle
-    (4 KiB every few seconds) and so never lets one write run past the timeout. Use as
-    `with watchdog: await write(...)`; a write that overran raises TimeoutError from the block
-    (`slow` tells which rule fired), and one stopped by `interrupt` raises WriteInterrupted.
+    started and adds up the time spent writing (data waiting for the reader); a single timer wakes
+    at most once per `timeout` of writing and cancels the task if the write in progress started
+    more than `timeout` seconds ago, or if the last `timeout` seconds spent writing moved fewer than
+    `min_rate * timeout` bytes (the relay adds each write's size to `moved`). The second rule ends
+    a reader that takes a trickle (4 KiB every few seconds) and so never lets one write run past
+    the timeout. Time spent waiting for data (between writes) is not counted, and does not reset
+    the count either: a trickle whose queue runs empty now and then (its sender held back by a
+    shared budget) is still judged on its writing time. Use as `with watchdog: await write(...)`;
+    a write that overran raises TimeoutError from the block (`slow` tells which rule fired), and
+    one stopped by `interrupt` raises WriteInterrupted.
     """
 
     __slots__ = (
+        "_busy",
         "_closed",
-        "_idle",
         "_interrupted",
         "_loop",
         "_mark",
-        "_period_end",
         "_started",
         "_task",
         "_timer",
@@ -274,13 +281,14 @@ class WriteWatchdog:
 
     def __init__(self, timeout: float, min_rate: float = 0.0) -> None:
         self.timeout = timeout
-        #: Bytes a period spent writing must move at least (0: no such rule).
+        #: Bytes `timeout` seconds spent writing must move at least (0: no such rule).
         self.min_bytes = int(min_rate * timeout)
         #: Bytes written so far: the writer adds each completed write's size.
         self.moved = 0
+        #: `moved` when the writing time being judged began.
         self._mark = 0
-        self._idle = False
-        self._period_end = 0.0
+        #: Seconds spent in finished writes since then.
+        self._busy = 0.0
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[object] | None = None
         self._started: float | None = None
@@ -294,10 +302,11 @@ class WriteWatchdog:
         self._started = now = self._loop.time()
         if self._timer is None and not self._closed:
             self._task = asyncio.current_task()
-            self._start_period(now)
-            self._timer = self._loop.call_at(self._period_end, self._check)
+            self._timer = self._loop.call_at(now + self.timeout - self._busy, self._check)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._started is not None:
+            self._busy += self._loop.time() - self._started
         self._started = None
         if exc_type is asyncio.CancelledError and self._task is not None and (self.fired or self._interrupted):
             # Our own cancellation (unless someone else cancelled too): a timeout or an interruption.
@@ -307,8 +316,7 @@ class WriteWatchdog:
                 raise TimeoutError from None
 
     def idle(self) -> None:
-        """The writer waits for data: the period in progress is not held against the reader's rate."""
-        self._idle = True
+        """The writer waits for data: kept for callers; waiting time is never counted (see the class)."""
 
     def interrupt(self) -> None:
         """Stop the write in progress, if any (it raises WriteInterrupted); later writes are not affected."""
@@ -324,26 +332,25 @@ class WriteWatchdog:
             self._timer.cancel()
             self._timer = None
 
-    def _start_period(self, now: float) -> None:
-        self._mark = self.moved
-        self._idle = False
-        self._period_end = now + self.timeout
-
     def _check(self) -> None:
         self._timer = None
         started = self._started
         if started is None:
-            return  # idle: the next write starts a new period
+            return  # waiting for data: the next write re-arms the timer for the writing time left
         now = self._loop.time()
         if now >= started + self.timeout:
             self._fire(slow=False)
             return
-        if now >= self._period_end:
-            if self.min_bytes and not self._idle and self.moved - self._mark < self.min_bytes:
+        busy = self._busy + now - started
+        if busy >= self.timeout:
+            if self.min_bytes and self.moved - self._mark < self.min_bytes:
                 self._fire(slow=True)
                 return
-            self._start_period(now)
-        self._timer = self._loop.call_at(min(started + self.timeout, self._period_end), self._check)
+            # Judged: the next `timeout` of writing counts from now (this write's time so far excluded).
+            self._mark = self.moved
+            self._busy = -(now - started)
+            busy = 0.0
+        self._timer = self._loop.call_at(min(started + self.timeout, now + self.timeout - busy), self._check)
 
     def _fire(self, *, slow: bool) -> None:
         if self._task is not None and not self._task.done():

@@ -79,10 +79,17 @@ async def relay_side(
 
     With `merge`, queued data frames are written to this side as one message; a side whose
     protocol gives each message a meaning of its own (the old WebSocket protocol) passes False.
-    A side that stops reading for `flow_control_timeout`, or that had data waiting for a whole such
-    period and took less than `min_drain_rate` bytes a second of it, ends the session.
+    A side that stops reading for `flow_control_timeout`, or that had data waiting for that long in
+    all (waits for data between writes not counted) and took less than `min_drain_rate` bytes a
+    second of it, ends the session.
     """
     inbound, outbound = (session.to_agent, session.to_client) if is_client else (session.to_client, session.to_agent)
+    use_budgets = getattr(endpoint, "use_budgets", None)
+    if use_budgets is not None:
+        # The stream (native server) takes up its full window now, and what it holds unread and the
+        # window its sender may still fill count in the budgets its queue counts in: the per-user and
+        # total budgets bound the streams too. (A session relayed for another replica has none.)
+        use_budgets(inbound.budgets)
     reader = asyncio.create_task(_read_into(session, endpoint, inbound, hooks, not is_client))
     watchdog = WriteWatchdog(flow_control_timeout, min_drain_rate)
     try:

@@ -10,6 +10,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from osmo_router.router.auth.identity import Authenticator, Identity
+from osmo_router.router.core.budget import ByteBudget
 from osmo_router.wire.codec import INIT_TAG
 from osmo_router.wire.errors import (
     Cancelled,
@@ -40,7 +41,7 @@ class GrpcSide:
     the RouterError of a side that went away.
     """
 
-    __slots__ = ("_context", "_first", "_is_client", "merge_frames", "more_queued", "peer", "try_write")
+    __slots__ = ("_context", "_first", "_is_client", "merge_frames", "more_queued", "peer", "try_write", "use_budgets")
     transport = "grpc"
 
     def __init__(
@@ -61,6 +62,9 @@ class GrpcSide:
         self.try_write: Callable[[bytes], bool] | None = getattr(context, "try_write", None)
         #: `more_queued() -> bool`: another message has arrived already (None where it is not known).
         self.more_queued: Callable[[], bool] | None = getattr(context, "more_queued", None)
+        #: `use_budgets(budgets)`: count the stream's receive buffer and window in the session's byte
+        #: budgets (the native server's calls: Stream.use_budgets); None where gRPC holds them (grpc.aio).
+        self.use_budgets: Callable[[tuple[ByteBudget, ...]], None] | None = getattr(context, "use_budgets", None)
 
     async def read(self) -> bytes | None:
         """The next encoded message, or None once the peer half-closed."""

@@ -11,9 +11,10 @@ see `Handshake read failed` and the health probes are reset. So:
   `max_connection_idle`);
 - the aiohttp ports (WebSocket, metrics) also cap connections per peer address (`http_limits.py`).
 
-With --grpc-server grpcio the gRPC port has no per-address cap (gRPC Python exposes no per-connection
-accept hook; the native server could add one): its
-half-open and idle connections are bounded in time and its total is bounded (see docs/security.md).
+The native gRPC server caps connections per peer address too (`--max-connections-per-address`,
+router/ops/grpc_server.py). With --grpc-server grpcio the gRPC port has no per-address cap (gRPC
+Python exposes no per-connection accept hook): its half-open and idle connections are bounded in
+time and its total is bounded (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def log_limits(config: RouterConfig, budget: ConnectionBudget) -> None:
         "grpc_max_connections": budget.grpc,
         "ws_max_connections": budget.ws,
         "metrics_max_connections": budget.metrics,
+        "grpc_max_connections_per_address": config.max_connections_per_address,
         "ws_max_connections_per_address": config.ws_max_connections_per_address,
         "metrics_max_connections_per_address": config.metrics_max_connections_per_address,
         "handshake_timeout_s": config.handshake_timeout,
@@ -139,8 +141,10 @@ def log_limits(config: RouterConfig, budget: ConnectionBudget) -> None:
         "max_concurrent_streams": config.max_concurrent_streams,
     }
     log.info(
-        "connection limits: grpc %d, websocket %d (%d per address), metrics %d (%d per address) of %d descriptors",
+        "connection limits: grpc %d (%d per address), websocket %d (%d per address), metrics %d (%d per address) "
+        "of %d descriptors",
         budget.grpc,
+        config.max_connections_per_address,
         budget.ws,
         config.ws_max_connections_per_address,
         budget.metrics,

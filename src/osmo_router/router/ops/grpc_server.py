@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from osmo_router.h2.config import DEFAULT_CONNECTION_WINDOW, H2Config
 from osmo_router.h2.server import NativeServer, tls_context
+from osmo_router.h2.stream import CREDIT_FLOOR
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, grpc_connection_options
+from osmo_router.router.ops.http_limits import ConnectionGate, HttpLimits, peer_address
 from osmo_router.wire.protocol import CLOSE_GRACE, MIN_PING_INTERVAL, server_options
+
+#: The native server's SETTINGS_INITIAL_WINDOW_SIZE: what a stream not (yet) counted in budgets may hold.
+INITIAL_STREAM_WINDOW = CREDIT_FLOOR
 
 
 def grpc_credentials(config: RouterConfig) -> grpc.ServerCredentials | ssl.SSLContext:
@@ -46,12 +53,50 @@ def native_tls(config: RouterConfig) -> ssl.SSLContext:
     return tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
 
 
-def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.aio.Server:
-    """The gRPC port's server (--grpc-server): the native h2 one, or grpc.aio, with the same limits."""
+class AddressCap:
+    """The native gRPC port's connections per peer address (--max-connections-per-address).
+
+    Counted and refused like the aiohttp ports' (http_limits.ConnectionGate): a refusal is counted in
+    `router_http_connections_refused_total{port="grpc",reason="address_cap"}` and logged once per
+    address (`event: connection refused`); `router_http_connections_open{port="grpc"}` is the gauge.
+    """
+
+    def __init__(self, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
+        limits = HttpLimits(
+            "grpc",
+            0,  # the port's total is the server's own max_connections
+            config.max_connections_per_address,
+            config.handshake_timeout,
+            config.max_connection_idle,
+            config.handshake_timeout,
+        )
+        self.gate = ConnectionGate(limits, registry)
+
+    def admit(self, peer: Any) -> bool:
+        """Count a connection from `peer` (a peername), or refuse it."""
+        return self.gate.admit(peer_address(peer))
+
+    def release(self, peer: Any) -> None:
+        """A connection from `peer` ended."""
+        self.gate.release(peer_address(peer))
+
+
+def build_grpc_server(
+    config: RouterConfig, budget: ConnectionBudget, registry: CollectorRegistry | None = None
+) -> grpc.aio.Server:
+    """The gRPC port's server (--grpc-server): the native h2 one, or grpc.aio, with the same limits.
+
+    `registry`: where the native server's per-address refusals are counted (prometheus_client's
+    default one when None).
+    """
     if config.grpc_server == "native":
         return NativeServer(
             H2Config(
                 stream_window=config.stream_window_bytes,
+                # A stream starts small and grows to --stream-window-bytes once the relay counts it in
+                # its session's budgets (h2/stream.py): uncounted streams (before the init, a pending
+                # session, a registration) hold at most this much each.
+                initial_stream_window=min(INITIAL_STREAM_WINDOW, config.stream_window_bytes),
                 max_stream_window=config.max_stream_window_bytes,
                 # Given back on receipt: room for every stream's window on a busy connection.
                 connection_window=max(DEFAULT_CONNECTION_WINDOW, 4 * config.stream_window_bytes),
@@ -67,6 +112,7 @@ def build_grpc_server(config: RouterConfig, budget: ConnectionBudget) -> grpc.ai
             ),
             max_connections=budget.grpc,
             close_grace=CLOSE_GRACE,
+            address_gate=AddressCap(config, registry) if config.max_connections_per_address else None,
         )
     return grpc.aio.server(
         options=[

@@ -96,7 +96,7 @@ class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.open = Gauge(
             "router_http_connections_open",
-            "Connections open on an aiohttp port (WebSocket, metrics)",
+            "Connections open on a guarded port (WebSocket, metrics; gRPC with the native server)",
             ["port"],
             registry=registry,
         )

@@ -30,10 +30,12 @@ class RouterMetrics:
         pending: Callable[[], int] = int,
         standby: Callable[[], int] = int,
         buffered: Callable[[], int] = int,
+        held: Callable[[], int] = int,
         created: Callable[[], int] = int,
         replay: Callable[[], int] = int,
     ) -> None:
-        """`live_sessions`, `pending`, `standby`, `created` and `replay` are read at scrape time (no bookkeeping)."""
+        """`live_sessions`, `pending`, `standby`, `buffered`, `held`, `created` and `replay` are read at scrape
+        time (no bookkeeping)."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_active = Gauge(
@@ -80,6 +82,13 @@ class RouterMetrics:
             "Bytes the relay queues hold now, every session together (bounded by --total-buffer-bytes).",
             registry=r,
         )
+        self.held_bytes = Gauge(
+            "router_grpc_held_bytes",
+            "Bytes counted in --total-buffer-bytes besides the queues: the native server's stream windows "
+            "and buffers, and messages relay readers hold while their queue is full.",
+            registry=r,
+        )
+        self.held_bytes.set_function(held)
         self.draining = Gauge("router_grpc_draining", "1 while the router drains for shutdown.", registry=r)
         self.standby_streams = Gauge(
             "router_grpc_standby_streams",

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from osmo_router.dial.channel import MIN_CONNECT_TIMEOUT_MS
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.placement import Owner
@@ -148,7 +149,9 @@ class PeerChannels:
             ),
             # A replica that restarts comes back in seconds: don't wait out gRPC's long default backoff.
             ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
+            # Each connection attempt's time to receive SETTINGS (gRPC core): 200 ms gave up on a
+            # busy replica; gRPC's default, as in dial/channel.py.
+            ("grpc.min_reconnect_backoff_ms", MIN_CONNECT_TIMEOUT_MS),
             ("grpc.max_reconnect_backoff_ms", 2_000),
             # A channel dialled afresh after a failure must dial afresh: with the global subchannel
             # pool it would share the failed channel's subchannel, still backing off, and fail at once.
