@@ -215,6 +215,13 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
     # -- calls --------------------------------------------------------------------------------------------
 
     def _on_stream(self, stream: Stream) -> None:
+        # Started once the rest of this read was handled: a stream the peer reset in the same read
+        # (HTTP/2 rapid reset) never runs its handler, which is most of what such a flood costs.
+        asyncio.get_running_loop().call_soon(self._start_call, stream)
+
+    def _start_call(self, stream: Stream) -> None:
+        if stream.reset_code is not None or stream.conn.closed:
+            return
         headers = dict(stream.headers or ())
         path = headers.get(":path", "")
         if headers.get(":method") != "POST" or not headers.get("content-type", "").startswith(g.CONTENT_TYPE):
