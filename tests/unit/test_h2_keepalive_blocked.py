@@ -83,3 +83,40 @@ async def test_an_unanswered_ping_with_nothing_waiting_closes_the_connection(pai
         pair.client.transport.pause_reading()
         await pair.lost.wait()
         assert pair.server.closed
+
+
+@pytest.mark.asyncio
+async def test_a_client_cuts_a_server_that_stopped_answering_even_with_its_data_waiting() -> None:
+    """The client role has no flow-control limits: a silent server must be noticed, so it can resume."""
+    config = H2Config(stream_window=64 * 1024, keepalive_time=KEEPALIVE, keepalive_timeout=KEEPALIVE)
+    loop = asyncio.get_running_loop()
+    servers: list[Connection] = []
+
+    def accept() -> Connection:
+        servers.append(Connection("server", H2Config()))
+        return servers[-1]
+
+    server = await loop.create_server(accept, "127.0.0.1", 0)
+    lost = asyncio.Event()
+    port = server.sockets[0].getsockname()[1]
+    _, client = await loop.create_connection(
+        lambda: Connection("client", config, on_close=lambda _c: lost.set()), "127.0.0.1", port
+    )
+    try:
+        async with asyncio.timeout(10):
+            await client.ready()
+            stream = await client.open_stream(REQUEST)
+            assert servers[0].transport is not None
+            servers[0].transport.pause_reading()  # the server goes silent
+            writes = [asyncio.ensure_future(stream.write(b"x" * (1 << 20))) for _ in range(16)]
+            await lost.wait()
+            assert client.closed
+            assert not all(w.done() for w in writes)  # it was cut while its data still waited
+            for write in writes:
+                write.cancel()
+    finally:
+        client.close()
+        for conn in servers:  # its reading paused, it would never see the client go
+            conn.abort()
+        server.close()
+        await server.wait_closed()

@@ -89,8 +89,15 @@ class Timers:
 
     def _ping_timed_out(self) -> None:
         conn = self.conn
-        waiting = _peer_not_reading(conn)
-        if not waiting and _unsent_in_kernel(conn) > 0 and self._unanswered < KERNEL_ONLY_ROUNDS:
+        # Server role only: the router's flow-control limits end a non-reading peer's sessions. A
+        # client (CLI, agent) has no such limits and must notice a lost path to resume from it.
+        waiting = conn.role == "server" and _peer_not_reading(conn)
+        if (
+            conn.role == "server"
+            and not waiting
+            and _unsent_in_kernel(conn) > 0
+            and self._unanswered < KERNEL_ONLY_ROUNDS
+        ):
             # Only the kernel holds our data (the last writes fit its buffer; the session's writer
             # waits for more): the same non-reading peer, for a bounded number of rounds.
             self._unanswered += 1
