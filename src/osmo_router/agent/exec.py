@@ -17,6 +17,7 @@ import grpc
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
 from osmo_router.io.pipe_writer import PipeWriter
+from osmo_router.resume.stream import ResumableStream
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
 
@@ -202,11 +203,14 @@ async def _relay_until_exit(
             log.info("output still open %.0fs after the process exited; closing it", OUTPUT_GRACE)
         assert proc.returncode is not None
         await _finish(stream, proc.returncode)
-        # Keep reading until the router ends the call: cancelling a pending read would cancel the
-        # RPC and could drop our last frames in flight.
-        with contextlib.suppress(TimeoutError, Exception):
-            async with asyncio.timeout(OUTPUT_GRACE):
-                await input_task
+        if not isinstance(stream, ResumableStream):
+            # Keep reading until the router ends the call: cancelling a pending read would cancel the
+            # RPC and could drop our last frames in flight. (A resumable stream keeps its call open
+            # for acknowledgements until its `finish` (agent/held.py) saw everything acknowledged:
+            # waiting here for the call's end only waited out OUTPUT_GRACE, 2 s on every exec.)
+            with contextlib.suppress(TimeoutError, Exception):
+                async with asyncio.timeout(OUTPUT_GRACE):
+                    await input_task
     finally:
         for task in [*output_tasks, input_task]:
             task.cancel()
