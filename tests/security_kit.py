@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.harness import Router
+
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
@@ -235,3 +237,10 @@ class JwksServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+
+def jwt_router(tmp_path: Path, signer: Signer, *flags: str) -> Router:
+    """A plaintext loopback router taking `signer`'s JWTs (the public key written to tmp_path/jwt.pem)."""
+    key = tmp_path / "jwt.pem"
+    key.write_bytes(signer.public_pem())
+    return Router("--tls-enabled=false", "--auth=jwt", "--jwt-public-key", str(key), *flags, secure=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import AgentProc, Router, cli_env, client_cmd, metric_value, run_client
-from tests.security_kit import Signer
+from tests.security_kit import Signer, jwt_router
 
 WF = "wf-budget"
 USER_BUDGET = 8 * 1024 * 1024
@@ -23,13 +23,7 @@ USER_BUDGET = 8 * 1024 * 1024
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[Router, Signer]]:
     signer = Signer.rs256()
-    (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
-    router = Router(
-        "--tls-enabled=false",
-        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem")),
-        *("--user-buffer-bytes", str(USER_BUDGET), "--flow-control-timeout", "120s"),
-        secure=True,
-    )
+    router = jwt_router(tmp_path, signer, "--user-buffer-bytes", str(USER_BUDGET), "--flow-control-timeout", "120s")
     agent = AgentProc(router.address, WF, "--token", signer.token("pod", workflows=[WF], role="agent"))
     try:
         yield router, signer

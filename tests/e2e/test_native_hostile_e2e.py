@@ -32,7 +32,7 @@ from tests.e2e.test_conn_limits import close_all, connect, wait_closed
 from tests.e2e.test_memory_idle import PeakSampler, rss_kib
 from tests.e2e.test_stall_attack_e2e import Echo, p99
 from tests.harness import PYTHON, ROOT, AgentProc, Router, cli_env, metric_value
-from tests.security_kit import Signer
+from tests.security_kit import Signer, jwt_router
 
 WF = "wf-hostile"
 MIB = 1 << 20
@@ -56,13 +56,7 @@ class Setup:
 
 def _start(tmp_path: Path, *flags: str) -> Iterator[Setup]:
     signer = Signer.rs256()
-    (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
-    router = Router(
-        "--tls-enabled=false",
-        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem"), "--grpc-server", "native"),
-        *flags,
-        secure=True,
-    )
+    router = jwt_router(tmp_path, signer, "--grpc-server", "native", *flags)
     agent = AgentProc(router.address, WF, "--token", signer.token("pod", workflows=[WF], role="agent"))
     try:
         yield Setup(router, signer)

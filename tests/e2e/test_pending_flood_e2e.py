@@ -19,7 +19,7 @@ import pytest
 
 from tests.harness import AgentProc, Router, run_client
 from tests.raw_grpc import CONNECT, RawCall, connect_init, exchange, raw_channel, wait_metric
-from tests.security_kit import Signer
+from tests.security_kit import Signer, jwt_router
 from tests.ws_kit import ws_url
 
 WF = "wf-pending"
@@ -34,12 +34,8 @@ SIGNER = Signer.rs256()
 
 @pytest.fixture
 def router(tmp_path: Path) -> Iterator[Router]:
-    (tmp_path / "jwt.pem").write_bytes(SIGNER.public_pem())
-    proc = Router(
-        "--tls-enabled=false",
-        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem")),
-        *("--max-pending-per-identity", str(PER_IDENTITY), "--max-pending-rendezvous", str(ROUTER_WIDE)),
-        secure=True,
+    proc = jwt_router(
+        tmp_path, SIGNER, "--max-pending-per-identity", str(PER_IDENTITY), "--max-pending-rendezvous", str(ROUTER_WIDE)
     )
     agent = AgentProc(proc.address, WF, "--token", SIGNER.token("pod", workflows=[WF], role="agent"))
     try:

@@ -32,7 +32,7 @@ import pytest
 from osmo_router.h2.stream import CREDIT_FLOOR
 from tests.e2e.test_memory_idle import PeakSampler, rss_kib, wait_rss_at_most
 from tests.harness import PYTHON, ROOT, AgentProc, Router, cli_env, client_cmd, metric_value
-from tests.security_kit import Signer
+from tests.security_kit import Signer, jwt_router
 
 WF = "wf-stall"
 WF_MALLORY = "wf-stall-mallory"
@@ -77,13 +77,11 @@ RELEASE = 45.0
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[Router, Signer]]:
     signer = Signer.rs256()
-    (tmp_path / "jwt.pem").write_bytes(signer.public_pem())
-    router = Router(
-        "--tls-enabled=false",
-        *("--auth=jwt", "--jwt-public-key", str(tmp_path / "jwt.pem")),
+    router = jwt_router(
+        tmp_path,
+        signer,
         *("--user-buffer-bytes", str(USER_BUDGET), "--flow-control-timeout", f"{TIMEOUT:g}s"),
         *("--memory-guard-bytes", str(GUARD), "--stream-window-bytes", str(WINDOW)),
-        secure=True,
     )
     agent = AgentProc(router.address, WF, "--token", signer.token("pod", workflows=[WF], role="agent"))
     mallory_token = signer.token("pod-m", workflows=[WF_MALLORY], role="agent")
