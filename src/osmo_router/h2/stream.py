@@ -244,9 +244,8 @@ class Stream:
         if self._messages:
             message = self._messages.popleft()
             self._queued -= len(message) + 5
-            # The connection's window grew with the link (h2/bdp.py): a stream takes it up as it reads.
-            if self._recv_window < self.conn.stream_window and self._may_grow:
-                self._recv_window = self.conn.stream_window
+            if self._may_grow:  # the connection's window grew with the link (h2/bdp.py): taken up as it reads
+                self._take_up_window()
             self._grant()
             return message
         if self.reset_code is not None:
@@ -287,8 +286,12 @@ class Stream:
         self._may_grow = True
         if budgets:
             self._credit = _Credit(budgets)
-        self._recv_window = max(self._recv_window, self.conn.stream_window)
+        self._take_up_window()
         self._grant()
+
+    def _take_up_window(self) -> None:
+        """Let the peer have up to the connection's stream window now (it grows with the link)."""
+        self._recv_window = max(self._recv_window, self.conn.stream_window)
 
     @property
     def exposure(self) -> int:

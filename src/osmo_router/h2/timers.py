@@ -91,18 +91,7 @@ class Timers:
         conn = self.conn
         # Server role only: the router's flow-control limits end a non-reading peer's sessions. A
         # client (CLI, agent) has no such limits and must notice a lost path to resume from it.
-        waiting = conn.role == "server" and _peer_not_reading(conn)
-        if (
-            conn.role == "server"
-            and not waiting
-            and _unsent_in_kernel(conn) > 0
-            and self._unanswered < KERNEL_ONLY_ROUNDS
-        ):
-            # Only the kernel holds our data (the last writes fit its buffer; the session's writer
-            # waits for more): the same non-reading peer, for a bounded number of rounds.
-            self._unanswered += 1
-            waiting = True
-        if waiting:
+        if conn.role == "server" and self._peer_holds_us_up():
             # Our data waits for the peer (its windows or our transport's buffer are full): the PING is
             # queued behind it, so no ack says nothing of a lost peer, only of one that does not read,
             # and its sessions' writers are held back, which the flow-control limits judge and end
@@ -115,6 +104,16 @@ class Timers:
             return
         log.info("h2 keepalive: no ping ack within %gs, closing", conn.config.keepalive_timeout)
         conn.abort()
+
+    def _peer_holds_us_up(self) -> bool:
+        """Whether our data waits for the peer: in-process (always), or in the kernel only (the last
+        writes fit its buffer; the session's writer waits for more) for KERNEL_ONLY_ROUNDS rounds."""
+        if _peer_not_reading(self.conn):
+            return True
+        if _unsent_in_kernel(self.conn) > 0 and self._unanswered < KERNEL_ONLY_ROUNDS:
+            self._unanswered += 1
+            return True
+        return False
 
     def ping_acked(self, payload: bytes) -> None:
         """A PING ack: the peer is alive."""
