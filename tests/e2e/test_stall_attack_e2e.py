@@ -12,7 +12,9 @@ of his round trips taken right after one of hers. The machine's own load (other 
 engineers, CI neighbours) changes over the minute the attack lasts and moves both alike, so the
 ratio is the attacked router's unfairness, not the machine's weather; a quiet p99 taken before
 the attack compared with one taken during it measured the weather (6.6x once, on a fresh clone,
-with the router's share unchanged). Her own before/after p99s are printed beside it. Mallory's processes
+with the router's share unchanged). Her own before/after p99s are printed beside it. The test polls both routers' /metrics alike: a
+page costs the router a few milliseconds of work right after it answered (and its garbage), which
+polling only the attacked router put on alice's next round trips alone. Mallory's processes
 (her CLIs, and the agent of her own workflow with her commands) run at nice 19: in production they
 run on her machine and in her container, not beside the router, so on these two shared cores they
 must not take alice's CPU share; what the comparison measures is the router's fairness. The arithmetic of the
@@ -297,6 +299,7 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
                 attacked += alice_part
                 control_attacked += bob_part
                 paired, active = _mallory_active(router)
+                control.metrics_text()  # the same work on both routers between round trips (see above)
                 if paired >= SESSIONS and active == 0:
                     break
             state = _mallory_active(router)
