@@ -1,0 +1,138 @@
+"""A connection's state and what every part of it uses: the stream table, frames out, closing.
+
+`Connection` (connection.py) is built from this and the parts stacked on it: flow.py (the windows
+and outbound DATA), handshake.py (preface, SETTINGS, PING), dispatch.py (the other frames in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import hpack
+
+from osmo_router.h2 import frames as fr
+from osmo_router.h2.bdp import BdpEstimator
+from osmo_router.h2.config import H2Config
+from osmo_router.h2.reader import FrameReader
+from osmo_router.h2.stream import Headers, Stream
+from osmo_router.h2.timers import Timers
+
+if TYPE_CHECKING:
+    from osmo_router.h2.connection import Connection
+    from osmo_router.h2.writer import VectorWriter
+
+
+class ConnectionCore:
+    """The state of one HTTP/2 connection, its frames out and its stream table (see connection.py)."""
+
+    _output: VectorWriter  # set in connection_made
+
+    def __init__(
+        self,
+        role: Literal["client", "server"],
+        config: H2Config | None = None,
+        on_stream: Callable[[Stream], None] | None = None,
+        on_close: Callable[[Connection], None] | None = None,
+    ) -> None:
+        self.role = role
+        self.config = config or H2Config()
+        self.on_stream = on_stream
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.write_paused = False
+        self.closed = False
+        self._parser = fr.FrameParser(self.config.max_frame_size, self.config.max_header_list_size)
+        whole = cast("Connection", self)  # only Connection, all the parts, is ever made: the reader and timers use it
+        self._reader = FrameReader(self._parser, whole)
+        self._preface_view = memoryview(bytearray(len(fr.PREFACE)))
+        self._data_stream: Stream | None = None  # the stream of the DATA frame arriving
+        self._data_end_stream = False  # whether that frame has END_STREAM
+        self._data_flow = 0  # and its length
+        self._encoder = hpack.Encoder()
+        self._decoder = hpack.Decoder(max_header_list_size=self.config.max_header_list_size)
+        self._preface_pending = role == "server"
+        self._settings_received = False
+        self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next_id = 1 if role == "client" else 2
+        self._last_peer_id = 0
+        self._peer_window = fr.DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self._peer_max_frame = fr.DEFAULT_MAX_FRAME
+        self._peer_max_streams = 2**31 - 1
+        self.send_window = fr.DEFAULT_WINDOW  # connection-level, outbound
+        self._recv_unacked = 0  # connection-level, inbound: received and not yet given back
+        #: Our receive windows now: what a reading stream may have unread (grows with the link, h2/bdp.py),
+        #: and the connection's.
+        self.stream_window = self.config.stream_window
+        self._connection_window = max(self.config.connection_window, fr.DEFAULT_WINDOW)
+        grows = self.config.max_stream_window > self.config.stream_window
+        self._bdp = BdpEstimator(self.config.stream_window, self.config.max_stream_window) if grows else None
+        self._blocked: dict[int, Stream] = {}  # streams with data waiting for a window or the transport
+        #: Streams whose writer waits in `drained` (woken once the transport takes data again).
+        self.drain_waiters: set[Stream] = set()
+        self._goaway_sent = False
+        self._goaway_received = False
+        self._slot_waiters: list[asyncio.Future[None]] = []
+        self._timers = Timers(whole)
+        self.peer_address: Any = None
+
+    # -- frames out -----------------------------------------------------------------------------------
+
+    def write_frame(self, data: bytes) -> None:
+        """Write an encoded frame (control frames: not flow controlled)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
+        """Encode and send a HEADERS frame (with CONTINUATIONs past the peer's max frame size)."""
+        block = self._encoder.encode(headers)
+        flags = fr.END_STREAM if end_stream else 0
+        limit = self._peer_max_frame
+        if len(block) <= limit:
+            self.write_frame(fr.encode(fr.HEADERS, flags | fr.END_HEADERS, stream.id, block))
+        else:
+            out = [fr.encode(fr.HEADERS, flags, stream.id, block[:limit])]
+            for pos in range(limit, len(block), limit):
+                last = fr.END_HEADERS if pos + limit >= len(block) else 0
+                out.append(fr.encode(fr.CONTINUATION, last, stream.id, block[pos : pos + limit]))
+            self.write_frame(b"".join(out))
+        self._timers.sent_data()
+
+    def send_window_update(self, stream_id: int, increment: int) -> None:
+        """Give the peer `increment` more bytes on a stream."""
+        self.write_frame(fr.window_update(stream_id, increment))
+
+    def send_reset(self, stream: Stream, code: int) -> None:
+        """RST_STREAM for a stream."""
+        self.write_frame(fr.rst_stream(stream.id, code))
+
+    # -- the stream table, closing --------------------------------------------------------------------
+
+    def _wake_slot_waiters(self) -> None:
+        """Wake the openers waiting for a stream slot: each looks again (a slot, GOAWAY or the close)."""
+        waiters, self._slot_waiters = self._slot_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def maybe_forget(self, stream: Stream, force: bool = False) -> None:
+        """Drop a stream from the table once it is over."""
+        if force or (stream.closed_out and stream.ended_in):
+            self.streams.pop(stream.id, None)
+            self._blocked.pop(stream.id, None)
+            self._wake_slot_waiters()
+            if not self.streams:
+                self._timers.idle()
+                self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if (self._goaway_sent or self._goaway_received) and not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        """Close the transport now (streams still open get StreamReset(-1) from connection_lost)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
