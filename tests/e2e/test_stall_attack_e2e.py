@@ -6,24 +6,24 @@ sessions pushing maximum-size frames at `sleep`, which never reads) and her tric
 `exec cat /dev/zero` whose output is taken 4 KiB every half second), and alice's interactive
 `exec cat`, whose round trips are timed before, during and after the attack.
 
-Her p99 under the attack is compared with its quiet value measured at the same moments: bob's
-identical `exec cat` through a second, identical router that carries no attack (the control), each
-of his round trips taken right after one of hers. The machine's own load (other tests, other
-engineers, CI neighbours) changes over the minute the attack lasts and moves both alike, so the
-ratio is the attacked router's unfairness, not the machine's weather; a quiet p99 taken before
-the attack compared with one taken during it measured the weather (6.6x once, on a fresh clone,
-with the router's share unchanged). Her own before/after p99s are printed beside it. The test polls both routers' /metrics alike: a
-page costs the router a few milliseconds of work right after it answered (and its garbage), which
-polling only the attacked router put on alice's next round trips alone. Mallory's processes
-(her CLIs, and the agent of her own workflow with her commands) run at nice 19: in production they
-run on her machine and in her container, not beside the router, so on these two shared cores they
-must not take alice's CPU share; what the comparison measures is the router's fairness. The arithmetic of the
-bound is in docs/security.md ("What one session can make the router hold"): with the native gRPC
-server every byte the attack can make the router hold is set by its flags, so the test asserts the
-router's peak RSS against that configured bound, with the memory guard set above it (the guard is
-the last resort, not what bounds this attack). Mallory's commands outlive the test's checks: the
-streams toward them, which hold the router's last unread message of each ended session, are reset
-without waiting for the commands to exit.
+Her p99 under the attack is compared with its quiet value measured at the same moments: bob's identical
+`exec cat` through a second, identical router that carries no attack (the control), each of his round
+trips taken right after one of hers. The machine's own load (other tests, other engineers, CI
+neighbours) changes over the minute the attack lasts and moves both alike, so the ratio is the attacked
+router's unfairness, not the machine's weather; a quiet p99 taken before the attack compared with one
+taken during it measured the weather (6.6x once, on a fresh clone, with the router's share unchanged).
+Her own before/after p99s are printed beside it. The test polls both routers' /metrics alike: a page
+costs the router a few milliseconds of work right after it answered (and its garbage), which polling
+only the attacked router put on alice's next round trips alone. Mallory's processes (her CLIs, and the
+agent of her own workflow with her commands) run at nice 19: in production they run on her machine and
+in her container, not beside the router, so on these two shared cores they must not take alice's CPU
+share; what the comparison measures is the router's fairness. The arithmetic of the bound is in
+docs/security.md ("What one session can make the router hold"): with the native gRPC server every byte
+the attack can make the router hold is set by its flags, so the test asserts the router's peak RSS
+against that configured bound, with the memory guard set above it (the guard is the last resort, not
+what bounds this attack). Mallory's commands outlive the test's checks: the streams toward them, which
+hold the router's last unread message of each ended session, are reset without waiting for the commands
+to exit.
 """
 
 from __future__ import annotations
