@@ -237,6 +237,19 @@ def _resets(router: Router) -> int:
     return sum(r.get("event") == "stream_reset" and r.get("unsent_bytes", 0) > 0 for r in router.events())
 
 
+def _settled_rss(pid: int, timeout: float = 15.0) -> int:
+    """The process's RSS (KiB) once it stopped falling: two readings a second apart within 256 KiB (bounded)."""
+    deadline = time.monotonic() + timeout
+    last = rss_kib(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)  # a sampling interval, not synchronisation: RSS has no event to await
+        now = rss_kib(pid)
+        if abs(now - last) < 256:
+            return now
+        last = now
+    return last
+
+
 def _commands(cmdline: str) -> list[int]:
     """The pids of the processes running exactly `cmdline` (words separated by spaces)."""
     pids = []
@@ -321,10 +334,12 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
         after, _ = paired_samples(echo, bob, SAMPLES)
         echo.close()  # the last session ends: the router gives its memory back once quiet
         idle = wait_rss_at_most(router.pid, 2 * fresh, timeout=RELEASE)
+        settled = _settled_rss(router.pid)
         paired = _mallory_active(router)[0]
         figures = (
             f"router RSS fresh {fresh} KiB, peak {peak} KiB (+{peak - fresh} KiB, bound +{BOUND >> 10} KiB), "
-            f"idle {idle} KiB; her sessions {paired:g}, ended by the guard {by_guard:g}, "
+            f"idle {idle} KiB ({idle / fresh:.2f}x; settled {settled} KiB, {settled / fresh:.2f}x); "
+            f"her sessions {paired:g}, ended by the guard {by_guard:g}, "
             f"by the flow-control timeout {by_timeout:g}; streams to her commands reset {resets}, "
             f"{running} commands running; alice's echo p99 attacked {p99(attacked) * 1e3:.2f} ms against "
             f"bob's at the same moments {p99(control_attacked) * 1e3:.2f} ms "
