@@ -226,3 +226,29 @@ async def test_try_write_sends_at_once_only_while_nothing_stands_in_the_way(pair
         served.end(status_trailers(0))
         assert not served.try_write(b"late")
         assert await stream.read() is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("pair", [H2Config(stream_window=64 << 20, connection_window=64 << 20)], indirect=True)
+async def test_a_writer_held_by_a_paused_transport_wakes_when_the_connection_is_lost(pair: Pair) -> None:
+    # A router that drains ends a call (trailers, then RST_STREAM NO_ERROR: stop sending) while the
+    # client's transport is paused behind data it no longer reads, then exits. The writer of that
+    # call, its stream over and forgotten by the connection, must not wait for a transport that is
+    # gone: a resumed session's acknowledger did, holding the session's write lock (the resume stalled).
+    async with asyncio.timeout(10):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        server = pair.servers[0]
+        assert server.transport is not None
+        server.transport.pause_reading()  # the router reads no more
+        paused = _signal(pair.client, "pause_writing")
+        writer = asyncio.ensure_future(stream.write(b"x" * (32 << 20)))  # more than the socket buffers take
+        await _until(paused, lambda: pair.client.write_paused)
+        served.send_headers(status_trailers(14, "router draining", headers=True), end_stream=True)
+        served.reset(0)  # NO_ERROR: the response is complete
+        await stream.wait_closed()
+        assert stream.reset_code is None and stream.closed_out and pair.client.write_paused
+        assert not writer.done()
+        server.abort()
+        await pair.client.wait_closed()
+        await writer  # returns: what was left unsent was dropped, as the server asked

@@ -193,3 +193,46 @@ async def test_a_full_replay_buffer_pauses_the_sender_until_acknowledged() -> No
     assert got == b"x" * 4096 * 16
     a.abort()
     b.abort()
+
+
+class EndedByTheServer(PipeEnd):
+    """A call the server has ended (its trailers not read yet): writes fail at once; and, as with
+    grpc.aio's and the native channel's calls, a read waiting when the call is cancelled here
+    (`abort`) raises CancelledError, although the reading task itself was not cancelled."""
+
+    aborted = False
+
+    async def send(self, frame: pb.Frame) -> None:
+        raise asyncio.InvalidStateError("RPC already finished.")
+
+    async def recv(self) -> pb.Frame | None:
+        frame = await self.inbox.get()
+        if self.aborted:
+            raise asyncio.CancelledError()
+        if frame is None or self.broken.is_set():
+            raise Cut("cut")
+        return frame
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.cut()
+
+
+@pytest.mark.asyncio
+async def test_the_reader_survives_a_read_cancelled_by_the_abort_after_a_failed_write() -> None:
+    # A draining router ends a call; the side's next write fails before its reader saw the end, so
+    # the write's break aborts the call under the waiting reader. The reader must take that as the
+    # break it is and go on with the resumed stream (it died, and the session stalled after resuming).
+    a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    end_a, end_b = EndedByTheServer(a_in, b_in), PipeEnd(b_in, a_in)
+    end_a.peer, end_b.peer = end_b, end_a
+    a, b = Side(end_a, 64 * 1024), Side(end_b, 64 * 1024)
+    a.start()
+    b.start()
+    chunks = [bytes([n]) * 1000 for n in range(50)]
+    work = asyncio.gather(pump(a, chunks), pump(b, chunks), drain(b), drain(a))
+    await reconnect(a, b)
+    _, _, at_b, at_a = await asyncio.wait_for(work, 5)
+    assert at_b == at_a == b"".join(chunks)
+    assert a.resumes == b.resumes == 1

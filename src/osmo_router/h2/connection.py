@@ -82,11 +82,17 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Every stream still open is reset (-1): readers, writers and close callbacks wake."""
         self.closed = True
+        self.write_paused = False  # no transport is left to wait for
         self._timers.cancel()
         for stream in list(self.streams.values()):
             stream.gone(-1)
         self.streams.clear()
         self._blocked.clear()
+        # Writers of streams already over (ended by the peer while the transport was paused, so no
+        # longer in the table) wait for the transport too: nothing else would wake them now.
+        waiters, self.drain_waiters = self.drain_waiters, set()
+        for stream in waiters:
+            stream.notify_drained()
         for waiter in self._slot_waiters:
             if not waiter.done():
                 waiter.set_exception(ConnectionClosed("connection lost"))

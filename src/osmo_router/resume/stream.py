@@ -286,6 +286,13 @@ class ResumableStream:
                 continue
             try:
                 frame = await inner.recv()
+            except asyncio.CancelledError:
+                if _being_cancelled():
+                    raise
+                # The call under us was cancelled, not this task: a failed write's `_broken` aborted
+                # it while this read waited (grpc.aio's calls, and the native ones, raise so then).
+                self._broken(generation, "the stream was aborted")
+                continue
             except BREAKS as err:
                 if not self.resumable:
                     self._failure = err  # raised to the handler as it is, as without resume
@@ -398,6 +405,12 @@ class ResumableStream:
                 self._broken(generation, err)
                 return
         self._connected.set()
+
+
+def _being_cancelled() -> bool:
+    """True if the current task was asked to stop (a CancelledError that is not just a call's)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _describe(cause: object) -> str:
