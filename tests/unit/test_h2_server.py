@@ -122,7 +122,8 @@ async def test_a_deadline_cancels_the_handler(channel: grpc.aio.Channel) -> None
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await asyncio.wait_for(channel.unary_unary(_m("Hang"))(b"", timeout=0.5), 10)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert 0 < seen["remaining"] <= 0.5
+    # grpc core rounds the grpc-timeout header up to a coarser value (0.50095 s seen for 0.5 s)
+    assert 0 < seen["remaining"] <= 0.51
     async with asyncio.timeout(5):  # the server's own deadline cancels the handler
         await seen["cancelled"].wait()
 
