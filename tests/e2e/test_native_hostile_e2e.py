@@ -128,6 +128,7 @@ def plain(tmp_path: Path) -> Iterator[Setup]:
     yield from _start(tmp_path)
 
 
+@pytest.mark.serial  # compares echo p99 with a quiet baseline: alone (scripts/test)
 @pytest.mark.timeout(180)
 def test_a_rapid_reset_flood_gets_goaway_enhance_your_calm_and_spares_another_users_echo(plain: Setup) -> None:
     echo = Echo(plain.flags("alice"))
@@ -212,6 +213,7 @@ def _wait_counted_at_least(router: Router, value: float, timeout: float) -> floa
     return seen
 
 
+@pytest.mark.serial  # compares echo p99 with a quiet baseline: alone (scripts/test)
 @pytest.mark.timeout(240)
 def test_many_stalled_streams_of_one_user_stay_within_her_budget_and_spare_another_users_echo(
     budgeted: Setup,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import weakref
 
 import pytest
 
@@ -177,3 +180,22 @@ async def test_the_sink_respects_a_spent_budget() -> None:
     assert other.poll() == b"x" * 8
     await asyncio.wait_for(blocked, 5)
     assert waiting.done() and queue.poll() == b"y" * 5
+
+
+@pytest.mark.asyncio
+async def test_a_kept_failure_does_not_keep_the_frames_that_raised_it() -> None:
+    """A failed queue's error, raised in producers holding a message, must not keep their messages alive."""
+    queue = FlowQueue(1)
+    queue.fail(ResourceExhausted("peer stopped reading"))
+    refs: list[weakref.ref[memoryview]] = []
+
+    async def producer() -> None:
+        message = memoryview(bytearray(1 << 20))  # a local of the raising frame, as the relay's are
+        refs.append(weakref.ref(message))
+        await queue.put(message.tobytes())
+
+    for _ in range(2):  # raised more than once: no raise may gather its frames on the kept error
+        with contextlib.suppress(ResourceExhausted):
+            await producer()
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None], "the queue's kept error refers to a producer's frame"

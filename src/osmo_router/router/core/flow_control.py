@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 
 from osmo_router.router.core.budget import ByteBudget
+from osmo_router.wire.errors import detached
 
 
 class FlowQueue:
@@ -137,7 +138,7 @@ class FlowQueue:
             if holding:
                 self._unhold(size)
         if self._error is not None:
-            raise self._error
+            raise detached(self._error)
         if self._ended:
             return  # (nothing was taken: the loop takes only right before it leaves)
         self._items.append(item)
@@ -169,7 +170,7 @@ class FlowQueue:
         """The next item; None once the queue was ended and is empty; raises the failure if it failed."""
         while not self._items:
             if self._error is not None:
-                raise self._error
+                raise detached(self._error)
             if self._ended:
                 return None
             self._getter = asyncio.get_running_loop().create_future()
@@ -178,14 +179,14 @@ class FlowQueue:
             finally:
                 self._getter = None
         if self._error is not None:
-            raise self._error
+            raise detached(self._error)
         return self.pop()
 
     def poll(self) -> bytes | None:
         """The next item without waiting: an item, b"" when none is queued yet (items are never empty),
         or None once the queue was ended and is empty; raises the failure if it failed."""
         if self._error is not None:
-            raise self._error
+            raise detached(self._error)
         if self._items:
             return self.pop()
         return None if self._ended else b""
@@ -230,7 +231,7 @@ class FlowQueue:
     def fail(self, error: BaseException) -> None:
         """Drop everything and make both ends raise `error`."""
         if self._error is None:
-            self._error = error
+            self._error = detached(error)
         self._release_all()
         _wake(self._getter)
         _wake(self._putter)

@@ -33,6 +33,7 @@ from osmo_router.wire.errors import (
     ResourceExhausted,
     RouterError,
     Unavailable,
+    detached,
 )
 from osmo_router.wire.ops import label_of
 from osmo_router.wire.protocol import pb
@@ -155,7 +156,7 @@ class Session:
     def fail(self, error: RouterError) -> None:
         """End the session with an error; both sides' relays raise it."""
         if self.error is None:
-            self.error = error
+            self.error = detached(error)  # kept: without the frames that raised it (wire/errors.py)
         self.to_agent.fail(error)
         self.to_client.fail(error)
 
