@@ -153,13 +153,16 @@ async def test_a_reader_at_the_rate_or_without_the_rule_goes_on() -> None:
 
 @pytest.mark.asyncio
 async def test_a_period_in_which_the_writer_waited_for_data_is_not_held_against_the_reader() -> None:
-    watchdog = WriteWatchdog(0.2, min_rate=1024 * 1024)
+    # Idle 30 x 50 ms = 1.5 s, past the 1 s timeout were it counted; writing 30 x 5 ms = 0.15 s, which a
+    # loaded machine may stretch 6x before the rate rule judges it (0.2 s and 15 ms idles failed once
+    # under a load of 8: the writes themselves took over 0.2 s).
+    watchdog = WriteWatchdog(1.0, min_rate=1024 * 1024)
     for _ in range(30):  # a slow sender: the writer idles between small writes
         with watchdog:
             await asyncio.sleep(0.005)
         watchdog.moved += 100
         watchdog.idle()
-        await asyncio.sleep(0.015)
+        await asyncio.sleep(0.05)
     assert not watchdog.fired
     watchdog.close()
 
