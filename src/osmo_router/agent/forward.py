@@ -27,6 +27,7 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay, agent_budget
 from osmo_router.io.forwarding import (
     WATCH_PORT,
+    DirectSender,
     SocketReader,
     drain,
     is_resumable,
@@ -194,6 +195,8 @@ class TcpRelay:
         #: The target's direction ended with its EOF, relayed with our half-close.
         self.target_eof = False
         self._error_sent = False
+        #: Sends the client's data frames to the target as they arrive, while the reader keeps up (issue 18).
+        self.direct = DirectSender(sock, self._target_broke)
 
     async def run(self) -> bool:
         """Relay until both directions are closed (or the session broke); True if both closed cleanly."""
@@ -224,6 +227,7 @@ class TcpRelay:
             for task in (target, client_done):
                 task.cancel()
             await asyncio.gather(target, client_done, return_exceptions=True)
+            await self.direct.close()
 
     async def _report(self, message: str) -> None:
         if not self._error_sent:
@@ -247,21 +251,28 @@ class TcpRelay:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the session is gone; the reader sees it too
 
+    async def _target_broke(self, err: OSError) -> None:
+        """Sending to the target failed: the client's direction is over (its data cannot be delivered)."""
+        self.direct.enabled = False
+        await self._report(f"{self.where} reset the connection ({err.strerror or err})")
+        self.client_done.set()
+
     async def _from_client(self) -> None:
         """Data frames to the target; the client's half-close shuts the target's write side."""
-        writable = True
+        set_sink = getattr(self.stream, "set_sink", None)
+        if set_sink is not None:
+            set_sink(self.direct.offer)
         try:
             while (frame := await self.stream.recv()) is not None:
+                await self.direct.flushed()
                 kind = frame.WhichOneof("kind")
-                if kind == "data" and writable:
+                if kind == "data" and self.direct.enabled:
                     try:
                         await self.loop.sock_sendall(self.sock, frame.data)
                     except OSError as err:
-                        writable = False
-                        await self._report(f"{self.where} reset the connection ({err.strerror or err})")
-                        self.client_done.set()
+                        await self._target_broke(err)
                 elif kind == "half_close" and not self.client_done.is_set():
-                    writable = False
+                    self.direct.enabled = False
                     self.client_half_closed = True
                     shutdown_quietly(self.sock, socket.SHUT_WR)
                     self.client_done.set()
@@ -271,3 +282,6 @@ class TcpRelay:
                     return
         except (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError) as err:
             log.info("port-forward session to %s broke: %s", self.where, err)
+        finally:
+            if set_sink is not None:
+                set_sink(None)

@@ -31,7 +31,7 @@ import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
-from osmo_router.io.forwarding import SocketReader, reset_socket, shutdown_quietly
+from osmo_router.io.forwarding import DirectSender, SocketReader, reset_socket, shutdown_quietly
 from osmo_router.resume.stream import BREAKS, ResumableStream
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
@@ -167,6 +167,8 @@ class ConnectionRelay:
         self.failed = False
         #: The longest time the local application took to take one frame (see osmo_router.client.stall).
         self.longest_delivery = 0.0
+        #: Sends the agent's data frames as they arrive, while this relay keeps up (issue 18).
+        self.direct = DirectSender(conn, self._abort_on)
 
     async def run(self) -> bool:
         """Relay until the session ends; True if it ended cleanly. A failure is reported (once) as soon as known."""
@@ -183,6 +185,7 @@ class ConnectionRelay:
             # A broken session, a pump stuck past the grace, or the forward shutting down: the pump
             # is cancelled (its local read or its write to a call that is over), never woken by a shutdown.
             upstream.cancel()
+            await self.direct.close()
             await asyncio.gather(upstream, return_exceptions=True)
         return clean and not self.aborted
 
@@ -190,7 +193,11 @@ class ConnectionRelay:
         """Report the failure (once); the connection is reset when the session's end follows."""
         if not self.failed and not self.aborted:
             self.failed = True
+            self.direct.enabled = False
             self.report(err)
+
+    async def _abort_on(self, _err: OSError) -> None:
+        await self._abort()
 
     async def _abort(self) -> None:
         """The local side broke (reset): end the session, as a reset would."""
@@ -213,11 +220,15 @@ class ConnectionRelay:
 
     async def _remote_to_local(self) -> bool:
         """Deliver the agent's frames; True if the stream ended cleanly (no error, no Error frame)."""
+        set_sink = getattr(self.stream, "set_sink", None)
         try:
             # The local side's bytes are already on their way: the router holds them until the
             # agent joins, so a new connection costs no extra round trip.
             await self.wait_ready(self.stream)
+            if set_sink is not None:
+                set_sink(self.direct.offer)
             while (frame := await self.stream.recv()) is not None:
+                await self.direct.flushed()
                 kind = frame.WhichOneof("kind")
                 if kind == "data" and not self.failed:
                     started = time.monotonic()
@@ -230,10 +241,14 @@ class ConnectionRelay:
                     shutdown_quietly(self.conn, socket.SHUT_WR)
                 elif kind == "error":
                     self._fail(from_status_number(frame.error.code, frame.error.message))
+            await self.direct.flushed()
         except grpc.aio.AioRpcError as err:
-            self._fail(rpc_error(err, stalled=self.longest_delivery))
+            self._fail(rpc_error(err, stalled=max(self.longest_delivery, self.direct.longest)))
             return False
         except RouterError as err:
             self._fail(err)
             return False
+        finally:
+            if set_sink is not None:
+                set_sink(None)
         return not self.failed

@@ -171,6 +171,10 @@ class ResumingStream(ResumableStream):
         self.resumable = False
         self.buffer.ack(self.buffer.end)
 
+    def _room_now(self, size: int) -> bool:
+        # Before the agent confirmed, `_room` waits with a deadline for the answer: never at once.
+        return (self.confirmed or not self.resumable) and super()._room_now(size)
+
     async def _room(self, size: int) -> None:
         if self.confirmed or not self.resumable:
             await super()._room(size)

@@ -70,6 +70,7 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._trailing: grpc.aio.Metadata = grpc.aio.Metadata()
         self._done: asyncio.Future[None] = loop.create_future()
         self._callbacks: list[Callable[[Any], None]] = []
+        self._listener: Callable[[Any], bool] | None = None
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._timer = None if timeout is None else loop.call_later(max(timeout, 0.0), self._expire)
         self._opening = asyncio.ensure_future(self._open(opener))
@@ -87,6 +88,8 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             stream.reset(fr.ErrorCode.CANCEL)
             return None
         self._stream = stream
+        if self._listener is not None:
+            stream.set_listener(self._listen)
         # The status is known once the stream closes, read or not (grpc.aio's calls end without reads).
         stream.add_close_callback(lambda _future: self._on_closed(stream))
         return stream
@@ -243,6 +246,24 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         return message
 
     # -- messages --------------------------------------------------------------------------------
+
+    def set_listener(self, listener: Callable[[Any], bool] | None) -> None:
+        """Offer each response to `listener(response)` as it arrives, before `read` would get it: True
+        means it took it, False leaves it (and every later one) for `read`. Only while no response
+        waits for `read` and the call has no status (h2.Stream.set_listener; must not raise or wait)."""
+        self._listener = listener
+        if self._stream is not None:
+            self._stream.set_listener(None if listener is None else self._listen)
+
+    def _listen(self, message: bytes) -> bool:
+        listener = self._listener
+        if listener is None or self._buffer or self._status is not None:
+            return False
+        try:
+            response = self._deserialize(message)
+        except Exception:
+            return False  # `read` meets the error again, where it is reported
+        return listener(response)
 
     async def read(self) -> Any:
         """The next response; grpc.aio.EOF at a clean end; AioRpcError for any other status.

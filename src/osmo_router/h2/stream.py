@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from osmo_router.h2 import frames as fr
@@ -100,6 +101,8 @@ class Stream:
         self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
         self._closed = self._loop.create_future()
         self._credit: _Credit | None = None  # set by use_budgets
+        self._listener: Callable[[bytes], bool] | None = None  # see set_listener
+        self._listened = False  # the listener took a message since the window was last looked at
         #: Whether the stream may take up the connection's (grown) window: from the start unless the
         #: connection starts streams smaller (H2Config.initial_stream_window), else once `use_budgets`.
         self._may_grow = recv_window >= conn.config.stream_window
@@ -111,6 +114,10 @@ class Stream:
         self.data_begin(flow_length)
         self._inflight = 0
         self._assemble(payload)
+        if self._listened:
+            self._listened = False
+            if self._may_grow:
+                self._take_up_window()
         self._grant()
         self._wake_reader()
 
@@ -126,8 +133,7 @@ class Stream:
         """The next piece of the current DATA frame's (unpadded) payload, as it arrived."""
         self._inflight -= len(payload)
         self._assemble(payload)
-        self._grant_if_stuck()
-        self._wake_reader()
+        self._after_pieces()
 
     def direct_buffer(self) -> memoryview | None:
         """Where the rest of the message being assembled goes, for the transport to read into; None
@@ -142,7 +148,16 @@ class Stream:
         self._filled += count
         if self._filled == self._need:
             self._complete()
-        self._grant_if_stuck()
+        self._after_pieces()
+
+    def _after_pieces(self) -> None:
+        if self._listened:  # what the listener took goes back as if read
+            self._listened = False
+            if self._may_grow:
+                self._take_up_window()
+            self._grant()
+        else:
+            self._grant_if_stuck()
         self._wake_reader()
 
     def _grant_if_stuck(self) -> None:
@@ -221,8 +236,20 @@ class Stream:
             raise MessageTooLarge(f"received message larger than max ({length} vs. {max_message})")
 
     def _queue(self, message: bytes, framed: int) -> None:
+        listener = self._listener
+        if listener is not None and not self._messages and self.reset_code is None and listener(message):
+            self._listened = True
+            return
         self._messages.append(message)
         self._queued += framed
+
+    def set_listener(self, listener: Callable[[bytes], bool] | None) -> None:
+        """Offer each complete message to `listener(message)` as it arrives, while nothing is queued for
+        `read` before it: True means it took the message (its window goes back as if read), False
+        leaves it queued for `read`, and every later message behind it, in order. It runs inside the
+        connection's data_received, so it must not raise or wait. Saves the reader a wake-up per
+        message when its consumer keeps up (issue 18)."""
+        self._listener = listener
 
     def received_end(self) -> None:
         """The peer's END_STREAM."""
@@ -306,7 +333,8 @@ class Stream:
         return max(0, missing - self._recv_left - self._inflight)
 
     def _wake_reader(self) -> None:
-        if self._readable is not None and not self._readable.done():
+        # Only with something to read: a message taken by the listener, or a piece of one, wakes nobody.
+        if self._readable is not None and not self._readable.done() and self.has_message():
             self._readable.set_result(None)
 
     # -- outbound --------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import socket
 import struct
 import sys
 import termios
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import grpc
@@ -107,6 +109,9 @@ class SocketReader:
         self._fionread = True
         self._count = bytearray(4)  # FIONREAD's answer (a C int)
         self._emptied = False  # the last read took less than asked: the socket had no more then
+        #: While `send_all` waits: the stream's try_send_data_message and the message size (see _send_now).
+        self._direct: tuple[Callable[[bytes], bool], int] | None = None
+        self._handed: bytes | OSError | None = None  # what _send_now read and could not send: the pump's
 
     async def recv(self, size: int) -> bytes:
         """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError.
@@ -130,14 +135,21 @@ class SocketReader:
         """Send what the socket gives as data frames of up to `size` bytes until its EOF. Raises OSError.
 
         On a raw stream each frame message is read in place (`recv_data_message`): the payload is
-        not copied again to put the message's header in front of it.
+        not copied again to put the message's header in front of it. A stream that can send without
+        waiting (`try_send_data_message`) is sent to straight from the socket's readiness callback
+        while this pump waits (`_send_now`): the pump wakes only for what has to wait.
         """
         if not stream.raw:
             while chunk := await self.recv(size):
                 await stream.send_data(chunk)
             return
-        while message := await self.recv_data_message(size):
-            await stream.send_data_message(message)
+        try_send = getattr(stream, "try_send_data_message", None)
+        self._direct = None if try_send is None else (try_send, size)
+        try:
+            while message := await self.recv_data_message(size):
+                await stream.send_data_message(message)
+        finally:
+            self._direct = None
 
     async def recv_data_message(self, size: int) -> bytes:
         """Up to `size` bytes as an encoded data-frame message (`encode_data_message` of them), waiting
@@ -147,18 +159,48 @@ class SocketReader:
         the socket's bytes are read straight after the header.
         """
         while True:
+            handed = self._handed
+            if handed is not None:
+                self._handed = None
+                if isinstance(handed, OSError):
+                    raise handed
+                return handed
             if self._may_hold_more():
-                try:
-                    waiting = self._waiting()
-                    if waiting:
-                        self._emptied = waiting < size
-                        return self._read_message(min(waiting, size))
-                    chunk = self.sock.recv(size)  # nothing waiting: EOF, an error, or bytes just arrived
-                    self._emptied = len(chunk) < size
-                    return encode_data_message(chunk) if chunk else b""
-                except (BlockingIOError, InterruptedError):
-                    pass
+                message = self._read_now(size)
+                if message is not None:
+                    return message
             await self._readable()
+
+    def _read_now(self, size: int) -> bytes | None:
+        """`recv_data_message` if the socket has something (data, EOF or an error); None if it would block."""
+        try:
+            waiting = self._waiting()
+            if waiting:
+                self._emptied = waiting < size
+                return self._read_message(min(waiting, size))
+            chunk = self.sock.recv(size)  # nothing waiting: EOF, an error, or bytes just arrived
+            self._emptied = len(chunk) < size
+            return encode_data_message(chunk) if chunk else b""
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def _send_now(self) -> bool:
+        """The socket is readable while the pump waits: read and send here; True if the pump may go on
+        waiting, False if it must wake for what was read (it could not be sent at once, or EOF, or an
+        error: handed to it as `recv_data_message`'s result, so nothing is lost or reordered)."""
+        assert self._direct is not None
+        try_send, size = self._direct
+        try:
+            message = self._read_now(size)
+        except OSError as err:
+            self._handed = err
+            return False
+        if message is None:
+            return True  # (a stale readiness: nothing to read after all)
+        if message and try_send(message):
+            return True
+        self._handed = message
+        return False
 
     def _may_hold_more(self) -> bool:
         """False when the last read emptied the socket and no readiness came since: wait before reading."""
@@ -199,7 +241,7 @@ class SocketReader:
 
     def _ready(self) -> None:
         if self._waiter is not None:
-            if not self._waiter.done():
+            if not self._waiter.done() and (self._direct is None or not self._send_now()):
                 self._waiter.set_result(None)
             # (else the pump was woken already and reads in this loop iteration)
         elif self._unclaimed:
@@ -217,6 +259,66 @@ class SocketReader:
     def close(self) -> None:
         """Stop watching the socket (before it is closed: the selector must not hold a closed descriptor)."""
         self._unregister()
+
+
+class DirectSender:
+    """Data frames to a socket straight from where they arrive: a session stream's sink.
+
+    Given to `ResumableStream.set_sink` by a pump that writes each received data frame to a socket,
+    `offer` sends the frame at once from the stream's data callback, so the pump is not woken for
+    it. What the socket does not take at once is sent by a task of its own, and `offer` declines
+    everything until that is done (those frames go to the pump, which waits in `flushed` first:
+    order is kept, and a full socket holds back the pump as before). A send error makes `offer`
+    decline, so the pump meets the error on its next send; an error sending a rest goes to `on_error`.
+    """
+
+    def __init__(self, sock: socket.socket, on_error: Callable[[OSError], Awaitable[None]]) -> None:
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._on_error = on_error
+        self._rest: asyncio.Task[None] | None = None
+        #: Whether frames are taken (the pump clears it once it stops delivering).
+        self.enabled = True
+        #: The longest a rest took to go out (seconds): the local application's slowest take.
+        self.longest = 0.0
+
+    def offer(self, frame: Any) -> bool:
+        """Send a data frame now; False, with nothing done, for anything else or when disabled or busy."""
+        if not self.enabled or self._rest is not None or frame.WhichOneof("kind") != "data":
+            return False
+        data = frame.data
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return False  # the pump meets the error again on its own send
+        if sent < len(data):
+            self._rest = self._loop.create_task(self._send_rest(memoryview(data)[sent:]))
+        return True
+
+    async def _send_rest(self, rest: memoryview) -> None:
+        started = time.monotonic()
+        try:
+            await self._loop.sock_sendall(self.sock, rest)
+        except OSError as err:
+            await self._on_error(err)
+        finally:
+            self.longest = max(self.longest, time.monotonic() - started)
+            self._rest = None
+
+    async def flushed(self) -> None:
+        """Until what `offer` began is sent (the pump calls it before each send of its own)."""
+        if self._rest is not None:
+            await asyncio.shield(self._rest)
+
+    async def close(self) -> None:
+        """Stop: take nothing more, drop a rest still being sent."""
+        self.enabled = False
+        rest = self._rest
+        if rest is not None:
+            rest.cancel()
+            await asyncio.gather(rest, return_exceptions=True)
 
 
 def retrieve(task: asyncio.Task[Any]) -> None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
+from collections.abc import Callable
 
 import grpc
 
@@ -77,6 +79,8 @@ class ResumableStream:
         self._incoming_units = 0
         self._arrived = asyncio.Event()
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
+        self._sink: Callable[[pb.Frame], bool] | None = None  # see set_sink
+        self._sending = 0  # sends in progress (_send_item), which a try_send_data_message must not pass
         self._connected = asyncio.Event()
         self._connected.set()
         self._ended = False
@@ -122,7 +126,29 @@ class ResumableStream:
     def start(self) -> None:
         """Start taking the peer's frames (call once the first stream is in place)."""
         if self._reader is None:
+            if self._inner is not None:
+                self._listen_to(self._inner, self._generation)
             self._reader = asyncio.create_task(self._read_forever())
+
+    def set_sink(self, sink: Callable[[pb.Frame], bool] | None) -> None:
+        """While the handler waits in `recv` with nothing queued, offer it each frame as it is taken:
+        `sink(frame)` delivers it at once and returns True (it counts as received by `recv`), or
+        returns False having done nothing (then `recv` gets it). The sink must not raise or wait. So a
+        handler that keeps up is not woken per frame (issue 18)."""
+        self._sink = sink
+
+    def _listen_to(self, inner: SessionStream, generation: int) -> None:
+        """Take `inner`'s frames as they arrive where it can hand them over (FrameStream.set_listener):
+        the reader task, woken otherwise for each, then sees only the end or a break."""
+        set_listener = getattr(inner, "set_listener", None)
+        if set_listener is not None:
+            set_listener(functools.partial(self._pushed, generation))
+
+    def _pushed(self, generation: int, frame: pb.Frame) -> bool:
+        # As _read_forever's loop: a frame off a stream already given up is dropped (a resume asks for it again).
+        if generation == self._generation and not self._ended:
+            self._take(frame)
+        return True
 
     @property
     def raw(self) -> bool:
@@ -143,6 +169,31 @@ class ResumableStream:
     async def send_data_message(self, message: bytes) -> None:
         """Send a pre-encoded data-frame message."""
         await self._send_item(message, len(message) - payload_offset(message), len(message))
+
+    def try_send_data_message(self, message: bytes) -> bool:
+        """Send a pre-encoded data-frame message at once if it can all go now: no send in progress, room
+        in the replay buffer, the stream under it taking it without waiting. False, with nothing done,
+        otherwise (then use `send_data_message`). Never raises or waits (issue 18: a pump sends from
+        its socket's readiness callback without being woken)."""
+        if self._lost is not None:
+            return False
+        inner = self._inner
+        try_send = getattr(inner, "try_send_data_message", None)
+        if try_send is None or self._sending or self._write_lock.locked():
+            return False
+        if not self.resumable:
+            return bool(try_send(message))
+        size = len(message)
+        if not self._room_now(size) or not try_send(message):
+            return False
+        # Numbered and held after the write: nothing ran in between, so it is as if held first.
+        entry = self.buffer.append(message, size - payload_offset(message), size)
+        self._next_seq = entry.seq + 1
+        return True
+
+    def _room_now(self, size: int) -> bool:
+        """Whether `_room(size)` would return at once."""
+        return self.buffer.fits_now(size)
 
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
         """Report an error to the far side."""
@@ -229,6 +280,13 @@ class ResumableStream:
     async def _send_item(self, item: Item, units: int, size: int) -> None:
         if self._lost is not None:
             return
+        self._sending += 1
+        try:
+            await self._send_item_now(item, units, size)
+        finally:
+            self._sending -= 1
+
+    async def _send_item_now(self, item: Item, units: int, size: int) -> None:
         if not self.resumable:
             async with self._write_lock:
                 if self._inner is not None:
@@ -239,7 +297,7 @@ class ResumableStream:
             return
         await self._room(size)
         if not self.resumable:  # gave up on resume while waiting for room
-            await self._send_item(item, units, size)
+            await self._send_item_now(item, units, size)
             return
         entry = self.buffer.append(item, units, size)
         async with self._write_lock:
@@ -335,8 +393,15 @@ class ResumableStream:
             self.remote_half_closed = True
         elif kind in ("exit_status", "error"):
             self.remote_final = True
+        units = units_of(frame)
+        sink = self._sink
+        if sink is not None and self._handler_waiting and not self._incoming and self._lost is None and sink(frame):
+            # Delivered as `recv` would have: nothing was queued before it, and the handler waits.
+            if self.acking:
+                self._acker.consumed(units, kind in TERMINAL)
+            return
         self._incoming.append(frame)
-        self._incoming_units += units_of(frame)
+        self._incoming_units += units
         if self._incoming_units > 2 * self.buffer.limit + 1024 * 1024:
             self._lose(SessionLost("the peer sent past its replay window", grpc.StatusCode.RESOURCE_EXHAUSTED))
         self._arrived.set()
@@ -391,6 +456,8 @@ class ResumableStream:
             self.buffer.ack(peer_received)
             generation = self._generation
             self._inner = inner
+            if self._reader is not None:
+                self._listen_to(inner, generation)
             self.resumes += 1
             resent = self.buffer.since(peer_received)
             self._next_seq = resent[-1][0].seq + 1 if resent else self.buffer.appended

@@ -150,6 +150,12 @@ class ReplayBuffer:
                 self.shared.wait_on(self._space)
             await self._space.wait()
 
+    def fits_now(self, size: int) -> bool:
+        """Whether `reserve(size)` would return at once."""
+        if not self._entries or self.closed:
+            return True
+        return self.bytes + size <= self.limit and (self.shared is None or self.shared.fits(size))
+
     async def wait_settled(self) -> None:
         """Wait until the peer acknowledged everything sent (or the buffer was closed)."""
         if self._entries and not self.closed:

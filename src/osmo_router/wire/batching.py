@@ -104,6 +104,21 @@ class BatchingWriter:
             await self._room.wait()
         self._check()
 
+    def try_write_data(self, message: bytes) -> bool:
+        """`write_data` when the message can go to the call at once (nothing queued or in flight, no
+        direct write yet in this turn of the loop, the call taking it whole); False, with nothing
+        written, otherwise. Never raises."""
+        if self._try_write is None or self._error is not None or self._direct_held or not self.idle:
+            return False
+        if self._lock.locked():
+            return False
+        self._hold_direct()
+        if not self._try_write(message):
+            return False
+        self.data_frames += 1
+        self.written += 1
+        return True
+
     async def write(self, message: Any) -> None:
         """Write a message that is not data, after everything queued; returns once written."""
         await self.barrier(lambda: self._counted_write(message))

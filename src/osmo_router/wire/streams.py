@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,13 @@ class FrameStream:
         else:
             await self.writer.write(message)
 
+    def try_send_data_message(self, message: bytes) -> bool:
+        """`send_data_message` if it completes at once (BatchingWriter.try_write_data); False, with
+        nothing done, if it would wait or batching is off. Never raises."""
+        if self.closed_for_writing or not self._batch:
+            return False
+        return self.writer.try_write_data(message)
+
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
         """Report an error to the far side."""
         await self.send(pb.Frame(error=pb.Error(code=code.value[0], message=message)))
@@ -91,6 +99,24 @@ class FrameStream:
         if frame.WhichOneof("kind") == "half_close":
             self.peer_half_closed = True
         return frame
+
+    def set_listener(self, listener: Callable[[pb.Frame], bool] | None) -> bool:
+        """Offer each frame to `listener(frame)` as it arrives, before `recv` would get it (True: taken;
+        False: left for `recv`, with every later one). False if the call cannot (grpc.aio's): then
+        every frame goes to `recv`. The session's end and anything but a frame always go to `recv`."""
+        set_listener = getattr(self.call, "set_listener", None)
+        if set_listener is None:
+            return False
+        set_listener(None if listener is None else functools.partial(self._listen, listener))
+        return True
+
+    def _listen(self, listener: Callable[[pb.Frame], bool], message: Any) -> bool:
+        if message.WhichOneof("kind") != "frame":
+            return False
+        frame: pb.Frame = message.frame
+        if frame.WhichOneof("kind") == "half_close":
+            self.peer_half_closed = True
+        return listener(frame)
 
     def abort(self) -> None:
         """Cancel the call: the session ends at once (the far side sees it broken, not half-closed)."""
