@@ -252,3 +252,70 @@ async def test_a_writer_held_by_a_paused_transport_wakes_when_the_connection_is_
         server.abort()
         await pair.client.wait_closed()
         await writer  # returns: what was left unsent was dropped, as the server asked
+
+
+# -- a stream's listener (Stream.set_listener, issue 18): messages taken as they arrive, in order,
+# their window given back as if read, the reader woken only for what is left to it.
+
+RESPONSE = [(":status", "200"), ("content-type", "application/grpc")]
+
+
+@pytest.mark.asyncio
+async def test_a_listener_takes_more_than_the_window_and_the_reader_is_never_woken(pair: Pair) -> None:
+    # 64 messages of 32 KiB through a 256 KiB window: only the window given back for what the
+    # listener took lets the sender finish.
+    messages = [bytes([i]) * 32 * 1024 for i in range(64)]
+    taken: list[bytes] = []
+    arrived = asyncio.Event()
+
+    def listener(message: bytes) -> bool:
+        taken.append(message)
+        arrived.set()
+        return True
+
+    async with asyncio.timeout(10):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        served.set_listener(listener)
+        reader = asyncio.create_task(served.read())
+        for message in messages:
+            await stream.write(message)
+        while len(taken) < len(messages):
+            await arrived.wait()
+            arrived.clear()
+        assert taken == messages
+        assert not reader.done()  # nothing was left for it: never woken with nothing to read
+        stream.end()
+        assert await reader is None  # the end still reaches the reader
+        served.send_headers(RESPONSE)
+        served.end(status_trailers(0))
+
+
+@pytest.mark.asyncio
+async def test_a_declined_message_and_everything_behind_it_go_to_read_in_order(pair: Pair) -> None:
+    taken: list[bytes] = []
+    declined: list[bytes] = []
+
+    def listener(message: bytes) -> bool:
+        if message == b"two":
+            declined.append(message)
+            return False
+        taken.append(message)
+        return True
+
+    async with asyncio.timeout(10):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        served.set_listener(listener)
+        await stream.write(b"one")
+        await stream.write(b"two")
+        await stream.write(b"three")  # the listener would take it, but "two" waits before it
+        assert await served.read() == b"two"
+        assert await served.read() == b"three"
+        assert taken == [b"one"] and declined == [b"two"]
+        await stream.write(b"four")  # nothing queued any more: the listener again
+        stream.end()
+        assert await served.read() is None
+        assert taken == [b"one", b"four"]
+        served.send_headers(RESPONSE)
+        served.end(status_trailers(0))

@@ -145,6 +145,10 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
 
     # -- DATA as it arrives (h2/reader.py's DataSink) ------------------------------------------------
 
+    def input_pending(self) -> bool:
+        """Whether more has arrived behind what is being delivered now (the same read holds more frames)."""
+        return self._reader.pending > 0
+
     def on_frame(self, frame: fr.Frame) -> None:
         """A whole frame from the reader."""
         self._handle(frame)

@@ -50,6 +50,7 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
         self._done_callbacks: list[Callable[[Any], None]] = []
         self.cancelled_by_peer = False
         self.finished = False
+        self._listener: Callable[[bytes], bool] | None = None
 
     # -- messages -------------------------------------------------------------------------------------
 
@@ -90,6 +91,20 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
     def more_queued(self) -> bool:
         """Whether another request has already arrived (the next `read` returns without waiting for one)."""
         return self._stream.more_queued()
+
+    def set_listener(self, listener: Callable[[bytes], bool] | None) -> None:
+        """Offer each request to `listener(message)` as it arrives, while nothing is queued for `read`
+        before it and nothing more arrived behind it in the same read (a burst is left to `read`,
+        whose reader can merge it): True means it took it (Stream.set_listener). Only without a
+        deserializer; a compressed request is always left to `read`, which refuses it."""
+        self._listener = listener if self._deserializer is None else None
+        self._stream.set_listener(None if self._listener is None else self._offer)
+
+    def _offer(self, message: bytes) -> bool:
+        stream, listener = self._stream, self._listener
+        if listener is None or stream.compressed_received or stream.conn.input_pending():
+            return False
+        return listener(message)
 
     def use_budgets(self, budgets: tuple[Any, ...]) -> None:
         """Count what the request stream holds and may receive in these byte budgets (Stream.use_budgets)."""

@@ -81,6 +81,11 @@ class FrameReader:
         self._offered = len(self._buf) - self._end
         return memoryview(self._buf)[self._end :]
 
+    @property
+    def pending(self) -> int:
+        """Bytes read and not yet parsed: during a delivery, what arrived behind the current piece."""
+        return self._end - self._start
+
     def _make_room(self) -> None:
         # Never resized in place: the transport may still hold a view of the last buffer.
         start, end, need, capacity = self._start, self._end, self._need, self._capacity

@@ -147,7 +147,8 @@ class SocketReader:
         self._direct = None if try_send is None else (try_send, size)
         try:
             while message := await self.recv_data_message(size):
-                await stream.send_data_message(message)
+                if try_send is None or not try_send(message):
+                    await stream.send_data_message(message)
         finally:
             self._direct = None
 

@@ -71,6 +71,8 @@ class ByteBudget:
         self._wake()
 
     def _wake(self) -> None:
+        if not self._waiters:
+            return  # (the common case, on every message: no list made)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

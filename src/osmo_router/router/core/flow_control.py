@@ -94,6 +94,11 @@ class FlowQueue:
         (then the item is queued as usual). Saves the consumer a wake-up per item when it keeps up."""
         self._sink = sink
 
+    def offer(self, item: bytes) -> bool:
+        """`put` of an item with nothing behind it, if it goes to the sink at once (see `set_sink`);
+        False, with nothing done, if it would be queued or wait."""
+        return self._sink is not None and self._handed_over(item)
+
     def _handed_over(self, item: bytes) -> bool:
         getter = self._getter
         if getter is None or getter.done() or self._items or self._error is not None or self._ended:

@@ -157,8 +157,19 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
     # Whether more has arrived behind a message: only a message with nothing behind it may be
     # sent on directly (FlowQueue.set_sink); a burst is queued so the writer can merge it.
     more_queued = getattr(endpoint, "more_queued", None)
+    set_listener = getattr(endpoint, "set_listener", None)
+    passing = _Passing(session, queue, hooks, direction) if set_listener is not None else None
+    if set_listener is not None:
+        set_listener(passing)
     try:
-        while (message := await endpoint.read()) is not None:
+        while True:
+            if passing is not None:
+                passing.idle = not answer  # (the agent's answer is looked at here, never passed)
+            message = await endpoint.read()
+            if passing is not None:
+                passing.idle = False
+            if message is None:
+                break
             if not message or message[0] != FRAME_TAG:
                 raise InvalidArgument("expected a frame after the init")
             if answer:
@@ -196,6 +207,40 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
         # Whatever ended this stream (a broken transport, a malformed frame) ends the session.
         session.fail(err)
         raise
+    finally:
+        if set_listener is not None:
+            set_listener(None)
+
+
+class _Passing:
+    """The reading side's hand-over of a message to the other side's writer as it arrives (the
+    stream's listener, Endpoint.set_listener): while the reader waits for its next message, a data
+    frame the writer's sink sends at once (FlowQueue.offer) does what a read of it would have done,
+    without waking the reader (issue 18). Control frames (half-close, exit status, detach), a
+    malformed message and anything the sink cannot send now are left to the reader."""
+
+    __slots__ = ("direction", "hooks", "idle", "queue", "session")
+
+    def __init__(self, session: Session, queue: FlowQueue, hooks: RelayHooks, direction: str) -> None:
+        self.session = session
+        self.queue = queue
+        self.hooks = hooks
+        self.direction = direction
+        #: True while the reader waits in `read`: only then may a message pass it (order is kept).
+        self.idle = False
+
+    def __call__(self, message: bytes) -> bool:
+        if not self.idle or not message or message[0] != FRAME_TAG:
+            return False
+        if len(message) <= MAX_EXIT_STATUS_MESSAGE and (
+            message == ENCODED_HALF_CLOSE or message == ENCODED_DETACH or is_exit_status_frame(message)
+        ):
+            return False
+        if not self.queue.offer(message):
+            return False
+        self.session.touch()
+        self.hooks.count_bytes(self.session, self.direction, len(message))
+        return True
 
 
 async def _write_from(

@@ -41,7 +41,17 @@ class GrpcSide:
     the RouterError of a side that went away.
     """
 
-    __slots__ = ("_context", "_first", "_is_client", "merge_frames", "more_queued", "peer", "try_write", "use_budgets")
+    __slots__ = (
+        "_context",
+        "_first",
+        "_is_client",
+        "merge_frames",
+        "more_queued",
+        "peer",
+        "set_listener",
+        "try_write",
+        "use_budgets",
+    )
     transport = "grpc"
 
     def __init__(
@@ -65,6 +75,11 @@ class GrpcSide:
         #: `use_budgets(budgets)`: count the stream's receive buffer and window in the session's byte
         #: budgets (the native server's calls: Stream.use_budgets); None where gRPC holds them (grpc.aio).
         self.use_budgets: Callable[[tuple[ByteBudget, ...]], None] | None = getattr(context, "use_budgets", None)
+        #: `set_listener(listener)`: offer each message to `listener(message) -> bool` as it arrives,
+        #: before `read` (the native server's calls: NativeContext.set_listener); None where not (grpc.aio).
+        self.set_listener: Callable[[Callable[[bytes], bool] | None], None] | None = getattr(
+            context, "set_listener", None
+        )
 
     async def read(self) -> bytes | None:
         """The next encoded message, or None once the peer half-closed."""

@@ -1,0 +1,69 @@
+"""The router relay's hand-over as messages arrive (relay._Passing, FlowQueue.offer; issue 18): only
+data frames, only while the reader waits and the writer's sink sends at once; else left to the reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from osmo_router.router.core.budget import ByteBudget
+from osmo_router.router.core.flow_control import FlowQueue
+from osmo_router.router.core.relay import ENCODED_DETACH, _Passing
+from osmo_router.wire.codec import ENCODED_HALF_CLOSE
+from osmo_router.wire.protocol import pb
+
+
+class Session:
+    def __init__(self) -> None:
+        self.touched = 0
+
+    def touch(self) -> None:
+        self.touched += 1
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.counted = 0
+
+    def count_bytes(self, _session: object, direction: str, size: int) -> None:
+        assert direction == "client_to_agent"
+        self.counted += size
+
+
+def frame_message(frame: pb.Frame) -> bytes:
+    return pb.ExecRequest(frame=frame).SerializeToString()
+
+
+@pytest.mark.asyncio
+async def test_a_data_frame_passes_only_while_the_reader_waits_and_the_sink_takes_it() -> None:
+    budget = ByteBudget(1 << 20)
+    queue = FlowQueue(16)
+    queue.use_budgets((budget,))
+    written: list[bytes] = []
+    sink_open = True
+
+    def sink(message: bytes) -> bool:
+        if sink_open:
+            written.append(message)
+        return sink_open
+
+    queue.set_sink(sink)
+    session, hooks = Session(), Hooks()
+    passing = _Passing(session, queue, hooks, "client_to_agent")  # type: ignore[arg-type]
+    data = frame_message(pb.Frame(data=b"x"))
+    writer_waits = queue.readable()  # the writer waits for data: the sink may be used
+    assert not passing(data)  # the reader is busy with a message: nothing may pass it
+    passing.idle = True
+    assert passing(data)
+    assert written == [data] and session.touched == 1 and hooks.counted == len(data)
+    # Control frames are the reader's to look at, whatever the sink would do.
+    exit_status = frame_message(pb.Frame(exit_status=pb.ExitStatus(code=3)))
+    for control in (ENCODED_HALF_CLOSE, ENCODED_DETACH, exit_status, b"", b"\x00junk"):
+        assert not passing(control)
+    sink_open = False  # the writer cannot send at once: left to the reader, nothing counted
+    assert not passing(data)
+    assert written == [data] and session.touched == 1 and hooks.counted == len(data)
+    sink_open = True
+    queue._items.append(b"queued")  # something waits in the queue: nothing jumps it
+    assert not passing(data)
+    assert written == [data]
+    assert not writer_waits.done()  # (every pass went to the sink: the writer was never woken)

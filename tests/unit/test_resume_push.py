@@ -1,0 +1,194 @@
+"""ResumableStream's paths without task hops (issue 18): frames pushed by the stream under it
+(set_listener), delivered by the handler's sink (set_sink), and sent at once (try_send_data_message).
+
+The in-memory streams of test_resume_stream.py, here pushing what arrives to a listener when one is
+set; the sinks decline at random, so the pushed, queued and sunk paths mix: nothing may be lost,
+repeated or reordered, across cuts too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import pytest
+
+from osmo_router.resume.stream import ResumableStream
+from osmo_router.wire.codec import encode_data_message
+from osmo_router.wire.protocol import pb
+from tests.unit.test_resume_stream import PipeEnd, Side, until_sent
+
+
+class PushEnd(PipeEnd):
+    """A PipeEnd whose frames go to its listener as they are sent (when it takes them), else to `recv`."""
+
+    def __init__(self, inbox: asyncio.Queue[pb.Frame | None], outbox: asyncio.Queue[pb.Frame | None]) -> None:
+        super().__init__(inbox, outbox)
+        self.listener: Callable[[pb.Frame], bool] | None = None
+        self.pushed = 0
+
+    def set_listener(self, listener: Callable[[pb.Frame], bool] | None) -> bool:
+        self.listener = listener
+        return True
+
+    async def send(self, frame: pb.Frame) -> None:
+        peer = self.peer
+        assert isinstance(peer, PushEnd)
+        if not self.broken.is_set() and peer.listener is not None and self.outbox.empty() and peer.listener(frame):
+            peer.pushed += 1
+            self.sent.append(frame)
+            self.progress.set()
+            return
+        await super().send(frame)
+
+
+def push_pipe() -> tuple[PushEnd, PushEnd]:
+    a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    a, b = PushEnd(a_in, b_in), PushEnd(b_in, a_in)
+    a.peer, b.peer = b, a
+    return a, b
+
+
+async def push_reconnect(a: Side, b: Side) -> None:
+    async with asyncio.timeout(5):
+        await a.waiting.wait()
+        await b.waiting.wait()
+    end_a, end_b = push_pipe()
+    a.next.put_nowait((end_a, b))
+    b.next.put_nowait((end_b, a))
+
+
+class Collector:
+    """A handler's sink that takes data frames (declining some at random) and a drain for the rest."""
+
+    def __init__(self, side: ResumableStream, rng: random.Random) -> None:
+        self.side = side
+        self.rng = rng
+        self.got = bytearray()
+        self.sunk = 0
+
+    def sink(self, frame: pb.Frame) -> bool:
+        if frame.WhichOneof("kind") != "data" or self.rng.random() < 0.3:
+            return False
+        self.got += frame.data
+        self.sunk += 1
+        return True
+
+    async def drain(self) -> bytes:
+        self.side.set_sink(self.sink)
+        while (frame := await self.side.recv()) is not None:
+            if frame.WhichOneof("kind") == "half_close":
+                break
+            self.got += frame.data
+        self.side.set_sink(None)
+        return bytes(self.got)
+
+
+async def pump(sender: Side, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        await sender.send(pb.Frame(data=chunk))
+    await sender.send(pb.Frame(half_close=pb.HalfClose()))
+    await sender.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cuts", [0, 1, 3])
+async def test_pushed_and_sunk_frames_arrive_exactly_once_in_order(cuts: int) -> None:
+    rng = random.Random(cuts)
+    chunks_ab = [rng.randbytes(rng.randint(1, 3000)) for _ in range(400)]
+    chunks_ba = [rng.randbytes(rng.randint(1, 3000)) for _ in range(400)]
+    end_a, end_b = push_pipe()
+    a, b = Side(end_a, 64 * 1024), Side(end_b, 64 * 1024)
+    a.start()
+    b.start()
+    at_a, at_b = Collector(a, rng), Collector(b, rng)
+    work = asyncio.gather(pump(a, chunks_ab), pump(b, chunks_ba), at_b.drain(), at_a.drain())
+    for _ in range(cuts):
+        await until_sent(a, 20)
+        current = a._inner
+        assert isinstance(current, PipeEnd)
+        current.cut()
+        await push_reconnect(a, b)
+    _, _, got_b, got_a = await asyncio.wait_for(work, 20)
+    assert got_b == b"".join(chunks_ab)
+    assert got_a == b"".join(chunks_ba)
+    assert a.resumes == cuts and b.resumes == cuts
+    # Both paths were taken: frames pushed by the stream, and of those some sunk, some queued.
+    assert end_b.pushed > 0 and at_b.sunk > 0 and at_b.sunk < len(chunks_ab)
+
+
+@pytest.mark.asyncio
+async def test_sunk_frames_are_acknowledged_so_the_sender_goes_on() -> None:
+    end_a, end_b = push_pipe()
+    a, b = Side(end_a, 16 * 1024), Side(end_b, 16 * 1024)
+    a.start()
+    b.start()
+    taken = bytearray()
+
+    def sink(frame: pb.Frame) -> bool:
+        if frame.WhichOneof("kind") != "data":
+            return False
+        taken.extend(frame.data)
+        return True
+
+    b.set_sink(sink)
+    receiver = asyncio.create_task(b.recv())  # the handler waits: the sink may deliver
+    for _ in range(100):  # (bounded: a few turns of the loop until the task waits in recv)
+        if b._handler_waiting:
+            break
+        await asyncio.sleep(0)
+    assert b._handler_waiting
+    # 256 KiB through a 16 KiB replay window: only acknowledgements of what the sink took let it pass.
+    await asyncio.wait_for(pump(a, [b"y" * 4096] * 64), 10)
+    assert bytes(taken) == b"y" * 4096 * 64
+    frame = await asyncio.wait_for(receiver, 5)  # the half-close is never sunk: recv gets it
+    assert frame is not None and frame.WhichOneof("kind") == "half_close"
+    a.abort()
+    b.abort()
+
+
+class DirectEnd(PipeEnd):
+    """A raw PipeEnd whose data messages can be sent at once while `open` (a stand-in for FrameStream)."""
+
+    raw = True
+
+    def __init__(self, inbox: asyncio.Queue[pb.Frame | None], outbox: asyncio.Queue[pb.Frame | None]) -> None:
+        super().__init__(inbox, outbox)
+        self.open = True
+        self.direct: list[bytes] = []
+
+    def try_send_data_message(self, message: bytes) -> bool:
+        if not self.open:
+            return False
+        self.direct.append(message)
+        return True
+
+    async def send_data_message(self, message: bytes) -> None:
+        self.direct.append(message)
+
+
+@pytest.mark.asyncio
+async def test_try_send_numbers_and_holds_what_it_sends_and_declines_when_it_would_wait() -> None:
+    a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    end = DirectEnd(a_in, b_in)
+    side = ResumableStream(end, replay_bytes=1024)
+    first, second = encode_data_message(b"a" * 600), encode_data_message(b"b" * 600)
+    assert side.try_send_data_message(first)
+    assert end.direct == [first]
+    assert side.buffer.end == 600 and len(side.buffer) == 1  # numbered and held for a resume
+    # The replay buffer has no room for a second: declined, nothing sent or held.
+    assert not side.try_send_data_message(second)
+    assert end.direct == [first] and len(side.buffer) == 1
+    side.buffer.ack(600)
+    end.open = False  # the stream under it would wait: declined, nothing held
+    assert not side.try_send_data_message(second)
+    assert len(side.buffer) == 0 and side.buffer.end == 600
+    end.open = True
+    async with side._write_lock:  # an acknowledgement being written: never passed
+        assert not side.try_send_data_message(second)
+    assert side.try_send_data_message(second)
+    assert end.direct == [first, second] and side.buffer.end == 1200
+    side.abort()
