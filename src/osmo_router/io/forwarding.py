@@ -33,6 +33,8 @@ WATCH_PORT: Final = 0
 UDP_IDLE_TIMEOUT: Final = 60.0
 #: Datagrams queued per direction before new ones are dropped (UDP may drop; memory stays bounded).
 UDP_QUEUE_DEPTH: Final = 1024
+#: What SocketReader reads first into a buffer of its own (see SocketReader._read_now).
+SMALL_READ: Final = 1024
 
 
 def format_peer(address: Any) -> str:
@@ -108,6 +110,8 @@ class SocketReader:
         self._unclaimed = False
         self._fionread = True
         self._count = bytearray(4)  # FIONREAD's answer (a C int)
+        self._small = bytearray(SMALL_READ)  # where every read starts (see _read_now)
+        self._error: OSError | None = None  # met after a first part was read: raised by the next read
         self._emptied = False  # the last read took less than asked: the socket had no more then
         #: While `send_all` waits: the stream's try_send_data_message and the message size (see _send_now).
         self._direct: tuple[Callable[[bytes], bool], int] | None = None
@@ -173,17 +177,29 @@ class SocketReader:
             await self._readable()
 
     def _read_now(self, size: int) -> bytes | None:
-        """`recv_data_message` if the socket has something (data, EOF or an error); None if it would block."""
+        """`recv_data_message` if the socket has something (data, EOF or an error); None if it would block.
+
+        The first SMALL_READ bytes go to the reader's own small buffer: a small message (a request,
+        a keystroke) is then whole without asking the socket how much waits (FIONREAD: a system
+        call per message); only a read that fills it asks, and reads the rest in place behind it.
+        """
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        small = self._small
+        first = min(size, len(small))
         try:
-            waiting = self._waiting()
-            if waiting:
-                self._emptied = waiting < size
-                return self._read_message(min(waiting, size))
-            chunk = self.sock.recv(size)  # nothing waiting: EOF, an error, or bytes just arrived
-            self._emptied = len(chunk) < size
-            return encode_data_message(chunk) if chunk else b""
+            got = self.sock.recv_into(small, first)
         except (BlockingIOError, InterruptedError):
             return None
+        if got < first:
+            self._emptied = True
+            return encode_data_message(bytes(small[:got])) if got else b""
+        length = min(got + self._waiting(), size)
+        self._emptied = length < size
+        if length == got:
+            return encode_data_message(bytes(small[:got]))
+        return self._read_message(length, got)
 
     def _send_now(self) -> bool:
         """The socket is readable while the pump waits: read and send here; True if the pump may go on
@@ -218,14 +234,24 @@ class SocketReader:
             return 0
         return int.from_bytes(self._count, sys.byteorder, signed=True)
 
-    def _read_message(self, length: int) -> bytes:
+    def _read_message(self, length: int, got: int) -> bytes:
+        """A message of `length` payload bytes: the `got` in the small buffer, then the rest read in place."""
         header = data_header(length)
         holder, view = new_message(len(header) + length)
-        view[: len(header)] = header
-        got = self.sock.recv_into(view[len(header) :])
-        if got == length:  # (FIONREAD's count is there: always, on a stream socket nobody else reads)
+        start = len(header)
+        view[:start] = header
+        view[start : start + got] = self._small[:got]
+        try:
+            more = self.sock.recv_into(view[start + got :])
+        except (BlockingIOError, InterruptedError):
+            more = 0
+        except OSError as err:
+            self._error = err  # raised by the next read: what was read first goes out before it
+            more = 0
+        if got + more == length:  # (FIONREAD's count is there: always, on a stream socket nobody else reads)
             return finish(holder)
-        return encode_data_message(bytes(view[len(header) : len(header) + got])) if got else b""
+        self._emptied = False
+        return encode_data_message(bytes(view[start : start + got + more]))
 
     async def _readable(self) -> None:
         """Until the socket may be read (staying registered for the next wait; see the class docstring)."""
