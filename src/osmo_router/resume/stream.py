@@ -4,7 +4,10 @@
 they send and receive frames as before, and never see a break. Under it, each frame sent is
 numbered and held in a `ReplayBuffer` until the peer acknowledges it; a reader task takes the
 peer's frames off the current stream at once (so acknowledgements never wait behind data the
-handler has not consumed) and acknowledges what the handler consumed. When the stream under it
+handler has not consumed) and acknowledges what the handler consumed. Where the stream under it
+can, frames are pushed to it as they arrive instead (`_listen_to`), and a handler that keeps up
+takes them through its sink (`set_sink`) and sends through `try_send_data_message`: a forwarded
+message then crosses a client or an agent without a task waking (issue 18). When the stream under it
 breaks, `_reconnect` (the client dials again; the agent waits for the client's attach) gives a
 new one and the position the peer received, and everything after it is sent again.
 
