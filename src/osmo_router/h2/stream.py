@@ -296,11 +296,14 @@ class Stream:
                 self._credit.sync(self)
             return
         grant = self._recv_window - self._queued - self._recv_left - self._inflight
-        if self._credit is not None:
-            grant = self._credit.allowed(self, grant)
-        if grant >= self._recv_window >> 2 or (grant > 0 and self._recv_left <= 0):
-            self._recv_left += grant
-            self.conn.send_window_update(self.id, grant)
+        step = self._recv_window >> 2
+        # The budgets only ever lower a grant: one too small to send is not put to them (per message).
+        if grant >= step or (grant > 0 and self._recv_left <= 0):
+            if self._credit is not None:
+                grant = self._credit.allowed(self, grant)
+            if grant >= step or (grant > 0 and self._recv_left <= 0):
+                self._recv_left += grant
+                self.conn.send_window_update(self.id, grant)
         if self._credit is not None:
             self._credit.sync(self)
 
