@@ -39,6 +39,9 @@ class DataSink(Protocol):
     def data_piece(self, payload: memoryview) -> None:
         """The next payload bytes of the current DATA frame (a view valid during the call)."""
 
+    def data_frame(self, stream_id: int, flags: int, payload: memoryview) -> None:
+        """An unpadded DATA frame that arrived whole (a view valid during the call)."""
+
     def data_end(self) -> None:
         """The current DATA frame's payload is complete."""
 
@@ -155,6 +158,12 @@ class FrameReader:
                     raise fr.ProtocolError(fr.ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
                 stream_id &= 0x7FFFFFFF
                 if kind == fr.DATA and not flags & fr.PADDED and stream_id and not parser.in_header_block:
+                    if end - start >= 9 + length:  # all here: one call (a small message's frame)
+                        start += 9 + length
+                        self._start = start
+                        self._large = length >= READ_SIZE
+                        sink.data_frame(stream_id, flags, view[start - length : start])
+                        continue
                     start += 9
                     self._start = start
                     self._left = length
