@@ -175,21 +175,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         arrived in one read: a small message's frame, in one call instead of three)."""
         if not self._settings_received:
             raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
-        flow = len(payload)
-        stream = self._data_target(stream_id, flow)
-        self._count_for_bdp(flow)
-        if stream is None or stream.reset_code is not None:
-            return
-        try:
-            stream.received_data(payload, flow)
-        except StreamReset as err:
-            stream.reset(err.code)
-            return
-        except MessageTooLarge as err:
-            self._too_large(stream, str(err))
-            return
-        if flags & fr.END_STREAM and stream.reset_code is None:
-            self._peer_ended(stream)
+        self._deliver_data(stream_id, flags, payload, len(payload))
 
     def data_piece(self, payload: memoryview) -> None:
         """The next bytes of the current DATA frame's payload."""

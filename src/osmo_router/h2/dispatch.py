@@ -26,20 +26,23 @@ class FrameDispatch(Handshake):
 
     def _on_data(self, frame: fr.Frame) -> None:
         # A PADDED DATA frame, parsed whole (unpadded ones come piecewise: Connection.data_begin).
-        flow = frame.flow
-        stream = self._data_target(frame.stream_id, flow)
+        self._deliver_data(frame.stream_id, frame.flags, frame.payload, frame.flow)
+
+    def _deliver_data(self, stream_id: int, flags: int, payload: memoryview, flow: int) -> None:
+        """A whole DATA frame's payload (`flow`: the bytes it counts against the windows) to its stream."""
+        stream = self._data_target(stream_id, flow)
         self._count_for_bdp(flow)
-        if stream is None:
+        if stream is None or stream.reset_code is not None:
             return
         try:
-            stream.received_data(frame.payload, flow)
+            stream.received_data(payload, flow)
         except StreamReset as err:
             stream.reset(err.code)
             return
         except MessageTooLarge as err:
             self._too_large(stream, str(err))
             return
-        if frame.flags & fr.END_STREAM:
+        if flags & fr.END_STREAM and stream.reset_code is None:
             self._peer_ended(stream)
 
     def _too_large(self, stream: Stream, message: str) -> None:
