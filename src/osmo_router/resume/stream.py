@@ -28,6 +28,7 @@ from collections.abc import Callable
 import grpc
 
 from osmo_router.resume.acks import Acknowledger
+from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, being_cancelled, describe
 from osmo_router.resume.window import (
     DEFAULT_REPLAY_BYTES,
     TERMINAL,
@@ -39,30 +40,9 @@ from osmo_router.resume.window import (
 )
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import encode_data_message, payload_offset
-from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
-
-#: What a broken stream under a session raises.
-BREAKS = (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
-
-
-#: Statuses with which the router ends a session on purpose: the session is over, not broken.
-#: DEADLINE_EXCEEDED: idle past --session-ttl; PERMISSION_DENIED / UNAUTHENTICATED: access or
-#: credentials gone. (A flow-control timeout, RESOURCE_EXHAUSTED, is resumed: a laptop that slept.)
-ENDS = frozenset(
-    {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
-)
-
-
-class SessionLost(Exception):
-    """The session cannot go on: `message` says why (shown to the user, logged by the agent)."""
-
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
 
 
 class ResumableStream:
@@ -348,7 +328,7 @@ class ResumableStream:
             try:
                 frame = await inner.recv()
             except asyncio.CancelledError:
-                if _being_cancelled():
+                if being_cancelled():
                     raise
                 # The call under us was cancelled, not this task: a failed write's `_broken` aborted
                 # it while this read waited (grpc.aio's calls, and the native ones, raise so then).
@@ -419,7 +399,7 @@ class ResumableStream:
         """The stream of `generation` broke: drop it and resume (once, whoever noticed first)."""
         if generation != self._generation or self._inner is None or self._lost is not None:
             return
-        text = _describe(cause)
+        text = describe(cause)
         if not self.resumable:
             self._lose(SessionLost(text))
             return
@@ -475,20 +455,6 @@ class ResumableStream:
                 self._broken(generation, err)
                 return
         self._connected.set()
-
-
-def _being_cancelled() -> bool:
-    """True if the current task was asked to stop (a CancelledError that is not just a call's)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
-
-
-def _describe(cause: object) -> str:
-    if isinstance(cause, grpc.aio.AioRpcError):
-        return f"{cause.code().name}: {cause.details()}"
-    if isinstance(cause, RouterError):
-        return f"{cause.code.name}: {cause.message}"
-    return str(cause) or type(cause).__name__
 
 
 __all__ = ["BREAKS", "ResumableStream", "SessionLost"]
