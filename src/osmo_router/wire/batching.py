@@ -90,12 +90,9 @@ class BatchingWriter:
         Waits while more than `backlog` bytes are queued. Raises the error of an earlier failed write.
         """
         self._check()
+        if self.try_write_data(message):
+            return  # nothing queued or in flight: sent in order, as the drain task would
         self.data_frames += 1
-        if self._try_write is not None and not self._direct_held and self.idle and not self._lock.locked():
-            self._hold_direct()
-            if self._try_write(message):
-                self.written += 1  # nothing queued or in flight: sent in order, as the drain task would
-                return
         self._pending.append(message)
         self._pending_bytes += len(message)
         self._kick()
@@ -112,7 +109,7 @@ class BatchingWriter:
             return False
         if self._lock.locked():
             return False
-        self._hold_direct()
+        self._hold_direct()  # held even if the call declines: the next frame of this turn queues behind
         if not self._try_write(message):
             return False
         self.data_frames += 1
