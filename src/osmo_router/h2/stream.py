@@ -114,11 +114,11 @@ class Stream:
         self.data_begin(flow_length)
         self._inflight = 0
         self._assemble(payload)
-        if self._listened:
+        if self._listened:  # what the listener took goes back as if read
             self._listened = False
-            if self._may_grow:
-                self._take_up_window()
-        self._grant()
+            self._taken()
+        else:
+            self._grant()
         self._wake_reader()
 
     def data_begin(self, flow_length: int) -> None:
@@ -153,9 +153,7 @@ class Stream:
     def _after_pieces(self) -> None:
         if self._listened:  # what the listener took goes back as if read
             self._listened = False
-            if self._may_grow:
-                self._take_up_window()
-            self._grant()
+            self._taken()
         else:
             self._grant_if_stuck()
         self._wake_reader()
@@ -271,9 +269,7 @@ class Stream:
         if self._messages:
             message = self._messages.popleft()
             self._queued -= len(message) + 5
-            if self._may_grow:  # the connection's window grew with the link (h2/bdp.py): taken up as it reads
-                self._take_up_window()
-            self._grant()
+            self._taken()
             return message
         if self.reset_code is not None:
             raise StreamReset(self.reset_code)
@@ -317,6 +313,13 @@ class Stream:
         if budgets:
             self._credit = _Credit(budgets)
         self._take_up_window()
+        self._grant()
+
+    def _taken(self) -> None:
+        """A message left the stream (read, or taken by the listener): give its window back, grown with
+        the link if the connection's window grew (h2/bdp.py: a stream takes that up as it reads)."""
+        if self._may_grow:
+            self._take_up_window()
         self._grant()
 
     def _take_up_window(self) -> None:
