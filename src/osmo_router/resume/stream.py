@@ -203,10 +203,13 @@ class ResumableStream:
         frame = self._incoming.popleft()
         units = units_of(frame)
         self._incoming_units -= units
-        if not self.acking:
-            return frame
-        self._acker.consumed(units, frame.WhichOneof("kind") in TERMINAL)
+        self._consumed(units, frame.WhichOneof("kind"))
         return frame
+
+    def _consumed(self, units: int, kind: str | None) -> None:
+        """The handler consumed a frame (from `recv`, or through its sink): acknowledge it in time."""
+        if self.acking:
+            self._acker.consumed(units, kind in TERMINAL)
 
     async def close(self) -> None:
         """This side sends nothing more; the stream under it stays open for acknowledgements."""
@@ -380,8 +383,7 @@ class ResumableStream:
         sink = self._sink
         if sink is not None and self._handler_waiting and not self._incoming and self._lost is None and sink(frame):
             # Delivered as `recv` would have: nothing was queued before it, and the handler waits.
-            if self.acking:
-                self._acker.consumed(units, kind in TERMINAL)
+            self._consumed(units, kind)
             return
         self._incoming.append(frame)
         self._incoming_units += units
