@@ -259,29 +259,24 @@ class TcpRelay:
 
     async def _from_client(self) -> None:
         """Data frames to the target; the client's half-close shuts the target's write side."""
-        set_sink = getattr(self.stream, "set_sink", None)
-        if set_sink is not None:
-            set_sink(self.direct.offer)
         try:
-            while (frame := await self.stream.recv()) is not None:
-                await self.direct.flushed()
-                kind = frame.WhichOneof("kind")
-                if kind == "data" and self.direct.enabled:
-                    try:
-                        await self.loop.sock_sendall(self.sock, frame.data)
-                    except OSError as err:
-                        await self._target_broke(err)
-                elif kind == "half_close" and not self.client_done.is_set():
-                    self.direct.enabled = False
-                    self.client_half_closed = True
-                    shutdown_quietly(self.sock, socket.SHUT_WR)
-                    self.client_done.set()
-                elif kind == "error":
-                    # The client's side broke (its application reset the connection): reset the target.
-                    log.info("port-forward to %s: the client ended it: %s", self.where, frame.error.message)
-                    return
+            with self.direct.serving(self.stream):
+                while (frame := await self.stream.recv()) is not None:
+                    await self.direct.flushed()
+                    kind = frame.WhichOneof("kind")
+                    if kind == "data" and self.direct.enabled:
+                        try:
+                            await self.loop.sock_sendall(self.sock, frame.data)
+                        except OSError as err:
+                            await self._target_broke(err)
+                    elif kind == "half_close" and not self.client_done.is_set():
+                        self.direct.enabled = False
+                        self.client_half_closed = True
+                        shutdown_quietly(self.sock, socket.SHUT_WR)
+                        self.client_done.set()
+                    elif kind == "error":
+                        # The client's side broke (its application reset the connection): reset the target.
+                        log.info("port-forward to %s: the client ended it: %s", self.where, frame.error.message)
+                        return
         except (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError) as err:
             log.info("port-forward session to %s broke: %s", self.where, err)
-        finally:
-            if set_sink is not None:
-                set_sink(None)

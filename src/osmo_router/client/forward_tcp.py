@@ -220,35 +220,30 @@ class ConnectionRelay:
 
     async def _remote_to_local(self) -> bool:
         """Deliver the agent's frames; True if the stream ended cleanly (no error, no Error frame)."""
-        set_sink = getattr(self.stream, "set_sink", None)
         try:
             # The local side's bytes are already on their way: the router holds them until the
             # agent joins, so a new connection costs no extra round trip.
             await self.wait_ready(self.stream)
-            if set_sink is not None:
-                set_sink(self.direct.offer)
-            while (frame := await self.stream.recv()) is not None:
+            with self.direct.serving(self.stream):
+                while (frame := await self.stream.recv()) is not None:
+                    await self.direct.flushed()
+                    kind = frame.WhichOneof("kind")
+                    if kind == "data" and not self.failed:
+                        started = time.monotonic()
+                        try:
+                            await self.loop.sock_sendall(self.conn, frame.data)
+                        except OSError:
+                            await self._abort()
+                        self.longest_delivery = max(self.longest_delivery, time.monotonic() - started)
+                    elif kind == "half_close" and not self.failed:
+                        shutdown_quietly(self.conn, socket.SHUT_WR)
+                    elif kind == "error":
+                        self._fail(from_status_number(frame.error.code, frame.error.message))
                 await self.direct.flushed()
-                kind = frame.WhichOneof("kind")
-                if kind == "data" and not self.failed:
-                    started = time.monotonic()
-                    try:
-                        await self.loop.sock_sendall(self.conn, frame.data)
-                    except OSError:
-                        await self._abort()
-                    self.longest_delivery = max(self.longest_delivery, time.monotonic() - started)
-                elif kind == "half_close" and not self.failed:
-                    shutdown_quietly(self.conn, socket.SHUT_WR)
-                elif kind == "error":
-                    self._fail(from_status_number(frame.error.code, frame.error.message))
-            await self.direct.flushed()
         except grpc.aio.AioRpcError as err:
             self._fail(rpc_error(err, stalled=max(self.longest_delivery, self.direct.longest)))
             return False
         except RouterError as err:
             self._fail(err)
             return False
-        finally:
-            if set_sink is not None:
-                set_sink(None)
         return not self.failed

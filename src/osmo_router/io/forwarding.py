@@ -16,7 +16,7 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 import grpc
@@ -333,6 +333,18 @@ class DirectSender:
         finally:
             self.longest = max(self.longest, time.monotonic() - started)
             self._rest = None
+
+    @contextlib.contextmanager
+    def serving(self, stream: Any) -> Iterator[None]:
+        """Be `stream`'s sink (ResumableStream.set_sink) while the block runs, where it takes one."""
+        set_sink = getattr(stream, "set_sink", None)
+        if set_sink is not None:
+            set_sink(self.offer)
+        try:
+            yield
+        finally:
+            if set_sink is not None:
+                set_sink(None)
 
     async def flushed(self) -> None:
         """Until what `offer` began is sent (the pump calls it before each send of its own)."""
