@@ -164,8 +164,8 @@ async def test_a_large_message_is_read_straight_into_place() -> None:
     assert read_all(stream) == [body]
 
 
-@pytest.mark.asyncio
-async def test_an_oversized_message_is_refused_before_it_is_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+def record_allocations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the messages streams allocate from now on (h2/stream.py's new_message)."""
     allocated: list[int] = []
     original = stream_module.new_message
 
@@ -174,6 +174,12 @@ async def test_an_oversized_message_is_refused_before_it_is_allocated(monkeypatc
         return original(length)
 
     monkeypatch.setattr(stream_module, "new_message", recording)
+    return allocated
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_message_is_refused_before_it_is_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    allocated = record_allocations(monkeypatch)
     config = H2Config(max_message_size=1000)
     announced = b"\x00" + (1 << 30).to_bytes(4, "big")
     for wire in (fr.encode(fr.DATA, 0, 1, announced + b"x" * 100), padded(announced, 3)):
@@ -286,14 +292,7 @@ async def test_a_writer_blocked_by_the_window_wakes_when_its_data_left_during_a_
 async def test_a_message_larger_than_the_window_is_not_allocated_ahead_of_its_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    allocated: list[int] = []
-    original = stream_module.new_message
-
-    def recording(length: int) -> tuple[bytes | bytearray, memoryview]:
-        allocated.append(length)
-        return original(length)
-
-    monkeypatch.setattr(stream_module, "new_message", recording)
+    allocated = record_allocations(monkeypatch)
     window, body = 4096, os.urandom(10_000)  # announced: more than the peer may send
     wire = message(body)
     head = opening() + fr.encode(fr.DATA, 0, 1, wire[:3000])
