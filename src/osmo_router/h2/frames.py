@@ -39,9 +39,8 @@ DEFAULT_MAX_FRAME = 16384
 MAX_WINDOW = 2**31 - 1
 MAX_FRAME_LIMIT = 2**24 - 1
 
-_HEADER = struct.Struct(">IBI")  # length (24 bits) and type in one word, flags, stream id
 #: A frame header: length (24 bits) and type in one word, flags, stream id (R bit included).
-HEADER = _HEADER
+HEADER = struct.Struct(">IBI")
 _DATA_MESSAGE = struct.Struct(">IBIBI")  # a DATA frame header, then a gRPC message prefix
 _SETTING = struct.Struct(">HI")
 
@@ -87,12 +86,12 @@ class Frame:
 
 def encode(kind: int, flags: int, stream_id: int, payload: bytes | bytearray | memoryview = b"") -> bytes:
     """One frame as bytes (header and payload)."""
-    return _HEADER.pack(len(payload) << 8 | kind, flags, stream_id) + payload
+    return HEADER.pack(len(payload) << 8 | kind, flags, stream_id) + payload
 
 
 def header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
     """A frame's 9-byte header alone, for a payload written separately (no copy of a large DATA payload)."""
-    return _HEADER.pack(length << 8 | kind, flags, stream_id)
+    return HEADER.pack(length << 8 | kind, flags, stream_id)
 
 
 def data_message_prefix(stream_id: int, message_length: int) -> bytes:
@@ -184,7 +183,7 @@ class FrameParser:
         pos = self._pos
         try:
             while size - pos >= 9:
-                word, flags, stream_id = _HEADER.unpack_from(src, pos)
+                word, flags, stream_id = HEADER.unpack_from(src, pos)
                 length, kind = word >> 8, word & 0xFF
                 if length > self.max_frame_size:
                     raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
