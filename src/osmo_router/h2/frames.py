@@ -194,7 +194,7 @@ class FrameParser:
                 pos = end
                 if buffered:
                     self._pos = pos
-                frame = self._check(kind, flags, stream_id & 0x7FFFFFFF, payload)
+                frame = self.check(kind, flags, stream_id & 0x7FFFFFFF, payload)
                 if frame is not None:
                     yield frame
         finally:
@@ -208,11 +208,8 @@ class FrameParser:
         return self._block is not None
 
     def check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
-        """One whole frame whose header was read elsewhere (h2/reader.py), checked as `feed` checks it;
-        None while a header block is incomplete."""
-        return self._check(kind, flags, stream_id, payload)
-
-    def _check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
+        """One whole frame, its header already read (by `feed`, or by h2/reader.py): checked, and
+        assembled with its CONTINUATIONs; None while a header block is incomplete."""
         if kind == DATA and self._block is None and stream_id:  # the common case, checked as below
             flow = len(payload)
             return Frame(DATA, flags, stream_id, _strip(kind, flags, payload) if flags & PADDED else payload, flow)
