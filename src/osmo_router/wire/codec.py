@@ -67,8 +67,7 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
 
 def encode_data_message(payload: bytes) -> bytes:
     """The encoding of any stream message carrying `Frame(data=payload)` (the same on every stream)."""
-    inner = bytes((DATA_TAG,)) + _varint(len(payload))
-    return b"".join((bytes((FRAME_TAG,)), _varint(len(inner) + len(payload)), inner, payload))
+    return data_header(len(payload)) + payload
 
 
 def payload_offset(raw: bytes) -> int:
