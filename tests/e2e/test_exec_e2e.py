@@ -6,8 +6,10 @@ import fcntl
 import hashlib
 import os
 import pty
+import random
 import re
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -305,17 +307,34 @@ def test_tty_sets_term(agent: AgentProc, client_args: list[str]) -> None:
         os.close(master)
 
 
-def _free_port() -> int:
-    import socket
+def _router_on_a_fixed_port() -> tuple[Router, str]:
+    """A router on a port below the kernel's ephemeral range, and that port.
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    The router must come back on the same port. A port from bind(0) lies in the ephemeral range,
+    where any test's outgoing connection may take it in the second between being picked and being
+    bound ("Address already in use", seen once in CI); below the range only an explicit bind can.
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        ephemeral_low = int(ports.read().split()[0])
+    rng = random.Random()
+    for _ in range(10):
+        port = str(rng.randrange(max(1024, ephemeral_low - 12000), ephemeral_low))
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue  # in use: another one
+        try:
+            return Router("--port", port), port
+        except AssertionError as err:
+            if "Address already in use" not in str(err):
+                raise
+            # taken meanwhile: another one
+    raise AssertionError("no free port below the ephemeral range in 10 tries")
 
 
 def test_agent_reconnects_when_the_router_comes_back(workflow: str) -> None:
-    port = str(_free_port())
-    first = Router("--port", port)
+    first, port = _router_on_a_fixed_port()
     agent = AgentProc(first.address, workflow)
     second: Router | None = None
     try:
