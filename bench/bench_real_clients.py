@@ -13,6 +13,11 @@ Figures (medians over the rounds; ratios are medians of the per-round forward / 
 - `iperf3 -P 8` and `iperf3 -P 1`, both directions (upload: client -> target; download: `-R`):
   throughput (targets >= 0.7x socat with 8 streams, >= 0.85x with one).
 
+redis is also reached through three socat hops in a row (`chain`), measured in the same rounds: the
+port-forward path crosses three processes (client, router, agent), so a chain of three relays that
+do no work at all is the floor any implementation of that path meets on this machine. Its ratio to
+one hop, beside the forward's, separates the cost of the hops from the cost of our protocol.
+
 The rendezvous p99 and router memory per idle session figures of issue 18 are bench_relay's
 ("rendezvous to first byte p99", "router memory per idle session").
 
@@ -126,23 +131,25 @@ class Rounds:
     """Collects, per case, the forward's and socat's value of every round, measured back to back."""
 
     def __init__(self, ports: dict[str, dict[str, int]]) -> None:
-        #: target ("redis", "iperf3") -> path ("socat", "forward") -> port
+        #: target ("redis", "iperf3") -> path ("socat", "forward", "chain") -> port
         self.ports = ports
         self.values: dict[str, dict[str, list[float]]] = {}
 
     def measure(self, cases: tuple[str, ...], target: str, rnd: int, run: Run) -> None:
-        """Run `run(port)` through both paths, socat first in even rounds and the forward first in odd
-        ones; its values are the figures of `cases`, in that order."""
-        paths = ["socat", "forward"] if rnd % 2 == 0 else ["forward", "socat"]
-        for path in paths:
+        """Run `run(port)` through every path of `target`, in their order in even rounds and reversed
+        in odd ones; its values are the figures of `cases`, in that order."""
+        paths = list(self.ports[target])
+        for path in paths if rnd % 2 == 0 else reversed(paths):
             for case, value in zip(cases, run(self.ports[target][path]), strict=True):
-                self.values.setdefault(case, {"socat": [], "forward": []})[path].append(value)
+                self.values.setdefault(case, {}).setdefault(path, []).append(value)
 
-    def figure(self, case: str, name: str, unit: str, target: dict[str, float] | None) -> dict[str, Any]:
-        """The case's row: forward beside socat."""
+    def figure(
+        self, case: str, name: str, unit: str, target: dict[str, float] | None, path: str = "forward"
+    ) -> dict[str, Any]:
+        """The case's row: `path` (the forward unless told) beside the socat hop."""
         slot = self.values[case]
-        note = f"median of {len(slot['forward'])} interleaved rounds"
-        return paired(name, unit, slot["forward"], slot["socat"], "socat hop", target, note)
+        note = f"median of {len(slot[path])} interleaved rounds"
+        return paired(name, unit, slot[path], slot["socat"], "socat hop", target, note)
 
     def forward_only(self, case: str, name: str, unit: str) -> dict[str, Any]:
         """The case's row, the forward's values alone (a figure socat has no counterpart of)."""
@@ -184,6 +191,13 @@ def _figures(rounds: Rounds, requests: int, seconds: float) -> list[dict[str, An
             {"ratio_at_least": REDIS_RATIO_MIN},
         ),
         rounds.figure("redis_p50", "real clients: redis-benchmark GET -c 1 via port-forward p50", "us", None),
+        rounds.figure(
+            "redis_rps",
+            "real clients: redis-benchmark GET -c 1 via 3 chained socat hops (the 3-process floor)",
+            "req/s",
+            None,
+            path="chain",
+        ),
         rounds.forward_only("redis_cpu", "real clients: router CPU per GET via port-forward", "us"),
     ]
     for streams, ratio in IPERF_CASES:
@@ -214,13 +228,25 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
         proc, (redis_local, iperf_local) = start_forward(client_args, f":{redis}", f":{iperf}", count=2)
         stack.callback(proc.stop)
         ports = {
-            "redis": {"socat": stack.enter_context(socat_relay(redis)), "forward": redis_local},
+            "redis": {
+                "socat": stack.enter_context(socat_relay(redis)),
+                "forward": redis_local,
+                "chain": _socat_chain(stack, redis, hops=3),
+            },
             "iperf3": {"socat": stack.enter_context(socat_relay(iperf_socat)), "forward": iperf_local},
         }
         redis_get(ports["redis"]["forward"], 200)  # warm-up: the first connection pays the rendezvous
         rounds = Rounds(ports)
         _all_rounds(rounds, router.pid, count, requests, seconds)
         return _figures(rounds, requests, seconds)
+
+
+def _socat_chain(stack: ExitStack, target: int, hops: int) -> int:
+    """`hops` socat relays in a row in front of `target`, closed with `stack`; the first one's port."""
+    port = target
+    for _ in range(hops):
+        port = stack.enter_context(socat_relay(port))
+    return port
 
 
 def _versions() -> str:
