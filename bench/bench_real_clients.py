@@ -13,7 +13,7 @@ Figures (medians over the rounds; ratios are medians of the per-round forward / 
 - `iperf3 -P 8` and `iperf3 -P 1`, both directions (upload: client -> target; download: `-R`):
   throughput (targets >= 0.7x socat with 8 streams, >= 0.85x with one).
 
-redis is also reached through three socat hops in a row (`chain`), measured in the same rounds: the
+redis and iperf3 are also reached through three socat hops in a row (`chain`), in the same rounds: the
 port-forward path crosses three processes (client, router, agent), so a chain of three relays that
 do no work at all is the floor any implementation of that path meets on this machine. Its ratio to
 one hop, beside the forward's, separates the cost of the hops from the cost of our protocol.
@@ -204,6 +204,8 @@ def _figures(rounds: Rounds, requests: int, seconds: float) -> list[dict[str, An
         for way, flag in (("up", "client -> target"), ("down", "-R, target -> client")):
             name = f"real clients: iperf3 -P {streams} via port-forward, {flag} ({seconds:g} s)"
             out.append(rounds.figure(f"iperf3_{streams}_{way}", name, "MB/s", {"ratio_at_least": ratio}))
+            chained = f"real clients: iperf3 -P {streams} via 3 chained socat hops, {flag} (the 3-process floor)"
+            out.append(rounds.figure(f"iperf3_{streams}_{way}", chained, "MB/s", None, path="chain"))
     for way, flag in (("up", "client -> target"), ("down", "target -> client")):
         name = f"real clients: router CPU per MB, iperf3 -P 8 {flag}"
         out.append(rounds.forward_only(f"iperf3_8_{way}_cpu", name, "us/MB"))
@@ -220,6 +222,7 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
         # One iperf3 server per path: a server takes one test at a time and is briefly busy after it.
         iperf = stack.enter_context(iperf3_server())
         iperf_socat = stack.enter_context(iperf3_server())
+        iperf_chain = stack.enter_context(iperf3_server())
         router = Router(*ROUTER_FLAGS)
         stack.callback(router.stop)
         agent = AgentProc(router.address, WORKFLOW)
@@ -233,7 +236,11 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
                 "forward": redis_local,
                 "chain": _socat_chain(stack, redis, hops=3),
             },
-            "iperf3": {"socat": stack.enter_context(socat_relay(iperf_socat)), "forward": iperf_local},
+            "iperf3": {
+                "socat": stack.enter_context(socat_relay(iperf_socat)),
+                "forward": iperf_local,
+                "chain": _socat_chain(stack, iperf_chain, hops=3),
+            },
         }
         redis_get(ports["redis"]["forward"], 200)  # warm-up: the first connection pays the rendezvous
         rounds = Rounds(ports)
@@ -262,8 +269,8 @@ def _versions() -> str:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Every real-client figure (about 2.5 minutes, 40 s with --quick)."""
-    count, requests, seconds = (2, 1000, 1.0) if quick else (4, 3000, 2.0)
+    """Every real-client figure (about 3.5 minutes, 50 s with --quick)."""
+    count, requests, seconds = (2, 1000, 1.0) if quick else (4, 10000, 2.0)
     figures: list[dict[str, Any]] = []
     notes = [f"real clients: {_versions()}; the forward is plaintext, router/agent/client on loopback"]
     attempt(figures, notes, "real clients", lambda: measure(count, requests, seconds))
