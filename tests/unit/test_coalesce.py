@@ -46,6 +46,16 @@ def test_data_message_is_what_protobuf_encodes(payload: bytes) -> None:
     assert data_header(len(payload)) == expected[:offset]
 
 
+def test_every_size_around_the_one_byte_lengths_is_what_protobuf_encodes() -> None:
+    # Payloads up to 125 bytes take the short path (one-byte lengths), longer ones the varint walk.
+    for size in range(300):
+        expected = pb.ExecRequest(frame=pb.Frame(data=b"x" * size)).SerializeToString()
+        assert data_header(size) == expected[: len(expected) - size], size
+        assert payload_offset(expected) == len(expected) - size, size
+        if size:
+            assert payload_offset(expected[:-1]) == -1, size  # one byte short of its lengths
+
+
 @pytest.mark.parametrize("frame", CONTROL_FRAMES)
 def test_control_frames_are_not_data(frame: pb.Frame) -> None:
     assert payload_offset(pb.ConnectResponse(frame=frame).SerializeToString()) == -1

@@ -65,6 +65,10 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
+#: The largest payload whose message has one-byte lengths (its frame's, 2 + size, and its own).
+_SHORT_PAYLOAD: Final = 0x7F - 2
+
+
 def encode_data_message(payload: bytes) -> bytes:
     """The encoding of any stream message carrying `Frame(data=payload)` (the same on every stream)."""
     return data_header(len(payload)) + payload
@@ -76,6 +80,10 @@ def payload_offset(raw: bytes) -> int:
     Only a message whose two lengths account for every byte qualifies: a frame with any other
     field, a control frame or malformed bytes never does.
     """
+    total = len(raw)
+    # A keystroke's or a request's message: both lengths one byte (no varint walk; same answer).
+    if 4 <= total <= _SHORT_PAYLOAD + 4 and raw[1] == total - 2 and raw[3] == total - 4:
+        return 4 if raw[0] == FRAME_TAG and raw[2] == DATA_TAG else -1
     try:
         if not raw or raw[0] != FRAME_TAG:
             return -1
@@ -100,6 +108,8 @@ def decode_data_message(raw: bytes) -> memoryview | None:
 
 def data_header(payload_size: int) -> bytes:
     """The bytes that precede a payload of this size in a data-frame message."""
+    if payload_size <= _SHORT_PAYLOAD:
+        return bytes((FRAME_TAG, payload_size + 2, DATA_TAG, payload_size))
     inner = _varint(payload_size)
     return b"".join((bytes((FRAME_TAG,)), _varint(1 + len(inner) + payload_size), bytes((DATA_TAG,)), inner))
 
