@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
+from osmo_router.wire.protocol import CLOSE_GRACE
 from tests.forward_servers import TIMEOUT, echo, echo_round_trip, start_forward, tcp_server, wait_line
 from tests.harness import AgentProc, Proc, Router, client_cmd
 from tests.security_kit import Pki, Signer
@@ -82,6 +85,26 @@ def test_router_lost_exits_255(workflow: str) -> None:
         assert proc.wait_exit(TIMEOUT) == 255
         assert any("the agent or the router is gone" in line for line in proc.lines), proc.lines
         assert any("could not be resumed within 2s" in line for line in proc.lines), proc.lines
+    finally:
+        proc.stop()
+        agent.stop()
+        router.stop()
+
+
+def test_a_signal_while_the_router_is_unreachable_exits_at_once(workflow: str) -> None:
+    # The watch waits to resume; its clean end (half-close, then the agent's end) has nobody to
+    # talk to, so it must not hold the exit for CLOSE_GRACE (5 s).
+    router = Router()
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    proc, _ = start_forward(args, ":8080")
+    try:
+        router.popen.kill()
+        wait_line(proc, lambda ln: "resuming the session" in ln)
+        started = time.monotonic()
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.wait_exit(TIMEOUT) == 0
+        assert time.monotonic() - started < CLOSE_GRACE - 1
     finally:
         proc.stop()
         agent.stop()

@@ -302,7 +302,16 @@ async def _watch_until_lost(watch: SessionStream, config: ClientConfig) -> Route
 
 
 async def _end_watch(watch: SessionStream, lost: asyncio.Task[RouterError]) -> None:
-    """Half-close the watch and let the agent end it (bounded): a clean end, not a cancelled RPC."""
+    """Half-close the watch and let the agent end it (bounded): a clean end, not a cancelled RPC.
+
+    A watch waiting to resume (the router is unreachable) is aborted at once: nobody is there to
+    take the half-close, and Ctrl-C must not wait out the grace for it.
+    """
+    if not getattr(watch, "connected", True):
+        watch.abort()
+        lost.cancel()
+        await asyncio.gather(lost, return_exceptions=True)
+        return
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
         async with asyncio.timeout(CLOSE_GRACE):
             await watch.send(half_close_frame())

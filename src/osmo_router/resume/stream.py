@@ -94,6 +94,11 @@ class ResumableStream:
         """A new stream and how much of this side's frames the peer received; raises SessionLost."""
         raise SessionLost(f"the session broke: {cause}")
 
+    @property
+    def connected(self) -> bool:
+        """True while a stream is in place: not between a break and its resume, nor lost."""
+        return self._inner is not None and self._lost is None
+
     def _ended_cleanly(self) -> bool:
         """True if the stream under us may end now without a resume."""
         if not self.resumable:
