@@ -9,7 +9,9 @@ can, frames are pushed to it as they arrive instead (`_listen_to`), and a handle
 takes them through its sink (`set_sink`) and sends through `try_send_data_message`: a forwarded
 message then crosses a client or an agent without a task waking (issue 18). When the stream under it
 breaks, `_reconnect` (the client dials again; the agent waits for the client's attach) gives a
-new one and the position the peer received, and everything after it is sent again.
+new one and the position the peer received, and everything after it is sent again. The numbered
+stream itself (state, sending, breaks and resumes) is `StreamCore` (resume/core.py); this module is
+the handlers' side of it.
 
 Memory: the replay buffer holds at most `replay_bytes`; what the reader took and the handler has
 not consumed is bounded by the peer's replay buffer (the peer cannot send more unacknowledged),
@@ -20,96 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections import deque
 from collections.abc import Callable
 
 import grpc
 
-from osmo_router.resume.acks import Acknowledger
-from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, being_cancelled, describe
-from osmo_router.resume.window import (
-    DEFAULT_REPLAY_BYTES,
-    TERMINAL,
-    AckClock,
-    Item,
-    ReplayBuffer,
-    SharedWindow,
-    units_of,
-)
-from osmo_router.transport import SessionStream
+from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, being_cancelled
+from osmo_router.resume.core import StreamCore
+from osmo_router.resume.window import TERMINAL, units_of
 from osmo_router.wire.codec import encode_data_message, payload_offset
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
 
 
-class ResumableStream:
+class ResumableStream(StreamCore):
     """A `SessionStream` over a replaceable stream: numbered, acknowledged, resent after a break."""
 
-    def __init__(
-        self, inner: SessionStream, *, replay_bytes: int = DEFAULT_REPLAY_BYTES, shared: SharedWindow | None = None
-    ) -> None:
-        self._inner: SessionStream | None = inner
-        self._raw = inner.raw
-        self._generation = 0
-        self.buffer = ReplayBuffer(replay_bytes, shared)
-        self._acks = AckClock()
-        self._write_lock = asyncio.Lock()
-        self._next_seq = 0  # the first frame of the buffer not written to the current stream
-        self._incoming: deque[pb.Frame] = deque()
-        self._incoming_units = 0
-        self._arrived = asyncio.Event()
-        self._handler_waiting = False  # the handler waits in recv for the reader's next frame
-        self._sink: Callable[[pb.Frame], bool] | None = None  # see set_sink
-        self._sending = 0  # sends in progress (_send_item), which a try_send_data_message must not pass
-        self._connected = asyncio.Event()
-        self._connected.set()
-        self._ended = False
-        self._lost: SessionLost | None = None
-        self._lost_reported = False
-        self._acker = Acknowledger(self._acks, self._write_ack)
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: False once the peer turned out not to resume (an older agent): frames pass straight through.
-        self.resumable = True
-        #: True while the peer takes acknowledgements (it numbers what it sends).
-        self.acking = True
-        self.local_closed = False
-        self.remote_half_closed = False
-        self.remote_final = False
-        self.resumes = 0
-        self.replayed_units = 0
-        self._reader: asyncio.Task[None] | None = None
-        self._failure: BaseException | None = None
-
-    # --- what a side provides ---------------------------------------------------------------
-
-    @property
-    def taken(self) -> int:
-        """Units of the peer's frames taken off the streams (consumed or waiting): where a resume starts."""
-        return self._acks.received + self._incoming_units
-
-    async def _reconnect(self, cause: str) -> tuple[SessionStream, int]:
-        """A new stream and how much of this side's frames the peer received; raises SessionLost."""
-        raise SessionLost(f"the session broke: {cause}")
-
-    @property
-    def connected(self) -> bool:
-        """True while a stream is in place: not between a break and its resume, nor lost."""
-        return self._inner is not None and self._lost is None
-
-    def _ended_cleanly(self) -> bool:
-        """True if the stream under us may end now without a resume."""
-        if not self.resumable:
-            return True
-        return self.remote_final or (self.remote_half_closed and self.local_closed and self.buffer.settled)
-
-    def set_peer_window(self, window_bytes: int) -> None:
-        """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
-        self._acker.set_peer_window(window_bytes)
-
-    # --- SessionStream ------------------------------------------------------------------------
+    # --- SessionStream ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start taking the peer's frames (call once the first stream is in place)."""
@@ -124,19 +54,6 @@ class ResumableStream:
         returns False having done nothing (then `recv` gets it). The sink must not raise or wait. So a
         handler that keeps up is not woken per frame (issue 18)."""
         self._sink = sink
-
-    def _listen_to(self, inner: SessionStream, generation: int) -> None:
-        """Take `inner`'s frames as they arrive where it can hand them over (FrameStream.set_listener):
-        the reader task, woken otherwise for each, then sees only the end or a break."""
-        set_listener = getattr(inner, "set_listener", None)
-        if set_listener is not None:
-            set_listener(functools.partial(self._pushed, generation))
-
-    def _pushed(self, generation: int, frame: pb.Frame) -> bool:
-        # As _read_forever's loop: a frame off a stream already given up is dropped (a resume asks for it again).
-        if generation == self._generation and not self._ended:
-            self._take(frame)
-        return True
 
     @property
     def raw(self) -> bool:
@@ -224,7 +141,7 @@ class ResumableStream:
         """End the session at once, here and (by cancelling the stream) for the peer."""
         self._lose(SessionLost("the session was aborted", grpc.StatusCode.CANCELLED))
 
-    # --- ending ---------------------------------------------------------------------------------
+    # --- ending -----------------------------------------------------------------------------------
 
     async def finish(self, timeout: float) -> bool:
         """Wait (at most `timeout` s, across resumes) until the peer acknowledged everything, then end.
@@ -244,86 +161,7 @@ class ResumableStream:
         self._stop()
         return settled
 
-    def _lose(self, lost: SessionLost) -> None:
-        if self._lost is None:
-            self._lost = lost
-            log.info("session lost: %s", lost.message)
-        inner, self._inner = self._inner, None
-        if inner is not None:
-            inner.abort()
-        self._stop()
-        self._connected.set()
-        self._arrived.set()
-
-    def _stop(self) -> None:
-        self._ended = True
-        self.buffer.close()
-        self._acker.close()
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        self._arrived.set()
-
-    # --- sending --------------------------------------------------------------------------------
-
-    async def _send_item(self, item: Item, units: int, size: int) -> None:
-        if self._lost is not None:
-            return
-        self._sending += 1
-        try:
-            await self._send_item_now(item, units, size)
-        finally:
-            self._sending -= 1
-
-    async def _send_item_now(self, item: Item, units: int, size: int) -> None:
-        if not self.resumable:
-            async with self._write_lock:
-                if self._inner is not None:
-                    try:
-                        await self._put(self._inner, item)
-                    except BREAKS as err:
-                        self._broken(self._generation, err)
-            return
-        await self._room(size)
-        if not self.resumable:  # gave up on resume while waiting for room
-            await self._send_item_now(item, units, size)
-            return
-        entry = self.buffer.append(item, units, size)
-        async with self._write_lock:
-            inner = self._inner
-            if inner is None or entry.seq < self._next_seq:
-                return  # sent again by a resume already, or waiting for one
-            self._next_seq = entry.seq + 1
-            generation = self._generation
-            try:
-                await self._put(inner, item)
-            except BREAKS as err:
-                self._broken(generation, err)
-
-    async def _room(self, size: int) -> None:
-        """Wait until the replay buffer takes `size` more bytes."""
-        await self.buffer.reserve(size)
-
-    @staticmethod
-    async def _put(inner: SessionStream, item: Item) -> None:
-        if isinstance(item, bytes):
-            await inner.send_data_message(item)
-        else:
-            await inner.send(item)
-
-    async def _write_ack(self) -> None:
-        async with self._write_lock:
-            inner, generation = self._inner, self._generation
-            if inner is None:
-                return
-            try:
-                await inner.send(self._acks.frame())
-            except BREAKS as err:
-                self._broken(generation, err)
-
-    # --- receiving ------------------------------------------------------------------------------
+    # --- receiving --------------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
         while not self._ended:
@@ -399,69 +237,6 @@ class ResumableStream:
     def _on_control(self, frame: pb.Frame) -> None:
         """A Resume or Detach frame arrived mid-stream (a side that expects one overrides this)."""
         log.debug("ignored %s frame", frame.WhichOneof("kind"))
-
-    # --- breaks and resumes ---------------------------------------------------------------------
-
-    def _broken(self, generation: int, cause: object) -> None:
-        """The stream of `generation` broke: drop it and resume (once, whoever noticed first)."""
-        if generation != self._generation or self._inner is None or self._lost is not None:
-            return
-        text = describe(cause)
-        if not self.resumable:
-            self._lose(SessionLost(text))
-            return
-        inner, self._inner = self._inner, None
-        self._generation += 1
-        self._connected.clear()
-        inner.abort()
-        log.info("session stream broke (%s); resuming", text)
-        task = asyncio.create_task(self._recover(text))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _recover(self, cause: str) -> None:
-        try:
-            inner, peer_received = await self._reconnect(cause)
-        except SessionLost as lost:
-            self._lose(lost)
-            return
-        await self._adopt(inner, peer_received)
-
-    async def _adopt(self, inner: SessionStream, peer_received: int) -> None:
-        """Put `inner` in place: forget what the peer has, send again what it lacks."""
-        async with self._write_lock:
-            if self._lost is not None:
-                inner.abort()
-                return
-            if not self.buffer.holds(peer_received):
-                inner.abort()
-                self._lose(
-                    SessionLost(
-                        f"cannot resume: the peer received {peer_received} units, this side holds "
-                        f"{self.buffer.first_held()}-{self.buffer.end}",
-                        grpc.StatusCode.DATA_LOSS,
-                    )
-                )
-                return
-            self.buffer.ack(peer_received)
-            generation = self._generation
-            self._inner = inner
-            if self._reader is not None:
-                self._listen_to(inner, generation)
-            self.resumes += 1
-            resent = self.buffer.since(peer_received)
-            self._next_seq = resent[-1][0].seq + 1 if resent else self.buffer.appended
-            try:
-                for entry, item in resent:
-                    self.replayed_units += entry.units
-                    await self._put(inner, item)
-                if self._acks.owed:
-                    await inner.send(self._acks.frame())
-            except BREAKS as err:
-                self._connected.set()
-                self._broken(generation, err)
-                return
-        self._connected.set()
 
 
 __all__ = ["BREAKS", "ResumableStream", "SessionLost"]
