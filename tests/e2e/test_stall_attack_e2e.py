@@ -265,14 +265,15 @@ def _commands(cmdline: str) -> list[int]:
     return pids
 
 
-def _audit(router: Router) -> list[tuple[str, str]]:
-    """Mallory's sessions as the audit log has them: (session, how it ended, or "running")."""
+def _audit(router: Router) -> list[tuple[str, str, str]]:
+    """Mallory's sessions as the audit log has them: (session, its client's address, how it ended or
+    "running"); the attacker's stalled sessions share one address, her trickle reader has its own."""
     records = router.events()
     ended = {
         r["session"]: f"{r.get('status')}: {r.get('reason', '')}" for r in records if r.get("event") == "session end"
     }
-    started = [r["session"] for r in records if r.get("event") == "session start" and r.get("user") == "mallory"]
-    return [(key, ended.get(key, "running")) for key in started]
+    started = [r for r in records if r.get("event") == "session start" and r.get("user") == "mallory"]
+    return [(r["session"], str(r.get("peer", "")), ended.get(r["session"], "running")) for r in started]
 
 
 def _mallory_active(router: Router) -> tuple[float, float]:
@@ -318,7 +319,9 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
             state = _mallory_active(router)
             assert state[0] >= SESSIONS and state[1] == 0, (
                 f"her sessions did not all run, or outlived the limits: {state}; {_audit(router)}; "
-                f"trickle stderr: {trickle.stderr_tail()}"
+                f"queued {metric_value(router.metrics_text(), 'router_grpc_buffered_bytes', {})} bytes, "
+                f"held {metric_value(router.metrics_text(), 'router_grpc_held_bytes', {})}; "
+                f"the trickle reader took {trickle.taken} bytes; trickle stderr: {trickle.stderr_tail()}"
             )
         peak = sampler.peak["router"]
         text = router.metrics_text()
@@ -346,7 +349,7 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
             f"({p99(attacked) / p99(control_attacked):.2f}x, {len(attacked)} round trips each); alice's "
             f"quiet p99 before/after {p99(quiet) * 1e3:.2f}/{p99(after) * 1e3:.2f} ms "
             f"({p99(attacked) / p99(quiet + after):.2f}x); "
-            f"not ended by a limit: {[end for end in _audit(router) if 'flow-control' not in end[1]]}"
+            f"not ended by a limit: {[end for end in _audit(router) if 'flow-control' not in end[2]]}"
         )
         print(figures)
         assert by_guard + by_timeout >= SESSIONS, figures  # every one of her sessions was ended by a limit

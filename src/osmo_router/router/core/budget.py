@@ -44,10 +44,15 @@ class ByteBudget:
     def fits(self, size: int, holding: bool = False) -> bool:
         """Whether `size` more bytes fit (anything fits when nothing is queued).
 
-        `holding`: the caller's `size` bytes are already counted as held (see `hold`), so not twice.
+        New bytes must fit beside everything counted, queued and held. `holding`: the caller's `size`
+        bytes are held already (see `hold`): queuing them moves them from held to used and adds no
+        memory, so only the queued bytes must leave room for them. (Counting the other holders too
+        let holders in one at a time, each only once nothing was queued: one stalled queue of a user
+        then starved every other session of hers that waited, one flow-control timeout after another.)
         """
-        others_held = self.held - (size if holding else 0)
-        return not self.used or self.used + others_held + size <= self.limit
+        if holding:
+            return not self.used or self.used + size <= self.limit
+        return not self.used or self.used + self.held + size <= self.limit
 
     def try_take(self, size: int, holding: bool = False) -> bool:
         """Take `size` bytes if they fit (`fits`); False otherwise. Held bytes stay held until `unhold`."""
