@@ -93,31 +93,6 @@ async def test_readers_that_all_hold_messages_still_go_through_in_turn() -> None
 
 
 @pytest.mark.asyncio
-async def test_a_stalled_queue_does_not_hold_back_readers_whose_messages_fit_beside_it() -> None:
-    # Issue 14: a holder's message is in memory already; queuing it adds nothing. Counting the other
-    # holders against it let none in while any queue of the user held bytes (here the stalled one,
-    # never drained), though 40 queued + 40 fit in 100: her other sessions waited for its timeout.
-    budget = ByteBudget(100)
-    source, stalled, second, third = (FlowQueue(16) for _ in range(4))
-    for queue in (source, stalled, second, third):
-        queue.use_budgets((budget,))
-    await source.put(b"s" * 60)
-    await stalled.put(b"a" * 40)  # 60 + 40 = 100: fits; nobody ever takes it
-    b = asyncio.create_task(second.put(b"b" * 40))
-    c = asyncio.create_task(third.put(b"c" * 40))
-    await asyncio.sleep(0)
-    assert not b.done() and not c.done() and (budget.used, budget.held) == (100, 80)
-    source.poll()  # 60 given back: 40 queued, 80 held
-    done, _ = await asyncio.wait((b, c), timeout=1, return_when=asyncio.FIRST_COMPLETED)
-    assert len(done) == 1 and (budget.used, budget.held) == (80, 40)
-    assert (b if c in done else c).done() is False  # 80 + 40 > 100: the other waits its turn
-    (second if b in done else third).poll()
-    await asyncio.wait_for(asyncio.gather(b, c), 1)
-    assert (budget.used, budget.held) == (80, 0)
-    assert stalled.peek() == b"a" * 40
-
-
-@pytest.mark.asyncio
 async def test_a_failed_or_dropped_queue_gives_its_bytes_back_and_frees_its_waiter() -> None:
     user, total = ByteBudget(50), ByteBudget(1000)
     queue = FlowQueue(16)
