@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 from contextlib import ExitStack
+from typing import cast
 
 from bench.bench_forward import socat_relay
 from bench.bench_real_clients import redis_get, redis_server
@@ -37,8 +38,7 @@ class MinimalRelay(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport; no Nagle delay (as socat's and our forwards' sockets)."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's transports are not its subclasses)
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
