@@ -336,6 +336,7 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
         running = len(_commands(f"sleep {SLEEP}"))
         attacker.kill()
         attacker.wait()
+        trickle_said = trickle.stderr_tail()
         trickle.stop()
         after, _ = paired_samples(echo, bob, SAMPLES)
         echo.close()  # the last session ends: the router gives its memory back once quiet
@@ -352,7 +353,9 @@ def test_stalled_and_trickling_sessions_stay_within_the_budget_and_spare_another
             f"({p99(attacked) / p99(control_attacked):.2f}x, {len(attacked)} round trips each); alice's "
             f"quiet p99 before/after {p99(quiet) * 1e3:.2f}/{p99(after) * 1e3:.2f} ms "
             f"({p99(attacked) / p99(quiet + after):.2f}x); "
-            f"not ended by a limit: {[end for end in _audit(router) if 'flow-control' not in end[2]]}"
+            f"not ended by a limit: {[end for end in _audit(router) if 'flow-control' not in end[2]]} "
+            f"(her sessions' clients: {sorted({end[1] for end in _audit(router)})}; the attacker's share one "
+            f"connection); her trickle reader's client said: {trickle_said!r}"
         )
         print(figures)
         assert by_guard + by_timeout >= SESSIONS, figures  # every one of her sessions was ended by a limit
