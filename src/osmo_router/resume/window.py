@@ -142,9 +142,7 @@ class ReplayBuffer:
 
     async def reserve(self, size: int) -> None:
         """Wait until `size` more bytes fit (or the buffer is empty)."""
-        while self._entries and not self.closed:
-            if self.bytes + size <= self.limit and (self.shared is None or self.shared.fits(size)):
-                return
+        while not self.fits_now(size):
             self._space.clear()
             if self.shared is not None:
                 self.shared.wait_on(self._space)
