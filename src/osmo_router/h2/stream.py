@@ -114,10 +114,7 @@ class Stream:
         self.data_begin(flow_length)
         self._inflight = 0
         self._assemble(payload)
-        if self._listened:  # what the listener took goes back as if read
-            self._listened = False
-            self._taken()
-        else:
+        if not self._gave_back_listened():
             self._grant()
         self._wake_reader()
 
@@ -151,12 +148,18 @@ class Stream:
         self._after_pieces()
 
     def _after_pieces(self) -> None:
-        if self._listened:  # what the listener took goes back as if read
-            self._listened = False
-            self._taken()
-        else:
+        if not self._gave_back_listened():
             self._grant_if_stuck()
         self._wake_reader()
+
+    def _gave_back_listened(self) -> bool:
+        """Give back, as if read, the window of what the listener took since the last look; False if
+        it took nothing (then the caller grants as it would without a listener)."""
+        if not self._listened:
+            return False
+        self._listened = False
+        self._taken()
+        return True
 
     def _grant_if_stuck(self) -> None:
         """Give back the bytes of the message under way now if it could not complete otherwise (it is
