@@ -54,6 +54,7 @@ from typing import Any
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.dispatch import FrameDispatch
+from osmo_router.h2.handshake import settings_first
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.writer import VectorWriter
 
@@ -156,7 +157,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
     def data_begin(self, stream_id: int, flags: int, length: int) -> None:
         """An unpadded DATA frame's header: the windows count it now; its payload follows."""
         if not self._settings_received:
-            raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            raise settings_first()
         self._data_stream = None
         self._data_end_stream = bool(flags & fr.END_STREAM)
         self._data_flow = length
@@ -174,7 +175,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         """A whole unpadded DATA frame at once (what data_begin, data_piece and data_end do for one that
         arrived in one read: a small message's frame, in one call instead of three)."""
         if not self._settings_received:
-            raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            raise settings_first()
         self._deliver_data(stream_id, flags, payload, len(payload))
 
     def data_piece(self, payload: memoryview) -> None:

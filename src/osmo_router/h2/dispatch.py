@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.flow import FlowControl
-from osmo_router.h2.handshake import Handshake
+from osmo_router.h2.handshake import Handshake, settings_first
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ class FrameDispatch(Handshake):
 
     def _handle(self, frame: fr.Frame) -> None:
         if not self._settings_received and not (frame.kind == fr.SETTINGS and not frame.flags & fr.ACK):
-            raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            raise settings_first()
         handler = self._handlers.get(frame.kind)
         if handler is not None:  # unknown frame types (and PRIORITY, PUSH_PROMISE to a server) are ignored
             handler(self, frame)

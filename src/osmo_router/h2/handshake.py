@@ -7,6 +7,11 @@ from osmo_router.h2.bdp import BDP_PING
 from osmo_router.h2.flow import FlowControl
 
 
+def settings_first() -> fr.ProtocolError:
+    """The error for a frame that came before the peer's SETTINGS (its preface ends with one)."""
+    return fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+
+
 class Handshake(FlowControl):
     """Preface, SETTINGS and PING (a part of Connection)."""
 
