@@ -167,9 +167,11 @@ def test_stalled_reader_trips_flow_control_without_blocking_others(workflow: str
     router = Router("--flow-control-timeout", "2s", "--flow-control-buffer", "4")
     agent = AgentProc(router.address, workflow)
     args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    # stdout is a pipe this test never reads: the client blocks, then stops reading from the router.
+    # stdout is a pipe this test never reads, and the session is not resumable (--resume-grace 0): the
+    # client stops reading from the router once its stream window is full. (A resumable session is
+    # paced by its acknowledgements instead and the router holds nothing: test_unread_stdout_e2e.py.)
     stalled = subprocess.Popen(
-        client_cmd("exec", *args, "--", "sh", "-c", "while :; do cat /etc/services; done"),
+        client_cmd("exec", *args, "--resume-grace", "0", "--", "sh", "-c", "while :; do cat /etc/services; done"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,

@@ -3,7 +3,9 @@ per-stream buffering, another user's echo keeps its latency, and the memory come
 
 Real processes on loopback: a JWT router, an agent, mallory's attacker (tests/stall_attacker.py: exec
 sessions pushing maximum-size frames at `sleep`, which never reads) and her trickle reader (an
-`exec cat /dev/zero` whose output is taken 4 KiB every half second), and alice's interactive
+`exec cat /dev/zero` whose output is taken 4 KiB every half second; not resumable, `--resume-grace 0`,
+so what it does not read waits in the router: a resumable session is paced by its acknowledgements
+instead), and alice's interactive
 `exec cat`, whose round trips are timed before, during and after the attack.
 
 Her p99 under the attack is compared with its quiet value measured at the same moments: bob's identical
@@ -176,7 +178,7 @@ class Trickle:
     def __init__(self, flags: list[str]) -> None:
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            client_cmd("exec", *flags, "--", "sh", "-c", "exec cat /dev/zero"),
+            client_cmd("exec", *flags, "--resume-grace", "0", "--", "sh", "-c", "exec cat /dev/zero"),
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=cli_env(),

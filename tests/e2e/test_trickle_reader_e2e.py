@@ -1,10 +1,13 @@
 """A reader that only takes a trickle (4 KiB every half second, for ever) is ended like a stalled one.
 
 Real router and agent processes: a client runs `exec cat /dev/zero` and its output is taken 4 KiB at a
-time; with `--flow-control-timeout 3s`, the router ends the session with RESOURCE_EXHAUSTED (the write
-that the trickle never completes, or the minimum drain rate over a period that was all backlog),
-frees what it queued for it, and another user's session goes on meanwhile. The minimum drain rate
-on its own, with a reader whose every write completes, is covered in tests/unit/test_write_watchdog.py.
+time. Its session is not resumable (`--resume-grace 0`), so what it does not read waits in the router
+(a resumable one is paced by its acknowledgements and the router holds nothing for it:
+tests/e2e/test_unread_stdout_e2e.py). With `--flow-control-timeout 3s`, the router ends the session
+with RESOURCE_EXHAUSTED (the write that the trickle never completes, or the minimum drain rate
+over a period that was all backlog), frees what it queued for it, and another user's session goes on
+meanwhile. The minimum drain rate on its own, with a reader whose every write completes, is covered
+in tests/unit/test_write_watchdog.py.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def router() -> Iterator[Router]:
 def test_a_trickle_reader_is_ended_like_a_stalled_one(router: Router) -> None:
     args = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
     trickle = subprocess.Popen(
-        client_cmd("exec", *args, "--", "sh", "-c", "exec cat /dev/zero"),
+        client_cmd("exec", *args, "--resume-grace", "0", "--", "sh", "-c", "exec cat /dev/zero"),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=cli_env(),

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,63 @@ def _target(fd: int) -> str | None:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
+
+
+async def test_a_shared_descriptor_stays_blocking_and_open_and_a_full_pipe_does_not_hold_the_loop() -> None:
+    read_end, write_end = os.pipe()
+    pipe = _target(write_end)
+    writer = PipeWriter(write_end, shared=True, name="shared-writer-under-test")
+    big = os.urandom(4 * 1024 * 1024)  # far more than the pipe holds
+    loop_ran = threading.Event()
+    received: list[bytes] = []
+    waited: list[bool] = []
+
+    def read() -> None:
+        # Reads only once the loop ran past the write; a loop held by the write never gets there,
+        # so after 10 s this reads anyway (unblocking it) and the test fails on `waited`.
+        waited.append(loop_ran.wait(10))
+        _read_until(read_end, len(big) + 4, received)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    pending = asyncio.create_task(writer.write(big))
+    await asyncio.sleep(0.01)  # the write starts here (a blocking one would hold the loop in it)
+    loop_ran.set()
+    small = asyncio.create_task(writer.write(b"tail"))  # queued behind it, never ahead
+    await asyncio.wait_for(asyncio.gather(pending, small), 30)
+    await asyncio.wait_for(asyncio.to_thread(reader.join), 30)
+    assert waited == [True], "the write held the event loop until the pipe was read"
+    assert b"".join(received) == big + b"tail"
+    writer.close()
+    (thread,) = [t for t in threading.enumerate() if t.name == "shared-writer-under-test"] or [None]
+    if thread is not None:
+        await asyncio.wait_for(asyncio.to_thread(thread.join), 10)  # ended: anything it closes is closed
+    assert os.get_blocking(write_end) and _target(write_end) == pipe
+    os.close(write_end)
+    os.close(read_end)
+
+
+async def test_a_shared_descriptor_takes_a_small_write_at_once_when_there_is_room(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    writer = PipeWriter(write_end, shared=True)
+    await asyncio.wait_for(writer.write(b"keystroke"), 10)
+    assert writer._in_thread == 0 and os.read(read_end, 100) == b"keystroke"  # no thread hop
+    writer.close()
+    os.close(write_end)
+    os.close(read_end)
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)  # a regular file: any size at once
+    writer = PipeWriter(fd, shared=True)
+    await asyncio.wait_for(writer.write(b"y" * 1_000_000), 10)
+    assert writer._in_thread == 0
+    writer.close()
+    os.close(fd)
+    assert (tmp_path / "out").read_bytes() == b"y" * 1_000_000
+
+
+def _read_until(fd: int, size: int, out: list[bytes]) -> None:
+    """Read `size` bytes from fd (the writer's descriptor stays open: no EOF to wait for)."""
+    got = 0
+    while got < size:
+        chunk = os.read(fd, 65536)
+        out.append(chunk)
+        got += len(chunk)

@@ -17,7 +17,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.resume import open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.stall import METER
-from osmo_router.client.stdio import StdinReader, write_all
+from osmo_router.client.stdio import OutputWriter, StdinReader
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
@@ -120,15 +120,16 @@ async def relay_session(
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, on_signal, int(sig))
             installed.append(sig)
+    stdout = OutputWriter(1)
     try:
         if legacy:
 
             async def write_and_release(data: bytes) -> None:
                 first_output.set()
-                await _write_stdout(data)
+                await stdout.write(data)
 
             return await receive_output(stream, write_and_release)
-        return await receive_output(stream)
+        return await receive_output(stream, stdout.write)
     except (grpc.aio.AioRpcError, RouterError) as err:
         if detached is not None and getattr(stream, "detached", False):
             return detached()
@@ -138,6 +139,7 @@ async def relay_session(
         _say(f"{error.message} [{error.code.name}]", tty)
         return EXIT_CONNECTION_ERROR
     finally:
+        stdout.close()
         for number in installed:
             loop.remove_signal_handler(number)
         sender.cancel()
@@ -151,27 +153,25 @@ def _say(message: str, tty: bool) -> None:
     sys.stderr.flush()
 
 
-async def _write_stdout(data: bytes) -> None:
-    write_all(1, data)
-
-
-async def receive_output(
-    stream: SessionStream, write_stdout: Callable[[bytes], Awaitable[None]] = _write_stdout
-) -> int:
+async def receive_output(stream: SessionStream, write_stdout: Callable[[bytes], Awaitable[None]]) -> int:
     """Write the remote output out (stdout via `write_stdout`, stderr to fd 2) until the end; the exit code."""
     exit_code: int | None = None
-    while (frame := await stream.recv()) is not None:
-        kind = frame.WhichOneof("kind")
-        if kind == "data":
-            started = time.monotonic()
-            await write_stdout(frame.data)
-            METER.note(time.monotonic() - started)  # stdout not read: the stream is not read either
-        elif kind == "stderr":
-            write_all(2, frame.stderr)
-        elif kind == "exit_status":
-            exit_code = exit_code_of(frame.exit_status)
-        elif kind == "error":
-            raise from_status_number(frame.error.code, frame.error.message)
+    stderr = OutputWriter(2)
+    try:
+        while (frame := await stream.recv()) is not None:
+            kind = frame.WhichOneof("kind")
+            if kind == "data":
+                started = time.monotonic()
+                await write_stdout(frame.data)
+                METER.note(time.monotonic() - started)  # stdout not read: the stream is not read either
+            elif kind == "stderr":
+                await stderr.write(frame.stderr)
+            elif kind == "exit_status":
+                exit_code = exit_code_of(frame.exit_status)
+            elif kind == "error":
+                raise from_status_number(frame.error.code, frame.error.message)
+    finally:
+        stderr.close()
     if exit_code is None:
         raise RouterError("the session ended without an exit status")
     return exit_code

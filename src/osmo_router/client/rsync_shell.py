@@ -28,7 +28,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
 from osmo_router.client.resume import open_stream
 from osmo_router.client.session import rpc_error
-from osmo_router.client.stdio import StdinReader, write_all
+from osmo_router.client.stdio import OutputWriter, StdinReader
 from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.transport import WS, SessionStream
 from osmo_router.transport.grpc_transport import GrpcTransport
@@ -160,11 +160,7 @@ def _stdout_writer() -> Callable[[bytes], Awaitable[None]]:
     """
     mode = os.fstat(1).st_mode
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-
-        async def write_blocking(data: bytes) -> None:
-            write_all(1, data)
-
-        return write_blocking
+        return OutputWriter(1).write  # not rsync's own (a test's file or terminal): left blocking
     if stat.S_ISFIFO(mode):
         with contextlib.suppress(OSError):  # beyond the system's pipe-max-size the size stays
             fcntl.fcntl(1, fcntl.F_SETPIPE_SZ, BULK_CHUNK_SIZE)

@@ -9,12 +9,11 @@ Core", execute_batch) and every later read raises that: the RESOURCE_EXHAUSTED t
 never read. The router cannot prevent it (any status it sends queues behind the unread data), so the
 client reads the cause from its own side: `StallMeter` measures how long this process did not read.
 
-- The event loop's lag, sampled every PERIOD: a paused process or a loop blocked on a write to a
-  full stdout (exec) shows as one long lag, measured on demand too (a stall still in progress when
-  the error is handled counts).
-- Time spent delivering a frame locally (`note`): rsync not reading its stdin, a local application
-  not reading a forwarded connection (kept per connection by the caller: one slow connection says
-  nothing about another).
+- The event loop's lag, sampled every PERIOD: a paused process shows as one long lag, measured on
+  demand too (a stall still in progress when the error is handled counts).
+- Time spent delivering a frame locally (`note`): a full stdout (exec; written from a thread, so the
+  loop runs on meanwhile), rsync not reading its stdin, a local application not reading a forwarded
+  connection (kept per connection by the caller: one slow connection says nothing about another).
 
 A session the router ended while this client was writing is reported as the flow-control timeout
 when a stall of at least MIN_STALL happened within MEMORY seconds; otherwise as before (the agent

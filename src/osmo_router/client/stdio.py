@@ -1,4 +1,5 @@
-"""Standard input read in a daemon thread, so any kind of stdin works and exit never waits on it."""
+"""Standard input read in a daemon thread, so any kind of stdin works and exit never waits on it; stdout and
+stderr written without holding the event loop."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import stat
 import struct
 import threading
 
+from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.wire.codec import data_header
 from osmo_router.wire.protocol import CHUNK_SIZE
 
@@ -170,9 +172,27 @@ def _stream_socket(fd: int, timeout: float) -> socket.socket | None:
     return sock
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to a (blocking) descriptor, ignoring a reader that went away."""
-    view = memoryview(data)
-    with contextlib.suppress(BrokenPipeError):
-        while view:
-            view = view[os.write(fd, view) :]
+class OutputWriter:
+    """This process's stdout or stderr, written without holding the event loop while nobody reads it.
+
+    A write into a full pipe or a stopped terminal (`osmo exec ... | less`, paused) would stop all the
+    loop runs: the Ctrl-C it forwards, input, pings, acknowledgements. The descriptor is shared with
+    the shell, so it stays blocking (PipeWriter, shared). A reader that went away is ignored, as it
+    was with a blocking write: the session runs on and that output is dropped.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._writer: PipeWriter | None = None  # made at the first write, in the running loop
+
+    async def write(self, data: bytes) -> None:
+        """Write all of `data`; returns once the kernel has it."""
+        if self._writer is None:
+            self._writer = PipeWriter(self._fd, name=f"fd{self._fd}-writer", shared=True)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            await self._writer.write(data)
+
+    def close(self) -> None:
+        """Let the writer's thread end after what was written (the descriptor stays open)."""
+        if self._writer is not None:
+            self._writer.close()

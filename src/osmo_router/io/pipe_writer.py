@@ -11,6 +11,13 @@ The thread owns the descriptor: it closes it after the writes queued before `clo
 still in progress (a reader that stopped reading) never races the close, and the descriptor number
 is never reused under it. Its thread is a daemon: a writer stuck on a reader that never reads does
 not keep the agent from exiting.
+
+A descriptor shared with other processes (the client's stdout and stderr: a terminal, or a pipe the
+shell made) is neither made non-blocking nor closed (`shared=True`): O_NONBLOCK belongs to the open
+file, so the shell and the other commands of a pipeline would see it too. The loop then writes a
+chunk itself only when it cannot wait: a regular file, or at most PIPE_BUF bytes while poll() says
+there is room (a pipe then takes them whole at once); anything else goes to the thread, which may
+block in write() without holding the loop (its signal handlers, pings and input).
 """
 
 from __future__ import annotations
@@ -20,16 +27,26 @@ import contextlib
 import os
 import queue
 import select
+import stat
 import threading
 
 _Item = tuple[memoryview, asyncio.Future[None]] | None
 
 
 class PipeWriter:
-    """Writes whole chunks to a non-blocking descriptor; `write` returns once the kernel has all of a chunk."""
+    """Writes whole chunks to a descriptor; `write` returns once the kernel has all of a chunk.
 
-    def __init__(self, fd: int, name: str = "pipe-writer") -> None:
-        os.set_blocking(fd, False)
+    It owns `fd` (made non-blocking, closed by `close`) unless `shared` (see the module docstring).
+    """
+
+    def __init__(self, fd: int, name: str = "pipe-writer", *, shared: bool = False) -> None:
+        self._shared = shared
+        self._room: select.poll | None = None  # shared, not a regular file: whether a write would wait
+        if not shared:
+            os.set_blocking(fd, False)
+        elif not stat.S_ISREG(os.fstat(fd).st_mode):
+            self._room = select.poll()
+            self._room.register(fd, select.POLLOUT)
         self._fd = fd
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
@@ -43,10 +60,7 @@ class PipeWriter:
             raise BrokenPipeError("the pipe writer is closed")
         view = memoryview(data)
         if not self._in_thread:  # nothing queued ahead: write what fits now, keeping the order
-            try:
-                view = view[os.write(self._fd, view) :]
-            except BlockingIOError:
-                pass
+            view = self._write_now(view)
             if not view:
                 return
         done: asyncio.Future[None] = self._loop.create_future()
@@ -54,8 +68,21 @@ class PipeWriter:
         self._queue.put((view, done))
         await done
 
+    def _write_now(self, view: memoryview) -> memoryview:
+        """What is left of `view` after writing what the loop may write without waiting."""
+        if self._shared:
+            room = self._room
+            if room is not None and (len(view) > select.PIPE_BUF or not room.poll(0)):
+                return view
+            return view[os.write(self._fd, view) :]  # blocking, but poll() said there is room for it
+        try:
+            return view[os.write(self._fd, view) :]
+        except BlockingIOError:
+            return view
+
     def close(self) -> None:
-        """Close the descriptor after the writes already queued (does not wait for them)."""
+        """Stop after the writes already queued (does not wait for them); the descriptor is closed then
+        unless shared."""
         if not self._closed:
             self._closed = True
             self._queue.put(None)
@@ -72,7 +99,8 @@ class PipeWriter:
                         failed = err
                 self._report(done, failed)
         finally:
-            os.close(self._fd)
+            if not self._shared:
+                os.close(self._fd)
 
     def _report(self, done: asyncio.Future[None], error: OSError | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
@@ -91,7 +119,7 @@ class PipeWriter:
 
 
 def _write_all(fd: int, view: memoryview) -> None:
-    """Write all of view to a non-blocking descriptor, waiting for room outside the GIL."""
+    """Write all of view, waiting for room outside the GIL (in poll(), or in write() on a blocking descriptor)."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     while view:
