@@ -142,3 +142,27 @@ def test_ctrl_c_reaches_the_command_while_stdout_is_full(router: Router, tmp_pat
         if client.poll() is None:
             client.kill()
             client.wait()
+
+
+def test_with_an_agent_that_does_not_resume_the_unread_output_waits_in_the_router_and_its_limit_ends_it() -> None:
+    # An agent that keeps no replay window (--resume-grace 0, as an older agent): the client takes at
+    # most its own replay window of output it has not written, then leaves the rest to the stream's
+    # flow control, so the router's flow-control timeout ends the session with its own status. (Taking
+    # everything would end it on the client's side, "the peer sent past its replay window".)
+    router = Router("--flow-control-timeout", "3s")
+    agent = AgentProc(router.address, WF, "--resume-grace", "0")
+    args = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
+    client = subprocess.Popen(
+        client_cmd("exec", *args, "--", "head", "-c", str(64 * OUTPUT), "/dev/zero"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    try:
+        end = router.wait_for(lambda r: r.get("event") == "session end", timeout=60)
+        assert (end["status"], "flow-control" in str(end.get("reason"))) == ("RESOURCE_EXHAUSTED", True), end
+    finally:
+        client.kill()
+        client.wait()
+        agent.stop()
+        router.stop()

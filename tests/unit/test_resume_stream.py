@@ -236,3 +236,27 @@ async def test_the_reader_survives_a_read_cancelled_by_the_abort_after_a_failed_
     _, _, at_b, at_a = await asyncio.wait_for(work, 5)
     assert at_b == at_a == b"".join(chunks)
     assert a.resumes == b.resumes == 1
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_does_not_resume_is_held_back_by_the_stream_not_taken_without_bound() -> None:
+    # An older agent keeps no replay window: only the stream under us can hold it back, so the reader
+    # stops taking frames once `replay_bytes` wait for the handler, and the rest stays on the stream.
+    limit, size, count = 64 * 1024, 4096, 100
+    a, _ = pipe()
+    side = Side(a, limit)
+    side.resumable = False
+    side.acking = False
+    side.start()
+    for i in range(count):
+        a.inbox.put_nowait(pb.Frame(data=bytes([i]) * size))
+    left, still = a.inbox.qsize(), 0
+    while left and still < 100:  # until the reader stops taking (it yields at least once per frame)
+        await asyncio.sleep(0)
+        still = still + 1 if a.inbox.qsize() == left else 0
+        left = a.inbox.qsize()
+    assert side._incoming_units <= limit + size and a.inbox.qsize() >= count - limit // size - 1
+    received = [await asyncio.wait_for(side.recv(), 10) for _ in range(count)]
+    assert [frame.data for frame in received] == [bytes([i]) * size for i in range(count)]
+    assert side._lost is None
+    side.abort()

@@ -42,6 +42,7 @@ class StreamCore:
         self._incoming: deque[pb.Frame] = deque()
         self._incoming_units = 0
         self._arrived = asyncio.Event()
+        self._room_to_take = asyncio.Event()  # set when the reader may take frames again (_holding_back)
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
         self._sink: Callable[[pb.Frame], bool] | None = None  # see set_sink
         self._sending = 0  # sends in progress (_send_item), which a try_send_data_message must not pass
@@ -102,8 +103,17 @@ class StreamCore:
     def _pushed(self, generation: int, frame: pb.Frame) -> bool:
         # As _read_forever's loop: a frame off a stream already given up is dropped (a resume asks for it again).
         if generation == self._generation and not self._ended:
+            if self._holding_back():
+                return False  # left on the stream under it, for the reader once the handler caught up
             self._take(frame)
         return True
+
+    def _holding_back(self) -> bool:
+        """Whether to take no more of the peer's frames for now. A peer that does not resume keeps no
+        replay window, so nothing holds it back but the stream under us: what the handler has not
+        consumed is then bounded here, at `replay_bytes`, and the stream's own flow control (its
+        window, the router's limits behind it) holds the peer back meanwhile."""
+        return not self.resumable and self._incoming_units >= self.buffer.limit
 
     def _take(self, frame: pb.Frame) -> None:
         """Take one of the peer's frames off the stream under it (ResumableStream)."""
@@ -183,6 +193,7 @@ class StreamCore:
         self._ended = True
         self.buffer.close()
         self._acker.close()
+        self._room_to_take.set()
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
         for task in self._tasks:

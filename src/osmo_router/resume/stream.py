@@ -15,7 +15,9 @@ the handlers' side of it.
 
 Memory: the replay buffer holds at most `replay_bytes`; what the reader took and the handler has
 not consumed is bounded by the peer's replay buffer (the peer cannot send more unacknowledged),
-and a peer that sends more than twice `replay_bytes` unacknowledged ends the session.
+and a peer that sends more than twice `replay_bytes` unacknowledged ends the session. A peer that
+does not resume (an older agent) keeps no replay buffer: the reader then stops taking frames at
+`replay_bytes` not consumed, and the stream under it holds the peer back (`_holding_back`).
 """
 
 from __future__ import annotations
@@ -126,6 +128,8 @@ class ResumableStream(StreamCore):
         units = units_of(frame)
         self._incoming_units -= units
         self._consumed(units, frame.WhichOneof("kind"))
+        if not self._room_to_take.is_set() and not self._holding_back():
+            self._room_to_take.set()
         return frame
 
     def _consumed(self, units: int, kind: str | None) -> None:
@@ -170,6 +174,10 @@ class ResumableStream(StreamCore):
                 if self._connected.is_set():
                     self._connected.clear()
                 await self._connected.wait()
+                continue
+            if self._holding_back():
+                self._room_to_take.clear()
+                await self._room_to_take.wait()
                 continue
             try:
                 frame = await inner.recv()
