@@ -103,7 +103,7 @@ class StreamCore:
     def _pushed(self, generation: int, frame: pb.Frame) -> bool:
         # As _read_forever's loop: a frame off a stream already given up is dropped (a resume asks for it again).
         if generation == self._generation and not self._ended:
-            if self._holding_back():
+            if not self.resumable and self._holding_back():  # (one check per message while resumable)
                 return False  # left on the stream under it, for the reader once the handler caught up
             self._take(frame)
         return True
