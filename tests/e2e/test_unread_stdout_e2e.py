@@ -27,7 +27,6 @@ import pytest
 
 from tests.harness import PYTHON, AgentProc, Router, cli_env, client_cmd, metric_value
 
-WF = "wf-unread-stdout"
 KEEPALIVE = 1.0  # --keepalive-time and --keepalive-timeout, seconds
 #: How long stdout stays unread once full: three times what the router allows an unanswered ping.
 PAUSE = 6 * KEEPALIVE
@@ -36,16 +35,21 @@ OUTPUT = 8 * 1024 * 1024  # far more than the pipe, the router's windows and the
 
 @pytest.fixture
 def router() -> Iterator[Router]:
+    """A router that drops a peer leaving a ping unanswered for 2 s, and whose flow-control timeout
+    is far above the pauses here (conftest's `agent` and `client_args` use it)."""
     proc = Router(
         *("--keepalive-time", f"{KEEPALIVE:g}s", "--keepalive-timeout", f"{KEEPALIVE:g}s"),
         *("--flow-control-timeout", "120s"),
     )
-    agent = AgentProc(proc.address, WF)
-    try:
-        yield proc
-    finally:
-        agent.stop()
-        proc.stop()
+    yield proc
+    proc.stop()
+
+
+def _exec(client_args: list[str], *command: str) -> subprocess.Popen[bytes]:
+    """`osmo-net-client exec -- COMMAND`, its stdout and stderr pipes this test reads (or not)."""
+    return subprocess.Popen(
+        client_cmd("exec", *client_args, "--", *command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env()
+    )
 
 
 def _unread(fd: int) -> int:
@@ -65,14 +69,10 @@ def _wait_full(fd: int, timeout: float) -> int:
     return waiting
 
 
-def test_a_paused_stdout_reader_pauses_the_session_and_keeps_it_past_the_keepalive(router: Router) -> None:
-    args = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
-    client = subprocess.Popen(
-        client_cmd("exec", *args, "--", "head", "-c", str(OUTPUT), "/dev/zero"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(),
-    )
+def test_a_paused_stdout_reader_pauses_the_session_and_keeps_it_past_the_keepalive(
+    router: Router, agent: AgentProc, client_args: list[str]
+) -> None:
+    client = _exec(client_args, "head", "-c", str(OUTPUT), "/dev/zero")
     assert client.stdout is not None and client.stderr is not None
     try:
         fd = client.stdout.fileno()
@@ -116,15 +116,11 @@ ON_SIGINT = (
 )
 
 
-def test_ctrl_c_reaches_the_command_while_stdout_is_full(router: Router, tmp_path: Path) -> None:
-    args = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
+def test_ctrl_c_reaches_the_command_while_stdout_is_full(
+    router: Router, agent: AgentProc, client_args: list[str], tmp_path: Path
+) -> None:
     mark = tmp_path / "interrupted"
-    client = subprocess.Popen(
-        client_cmd("exec", *args, "--", PYTHON, "-c", ON_SIGINT, str(mark), str(OUTPUT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(),
-    )
+    client = _exec(client_args, PYTHON, "-c", ON_SIGINT, str(mark), str(OUTPUT))
     assert client.stdout is not None and client.stderr is not None
     try:
         fd = client.stdout.fileno()
@@ -144,20 +140,17 @@ def test_ctrl_c_reaches_the_command_while_stdout_is_full(router: Router, tmp_pat
             client.wait()
 
 
-def test_with_an_agent_that_does_not_resume_the_unread_output_waits_in_the_router_and_its_limit_ends_it() -> None:
+def test_with_an_agent_that_does_not_resume_the_unread_output_waits_in_the_router_and_its_limit_ends_it(
+    workflow: str,
+) -> None:
     # An agent that keeps no replay window (--resume-grace 0, as an older agent): the client takes at
     # most its own replay window of output it has not written, then leaves the rest to the stream's
     # flow control, so the router's flow-control timeout ends the session with its own status. (Taking
     # everything would end it on the client's side, "the peer sent past its replay window".)
     router = Router("--flow-control-timeout", "3s")
-    agent = AgentProc(router.address, WF, "--resume-grace", "0")
-    args = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
-    client = subprocess.Popen(
-        client_cmd("exec", *args, "--", "head", "-c", str(64 * OUTPUT), "/dev/zero"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=cli_env(),
-    )
+    agent = AgentProc(router.address, workflow, "--resume-grace", "0")
+    client = _exec(["--router-address", router.address, "--workflow-id", workflow, "--tls=false"],
+                   "head", "-c", str(64 * OUTPUT), "/dev/zero")  # fmt: skip
     try:
         end = router.wait_for(lambda r: r.get("event") == "session end", timeout=60)
         assert (end["status"], "flow-control" in str(end.get("reason"))) == ("RESOURCE_EXHAUSTED", True), end
