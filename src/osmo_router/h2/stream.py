@@ -295,12 +295,13 @@ class Stream:
                 self._credit.sync(self)
             return
         grant = self._recv_window - self._queued - self._recv_left - self._inflight
-        step = self._recv_window >> 2
+        # Worth sending: a quarter window, or anything to a peer that has no window left.
+        least = max(self._recv_window >> 2, 1) if self._recv_left > 0 else 1
         # The budgets only ever lower a grant: one too small to send is not put to them (per message).
-        if grant >= step or (grant > 0 and self._recv_left <= 0):
+        if grant >= least:
             if self._credit is not None:
                 grant = self._credit.allowed(self, grant)
-            if grant >= step or (grant > 0 and self._recv_left <= 0):
+            if grant >= least:
                 self._recv_left += grant
                 self.conn.send_window_update(self.id, grant)
         if self._credit is not None:
