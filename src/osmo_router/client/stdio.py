@@ -175,8 +175,8 @@ def _stream_socket(fd: int, timeout: float) -> socket.socket | None:
 class OutputWriter:
     """This process's stdout or stderr, written without holding the event loop while nobody reads it.
 
-    A write into a full pipe or a stopped terminal (`osmo exec ... | less`, paused) would stop all the
-    loop runs: the Ctrl-C it forwards, input, pings, acknowledgements. The descriptor is shared with
+    A write into a full pipe or a stopped terminal (`osmo exec ... | less`, paused) would stop
+    everything the loop runs: the Ctrl-C it forwards, input, pings, acknowledgements. The descriptor is shared with
     the shell, so it stays blocking (PipeWriter, shared). A reader that went away is ignored, as it
     was with a blocking write: the session runs on and that output is dropped.
     """

@@ -70,14 +70,12 @@ class PipeWriter:
 
     def _write_now(self, view: memoryview) -> memoryview:
         """What is left of `view` after writing what the loop may write without waiting."""
-        if self._shared:
-            room = self._room
-            if room is not None and (len(view) > select.PIPE_BUF or not room.poll(0)):
-                return view
-            return view[os.write(self._fd, view) :]  # blocking, but poll() said there is room for it
+        room = self._room  # (shared: the write below blocks unless poll() says there is room for it)
+        if room is not None and (len(view) > select.PIPE_BUF or not room.poll(0)):
+            return view
         try:
             return view[os.write(self._fd, view) :]
-        except BlockingIOError:
+        except BlockingIOError:  # (also a shared descriptor another process made non-blocking)
             return view
 
     def close(self) -> None:
