@@ -352,3 +352,22 @@ def test_agent_reconnects_when_the_router_comes_back(workflow: str) -> None:
         agent.stop()
         if second is not None:
             second.stop()
+
+
+def _close_stdin_and_stdout() -> None:
+    os.close(0)
+    os.close(1)
+
+
+def test_closed_stdin_and_stdout_read_and_write_nothing(agent: AgentProc, client_args: list[str]) -> None:
+    # `osmo-net-client exec ... <&- >&-`: the client's next sockets must not take descriptors 0 and
+    # 1 (uvloop aborts when it closes one: "uv__close: Assertion `fd > STDERR_FILENO' failed").
+    proc = subprocess.run(
+        client_cmd("exec", *client_args, "--", "sh", "-c", "cat; echo out; echo err >&2; exit 7"),
+        stdin=subprocess.DEVNULL,  # (closed in the child before the exec, as stdout)
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+        preexec_fn=_close_stdin_and_stdout,
+        timeout=60,
+    )
+    assert (proc.returncode, proc.stderr) == (7, b"err\n")

@@ -23,6 +23,7 @@ from osmo_router.cli.session import session as session_commands
 from osmo_router.dial.config import DialConfig
 from osmo_router.dial.options import dial_config, dial_options
 from osmo_router.io.memtune import tune_for_bulk
+from osmo_router.io.stdfds import sanitise_std_fds
 from osmo_router.router.config import RouterConfig
 from osmo_router.wire.protocol import MAX_STANDBY_STREAMS
 
@@ -393,5 +394,6 @@ main_group.add_command(session_commands)
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `osmo-router`."""
+    sanitise_std_fds()
     args = sys.argv[1:] if argv is None else argv
     main_group.main(args=normalize_bool_flags(args, bool_option_names(main_group)), prog_name="osmo-router")

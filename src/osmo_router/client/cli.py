@@ -20,6 +20,7 @@ from osmo_router.client import attach_cli
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.options import dial_config, dial_options
 from osmo_router.io.memtune import tune_for_bulk
+from osmo_router.io.stdfds import sanitise_std_fds
 
 LEGACY_OPERATIONS = {"exec": "exec", "portforward": "port-forward", "port-forward": "port-forward", "rsync": "rsync"}
 
@@ -305,6 +306,7 @@ def rewrite_legacy_operation(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `osmo-net-client`."""
+    sanitise_std_fds()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         args = rewrite_legacy_operation(args)
