@@ -371,3 +371,15 @@ def test_closed_stdin_and_stdout_read_and_write_nothing(agent: AgentProc, client
         timeout=60,
     )
     assert (proc.returncode, proc.stderr) == (7, b"err\n")
+
+
+def test_options_after_the_command_are_the_commands_and_an_unknown_one_before_it_is_refused(
+    agent: AgentProc, client_args: list[str]
+) -> None:
+    # `exec echo -t -d x` once ran `echo x` in a TTY, detached: -t and -d were taken as --tty and --detach.
+    result = run_client("exec", *client_args, "echo", "-t", "-d", "--detach", "x")
+    assert (result.returncode, result.stdout) == (0, b"-t -d --detach x\n"), result.stderr
+    # A mistyped option was run as the command ("--tyy: command not found", 127).
+    result = run_client("exec", *client_args, "--tyy", "--", "echo", "ran")
+    assert result.returncode == 2 and result.stdout == b"", result
+    assert b"No such option '--tyy'" in result.stderr

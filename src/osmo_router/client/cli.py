@@ -137,7 +137,9 @@ def main_group() -> None:
     """osmo-net-client: exec, port-forward and rsync into a workload container through osmo-router."""
 
 
-@main_group.command(name="exec", context_settings={"ignore_unknown_options": True})
+# Options end at COMMAND's first word: what follows is COMMAND's (`exec ls -d /` is not --detach), as
+# with ssh and docker exec; an unknown option before it is an error, not a command to run.
+@main_group.command(name="exec", context_settings={"allow_interspersed_args": False})
 @_session_options
 @click.option("--tty/--no-tty", "-t", default=False, help="Allocate a terminal (raw mode, resize, Ctrl-C).")
 @click.option("--stdin/--no-stdin", "-i", default=True, hidden=True, help="Accepted for kubectl compatibility.")
@@ -150,6 +152,8 @@ def main_group() -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...], **options: Any) -> None:
     """Run COMMAND in the container (default: its shell); exits with the remote exit code.
+
+    Options go before COMMAND (or before `--`): everything from COMMAND's first word on is COMMAND's.
 
     In a TTY session, Ctrl-] then d detaches (the session keeps running; exit 0); Ctrl-] twice
     sends one Ctrl-].
