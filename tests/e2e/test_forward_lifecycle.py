@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -21,6 +22,25 @@ def test_no_agent_gives_255_and_a_clear_line(router: Router) -> None:
         assert any("wf-nobody" in line and "UNAVAILABLE" in line for line in proc.lines), proc.lines
     finally:
         proc.stop()
+
+
+def test_a_local_port_in_use_exits_1_and_ends_its_session_cleanly(
+    router: Router, workflow: str, client_args: list[str]
+) -> None:
+    agent = AgentProc(router.address, workflow)
+    busy = socket.create_server(("127.0.0.1", 0))
+    proc = Proc(client_cmd("port-forward", *client_args, f"{busy.getsockname()[1]}:8080"))
+    try:
+        assert proc.wait_exit(TIMEOUT) == 1
+        assert any("cannot listen: Address already in use" in line for line in proc.lines), proc.lines
+        # Its agent check ends like a Ctrl-C: no "resuming" line, and the router saw a clean end.
+        assert not any("resum" in line for line in proc.lines), proc.lines
+        end = router.wait_for(lambda r: r.get("event") == "session end", timeout=TIMEOUT)
+        assert end["status"] == "OK", end
+    finally:
+        proc.stop()
+        agent.stop()
+        busy.close()
 
 
 #: A short resume grace for the tests whose agent or router is gone for good (issue 17: a break is

@@ -184,9 +184,11 @@ class PortForward:
                 await self._listen(ports, binds, protocol)
             except OSError as err:
                 print(f"osmo-net-client: port-forward: cannot listen: {err.strerror or err}", file=sys.stderr)
+                await self._end_unused(watch)
                 return EXIT_LOCAL_ERROR
             except RouterError as err:
                 self.reporter.fatal(err, "cannot open the forward")
+                await self._end_unused(watch)
                 return EXIT_CONNECTION_ERROR
             return await self._supervise(watch)
         finally:
@@ -212,6 +214,11 @@ class PortForward:
                     self._tasks[tcp] = asyncio.create_task(tcp.serve())
                     local_port = tcp.address[1]
                 self.reporter.forwarding(protocol, address, local_port, spec.remote_port)
+
+    async def _end_unused(self, watch: SessionStream) -> None:
+        """End the watch of a forward that could not start, as Ctrl-C does: cleanly (left to the
+        transport's close, its resumable stream took the cut for a break and said it was resuming)."""
+        await _end_watch(watch, asyncio.create_task(_watch_until_lost(watch, self.config)))
 
     async def _close_listeners(self) -> None:
         for udp in self._udp:
