@@ -148,3 +148,11 @@ def test_the_cli_and_agent_run_on_uvloop_with_the_native_channel(
 ) -> None:
     monkeypatch.setenv("OSMO_UVLOOP", env)
     assert run_async(_loop_module(), prefer_uvloop=prefers_uvloop(channel)) == loop
+
+
+@pytest.mark.parametrize("command", ["serve", "local"])
+@pytest.mark.parametrize(("flag", "value"), [("--port", "65536"), ("--port", "-1"), ("--metrics-port", "99999"),
+                                             ("--metrics-port", "-2"), ("--ws-port", "70000")])  # fmt: skip
+def test_a_port_outside_its_range_is_a_usage_error(command: str, flag: str, value: str) -> None:
+    with pytest.raises(click.BadParameter, match="not in the range"):
+        router_group.commands[command].make_context(command, [flag, value])

@@ -27,6 +27,11 @@ from osmo_router.io.stdfds import sanitise_std_fds
 from osmo_router.router.config import RouterConfig
 from osmo_router.wire.protocol import MAX_STANDBY_STREAMS
 
+#: A TCP port (0 picks a free one); a number outside is a usage error at start-up (99999 started a router).
+PORT = click.IntRange(0, 65535)
+#: The same, or -1 for none.
+PORT_OR_NONE = click.IntRange(-1, 65535)
+
 # The server and agent modules (aiohttp, prometheus...) are imported where they are used: the client
 # imports this module for its dial options, and every client start (rsync starts two) would pay them.
 
@@ -58,17 +63,17 @@ def main_group() -> None:
 
 @main_group.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
-@click.option("--port", type=int, default=50051, show_default=True, help="gRPC port (0 picks a free one).")
+@click.option("--port", type=PORT, default=50051, show_default=True, help="gRPC port (0 picks a free one).")
 @click.option(
     "--metrics-port",
-    type=int,
+    type=PORT_OR_NONE,
     default=8080,
     show_default=True,
     help="Port of /metrics, /healthz and /readyz (0 picks a free one, -1 disables).",
 )
 @click.option(
     "--ws-port",
-    type=int,
+    type=PORT_OR_NONE,
     default=8000,
     show_default=True,
     help="Port of the old router's WebSocket endpoints, for the migration (0 picks a free one, -1 disables).",
@@ -347,9 +352,11 @@ async def _run_agent(config: AgentConfig) -> None:
 
 
 @main_group.command()
-@click.option("--port", type=int, default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
-@click.option("--metrics-port", type=int, default=8080, show_default=True, help="Metrics port on 127.0.0.1.")
-@click.option("--ws-port", type=int, default=8000, show_default=True, help="WebSocket port on 127.0.0.1 (-1: none).")
+@click.option("--port", type=PORT, default=50051, show_default=True, help="gRPC port on 127.0.0.1.")
+@click.option("--metrics-port", type=PORT_OR_NONE, default=8080, show_default=True, help="Metrics port on 127.0.0.1.")
+@click.option(
+    "--ws-port", type=PORT_OR_NONE, default=8000, show_default=True, help="WebSocket port on 127.0.0.1 (-1: none)."
+)
 @click.option("--workflow-id", default="local", show_default=True, help="Workflow id the local agent serves.")
 @_log_options
 def local(port: int, metrics_port: int, ws_port: int, workflow_id: str, log_level: str, log_format: str) -> None:
