@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -170,10 +171,31 @@ def test_refused_target_closes_promptly_and_forward_goes_on(agent: AgentProc, cl
             proc.stop()
 
 
+@contextlib.contextmanager
+def _ipv6_only_echo() -> Iterator[int]:
+    """An echo server on ::1 whose port is held on 127.0.0.1 too, without listening: the agent tries
+    127.0.0.1 before ::1, and another test's server that got the same number there (a router's
+    metrics port, once) answered instead."""
+    for _ in range(50):
+        with tcp_server(echo, host="::1") as port:
+            guard = socket.socket()
+            try:
+                guard.bind(("127.0.0.1", port))
+            except OSError:
+                guard.close()
+                continue
+            try:
+                yield port
+            finally:
+                guard.close()
+            return
+    raise AssertionError("no port free on both ::1 and 127.0.0.1 in 50 tries")
+
+
 def test_ipv6_bind_with_json_output(agent: AgentProc, client_args: list[str]) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
-    with tcp_server(echo, host="::1") as port:  # the target listens on ::1 only
+    with _ipv6_only_echo() as port:  # the target listens on ::1 only
         proc = Proc(client_cmd("port-forward", *client_args, "--address", "::1", "--json", f":{port}"))
         try:
             line = proc.wait_for(lambda r: r["line"].startswith("{"), stdout=True)["line"]
