@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Mapping
+from typing import Any
 
 import grpc
 from aiohttp import WSMessage, WSMsgType, web
@@ -91,6 +92,8 @@ class _WsSide:
 
     transport = "ws"
     merge_frames = False
+    #: Whether a close stops this side's pending receive to wait for the peer's close frame (_close_ws).
+    waits_for_close_frame = False
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         self.ws = ws
@@ -99,6 +102,11 @@ class _WsSide:
         self.peer = request.remote or "unknown"
         #: What the peer sent while the session waited (see watch_gone), delivered first.
         self._stash: list[WSMessage] = []
+        #: The task waiting in ws.receive(), and set once it left (see _close_ws).
+        self._receiver: asyncio.Task[Any] | None = None
+        self._receiver_left = asyncio.Event()
+        self._stop_receiving = False
+        self._closing = False  # we are closing the WebSocket: a receive it stops is no end of the peer's
 
     def watch_gone(self) -> Awaitable[None]:
         """Read (and keep) what the peer sends while the session waits, to notice it leaving."""
@@ -119,9 +127,38 @@ class _WsSide:
     async def _receive(self) -> bytes | str | None:
         """The next message's bytes; at the end, the close reason (str), or None if there was none."""
         while True:
-            msg = self._stash.pop(0) if self._stash else await self.ws.receive()
+            msg = self._stash.pop(0) if self._stash else await self._receive_ws()
+            if msg is None:
+                return None  # stopped by our own close (_close_ws)
             if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CLOSE) or msg.type in _ENDED:
                 return _as_received(msg)
+
+    async def _receive_ws(self) -> WSMessage | None:
+        task = self._receiver = asyncio.current_task()
+        self._receiver_left.clear()
+        try:
+            return await self.ws.receive()
+        except asyncio.CancelledError:
+            if not self._stop_receiving or task is None or task.uncancel() > 0:
+                raise  # (a cancellation of the reader besides our own close's)
+            return None  # our own close stopped it
+        finally:
+            self._receiver = None
+            self._receiver_left.set()
+
+    async def _close_ws(self, code: int = CLOSE_NORMAL, message: bytes = b"") -> None:
+        """Close the WebSocket, waiting (aiohttp's timeout) for the peer's close frame before the
+        connection (RFC 6455 7.1.1). aiohttp waits only if no other task is in receive(): else it closes
+        the connection at once, and a peer that answers a moment late finds it gone (OSMO's CLI then
+        reports the close handshake as failed). So a pending receive is stopped first."""
+        self._closing = True
+        receiver = self._receiver
+        if self.waits_for_close_frame and receiver is not None and receiver is not asyncio.current_task():
+            self._stop_receiving = True
+            receiver.cancel()
+            await self._receiver_left.wait()
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=message)
 
     @property
     def response(self) -> web.StreamResponse:
@@ -136,15 +173,14 @@ class _WsSide:
     async def refuse(self, error: RouterError) -> None:
         """Before the upgrade an HTTP status; after it, close code 4000 with `CODE: message`."""
         if self.ws.prepared:
-            await close_with_error(self.ws, error)
+            await self._close_ws(CLOSE_ERROR, error_reason(error.code, error.message).encode())
         else:
             self._refusal = http_refusal(error)
 
     async def finish(self) -> None:
         """Close the WebSocket normally if it is still open."""
         if self.ws.prepared and not self.ws.closed:
-            with contextlib.suppress(Exception):
-                await self.ws.close()
+            await self._close_ws()
 
     async def _send(self, payload: bytes) -> None:
         try:
@@ -159,11 +195,14 @@ class _WsSide:
 class WsClientSide(_WsSide):
     """The user's side of a session over the old protocol."""
 
+    # OSMO's CLI (websockets) reports a close whose handshake it could not finish as a failure. Its
+    # reader's stopped receive ends the read as our own close does (read() returns None).
+    waits_for_close_frame = True
+
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         super().__init__(request, ws)
         self._parse_resize = self._want_exit = self._want_eof = self._udp = False
         self._exit: pb.ExitStatus | None = None
-        self._closing = False
 
     def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool, udp: bool = False) -> None:
         """What the client's URL asked for (see ws/init.py); `udp`: OSMO's datagram framing (a created UDP forward)."""
@@ -217,9 +256,7 @@ class WsClientSide(_WsSide):
         await super().refuse(error)
 
     async def _close(self, code: int, reason: str) -> None:
-        self._closing = True
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await self.ws.close(code=code, message=reason.encode())
+        await self._close_ws(code, reason.encode())
 
     def _broken(self, err: Exception) -> RouterError:
         return Cancelled(f"the client's WebSocket broke: {err}")
