@@ -260,3 +260,25 @@ async def test_a_peer_that_does_not_resume_is_held_back_by_the_stream_not_taken_
     assert [frame.data for frame in received] == [bytes([i]) * size for i in range(count)]
     assert side._lost is None
     side.abort()
+
+
+@pytest.mark.asyncio
+async def test_what_is_taken_and_not_consumed_is_held_against_the_peers_window_not_ours() -> None:
+    # The agent keeps 16 MiB unacknowledged, the client 8: a client whose stdout is not read holds
+    # up to the agent's window (one resume's worth with it) without calling it an overrun.
+    ours, theirs, size = 64 * 1024, 1024 * 1024, 16 * 1024
+    a, _ = pipe()
+    side = Side(a, ours)
+    side.set_peer_window(theirs)
+    side.start()
+    count = (theirs + theirs // 2) // size  # past twice our window and 1 MiB, within twice theirs
+    for i in range(count):
+        a.inbox.put_nowait(pb.Frame(data=bytes([i % 256]) * size))
+    for _ in range(100_000):  # until the reader took them all (it yields at least once per frame)
+        if not a.inbox.qsize():
+            break
+        await asyncio.sleep(0)
+    assert side._lost is None and side._incoming_units == count * size
+    received = [await asyncio.wait_for(side.recv(), 10) for _ in range(count)]
+    assert [frame.data for frame in received] == [bytes([i % 256]) * size for i in range(count)]
+    side.abort()

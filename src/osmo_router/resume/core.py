@@ -41,6 +41,7 @@ class StreamCore:
         self._next_seq = 0  # the first frame of the buffer not written to the current stream
         self._incoming: deque[pb.Frame] = deque()
         self._incoming_units = 0
+        self._peer_window = 0  # what the peer keeps unacknowledged at most, once it said (set_peer_window)
         self._arrived = asyncio.Event()
         self._room_to_take = asyncio.Event()  # set when the reader may take frames again (_holding_back)
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
@@ -90,6 +91,13 @@ class StreamCore:
     def set_peer_window(self, window_bytes: int) -> None:
         """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
         self._acker.set_peer_window(window_bytes)
+        self._peer_window = window_bytes
+
+    @property
+    def _incoming_limit(self) -> int:
+        """Units taken and not consumed past which the peer overran its window (twice it, with slack: a
+        peer's window is its own, the agent's larger than the client's)."""
+        return 2 * max(self.buffer.limit, self._peer_window) + 1024 * 1024
 
     # --- the stream under it ----------------------------------------------------------------------
 

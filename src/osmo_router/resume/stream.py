@@ -15,7 +15,8 @@ the handlers' side of it.
 
 Memory: the replay buffer holds at most `replay_bytes`; what the reader took and the handler has
 not consumed is bounded by the peer's replay buffer (the peer cannot send more unacknowledged),
-and a peer that sends more than twice `replay_bytes` unacknowledged ends the session. A peer that
+and a peer that sends more than twice its window (or `replay_bytes`, the larger) unacknowledged ends
+the session. A peer that
 does not resume (an older agent) keeps no replay buffer: the reader then stops taking frames at
 `replay_bytes` not consumed, and the stream under it holds the peer back (`_holding_back`).
 """
@@ -238,7 +239,7 @@ class ResumableStream(StreamCore):
             return
         self._incoming.append(frame)
         self._incoming_units += units
-        if self._incoming_units > 2 * self.buffer.limit + 1024 * 1024:
+        if self._incoming_units > self._incoming_limit:
             self._lose(SessionLost("the peer sent past its replay window", grpc.StatusCode.RESOURCE_EXHAUSTED))
         self._arrived.set()
 
