@@ -16,9 +16,9 @@ the handlers' side of it.
 Memory: the replay buffer holds at most `replay_bytes`; what the reader took and the handler has
 not consumed is bounded by the peer's replay buffer (the peer cannot send more unacknowledged),
 and a peer that sends more than twice its window (or `replay_bytes`, the larger) unacknowledged ends
-the session. A peer that
-does not resume (an older agent) keeps no replay buffer: the reader then stops taking frames at
-`replay_bytes` not consumed, and the stream under it holds the peer back (`_holding_back`).
+the session. A peer that does not resume (an older agent) keeps no replay buffer: the reader then
+stops taking frames at `replay_bytes` not consumed, and the stream under it holds the peer back
+(`_holding_back`).
 """
 
 from __future__ import annotations

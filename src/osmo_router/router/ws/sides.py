@@ -60,12 +60,6 @@ def http_refusal(error: RouterError) -> web.Response:
     return web.Response(status=HTTP_STATUS.get(error.code.name, 400), headers={ERROR_HEADER: line}, text=text + "\n")
 
 
-async def close_with_error(ws: web.WebSocketResponse, error: RouterError) -> None:
-    """Close a WebSocket with code 4000 and the error as its reason (bounded by the ws timeout)."""
-    with contextlib.suppress(Exception):
-        await ws.close(code=CLOSE_ERROR, message=error_reason(error.code, error.message).encode())
-
-
 #: Message types that end a WebSocket's stream of messages.
 _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
@@ -146,7 +140,7 @@ class _WsSide:
             self._receiver = None
             self._receiver_left.set()
 
-    async def _close_ws(self, code: int = CLOSE_NORMAL, message: bytes = b"") -> None:
+    async def _close_ws(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the WebSocket, waiting (aiohttp's timeout) for the peer's close frame before the
         connection (RFC 6455 7.1.1). aiohttp waits only if no other task is in receive(): else it closes
         the connection at once, and a peer that answers a moment late finds it gone (OSMO's CLI then
@@ -158,7 +152,7 @@ class _WsSide:
             receiver.cancel()
             await self._receiver_left.wait()
         with contextlib.suppress(Exception):
-            await self.ws.close(code=code, message=message)
+            await self.ws.close(code=code, message=reason.encode())
 
     @property
     def response(self) -> web.StreamResponse:
@@ -173,7 +167,7 @@ class _WsSide:
     async def refuse(self, error: RouterError) -> None:
         """Before the upgrade an HTTP status; after it, close code 4000 with `CODE: message`."""
         if self.ws.prepared:
-            await self._close_ws(CLOSE_ERROR, error_reason(error.code, error.message).encode())
+            await self._close_ws(CLOSE_ERROR, error_reason(error.code, error.message))
         else:
             self._refusal = http_refusal(error)
 
@@ -227,14 +221,14 @@ class WsClientSide(_WsSide):
             return
         if message == ENCODED_SESSION_END:
             reason = exit_reason(self._exit) if self._want_exit and self._exit is not None else ""
-            await self._close(CLOSE_NORMAL, reason)
+            await self._close_ws(CLOSE_NORMAL, reason)
             return
         frame = decode_frame(message)
         kind = frame.WhichOneof("kind")
         if kind == "exit_status":
             self._exit = frame.exit_status
         elif kind == "error":
-            await self._close(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
+            await self._close_ws(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
         elif kind == "datagram" and self._udp:
             await self._send(datagram_message(frame.datagram))
         elif kind == "half_close":
@@ -251,12 +245,9 @@ class WsClientSide(_WsSide):
         is closed with 1000, as the old router closed it (OSMO's CLI takes that for a normal end)."""
         legacy = not (self._want_eof or self._want_exit)
         if legacy and isinstance(error, RendezvousTimeout) and self.ws.prepared:
-            await self._close(CLOSE_NORMAL, "")
+            await self._close_ws(CLOSE_NORMAL, "")
             return
         await super().refuse(error)
-
-    async def _close(self, code: int, reason: str) -> None:
-        await self._close_ws(code, reason.encode())
 
     def _broken(self, err: Exception) -> RouterError:
         return Cancelled(f"the client's WebSocket broke: {err}")
