@@ -159,6 +159,17 @@ def start_forward(client_args: list[str], *args: str, count: int = 1) -> tuple[P
     return proc, ports[:count]
 
 
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from `sock`, or fewer if the peer closed first."""
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def recv_all(sock: socket.socket) -> bytes:
     """Everything until EOF."""
     chunks = []

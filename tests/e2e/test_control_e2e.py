@@ -33,7 +33,7 @@ from tests.e2e.test_osmo_compat_e2e import (
     terminal_text,
     ws_base,
 )
-from tests.forward_servers import echo, tcp_server
+from tests.forward_servers import echo, recv_exactly, tcp_server
 from tests.harness import AgentProc, Proc, Router, cli_env, metric_value, router_cmd
 from tests.osmo_emu import client as osmo
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
@@ -325,12 +325,9 @@ def _read_ws_frame(sock: socket.socket) -> tuple[int, bytes]:
     """The server's next (unmasked) frame: (opcode, payload)."""
 
     def exactly(count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            if not chunk:
-                raise ConnectionError("the router closed the connection")
-            data += chunk
+        data = recv_exactly(sock, count)
+        if len(data) < count:
+            raise ConnectionError("the router closed the connection")
         return data
 
     first, second = exactly(2)

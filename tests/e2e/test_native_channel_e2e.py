@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.forward_servers import start_forward
+from tests.forward_servers import recv_exactly, start_forward
 from tests.harness import AgentProc, Router, run_client
 from tests.security_kit import Pki
 
@@ -55,9 +55,9 @@ def test_port_forward_both_ends_native(native_agent: AgentProc, router: Router, 
                 with served:
                     served.settimeout(30)
                     conn.sendall(b"ping through h2")
-                    assert _recv_exactly(served, 15) == b"ping through h2"
+                    assert recv_exactly(served, 15) == b"ping through h2"
                     served.sendall(b"pong")
-                    assert _recv_exactly(conn, 4) == b"pong"
+                    assert recv_exactly(conn, 4) == b"pong"
         finally:
             proc.stop()
 
@@ -91,13 +91,3 @@ def test_tls_with_the_ca_and_server_name(tmp_path: Path, workflow: str) -> None:
             agent.stop()
     finally:
         router.stop()
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
