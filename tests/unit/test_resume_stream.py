@@ -8,6 +8,7 @@ import random
 import grpc
 import pytest
 
+from osmo_router.resume import core
 from osmo_router.resume.stream import ResumableStream, SessionLost
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import pb
@@ -282,3 +283,25 @@ async def test_what_is_taken_and_not_consumed_is_held_against_the_peers_window_n
     received = [await asyncio.wait_for(side.recv(), 10) for _ in range(count)]
     assert [frame.data for frame in received] == [bytes([i % 256]) * size for i in range(count)]
     side.abort()
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_announces_a_huge_window_is_still_held_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hostile agent says it keeps 1 GiB unacknowledged, then sends without stopping: the client
+    # believes its window only up to MAX_PEER_WINDOW (here 256 KiB) and ends the session past twice
+    # that + 1 MiB, instead of holding whatever it is sent.
+    monkeypatch.setattr(core, "MAX_PEER_WINDOW", 256 * 1024)
+    size = 16 * 1024
+    a, _ = pipe()
+    side = Side(a, 64 * 1024)
+    side.set_peer_window(1 << 30)
+    side.start()
+    count = (2 * 256 * 1024 + 1024 * 1024) // size + 8  # just past the capped bound
+    for i in range(count):
+        a.inbox.put_nowait(pb.Frame(data=bytes([i % 256]) * size))
+    for _ in range(100_000):  # until the reader took them all or the session was lost
+        if side._lost is not None or not a.inbox.qsize():
+            break
+        await asyncio.sleep(0)
+    assert side._lost is not None and side._lost.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert side._incoming_units <= 2 * 256 * 1024 + 1024 * 1024 + size

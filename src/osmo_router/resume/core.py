@@ -23,6 +23,11 @@ from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, AckClock, Item, Repl
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import pb
 
+#: The most of a peer's announced window that the overrun check believes (`_incoming_limit`): the
+#: peer says it, so a hostile one could otherwise make this side hold what it likes. Agents keep
+#: 16 MiB by default; windows up to about twice this still fit the check's slack.
+MAX_PEER_WINDOW = 64 * 1024 * 1024
+
 log = logging.getLogger(__name__)
 
 
@@ -96,8 +101,8 @@ class StreamCore:
     @property
     def _incoming_limit(self) -> int:
         """Units taken and not consumed past which the peer overran its window (twice it, with slack: a
-        peer's window is its own, the agent's larger than the client's)."""
-        return 2 * max(self.buffer.limit, self._peer_window) + 1024 * 1024
+        peer's window is its own, the agent's larger than the client's; believed up to MAX_PEER_WINDOW)."""
+        return 2 * max(self.buffer.limit, min(self._peer_window, MAX_PEER_WINDOW)) + 1024 * 1024
 
     # --- the stream under it ----------------------------------------------------------------------
 
