@@ -81,7 +81,8 @@ async def start_resumable(
     if not can_resume(transport, config):
         return await start(init)
     secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
+    # The window announced is the one kept: the agent's overrun check and ack pace follow it.
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=replay_bytes))
     first = await start(init)
     # The key is known once the router's ready arrived (it names it): read when the session resumes.
     reopen = reopener(transport, operation, init, lambda: first.session_key)
