@@ -18,7 +18,7 @@ import hpack
 import pytest
 
 from osmo_router.h2 import frames as fr
-from osmo_router.h2 import stream as stream_module
+from osmo_router.h2 import inbound as stream_module
 from osmo_router.h2.connection import Connection, H2Config, Stream
 from osmo_router.h2.reader import HEADER_READ, QUIET_AFTER, READ_SIZE
 from osmo_router.h2.writer import VectorWriter
