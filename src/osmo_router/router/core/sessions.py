@@ -11,154 +11,34 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from osmo_router.router.auth.identity import ROLE_ANY, Identity
 from osmo_router.router.core.budget import Budgets
 from osmo_router.router.core.created import CreatedSessions
-from osmo_router.router.core.flow_control import FlowQueue
 
 # (re-exported: ids were checked here before they had a module of their own)
 from osmo_router.router.core.ids import MAX_ID_LENGTH as MAX_ID_LENGTH
 from osmo_router.router.core.ids import check_id as check_id
 from osmo_router.router.core.ids import new_session_key as new_session_key
 from osmo_router.router.core.limits import UserSessions
-from osmo_router.router.core.registry import AgentRegistry
-from osmo_router.router.core.resumes import ResumeInfo, resume_info
+from osmo_router.router.core.registry import AgentRegistration, AgentRegistry
+from osmo_router.router.core.resumes import resume_info
+
+# (re-exported: they were defined here before they had a module of their own)
+from osmo_router.router.core.session import Latch as Latch
+from osmo_router.router.core.session import RendezvousTimeout as RendezvousTimeout
+from osmo_router.router.core.session import Session as Session
+from osmo_router.router.core.session import scoped_key as scoped_key
 from osmo_router.wire.errors import (
     Aborted,
     AlreadyExists,
-    DeadlineExceeded,
     PermissionDenied,
     ResourceExhausted,
-    RouterError,
     Unavailable,
-    detached,
 )
-from osmo_router.wire.ops import label_of
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
-
-
-class RendezvousTimeout(DeadlineExceeded):
-    """The other side of a session did not join within the rendezvous timeout."""
-
-
-def scoped_key(workflow_id: str, key: str) -> str:
-    """A session key in its workflow's key space: the same key in two workflows names two sessions.
-
-    So an agent or client of one workflow can neither join nor learn of another workflow's session,
-    whatever key it presents. Ids never hold control characters (check_id), so the NUL cannot clash.
-    """
-    return f"{workflow_id}\0{key}"
-
-
-class Latch:
-    """A one-shot asyncio.Event (is_set / set / wait) without Event's per-instance deque.
-
-    A router holds one per session, and 10,000 idle sessions should cost as little as they can.
-    """
-
-    __slots__ = ("_set", "_waiters")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiters: list[asyncio.Future[None]] | None = None
-
-    def is_set(self) -> bool:
-        """True once `set` was called."""
-        return self._set
-
-    def set(self) -> None:
-        """Set the latch and wake every waiter."""
-        if self._set:
-            return
-        self._set = True
-        for waiter in self._waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters = None
-
-    async def wait(self) -> bool:
-        """Wait until the latch is set."""
-        if self._set:
-            return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if self._waiters is not None and waiter in self._waiters:
-                self._waiters.remove(waiter)
-        return True
-
-
-@dataclass(eq=False, slots=True)
-class Session:
-    """One client-agent pairing and the two directions of its relay."""
-
-    key: str
-    workflow_id: str
-    task: str
-    buffer: int
-    buffer_bytes: int = 4 * 1024 * 1024
-    operation: int = pb.OPERATION_UNSPECIFIED
-    user: str = ""
-    open_message: bytes = b""
-    agent_id: str = ""
-    client_joined: bool = False
-    agent_joined: bool = False
-    created: float = field(default_factory=time.monotonic)
-    paired_at: float | None = None
-    last_activity: float = field(default_factory=time.monotonic)
-    bytes_to_agent: int = 0
-    bytes_to_client: int = 0
-    #: How much of bytes_to_agent / bytes_to_client the metrics counters already hold.
-    counted_to_agent: int = 0
-    counted_to_client: int = 0
-    error: RouterError | None = None
-    agent_half_closed: bool = False
-    #: How the remote process ended, as the agent reported it ("code 0", "signal 9"), for the audit log.
-    exit_status: str = ""
-    #: The credential of the registered agent asked to serve the session: only it may join.
-    expected_agent: Identity | None = None
-    #: The subject of the side that created the session (its pending count is theirs).
-    creator: str = ""
-    #: The port-forward command this session is a connection of ("" for none; see core/limits.py).
-    forward_id: str = ""
-    #: Set when the client asked for resume (core/resumes.py); None for every other session.
-    resume: ResumeInfo | None = None
-    paired: Latch = field(default_factory=Latch)
-    to_agent: FlowQueue = field(init=False)
-    to_client: FlowQueue = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.to_agent = FlowQueue(self.buffer, self.buffer_bytes)
-        self.to_client = FlowQueue(self.buffer, self.buffer_bytes)
-
-    @property
-    def scoped_key(self) -> str:
-        """The key in its workflow's key space (see `scoped_key`)."""
-        return scoped_key(self.workflow_id, self.key)
-
-    @property
-    def operation_name(self) -> str:
-        """The operation as the metrics label it."""
-        return label_of(self.operation)
-
-    def touch(self) -> None:
-        """Record activity (for idle expiry)."""
-        self.last_activity = time.monotonic()
-
-    def fail(self, error: RouterError) -> None:
-        """End the session with an error; both sides' relays raise it."""
-        if self.error is None:
-            self.error = detached(error)  # kept: without the frames that raised it (wire/errors.py)
-        self.to_agent.fail(error)
-        self.to_client.fail(error)
 
 
 class SessionStore:
@@ -236,6 +116,24 @@ class SessionStore:
 
         `key` is the key to give a new session when the client brings none (default: a fresh one).
         """
+        self._check_client(identity, target)
+        agent = self._registry.pick(target.workflow_id, target.task)
+        forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
+        session = self._client_session(identity, target, agent, forward_id, key)
+        self._bind_client(session, identity, operation, target, open_msg, forward_id)
+        if session.agent_joined:
+            self._pair(session)
+        elif agent is not None:
+            if agent.take_standby(session):
+                # The agent's stream is already here: no SessionRequest round trip.
+                self._pair(session)
+            else:
+                session.expected_agent = agent.identity
+                agent.request_session(session.key, operation)
+        return session
+
+    def _check_client(self, identity: Identity, target: pb.SessionTarget) -> None:
+        """Refuse a client while draining, with malformed ids, or without the right to the workflow."""
         if not self.accepting:
             raise Unavailable("router is draining; retry on another replica")
         check_id("workflow_id", target.workflow_id, required=True)
@@ -243,9 +141,17 @@ class SessionStore:
         check_id("session_key", target.session_key, required=False)
         identity.require_user()
         identity.require_workflow(target.workflow_id)
-        agent = self._registry.pick(target.workflow_id, target.task)
+
+    def _client_session(
+        self,
+        identity: Identity,
+        target: pb.SessionTarget,
+        agent: AgentRegistration | None,
+        forward_id: str,
+        key: str | None,
+    ) -> Session:
+        """The session the client joins: the one its key names, or a new one (a resume supersedes)."""
         session = self.get(target.workflow_id, target.session_key) if target.session_key else None
-        forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
         resuming = target.resume.resuming or target.resume.attach
         if session is not None and resuming:
             if target.resume.attach and session.user == identity.subject:
@@ -262,13 +168,24 @@ class SessionStore:
             self._check_pending(identity)
             self._users.check(identity.subject, forward_id)
             key = target.session_key or key or new_session_key()
-            session = self._create(key, target.workflow_id, target.task, identity.subject)
-        elif session.client_joined:
+            return self._create(key, target.workflow_id, target.task, identity.subject)
+        if session.client_joined:
             raise AlreadyExists("a client already joined this session")
-        elif target.task and session.task not in ("", target.task):
+        if target.task and session.task not in ("", target.task):
             raise PermissionDenied("the session key belongs to another task")
-        else:
-            self._users.check(identity.subject, forward_id)
+        self._users.check(identity.subject, forward_id)
+        return session
+
+    def _bind_client(
+        self,
+        session: Session,
+        identity: Identity,
+        operation: int,
+        target: pb.SessionTarget,
+        open_msg: pb.SessionOpen,
+        forward_id: str,
+    ) -> None:
+        """Record the client on the session: its user (and budgets), operation, resume token, open message."""
         session.client_joined = True
         session.forward_id = forward_id
         if self._budgets is not None:
@@ -283,16 +200,6 @@ class SessionStore:
         open_msg.user = identity.subject
         session.open_message = pb.ConnectResponse(open=open_msg).SerializeToString()
         self._users.add(identity.subject, forward_id)
-        if session.agent_joined:
-            self._pair(session)
-        elif agent is not None:
-            if agent.take_standby(session):
-                # The agent's stream is already here: no SessionRequest round trip.
-                self._pair(session)
-            else:
-                session.expected_agent = agent.identity
-                agent.request_session(session.key, operation)
-        return session
 
     def join_agent(self, identity: Identity, init: pb.ConnectInit) -> Session:
         """Create or take the session for an agent's Connect stream. Raises a RouterError on refusal."""
