@@ -86,7 +86,6 @@ async def relay_session(
     `detached`: in a TTY session the escape key detaches (client/attach.py); once detached, its
     result is the exit code.
     """
-    loop = asyncio.get_running_loop()
     # An old backend's terminal side decodes the size message with a buffering JSON decoder and
     # drops whatever came in the same read: its input waits for the first output (as OSMO's CLI
     # does) or LEGACY_INPUT_HOLD (client/legacy.py).
@@ -94,32 +93,7 @@ async def relay_session(
     hold = first_output if legacy else None
     escape = _escape(stream) if tty and detached is not None else None
     sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape))
-    installed: list[int] = []
-    received: dict[int, int] = {}
-    pending: set[asyncio.Future[None]] = set()
-
-    def send_soon(frame: pb.Frame) -> None:
-        future = asyncio.ensure_future(stream.send(frame))
-        pending.add(future)
-        future.add_done_callback(pending.discard)
-
-    def on_signal(sig: int) -> None:
-        received[sig] = received.get(sig, 0) + 1
-        if received[sig] > 1:
-            os._exit(128 + sig)
-        send_soon(pb.Frame(signal=pb.Signal(number=sig)))
-
-    def on_resize() -> None:
-        rows, cols = terminal_size()
-        send_soon(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
-
-    if tty:
-        loop.add_signal_handler(signal.SIGWINCH, on_resize)
-        installed.append(signal.SIGWINCH)
-    else:
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, on_signal, int(sig))
-            installed.append(sig)
+    signals = _SignalFrames(stream, tty)
     stdout = OutputWriter(1)
     try:
         if legacy:
@@ -140,11 +114,50 @@ async def relay_session(
         return EXIT_CONNECTION_ERROR
     finally:
         stdout.close()
-        for number in installed:
-            loop.remove_signal_handler(number)
+        signals.remove()
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
+
+
+class _SignalFrames:
+    """This process's signals sent as frames while a session runs: a TTY's SIGWINCH as a resize,
+    else FORWARDED_SIGNALS (the second of one kind ends this process at once, 128 + its number)."""
+
+    def __init__(self, stream: SessionStream, tty: bool) -> None:
+        self._stream = stream
+        self._loop = asyncio.get_running_loop()
+        self._received: dict[int, int] = {}
+        self._pending: set[asyncio.Future[None]] = set()
+        self._installed: list[int] = []
+        if tty:
+            self._loop.add_signal_handler(signal.SIGWINCH, self._on_resize)
+            self._installed.append(signal.SIGWINCH)
+        else:
+            for sig in FORWARDED_SIGNALS:
+                self._loop.add_signal_handler(sig, self._on_signal, int(sig))
+                self._installed.append(sig)
+
+    def remove(self) -> None:
+        """Give the signals back to their default handling."""
+        for number in self._installed:
+            self._loop.remove_signal_handler(number)
+        self._installed.clear()
+
+    def _send_soon(self, frame: pb.Frame) -> None:
+        future = asyncio.ensure_future(self._stream.send(frame))
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    def _on_signal(self, sig: int) -> None:
+        self._received[sig] = self._received.get(sig, 0) + 1
+        if self._received[sig] > 1:
+            os._exit(128 + sig)
+        self._send_soon(pb.Frame(signal=pb.Signal(number=sig)))
+
+    def _on_resize(self) -> None:
+        rows, cols = terminal_size()
+        self._send_soon(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
 
 
 def _say(message: str, tty: bool) -> None:
