@@ -29,7 +29,7 @@ from osmo_router.router.grpc.agent_service import AgentService
 from osmo_router.router.grpc.client_service import ClientService
 from osmo_router.router.grpc.control_service import CONTROL_SERVICE, ControlService
 from osmo_router.router.grpc.list_sessions import ListSessions
-from osmo_router.router.ops.conn_limits import connection_budget, log_limits
+from osmo_router.router.ops.conn_limits import ConnectionBudget, connection_budget, log_limits
 from osmo_router.router.ops.grpc_server import build_grpc_server, grpc_credentials
 from osmo_router.router.ops.health import MetricsServer
 from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
@@ -143,6 +143,24 @@ class RouterServer:
         budget = connection_budget(self.config)
         log_limits(self.config, budget)
         self._log_memory_limits()
+        server = self._grpc_server(budget)
+        advertise = self.advertise_address() if self.config.redis_url else ""
+        await server.start()
+        self._server = server
+        if self.config.redis_url:
+            await self.directory.start(advertise, lambda scoped: self.sessions.get_scoped(scoped) is not None)
+        for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port >= 0:
+            limits = metrics_limits(self.config, budget)
+            await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
+        if self.config.ws_port >= 0:
+            await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
+        self._janitor = asyncio.create_task(self._watch())
+        self._log_listening(advertise)
+
+    def _grpc_server(self, budget: ConnectionBudget) -> grpc.aio.Server:
+        """The gRPC server with every service added and its port bound (not started)."""
         server = build_grpc_server(self.config, budget, self.metrics.registry)
         server.add_generic_rpc_handlers((self.client_service.handler(), self.agent_service.handler()))
         if self.scaleout is not None:
@@ -164,19 +182,10 @@ class RouterServer:
             if not is_loopback_host(self.config.host):
                 log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
             self.port = server.add_insecure_port(address)
-        advertise = self.advertise_address() if self.config.redis_url else ""
-        await server.start()
-        self._server = server
-        if self.config.redis_url:
-            await self.directory.start(advertise, lambda scoped: self.sessions.get_scoped(scoped) is not None)
-        for name in ("", CLIENT_SERVICE, AGENT_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.config.metrics_port >= 0:
-            limits = metrics_limits(self.config, budget)
-            await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
-        if self.config.ws_port >= 0:
-            await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
-        self._janitor = asyncio.create_task(self._watch())
+        return server
+
+    def _log_listening(self, advertise: str) -> None:
+        """The "listening" line: ports, server kind, TLS, auth, directory (also as structured fields)."""
         log.info(
             "osmo-router %s listening on %s:%d (grpc %s, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
             self.config.router_id,
