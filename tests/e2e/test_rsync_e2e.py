@@ -169,6 +169,28 @@ def test_remote_path_missing_gives_rsyncs_error(
     assert "No such file or directory" in err
 
 
+def test_a_remote_error_is_shown_though_rsync_stops_its_shell(
+    router: Router, agent: AgentProc, client_args: list[str], tmp_path: Path
+) -> None:
+    """rsync signals its remote shell (SIGUSR1) as it quits on the remote side's error, often before
+    that side's message on stderr arrived: the message still reaches the user, and the router records
+    the session's real end (the exit status), not a client that went away."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("a\n")
+    missing = tmp_path / "no" / "such" / "dir"
+    cancelled = {"operation": "rsync", "code": "CANCELLED"}
+    before = metric_value(router.metrics_text(), "router_grpc_errors_total", cancelled)
+    for _ in range(3):  # the race it was lost to is won by rsync most of the time, not always
+        code, err = rsync(client_args, f"{tmp_path}/src/", f":{missing}/")
+        assert code == 11, err  # rsync's "error in file IO"
+        assert f'mkdir "{missing}" failed: No such file or directory' in err
+    deadline = time.monotonic() + 20
+    while metric_value(router.metrics_text(), "router_grpc_sessions_active", {"operation": "rsync"}):
+        assert time.monotonic() < deadline, "the rsync sessions did not end in the router"
+        time.sleep(0.05)
+    assert metric_value(router.metrics_text(), "router_grpc_errors_total", cancelled) == before
+
+
 @pytest.fixture
 def confined_agent(router: Router, workflow: str, container: Path) -> Iterator[AgentProc]:
     """An agent that only lets rsync reach `container/allowed`."""

@@ -420,3 +420,16 @@ def test_the_real_server_takes_every_spelling_of_the_temp_dir_as_we_do(
         env={**os.environ, "SERVER_ARGS": json.dumps(server)},
     )
     assert f"The temp-dir does not exist: {value}\n" in result.stderr, (form, result.stderr)
+
+
+def test_wait_for_eof_returns_once_every_writer_is_gone_and_is_bounded() -> None:
+    from osmo_router.client.rsync import wait_for_eof
+
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, b"not yet the end")
+        assert not wait_for_eof(read_end, 0.2)  # data is not EOF, and a held write end is waited for at most that
+        os.close(write_end)
+        assert wait_for_eof(read_end, 5.0)
+    finally:
+        os.close(read_end)

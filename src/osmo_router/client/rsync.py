@@ -20,19 +20,21 @@ Choices:
 from __future__ import annotations
 
 import os
+import select
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
 import click
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.rsync_shell import STATUS_FILE_ENV
+from osmo_router.client.rsync_shell import RSYNC_EXIT_SETTLE, STATUS_FILE_ENV
 
 #: Exit status when the local rsync is missing.
 EXIT_RSYNC_MISSING = 127
@@ -225,16 +227,35 @@ def run_rsync(
         status_file = os.path.join(private, "status")
         env = shell_env(config)
         env[STATUS_FILE_ENV] = status_file
-        proc = subprocess.Popen([binary, *argv[1:]], env=env)
+        # The remote shell inherits the write end through rsync: EOF on the read end once it is gone.
+        shell_gone, shell_alive = os.pipe()
+        try:
+            proc = subprocess.Popen([binary, *argv[1:]], env=env, pass_fds=(shell_alive,))
+        finally:
+            os.close(shell_alive)
         # Ctrl-C reaches rsync too (same process group): let rsync stop cleanly and report its status.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             code = proc.wait()
+            # On an error rsync leaves its remote shell running, with the remote side's last words
+            # still on their way (rsync_shell.py): they are printed before we return.
+            wait_for_eof(shell_gone, RSYNC_EXIT_SETTLE + 1.0)
         finally:
             signal.signal(signal.SIGINT, previous)
+            os.close(shell_gone)
         if code == 0:
             return 0
         return _transport_status(status_file) or (128 - code if code < 0 else code)
+
+
+def wait_for_eof(fd: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for EOF on the pipe `fd` (every holder of its write end gone)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([fd], [], [], left)
+        if readable and not os.read(fd, 512):
+            return True
+    return False
 
 
 def _transport_status(path: str) -> int | None:

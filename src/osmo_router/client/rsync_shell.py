@@ -6,6 +6,13 @@ server command line, then copies stdin to data frames and data frames to stdout 
 reports how `rsync --server` ended. The router address, workflow and token come from the OSMO_*
 environment set by `osmo-net-client rsync`, so the token never appears in a process listing.
 
+When rsync exits on an error it sends its remote shell SIGUSR1 and does not wait for it (rsync's
+cleanup.c: `kill_all(SIGUSR1)` once `exit_code` is set). ssh dies of it; this shell instead takes
+what is still on its way for up to RSYNC_EXIT_SETTLE seconds: the remote rsync's last words on
+stderr (`mkdir "/x" failed: No such file or directory`, often sent just before the protocol's
+exit message that made rsync quit) and its exit status. `osmo-net-client rsync` waits for that
+before it returns, so the message is printed before the prompt comes back.
+
 Exit status: the remote rsync's; 127 when rsync is missing in the container (rsync itself then says
 "remote command not found"); 255 when the session could not be made, or broke and could not be
 resumed within --resume-grace (OSMO_RESUME_GRACE; like ssh).
@@ -18,6 +25,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import signal
 import stat
 import sys
 from collections.abc import Awaitable, Callable
@@ -44,6 +52,8 @@ STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
 READ_SIZE = BULK_CHUNK_SIZE
 #: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
 LINGER = 0.001
+#: Longest this shell goes on after rsync's SIGUSR1 (see the module docstring).
+RSYNC_EXIT_SETTLE = 3.0
 
 
 def parse_remote_command(args: list[str]) -> list[str]:
@@ -141,10 +151,30 @@ def _say(message: str) -> None:
 
 
 async def _bridge(stream: SessionStream) -> int:
+    loop = asyncio.get_running_loop()
     sender = asyncio.create_task(_send_stdin(stream))
+    receiver = asyncio.ensure_future(receive_output(stream, _stdout_writer()))
+    cut_off: list[asyncio.TimerHandle] = []
+
+    def rsync_exiting() -> None:
+        # rsync quit on an error (its stdin, our stdout, is closed; ours reaches EOF and is half-closed):
+        # take the remote rsync's stderr and exit status, bounded.
+        if not cut_off:
+            cut_off.append(loop.call_later(RSYNC_EXIT_SETTLE, receiver.cancel))
+
+    loop.add_signal_handler(signal.SIGUSR1, rsync_exiting)
     try:
-        return await receive_output(stream, _stdout_writer())
+        return await receiver
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this shell is being stopped, not just the wait after rsync's SIGUSR1
+        return EXIT_CONNECTION_ERROR  # the remote side did not end within RSYNC_EXIT_SETTLE
     finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+        for handle in cut_off:
+            handle.cancel()
+        receiver.cancel()
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
