@@ -89,3 +89,8 @@ def test_codec_leaves_other_messages_to_protobuf() -> None:
         assert decode_data_message(broken) is None
     assert raw_serializer(b"raw") == b"raw"
     assert raw_serializer(pb.PortForwardRequest(frame=pb.Frame(data=b"x"))) == encode_data_message(b"x")
+
+
+def test_a_protocol_suffix_is_refused_with_the_option_named() -> None:
+    with pytest.raises(ValueError, match="--protocol"):
+        parse_spec("5353:53/udp")

@@ -167,7 +167,13 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
 
 @main_group.command(name="port-forward")
 @_session_options
-@click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option(
+    "--protocol",
+    type=click.Choice(["tcp", "udp"]),
+    default="tcp",
+    show_default=True,
+    help="What every SPEC forwards: TCP connections, or UDP datagrams (one stream per port for all local senders).",
+)
 @click.option(
     "--address",
     "addresses",

@@ -66,7 +66,8 @@ def parse_spec(text: str) -> PortSpec:
         remote_port = int(remote)
         local_port = int(local) if local else 0
     except ValueError:
-        raise ValueError(f"{text!r} is not LOCAL:REMOTE, REMOTE or :REMOTE") from None
+        hint = " (the protocol is --protocol's, for every SPEC)" if "/" in text else ""
+        raise ValueError(f"{text!r} is not LOCAL:REMOTE, REMOTE or :REMOTE{hint}") from None
     if not 1 <= remote_port <= 65535 or not 0 <= local_port <= 65535:
         raise ValueError(f"{text!r}: ports must be within 1-65535")
     return PortSpec(local_port, remote_port)
