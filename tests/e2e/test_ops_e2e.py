@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, run_client
+from tests.harness import AgentProc, Proc, Router, client_cmd, metric_value, router_cmd, run_client
 
 
 def _get(router: Router, path: str) -> tuple[int, str]:
@@ -158,3 +161,19 @@ def test_frozen_agent_is_detected_by_keepalive(workflow: str) -> None:
         client.stop()
         agent.stop()
         router.stop()
+
+
+@pytest.mark.parametrize(
+    ("flag", "what"),
+    [("--port", "the gRPC port"), ("--metrics-port", "the metrics port"), ("--ws-port", "the WebSocket port")],
+)
+def test_a_port_in_use_is_named_with_its_flag(flag: str, what: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        ports = {"--port": "0", "--metrics-port": "0", "--ws-port": "-1", flag: str(port)}
+        argv = router_cmd("serve", "--tls-enabled=false", "--auth=none", *(x for kv in ports.items() for x in kv))
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}, {what} ({flag}): Address already in use" in result.stderr

@@ -8,7 +8,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -153,9 +153,11 @@ class RouterServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
             limits = metrics_limits(self.config, budget)
-            await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
+            with listening_on(f"{self.config.host}:{self.config.metrics_port}", "the metrics port (--metrics-port)"):
+                await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
-            await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
+            with listening_on(f"{self.config.host}:{self.config.ws_port}", "the WebSocket port (--ws-port)"):
+                await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
         self._janitor = asyncio.create_task(self._watch())
         self._log_listening(advertise)
 
@@ -176,12 +178,13 @@ class RouterServer:
             if ":" in self.config.host
             else f"{self.config.host}:{self.config.port}"
         )
-        if self.config.tls_enabled:
-            self.port = server.add_secure_port(address, grpc_credentials(self.config))
-        else:
-            if not is_loopback_host(self.config.host):
-                log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
-            self.port = server.add_insecure_port(address)
+        with listening_on(address, "the gRPC port (--port)"):
+            if self.config.tls_enabled:
+                self.port = server.add_secure_port(address, grpc_credentials(self.config))
+            else:
+                if not is_loopback_host(self.config.host):
+                    log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
+                self.port = server.add_insecure_port(address)
         return server
 
     def _log_listening(self, advertise: str) -> None:
@@ -356,3 +359,12 @@ async def _first_of(*waits: Coroutine[Any, Any, Any]) -> int:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return next(i for i, task in enumerate(tasks) if task in done)
+
+
+@contextlib.contextmanager
+def listening_on(address: str, what: str) -> Iterator[None]:
+    """Name the address and the port's flag in a failure to listen ("Address already in use" alone names neither)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"cannot listen on {address}, {what}: {err.strerror or err}") from err
