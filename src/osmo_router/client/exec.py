@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: Signals a pipe-mode client forwards to the remote process group (a second one exits locally).
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: Seconds between the signals that end a command whose output nobody reads any more.
+PIPE_GRACE = 2.0
+#: Exit status when stdout could not be written (other than its reader gone: that is the command's 141).
+EXIT_STDOUT_ERROR = 1
 
 
 def exit_code_of(status: pb.ExitStatus) -> int:
@@ -95,15 +99,21 @@ async def relay_session(
     sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape))
     signals = _SignalFrames(stream, tty)
     stdout = OutputWriter(1)
-    try:
+    ending: list[asyncio.Task[None]] = []
+
+    async def write_stdout(data: bytes) -> None:
         if legacy:
+            first_output.set()
+        await stdout.write(data)
+        if stdout.reader_gone and not ending:
+            if stdout.write_error is not None:
+                _say(f"cannot write to stdout: {stdout.write_error.strerror or stdout.write_error}", tty)
+            ending.append(asyncio.create_task(_end_without_reader(signals)))
 
-            async def write_and_release(data: bytes) -> None:
-                first_output.set()
-                await stdout.write(data)
-
-            return await receive_output(stream, write_and_release)
-        return await receive_output(stream, stdout.write)
+    try:
+        code = await receive_output(stream, write_stdout)
+        # As a local command that could not write its output: 1 (`echo hi > /dev/full`).
+        return EXIT_STDOUT_ERROR if stdout.write_error is not None else code
     except (grpc.aio.AioRpcError, RouterError) as err:
         if detached is not None and getattr(stream, "detached", False):
             return detached()
@@ -113,11 +123,23 @@ async def relay_session(
         _say(f"{error.message} [{error.code.name}]", tty)
         return EXIT_CONNECTION_ERROR
     finally:
+        for task in ending:
+            task.cancel()
         stdout.close()
         signals.remove()
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
+
+
+async def _end_without_reader(signals: _SignalFrames) -> None:
+    """Our stdout's reader exited (`osmo-net-client exec ... | head -1`), or stdout failed (`> /dev/full`):
+    the command gets the SIGPIPE a local producer would (its exit is then 141, as in a local pipeline)
+    rather than running on with its output dropped; one that ignores SIGPIPE is sent SIGTERM, then
+    SIGKILL, PIPE_GRACE apart."""
+    for sig in (signal.SIGPIPE, signal.SIGTERM, signal.SIGKILL):
+        signals.send(sig)
+        await asyncio.sleep(PIPE_GRACE)
 
 
 class _SignalFrames:
@@ -144,6 +166,10 @@ class _SignalFrames:
             self._loop.remove_signal_handler(number)
         self._installed.clear()
 
+    def send(self, sig: int) -> None:
+        """Send the remote command `sig` (soon: this returns at once)."""
+        self._send_soon(pb.Frame(signal=pb.Signal(number=sig)))
+
     def _send_soon(self, frame: pb.Frame) -> None:
         future = asyncio.ensure_future(self._stream.send(frame))
         self._pending.add(future)
@@ -153,7 +179,7 @@ class _SignalFrames:
         self._received[sig] = self._received.get(sig, 0) + 1
         if self._received[sig] > 1:
             os._exit(128 + sig)
-        self._send_soon(pb.Frame(signal=pb.Signal(number=sig)))
+        self.send(sig)
 
     def _on_resize(self) -> None:
         rows, cols = terminal_size()

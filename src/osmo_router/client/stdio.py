@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import select
 import socket
@@ -177,20 +176,33 @@ class OutputWriter:
 
     A write into a full pipe or a stopped terminal (`osmo exec ... | less`, paused) would stop
     everything the loop runs: the Ctrl-C it forwards, input, pings, acknowledgements. The descriptor is shared with
-    the shell, so it stays blocking (PipeWriter, shared). A reader that went away is ignored, as it
-    was with a blocking write: the session runs on and that output is dropped.
+    the shell, so it stays blocking (PipeWriter, shared). A failed write raises nothing: from then on
+    the output is dropped and `reader_gone` is set (with `write_error` unless the reader just went
+    away), for the caller to act on (client/exec.py ends the remote command).
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._writer: PipeWriter | None = None  # made at the first write, in the running loop
+        #: True once a write found no reader (the pipe's reader exited: `osmo exec ... | head -1`), or
+        #: failed otherwise (`write_error`): what follows is dropped.
+        self.reader_gone = False
+        #: The first write error other than a reader gone (`> /dev/full`: ENOSPC), if any.
+        self.write_error: OSError | None = None
 
     async def write(self, data: bytes) -> None:
-        """Write all of `data`; returns once the kernel has it."""
+        """Write all of `data`; returns once the kernel has it, or once it is dropped (see `reader_gone`)."""
+        if self.reader_gone:
+            return
         if self._writer is None:
             self._writer = PipeWriter(self._fd, name=f"fd{self._fd}-writer", shared=True)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        try:
             await self._writer.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.reader_gone = True
+        except OSError as err:
+            self.reader_gone = True
+            self.write_error = err
 
     def close(self) -> None:
         """Let the writer's thread end after what was written (the descriptor stays open)."""
