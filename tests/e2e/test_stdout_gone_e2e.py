@@ -2,7 +2,8 @@
 
 Real router, agent and client processes. `osmo-net-client exec -- PRODUCER | head -1` must return
 like `PRODUCER | head -1` does: the remote command gets SIGPIPE (exit 141 through the client), and one
-that ignores SIGPIPE is ended all the same (SIGTERM after client/exec.py's PIPE_GRACE). A stdout that
+that ignores SIGPIPE is ended all the same (SIGTERM after client/exec.py's PIPE_GRACE); over the old
+WebSocket protocol, which carries no signals, the client ends the session itself. A stdout that
 fails otherwise (`> /dev/full`) is reported in one line and exits 1, as `echo hi > /dev/full` does.
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.harness import AgentProc, cli_env, client_cmd
+from tests.harness import AgentProc, Router, cli_env, client_cmd
+from tests.ws_kit import client_args as transport_args
 
 #: Bound on every wait here (the escalation to SIGTERM takes client/exec.py's PIPE_GRACE, 2 s).
 WAIT = 60.0
@@ -52,3 +54,10 @@ def test_a_stdout_that_fails_is_reported_and_exits_1(agent: AgentProc, client_ar
     assert result.returncode == 1, err
     assert "cannot write to stdout: No space left on device" in err
     assert "Traceback" not in err
+
+
+def test_over_the_websocket_transport_the_client_ends_the_session(
+    router: Router, agent: AgentProc, workflow: str
+) -> None:
+    result = _read_one_line_and_leave(transport_args(router, workflow, "ws"), FOREVER)
+    assert result.returncode == 128 + 13, result.stderr  # as the pipeline's producer would report it

@@ -99,32 +99,30 @@ async def relay_session(
     sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape))
     signals = _SignalFrames(stream, tty)
     stdout = OutputWriter(1)
-    ending: list[asyncio.Task[None]] = []
+    unread = _UnreadOutput(stream, signals, tty)
 
     async def write_stdout(data: bytes) -> None:
         if legacy:
             first_output.set()
         await stdout.write(data)
-        if stdout.reader_gone and not ending:
-            if stdout.write_error is not None:
-                _say(f"cannot write to stdout: {stdout.write_error.strerror or stdout.write_error}", tty)
-            ending.append(asyncio.create_task(_end_without_reader(signals)))
+        if stdout.reader_gone:
+            unread.end_command(stdout.write_error)
 
     try:
         code = await receive_output(stream, write_stdout)
-        # As a local command that could not write its output: 1 (`echo hi > /dev/full`).
-        return EXIT_STDOUT_ERROR if stdout.write_error is not None else code
+        return unread.exit_code(code, stdout.write_error)
     except (grpc.aio.AioRpcError, RouterError) as err:
         if detached is not None and getattr(stream, "detached", False):
             return detached()
+        if unread.gave_up:
+            return unread.exit_code(EXIT_CONNECTION_ERROR, stdout.write_error)
         if isinstance(err, grpc.aio.AioRpcError):
             log.debug("exec stream failed", exc_info=True)
         error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
         _say(f"{error.message} [{error.code.name}]", tty)
         return EXIT_CONNECTION_ERROR
     finally:
-        for task in ending:
-            task.cancel()
+        unread.cancel()
         stdout.close()
         signals.remove()
         sender.cancel()
@@ -132,14 +130,50 @@ async def relay_session(
             await sender
 
 
-async def _end_without_reader(signals: _SignalFrames) -> None:
-    """Our stdout's reader exited (`osmo-net-client exec ... | head -1`), or stdout failed (`> /dev/full`):
-    the command gets the SIGPIPE a local producer would (its exit is then 141, as in a local pipeline)
-    rather than running on with its output dropped; one that ignores SIGPIPE is sent SIGTERM, then
-    SIGKILL, PIPE_GRACE apart."""
-    for sig in (signal.SIGPIPE, signal.SIGTERM, signal.SIGKILL):
-        signals.send(sig)
-        await asyncio.sleep(PIPE_GRACE)
+class _UnreadOutput:
+    """Ends the remote command once our stdout's reader exited (`osmo-net-client exec ... | head -1`) or
+    stdout failed (`> /dev/full`), rather than letting it run on with its output dropped.
+
+    The command gets the SIGPIPE a local producer would (its exit is then 141, as in a local
+    pipeline); one that ignores it gets SIGTERM, then SIGKILL, PIPE_GRACE apart. Where signals do
+    not reach the command (the old WebSocket protocol carries none) or it outlasts all three, the
+    session is ended from here (`gave_up`).
+    """
+
+    def __init__(self, stream: SessionStream, signals: _SignalFrames, tty: bool) -> None:
+        self._stream = stream
+        self._signals = signals
+        self._tty = tty
+        self._task: asyncio.Task[None] | None = None
+        self.gave_up = False
+
+    def end_command(self, write_error: OSError | None) -> None:
+        """Start ending the command (once); `write_error` is said first if stdout failed otherwise."""
+        if self._task is not None:
+            return
+        if write_error is not None:
+            _say(f"cannot write to stdout: {write_error.strerror or write_error}", self._tty)
+        self._task = asyncio.create_task(self._end())
+
+    def exit_code(self, code: int, write_error: OSError | None) -> int:
+        """The exit status to give for the session's `code`: 1 after a stdout that failed, as a local
+        command that could not write its output (`echo hi > /dev/full`); 141 for a session ended here."""
+        if write_error is not None:
+            return EXIT_STDOUT_ERROR
+        return 128 + signal.SIGPIPE if self.gave_up else code
+
+    def cancel(self) -> None:
+        """The session is over: stop ending it."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _end(self) -> None:
+        if getattr(self._stream, "carries_signals", True):
+            for sig in (signal.SIGPIPE, signal.SIGTERM, signal.SIGKILL):
+                self._signals.send(sig)
+                await asyncio.sleep(PIPE_GRACE)
+        self.gave_up = True
+        self._stream.abort()
 
 
 class _SignalFrames:

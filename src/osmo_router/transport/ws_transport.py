@@ -106,6 +106,9 @@ async def connect(
 class WsSessionStream:
     """Frames over one old-protocol WebSocket, as the client (`backend=False`) or as the backend."""
 
+    #: The old protocol carries no signals (client/exec.py ends a session itself where it would send one).
+    carries_signals = False
+
     def __init__(
         self,
         ws: aiohttp.ClientWebSocketResponse,
