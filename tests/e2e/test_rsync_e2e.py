@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -320,6 +321,32 @@ def test_non_rsync_server_command_is_refused(
     assert result.returncode == 255
     assert b"PERMISSION_DENIED" in result.stderr
     assert b"pwned" not in result.stdout
+    assert b"resuming" not in result.stderr, result.stderr  # a refusal is the end, not a break
+
+
+def test_a_refused_session_is_not_held_by_the_agent(
+    agent: AgentProc, router: Router, workflow: str, client_args: list[str]
+) -> None:
+    """The client takes the refusal's half-close too, so everything is acknowledged and the agent
+    forgets the session; it used to hold it for its resume grace (listed by `sessions` meanwhile)."""
+    env = cli_env({"OSMO_ROUTER_ADDRESS": router.address, "OSMO_WORKFLOW_ID": workflow, "OSMO_TLS": "false"})
+    argv = client_cmd("rsync-shell", "osmo", "sh", "-c", "true")
+    refused = subprocess.run(argv, capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 255, refused.stderr
+    # A session the agent holds on purpose, after the refusal: once the agent's report lists it, the
+    # same report would list the refused one if that were held.
+    detached = run_client("exec", *client_args, "--detach", "--", "sleep", "60")
+    assert detached.returncode == 0, detached.stderr
+    key = detached.stdout.decode().split()[0]
+    deadline = time.monotonic() + 30
+    while True:
+        listed = run_client("sessions", *client_args, "--json")
+        keys = [json.loads(line)["session_key"] for line in listed.stdout.decode().splitlines() if line.strip()]
+        if key in keys:
+            break
+        assert time.monotonic() < deadline, f"the detached session never appeared: {keys}"
+        time.sleep(0.1)
+    assert keys == [key]
 
 
 def test_transfer_broken_midway_exits_255_with_a_message(

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 #: Seconds between the signals that end a command whose output nobody reads any more.
 PIPE_GRACE = 2.0
+#: Longest the client reads on after an error frame (see _read_to_end).
+ERROR_SETTLE = 2.0
 #: Exit status when stdout could not be written (other than its reader gone: that is the command's 141).
 EXIT_STDOUT_ERROR = 1
 
@@ -242,12 +244,23 @@ async def receive_output(stream: SessionStream, write_stdout: Callable[[bytes], 
             elif kind == "exit_status":
                 exit_code = exit_code_of(frame.exit_status)
             elif kind == "error":
+                await _read_to_end(stream)
                 raise from_status_number(frame.error.code, frame.error.message)
     finally:
         stderr.close()
     if exit_code is None:
         raise RouterError("the session ended without an exit status")
     return exit_code
+
+
+async def _read_to_end(stream: SessionStream) -> None:
+    """After an error frame, take what the peer sent behind it (its half-close) until the end, bounded:
+    a resumable session acknowledges it all, so the agent forgets the session at once rather than
+    holding it for its resume grace in case the refusal never arrived."""
+    with contextlib.suppress(TimeoutError, RouterError, grpc.aio.AioRpcError):
+        async with asyncio.timeout(ERROR_SETTLE):
+            while await stream.recv() is not None:
+                pass
 
 
 def _escape(stream: SessionStream) -> Callable[[bytes], Awaitable[tuple[bytes, bool]]]:

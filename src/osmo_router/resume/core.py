@@ -221,7 +221,10 @@ class StreamCore:
         if generation != self._generation or self._inner is None or self._lost is not None:
             return
         text = describe(cause)
-        if not self.resumable:
+        if not self.resumable or self._ended_cleanly():
+            # Nothing to resume: the peer's last word (an exit status or error) is here, or both
+            # sides ended and everything was acknowledged. (Closing our transport after it aborts
+            # the call under the reader: that is not a break to tell the user of.)
             self._lose(SessionLost(text))
             return
         inner, self._inner = self._inner, None
