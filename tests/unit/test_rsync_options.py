@@ -433,3 +433,26 @@ def test_wait_for_eof_returns_once_every_writer_is_gone_and_is_bounded() -> None
         assert wait_for_eof(read_end, 5.0)
     finally:
         os.close(read_end)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-e", "ssh"], ["-essh"], ["-ave", "ssh"], ["--rsh=ssh"], ["--rsh", "ssh"], ["--rsync-path=/bin/x"]],
+)
+def test_options_replacing_the_remote_shell_are_refused(args: list[str]) -> None:
+    import click
+
+    from osmo_router.client.rsync import check_extra_args
+
+    with pytest.raises(click.UsageError, match="remote shell is osmo-net-client's own"):
+        check_extra_args(args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-z"], ["-avz", "--partial"], ["-f", "- *.e"], ["-f- *.e"], ["-T", "/tmp/e"], ["--exclude=-e"], ["-B1024"]],
+)
+def test_other_options_pass(args: list[str]) -> None:
+    from osmo_router.client.rsync import check_extra_args
+
+    check_extra_args(args)  # an `e` inside another option's argument is not -e

@@ -255,9 +255,10 @@ def rsync_command(
 
     Runs the local rsync (-a) with this client as its remote shell; exits with rsync's status.
     """
-    from osmo_router.client.rsync import plan_paths, run_rsync
+    from osmo_router.client.rsync import check_extra_args, plan_paths, run_rsync
 
     plan_paths(paths, legacy=bool(options.get("legacy_backend")))
+    check_extra_args(click.get_current_context().meta.get("rsync_extra_args", []))
     config = client_config(options)
     sys.exit(
         run_rsync(

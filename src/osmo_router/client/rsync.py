@@ -90,6 +90,36 @@ def plan_paths(paths: Sequence[str], legacy: bool = False) -> list[str]:
     return [_remote(p, legacy) if p.startswith(":") else _local(p) for p in paths]
 
 
+#: rsync's short options that take an argument (rsync's options.c): in a bundle such as `-ave ssh`,
+#: the first of them takes the rest of the bundle or the next word.
+_SHORT_WITH_ARGUMENT = frozenset("@fBeTM")
+#: Options that would replace this client as rsync's remote shell, or the command run through it.
+_SHELL_OPTIONS = ("--rsh", "--rsync-path")
+
+
+def check_extra_args(args: Sequence[str]) -> None:
+    """Refuse RSYNC_OPTIONS that replace the remote shell (`-e`, `--rsh`) or the remote command
+    (`--rsync-path`): rsync would then not go through the router at all (raises click.UsageError)."""
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            return
+        if word.startswith("--"):
+            name = word.split("=", 1)[0]
+            if name in _SHELL_OPTIONS:
+                raise click.UsageError(f"{name} cannot be given: rsync's remote shell is osmo-net-client's own")
+            continue
+        if not word.startswith("-") or word == "-":
+            continue
+        for position, letter in enumerate(word[1:], start=1):
+            if letter == "e":
+                raise click.UsageError("-e cannot be given: rsync's remote shell is osmo-net-client's own")
+            if letter in _SHORT_WITH_ARGUMENT:
+                if position == len(word) - 1:
+                    next(words, None)  # its argument is the next word
+                break
+
+
 def _remote(path: str, legacy: bool = False) -> str:
     if path.startswith("::"):
         raise click.UsageError(f"a remote path is :PATH, not {path!r}")
