@@ -129,6 +129,27 @@ def test_udp_echo_100_of_100(agent: AgentProc, client_args: list[str]) -> None:
             proc.stop()
 
 
+def test_an_empty_udp_datagram_is_forwarded_both_ways(agent: AgentProc, client_args: list[str]) -> None:
+    """A zero-length datagram is one (a keepalive, a probe); asyncio's transports drop them on send."""
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(("127.0.0.1", 0))
+    target.settimeout(TIMEOUT)
+    proc, (local,) = start_forward(client_args, "--protocol", "udp", f":{target.getsockname()[1]}")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.settimeout(TIMEOUT)
+            for payload in (b"", b"after"):
+                sender.sendto(payload, ("127.0.0.1", local))
+            arrived = [target.recvfrom(65536) for _ in range(2)]
+            assert [data for data, _ in arrived] == [b"", b"after"]
+            for _, peer in arrived:
+                target.sendto(b"", peer)
+            assert [sender.recv(65536) for _ in range(2)] == [b"", b""]
+    finally:
+        proc.stop()
+        target.close()
+
+
 def test_udp_on_ipv6(agent: AgentProc, client_args: list[str]) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6")

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import grpc
 
-from osmo_router.io.forwarding import UDP_IDLE_TIMEOUT, UDP_QUEUE_DEPTH, drain
+from osmo_router.io.forwarding import UDP_IDLE_TIMEOUT, UDP_QUEUE_DEPTH, drain, send_datagram
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import half_close_frame, pb
@@ -138,7 +138,7 @@ class _PeerSocket(asyncio.DatagramProtocol):
         """Send one datagram to the target."""
         self.last_used = time.monotonic()
         if self.transport is not None:
-            self.transport.sendto(payload)
+            send_datagram(self.transport, payload)
 
     def close(self) -> None:
         """Close the socket (connection_lost follows)."""

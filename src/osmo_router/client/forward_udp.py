@@ -16,7 +16,7 @@ import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
-from osmo_router.io.forwarding import UDP_QUEUE_DEPTH, format_peer, parse_peer
+from osmo_router.io.forwarding import UDP_QUEUE_DEPTH, format_peer, parse_peer, send_datagram
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import CLOSE_GRACE, half_close_frame, pb
@@ -135,7 +135,7 @@ class UdpForward:
         if self._transport is None:
             return
         try:
-            self._transport.sendto(datagram.payload, parse_peer(datagram.peer))
+            send_datagram(self._transport, datagram.payload, parse_peer(datagram.peer))
         except (ValueError, OSError) as err:
             log.debug("udp reply to %r: %s", datagram.peer, err)
 

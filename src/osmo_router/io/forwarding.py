@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import socket
 import struct
 import sys
@@ -49,6 +50,22 @@ def parse_peer(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"not a peer address: {text!r}")
     return host.strip("[]"), int(port)
+
+
+def send_datagram(transport: asyncio.DatagramTransport, payload: bytes, address: Any = None) -> None:
+    """`transport.sendto(payload, address)`, an empty datagram included: asyncio's and uvloop's
+    transports drop those silently, and a zero-length datagram is a datagram (a keepalive, a probe)."""
+    if payload:
+        transport.sendto(payload, address)
+        return
+    fd = transport.get_extra_info("socket").fileno()
+    with socket.socket(fileno=os.dup(fd)) as sock:  # the same socket: its type and family are asked
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError, InterruptedError):  # a full buffer drops it, as UDP may
+            if address is None:
+                sock.send(b"")
+            else:
+                sock.sendto(b"", address)
 
 
 def shutdown_quietly(sock: socket.socket, how: int) -> None:
