@@ -383,3 +383,16 @@ def test_options_after_the_command_are_the_commands_and_an_unknown_one_before_it
     result = run_client("exec", *client_args, "--tyy", "--", "echo", "ran")
     assert result.returncode == 2 and result.stdout == b"", result
     assert b"No such option '--tyy'" in result.stderr
+
+
+def test_words_that_are_not_utf8_are_a_usage_error(client_args: list[str], tmp_path: Path) -> None:
+    """The session carries the command and rsync's remote paths as text: bytes that are not UTF-8
+    (`$'caf\\xe9'`) are refused before anything is sent, not a traceback."""
+    latin1 = os.fsdecode(b"caf\xe9")  # what Python makes of such an argv word
+    exec_result = run_client("exec", *client_args, "--", "printf", "%s", latin1)
+    rsync_result = run_client("rsync", *client_args, str(tmp_path), f":/tmp/{latin1}/")
+    for result, what in ((exec_result, "COMMAND word 3"), (rsync_result, "remote path word 1")):
+        err = result.stderr.decode(errors="replace")
+        assert result.returncode == 2, err
+        assert f"{what} " in err and "is not UTF-8" in err, err
+        assert "Traceback" not in err

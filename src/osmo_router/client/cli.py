@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -160,9 +161,20 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
     """
     from osmo_router.client.exec import run_exec
 
+    _require_utf8("COMMAND", command)
     config = client_config(options)
     tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
     sys.exit(run_async(run_exec(config, list(command), tty, detach=detach), prefer_uvloop=_uvloop(config)))
+
+
+def _require_utf8(what: str, words: Sequence[str]) -> None:
+    """Refuse words that are not UTF-8 (click.UsageError): the protocol carries them as text."""
+    for number, word in enumerate(words, start=1):
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = word.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise click.UsageError(f"{what} word {number} ({shown}) is not UTF-8: the session carries text") from None
 
 
 @main_group.command(name="port-forward")
@@ -258,6 +270,7 @@ def rsync_command(
     from osmo_router.client.rsync import check_extra_args, plan_paths, run_rsync
 
     plan_paths(paths, legacy=bool(options.get("legacy_backend")))
+    _require_utf8("remote path", [path for path in paths if path.startswith(":")])
     check_extra_args(click.get_current_context().meta.get("rsync_extra_args", []))
     config = client_config(options)
     sys.exit(

@@ -75,6 +75,12 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
     """Bridge stdin/stdout to an Rsync session; returns the exit status (see the module docstring)."""
     try:
         server_args = parse_remote_command(args)
+        for arg in server_args:
+            arg.encode("utf-8")  # the session carries the command as text
+    except UnicodeEncodeError:
+        _say("the remote command is not UTF-8 text (a path?), which the session cannot carry")
+        report_failure(EXIT_CONNECTION_ERROR)
+        return EXIT_CONNECTION_ERROR
     except ValueError as err:
         _say(f"cannot parse the remote command: {err}")
         report_failure(EXIT_CONNECTION_ERROR)
