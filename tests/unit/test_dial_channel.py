@@ -58,3 +58,28 @@ async def test_a_router_answering_a_new_connection_after_seconds_is_still_reache
         await channel.close()
         proxy.close()
         await server.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("http://router:443", "is a URL"),
+        ("router:99999", "within 1-65535"),
+        ("router:http", "within 1-65535"),
+        (":50051", "has no host"),
+        ("::1", "in brackets"),
+        ("[::1", "is not [IPv6]:port"),
+    ],
+)
+def test_router_addresses_that_could_never_be_dialled_are_named(address: str, problem: str) -> None:
+    from osmo_router.dial.config import address_problem
+
+    found = address_problem(address)
+    assert found is not None and problem in found
+
+
+@pytest.mark.parametrize("address", ["router:50051", "10.0.0.1:1", "[::1]:50051", "[fe80::1]", "router"])
+def test_router_addresses_that_may_be_dialled_pass(address: str) -> None:
+    from osmo_router.dial.config import address_problem
+
+    assert address_problem(address) is None

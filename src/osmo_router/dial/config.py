@@ -65,3 +65,25 @@ def split_addresses(address: str) -> list[str]:
     """`host:port[,host:port...]` as a list (blanks dropped; the whole string when nothing is left)."""
     parts = [part.strip() for part in address.split(",") if part.strip()]
     return parts or [address]
+
+
+def address_problem(address: str) -> str | None:
+    """What is wrong with one router address (`host:port`, `[v6]:port`, or `host` for gRPC's default
+    port 443), or None. Names resolve when dialled; this catches what never could."""
+    if "://" in address:
+        return f"{address!r} is a URL; give host:port"
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return f"{address!r} is not [IPv6]:port"
+        port = rest[1:] if rest else None
+    elif address.count(":") > 1:
+        return f"{address!r}: write an IPv6 address in brackets, [addr]:port"
+    else:
+        host, colon, port_text = address.partition(":")
+        port = port_text if colon else None
+    if not host:
+        return f"{address!r} has no host"
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        return f"{address!r}: the port must be a number within 1-65535"
+    return None

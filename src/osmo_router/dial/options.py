@@ -6,10 +6,17 @@ from typing import Any
 
 import click
 
-from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig
+from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig, address_problem, split_addresses
 
 #: The values of --grpc-channel.
 GRPC_CHANNELS = ("grpcio", "native")
+
+
+def _check_router_address(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    for address in split_addresses(value):
+        if (problem := address_problem(address)) is not None:
+            raise click.BadParameter(problem)
+    return value
 
 
 def dial_options(f: Any) -> Any:
@@ -20,6 +27,7 @@ def dial_options(f: Any) -> Any:
                 "--router-address",
                 envvar="OSMO_ROUTER_ADDRESS",
                 required=True,
+                callback=_check_router_address,
                 help="host:port of the router; several may be listed, comma-separated (replicas of one "
                 "router): the agent registers with the next one when it reconnects, a client opens its "
                 "sessions (and resumes them) on the next one when one is unreachable or draining "
