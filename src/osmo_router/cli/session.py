@@ -83,12 +83,20 @@ CREATE_OPTIONS = (
     click.option("--workflow-id", required=True, help="The workflow's id, as its backends name it."),
     click.option("--alias", multiple=True, help="Another name of the workflow a user may type (repeatable)."),
     click.option("--task", default="", help="The task (default: any agent of the workflow)."),
-    click.option("--operation", type=click.Choice(sorted(OPERATIONS)), required=True),
+    click.option(
+        "--operation", type=click.Choice(sorted(OPERATIONS)), required=True, help="What the session will run."
+    ),
     click.option("--session-key", default=None, help="The key (default: the router makes one)."),
     click.option("--ttl", type=DURATION, default=None, help="How long it may wait unused (default: the router's)."),
     click.option("--tty", is_flag=True, help="exec: run the command in a terminal."),
     click.option("--port", type=click.IntRange(1, 65535), default=None, help="portforward: the port in the container."),
-    click.option("--protocol", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True),
+    click.option(
+        "--protocol",
+        type=click.Choice(["tcp", "udp"]),
+        default="tcp",
+        show_default=True,
+        help="portforward: what the port carries.",
+    ),
     click.option("--module", default="osmo", show_default=True, help="rsync: the module the client names."),
     click.option("--path", default=None, help="rsync: the directory in the container the module serves."),
     click.option("--read-only", is_flag=True, help="rsync: the module may not be written to."),
