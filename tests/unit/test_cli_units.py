@@ -156,3 +156,12 @@ def test_the_cli_and_agent_run_on_uvloop_with_the_native_channel(
 def test_a_port_outside_its_range_is_a_usage_error(command: str, flag: str, value: str) -> None:
     with pytest.raises(click.BadParameter, match="not in the range"):
         router_group.commands[command].make_context(command, [flag, value])
+
+
+def test_attach_with_an_empty_key_is_a_usage_error() -> None:
+    from click.testing import CliRunner
+
+    args = ["attach", " ", "--router-address", "127.0.0.1:1", "--workflow-id", "wf", "--no-tls"]
+    result = CliRunner().invoke(client_group, args)
+    assert result.exit_code == 2
+    assert "SESSION_KEY: is empty" in result.output

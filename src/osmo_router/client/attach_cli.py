@@ -40,6 +40,9 @@ def register(
         """
         from osmo_router.client.attach import run_attach
 
+        if not key.strip():
+            hint = "is empty: give the key `exec --detach` or `sessions` printed"
+            raise click.BadParameter(hint, param_hint="SESSION_KEY")
         config = client_config(options)
         sys.exit(run_async(run_attach(config, key, tty), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel)))
 
