@@ -32,7 +32,8 @@ def test_a_local_port_in_use_exits_1_and_ends_its_session_cleanly(
     proc = Proc(client_cmd("port-forward", *client_args, f"{busy.getsockname()[1]}:8080"))
     try:
         assert proc.wait_exit(TIMEOUT) == 1
-        assert any("cannot listen: Address already in use" in line for line in proc.lines), proc.lines
+        said = f"cannot listen: 127.0.0.1:{busy.getsockname()[1]}: Address already in use"
+        assert any(said in line for line in proc.lines), proc.lines
         # Its agent check ends like a Ctrl-C: no "resuming" line, and the router saw a clean end.
         assert not any("resum" in line for line in proc.lines), proc.lines
         end = router.wait_for(lambda r: r.get("event") == "session end", timeout=TIMEOUT)

@@ -18,6 +18,7 @@ import random
 import secrets
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import grpc
@@ -202,14 +203,18 @@ class PortForward:
             local_port = spec.local_port
             for address in binds:
                 # With :REMOTE the first address picks a free port; the others take the same one.
+                where = f"[{address}]" if ":" in address else address
+                where += f":{local_port}" if local_port else ""
                 if protocol == "udp":
                     udp = UdpForward(spec.remote_port, self, self.reporter)
                     self._udp.append(udp)
-                    await udp.start(address, local_port)
+                    with _naming(where):
+                        await udp.start(address, local_port)
                     self._tasks[udp] = asyncio.create_task(udp.serve())
                     local_port = udp.address[1]
                 else:
-                    sock = listen_tcp(address, local_port)
+                    with _naming(where):
+                        sock = listen_tcp(address, local_port)
                     tcp = TcpListener(sock, spec.remote_port, self, self.reporter)
                     self._tcp.append(tcp)
                     self._tasks[tcp] = asyncio.create_task(tcp.serve())
@@ -328,6 +333,15 @@ async def _end_watch(watch: SessionStream, lost: asyncio.Task[RouterError]) -> N
     if not lost.done():
         lost.cancel()
     await asyncio.gather(lost, return_exceptions=True)
+
+
+@contextlib.contextmanager
+def _naming(where: str) -> Iterator[None]:
+    """A failure to listen names the address and port (`--address` may list several)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"{where}: {err.strerror or err}") from err
 
 
 __all__ = ["PortForward", "PortSpec", "parse_address", "parse_spec", "run_port_forward"]
