@@ -101,23 +101,22 @@ async def relay_session(
     sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape))
     signals = _SignalFrames(stream, tty)
     stdout = OutputWriter(1)
-    unread = _UnreadOutput(stream, signals, tty)
+    unread = _UnreadOutput(stream, signals, stdout, tty)
 
     async def write_stdout(data: bytes) -> None:
         if legacy:
             first_output.set()
         await stdout.write(data)
         if stdout.reader_gone:
-            unread.end_command(stdout.write_error)
+            unread.end_command()
 
     try:
-        code = await receive_output(stream, write_stdout)
-        return unread.exit_code(code, stdout.write_error)
+        return unread.exit_code(await receive_output(stream, write_stdout))
     except (grpc.aio.AioRpcError, RouterError) as err:
         if detached is not None and getattr(stream, "detached", False):
             return detached()
-        if unread.gave_up:
-            return unread.exit_code(EXIT_CONNECTION_ERROR, stdout.write_error)
+        if unread.gave_up:  # ended from here, not broken: 141 (1 after a failed stdout)
+            return unread.exit_code(EXIT_CONNECTION_ERROR)
         if isinstance(err, grpc.aio.AioRpcError):
             log.debug("exec stream failed", exc_info=True)
         error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
@@ -142,25 +141,26 @@ class _UnreadOutput:
     session is ended from here (`gave_up`).
     """
 
-    def __init__(self, stream: SessionStream, signals: _SignalFrames, tty: bool) -> None:
+    def __init__(self, stream: SessionStream, signals: _SignalFrames, stdout: OutputWriter, tty: bool) -> None:
         self._stream = stream
         self._signals = signals
+        self._stdout = stdout
         self._tty = tty
         self._task: asyncio.Task[None] | None = None
         self.gave_up = False
 
-    def end_command(self, write_error: OSError | None) -> None:
-        """Start ending the command (once); `write_error` is said first if stdout failed otherwise."""
+    def end_command(self) -> None:
+        """Start ending the command (once); a stdout that failed otherwise than by its reader going is said first."""
         if self._task is not None:
             return
-        if write_error is not None:
+        if (write_error := self._stdout.write_error) is not None:
             _say(f"cannot write to stdout: {write_error.strerror or write_error}", self._tty)
         self._task = asyncio.create_task(self._end())
 
-    def exit_code(self, code: int, write_error: OSError | None) -> int:
+    def exit_code(self, code: int) -> int:
         """The exit status to give for the session's `code`: 1 after a stdout that failed, as a local
         command that could not write its output (`echo hi > /dev/full`); 141 for a session ended here."""
-        if write_error is not None:
+        if self._stdout.write_error is not None:
             return EXIT_STDOUT_ERROR
         return 128 + signal.SIGPIPE if self.gave_up else code
 

@@ -18,18 +18,17 @@ import random
 import secrets
 import signal
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.forward_events import Reporter
+from osmo_router.client.forward_events import Reporter, host_port
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.resume_start import Notify, open_resumable, ready_resumable, start_resumable
 from osmo_router.client.session import rpc_failure, start_session
-from osmo_router.io.forwarding import WATCH_PORT
+from osmo_router.io.forwarding import WATCH_PORT, os_errors_named
 from osmo_router.transport import SessionInit, SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
 from osmo_router.wire.codec import fast_method
@@ -203,17 +202,16 @@ class PortForward:
             local_port = spec.local_port
             for address in binds:
                 # With :REMOTE the first address picks a free port; the others take the same one.
-                where = f"[{address}]" if ":" in address else address
-                where += f":{local_port}" if local_port else ""
+                where = host_port(address, local_port) if local_port else address
                 if protocol == "udp":
                     udp = UdpForward(spec.remote_port, self, self.reporter)
                     self._udp.append(udp)
-                    with _naming(where):
+                    with os_errors_named(where):
                         await udp.start(address, local_port)
                     self._tasks[udp] = asyncio.create_task(udp.serve())
                     local_port = udp.address[1]
                 else:
-                    with _naming(where):
+                    with os_errors_named(where):
                         sock = listen_tcp(address, local_port)
                     tcp = TcpListener(sock, spec.remote_port, self, self.reporter)
                     self._tcp.append(tcp)
@@ -333,15 +331,6 @@ async def _end_watch(watch: SessionStream, lost: asyncio.Task[RouterError]) -> N
     if not lost.done():
         lost.cancel()
     await asyncio.gather(lost, return_exceptions=True)
-
-
-@contextlib.contextmanager
-def _naming(where: str) -> Iterator[None]:
-    """A failure to listen names the address and port (`--address` may list several)."""
-    try:
-        yield
-    except OSError as err:
-        raise OSError(err.errno, f"{where}: {err.strerror or err}") from err
 
 
 __all__ = ["PortForward", "PortSpec", "parse_address", "parse_spec", "run_port_forward"]

@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any, Protocol
 
+from osmo_router.io.forwarding import format_peer
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 
@@ -35,7 +36,7 @@ PREFIX = "osmo-net-client: port-forward:"
 
 def host_port(address: str, port: int) -> str:
     """ "127.0.0.1:8080" or "[::1]:8080"."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return format_peer((address, port))
 
 
 class Reporter:

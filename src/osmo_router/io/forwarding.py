@@ -44,6 +44,15 @@ def format_peer(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@contextlib.contextmanager
+def os_errors_named(prefix: str) -> Iterator[None]:
+    """An OSError inside reads `prefix: what went wrong` ("Address already in use" alone names no address)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"{prefix}: {err.strerror or err}") from err
+
+
 def parse_peer(text: str) -> tuple[str, int]:
     """The (host, port) of a peer written by `format_peer`; ValueError if it is not one."""
     host, sep, port = text.rpartition(":")

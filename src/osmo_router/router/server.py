@@ -8,7 +8,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from osmo_router.cli.logs import fingerprint
+from osmo_router.io.forwarding import format_peer, os_errors_named
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
 from osmo_router.router.core.budget import Budgets, container_memory_limit, default_total_bytes
@@ -153,10 +154,10 @@ class RouterServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.config.metrics_port >= 0:
             limits = metrics_limits(self.config, budget)
-            with listening_on(f"{self.config.host}:{self.config.metrics_port}", "the metrics port (--metrics-port)"):
+            with _listening(self.config.host, self.config.metrics_port, "the metrics port (--metrics-port)"):
                 await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
-            with listening_on(f"{self.config.host}:{self.config.ws_port}", "the WebSocket port (--ws-port)"):
+            with _listening(self.config.host, self.config.ws_port, "the WebSocket port (--ws-port)"):
                 await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
         self._janitor = asyncio.create_task(self._watch())
         self._log_listening(advertise)
@@ -173,12 +174,8 @@ class RouterServer:
         reflection.enable_server_reflection(
             (CLIENT_SERVICE, AGENT_SERVICE, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        address = (
-            f"[{self.config.host}]:{self.config.port}"
-            if ":" in self.config.host
-            else f"{self.config.host}:{self.config.port}"
-        )
-        with listening_on(address, "the gRPC port (--port)"):
+        address = format_peer((self.config.host, self.config.port))
+        with _listening(self.config.host, self.config.port, "the gRPC port (--port)"):
             if self.config.tls_enabled:
                 self.port = server.add_secure_port(address, grpc_credentials(self.config))
             else:
@@ -361,10 +358,6 @@ async def _first_of(*waits: Coroutine[Any, Any, Any]) -> int:
     return next(i for i, task in enumerate(tasks) if task in done)
 
 
-@contextlib.contextmanager
-def listening_on(address: str, what: str) -> Iterator[None]:
-    """Name the address and the port's flag in a failure to listen ("Address already in use" alone names neither)."""
-    try:
-        yield
-    except OSError as err:
-        raise OSError(f"cannot listen on {address}, {what}: {err.strerror or err}") from err
+def _listening(host: str, port: int, what: str) -> contextlib.AbstractContextManager[None]:
+    """Name the address and the port's flag in a failure to listen."""
+    return os_errors_named(f"cannot listen on {format_peer((host, port))}, {what}")
