@@ -165,3 +165,26 @@ def test_attach_with_an_empty_key_is_a_usage_error() -> None:
     result = CliRunner().invoke(client_group, args)
     assert result.exit_code == 2
     assert "SESSION_KEY: is empty" in result.output
+
+
+@pytest.mark.parametrize(
+    ("typed", "named"), [("-a", "-a"), ("--partial", "--partial"), ("-avz", "-a"), ("--chmod=u+x", "--chmod")]
+)
+def test_an_rsync_option_before_the_separator_says_where_it_goes(typed: str, named: str) -> None:
+    from click.testing import CliRunner
+
+    args = ["rsync", "--router-address", "127.0.0.1:1", "--workflow-id", "w", typed, "src/", ":dst/"]
+    result = CliRunner().invoke(client_group, args)
+    assert result.exit_code == 2
+    assert f"No such option '{named}'" in result.output
+    assert f"rsync's own options go after `--`: osmo-net-client rsync SRC... DST -- {typed})" in result.output
+
+
+def test_a_typo_of_an_rsync_command_option_gets_clicks_suggestion_alone() -> None:
+    from click.testing import CliRunner
+
+    args = ["rsync", "--router-address", "127.0.0.1:1", "--workflow-id", "w", "--bwlimt=10", "src/", ":dst/"]
+    result = CliRunner().invoke(client_group, args)
+    assert result.exit_code == 2
+    assert "Did you mean '--bwlimit'?" in result.output
+    assert "go after `--`" not in result.output

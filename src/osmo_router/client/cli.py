@@ -243,7 +243,23 @@ class _RsyncCommand(click.Command):
             cut = args.index("--")
             ctx.meta["rsync_extra_args"] = args[cut + 1 :]
             args = args[:cut]
-        return super().parse_args(ctx, args)
+        words = list(args)  # (click's parser consumes the list it is given)
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as err:
+            if err.possibilities:  # a typo of one of ours: click's "Did you mean" says it
+                raise
+            # rsync's users type `rsync -av SRC DST`: say where rsync's own options go.
+            typed = next((word for word in words if _spells(word, err.option_name)), err.option_name)
+            err.message += f" (rsync's own options go after `--`: osmo-net-client rsync SRC... DST -- {typed})"
+            raise
+
+
+def _spells(arg: str, option: str) -> bool:
+    """Whether the word `arg` holds `option`: itself, `--opt=VALUE`, or a bundle of short options (`-avz`)."""
+    if option.startswith("--"):
+        return arg.split("=", 1)[0] == option
+    return arg.startswith(option) and not arg.startswith("--")
 
 
 @main_group.command(name="rsync", cls=_RsyncCommand)
