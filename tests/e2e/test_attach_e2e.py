@@ -12,7 +12,9 @@ import os
 import pty
 import re
 import select
+import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,16 @@ KEY = rb"[A-Za-z0-9_-]{16,}"
 PROMPT = rb"[$#] "
 #: Longest a step of these tests may take (each wait is bounded by it).
 STEP = 30.0
+#: (rows, columns) of the clients' terminals.
+TERMINAL_SIZE = (30, 100)
+#: A program that prints its terminal's size at each SIGWINCH, until interrupted.
+SHOWS_SIZE = (
+    "import os, signal\n"
+    "signal.signal(signal.SIGWINCH, lambda *_: print('size %dx%d' % os.get_terminal_size()[::-1], flush=True))\n"
+    "print('waiting', flush=True)\n"
+    "while True:\n"
+    "    signal.pause()\n"
+)
 
 
 def _controlling_tty() -> None:
@@ -40,8 +52,9 @@ def _controlling_tty() -> None:
 class TtyClient:
     """An osmo-net-client on a real PTY of its own (its controlling terminal); what it shows is kept."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, size: tuple[int, int] = TERMINAL_SIZE) -> None:
         master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
         self.proc = subprocess.Popen(
             client_cmd(*args),
             stdin=slave,
@@ -118,6 +131,27 @@ def _shell_state(client: TtyClient) -> tuple[bytes, bytes]:
     """The shell's PID and $X, as the shell itself prints them."""
     match = client.run(b"echo pid=$$ x=$X", rb"pid=(\d+) x=(\S*)\r?\n")
     return match.group(1), match.group(2)
+
+
+def test_attach_makes_the_program_draw_again_at_the_same_size(agent: AgentProc, client_args: list[str]) -> None:
+    """An attached client sees nothing until the program draws: the agent makes it, with a size change
+    it can see, even when the new terminal has the size the session's had (no SIGWINCH from the kernel)."""
+    first = TtyClient("exec", *client_args, "--tty", "--", sys.executable, "-c", SHOWS_SIZE)
+    second: TtyClient | None = None
+    try:
+        first.wait_for(rb"waiting")
+        key = first.wait_for(rb"detached from session (" + KEY + rb")", first.type(b"\x1dd")).group(1).decode()
+        assert first.exit_code() == 0
+        assert b"size" not in first.text  # nothing changed its size while the first client was attached
+        second = TtyClient("attach", key, *client_args)
+        # The last size the program reads is its terminal's, the same as before.
+        second.wait_for(rb"size 30x101\r\n(.*\r\n)*size 30x100\r\n")
+        second.type(b"\x03")
+        assert second.exit_code() == 130
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
 
 
 # The issue's 30 s cut (a shorter one, e.g. 3, is a quick check: `-k cut` after editing this list).

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 HANGUP_GRACE = 2.0
 #: How long output may keep flowing after the process exited (a background child holding stdout).
 OUTPUT_GRACE = 2.0
+#: How long a terminal keeps the passing size that makes its program redraw (see _redraw).
+REDRAW_PAUSE = 0.05
 
 
 def default_shell() -> str:
@@ -162,7 +164,7 @@ async def _pump_input(
     write: Callable[[bytes], Awaitable[None]],
     close_input: Callable[[], Awaitable[None]],
     signal_group: Callable[[int], None],
-    resize: Callable[[int, int], None],
+    resize: Callable[[pb.Resize], Awaitable[None]],
 ) -> None:
     """Apply the client's frames; returns when the client's stream ends."""
     input_open = True
@@ -176,7 +178,24 @@ async def _pump_input(
         elif kind == "signal":
             signal_group(frame.signal.number)
         elif kind == "resize":
-            resize(frame.resize.size.rows, frame.resize.size.cols)
+            await resize(frame.resize)
+
+
+async def _no_terminal(_request: pb.Resize) -> None:
+    """A piped session has no terminal to resize."""
+
+
+async def _redraw(master: int, rows: int, cols: int) -> None:
+    """Make the program on the terminal draw its screen again (an attached client sees nothing until it
+    does), by changing the terminal's size for REDRAW_PAUSE and back.
+
+    A SIGWINCH alone is not enough: bash's line editor, for one, redraws only when the size it reads
+    differs from the last. So the size changes by one column for long enough for the program to read
+    it (it draws twice, the second time at the right size).
+    """
+    ptys.set_size(master, rows, cols - 1 if cols == ptys.MAX_SIZE else cols + 1)
+    await asyncio.sleep(REDRAW_PAUSE)
+    ptys.set_size(master, rows, cols)
 
 
 async def _relay_until_exit(
@@ -329,7 +348,7 @@ async def _relay_piped(
             stream,
             proc,
             [pump_stdout(), pump_stderr(proc.stderr)],
-            _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), lambda r, c: None),
+            _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), _no_terminal),
         )
     finally:
         await close_input()
@@ -378,9 +397,12 @@ async def _serve_tty(
             pgid = proc.pid
         _killpg(pgid, number)
 
-    def resize(rows: int, cols: int) -> None:
+    async def resize(request: pb.Resize) -> None:
+        rows, cols = request.size.rows, request.size.cols
         try:
-            ptys.set_size(master, rows, cols)
+            changed = ptys.set_size(master, rows, cols)
+            if request.redraw and not changed and rows and cols:
+                await _redraw(master, rows, cols)
         except (OSError, ValueError) as err:  # a size out of range is ignored, the session goes on
             log.info("resize to %dx%d ignored: %s", rows, cols, err)
 

@@ -21,14 +21,18 @@ def size_error(rows: int, cols: int) -> str | None:
     return None
 
 
-def set_size(fd: int, rows: int, cols: int) -> None:
-    """Set the window size of a terminal (the kernel sends SIGWINCH to its foreground group).
+def set_size(fd: int, rows: int, cols: int) -> bool:
+    """Set the window size of a terminal; True if it changed (the kernel then sends SIGWINCH to its
+    foreground group, and only then).
 
     Raises ValueError for a size out of range (see size_error), OSError if fd is not a terminal.
     """
     if (problem := size_error(rows, cols)) is not None:
         raise ValueError(problem)
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    wanted = struct.pack("HHHH", rows, cols, 0, 0)
+    before = fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(len(wanted)))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, wanted)
+    return before[:4] != wanted[:4]
 
 
 def open_pty(rows: int, cols: int) -> tuple[int, int]:

@@ -4,7 +4,8 @@
   in a TTY session the escape key `Ctrl-]` then `d` detaches (`Ctrl-]` twice sends one `Ctrl-]`).
   Detaching sends a Detach frame and ends the stream; the agent keeps the session for its grace.
 - `attach SESSION_KEY` opens an exec stream on that key with `ResumeToken(attach=True)` and then
-  behaves as exec (raw terminal, resize, exit code). Only the session's owner may; a client that
+  behaves as exec (raw terminal, resize, exit code); its first resize asks the program to draw
+  its screen again (`Resize.redraw`). Only the session's owner may; a client that
   was attached is told (and exits 255, see TAKEN_OVER).
 - `sessions` lists the caller's live resumable sessions on a workflow (RouterClientService.ListSessions).
 """
@@ -129,7 +130,7 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
             return EXIT_CONNECTION_ERROR
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             if tty:  # the remote terminal takes this terminal's size
-                await stream.send(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
+                await stream.send(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols), redraw=True)))
             return await relay_session(stream, tty, detached=detached_notice(config, stream))
     except RouterError as err:
         print(f"osmo-net-client: attach: {err.message} [{err.code.name}]", file=sys.stderr)

@@ -251,8 +251,8 @@ class _RsyncCommand(click.Command):
                 raise
             # rsync's users type `rsync -av SRC DST`: say where rsync's own options go.
             typed = next((word for word in words if _spells(word, err.option_name)), err.option_name)
-            err.message += f" (rsync's own options go after `--`: osmo-net-client rsync SRC... DST -- {typed})"
-            raise
+            hint = f"rsync's own options go after `--`: osmo-net-client rsync SRC... DST -- {typed}"
+            raise click.NoSuchOption(err.option_name, f"{err.message} ({hint})", ctx=err.ctx) from None
 
 
 def _spells(arg: str, option: str) -> bool:

@@ -349,16 +349,22 @@ class Resize(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SIZE_FIELD_NUMBER: _builtins.int
+    REDRAW_FIELD_NUMBER: _builtins.int
+    redraw: _builtins.bool
+    """Sent by a client that attached to a running session: the program should draw its screen again
+    even if the size is the one it had (the agent makes the terminal's size change for a moment).
+    """
     @_builtins.property
     def size(self) -> Global___TerminalSize: ...
     def __init__(
         self,
         *,
         size: Global___TerminalSize | None = ...,
+        redraw: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redraw", b"redraw", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
