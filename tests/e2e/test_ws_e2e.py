@@ -201,6 +201,16 @@ def test_fallback_to_websocket_when_grpc_port_is_closed(router: Router, grpc_wor
     assert delta(before, transport_counts(router, "exec")) == {"client_ws": 1, "agent_grpc": 1}
 
 
+def test_when_neither_port_answers_the_error_names_both(grpc_workflow: str) -> None:
+    """A mistyped --router-address must not read as a problem with a WebSocket port nobody asked for."""
+    args = ["--router-address", "127.0.0.1:1", "--ws-address", "127.0.0.1:2", "--workflow-id", grpc_workflow]
+    result = run_client("exec", *args, "--tls=false", "--", "true", timeout=60)
+    assert result.returncode == 255
+    error = result.stderr.decode().splitlines()[-1]
+    assert error.startswith("osmo-net-client: exec: cannot reach the router: no answer on its gRPC port (127.0.0.1:1)")
+    assert "nor on its WebSocket port (ws://127.0.0.1:2)" in error
+
+
 def test_explicit_grpc_does_not_fall_back(router: Router, grpc_workflow: str) -> None:
     args = ["--router-address", "127.0.0.1:1", "--ws-address", f"127.0.0.1:{router.ws_port}", "--transport", "grpc"]
     result = run_client("exec", *args, "--workflow-id", grpc_workflow, "--tls=false", "--", "true", timeout=60)

@@ -148,12 +148,14 @@ def ws_base(config: ClientConfig) -> str:
     return base_url(config.ws_address or default_ws_address(config.dial.addresses[0]), config.dial.tls)
 
 
-def ws_transport(config: ClientConfig) -> WsTransport:
-    """The WebSocket transport at --ws-address (default: the gRPC host, port 8000)."""
+def ws_transport(config: ClientConfig, *, fallback: bool = False) -> WsTransport:
+    """The WebSocket transport at --ws-address (default: the gRPC host, port 8000); `fallback`: in place
+    of the unreachable gRPC port (its errors name both)."""
     from osmo_router.transport.ws_transport import WsTransport  # aiohttp: only paid when used
 
     address = config.ws_address or default_ws_address(config.dial.addresses[0])
-    return WsTransport(config.dial, address, connect_timeout=config.connect_timeout)
+    fallback_from = config.dial.address if fallback else None
+    return WsTransport(config.dial, address, connect_timeout=config.connect_timeout, fallback_from=fallback_from)
 
 
 async def connect_transport(config: ClientConfig) -> Transport:
@@ -162,7 +164,7 @@ async def connect_transport(config: ClientConfig) -> Transport:
     if name == WS:
         return ws_transport(config)
     if not explicit and not await reachable(config.dial.address, probe_timeout(config)):
-        fallback = ws_transport(config)
+        fallback = ws_transport(config, fallback=True)
         _log_fallback(config, fallback.base)
         return fallback
     return GrpcTransport(config)

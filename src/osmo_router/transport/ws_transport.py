@@ -100,7 +100,16 @@ async def connect(
             error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(f"the router refused the WebSocket: {err.message}")
         raise error from None
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
-        raise Unavailable(f"cannot reach the router's WebSocket port ({url.split('/api/')[0]}): {err}") from None
+        raise PortUnreachable(url.split("/api/")[0], str(err)) from None
+
+
+class PortUnreachable(Unavailable):
+    """No WebSocket could be opened to the router's port (refused, timed out, TLS failed)."""
+
+    def __init__(self, base: str, reason: str) -> None:
+        super().__init__(f"cannot reach the router's WebSocket port ({base}): {reason}")
+        self.base = base
+        self.reason = reason
 
 
 class WsSessionStream:
@@ -243,10 +252,14 @@ class WsTransport:
 
     name = WS
 
-    def __init__(self, dial: DialConfig, ws_address: str, *, connect_timeout: float = 20.0) -> None:
+    def __init__(
+        self, dial: DialConfig, ws_address: str, *, connect_timeout: float = 20.0, fallback_from: str | None = None
+    ) -> None:
         self._dial = dial
         self.base = base_url(ws_address, dial.tls)
         self._timeout = connect_timeout
+        #: The gRPC address this transport stands in for (transport/rollout.py's fallback), if any.
+        self._fallback_from = fallback_from
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self, operation: int, init: SessionInit) -> SessionStream:
@@ -259,7 +272,16 @@ class WsTransport:
         url = session_url(
             self.base, operation, init.target.workflow_id, "client", key, client_query(init, want_exit=True)
         )
-        ws = await connect(self._session, url, self._dial, self._timeout)
+        try:
+            ws = await connect(self._session, url, self._dial, self._timeout)
+        except PortUnreachable as err:
+            if self._fallback_from is None:
+                raise
+            # A mistyped gRPC address must not read as a problem with a WebSocket port nobody asked for.
+            raise Unavailable(
+                f"cannot reach the router: no answer on its gRPC port ({self._fallback_from}) "
+                f"nor on its WebSocket port ({err.base}): {err.reason}"
+            ) from None
         if isinstance(init, pb.ExecInit):
             await ws.send_bytes(size_message(init.size.rows, init.size.cols))
         return WsSessionStream(ws, operation=operation, backend=False)
