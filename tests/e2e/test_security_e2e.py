@@ -236,6 +236,10 @@ def test_unsafe_start_up_is_refused() -> None:
         (["--auth=jwt", "--tls-enabled=false"], b"needs --jwt-public-key or --jwks-url"),
         (["--auth=none", "--tls-enabled=false", "--max-message-size", "1000"], b"--max-message-size must be"),
         (["--auth=none"], b"TLS is on by default and --tls-cert"),
+        (
+            ["--auth=jwt", "--tls-enabled=false", "--jwt-public-key", "/nonexistent/jwt.pem"],
+            b"cannot start: --jwt-public-key /nonexistent/jwt.pem cannot be read: No such file or directory",
+        ),
     ]
     procs = [
         subprocess.Popen(

@@ -251,6 +251,9 @@ def test_config_refuses_jwt_without_keys_and_short_secrets() -> None:
         JwtAuthenticator(hs256_secret="short")
     with pytest.raises(ValueError, match="not a PEM public key"):
         JwtAuthenticator(public_key_pem=b"garbage")
+    missing = "/nonexistent/jwt.pem"
+    with pytest.raises(ValueError, match=f"^--jwt-public-key {missing} cannot be read: No such file or directory$"):
+        JwtAuthenticator.from_config(RouterConfig(auth="jwt", jwt_public_key=missing))
     with pytest.raises(ValueError, match="only allowed on a loopback"):
         RouterConfig(auth="none", host="0.0.0.0").validate()
     RouterConfig(auth="none", host="::1").validate()

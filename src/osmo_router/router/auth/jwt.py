@@ -230,8 +230,11 @@ class JwtAuthenticator:
         """The authenticator for --jwt-public-key / --jwks-url / --jwt-hs256-secret / --jwt-audience."""
         pem = None
         if config.jwt_public_key:
-            with open(config.jwt_public_key, "rb") as f:
-                pem = f.read()
+            try:
+                with open(config.jwt_public_key, "rb") as f:
+                    pem = f.read()
+            except OSError as err:
+                raise ValueError(f"--jwt-public-key {config.jwt_public_key} cannot be read: {err.strerror}") from None
         return cls(
             audience=config.jwt_audience,
             public_key_pem=pem,

@@ -127,6 +127,8 @@ def _read_pem(flag: str, path: str) -> bytes:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
+        if flag == "--tls-client-ca":  # asked for by name: no word about the defaults
+            raise ValueError(f"{flag} {path} cannot be read: {err.strerror}") from None
         raise ValueError(
             f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
             "pass --tls-cert and --tls-key, or --tls-enabled=false on loopback"
