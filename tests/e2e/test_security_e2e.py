@@ -162,7 +162,7 @@ def test_user_token_cannot_register_as_agent(setup: Setup) -> None:
         setup.router.address, WF, "--tls-ca", str(setup.pki.ca), "--token", user_token, tls=True, wait=False
     )
     try:
-        line = impostor.wait_for(lambda r: "router connection lost" in r.get("msg", ""))
+        line = impostor.wait_for(lambda r: "cannot register with the router" in r.get("msg", ""))
         assert "PERMISSION_DENIED" in line["msg"] and "not an agent" in line["msg"]
         assert not any(r.get("event") == "registered" for r in impostor.events())
     finally:
@@ -173,7 +173,7 @@ def test_agent_token_cannot_register_for_another_workflow(setup: Setup) -> None:
     token = setup.rsa.token("pod-9", workflows=[OTHER_WF], role="agent")
     stray = AgentProc(setup.router.address, WF, "--tls-ca", str(setup.pki.ca), "--token", token, tls=True, wait=False)
     try:
-        line = stray.wait_for(lambda r: "router connection lost" in r.get("msg", ""))
+        line = stray.wait_for(lambda r: "cannot register with the router" in r.get("msg", ""))
         assert "PERMISSION_DENIED" in line["msg"] and WF in line["msg"]
     finally:
         stray.stop()

@@ -79,26 +79,34 @@ class Agent:
             address = addresses[attempt % len(addresses)] if addresses else self.config.dial.address
             attempt += 1
             self._channel = open_channel(replace(self.config.dial, address=address))
+            delay = backoff * (0.5 + random.random() / 2)
             try:
                 await self._register_and_serve(self._channel)
                 backoff = self.config.backoff_initial
             except grpc.aio.AioRpcError as err:
                 if self.registered.is_set():
                     backoff = self.config.backoff_initial
+                    delay = backoff * (0.5 + random.random() / 2)
                 details = err.details() or ""
                 explained = await explain_connection_error(details, self.config.dial, address)
-                log.warning(
-                    "router connection lost: %s: %s; retrying in %.1fs", err.code().name, explained or details, backoff
-                )
+                self._log_retry(address, f"{err.code().name}: {explained or details}", delay)
             except RouterError as err:
-                log.warning("router connection lost: %s; retrying in %.1fs", err.message, backoff)
+                self._log_retry(address, err.message, delay)
             finally:
                 self.registered.clear()
             if self._closing:
                 break
-            await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+            await asyncio.sleep(delay)
             # Sessions held for their clients' resume need this agent registered again soon.
             backoff = min(backoff * 2, self.config.backoff_max if not len(self.held) else HELD_BACKOFF_MAX)
+
+    def _log_retry(self, address: str, cause: str, delay: float) -> None:
+        """One line per failed attempt: a registration refused or never made reads differently from a lost one."""
+        if self.registered.is_set():
+            message, event = "router connection lost: %s; retrying in %.1fs", "connection lost"
+        else:
+            message, event = "cannot register with the router: %s; retrying in %.1fs", "register failed"
+        log.warning(message, cause, delay, extra={"fields": {"event": event, "router_address": address}})
 
     async def close(self) -> None:
         """Stop reconnecting, end sessions in flight, close the channel."""
