@@ -93,6 +93,17 @@ def test_plaintext_client_against_a_tls_router_is_told_to_drop_tls_false(tls_rou
     assert "the router speaks TLS; drop --tls=false" in result.stderr.decode()
 
 
+@pytest.mark.parametrize("command", ["exec", "rsync-shell"])
+def test_an_unreadable_tls_ca_is_a_usage_error_not_a_traceback(command: str) -> None:
+    args = ["--router-address", "127.0.0.1:1", "--workflow-id", "wf", "--tls", "--tls-ca", "/nonexistent/ca.pem"]
+    words = ["--", "true"] if command == "exec" else ["osmo", "rsync", "--server", "."]
+    result = run_client(command, *args, *words)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "Error: --tls-ca /nonexistent/ca.pem cannot be read: No such file or directory" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_a_peer_that_closes_without_tls_is_not_called_tls() -> None:
     with closing_listener() as port:
         result = run_client(

@@ -6,6 +6,7 @@ rsync`, which starts the local rsync) starts quickly.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 #: The value of --grpc-channel for our asyncio HTTP/2 channel (the other is "grpcio", grpc.aio).
@@ -87,3 +88,35 @@ def address_problem(address: str) -> str | None:
     if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
         return f"{address!r}: the port must be a number within 1-65535"
     return None
+
+
+def tls_files_problem(dial: DialConfig) -> str | None:
+    """What keeps the TLS files of `dial` from being used (unreadable, not PEM, a key that is not the
+    certificate's), naming the flag; None if they can be used or TLS is off. Checked once at start, so a
+    wrong path is a usage error instead of a traceback at the first dial."""
+    if not dial.tls:
+        return None
+    for flag, path in (("--tls-ca", dial.tls_ca), ("--tls-cert", dial.tls_cert), ("--tls-key", dial.tls_key)):
+        if path:
+            try:
+                open(path, "rb").close()
+            except OSError as err:
+                return f"{flag} {path} cannot be read: {err.strerror or err}"
+    if dial.tls_key and not dial.tls_cert:
+        return "--tls-key needs --tls-cert"
+    if dial.tls_ca:
+        try:
+            ssl.create_default_context(cafile=dial.tls_ca)
+        except ssl.SSLError as err:
+            return f"--tls-ca {dial.tls_ca} holds no PEM certificate{_reason(err)}"
+    if dial.tls_cert:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(dial.tls_cert, dial.tls_key)
+        except ssl.SSLError as err:
+            key = f" with --tls-key {dial.tls_key}" if dial.tls_key else ""
+            return f"--tls-cert {dial.tls_cert}{key} is not a PEM certificate and its key{_reason(err)}"
+    return None
+
+
+def _reason(err: ssl.SSLError) -> str:
+    return f" ({err.reason})" if err.reason else ""

@@ -6,7 +6,13 @@ from typing import Any
 
 import click
 
-from osmo_router.dial.config import DEFAULT_GRPC_CHANNEL, DialConfig, address_problem, split_addresses
+from osmo_router.dial.config import (
+    DEFAULT_GRPC_CHANNEL,
+    DialConfig,
+    address_problem,
+    split_addresses,
+    tls_files_problem,
+)
 
 #: The values of --grpc-channel.
 GRPC_CHANNELS = ("grpcio", "native")
@@ -74,8 +80,8 @@ def dial_options(f: Any) -> Any:
 
 
 def dial_config(options: dict[str, Any]) -> DialConfig:
-    """A DialConfig from the common dial flags (popped from `options`)."""
-    return DialConfig(
+    """A DialConfig from the common dial flags (popped from `options`); UsageError for TLS files it cannot use."""
+    dial = DialConfig(
         address=options.pop("router_address"),
         tls=options.pop("tls"),
         tls_ca=options.pop("tls_ca"),
@@ -87,3 +93,6 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
         cookie=options.pop("cookie", None),
         grpc_channel=options.pop("grpc_channel", None) or DEFAULT_GRPC_CHANNEL,
     )
+    if (problem := tls_files_problem(dial)) is not None:
+        raise click.UsageError(problem)
+    return dial

@@ -1,0 +1,66 @@
+"""The client's and agent's TLS flags are checked at start (dial/config.py tls_files_problem), with real files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from osmo_router.dial.config import DialConfig, tls_files_problem
+from osmo_router.dial.options import dial_config
+from tests.security_kit import Pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki.create(tmp_path_factory.mktemp("pki"))
+
+
+def _dial(**files: object) -> DialConfig:
+    return DialConfig(address="127.0.0.1:1", **files)  # type: ignore[arg-type]
+
+
+def test_usable_files_and_tls_off_pass(pki: Pki) -> None:
+    assert tls_files_problem(_dial(tls_ca=str(pki.ca))) is None
+    assert (
+        tls_files_problem(_dial(tls_ca=str(pki.ca), tls_cert=str(pki.client_cert), tls_key=str(pki.client_key))) is None
+    )
+    assert tls_files_problem(_dial(tls=False, tls_ca="/nonexistent/ca.pem")) is None  # not used without TLS
+
+
+def test_each_unusable_file_is_named(pki: Pki, tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    cases = [
+        (_dial(tls_ca="/nonexistent/ca.pem"), "--tls-ca /nonexistent/ca.pem cannot be read: No such file or directory"),
+        (_dial(tls_ca=str(garbage)), f"--tls-ca {garbage} holds no PEM certificate"),
+        (_dial(tls_key=str(pki.client_key)), "--tls-key needs --tls-cert"),
+        (
+            _dial(tls_cert=str(pki.client_cert), tls_key="/nonexistent/k.pem"),
+            "--tls-key /nonexistent/k.pem cannot be read",
+        ),
+        # A key that is not the certificate's: the server's key with the client's certificate.
+        (
+            _dial(tls_cert=str(pki.client_cert), tls_key=str(pki.server_key)),
+            f"--tls-cert {pki.client_cert} with --tls-key {pki.server_key} is not a PEM certificate and its key",
+        ),
+    ]
+    for dial, expected in cases:
+        problem = tls_files_problem(dial)
+        assert problem is not None and problem.startswith(expected), (dial, problem)
+
+
+def test_the_cli_turns_a_problem_into_a_usage_error() -> None:
+    options = {
+        "router_address": "127.0.0.1:1",
+        "tls": True,
+        "tls_ca": "/nonexistent/ca.pem",
+        "tls_cert": None,
+        "tls_key": None,
+        "tls_server_name": None,
+        "token": None,
+    }
+    with pytest.raises(click.UsageError, match=re.escape("--tls-ca /nonexistent/ca.pem cannot be read")):
+        dial_config(options)
