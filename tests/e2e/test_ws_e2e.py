@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -188,6 +189,36 @@ def test_version_and_unknown_operation(router: Router) -> None:
             assert resp.status == 400
 
     run(body)
+
+
+def _send_and_read_reply(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_a_request_the_router_cannot_parse_is_one_info_line_not_an_error() -> None:
+    """A header over aiohttp's line limit, to the WebSocket and the metrics port: a 400, one line in the
+    log naming the peer, no ERROR record with a traceback of the parser (a bad client is not an alert)."""
+    router = Router()
+    try:
+        oversized = b"GET /api/router/version HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"y" * 20000 + b"\r\n\r\n"
+        for port in (router.ws_port, router.metrics_port):
+            reply = _send_and_read_reply(port, oversized)
+            assert reply.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), reply[:200]
+        # The router still answers a good request; by then both bad ones were logged.
+        good = _send_and_read_reply(router.ws_port, b"GET /api/router/version HTTP/1.0\r\n\r\n")
+        assert good.split(b"\r\n", 1)[0].endswith(b" 200 OK"), good[:200]
+        router.wait_for(lambda r: len([e for e in router.events() if e.get("event") == "bad http request"]) == 2)
+        bad = [r for r in router.events() if r.get("event") == "bad http request"]
+        assert all(r["level"] == "info" and "from 127.0.0.1: 400 Got more than" in r["msg"] for r in bad), bad
+        assert all(len(r["msg"]) < 300 for r in bad), bad
+        assert not [r for r in router.events() if r.get("level") == "error"]
+    finally:
+        router.stop()
 
 
 def test_fallback_to_websocket_when_grpc_port_is_closed(router: Router, grpc_workflow: str) -> None:

@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, connection_budget
+from osmo_router.router.ops.http_errors import QuietBadRequests
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def peer_address(peer: Any) -> str:
     return "unknown"
 
 
-class GuardedRequestHandler(web.RequestHandler):
+class GuardedRequestHandler(QuietBadRequests):
     """aiohttp's request handler for one admitted connection: counted out when it ends, with a header timeout."""
 
     __slots__ = ("_address", "_gate", "_header_timer", "_headers_seen", "_made")
