@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import aiohttp
 import grpc
 import pytest
 
-from tests.harness import AgentProc, Router, run_client
+from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, run_client
 from tests.raw_grpc import CONNECT, RawCall, connect_init, exchange, raw_channel, wait_metric
 from tests.security_kit import Signer, jwt_router
 from tests.ws_kit import ws_url
@@ -25,6 +26,8 @@ from tests.ws_kit import ws_url
 WF = "wf-pending"
 #: A workflow no agent serves: a client with an orchestrator's key waits there for its backend.
 EMPTY_WF = "wf-pending-empty"
+#: The workflow whose sessions a user drops before the agent answers.
+DROPPED_WF = "wf-pending-dropped"
 PER_IDENTITY = 20
 ROUTER_WIDE = 40
 FLOOD = 30
@@ -131,3 +134,39 @@ async def test_websocket_connect_and_close_leaves_nothing_pending(router: Router
         for ws in sockets:
             await ws.close()
         await session.close()
+
+
+@pytest.mark.asyncio
+async def test_sessions_dropped_before_their_agent_joined_leave_nothing_pending(router: Router) -> None:
+    """A user who opens sessions and drops them before the agent answers: the agent's Connects that
+    follow are refused at once (they used to open new sessions, pending for the rendezvous timeout and
+    counted against the agent, so a loop of them filled the router's pending sessions for everybody)."""
+    token = SIGNER.token("pod-2", workflows=[DROPPED_WF], role="agent")
+    # No standby streams: every session is asked of the agent (a SessionRequest), none pairs at once.
+    agent = AgentProc(router.address, DROPPED_WF, "--token", token, "--standby-streams", "0")
+    mallory = SIGNER.token("mallory", workflows=[DROPPED_WF])
+    args = ["--router-address", router.address, "--workflow-id", DROPPED_WF, "--tls=false", "--token", mallory]
+    dropped = 5
+    agent.signal(signal.SIGSTOP)  # the session requests wait in its socket: each client stays pending
+    clients: list[Proc] = []
+    try:
+        clients = [Proc(client_cmd("exec", *args, "--", "true"), env=cli_env()) for _ in range(dropped)]
+        await wait_metric(router, PENDING, dropped)
+        for client in clients:
+            client.stop()
+        await wait_metric(router, PENDING, 0)
+    finally:
+        agent.signal(signal.SIGCONT)
+        for client in clients:
+            client.stop()
+
+    def refused(record: dict[str, object]) -> bool:
+        return "the client left before the agent joined" in str(record.get("msg", ""))
+
+    try:
+        # Every request is answered by a Connect, and each is refused: nothing waits for a client.
+        agent.wait_for(lambda _: len([r for r in agent.events() if refused(r)]) == dropped)
+        await wait_metric(router, PENDING, 0)
+        await asyncio.to_thread(_alice_pairs, router, "after the dropped sessions")
+    finally:
+        agent.stop()

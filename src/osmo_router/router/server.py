@@ -91,6 +91,7 @@ class RouterServer:
             budgets=self.budgets,
             on_remove=self._session_removed,
             created=CreatedSessions(created_limits(config)),
+            rendezvous_timeout=config.rendezvous_timeout,
         )
         guard_limit = config.memory_guard_bytes or default_limit(self.budgets.total.limit, container_memory_limit())
         self.guard = MemoryGuard(guard_limit, self.sessions.sessions, self._guard_ended)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from osmo_router.router.auth.identity import ROLE_ANY, Identity
+from osmo_router.router.core.abandoned import AbandonedKeys
 from osmo_router.router.core.budget import Budgets
 from osmo_router.router.core.created import CreatedSessions
 
@@ -32,6 +33,7 @@ from osmo_router.router.core.session import scoped_key as scoped_key
 from osmo_router.wire.errors import (
     Aborted,
     AlreadyExists,
+    Cancelled,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -58,12 +60,14 @@ class SessionStore:
         budgets: Budgets | None = None,
         on_remove: Callable[[Session], None] | None = None,
         created: CreatedSessions | None = None,
+        rendezvous_timeout: float = 60.0,
     ) -> None:
         """`on_remove` is called with each session once it is forgotten (the shared directory withdraws it).
 
         `max_pending_per_identity` (0: no such limit) bounds the sessions one caller's identity keeps
         waiting for their second side, so that one token cannot fill `max_pending` for everybody.
-        The development identity of --auth=none is not limited by it.
+        The development identity of --auth=none is not limited by it. `rendezvous_timeout` is how long
+        a key whose client left before its agent joined is remembered (core/abandoned.py).
         """
         self._registry = registry
         self._buffer = buffer
@@ -83,6 +87,8 @@ class SessionStore:
         self._on_remove = on_remove
         #: Sessions an orchestrator created ahead of time (RouterControlService), by key.
         self.created = created if created is not None else CreatedSessions()
+        #: Keys whose client left before the agent joined: their agent's Connect is refused.
+        self._abandoned = AbandonedKeys(rendezvous_timeout)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -216,6 +222,8 @@ class SessionStore:
         if session is None:
             if not self.accepting:
                 raise Unavailable("router is draining")
+            if scoped_key(init.workflow_id, init.session_key) in self._abandoned:
+                raise Cancelled("the client left before the agent joined")
             self._check_pending(identity)
             session = self._create(init.session_key, init.workflow_id, init.task, identity.subject)
         elif (
@@ -258,6 +266,8 @@ class SessionStore:
             del self._sessions[scoped]
             if not session.paired.is_set():
                 self._unpend(session)
+                if session.client_joined and not session.agent_joined and self.created.get(session.key) is None:
+                    self._abandoned.add(scoped)
             if not self._sessions:
                 self._empty.set()
             if session.client_joined and session.user:
@@ -290,6 +300,7 @@ class SessionStore:
         )
         session.creator = creator
         self._sessions[session.scoped_key] = session
+        self._abandoned.discard(session.scoped_key)
         self._empty.clear()
         self._pending += 1
         self._pending_by[creator] = self._pending_by.get(creator, 0) + 1
