@@ -232,14 +232,18 @@ def test_fallback_to_websocket_when_grpc_port_is_closed(router: Router, grpc_wor
     assert delta(before, transport_counts(router, "exec")) == {"client_ws": 1, "agent_grpc": 1}
 
 
-def test_when_neither_port_answers_the_error_names_both(grpc_workflow: str) -> None:
+@pytest.mark.parametrize("command", ["exec", "rsync"])
+def test_when_neither_port_answers_the_error_names_both(command: str, grpc_workflow: str, tmp_path: Path) -> None:
     """A mistyped --router-address must not read as a problem with a WebSocket port nobody asked for."""
     args = ["--router-address", "127.0.0.1:1", "--ws-address", "127.0.0.1:2", "--workflow-id", grpc_workflow]
-    result = run_client("exec", *args, "--tls=false", "--", "true", timeout=60)
+    words = ["--", "true"] if command == "exec" else [f"{tmp_path}/", ":/tmp/never/"]
+    result = run_client(command, *args, "--tls=false", *words, timeout=60)
     assert result.returncode == 255
-    error = result.stderr.decode().splitlines()[-1]
-    assert error.startswith("osmo-net-client: exec: cannot reach the router: no answer on its gRPC port (127.0.0.1:1)")
-    assert "nor on its WebSocket port (ws://127.0.0.1:2)" in error
+    lines = result.stderr.decode().splitlines()
+    error = f"osmo-net-client: {command}: cannot reach the router: no answer on its gRPC port (127.0.0.1:1)"
+    assert lines[-1].startswith(error), lines
+    assert "nor on its WebSocket port (ws://127.0.0.1:2)" in lines[-1]
+    assert not any("unexpectedly closed" in line for line in lines), lines  # rsync never started
 
 
 def test_explicit_grpc_does_not_fall_back(router: Router, grpc_workflow: str) -> None:

@@ -250,9 +250,16 @@ def run_rsync(
             file=sys.stderr,
         )
         return EXIT_RSYNC_MISSING
-    from osmo_router.transport.rollout import resolve_transport
+    from osmo_router.transport.rollout import neither_port, resolve_transport, ws_base, ws_port_problem
+    from osmo_router.wire.errors import EXIT_CONNECTION_ERROR
 
-    config = replace(config, transport=resolve_transport(config))
+    transport, fell_back = resolve_transport(config)
+    config = replace(config, transport=transport)
+    if fell_back and (reason := ws_port_problem(config)) is not None:
+        # Said once here, not by the remote shell under rsync's "connection unexpectedly closed".
+        print(f"osmo-net-client: rsync: {neither_port(config.dial.address, ws_base(config), reason)} [UNAVAILABLE]",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CONNECTION_ERROR
     with tempfile.TemporaryDirectory(prefix="osmo-rsync-") as private:
         status_file = os.path.join(private, "status")
         env = shell_env(config)

@@ -20,6 +20,7 @@ import json
 import logging
 import socket
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.config import split_addresses
@@ -129,13 +130,34 @@ def _log_fallback(config: ClientConfig, base: str) -> None:
     )
 
 
-def resolve_transport(config: ClientConfig) -> str:
-    """The transport name, probe and fallback included, decided once (blocking; see `connect_transport`)."""
+def resolve_transport(config: ClientConfig) -> tuple[str, bool]:
+    """The transport name, probe and fallback included, decided once (blocking; see `connect_transport`),
+    and whether it is the WebSocket fallback for an unreachable gRPC port."""
     name, explicit = choose(config)
     if name == GRPC and not explicit and not reachable_now(config.dial.address, probe_timeout(config)):
         _log_fallback(config, ws_base(config))
-        return WS
-    return name
+        return WS, True
+    return name, False
+
+
+def ws_port_problem(config: ClientConfig) -> str | None:
+    """Why a TCP connection to the WebSocket port cannot be made within the probe time, or None (blocking)."""
+    url = urlsplit(ws_base(config))
+    port = url.port or (443 if url.scheme == "wss" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=probe_timeout(config)).close()
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+    return None
+
+
+def neither_port(grpc_address: str, ws_base_url: str, reason: str) -> str:
+    """The error of a client that reached neither the gRPC port nor, falling back, the WebSocket port
+    (a mistyped gRPC address must not read as a problem with a WebSocket port nobody asked for)."""
+    return (
+        f"cannot reach the router: no answer on its gRPC port ({grpc_address}) "
+        f"nor on its WebSocket port ({ws_base_url}): {reason}"
+    )
 
 
 def probe_timeout(config: ClientConfig) -> float:

@@ -277,11 +277,9 @@ class WsTransport:
         except PortUnreachable as err:
             if self._fallback_from is None:
                 raise
-            # A mistyped gRPC address must not read as a problem with a WebSocket port nobody asked for.
-            raise Unavailable(
-                f"cannot reach the router: no answer on its gRPC port ({self._fallback_from}) "
-                f"nor on its WebSocket port ({err.base}): {err.reason}"
-            ) from None
+            from osmo_router.transport.rollout import neither_port
+
+            raise Unavailable(neither_port(self._fallback_from, err.base, err.reason)) from None
         if isinstance(init, pb.ExecInit):
             await ws.send_bytes(size_message(init.size.rows, init.size.cols))
         return WsSessionStream(ws, operation=operation, backend=False)
