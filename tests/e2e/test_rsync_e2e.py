@@ -324,6 +324,20 @@ def test_non_rsync_server_command_is_refused(
     assert b"resuming" not in result.stderr, result.stderr  # a refusal is the end, not a break
 
 
+def test_a_remote_command_that_is_not_utf8_is_refused_before_dialling() -> None:
+    """rsync hands its remote shell the server's words; one that is not UTF-8 (a path in another
+    encoding) cannot travel as the session's text: one line, 255, and no router is dialled."""
+    env = cli_env({"OSMO_ROUTER_ADDRESS": "127.0.0.1:1", "OSMO_WORKFLOW_ID": "wf", "OSMO_TLS": "false"})
+    argv: list[str | bytes] = [
+        *client_cmd("rsync-shell", "osmo", "rsync", "--server", "-logDtpre.iLsfxCIvu", "."),
+        b"caf\xe9",
+    ]
+    result = subprocess.run(argv, capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 255, result.stderr
+    assert b"the remote command is not UTF-8 text" in result.stderr, result.stderr
+    assert b"Traceback" not in result.stderr and b"unreachable" not in result.stderr, result.stderr
+
+
 def test_a_refused_session_is_not_held_by_the_agent(
     agent: AgentProc, router: Router, workflow: str, client_args: list[str]
 ) -> None:
