@@ -288,6 +288,16 @@ def test_default_command_is_the_shell(agent: AgentProc, client_args: list[str]) 
     assert result.stdout == b"shell-ok\n"
 
 
+def test_tty_with_piped_input_runs_without_a_terminal(agent: AgentProc, client_args: list[str]) -> None:
+    """`echo cmd | exec --tty -- bash` never returned: a terminal's end of input is a ^D byte, lost or taken as
+    input. As ssh -t: a notice, no remote terminal, and the piped input's end ends the command."""
+    script = "tty || true; cat"
+    result = run_client("exec", *client_args, "--tty", "--", "sh", "-c", script, input=b"piped\n", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"not a tty\npiped\n"
+    assert b"stdin is not a terminal: running without one" in result.stderr
+
+
 def test_tty_sets_term(agent: AgentProc, client_args: list[str]) -> None:
     master, slave = pty.openpty()
     proc = subprocess.Popen(

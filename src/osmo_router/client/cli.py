@@ -142,7 +142,13 @@ def main_group() -> None:
 # with ssh and docker exec; an unknown option before it is an error, not a command to run.
 @main_group.command(name="exec", context_settings={"allow_interspersed_args": False})
 @_session_options
-@click.option("--tty/--no-tty", "-t", default=False, help="Allocate a terminal (raw mode, resize, Ctrl-C).")
+@click.option(
+    "--tty/--no-tty",
+    "-t",
+    default=False,
+    help="Allocate a terminal (raw mode, resize, Ctrl-C); as with ssh -t, not when stdin is not a terminal "
+    "(but with --detach).",
+)
 @click.option("--stdin/--no-stdin", "-i", default=True, hidden=True, help="Accepted for kubectl compatibility.")
 @click.option(
     "--detach",
@@ -163,6 +169,12 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
 
     _require_utf8("COMMAND", command)
     config = client_config(options)
+    if tty and not detach and not os.isatty(0):
+        # As ssh -t: with piped input a remote terminal cannot be ended (its EOF is a ^D byte, lost or
+        # taken as input by whatever reads it), so `echo cmd | exec -t -- bash` would never return.
+        # A detached session keeps its terminal: it is for attaching to later.
+        print("osmo-net-client: exec: stdin is not a terminal: running without one (as ssh -t)", file=sys.stderr)
+        tty = False
     tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
     sys.exit(run_async(run_exec(config, list(command), tty, detach=detach), prefer_uvloop=_uvloop(config)))
 
