@@ -305,6 +305,15 @@ def test_only_the_owner_attaches_and_lists(jwt_router: tuple[Router, Signer]) ->
         attached.stop()
 
 
+def test_sessions_of_a_workflow_without_an_agent_is_an_error_not_an_empty_list(router: Router) -> None:
+    """A mistyped workflow (or an agent restarting) used to read "no resumable sessions of yours"."""
+    args = ["--router-address", router.address, "--workflow-id", "wf-nobody-serves", "--tls=false"]
+    result = run_client("sessions", *args)
+    assert result.returncode == 255, result.stderr
+    assert b"no agent is registered for workflow 'wf-nobody-serves' [UNAVAILABLE]" in result.stderr
+    assert result.stdout == b""
+
+
 def test_sessions_asked_of_a_replica_without_the_agent(workflow: str) -> None:
     """Scale-out: replica B has no registration for the workflow; it relays ListSessions (and the attach) to A."""
     from tests.redis_harness import RedisServer

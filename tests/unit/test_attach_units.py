@@ -13,7 +13,7 @@ from osmo_router.client.resume import ResumingStream
 from osmo_router.router.auth.identity import Identity, NoAuth
 from osmo_router.router.core.registry import MAX_HELD_REPORTED, AgentRegistration, AgentRegistry
 from osmo_router.router.grpc.list_sessions import ListSessions
-from osmo_router.wire.errors import PermissionDenied
+from osmo_router.wire.errors import PermissionDenied, Unavailable
 from osmo_router.wire.protocol import pb
 
 ALICE = Identity(subject="alice", workflows=("wf",))
@@ -92,6 +92,17 @@ async def test_list_sessions_asks_the_holding_replica_when_no_agent_is_here() ->
     handler = ListSessions(NoAuth(), AgentRegistry(), relay)
     answer = await handler.answer(ALICE, pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id="wf")))
     assert asked == ["alice"] and [e.session_key for e in answer.sessions] == ["there"]
+
+
+@pytest.mark.asyncio
+async def test_list_sessions_without_any_agent_of_the_workflow_is_unavailable_not_empty() -> None:
+    async def nobody(identity: Identity, request: pb.ListSessionsRequest) -> pb.ListSessionsResponse | None:
+        return None  # the directory names no replica for it either
+
+    for handler in (ListSessions(NoAuth(), AgentRegistry()), ListSessions(NoAuth(), AgentRegistry(), nobody)):
+        request = pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id="wf", task="t1"))
+        with pytest.raises(Unavailable, match="no agent is registered for workflow 'wf' task 't1'"):
+            await handler.answer(ALICE, request)
 
 
 class _Inner:

@@ -7,7 +7,9 @@ their own sessions (user = the authenticated subject), on workflows their identi
 Scale-out: when no agent of the workflow is registered on this replica, the call is relayed to
 the replica the directory names for the workflow's agent (RouterPeerService.ListSessions, with
 the caller's identity), as a client stream would be; the holding replica answers from its
-registry. A replica that cannot reach the directory answers from what it holds itself.
+registry. A replica that cannot reach the directory answers from what it holds itself. With no
+agent of the workflow anywhere it can learn of, the answer is UNAVAILABLE "no agent is registered",
+as for a session (an empty list would claim the caller has none).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.sessions import check_id
 from osmo_router.router.grpc.calls import ServicerContext, abort
-from osmo_router.wire.errors import RouterError
+from osmo_router.wire.errors import RouterError, Unavailable
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ class ListSessions:
                 relayed = None
             if relayed is not None:
                 return relayed
+        if not regs:
+            # Not "no sessions": with no agent to ask, nobody knows (a mistyped workflow, an agent restarting).
+            where = f"workflow {target.workflow_id!r}" + (f" task {target.task!r}" if target.task else "")
+            raise Unavailable(f"no agent is registered for {where}")
         sessions = [entry for reg in regs for entry in reg.held_by(identity.subject)]
         sessions.sort(key=lambda entry: entry.started_unix)
         return pb.ListSessionsResponse(sessions=sessions)
