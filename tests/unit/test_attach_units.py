@@ -182,3 +182,13 @@ async def test_the_agent_reports_at_most_max_held_sessions() -> None:
     assert changes == [1] and MAX_HELD == MAX_HELD_REPORTED
     held.forget(stream)
     assert changes == [1, 0] and not held.report().sessions
+
+
+def test_a_held_sessions_summary_reads_as_the_command_ran() -> None:
+    from osmo_router.agent.held import summary_of
+
+    script = pb.SessionOpen(exec=pb.ExecInit(command=["sh", "-c", "for i in 1 2; do echo $i; done"]))
+    assert summary_of(script) == "sh -c 'for i in 1 2; do echo $i; done'"
+    assert summary_of(pb.SessionOpen(exec=pb.ExecInit())) == "(shell)"
+    forward = pb.SessionOpen(port_forward=pb.PortForwardInit(remote_port=5353, protocol=pb.PROTOCOL_UDP))
+    assert summary_of(forward) == "port 5353/udp"

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import shlex
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,7 +60,7 @@ def summary_of(open_msg: pb.SessionOpen) -> str:
     """What a session runs, for `osmo-net-client sessions`."""
     kind = open_msg.WhichOneof("init")
     if kind == "exec":
-        return " ".join(open_msg.exec.command) or "(shell)"
+        return shlex.join(open_msg.exec.command) or "(shell)"  # quoted: `sh -c 'a; b'` reads as it ran
     if kind == "port_forward":
         proto = "udp" if open_msg.port_forward.protocol == pb.PROTOCOL_UDP else "tcp"
         return f"port {open_msg.port_forward.remote_port}/{proto}"

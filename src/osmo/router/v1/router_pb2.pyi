@@ -884,7 +884,7 @@ class HeldSession(_message.Message):
     """The user who started it: only they may attach."""
     operation: Global___Operation.ValueType
     summary: _builtins.str
-    """What runs (exec argv joined with spaces, "port 8080", "rsync"), for people to read."""
+    """What runs (exec argv quoted as a shell would read it, "port 8080/tcp", "rsync"), for people to read."""
     attached: _builtins.bool
     """True while a client is connected."""
     started_unix: _builtins.int
