@@ -259,17 +259,28 @@ def test_stalled_connection_does_not_block_another(agent: AgentProc, client_args
 
 
 def test_allow_ports_refusal_is_reported(router: Router, workflow: str, client_args: list[str]) -> None:
+    """A port the agent's --allow-ports excludes ends the command at its start (the watch lists the ports),
+    --reconnect or not: it used to listen, then refuse every connection (and, with --reconnect, retry
+    the watch forever). The allowed port alone is forwarded."""
     with tcp_server(echo) as allowed, tcp_server(echo) as denied:
         agent = AgentProc(router.address, workflow, "--allow-ports", f"{allowed}")
-        proc, (ok, refused) = start_forward(client_args, f":{allowed}", f":{denied}", count=2)
         try:
-            assert echo_round_trip(ok, b"allowed") == b"allowed"
-            with pytest.raises(ConnectionResetError):
-                echo_round_trip(refused, b"denied")
-            line = wait_line(proc, lambda ln: "PERMISSION_DENIED" in ln)
-            assert "not allowed" in line
+            for extra in ([], ["--reconnect"]):
+                refused = Proc(client_cmd("port-forward", *client_args, *extra, f":{allowed}", f":{denied}"))
+                try:
+                    assert refused.wait_exit(TIMEOUT) == 255, refused.lines
+                    expected = (
+                        f"cannot forward: port {denied} is not allowed (--allow-ports {allowed}) [PERMISSION_DENIED]"
+                    )
+                    assert any(expected in line for line in refused.lines), refused.lines
+                finally:
+                    refused.stop()
+            proc, (ok,) = start_forward(client_args, f":{allowed}")
+            try:
+                assert echo_round_trip(ok, b"allowed") == b"allowed"
+            finally:
+                proc.stop()
         finally:
-            proc.stop()
             agent.stop()
 
 

@@ -86,17 +86,18 @@ async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, co
     init = open_msg.port_forward
     port = init.remote_port
     if init.protocol != pb.PROTOCOL_UDP and port == WATCH_PORT:
+        # The ports the command will forward to are checked now, as each connection would be.
+        for watched in init.watched_ports:
+            if (refusal := _port_refusal(watched, config)) is not None:
+                await refuse(stream, *refusal)
+                return
         await _serve_watch(stream)
         return
     if init.protocol not in (pb.PROTOCOL_TCP, pb.PROTOCOL_UDP):
         await refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, "protocol must be tcp or udp")
         return
-    if not 1 <= port <= 65535:
-        await refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, f"remote port {port} is not within 1-65535")
-        return
-    if not port_allowed(port, config.allow_ports):
-        allowed = ",".join(config.allow_ports)
-        await refuse(stream, grpc.StatusCode.PERMISSION_DENIED, f"port {port} is not allowed (--allow-ports {allowed})")
+    if (refusal := _port_refusal(port, config)) is not None:
+        await refuse(stream, *refusal)
         return
     hosts = target_hosts(init.remote_host)
     if hosts is None:
@@ -108,6 +109,18 @@ async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, co
         await UdpRelay(stream, hosts[0], port, max_sockets=config.max_udp_sockets_per_session, budget=budget).run()
     else:
         await _serve_tcp(stream, hosts, port)
+
+
+def _port_refusal(port: int, config: AgentConfig) -> tuple[grpc.StatusCode, str] | None:
+    """Why a remote port cannot be forwarded to (a status code and message), or None."""
+    if not 1 <= port <= 65535:
+        return grpc.StatusCode.INVALID_ARGUMENT, f"remote port {port} is not within 1-65535"
+    if not port_allowed(port, config.allow_ports):
+        return (
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"port {port} is not allowed (--allow-ports {','.join(config.allow_ports)})",
+        )
+    return None
 
 
 async def refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:

@@ -18,6 +18,7 @@ import random
 import secrets
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -47,6 +48,8 @@ EXIT_USAGE = 2
 EXIT_LOCAL_ERROR = 1
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
+#: Answers to the watch that say this forward will not be served (no point in waiting, --reconnect or not).
+REFUSALS = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT})
 
 
 @dataclass(frozen=True)
@@ -136,22 +139,26 @@ class PortForward:
         self._tcp: list[TcpListener] = []
         self._udp: list[UdpForward] = []
         self._tasks: dict[object, asyncio.Task[None]] = {}
+        self._watched: list[int] = []  # the remote ports, checked by the agent on the watch
 
-    def _init(self, protocol: int, remote_port: int) -> pb.PortForwardInit:
+    def _init(self, protocol: int, remote_port: int, watched: Sequence[int] = ()) -> pb.PortForwardInit:
         return pb.PortForwardInit(
             target=self.config.target(),
             protocol=pb.Protocol.ValueType(protocol),
             remote_port=remote_port,
             forward_id=self._forward_id,
+            watched_ports=watched,
         )
 
     async def _start(self, init: SessionInit) -> FrameStream:
         assert self._method is not None
         return await start_session(self.config, self._method, pb.PortForwardRequest, init, raw=True)
 
-    async def open_stream(self, protocol: int, remote_port: int, notify: Notify = None) -> SessionStream:
+    async def open_stream(
+        self, protocol: int, remote_port: int, notify: Notify = None, watched: Sequence[int] = ()
+    ) -> SessionStream:
         """Open one PortForward session on the shared channel (resumable) and wait until the agent joined."""
-        init = self._init(protocol, remote_port)
+        init = self._init(protocol, remote_port, watched)
         if self._method is None:
             return await self._transport.open(pb.OPERATION_PORT_FORWARD, init)
         op = pb.OPERATION_PORT_FORWARD
@@ -177,6 +184,7 @@ class PortForward:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
+        self._watched = sorted({spec.remote_port for spec in ports})
         try:
             watch = await self._first_watch()
             if watch is None:
@@ -239,6 +247,9 @@ class PortForward:
         try:
             return await self._open_watch()
         except RouterError as err:
+            if err.code in REFUSALS:  # the agent or the router says no: waiting would not change that
+                self.reporter.fatal(err, "cannot forward")
+                return None
             if not self.reconnect:
                 self.reporter.fatal(err, f"cannot reach an agent of workflow {self.config.workflow_id!r}")
                 return None
@@ -247,7 +258,7 @@ class PortForward:
 
     async def _open_watch(self) -> SessionStream:
         # The watch resumes too: it is lost only when the agent is (grace passed, agent restarted).
-        return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT, notify=self._tell_resume)
+        return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT, notify=self._tell_resume, watched=self._watched)
 
     def _tell_resume(self, message: str) -> None:
         """One line when the forward lost its connection to the router, one when it resumed."""
@@ -278,6 +289,9 @@ class PortForward:
                     await _end_watch(watch, lost)
                     return 0
                 err = lost.result()
+                if err.code in REFUSALS:  # the agent checked the ports on the watch (watched_ports)
+                    self.reporter.fatal(err, "cannot forward")
+                    return EXIT_CONNECTION_ERROR
                 if isinstance(err, DeadlineExceeded):
                     # The router expired the idle watch (--session-ttl): open a new one at once.
                     try:

@@ -259,6 +259,7 @@ class PortForwardInit(_message.Message):
     REMOTE_PORT_FIELD_NUMBER: _builtins.int
     REMOTE_HOST_FIELD_NUMBER: _builtins.int
     FORWARD_ID_FIELD_NUMBER: _builtins.int
+    WATCHED_PORTS_FIELD_NUMBER: _builtins.int
     protocol: Global___Protocol.ValueType
     remote_port: _builtins.int
     """Port inside the container."""
@@ -271,6 +272,13 @@ class PortForwardInit(_message.Message):
     """
     @_builtins.property
     def target(self) -> Global___SessionTarget: ...
+    @_builtins.property
+    def watched_ports(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """On a watch (remote_port 0): the ports this port-forward command will forward to, so that the
+        agent refuses at its start a port it would refuse on every connection (--allow-ports, out of
+        range) instead of the command listening for connections that all fail. Older agents ignore it.
+        """
+
     def __init__(
         self,
         *,
@@ -279,10 +287,11 @@ class PortForwardInit(_message.Message):
         remote_port: _builtins.int = ...,
         remote_host: _builtins.str = ...,
         forward_id: _builtins.str = ...,
+        watched_ports: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "protocol", b"protocol", "remote_host", b"remote_host", "remote_port", b"remote_port", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "protocol", b"protocol", "remote_host", b"remote_host", "remote_port", b"remote_port", "target", b"target", "watched_ports", b"watched_ports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
