@@ -6,7 +6,7 @@ cancelled call) ends the pending session; without a trace of it, the agent's Con
 opens a new one and waits the whole rendezvous timeout for a client that will never come. A user
 who opens and drops sessions in a loop would fill the router's pending sessions for everybody that
 way, counted against the agent. Remembering such keys for a while lets the router refuse those
-Connects at once.
+Connects at once. Only keys the router asked an agent for are remembered (core/sessions.py).
 
 Bounded: at most MAX_ABANDONED keys (each a checked session key and workflow id, a few hundred
 bytes), each forgotten after its time-to-live; when full the oldest goes first (its agent then waits

@@ -266,7 +266,7 @@ class SessionStore:
             del self._sessions[scoped]
             if not session.paired.is_set():
                 self._unpend(session)
-                if session.client_joined and not session.agent_joined and self.created.get(session.key) is None:
+                if self._requested_in_vain(session):
                     self._abandoned.add(scoped)
             if not self._sessions:
                 self._empty.set()
@@ -276,6 +276,12 @@ class SessionStore:
                     self._budgets.release(session.user)
             if self._on_remove is not None:
                 self._on_remove(session)
+
+    def _requested_in_vain(self, session: Session) -> bool:
+        """Whether the router asked an agent for this session (SessionRequest) and it is removed unjoined:
+        that agent's Connect is still to come. Not for a key an orchestrator created, nor for one an
+        old OSMO backend was told by OSMO's service: their backend may yet come for a retrying client."""
+        return session.expected_agent is not None and not session.agent_joined and self.created.get(session.key) is None
 
     def supersede(self, workflow_id: str, key: str, identity: Identity) -> None:
         """End the session with this key, if held here, for its owner's resume served elsewhere."""
