@@ -295,7 +295,7 @@ def test_only_the_owner_attaches_and_lists(jwt_router: tuple[Router, Signer]) ->
         assert time.monotonic() < deadline, _listed(flags("alice"))
         time.sleep(0.2)
     [entry] = [s for s in _listed(flags("alice")) if s["session_key"] == key]
-    assert entry["command"] == "sh -c echo hi; exec sleep 120"
+    assert entry["command"] == "sh -c 'echo hi; exec sleep 120'"  # shell-quoted, as it ran
     assert _listed(flags("bob")) == []
     # Bob's refused attach did not disturb the session: Alice attaches, and ends it.
     attached = Proc(client_cmd("attach", key, *flags("alice")))
@@ -336,7 +336,7 @@ def test_sessions_asked_of_a_replica_without_the_agent(workflow: str) -> None:
         while not [s for s in _listed(args_b) if s["session_key"] == key and s["attached"] is False]:
             assert time.monotonic() < deadline, _listed(args_b)
             time.sleep(0.2)
-        assert [s["command"] for s in _listed(args_b)] == ["sh -c read line; echo got=$line; exit 5"]
+        assert [s["command"] for s in _listed(args_b)] == ["sh -c 'read line; echo got=$line; exit 5'"]
         # The attach through B is relayed to A like any stream.
         attached = run_client("attach", key, *args_b, input=b"via-b\n")
         assert (attached.returncode, attached.stdout) == (5, b"got=via-b\n"), attached.stderr
