@@ -104,6 +104,16 @@ def test_an_unreadable_tls_ca_is_a_usage_error_not_a_traceback(command: str) -> 
     assert "Traceback" not in stderr
 
 
+def test_an_unreadable_token_file_is_named_before_the_routers_no_token() -> None:
+    """The router can only say "no bearer token: pass --token"; the client names the file it could not read
+    (here before failing to reach a router at all: the line comes at start, whatever follows)."""
+    args = ["--router-address", "127.0.0.1:1", "--workflow-id", "wf", "--token-file", "/nonexistent/token"]
+    result = run_client("exec", *args, "--tls=false", "--transport", "grpc", "--", "true")
+    stderr = result.stderr.decode()
+    assert result.returncode == 255, stderr
+    assert "--token-file /nonexistent/token cannot be read (No such file or directory): no token is sent" in stderr
+
+
 def test_a_peer_that_closes_without_tls_is_not_called_tls() -> None:
     with closing_listener() as port:
         result = run_client(

@@ -64,3 +64,20 @@ def test_the_cli_turns_a_problem_into_a_usage_error() -> None:
     }
     with pytest.raises(click.UsageError, match=re.escape("--tls-ca /nonexistent/ca.pem cannot be read")):
         dial_config(options)
+
+
+def test_a_token_file_that_gives_no_token_is_named_with_what_is_sent(tmp_path: Path) -> None:
+    from osmo_router.dial.config import token_file_problem
+
+    token, empty = tmp_path / "token", tmp_path / "empty"
+    token.write_text("eyJ.x.y\n")
+    empty.write_text("\n")
+    assert token_file_problem(_dial(token_file=str(token))) is None
+    assert token_file_problem(_dial()) is None
+    missing = "/nonexistent/token"
+    assert token_file_problem(_dial(token_file=missing)) == (
+        f"--token-file {missing} cannot be read (No such file or directory): no token is sent"
+    )
+    assert token_file_problem(_dial(token_file=str(empty), token="t")) == (
+        f"--token-file {empty} is empty: --token is sent instead"
+    )

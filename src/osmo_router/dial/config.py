@@ -118,5 +118,24 @@ def tls_files_problem(dial: DialConfig) -> str | None:
     return None
 
 
+def token_file_problem(dial: DialConfig) -> str | None:
+    """Why --token-file gives no token now (unreadable, empty), and what is sent instead; None if it does.
+
+    Not an error: the file is read again at every call (a projected token may appear or be renewed
+    later). But without this line, the router's "no bearer token: pass --token" is all a user sees.
+    """
+    if not dial.token_file:
+        return None
+    try:
+        with open(dial.token_file, encoding="utf-8") as f:
+            if f.read().strip():
+                return None
+        problem = "is empty"
+    except (OSError, UnicodeDecodeError) as err:
+        problem = f"cannot be read ({getattr(err, 'strerror', None) or err})"
+    instead = "--token is sent instead" if dial.token else "no token is sent"
+    return f"--token-file {dial.token_file} {problem}: {instead}"
+
+
 def _reason(err: ssl.SSLError) -> str:
     return f" ({err.reason})" if err.reason else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import click
@@ -12,7 +13,10 @@ from osmo_router.dial.config import (
     address_problem,
     split_addresses,
     tls_files_problem,
+    token_file_problem,
 )
+
+log = logging.getLogger(__name__)
 
 #: The values of --grpc-channel.
 GRPC_CHANNELS = ("grpcio", "native")
@@ -95,4 +99,6 @@ def dial_config(options: dict[str, Any]) -> DialConfig:
     )
     if (problem := tls_files_problem(dial)) is not None:
         raise click.UsageError(problem)
+    if (problem := token_file_problem(dial)) is not None:
+        log.warning(problem)
     return dial
