@@ -81,3 +81,21 @@ def test_a_token_file_that_gives_no_token_is_named_with_what_is_sent(tmp_path: P
     assert token_file_problem(_dial(token_file=str(empty), token="t")) == (
         f"--token-file {empty} is empty: --token is sent instead"
     )
+
+
+def test_the_routers_unreadable_tls_files_are_named_with_the_right_advice(pki: Pki) -> None:
+    """The certificate and key have default paths: their message says how to give them or turn TLS off;
+    the client CA is only ever asked for by name: its message says nothing of defaults."""
+    from osmo_router.router.config import RouterConfig
+    from osmo_router.router.ops.grpc_server import native_tls
+
+    missing_cert = RouterConfig(tls_cert="/nonexistent/tls.crt", tls_key=str(pki.server_key))
+    with pytest.raises(ValueError, match=re.escape("TLS is on by default and --tls-cert /nonexistent/tls.crt")):
+        native_tls(missing_cert)
+    missing_ca = RouterConfig(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca="/nonexistent/ca.pem"
+    )
+    with pytest.raises(
+        ValueError, match="^" + re.escape("--tls-client-ca /nonexistent/ca.pem cannot be read: No such file")
+    ):
+        native_tls(missing_ca)

@@ -170,8 +170,10 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
     _require_utf8("COMMAND", command)
     config = client_config(options)
     if tty and not detach and not os.isatty(0):
-        # As ssh -t: with piped input a remote terminal cannot be ended (its EOF is a ^D byte, lost or
-        # taken as input by whatever reads it), so `echo cmd | exec -t -- bash` would never return.
+        # As ssh -t (OpenSSH ssh.c: no tty "if (!isatty(fileno(stdin)) && !force_tty_flag)", with "Pseudo-
+        # terminal will not be allocated because stdin is not a terminal."): with piped input a remote
+        # terminal cannot be ended (its EOF is a ^D byte, lost or taken as input by whatever reads it),
+        # so `echo cmd | exec -t -- bash` would never return.
         # A detached session keeps its terminal: it is for attaching to later.
         print("osmo-net-client: exec: stdin is not a terminal: running without one (as ssh -t)", file=sys.stderr)
         tty = False

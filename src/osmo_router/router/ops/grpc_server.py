@@ -32,8 +32,8 @@ def server_credentials(config: RouterConfig) -> grpc.ServerCredentials:
     verified. So with --tls-client-ca every caller (agents and users alike) must present a
     certificate that chains to that CA; the handshake fails for anyone else.
     """
-    cert = _read_pem("--tls-cert", config.tls_cert)
-    key = _read_pem("--tls-key", config.tls_key)
+    cert = _read_pem("--tls-cert", config.tls_cert, defaulted=True)
+    key = _read_pem("--tls-key", config.tls_key, defaulted=True)
     client_ca = _read_pem("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
@@ -46,8 +46,8 @@ def native_tls(config: RouterConfig) -> ssl.SSLContext:
     The files are read twice (here, then by `ssl`, which loads a certificate chain only from a path)
     so that a missing or non-PEM file gives the same clear error on both servers, not OpenSSL's.
     """
-    _read_pem("--tls-cert", config.tls_cert)
-    _read_pem("--tls-key", config.tls_key)
+    _read_pem("--tls-cert", config.tls_cert, defaulted=True)
+    _read_pem("--tls-key", config.tls_key, defaulted=True)
     if config.tls_client_ca:
         _read_pem("--tls-client-ca", config.tls_client_ca)
     return tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -122,12 +122,14 @@ def build_grpc_server(
     )
 
 
-def _read_pem(flag: str, path: str) -> bytes:
+def _read_pem(flag: str, path: str, *, defaulted: bool = False) -> bytes:
+    """The PEM file `flag` names; ValueError naming it. `defaulted`: the flag has a default path (the
+    certificate and key), so an unreadable one says how to give them or turn TLS off."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        if flag == "--tls-client-ca":  # asked for by name: no word about the defaults
+        if not defaulted:
             raise ValueError(f"{flag} {path} cannot be read: {err.strerror}") from None
         raise ValueError(
             f"TLS is on by default and {flag} {path} cannot be read ({err.strerror}); "
