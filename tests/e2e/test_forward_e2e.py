@@ -228,6 +228,19 @@ def test_ipv6_bind_with_json_output(agent: AgentProc, client_args: list[str]) ->
             proc.stop()
 
 
+def test_comma_separated_addresses_as_kubectl_takes_them(agent: AgentProc, client_args: list[str]) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with tcp_server(echo) as port:
+        proc, (v4, v6) = start_forward(client_args, "--address", "127.0.0.1,::1", f":{port}", count=2)
+        try:
+            assert v4 == v6  # :REMOTE picks one free port for both addresses
+            assert echo_round_trip(v4, b"over ipv4") == b"over ipv4"
+            assert echo_round_trip(v6, b"over ipv6", host="::1") == b"over ipv6"
+        finally:
+            proc.stop()
+
+
 def test_two_ports_in_one_command(agent: AgentProc, client_args: list[str]) -> None:
     with tcp_server(echo) as first, tcp_server(answer_after_eof) as second:
         proc, (one, two) = start_forward(client_args, f":{first}", f":{second}", count=2)

@@ -206,7 +206,10 @@ def _require_utf8(what: str, words: Sequence[str]) -> None:
     multiple=True,
     default=["127.0.0.1"],
     show_default=True,
-    help="Local address to listen on (repeatable; IPv4 or IPv6).",
+    help=(
+        "Local address to listen on: IPv4 or IPv6, or localhost (127.0.0.1); repeatable, "
+        "or comma-separated as kubectl takes them."
+    ),
 )
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object per line instead of text.")
 @click.option("--reconnect/--no-reconnect", default=False, help="Wait for the router/agent to come back.")

@@ -86,13 +86,26 @@ def parse_address(text: str) -> str:
         raise ValueError(f"--address {text!r} is not an IPv4 or IPv6 address") from None
 
 
+def parse_addresses(values: list[str]) -> list[str]:
+    """Every --address, each possibly a comma-separated list as kubectl takes; duplicates once."""
+    binds: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                raise ValueError(f"--address {value!r} has an empty entry")
+            address = parse_address(part.strip())
+            if address not in binds:
+                binds.append(address)
+    return binds
+
+
 async def run_port_forward(
     config: ClientConfig, specs: list[str], *, protocol: str, addresses: list[str], json_output: bool, reconnect: bool
 ) -> int:
     """Forward until interrupted (exit 0); 255 when the agent or router is gone (unless --reconnect)."""
     try:
         ports = [parse_spec(spec) for spec in specs]
-        binds = [parse_address(address) for address in addresses]
+        binds = parse_addresses(addresses)
     except ValueError as err:
         print(f"osmo-net-client: port-forward: {err}", file=sys.stderr)
         return EXIT_USAGE
