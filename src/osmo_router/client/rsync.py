@@ -250,39 +250,55 @@ def run_rsync(
             file=sys.stderr,
         )
         return EXIT_RSYNC_MISSING
-    from osmo_router.transport.rollout import neither_port, resolve_transport, ws_base, ws_port_problem
-    from osmo_router.wire.errors import EXIT_CONNECTION_ERROR
+    from osmo_router.transport.rollout import resolve_transport
 
     transport, fell_back = resolve_transport(config)
     config = replace(config, transport=transport)
-    if fell_back and (reason := ws_port_problem(config)) is not None:
-        # Said once here, not by the remote shell under rsync's "connection unexpectedly closed".
-        print(f"osmo-net-client: rsync: {neither_port(config.dial.address, ws_base(config), reason)} [UNAVAILABLE]",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_CONNECTION_ERROR
+    if fell_back and (status := _fallback_unreachable(config)) is not None:
+        return status
     with tempfile.TemporaryDirectory(prefix="osmo-rsync-") as private:
         status_file = os.path.join(private, "status")
         env = shell_env(config)
         env[STATUS_FILE_ENV] = status_file
-        # The remote shell inherits the write end through rsync: EOF on the read end once it is gone.
-        shell_gone, shell_alive = os.pipe()
-        try:
-            proc = subprocess.Popen([binary, *argv[1:]], env=env, pass_fds=(shell_alive,))
-        finally:
-            os.close(shell_alive)
-        # Ctrl-C reaches rsync too (same process group): let rsync stop cleanly and report its status.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            code = proc.wait()
-            # On an error rsync leaves its remote shell running, with the remote side's last words
-            # still on their way (rsync_shell.py): they are printed before we return.
-            wait_for_eof(shell_gone, RSYNC_EXIT_SETTLE + 1.0)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            os.close(shell_gone)
+        code = _run_local_rsync([binary, *argv[1:]], env)
         if code == 0:
             return 0
         return _transport_status(status_file) or (128 - code if code < 0 else code)
+
+
+def _fallback_unreachable(config: ClientConfig) -> int | None:
+    """Exit status, with the reason said, when neither the gRPC nor the WebSocket port answers."""
+    from osmo_router.transport.rollout import neither_port, ws_base, ws_port_problem
+    from osmo_router.wire.errors import EXIT_CONNECTION_ERROR
+
+    reason = ws_port_problem(config)
+    if reason is None:
+        return None
+    # Said once here, not by the remote shell under rsync's "connection unexpectedly closed".
+    print(f"osmo-net-client: rsync: {neither_port(config.dial.address, ws_base(config), reason)} [UNAVAILABLE]",
+          file=sys.stderr)  # fmt: skip
+    return EXIT_CONNECTION_ERROR
+
+
+def _run_local_rsync(argv: list[str], env: dict[str, str]) -> int:
+    """Run rsync to its end and return its wait status, once its remote shell's last words are out."""
+    # The remote shell inherits the write end through rsync: EOF on the read end once it is gone.
+    shell_gone, shell_alive = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, env=env, pass_fds=(shell_alive,))
+    finally:
+        os.close(shell_alive)
+    # Ctrl-C reaches rsync too (same process group): let rsync stop cleanly and report its status.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = proc.wait()
+        # On an error rsync leaves its remote shell running, with the remote side's last words
+        # still on their way (rsync_shell.py): they are printed before we return.
+        wait_for_eof(shell_gone, RSYNC_EXIT_SETTLE + 1.0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        os.close(shell_gone)
+    return code
 
 
 def wait_for_eof(fd: int, timeout: float) -> bool:
