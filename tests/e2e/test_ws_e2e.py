@@ -81,6 +81,19 @@ def test_exec_blob_exit_code_and_metrics(router: Router, grpc_workflow: str, cli
     assert delta(before, transport_counts(router, "exec")) == {f"client_{client}": 1, f"agent_{agent}": 1}
 
 
+@pytest.mark.parametrize(("client", "agent"), PAIRINGS, ids=IDS)
+def test_exec_env_reaches_the_command(router: Router, grpc_workflow: str, client: str, agent: str) -> None:
+    pairing = Pairing(router, grpc_workflow, client, agent)
+    script = 'printf "%s|%s|%s" "$GREETING" "$SPACED" "$FROM_HERE"'
+    env_args = ["-e", "GREETING=hello", "--env", "SPACED=a b=c&d", "-e", "FROM_HERE"]
+    try:
+        result = run_client("exec", *pairing.args, *env_args, "--", "sh", "-c", script, env={"FROM_HERE": "local"})
+    finally:
+        pairing.finish()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hello|a b=c&d|local"
+
+
 @pytest.mark.parametrize(("client", "agent"), PAIRINGS[1:], ids=IDS[1:])
 def test_tty_size_resize_and_ctrl_c(router: Router, grpc_workflow: str, client: str, agent: str) -> None:
     pairing = Pairing(router, grpc_workflow, client, agent)

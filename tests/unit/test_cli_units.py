@@ -188,3 +188,30 @@ def test_a_typo_of_an_rsync_command_option_gets_clicks_suggestion_alone() -> Non
     assert result.exit_code == 2
     assert "Did you mean '--bwlimit'?" in result.output
     assert "go after `--`" not in result.output
+
+
+def test_exec_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from osmo_router.client.cli import parse_env
+
+    monkeypatch.setenv("OSMO_TEST_HERE", "v=1")
+    monkeypatch.delenv("OSMO_TEST_UNSET", raising=False)
+    assert parse_env(["A=1", "B=", "C=x=y", "OSMO_TEST_HERE", "A=2"]) == {
+        "A": "2",
+        "B": "",
+        "C": "x=y",
+        "OSMO_TEST_HERE": "v=1",
+    }
+    with pytest.raises(click.UsageError, match="OSMO_TEST_UNSET is not set here"):
+        parse_env(["OSMO_TEST_UNSET"])
+    with pytest.raises(click.UsageError, match="is not NAME=VALUE"):
+        parse_env(["=value"])
+    with pytest.raises(click.UsageError, match="is not UTF-8"):
+        parse_env(["A=caf\udce9"])
+
+
+def test_exec_env_is_refused_for_an_old_backend() -> None:
+    from osmo_router.client.legacy import LegacyUsageError, check_exec
+
+    check_exec([], {})
+    with pytest.raises(LegacyUsageError, match="--env cannot be carried"):
+        check_exec([], {"A": "1"})

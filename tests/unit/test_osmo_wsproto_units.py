@@ -86,3 +86,17 @@ def test_plan_paths_legacy_uses_daemon_syntax() -> None:
     assert plan_paths(["src/", ":/osmo/run/workspace/data/"], legacy=True) == ["src/", "osmo::osmo/data/"]
     assert plan_paths([":out", "dst/"], legacy=True) == ["osmo::osmo/out", "dst/"]
     assert plan_paths(["src/", ":/tmp/x/"]) == ["src/", "osmo:/tmp/x/"]
+
+
+def test_exec_env_travels_as_repeated_query_parameters() -> None:
+    from multidict import MultiDict
+
+    from osmo_router.router.ws.init import _env
+    from osmo_router.wire.protocol import pb
+    from osmo_router.wire.wsproto import client_query
+
+    init = pb.ExecInit(command=["env"], env={"A": "1", "B": "x=y"})
+    query = MultiDict(client_query(init, want_exit=True))
+    assert _env(query) == {"A": "1", "B": "x=y"}
+    with pytest.raises(InvalidArgument, match="is not NAME=VALUE"):
+        _env(MultiDict([("env", "novalue")]))

@@ -156,8 +156,19 @@ def main_group() -> None:
     is_flag=True,
     help="Start the session and detach at once: print its key (attach with `osmo-net-client attach KEY`).",
 )
+@click.option(
+    "--env",
+    "-e",
+    "env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set an environment variable for COMMAND (repeatable); NAME alone passes this shell's value, "
+    "as docker exec -e does.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...], **options: Any) -> None:
+def exec_command(
+    tty: bool, stdin: bool, detach: bool, env: tuple[str, ...], command: tuple[str, ...], **options: Any
+) -> None:
     """Run COMMAND in the container (default: its shell); exits with the remote exit code.
 
     Options go before COMMAND (or before `--`): everything from COMMAND's first word on is COMMAND's.
@@ -168,6 +179,7 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
     from osmo_router.client.exec import run_exec
 
     _require_utf8("COMMAND", command)
+    environment = parse_env(env)
     config = client_config(options)
     if tty and not detach and not os.isatty(0):
         # As ssh -t (OpenSSH ssh.c: no tty "if (!isatty(fileno(stdin)) && !force_tty_flag)", with "Pseudo-
@@ -178,7 +190,25 @@ def exec_command(tty: bool, stdin: bool, detach: bool, command: tuple[str, ...],
         print("osmo-net-client: exec: stdin is not a terminal: running without one (as ssh -t)", file=sys.stderr)
         tty = False
     tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
-    sys.exit(run_async(run_exec(config, list(command), tty, detach=detach), prefer_uvloop=_uvloop(config)))
+    sys.exit(
+        run_async(run_exec(config, list(command), tty, detach=detach, env=environment), prefer_uvloop=_uvloop(config))
+    )
+
+
+def parse_env(values: Sequence[str]) -> dict[str, str]:
+    """`--env` values as a mapping (click.UsageError for a malformed one); NAME alone takes the local value."""
+    environment: dict[str, str] = {}
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep:
+            if name not in os.environ:
+                raise click.UsageError(f"--env {name!r}: {name} is not set here (give NAME=VALUE)")
+            setting = os.environ[name]
+        if not name or "\0" in name or "\0" in setting:
+            raise click.UsageError(f"--env {value!r} is not NAME=VALUE (a non-empty NAME, no NUL)")
+        _require_utf8("--env", [name, setting])
+        environment[name] = setting
+    return environment
 
 
 def _require_utf8(what: str, words: Sequence[str]) -> None:

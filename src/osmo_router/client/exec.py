@@ -43,10 +43,13 @@ def exit_code_of(status: pb.ExitStatus) -> int:
     return status.code & 0xFF
 
 
-async def run_exec(config: ClientConfig, command: list[str], tty: bool, detach: bool = False) -> int:
+async def run_exec(
+    config: ClientConfig, command: list[str], tty: bool, detach: bool = False, env: dict[str, str] | None = None
+) -> int:
     """Run the session to its end and return the exit code to exit with.
 
-    `detach`: start the session and detach at once (client/attach.py), printing its key.
+    `detach`: start the session and detach at once (client/attach.py), printing its key. `env`: the
+    command's environment beyond the agent's own.
     """
     from osmo_router.client.attach import detach_now, detached_notice
 
@@ -55,7 +58,7 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool, detach: 
         from osmo_router.client.legacy import EXIT_USAGE, LegacyUsageError, check_exec
 
         try:
-            check_exec(command)
+            check_exec(command, env or {})
         except LegacyUsageError as err:
             print(f"osmo-net-client: exec: {err}", file=sys.stderr)
             return EXIT_USAGE
@@ -68,6 +71,7 @@ async def run_exec(config: ClientConfig, command: list[str], tty: bool, detach: 
             tty=tty,
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=os.environ.get("TERM", ""),
+            env=env or {},
         )
         stream = await open_stream(transport, config, pb.OPERATION_EXEC, init)
         if detach:

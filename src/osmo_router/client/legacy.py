@@ -60,8 +60,12 @@ def exec_eof(sent_any: bool, last_byte: int | None) -> bytes:
     return terminal_eof(sent_any, last_byte)
 
 
-def check_exec(command: list[str]) -> None:
-    """An old backend runs the entry command the OSMO service gave it: a command here cannot reach it."""
+def check_exec(command: list[str], env: dict[str, str]) -> None:
+    """An old backend runs the entry command the OSMO service gave it: a command or environment here cannot reach it."""
+    if env:
+        raise LegacyUsageError(
+            "an old backend runs the command the OSMO service gave it, in its environment; --env cannot be carried"
+        )
     if command:
         raise LegacyUsageError(
             "an old backend runs the command the OSMO service gave it; a command on this command line "

@@ -142,6 +142,7 @@ def client_query(init: pb.ExecInit | pb.PortForwardInit | pb.RsyncInit, want_exi
         query.append(("tty", "1" if init.tty else "0"))
         if init.term:
             query.append(("term", init.term))
+        query += [("env", f"{name}={value}") for name, value in init.env.items()]
         if want_exit:
             query.append(("exit", "1"))
     elif isinstance(init, pb.PortForwardInit):

@@ -52,6 +52,17 @@ def _args(query: MultiMapping[str], name: str) -> list[str]:
     return [str(v) for v in values]
 
 
+def _env(query: MultiMapping[str]) -> dict[str, str]:
+    """The `env` extension (NAME=VALUE, repeated): the command's environment beyond the agent's."""
+    environment: dict[str, str] = {}
+    for setting in _args(query, "env"):
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise InvalidArgument(f"env parameter {setting[:64]!r} is not NAME=VALUE")
+        environment[name] = value
+    return environment
+
+
 def _port(query: MultiMapping[str]) -> int:
     """The `port` extension; 0 when absent (an old client's pipe to an old backend needs none)."""
     raw = query.get("port", "0")
@@ -101,6 +112,7 @@ async def client_init(
             tty=tty,
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=query.get("term", ""),
+            env=_env(query),
         )
         if created is not None:
             created_exec(created, init)
