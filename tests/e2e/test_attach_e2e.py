@@ -196,6 +196,55 @@ def test_detach_then_attach_from_another_process(agent: AgentProc, router: Route
     router.wait_for(lambda r: r.get("event") == "session attach" and r.get("user") == "anonymous")
 
 
+def _end_client(client: TtyClient, how: str) -> int:
+    """End a TTY client as its user would: close its terminal (the kernel's SIGHUP) or SIGTERM it; its exit."""
+    if how == "close-terminal":
+        os.close(client.fd)
+        client.fd = -1
+        return client.proc.wait(STEP)
+    client.proc.terminate()
+    return client.exit_code()
+
+
+@pytest.mark.parametrize(("how", "status"), [("close-terminal", 129), ("sigterm", 143)])
+def test_an_exec_tty_client_that_is_ended_hangs_the_session_up(
+    agent: AgentProc, client_args: list[str], tmp_path: Path, how: str, status: int
+) -> None:
+    """As ssh: the remote command is hung up at once, not held by the agent for its resume grace (300 s)."""
+    marker = tmp_path / "hup"
+    script = f"trap 'echo hup > {marker}; exit 0' HUP; echo ready; while :; do sleep 0.05; done"
+    client = TtyClient("exec", *client_args, "--tty", "--", "sh", "-c", script)
+    try:
+        client.wait_for(rb"ready")
+        assert _end_client(client, how) == status
+        _until(marker.exists, "the remote command hung up")
+        assert marker.read_text() == "hup\n"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("how", "status"), [("close-terminal", 129), ("sigterm", 143)])
+def test_an_attached_tty_client_that_is_ended_detaches(
+    agent: AgentProc, client_args: list[str], how: str, status: int
+) -> None:
+    """As closing a tmux window: the session was made to outlive terminals, so it is left detached."""
+    script = "echo ready; read line; echo got=$line; exit 5"
+    started = run_client("exec", *client_args, "--detach", "--tty", "--", "sh", "-c", script)
+    assert started.returncode == 0, started.stderr
+    key = started.stdout.decode().strip()
+    client = TtyClient("attach", key, *client_args)
+    try:
+        client.wait_for(rb"ready")
+        _until(lambda: any(s["session_key"] == key and s["attached"] for s in _listed(client_args)), "attached")
+        assert _end_client(client, how) == status
+        _until(lambda: any(s["session_key"] == key and not s["attached"] for s in _listed(client_args)), "detached")
+    finally:
+        client.close()
+    again = run_client("attach", key, *client_args, input=b"bye\n")
+    assert again.returncode == 5, again.stderr
+    assert b"got=bye" in again.stdout
+
+
 def test_escape_key_detaches_a_tty_and_attach_takes_over(
     agent: AgentProc, client_args: list[str], tmp_path: Path
 ) -> None:

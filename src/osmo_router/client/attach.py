@@ -131,7 +131,7 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             if tty:  # the remote terminal takes this terminal's size
                 await stream.send(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols), redraw=True)))
-            return await relay_session(stream, tty, detached=detached_notice(config, stream))
+            return await relay_session(stream, tty, detached=detached_notice(config, stream), attached=True)
     except RouterError as err:
         print(f"osmo-net-client: attach: {err.message} [{err.code.name}]", file=sys.stderr)
         return EXIT_CONNECTION_ERROR

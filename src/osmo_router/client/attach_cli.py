@@ -37,6 +37,7 @@ def register(
         Only the session's owner may attach. Attaching to a session that is attached elsewhere takes
         it over: the other client exits (255, "the session was attached from another client").
         In a TTY session, Ctrl-] then d detaches again (exit 0); Ctrl-] twice sends one Ctrl-].
+        Closing the terminal (or SIGTERM) detaches too, as closing a tmux window does.
         """
         from osmo_router.client.attach import run_attach
 

@@ -174,7 +174,7 @@ def exec_command(
     Options go before COMMAND (or before `--`): everything from COMMAND's first word on is COMMAND's.
 
     In a TTY session, Ctrl-] then d detaches (the session keeps running; exit 0); Ctrl-] twice
-    sends one Ctrl-].
+    sends one Ctrl-]. Closing the terminal (or SIGTERM) hangs the session up, as with ssh.
     """
     from osmo_router.client.exec import run_exec
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import open_stream
+from osmo_router.client.resume import give_up, open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.stall import METER
 from osmo_router.client.stdio import OutputWriter, StdinReader
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: Signals a pipe-mode client forwards to the remote process group (a second one exits locally).
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+#: Signals that end a TTY client (its terminal closed, or it was told to stop): as ssh, the session
+#: is hung up, not left for the agent to hold for its resume grace (Ctrl-] d is how to leave it running).
+HANG_UP_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
 #: Seconds between the signals that end a command whose output nobody reads any more.
 PIPE_GRACE = 2.0
 #: Longest the client reads on after an error frame (see _read_to_end).
@@ -89,12 +92,18 @@ async def run_exec(
 
 
 async def relay_session(
-    stream: SessionStream, tty: bool, legacy: bool = False, detached: Callable[[], int] | None = None
+    stream: SessionStream,
+    tty: bool,
+    legacy: bool = False,
+    detached: Callable[[], int] | None = None,
+    attached: bool = False,
 ) -> int:
     """Relay this terminal (or these pipes) and the session until it ends; the exit code.
 
     `detached`: in a TTY session the escape key detaches (client/attach.py); once detached, its
-    result is the exit code.
+    result is the exit code. `attached` (`attach`): a TTY client's SIGHUP or SIGTERM detaches, as
+    closing a tmux window does, where `exec` hangs the session up as ssh does; either way the exit
+    status is 128 + the signal.
     """
     # An old backend's terminal side decodes the size message with a buffering JSON decoder and
     # drops whatever came in the same read: its input waits for the first output (as OSMO's CLI
@@ -102,8 +111,11 @@ async def relay_session(
     first_output = asyncio.Event()
     hold = first_output if legacy else None
     escape = _escape(stream) if tty and detached is not None else None
-    sender = asyncio.create_task(_send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape))
-    signals = _SignalFrames(stream, tty)
+    terminal = tty and os.isatty(0)
+    sender = asyncio.create_task(
+        _send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape, terminal=terminal)
+    )
+    signals = _SignalFrames(stream, tty, detach_on_hang_up=attached)
     stdout = OutputWriter(1)
     unread = _UnreadOutput(stream, signals, stdout, tty)
 
@@ -117,6 +129,10 @@ async def relay_session(
     try:
         return unread.exit_code(await receive_output(stream, write_stdout))
     except (grpc.aio.AioRpcError, RouterError) as err:
+        if signals.hung_up:  # this process was told to end: the session is ended or detached
+            if detached is not None and getattr(stream, "detached", False):
+                detached()  # says how to attach again
+            return 128 + signals.hung_up
         if detached is not None and getattr(stream, "detached", False):
             return detached()
         if unread.gave_up:  # ended from here, not broken: 141 (1 after a failed stdout)
@@ -186,15 +202,21 @@ class _SignalFrames:
     """This process's signals sent as frames while a session runs: a TTY's SIGWINCH as a resize,
     else FORWARDED_SIGNALS (the second of one kind ends this process at once, 128 + its number)."""
 
-    def __init__(self, stream: SessionStream, tty: bool) -> None:
+    def __init__(self, stream: SessionStream, tty: bool, detach_on_hang_up: bool = False) -> None:
         self._stream = stream
+        self._detach_on_hang_up = detach_on_hang_up
         self._loop = asyncio.get_running_loop()
         self._received: dict[int, int] = {}
         self._pending: set[asyncio.Future[None]] = set()
         self._installed: list[int] = []
+        #: The signal that ended a TTY session from here (HANG_UP_SIGNALS), 0 while none did.
+        self.hung_up = 0
         if tty:
             self._loop.add_signal_handler(signal.SIGWINCH, self._on_resize)
             self._installed.append(signal.SIGWINCH)
+            for sig in HANG_UP_SIGNALS:
+                self._loop.add_signal_handler(sig, self._on_hang_up, int(sig))
+                self._installed.append(sig)
         else:
             for sig in FORWARDED_SIGNALS:
                 self._loop.add_signal_handler(sig, self._on_signal, int(sig))
@@ -220,6 +242,22 @@ class _SignalFrames:
         if self._received[sig] > 1:
             os._exit(128 + sig)
         self.send(sig)
+
+    def _on_hang_up(self, sig: int) -> None:
+        if self.hung_up:
+            os._exit(128 + sig)  # a second one while the agent is being told: leave now
+        self.hung_up = sig
+        future = asyncio.ensure_future(self._hang_up(sig))
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
+
+    async def _hang_up(self, sig: int) -> None:
+        from osmo_router.client.resume import ResumingStream
+
+        stream = self._stream
+        if self._detach_on_hang_up and isinstance(stream, ResumingStream) and await stream.detach():
+            return
+        await give_up(stream, "the client's terminal hung up" if sig == signal.SIGHUP else "the client was terminated")
 
     def _on_resize(self) -> None:
         rows, cols = terminal_size()
@@ -293,11 +331,16 @@ async def _send_input(
     legacy_eof: bool = False,
     hold: asyncio.Event | None = None,
     escape: Callable[[bytes], Awaitable[tuple[bytes, bool]]] | None = None,
+    terminal: bool = False,
 ) -> None:
     """stdin to the session, then its EOF: a half-close, or for an old backend's terminal ^D (client/legacy.py).
 
     `hold`: wait for it (at most LEGACY_INPUT_HOLD seconds) before the first input. `escape`:
     filters terminal input for the escape key; once it detached, the input ends without EOF.
+    `terminal` (stdin is the local terminal, in raw mode): its end is the terminal hanging up, not
+    an end of input (^D is a byte in raw mode), so no EOF is sent: the SIGHUP that comes with it
+    ends or detaches the session (_SignalFrames), and an attached session's shell must not read
+    an EOF meanwhile.
     """
     if hold is not None:
         from osmo_router.client.legacy import LEGACY_INPUT_HOLD
@@ -317,6 +360,8 @@ async def _send_input(
                 if not chunk:
                     continue
             await stream.send_data(chunk)
+        if terminal:
+            return
         if legacy_eof:
             from osmo_router.client.legacy import exec_eof
 

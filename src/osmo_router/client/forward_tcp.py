@@ -20,7 +20,6 @@ a session that could not be resumed (its grace passed, the agent restarted) ends
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
@@ -30,9 +29,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
+from osmo_router.client.resume import give_up
 from osmo_router.client.session import rpc_error
 from osmo_router.io.forwarding import DirectSender, SocketReader, reset_socket, shutdown_quietly
-from osmo_router.resume.stream import BREAKS, ResumableStream
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
@@ -41,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Listen backlog: bursts of many connections at once must not be refused.
 BACKLOG = 4096
-#: Longest a connection that broke on this side waits for the agent to take its Error frame.
-GIVE_UP_WAIT = 2.0
 
 
 def listen_tcp(address: str, port: int) -> socket.socket:
@@ -125,21 +122,6 @@ class TcpListener:
                 reset_socket(conn)
                 if stream is not None:
                     await give_up(stream, "the forwarded connection was closed on the client's side")
-
-
-async def give_up(stream: SessionStream, why: str) -> None:
-    """End a session that did not end cleanly, for the agent too.
-
-    A resumable session's agent would otherwise hold the connection to the target for its resume
-    grace, waiting for a resume that never comes: it is told with an Error frame first (and given
-    GIVE_UP_WAIT to acknowledge it), then the stream is cancelled.
-    """
-    if isinstance(stream, ResumableStream) and not stream.remote_final:  # (else the agent ended it already)
-        with contextlib.suppress(TimeoutError, *BREAKS):
-            async with asyncio.timeout(GIVE_UP_WAIT):
-                await stream.send_error(grpc.StatusCode.CANCELLED, why)
-                await stream.finish(GIVE_UP_WAIT)
-    stream.abort()
 
 
 class ConnectionRelay:

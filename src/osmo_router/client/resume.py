@@ -13,6 +13,7 @@ break, as before. The WebSocket transport has no resume (the old protocol cannot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -51,14 +52,19 @@ CONFIRM_WAIT = 5.0
 #: second or two, and a 4 s step was what a resume waited for.
 BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 1.0
+#: Longest a session ended on this side waits for the agent to take its Error frame.
+GIVE_UP_WAIT = 2.0
 
 Reopen = Callable[[pb.ResumeToken], Awaitable[SessionStream]]
 
 
 def say(message: str) -> None:
-    """One line on stderr (at the start of a line, raw terminal or not)."""
-    sys.stderr.write(f"\r\nosmo-net-client: {message}\r\n" if sys.stderr.isatty() else f"osmo-net-client: {message}\n")
-    sys.stderr.flush()
+    """One line on stderr (at the start of a line, raw terminal or not); nothing if stderr is gone."""
+    with contextlib.suppress(OSError):  # a terminal that hung up (EIO), a closed pipe
+        sys.stderr.write(
+            f"\r\nosmo-net-client: {message}\r\n" if sys.stderr.isatty() else f"osmo-net-client: {message}\n"
+        )
+        sys.stderr.flush()
 
 
 #: What a client is told when another client of the session's owner attached to it.
@@ -354,3 +360,18 @@ async def _until_ended(inner: SessionStream, timeout: float) -> None:
 
 
 __all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "can_resume", "open_attach", "open_stream", "reopener", "say"]
+
+
+async def give_up(stream: SessionStream, why: str) -> None:
+    """End a session from this side, for the agent too (a forwarded connection reset, a hung-up terminal).
+
+    A resumable session's agent would otherwise hold it (the connection to the target, the command)
+    for its resume grace, waiting for a resume that never comes: it is told with an Error frame
+    first (and given GIVE_UP_WAIT to acknowledge it), then the stream is cancelled.
+    """
+    if isinstance(stream, ResumableStream) and not stream.remote_final:  # (else the agent ended it already)
+        with contextlib.suppress(TimeoutError, *BREAKS):
+            async with asyncio.timeout(GIVE_UP_WAIT):
+                await stream.send_error(grpc.StatusCode.CANCELLED, why)
+                await stream.finish(GIVE_UP_WAIT)
+    stream.abort()

@@ -33,6 +33,8 @@ def raw_mode(fd: int = 0) -> Iterator[bool]:
         tty.setraw(fd, termios.TCSANOW)
         yield True
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        # A terminal that hung up (its window closed) has no mode to give back: EIO is not an error.
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         with contextlib.suppress(OSError):
             sys.stdout.flush()
