@@ -388,6 +388,37 @@ def test_transfer_broken_midway_exits_255_with_a_message(
     assert any("could not be resumed within 2s" in line for line in client.lines), client.lines
 
 
+@pytest.mark.parametrize("how", ["terminal-closed", "sigterm"])
+def test_a_transfer_stopped_here_is_ended_on_the_agent_too(
+    router: Router, workflow: str, client_args: list[str], source: Path, container: Path, how: str
+) -> None:
+    """Its terminal closed (SIGHUP to its process group) or the command stopped (SIGTERM to it alone):
+    the remote rsync ends at once (its temporary file removed), as after Ctrl-C, and the agent does
+    not hold the session for its resume grace (300 s) as after a break."""
+    agent = AgentProc(router.address, workflow)
+    client = Proc(client_cmd("rsync", *client_args, "--bwlimit", "10m", f"{source}/big.bin", f":{container}/"))
+    try:
+        agent.wait_event("rsync_start")
+        deadline = time.monotonic() + 60
+        # The transfer is under way once rsync's temporary file has data (bounded polling: no event to await).
+        while not any(p.stat().st_size > 0 for p in container.glob(".big.bin.*")):
+            assert time.monotonic() < deadline, "the transfer never started"
+            time.sleep(0.05)
+        if how == "terminal-closed":
+            os.killpg(client.pid, signal.SIGHUP)
+        else:
+            os.kill(client.pid, signal.SIGTERM)
+        assert client.wait_exit(60) != 0
+        while any(container.glob(".big.bin.*")):
+            assert time.monotonic() < deadline, "the remote rsync still runs"
+            time.sleep(0.05)
+        assert not any(r.get("event") == "held" for r in agent.events()), "the agent held the session"
+        assert not (container / "big.bin").exists(), "the transfer went on to its end"
+    finally:
+        agent.stop()
+        client.stop()
+
+
 def test_partial_transfer_resumes_from_what_arrived(
     router: Router, workflow: str, client_args: list[str], source: Path, container: Path
 ) -> None:

@@ -289,14 +289,18 @@ def _run_local_rsync(argv: list[str], env: dict[str, str]) -> int:
     finally:
         os.close(shell_alive)
     # Ctrl-C reaches rsync too (same process group): let rsync stop cleanly and report its status.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM or SIGHUP sent to this process alone is passed on, so rsync never runs on without us.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, lambda number, _frame: proc.send_signal(number))
     try:
         code = proc.wait()
         # On an error rsync leaves its remote shell running, with the remote side's last words
         # still on their way (rsync_shell.py): they are printed before we return.
         wait_for_eof(shell_gone, RSYNC_EXIT_SETTLE + 1.0)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         os.close(shell_gone)
     return code
 

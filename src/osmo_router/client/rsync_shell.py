@@ -34,7 +34,7 @@ import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
-from osmo_router.client.resume import open_stream
+from osmo_router.client.resume import give_up, open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import OutputWriter, StdinReader
 from osmo_router.io.pipe_writer import PipeWriter
@@ -52,6 +52,9 @@ STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
 READ_SIZE = BULK_CHUNK_SIZE
 #: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
 LINGER = 0.001
+#: Signals that end the transfer from this side (the terminal closed, the command stopped): the
+#: session is ended for the agent too (client/resume.py give_up), not left to its resume grace.
+ENDING_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
 #: Longest this shell goes on after rsync's SIGUSR1 (see the module docstring).
 RSYNC_EXIT_SETTLE = 3.0
 
@@ -168,16 +171,32 @@ async def _bridge(stream: SessionStream) -> int:
         if not cut_off:
             cut_off.append(loop.call_later(RSYNC_EXIT_SETTLE, receiver.cancel))
 
+    ended_by: list[int] = []
+
+    def told_to_end(sig: int) -> None:
+        # The terminal closed (SIGHUP) or the command was stopped (SIGTERM), rsync with it: the remote
+        # rsync is ended now, not held by the agent for its resume grace as after a break.
+        if not ended_by:
+            ended_by.append(sig)
+            receiver.cancel()
+
     loop.add_signal_handler(signal.SIGUSR1, rsync_exiting)
+    for sig in ENDING_SIGNALS:
+        loop.add_signal_handler(sig, told_to_end, int(sig))
     try:
         return await receiver
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise  # this shell is being stopped, not just the wait after rsync's SIGUSR1
+        if ended_by:
+            await give_up(stream, "the client's rsync was stopped")
+            return 128 + ended_by[0]
         return EXIT_CONNECTION_ERROR  # the remote side did not end within RSYNC_EXIT_SETTLE
     finally:
         loop.remove_signal_handler(signal.SIGUSR1)
+        for sig in ENDING_SIGNALS:
+            loop.remove_signal_handler(sig)
         for handle in cut_off:
             handle.cancel()
         receiver.cancel()
