@@ -204,3 +204,31 @@ async def test_a_resume_takes_the_session_entry_over(
     with redis_server.client() as client:
         assert client.hget(session_entry(key), "replica") == "r2"
     assert await r2.claim_session(key, "wf") is None
+
+
+@pytest.mark.asyncio
+async def test_close_is_bounded_when_a_redis_call_swallows_the_cancel(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py can swallow a cancel that lands in a timeout of its own (redis/redis-py#2551): the
+    heartbeat then went on beating and close(), awaiting it, never returned (a teardown stuck 120 s)."""
+    if redis_server.proc is None or redis_server.proc.poll() is not None:
+        redis_server.start()
+    view = RedisDirectory(redis_server.url, replica="r1", ttl=3.0)
+    await view.start("10.0.0.1:1", lambda _key: True)
+    beating = asyncio.Event()
+
+    async def refresh_that_swallows_a_cancel() -> None:
+        beating.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass  # what redis-py's timeout may do with it
+
+    monkeypatch.setattr(view, "refresh", refresh_that_swallows_a_cancel)
+    async with asyncio.timeout(10):  # the heartbeat beats every second (ttl / 3)
+        await beating.wait()
+    async with asyncio.timeout(10):
+        await view.close()
+    heartbeat = view._heartbeat
+    assert heartbeat is not None and heartbeat.done()

@@ -183,6 +183,7 @@ class RedisDirectory:
         self._up = True
         self._wake = asyncio.Event()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
         self._background: set[asyncio.Task[None]] = set()
         self.up_gauge = Gauge("router_grpc_directory_up", "1 while the shared directory answers.", registry=registry)
         self.errors_total = Counter(
@@ -205,10 +206,14 @@ class RedisDirectory:
 
     async def close(self) -> None:
         """Stop the heartbeat and withdraw every entry of this replica (bounded)."""
+        self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-            with contextlib.suppress(BaseException):
-                await self._heartbeat
+            # Bounded, and the loop checks _closed too: a cancel that lands while redis-py waits in a
+            # timeout of its own can be swallowed (redis/redis-py#2551), and the heartbeat would go on
+            # beating, holding shutdown up for good (seen: a test's teardown stuck for 120 s).
+            self._wake.set()
+            await asyncio.wait({self._heartbeat}, timeout=2 * self._op_timeout)
         agents, self._agents = self._agents, {}
         sessions, self._sessions = self._sessions, {}
         # Bounded as a whole: the pipeline's own script loading and the connection close are not
@@ -399,11 +404,13 @@ class RedisDirectory:
         task.add_done_callback(self._background.discard)
 
     async def _beat(self) -> None:
-        while True:
+        while not self._closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             self._wake.clear()
+            if self._closed:
+                return
             try:
                 await self.refresh()
             except DirectoryUnavailable:
