@@ -271,6 +271,32 @@ def test_stalled_connection_does_not_block_another(agent: AgentProc, client_args
             proc.stop()
 
 
+def test_closing_its_terminal_stops_the_forward_and_its_connections(agent: AgentProc, client_args: list[str]) -> None:
+    """SIGHUP (the terminal the forward runs in closed) stops it as Ctrl-C does: exit 0, and a connection
+    in flight ends at the target at once. It used to kill the forward, and the agent held the
+    connection to the target for its resume grace (300 s)."""
+    ended = threading.Event()
+
+    def hold_until_closed(conn: socket.socket) -> None:
+        conn.sendall(b"hi")
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+        ended.set()
+
+    with tcp_server(hold_until_closed) as port:
+        proc, (local,) = start_forward(client_args, f":{port}")
+        conn = connect(local)
+        try:
+            assert conn.recv(2) == b"hi"  # the connection is through to the target
+            proc.signal(signal.SIGHUP)
+            assert proc.wait_exit(TIMEOUT) == 0
+            assert ended.wait(TIMEOUT), "the target's connection was kept open"
+        finally:
+            conn.close()
+            proc.stop()
+
+
 def test_allow_ports_refusal_is_reported(router: Router, workflow: str, client_args: list[str]) -> None:
     """A port the agent's --allow-ports excludes ends the command at its start (the watch lists the ports),
     --reconnect or not: it used to listen, then refuse every connection (and, with --reconnect, retry

@@ -16,7 +16,6 @@ import contextlib
 import ipaddress
 import random
 import secrets
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.forward_events import Reporter, host_port
+from osmo_router.client.forward_events import STOP_SIGNALS, Reporter, host_port
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.resume_start import Notify, open_resumable, ready_resumable, start_resumable
@@ -195,7 +194,7 @@ class PortForward:
     async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
         """Check the agent, listen, announce, then serve until a signal or the agent's loss."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
         self._watched = sorted({spec.remote_port for spec in ports})
         try:
@@ -214,7 +213,7 @@ class PortForward:
                 return EXIT_CONNECTION_ERROR
             return await self._supervise(watch)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             await self._close_listeners()
 

@@ -7,6 +7,7 @@ Problems go to stderr as one line each; with --json they are also JSON events on
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any, Protocol
 
@@ -32,6 +33,10 @@ class SessionOpener(Protocol):
 
 
 PREFIX = "osmo-net-client: port-forward:"
+#: Signals that stop a forward cleanly (exit 0): Ctrl-C, SIGTERM, and its terminal closing (SIGHUP),
+#: which used to kill it outright and leave every connection in flight held by the agent for its
+#: resume grace, connected to its target.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def host_port(address: str, port: int) -> str:

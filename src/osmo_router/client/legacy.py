@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.forward_events import Reporter, host_port
+from osmo_router.client.forward_events import STOP_SIGNALS, Reporter, host_port
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, Unavailable
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
@@ -197,7 +196,7 @@ async def run_legacy_forward(
         return EXIT_CONNECTION_ERROR
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     servers: list[Any] = []
     try:
@@ -221,7 +220,7 @@ async def run_legacy_forward(
         print(f"osmo-net-client: port-forward: cannot listen: {err.strerror or err}", file=sys.stderr)
         return 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         for server in servers:
             server()
