@@ -139,6 +139,26 @@ def test_agent_killed_mid_session(router: Router, workflow: str, client_args: li
         agent.stop()
 
 
+def test_an_agent_told_to_stop_tells_its_sessions_clients(
+    router: Router, workflow: str, client_args: list[str]
+) -> None:
+    """SIGTERM to the agent (a pod being deleted): its clients hear why and exit 255 at once. They took
+    it for a break and tried to resume, for their whole grace (300 s), a session that went with it."""
+    agent = AgentProc(router.address, workflow)
+    client = Proc(client_cmd("exec", *client_args, "--", "sh", "-c", "echo started; sleep 60"))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        os.kill(agent.pid, signal.SIGTERM)
+        assert client.wait_exit(30) == 255
+        assert any("the agent is shutting down" in line and "[UNAVAILABLE]" in line for line in client.lines), (
+            client.lines
+        )
+        assert agent.wait_exit(30) == 0
+    finally:
+        client.stop()
+        agent.stop()
+
+
 def test_client_killed_hangs_up_remote_process(
     router: Router, workflow: str, client_args: list[str], tmp_path: Path
 ) -> None:

@@ -109,8 +109,9 @@ class Agent:
         log.warning(message, cause, delay, extra={"fields": {"event": event, "router_address": address}})
 
     async def close(self) -> None:
-        """Stop reconnecting, end sessions in flight, close the channel."""
+        """Stop reconnecting, tell the clients of sessions in flight, end them, close the channel."""
         self._closing = True
+        await self.held.end_all()
         # Unused standby streams are cancelled with their tasks: nothing was sent on them.
         for task in [*self._standby, *self._sessions]:
             task.cancel()

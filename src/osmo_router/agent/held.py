@@ -45,6 +45,11 @@ REPORT_EVERY = 5.0
 REPORT_DELAY = 0.25
 #: Longest the agent tries to tell the attached client that another one takes the session over.
 TAKEOVER_NOTICE = 1.0
+#: Longest a stopping agent waits, for all its sessions together, for their clients to take the
+#: Error frame that says so (a detached session's client cannot: it finds out when it resumes).
+SHUTDOWN_NOTICE = 2.0
+#: What the clients of a stopping agent's sessions are told.
+SHUTTING_DOWN = "the agent is shutting down; the session ended"
 
 
 def target_of(open_msg: pb.SessionOpen) -> pb.SessionTarget:
@@ -328,6 +333,22 @@ class HeldSessions:
         finally:
             if self._held.pop(stream.key, None) is not None:
                 self._changed()
+
+    async def end_all(self, timeout: float = SHUTDOWN_NOTICE) -> None:
+        """The agent stops: tell every held session's client so (an Error frame), waiting at most
+        `timeout` s in all for them to take it. Without it a client took the stop for a break and
+        tried to resume, for its whole grace, a session that went with the agent."""
+
+        async def tell(held: HeldStream) -> None:
+            with contextlib.suppress(SessionLost, *BREAKS):
+                await held.send_error(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                await held.finish(timeout)
+
+        sessions = self.sessions()
+        if sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(tell(held) for held in sessions), return_exceptions=True)
 
     def forget(self, stream: SessionStream) -> None:
         """Drop a session whose handler failed."""
