@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from osmo_router.wire.wsproto import MAX_REQUEST_TARGET
 from tests.e2e.test_exec_e2e import check_tty_size_resize_and_ctrl_c
 from tests.e2e.test_rsync_e2e import make_tree, snapshot
 from tests.harness import Proc, Router, client_cmd, run_client
@@ -92,6 +93,21 @@ def test_exec_env_reaches_the_command(router: Router, grpc_workflow: str, client
         pairing.finish()
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"hello|a b=c&d|local"
+
+
+def test_a_command_too_long_for_a_websocket_url_is_refused_before_dialling(router: Router, grpc_workflow: str) -> None:
+    """The router reads request targets of up to MAX_REQUEST_TARGET bytes; the client checks its URL against
+    that and says what to do instead of the router's bare 400 ("Invalid response status")."""
+    for length, first_line in ((MAX_REQUEST_TARGET, b"HTTP/1.1 404"), (MAX_REQUEST_TARGET + 1, b"HTTP/1.0 400")):
+        target = "/nothing?" + "a" * (length - len("/nothing?"))
+        with socket.create_connection(("127.0.0.1", router.ws_port), timeout=10) as raw:
+            raw.sendall(f"GET {target} HTTP/1.1\r\nHost: router\r\n\r\n".encode())
+            assert raw.recv(200).startswith(first_line), length
+    args = client_args(router, grpc_workflow, "ws")
+    result = run_client("exec", *args, "--", "echo", "a" * 20_000)
+    assert result.returncode == 255
+    assert b"too long for the WebSocket transport" in result.stderr and b"--transport grpc" in result.stderr
+    assert not any("bad HTTP request" in line and "/api/router/exec/" in line for line in router.lines)
 
 
 @pytest.mark.parametrize(("client", "agent"), PAIRINGS[1:], ids=IDS[1:])

@@ -32,6 +32,7 @@ from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
     ERROR_HEADER,
+    MAX_REQUEST_TARGET,
     base_url,
     client_query,
     datagram_frame,
@@ -272,6 +273,12 @@ class WsTransport:
         url = session_url(
             self.base, operation, init.target.workflow_id, "client", key, client_query(init, want_exit=True)
         )
+        if (length := len(url) - len(self.base)) > MAX_REQUEST_TARGET:
+            # The router would answer 400 to a request line it cannot read: say why, before dialling.
+            raise InvalidArgument(
+                f"the command and its environment are too long for the WebSocket transport ({length} bytes "
+                f"of URL, at most {MAX_REQUEST_TARGET}): use the gRPC transport (--transport grpc)"
+            )
         try:
             ws = await connect(self._session, url, self._dial, self._timeout)
         except PortUnreachable as err:

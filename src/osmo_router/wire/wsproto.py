@@ -126,6 +126,11 @@ def default_ws_address(router_address: str) -> str:
     return f"{host}:{DEFAULT_WS_PORT}"
 
 
+#: Longest request target (path and query) the router's WebSocket port reads: aiohttp's max_line_size,
+#: which its parser applies to the target (measured: 8,190 bytes answered, 8,191 refused with 400).
+MAX_REQUEST_TARGET = 8190
+
+
 def session_url(base: str, operation: int, workflow: str, side: str, key: str, query: list[tuple[str, str]]) -> str:
     """The full URL of one side of a session."""
     path = SESSION_PATH.format(operation=OPERATION_PATH_NAMES[operation], workflow=workflow, side=side, key=key)
