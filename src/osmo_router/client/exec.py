@@ -129,19 +129,7 @@ async def relay_session(
     try:
         return unread.exit_code(await receive_output(stream, write_stdout))
     except (grpc.aio.AioRpcError, RouterError) as err:
-        if signals.hung_up:  # this process was told to end: the session is ended or detached
-            if detached is not None and getattr(stream, "detached", False):
-                detached()  # says how to attach again
-            return 128 + signals.hung_up
-        if detached is not None and getattr(stream, "detached", False):
-            return detached()
-        if unread.gave_up:  # ended from here, not broken: 141 (1 after a failed stdout)
-            return unread.exit_code(EXIT_CONNECTION_ERROR)
-        if isinstance(err, grpc.aio.AioRpcError):
-            log.debug("exec stream failed", exc_info=True)
-        error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
-        _say(f"{error.message} [{error.code.name}]", tty)
-        return EXIT_CONNECTION_ERROR
+        return _ended_early(err, stream, tty, signals, unread, detached)
     finally:
         unread.cancel()
         stdout.close()
@@ -149,6 +137,31 @@ async def relay_session(
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
+
+
+def _ended_early(
+    err: grpc.aio.AioRpcError | RouterError,
+    stream: SessionStream,
+    tty: bool,
+    signals: _SignalFrames,
+    unread: _UnreadOutput,
+    detached: Callable[[], int] | None,
+) -> int:
+    """The exit code of a session that ended without an exit status: on purpose from here, or broken."""
+    was_detached = detached is not None and getattr(stream, "detached", False)
+    if signals.hung_up:  # this process was told to end: the session is ended or detached
+        if was_detached and detached is not None:
+            detached()  # says how to attach again
+        return 128 + signals.hung_up
+    if was_detached and detached is not None:
+        return detached()
+    if unread.gave_up:  # ended from here, not broken: 141 (1 after a failed stdout)
+        return unread.exit_code(EXIT_CONNECTION_ERROR)
+    if isinstance(err, grpc.aio.AioRpcError):
+        log.debug("exec stream failed", exc_info=True)
+    error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
+    _say(f"{error.message} [{error.code.name}]", tty)
+    return EXIT_CONNECTION_ERROR
 
 
 class _UnreadOutput:
