@@ -95,6 +95,26 @@ def test_exec_env_reaches_the_command(router: Router, grpc_workflow: str, client
     assert result.stdout == b"hello|a b=c&d|local"
 
 
+@pytest.mark.parametrize(("client", "agent"), PAIRINGS, ids=IDS)
+def test_exec_workdir(router: Router, grpc_workflow: str, client: str, agent: str, tmp_path: Path) -> None:
+    (tmp_path / "sub dir").mkdir()
+    pairing = Pairing(router, grpc_workflow, client, agent)
+    try:
+        result = run_client("exec", *pairing.args, "-w", str(tmp_path / "sub dir"), "--", "pwd")
+    finally:
+        pairing.finish()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == str(tmp_path / "sub dir")
+
+
+def test_exec_workdir_that_cannot_be_entered_is_named(router: Router, grpc_workflow: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    result = run_client("exec", *client_args(router, grpc_workflow, "grpc"), "--workdir", str(missing), "--", "pwd")
+    assert result.returncode == 255
+    expected = f"the working directory {missing} cannot be entered: no such directory (exec --workdir)"
+    assert expected.encode() in result.stderr, result.stderr
+
+
 def test_a_command_too_long_for_a_websocket_url_is_refused_before_dialling(router: Router, grpc_workflow: str) -> None:
     """The router reads request targets of up to MAX_REQUEST_TARGET bytes; the client checks its URL against
     that and says what to do instead of the router's bare 400 ("Invalid response status")."""

@@ -215,3 +215,5 @@ def test_exec_env_is_refused_for_an_old_backend() -> None:
     check_exec([], {})
     with pytest.raises(LegacyUsageError, match="--env cannot be carried"):
         check_exec([], {"A": "1"})
+    with pytest.raises(LegacyUsageError, match="--workdir cannot be carried"):
+        check_exec([], {}, "/w")

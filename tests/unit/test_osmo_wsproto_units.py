@@ -95,8 +95,9 @@ def test_exec_env_travels_as_repeated_query_parameters() -> None:
     from osmo_router.wire.protocol import pb
     from osmo_router.wire.wsproto import client_query
 
-    init = pb.ExecInit(command=["env"], env={"A": "1", "B": "x=y"})
+    init = pb.ExecInit(command=["env"], env={"A": "1", "B": "x=y"}, workdir="/w d")
     query = MultiDict(client_query(init, want_exit=True))
     assert _env(query) == {"A": "1", "B": "x=y"}
+    assert query["cwd"] == "/w d"
     with pytest.raises(InvalidArgument, match="is not NAME=VALUE"):
         _env(MultiDict([("env", "novalue")]))

@@ -65,6 +65,8 @@ def request_error(init: pb.ExecInit) -> str | None:
         return "the command holds a NUL character"
     if "\0" in init.term:
         return "TERM holds a NUL character"
+    if "\0" in init.workdir:
+        return "the working directory holds a NUL character"
     return None
 
 
@@ -83,13 +85,16 @@ async def run_exec(
         await _refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, problem)
         return
     argv = list(init.command) or [shell or default_shell()]
+    # The client's --workdir, relative to the agent's own (an absolute one stands alone).
+    flag = "exec --workdir" if init.workdir else "agent --workdir"
+    workdir = os.path.join(workdir or os.getcwd(), init.workdir) if init.workdir else workdir
     env = dict(os.environ)
     env.update(init.env)
     if init.tty:
         env["TERM"] = init.term or env.get("TERM") or "xterm-256color"
     if workdir and not os.path.isdir(workdir):
         reason = "not a directory" if os.path.exists(workdir) else "no such directory"
-        await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason))
+        await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason, flag))
         return
     if shutil.which(argv[0], path=env.get("PATH")) is None and not os.path.exists(argv[0]):
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found\n".encode()))
@@ -108,15 +113,16 @@ async def run_exec(
     except SpawnError as err:
         reason = err.strerror or str(err)
         if workdir and err.filename == workdir:
-            await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason))
+            await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason, flag))
             return
         log.info("exec %s: %s", argv[0], reason)
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: {reason}\n".encode()))
         await _finish(stream, 127 if err.errno == errno.ENOENT else 126)
 
 
-def _workdir_message(workdir: str, reason: str) -> str:
-    return f"the agent's working directory {workdir} cannot be entered: {reason} (agent --workdir)"
+def _workdir_message(workdir: str, reason: str, flag: str) -> str:
+    whose = "the" if flag.startswith("exec") else "the agent's"
+    return f"{whose} working directory {workdir} cannot be entered: {reason} ({flag})"
 
 
 async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:

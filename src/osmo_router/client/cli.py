@@ -165,9 +165,22 @@ def main_group() -> None:
     help="Set an environment variable for COMMAND (repeatable); NAME alone passes this shell's value, "
     "as docker exec -e does.",
 )
+@click.option(
+    "--workdir",
+    "-w",
+    default="",
+    metavar="DIR",
+    help="Working directory of COMMAND (relative: to the agent's); default: the agent's.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def exec_command(
-    tty: bool, stdin: bool, detach: bool, env: tuple[str, ...], command: tuple[str, ...], **options: Any
+    tty: bool,
+    stdin: bool,
+    detach: bool,
+    env: tuple[str, ...],
+    workdir: str,
+    command: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Run COMMAND in the container (default: its shell); exits with the remote exit code.
 
@@ -179,6 +192,7 @@ def exec_command(
     from osmo_router.client.exec import run_exec
 
     _require_utf8("COMMAND", command)
+    _require_utf8("--workdir", [workdir])
     environment = parse_env(env)
     config = client_config(options)
     if tty and not detach and not os.isatty(0):
@@ -191,7 +205,10 @@ def exec_command(
         tty = False
     tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
     sys.exit(
-        run_async(run_exec(config, list(command), tty, detach=detach, env=environment), prefer_uvloop=_uvloop(config))
+        run_async(
+            run_exec(config, list(command), tty, detach=detach, env=environment, workdir=workdir),
+            prefer_uvloop=_uvloop(config),
+        )
     )
 
 

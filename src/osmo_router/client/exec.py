@@ -47,12 +47,17 @@ def exit_code_of(status: pb.ExitStatus) -> int:
 
 
 async def run_exec(
-    config: ClientConfig, command: list[str], tty: bool, detach: bool = False, env: dict[str, str] | None = None
+    config: ClientConfig,
+    command: list[str],
+    tty: bool,
+    detach: bool = False,
+    env: dict[str, str] | None = None,
+    workdir: str = "",
 ) -> int:
     """Run the session to its end and return the exit code to exit with.
 
     `detach`: start the session and detach at once (client/attach.py), printing its key. `env`: the
-    command's environment beyond the agent's own.
+    command's environment beyond the agent's own; `workdir`: its working directory.
     """
     from osmo_router.client.attach import detach_now, detached_notice
 
@@ -61,7 +66,7 @@ async def run_exec(
         from osmo_router.client.legacy import EXIT_USAGE, LegacyUsageError, check_exec
 
         try:
-            check_exec(command, env or {})
+            check_exec(command, env or {}, workdir)
         except LegacyUsageError as err:
             print(f"osmo-net-client: exec: {err}", file=sys.stderr)
             return EXIT_USAGE
@@ -75,6 +80,7 @@ async def run_exec(
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=os.environ.get("TERM", ""),
             env=env or {},
+            workdir=workdir,
         )
         stream = await open_stream(transport, config, pb.OPERATION_EXEC, init)
         if detach:

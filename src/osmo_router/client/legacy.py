@@ -59,11 +59,13 @@ def exec_eof(sent_any: bool, last_byte: int | None) -> bytes:
     return terminal_eof(sent_any, last_byte)
 
 
-def check_exec(command: list[str], env: dict[str, str]) -> None:
-    """An old backend runs the entry command the OSMO service gave it: a command or environment here cannot reach it."""
-    if env:
+def check_exec(command: list[str], env: dict[str, str], workdir: str = "") -> None:
+    """An old backend runs the entry command the OSMO service gave it: a command, environment or
+    working directory here cannot reach it."""
+    if env or workdir:
+        flag = "--env" if env else "--workdir"
         raise LegacyUsageError(
-            "an old backend runs the command the OSMO service gave it, in its environment; --env cannot be carried"
+            f"an old backend runs the command the OSMO service gave it, where it gave it; {flag} cannot be carried"
         )
     if command:
         raise LegacyUsageError(

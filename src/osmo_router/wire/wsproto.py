@@ -148,6 +148,8 @@ def client_query(init: pb.ExecInit | pb.PortForwardInit | pb.RsyncInit, want_exi
         if init.term:
             query.append(("term", init.term))
         query += [("env", f"{name}={value}") for name, value in init.env.items()]
+        if init.workdir:
+            query.append(("cwd", init.workdir))
         if want_exit:
             query.append(("exit", "1"))
     elif isinstance(init, pb.PortForwardInit):

@@ -212,10 +212,13 @@ class ExecInit(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
+    WORKDIR_FIELD_NUMBER: _builtins.int
     tty: _builtins.bool
     """Allocate a pseudo-terminal."""
     term: _builtins.str
     """Value of TERM for the remote process (tty only)."""
+    workdir: _builtins.str
+    """Working directory of the remote process (relative: to the agent's own); empty: the agent's."""
     @_builtins.property
     def target(self) -> Global___SessionTarget: ...
     @_builtins.property
@@ -239,10 +242,11 @@ class ExecInit(_message.Message):
         size: Global___TerminalSize | None = ...,
         term: _builtins.str = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        workdir: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["size", b"size", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "size", b"size", "target", b"target", "term", b"term", "tty", b"tty"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "env", b"env", "size", b"size", "target", b"target", "term", b"term", "tty", b"tty", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

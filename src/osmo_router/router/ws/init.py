@@ -113,6 +113,7 @@ async def client_init(
             size=pb.TerminalSize(rows=rows, cols=cols),
             term=query.get("term", ""),
             env=_env(query),
+            workdir=query.get("cwd", ""),
         )
         if created is not None:
             created_exec(created, init)
