@@ -55,6 +55,7 @@ def open_channel(dial: DialConfig) -> grpc.aio.Channel:
 
 def _native_channel(dial: DialConfig) -> grpc.aio.Channel:
     """The h2 channel: the same TLS, keepalive and message limits as the grpc.aio one."""
+    from osmo_router.dial.proxy import open_socket
     from osmo_router.h2.channel import Channel, client_ssl_context
     from osmo_router.h2.config import H2Config
     from osmo_router.wire.protocol import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT, MAX_MESSAGE_SIZE
@@ -63,4 +64,5 @@ def _native_channel(dial: DialConfig) -> grpc.aio.Channel:
         max_message_size=MAX_MESSAGE_SIZE, keepalive_time=KEEPALIVE_TIME, keepalive_timeout=KEEPALIVE_TIMEOUT
     )
     context = client_ssl_context(dial.tls_ca, dial.tls_cert, dial.tls_key) if dial.tls else None
-    return Channel(dial.address, ssl=context, server_name=dial.tls_server_name, config=config)
+    # Through an HTTP CONNECT proxy when the environment names one for the router (as grpcio does).
+    return Channel(dial.address, ssl=context, server_name=dial.tls_server_name, config=config, tunnel=open_socket)

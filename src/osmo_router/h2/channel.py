@@ -15,8 +15,9 @@ explains it as it does grpc's. Keepalive pings and message limits come from wire
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -26,6 +27,9 @@ from osmo_router.h2.config import H2Config
 from osmo_router.h2.connection import Connection, ConnectionClosed
 from osmo_router.h2.grpc import encode_metadata, format_timeout
 from osmo_router.h2.stream import Headers, Stream
+
+#: Opens a connected socket to (host, port) to dial over, or returns None to dial directly.
+Tunnel = Callable[[str, int], Awaitable[socket.socket | None]]
 
 #: Bound on dialling (TCP, TLS, the server's SETTINGS), as grpc's connect deadline.
 CONNECT_TIMEOUT = 20.0
@@ -153,7 +157,10 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         server_name: str | None = None,
         config: H2Config | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        tunnel: Tunnel | None = None,
     ) -> None:
+        """`tunnel(host, port)`: a connected socket to dial over (an HTTP CONNECT proxy's), or None to dial directly."""
+        self._tunnel = tunnel
         self._target = target
         self._host, self._port = split_target(target)
         self._ssl = ssl
@@ -218,17 +225,20 @@ class Channel(grpc.aio.Channel):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
+                tunnel = await self._tunnel(self._host, self._port) if self._tunnel is not None else None
+                where = {"sock": tunnel} if tunnel is not None else {"host": self._host, "port": self._port}
                 transport, conn = await loop.create_connection(
                     lambda: Connection("client", self._config),
-                    self._host,
-                    self._port,
                     ssl=self._ssl,
                     server_hostname=(self._server_name or self._host) if self._ssl is not None else None,
+                    **where,
                 )
                 if self._ssl is not None and transport.get_extra_info("ssl_object").selected_alpn_protocol() != "h2":
                     transport.close()
                     raise ConnectionError("Cannot check peer: missing selected ALPN property")
                 await conn.ready()
+        except ValueError as err:  # a malformed tunnel (proxy) setting
+            raise aio_error(grpc.StatusCode.UNAVAILABLE, str(err)) from None
         except (OSError, ConnectionClosed, TimeoutError) as err:
             raise aio_error(
                 grpc.StatusCode.UNAVAILABLE,

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.config import split_addresses
+from osmo_router.dial.proxy import ProxyError, open_socket, open_tunnel_blocking, proxy_for
 from osmo_router.transport import GRPC, WS, Transport
 from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.wire.wsproto import base_url, default_ws_address
@@ -97,7 +98,16 @@ async def reachable(address: str, timeout: float) -> bool:
             return True  # a form we cannot probe (dns:///, unix:): let gRPC report on it
         try:
             async with asyncio.timeout(timeout):
+                if (tunnel := await open_socket(*target)) is not None:  # through the proxy, as the dial goes
+                    tunnel.close()
+                    return True
                 _, writer = await asyncio.open_connection(*target)
+        except ValueError:
+            return True  # a malformed proxy setting: the dial reports it
+        except ProxyError as err:
+            if err.target_unreachable:
+                continue
+            return True  # the proxy's own problem (down, credentials): the dial reports it, not a fallback
         except (OSError, TimeoutError):
             continue
         writer.close()
@@ -114,11 +124,25 @@ def reachable_now(address: str, timeout: float) -> bool:
         if target is None:
             return True
         try:
-            socket.create_connection(target, timeout=timeout).close()
+            _connect_now(target, timeout).close()
+        except ValueError:
+            return True  # a malformed proxy setting: the dial reports it
+        except ProxyError as err:
+            if err.target_unreachable:
+                continue
+            return True  # the proxy's own problem (down, credentials): the dial reports it, not a fallback
         except OSError:
             continue
         return True
     return False
+
+
+def _connect_now(target: tuple[str, int], timeout: float) -> socket.socket:
+    """A TCP connection to target, through the proxy the environment names for it if any (dial/proxy.py)."""
+    proxy = proxy_for(target[0])
+    if proxy is not None:
+        return open_tunnel_blocking(proxy, *target, timeout)
+    return socket.create_connection(target, timeout=timeout)
 
 
 def _log_fallback(config: ClientConfig, base: str) -> None:
@@ -145,7 +169,9 @@ def ws_port_problem(config: ClientConfig) -> str | None:
     url = urlsplit(ws_base(config))
     port = url.port or (443 if url.scheme == "wss" else 80)
     try:
-        socket.create_connection((url.hostname or "", port), timeout=probe_timeout(config)).close()
+        _connect_now((url.hostname or "", port), probe_timeout(config)).close()
+    except ValueError:
+        return None  # a malformed proxy setting: the WebSocket dial reports it
     except OSError as err:
         return err.strerror or str(err) or type(err).__name__
     return None

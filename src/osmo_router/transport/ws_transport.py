@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
 
 from osmo_router.dial.config import DialConfig
+from osmo_router.dial.proxy import Proxy, proxy_for
 from osmo_router.transport import WS, SessionInit, SessionStream
 from osmo_router.wire.codec import decode_data_message
 from osmo_router.wire.errors import (
@@ -82,10 +84,22 @@ def auth_headers(dial: DialConfig) -> dict[str, str]:
 async def connect(
     session: aiohttp.ClientSession, url: str, dial: DialConfig, timeout: float
 ) -> aiohttp.ClientWebSocketResponse:
-    """Open one WebSocket; handshake refusals become the matching RouterError."""
+    """Open one WebSocket; handshake refusals become the matching RouterError.
+
+    Through the HTTP proxy the environment names for the router's host, chosen as for the gRPC
+    channel (dial/proxy.py): aiohttp tunnels a wss:// URL with CONNECT, and sends a ws:// one to the
+    proxy as a forwarded request, which only a proxy that passes WebSocket upgrades on can carry.
+    """
+    try:
+        proxy = proxy_for(urlsplit(url).hostname or "")
+    except ValueError as err:
+        raise Unavailable(str(err)) from None
+    proxy_headers = {"Proxy-Authorization": proxy.authorization} if proxy and proxy.authorization else None
     try:
         return await session.ws_connect(
             url,
+            proxy=proxy.url if proxy else None,
+            proxy_headers=proxy_headers,
             headers=auth_headers(dial),
             heartbeat=HEARTBEAT,
             max_msg_size=MAX_MESSAGE_SIZE,
@@ -98,10 +112,22 @@ async def connect(
         # The router names the cause in a header (`CODE: message`); another server only gives a status.
         error = error_from_reason(err.headers.get(ERROR_HEADER, "") if err.headers else "")
         if type(error) is RouterError:
-            error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(f"the router refused the WebSocket: {err.message}")
+            error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(_refusal(err, proxy, url))
         raise error from None
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
-        raise PortUnreachable(url.split("/api/")[0], str(err)) from None
+        via = f" (through the proxy {proxy.address})" if proxy else ""
+        raise PortUnreachable(url.split("/api/")[0], f"{err}{via}") from None
+
+
+def _refusal(err: aiohttp.WSServerHandshakeError, proxy: Proxy | None, url: str) -> str:
+    """What a handshake refused without the router's own reason says (the proxy's, perhaps)."""
+    if proxy is None:
+        return f"the router refused the WebSocket: {err.message}"
+    hint = ""
+    if url.startswith(("ws:", "http:")):
+        # RFC 6455 asks for a CONNECT tunnel; aiohttp forwards a plain ws:// request instead.
+        hint = "; a plain ws:// WebSocket reaches the proxy as a forwarded request: use TLS (wss://) or no_proxy"
+    return f"the proxy {proxy.address} or the router behind it refused the WebSocket: {err.status} {err.message}{hint}"
 
 
 class PortUnreachable(Unavailable):

@@ -1,0 +1,136 @@
+"""Through a real HTTP CONNECT proxy (Debian's tinyproxy): the native channel, grpcio's own, the
+WebSocket transport over TLS, the exclusions and the proxy's refusals (src/osmo_router/dial/proxy.py)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import AgentProc, Router, run_client
+from tests.redis_harness import free_port
+from tests.security_kit import Pki
+
+
+class TinyProxy:
+    """tinyproxy on a loopback port, logging every CONNECT it is asked for."""
+
+    def __init__(self, directory: Path, basic_auth: tuple[str, str] | None = None) -> None:
+        binary = shutil.which("tinyproxy")
+        assert binary, "tinyproxy is missing: scripts/install installs it"
+        self.port = free_port()
+        self.log = directory / f"tinyproxy-{self.port}.log"
+        config = directory / f"tinyproxy-{self.port}.conf"
+        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 600", "LogLevel Connect", "Allow 127.0.0.1"]
+        if basic_auth:
+            lines.append(f"BasicAuth {basic_auth[0]} {basic_auth[1]}")
+        config.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen(
+            [binary, "-d", "-c", str(config)], stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while "Reloading config file finished" not in self.log.read_text():  # bounded: it logs once it listens
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:PORT."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def connects(self) -> list[str]:
+        """The host:port of every CONNECT asked for so far."""
+        return re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP", self.log.read_text())
+
+    def stop(self) -> None:
+        """Stop the proxy."""
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[TinyProxy]:
+    proc = TinyProxy(tmp_path)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[Router]:
+    proc = Router()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def workflow(router: Router) -> Iterator[str]:
+    name = f"wf-proxy-{uuid.uuid4().hex[:8]}"
+    agent = AgentProc(router.address, name)
+    yield name
+    agent.stop()
+
+
+def _args(router: Router, workflow: str) -> list[str]:
+    return ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+
+
+@pytest.mark.parametrize("channel", ["native", "grpcio"])
+def test_exec_through_the_proxy_the_environment_names(
+    router: Router, workflow: str, proxy: TinyProxy, channel: str
+) -> None:
+    """https_proxy, as gRPC core reads it: our native channel tunnels as grpcio's own does."""
+    env = {"https_proxy": proxy.url}
+    result = run_client("exec", *_args(router, workflow), "--grpc-channel", channel, "--", "echo", "hi", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"hi\n"
+    assert f"127.0.0.1:{router.port}" in proxy.connects()
+
+
+def test_no_proxy_and_an_unreachable_proxy(router: Router, workflow: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    bypassed = run_client(
+        "exec", *_args(router, workflow), "--", "true", env={"grpc_proxy": dead, "no_proxy": "127.0.0.0/8"}
+    )
+    assert bypassed.returncode == 0, bypassed.stderr
+    failed = run_client("exec", *_args(router, workflow), "--", "true", env={"HTTPS_PROXY": dead})
+    assert failed.returncode == 255
+    assert b"cannot reach the proxy 127.0.0.1:" in failed.stderr, failed.stderr
+
+
+def test_a_proxy_that_wants_credentials(router: Router, workflow: str, tmp_path: Path) -> None:
+    proxy = TinyProxy(tmp_path, basic_auth=("alice", "s3cret"))
+    try:
+        refused = run_client("exec", *_args(router, workflow), "--", "true", env={"https_proxy": proxy.url})
+        assert refused.returncode == 255
+        assert b"refused to connect to 127.0.0.1:" in refused.stderr and b"407" in refused.stderr, refused.stderr
+        assert b"http://user:password@host:port" in refused.stderr
+        with_credentials = proxy.url.replace("http://", "http://alice:s3cret@")
+        result = run_client("exec", *_args(router, workflow), "--", "echo", "in", env={"https_proxy": with_credentials})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"in\n"
+    finally:
+        proxy.stop()
+
+
+def test_the_websocket_transport_over_tls_is_tunnelled(tmp_path: Path, proxy: TinyProxy) -> None:
+    """wss:// goes through a CONNECT tunnel (TLS end to end); the probe that picks the transport uses it too."""
+    pki = Pki.create(tmp_path)
+    router = Router("--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--auth=none", secure=True)
+    name = f"wf-proxy-{uuid.uuid4().hex[:8]}"
+    agent = AgentProc(router.address, name, "--tls-ca", str(pki.ca), tls=True)
+    try:
+        args = ["--router-address", router.address, "--ws-address", f"wss://127.0.0.1:{router.ws_port}"]
+        args += ["--workflow-id", name, "--tls-ca", str(pki.ca), "--transport", "ws"]
+        result = run_client("exec", *args, "--", "echo", "wss", env={"https_proxy": proxy.url})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"wss\n"
+        assert f"127.0.0.1:{router.ws_port}" in proxy.connects()
+    finally:
+        agent.stop()
+        router.stop()
