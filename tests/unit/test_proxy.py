@@ -50,6 +50,9 @@ def test_proxy_urls() -> None:
     for bad, words in (("https://proxy:1", "only http://"), ("http://:1", "names no host"), ("http://p:99999", "port")):
         with pytest.raises(ValueError, match=words):
             parse_proxy(bad)
+    with pytest.raises(ValueError, match="port") as leaked:
+        parse_proxy("http://alice:s3cret@p:99999")
+    assert "s3cret" not in str(leaked.value) and "'http://p:99999'" in str(leaked.value)
 
 
 def test_answers_to_the_connect() -> None:

@@ -78,14 +78,15 @@ def _setting(names: tuple[str, ...], env: Mapping[str, str]) -> str:
 def parse_proxy(value: str) -> Proxy:
     """A proxy from `http://[user:password@]host[:port]` (a bare host:port is taken as http); ValueError if not."""
     url = urlsplit(value if "://" in value else f"http://{value}")
+    shown = value.replace(url.netloc, url.netloc.rpartition("@")[2]) if "@" in url.netloc else value  # no password
     if url.scheme != "http":
-        raise ValueError(f"proxy {value!r}: only http:// proxies are supported (CONNECT over plain TCP)")
+        raise ValueError(f"proxy {shown!r}: only http:// proxies are supported (CONNECT over plain TCP)")
     try:
         port = url.port or 80
     except ValueError:
-        raise ValueError(f"proxy {value!r}: the port is not a number within 0-65535") from None
+        raise ValueError(f"proxy {shown!r}: the port is not a number within 0-65535") from None
     if not url.hostname:
-        raise ValueError(f"proxy {value!r} names no host")
+        raise ValueError(f"proxy {shown!r} names no host")
     authorization = None
     if url.username is not None:
         credentials = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
