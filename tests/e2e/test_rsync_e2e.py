@@ -363,6 +363,13 @@ def test_a_refused_session_is_not_held_by_the_agent(
     assert keys == [key]
 
 
+def _wait_until_under_way(container: Path, deadline: float) -> None:
+    """The transfer is under way once rsync's temporary file has data (bounded polling: no event to await)."""
+    while not any(p.stat().st_size > 0 for p in container.glob(".big.bin.*")):
+        assert time.monotonic() < deadline, "the transfer never started"
+        time.sleep(0.05)
+
+
 def test_transfer_broken_midway_exits_255_with_a_message(
     router: Router, workflow: str, client_args: list[str], source: Path, container: Path
 ) -> None:
@@ -374,10 +381,7 @@ def test_transfer_broken_midway_exits_255_with_a_message(
     try:
         agent.wait_event("rsync_start")
         deadline = time.monotonic() + 60
-        # The transfer is under way once rsync's temporary file has data (bounded polling: no event to await).
-        while not any(p.stat().st_size > 0 for p in container.glob(".big.bin.*")):
-            assert time.monotonic() < deadline, "the transfer never started"
-            time.sleep(0.05)
+        _wait_until_under_way(container, deadline)
         os.kill(agent.pid, signal.SIGKILL)
         code = client.wait_exit(60)
     finally:
@@ -400,10 +404,7 @@ def test_a_transfer_stopped_here_is_ended_on_the_agent_too(
     try:
         agent.wait_event("rsync_start")
         deadline = time.monotonic() + 60
-        # The transfer is under way once rsync's temporary file has data (bounded polling: no event to await).
-        while not any(p.stat().st_size > 0 for p in container.glob(".big.bin.*")):
-            assert time.monotonic() < deadline, "the transfer never started"
-            time.sleep(0.05)
+        _wait_until_under_way(container, deadline)
         if how == "terminal-closed":
             os.killpg(client.pid, signal.SIGHUP)
         else:

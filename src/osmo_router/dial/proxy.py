@@ -138,9 +138,24 @@ def _connect_request(proxy: Proxy, host: str, port: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def _grow(proxy: Proxy, answer: bytes, byte: bytes) -> None:
-    if not byte or len(answer) >= MAX_RESPONSE:
-        raise ProxyError(f"the proxy {proxy.address} closed or overran its answer to the CONNECT")
+class _Answer:
+    """The proxy's answer to a CONNECT, read a byte at a time: what follows it is the router's (a
+    plaintext HTTP/2 server speaks first) and must stay in the socket for the connection."""
+
+    def __init__(self, proxy: Proxy, host: str, port: int) -> None:
+        self._where = (proxy, host, port)
+        self._text = b""
+
+    def feed(self, byte: bytes) -> bool:
+        """Take the next byte; True once the answer is complete and says 200 (ProxyError otherwise)."""
+        proxy = self._where[0]
+        if not byte or len(self._text) >= MAX_RESPONSE:
+            raise ProxyError(f"the proxy {proxy.address} closed or overran its answer to the CONNECT")
+        self._text += byte
+        if not self._text.endswith(b"\r\n\r\n"):
+            return False
+        _check_answer(*self._where, self._text)
+        return True
 
 
 def _check_answer(proxy: Proxy, host: str, port: int, answer: bytes) -> None:
@@ -172,14 +187,9 @@ async def open_tunnel(proxy: Proxy, host: str, port: int) -> socket.socket:
         except OSError as err:
             raise ProxyError(f"cannot reach the proxy {proxy.address}: {err.strerror or err}") from None
         await loop.sock_sendall(sock, _connect_request(proxy, host, port))
-        answer = b""
-        # A byte at a time: what follows the answer is the router's (a plaintext HTTP/2 server speaks
-        # first), and must stay in the socket for the connection.
-        while not answer.endswith(b"\r\n\r\n"):
-            byte = await loop.sock_recv(sock, 1)
-            _grow(proxy, answer, byte)
-            answer += byte
-        _check_answer(proxy, host, port, answer)
+        answer = _Answer(proxy, host, port)
+        while not answer.feed(await loop.sock_recv(sock, 1)):
+            pass
     except BaseException:
         sock.close()
         raise
@@ -194,12 +204,9 @@ def open_tunnel_blocking(proxy: Proxy, host: str, port: int, timeout: float) -> 
         raise ProxyError(f"cannot reach the proxy {proxy.address}: {err.strerror or err}") from None
     try:
         sock.sendall(_connect_request(proxy, host, port))
-        answer = b""
-        while not answer.endswith(b"\r\n\r\n"):
-            byte = sock.recv(1)
-            _grow(proxy, answer, byte)
-            answer += byte
-        _check_answer(proxy, host, port, answer)
+        answer = _Answer(proxy, host, port)
+        while not answer.feed(sock.recv(1)):
+            pass
     except BaseException:
         sock.close()
         raise

@@ -102,13 +102,9 @@ async def reachable(address: str, timeout: float) -> bool:
                     tunnel.close()
                     return True
                 _, writer = await asyncio.open_connection(*target)
-        except ValueError:
-            return True  # a malformed proxy setting: the dial reports it
-        except ProxyError as err:
-            if err.target_unreachable:
-                continue
-            return True  # the proxy's own problem (down, credentials): the dial reports it, not a fallback
-        except (OSError, TimeoutError):
+        except (ValueError, OSError, TimeoutError) as err:
+            if _not_the_routers(err):
+                return True
             continue
         writer.close()
         with contextlib.suppress(OSError):
@@ -125,16 +121,20 @@ def reachable_now(address: str, timeout: float) -> bool:
             return True
         try:
             _connect_now(target, timeout).close()
-        except ValueError:
-            return True  # a malformed proxy setting: the dial reports it
-        except ProxyError as err:
-            if err.target_unreachable:
-                continue
-            return True  # the proxy's own problem (down, credentials): the dial reports it, not a fallback
-        except OSError:
+        except (ValueError, OSError) as err:
+            if _not_the_routers(err):
+                return True
             continue
         return True
     return False
+
+
+def _not_the_routers(err: Exception) -> bool:
+    """True when a probe failed for a reason that is not the router's port (a malformed proxy setting,
+    the proxy itself down or refusing our credentials): the dial reports it, rather than a fallback."""
+    if isinstance(err, ProxyError):
+        return not err.target_unreachable
+    return isinstance(err, ValueError)
 
 
 def _connect_now(target: tuple[str, int], timeout: float) -> socket.socket:
