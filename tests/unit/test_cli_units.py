@@ -191,7 +191,7 @@ def test_a_typo_of_an_rsync_command_option_gets_clicks_suggestion_alone() -> Non
 
 
 def test_exec_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    from osmo_router.client.cli import parse_env
+    from osmo_router.client.exec_cli import parse_env
 
     monkeypatch.setenv("OSMO_TEST_HERE", "v=1")
     monkeypatch.delenv("OSMO_TEST_UNSET", raising=False)
