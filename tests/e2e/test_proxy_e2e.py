@@ -86,10 +86,24 @@ def test_exec_through_the_proxy_the_environment_names(
 ) -> None:
     """https_proxy, as gRPC core reads it: our native channel tunnels as grpcio's own does."""
     env = {"https_proxy": proxy.url}
-    result = run_client("exec", *_args(router, workflow), "--grpc-channel", channel, "--", "echo", "hi", env=env)
+    # --transport grpc: no reachability probe (which also goes through the proxy), only the channel's dial.
+    args = [*_args(router, workflow), "--transport", "grpc", "--grpc-channel", channel]
+    result = run_client("exec", *args, "--", "echo", "hi", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"hi\n"
     assert f"127.0.0.1:{router.port}" in proxy.connects()
+
+
+def test_an_agent_registers_through_the_proxy(router: Router, proxy: TinyProxy) -> None:
+    name = f"wf-proxy-{uuid.uuid4().hex[:8]}"
+    agent = AgentProc(router.address, name, env={"http_proxy": proxy.url})  # waits for its registration
+    try:
+        assert f"127.0.0.1:{router.port}" in proxy.connects()
+        result = run_client("exec", *_args(router, name), "--", "echo", "served")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"served\n"
+    finally:
+        agent.stop()
 
 
 def test_no_proxy_and_an_unreachable_proxy(router: Router, workflow: str) -> None:
