@@ -299,8 +299,8 @@ def test_closing_its_terminal_stops_the_forward_and_its_connections(agent: Agent
 
 def test_allow_ports_refusal_is_reported(router: Router, workflow: str, client_args: list[str]) -> None:
     """A port the agent's --allow-ports excludes ends the command at its start (the watch lists the ports),
-    --reconnect or not: it used to listen, then refuse every connection (and, with --reconnect, retry
-    the watch forever). The allowed port alone is forwarded."""
+    --reconnect or not, before any "Forwarding from": it used to listen, then refuse every connection
+    (and, with --reconnect, retry the watch forever). The allowed port alone is forwarded."""
     with tcp_server(echo) as allowed, tcp_server(echo) as denied:
         agent = AgentProc(router.address, workflow, "--allow-ports", f"{allowed}")
         try:
@@ -312,6 +312,8 @@ def test_allow_ports_refusal_is_reported(router: Router, workflow: str, client_a
                         f"cannot forward: port {denied} is not allowed (--allow-ports {allowed}) [PERMISSION_DENIED]"
                     )
                     assert any(expected in line for line in refused.lines), refused.lines
+                    # Refused before the agent held the watch: nothing was announced, nothing listened.
+                    assert not any("Forwarding from" in line for line in refused.out_lines), refused.out_lines
                 finally:
                     refused.stop()
             proc, (ok,) = start_forward(client_args, f":{allowed}")

@@ -15,7 +15,8 @@ import grpc
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
-from osmo_router.agent.forward import serve_port_forward
+from osmo_router.agent.forward import forward_refusal, serve_port_forward
+from osmo_router.agent.forward import refuse as refuse_forward
 from osmo_router.agent.held import REPORT_DELAY, REPORT_EVERY, HeldSessions
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
@@ -249,6 +250,10 @@ class Agent:
             )
             return
         session: SessionStream = stream
+        forward = open_msg.port_forward if open_msg.WhichOneof("init") == "port_forward" else None
+        if forward is not None and (refusal := forward_refusal(forward, self.config)) is not None:
+            await refuse_forward(stream, *refusal)  # before it is held: a refused session never says it resumes
+            return
         if self.held.wants(open_msg):
             try:
                 session = await self.held.start(stream, open_msg)

@@ -85,30 +85,41 @@ async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, co
     """Serve one port-forward session (a TCP connection, a UDP port or a watch) to its end."""
     init = open_msg.port_forward
     port = init.remote_port
-    if init.protocol != pb.PROTOCOL_UDP and port == WATCH_PORT:
-        # The ports the command will forward to are checked now, as each connection would be.
-        for watched in init.watched_ports:
-            if (refusal := _port_refusal(watched, config)) is not None:
-                await refuse(stream, *refusal)
-                return
-        await _serve_watch(stream)
-        return
-    if init.protocol not in (pb.PROTOCOL_TCP, pb.PROTOCOL_UDP):
-        await refuse(stream, grpc.StatusCode.INVALID_ARGUMENT, "protocol must be tcp or udp")
-        return
-    if (refusal := _port_refusal(port, config)) is not None:
+    if (refusal := forward_refusal(init, config)) is not None:
         await refuse(stream, *refusal)
         return
-    hosts = target_hosts(init.remote_host)
-    if hosts is None:
-        message = f"{init.remote_host!r} is not the container's loopback; only loopback ports can be forwarded"
-        await refuse(stream, grpc.StatusCode.PERMISSION_DENIED, message)
+    if init.protocol != pb.PROTOCOL_UDP and port == WATCH_PORT:
+        await _serve_watch(stream)
         return
+    hosts = target_hosts(init.remote_host) or []
     if init.protocol == pb.PROTOCOL_UDP:
         budget = agent_budget(config.max_udp_sockets)
         await UdpRelay(stream, hosts[0], port, max_sockets=config.max_udp_sockets_per_session, budget=budget).run()
     else:
         await _serve_tcp(stream, hosts, port)
+
+
+def forward_refusal(init: pb.PortForwardInit, config: AgentConfig) -> tuple[grpc.StatusCode, str] | None:
+    """Why this port-forward session cannot be served (a status code and message), or None.
+
+    The agent checks it before it holds the session (agent.py), so a refused one never says it
+    resumes: a port-forward command, which waits for that word on its watch, then stops before
+    listening instead of printing "Forwarding from" first. A watch's ports are checked as each
+    connection to them would be.
+    """
+    if init.protocol != pb.PROTOCOL_UDP and init.remote_port == WATCH_PORT:
+        for watched in init.watched_ports:
+            if (refusal := _port_refusal(watched, config)) is not None:
+                return refusal
+        return None
+    if init.protocol not in (pb.PROTOCOL_TCP, pb.PROTOCOL_UDP):
+        return grpc.StatusCode.INVALID_ARGUMENT, "protocol must be tcp or udp"
+    if (refusal := _port_refusal(init.remote_port, config)) is not None:
+        return refusal
+    if target_hosts(init.remote_host) is None:
+        message = f"{init.remote_host!r} is not the container's loopback; only loopback ports can be forwarded"
+        return grpc.StatusCode.PERMISSION_DENIED, message
+    return None
 
 
 def _port_refusal(port: int, config: AgentConfig) -> tuple[grpc.StatusCode, str] | None:

@@ -98,6 +98,8 @@ class ResumingStream(ResumableStream):
         self.detached = False
         #: Set once the agent answered (Resume or anything else) or the session was lost.
         self.answered = asyncio.Event()
+        #: The agent's Error frame when that was its first answer (it refused the session outright).
+        self.refusal: pb.Error | None = None
 
     @classmethod
     def attached(cls, inner: SessionStream, resume: pb.Resume, *, secret: str, **kwargs: Any) -> ResumingStream:
@@ -163,6 +165,8 @@ class ResumingStream(ResumableStream):
 
     def _take(self, frame: pb.Frame) -> None:
         if not self.confirmed and self.resumable and frame.WhichOneof("kind") != "resume":
+            if frame.WhichOneof("kind") == "error" and not self.answered.is_set():
+                self.refusal = frame.error
             self._fall_back("the agent does not resume sessions")
         super()._take(frame)
         self.answered.set()

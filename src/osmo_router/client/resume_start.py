@@ -24,6 +24,7 @@ from osmo_router.client.resume import Reopen, ResumingStream, can_resume, reopen
 from osmo_router.client.session import wait_ready
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import SessionInit, SessionStream, Transport
+from osmo_router.wire.errors import from_status_number
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
 
@@ -47,7 +48,7 @@ class PendingResumingStream(ResumingStream):
 
         `confirm`: also wait (bounded) for the agent's first frame, which says whether the session
         resumes: a break before it cannot be resumed (an agent without resume would take a
-        resume for a new session).
+        resume for a new session). An Error frame first is a refusal: raised here.
         """
         try:
             await wait_ready(config, self.first)
@@ -62,6 +63,9 @@ class PendingResumingStream(ResumingStream):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(config.connect_timeout):
                     await self.answered.wait()
+            if (refusal := self.refusal) is not None:  # refused before it was held (agent/forward.py)
+                self.abort()
+                raise from_status_number(refusal.code, refusal.message)
 
 
 async def start_resumable(
