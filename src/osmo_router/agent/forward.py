@@ -85,6 +85,8 @@ async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, co
     """Serve one port-forward session (a TCP connection, a UDP port or a watch) to its end."""
     init = open_msg.port_forward
     port = init.remote_port
+    # The gRPC agent checked this before holding the session (agent.py); the WebSocket backend
+    # (ws_backend.py) calls this handler directly, so it is checked here too.
     if (refusal := forward_refusal(init, config)) is not None:
         await refuse(stream, *refusal)
         return

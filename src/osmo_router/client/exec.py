@@ -252,7 +252,11 @@ class _SignalFrames:
         self._send_soon(pb.Frame(signal=pb.Signal(number=sig)))
 
     def _send_soon(self, frame: pb.Frame) -> None:
-        future = asyncio.ensure_future(self._stream.send(frame))
+        self._soon(self._stream.send(frame))
+
+    def _soon(self, work: Awaitable[None]) -> None:
+        """Run `work` from a signal handler, kept referenced until it is done."""
+        future = asyncio.ensure_future(work)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
@@ -266,9 +270,7 @@ class _SignalFrames:
         if self.hung_up:
             os._exit(128 + sig)  # a second one while the agent is being told: leave now
         self.hung_up = sig
-        future = asyncio.ensure_future(self._hang_up(sig))
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
+        self._soon(self._hang_up(sig))
 
     async def _hang_up(self, sig: int) -> None:
         from osmo_router.client.resume import ResumingStream
