@@ -143,20 +143,32 @@ def closed_port(host: str = "127.0.0.1") -> int:
 FORWARDING = re.compile(r"^Forwarding from (\[[^\]]+\]|[^:]+):(\d+) -> (\d+)$")
 
 
+def forwarded_ports(lines: list[str]) -> list[int]:
+    """The local ports of the Forwarding lines, each once, in order (localhost prints two lines per port)."""
+    ports: list[int] = []
+    for line in lines:
+        match = FORWARDING.match(line)
+        if match and int(match.group(2)) not in ports:
+            ports.append(int(match.group(2)))
+    return ports
+
+
+def forwarding_lines(proc: Proc, count: int) -> list[tuple[str, int]]:
+    """The (host, local port) of the first `count` Forwarding lines, waited for."""
+    proc.wait_for(lambda _: len([line for line in proc.out_lines if FORWARDING.match(line)]) >= count, stdout=True)
+    matches = [m for m in map(FORWARDING.match, proc.out_lines) if m]
+    return [(m.group(1), int(m.group(2))) for m in matches[:count]]
+
+
 def start_forward(client_args: list[str], *args: str, count: int = 1) -> tuple[Proc, list[int]]:
-    """Start `osmo-net-client port-forward` and wait for `count` Forwarding lines; returns the local ports."""
+    """Start `osmo-net-client port-forward` and wait until `count` local ports are announced; returns them."""
     proc = Proc(client_cmd("port-forward", *client_args, *args))
     try:
-        proc.wait_for(lambda r: len([line for line in proc.out_lines if FORWARDING.match(line)]) >= count, stdout=True)
+        proc.wait_for(lambda r: len(forwarded_ports(proc.out_lines)) >= count, stdout=True)
     except AssertionError:
         proc.stop()
         raise
-    ports = []
-    for line in proc.out_lines:
-        match = FORWARDING.match(line)
-        if match:
-            ports.append(int(match.group(2)))
-    return proc, ports[:count]
+    return proc, forwarded_ports(proc.out_lines)[:count]
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:

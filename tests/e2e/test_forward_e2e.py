@@ -28,6 +28,7 @@ from tests.forward_servers import (
     echo,
     echo_round_trip,
     firehose,
+    forwarding_lines,
     recv_all,
     start_forward,
     tcp_server,
@@ -232,13 +233,44 @@ def test_comma_separated_addresses_as_kubectl_takes_them(agent: AgentProc, clien
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     with tcp_server(echo) as port:
-        proc, (v4, v6) = start_forward(client_args, "--address", "127.0.0.1,::1", f":{port}", count=2)
+        proc, _ = start_forward(client_args, "--address", "127.0.0.1,::1", f":{port}")
         try:
+            (host4, v4), (host6, v6) = forwarding_lines(proc, 2)
+            assert (host4, host6) == ("127.0.0.1", "[::1]")
             assert v4 == v6  # :REMOTE picks one free port for both addresses
             assert echo_round_trip(v4, b"over ipv4") == b"over ipv4"
             assert echo_round_trip(v6, b"over ipv6", host="::1") == b"over ipv6"
         finally:
             proc.stop()
+
+
+def test_localhost_by_default_listens_on_both_loopbacks_as_kubectl(agent: AgentProc, client_args: list[str]) -> None:
+    with tcp_server(echo) as port:
+        proc, _ = start_forward(client_args, f":{port}")
+        try:
+            (host4, v4), (host6, v6) = forwarding_lines(proc, 2)
+            assert (host4, host6, v4) == ("127.0.0.1", "[::1]", v6)
+            assert echo_round_trip(v4, b"over ipv4") == b"over ipv4"
+            # A local program that resolves localhost to ::1 first (Node does) reaches the forward too.
+            assert echo_round_trip(v6, b"over ipv6", host="::1") == b"over ipv6"
+        finally:
+            proc.stop()
+
+
+def test_localhost_forwards_on_the_loopback_that_is_free(agent: AgentProc, client_args: list[str]) -> None:
+    busy = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    taken = busy.getsockname()[1]
+    try:
+        with tcp_server(echo) as port:
+            proc, (local,) = start_forward(client_args, f"{taken}:{port}")
+            try:
+                assert local == taken
+                assert echo_round_trip(taken, b"still forwarded") == b"still forwarded"
+                assert not any("[::1]" in line for line in proc.out_lines), proc.out_lines
+            finally:
+                proc.stop()
+    finally:
+        busy.close()
 
 
 def test_two_ports_in_one_command(agent: AgentProc, client_args: list[str]) -> None:

@@ -29,6 +29,8 @@ def test_a_local_port_in_use_exits_1_and_ends_its_session_cleanly(
 ) -> None:
     agent = AgentProc(router.address, workflow)
     busy = socket.create_server(("127.0.0.1", 0))
+    # Both loopbacks taken: localhost (the default) forwards on either one, and fails only if neither binds.
+    busy6 = socket.create_server(("::1", busy.getsockname()[1]), family=socket.AF_INET6)
     proc = Proc(client_cmd("port-forward", *client_args, f"{busy.getsockname()[1]}:8080"))
     try:
         assert proc.wait_exit(TIMEOUT) == 1
@@ -42,6 +44,7 @@ def test_a_local_port_in_use_exits_1_and_ends_its_session_cleanly(
         proc.stop()
         agent.stop()
         busy.close()
+        busy6.close()
 
 
 #: A short resume grace for the tests whose agent or router is gone for good (issue 17: a break is

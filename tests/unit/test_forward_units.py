@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from osmo_router.agent.forward import parse_port_ranges, port_allowed, target_hosts
-from osmo_router.client.forward import PortSpec, parse_address, parse_addresses, parse_spec
+from osmo_router.client.binds import LOCALHOST, Bind, parse_address, parse_binds
+from osmo_router.client.forward import PortSpec, parse_spec
 from osmo_router.io.forwarding import format_peer, parse_peer
 from osmo_router.wire.codec import decode_data_message, encode_data_message, fast_deserializer, raw_serializer
 from osmo_router.wire.protocol import pb
@@ -28,20 +29,26 @@ def test_bad_specs_are_refused(text: str) -> None:
 
 
 def test_addresses() -> None:
-    assert parse_address("127.0.0.1") == "127.0.0.1"
-    assert parse_address("[::1]") == "::1"
-    assert parse_address("localhost") == "127.0.0.1"
+    assert parse_address("127.0.0.1") == (Bind("127.0.0.1"),)
+    assert parse_address("[::1]") == (Bind("::1"),)
+    assert parse_address("localhost") == (Bind("127.0.0.1", best_effort=True), Bind("::1", best_effort=True))
     with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
         parse_address("example.com")
 
 
 def test_comma_separated_addresses_as_kubectl_takes_them() -> None:
-    assert parse_addresses(["127.0.0.1,::1", "localhost", "[::1]"]) == ["127.0.0.1", "::1"]
-    assert parse_addresses(["127.0.0.2, 127.0.0.3"]) == ["127.0.0.2", "127.0.0.3"]
+    assert parse_binds(["127.0.0.1,::1", "[::1]"]) == [Bind("127.0.0.1"), Bind("::1")]
+    assert parse_binds(["127.0.0.2, 127.0.0.3"]) == [Bind("127.0.0.2"), Bind("127.0.0.3")]
     with pytest.raises(ValueError, match="empty entry"):
-        parse_addresses(["127.0.0.1,"])
+        parse_binds(["127.0.0.1,"])
     with pytest.raises(ValueError, match="'host' is not an IPv4"):
-        parse_addresses(["127.0.0.1,host"])
+        parse_binds(["127.0.0.1,host"])
+
+
+def test_an_address_named_literally_must_bind_even_beside_localhost() -> None:
+    assert parse_binds(["localhost"]) == list(LOCALHOST)
+    assert parse_binds(["localhost,::1"]) == [Bind("127.0.0.1", best_effort=True), Bind("::1")]
+    assert parse_binds(["::1", "localhost"]) == [Bind("::1"), Bind("127.0.0.1", best_effort=True)]
 
 
 def test_allow_ports() -> None:

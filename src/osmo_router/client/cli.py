@@ -17,6 +17,7 @@ from osmo_router import __version__
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, prefers_uvloop, run_async
 from osmo_router.client import attach_cli, exec_cli
+from osmo_router.client.binds import DEFAULT_ADDRESS
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.words import require_utf8
 from osmo_router.dial.options import dial_config, dial_options
@@ -151,11 +152,11 @@ def main_group() -> None:
     "--address",
     "addresses",
     multiple=True,
-    default=["127.0.0.1"],
+    default=[DEFAULT_ADDRESS],
     show_default=True,
     help=(
-        "Local address to listen on: IPv4 or IPv6, or localhost (127.0.0.1); repeatable, "
-        "or comma-separated as kubectl takes them."
+        "Local address to listen on: IPv4 or IPv6, or localhost (127.0.0.1 and ::1; fails only if neither "
+        "binds, as kubectl); repeatable, or comma-separated as kubectl takes them."
     ),
 )
 @click.option("--json", "json_output", is_flag=True, help="Print one JSON object per line instead of text.")

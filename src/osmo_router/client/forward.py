@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import random
 import secrets
 import sys
@@ -22,13 +21,14 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from osmo_router.client.binds import Bind, bind_all, parse_binds
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.forward_events import STOP_SIGNALS, Reporter, host_port
+from osmo_router.client.forward_events import STOP_SIGNALS, Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
 from osmo_router.client.resume_start import Notify, open_resumable, ready_resumable, start_resumable
 from osmo_router.client.session import rpc_failure, start_session
-from osmo_router.io.forwarding import WATCH_PORT, os_errors_named
+from osmo_router.io.forwarding import WATCH_PORT
 from osmo_router.transport import SessionInit, SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
 from osmo_router.wire.codec import fast_method
@@ -75,36 +75,13 @@ def parse_spec(text: str) -> PortSpec:
     return PortSpec(local_port, remote_port)
 
 
-def parse_address(text: str) -> str:
-    """A local address to listen on (IPv4 or IPv6 literal, or localhost); ValueError if invalid."""
-    if text == "localhost":
-        return "127.0.0.1"
-    try:
-        return str(ipaddress.ip_address(text.strip("[]")))
-    except ValueError:
-        raise ValueError(f"--address {text!r} is not an IPv4 or IPv6 address") from None
-
-
-def parse_addresses(values: list[str]) -> list[str]:
-    """Every --address, each possibly a comma-separated list as kubectl takes; duplicates once."""
-    binds: list[str] = []
-    for value in values:
-        for part in value.split(","):
-            if not part.strip():
-                raise ValueError(f"--address {value!r} has an empty entry")
-            address = parse_address(part.strip())
-            if address not in binds:
-                binds.append(address)
-    return binds
-
-
 async def run_port_forward(
     config: ClientConfig, specs: list[str], *, protocol: str, addresses: list[str], json_output: bool, reconnect: bool
 ) -> int:
     """Forward until interrupted (exit 0); 255 when the agent or router is gone (unless --reconnect)."""
     try:
         ports = [parse_spec(spec) for spec in specs]
-        binds = parse_addresses(addresses)
+        binds = parse_binds(addresses)
     except ValueError as err:
         print(f"osmo-net-client: port-forward: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -191,7 +168,7 @@ class PortForward:
         """Wait until the agent of a started session joined; raises RouterError on refusal."""
         await ready_resumable(self.config, stream)  # a WebSocket session has no ready to wait for
 
-    async def run(self, ports: list[PortSpec], binds: list[str], protocol: str) -> int:
+    async def run(self, ports: list[PortSpec], binds: list[Bind], protocol: str) -> int:
         """Check the agent, listen, announce, then serve until a signal or the agent's loss."""
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
@@ -217,27 +194,25 @@ class PortForward:
                 loop.remove_signal_handler(sig)
             await self._close_listeners()
 
-    async def _listen(self, ports: list[PortSpec], binds: list[str], protocol: str) -> None:
+    async def _listen(self, ports: list[PortSpec], binds: list[Bind], protocol: str) -> None:
         for spec in ports:
-            local_port = spec.local_port
-            for address in binds:
-                # With :REMOTE the first address picks a free port; the others take the same one.
-                where = host_port(address, local_port) if local_port else address
+
+            async def listen(address: str, port: int, spec: PortSpec = spec) -> int:
                 if protocol == "udp":
                     udp = UdpForward(spec.remote_port, self, self.reporter)
+                    await udp.start(address, port)
                     self._udp.append(udp)
-                    with os_errors_named(where):
-                        await udp.start(address, local_port)
                     self._tasks[udp] = asyncio.create_task(udp.serve())
-                    local_port = udp.address[1]
+                    port = udp.address[1]
                 else:
-                    with os_errors_named(where):
-                        sock = listen_tcp(address, local_port)
-                    tcp = TcpListener(sock, spec.remote_port, self, self.reporter)
+                    tcp = TcpListener(listen_tcp(address, port), spec.remote_port, self, self.reporter)
                     self._tcp.append(tcp)
                     self._tasks[tcp] = asyncio.create_task(tcp.serve())
-                    local_port = tcp.address[1]
-                self.reporter.forwarding(protocol, address, local_port, spec.remote_port)
+                    port = tcp.address[1]
+                self.reporter.forwarding(protocol, address, port, spec.remote_port)
+                return port
+
+            await bind_all(binds, spec.local_port, listen)
 
     async def _end_unused(self, watch: SessionStream) -> None:
         """End the watch of a forward that could not start, as Ctrl-C does: cleanly (left to the
@@ -359,4 +334,4 @@ async def _end_watch(watch: SessionStream, lost: asyncio.Task[RouterError]) -> N
     await asyncio.gather(lost, return_exceptions=True)
 
 
-__all__ = ["PortForward", "PortSpec", "parse_address", "parse_spec", "run_port_forward"]
+__all__ = ["PortForward", "PortSpec", "parse_spec", "run_port_forward"]

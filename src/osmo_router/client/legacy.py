@@ -33,6 +33,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from osmo_router.client.binds import Bind, bind_all
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import STOP_SIGNALS, Reporter, host_port
 from osmo_router.transport import SessionStream, Transport
@@ -176,7 +177,7 @@ async def run_legacy_forward(
     config: ClientConfig,
     transport: Transport,
     specs: list[tuple[int, int]],
-    binds: list[str],
+    binds: list[Bind],
     protocol: str,
     reporter: Reporter,
 ) -> int:
@@ -186,7 +187,9 @@ async def run_legacy_forward(
             "usage", "an old backend forwards the one port the OSMO service named for its key: give one SPEC"
         )
         return EXIT_USAGE
-    if protocol == "udp" and any(":" in address for address in binds):
+    if protocol == "udp":
+        binds = [bind for bind in binds if ":" not in bind.address or not bind.best_effort]  # localhost: IPv4
+    if protocol == "udp" and any(":" in bind.address for bind in binds):
         reporter.notice("usage", "an old backend's UDP framing carries IPv4 senders only (a 6-byte address header)")
         return EXIT_USAGE
     local_port, remote_port = specs[0]
@@ -231,7 +234,7 @@ async def run_legacy_forward(
 
 
 async def _listen_tcp(
-    control: Control, binds: list[str], local_port: int, remote_port: int, reporter: Reporter
+    control: Control, binds: list[Bind], local_port: int, remote_port: int, reporter: Reporter
 ) -> list[Callable[[], None]]:
     from osmo_router.client.forward_tcp import listen_tcp
 
@@ -258,12 +261,10 @@ async def _listen_tcp(
             connections.add(task)
             task.add_done_callback(connections.discard)
 
-    port = local_port
-    for address in binds:
+    async def listen(address: str, port: int) -> int:
         sock = listen_tcp(address, port)
         port = int(sock.getsockname()[1])
         acceptor = asyncio.create_task(accept(sock))
-        reporter.forwarding("tcp", address, port, remote_port)
 
         def close(sock: socket.socket = sock, acceptor: asyncio.Task[None] = acceptor) -> None:
             acceptor.cancel()
@@ -272,11 +273,15 @@ async def _listen_tcp(
             sock.close()
 
         closers.append(close)
+        reporter.forwarding("tcp", address, port, remote_port)
+        return port
+
+    await bind_all(binds, local_port, listen)
     return closers
 
 
 async def _listen_udp(
-    control: Control, binds: list[str], local_port: int, remote_port: int, reporter: Reporter
+    control: Control, binds: list[Bind], local_port: int, remote_port: int, reporter: Reporter
 ) -> list[Callable[[], None]]:
     """Every datagram is one message on the control session: a 6-byte sender header, then the payload."""
     assert control.stream is not None
@@ -291,12 +296,14 @@ async def _listen_udp(
             pending.add(future)
             future.add_done_callback(pending.discard)
 
-    port = local_port
-    for address in binds:
+    async def listen(address: str, port: int) -> int:
         transport, _ = await loop.create_datagram_endpoint(Local, local_addr=(address, port))
         transports.append(transport)
         port = int(transport.get_extra_info("sockname")[1])
         reporter.forwarding("udp", address, port, remote_port)
+        return port
+
+    await bind_all(binds, local_port, listen)
 
     async def replies() -> None:
         with contextlib.suppress(RouterError):
