@@ -3,6 +3,7 @@ WebSocket transport over TLS, the exclusions and the proxy's refusals (src/osmo_
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from osmo_router.dial.errors import Peer, probe_peer
 from tests.harness import AgentProc, Router, run_client
 from tests.redis_harness import free_port
 from tests.security_kit import Pki
@@ -148,3 +150,27 @@ def test_the_websocket_transport_over_tls_is_tunnelled(tmp_path: Path, proxy: Ti
     finally:
         agent.stop()
         router.stop()
+
+
+def test_the_diagnosis_probe_goes_through_the_proxy(
+    proxy: TinyProxy, tmp_path: Path, router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed dial the client and agent probe the router to name the cause (dial/errors.py): through the
+    proxy the dial took, or the probe judges a path the connection never takes (one the proxy exists to avoid)."""
+    (tmp_path / "pki").mkdir()
+    pki = Pki.create(tmp_path / "pki")
+    tls_router = Router(
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--auth=none", secure=True
+    )
+    try:
+        monkeypatch.setenv("https_proxy", proxy.url)
+        found = asyncio.run(probe_peer(tls_router.address)), asyncio.run(probe_peer(router.address))
+        assert found == (Peer.TLS, Peer.NOT_TLS)
+        assert {f"127.0.0.1:{tls_router.port}", f"127.0.0.1:{router.port}"} <= set(proxy.connects())
+        # As a user meets it: a plaintext client through the proxy is told the router speaks TLS.
+        args = ["--router-address", tls_router.address, "--workflow-id", "wf", "--tls=false", "--transport", "grpc"]
+        result = run_client("exec", *args, "--", "true", env={"https_proxy": proxy.url})
+        assert result.returncode == 255
+        assert b"the router speaks TLS; drop --tls=false" in result.stderr, result.stderr
+    finally:
+        tls_router.stop()

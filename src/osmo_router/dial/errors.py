@@ -8,7 +8,8 @@ TLS router sees "Socket closed" when the router drops the HTTP/2 preface it cann
 does a client whose router died or restarted. The TLS mismatch is claimed only on evidence:
 `probe_peer` dials the router once more and sends a TLS ClientHello; a router that answers with a
 TLS record (a handshake or an alert) speaks TLS; one that refuses the connection has stopped; one
-that answers with anything else, or closes, does not speak TLS. A connection that broke after it
+that answers with anything else, or closes, does not speak TLS. The probe goes through the HTTP
+proxy the environment names for the router, as the dial does. A connection that broke after it
 was up (no "failed to connect" in the details) was never a TLS mismatch and is not probed. The
 probe is bounded (PROBE_TIMEOUT) and made only on that failure path, never per session.
 """
@@ -23,6 +24,7 @@ import ssl
 from typing import Final
 
 from osmo_router.dial.config import DialConfig
+from osmo_router.dial.proxy import open_socket
 
 _VERIFY_REASON = re.compile(r"CERTIFICATE_VERIFY_FAILED:\s*([^:]+)")
 
@@ -39,7 +41,7 @@ class Peer(enum.Enum):
     TLS = "tls"  # answered a ClientHello with a TLS record
     NOT_TLS = "not tls"  # accepted the connection, answered otherwise or closed it
     REFUSED = "refused"  # nothing listens there (any more)
-    UNKNOWN = "unknown"  # no answer within the bound, or an address the probe cannot dial
+    UNKNOWN = "unknown"  # no answer within the bound, an address the probe cannot dial, or the proxy failed
 
 
 def _split_address(address: str) -> tuple[str, int] | None:
@@ -80,7 +82,12 @@ async def probe_peer(address: str, timeout: float = PROBE_TIMEOUT) -> Peer:
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            # Through the proxy the dial itself goes through (dial/proxy.py), or the probe would
+            # judge a path the connection never takes. The proxy's own failure is no evidence.
+            tunnel = await open_socket(host, port)
+            reader, writer = await (
+                asyncio.open_connection(host, port) if tunnel is None else asyncio.open_connection(sock=tunnel)
+            )
             writer.write(_client_hello(host))
             await writer.drain()
             head = b""
