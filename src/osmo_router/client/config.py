@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from osmo_router.dial.config import DialConfig
 
 if TYPE_CHECKING:
     from osmo_router.wire.protocol import pb
+
+
+class Notices:
+    """Lines told to the user once per process, however many sessions bring them (port-forward's)."""
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+
+    def once(self, line: str) -> None:
+        """Print `line` on stderr unless it was printed already."""
+        if line not in self._said:
+            self._said.add(line)
+            print(line, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,7 @@ class ClientConfig:
     legacy_backend: bool = False
     #: Longest the client tries to resume a session after a break (0: no resume; client/resume.py).
     resume_grace: float = 300.0
+    notices: Notices = field(default_factory=Notices, compare=False, repr=False)
 
     def target(self) -> pb.SessionTarget:
         """The SessionTarget every init carries."""

@@ -277,12 +277,21 @@ def can_resume(transport: Transport, config: ClientConfig) -> bool:
     return transport.name == GRPC and config.resume_grace > 0
 
 
-def reopener(transport: Transport, operation: int, init: SessionInit, key: Callable[[], str]) -> Reopen:
-    """How a session opens its stream again: `init` with its key (read when it resumes) and a resume token."""
+def reopener(
+    transport: Transport, operation: int, init: SessionInit, key: Callable[[], str], first: Callable[[], object]
+) -> Reopen:
+    """How a session opens its stream again: `init` with its key (read when it resumes) and a resume token.
+
+    `first`: the session's first stream. When the client named no task and the router chose one among
+    several agents (its ready says which), the resume names that task: the router's choice may differ
+    by then (agents re-register in any order after a router restart) and the other agents hold nothing.
+    """
 
     async def reopen(token: pb.ResumeToken) -> SessionStream:
         again = type(init).FromString(init.SerializeToString())
         again.target.session_key = key()
+        if not again.target.task:
+            again.target.task = getattr(first(), "chosen_task", "")
         again.target.resume.CopyFrom(token)
         return await transport.open(operation, again)
 
@@ -303,7 +312,7 @@ async def open_stream(
         return inner
     stream = ResumingStream(
         inner,
-        reopen=reopener(transport, operation, init, lambda: key),
+        reopen=reopener(transport, operation, init, lambda: key, lambda: inner),
         secret=secret,
         grace=config.resume_grace,
         notify=say if notify else None,
@@ -338,7 +347,7 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
     stream = ResumingStream.attached(
         inner,
         first.resume,
-        reopen=reopener(transport, operation, init, lambda: key),
+        reopen=reopener(transport, operation, init, lambda: key, lambda: inner),
         secret=secret,
         grace=config.resume_grace,
     )

@@ -89,7 +89,7 @@ async def start_resumable(
     init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=replay_bytes))
     first = await start(init)
     # The key is known once the router's ready arrived (it names it): read when the session resumes.
-    reopen = reopener(transport, operation, init, lambda: first.session_key)
+    reopen = reopener(transport, operation, init, lambda: first.session_key, lambda: first)
     return PendingResumingStream(
         first, reopen=reopen, secret=secret, grace=config.resume_grace, notify=notify, replay_bytes=replay_bytes
     )

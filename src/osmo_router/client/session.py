@@ -103,6 +103,19 @@ async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
         call.cancel()
         raise RouterError("the router sent something other than ready")
     stream.session_key = first.ready.session_key
+    if first.ready.task_count:
+        stream.chosen_task = first.ready.defaulted_task
+        config.notices.once(defaulted_task_line(first.ready))
+
+
+def defaulted_task_line(ready: pb.SessionReady) -> str:
+    """What to tell a user whose session the router gave to one of several agents (as kubectl's
+    'Defaulted container "c" out of: a, b, c')."""
+    chosen = f"task {ready.defaulted_task!r}" if ready.defaulted_task else "the agent with no task"
+    names = ", ".join(repr(task) if task else "(no task)" for task in ready.tasks)
+    more = ready.task_count - len(ready.tasks)
+    names += f" and {more} more" if more > 0 else ""
+    return f"osmo-net-client: defaulted to {chosen} out of: {names} (pass --task to choose)"
 
 
 async def open_session(
@@ -114,4 +127,4 @@ async def open_session(
     return stream
 
 
-__all__ = ["open_session", "pb", "rpc_error", "rpc_failure", "start_session", "wait_ready"]
+__all__ = ["defaulted_task_line", "open_session", "pb", "rpc_error", "rpc_failure", "start_session", "wait_ready"]

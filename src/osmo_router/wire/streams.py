@@ -35,6 +35,8 @@ class FrameStream:
         self.peer_half_closed = False
         #: The session's key, as the router's ready named it (client side; "" until then).
         self.session_key = ""
+        #: The task of the agent the router chose, when the client named none and it told (its ready).
+        self.chosen_task = ""
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""

@@ -648,20 +648,34 @@ class SessionReady(_message.Message):
 
     SESSION_KEY_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    DEFAULTED_TASK_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
+    TASK_COUNT_FIELD_NUMBER: _builtins.int
     session_key: _builtins.str
     agent_id: _builtins.str
     """Deprecated: always empty. The agent's id stays inside the router (it names, and once granted,
     more than a user needs).
     """
+    defaulted_task: _builtins.str
+    """Set when the client named no task and the router chose among several agents of the workflow
+    (as kubectl names the container it defaulted to): the chosen agent's task ("" for the task-less
+    agent), the workflow's tasks the router knew of (sorted, at most 16), and how many there were.
+    """
+    task_count: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         session_key: _builtins.str = ...,
         agent_id: _builtins.str = ...,
+        defaulted_task: _builtins.str = ...,
+        tasks: _abc.Iterable[_builtins.str] | None = ...,
+        task_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "session_key", b"session_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "defaulted_task", b"defaulted_task", "session_key", b"session_key", "task_count", b"task_count", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -391,4 +391,6 @@ def _ready(session: Session) -> bytes:
     something (parking standby streams) should not travel.
     """
     ready = pb.SessionReady(session_key=session.key)
+    if session.defaulted is not None:
+        session.defaulted.into(ready)
     return bytes(pb.ExecResponse(ready=ready).SerializeToString())

@@ -190,6 +190,10 @@ class AgentRegistry:
                 return reg
         return None
 
+    def tasks(self, workflow_id: str) -> list[str]:
+        """The tasks of a workflow's registered agents, sorted ("" for a task-less agent)."""
+        return sorted(task for wf, task in self._by_target if wf == workflow_id)
+
     def exact(self, workflow_id: str, task: str) -> AgentRegistration | None:
         """The registration for exactly this workflow and task."""
         return self._by_target.get((workflow_id, task))

@@ -69,6 +69,24 @@ class Latch:
         return True
 
 
+#: Task names a SessionReady lists at most (a workflow may have hundreds of agents).
+MAX_TASKS_TOLD = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultedTask:
+    """The agent the router chose for a client that named no task, among the workflow's tasks."""
+
+    task: str
+    tasks: tuple[str, ...]
+
+    def into(self, ready: pb.SessionReady) -> None:
+        """Fill the SessionReady fields that say so (at most MAX_TASKS_TOLD names)."""
+        ready.defaulted_task = self.task
+        ready.tasks.extend(self.tasks[:MAX_TASKS_TOLD])
+        ready.task_count = len(self.tasks)
+
+
 @dataclass(eq=False, slots=True)
 class Session:
     """One client-agent pairing and the two directions of its relay."""
@@ -102,6 +120,9 @@ class Session:
     creator: str = ""
     #: The port-forward command this session is a connection of ("" for none; see core/limits.py).
     forward_id: str = ""
+    #: When the client named no task and the router chose among several agents: the chosen task and
+    #: the workflow's tasks (told to the client in its SessionReady, as kubectl names the default container).
+    defaulted: DefaultedTask | None = None
     #: Set when the client asked for resume (core/resumes.py); None for every other session.
     resume: ResumeInfo | None = None
     paired: Latch = field(default_factory=Latch)

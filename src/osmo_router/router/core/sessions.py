@@ -24,6 +24,7 @@ from osmo_router.router.core.ids import new_session_key as new_session_key
 from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.core.resumes import resume_info
+from osmo_router.router.core.session import DefaultedTask
 
 # (re-exported: they were defined here before they had a module of their own)
 from osmo_router.router.core.session import Latch as Latch
@@ -127,6 +128,10 @@ class SessionStore:
         forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
         session = self._client_session(identity, target, agent, forward_id, key)
         self._bind_client(session, identity, operation, target, open_msg, forward_id)
+        if agent is not None and not target.task and not session.agent_joined:
+            tasks = self._registry.tasks(target.workflow_id)
+            if len(tasks) > 1:
+                session.defaulted = DefaultedTask(agent.task, tuple(tasks))
         if session.agent_joined:
             self._pair(session)
         elif agent is not None:
