@@ -115,3 +115,18 @@ def read_line(stream: IO[bytes], timeout: float = 120.0) -> bytes:
     reader.join(timeout)
     assert result, "no line within the bound"
     return result[0]
+
+
+def test_port_forward_keeps_to_the_agent_of_its_start(router: Router, two_tasks: list[str]) -> None:
+    """As kubectl keeps to the pod it picked: a task-less agent arriving later (the router's default from then
+    on; it allows no port the test uses, so a connection given to it would be refused) takes no connection."""
+    with tcp_server(echo) as port:
+        proc, (local,) = start_forward(two_tasks, f":{port}")
+        workflow = two_tasks[two_tasks.index("--workflow-id") + 1]
+        late = AgentProc(router.address, workflow, "--allow-ports", "1")
+        try:
+            for n in range(3):
+                assert echo_round_trip(local, b"hop %d" % n) == b"hop %d" % n
+        finally:
+            proc.stop()
+            late.stop()

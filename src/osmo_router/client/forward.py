@@ -245,7 +245,12 @@ class PortForward:
 
     async def _open_watch(self) -> SessionStream:
         # The watch resumes too: it is lost only when the agent is (grace passed, agent restarted).
-        return await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT, notify=self._tell_resume, watched=self._watched)
+        watch = await self.open_stream(pb.PROTOCOL_TCP, WATCH_PORT, notify=self._tell_resume, watched=self._watched)
+        if not self.config.task and (chosen := getattr(watch, "chosen_task", "")):
+            # Every connection goes to the agent the router chose for the watch, as kubectl keeps to the pod
+            # it picked: the router's default may change meanwhile (agents re-register in any order).
+            self.config = replace(self.config, task=chosen)
+        return watch
 
     def _tell_resume(self, message: str) -> None:
         """One line when the forward lost its connection to the router, one when it resumed."""

@@ -95,11 +95,17 @@ class ResumingStream(ResumableStream):
         self.acking = False  # until the agent's Resume says it numbers what it sends
         #: The session's key (what `attach` takes), once the router gave it.
         self.session_key = getattr(inner, "session_key", "")
+        self._first = inner
         self.detached = False
         #: Set once the agent answered (Resume or anything else) or the session was lost.
         self.answered = asyncio.Event()
         #: The agent's Error frame when that was its first answer (it refused the session outright).
         self.refusal: pb.Error | None = None
+
+    @property
+    def chosen_task(self) -> str:
+        """The task of the agent the router chose for the session, when the client named none and it told."""
+        return str(getattr(self._first, "chosen_task", ""))
 
     @classmethod
     def attached(cls, inner: SessionStream, resume: pb.Resume, *, secret: str, **kwargs: Any) -> ResumingStream:
