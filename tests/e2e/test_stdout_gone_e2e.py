@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from tests.harness import AgentProc, Router, cli_env, client_cmd
 from tests.ws_kit import client_args as transport_args
 
@@ -46,9 +48,15 @@ def test_a_command_ignoring_sigpipe_is_ended_all_the_same(agent: AgentProc, clie
     assert result.returncode == 128 + 15, result.stderr  # SIGTERM, PIPE_GRACE after the SIGPIPE
 
 
-def test_a_stdout_that_fails_is_reported_and_exits_1(agent: AgentProc, client_args: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    # Small writes (written in the loop), and output that arrives in chunks above PIPE_BUF (written in
+    # the writer thread, whose ENOSPC was taken for a reader gone: exit 0, nothing said).
+    [FOREVER, "seq 1 100000", "head -c 10000000 /dev/zero"],
+)
+def test_a_stdout_that_fails_is_reported_and_exits_1(agent: AgentProc, client_args: list[str], command: str) -> None:
     with open("/dev/full", "wb") as full:
-        argv = client_cmd("exec", *client_args, "--", "sh", "-c", FOREVER)
+        argv = client_cmd("exec", *client_args, "--", "sh", "-c", command)
         result = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, env=cli_env(), timeout=WAIT, check=False)
     err = result.stderr.decode(errors="replace")
     assert result.returncode == 1, err

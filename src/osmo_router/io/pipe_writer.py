@@ -55,7 +55,8 @@ class PipeWriter:
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
     async def write(self, data: bytes) -> None:
-        """Write all of `data`; raises BrokenPipeError once the reader is gone or the writer closed."""
+        """Write all of `data`; raises BrokenPipeError once the reader is gone or the writer closed, and
+        the OSError of any other failed write (ENOSPC, EIO), for this and every later chunk."""
         if self._closed:
             raise BrokenPipeError("the pipe writer is closed")
         view = memoryview(data)
@@ -113,7 +114,9 @@ class PipeWriter:
         if error is None:
             done.set_result(None)
         else:
-            done.set_exception(BrokenPipeError(error.errno, error.strerror) if error.errno else error)
+            # A fresh exception per waiter, of the errno's own class: EPIPE is BrokenPipeError (the reader
+            # went away), ENOSPC or EIO stay what they are (`> /dev/full` is a failed write, not a gone reader).
+            done.set_exception(OSError(error.errno, error.strerror) if error.errno else error)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
