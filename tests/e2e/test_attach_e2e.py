@@ -196,6 +196,23 @@ def test_detach_then_attach_from_another_process(agent: AgentProc, router: Route
     router.wait_for(lambda r: r.get("event") == "session attach" and r.get("user") == "anonymous")
 
 
+def test_attach_from_a_terminal_to_a_session_without_one_keeps_the_terminal_cooked(
+    agent: AgentProc, client_args: list[str]
+) -> None:
+    """As docker attach follows the container's TTY setting: Enter is a newline and Ctrl-D the end of input
+    (in raw mode, the bug, `od` got "\\r" and a 004 byte and never ended)."""
+    started = run_client("exec", *client_args, "--detach", "--", "od", "-c")
+    assert started.returncode == 0, started.stderr
+    client = TtyClient("attach", started.stdout.decode().strip(), *client_args)
+    try:
+        client.type(b"hello\r")
+        client.type(b"\x04")
+        client.wait_for(rb"h   e   l   l   o  \\n")
+        assert client.exit_code() == 0
+    finally:
+        client.close()
+
+
 def _end_client(client: TtyClient, how: str) -> int:
     """End a TTY client as its user would: close its terminal (the kernel's SIGHUP) or SIGTERM it; its exit."""
     if how == "close-terminal":

@@ -101,6 +101,7 @@ class HeldStream(ResumableStream):
         self.grace = grace
         self.operation = open_msg.WhichOneof("init") or ""
         self.summary = summary_of(open_msg)
+        self.tty = self.operation == "exec" and open_msg.exec.tty
         self.started = time.time()
         self.detached_at = 0.0
         self.finishing = False
@@ -121,6 +122,7 @@ class HeldStream(ResumableStream):
                 grace_seconds=max(1, math.ceil(self.grace)),
                 fresh=True,
                 window_bytes=self.buffer.limit,
+                tty=self.tty,
             )
             await inner.send(pb.Frame(resume=resume))
         self.start()
@@ -223,6 +225,7 @@ class HeldStream(ResumableStream):
             grace_seconds=max(1, math.ceil(self.grace)),
             sent=self.buffer.end,
             window_bytes=self.buffer.limit,
+            tty=self.tty,
         )
         self.set_peer_window(token.window_bytes)
         try:

@@ -113,6 +113,7 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
     """`osmo-net-client attach KEY`: attach, then relay as exec does; the exit code to exit with."""
     from osmo_router.client.exec import relay_session
 
+    chosen = tty
     if tty is None:
         tty = os.isatty(0)
     transport: Transport | None = None
@@ -128,6 +129,10 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
             print(f"osmo-net-client: attach: cannot attach to session {key}: {err.message} [{err.code.name}]",
                   file=sys.stderr)  # fmt: skip
             return EXIT_CONNECTION_ERROR
+        if chosen is None and stream.remote_tty is not None:
+            # As docker attach follows the container's TTY: a session without a terminal is attached in this
+            # terminal's own (cooked) mode, where Enter, Ctrl-D and Ctrl-C work as for `exec` without --tty.
+            tty = tty and stream.remote_tty
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             if tty:  # the remote terminal takes this terminal's size
                 await stream.send(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols), redraw=True)))

@@ -95,6 +95,8 @@ class ResumingStream(ResumableStream):
         self.acking = False  # until the agent's Resume says it numbers what it sends
         #: The session's key (what `attach` takes), once the router gave it.
         self.session_key = getattr(inner, "session_key", "")
+        #: Whether the session's command runs on a terminal, as the agent said on an attach (None: not said).
+        self.remote_tty: bool | None = None
         self._first = inner
         self.detached = False
         #: Set once the agent answered (Resume or anything else) or the session was lost.
@@ -358,6 +360,7 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
         grace=config.resume_grace,
     )
     stream.session_key = key
+    stream.remote_tty = first.resume.tty if first.resume.HasField("tty") else None
     stream.start()
     return stream
 

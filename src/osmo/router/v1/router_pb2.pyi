@@ -589,6 +589,7 @@ class Resume(_message.Message):
     FRESH_FIELD_NUMBER: _builtins.int
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
+    TTY_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Units of the client's frames the agent received: the client resends from there."""
     sending_from: _builtins.int
@@ -605,6 +606,10 @@ class Resume(_message.Message):
     """Units the agent numbered so far (it resends from sending_from up to here). Informational:
     the router counts the replay from it.
     """
+    tty: _builtins.bool
+    """Whether the session's command runs on a terminal (exec --tty): `attach` puts the local terminal
+    in raw mode only then. Unset from older agents.
+    """
     def __init__(
         self,
         *,
@@ -614,12 +619,15 @@ class Resume(_message.Message):
         fresh: _builtins.bool = ...,
         window_bytes: _builtins.int = ...,
         sent: _builtins.int = ...,
+        tty: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tty", b"_tty", "tty", b"tty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tty", b"_tty", "fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent", "tty", b"tty", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tty: _TypeAlias = _typing.Literal["tty"]  # noqa: Y015
+    _WhichOneofArgType__tty: _TypeAlias = _typing.Literal["_tty", b"_tty"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tty) -> _WhichOneofReturnType__tty | None: ...
 
 Global___Resume: _TypeAlias = Resume  # noqa: Y015
 
