@@ -182,6 +182,31 @@ def test_tty_shell_survives_a_network_cut(
         client.close()
 
 
+def test_escape_key_detaches_while_the_network_is_cut(
+    agent: AgentProc, proxied: tuple[CutProxy, list[str]], client_args: list[str]
+) -> None:
+    """Ctrl-] d during a resume: the agent holds the session anyway, so the client leaves it there (it said
+    "cannot be detached (it is not resumable)" and stayed in raw mode, resuming for up to 300 s)."""
+    proxy, args = proxied
+    client = TtyClient("exec", *args, "--tty", "--", "bash", "--norc", "--noprofile", "-i")
+    attached: TtyClient | None = None
+    try:
+        client.run(b"X=kept-$((6*7))", PROMPT)
+        proxy.cut()
+        client.wait_for(rb"connection lost")
+        mark = client.type(b"\x1dd")
+        assert client.exit_code() == 0
+        key = client.wait_for(rb"detached from session (" + KEY + rb")", mark).group(1).decode()
+        client.wait_for(rb"the connection was down", mark)
+        proxy.restore()
+        attached = TtyClient("attach", key, *client_args)
+        attached.run(b"echo x=$X", rb"x=kept-42")
+    finally:
+        client.close()
+        if attached is not None:
+            attached.close()
+
+
 def test_detach_then_attach_from_another_process(agent: AgentProc, router: Router, client_args: list[str]) -> None:
     script = "echo produced-while-detached; read line; echo got=$line; exit 7"
     started = run_client("exec", *client_args, "--detach", "--", "sh", "-c", script)

@@ -86,6 +86,8 @@ def detached_notice(config: ClientConfig, stream: SessionStream) -> Callable[[],
     def notice() -> int:
         key = getattr(stream, "session_key", "")
         say(f"detached from session {key}; attach again with: {attach_hint(config, key)}")
+        if getattr(stream, "detached_offline", False):
+            say("(the connection was down: the agent holds the session for its resume grace if it still runs)")
         return EXIT_DETACHED
 
     return notice

@@ -95,6 +95,8 @@ class ResumingStream(ResumableStream):
         self.acking = False  # until the agent's Resume says it numbers what it sends
         #: The session's key (what `attach` takes), once the router gave it.
         self.session_key = getattr(inner, "session_key", "")
+        #: Detached while the connection was down (nothing could be said to the agent).
+        self.detached_offline = False
         #: Whether the session's command runs on a terminal, as the agent said on an attach (None: not said).
         self.remote_tty: bool | None = None
         self._first = inner
@@ -144,9 +146,15 @@ class ResumingStream(ResumableStream):
             log.info("detaching with input the agent has not acknowledged")
         async with self._write_lock:
             inner = self._inner
-            if inner is None or self._lost is not None:
+            if self._lost is not None:
                 return False
             self.detached = True
+            if inner is None:
+                # A resume in progress (the router or the network is down): the agent holds the session
+                # meanwhile, as it would a detached one; this side stops resuming and leaves it there.
+                self.detached_offline = True
+                self._lose(SessionLost("detached", grpc.StatusCode.OK))
+                return True
             try:
                 if self._acks.owed:
                     await inner.send(self._acks.frame())
