@@ -208,3 +208,26 @@ def test_client_paused_past_the_flow_control_timeout_is_told_it_stopped_reading(
         proc.stop()
         agent.stop()
         router.stop()
+
+
+@pytest.mark.parametrize(
+    "words", [["exec", "--", "true"], ["sessions"], ["attach", "somekey"], ["port-forward", ":8080"]]
+)
+def test_ctrl_c_while_the_router_does_not_answer_exits_130_quietly(words: list[str]) -> None:
+    """Ctrl-C before a session is made: 130, as once it runs and as a shell reports SIGINT (click said
+    "Aborted!" and exited 1)."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never answers
+    try:
+        args = ["--router-address", f"127.0.0.1:{silent.getsockname()[1]}", "--workflow-id", "wf", "--tls=false"]
+        proc = Proc(client_cmd(words[0], *args, *words[1:]))
+        silent.settimeout(WAIT)
+        conn, _ = silent.accept()  # the client is dialling: its loop runs
+        try:
+            proc.popen.send_signal(signal.SIGINT)
+            assert proc.wait_exit(WAIT) == 130, proc.lines
+            assert not any("Aborted" in line or "Traceback" in line for line in proc.lines), proc.lines
+        finally:
+            conn.close()
+            proc.stop()
+    finally:
+        silent.close()

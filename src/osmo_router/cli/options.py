@@ -7,8 +7,9 @@ Go-style `--flag=false` / `--flag=true` forms of the original tools by rewriting
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -88,6 +89,23 @@ def run_async(coro: Coroutine[Any, Any, T], *, prefer_uvloop: bool = False) -> T
     import asyncio  # here: commands that never run a loop (`osmo-net-client rsync`) start faster
 
     return asyncio.run(coro)
+
+
+#: Exit status of a command stopped by Ctrl-C before it handled the signal itself (as a shell reports SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+def exit_with(coro: Coroutine[Any, Any, int], *, prefer_uvloop: bool = False) -> NoReturn:
+    """Run a command's coroutine (`run_async`) and exit with its status.
+
+    Ctrl-C before the command took SIGINT over (while it dials the router, say) ends it with 130 and
+    nothing more, where click would print "Aborted!" and exit 1.
+    """
+    try:
+        code = run_async(coro, prefer_uvloop=prefer_uvloop)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
 
 
 def prefers_uvloop(grpc_channel: str) -> bool:

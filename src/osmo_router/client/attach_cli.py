@@ -5,13 +5,12 @@ Both take the session flags of every command (router address, workflow, token, T
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from osmo_router.cli.options import prefers_uvloop, run_async
+from osmo_router.cli.options import exit_with, prefers_uvloop
 from osmo_router.client.config import ClientConfig
 
 Decorator = Callable[[Any], Any]
@@ -45,7 +44,7 @@ def register(
             hint = "is empty: give the key `exec --detach` or `sessions` printed"
             raise click.BadParameter(hint, param_hint="SESSION_KEY")
         config = client_config(options)
-        sys.exit(run_async(run_attach(config, key, tty), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel)))
+        exit_with(run_attach(config, key, tty), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel))
 
     @group.command(name="sessions")
     @session_options
@@ -55,7 +54,7 @@ def register(
         from osmo_router.client.attach import run_sessions
 
         config = client_config(options)
-        sys.exit(run_async(run_sessions(config, json_output), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel)))
+        exit_with(run_sessions(config, json_output), prefer_uvloop=prefers_uvloop(config.dial.grpc_channel))
 
 
 __all__ = ["register"]

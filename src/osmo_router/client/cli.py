@@ -15,7 +15,13 @@ import click
 
 from osmo_router import __version__
 from osmo_router.cli.logs import setup_logging
-from osmo_router.cli.options import DURATION, bool_option_names, normalize_bool_flags, prefers_uvloop, run_async
+from osmo_router.cli.options import (
+    DURATION,
+    bool_option_names,
+    exit_with,
+    normalize_bool_flags,
+    prefers_uvloop,
+)
 from osmo_router.client import attach_cli, exec_cli
 from osmo_router.client.binds import DEFAULT_ADDRESS
 from osmo_router.client.config import ClientConfig
@@ -184,18 +190,16 @@ def port_forward_command(
         raise click.UsageError("give at least one SPEC (LOCAL:REMOTE, REMOTE or :REMOTE)")
     config = client_config(options)
     tune_for_bulk()  # connections stream in 1 MiB frames (memtune)
-    sys.exit(
-        run_async(
-            run_port_forward(
-                config,
-                all_specs,
-                protocol=protocol,
-                addresses=list(addresses),
-                json_output=json_output,
-                reconnect=reconnect,
-            ),
-            prefer_uvloop=_uvloop(config),
-        )
+    exit_with(
+        run_port_forward(
+            config,
+            all_specs,
+            protocol=protocol,
+            addresses=list(addresses),
+            json_output=json_output,
+            reconnect=reconnect,
+        ),
+        prefer_uvloop=_uvloop(config),
     )
 
 
@@ -285,7 +289,7 @@ def rsync_shell_command(remote_command: tuple[str, ...], **options: Any) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = client_config(options)
     tune_for_bulk()  # rsync's data moves in 1 MiB frames (memtune)
-    sys.exit(run_async(run_rsync_shell(config, list(remote_command)), prefer_uvloop=_uvloop(config)))
+    exit_with(run_rsync_shell(config, list(remote_command)), prefer_uvloop=_uvloop(config))
 
 
 attach_cli.register(main_group, _session_options, client_config)

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from osmo_router.cli.options import prefers_uvloop, run_async
+from osmo_router.cli.options import exit_with, prefers_uvloop
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.words import require_utf8
 from osmo_router.io.memtune import tune_for_bulk
@@ -88,11 +88,9 @@ def register(
             print("osmo-net-client: exec: stdin is not a terminal: running without one (as ssh -t)", file=sys.stderr)
             tty = False
         tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
-        sys.exit(
-            run_async(
-                run_exec(config, list(command), tty, detach=detach, env=environment, workdir=workdir),
-                prefer_uvloop=prefers_uvloop(config.dial.grpc_channel),
-            )
+        exit_with(
+            run_exec(config, list(command), tty, detach=detach, env=environment, workdir=workdir),
+            prefer_uvloop=prefers_uvloop(config.dial.grpc_channel),
         )
 
 
