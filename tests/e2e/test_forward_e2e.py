@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -367,5 +368,32 @@ def test_legacy_operation_form(agent: AgentProc, client_args: list[str]) -> None
             assert echo_round_trip(local, b"legacy") == b"legacy"
             proc.signal(signal.SIGTERM)
             assert proc.wait_exit(TIMEOUT) == 0
+        finally:
+            proc.stop()
+
+
+def send_then_reset(conn: socket.socket) -> None:
+    """A container server that sends 1 MB and resets the connection (SO_LINGER 0), as a crashing one would."""
+    conn.sendall(b"r" * 1_000_000)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_target_that_resets_after_sending_resets_the_local_reader(agent: AgentProc, client_args: list[str]) -> None:
+    """Data and the reset arrive together: uvloop then drops the reader's registration after one callback (an
+    error event), and the agent's pump waited for a readiness that never came: the connection hung forever."""
+    with tcp_server(send_then_reset) as port:
+        proc, (local,) = start_forward(client_args, f":{port}")
+        try:
+            outcomes = []
+            for _ in range(10):
+                with connect(local) as sock:
+                    sock.settimeout(TIMEOUT)
+                    try:
+                        while sock.recv(1 << 16):
+                            pass
+                        outcomes.append("eof")
+                    except ConnectionResetError:
+                        outcomes.append("reset")
+            assert outcomes == ["reset"] * 10  # a timeout (the hang) raises TimeoutError out of the loop
         finally:
             proc.stop()

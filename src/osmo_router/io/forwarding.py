@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
 import struct
 import sys
@@ -125,6 +126,11 @@ class SocketReader:
     forwarded round trip. This reader stays registered while its pump waits for data again; only
     readiness that comes while nobody waits (the pump is busy sending) unregisters it, so a socket
     with data nobody takes yet never spins the loop. `close` must run before the socket is closed.
+
+    On uvloop a readiness that comes with an error or hang-up (the peer reset the connection just
+    after its last data) is the registration's last callback: libuv stops watching the descriptor
+    after it. So each callback there asks the socket (poll, no wait) whether it is in that state;
+    once it is, the reader reads on to the error or EOF instead of waiting for another readiness.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -142,6 +148,12 @@ class SocketReader:
         #: While `send_all` waits: the stream's try_send_data_message and the message size (see _send_now).
         self._direct: tuple[Callable[[bytes], bool], int] | None = None
         self._handed: bytes | OSError | None = None  # what _send_now read and could not send: the pump's
+        #: uvloop only (see the class docstring): asks whether the socket has an error or hung up.
+        self._hang_up_check: select.poll | None = None
+        if type(self._loop).__module__.startswith("uvloop"):
+            self._hang_up_check = select.poll()
+            self._hang_up_check.register(self._fd, select.POLLERR | select.POLLHUP)
+        self._hung_up = False  # an error or hang-up was seen: read to the end without waiting
 
     async def recv(self, size: int) -> bytes:
         """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError.
@@ -247,7 +259,7 @@ class SocketReader:
 
     def _may_hold_more(self) -> bool:
         """False when the last read emptied the socket and no readiness came since: wait before reading."""
-        return not (self._emptied and self._registered and not self._unclaimed)
+        return self._hung_up or not (self._emptied and self._registered and not self._unclaimed)
 
     def _waiting(self) -> int:
         """Bytes the socket holds unread (0 where FIONREAD is not supported)."""
@@ -293,8 +305,11 @@ class SocketReader:
             self._waiter = None
 
     def _ready(self) -> None:
+        check = self._hang_up_check
+        if check is not None and not self._hung_up and check.poll(0):
+            self._hung_up = True  # this callback is the registration's last: the pump reads on by itself
         if self._waiter is not None:
-            if not self._waiter.done() and (self._direct is None or not self._send_now()):
+            if not self._waiter.done() and (self._hung_up or self._direct is None or not self._send_now()):
                 self._waiter.set_result(None)
             # (else the pump was woken already and reads in this loop iteration)
         elif self._unclaimed:
