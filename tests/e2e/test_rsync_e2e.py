@@ -420,6 +420,34 @@ def test_a_transfer_stopped_here_is_ended_on_the_agent_too(
         client.stop()
 
 
+def test_an_agent_told_to_stop_exits_while_it_holds_a_transfer_and_serves_another(
+    router: Router, workflow: str, client_args: list[str], source: Path, container: Path, tmp_path: Path
+) -> None:
+    """A download whose client was killed (held for its resume), an upload under way, then SIGTERM: the agent
+    spun at 100% CPU for good (a session's replay buffer, closed by the shutdown, took the transfer's last
+    frames and its wait for their acknowledgement returned at once, forever)."""
+    shutil.copy(source / "big.bin", container / "held.bin")
+    (tmp_path / "pulled").mkdir()
+    agent = AgentProc(router.address, workflow)
+    held = Proc(client_cmd("rsync", *client_args, "--bwlimit", "20m", f":{container}/held.bin", f"{tmp_path}/pulled/"))
+    upload = Proc(client_cmd("rsync", *client_args, "--bwlimit", "30m", f"{source}/big.bin", f":{container}/"))
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 0 for p in (tmp_path / "pulled").glob(".held.bin.*")):
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        os.killpg(held.pid, signal.SIGKILL)
+        agent.wait_for(lambda r: r.get("event") == "held")
+        _wait_until_under_way(container, deadline)
+        os.kill(agent.pid, signal.SIGTERM)
+        assert agent.wait_exit(30) == 0
+        assert upload.wait_exit(30) == 255
+    finally:
+        agent.stop()
+        held.stop()
+        upload.stop()
+
+
 def test_partial_transfer_resumes_from_what_arrived(
     router: Router, workflow: str, client_args: list[str], source: Path, container: Path
 ) -> None:

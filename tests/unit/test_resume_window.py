@@ -91,6 +91,18 @@ async def test_close_wakes_a_blocked_sender() -> None:
     await asyncio.wait_for(asyncio.gather(waiter, settled), 1)
 
 
+def test_a_closed_buffer_holds_nothing_more() -> None:
+    """What a session sends after its end (a command's last output, its exit status) is numbered and not held:
+    held, it kept `settled` False for good (an agent spun at 100% CPU waiting for it) and kept the shared window."""
+    shared = SharedWindow(10_000)
+    buffer = ReplayBuffer(1000, shared)
+    buffer.append(pb.Frame(data=b"x" * 100), 100, 100)
+    buffer.close()
+    entry = buffer.append(pb.Frame(data=b"y" * 100), 100, 100)
+    assert entry.start == 100 and buffer.end == 200
+    assert buffer.settled and len(buffer) == 0 and buffer.bytes == 0 and shared.used == 0
+
+
 @pytest.mark.parametrize("every", [1, 100])
 def test_ack_clock(every: int) -> None:
     clock = AckClock(every)

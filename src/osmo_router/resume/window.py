@@ -171,11 +171,15 @@ class ReplayBuffer:
         self._settled.set()
 
     def append(self, item: Item, units: int, size: int) -> Entry:
-        """Number `item` and hold it."""
+        """Number `item` and hold it (a closed buffer numbers it and holds nothing: the session is over)."""
         entry = Entry(self.end, units, item, size + ENTRY_OVERHEAD, self.appended)
-        self._entries.append(entry)
         self.appended += 1
         self.end += units
+        if self.closed:
+            # Held now, it would never be acknowledged nor given back to the shared window, and
+            # `settled` would stay False for good under a `wait_settled` that returns at once.
+            return entry
+        self._entries.append(entry)
         self.bytes += entry.size
         if self.shared is not None:
             self.shared.take(entry.size)
