@@ -420,6 +420,38 @@ def test_a_transfer_stopped_here_is_ended_on_the_agent_too(
         client.stop()
 
 
+def _rsync_children(pid: int) -> list[str]:
+    """The command lines of `pid`'s children that run rsync."""
+    lines = subprocess.run(["ps", "--ppid", str(pid), "-o", "args="], capture_output=True, text=True).stdout
+    return [line for line in lines.splitlines() if "rsync" in line]
+
+
+def test_ctrl_c_of_a_download_ends_the_remote_rsync(
+    router: Router, workflow: str, client_args: list[str], source: Path, container: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) during a download: the remote rsync --sender ends at once,
+    as over ssh; it was held by the agent for its resume grace (300 s), the client saying it was resuming."""
+    shutil.copy(source / "big.bin", container / "down.bin")
+    agent = AgentProc(router.address, workflow)
+    client = Proc(client_cmd("rsync", *client_args, "--bwlimit", "20m", f":{container}/down.bin", f"{tmp_path}/"))
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > 0 for p in tmp_path.glob(".down.bin.*")):
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.05)
+        assert _rsync_children(agent.pid)
+        os.killpg(client.pid, signal.SIGINT)
+        assert client.wait_exit(60) != 0
+        while _rsync_children(agent.pid):
+            assert time.monotonic() < deadline, "the remote rsync still runs"
+            time.sleep(0.05)
+        assert not any(r.get("event") == "held" for r in agent.events()), "the agent held the session"
+        assert not any("resuming" in line for line in client.lines), client.lines
+    finally:
+        agent.stop()
+        client.stop()
+
+
 def test_an_agent_told_to_stop_exits_while_it_holds_a_transfer_and_serves_another(
     router: Router, workflow: str, client_args: list[str], source: Path, container: Path, tmp_path: Path
 ) -> None:

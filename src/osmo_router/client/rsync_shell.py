@@ -52,9 +52,9 @@ STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
 READ_SIZE = BULK_CHUNK_SIZE
 #: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
 LINGER = 0.001
-#: Signals that end the transfer from this side (the terminal closed, the command stopped): the
+#: Signals that end the transfer from this side (the terminal closed, the command stopped, Ctrl-C): the
 #: session is ended for the agent too (client/resume.py give_up), not left to its resume grace.
-ENDING_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
+ENDING_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 #: Longest this shell goes on after rsync's SIGUSR1 (see the module docstring).
 RSYNC_EXIT_SETTLE = 3.0
 
@@ -174,7 +174,8 @@ async def _bridge(stream: SessionStream) -> int:
     ended_by: list[int] = []
 
     def told_to_end(sig: int) -> None:
-        # The terminal closed (SIGHUP) or the command was stopped (SIGTERM), rsync with it: the remote
+        # The terminal closed (SIGHUP), the command was stopped (SIGTERM) or Ctrl-C (SIGINT to the
+        # terminal's process group, rsync with it): the remote
         # rsync is ended now, not held by the agent for its resume grace as after a break.
         if not ended_by:
             ended_by.append(sig)
