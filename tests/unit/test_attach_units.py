@@ -44,6 +44,16 @@ def test_sessions_table() -> None:
     assert lines[1].split() == ["k" * 22, "t1", "bash", "detached", "90s", "ago"]
 
 
+def test_sessions_table_shows_control_characters_as_escapes() -> None:
+    """A command's newline broke the table's row; its escape sequences reached the terminal."""
+    summary = "sh -c 'sleep 100\necho pwned' '\x1b[31mRED\x1b[0m'"
+    entry = pb.HeldSession(session_key="k" * 22, summary=summary, attached=True, started_unix=1000)
+    lines = format_sessions([entry], now=1001)
+    assert len(lines) == 2
+    assert "sleep 100\\necho pwned" in lines[1] and "\\x1b[31mRED\\x1b[0m" in lines[1]
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in lines[1])
+
+
 def _report(*entries: pb.HeldSession) -> bytes:
     return pb.RegisterRequest(held=pb.HeldSessions(sessions=entries)).SerializeToString()
 

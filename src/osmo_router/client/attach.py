@@ -26,6 +26,7 @@ import grpc
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.resume import ResumingStream, open_attach, say
 from osmo_router.client.terminal import raw_mode, terminal_size
+from osmo_router.client.words import printable
 from osmo_router.dial.channel import open_channel
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
@@ -182,7 +183,9 @@ def format_sessions(sessions: list[pb.HeldSession], now: float | None = None) ->
     for entry in sessions:
         state = "attached" if entry.attached else "detached"
         since = entry.started_unix if entry.attached else entry.detached_unix
-        rows.append((entry.session_key, entry.task or "-", entry.summary or "-", state, _ago(since, now)))
+        # The command is the user's, but shown raw its newlines break the table and its escapes drive the terminal.
+        summary, task = printable(entry.summary), printable(entry.task)
+        rows.append((entry.session_key, task or "-", summary or "-", state, _ago(since, now)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4]]) for row in rows]
 
