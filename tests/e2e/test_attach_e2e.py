@@ -238,6 +238,16 @@ def test_attach_from_a_terminal_to_a_session_without_one_keeps_the_terminal_cook
         client.close()
 
 
+def test_messages_on_a_raw_terminal_end_their_line(agent: AgentProc, client_args: list[str]) -> None:
+    """On a raw terminal "\\n" only moves down: the agent's "command not found" left the next line indented."""
+    client = TtyClient("exec", *client_args, "--tty", "--", "no-such-command-here")
+    try:
+        client.wait_for(rb"no-such-command-here: command not found\r\n")
+        assert client.exit_code() == 127
+    finally:
+        client.close()
+
+
 def _end_client(client: TtyClient, how: str) -> int:
     """End a TTY client as its user would: close its terminal (the kernel's SIGHUP) or SIGTERM it; its exit."""
     if how == "close-terminal":
@@ -311,7 +321,9 @@ def test_escape_key_detaches_a_tty_and_attach_takes_over(
         third = Proc(client_cmd("attach", key, *client_args), stdin=subprocess.PIPE)
         try:
             assert second.exit_code() == 255
-            assert b"attached from another client" in second.text
+            # Said as the attach it is, on its own line of the raw terminal.
+            assert b"osmo-net-client: attach: the session was attached from another client" in second.text
+            assert second.text.rstrip(b"\r\n").endswith(b"[ABORTED]") and second.text.endswith(b"\r\n")
             assert third.popen.stdin is not None
             third.popen.stdin.write(b"exit 4\n")
             third.popen.stdin.close()

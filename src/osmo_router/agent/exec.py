@@ -97,7 +97,8 @@ async def run_exec(
         await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, _workdir_message(workdir, reason, flag))
         return
     if shutil.which(argv[0], path=env.get("PATH")) is None and not os.path.exists(argv[0]):
-        await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found\n".encode()))
+        end = "\r\n" if init.tty else "\n"  # on the client's raw terminal a bare "\n" does not return the line
+        await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found{end}".encode()))
         await _finish(stream, 127)
         return
     try:

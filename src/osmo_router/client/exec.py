@@ -135,7 +135,7 @@ async def relay_session(
     try:
         return unread.exit_code(await receive_output(stream, write_stdout))
     except (grpc.aio.AioRpcError, RouterError) as err:
-        return _ended_early(err, stream, tty, signals, unread, detached)
+        return _ended_early(err, stream, tty, signals, unread, detached, "attach" if attached else "exec")
     finally:
         unread.cancel()
         stdout.close()
@@ -152,6 +152,7 @@ def _ended_early(
     signals: _SignalFrames,
     unread: _UnreadOutput,
     detached: Callable[[], int] | None,
+    command: str,
 ) -> int:
     """The exit code of a session that ended without an exit status: on purpose from here, or broken."""
     was_detached = detached is not None and getattr(stream, "detached", False)
@@ -166,7 +167,7 @@ def _ended_early(
     if isinstance(err, grpc.aio.AioRpcError):
         log.debug("exec stream failed", exc_info=True)
     error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
-    _say(f"{error.message} [{error.code.name}]", tty)
+    _say(f"{error.message} [{error.code.name}]", tty, command)
     return EXIT_CONNECTION_ERROR
 
 
@@ -285,9 +286,10 @@ class _SignalFrames:
         self._send_soon(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
 
 
-def _say(message: str, tty: bool) -> None:
-    prefix = "\r\n" if tty else ""
-    sys.stderr.write(f"{prefix}osmo-net-client: exec: {message}\n")
+def _say(message: str, tty: bool, command: str = "exec") -> None:
+    # In raw mode a bare "\n" moves down without returning to the line's start.
+    line = f"osmo-net-client: {command}: {message}"
+    sys.stderr.write(f"\r\n{line}\r\n" if tty else f"{line}\n")
     sys.stderr.flush()
 
 
