@@ -437,7 +437,15 @@ def test_wait_for_eof_returns_once_every_writer_is_gone_and_is_bounded() -> None
 
 @pytest.mark.parametrize(
     "args",
-    [["-e", "ssh"], ["-essh"], ["-ave", "ssh"], ["--rsh=ssh"], ["--rsh", "ssh"], ["--rsync-path=/bin/x"]],
+    [
+        ["-e", "ssh"],
+        ["-essh"],
+        ["-ave", "ssh"],
+        ["--rsh=ssh"],
+        ["--rsh", "ssh"],
+        ["--rsync-path=/bin/x"],
+        ["--exclude", "x", "-e", "ssh"],  # after a long option's value, -e is an option again
+    ],
 )
 def test_options_replacing_the_remote_shell_are_refused(args: list[str]) -> None:
     import click
@@ -450,7 +458,19 @@ def test_options_replacing_the_remote_shell_are_refused(args: list[str]) -> None
 
 @pytest.mark.parametrize(
     "args",
-    [["-z"], ["-avz", "--partial"], ["-f", "- *.e"], ["-f- *.e"], ["-T", "/tmp/e"], ["--exclude=-e"], ["-B1024"]],
+    [
+        ["-z"],
+        ["-avz", "--partial"],
+        ["-f", "- *.e"],
+        ["-f- *.e"],
+        ["-T", "/tmp/e"],
+        ["--exclude=-e"],
+        ["-B1024"],
+        # A long option's value in the next word, as rsync takes it: `--exclude -e` excludes files named -e.
+        ["--exclude", "-e"],
+        ["--include", "-essh", "--filter", "-e"],
+        ["--chmod", "-e", "-z"],
+    ],
 )
 def test_other_options_pass(args: list[str]) -> None:
     from osmo_router.client.rsync import check_extra_args

@@ -95,6 +95,17 @@ def plan_paths(paths: Sequence[str], legacy: bool = False) -> list[str]:
 _SHORT_WITH_ARGUMENT = frozenset("@fBeTM")
 #: Options that would replace this client as rsync's remote shell, or the command run through it.
 _SHELL_OPTIONS = ("--rsh", "--rsync-path")
+#: Long options whose value may be the next word (`--exclude PATTERN`), from `rsync --help` (3.2-3.5): that
+#: word is a value, never an option (`--exclude -e` excludes files named -e).
+_LONG_WITH_ARGUMENT = frozenset(
+    "--address --backup-dir --block-size --bwlimit --checksum-choice --checksum-seed --chmod --chown "
+    "--compare-dest --compress-choice --compress-level --compress-threads --confine-root --contimeout --copy-as "
+    "--copy-dest --debug --early-input --exclude --exclude-from --files-from --filter --groupmap --iconv --include "
+    "--include-from --info --link-dest --log-file --log-file-format --max-alloc --max-delete --max-size --min-size "
+    "--modify-window --only-write-batch --out-format --outbuf --partial-dir --password-file --port --protocol "
+    "--read-batch --remote-option --skip-compress --sockopts --stop-after --stop-at --suffix --temp-dir --timeout "
+    "--usermap --write-batch".split()
+)
 
 
 def check_extra_args(args: Sequence[str]) -> None:
@@ -108,6 +119,8 @@ def check_extra_args(args: Sequence[str]) -> None:
             name = word.split("=", 1)[0]
             if name in _SHELL_OPTIONS:
                 raise click.UsageError(f"{name} cannot be given: rsync's remote shell is osmo-net-client's own")
+            if name == word and name in _LONG_WITH_ARGUMENT:
+                next(words, None)  # its value is the next word
             continue
         if not word.startswith("-") or word == "-":
             continue
