@@ -36,7 +36,7 @@ from tests.forward_servers import (
     udp_echo_server,
     wait_line,
 )
-from tests.harness import AgentProc, Proc, Router, client_cmd
+from tests.harness import AgentProc, Proc, Router, client_cmd, run_client
 
 
 @pytest.fixture
@@ -397,3 +397,12 @@ def test_a_target_that_resets_after_sending_resets_the_local_reader(agent: Agent
             assert outcomes == ["reset"] * 10  # a timeout (the hang) raises TimeoutError out of the loop
         finally:
             proc.stop()
+
+
+def test_a_local_port_given_twice_is_a_usage_error(agent: AgentProc, client_args: list[str]) -> None:
+    """Refused before anything listens: it printed the first port's Forwarding line, then failed to bind."""
+    port = closed_port()
+    result = run_client("port-forward", *client_args, f"{port}:8080", f"{port}:8081", timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert f"local port {port} is given twice".encode() in result.stderr
+    assert b"Forwarding" not in result.stdout

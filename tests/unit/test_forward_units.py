@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from osmo_router.agent.forward import parse_port_ranges, port_allowed, target_hosts
 from osmo_router.client.binds import LOCALHOST, Bind, parse_address, parse_binds
-from osmo_router.client.forward import PortSpec, parse_spec
+from osmo_router.client.forward import PortSpec, parse_spec, parse_specs
 from osmo_router.io.forwarding import format_peer, parse_peer
 from osmo_router.wire.codec import decode_data_message, encode_data_message, fast_deserializer, raw_serializer
 from osmo_router.wire.protocol import pb
@@ -26,6 +26,12 @@ def test_spec_forms(text: str, spec: PortSpec) -> None:
 def test_bad_specs_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         parse_spec(text)
+
+
+def test_a_local_port_given_twice_is_refused_before_anything_listens() -> None:
+    assert parse_specs([":80", ":81", "8080:80"]) == [PortSpec(0, 80), PortSpec(0, 81), PortSpec(8080, 80)]
+    with pytest.raises(ValueError, match="local port 18007 is given twice"):
+        parse_specs(["18007:18001", "18007:18002"])
 
 
 def test_addresses() -> None:

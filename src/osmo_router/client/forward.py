@@ -75,12 +75,24 @@ def parse_spec(text: str) -> PortSpec:
     return PortSpec(local_port, remote_port)
 
 
+def parse_specs(texts: Sequence[str]) -> list[PortSpec]:
+    """Every SPEC (`parse_spec`); ValueError also for a local port given twice (found before anything listens)."""
+    ports = [parse_spec(text) for text in texts]
+    seen: set[int] = set()
+    for spec in ports:
+        if spec.local_port in seen:
+            raise ValueError(f"local port {spec.local_port} is given twice")
+        if spec.local_port:
+            seen.add(spec.local_port)
+    return ports
+
+
 async def run_port_forward(
     config: ClientConfig, specs: list[str], *, protocol: str, addresses: list[str], json_output: bool, reconnect: bool
 ) -> int:
     """Forward until interrupted (exit 0); 255 when the agent or router is gone (unless --reconnect)."""
     try:
-        ports = [parse_spec(spec) for spec in specs]
+        ports = parse_specs(specs)
         binds = parse_binds(addresses)
     except ValueError as err:
         print(f"osmo-net-client: port-forward: {err}", file=sys.stderr)
@@ -339,4 +351,4 @@ async def _end_watch(watch: SessionStream, lost: asyncio.Task[RouterError]) -> N
     await asyncio.gather(lost, return_exceptions=True)
 
 
-__all__ = ["PortForward", "PortSpec", "parse_spec", "run_port_forward"]
+__all__ = ["PortForward", "PortSpec", "parse_spec", "parse_specs", "run_port_forward"]
