@@ -406,3 +406,22 @@ def test_a_local_port_given_twice_is_a_usage_error(agent: AgentProc, client_args
     assert result.returncode == 2, result.stderr
     assert f"local port {port} is given twice".encode() in result.stderr
     assert b"Forwarding" not in result.stdout
+
+
+def test_udp_reaches_a_server_bound_to_ipv6_loopback_alone(agent: AgentProc, client_args: list[str]) -> None:
+    """As TCP tries 127.0.0.1, then ::1: a datagram to 127.0.0.1 where nobody listens is dropped without a word,
+    so the agent looks up where the container's UDP server is bound (every datagram was lost before)."""
+    with udp_echo_server("::1") as port:
+        proc, (local,) = start_forward(client_args, "--protocol", "udp", f":{port}")
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(5)
+                for attempt in range(5):  # UDP may drop one on a loaded machine: a few tries, bounded
+                    sock.sendto(b"to ipv6 %d" % attempt, ("127.0.0.1", local))
+                    with contextlib.suppress(TimeoutError):
+                        assert sock.recv(100) == b"echo:to ipv6 %d" % attempt
+                        break
+                else:
+                    raise AssertionError("no reply from the server bound to ::1")
+        finally:
+            proc.stop()

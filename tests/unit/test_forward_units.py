@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -116,3 +118,23 @@ def test_codec_leaves_other_messages_to_protobuf() -> None:
 def test_a_protocol_suffix_is_refused_with_the_option_named() -> None:
     with pytest.raises(ValueError, match="--protocol"):
         parse_spec("5353:53/udp")
+
+
+def test_udp_target_host_follows_the_containers_socket_table(tmp_path: Path) -> None:
+    from osmo_router.agent.forward_udp import udp_target_host
+
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+
+    def tables(v4: list[str], v6: list[str]) -> str:
+        (tmp_path / "udp").write_text(header + "".join(f"   0: {a} 00000000:0000 07 0 0 0\n" for a in v4))
+        (tmp_path / "udp6").write_text(header + "".join(f"   0: {a} {'0' * 32}:0000 07 0 0 0\n" for a in v6))
+        return str(tmp_path)
+
+    both = ["127.0.0.1", "::1"]
+    assert udp_target_host(both, 5353, tables([], ["00000000000000000000000001000000:14E9"])) == "::1"
+    assert udp_target_host(both, 5353, tables(["0100007F:14E9"], [f"{'0' * 32}:14E9"])) == "127.0.0.1"
+    assert udp_target_host(both, 5353, tables(["00000000:14E9"], [])) == "127.0.0.1"  # 0.0.0.0
+    assert udp_target_host(both, 5353, tables([], [f"{'0' * 32}:14E9"])) == "::1"  # [::]
+    assert udp_target_host(both, 5353, tables(["0100007F:14EA"], [])) == "127.0.0.1"  # nobody: the first
+    assert udp_target_host(both, 5353, str(tmp_path / "missing")) == "127.0.0.1"
+    assert udp_target_host(["::1"], 5353, tables(["0100007F:14E9"], [])) == "::1"  # one host named: that one

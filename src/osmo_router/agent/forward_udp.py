@@ -157,20 +157,59 @@ class _PeerSocket(asyncio.DatagramProtocol):
             self._arm(UDP_IDLE_TIMEOUT - idle)
 
 
+#: How /proc/net/udp6 writes ::1 and :: (four 32-bit words, each in host byte order, as hex).
+_V6_LOOPBACK, _V6_ANY = "00000000000000000000000001000000", "0" * 32
+
+
+def udp_target_host(hosts: list[str], port: int, proc_net: str = "/proc/net") -> str:
+    """Of the loopback `hosts` to try (IPv4 first), the one a UDP socket of the container listens on.
+
+    TCP tries each address in turn (a refused connect says nobody is there); a UDP datagram to an
+    address nobody listens on is dropped without a word, so a server bound to ::1 alone got nothing.
+    The container's own socket table (/proc/net/udp, udp6) says where a server is bound; with none
+    found (it may start later, or /proc is not Linux's) the first host is taken, as before.
+    """
+    if len(hosts) < 2:
+        return hosts[0]
+    for table, host in (("udp", "127.0.0.1"), ("udp6", "::1")):
+        if host in hosts and _bound(f"{proc_net}/{table}", port, v6=table == "udp6"):
+            return host
+    return hosts[0]
+
+
+def _bound(table: str, port: int, *, v6: bool) -> bool:
+    """Whether `table` lists a socket bound to `port` on the loopback or the wildcard address."""
+    try:
+        with open(table) as rows:
+            next(rows, None)  # the header
+            for row in rows:
+                address, _, hex_port = row.split()[1].partition(":")
+                if int(hex_port, 16) != port:
+                    continue
+                if v6 and address in (_V6_LOOPBACK, _V6_ANY):
+                    return True
+                if not v6 and (address == "00000000" or address.endswith("7F")):  # 0.0.0.0, 127.x.x.x
+                    return True
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 class UdpRelay:
     """One forwarded UDP port: datagrams from the stream to the target and replies back."""
 
     def __init__(
         self,
         stream: SessionStream,
-        host: str,
+        hosts: list[str],
         port: int,
         *,
         max_sockets: int = MAX_SOCKETS_PER_SESSION,
         budget: SocketBudget | None = None,
     ) -> None:
         self.stream = stream
-        self.target = (host, port)
+        self.hosts = hosts
+        self.target = (hosts[0], port)  # where new senders go until udp_target_host finds a listener
         self.max_sockets = max_sockets
         self.budget = budget if budget is not None else _BUDGET
         #: Mappings by peer.
@@ -248,6 +287,7 @@ class UdpRelay:
                 self.refused += 1
                 return None
         peer = _PeerSocket(self, name)
+        self.target = (udp_target_host(self.hosts, self.target[1]), self.target[1])
         try:
             await asyncio.get_running_loop().create_datagram_endpoint(lambda: peer, remote_addr=self.target)
         except OSError as err:  # out of descriptors, say: dropped, counted and warned like a cap
