@@ -288,6 +288,14 @@ def test_rsync_missing_locally(tmp_path: Path) -> None:
     assert "not found on this machine" in err and "apt-get install rsync" in err
 
 
+def test_an_rsync_binary_that_cannot_be_run_is_named_as_such(tmp_path: Path) -> None:
+    """It exists: "not found" (127) and an install hint were wrong; a shell says 126 and why."""
+    text = tmp_path / "not-a-program"
+    text.write_text("plain text\n")
+    code, err = rsync(NOWHERE, "--rsync-binary", str(text), f"{tmp_path}/", ":/tmp/x/")
+    assert (code, err.strip()) == (126, f"osmo-net-client: rsync: '{text}' is not executable")
+
+
 @pytest.mark.parametrize(
     "paths, message",
     [

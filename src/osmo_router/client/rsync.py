@@ -38,6 +38,8 @@ from osmo_router.client.rsync_shell import RSYNC_EXIT_SETTLE, STATUS_FILE_ENV
 
 #: Exit status when the local rsync is missing.
 EXIT_RSYNC_MISSING = 127
+#: Exit status when --rsync-binary names a file that cannot be run (a shell's 126).
+EXIT_RSYNC_NOT_RUNNABLE = 126
 #: Host name given to rsync for the container; the remote shell ignores it (the OSMO_* settings say where to go).
 REMOTE_HOST = "osmo"
 LOCAL_INSTALL_HINT = (
@@ -258,6 +260,11 @@ def run_rsync(
     )
     binary = shutil.which(rsync_binary)
     if binary is None:
+        # A path that exists but cannot be run is not "missing": say what is wrong with it (as a shell does).
+        if os.sep in rsync_binary and os.path.exists(rsync_binary):
+            why = "is a directory" if os.path.isdir(rsync_binary) else "is not executable"
+            print(f"osmo-net-client: rsync: {rsync_binary!r} {why}", file=sys.stderr)
+            return EXIT_RSYNC_NOT_RUNNABLE
         print(
             f"osmo-net-client: rsync: {rsync_binary!r} was not found on this machine; {LOCAL_INSTALL_HINT}",
             file=sys.stderr,
