@@ -6,6 +6,7 @@ Network cuts are injected by a TCP proxy on loopback between the client and the 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from osmo_router.client.attach import list_sessions
+from osmo_router.client.config import ClientConfig
+from osmo_router.dial.config import DialConfig
 from tests.cut_proxy import CutProxy
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
 from tests.security_kit import Signer
@@ -205,6 +209,20 @@ def test_escape_key_detaches_while_the_network_is_cut(
         client.close()
         if attached is not None:
             attached.close()
+
+
+def test_sessions_right_after_exec_detach_lists_the_session(agent: AgentProc, client_args: list[str]) -> None:
+    """A script's `exec --detach` then `sessions` found nothing: the agent reported its list 0.25 s after a change."""
+    address = client_args[client_args.index("--router-address") + 1]
+    workflow = client_args[client_args.index("--workflow-id") + 1]
+    config = ClientConfig(DialConfig(address, tls=False), workflow)
+    for _ in range(3):
+        started = run_client("exec", *client_args, "--detach", "--", "sleep", "60")
+        assert started.returncode == 0, started.stderr
+        key = started.stdout.decode().strip()
+        # Asked from this process at once (a new CLI process takes a few hundred ms to start: the race's window).
+        listed = asyncio.run(list_sessions(config))
+        assert key in [entry.session_key for entry in listed], listed
 
 
 def test_detach_then_attach_from_another_process(agent: AgentProc, router: Router, client_args: list[str]) -> None:

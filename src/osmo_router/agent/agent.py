@@ -270,9 +270,10 @@ class Agent:
     async def _report_held(self, call: grpc.aio.StreamStreamCall, writes: asyncio.Lock) -> None:
         """Send the held sessions on the Register stream: at once (a new router knows none), then on change.
 
-        Changes are debounced (REPORT_DELAY) so a burst of attaches and detaches is one message, and
-        while any session is held the list goes again every REPORT_EVERY s (its replay-buffer bytes);
-        the list is bounded (MAX_HELD entries, see HeldSessions.report).
+        A change after a quiet spell goes at once (`exec --detach` then `sessions` finds the session);
+        then at most one message per REPORT_DELAY, so a burst of attaches and detaches is a few
+        messages. While any session is held the list goes again every REPORT_EVERY s (its
+        replay-buffer bytes); the list is bounded (MAX_HELD entries, see HeldSessions.report).
         """
         if not len(self.held) and not self._held_changed.is_set():
             await self._held_changed.wait()
@@ -280,13 +281,15 @@ class Agent:
             self._held_changed.clear()
             async with writes:
                 await call.write(pb.RegisterRequest(held=self.held.report()))
+            await asyncio.sleep(REPORT_DELAY)  # the changes meanwhile go together in the next message
+            if self._held_changed.is_set():
+                continue
             if len(self.held):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(REPORT_EVERY):
                         await self._held_changed.wait()
             else:
                 await self._held_changed.wait()
-            await asyncio.sleep(REPORT_DELAY)  # debounce: gather the changes of a burst
 
     def _session_ended(self, task: asyncio.Task[None]) -> None:
         """Forget a finished session; once the agent is quiet, give the memory of its buffers back (memtune)."""

@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -33,6 +34,8 @@ from osmo_router.transport.rollout import connect_transport
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, from_status
 from osmo_router.wire.protocol import CLIENT_SERVICE, pb
 
+#: Longest `exec --detach` waits for the router to list the session, and how often it asks meanwhile.
+LISTED_WAIT, LISTED_POLL = 2.0, 0.02
 #: The escape key of TTY sessions: Ctrl-] (as telnet), then `d` to detach.
 ESCAPE = 0x1D
 #: The key after ESCAPE that detaches.
@@ -94,8 +97,9 @@ def detached_notice(config: ClientConfig, stream: SessionStream) -> Callable[[],
     return notice
 
 
-async def detach_now(config: ClientConfig, stream: SessionStream) -> int:
-    """`exec --detach`: wait until the agent confirmed it holds the session, detach, print the key."""
+async def detach_now(config: ClientConfig, stream: SessionStream, channel: Any = None) -> int:
+    """`exec --detach`: wait until the agent confirmed it holds the session, detach, print the key (once
+    the router lists it, when `channel` is given)."""
     if not isinstance(stream, ResumingStream):
         stream.abort()
         say("cannot detach: the session is not resumable (the WebSocket transport, or --resume-grace 0)")
@@ -107,6 +111,8 @@ async def detach_now(config: ClientConfig, stream: SessionStream) -> int:
         stream.abort()
         say("cannot detach: the agent does not hold resumable sessions (agent --resume-grace 0, or an older agent)")
         return EXIT_CONNECTION_ERROR
+    if channel is not None:
+        await _until_listed(config, channel, stream.session_key)
     print(stream.session_key, flush=True)
     say(f"detached; the session runs on. Attach with: {attach_hint(config, stream.session_key)}")
     return EXIT_DETACHED
@@ -148,23 +154,42 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
             await transport.aclose()
 
 
-async def list_sessions(config: ClientConfig) -> list[pb.HeldSession]:
-    """The caller's resumable sessions on the configured workflow (and task)."""
+async def list_sessions(config: ClientConfig, channel: Any = None) -> list[pb.HeldSession]:
+    """The caller's resumable sessions on the configured workflow (and task), over `channel` if given (else
+    over a channel of its own)."""
+    if channel is not None:
+        return await _ask_sessions(config, channel)
     channel = open_channel(config.dial)
     try:
-        call: Callable[..., Awaitable[pb.ListSessionsResponse]] = channel.unary_unary(
-            f"/{CLIENT_SERVICE}/ListSessions",
-            request_serializer=pb.ListSessionsRequest.SerializeToString,
-            response_deserializer=pb.ListSessionsResponse.FromString,
-        )
-        request = pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id=config.workflow_id, task=config.task))
-        try:
-            response = await call(request, metadata=config.dial.metadata(), timeout=config.connect_timeout)
-        except grpc.aio.AioRpcError as err:
-            raise from_status(err.code(), err.details() or "") from None
-        return list(response.sessions)
+        return await _ask_sessions(config, channel)
     finally:
         await channel.close(grace=None)
+
+
+async def _ask_sessions(config: ClientConfig, channel: Any) -> list[pb.HeldSession]:
+    call: Callable[..., Awaitable[pb.ListSessionsResponse]] = channel.unary_unary(
+        f"/{CLIENT_SERVICE}/ListSessions",
+        request_serializer=pb.ListSessionsRequest.SerializeToString,
+        response_deserializer=pb.ListSessionsResponse.FromString,
+    )
+    request = pb.ListSessionsRequest(target=pb.SessionTarget(workflow_id=config.workflow_id, task=config.task))
+    try:
+        response = await call(request, metadata=config.dial.metadata(), timeout=config.connect_timeout)
+    except grpc.aio.AioRpcError as err:
+        raise from_status(err.code(), err.details() or "") from None
+    return list(response.sessions)
+
+
+async def _until_listed(config: ClientConfig, channel: Any, key: str) -> None:
+    """Wait (at most LISTED_WAIT s) until the router lists the detached session, so a `sessions` run right
+    after `exec --detach` finds it: the agent reports its sessions to the router on a stream of its own."""
+    with contextlib.suppress(TimeoutError, RouterError):
+        async with asyncio.timeout(LISTED_WAIT):
+            while True:  # (the router's list is another process's state: asked again, there is no event to await)
+                listed = await list_sessions(config, channel)
+                if any(entry.session_key == key and not entry.attached for entry in listed):
+                    return
+                await asyncio.sleep(LISTED_POLL)
 
 
 def _ago(unix: int, now: float) -> str:

@@ -84,7 +84,7 @@ async def run_exec(
         )
         stream = await open_stream(transport, config, pb.OPERATION_EXEC, init)
         if detach:
-            return await detach_now(config, stream)
+            return await detach_now(config, stream, getattr(transport, "channel", None))
         with raw_mode(0) if tty else contextlib.nullcontext(False):
             return await relay_session(
                 stream, tty, legacy=config.legacy_backend, detached=detached_notice(config, stream)
