@@ -282,6 +282,16 @@ def test_rsync_missing_in_container(router: Router, workflow: str, client_args: 
 NOWHERE = ["--router-address", "127.0.0.1:9", "--workflow-id", "wf", "--tls=false"]
 
 
+def test_a_remote_path_alone_is_listed(agent: AgentProc, client_args: list[str], container: Path) -> None:
+    """As `rsync host:dir/` lists the directory (it was a usage error)."""
+    (container / "sub").mkdir()
+    (container / "one.txt").write_text("1\n")
+    code, out, err = rsync_out(client_args, f":{container}/")
+    assert code == 0, err
+    names = sorted(line.split()[-1] for line in out.splitlines())
+    assert names == [".", "one.txt", "sub"], out
+
+
 def test_rsync_missing_locally(tmp_path: Path) -> None:
     code, err = rsync(NOWHERE, "--rsync-binary", "/nonexistent/rsync", f"{tmp_path}/", ":/tmp/x/")
     assert code == 127

@@ -248,7 +248,8 @@ def rsync_command(
     paths: tuple[str, ...],
     **options: Any,
 ) -> None:
-    """Synchronise files with the container: SRC... DST [-- RSYNC_OPTIONS], the remote side written :PATH.
+    """Synchronise files with the container: SRC... DST [-- RSYNC_OPTIONS], the remote side written :PATH
+    (:PATH alone lists it, as `rsync host:PATH` does).
 
     Runs the local rsync (-a) with this client as its remote shell; exits with rsync's status.
     """

@@ -74,11 +74,14 @@ LEGACY_MODULE_PATH = "/osmo/run/workspace"
 
 
 def plan_paths(paths: Sequence[str], legacy: bool = False) -> list[str]:
-    """rsync's path arguments for SRC... DST, exactly one side written `:PATH`; raises click.UsageError.
+    """rsync's path arguments for SRC... DST, exactly one side written `:PATH` (or `:PATH` alone: a listing);
+    raises click.UsageError.
 
     `legacy`: the container is an old OSMO backend serving an rsync daemon: the remote side becomes
     `HOST::MODULE/PATH` (rsync's daemon over a remote shell; see client/legacy.py).
     """
+    if len(paths) == 1 and paths[0].startswith(":"):
+        return [_remote(paths[0], legacy)]  # a remote source alone: rsync lists it (as `rsync host:dir/`)
     if len(paths) < 2:
         raise click.UsageError("give SRC... DST; the container's side is written :PATH (e.g. :/workspace/data)")
     *sources, dest = paths
