@@ -1,12 +1,12 @@
-"""Port-forward benchmark: throughput beside socat, 1,000 concurrent connections, set-up latency.
+"""Port-forward benchmark: throughput beside socat, 4,000 concurrent connections, set-up latency.
 
     .venv/bin/python -m bench.bench_forward [--quick]
 
 Every figure is measured in the same run as its baseline and printed as a ratio:
 - single-connection TCP throughput, download (target -> local) and upload, through the forward vs a
   `socat` relay on loopback (and a direct connection), with the CPU seconds per GiB each process spent;
-- 1,000 concurrent connections through one forward, each echoing: all must be served; the router's
-  resident memory per connection (VmRSS from /proc/PID/status, after minus before);
+- 4,000 concurrent connections through one forward (their windows fill the user's budget), each echoing:
+  all must be served; the router's resident memory per connection (VmRSS from /proc/PID/status, after minus before);
 - connection set-up latency (connect until the first echoed byte) through the forward vs direct.
 """
 
@@ -243,7 +243,7 @@ def run(quick: bool) -> dict[str, Any]:
     """Run every measurement; returns the figures (also printed as a table by main)."""
     fd_limit = raise_fd_limit()
     total = (256 if quick else 1024) << 20
-    connections = min(1000, max(100, (fd_limit - 200) // 3))
+    connections = min(4000, max(100, (fd_limit - 200) // 3))
     router = Router(*ROUTER_FLAGS)
     agent = AgentProc(router.address, WORKFLOW)
     client_args = ["--router-address", router.address, "--workflow-id", WORKFLOW, "--tls=false"]

@@ -135,3 +135,47 @@ def test_the_default_total_is_half_the_container_limit(tmp_path: Path) -> None:
     assert default_total_bytes(tmp_path) == 512 * 1024**2
     (tmp_path / "memory.max").write_text("max\n")
     assert default_total_bytes(tmp_path) == DEFAULT_TOTAL_BYTES
+
+
+class CountingBudget(ByteBudget):
+    """A ByteBudget that counts its waiters' registrations (each wake-up that finds no room re-registers)."""
+
+    __slots__ = ("registered",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.registered = 0
+
+    def notify(self, waiter: asyncio.Future[None]) -> None:
+        self.registered += 1
+        super().notify(waiter)
+
+
+@pytest.mark.asyncio
+async def test_a_budget_past_its_limit_wakes_one_waiter_when_room_comes_and_none_before() -> None:
+    """Thousands of one user's streams hold their windows past the budget: each byte unheld woke every waiting
+    queue, each found no room and waited again, O(waiters) per message (3,000 forwarded connections of one
+    port-forward took a minute, the router at 100% CPU)."""
+    budget = CountingBudget(100)
+    budget.hold(1000)  # the streams' windows (StreamCredit), past the limit: only an empty queue lets one in
+    first = FlowQueue(16)
+    first.use_budgets((budget,))
+    await first.put(b"a" * 10)
+    queues = [FlowQueue(16) for _ in range(50)]
+    for queue in queues:
+        queue.use_budgets((budget,))
+    puts = [asyncio.create_task(queue.put(b"b" * 10)) for queue in queues]
+    await asyncio.sleep(0)
+    assert budget.registered == 50 and not any(put.done() for put in puts)
+    for _ in range(10):
+        budget.unhold(1)  # a stream's window shrank: still no room
+        await asyncio.sleep(0)
+    assert budget.registered == 50  # nobody was woken for nothing
+    assert first.poll() == b"a" * 10  # the queue empties: one may queue
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [put.done() for put in puts] == [True] + [False] * 49  # the first to wait, alone
+    assert budget.registered == 50
+    for put in puts:
+        put.cancel()
+    await asyncio.gather(*puts, return_exceptions=True)
