@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -25,13 +26,19 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import ResumingStream, open_attach, say
+from osmo_router.client.resume import ResumingStream, reopener, say
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.client.words import printable
 from osmo_router.dial.channel import open_channel
-from osmo_router.transport import SessionStream, Transport
+from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
-from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, from_status
+from osmo_router.wire.errors import (
+    EXIT_CONNECTION_ERROR,
+    FailedPrecondition,
+    RouterError,
+    from_status,
+    from_status_number,
+)
 from osmo_router.wire.protocol import CLIENT_SERVICE, pb
 
 #: Longest `exec --detach` waits for the router to list the session, and how often it asks meanwhile.
@@ -116,6 +123,42 @@ async def detach_now(config: ClientConfig, stream: SessionStream, channel: Any =
     print(stream.session_key, flush=True)
     say(f"detached; the session runs on. Attach with: {attach_hint(config, stream.session_key)}")
     return EXIT_DETACHED
+
+
+async def open_attach(transport: Transport, config: ClientConfig, operation: int, init: SessionInit) -> ResumingStream:
+    """Attach to the held session `init.target.session_key`; RouterError when the agent refuses.
+
+    The attach brings a secret of its own: the agent takes it for the session's later resumes, and
+    the client that was attached can no longer resume it.
+    """
+    if transport.name != GRPC:
+        raise FailedPrecondition("attach needs the gRPC transport (the WebSocket transport has no resume)")
+    key = init.target.session_key
+    secret = secrets.token_hex(16)
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, attach=True))
+    inner = await transport.open(operation, init)
+    try:
+        first = await inner.recv()
+    except grpc.aio.AioRpcError as err:
+        inner.abort()
+        raise from_status(err.code(), err.details() or "") from None
+    kind = first.WhichOneof("kind") if first is not None else None
+    if first is None or kind != "resume":
+        inner.abort()
+        if first is not None and kind == "error":
+            raise from_status_number(first.error.code, first.error.message)
+        raise FailedPrecondition("the agent does not hold resumable sessions (it answered the attach without Resume)")
+    stream = ResumingStream.attached(
+        inner,
+        first.resume,
+        reopen=reopener(transport, operation, init, lambda: key, lambda: inner),
+        secret=secret,
+        grace=config.resume_grace,
+    )
+    stream.session_key = key
+    stream.remote_tty = first.resume.tty if first.resume.HasField("tty") else None
+    stream.start()
+    return stream
 
 
 async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
@@ -250,6 +293,7 @@ __all__ = [
     "detached_notice",
     "format_sessions",
     "list_sessions",
+    "open_attach",
     "run_attach",
     "run_sessions",
 ]

@@ -27,7 +27,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
-from osmo_router.wire.errors import FailedPrecondition, RouterError, from_status, from_status_number
+from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -337,42 +337,6 @@ async def open_stream(
     return stream
 
 
-async def open_attach(transport: Transport, config: ClientConfig, operation: int, init: SessionInit) -> ResumingStream:
-    """Attach to the held session `init.target.session_key`; RouterError when the agent refuses.
-
-    The attach brings a secret of its own: the agent takes it for the session's later resumes, and
-    the client that was attached can no longer resume it.
-    """
-    if transport.name != GRPC:
-        raise FailedPrecondition("attach needs the gRPC transport (the WebSocket transport has no resume)")
-    key = init.target.session_key
-    secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, attach=True))
-    inner = await transport.open(operation, init)
-    try:
-        first = await inner.recv()
-    except grpc.aio.AioRpcError as err:
-        inner.abort()
-        raise from_status(err.code(), err.details() or "") from None
-    kind = first.WhichOneof("kind") if first is not None else None
-    if first is None or kind != "resume":
-        inner.abort()
-        if first is not None and kind == "error":
-            raise from_status_number(first.error.code, first.error.message)
-        raise FailedPrecondition("the agent does not hold resumable sessions (it answered the attach without Resume)")
-    stream = ResumingStream.attached(
-        inner,
-        first.resume,
-        reopen=reopener(transport, operation, init, lambda: key, lambda: inner),
-        secret=secret,
-        grace=config.resume_grace,
-    )
-    stream.session_key = key
-    stream.remote_tty = first.resume.tty if first.resume.HasField("tty") else None
-    stream.start()
-    return stream
-
-
 async def _until_ended(inner: SessionStream, timeout: float) -> None:
     """Wait (bounded) until the router ended a call whose last frames were a Detach and our end.
 
@@ -389,7 +353,7 @@ async def _until_ended(inner: SessionStream, timeout: float) -> None:
         pass
 
 
-__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "can_resume", "open_attach", "open_stream", "reopener", "say"]
+__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "can_resume", "open_stream", "reopener", "say"]
 
 
 async def give_up(stream: SessionStream, why: str) -> None:
