@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from osmo_router.client.attach import list_sessions
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.config import DialConfig
 from tests.cut_proxy import CutProxy
+from tests.forward_servers import wait_line
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
 from tests.security_kit import Signer
 
@@ -223,6 +225,47 @@ def test_sessions_right_after_exec_detach_lists_the_session(agent: AgentProc, cl
         # Asked from this process at once (a new CLI process takes a few hundred ms to start: the race's window).
         listed = asyncio.run(list_sessions(config))
         assert key in [entry.session_key for entry in listed], listed
+
+
+INTERRUPTIBLE = "trap 'echo got-int; exit 7' INT; echo started; while :; do sleep 0.1; done"
+
+
+def test_ctrl_c_while_the_network_is_cut_is_said_and_delivered_on_resume(
+    agent: AgentProc, proxied: tuple[CutProxy, list[str]]
+) -> None:
+    """A pipe-mode Ctrl-C during a cut waits for the resume: the user is told so (it waited without a word)."""
+    proxy, args = proxied
+    client = Proc(client_cmd("exec", *args, "--", "sh", "-c", INTERRUPTIBLE))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        proxy.cut()
+        wait_line(client, lambda line: "connection lost" in line)
+        client.popen.send_signal(signal.SIGINT)
+        wait_line(client, lambda line: "the connection is down: SIGINT reaches the command once" in line)
+        proxy.restore()
+        wait_line(client, lambda line: "session resumed" in line)
+        assert client.wait_exit(STEP) == 7, (client.lines, client.out_lines)  # the command got it after the resume
+        assert "got-int" in client.out_lines
+    finally:
+        client.stop()
+
+
+def test_ctrl_c_twice_while_the_network_is_cut_leaves_and_says_what_becomes_of_the_command(
+    agent: AgentProc, proxied: tuple[CutProxy, list[str]]
+) -> None:
+    proxy, args = proxied
+    client = Proc(client_cmd("exec", *args, "--", "sh", "-c", INTERRUPTIBLE))
+    try:
+        client.wait_for(lambda r: r["line"] == "started", stdout=True)
+        proxy.cut()
+        wait_line(client, lambda line: "connection lost" in line)
+        client.popen.send_signal(signal.SIGINT)
+        wait_line(client, lambda line: "the connection is down" in line)
+        client.popen.send_signal(signal.SIGINT)
+        assert client.wait_exit(STEP) == 130
+        assert any("left while resuming: the agent ends the command once" in line for line in client.lines)
+    finally:
+        client.stop()
 
 
 def test_detach_then_attach_from_another_process(agent: AgentProc, router: Router, client_args: list[str]) -> None:

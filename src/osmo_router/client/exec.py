@@ -262,9 +262,17 @@ class _SignalFrames:
         future.add_done_callback(self._pending.discard)
 
     def _on_signal(self, sig: int) -> None:
+        from osmo_router.client.resume import ResumingStream, say
+
         self._received[sig] = self._received.get(sig, 0) + 1
+        resuming = isinstance(self._stream, ResumingStream) and not self._stream.connected
         if self._received[sig] > 1:
+            if resuming:  # (os._exit below: nothing else would tell that the command runs on meanwhile)
+                say("left while resuming: the agent ends the command once its resume grace passes")
             os._exit(128 + sig)
+        if resuming:
+            say(f"the connection is down: {signal.Signals(sig).name} reaches the command once the session "
+                "resumes (again to leave at once)")  # fmt: skip
         self.send(sig)
 
     def _on_hang_up(self, sig: int) -> None:

@@ -194,8 +194,12 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
                 # The client's stream ended with neither side done: the client went away (killed,
                 # cancelled), and the agent must not take it for a clean end of its input.
                 raise Cancelled("the client went away")
-            # The client finished sending: tell the agent, keep delivering the agent's output.
-            await queue.put(ENCODED_HALF_CLOSE)
+            if not client_half_closed and session.resume is None:
+                # The agent finished and the client's stream ended without its half-close: tell the
+                # agent. Never otherwise: the client's own half-close went through already, and a
+                # resumable session's frames are numbered end to end (an added one shifted the agent's
+                # count, and after a resume the client's next frame, a Ctrl-C, was dropped as seen).
+                await queue.put(ENCODED_HALF_CLOSE)
         elif session.agent_half_closed:
             # The agent ending its stream after a half-close ends the session once its output
             # is delivered.
