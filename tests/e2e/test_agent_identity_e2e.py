@@ -155,3 +155,19 @@ def test_an_expired_token_without_renewal_serves_no_new_session(setup: Setup, tm
         assert result.returncode == 255 and b"no agent is registered" in result.stderr, result.stderr
     finally:
         agent.stop()
+
+
+def test_an_agent_refused_again_and_again_keeps_one_connection_to_the_router(setup: Setup) -> None:
+    """A token that does not grant the workflow (revoked, rotated wrongly): each retry dialled a new channel and
+    left the last open, one more connection to the router per retry (an operator's per-address cap and
+    descriptors, about 360 an hour per agent)."""
+    agent = setup.agent(setup.signer.token("pod", workflows=["another-workflow"], role="agent"), wait=False)
+    try:
+        for failures in range(1, 7):  # retries 0.2 s apart, doubling: six within a few seconds
+            agent.wait_for(
+                lambda r, n=failures: len([e for e in agent.events() if e.get("event") == "register failed"]) >= n
+            )
+        opened = metric_value(setup.router.metrics_text(), "router_http_connections_open", {"port": "grpc"})
+        assert opened <= 2, f"{opened:g} connections open after six refused registrations"
+    finally:
+        agent.stop()

@@ -198,6 +198,7 @@ def test_escape_key_detaches_while_the_network_is_cut(
     attached: TtyClient | None = None
     try:
         client.run(b"X=kept-$((6*7))", PROMPT)
+        assert _shell_state(client)[1] == b"kept-42"  # the shell ran it: nothing of it is in flight at the cut
         proxy.cut()
         client.wait_for(rb"connection lost")
         mark = client.type(b"\x1dd")

@@ -57,6 +57,9 @@ class Agent:
         self.handlers = handlers or default_handlers()
         self.registered = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
+        #: Channels of earlier attempts, closed once no session runs (`_retire_channel`), and their closes.
+        self._retired: list[grpc.aio.Channel] = []
+        self._closing_channels: set[asyncio.Future[None]] = set()
         self._standby: set[asyncio.Task[None]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._closing = False
@@ -79,6 +82,7 @@ class Agent:
         while not self._closing:
             address = addresses[attempt % len(addresses)] if addresses else self.config.dial.address
             attempt += 1
+            self._retire_channel()
             self._channel = open_channel(replace(self.config.dial, address=address))
             delay = backoff * (0.5 + random.random() / 2)
             try:
@@ -101,6 +105,29 @@ class Agent:
             # Sessions held for their clients' resume need this agent registered again soon.
             backoff = min(backoff * 2, self.config.backoff_max if not len(self.held) else HELD_BACKOFF_MAX)
 
+    def _retire_channel(self) -> None:
+        """Put the last attempt's channel aside (see `_close_retired`)."""
+        if self._channel is not None:
+            self._retired.append(self._channel)
+            self._channel = None
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        """Close the channels of earlier attempts once no session runs.
+
+        Each attempt dials a fresh channel (a grpcio channel's own reconnect backoff would delay the
+        next one); the last one was left open, so an agent whose registration kept failing (a revoked
+        token) held one more connection to the router per retry. A session in flight may still run on
+        an older channel (its stream is cancelled with it): those close when the sessions are over.
+        """
+        if self._sessions or not self._retired:
+            return
+        retired, self._retired = self._retired, []
+        for channel in retired:
+            task = asyncio.ensure_future(channel.close(grace=None))
+            self._closing_channels.add(task)
+            task.add_done_callback(self._closing_channels.discard)
+
     def _log_retry(self, address: str, cause: str, delay: float) -> None:
         """One line per failed attempt: a registration refused or never made reads differently from a lost one."""
         if self.registered.is_set():
@@ -119,6 +146,9 @@ class Agent:
         await asyncio.gather(*self._standby, *self._sessions, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
+        for channel in self._retired:
+            await channel.close(grace=None)
+        await asyncio.gather(*self._closing_channels, return_exceptions=True)
 
     async def _register_and_serve(self, channel: grpc.aio.Channel) -> None:
         stub = pb_grpc.RouterAgentServiceStub(channel)
@@ -294,6 +324,8 @@ class Agent:
     def _session_ended(self, task: asyncio.Task[None]) -> None:
         """Forget a finished session; once the agent is quiet, give the memory of its buffers back (memtune)."""
         self._sessions.discard(task)
+        if not self._closing:
+            self._close_retired()
         memtune.trim_when_idle()
 
     def _connect(self, channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:

@@ -98,7 +98,12 @@ def detached_notice(config: ClientConfig, stream: SessionStream) -> Callable[[],
         key = getattr(stream, "session_key", "")
         say(f"detached from session {key}; attach again with: {attach_hint(config, key)}")
         if getattr(stream, "detached_offline", False):
-            say("(the connection was down: the agent holds the session for its resume grace if it still runs)")
+            lost = (
+                "; input the agent had not acknowledged was dropped"
+                if getattr(stream, "detached_unsent", False)
+                else ""
+            )
+            say(f"(the connection was down: the agent holds the session for its resume grace if it still runs{lost})")
         return EXIT_DETACHED
 
     return notice

@@ -95,8 +95,10 @@ class ResumingStream(ResumableStream):
         self.acking = False  # until the agent's Resume says it numbers what it sends
         #: The session's key (what `attach` takes), once the router gave it.
         self.session_key = getattr(inner, "session_key", "")
-        #: Detached while the connection was down (nothing could be said to the agent).
+        #: Detached while the connection was down (nothing could be said to the agent), and whether what
+        #: this side had sent was not all acknowledged then (it is lost: the agent never had it).
         self.detached_offline = False
+        self.detached_unsent = False
         #: Whether the session's command runs on a terminal, as the agent said on an attach (None: not said).
         self.remote_tty: bool | None = None
         self._first = inner
@@ -153,6 +155,7 @@ class ResumingStream(ResumableStream):
                 # A resume in progress (the router or the network is down): the agent holds the session
                 # meanwhile, as it would a detached one; this side stops resuming and leaves it there.
                 self.detached_offline = True
+                self.detached_unsent = not self.buffer.settled
                 self._lose(SessionLost("detached", grpc.StatusCode.OK))
                 return True
             try:
