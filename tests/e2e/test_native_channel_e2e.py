@@ -87,6 +87,14 @@ def test_tls_with_the_ca_and_server_name(tmp_path: Path, workflow: str) -> None:
             untrusted = run_client("exec", *system_store, "--", "true")
             assert untrusted.returncode != 0
             assert b"certificate not trusted" in untrusted.stderr
+            # A name the certificate does not hold is named as such, by both channels (Python's ssl words it as
+            # a failed verification: the native channel said "certificate not trusted ... --tls-ca").
+            misnamed = ["--router-address", router.address, "--workflow-id", workflow, "--tls-ca", str(pki.ca)]
+            misnamed += ["--tls-server-name", "wrong.example"]
+            for channel in ("native", "grpcio"):
+                wrong = run_client("exec", *misnamed, "--grpc-channel", channel, "--", "true")
+                assert wrong.returncode == 255, (channel, wrong.stderr)
+                assert b"certificate does not name wrong.example" in wrong.stderr, (channel, wrong.stderr)
         finally:
             agent.stop()
     finally:

@@ -27,6 +27,9 @@ from osmo_router.dial.config import DialConfig
 from osmo_router.dial.proxy import open_socket
 
 _VERIFY_REASON = re.compile(r"CERTIFICATE_VERIFY_FAILED:\s*([^:]+)")
+#: Python's ssl (the native channel) reports a name the certificate does not hold as a failed verification:
+#: "certificate verify failed: Hostname mismatch, ..." (or "IP address mismatch"); grpc core words it apart.
+_NAME_MISMATCH = re.compile(r"(hostname|ip address) mismatch")
 
 #: Bound on the whole TLS probe (connect, send the ClientHello, read the first bytes).
 PROBE_TIMEOUT: Final = 2.0
@@ -136,16 +139,16 @@ def explain_dial_error(details: str, dial: DialConfig, peer: Peer | None = None)
     evidence a closed or reset connection is reported as what it is, never as a TLS mismatch.
     """
     text = details.lower()
+    if "hostname verification" in text or "not in peer certificate" in text or _NAME_MISMATCH.search(text):
+        return (
+            f"TLS handshake failed: the router's certificate does not name {dial.tls_server_name or dial.address} "
+            "(pass --tls-server-name with a name it holds)"
+        )
     if "certificate_verify_failed" in text:
         match = _VERIFY_REASON.search(details)
         reason = f" ({match.group(1).strip()})" if match else ""
         return f"TLS handshake failed: certificate not trusted{reason}: the router's certificate does not chain to " + (
             f"--tls-ca {dial.tls_ca}" if dial.tls_ca else "the system store (pass --tls-ca)"
-        )
-    if "hostname verification" in text or "not in peer certificate" in text:
-        return (
-            f"TLS handshake failed: the router's certificate does not name {dial.tls_server_name or dial.address} "
-            "(pass --tls-server-name with a name it holds)"
         )
     if "wrong_version_number" in text or "packet_length_too_long" in text:
         return "TLS handshake failed: the router does not speak TLS (--tls-enabled=false? pass --tls=false)"
