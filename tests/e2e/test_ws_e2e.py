@@ -7,8 +7,10 @@ spoken byte for byte by raw aiohttp WebSockets.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
+import ssl
 import time
 import uuid
 from pathlib import Path
@@ -331,6 +333,20 @@ def test_ws_client_gone_hangs_up_the_remote_process(router: Router, grpc_workflo
         client.stop()
 
 
+def _raw_upgrade(port: int, ca: Path, path: str, token: str) -> tuple[int, str]:
+    """A WebSocket upgrade request over TLS, as a bare HTTP client sends it: the status and the Osmo-Error header."""
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+    try:
+        headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13"}
+        headers |= {"Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Authorization": f"Bearer {token}"}
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.getheader("Osmo-Error", "")
+    finally:
+        conn.close()
+
+
 def test_jwt_and_tls_on_the_websocket_port(tmp_path: Path) -> None:
     """wss with the gRPC port's certificate, and the router's JWT rules, on every WS side."""
     pki, signer = Pki.create(tmp_path), Signer.rs256()
@@ -355,6 +371,14 @@ def test_jwt_and_tls_on_the_websocket_port(tmp_path: Path) -> None:
         # An agent's token cannot open a client session over WebSocket either.
         agent_as_user = run_client("exec", *common, "--transport", "ws", "--token", agent_token, "--", "true")
         assert agent_as_user.returncode == 255 and b"PERMISSION_DENIED" in agent_as_user.stderr
+        # Both refused before the upgrade, as docs/migration.md says (they were upgraded, then closed with 4000).
+        stranger = signer.token("mallory", workflows=["another-workflow"])
+        for token in (stranger, agent_token):
+            status, reason = _raw_upgrade(
+                router.ws_port, pki.ca, f"/api/router/exec/{workflow}/client/{new_key()}", token
+            )
+            assert status == 403, (status, reason)
+            assert "PERMISSION_DENIED" in reason, reason
     finally:
         backend.stop()
         router.stop()

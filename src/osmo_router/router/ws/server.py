@@ -166,6 +166,10 @@ class WsServer:
             assert operation is not None
             created = self._created.lookup(key, typed)
             workflow = created.workflow_id if created is not None else self._aliases.resolve(typed)
+            # Before the upgrade, as the docs promise (403 with the reason): an agent's token, or a user
+            # without the workflow, was accepted and then closed with 4000 (the old router's timeout code).
+            identity.require_user()
+            identity.require_workflow(workflow)
             if created is not None:
                 check_operation(created, operation, backend=False)
                 created.use()
