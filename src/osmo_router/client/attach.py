@@ -156,7 +156,7 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
     stream = ResumingStream.attached(
         inner,
         first.resume,
-        reopen=reopener(transport, operation, init, lambda: key, lambda: inner),
+        reopen=reopener(transport, operation, init, lambda: inner),
         secret=secret,
         grace=config.resume_grace,
     )

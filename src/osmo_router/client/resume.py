@@ -101,7 +101,8 @@ class ResumingStream(ResumableStream):
         self.detached_unsent = False
         #: Whether the session's command runs on a terminal, as the agent said on an attach (None: not said).
         self.remote_tty: bool | None = None
-        self._first = inner
+        #: The session's first stream: what the router's ready named (its key, the task it chose).
+        self.first = inner
         self.detached = False
         #: Set once the agent answered (Resume or anything else) or the session was lost.
         self.answered = asyncio.Event()
@@ -111,7 +112,7 @@ class ResumingStream(ResumableStream):
     @property
     def chosen_task(self) -> str:
         """The task of the agent the router chose for the session, when the client named none and it told."""
-        return str(getattr(self._first, "chosen_task", ""))
+        return str(getattr(self.first, "chosen_task", ""))
 
     @classmethod
     def attached(cls, inner: SessionStream, resume: pb.Resume, *, secret: str, **kwargs: Any) -> ResumingStream:
@@ -296,21 +297,20 @@ def can_resume(transport: Transport, config: ClientConfig) -> bool:
     return transport.name == GRPC and config.resume_grace > 0
 
 
-def reopener(
-    transport: Transport, operation: int, init: SessionInit, key: Callable[[], str], first: Callable[[], object]
-) -> Reopen:
-    """How a session opens its stream again: `init` with its key (read when it resumes) and a resume token.
-
-    `first`: the session's first stream. When the client named no task and the router chose one among
-    several agents (its ready says which), the resume names that task: the router's choice may differ
-    by then (agents re-register in any order after a router restart) and the other agents hold nothing.
+def reopener(transport: Transport, operation: int, init: SessionInit, first: Callable[[], object]) -> Reopen:
+    """How a session opens its stream again: `init` with a resume token and what the router's ready named on
+    the session's `first` stream (read when it resumes): its key (else the one `init` brought, an attach's),
+    and, when the client named no task and the router chose one among several agents, that task: the
+    router's choice may differ by then (agents re-register in any order after a router restart) and the
+    other agents hold nothing.
     """
 
     async def reopen(token: pb.ResumeToken) -> SessionStream:
+        stream = first()
         again = type(init).FromString(init.SerializeToString())
-        again.target.session_key = key()
+        again.target.session_key = getattr(stream, "session_key", "") or init.target.session_key
         if not again.target.task:
-            again.target.task = getattr(first(), "chosen_task", "")
+            again.target.task = getattr(stream, "chosen_task", "")
         again.target.resume.CopyFrom(token)
         return await transport.open(operation, again)
 
@@ -331,7 +331,7 @@ async def open_stream(
         return inner
     stream = ResumingStream(
         inner,
-        reopen=reopener(transport, operation, init, lambda: key, lambda: inner),
+        reopen=reopener(transport, operation, init, lambda: inner),
         secret=secret,
         grace=config.resume_grace,
         notify=say if notify else None,

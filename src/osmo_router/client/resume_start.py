@@ -20,7 +20,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import Reopen, ResumingStream, can_resume, reopener
+from osmo_router.client.resume import ResumingStream, can_resume, reopener
 from osmo_router.client.session import wait_ready
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import SessionInit, SessionStream, Transport
@@ -37,11 +37,7 @@ Notify = Callable[[str], None] | None
 class PendingResumingStream(ResumingStream):
     """A `ResumingStream` whose first stream is started but whose ready has not arrived yet."""
 
-    def __init__(
-        self, first: FrameStream, *, reopen: Reopen, secret: str, grace: float, notify: Notify, replay_bytes: int
-    ) -> None:
-        super().__init__(first, reopen=reopen, secret=secret, grace=grace, notify=notify, replay_bytes=replay_bytes)
-        self.first = first
+    first: FrameStream  # (start_resumable's: a gRPC call's stream)
 
     async def ready(self, config: ClientConfig, *, confirm: bool = False) -> None:
         """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal.
@@ -89,7 +85,7 @@ async def start_resumable(
     init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=replay_bytes))
     first = await start(init)
     # The key is known once the router's ready arrived (it names it): read when the session resumes.
-    reopen = reopener(transport, operation, init, lambda: first.session_key, lambda: first)
+    reopen = reopener(transport, operation, init, lambda: first)
     return PendingResumingStream(
         first, reopen=reopen, secret=secret, grace=config.resume_grace, notify=notify, replay_bytes=replay_bytes
     )
