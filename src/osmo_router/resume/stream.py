@@ -156,7 +156,7 @@ class ResumableStream(StreamCore):
         settled = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while not self.buffer.settled and not self.buffer.closed and self._lost is None:
+                while not self.buffer.settled and self._lost is None:
                     await self.buffer.wait_settled()
                 settled = self.buffer.settled
         inner = self._inner
