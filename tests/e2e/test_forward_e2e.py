@@ -386,14 +386,15 @@ def test_a_target_that_resets_after_sending_resets_the_local_reader(agent: Agent
         try:
             outcomes = []
             for _ in range(10):
-                with connect(local) as sock:
-                    sock.settimeout(TIMEOUT)
-                    try:
+                try:
+                    # (Under load the whole exchange can end before the connect's own wait does: the
+                    # reset is then what the connect reports.)
+                    with connect(local) as sock:
                         while sock.recv(1 << 16):
                             pass
                         outcomes.append("eof")
-                    except ConnectionResetError:
-                        outcomes.append("reset")
+                except ConnectionResetError:
+                    outcomes.append("reset")
             assert outcomes == ["reset"] * 10  # a timeout (the hang) raises TimeoutError out of the loop
         finally:
             proc.stop()
