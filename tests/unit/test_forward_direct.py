@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from osmo_router.io.forwarding import DirectSender, SocketReader
+from osmo_router.io.socket_pumps import DirectSender, SocketReader
 from osmo_router.wire.codec import DataFrame, decode_data_message
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from osmo_router.agent.forward import _connect
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
-from osmo_router.io.forwarding import SocketReader
+from osmo_router.io.socket_pumps import SocketReader
 from osmo_router.resume.stream import ResumableStream
 from osmo_router.wire.protocol import pb
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from osmo_router.io.forwarding import SocketReader
+from osmo_router.io.socket_pumps import SocketReader
 from osmo_router.wire.codec import decode_data_message, encode_data_message
 
 

@@ -27,14 +27,13 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.forward_udp import UdpRelay, agent_budget
 from osmo_router.io.forwarding import (
     WATCH_PORT,
-    DirectSender,
-    SocketReader,
     drain,
     is_resumable,
     reset_socket,
     retrieve,
     shutdown_quietly,
 )
+from osmo_router.io.socket_pumps import DirectSender, SocketReader
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb

@@ -31,7 +31,8 @@ import grpc
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.resume import give_up
 from osmo_router.client.session import rpc_error
-from osmo_router.io.forwarding import DirectSender, SocketReader, reset_socket, shutdown_quietly
+from osmo_router.io.forwarding import reset_socket, shutdown_quietly
+from osmo_router.io.socket_pumps import DirectSender, SocketReader
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
