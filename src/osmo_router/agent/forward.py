@@ -95,7 +95,10 @@ async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, co
     hosts = target_hosts(init.remote_host) or []
     if init.protocol == pb.PROTOCOL_UDP:
         budget = agent_budget(config.max_udp_sockets)
-        await UdpRelay(stream, hosts, port, max_sockets=config.max_udp_sockets_per_session, budget=budget).run()
+        relay = UdpRelay(
+            stream, hosts, port, max_sockets=config.max_udp_sockets_per_session, budget=budget, user=open_msg.user
+        )
+        await relay.run()
     else:
         await _serve_tcp(stream, hosts, port)
 

@@ -14,6 +14,10 @@ Sockets are descriptors, so they are capped twice (a flood of senders must not e
   that holds none has the datagram dropped. A session never evicts another session's mappings.
 
 A socket that cannot be opened (the process is out of descriptors, say) drops the datagram too.
+
+Replies wait for the session stream in a queue bounded in datagrams and in bytes (UDP_QUEUE_BYTES),
+whose bytes also count in the user's share (UDP_USER_BYTES) and the agent's total (UDP_TOTAL_BYTES,
+`SocketBudget.replies`): a client that stops reading drops its own replies, never another user's.
 Evictions and drops are counted (UdpRelay.evicted / .refused, SocketBudget totals) and reported by
 one warning at most every WARN_INTERVAL seconds per agent, and with the totals when the session ends.
 """
@@ -28,7 +32,16 @@ from typing import Any, cast
 
 import grpc
 
-from osmo_router.io.forwarding import UDP_IDLE_TIMEOUT, UDP_QUEUE_DEPTH, drain, send_datagram
+from osmo_router.io.datagram_queue import ByteShares, DatagramQueue
+from osmo_router.io.forwarding import (
+    UDP_IDLE_TIMEOUT,
+    UDP_QUEUE_BYTES,
+    UDP_QUEUE_DEPTH,
+    UDP_TOTAL_BYTES,
+    UDP_USER_BYTES,
+    drain,
+    send_datagram,
+)
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import half_close_frame, pb
@@ -54,6 +67,8 @@ class SocketBudget:
         self.refused = 0
         self._warned_at: float | None = None
         self._unreported = [0, 0]
+        #: The bytes of the replies queued by every session, per user and in all.
+        self.replies = ByteShares(UDP_TOTAL_BYTES, UDP_USER_BYTES)
 
     def take(self) -> bool:
         """Count one more socket; False (nothing counted) if `limit` are open."""
@@ -206,6 +221,7 @@ class UdpRelay:
         *,
         max_sockets: int = MAX_SOCKETS_PER_SESSION,
         budget: SocketBudget | None = None,
+        user: str = "",
     ) -> None:
         self.stream = stream
         self.hosts = hosts
@@ -214,9 +230,9 @@ class UdpRelay:
         self.budget = budget if budget is not None else _BUDGET
         #: Mappings by peer.
         self._peers: dict[str, _PeerSocket] = {}
-        self._replies: asyncio.Queue[pb.Frame | None] = asyncio.Queue(UDP_QUEUE_DEPTH)
-        #: Replies dropped because the client was far behind.
-        self.dropped = 0
+        self._replies: DatagramQueue[pb.Frame] = DatagramQueue(
+            UDP_QUEUE_DEPTH, UDP_QUEUE_BYTES, self.budget.replies, user
+        )
         #: Mappings closed to make room for a new sender; datagrams of new senders dropped (no room).
         self.evicted = 0
         self.refused = 0
@@ -241,27 +257,35 @@ class UdpRelay:
                 self.release(peer)
             self._peers.clear()
             await self._finish_sender(sender, graceful=clean)
-            if self.evicted or self.refused:
+            if self.evicted or self.refused or self.dropped:
+                counts = {"evicted": self.evicted, "refused": self.refused, "dropped": self.dropped}
                 log.info(
-                    "udp forward to port %d ended: %d mappings evicted, %d datagrams from new senders dropped",
+                    "udp forward to port %d ended: %d mappings evicted, %d datagrams from new senders dropped, "
+                    "%d replies dropped (the client was far behind)",
                     self.target[1],
-                    self.evicted,
-                    self.refused,
-                    extra={"fields": {"event": "udp_forward_end", "evicted": self.evicted, "refused": self.refused}},
+                    *counts.values(),
+                    extra={"fields": {"event": "udp_forward_end", **counts}},
                 )
         if clean:
             await self.stream.send(half_close_frame())
             await self.stream.close()
             await drain(self.stream)
 
+    @property
+    def dropped(self) -> int:
+        """Replies dropped because the client was far behind (its queue or its user's share was full)."""
+        return self._replies.dropped
+
     async def _finish_sender(self, sender: asyncio.Task[None], *, graceful: bool) -> None:
         """Let queued replies go out (bounded) after a clean end; drop them after a broken one."""
-        if graceful:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._replies.put_nowait(None)
-            await asyncio.wait({sender}, timeout=1.0)
-        sender.cancel()
-        await asyncio.gather(sender, return_exceptions=True)
+        try:
+            if graceful:
+                self._replies.end()
+                await asyncio.wait({sender}, timeout=1.0)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        finally:
+            self._replies.close()  # its bytes go back to the user's and the agent's shares
 
     async def _deliver(self, datagram: pb.Datagram) -> None:
         peer = self._peers.get(datagram.peer)
@@ -319,10 +343,7 @@ class UdpRelay:
 
     def reply(self, peer: str, payload: bytes) -> None:
         """Queue a reply for the client (dropped if the client is far behind: UDP may drop)."""
-        try:
-            self._replies.put_nowait(pb.Frame(datagram=pb.Datagram(payload=payload, peer=peer)))
-        except asyncio.QueueFull:
-            self.dropped += 1
+        self._replies.offer(pb.Frame(datagram=pb.Datagram(payload=payload, peer=peer)), len(payload))
 
     def forget(self, peer: _PeerSocket) -> None:
         """Remove a closed mapping."""

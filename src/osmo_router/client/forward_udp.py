@@ -16,7 +16,8 @@ import grpc
 
 from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.session import rpc_error
-from osmo_router.io.forwarding import UDP_QUEUE_DEPTH, format_peer, parse_peer, send_datagram
+from osmo_router.io.datagram_queue import DatagramQueue
+from osmo_router.io.forwarding import UDP_QUEUE_BYTES, UDP_QUEUE_DEPTH, format_peer, parse_peer, send_datagram
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
 from osmo_router.wire.protocol import CLOSE_GRACE, half_close_frame, pb
@@ -45,12 +46,11 @@ class UdpForward:
         self.remote_port = remote_port
         self._opener = opener
         self._reporter = reporter
-        self._queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue(UDP_QUEUE_DEPTH)
+        self._queue: DatagramQueue[tuple[bytes, str]] = DatagramQueue(UDP_QUEUE_DEPTH, UDP_QUEUE_BYTES)
         self._transport: asyncio.DatagramTransport | None = None
         self._stream: SessionStream | None = None
         self.address: tuple[str, int] = ("", 0)
         self._closing = False
-        self.dropped = 0
 
     async def start(self, address: str, port: int) -> None:
         """Bind the local socket and open the session; raises OSError or RouterError."""
@@ -69,17 +69,20 @@ class UdpForward:
 
     def local_datagram(self, data: bytes, peer: str) -> None:
         """A datagram from a local sender (dropped when the session is far behind, as UDP may)."""
-        try:
-            self._queue.put_nowait((data, peer))
-        except asyncio.QueueFull:
-            self.dropped += 1
+        self._queue.offer((data, peer), len(data))
+
+    @property
+    def dropped(self) -> int:
+        """Local datagrams dropped because the session was far behind."""
+        return self._queue.dropped
 
     async def serve(self) -> None:
         """Relay until closed; after the session ended, the next datagram reopens it."""
         pending: tuple[bytes, str] | None = None
         while not self._closing:
             if self._stream is None:
-                pending = await self._queue.get()
+                if (pending := await self._queue.get()) is None:
+                    return
                 try:
                     self._stream = await self._opener.open_stream(pb.PROTOCOL_UDP, self.remote_port)
                 except RouterError as err:
@@ -143,6 +146,6 @@ class UdpForward:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             if pending is not None:
                 await stream.send(pb.Frame(datagram=pb.Datagram(payload=pending[0], peer=pending[1])))
-            while True:
-                data, peer = await self._queue.get()
+            while (item := await self._queue.get()) is not None:
+                data, peer = item
                 await stream.send(pb.Frame(datagram=pb.Datagram(payload=data, peer=peer)))

@@ -28,6 +28,10 @@ WATCH_PORT: Final = 0
 UDP_IDLE_TIMEOUT: Final = 60.0
 #: Datagrams queued per direction before new ones are dropped (UDP may drop; memory stays bounded).
 UDP_QUEUE_DEPTH: Final = 1024
+#: ...and bytes (io/datagram_queue.py): one forward's queue, a user's queues on one agent, all of them.
+UDP_QUEUE_BYTES: Final = 4 * 1024 * 1024
+UDP_USER_BYTES: Final = 16 * 1024 * 1024
+UDP_TOTAL_BYTES: Final = 64 * 1024 * 1024
 
 
 def format_peer(address: Any) -> str:
