@@ -67,3 +67,54 @@ async def test_a_data_frame_passes_only_while_the_reader_waits_and_the_sink_take
     assert not passing(data)
     assert written == [data]
     assert not writer_waits.done()  # (every pass went to the sink: the writer was never woken)
+
+
+class FramedSink:
+    """A writer's sink that can send a message still behind its gRPC prefix (relay._DirectWrite.framed)."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.written: list[bytes] = []
+
+    def __call__(self, message: bytes) -> bool:
+        raise AssertionError("a passed-through message goes to `framed`")
+
+    def framed(self, framed: memoryview) -> bool:
+        if self.open:
+            self.written.append(framed.tobytes())
+        return self.open
+
+
+def grpc_framed(message: bytes) -> memoryview:
+    return memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
+
+
+@pytest.mark.asyncio
+async def test_a_message_passes_through_as_received_on_the_same_terms() -> None:
+    budget = ByteBudget(1 << 20)
+    queue = FlowQueue(16)
+    queue.use_budgets((budget,))
+    sink = FramedSink()
+    queue.set_sink(sink)
+    session, hooks = Session(), Hooks()
+    passing = _Passing(session, queue, hooks, "client_to_agent")  # type: ignore[arg-type]
+    data = frame_message(pb.Frame(data=b"x" * 100))
+    writer_waits = queue.readable()
+    assert not passing.through(grpc_framed(data))  # the reader is busy: nothing may pass it
+    passing.idle = True
+    assert passing.through(grpc_framed(data))
+    assert sink.written == [grpc_framed(data).tobytes()]
+    assert session.touched == 1 and hooks.counted == len(data)  # the message's bytes, not its prefix
+    exit_status = frame_message(pb.Frame(exit_status=pb.ExitStatus(code=3)))
+    for control in (ENCODED_HALF_CLOSE, ENCODED_DETACH, exit_status, b"\x00junk"):
+        assert not passing.through(grpc_framed(control))
+    sink.open = False
+    assert not passing.through(grpc_framed(data))
+    sink.open = True
+    budget.used = budget.limit  # another queue of the budget holds all of it: as `put` would wait
+    assert not passing.through(grpc_framed(data))
+    budget.used = 0
+    queue._items.append(b"queued")
+    assert not passing.through(grpc_framed(data))
+    assert len(sink.written) == 1 and hooks.counted == len(data)
+    assert not writer_waits.done()

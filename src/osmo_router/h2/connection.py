@@ -171,12 +171,27 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
             return
         self._data_stream = stream
 
-    def data_frame(self, stream_id: int, flags: int, payload: memoryview) -> None:
+    def data_frame(self, stream_id: int, flags: int, payload: memoryview, last: bool) -> None:
         """A whole unpadded DATA frame at once (what data_begin, data_piece and data_end do for one that
-        arrived in one read: a small message's frame, in one call instead of three)."""
+        arrived in one read: a small message's frame, in one call instead of three); `last`: nothing more came
+        behind it in the same read (only then may it pass through, Stream.set_passthrough)."""
         if not self._settings_received:
             raise settings_first()
+        if last and not flags:  # (a burst is left to the reader, whose writer can merge it)
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream._passthrough is not None and stream.pass_through(payload):
+                return
         self._deliver_data(stream_id, flags, payload, len(payload))
+
+    def may_receive(self, flow: int) -> bool:
+        """Whether a DATA frame of `flow` bytes stays within the connection window (else the usual path fails it)."""
+        return self._recv_unacked + flow <= self._connection_window
+
+    def received_through(self, flow: int) -> None:
+        """A DATA frame of `flow` bytes was passed through (Stream.pass_through): the connection window and
+        the BDP sample count it."""
+        self._recv_unacked += flow
+        self._count_for_bdp(flow)
 
     def data_piece(self, payload: memoryview) -> None:
         """The next bytes of the current DATA frame's payload."""

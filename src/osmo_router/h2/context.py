@@ -117,6 +117,17 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
             return False
         return self._stream.try_write(message)
 
+    def try_write_framed(self, framed: memoryview) -> bool:
+        """`try_write` of a response already framed (its gRPC prefix first), as a request stream received it."""
+        if self._serializer is not None:
+            return False
+        return self._stream.try_write_framed(framed)
+
+    def set_passthrough(self, passthrough: Callable[[memoryview], bool] | None) -> None:
+        """Offer each request that arrives whole and alone to `passthrough` as received, prefix included
+        (Stream.set_passthrough). Only without a deserializer."""
+        self._stream.set_passthrough(passthrough if self._deserializer is None else None)
+
     async def send_initial_metadata(self, initial_metadata: Sequence[tuple[str, str | bytes]]) -> None:
         """Send the response headers now, with this metadata."""
         self._ensure_headers(initial_metadata)

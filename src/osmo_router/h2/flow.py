@@ -96,6 +96,30 @@ class FlowControl(ConnectionCore):
         self._timers.sent_data()
         return True
 
+    def try_send_framed(self, stream: Stream, framed: memoryview) -> bool:
+        """`try_send` of a message already framed (its 5-byte gRPC prefix first), as it arrived."""
+        length = len(framed)
+        transport = self.transport
+        if (
+            stream._out_bytes
+            or self.write_paused
+            or length > stream.send_window
+            or length > self.send_window
+            or length > self._peer_max_frame
+            or transport is None
+            or transport.is_closing()
+        ):
+            return False
+        self.send_window -= length
+        stream.send_window -= length
+        header = fr.header(fr.DATA, 0, stream.id, length)
+        if length <= SMALL_MESSAGE:
+            transport.write(header + framed)
+        else:
+            self._output.writelines((header, framed))
+        self._timers.sent_data()
+        return True
+
     def flush(self, stream: Stream) -> None:
         """Send what the windows and the transport allow of a stream's queued data, then its end if due."""
         transport = self.transport

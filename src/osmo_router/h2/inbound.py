@@ -63,6 +63,7 @@ class StreamInbound:
         self._credit: StreamCredit | None = None  # set by use_budgets
         self._listener: Callable[[bytes], bool] | None = None  # see set_listener
         self._listened = False  # the listener took a message since the window was last looked at
+        self._passthrough: Callable[[memoryview], bool] | None = None  # see set_passthrough
         #: Whether the stream may take up the connection's (grown) window: from the start unless the
         #: connection starts streams smaller (H2Config.initial_stream_window), else once `use_budgets`.
         self._may_grow = recv_window >= conn.config.stream_window
@@ -209,6 +210,39 @@ class StreamInbound:
         connection's data_received, so it must not raise or wait. Saves the reader a wake-up per
         message when its consumer keeps up (issue 18)."""
         self._listener = listener
+
+    def set_passthrough(self, passthrough: Callable[[memoryview], bool] | None) -> None:
+        """Offer a DATA payload that is exactly one whole uncompressed message, arriving with nothing
+        before it (nothing queued, no message under way, nothing more in the same read), to
+        `passthrough(payload)` as it is, its 5-byte prefix included: True means it took the message
+        (sent it on as is: its window goes back as if read), False leaves it to the usual path
+        (listener or queue). The relay's hop with no parsing or copy of the message (issue 18); it
+        runs inside the connection's data callback, so it must not raise or wait."""
+        self._passthrough = passthrough
+
+    def pass_through(self, payload: memoryview) -> bool:
+        """Give a whole DATA payload (no flags, nothing behind it in its read: the connection checks) to
+        the passthrough if it qualifies (`set_passthrough`); False, with nothing counted, otherwise."""
+        size = len(payload)
+        conn = self.conn
+        if (
+            size < 6
+            or size > self._recv_left
+            or self._messages
+            or self._need
+            or self._head
+            or self.reset_code is not None
+            or payload[0]
+            or int.from_bytes(payload[1:5], "big") != size - 5
+            or size - 5 > conn.config.max_message_size
+            or not conn.may_receive(size)
+            or not self._passthrough(payload)  # type: ignore[misc]
+        ):
+            return False
+        conn.received_through(size)
+        self._recv_left -= size
+        self._taken()
+        return True
 
     def received_end(self) -> None:
         """The peer's END_STREAM."""

@@ -39,8 +39,9 @@ class DataSink(Protocol):
     def data_piece(self, payload: memoryview) -> None:
         """The next payload bytes of the current DATA frame (a view valid during the call)."""
 
-    def data_frame(self, stream_id: int, flags: int, payload: memoryview) -> None:
-        """An unpadded DATA frame that arrived whole (a view valid during the call)."""
+    def data_frame(self, stream_id: int, flags: int, payload: memoryview, last: bool) -> None:
+        """An unpadded DATA frame that arrived whole (a view valid during the call); `last`: nothing more
+        arrived behind it in the same read."""
 
     def data_end(self) -> None:
         """The current DATA frame's payload is complete."""
@@ -162,7 +163,7 @@ class FrameReader:
                         start += 9 + length
                         self._start = start
                         self._large = length >= READ_SIZE
-                        sink.data_frame(stream_id, flags, view[start - length : start])
+                        sink.data_frame(stream_id, flags, view[start - length : start], start == end)
                         continue
                     start += 9
                     self._start = start

@@ -70,6 +70,12 @@ class Stream(StreamInbound):
             return False
         return self.conn.try_send(self, message)
 
+    def try_write_framed(self, framed: memoryview) -> bool:
+        """`try_write` of a message with its gRPC prefix, as another stream received it (pass_through)."""
+        if self.closed_out or self._end_pending or self.reset_code is not None or not self.headers_sent:
+            return False
+        return self.conn.try_send_framed(self, framed)
+
     async def write(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one gRPC message; return once it all went to the transport (StreamReset if the stream ends)."""
         self.write_nowait(message)

@@ -99,16 +99,24 @@ class FlowQueue:
         False, with nothing done, if it would be queued or wait."""
         return self._sink is not None and self._handed_over(item)
 
+    def pass_through(self, framed: memoryview, size: int) -> bool:
+        """`offer` of an item still framed as it arrived (its `size` bytes after a 5-byte gRPC prefix),
+        to a sink that writes it as it is (`sink.framed`); False, with nothing done, otherwise."""
+        return self._sink is not None and self._may_hand_over(size) and self._sink.framed(framed)  # type: ignore[attr-defined]
+
     def _handed_over(self, item: bytes) -> bool:
+        return self._may_hand_over(len(item)) and self._sink(item)  # type: ignore[misc]
+
+    def _may_hand_over(self, size: int) -> bool:
+        """Whether an item of `size` bytes may go to the sink: exactly when `put` would not wait, so it
+        passes as if queued and taken at once (the consumer waits for one, nothing is queued)."""
         getter = self._getter
         if getter is None or getter.done() or self._items or self._error is not None or self._ended:
             return False  # the consumer is busy (it may hold an item), or the queue is over
-        size = len(item)
-        # Exactly when `put` would not wait: the item passes through as if queued and taken at once.
         for budget in self._budgets:
             if not budget.fits(size):
                 return False
-        return self._sink(item)  # type: ignore[misc]
+        return True
 
     async def put(self, item: bytes, more: bool = True) -> None:
         """Queue an item, waiting while the queue or one of its budgets is full; raises the failure if it failed.

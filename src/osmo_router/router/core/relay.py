@@ -161,6 +161,9 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
     passing = _Passing(session, queue, hooks, direction) if set_listener is not None else None
     if set_listener is not None:
         set_listener(passing)
+    set_passthrough = getattr(endpoint, "set_passthrough", None)
+    if set_passthrough is not None and passing is not None:
+        set_passthrough(passing.through)
     try:
         while True:
             if passing is not None:
@@ -214,6 +217,8 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
     finally:
         if set_listener is not None:
             set_listener(None)
+        if set_passthrough is not None:
+            set_passthrough(None)
 
 
 class _Passing:
@@ -236,15 +241,32 @@ class _Passing:
     def __call__(self, message: bytes) -> bool:
         if not self.idle or not message or message[0] != FRAME_TAG:
             return False
-        if len(message) <= MAX_EXIT_STATUS_MESSAGE and (
-            message == ENCODED_HALF_CLOSE or message == ENCODED_DETACH or is_exit_status_frame(message)
-        ):
+        if len(message) <= MAX_EXIT_STATUS_MESSAGE and _is_control(message):
             return False
         if not self.queue.offer(message):
             return False
         self.session.touch()
         self.hooks.count_bytes(self.session, self.direction, len(message))
         return True
+
+    def through(self, framed: memoryview) -> bool:
+        """The same for a message as it arrived, behind its 5-byte gRPC prefix (Endpoint.set_passthrough):
+        sent on as it is, with no parsing or copy of it."""
+        if not self.idle or framed[5] != FRAME_TAG:
+            return False
+        size = len(framed) - 5
+        if size <= MAX_EXIT_STATUS_MESSAGE and _is_control(framed[5:].tobytes()):
+            return False
+        if not self.queue.pass_through(framed, size):
+            return False
+        self.session.touch()
+        self.hooks.count_bytes(self.session, self.direction, size)
+        return True
+
+
+def _is_control(message: bytes) -> bool:
+    """Whether a small frame message is one the reader must look at: a half-close, a detach, an exit status."""
+    return message == ENCODED_HALF_CLOSE or message == ENCODED_DETACH or is_exit_status_frame(message)
 
 
 async def _write_from(
@@ -262,7 +284,7 @@ async def _write_from(
     if try_write is not None:
         # While this writer waits for data, the other side's reader sends what it reads straight
         # out (when the transport takes it at once) instead of waking this task for each message.
-        queue.set_sink(_DirectWrite(try_write, watchdog))
+        queue.set_sink(_DirectWrite(try_write, watchdog, getattr(endpoint, "try_write_framed", None)))
     try:
         while (message := queue.poll()) is not None:
             if not message:  # nothing queued yet
@@ -288,11 +310,24 @@ async def _write_from(
 class _DirectWrite:
     """A writer's direct hand-over (FlowQueue.set_sink): a message sent at once counts as written."""
 
-    __slots__ = ("_try_write", "_watchdog")
+    __slots__ = ("_try_write", "_try_write_framed", "_watchdog")
 
-    def __init__(self, try_write: Callable[[bytes], bool], watchdog: WriteWatchdog) -> None:
+    def __init__(
+        self,
+        try_write: Callable[[bytes], bool],
+        watchdog: WriteWatchdog,
+        try_write_framed: Callable[[memoryview], bool] | None = None,
+    ) -> None:
         self._try_write = try_write
         self._watchdog = watchdog
+        self._try_write_framed = try_write_framed
+
+    def framed(self, framed: memoryview) -> bool:
+        """Send a message still behind its gRPC prefix as it is, if the endpoint can (FlowQueue.pass_through)."""
+        if self._try_write_framed is not None and self._try_write_framed(framed):
+            self._watchdog.moved += len(framed) - 5
+            return True
+        return False
 
     def __call__(self, message: bytes) -> bool:
         if self._try_write(message):

@@ -49,7 +49,9 @@ class GrpcSide:
         "more_queued",
         "peer",
         "set_listener",
+        "set_passthrough",
         "try_write",
+        "try_write_framed",
         "use_budgets",
     )
     transport = "grpc"
@@ -80,6 +82,12 @@ class GrpcSide:
         self.set_listener: Callable[[Callable[[bytes], bool] | None], None] | None = getattr(
             context, "set_listener", None
         )
+        #: `set_passthrough(passthrough)` and `try_write_framed(framed)`: the same hand-over for a message
+        #: still behind its gRPC prefix, as received, sent on as it is (NativeContext); None where not.
+        self.set_passthrough: Callable[[Callable[[memoryview], bool] | None], None] | None = getattr(
+            context, "set_passthrough", None
+        )
+        self.try_write_framed: Callable[[memoryview], bool] | None = getattr(context, "try_write_framed", None)
 
     async def read(self) -> bytes | None:
         """The next encoded message, or None once the peer half-closed."""
