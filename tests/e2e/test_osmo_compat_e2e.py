@@ -20,6 +20,7 @@ the session through RouterControlService (tests/control_kit.py), as OSMO's servi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -28,8 +29,9 @@ import re
 import shlex
 import socket
 import subprocess
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -284,6 +286,98 @@ def test_tcp_forward_old_client_grpc_agent(router: Router, grpc_workflow: str) -
                 await task
 
         assert run(body) == [True] * 5
+
+
+def _reply_then_close(conn: socket.socket) -> None:
+    """A target that answers a request and closes first (HTTP/1.0, a `QUIT`): 5 bytes in, 3 out, FIN."""
+    got = b""
+    while len(got) < 5 and (chunk := conn.recv(5 - len(got))):
+        got += chunk
+    conn.sendall(b"bye")
+
+
+def _read_to_eof(port: int, timeout: float = 10) -> tuple[bytes, bool]:
+    """Send 5 bytes, read until EOF: what came back, and whether the EOF came within `timeout`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(b"hello")
+        got = b""
+        try:
+            while chunk := sock.recv(100):
+                got += chunk
+        except TimeoutError:
+            return got, False
+    return got, True
+
+
+def test_tcp_forward_old_client_grpc_agent_target_closes_first(router: Router, grpc_workflow: str) -> None:
+    """The container's server closes first: OSMO's CLI (no half-close) must see its connection end,
+    as it did with osmo-ctrl, which closed both ends when one ended. Before, the agent's half-close was
+    dropped towards the old client and the connection hung until the client's own EOF."""
+    key = new_key()
+    with tcp_server(_reply_then_close) as target:
+        control.create_session(router.address, control.created(grpc_workflow, key, "portforward", port=target))
+
+        async def body() -> tuple[bytes, bool]:
+            forward, task = osmo.start_tcp_forward(ws_base(router), grpc_workflow, key, timeout=10)
+            await forward.ready.wait()
+            try:
+                return await asyncio.to_thread(_read_to_eof, forward.port)
+            finally:
+                forward.close.set()
+                await task
+
+        assert run(body) == (b"bye", True)
+
+
+def _sink(received: list[bytes], done: threading.Event) -> Callable[[socket.socket], None]:
+    def handle(conn: socket.socket) -> None:
+        data = bytearray()
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(1 << 20):
+                data += chunk
+        received.append(bytes(data))
+        done.set()
+
+    return handle
+
+
+@pytest.mark.parametrize("backend", ["grpc", "old"])
+def test_tcp_forward_old_client_upload_then_close_delivers_every_byte(
+    router: Router, grpc_workflow: str, stopper: list[Proc], backend: str
+) -> None:
+    """OSMO's CLI sends a file and closes its connection's WebSocket at the local EOF (1.6): the old
+    router relayed every message before closing the backend. Before, the close was taken for a break
+    and the frames still queued were dropped (the target got a reset, or a short file and an EOF)."""
+    payload = os.urandom(8 * 1024 * 1024)
+    received: list[bytes] = []
+    done = threading.Event()
+    workflow, key = (grpc_workflow, new_key()) if backend == "grpc" else (f"wf-{uuid.uuid4().hex[:8]}", new_key())
+    with tcp_server(_sink(received, done)) as target:
+        if backend == "grpc":
+            control.create_session(router.address, control.created(workflow, key, "portforward", port=target))
+        else:
+            stopper.append(_start_tcp_backend(router, "old", workflow, key, target, wait=True))
+
+        def send() -> None:
+            with socket.create_connection(("127.0.0.1", forward.port), timeout=10) as sock:
+                sock.sendall(payload)
+
+        async def body() -> None:
+            nonlocal forward
+            forward, task = osmo.start_tcp_forward(ws_base(router), workflow, key, timeout=10)
+            await forward.ready.wait()
+            try:
+                await asyncio.to_thread(send)
+                await asyncio.to_thread(done.wait, WAIT)
+            finally:
+                forward.close.set()
+                await task
+
+        forward: osmo.Forward
+        run(body)
+    assert done.is_set()
+    assert [len(r) for r in received] == [len(payload)] and sha(received[0]) == sha(payload)
 
 
 def test_tcp_forward_burst_before_backend_joins_old_client(router: Router, stopper: list[Proc]) -> None:

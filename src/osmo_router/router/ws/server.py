@@ -184,7 +184,11 @@ class WsServer:
             await self._pipeline.refuse(side, label, err, identity)
             return side.response
         side.set_extensions(
-            parse_resize=init.parse_resize, want_exit=init.want_exit, want_eof=init.want_eof, udp=init.udp
+            parse_resize=init.parse_resize,
+            want_exit=init.want_exit,
+            want_eof=init.want_eof,
+            udp=init.udp,
+            stream=operation.label != "exec",
         )
         raw_init = operation.encode_init(getattr(init.open_msg, operation.open_field))
         join = ClientJoin(identity, operation, init.target, init.open_msg, raw_init, timeout)

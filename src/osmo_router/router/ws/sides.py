@@ -7,8 +7,11 @@ side, through the same pipeline. The translation is `wsproto.frame_to_message` a
 
 - towards a WS client, the ready is dropped (the old protocol has none), an exit status is dropped
   (or, with the `exit=1` extension, becomes the reason of the final close), and so is the agent's
-  half-close (or, with `eof=1`, it is the empty message); an error closes with code 4000 and
+  half-close (or, with `eof=1`, it is the empty message; on an old client's TCP forward or rsync
+  connection, a normal close, as osmo-ctrl ended both ends); an error closes with code 4000 and
   `CODE: message`;
+- an old client's normal close of such a connection is its local EOF: a half-close behind the data
+  (towards an old backend, a normal close after the data), never a break that drops queued frames;
 - from a WS backend, the end of its pipe (empty message or close) is its half-close, and for exec
   it also stands for exit status 0: the old protocol has no exit codes, and its clients took a
   clean end as success;
@@ -196,15 +199,24 @@ class WsClientSide(_WsSide):
     def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
         super().__init__(request, ws)
         self._parse_resize = self._want_exit = self._want_eof = self._udp = False
+        self._old_stream = self._ended = False
         self._exit: pb.ExitStatus | None = None
 
-    def set_extensions(self, *, parse_resize: bool, want_exit: bool, want_eof: bool, udp: bool = False) -> None:
-        """What the client's URL asked for (see ws/init.py); `udp`: OSMO's datagram framing (a created UDP forward)."""
+    def set_extensions(
+        self, *, parse_resize: bool, want_exit: bool, want_eof: bool, udp: bool = False, stream: bool = False
+    ) -> None:
+        """What the client's URL asked for (see ws/init.py); `udp`: OSMO's datagram framing (a created UDP
+        forward); `stream`: a byte stream (a TCP forward's or an rsync connection), not an exec."""
         self._parse_resize, self._want_exit, self._want_eof = parse_resize, want_exit, want_eof
         self._udp = udp
+        # An old client's stream (OSMO's CLI: no `eof`/`exit` extension) has no half-close either way: it
+        # closes its WebSocket at its local EOF, and takes the close for the far end's EOF (1.6).
+        self._old_stream = stream and not udp and not (want_eof or want_exit)
 
     async def read(self) -> bytes | None:
         """The client's next message as an encoded frame; a close (not ours) ends the session."""
+        if self._ended:
+            return None
         data = await self._receive()
         if isinstance(data, bytes):
             if self._udp:
@@ -212,6 +224,12 @@ class WsClientSide(_WsSide):
             return encode_frame(message_to_frame(data, parse_resize=self._parse_resize))
         if self._closing:
             return None
+        if self._old_stream and self.ws.close_code == CLOSE_NORMAL:
+            # OSMO's CLI closing a connection normally is its local EOF, after all it sent: the old
+            # router delivered every message before it closed the backend. So it is a half-close,
+            # behind the data, never a break that drops what is still queued for the agent.
+            self._ended = True
+            return ENCODED_HALF_CLOSE
         # The old protocol: a close ends the whole pipe (an empty message is the EOF).
         raise Cancelled("the client closed its WebSocket")
 
@@ -234,6 +252,11 @@ class WsClientSide(_WsSide):
         elif kind == "half_close":
             if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
                 await self._send(b"")
+            elif self._old_stream:
+                # The far end's EOF: OSMO's CLI has no half-close and ends the connection only on a close
+                # (osmo-ctrl closed both when one direction ended); waiting for the session's end
+                # would wait for a local EOF that a client reading to the end never sends.
+                await self._close_ws(CLOSE_NORMAL, "")
         elif (payload := frame_to_message(frame, to_backend=False)) is not None:
             await self._send(payload)
 
@@ -337,6 +360,13 @@ class WsBackendSide(_WsSide):
             return
         if frame.WhichOneof("kind") == "datagram" and self._udp and not self.ws.closed:
             await self._send(datagram_message(frame.datagram))
+            return
+        if frame.WhichOneof("kind") == "half_close" and not (self._send_init or self._is_exec or self._udp):
+            # osmo-ctrl's connection takes no half-close (an empty message is a zero-byte write) and
+            # closes both its ends when one direction ends; the old router ended the whole pipe on the
+            # client's end, after all it had relayed. So the client's EOF is a normal close, behind the data.
+            if not self.ws.closed:
+                await self._close_ws(CLOSE_NORMAL, "")
             return
         if (payload := frame_to_message(frame, to_backend=True)) is not None and not self.ws.closed:
             await self._send(payload)
