@@ -161,3 +161,33 @@ def test_with_an_agent_that_does_not_resume_the_unread_output_waits_in_the_route
         client.wait()
         agent.stop()
         router.stop()
+
+
+def test_a_session_the_router_ended_for_unread_stdout_says_so_on_the_client(workflow: str) -> None:
+    # A client that does not resume (--resume-grace 0) whose stdout is not read past the router's
+    # flow-control timeout: the router ends the session (RESOURCE_EXHAUSTED), and as the client does
+    # not read, its status cannot reach it; the native server resets the stream (RST_STREAM CANCEL)
+    # once its close grace passed.
+    # Once stdout is read again the client must name the cause (it stopped reading), not print a
+    # bare "Received RST_STREAM: cancelled [CANCELLED]" that looks like someone cancelled it.
+    router = Router("--flow-control-timeout", "2s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "0"]
+    client = _exec(args, "head", "-c", str(8 * OUTPUT), "/dev/zero")
+    assert client.stdout is not None and client.stderr is not None
+    try:
+        end = router.wait_for(lambda r: r.get("event") == "session end", timeout=60)
+        assert end["status"] == "RESOURCE_EXHAUSTED", end
+        router.wait_for(lambda r: r.get("event") == "stream_reset", timeout=60)  # the status was dropped
+        while os.read(client.stdout.fileno(), 1 << 20):  # stdout read again: the client takes the end
+            pass
+        code = client.wait(30)
+        said = client.stderr.read().decode(errors="replace")
+        assert code == 255, said
+        assert "stopped reading" in said and "[RESOURCE_EXHAUSTED]" in said, said
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        agent.stop()
+        router.stop()

@@ -25,10 +25,12 @@ def rpc_error(
     `stalled`: how long the caller's own delivery stalled (a forwarded connection's local reader),
     added to the process's stalls (osmo_router.client.stall).
     """
-    if err.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (err.debug_error_string() or ""):
+    if _status_lost(err):
         # grpc.aio replaces the real status with INTERNAL when one of our writes meets a call the
-        # router has just ended: the session broke, or this client stopped reading past the
-        # router's flow-control timeout. Which one, only this client's own stalls can tell.
+        # router has just ended, and the router's native server resets a stream (RST_STREAM CANCEL)
+        # whose reader left its final status unread past its close grace: the session broke, or this
+        # client stopped reading past the router's flow-control timeout. Which one, only this
+        # client's own stalls can tell.
         stall = max(METER.longest(), stalled)
         if stall >= MIN_STALL:
             return ResourceExhausted(
@@ -36,7 +38,8 @@ def rpc_error(
                 f"{stall:.1f}s (the process was paused, or what it writes to was not read), most likely past "
                 "the router's flow-control timeout (--flow-control-timeout)"
             )
-        return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
+        if err.code() == grpc.StatusCode.INTERNAL:
+            return Unavailable("the session broke while sending (the router ended it: agent or router gone)")
     details = err.details() or err.code().name.lower()
     if dial is not None and err.code() == grpc.StatusCode.UNAVAILABLE:
         details = explain_dial_error(details, dial, peer) or details
@@ -44,6 +47,18 @@ def rpc_error(
         # gRPC's words for a connection lost under an open call: say what happened, keep them after.
         details = f"the connection to the router broke (router gone or network cut): {details}"
     return from_status(err.code(), details)
+
+
+#: The details of a call the native server reset (RST_STREAM CANCEL) rather than end with a status
+#: its reader did not take in time (osmo_router.h2.calls, the server's close grace).
+_RESET_BY_SERVER = "Received RST_STREAM: cancelled"
+
+
+def _status_lost(err: grpc.aio.AioRpcError) -> bool:
+    """Whether the router's status for this call was lost on the way (replaced or dropped), not received."""
+    if err.code() == grpc.StatusCode.INTERNAL:
+        return "execute_batch" in (err.debug_error_string() or "")
+    return err.code() == grpc.StatusCode.CANCELLED and bool(err.details() == _RESET_BY_SERVER)
 
 
 #: How gRPC words a connection lost under a call that was already open.
