@@ -202,3 +202,6 @@ def test_a_held_sessions_summary_reads_as_the_command_ran() -> None:
     assert summary_of(pb.SessionOpen(exec=pb.ExecInit())) == "(shell)"
     forward = pb.SessionOpen(port_forward=pb.PortForwardInit(remote_port=5353, protocol=pb.PROTOCOL_UDP))
     assert summary_of(forward) == "port 5353/udp"
+    # A TCP init with remote_port 0 is a port-forward's watch, not a forward of port 0.
+    watch = pb.SessionOpen(port_forward=pb.PortForwardInit(remote_port=0, protocol=pb.PROTOCOL_TCP))
+    assert summary_of(watch) == "port-forward (its watch)"

@@ -68,6 +68,8 @@ def summary_of(open_msg: pb.SessionOpen) -> str:
         return shlex.join(open_msg.exec.command) or "(shell)"  # quoted: `sh -c 'a; b'` reads as it ran
     if kind == "port_forward":
         proto = "udp" if open_msg.port_forward.protocol == pb.PROTOCOL_UDP else "tcp"
+        if proto == "tcp" and open_msg.port_forward.remote_port == 0:
+            return "port-forward (its watch)"  # the forward's liveness session: no port behind it
         return f"port {open_msg.port_forward.remote_port}/{proto}"
     return kind or ""
 
