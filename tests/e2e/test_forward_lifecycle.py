@@ -8,7 +8,16 @@ import time
 from pathlib import Path
 
 from osmo_router.wire.protocol import CLOSE_GRACE
-from tests.forward_servers import TIMEOUT, echo, echo_round_trip, start_forward, tcp_server, wait_line
+from tests.forward_servers import (
+    TIMEOUT,
+    echo,
+    echo_round_trip,
+    firehose,
+    recv_exactly,
+    start_forward,
+    tcp_server,
+    wait_line,
+)
 from tests.harness import AgentProc, Proc, Router, client_cmd
 from tests.security_kit import Pki, Signer
 
@@ -183,6 +192,44 @@ def test_forward_over_tls_with_tokens(tmp_path: Path) -> None:
             assert any("PERMISSION_DENIED" in line for line in intruder.lines), intruder.lines
         finally:
             intruder.stop()
+            proc.stop()
+            agent.stop()
+            router.stop()
+
+
+def test_a_connection_reset_locally_mid_download_frees_its_session_at_once(workflow: str) -> None:
+    # A local application killed while it downloads (curl -m, a browser tab closed): the client tells
+    # the agent (an Error frame) and cancels the stream. It used to half-close the stream first, and
+    # a call whose END_STREAM went out is not reset by its cancel: the router, holding data for the
+    # connection that nobody read any more, kept the session (its slot of --max-connections-per-forward,
+    # megabytes of held data) until the whole port-forward ended. Here the forward may hold two
+    # sessions (its watch and one connection), so a second download works only if the first was freed.
+    router = Router("--max-connections-per-forward", "2")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+
+    def cancelled() -> list[dict[str, object]]:
+        return [r for r in router.events() if r.get("event") == "session end" and r.get("status") == "CANCELLED"]
+
+    with tcp_server(firehose) as target:
+        proc, (port,) = start_forward(args, f":{target}")
+        try:
+            for attempt in range(2):
+                conn = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+                conn.sendall(b"GET /big HTTP/1.1\r\n\r\n")  # a request, as curl's
+                assert len(recv_exactly(conn, 1 << 20)) == 1 << 20, f"download {attempt} got no data"
+                # A slow reader (curl --limit-rate 1M -m 3): the client's buffers and the router's fill.
+                slow_until = time.monotonic() + 3
+                while time.monotonic() < slow_until:
+                    recv_exactly(conn, 64 << 10)
+                    time.sleep(1 / 16)  # the reader's pace under test, not a wait for an event
+                conn.close()  # with the firehose's data unread: a reset
+                # This connection's end: the n-th such record (those of the earlier ones are still there).
+                router.wait_for(lambda _record, n=attempt: len(cancelled()) > n, timeout=TIMEOUT)
+                end = cancelled()[attempt]
+                assert end["reason"] == "the client went away", end
+            assert not any("maximum" in line for line in proc.lines), proc.lines
+        finally:
             proc.stop()
             agent.stop()
             router.stop()

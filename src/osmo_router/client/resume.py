@@ -365,10 +365,16 @@ async def give_up(stream: SessionStream, why: str) -> None:
     A resumable session's agent would otherwise hold it (the connection to the target, the command)
     for its resume grace, waiting for a resume that never comes: it is told with an Error frame
     first (and given GIVE_UP_WAIT to acknowledge it), then the stream is cancelled.
+
+    The stream is not half-closed before it is cancelled (`finish` would): a call whose END_STREAM
+    went out is not reset by its cancel (the server is left to end it), and a server with data
+    for this client that it no longer reads (a forwarded connection reset while downloading) then
+    held the session, its connection slot and the data, until the whole command ended.
     """
     if isinstance(stream, ResumableStream) and not stream.remote_final:  # (else the agent ended it already)
         with contextlib.suppress(TimeoutError, *BREAKS):
             async with asyncio.timeout(GIVE_UP_WAIT):
                 await stream.send_error(grpc.StatusCode.CANCELLED, why)
-                await stream.finish(GIVE_UP_WAIT)
+                while not stream.buffer.settled and not stream.buffer.closed:
+                    await stream.buffer.wait_settled()
     stream.abort()
