@@ -195,14 +195,14 @@ class RouterServer:
             self.config.grpc_server,
             self.config.tls_enabled,
             self.config.auth,
-            self.metrics_server.port,
+            self.metrics_server.port if self.config.metrics_port >= 0 else -1,
             self.ws_server.port if self.config.ws_port >= 0 else -1,
             extra={
                 "fields": {
                     "event": "listening",
                     "grpc_port": self.port,
                     "grpc_server": self.config.grpc_server,
-                    "metrics_port": self.metrics_server.port,
+                    "metrics_port": self.metrics_server.port if self.config.metrics_port >= 0 else -1,
                     "ws_port": self.ws_server.port if self.config.ws_port >= 0 else -1,
                     "router_id": self.config.router_id,
                     "directory": "redis" if self.config.redis_url else "memory",
