@@ -131,6 +131,29 @@ def test_sigterm_drains_in_flight_sessions(workflow: str) -> None:
         router.stop()
 
 
+def test_a_session_that_outlives_the_drain_timeout_is_ended_by_the_router_and_audited_so(workflow: str) -> None:
+    # A session that cannot resume and runs past --drain-timeout is cut by the router. Its audit line
+    # said status CANCELLED, reason "the client went away" (the server's stop cancelled the call and
+    # the relay took that for the client leaving), and the client read a bare "server shutting
+    # down": neither says that the router's drain timeout ended it.
+    router = Router("--drain-timeout", "1s")
+    agent = AgentProc(router.address, workflow)
+    args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
+    in_flight = Proc(client_cmd("exec", *args, "--resume-grace=0", "--", "sh", "-c", "echo started; sleep 60"))
+    try:
+        in_flight.wait_for(lambda r: r["line"] == "started", stdout=True)
+        router.signal(signal.SIGTERM)
+        assert router.wait_exit(30) == 0
+        end = router.wait_event("session end")
+        assert end["status"] == "UNAVAILABLE" and "--drain-timeout" in end["reason"], end
+        assert in_flight.wait_exit(30) == 255
+        assert any("--drain-timeout" in line for line in in_flight.lines), in_flight.lines
+    finally:
+        in_flight.stop()
+        agent.stop()
+        router.stop()
+
+
 def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(workflow: str) -> None:
     router = Router("--drain-timeout", "120s")
     agent = AgentProc(router.address, workflow)

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: What the ends of a resumable session read when a draining router moves them.
 DRAINING = "router draining: the session resumes on another replica"
+#: After --drain-timeout, how long the sessions ended then may take to end (their status sent, audited).
+DRAIN_END_WAIT = 1.0
 
 
 def build_authenticator(config: RouterConfig) -> Authenticator:
@@ -280,6 +282,12 @@ class RouterServer:
         await self.sessions.wait_empty(self.config.drain_timeout)
         await self.pipeline.wait_relays_idle(max(0.0, deadline - time.monotonic()))
         log.info("drained (%d sessions left)", len(self.sessions))
+        if self.pipeline.end_all(
+            f"router shutting down: the session outlived its --drain-timeout ({self.config.drain_timeout:g}s)"
+        ):
+            # Their ends (and audit lines) say why, before the server's stop cuts what is left.
+            await self.sessions.wait_empty(DRAIN_END_WAIT)
+            await self.pipeline.wait_relays_idle(DRAIN_END_WAIT)
 
     async def close(self, grace: float = 1.0) -> None:
         """Stop everything; sessions still open are cut off (gRPC calls get `grace` seconds)."""

@@ -147,6 +147,20 @@ class SessionPipeline:
                 moved += 1
         return moved
 
+    def end_all(self, reason: str) -> int:
+        """End every session served or relayed here that has not ended yet with UNAVAILABLE `reason`.
+
+        For the drain's end: without it the server's stop cancels their calls, and the relay
+        takes that for the client leaving ("the client went away" in the audit, CANCELLED).
+        Returns how many were ended.
+        """
+        ended = 0
+        for session in [*self._sessions.sessions(), *self._relays]:
+            if session.error is None:
+                session.fail(Unavailable(reason))
+                ended += 1
+        return ended
+
     def _resume_failed(self, label: str, err: RouterError, identity: Identity | None) -> None:
         cause = "timeout" if isinstance(err, DeadlineExceeded) else cause_of(err.code, err.message)
         self._metrics.resume_failed(label, cause)
