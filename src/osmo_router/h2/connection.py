@@ -112,6 +112,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         """The transport drained: send what the windows allow."""
         self.write_paused = False
+        self._control_backlog = 0
         self._flush_blocked()
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -7,6 +7,7 @@ and outbound DATA), handshake.py (preface, SETTINGS, PING), dispatch.py (the oth
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -22,6 +23,15 @@ from osmo_router.h2.timers import Timers
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
     from osmo_router.h2.writer import VectorWriter
+
+log = logging.getLogger(__name__)
+
+#: Bytes of frames we may queue (acks of the peer's SETTINGS and PINGs, resets, headers, window updates)
+#: while the transport's buffer is full because the peer does not read: past it the peer is flooding
+#: us with frames we must answer (HTTP/2 settings or ping flood, CVE-2019-9512/9515) and the
+#: connection is aborted. Asyncio buffers such answers without limit (uvloop: about 10x their size in
+#: memory for 9-byte acks); DATA stops at the transport's high-water mark anyway.
+CONTROL_BACKLOG = 1 << 20
 
 
 class ConnectionCore:
@@ -43,6 +53,7 @@ class ConnectionCore:
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.write_paused = False
+        self._control_backlog = 0  # bytes written by write_frame since the transport's buffer filled
         self.closed = False
         self._parser = fr.FrameParser(self.config.max_frame_size, self.config.max_header_list_size)
         whole = cast("Connection", self)  # only Connection, all the parts, is ever made: the reader and timers use it
@@ -82,9 +93,24 @@ class ConnectionCore:
     # -- frames out -----------------------------------------------------------------------------------
 
     def write_frame(self, data: bytes) -> None:
-        """Write an encoded frame (control frames: not flow controlled)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        """Write an encoded frame (control frames: not flow controlled). A peer that does not read
+        while making us write more than CONTROL_BACKLOG of them is cut off (the transport aborted)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.write_paused:
+            self._control_backlog += len(data)
+            if self._control_backlog > CONTROL_BACKLOG:
+                log.info(
+                    "h2 connection aborted: its peer does not read and keeps sending frames we must answer "
+                    "(%d bytes of them queued)",
+                    self._control_backlog,
+                    extra={"fields": {"event": "h2_control_flood", "queued_bytes": self._control_backlog}},
+                )
+                self._goaway_sent = True  # nothing more is sent: the GOAWAY would wait behind the backlog
+                transport.abort()
+                return
+        transport.write(data)
 
     def send_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
         """Encode and send a HEADERS frame (with CONTINUATIONs past the peer's max frame size)."""
