@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from osmo_router.io.datagram_queue import ByteShares, DatagramQueue
+from osmo_router.io.byte_shares import ByteShares
+from osmo_router.io.datagram_queue import DatagramQueue
 
 
 def test_a_queue_drops_what_passes_its_count_or_its_bytes() -> None:

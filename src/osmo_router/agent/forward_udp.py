@@ -32,7 +32,8 @@ from typing import Any, cast
 
 import grpc
 
-from osmo_router.io.datagram_queue import ByteShares, DatagramQueue
+from osmo_router.io.byte_shares import ByteShares
+from osmo_router.io.datagram_queue import DatagramQueue
 from osmo_router.io.forwarding import (
     UDP_IDLE_TIMEOUT,
     UDP_QUEUE_BYTES,

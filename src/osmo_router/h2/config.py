@@ -30,6 +30,15 @@ class H2Config:
     #: Largest frame we accept (SETTINGS_MAX_FRAME_SIZE): big frames cost the peer fewer writes.
     max_frame_size: int = 1024 * 1024
     max_header_list_size: int = 64 * 1024
+    #: Server role: fields one request's headers may have (0: no limit); past it the stream is refused
+    #: (RST_STREAM ENHANCE_YOUR_CALM). Each costs about 155 bytes of Python objects whatever its size.
+    max_header_fields: int = 0
+    #: Server role: what streams not yet counted in any byte budget (before their session pairs) may hold
+    #: beyond their initial window, their request headers and a message past the window: per connection
+    #: and over all the server's connections (h2/credit.py UncountedCharge; past it a new stream is
+    #: refused, REFUSED_STREAM, and a large message waits). 0: no bound.
+    max_uncounted_per_connection: int = 0
+    max_uncounted_total: int = 0
     #: Streams the peer may have open at once (server role; past it, RST_STREAM REFUSED_STREAM).
     max_concurrent_streams: int = 2**31 - 1
     #: Largest gRPC message we accept (past it, RESOURCE_EXHAUSTED).

@@ -19,6 +19,7 @@ from osmo_router.h2.config import H2Config
 from osmo_router.h2.reader import FrameReader
 from osmo_router.h2.stream import Headers, Stream
 from osmo_router.h2.timers import Timers
+from osmo_router.io.byte_shares import ByteShares
 
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
@@ -45,8 +46,12 @@ class ConnectionCore:
         config: H2Config | None = None,
         on_stream: Callable[[Stream], None] | None = None,
         on_close: Callable[[Connection], None] | None = None,
+        uncounted: ByteShares | None = None,
     ) -> None:
         self.role = role
+        #: Server role: the bound (per connection, in all) of what streams not yet counted in any byte
+        #: budget hold (h2/credit.py UncountedCharge); None: not bounded.
+        self.uncounted = uncounted
         self.config = config or H2Config()
         self.on_stream = on_stream
         self.on_close = on_close

@@ -5,11 +5,16 @@ and the process's budgets), a stream counts in them as held everything its peer 
 what it has received and not yet had read, and the window its peer may still fill. It grows its
 window to the connection's `stream_window` and gives window back only while every budget has room
 for it, except up to `CREDIT_FLOOR` (so it always moves) and what completes a message that has begun.
+Before that, on a server given a bound for them, what a stream holds is charged to its connection's
+share of that bound (`UncountedCharge`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Protocol
+
+from osmo_router.io.byte_shares import ByteShares
 
 if TYPE_CHECKING:
     from osmo_router.h2.inbound import StreamInbound
@@ -78,3 +83,45 @@ class StreamCredit:
             for budget in self.budgets:
                 budget.unhold(-delta)
         self.charged = exposure
+
+
+#: What one request header field is counted as (h2/dispatch.py): its name and value twice (the stream's
+#: list and the call's metadata) and the Python objects around them (measured: about 155 bytes a field).
+HEADER_FIELD_COST = 256
+
+
+def header_cost(headers: list[tuple[str, str]]) -> int:
+    """The memory a stream's request headers are counted as while the stream is uncounted."""
+    return sum(HEADER_FIELD_COST + 2 * (len(name) + len(value)) for name, value in headers)
+
+
+class UncountedCharge:
+    """What a server stream holds before any byte budget counts it beyond its window (its request
+    headers, its largest message past the window), charged to its connection's share of the server's
+    bound (ByteShares: per connection and in all). Before its session pairs nothing else bounds it: a
+    stream's window reopens for a message under way up to the max message size, and a connection may
+    open thousands of streams. (The window itself, the initial one, is bounded per stream.)"""
+
+    __slots__ = ("charged", "covered", "owner", "shares")
+
+    def __init__(self, shares: ByteShares, owner: Hashable, charged: int) -> None:
+        self.shares = shares
+        self.owner = owner
+        self.charged = charged
+        self.covered = 0  # the largest message charged so far
+
+    def cover(self, length: int) -> bool:
+        """Charge a message of `length` bytes (once: the largest so far); False if there is no room."""
+        if length <= self.covered:
+            return True
+        if not self.shares.take(self.owner, length - self.covered):
+            return False
+        self.charged += length - self.covered
+        self.covered = length
+        return True
+
+    def release(self) -> None:
+        """Nothing is charged any more (the stream is counted in its session's budgets, or over)."""
+        if self.charged:
+            self.shares.give(self.owner, self.charged)
+            self.charged = self.covered = 0

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from osmo_router.h2 import frames as fr
+from osmo_router.h2.credit import UncountedCharge, header_cost
 from osmo_router.h2.flow import FlowControl
 from osmo_router.h2.handshake import Handshake, settings_first
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
+from osmo_router.io.byte_shares import ByteShares
 
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
+
+log = logging.getLogger(__name__)
 
 
 class FrameDispatch(Handshake):
@@ -78,8 +83,19 @@ class FrameDispatch(Handshake):
         if self._goaway_sent or len(self.streams) >= self.config.max_concurrent_streams:
             self.write_frame(fr.rst_stream(stream_id, fr.ErrorCode.REFUSED_STREAM))
             return
+        if self.config.max_header_fields and len(headers) > self.config.max_header_fields:
+            log.info(
+                "h2 stream refused: %d request header fields (at most %d)", len(headers), self.config.max_header_fields
+            )
+            self.write_frame(fr.rst_stream(stream_id, fr.ErrorCode.ENHANCE_YOUR_CALM))
+            return
+        charge = None
+        if self.uncounted is not None and (charge := self._charge_new_stream(self.uncounted, headers)) is None:
+            self.write_frame(fr.rst_stream(stream_id, fr.ErrorCode.REFUSED_STREAM))
+            return
         # (only Connection, the whole of which a stream needs, is ever made)
         stream = Stream(cast("Connection", self), stream_id, self._peer_window, self.config.initial_window)
+        stream.uncounted = charge
         stream.headers = headers
         self.streams[stream_id] = stream
         self._timers.busy()
@@ -87,6 +103,23 @@ class FrameDispatch(Handshake):
             stream.received_end()
         if self.on_stream is not None:
             self.on_stream(stream)
+
+    def _charge_new_stream(self, bound: ByteShares, headers: Headers) -> UncountedCharge | None:
+        """A new stream's charge for its headers in the connection's share of the uncounted bound; None if
+        there is no room (the stream is refused: the peer may retry it once others ended or paired)."""
+        cost = header_cost(headers)
+        if not bound.take(self, cost):
+            log.info(
+                "h2 stream refused: what the connection's streams hold before their sessions are counted "
+                "is at its bound (%d of %d bytes here, %d of %d in all)",
+                bound.owned(self),
+                bound.per_owner,
+                bound.used,
+                bound.total,
+                extra={"fields": {"event": "h2_uncounted_full"}},
+            )
+            return None
+        return UncountedCharge(bound, self, cost)
 
     def _more_headers(self, stream: Stream, headers: Headers, flags: int) -> None:
         if self.role == "client" and stream.headers is None:

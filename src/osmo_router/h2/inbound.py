@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
-from osmo_router.h2.credit import ByteBudget, StreamCredit
+from osmo_router.h2.credit import ByteBudget, StreamCredit, UncountedCharge
 from osmo_router.io.buffers import finish, new_message
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class StreamInbound:
         self._loop = asyncio.get_running_loop()  # (asyncio.get_running_loop is a getpid() per call)
         self._closed = self._loop.create_future()  # done once the stream is over (Stream.closed)
         self._credit: StreamCredit | None = None  # set by use_budgets
+        #: What it holds before use_budgets, charged to the connection's share (server role, h2/dispatch.py).
+        self.uncounted: UncountedCharge | None = None
         self._listener: Callable[[bytes], bool] | None = None  # see set_listener
         self._listened = False  # the listener took a message since the window was last looked at
         self._passthrough: Callable[[memoryview], bool] | None = None  # see set_passthrough
@@ -126,6 +128,8 @@ class StreamInbound:
         WINDOW_UPDATE per message, not one per read of it."""
         missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
         if missing > self._recv_left + self._inflight:
+            if self.uncounted is not None and not self.uncounted.cover(self._need):
+                return  # no room for it before the stream is counted: it waits (its session pairs, or it times out)
             self._grant()
 
     def _assemble(self, payload: memoryview) -> None:
@@ -303,6 +307,9 @@ class StreamInbound:
         """Take up the connection's full stream window from now on; with `budgets`, count what this
         stream holds and may receive in them, and grow only as they have room (see the module
         docstring). Once (the relay calls it for every stream it reads)."""
+        if self.uncounted is not None:
+            self.uncounted.release()
+            self.uncounted = None
         if (self._may_grow and (self._credit is not None or not budgets)) or self._closed.done():
             return
         self._may_grow = True
@@ -344,6 +351,9 @@ class StreamInbound:
         self._release_credit()
 
     def _release_credit(self) -> None:
+        if self.uncounted is not None:
+            self.uncounted.release()
+            self.uncounted = None
         if self._credit is not None:
             self._credit.release()
             self._credit = None

@@ -29,6 +29,7 @@ from osmo_router.h2.calls import Call, Handlers, refuse
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.connection import Connection
 from osmo_router.h2.stream import Stream
+from osmo_router.io.byte_shares import ByteShares
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,12 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
         self._servers: list[asyncio.Server] = []
         self._stopping = False
         self._terminated = asyncio.Event()
+        #: What streams not yet counted in any byte budget hold, per connection and in all (H2Config).
+        self._uncounted = (
+            ByteShares(config.max_uncounted_total, config.max_uncounted_per_connection)
+            if config.max_uncounted_total and config.max_uncounted_per_connection
+            else None
+        )
 
     # -- registration -------------------------------------------------------------------------------------
 
@@ -176,10 +183,9 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
     def _accept(self) -> asyncio.BaseProtocol:
         if self._stopping or (self.max_connections and len(self.connections) >= self.max_connections):
             return _Refused()
-        if self.address_gate is None:
-            conn = Connection("server", self.config, on_stream=self._on_stream, on_close=self.connections.discard)
-        else:
-            conn = _GatedConnection("server", self.config, on_stream=self._on_stream, on_close=self.connections.discard)
+        kind = Connection if self.address_gate is None else _GatedConnection
+        conn = kind("server", self.config, self._on_stream, self.connections.discard, self._uncounted)
+        if isinstance(conn, _GatedConnection) and self.address_gate is not None:
             conn.gate = self.address_gate
         self.connections.add(conn)
         return conn

@@ -13,39 +13,9 @@ import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
+from osmo_router.io.byte_shares import ByteShares
+
 T = TypeVar("T")
-
-
-class ByteShares:
-    """Bytes counted against a total and against each owner's share of it (owners: user names)."""
-
-    def __init__(self, total: int, per_owner: int) -> None:
-        self.total = total
-        self.per_owner = per_owner
-        self.used = 0
-        self._by_owner: dict[str, int] = {}
-
-    def take(self, owner: str, size: int) -> bool:
-        """Count `size` more bytes for `owner` if both the total and the owner's share have room."""
-        mine = self._by_owner.get(owner, 0)
-        if self.used + size > self.total or mine + size > self.per_owner:
-            return False
-        self.used += size
-        self._by_owner[owner] = mine + size
-        return True
-
-    def give(self, owner: str, size: int) -> None:
-        """Count `size` fewer bytes for `owner`."""
-        self.used -= size
-        left = self._by_owner.get(owner, 0) - size
-        if left > 0:
-            self._by_owner[owner] = left
-        else:
-            self._by_owner.pop(owner, None)
-
-    def owned(self, owner: str) -> int:
-        """The bytes counted for `owner` now."""
-        return self._by_owner.get(owner, 0)
 
 
 class DatagramQueue(Generic[T]):

@@ -18,6 +18,14 @@ from osmo_router.wire.protocol import CLOSE_GRACE, MIN_PING_INTERVAL, server_opt
 
 #: The native server's SETTINGS_INITIAL_WINDOW_SIZE: what a stream not (yet) counted in budgets may hold.
 INITIAL_STREAM_WINDOW = CREDIT_FLOOR
+#: What streams not yet counted in budgets (before their sessions pair) may hold beyond their initial
+#: window, together: their headers and a large first message (h2/credit.py UncountedCharge), per
+#: connection (a gRPC request's headers are counted as about 3-5 KiB: thousands of streams) and over all
+#: connections. Past it a new stream is refused (REFUSED_STREAM) and a large message waits for its session.
+UNCOUNTED_PER_CONNECTION = 32 * 1024 * 1024
+UNCOUNTED_TOTAL = 256 * 1024 * 1024
+#: Fields one request's headers may have: each costs about 155 bytes whatever its size on the wire.
+MAX_HEADER_FIELDS = 128
 
 
 def grpc_credentials(config: RouterConfig) -> grpc.ServerCredentials | ssl.SSLContext:
@@ -101,6 +109,11 @@ def build_grpc_server(
                 # Given back on receipt: room for every stream's window on a busy connection.
                 connection_window=max(DEFAULT_CONNECTION_WINDOW, 4 * config.stream_window_bytes),
                 max_concurrent_streams=config.max_concurrent_streams,
+                # Streams before their session pairs are counted in no user's budget: bounded here
+                # (their headers, a large first message), per connection and in all.
+                max_uncounted_per_connection=UNCOUNTED_PER_CONNECTION,
+                max_uncounted_total=UNCOUNTED_TOTAL,
+                max_header_fields=MAX_HEADER_FIELDS,
                 max_message_size=config.max_message_size,
                 keepalive_time=config.keepalive_time,
                 keepalive_timeout=config.keepalive_timeout,
