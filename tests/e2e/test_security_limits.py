@@ -229,6 +229,19 @@ async def test_per_user_and_per_router_session_limits(tmp_path: Path) -> None:
         third = await exchange(channel, EXEC, user("alice"), exec_init(EMPTY_WF, key=new_key()))
         assert third.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "user alice holds its maximum of 2 sessions" in third.details
+        # port-forward to a workflow whose agent is there says the limit is why, not that no agent could
+        # be reached (a helper's report, 2026-12-02).
+        agent = AgentProc(router.address, WF, "--token", AGENT_TOKEN)
+        try:
+            forward = await asyncio.to_thread(
+                run_client,
+                "port-forward", "--router-address", router.address, "--workflow-id", WF, "--tls=false",
+                "--token", user("alice"), ":9",
+            )  # fmt: skip
+        finally:
+            agent.stop()
+        assert forward.returncode == 255, forward.stderr
+        assert b"cannot forward" in forward.stderr and b"cannot reach" not in forward.stderr, forward.stderr
         await hold("bob")
         await wait_metric(router, "router_grpc_rendezvous_pending", 3)
         fourth = await exchange(channel, EXEC, user("carol"), exec_init(EMPTY_WF, key=new_key()))

@@ -250,7 +250,10 @@ class PortForward:
                 self.reporter.fatal(err, "cannot forward")
                 return None
             if not self.reconnect:
-                self.reporter.fatal(err, f"cannot reach an agent of workflow {self.config.workflow_id!r}")
+                if err.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a limit (the user's sessions): the agent is there
+                    self.reporter.fatal(err, "cannot forward")
+                else:
+                    self.reporter.fatal(err, f"cannot reach an agent of workflow {self.config.workflow_id!r}")
                 return None
             self.reporter.notice("waiting", f"waiting for an agent: {err.message} [{err.code.name}]")
         return await self._rewatch()

@@ -43,8 +43,10 @@ from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE
 
 log = logging.getLogger(__name__)
 
-#: What the ends of a resumable session read when a draining router moves them.
+#: What the ends of a resumable session read when a draining router moves them: to another replica when
+#: they share a directory (--redis-url), else to this one once it is back (a restart in place).
 DRAINING = "router draining: the session resumes on another replica"
+DRAINING_ALONE = "router draining: the session resumes once the router is back (it has no other replica)"
 #: After --drain-timeout, how long the sessions ended then may take to end (their status sent, audited).
 DRAIN_END_WAIT = 1.0
 
@@ -270,7 +272,7 @@ class RouterServer:
             # resumes of the sessions moved below) work there.
             for reg in self.registry.registrations():
                 reg.replaced.set()
-        moved = self.pipeline.move_resumable(DRAINING)
+        moved = self.pipeline.move_resumable(DRAINING if self.scaleout is not None else DRAINING_ALONE)
         log.info(
             "draining: %d sessions in flight (%d resumable ones moved), waiting up to %gs",
             len(self.sessions),
