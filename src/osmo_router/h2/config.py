@@ -33,10 +33,10 @@ class H2Config:
     #: Server role: fields one request's headers may have (0: no limit); past it the stream is refused
     #: (RST_STREAM ENHANCE_YOUR_CALM). Each costs about 155 bytes of Python objects whatever its size.
     max_header_fields: int = 0
-    #: Server role: what streams not yet counted in any byte budget (before their session pairs) may hold
-    #: beyond their initial window, their request headers and a message past the window: per connection
-    #: and over all the server's connections (h2/credit.py UncountedCharge; past it a new stream is
-    #: refused, REFUSED_STREAM, and a large message waits). 0: no bound.
+    #: Server role: what streams not yet counted in any byte budget (before their session pairs) may hold,
+    #: their initial window, request headers and a message past the window: per connection and over all
+    #: the server's connections (h2/credit.py UncountedCharge; past it a new stream is refused,
+    #: REFUSED_STREAM, and a large message waits). 0: no bound.
     max_uncounted_per_connection: int = 0
     max_uncounted_total: int = 0
     #: Streams the peer may have open at once (server role; past it, RST_STREAM REFUSED_STREAM).

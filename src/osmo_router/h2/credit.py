@@ -96,11 +96,11 @@ def header_cost(headers: list[tuple[str, str]]) -> int:
 
 
 class UncountedCharge:
-    """What a server stream holds before any byte budget counts it beyond its window (its request
-    headers, its largest message past the window), charged to its connection's share of the server's
-    bound (ByteShares: per connection and in all). Before its session pairs nothing else bounds it: a
+    """What a server stream may hold before any byte budget counts it (its window, its request headers,
+    its largest message past the window), charged to its connection's share of the server's bound
+    (ByteShares: per connection and in all). Before its session pairs nothing else bounds it: a
     stream's window reopens for a message under way up to the max message size, and a connection may
-    open thousands of streams. (The window itself, the initial one, is bounded per stream.)"""
+    open thousands of streams."""
 
     __slots__ = ("charged", "covered", "owner", "shares")
 

@@ -105,9 +105,10 @@ class FrameDispatch(Handshake):
             self.on_stream(stream)
 
     def _charge_new_stream(self, bound: ByteShares, headers: Headers) -> UncountedCharge | None:
-        """A new stream's charge for its headers in the connection's share of the uncounted bound; None if
-        there is no room (the stream is refused: the peer may retry it once others ended or paired)."""
-        cost = header_cost(headers)
+        """A new stream's charge in the connection's share of the uncounted bound: its headers and the
+        window it starts with (what its peer may make it hold); None if there is no room (the stream is
+        refused: the peer may retry it once others ended or paired)."""
+        cost = header_cost(headers) + self.config.initial_window
         if not bound.take(self, cost):
             log.info(
                 "h2 stream refused: what the connection's streams hold before their sessions are counted "

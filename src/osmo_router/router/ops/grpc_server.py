@@ -10,20 +10,20 @@ from prometheus_client import CollectorRegistry
 
 from osmo_router.h2.config import DEFAULT_CONNECTION_WINDOW, H2Config
 from osmo_router.h2.server import NativeServer, tls_context
-from osmo_router.h2.stream import CREDIT_FLOOR
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, grpc_connection_options
 from osmo_router.router.ops.http_limits import ConnectionGate, HttpLimits, peer_address
 from osmo_router.wire.protocol import CLOSE_GRACE, MIN_PING_INTERVAL, server_options
 
-#: The native server's SETTINGS_INITIAL_WINDOW_SIZE: what a stream not (yet) counted in budgets may hold.
-INITIAL_STREAM_WINDOW = CREDIT_FLOOR
-#: What streams not yet counted in budgets (before their sessions pair) may hold beyond their initial
-#: window, together: their headers and a large first message (h2/credit.py UncountedCharge), per
-#: connection (a gRPC request's headers are counted as about 3-5 KiB: thousands of streams) and over all
-#: connections. Past it a new stream is refused (REFUSED_STREAM) and a large message waits for its session.
-UNCOUNTED_PER_CONNECTION = 32 * 1024 * 1024
-UNCOUNTED_TOTAL = 256 * 1024 * 1024
+#: The native server's SETTINGS_INITIAL_WINDOW_SIZE: what a stream not (yet) counted in budgets may hold
+#: (an init fits; a larger first message is charged as below). Its session's budgets grow it at once.
+INITIAL_STREAM_WINDOW = 16 * 1024
+#: What streams not yet counted in budgets (before their sessions pair) may hold, together: their window,
+#: their headers and a first message larger than the window (h2/credit.py UncountedCharge), per connection
+#: (a gRPC request's stream is counted as about 20 KiB: --max-concurrent-streams' 4096 of them fit) and
+#: over all connections. Past it a new stream is refused (REFUSED_STREAM) and a large message waits.
+UNCOUNTED_PER_CONNECTION = 96 * 1024 * 1024
+UNCOUNTED_TOTAL = 512 * 1024 * 1024
 #: Fields one request's headers may have: each costs about 155 bytes whatever its size on the wire.
 MAX_HEADER_FIELDS = 128
 
