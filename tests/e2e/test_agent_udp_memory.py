@@ -13,16 +13,14 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import grpc
 import pytest
-import pytest_asyncio
 
-from tests.e2e.test_agent_limits import UdpSession, datagram_frame
+from tests.e2e.test_agent_limits import UdpSession, channel, datagram_frame, router
 from tests.harness import AgentProc, Router
-from tests.raw_grpc import raw_channel
 
 REPLY_SIZE = 60 * 1024
 #: Replies in the burst: 120 MB, far beyond what the router and the windows take before the agent waits.
@@ -31,6 +29,8 @@ WAIT = 60.0
 #: What the agent may grow by: its reply queue's 4 MiB (UDP_QUEUE_BYTES) and what waits to be written,
 #: with room for the allocator. 1,024 queued replies were 60 MiB.
 GROWTH_BOUND = 32 * 1024 * 1024
+
+__all__ = ["channel", "router"]  # the fixtures, shared with test_agent_limits
 
 
 def rx_queue(port: int) -> int | None:
@@ -83,20 +83,6 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-@pytest.fixture(scope="module")
-def router() -> Iterator[Router]:
-    proc = Router()
-    yield proc
-    proc.stop()
-
-
-@pytest_asyncio.fixture
-async def channel(router: Router) -> AsyncIterator[grpc.aio.Channel]:
-    ch = raw_channel(router.address)
-    yield ch
-    await ch.close()
 
 
 @pytest.mark.asyncio

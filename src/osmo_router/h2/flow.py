@@ -74,31 +74,13 @@ class FlowControl(ConnectionCore):
         not paused): the same bytes `flush` would write for it, without queueing views and taking
         them back off. False changes nothing; the caller then queues the message as usual.
         """
-        length = len(message) + 5
-        transport = self.transport
-        if (
-            stream._out_bytes
-            or self.write_paused
-            or length > stream.send_window
-            or length > self.send_window
-            or length > self._peer_max_frame
-            or transport is None
-            or transport.is_closing()
-        ):
-            return False
-        self.send_window -= length
-        stream.send_window -= length
-        prefix = fr.data_message_prefix(stream.id, length - 5)
-        if length <= SMALL_MESSAGE:
-            transport.write(prefix + message)  # one small copy is cheaper than a vector of three
-        else:
-            self._output.writelines((prefix, message))  # (no join: see writer.py)
-        self._timers.sent_data()
-        return True
+        return self._send_whole(stream, len(message) + 5, message, False)
 
     def try_send_framed(self, stream: Stream, framed: memoryview) -> bool:
         """`try_send` of a message already framed (its 5-byte gRPC prefix first), as it arrived."""
-        length = len(framed)
+        return self._send_whole(stream, len(framed), framed, True)
+
+    def _send_whole(self, stream: Stream, length: int, body: bytes | memoryview, framed: bool) -> bool:
         transport = self.transport
         if (
             stream._out_bytes
@@ -112,11 +94,11 @@ class FlowControl(ConnectionCore):
             return False
         self.send_window -= length
         stream.send_window -= length
-        header = fr.header(fr.DATA, 0, stream.id, length)
+        head = fr.header(fr.DATA, 0, stream.id, length) if framed else fr.data_message_prefix(stream.id, length - 5)
         if length <= SMALL_MESSAGE:
-            transport.write(header + framed)
+            transport.write(head + body)  # one small copy is cheaper than a vector of three
         else:
-            self._output.writelines((header, framed))
+            self._output.writelines((head, body))  # (no join: see writer.py)
         self._timers.sent_data()
         return True
 
