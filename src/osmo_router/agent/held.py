@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
-from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, SharedWindow
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, InputBudget, SharedWindow
 from osmo_router.transport import SessionStream
 from osmo_router.wire.ops import BY_OPEN_FIELD
 from osmo_router.wire.protocol import pb
@@ -36,6 +36,13 @@ DEFAULT_RESUME_GRACE = 300.0
 DEFAULT_REPLAY_TOTAL = 256 * 1024 * 1024
 #: Most resumable sessions one agent holds at once; more are served without resume.
 MAX_HELD = 256
+#: What one user's resumable sessions may hold of their clients' frames that the commands have not
+#: read yet (a client's window is 8 MiB: eight of her sessions stalled on input at once), and all
+#: users' together. A session whose frame does not fit ends RESOURCE_EXHAUSTED (the client sent past
+#: what the agent holds for it); before, each session held up to twice the window its client claimed
+#: (129 MiB), so one user's 256 sessions could hold 32 GiB.
+INPUT_USER_BYTES = 64 * 1024 * 1024
+INPUT_TOTAL_BYTES = 256 * 1024 * 1024
 #: What a client that was attached hears when it tries to resume after another client attached.
 ATTACHED_ELSEWHERE = "the session was attached from another client"
 #: How often the agent reports its held sessions while it holds any (their replay-buffer bytes change
@@ -267,6 +274,8 @@ class HeldSessions:
         self.grace = grace
         self.replay_bytes = replay_bytes
         self.window = SharedWindow(total_bytes)
+        #: The clients' frames the held sessions took and their handlers did not consume yet.
+        self.inputs = InputBudget(INPUT_USER_BYTES, INPUT_TOTAL_BYTES)
         self._held: dict[str, HeldStream] = {}
         #: Called whenever the list changes (a session held, attached, detached or ended).
         self.on_change: Callable[[], None] = lambda: None
@@ -307,6 +316,7 @@ class HeldSessions:
             return inner
         held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=self.window)
         held.changed = self._changed
+        held.input_budget, held.input_user = self.inputs, held.user
         self._held[held.key] = held
         self._changed()
         await held.open()

@@ -19,7 +19,14 @@ import grpc
 
 from osmo_router.resume.acks import Acknowledger
 from osmo_router.resume.breaks import BREAKS, SessionLost, describe
-from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, AckClock, Item, ReplayBuffer, SharedWindow
+from osmo_router.resume.window import (
+    DEFAULT_REPLAY_BYTES,
+    AckClock,
+    InputBudget,
+    Item,
+    ReplayBuffer,
+    SharedWindow,
+)
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import pb
 
@@ -46,6 +53,12 @@ class StreamCore:
         self._next_seq = 0  # the first frame of the buffer not written to the current stream
         self._incoming: deque[pb.Frame] = deque()
         self._incoming_units = 0
+        #: What the queued frames hold: their units plus ENTRY_OVERHEAD each (a flood of tiny frames
+        #: holds far more than its units); the overrun check and the budget count this.
+        self._incoming_cost = 0
+        #: The process's budget for frames taken and not consumed (the agent's, per user and in total).
+        self.input_budget: InputBudget | None = None
+        self.input_user = ""
         self._peer_window = 0  # what the peer keeps unacknowledged at most, once it said (set_peer_window)
         self._arrived = asyncio.Event()
         self._room_to_take = asyncio.Event()  # set when the reader may take frames again (_holding_back)
@@ -126,7 +139,7 @@ class StreamCore:
         replay window, so nothing holds it back but the stream under us: what the handler has not
         consumed is then bounded here, at `replay_bytes`, and the stream's own flow control (its
         window, the router's limits behind it) holds the peer back meanwhile."""
-        return not self.resumable and self._incoming_units >= self.buffer.limit
+        return not self.resumable and self._incoming_cost >= self.buffer.limit
 
     def _take(self, frame: pb.Frame) -> None:
         """Take one of the peer's frames off the stream under it (ResumableStream)."""
@@ -204,6 +217,9 @@ class StreamCore:
 
     def _stop(self) -> None:
         self._ended = True
+        if self.input_budget is not None:  # what is still queued is the handler's to drop now
+            self.input_budget.give(self.input_user, self._incoming_cost)
+            self.input_budget = None
         self.buffer.close()
         self._acker.close()
         self._room_to_take.set()

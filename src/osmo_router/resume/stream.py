@@ -32,7 +32,7 @@ import grpc
 
 from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, being_cancelled
 from osmo_router.resume.core import StreamCore
-from osmo_router.resume.window import TERMINAL, units_of
+from osmo_router.resume.window import ENTRY_OVERHEAD, TERMINAL, units_of
 from osmo_router.wire.codec import encode_data_message, payload_offset
 from osmo_router.wire.protocol import pb
 
@@ -128,6 +128,9 @@ class ResumableStream(StreamCore):
         frame = self._incoming.popleft()
         units = units_of(frame)
         self._incoming_units -= units
+        self._incoming_cost -= units + ENTRY_OVERHEAD
+        if self.input_budget is not None:
+            self.input_budget.give(self.input_user, units + ENTRY_OVERHEAD)
         self._consumed(units, frame.WhichOneof("kind"))
         if not self._room_to_take.is_set() and not self._holding_back():
             self._room_to_take.set()
@@ -237,10 +240,21 @@ class ResumableStream(StreamCore):
             # Delivered as `recv` would have: nothing was queued before it, and the handler waits.
             self._consumed(units, kind)
             return
+        cost = units + ENTRY_OVERHEAD
+        full = None if self.input_budget is None else self.input_budget.take(self.input_user, cost)
+        if full is None and self._incoming_cost + cost > self._incoming_limit:
+            if self.input_budget is not None:
+                self.input_budget.give(self.input_user, cost)
+            full = "the peer sent past its replay window"
+        if full is not None:
+            # The peer overran what this side holds for it: its queued frames are dropped with the
+            # session (a handler stuck on a command that does not read would keep them for good).
+            self._incoming.clear()
+            self._lose(SessionLost(full, grpc.StatusCode.RESOURCE_EXHAUSTED))
+            return
         self._incoming.append(frame)
         self._incoming_units += units
-        if self._incoming_units > self._incoming_limit:
-            self._lose(SessionLost("the peer sent past its replay window", grpc.StatusCode.RESOURCE_EXHAUSTED))
+        self._incoming_cost += cost
         self._arrived.set()
 
     def _on_control(self, frame: pb.Frame) -> None:

@@ -114,6 +114,48 @@ class SharedWindow:
         self._blocked.add(event)
 
 
+class InputBudget:
+    """Bytes of the peers' frames that sessions took and their handlers did not consume yet, per user
+    and in total (the agent's: a client may send up to twice its window ahead of a command that does
+    not read its input, and one user's sessions must not fill the agent's memory for everyone).
+
+    A frame costs its units plus ENTRY_OVERHEAD (its objects), so a flood of tiny frames is counted
+    as what it holds. `take` refuses (returns the reason) what does not fit; the session then ends.
+    """
+
+    def __init__(self, user_limit: int, total_limit: int) -> None:
+        self.user_limit = user_limit
+        self.total_limit = total_limit
+        self.used = 0
+        self._users: dict[str, int] = {}
+
+    def of(self, user: str) -> int:
+        """What `user`'s sessions hold."""
+        return self._users.get(user, 0)
+
+    def take(self, user: str, cost: int) -> str | None:
+        """Count `cost` bytes for `user`; None if they fit, else why not (nothing counted)."""
+        held = self._users.get(user, 0)
+        if held + cost > self.user_limit:
+            return f"the agent holds its maximum of {self.user_limit} bytes of input not yet read for {user}"
+        if self.used + cost > self.total_limit:
+            return f"the agent holds its maximum of {self.total_limit} bytes of input not yet read"
+        self._users[user] = held + cost
+        self.used += cost
+        return None
+
+    def give(self, user: str, cost: int) -> None:
+        """Count `cost` bytes of `user`'s freed."""
+        if cost <= 0:
+            return
+        left = self._users.get(user, 0) - cost
+        if left > 0:
+            self._users[user] = left
+        else:
+            self._users.pop(user, None)
+        self.used -= cost
+
+
 class ReplayBuffer:
     """What this side sent and the other side has not acknowledged, bounded in bytes.
 
@@ -261,10 +303,12 @@ __all__ = [
     "ACK_EVERY",
     "ACK_MAX",
     "DEFAULT_REPLAY_BYTES",
+    "ENTRY_OVERHEAD",
     "TERMINAL",
     "UNNUMBERED",
     "AckClock",
     "Entry",
+    "InputBudget",
     "ReplayBuffer",
     "SharedWindow",
     "ack_interval",
