@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
-from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, InputBudget, SharedWindow
+from osmo_router.resume.window import DEFAULT_REPLAY_BYTES, InputBudget, SharedWindow, UserWindow
 from osmo_router.transport import SessionStream
 from osmo_router.wire.ops import BY_OPEN_FIELD
 from osmo_router.wire.protocol import pb
@@ -42,6 +42,10 @@ MAX_HELD = 256
 #: what the agent holds for it); before, each session held up to twice the window its client claimed
 #: (129 MiB), so one user's 256 sessions could hold 32 GiB.
 INPUT_USER_BYTES = 64 * 1024 * 1024
+#: What one user's held sessions' replay buffers may hold of the agent's total (--replay-total-bytes):
+#: a quarter. Before, 17 sessions of one user that never acknowledged filled the whole total, and every
+#: other user's session then sent one frame per acknowledgement (64 MB of output: 0.7 s -> over 120 s).
+REPLAY_USER_SHARE = 4
 INPUT_TOTAL_BYTES = 256 * 1024 * 1024
 #: What a client that was attached hears when it tries to resume after another client attached.
 ATTACHED_ELSEWHERE = "the session was attached from another client"
@@ -274,6 +278,7 @@ class HeldSessions:
         self.grace = grace
         self.replay_bytes = replay_bytes
         self.window = SharedWindow(total_bytes)
+        self._user_windows: dict[str, UserWindow] = {}
         #: The clients' frames the held sessions took and their handlers did not consume yet.
         self.inputs = InputBudget(INPUT_USER_BYTES, INPUT_TOTAL_BYTES)
         self._held: dict[str, HeldStream] = {}
@@ -292,6 +297,9 @@ class HeldSessions:
         return pb.HeldSessions(sessions=[held.describe() for held in list(self._held.values())[:MAX_HELD]])
 
     def _changed(self) -> None:
+        users = {held.user for held in self._held.values()}
+        for user in [u for u in self._user_windows if u not in users]:
+            del self._user_windows[user]  # her buffers are closed: nothing of hers is counted any more
         self.on_change()
 
     def wants(self, open_msg: pb.SessionOpen) -> bool:
@@ -314,7 +322,11 @@ class HeldSessions:
             # A Resume with no grace declines: the client stops holding what it sends at once.
             await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0)))
             return inner
-        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=self.window)
+        user_window = self._user_windows.get(open_msg.user)
+        if user_window is None:
+            share = max(self.replay_bytes, self.window.limit // REPLAY_USER_SHARE)
+            user_window = self._user_windows[open_msg.user] = UserWindow(share, self.window)
+        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=user_window)
         held.changed = self._changed
         held.input_budget, held.input_user = self.inputs, held.user
         self._held[held.key] = held

@@ -114,6 +114,29 @@ class SharedWindow:
         self._blocked.add(event)
 
 
+class UserWindow(SharedWindow):
+    """One user's share of a SharedWindow: fits only what fits both her own limit and the total."""
+
+    def __init__(self, limit_bytes: int, total: SharedWindow) -> None:
+        super().__init__(limit_bytes)
+        self.total = total
+
+    def fits(self, size: int) -> bool:
+        return super().fits(size) and self.total.fits(size)
+
+    def take(self, size: int) -> None:
+        super().take(size)
+        self.total.take(size)
+
+    def give(self, size: int) -> None:
+        super().give(size)
+        self.total.give(size)
+
+    def wait_on(self, event: asyncio.Event) -> None:
+        super().wait_on(event)
+        self.total.wait_on(event)
+
+
 class InputBudget:
     """Bytes of the peers' frames that sessions took and their handlers did not consume yet, per user
     and in total (the agent's: a client may send up to twice its window ahead of a command that does
@@ -311,6 +334,7 @@ __all__ = [
     "InputBudget",
     "ReplayBuffer",
     "SharedWindow",
+    "UserWindow",
     "ack_interval",
     "slice_from",
     "units_of",
