@@ -302,6 +302,15 @@ class HeldSessions:
             del self._user_windows[user]  # her buffers are closed: nothing of hers is counted any more
         self.on_change()
 
+    def window_for(self, user: str) -> UserWindow:
+        """The replay window a session of `user` takes from: her share (a quarter of the total, at least
+        one session's buffer) of the agent's total, so one user's sessions never fill it for everyone."""
+        window = self._user_windows.get(user)
+        if window is None:
+            share = max(self.replay_bytes, self.window.limit // REPLAY_USER_SHARE)
+            window = self._user_windows[user] = UserWindow(share, self.window)
+        return window
+
     def wants(self, open_msg: pb.SessionOpen) -> bool:
         """True if this SessionOpen asks for resume (`start` holds the session, or declines)."""
         token = target_of(open_msg).resume
@@ -322,11 +331,8 @@ class HeldSessions:
             # A Resume with no grace declines: the client stops holding what it sends at once.
             await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0)))
             return inner
-        user_window = self._user_windows.get(open_msg.user)
-        if user_window is None:
-            share = max(self.replay_bytes, self.window.limit // REPLAY_USER_SHARE)
-            user_window = self._user_windows[open_msg.user] = UserWindow(share, self.window)
-        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=user_window)
+        shared = self.window_for(open_msg.user)
+        held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=shared)
         held.changed = self._changed
         held.input_budget, held.input_user = self.inputs, held.user
         self._held[held.key] = held
