@@ -116,6 +116,33 @@ def test_another_tasks_token_cannot_register_over_park_on_or_join_a_task(setup: 
         agent.stop()
 
 
+def test_a_refused_registration_is_audited_with_who_tried(setup: Setup) -> None:
+    """The audit's `session refused` names the verified credential of a refused Register, as for any stream."""
+    owner_token = setup.signer.token("pod-t1", workflows=[WF], role="agent", task="t1")
+    agent = setup.agent(owner_token, "--task", "t1", "--agent-id", "real-t1", "--standby-streams", "0")
+    try:
+        # Another agent credential over t1's live registration, and a user's token: both refused.
+        unbound = setup.signer.token("pod-intruder", workflows=[WF], role="agent")
+        assert asyncio.run(_raw(setup, REGISTER, unbound, _hello("t1", "evil"))) == DENIED
+        user = setup.signer.token("mallory", workflows=[WF])
+        assert asyncio.run(_raw(setup, REGISTER, user, _hello("t2", "evil"))) == DENIED
+
+        held = setup.router.wait_for(
+            lambda r: r.get("event") == "session refused" and "another agent credential" in str(r.get("reason")),
+            timeout=15,
+        )
+        assert (held.get("user"), held.get("role")) == ("pod-intruder", "agent"), held
+        not_agent = setup.router.wait_for(
+            lambda r: r.get("event") == "session refused" and "mallory is not an agent" in str(r.get("reason")),
+            timeout=15,
+        )
+        assert (not_agent.get("user"), not_agent.get("role")) == ("mallory", "user"), not_agent
+        # The token itself is never logged.
+        assert not any(unbound in line or user in line for line in setup.router.lines)
+    finally:
+        agent.stop()
+
+
 async def _wait_pending(setup: Setup) -> float:
     """Sessions waiting for their second side, once there is one (bounded)."""
     async with asyncio.timeout(15):

@@ -90,8 +90,12 @@ class AgentService:
         return grpc.stream_stream_rpc_method_handler(connect)
 
     async def _register(self, _requests: Any, context: ServicerContext) -> None:
+        identity: Identity | None = None
         try:
-            reg, watch = await self._accept_registration(context)
+            if not self._sessions.accepting:
+                raise Unavailable("router is draining; register with another replica")
+            identity = await authenticate_call(self._auth, context)
+            reg, watch = await self._accept_registration(context, identity)
             replaced = self._registry.register(reg)
             # Gone with the call at once: a session routed here after the agent's connection broke, and
             # before this handler unwinds, would wait for an agent that cannot answer.
@@ -99,7 +103,9 @@ class AgentService:
         except RouterError as err:
             if isinstance(err, RegistrationHeld):
                 self._metrics.agent_replacements_total.labels("refused").inc()
-            await self._pipeline.refuse(GrpcSide(context, is_client=False), "register", err)
+            # With the identity when the token verified: a refused registration (another credential's
+            # task, a user token) is audited with who tried, as every other refusal is.
+            await self._pipeline.refuse(GrpcSide(context, is_client=False), "register", err, identity)
             return
         if replaced:
             self._metrics.agent_replacements_total.labels("replaced").inc()
@@ -124,10 +130,9 @@ class AgentService:
             log.info("agent %s: %s", reg.agent_id, ended.message, extra={"fields": {"event": "credential ended"}})
             await abort(context, ended.code, ended.message)
 
-    async def _accept_registration(self, context: ServicerContext) -> tuple[AgentRegistration, CredentialWatch]:
-        if not self._sessions.accepting:
-            raise Unavailable("router is draining; register with another replica")
-        identity = await authenticate_call(self._auth, context)
+    async def _accept_registration(
+        self, context: ServicerContext, identity: Identity
+    ) -> tuple[AgentRegistration, CredentialWatch]:
         try:
             async with asyncio.timeout(self._config.init_timeout):
                 first = await context.read()
