@@ -79,18 +79,28 @@ class CertificateAuthority:
         )
         return cls(name, key, cert)
 
-    def issue(self, common_name: str, *, server: bool) -> tuple[bytes, bytes]:
-        """(certificate PEM, key PEM) for a server (127.0.0.1, ::1, localhost) or a client."""
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool,
+        valid: tuple[datetime.timedelta, datetime.timedelta] | None = None,
+    ) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) for a server (127.0.0.1, ::1, localhost) or a client.
+
+        `valid`: (not before, not after) from now; by default from 5 minutes ago to a day from now.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
+        not_before, not_after = valid or (datetime.timedelta(minutes=-5), datetime.timedelta(days=1))
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(now + not_before)
+            .not_valid_after(now + not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -3,6 +3,7 @@ through the router's grpc.aio server and its native server, plaintext and TLS; e
 
 from __future__ import annotations
 
+import datetime
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from tests.forward_servers import recv_exactly, start_forward
 from tests.harness import AgentProc, Router, run_client
-from tests.security_kit import Pki
+from tests.security_kit import CertificateAuthority, Pki
 
 NATIVE = {"OSMO_GRPC_CHANNEL": "native"}
 
@@ -70,6 +71,36 @@ def test_a_refusal_reads_as_with_grpcio(router: Router) -> None:
     grpcio = run_client("exec", *base, "--grpc-channel", "grpcio", "--", "true")
     assert native.returncode == grpcio.returncode != 0
     assert native.stderr == grpcio.stderr, (native.stderr, grpcio.stderr)
+
+
+@pytest.mark.parametrize(
+    ("valid", "said"),
+    [
+        ((datetime.timedelta(days=-2), datetime.timedelta(days=-1)), b"the router's certificate has expired"),
+        ((datetime.timedelta(days=1), datetime.timedelta(days=2)), b"the router's certificate is not valid yet"),
+    ],
+)
+def test_a_router_certificate_out_of_its_dates_is_named_as_such(
+    tmp_path: Path, workflow: str, valid: tuple[datetime.timedelta, datetime.timedelta], said: bytes
+) -> None:
+    """A certificate of the trusted CA that expired (renewal failed) is not "does not chain to --tls-ca"."""
+    ca = CertificateAuthority.create("osmo test CA")
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    cert, key = ca.issue("osmo-router", server=True, valid=valid)
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    router = Router(
+        "--tls-cert", str(tmp_path / "tls.crt"), "--tls-key", str(tmp_path / "tls.key"), "--auth=none", secure=True
+    )
+    try:
+        args = ["--router-address", router.address, "--workflow-id", workflow, "--tls-ca", str(tmp_path / "ca.pem")]
+        for channel in ("native", "grpcio"):
+            result = run_client("exec", *args, "--grpc-channel", channel, "--", "true")
+            assert result.returncode == 255, (channel, result.stderr)
+            assert said in result.stderr, (channel, result.stderr)
+            assert b"does not chain" not in result.stderr, (channel, result.stderr)
+    finally:
+        router.stop()
 
 
 def test_tls_with_the_ca_and_server_name(tmp_path: Path, workflow: str) -> None:

@@ -26,7 +26,13 @@ from typing import Final
 from osmo_router.dial.config import DialConfig
 from osmo_router.dial.proxy import open_socket
 
-_VERIFY_REASON = re.compile(r"CERTIFICATE_VERIFY_FAILED:\s*([^:]+)")
+#: Why verification failed: grpc core's "CERTIFICATE_VERIFY_FAILED: certificate has expired", Python's
+#: (the native channel) "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has expired
+#: (_ssl.c:1006)".
+_VERIFY_REASON = re.compile(r"(?:CERTIFICATE_VERIFY_FAILED|certificate verify failed):\s*([^:(]+)")
+#: Reasons that say the certificate chains but is outside its validity period (OpenSSL's wording).
+_EXPIRED = "certificate has expired"
+_NOT_YET_VALID = "certificate is not yet valid"
 #: Python's ssl (the native channel) reports a name the certificate does not hold as a failed verification:
 #: "certificate verify failed: Hostname mismatch, ..." (or "IP address mismatch"); grpc core words it apart.
 _NAME_MISMATCH = re.compile(r"(hostname|ip address) mismatch")
@@ -146,7 +152,17 @@ def explain_dial_error(details: str, dial: DialConfig, peer: Peer | None = None)
         )
     if "certificate_verify_failed" in text:
         match = _VERIFY_REASON.search(details)
-        reason = f" ({match.group(1).strip()})" if match else ""
+        why = match.group(1).strip() if match else ""
+        # It chains to the CA, but is outside its dates: an unrenewed (or not yet current) router
+        # certificate, or a clock that is off; "does not chain to --tls-ca" would send the user
+        # after the wrong file.
+        if why.lower() in (_EXPIRED, _NOT_YET_VALID):
+            when = "has expired" if why.lower() == _EXPIRED else "is not valid yet"
+            return (
+                f"TLS handshake failed: the router's certificate {when} ({why}): "
+                "its certificate must be renewed, or this machine's clock is wrong"
+            )
+        reason = f" ({why})" if why else ""
         return f"TLS handshake failed: certificate not trusted{reason}: the router's certificate does not chain to " + (
             f"--tls-ca {dial.tls_ca}" if dial.tls_ca else "the system store (pass --tls-ca)"
         )
