@@ -95,6 +95,18 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def test_an_exp_that_is_not_a_number_is_refused(rsa_auth: JwtAuthenticator) -> None:
+    """PyJWT lets `exp: "1764000000"` through; the router must not take it as a token without an end.
+
+    An agent's Register stream ends at its identity's `expires` (auth/recheck.py): a string `exp`
+    left it None, and the registration outlived the token until a recheck, with the 30 s leeway.
+    """
+    soon = int(time.time() + 5)
+    token = RSA.token("pod", workflows=["wf"], role=ROLE_AGENT, exp=str(soon))
+    assert refusal(rsa_auth, token) == "token's 'exp' claim must be a number (seconds since the epoch)"
+    assert authenticate(rsa_auth, RSA.token("pod", role=ROLE_AGENT, exp=soon)).expires == float(soon)
+
+
 def test_hs256_public_key_confusion_is_refused(rsa_auth: JwtAuthenticator) -> None:
     # The classic attack: an HS256 token whose "secret" is the router's public key.
     header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())

@@ -108,9 +108,7 @@ class LegacyBackendRule:
         subject = claims.get("sub") or claims.get("unique_name")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("OSMO backend token has neither a 'sub' nor a 'unique_name' claim")
-        exp = claims.get("exp")
-        expires = float(exp) if isinstance(exp, int | float) else None
-        return Identity(subject, ROLE_LEGACY_BACKEND, (workflow,), claims, expires=expires)
+        return Identity(subject, ROLE_LEGACY_BACKEND, (workflow,), claims, expires=_expires(claims))
 
 
 def identity_from_claims(claims: dict[str, Any], legacy_backend: LegacyBackendRule | None = None) -> Identity:
@@ -132,9 +130,22 @@ def identity_from_claims(claims: dict[str, Any], legacy_backend: LegacyBackendRu
         raise Unauthenticated("token's 'task' claim must be a task name")
     if instance is not None and not isinstance(instance, str):
         raise Unauthenticated("token's 'agent_id' claim must be an agent id")
+    return Identity(subject, role, tuple(workflows), claims, task=task, instance=instance, expires=_expires(claims))
+
+
+def _expires(claims: dict[str, Any]) -> float | None:
+    """The `exp` claim as a Unix time; Unauthenticated when it is there but not a number.
+
+    PyJWT checks a string `exp` ("1764000000") as int(exp) and lets it through, but an Identity
+    without `expires` would keep a Register stream past its token's end (auth/recheck.py): such a
+    token is refused, as RFC 7519 makes `exp` a NumericDate.
+    """
     exp = claims.get("exp")
-    expires = float(exp) if isinstance(exp, int | float) else None
-    return Identity(subject, role, tuple(workflows), claims, task=task, instance=instance, expires=expires)
+    if exp is None:
+        return None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise Unauthenticated("token's 'exp' claim must be a number (seconds since the epoch)")
+    return float(exp)
 
 
 def _describe(err: jwt_errors.PyJWTError, audience: str) -> str:
