@@ -83,6 +83,14 @@ def main_group() -> None:
 @click.option("--tls-key", default="/etc/router/tls/tls.key", show_default=True, help="Server private key (PEM).")
 @click.option("--tls-client-ca", default=None, help="CA that client certificates must chain to (mutual TLS).")
 @click.option(
+    "--tls-reload-interval",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="How often the certificate, key and client CA files are checked; changed ones are loaded for new "
+    "handshakes without a restart (a renewed Kubernetes secret). 0: never.",
+)
+@click.option(
     "--auth",
     type=click.Choice(["jwt", "none"]),
     default="jwt",

@@ -76,6 +76,9 @@ class RouterConfig:
     min_drain_rate: int = 16 * 1024
     init_timeout: float = 10.0
     drain_timeout: float = 30.0
+    #: How often the TLS certificate, key and client CA files are looked at, to load them again once they
+    #: changed (router/ops/tls_reload.py; 0: never).
+    tls_reload_interval: float = 30.0
     keepalive_time: float = 20.0
     keepalive_timeout: float = 10.0
     max_message_size: int = MAX_MESSAGE_SIZE

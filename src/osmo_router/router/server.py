@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import replace
@@ -17,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from osmo_router.cli.logs import fingerprint
+from osmo_router.h2.server import tls_context
 from osmo_router.io.forwarding import format_peer, os_errors_named
 from osmo_router.router.auth.identity import Authenticator, NoAuth
 from osmo_router.router.config import RouterConfig, is_loopback_host
@@ -35,9 +37,10 @@ from osmo_router.router.ops.grpc_server import build_grpc_server, grpc_credentia
 from osmo_router.router.ops.health import MetricsServer
 from osmo_router.router.ops.http_limits import metrics_limits, ws_limits
 from osmo_router.router.ops.metrics import RouterMetrics
+from osmo_router.router.ops.tls_reload import TlsReloader
 from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
-from osmo_router.router.ws.server import WsServer
+from osmo_router.router.ws.server import WsServer, server_ssl_context
 from osmo_router.wire.errors import DeadlineExceeded
 from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE
 
@@ -131,6 +134,8 @@ class RouterServer:
         self.ws_server = WsServer(
             config, self.auth, self.pipeline, self.metrics.registry, created=self.sessions.created
         )
+        #: Loads the certificate again when its files change (router/ops/tls_reload.py).
+        self.tls = TlsReloader(config, tls_context) if config.tls_enabled else None
         self.health = health.aio.HealthServicer()
         self.metrics_server = MetricsServer(self.metrics, self.is_ready)
         self.port = 0
@@ -163,8 +168,15 @@ class RouterServer:
                 await self.metrics_server.start(self.config.host, self.config.metrics_port, limits)
         if self.config.ws_port >= 0:
             with _listening(self.config.host, self.config.ws_port, "the WebSocket port (--ws-port)"):
-                await self.ws_server.start(self.config.host, self.config.ws_port, ws_limits(self.config, budget))
+                context = server_ssl_context(self.config)
+                if context is not None and self.tls is not None:
+                    self.tls.track(context)
+                await self.ws_server.start(
+                    self.config.host, self.config.ws_port, ws_limits(self.config, budget), context
+                )
         self._janitor = asyncio.create_task(self._watch())
+        if self.tls is not None:
+            self.tls.start()
         self._log_listening(advertise)
 
     def _grpc_server(self, budget: ConnectionBudget) -> grpc.aio.Server:
@@ -181,8 +193,13 @@ class RouterServer:
         )
         address = format_peer((self.config.host, self.config.port))
         with _listening(self.config.host, self.config.port, "the gRPC port (--port)"):
-            if self.config.tls_enabled:
-                self.port = server.add_secure_port(address, grpc_credentials(self.config))
+            if self.tls is not None:
+                credentials = grpc_credentials(self.config)  # (clear errors for missing or bad files)
+                if isinstance(credentials, ssl.SSLContext):
+                    credentials = self.tls.track(credentials)
+                else:
+                    credentials = self.tls.grpcio_credentials()
+                self.port = server.add_secure_port(address, credentials)
             else:
                 if not is_loopback_host(self.config.host):
                     log.warning("plaintext on %s: tokens travel in the clear unless a proxy terminates TLS", address)
@@ -308,6 +325,8 @@ class RouterServer:
             await self.scaleout.close()
         await self.metrics_server.close()
         await self.auth.close()
+        if self.tls is not None:
+            await self.tls.close()
         self._stopped.set()
 
     def _log_memory_limits(self) -> None:

@@ -112,8 +112,11 @@ class WsServer:
             app.router.add_get(path, handler)
         return app
 
-    async def start(self, host: str, port: int, limits: HttpLimits | None = None) -> None:
-        """Listen on host:port (0 picks a free port, stored in `port`), with the port's connection limits."""
+    async def start(
+        self, host: str, port: int, limits: HttpLimits | None = None, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """Listen on host:port (0 picks a free port, stored in `port`), with the port's connection limits;
+        TLS with `ssl_context`, else with the configured certificate (server_ssl_context) when TLS is on."""
         # Sessions were drained before close; whatever is left is cut off like the gRPC side (grace 1s).
         # Per-address and total connection caps, TLS handshake and header timeouts: ops/http_limits.py.
         self._runner, self.port = await serve_app(
@@ -121,7 +124,7 @@ class WsServer:
             host,
             port,
             limits or ws_limits(self._config),
-            ssl_context=server_ssl_context(self._config),
+            ssl_context=ssl_context or server_ssl_context(self._config),
             shutdown_timeout=1.0,
             registry=self._registry,
         )

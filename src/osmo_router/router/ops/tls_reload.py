@@ -1,0 +1,153 @@
+"""The router's certificate, loaded again when its files change (a renewed certificate without a restart).
+
+cert-manager renews a Kubernetes TLS secret in place, and the kubelet swaps the mounted files; a router
+that loaded them once served the old certificate until it was restarted, and once that expired every
+client and agent failed their handshake. So the files are looked at every `--tls-reload-interval`
+(their modification time, size and inode: the kubelet swaps a symlink) and, when they changed, loaded
+into the TLS contexts of the gRPC and WebSocket ports; handshakes from then on use the new certificate,
+connections already up keep theirs. A pair that does not load (the key written before the certificate,
+a half-written file) is logged and tried again at the next look; the old one stays in use meanwhile.
+With `--grpc-server grpcio`, gRPC core asks for the current certificate at each handshake
+(`grpc.dynamic_ssl_server_credentials`). A new --tls-client-ca is added to the CAs trusted for client
+certificates; one removed from the file stays trusted until the router restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Callable
+
+import grpc
+
+from osmo_router.router.config import RouterConfig
+
+log = logging.getLogger(__name__)
+
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+class TlsReloader:
+    """Watches the configured certificate, key and client CA, and loads them again into the tracked contexts."""
+
+    def __init__(self, config: RouterConfig, load: Callable[[str, str, str | None], ssl.SSLContext]) -> None:
+        """`load(cert, key, client_ca)` makes a fresh context from the files (it raises if they do not load)."""
+        self._cert, self._key, self._client_ca = config.tls_cert, config.tls_key, config.tls_client_ca
+        self._interval = config.tls_reload_interval
+        self._load = load
+        self._contexts: list[ssl.SSLContext] = []
+        self._loaded = self._stamp()  # what the contexts hold now
+        self._failed: Stamp | None = None  # the files' state that did not load (logged once)
+        self._task: asyncio.Task[None] | None = None
+        #: How many times a changed certificate was loaded.
+        self.reloads = 0
+
+    def track(self, context: ssl.SSLContext) -> ssl.SSLContext:
+        """Keep `context` up to date with the files from now on; returns it."""
+        self._contexts.append(context)
+        return context
+
+    def grpcio_credentials(self) -> grpc.ServerCredentials:
+        """Credentials for grpcio's server that follow the files (gRPC core asks at each handshake)."""
+        served = [self._stamp()]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            now = self._stamp()
+            if now == served[0]:
+                return None
+            try:
+                self._load(self._cert, self._key, self._client_ca)  # checks the pair before it is served
+                configuration = self._grpcio_configuration()
+            except (OSError, ssl.SSLError, ValueError) as err:
+                self._report_failure(now, err)
+                return None
+            served[0] = now
+            self._report_reload()
+            return configuration
+
+        return grpc.dynamic_ssl_server_credentials(
+            self._grpcio_configuration(), fetch, require_client_authentication=self._client_ca is not None
+        )
+
+    def _grpcio_configuration(self) -> grpc.ServerCertificateConfiguration:
+        with open(self._cert, "rb") as cert, open(self._key, "rb") as key:
+            pair = [(key.read(), cert.read())]
+        client_ca = None
+        if self._client_ca is not None:
+            with open(self._client_ca, "rb") as ca:
+                client_ca = ca.read()
+        return grpc.ssl_server_certificate_configuration(pair, root_certificates=client_ca)
+
+    def start(self) -> None:
+        """Look at the files every interval (0: never), from now on."""
+        if self._interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        """Stop looking."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.check()
+
+    def check(self) -> bool:
+        """Load the files into the tracked contexts if they changed and load; True when they were."""
+        now = self._stamp()
+        if now == self._loaded or not self._contexts:
+            return False
+        try:
+            self._load(self._cert, self._key, self._client_ca)  # the whole set loads, or nothing changes
+            for context in self._contexts:
+                context.load_cert_chain(self._cert, self._key)
+                if self._client_ca is not None:
+                    context.load_verify_locations(cafile=self._client_ca)
+        except (OSError, ssl.SSLError, ValueError) as err:
+            self._report_failure(now, err)
+            return False
+        self._loaded = now
+        self._report_reload()
+        return True
+
+    def _report_reload(self) -> None:
+        self.reloads += 1
+        self._failed = None
+        log.info(
+            "TLS certificate %s loaded again (its files changed): new handshakes use it",
+            self._cert,
+            extra={"fields": {"event": "tls reloaded", "cert": self._cert}},
+        )
+
+    def _report_failure(self, stamp: Stamp, err: Exception) -> None:
+        if stamp == self._failed:
+            return  # said once per state of the files
+        self._failed = stamp
+        log.warning(
+            "TLS certificate %s or key %s changed but does not load (%s): still serving the previous one",
+            self._cert,
+            self._key,
+            err,
+            extra={"fields": {"event": "tls reload failed", "cert": self._cert}},
+        )
+
+    def _stamp(self) -> Stamp:
+        """The files' modification time, size and inode (None for one that is not there)."""
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in (self._cert, self._key, self._client_ca):
+            if path is None:
+                continue
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        return tuple(stamps)
