@@ -135,6 +135,8 @@ class PortForward:
             fast_method(channel, f"/{CLIENT_SERVICE}/PortForward", pb.PortForwardResponse) if channel else None
         )
         self._stop = asyncio.Event()
+        #: Why the forward must stop although its agent is there (a token that can no longer be renewed).
+        self._fatal: RouterError | None = None
         # Names this command on all its streams: the router counts it as one session of the user.
         self._forward_id = secrets.token_hex(8)
         self._tcp: list[TcpListener] = []
@@ -217,7 +219,7 @@ class PortForward:
                     self._tasks[udp] = asyncio.create_task(udp.serve())
                     port = udp.address[1]
                 else:
-                    tcp = TcpListener(listen_tcp(address, port), spec.remote_port, self, self.reporter)
+                    tcp = TcpListener(listen_tcp(address, port), spec.remote_port, self, self.reporter, self._refused)
                     self._tcp.append(tcp)
                     self._tasks[tcp] = asyncio.create_task(tcp.serve())
                     port = tcp.address[1]
@@ -286,6 +288,13 @@ class PortForward:
                 backoff = min(backoff * 2, BACKOFF_MAX)
         return None
 
+    def _refused(self, err: RouterError) -> None:
+        """A forwarded connection failed: a token the router no longer takes ends the forward when it
+        cannot change (no --token-file), rather than leave a port that resets every connection."""
+        if err.code == grpc.StatusCode.UNAUTHENTICATED and not self.config.dial.token_file and self._fatal is None:
+            self._fatal = err
+            self._stop.set()
+
     async def _supervise(self, watch: SessionStream) -> int:
         stopper = asyncio.create_task(self._stop.wait())
         try:
@@ -294,6 +303,11 @@ class PortForward:
                 await asyncio.wait({lost, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stopper.done():
                     await _end_watch(watch, lost)
+                    if self._fatal is not None:
+                        self.reporter.fatal(
+                            self._fatal, "cannot forward any more (pass --token-file to renew the token)"
+                        )
+                        return EXIT_CONNECTION_ERROR
                     return 0
                 err = lost.result()
                 if err.code in REFUSALS:  # the agent checked the ports on the watch (watched_ports)

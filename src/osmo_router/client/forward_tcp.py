@@ -63,11 +63,20 @@ def listen_tcp(address: str, port: int) -> socket.socket:
 class TcpListener:
     """Accepts local connections on one socket and forwards each to the remote port."""
 
-    def __init__(self, sock: socket.socket, remote_port: int, opener: SessionOpener, reporter: Reporter) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        remote_port: int,
+        opener: SessionOpener,
+        reporter: Reporter,
+        on_error: Callable[[RouterError], None] | None = None,
+    ) -> None:
+        """`on_error(err)`: told of every connection that failed (after the reporter), to judge the forward."""
         self.sock = sock
         self.remote_port = remote_port
         self._opener = opener
         self._reporter = reporter
+        self._on_error = on_error
         self._connections: set[asyncio.Task[None]] = set()
 
     @property
@@ -105,6 +114,8 @@ class TcpListener:
     async def _handle(self, conn: socket.socket, peer: str) -> None:
         def report(err: RouterError) -> None:
             self._reporter.connection_error("tcp", peer, self.remote_port, err)
+            if self._on_error is not None:
+                self._on_error(err)
 
         clean = False
         stream: SessionStream | None = None
