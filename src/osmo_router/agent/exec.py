@@ -212,12 +212,18 @@ async def _relay_until_exit(
     output_tasks = [asyncio.ensure_future(o) for o in outputs]
     input_task = asyncio.ensure_future(input_pump)
     exited = asyncio.ensure_future(proc.wait())
+    # A resumable session lost (its grace passed) ends the process even while the input pump is stuck
+    # writing to a process that does not read its input: the pump would never see the loss.
+    lost = asyncio.ensure_future(stream.wait_lost()) if isinstance(stream, ResumableStream) else None
     try:
-        done, _ = await asyncio.wait({exited, input_task}, return_when=asyncio.FIRST_COMPLETED)
-        if input_task in done and not exited.done():
+        waiting = {exited, input_task} if lost is None else {exited, input_task, lost}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if (input_task in done or lost in done) and not exited.done():
             # The router ended the stream (client gone, or session failed): hang up the process.
-            if not input_task.cancelled() and (err := input_task.exception()) is not None:
+            if input_task.done() and not input_task.cancelled() and (err := input_task.exception()) is not None:
                 log.info("session input failed: %r; hanging up", err)
+            elif lost in done:
+                log.info("the session was lost; hanging up")
             else:
                 log.info("the router ended the session; hanging up")
             await _hang_up(proc)
@@ -238,9 +244,10 @@ async def _relay_until_exit(
                 async with asyncio.timeout(OUTPUT_GRACE):
                     await input_task
     finally:
-        for task in [*output_tasks, input_task]:
+        tasks = [*output_tasks, input_task] if lost is None else [*output_tasks, input_task, lost]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*output_tasks, input_task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await _hang_up(proc)
 
 

@@ -69,6 +69,7 @@ class StreamCore:
         self._connected.set()
         self._ended = False
         self._lost: SessionLost | None = None
+        self._lost_event = asyncio.Event()  # set once lost (wait_lost)
         self._lost_reported = False
         self._acker = Acknowledger(self._acks, self._write_ack)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -204,9 +205,14 @@ class StreamCore:
 
     # --- losing -----------------------------------------------------------------------------------
 
+    async def wait_lost(self) -> None:
+        """Until the session is lost (its grace passed, a limit ended it): nothing will resume it."""
+        await self._lost_event.wait()
+
     def _lose(self, lost: SessionLost) -> None:
         if self._lost is None:
             self._lost = lost
+            self._lost_event.set()
             log.info("session lost: %s", lost.message)
         inner, self._inner = self._inner, None
         if inner is not None:
