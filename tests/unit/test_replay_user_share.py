@@ -1,4 +1,5 @@
-"""One user's held sessions fill at most her share of the agent's replay total (agent/held.py)."""
+"""One user's held sessions take at most her share of the agent's replay total and of its slots for
+held sessions (agent/held.py)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,19 @@ def test_a_user_that_never_acknowledges_leaves_room_for_another_user() -> None:
 def test_a_users_share_is_at_least_one_sessions_buffer() -> None:
     held = HeldSessions(replay_bytes=16 * MIB, total_bytes=32 * MIB)
     assert held.window_for("bob").limit == 16 * MIB  # a quarter (8 MiB) would not hold one session's buffer
+
+
+def test_one_users_held_sessions_leave_room_for_the_others() -> None:
+    from types import SimpleNamespace
+
+    from osmo_router.agent.held import MAX_HELD, MAX_HELD_PER_USER
+
+    held = HeldSessions(replay_bytes=16 * MIB, total_bytes=256 * MIB)
+    sessions: dict[str, object] = held._held  # type: ignore[assignment]
+    for n in range(MAX_HELD_PER_USER):
+        sessions[f"m{n}"] = SimpleNamespace(user="mallory")
+    assert "mallory" in held._full_for("mallory")
+    assert held._full_for("alice") == "", "another user's sessions are still held"
+    for n in range(MAX_HELD - MAX_HELD_PER_USER):
+        sessions[f"o{n}"] = SimpleNamespace(user=f"user{n}")
+    assert held._full_for("alice") == f"{MAX_HELD} resumable sessions"

@@ -36,6 +36,8 @@ DEFAULT_RESUME_GRACE = 300.0
 DEFAULT_REPLAY_TOTAL = 256 * 1024 * 1024
 #: Most resumable sessions one agent holds at once; more are served without resume.
 MAX_HELD = 256
+#: ...and one user's of them: her further sessions are served without resume, never another user's.
+MAX_HELD_PER_USER = 64
 #: What one user's resumable sessions may hold of their clients' frames that the commands have not
 #: read yet (a client's window is 8 MiB: eight of her sessions stalled on input at once), and all
 #: users' together. A session whose frame does not fit ends RESOURCE_EXHAUSTED (the client sent past
@@ -311,6 +313,14 @@ class HeldSessions:
             window = self._user_windows[user] = UserWindow(share, self.window)
         return window
 
+    def _full_for(self, user: str) -> str:
+        """Why no further session of `user` can be held ("" if one can): the agent's cap or hers."""
+        if len(self._held) >= MAX_HELD:
+            return f"{MAX_HELD} resumable sessions"
+        if sum(held.user == user for held in self._held.values()) >= MAX_HELD_PER_USER:
+            return f"{MAX_HELD_PER_USER} resumable sessions of {user or 'this user'}"
+        return ""
+
     def wants(self, open_msg: pb.SessionOpen) -> bool:
         """True if this SessionOpen asks for resume (`start` holds the session, or declines)."""
         token = target_of(open_msg).resume
@@ -325,9 +335,10 @@ class HeldSessions:
         """Wrap a new session's stream for resume (the plain stream when the agent holds too many)."""
         if open_msg.session_key in self._held:
             raise SessionLost("a session with this key is already held", grpc.StatusCode.ALREADY_EXISTS)
-        if self.grace <= 0 or len(self._held) >= MAX_HELD:
-            if self.grace > 0:
-                log.warning("holding %d resumable sessions already; this one ends at its first break", MAX_HELD)
+        full = self._full_for(open_msg.user)
+        if self.grace <= 0 or full:
+            if full:
+                log.warning("holding %s already; this session ends at its first break", full)
             # A Resume with no grace declines: the client stops holding what it sends at once.
             await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0)))
             return inner
