@@ -222,11 +222,16 @@ class JwksServer:
     def __init__(self, signers: list[Signer]) -> None:
         self.keys = [s.jwk() for s in signers]
         self.fetches = 0
+        #: Answer 503 (an identity provider that is down) while set.
+        self.failing = False
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 owner.fetches += 1
+                if owner.failing:
+                    self.send_error(503)
+                    return
                 body = json.dumps({"keys": owner.keys}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

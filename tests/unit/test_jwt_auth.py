@@ -213,6 +213,29 @@ def test_jwks_unknown_kid_refetches_at_most_once_per_interval(jwks: JwksServer) 
     asyncio.run(scenario())
 
 
+def test_jwks_a_stale_set_is_refreshed_once_per_interval_while_the_provider_is_down(jwks: JwksServer) -> None:
+    now = [0.0]
+
+    async def scenario() -> None:
+        keys = JwksKeys(jwks.url, lifespan=300, min_refresh_interval=60, clock=lambda: now[0])
+        auth = JwtAuthenticator(jwks=keys)
+        assert (await auth.authenticate(bearer(RSA.token("first")))).subject == "first"
+        assert jwks.fetches == 1
+        jwks.failing = True
+        now[0] = 400.0  # the set is stale; every refresh fails from now on
+        for n in range(10):  # ten tokens (none cached): the keys they know keep serving
+            assert (await auth.authenticate(bearer(RSA.token(f"user{n}")))).subject == f"user{n}"
+            await keys.close()  # (the background refresh, if one started, is over)
+        assert jwks.fetches == 2, "a failed refresh was tried again for every token"
+        now[0] = 470.0  # one interval later: asked again, once
+        assert (await auth.authenticate(bearer(RSA.token("later")))).subject == "later"
+        await keys.close()
+        assert jwks.fetches == 3
+        await auth.close()
+
+    asyncio.run(scenario())
+
+
 def test_jwks_new_key_found_after_rotation(jwks: JwksServer) -> None:
     async def scenario() -> None:
         auth = JwtAuthenticator(jwks=JwksKeys(jwks.url, min_refresh_interval=0))

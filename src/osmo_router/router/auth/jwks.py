@@ -2,7 +2,8 @@
 
 A key id the cache does not know triggers a refresh, but at most one per `min_refresh_interval`
 (a stream of tokens with made-up key ids must not turn into a stream of HTTP fetches), and every
-caller waits on the same single fetch. Stale keys keep serving while a background refresh runs, and
+caller waits on the same single fetch; a stale set is refreshed at that pace too, so an identity
+provider that is down is asked once per interval, not once per token verified. Stale keys keep serving while a background refresh runs, and
 a failed refresh keeps the keys it had: an identity-provider outage must not lock everybody out.
 """
 
@@ -70,7 +71,8 @@ class JwksKeys:
         now = self._clock()
         entry = self._keys.get(kid)
         if entry is not None:
-            if self._fetched_at is None or now - self._fetched_at > self._lifespan:
+            stale = self._fetched_at is None or now - self._fetched_at > self._lifespan
+            if stale and self._may_refresh(now):  # (a failed refresh is not tried again per token)
                 self._start_refresh()
         elif self._may_refresh(now):
             await asyncio.shield(self._start_refresh())
