@@ -3,8 +3,9 @@
 A key id the cache does not know triggers a refresh, but at most one per `min_refresh_interval`
 (a stream of tokens with made-up key ids must not turn into a stream of HTTP fetches), and every
 caller waits on the same single fetch; a stale set is refreshed at that pace too, so an identity
-provider that is down is asked once per interval, not once per token verified. Stale keys keep serving while a background refresh runs, and
-a failed refresh keeps the keys it had: an identity-provider outage must not lock everybody out.
+provider that is down is asked once per interval, not once per token verified. Stale keys keep
+serving while a background refresh runs, and a failed refresh keeps the keys it had: an
+identity-provider outage must not lock everybody out.
 """
 
 from __future__ import annotations
