@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from osmo_router.wire.protocol import pb
+from tests.e2e.test_memory_idle import rss_kib
 from tests.harness import AgentProc, Router, run_client
 from tests.raw_grpc import EXEC, RawCall, frame, raw_channel
 from tests.security_kit import Signer, jwt_router
@@ -34,11 +35,7 @@ WAIT = 60.0
 
 def rss(pid: int) -> int:
     """Resident bytes of a process."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    return rss_kib(pid) * 1024
 
 
 @pytest.fixture

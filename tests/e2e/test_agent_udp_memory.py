@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from tests.e2e.test_agent_limits import UdpSession, channel, datagram_frame, router
+from tests.e2e.test_memory_idle import rss_kib
 from tests.harness import AgentProc, Router
 
 REPLY_SIZE = 60 * 1024
@@ -78,11 +79,7 @@ def burst_target() -> Iterator[tuple[int, threading.Event]]:
 
 def rss(pid: int) -> int:
     """Resident bytes of a process."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    return rss_kib(pid) * 1024
 
 
 @pytest.mark.asyncio
