@@ -20,7 +20,7 @@ import pytest
 
 from osmo_router.wire.protocol import pb
 from tests.e2e.test_memory_idle import rss_kib
-from tests.harness import AgentProc, Router, run_client
+from tests.harness import AgentProc, Router, metric_value, run_client
 from tests.raw_grpc import EXEC, RawCall, frame, raw_channel
 from tests.security_kit import Signer, jwt_router
 
@@ -93,3 +93,47 @@ async def test_a_users_unread_input_is_bounded_and_another_user_is_served(
         assert lost, "no session of mallory's was ended by the agent's input budget"
     finally:
         await channel.close()
+
+
+@pytest.mark.asyncio
+async def test_a_user_whose_sessions_never_acknowledge_leaves_the_replay_total_to_others(tmp_path: Path) -> None:
+    """One user's held sessions take at most a quarter of --replay-total-bytes (agent/held.py): before,
+    her sessions that never acknowledged filled all of it, and another user's session then had room for
+    one frame per acknowledgement (64 MB of output: 0.7 s quiet, not done in 120 s)."""
+    signer = Signer.rs256()
+    router = jwt_router(tmp_path, signer, "--flow-control-timeout", "300s")
+    agent_token = signer.token("pod", workflows=[WF], role="agent")
+    agent = AgentProc(router.address, WF, "--token", agent_token, "--replay-total-bytes", str(64 * CHUNK))
+    channel = raw_channel(router.address)
+    token = signer.token("mallory", workflows=[WF])
+    calls = []
+    try:
+        for _ in range(12):  # 12 x 16 MiB of replay buffers: three times the total
+            resume = pb.ResumeToken(secret="m" * 32, window_bytes=16 * CHUNK)
+            target = pb.SessionTarget(workflow_id=WF, resume=resume)
+            init = pb.ExecRequest(init=pb.ExecInit(target=target, command=["cat", "/dev/zero"]))
+            call = RawCall(channel, EXEC, token)
+            assert await call.send(init.SerializeToString())
+            calls.append(call)  # it never reads, so it never acknowledges
+        flags = ["--router-address", router.address, "--workflow-id", WF, "--tls=false"]
+        alice = signer.token("alice", workflows=[WF])
+        result = await asyncio.to_thread(
+            run_client, "exec", *flags, "--token", alice, "--", "head", "-c", str(64 * CHUNK), "/dev/zero",
+            timeout=WAIT,
+        )  # fmt: skip
+        assert (result.returncode, len(result.stdout)) == (0, 64 * CHUNK), result.stderr[-300:]
+        # What mallory's buffers hold, as the agent reports it (every few seconds): her share (16 MiB,
+        # the session buffer's size) and one frame per session that an empty buffer always takes. All of
+        # the total before (64 MiB).
+        deadline = asyncio.get_running_loop().time() + WAIT
+        held = 0.0
+        while not held and asyncio.get_running_loop().time() < deadline:
+            held = metric_value(router.metrics_text(), "router_grpc_replay_buffer_bytes")
+            await asyncio.sleep(0.2)  # (the agent's report comes every few seconds: polled, bounded)
+        assert 0 < held <= 16 * CHUNK + 12 * CHUNK, f"mallory's buffers hold {int(held) >> 20} MiB"
+    finally:
+        for call in calls:
+            call.cancel()
+        await channel.close()
+        agent.stop()
+        router.stop()
