@@ -70,6 +70,9 @@ _ENDED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 #: Most bytes a waiting WebSocket side keeps of what its peer sends before the session is paired
 #: (read only to notice the peer leaving); past it the side stops reading, and TCP pushes back.
 STASH_LIMIT = 1 << 20
+#: What one kept message counts beyond its payload (its WSMessage and list slot; aiohttp's own queue
+#: counts 128 too): empty messages are not free, or a flood of them is kept without limit.
+STASH_MESSAGE_COST = 128
 
 
 def _as_received(msg: WSMessage) -> bytes | str | None:
@@ -114,6 +117,7 @@ class _WsSide:
         while kept < STASH_LIMIT:
             msg = await self.ws.receive()
             self._stash.append(msg)
+            kept += STASH_MESSAGE_COST
             if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
                 if msg.type in _ENDED:
                     return
