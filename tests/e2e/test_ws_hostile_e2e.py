@@ -6,15 +6,17 @@ A real router (and an agent for another workflow), raw sockets and aiohttp clien
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 
 from tests.e2e.test_memory_idle import rss_kib
 from tests.harness import AgentProc, Router, run_client
-from tests.ws_kit import ws_url
+from tests.ws_kit import run, ws_url
 
 WF_OTHER = "wf-ws-hostile-other"
 #: An empty, masked binary message as a client sends it (2 header bytes and a zero mask).
@@ -75,3 +77,35 @@ def test_empty_messages_flooding_a_waiting_side_are_kept_within_its_stash(router
         sock.close()
     assert sent < budget, f"the router read all {sent >> 20} MiB of empty messages (grew {grown} MiB)"
     assert grown < 48, f"the router grew by {grown} MiB for {sent >> 20} MiB of empty messages"
+
+
+def test_a_padded_terminal_size_message_is_refused(router: Router) -> None:
+    """Before: any JSON with Rows and Cols was taken and kept for the session's life, outside every
+    budget: 60 waiting exec clients with a 4 MB size message held 240 MiB."""
+    padded = json.dumps({"Rows": 24, "Cols": 80, "pad": "x" * 4_000_000}).encode()
+
+    async def body(http: aiohttp.ClientSession) -> list[str]:
+        reasons = []
+        for i in range(8):
+            url = ws_url(router, "exec", "wf-nobody", "client", f"key{i}", "timeout=3600")
+            async with http.ws_connect(url, max_msg_size=0) as ws:
+                await ws.send_bytes(padded)
+                msg = await ws.receive(timeout=10)
+                reasons.append(str(msg.extra))
+        return reasons
+
+    before = rss_kib(router.pid)
+    reasons = run(body)
+    assert all("terminal size message is longer than" in r for r in reasons), reasons
+    assert (rss_kib(router.pid) - before) // 1024 < 48
+
+    async def normal(http: aiohttp.ClientSession) -> None:
+        url = ws_url(router, "exec", WF_OTHER, "client", "ok", "cmd=echo&cmd=hi&tty=0&exit=1")
+        async with http.ws_connect(url) as ws:
+            await ws.send_bytes(b'{"Rows": 24, "Cols": 80}')
+            out = b""
+            while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                out += msg.data
+            assert out == b"hi\n", (out, msg)
+
+    run(normal)
