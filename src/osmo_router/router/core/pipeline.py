@@ -281,6 +281,13 @@ class SessionPipeline:
             buffer_bytes=config.flow_control_bytes,
         )
         session.user = user
+        budgets = self._sessions.budgets
+        if budgets is not None:
+            # What this replica queues for the owner's session is in its memory too: count it in the
+            # user's and the process's budgets here, as the owner does (released in _relay_to_owner).
+            shares = budgets.acquire(user)
+            session.to_agent.use_budgets(shares)
+            session.to_client.use_budgets(shares)
         return session
 
     async def _relay_to_owner(
@@ -327,6 +334,8 @@ class SessionPipeline:
             self._relays.discard(session)
             if not self._relays:
                 self._relays_idle.set()
+            if self._sessions.budgets is not None:
+                self._sessions.budgets.release(session.user)
             memtune.trim_when_idle()
         if failure is None:
             await side.finish()

@@ -99,6 +99,11 @@ class SessionStore:
         return list(self._sessions.values())
 
     @property
+    def budgets(self) -> Budgets | None:
+        """The byte budgets (per user, in all) that sessions' queues count against, if any."""
+        return self._budgets
+
+    @property
     def pending(self) -> int:
         """Sessions waiting for their second side."""
         return self._pending
