@@ -101,3 +101,11 @@ def test_exec_env_travels_as_repeated_query_parameters() -> None:
     assert query["cwd"] == "/w d"
     with pytest.raises(InvalidArgument, match="is not NAME=VALUE"):
         _env(MultiDict([("env", "novalue")]))
+
+
+def test_a_size_message_nested_past_the_json_parsers_depth_is_an_invalid_argument() -> None:
+    from osmo_router.wire.errors import InvalidArgument
+    from osmo_router.wire.wsproto import parse_size
+
+    with pytest.raises(InvalidArgument, match="expected a terminal size"):
+        parse_size(b"[" * 1000)  # under the 1 KiB cap of a size message; RecursionError before

@@ -67,7 +67,7 @@ def parse_size(raw: bytes) -> tuple[int, int]:
     try:
         value = json.loads(raw)
         rows, cols = int(value["Rows"]), int(value["Cols"])
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # ([[[[... nests past the parser's depth)
         raise InvalidArgument(f'expected a terminal size {{"Rows": R, "Cols": C}}, got {raw[:60]!r}') from err
     if not (0 <= rows < 65536 and 0 <= cols < 65536):
         raise InvalidArgument(f"terminal size out of range: {rows}x{cols}")
