@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import signal
 import struct
 import subprocess
@@ -355,10 +356,14 @@ def test_escape_key_detaches_a_tty_and_attach_takes_over(
         first.run(b"X=from-first", PROMPT)
         before = _shell_state(first)
         mark = first.type(b"\x1dd")  # Ctrl-] d
-        key = first.wait_for(rb"detached from session (" + KEY + rb")", mark).group(1).decode()
+        said = first.wait_for(rb"detached from session (" + KEY + rb"); attach again with: ([^\r\n]+)", mark)
+        key = said.group(1).decode()
         assert first.exit_code() == 0
         first.close()
-        second = TtyClient("attach", key, *client_args)
+        # The hint is the whole command, connection flags included: pasted as printed, it attaches.
+        hint = shlex.split(said.group(2).decode())
+        assert hint[:3] == ["osmo-net-client", "attach", key], hint
+        second = TtyClient(*hint[1:])
         assert _shell_state(second) == before
         # Ctrl-] twice is one literal Ctrl-]: cat -v shows it as ^]
         mark = second.type(b"cat -v\r")

@@ -84,10 +84,21 @@ class EscapeFilter:
 
 
 def attach_hint(config: ClientConfig, key: str) -> str:
-    """The command that attaches to `key` again."""
-    words = ["osmo-net-client", "attach", key, "--workflow-id", config.workflow_id]
+    """The command that attaches to `key` again, as it can be pasted: with this client's connection
+    flags (the router, TLS, a token file; never a token itself: it comes from OSMO_TOKEN or --token)."""
+    dial = config.dial
+    words = ["osmo-net-client", "attach", key, "--workflow-id", config.workflow_id, "--router-address", dial.address]
     if config.task:
         words += ["--task", config.task]
+    if not dial.tls:
+        words.append("--tls=false")
+    for flag, value in (
+        ("--tls-ca", dial.tls_ca),
+        ("--tls-server-name", dial.tls_server_name),
+        ("--token-file", dial.token_file),
+    ):
+        if value:
+            words += [flag, value]
     return shlex.join(words)
 
 

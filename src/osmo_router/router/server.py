@@ -209,15 +209,15 @@ class RouterServer:
     def _log_listening(self, advertise: str) -> None:
         """The "listening" line: ports, server kind, TLS, auth, directory (also as structured fields)."""
         log.info(
-            "osmo-router %s listening on %s:%d (grpc %s, tls=%s, auth=%s), metrics on port %d, websocket on port %d",
+            "osmo-router %s listening on %s:%d (grpc %s, tls=%s, auth=%s), metrics %s, websocket %s",
             self.config.router_id,
             self.config.host,
             self.port,
             self.config.grpc_server,
             self.config.tls_enabled,
             self.config.auth,
-            self.metrics_server.port if self.config.metrics_port >= 0 else -1,
-            self.ws_server.port if self.config.ws_port >= 0 else -1,
+            f"on port {self.metrics_server.port}" if self.config.metrics_port >= 0 else "off",
+            f"on port {self.ws_server.port}" if self.config.ws_port >= 0 else "off",
             extra={
                 "fields": {
                     "event": "listening",
