@@ -19,6 +19,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    """redis-server exited as it started: most likely its port was taken meanwhile."""
+
+
 class RedisServer:
     """`redis-server` on 127.0.0.1 (the same port across restarts), nothing written to disk."""
 
@@ -30,7 +34,17 @@ class RedisServer:
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(3):
+            try:
+                self.start()
+                return
+            except PortTaken:
+                if port is not None or attempt == 2:
+                    raise
+                # The free port was taken between free_port() and redis binding it (another test's
+                # process): a fresh one, as a fixture asking for any port means.
+                self.port = free_port()
+                self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start the server and wait until it answers PING."""
@@ -43,7 +57,9 @@ class RedisServer:
                     return
             except redis.exceptions.ConnectionError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if self.proc.poll() is not None:
+                raise PortTaken(f"redis-server on port {self.port} exited at once (the port is taken?)")
+            if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.05)
 
