@@ -52,13 +52,13 @@ class RedisServer:
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + WAIT
         while True:
+            if self.proc.poll() is not None:  # (before a PING that would reach whoever holds the port)
+                raise PortTaken(f"redis-server on port {self.port} exited at once (the port is taken?)")
             try:
                 if self.client().ping():
                     return
-            except redis.exceptions.ConnectionError:
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 pass
-            if self.proc.poll() is not None:
-                raise PortTaken(f"redis-server on port {self.port} exited at once (the port is taken?)")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.05)
