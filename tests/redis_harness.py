@@ -51,14 +51,15 @@ class RedisServer:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + WAIT
+        probe = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5, retry=None)
         while True:
-            if self.proc.poll() is not None:  # (before a PING that would reach whoever holds the port)
-                raise PortTaken(f"redis-server on port {self.port} exited at once (the port is taken?)")
             try:
-                if self.client().ping():
+                if self.proc.poll() is None and probe.ping():
                     return
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
                 pass
+            if self.proc.poll() is not None:  # (a PING then reached whoever holds the port, if anyone)
+                raise PortTaken(f"redis-server on port {self.port} exited at once (the port is taken?)")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.05)
