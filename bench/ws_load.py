@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import secrets
 import ssl
@@ -75,16 +76,25 @@ async def ws_echo(pair: WsPair, message: bytes = b"x") -> None:
 
 
 async def close_ws_pair(pair: WsPair) -> None:
-    """EOF both ways (empty messages), then both closes, as the old protocol ends a pipe."""
+    """The client's EOF (an empty message), then the backend's end, as the old protocol ends a pipe."""
     async with asyncio.timeout(WAIT):
         await pair.client.send_bytes(b"")
         while await _receive(pair.backend) not in (b"", None):
             pass
-        await pair.backend.send_bytes(b"")
-        await pair.backend.close()  # an old backend ends its side by closing: the router then ends the session
+        await _end_backend(pair)
         while await _receive(pair.client) is not None:
             pass
         await pair.client.close()
+
+
+async def _end_backend(pair: WsPair) -> None:
+    """The backend's end after the client's EOF: its own EOF and close. The router closes an old backend's
+    WebSocket itself at the client's EOF, as osmo-ctrl takes no half-close (OSMO's ctrl.go
+    portforwardConnectTCP: an empty message is a zero-byte write, and it closes both ends when one
+    direction ends); OSMO's own router passes the empty message on. Either way the pipe ends."""
+    with contextlib.suppress(ConnectionResetError):
+        await pair.backend.send_bytes(b"")
+    await pair.backend.close()  # an old backend ends its side by closing: the router then ends the session
 
 
 def _http() -> aiohttp.ClientSession:
@@ -125,8 +135,7 @@ async def ws_throughput(args: argparse.Namespace, cpu: Callable[[], float] = _no
                 counted[1] += 1
             last[0] = max(last[0], time.perf_counter())
             used[0] = max(used[0], cpu() - cpu0)
-            await pair.backend.send_bytes(b"")
-            await pair.backend.close()
+            await _end_backend(pair)
             while await _receive(pair.client) is not None:
                 pass
 
