@@ -4,7 +4,7 @@ The agent's resumable stream takes the client's frames off the stream at once (s
 never wait behind data) and queues what the command has not read. That queue was bounded only per
 session, by twice the window the client claims (ResumeToken.window_bytes, believed up to 64 MiB:
 129 MiB a session), so one user's sessions grew the agent without bound (4 sessions: +525 MiB,
-agent/held.py INPUT_USER_BYTES). Now a user's queued input is bounded (64 MiB) and a session that
+agent/held_sessions.py INPUT_USER_BYTES). Now a user's queued input is bounded (64 MiB) and a session that
 passes it ends RESOURCE_EXHAUSTED with its queue dropped, while another user's session is served.
 Real router and agent; mallory is a raw gRPC client, alice the real CLI.
 """
@@ -97,7 +97,7 @@ async def test_a_users_unread_input_is_bounded_and_another_user_is_served(
 
 @pytest.mark.asyncio
 async def test_a_user_whose_sessions_never_acknowledge_leaves_the_replay_total_to_others(tmp_path: Path) -> None:
-    """One user's held sessions take at most a quarter of --replay-total-bytes (agent/held.py): before,
+    """One user's held sessions take at most a quarter of --replay-total-bytes (agent/held_sessions.py): before,
     her sessions that never acknowledged filled all of it, and another user's session then had room for
     one frame per acknowledgement (64 MB of output: 0.7 s quiet, not done in 120 s)."""
     signer = Signer.rs256()

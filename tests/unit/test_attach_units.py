@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from osmo_router.agent.held import MAX_HELD, HeldSessions
+from osmo_router.agent.held_sessions import MAX_HELD, HeldSessions
 from osmo_router.client.attach import ESCAPE, EscapeFilter, format_sessions
 from osmo_router.client.resume import ResumingStream
 from osmo_router.router.auth.identity import Identity, NoAuth

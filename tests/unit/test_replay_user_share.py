@@ -1,9 +1,9 @@
 """One user's held sessions take at most her share of the agent's replay total and of its slots for
-held sessions (agent/held.py)."""
+held sessions (agent/held_sessions.py)."""
 
 from __future__ import annotations
 
-from osmo_router.agent.held import REPLAY_USER_SHARE, HeldSessions
+from osmo_router.agent.held_sessions import REPLAY_USER_SHARE, HeldSessions
 from osmo_router.resume.window import ReplayBuffer
 
 MIB = 1024 * 1024
@@ -36,7 +36,7 @@ def test_a_users_share_is_at_least_one_sessions_buffer() -> None:
 def test_one_users_held_sessions_leave_room_for_the_others() -> None:
     from types import SimpleNamespace
 
-    from osmo_router.agent.held import MAX_HELD, MAX_HELD_PER_USER
+    from osmo_router.agent.held_sessions import MAX_HELD, MAX_HELD_PER_USER
 
     held = HeldSessions(replay_bytes=16 * MIB, total_bytes=256 * MIB)
     sessions: dict[str, object] = held._held  # type: ignore[assignment]

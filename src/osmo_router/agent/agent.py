@@ -17,7 +17,7 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_exec
 from osmo_router.agent.forward import forward_refusal, serve_port_forward
 from osmo_router.agent.forward import refuse as refuse_forward
-from osmo_router.agent.held import REPORT_DELAY, REPORT_EVERY, HeldSessions
+from osmo_router.agent.held_sessions import REPORT_DELAY, REPORT_EVERY, HeldSessions
 from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
