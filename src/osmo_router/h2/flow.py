@@ -97,6 +97,8 @@ class FlowControl(ConnectionCore):
         head = fr.header(fr.DATA, 0, stream.id, length) if framed else fr.data_message_prefix(stream.id, length - 5)
         if length <= SMALL_MESSAGE:
             transport.write(head + body)  # one small copy is cheaper than a vector of three
+        elif framed:  # a view of the read buffer (pass_through): what the transport keeps must be a copy
+            self._output.writelines_borrowed((head, body))
         else:
             self._output.writelines((head, body))  # (no join: see writer.py)
         self._timers.sent_data()

@@ -38,20 +38,36 @@ class VectorWriter:
 
     def writelines(self, pieces: Sequence[Piece]) -> None:
         """Write the pieces in order (the transport must not be closing)."""
+        self._write(pieces, False)
+
+    def writelines_borrowed(self, pieces: Sequence[Piece]) -> None:
+        """`writelines` of pieces valid only during the call (a view of a read buffer the next read
+        reuses, h2/reader.py): what the socket does not take at once goes to the transport as a copy.
+        uvloop's transports (and Python 3.12's) keep a reference to what they send later."""
+        self._write(pieces, True)
+
+    def _write(self, pieces: Sequence[Piece], borrowed: bool) -> None:
         transport = self.transport
         if self._fd < 0 or len(pieces) > MAX_PIECES or transport.get_write_buffer_size():
-            transport.writelines(pieces)
+            self._to_transport(pieces, borrowed)
             return
         try:
             sent = os.writev(self._fd, pieces)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            transport.writelines(pieces)  # the transport meets the error again and reports it
+            self._to_transport(pieces, borrowed)  # the transport meets the error again and reports it
             return
         for piece in pieces:
             if sent >= len(piece):
                 sent -= len(piece)
                 continue
-            transport.write(memoryview(piece)[sent:] if sent else piece)
+            rest = memoryview(piece)[sent:] if sent else piece
+            transport.write(bytes(rest) if borrowed else rest)
             sent = 0
+
+    def _to_transport(self, pieces: Sequence[Piece], borrowed: bool) -> None:
+        if borrowed:
+            self.transport.write(b"".join(pieces))
+        else:
+            self.transport.writelines(pieces)
