@@ -181,3 +181,19 @@ async def test_a_passed_message_stays_intact_in_a_transport_that_sends_it_later(
         stream.end()
         assert await served.read() is None
         served.end(status_trailers(0))
+
+
+@pytest.mark.asyncio
+async def test_nothing_passes_after_the_peers_end_of_stream(pair: Pair) -> None:
+    async with asyncio.timeout(10):
+        stream, served = await served_pair(pair)
+        arrivals = Arrivals(served)
+        raw = pair.client.transport
+        assert raw is not None
+        raw.write(fr.encode(fr.DATA, fr.END_STREAM, stream.id, framed(b"last")))
+        await arrivals.ended()  # read to the end: "last", then None
+        # A DATA frame after END_STREAM (a broken or hostile peer) is the stream's error, never passed on.
+        assert not served.pass_through(memoryview(framed(b"after the end")))
+        assert arrivals.items == [("read", framed(b"last"))], arrivals.items
+        served.send_headers(RESPONSE)
+        served.end(status_trailers(0))

@@ -235,6 +235,7 @@ class StreamInbound:
             or self._messages
             or self._need
             or self._head
+            or self.ended_in
             or self.reset_code is not None
             or payload[0]
             or int.from_bytes(payload[1:5], "big") != size - 5

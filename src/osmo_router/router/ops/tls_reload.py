@@ -59,27 +59,36 @@ class TlsReloader:
             if now == served[0]:
                 return None
             try:
+                files = self._read_files()
                 self._load(self._cert, self._key, self._client_ca)  # checks the pair before it is served
-                configuration = self._grpcio_configuration()
+                if self._read_files() != files:
+                    return None  # changed while checked: the next handshake looks again
             except (OSError, ssl.SSLError, ValueError) as err:
                 self._report_failure(now, err)
                 return None
             served[0] = now
             self._report_reload()
-            return configuration
+            return self._grpcio_configuration(files)
 
         return grpc.dynamic_ssl_server_credentials(
-            self._grpcio_configuration(), fetch, require_client_authentication=self._client_ca is not None
+            self._grpcio_configuration(self._read_files()),
+            fetch,
+            require_client_authentication=self._client_ca is not None,
         )
 
-    def _grpcio_configuration(self) -> grpc.ServerCertificateConfiguration:
+    def _read_files(self) -> tuple[bytes, bytes, bytes | None]:
+        """The certificate, key and client CA as they are now."""
         with open(self._cert, "rb") as cert, open(self._key, "rb") as key:
-            pair = [(key.read(), cert.read())]
-        client_ca = None
-        if self._client_ca is not None:
-            with open(self._client_ca, "rb") as ca:
-                client_ca = ca.read()
-        return grpc.ssl_server_certificate_configuration(pair, root_certificates=client_ca)
+            pair = cert.read(), key.read()
+        if self._client_ca is None:
+            return (*pair, None)
+        with open(self._client_ca, "rb") as ca:
+            return (*pair, ca.read())
+
+    @staticmethod
+    def _grpcio_configuration(files: tuple[bytes, bytes, bytes | None]) -> grpc.ServerCertificateConfiguration:
+        cert, key, client_ca = files
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
 
     def start(self) -> None:
         """Look at the files every interval (0: never), from now on."""
@@ -97,7 +106,10 @@ class TlsReloader:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._interval)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # never the end of the watch: the next look tries again
+                log.exception("looking at the TLS files failed")
 
     def check(self) -> bool:
         """Load the files into the tracked contexts if they changed and load; True when they were."""
