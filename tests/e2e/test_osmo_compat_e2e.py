@@ -915,6 +915,28 @@ def test_new_client_tcp_forward_one_at_a_time(router: Router, stopper: list[Proc
         assert [_echo_through(port) for _ in range(3)] == [True, True, True]
 
 
+@pytest.mark.parametrize("transport", ["ws", "grpc"])
+def test_new_client_tcp_forward_upload_then_close_delivers_every_byte(
+    router: Router, stopper: list[Proc], transport: str
+) -> None:
+    """The new CLI's local EOF towards an old backend is a half-close behind the data, which the router
+    turns into a normal close after it (osmo-ctrl takes no half-close). Before, the CLI aborted the
+    connection's session at the local EOF: the frames still queued were dropped and the target got a
+    short file and a clean EOF."""
+    workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
+    payload = os.urandom(8 * 1024 * 1024)
+    received: list[bytes] = []
+    done = threading.Event()
+    with tcp_server(_sink(received, done)) as target:
+        stopper.append(OldBackend(router, "portforward", workflow, key, "--port", str(target)))
+        proc, port = _new_client_forward(router, workflow, key, target, transport)
+        stopper.append(proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(payload)
+        assert done.wait(WAIT)
+    assert [len(r) for r in received] == [len(payload)] and sha(received[0]) == sha(payload)
+
+
 def test_new_client_tcp_forward_burst_before_backend_joins(router: Router, stopper: list[Proc]) -> None:
     workflow, key = f"wf-{uuid.uuid4().hex[:8]}", new_key()
     with tcp_server(echo) as target:

@@ -14,8 +14,9 @@ new client reaching it with the orchestrator's key (`--session-key`) has to spea
 - port-forward: one control session on the key; each local TCP connection is announced on it as
   one JSON message `{"key": "PORTFORWARD-<hex>", "cookie": ""}` and gets a session of its own on
   that key (ctrl.go userPortForwardTCP / portforwardConnectTCP). An old backend cannot take a
-  half-close: a local EOF ends the connection, as OSMO's CLI did. UDP: each datagram is one
-  message behind a 6-byte IPv4 address header, on the control session (userPortForwardUDP).
+  half-close: a local EOF ends the connection, as OSMO's CLI did, once every byte sent is delivered
+  (the router closes the backend behind the data). UDP: each datagram is one message behind a
+  6-byte IPv4 address header, on the control session (userPortForwardUDP).
 - rsync: the backend forwards to an rsync daemon (module `osmo` = /osmo/run/workspace). The local
   rsync runs in daemon-over-remote-shell mode (`osmo::osmo/PATH`), and `rsync-shell` pipes it through
   one port-forward connection: control on `rsync/{workflow}/client/{key}`, the connection itself on
@@ -38,7 +39,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import STOP_SIGNALS, Reporter, host_port
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, Unavailable
-from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
 from osmo_router.wire.wsproto import connection_key, control_message, parse_udp_message, terminal_eof, udp_message
 
 EXIT_USAGE = 2
@@ -47,6 +48,10 @@ EXIT_USAGE = 2
 #: input right behind it could vanish; OSMO's CLI waits for the first output (its shell's prompt).
 #: A command that prints nothing first (`cat`) gets its input after this long.
 LEGACY_INPUT_HOLD = 1.0
+#: port-forward: how long a connection whose local side reached EOF waits for the old backend's end
+#: (the router closes it once every byte is delivered; a router older than that passes the EOF on as
+#: an empty message, which osmo-ctrl ignores).
+LEGACY_EOF_LINGER = 60.0
 #: The command rsync gives its remote shell for `HOST::MODULE` (daemon over a remote shell).
 DAEMON_COMMAND = ["rsync", "--server", "--daemon", "."]
 
@@ -144,13 +149,22 @@ class Control:
 
 
 async def relay_socket(conn: socket.socket, stream: SessionStream) -> None:
-    """One local connection <-> its session, the old way: whichever side ends first ends both."""
+    """One local connection <-> its session, the old way: whichever side ends first ends both.
+
+    A local EOF is a half-close behind the data, not an abort: the router delivers what is still
+    queued and then closes the old backend normally (osmo-ctrl takes no half-close), whose end ends
+    the session (at most LEGACY_EOF_LINGER later). Aborting dropped the queued frames: the target got
+    a short upload and a clean EOF.
+    """
     loop = asyncio.get_running_loop()
 
-    async def up() -> None:
-        with contextlib.suppress(OSError):
+    async def up() -> bool:
+        try:
             while chunk := await loop.sock_recv(conn, BULK_CHUNK_SIZE):
                 await stream.send_data(chunk)
+        except OSError:
+            return False
+        return True  # the local EOF
 
     async def down() -> None:
         with contextlib.suppress(OSError, RouterError):
@@ -160,9 +174,16 @@ async def relay_socket(conn: socket.socket, stream: SessionStream) -> None:
                 elif frame.WhichOneof("kind") in ("half_close", "error", "exit_status"):
                     return
 
-    pumps = [asyncio.create_task(up()), asyncio.create_task(down())]
+    upstream, downstream = asyncio.create_task(up()), asyncio.create_task(down())
+    pumps = [upstream, downstream]
     try:
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        at_eof = upstream.done() and not upstream.cancelled() and upstream.exception() is None and upstream.result()
+        if at_eof and not downstream.done():
+            with contextlib.suppress(Exception):  # (a broken session: the abort below ends it)
+                await stream.send(half_close_frame())
+                await stream.close()
+                await asyncio.wait([downstream], timeout=LEGACY_EOF_LINGER)
     finally:
         for pump in pumps:
             pump.cancel()
