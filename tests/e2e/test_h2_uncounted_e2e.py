@@ -13,31 +13,22 @@ large message waits for its session), and a request of more than MAX_HEADER_FIEL
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
 from osmo_router.h2 import frames as fr
 from osmo_router.router.ops.grpc_server import MAX_HEADER_FIELDS, UNCOUNTED_PER_CONNECTION
+from tests.e2e.test_h2_control_flood_e2e import WF
+from tests.e2e.test_h2_control_flood_e2e import router as stack
 from tests.e2e.test_memory_idle import PeakSampler, rss_kib
 from tests.h2_raw import EXEC, Raw, grpc_headers
 from tests.harness import AgentProc, Router, run_client
 
-WF = "wf-uncounted"
 MIB = 1 << 20
 LARGE = 4 * MIB  # the router's default max message size
+
+__all__ = ["stack"]  # the fixture: a native router and an agent, shared with test_h2_control_flood_e2e
 WAIT = 30.0
-
-
-@pytest.fixture
-def stack() -> Iterator[tuple[Router, AgentProc]]:
-    router = Router("--grpc-server", "native")
-    agent = AgentProc(router.address, WF)
-    try:
-        yield router, agent
-    finally:
-        agent.stop()
-        router.stop()
 
 
 def exec_answers(router: Router) -> bool:
