@@ -18,7 +18,6 @@ Decisions kept on purpose:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -28,18 +27,15 @@ from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core import audit
 from osmo_router.router.core.hooks import LocalHooks, RelayedHooks
-from osmo_router.router.core.placement import FarStream, Owner, Placer
+from osmo_router.router.core.owner_relays import OwnerRelays
+from osmo_router.router.core.placement import Placer
 from osmo_router.router.core.relay import relay_side
-from osmo_router.router.core.resumes import Moved, cause_of, is_resuming, resume_info, resume_info_of_open
+from osmo_router.router.core.resumes import Moved, cause_of, is_resuming
 from osmo_router.router.core.sessions import Session, SessionStore
-from osmo_router.router.core.side import AgentJoin, ClientJoin, Side
+from osmo_router.router.core.side import CONNECT, AgentJoin, ClientJoin, Side
 from osmo_router.router.ops.metrics import RouterMetrics
-from osmo_router.wire.codec import INIT_TAG
-from osmo_router.wire.errors import Cancelled, DeadlineExceeded, InvalidArgument, RouterError, Unavailable
-from osmo_router.wire.protocol import CLOSE_GRACE, pb
-
-#: The label of agent session streams in refusal metrics and audit lines.
-CONNECT = "connect"
+from osmo_router.wire.errors import Cancelled, DeadlineExceeded, RouterError, Unavailable
+from osmo_router.wire.protocol import pb
 
 
 class SessionPipeline:
@@ -52,11 +48,9 @@ class SessionPipeline:
         self._sessions = sessions
         self._metrics = metrics
         self._placer = placer
-        self._relayed_hooks = RelayedHooks(metrics)
         self._hooks = LocalHooks(metrics)
-        self._relays: set[Session] = set()
-        self._relays_idle = asyncio.Event()
-        self._relays_idle.set()
+        #: The streams relayed to the replica that owns their session (scale-out).
+        self._owners = OwnerRelays(config, sessions, placer, RelayedHooks(metrics))
 
     async def refuse(self, side: Side, label: str, error: RouterError, identity: Identity | None = None) -> None:
         """Refuse a stream before it became a session: count it, audit it, end the stream with the error."""
@@ -76,7 +70,7 @@ class SessionPipeline:
             if self._placer is not None:
                 place = await self._placer.place_client(join.identity, join.target, from_peer=join.from_peer)
                 if place.owner is not None:
-                    await self._relay_client(side, place.owner, join)
+                    await self._owners.relay_client(side, place.owner, join)
                     return
                 key = place.key
             session = self._sessions.join_client(
@@ -102,7 +96,7 @@ class SessionPipeline:
             if self._placer is not None:
                 place = await self._placer.place_agent(join.identity, join.init, from_peer=join.from_peer)
                 if place.owner is not None:
-                    await self._relay_agent(side, place.owner, join)
+                    await self._owners.relay_agent(side, place.owner, join)
                     return
             session = self._sessions.join_agent(join.identity, join.init)
         except RouterError as err:
@@ -139,7 +133,7 @@ class SessionPipeline:
         resume, the WebSocket transport) are left to end by themselves.
         """
         moved = 0
-        for session in [*self._sessions.sessions(), *self._relays]:
+        for session in [*self._sessions.sessions(), *self._owners.relays]:
             if session.resume is not None and session.resume.confirmed and session.error is None:
                 session.fail(Moved(reason))
                 if session.key:  # a relayed stream's owner counts the session
@@ -155,7 +149,7 @@ class SessionPipeline:
         Returns how many were ended.
         """
         ended = 0
-        for session in [*self._sessions.sessions(), *self._relays]:
+        for session in [*self._sessions.sessions(), *self._owners.relays]:
             if session.error is None:
                 session.fail(Unavailable(reason))
                 ended += 1
@@ -168,12 +162,7 @@ class SessionPipeline:
 
     async def wait_relays_idle(self, timeout: float) -> bool:
         """Wait until no stream is relayed to another replica, at most `timeout` seconds."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._relays_idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await self._owners.wait_idle(timeout)
 
     async def _wait_paired(self, session: Session, side: Side, timeout: float, role: str) -> None:
         """Wait for the other side; a peer that leaves meanwhile ends the pending session at once."""
@@ -259,152 +248,6 @@ class SessionPipeline:
             merge=side.merge_frames,
             min_drain_rate=config.min_drain_rate,
         )
-
-    async def _relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
-        session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject)
-        session.operation = join.operation.value
-        session.resume = resume_info(join.target)
-        await self._relay_to_owner(side, owner, join.operation.method, session, join, near_is_client=True)
-
-    async def _relay_agent(self, side: Side, owner: Owner, join: AgentJoin) -> None:
-        session = self._stub(join.init.workflow_id, join.init.task, join.identity.subject)
-        await self._relay_to_owner(side, owner, "Connect", session, join, near_is_client=False)
-
-    def _stub(self, workflow_id: str, task: str, user: str) -> Session:
-        """A session object for a relayed stream: its queues and counts only (the owner holds the session)."""
-        config = self._config
-        session = Session(
-            key="",
-            workflow_id=workflow_id,
-            task=task,
-            buffer=config.flow_control_buffer,
-            buffer_bytes=config.flow_control_bytes,
-        )
-        session.user = user
-        budgets = self._sessions.budgets
-        if budgets is not None:
-            # What this replica queues for the owner's session is in its memory too: count it in the
-            # user's and the process's budgets here, as the owner does (released in _relay_to_owner).
-            shares = budgets.acquire(user)
-            session.to_agent.use_budgets(shares)
-            session.to_client.use_budgets(shares)
-        return session
-
-    async def _relay_to_owner(
-        self,
-        side: Side,
-        owner: Owner,
-        method: str,
-        session: Session,
-        join: ClientJoin | AgentJoin,
-        *,
-        near_is_client: bool,
-    ) -> None:
-        """Relay the side's stream to `method` of the owner's peer service, for the same identity."""
-        assert self._placer is not None
-        placer = self._placer
-        label = session.operation_name if near_is_client else CONNECT
-        self._relays.add(session)
-        self._relays_idle.clear()
-        started = time.monotonic()
-        failure: RouterError | None = None
-        far: FarStream | None = None
-        try:
-            await side.accept()
-            via = f"{self._config.router_id} {side.peer}"
-            far = await placer.open_stream(owner, method, join.identity, via)
-            first = await self._open_far(far, owner, join.raw_init)
-            if not near_is_client:
-                session.resume = resume_info_of_open(first)  # the agent's stream of a resumable session
-            await side.send_first(first)
-            del join, first
-            placer.relay_started(label)
-            try:
-                audit.relay_event("relay start", session, label, owner.replica, side.peer)
-                await self._pipe(session, side, far, near_is_client)
-            finally:
-                placer.relay_ended(label)
-                duration = time.monotonic() - started
-                audit.relay_event("relay end", session, label, owner.replica, side.peer, duration)
-        except RouterError as err:
-            failure = err
-        finally:
-            if far is not None:
-                far.cancel()
-            self._relays.discard(session)
-            if not self._relays:
-                self._relays_idle.set()
-            if self._sessions.budgets is not None:
-                self._sessions.budgets.release(session.user)
-            memtune.trim_when_idle()
-        if failure is None:
-            await side.finish()
-            return
-        session.fail(failure)
-        if not isinstance(failure, Moved):  # a drain's move is no relay error
-            placer.relay_failed(label, failure.code.name)
-        await side.refuse(failure)
-
-    async def _open_far(self, far: FarStream, owner: Owner, raw_init: bytes) -> bytes:
-        """Send the init to the owner and return its first answer (the client's ready, the agent's open)."""
-        assert self._placer is not None
-        try:
-            async with asyncio.timeout(self._placer.answer_timeout):
-                await far.write(raw_init)
-                first = await far.read()
-        except TimeoutError:
-            raise DeadlineExceeded(f"router replica {owner.replica} did not answer in time") from None
-        if first is None:
-            raise Unavailable(f"router replica {owner.replica} ended the stream before the session started")
-        if first[0] != INIT_TAG:
-            raise InvalidArgument(f"router replica {owner.replica} answered with something other than its ready")
-        return first
-
-    async def _pipe(self, session: Session, near: Side, far: FarStream, near_is_client: bool) -> None:
-        """Relay both streams; the near side plays its own role, the owner the other one.
-
-        Frames are never merged on a relayed hop: either end may be an old WebSocket side whose
-        messages each mean something.
-        """
-        far_side = asyncio.create_task(self._far_side(session, far, is_client=not near_is_client))
-        timeout = self._config.flow_control_timeout
-        try:
-            await relay_side(
-                session,
-                near,
-                is_client=near_is_client,
-                flow_control_timeout=timeout,
-                hooks=self._relayed_hooks,
-                merge=False,
-                min_drain_rate=self._config.min_drain_rate,
-            )
-            # The agent's last frames may still be on their way to the owner.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout + CLOSE_GRACE):
-                    await asyncio.shield(far_side)
-            if far_side.done():
-                far_side.result()
-        finally:
-            if not far_side.done():
-                far.cancel()
-                far_side.cancel()
-            with contextlib.suppress(BaseException):
-                await far_side
-
-    async def _far_side(self, session: Session, far: FarStream, *, is_client: bool) -> None:
-        try:
-            await relay_side(
-                session,
-                far,
-                is_client=is_client,
-                flow_control_timeout=self._config.flow_control_timeout,
-                hooks=self._relayed_hooks,
-                merge=False,
-                min_drain_rate=self._config.min_drain_rate,
-            )
-        except RouterError as err:
-            session.fail(err)
-            raise
 
 
 def _ready(session: Session) -> bytes:

@@ -17,6 +17,9 @@ from osmo_router.wire.errors import RouterError
 from osmo_router.wire.ops import Operation
 from osmo_router.wire.protocol import pb
 
+#: The label of agent session streams in metrics and audit lines (a client's is its operation's).
+CONNECT = "connect"
+
 
 class Side(Protocol):
     """One stream of a session as its transport provides it."""

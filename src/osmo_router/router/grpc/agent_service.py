@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.auth.recheck import CredentialWatch
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
+from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.registry import (
     MAX_STANDBY_PER_AGENT,
     AgentRegistration,
@@ -25,7 +25,7 @@ from osmo_router.router.core.registry import (
     StandbyStream,
 )
 from osmo_router.router.core.sessions import SessionStore, check_id
-from osmo_router.router.core.side import AgentJoin
+from osmo_router.router.core.side import CONNECT, AgentJoin
 from osmo_router.router.grpc.calls import GrpcSide, ServicerContext, abort, authenticate_call, read_init
 from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.scaleout.directory import Directory

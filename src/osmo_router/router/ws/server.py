@@ -22,8 +22,8 @@ from osmo_router import __version__
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.created import CreatedSession, CreatedSessions
-from osmo_router.router.core.pipeline import CONNECT, SessionPipeline
-from osmo_router.router.core.side import AgentJoin, ClientJoin
+from osmo_router.router.core.pipeline import SessionPipeline
+from osmo_router.router.core.side import CONNECT, AgentJoin, ClientJoin
 from osmo_router.router.ops.http_limits import HttpLimits, serve_app, ws_limits
 from osmo_router.router.ws.aliases import WorkflowAliases
 from osmo_router.router.ws.created import (
