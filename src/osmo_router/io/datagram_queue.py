@@ -10,7 +10,6 @@ bounded in bytes too, and on the agent its bytes also count in a per-user and a 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from typing import Generic, TypeVar
 
 from osmo_router.io.byte_shares import ByteShares
@@ -30,10 +29,10 @@ class DatagramQueue(Generic[T]):
         self.max_bytes = max_bytes
         self._shares = shares
         self._owner = owner
-        self._items: deque[tuple[T, int]] = deque()
+        # Unbounded: the bounds are checked in `offer`, so the end (None) always goes in behind the items.
+        self._queue: asyncio.Queue[tuple[T, int] | None] = asyncio.Queue()
         self._bytes = 0
         self._ended = False
-        self._getter: asyncio.Future[None] | None = None
         #: Datagrams dropped for want of room.
         self.dropped = 0
 
@@ -42,53 +41,43 @@ class DatagramQueue(Generic[T]):
         """Bytes queued now."""
         return self._bytes
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def offer(self, item: T, size: int) -> bool:
         """Queue `item` of `size` bytes if it fits; else drop it (counted in `dropped`) and return False."""
-        if self._ended or len(self._items) >= self.max_count or self._bytes + size > self.max_bytes:
+        if self._ended or self._queue.qsize() >= self.max_count or self._bytes + size > self.max_bytes:
             self.dropped += 1
             return False
         if self._shares is not None and not self._shares.take(self._owner, size):
             self.dropped += 1
             return False
-        self._items.append((item, size))
+        self._queue.put_nowait((item, size))
         self._bytes += size
-        self._wake()
         return True
 
     def end(self) -> None:
         """No more items: `get` returns None once the queued ones are taken."""
-        self._ended = True
-        self._wake()
+        if not self._ended:
+            self._ended = True
+            self._queue.put_nowait(None)
 
     async def get(self) -> T | None:
         """The next item; None once ended and empty."""
-        while not self._items:
-            if self._ended:
-                return None
-            self._getter = asyncio.get_running_loop().create_future()
-            try:
-                await self._getter
-            finally:
-                self._getter = None
-        item, size = self._items.popleft()
+        entry = await self._queue.get()
+        if entry is None:
+            self._queue.put_nowait(None)  # (for the next `get` too)
+            return None
+        item, size = entry
         self._release(size)
         return item
 
     def close(self) -> None:
         """Drop what is queued and give its bytes back (the queue's user is gone)."""
-        self._ended = True
-        self._items.clear()
+        while not self._queue.empty():
+            self._queue.get_nowait()
         self._release(self._bytes)
-        self._wake()
+        self._ended = True
+        self._queue.put_nowait(None)  # (the end, drained above if it was queued: a waiting `get` ends)
 
     def _release(self, size: int) -> None:
         self._bytes -= size
         if self._shares is not None and size:
             self._shares.give(self._owner, size)
-
-    def _wake(self) -> None:
-        if self._getter is not None and not self._getter.done():
-            self._getter.set_result(None)
