@@ -21,6 +21,7 @@ import pytest
 
 from tests.e2e.test_agent_limits import UdpSession, channel, datagram_frame, router
 from tests.e2e.test_memory_idle import rss_kib
+from tests.forward_servers import udp_echo_server
 from tests.harness import AgentProc, Router
 
 REPLY_SIZE = 60 * 1024
@@ -102,6 +103,12 @@ async def test_replies_to_a_client_that_stopped_reading_are_bounded_in_bytes(
             # Every reply the agent's socket got has been read by the agent (paced to its reads).
             grown = rss(agent.pid) - before
             assert grown < GROWTH_BOUND, f"the agent grew by {grown >> 20} MiB"
+            # Another UDP session on the same agent still gets its replies while this one holds its queue.
+            with udp_echo_server() as echo_port:
+                other = UdpSession(channel, wf, echo_port)
+                await other.start()
+                assert await other.probe("other:1"), "another session got no reply"
+                await other.end()
             await session.end()
             record = agent.wait_for(lambda r: r.get("event") == "udp_forward_end", timeout=WAIT)
             assert record["dropped"] > 0, record

@@ -2,7 +2,8 @@
 
 Replicas A and B share a real redis-server; the agent registers with B, a raw client on A pushes
 1 MiB frames into `sleep` (which never reads) in many sessions. B's budget stops B reading; A's relay
-queues for B must then stop at A's budget too, not hold 4 MiB queues and 16 MiB windows per session.
+queues for B must then stop at A's budget too, not hold 4 MiB queues and 16 MiB windows per session,
+and another user's session through A is served meanwhile (JWT identities: mallory and alice).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_memory_idle import rss_kib
-from tests.harness import AgentProc, Proc, Router, metric_value
+from tests.harness import AgentProc, Proc, Router, metric_value, run_client
 from tests.raw_grpc import EXEC, RawCall, exec_init, frame, raw_channel
 from tests.redis_harness import RedisServer
+from tests.security_kit import Signer
 
 SECRET = "peer-secret-for-tests-0123456789"
 WF = "wf-scaleout-budget"
@@ -24,18 +27,24 @@ USER_BUDGET = 8 << 20
 SESSIONS = 12
 
 
+SIGNER = Signer.rs256()
+
+
 @pytest.fixture
-def replicas() -> Iterator[tuple[Router, Router]]:
+def replicas(tmp_path: Path) -> Iterator[tuple[Router, Router]]:
     server = RedisServer()
     procs: list[Proc] = []
+    key = tmp_path / "jwt.pem"
+    key.write_bytes(SIGNER.public_pem())
     try:
         flags = ["--redis-url", server.url, "--peer-secret", SECRET, "--user-buffer-bytes", str(USER_BUDGET),
-                 "--flow-control-timeout", "300s", "--min-drain-rate", "0"]  # fmt: skip
-        b = Router(*flags)
+                 "--flow-control-timeout", "300s", "--min-drain-rate", "0",
+                 "--tls-enabled=false", "--auth=jwt", "--jwt-public-key", str(key)]  # fmt: skip
+        b = Router(*flags, secure=True)
         procs.append(b)
-        a = Router(*flags)
+        a = Router(*flags, secure=True)
         procs.append(a)
-        procs.append(AgentProc(b.address, WF))
+        procs.append(AgentProc(b.address, WF, "--token", SIGNER.token("pod", workflows=[WF], role="agent")))
         yield a, b
     finally:
         for proc in reversed(procs):
@@ -49,8 +58,10 @@ def test_a_relaying_replica_holds_a_users_stalled_sessions_within_her_budget(rep
     sent = [0] * SESSIONS
     before = rss_kib(a.pid)
 
+    mallory = SIGNER.token("mallory", workflows=[WF])
+
     async def push(channel: object, i: int) -> None:
-        call = RawCall(channel, EXEC, None)  # type: ignore[arg-type]
+        call = RawCall(channel, EXEC, mallory)  # type: ignore[arg-type]
         await call.send(exec_init(WF, ["sleep", "1000"]))
         await call.read()  # the ready: the session is relayed to B
         data = frame(data=b"z" * ((1 << 20) - 64))
@@ -72,6 +83,11 @@ def test_a_relaying_replica_holds_a_users_stalled_sessions_within_her_budget(rep
                     break
             text = await asyncio.to_thread(a.metrics_text)
             counted = metric_value(text, "router_grpc_buffered_bytes") + metric_value(text, "router_grpc_held_bytes")
+            # Meanwhile another user's session through the same replica is served.
+            args = ["--router-address", a.address, "--workflow-id", WF, "--tls=false"]
+            alice = SIGNER.token("alice", workflows=[WF])
+            served = await asyncio.to_thread(run_client, "exec", *args, "--token", alice, "--", "echo", "served")
+            assert (served.returncode, served.stdout) == (0, b"served\n"), served.stderr
             return sum(sent), counted
         finally:
             for task in tasks:
