@@ -40,7 +40,7 @@ from osmo_router.router.ops.metrics import RouterMetrics
 from osmo_router.router.ops.tls_reload import TlsReloader
 from osmo_router.router.scaleout.directory import Directory, MemoryDirectory
 from osmo_router.router.scaleout.placer import ScaleOut
-from osmo_router.router.ws.server import WsServer, server_ssl_context
+from osmo_router.router.ws.server import WsServer, server_ssl_context, ws_tls_context
 from osmo_router.wire.errors import DeadlineExceeded
 from osmo_router.wire.protocol import AGENT_SERVICE, CLIENT_SERVICE
 
@@ -170,7 +170,7 @@ class RouterServer:
             with _listening(self.config.host, self.config.ws_port, "the WebSocket port (--ws-port)"):
                 context = server_ssl_context(self.config)
                 if context is not None and self.tls is not None:
-                    self.tls.track(context)
+                    self.tls.track(context, lambda: ws_tls_context(self.config))
                 await self.ws_server.start(
                     self.config.host, self.config.ws_port, ws_limits(self.config, budget), context
                 )
@@ -196,7 +196,10 @@ class RouterServer:
             if self.tls is not None:
                 credentials = grpc_credentials(self.config)  # (clear errors for missing or bad files)
                 if isinstance(credentials, ssl.SSLContext):
-                    credentials = self.tls.track(credentials)
+                    config = self.config
+                    credentials = self.tls.track(
+                        credentials, lambda: tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+                    )
                 else:
                     credentials = self.tls.grpcio_credentials()
                 self.port = server.add_secure_port(address, credentials)

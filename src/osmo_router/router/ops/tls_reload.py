@@ -3,13 +3,18 @@
 cert-manager renews a Kubernetes TLS secret in place, and the kubelet swaps the mounted files; a router
 that loaded them once served the old certificate until it was restarted, and once that expired every
 client and agent failed their handshake. So the files are looked at every `--tls-reload-interval`
-(their modification time, size and inode: the kubelet swaps a symlink) and, when they changed, loaded
-into the TLS contexts of the gRPC and WebSocket ports; handshakes from then on use the new certificate,
-connections already up keep theirs. A pair that does not load (the key written before the certificate,
-a half-written file) is logged and tried again at the next look; the old one stays in use meanwhile.
-With `--grpc-server grpcio`, gRPC core asks for the current certificate at each handshake
-(`grpc.dynamic_ssl_server_credentials`). A new --tls-client-ca is added to the CAs trusted for client
-certificates; one removed from the file stays trusted until the router restarts.
+(their modification time, size and inode: the kubelet swaps a symlink) and, when they changed, each
+port's TLS context is made again from them; handshakes from then on use the new one, connections
+already up keep theirs. A set that does not load (the key written before the certificate, a
+half-written file) is logged and tried again at the next look; the old one stays in use meanwhile.
+
+The listening sockets keep the context they were started with, so the new one is put in place at
+each handshake by the old one's `sni_callback` (OpenSSL calls it for every ClientHello, with or
+without a server name; setting `SSLObject.context` there switches the certificate, the trusted client
+CAs and ALPN for that connection). A fresh context rather than loading the files into the old one:
+`load_verify_locations` only adds, so a client CA removed from --tls-client-ca (a compromised CA
+rotated out) stayed trusted until the router restarted. With `--grpc-server grpcio`, gRPC core asks
+for the current set at each handshake (`grpc.dynamic_ssl_server_credentials`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -38,16 +44,19 @@ class TlsReloader:
         self._cert, self._key, self._client_ca = config.tls_cert, config.tls_key, config.tls_client_ca
         self._interval = config.tls_reload_interval
         self._load = load
-        self._contexts: list[ssl.SSLContext] = []
+        self._served: list[_ServedContext] = []
         self._loaded = self._stamp()  # what the contexts hold now
         self._failed: Stamp | None = None  # the files' state that did not load (logged once)
         self._task: asyncio.Task[None] | None = None
         #: How many times a changed certificate was loaded.
         self.reloads = 0
 
-    def track(self, context: ssl.SSLContext) -> ssl.SSLContext:
-        """Keep `context` up to date with the files from now on; returns it."""
-        self._contexts.append(context)
+    def track(self, context: ssl.SSLContext, rebuild: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        """Serve `rebuild()`'s context in place of `context` once the files change; returns `context`.
+
+        `rebuild` makes the same kind of context (ALPN, verify mode) from the files as they are now.
+        """
+        self._served.append(_ServedContext(context, rebuild))
         return context
 
     def grpcio_credentials(self) -> grpc.ServerCredentials:
@@ -114,17 +123,15 @@ class TlsReloader:
     def check(self) -> bool:
         """Load the files into the tracked contexts if they changed and load; True when they were."""
         now = self._stamp()
-        if now == self._loaded or not self._contexts:
+        if now == self._loaded or not self._served:
             return False
         try:
-            self._load(self._cert, self._key, self._client_ca)  # the whole set loads, or nothing changes
-            for context in self._contexts:
-                context.load_cert_chain(self._cert, self._key)
-                if self._client_ca is not None:
-                    context.load_verify_locations(cafile=self._client_ca)
+            fresh = [served.rebuild() for served in self._served]  # every port's loads, or nothing changes
         except (OSError, ssl.SSLError, ValueError) as err:
             self._report_failure(now, err)
             return False
+        for served, context in zip(self._served, fresh, strict=True):
+            served.current = context
         self._loaded = now
         self._report_reload()
         return True
@@ -163,3 +170,19 @@ class TlsReloader:
                 continue
             stamps.append((info.st_mtime_ns, info.st_size, info.st_ino))
         return tuple(stamps)
+
+
+class _ServedContext:
+    """A listening socket's TLS context and the one its handshakes use now (see the module docstring)."""
+
+    def __init__(self, base: ssl.SSLContext, rebuild: Callable[[], ssl.SSLContext]) -> None:
+        self.rebuild = rebuild
+        self.current = base
+        self._base = base
+        base.sni_callback = self._switch
+
+    def _switch(self, connection: Any, _server_name: str | None, _context: ssl.SSLContext) -> None:
+        # `connection` is the handshake's SSLObject (or SSLSocket); typeshed types it SSLObject only.
+        current = self.current
+        if current is not self._base:
+            connection.context = current

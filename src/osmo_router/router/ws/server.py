@@ -51,8 +51,11 @@ CLOSE_TIMEOUT = 10.0
 
 def server_ssl_context(config: RouterConfig) -> ssl.SSLContext | None:
     """TLS for the WebSocket port: the gRPC port's certificate and key (and client CA)."""
-    if not config.tls_enabled:
-        return None
+    return ws_tls_context(config) if config.tls_enabled else None
+
+
+def ws_tls_context(config: RouterConfig) -> ssl.SSLContext:
+    """The WebSocket port's TLS context from the files as they are now."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls_cert, config.tls_key)
     if config.tls_client_ca:
