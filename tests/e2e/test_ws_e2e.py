@@ -76,11 +76,8 @@ def test_exec_blob_exit_code_and_metrics(router: Router, grpc_workflow: str, cli
         pairing.finish()
     assert result.returncode == 5, result.stderr
     assert hashlib.sha256(result.stdout[: len(blob)]).digest() == hashlib.sha256(blob).digest()
-    if "ws" in (client, agent):
-        # The old protocol has one output stream: stderr arrives merged into stdout.
-        assert result.stdout[len(blob) :] == b"to-err\n"
-    else:
-        assert (result.stdout[len(blob) :], result.stderr) == (b"", b"to-err\n")
+    # Our client and WS agent offer stderr apart (wsproto.STDERR_SUBPROTOCOL): no pairing merges it.
+    assert (result.stdout[len(blob) :], result.stderr) == (b"", b"to-err\n")
     assert delta(before, transport_counts(router, "exec")) == {f"client_{client}": 1, f"agent_{agent}": 1}
 
 

@@ -109,3 +109,31 @@ def test_a_size_message_nested_past_the_json_parsers_depth_is_an_invalid_argumen
 
     with pytest.raises(InvalidArgument, match="expected a terminal size"):
         parse_size(b"[" * 1000)  # under the 1 KiB cap of a size message; RecursionError before
+
+
+def test_stderr_messages_are_base64_text_in_bounded_chunks_and_come_back_whole() -> None:
+    from osmo_router.wire.wsproto import STDERR_CHUNK, stderr_frame, stderr_messages
+
+    data = bytes(range(256)) * (2 * STDERR_CHUNK // 256 + 3)  # every byte value, not UTF-8; three chunks
+    texts = list(stderr_messages(data))
+    assert len(texts) == 3
+    assert all(text.isascii() and len(text) <= 4 * STDERR_CHUNK // 3 for text in texts)
+    assert b"".join(stderr_frame(text).stderr for text in texts) == data
+    assert list(stderr_messages(b"")) == []
+
+
+@pytest.mark.parametrize("text", ["not base64!", "abc", "é" * 4])
+def test_a_stderr_message_that_is_not_base64_is_an_invalid_argument(text: str) -> None:
+    from osmo_router.wire.wsproto import stderr_frame
+
+    with pytest.raises(InvalidArgument, match="a stderr message must be base64"):
+        stderr_frame(text)
+
+
+def test_our_client_offers_stderr_apart_for_exec_and_rsync_only() -> None:
+    from osmo_router.wire.protocol import pb
+    from osmo_router.wire.wsproto import STDERR_SUBPROTOCOL, client_protocols
+
+    for init in (pb.ExecInit(command=["true"]), pb.RsyncInit(server_args=["--server"])):
+        assert client_protocols(init) == (STDERR_SUBPROTOCOL,)
+    assert client_protocols(pb.PortForwardInit(remote_port=80)) == ()

@@ -23,6 +23,7 @@ from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
+    STDERR_SUBPROTOCOL,
     base_url,
     default_ws_address,
     error_from_reason,
@@ -68,7 +69,8 @@ async def serve_ws_session(config: WsBackendConfig) -> int:
     url = session_url(base, config.operation, config.agent.workflow_id, "backend", config.session_key, query)
     async with aiohttp.ClientSession() as http:
         try:
-            ws = await connect(http, url, dial, timeout=20.0)
+            # Offered for stderr apart; a router that does not select it gets stderr merged (wsproto).
+            ws = await connect(http, url, dial, timeout=20.0, protocols=(STDERR_SUBPROTOCOL,))
             log.info(
                 "waiting for the client of session %s",
                 config.session_key[:8],
@@ -92,7 +94,14 @@ async def _serve_opened(ws: aiohttp.ClientWebSocketResponse, open_msg: pb.Sessio
     handler = default_handlers().get(init)
     tty = init == "exec" and open_msg.exec.tty
     udp = init == "port_forward" and open_msg.port_forward.protocol == pb.PROTOCOL_UDP
-    stream = WsSessionStream(ws, operation=config.operation, backend=True, parse_resize=tty, udp=udp)
+    stream = WsSessionStream(
+        ws,
+        operation=config.operation,
+        backend=True,
+        parse_resize=tty,
+        udp=udp,
+        split_stderr=ws.protocol == STDERR_SUBPROTOCOL,
+    )
     if handler is None:
         log.error("session %s: this agent does not serve %s", config.session_key[:8], init)
         await stream.close()

@@ -1,9 +1,11 @@
 """The WebSocket transport: the old router's protocol (wsproto) behind the SessionStream interface.
 
 One WebSocket per session (as the old router had it), opened with aiohttp. What the old protocol
-cannot carry is lost exactly as it was with the old router: stderr arrives merged into stdout,
-signals are not delivered, and stdin EOF in pipe mode is the empty message. The client asks for
-the exit status with the `exit=1` extension; without it a clean end counts as exit 0.
+cannot carry is lost exactly as it was with the old router: signals are not delivered, and stdin
+EOF in pipe mode is the empty message. The client asks for the exit status with the `exit=1`
+extension (without it a clean end counts as exit 0), and offers wsproto.STDERR_SUBPROTOCOL for stderr
+apart from stdout (text messages); where the router does not select it (OSMO's), stderr arrives
+merged into stdout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,7 +38,9 @@ from osmo_router.wire.wsproto import (
     CLOSE_NORMAL,
     ERROR_HEADER,
     MAX_REQUEST_TARGET,
+    STDERR_SUBPROTOCOL,
     base_url,
+    client_protocols,
     client_query,
     datagram_frame,
     datagram_message,
@@ -47,6 +52,8 @@ from osmo_router.wire.wsproto import (
     message_to_frame,
     session_url,
     size_message,
+    stderr_frame,
+    stderr_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -82,9 +89,9 @@ def auth_headers(dial: DialConfig) -> dict[str, str]:
 
 
 async def connect(
-    session: aiohttp.ClientSession, url: str, dial: DialConfig, timeout: float
+    session: aiohttp.ClientSession, url: str, dial: DialConfig, timeout: float, protocols: tuple[str, ...] = ()
 ) -> aiohttp.ClientWebSocketResponse:
-    """Open one WebSocket; handshake refusals become the matching RouterError.
+    """Open one WebSocket, offering `protocols`; handshake refusals become the matching RouterError.
 
     Through the HTTP proxy the environment names for the router's host, chosen as for the gRPC
     channel (dial/proxy.py): aiohttp tunnels a wss:// URL with CONNECT, and sends a ws:// one to the
@@ -107,6 +114,7 @@ async def connect(
             server_hostname=dial.tls_server_name,
             timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
             compress=0,
+            protocols=protocols,
         )
     except aiohttp.WSServerHandshakeError as err:
         # The router names the cause in a header (`CODE: message`); another server only gives a status.
@@ -153,10 +161,13 @@ class WsSessionStream:
         backend: bool,
         parse_resize: bool = False,
         udp: bool = False,
+        split_stderr: bool = False,
     ) -> None:
-        """`udp`: a UDP forward, each message one datagram behind OSMO's 6-byte sender header (wsproto)."""
+        """`udp`: a UDP forward, each message one datagram behind OSMO's 6-byte sender header (wsproto);
+        `split_stderr`: the router selected STDERR_SUBPROTOCOL, so stderr travels as text messages."""
         self.ws = ws
         self._udp = udp
+        self._split_stderr = split_stderr
         self._is_exec = operation == pb.OPERATION_EXEC
         self._backend = backend
         self._parse_resize = parse_resize
@@ -180,6 +191,9 @@ class WsSessionStream:
             payload: bytes | None = b""  # EOF of this direction, both ways
         elif frame.WhichOneof("kind") == "datagram" and self._udp:
             payload = datagram_message(frame.datagram)
+        elif frame.WhichOneof("kind") == "stderr" and self._split_stderr:
+            await self._send_texts(stderr_messages(frame.stderr))
+            return
         else:
             payload = frame_to_message(frame, to_backend=not self._backend)
         if payload is None:
@@ -189,6 +203,14 @@ class WsSessionStream:
                 return
             with contextlib.suppress(ConnectionError):
                 await self.ws.send_bytes(payload)
+
+    async def _send_texts(self, texts: Iterable[str]) -> None:
+        async with self._write_lock:
+            for text in texts:
+                if self.closed_for_writing or self.ws.closed:
+                    return
+                with contextlib.suppress(ConnectionError):
+                    await self.ws.send_str(text)
 
     @property
     def raw(self) -> bool:
@@ -229,6 +251,8 @@ class WsSessionStream:
                     return datagram_frame(msg.data)
                 return message_to_frame(msg.data, parse_resize=self._parse_resize)
             if msg.type == aiohttp.WSMsgType.TEXT:
+                if self._split_stderr:
+                    return stderr_frame(str(msg.data))
                 return message_to_frame(str(msg.data).encode(), parse_resize=self._parse_resize)
             if msg.type in (aiohttp.WSMsgType.PING, aiohttp.WSMsgType.PONG):
                 continue
@@ -306,7 +330,7 @@ class WsTransport:
                 f"of URL, at most {MAX_REQUEST_TARGET}): use the gRPC transport (--transport grpc)"
             )
         try:
-            ws = await connect(self._session, url, self._dial, self._timeout)
+            ws = await connect(self._session, url, self._dial, self._timeout, client_protocols(init))
         except PortUnreachable as err:
             if self._fallback_from is None:
                 raise
@@ -315,7 +339,8 @@ class WsTransport:
             raise Unavailable(neither_port(self._fallback_from, err.base, err.reason)) from None
         if isinstance(init, pb.ExecInit):
             await ws.send_bytes(size_message(init.size.rows, init.size.cols))
-        return WsSessionStream(ws, operation=operation, backend=False)
+        split_stderr = ws.protocol == STDERR_SUBPROTOCOL  # selected: the router sends stderr as text
+        return WsSessionStream(ws, operation=operation, backend=False, split_stderr=split_stderr)
 
     async def aclose(self) -> None:
         """Close the HTTP session (and with it every WebSocket still open)."""

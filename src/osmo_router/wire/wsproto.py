@@ -19,11 +19,22 @@ client as an empty message: TCP half-close both ways), `port`/`host` (port-forwa
 with `init=1` for the session's `SessionOpen` (protobuf) as its first message instead of the size,
 reports its exit status as the reason of its close (`exit:N`, `signal:N`), and an error as the
 router does (close code 4000, `CODE: message`).
+
+stderr apart (docs/migration.md 2a): our client and our WS agent offer the WebSocket subprotocol
+STDERR_SUBPROTOCOL and our router selects it. On a WebSocket where it was selected, stderr travels as
+*text* messages holding the bytes in base64 (RFC 4648, with padding), at most STDERR_CHUNK bytes of
+stderr each; binary messages stay the output, as before. Where it was not (OSMO's router accepts
+without choosing a subprotocol, router.py `ws.accept()`; an older osmo-router), both sides keep to the
+old protocol: stderr merged into the binary output, and nobody sends text. OSMO's CLI and osmo-ctrl
+offer no subprotocol, so they see the old bytes exactly.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+from collections.abc import Iterator
 from typing import Final
 from urllib.parse import urlencode, urlsplit
 
@@ -50,6 +61,13 @@ ERROR_HEADER: Final = "Osmo-Error"
 MAX_ERROR_HEADER: Final = 512
 #: Close reasons are limited to 123 bytes by RFC 6455.
 MAX_REASON: Final = 123
+#: The WebSocket subprotocol of stderr apart, as text messages (module docstring). A subprotocol, not a
+#: query parameter: the router's selection acknowledges it, so a side never sends text to a router that
+#: would relay it as output.
+STDERR_SUBPROTOCOL: Final = "osmo-router.stderr.v1"
+#: Most stderr bytes in one text message (65,536 characters of base64): far below every side's
+#: message limit, whatever size of stderr frame an agent sends.
+STDERR_CHUNK: Final = 48 * 1024
 
 
 def size_message(rows: int, cols: int) -> bytes:
@@ -163,10 +181,32 @@ def client_query(init: pb.ExecInit | pb.PortForwardInit | pb.RsyncInit, want_exi
     return query
 
 
+def client_protocols(init: pb.ExecInit | pb.PortForwardInit | pb.RsyncInit) -> tuple[str, ...]:
+    """The subprotocols a client offers: stderr apart for exec and rsync (a forward has no stderr)."""
+    return () if isinstance(init, pb.PortForwardInit) else (STDERR_SUBPROTOCOL,)
+
+
+def stderr_messages(data: bytes) -> Iterator[str]:
+    """stderr as text messages of STDERR_SUBPROTOCOL: base64, at most STDERR_CHUNK bytes each
+    (made one at a time: a large frame is not held twice over)."""
+    view = memoryview(data)
+    for start in range(0, len(view), STDERR_CHUNK):
+        yield base64.b64encode(view[start : start + STDERR_CHUNK]).decode("ascii")
+
+
+def stderr_frame(text: str) -> pb.Frame:
+    """The stderr frame a text message of STDERR_SUBPROTOCOL stands for; InvalidArgument if no base64."""
+    try:
+        return pb.Frame(stderr=base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
+        raise InvalidArgument(f"a stderr message must be base64, got {text[:40]!r}") from None
+
+
 def frame_to_message(frame: pb.Frame, *, to_backend: bool) -> bytes | None:
     """What a frame becomes on an old WebSocket; None when the old protocol cannot carry it.
 
-    Data and stderr (merged: the old protocol has one output stream) pass as they are; a
+    Data and stderr (merged: the old protocol has one output stream; see stderr_messages for the
+    extension that keeps them apart) pass as they are; a
     half-close towards the backend is the empty message (EOF); a resize is a RESIZE message.
     Signals, exit statuses, datagrams and errors have no old form: the caller handles or drops them.
     """

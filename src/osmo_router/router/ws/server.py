@@ -38,7 +38,7 @@ from osmo_router.router.ws.sides import WsBackendSide, WsClientSide
 from osmo_router.wire.errors import InvalidArgument, RouterError
 from osmo_router.wire.ops import BY_LABEL, Operation
 from osmo_router.wire.protocol import AUTHORIZATION_HEADER, pb
-from osmo_router.wire.wsproto import SESSION_PATH, VERSION_PATH
+from osmo_router.wire.wsproto import SESSION_PATH, STDERR_SUBPROTOCOL, VERSION_PATH
 
 #: Longest `?timeout=` a client may ask for, in seconds.
 MAX_RENDEZVOUS_TIMEOUT = 3600.0
@@ -147,6 +147,8 @@ class WsServer:
             compress=False,  # payloads are terminal bytes, TCP streams and rsync data: not worth the CPU
             heartbeat=self._config.heartbeat_interval,
             timeout=CLOSE_TIMEOUT,
+            # Selected when our client or WS agent offers it (stderr apart, wsproto); others offer none.
+            protocols=(STDERR_SUBPROTOCOL,),
         )
 
     async def _authenticate(self, request: web.Request, operation: Operation | None) -> Identity:

@@ -5,6 +5,8 @@ the same bytes on every stream), so a WebSocket side meets a gRPC side, or anoth
 side, through the same pipeline. The translation is `wsproto.frame_to_message` and
 `wsproto.message_to_frame`; what the old protocol cannot carry is handled here:
 
+- towards a WS client, stderr is merged into the output, unless the WebSocket's subprotocol is
+  wsproto.STDERR_SUBPROTOCOL (then stderr is text messages);
 - towards a WS client, the ready is dropped (the old protocol has none), an exit status is dropped
   (or, with the `exit=1` extension, becomes the reason of the final close), and so is the agent's
   half-close (or, with `eof=1`, it is the empty message; on an old client's TCP forward or rsync
@@ -12,6 +14,8 @@ side, through the same pipeline. The translation is `wsproto.frame_to_message` a
   `CODE: message`;
 - an old client's normal close of such a connection is its local EOF: a half-close behind the data
   (towards an old backend, a normal close after the data), never a break that drops queued frames;
+- from a WS backend, every message is output, unless the WebSocket's subprotocol is
+  wsproto.STDERR_SUBPROTOCOL (then its text messages are stderr);
 - from a WS backend, the end of its pipe (empty message or close) is its half-close, and for exec
   it also stands for exit status 0: the old protocol has no exit codes, and its clients took a
   clean end as success;
@@ -41,6 +45,7 @@ from osmo_router.wire.wsproto import (
     CLOSE_NORMAL,
     ERROR_HEADER,
     MAX_ERROR_HEADER,
+    STDERR_SUBPROTOCOL,
     datagram_frame,
     datagram_message,
     error_from_reason,
@@ -50,6 +55,8 @@ from osmo_router.wire.wsproto import (
     frame_to_message,
     message_to_frame,
     size_message,
+    stderr_frame,
+    stderr_messages,
 )
 
 #: HTTP status of a refusal before the WebSocket upgrade, by gRPC status name.
@@ -127,12 +134,15 @@ class _WsSide:
 
     async def _receive(self) -> bytes | str | None:
         """The next message's bytes; at the end, the close reason (str), or None if there was none."""
+        msg = await self._next_message()
+        return None if msg is None else _as_received(msg)
+
+    async def _next_message(self) -> WSMessage | None:
+        """The next data message or the end (None: stopped by our own close, _close_ws)."""
         while True:
             msg = self._stash.pop(0) if self._stash else await self._receive_ws()
-            if msg is None:
-                return None  # stopped by our own close (_close_ws)
-            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CLOSE) or msg.type in _ENDED:
-                return _as_received(msg)
+            if msg is None or msg.type in (WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.CLOSE) or msg.type in _ENDED:
+                return msg
 
     async def _receive_ws(self) -> WSMessage | None:
         task = self._receiver = asyncio.current_task()
@@ -183,9 +193,10 @@ class _WsSide:
         if self.ws.prepared and not self.ws.closed:
             await self._close_ws()
 
-    async def _send(self, payload: bytes) -> None:
+    async def _send(self, payload: bytes | str) -> None:
+        """One message: binary, or text for a str (stderr under STDERR_SUBPROTOCOL)."""
         try:
-            await self.ws.send_bytes(payload)
+            await (self.ws.send_str(payload) if isinstance(payload, str) else self.ws.send_bytes(payload))
         except (ConnectionError, RuntimeError) as err:
             raise self._broken(err) from None
 
@@ -253,6 +264,9 @@ class WsClientSide(_WsSide):
             await self._close_ws(CLOSE_ERROR, error_reason(_status_code(frame.error.code), frame.error.message))
         elif kind == "datagram" and self._udp:
             await self._send(datagram_message(frame.datagram))
+        elif kind == "stderr" and self.ws.ws_protocol == STDERR_SUBPROTOCOL:
+            for text in stderr_messages(frame.stderr):
+                await self._send(text)
         elif kind == "half_close":
             if self._want_eof:  # an old client never sees an empty message: the close ends its pipe
                 await self._send(b"")
@@ -324,7 +338,10 @@ class WsBackendSide(_WsSide):
     async def read(self) -> bytes | None:
         """The backend's next message as an encoded frame; its end becomes a clean half-close."""
         while not self._pending:
-            data = await self._receive()
+            msg = await self._next_message()
+            if msg is not None and msg.type == WSMsgType.TEXT and self.ws.ws_protocol == STDERR_SUBPROTOCOL:
+                return encode_frame(stderr_frame(str(msg.data)))
+            data = None if msg is None else _as_received(msg)
             if isinstance(data, bytes):
                 if data:
                     return encode_frame(datagram_frame(data) if self._udp else pb.Frame(data=data))
