@@ -9,6 +9,9 @@ end (the target's EOF relayed, and the client's half-close received), with a TCP
 of the client's half-close), or the target itself reset the connection. A server in the container
 that is still sending or reading then gets ECONNRESET instead of an orderly close it would take
 for "the client read everything".
+
+A session whose init says `close_at_client_eof` (the router sets it for OSMO's CLI on its WebSocket
+port) ends at the client's half-close, whatever the target does (`TcpRelay._close_at_client_eof`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import ipaddress
 import logging
 import socket
+import sys
+import termios
 
 import grpc
 
@@ -42,6 +48,11 @@ log = logging.getLogger(__name__)
 
 #: How long connecting to a target may take.
 CONNECT_TIMEOUT = 10.0
+#: With `close_at_client_eof`: how long the target may take to accept the client's last bytes before
+#: its connection is closed anyway (the kernel then goes on delivering them, as after any close).
+EOF_DELIVERY_GRACE = 10.0
+#: Most bytes of the target's read and dropped in one go while the client's last bytes are delivered.
+EOF_DISCARD_BYTES = 4 * 1024 * 1024
 
 
 @functools.lru_cache(maxsize=16)
@@ -100,7 +111,7 @@ async def serve_port_forward(stream: SessionStream, open_msg: pb.SessionOpen, co
         )
         await relay.run()
     else:
-        await _serve_tcp(stream, hosts, port)
+        await _serve_tcp(stream, hosts, port, close_at_client_eof=init.close_at_client_eof)
 
 
 def forward_refusal(init: pb.PortForwardInit, config: AgentConfig) -> tuple[grpc.StatusCode, str] | None:
@@ -183,7 +194,7 @@ async def _connect(hosts: list[str], port: int) -> socket.socket:
     raise last
 
 
-async def _serve_tcp(stream: SessionStream, hosts: list[str], port: int) -> None:
+async def _serve_tcp(stream: SessionStream, hosts: list[str], port: int, *, close_at_client_eof: bool) -> None:
     where = f"port {port} in the container"
     try:
         sock = await _connect(hosts, port)
@@ -196,7 +207,7 @@ async def _serve_tcp(stream: SessionStream, hosts: list[str], port: int) -> None
         return
     clean = False
     try:
-        clean = await TcpRelay(stream, sock, where).run()
+        clean = await TcpRelay(stream, sock, where, close_at_client_eof=close_at_client_eof).run()
     finally:
         if clean:
             sock.close()
@@ -208,11 +219,17 @@ class TcpRelay:
     """One forwarded TCP connection: target socket <-> session stream, each direction closing on its own.
 
     `run` says whether it ended cleanly; the caller closes the target socket with a FIN if so, with
-    a reset otherwise (see the module docstring).
+    a reset otherwise (see the module docstring). With `close_at_client_eof` the client's half-close
+    ends the connection (see `_close_at_client_eof`).
     """
 
-    def __init__(self, stream: SessionStream, sock: socket.socket, where: str) -> None:
+    def __init__(
+        self, stream: SessionStream, sock: socket.socket, where: str, *, close_at_client_eof: bool = False
+    ) -> None:
         self.stream = stream
+        self.close_at_client_eof = close_at_client_eof
+        #: Set at the client's half-close when it ends the connection (`close_at_client_eof`).
+        self._client_eof_closes = asyncio.Event()
         self.sock = sock
         self.where = where
         self.loop = asyncio.get_running_loop()
@@ -233,29 +250,77 @@ class TcpRelay:
         reader.add_done_callback(retrieve)
         target = asyncio.create_task(self._from_target())
         client_done = asyncio.create_task(self.client_done.wait())
+        eof_closes = asyncio.create_task(self._client_eof_closes.wait())
         try:
-            await asyncio.wait({target, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({target, reader, eof_closes}, return_when=asyncio.FIRST_COMPLETED)
+            if self._client_eof_closes.is_set() and not target.done():
+                return await self._close_at_client_eof(target, reader)
             if not target.done():
                 return False  # the session ended first: the client went away or the session failed
             await asyncio.wait({client_done, reader}, return_when=asyncio.FIRST_COMPLETED)
             if not self.client_done.is_set():
                 return False
-            await self.stream.close()
-            if is_resumable(self.stream):
-                # Its reader keeps the call, which ends only after the handler (agent/held.py).
-                reader.cancel()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(CONNECT_TIMEOUT):
-                        await asyncio.shield(reader)
+            await self._end_call(reader)
             # Both directions are over at the socket level: what happens to the call now changes
             # nothing the target could still be told.
             return self.target_eof and self.client_half_closed and not self._error_sent
         finally:
-            for task in (target, client_done):
+            for task in (target, client_done, eof_closes):
                 task.cancel()
-            await asyncio.gather(target, client_done, return_exceptions=True)
+            await asyncio.gather(target, client_done, eof_closes, return_exceptions=True)
             await self.direct.close()
+
+    async def _end_call(self, reader: asyncio.Task[None]) -> None:
+        """End our side of the call and let the router end its side (the stream reader sees it)."""
+        await self.stream.close()
+        if is_resumable(self.stream):
+            # Its reader keeps the call, which ends only after the handler (agent/held.py).
+            reader.cancel()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await asyncio.shield(reader)
+
+    async def _close_at_client_eof(self, target: asyncio.Task[None], reader: asyncio.Task[None]) -> bool:
+        """The client's half-close ends the connection (`close_at_client_eof`), as OSMO's system did.
+
+        OSMO's CLI has no half-close: at its local EOF it closes the connection's WebSocket and reads
+        nothing more (port_forward.py run_tcp_with_sock); OSMO's router then closed the backend
+        (router.py run_connect_client, once copy_data had relayed every message), and osmo-ctrl closed
+        its connection to the target right after writing the last message to it (ctrl.go
+        portforwardConnectTCP: `<-closeConn`, then its deferred `localConn.Close()`). So here, once
+        everything before the half-close is written (the pump writes in order, and the target's write
+        side is already shut down behind it): the target's bytes are no longer relayed (nobody reads
+        them), the client's last bytes get up to EOF_DELIVERY_GRACE s to reach the target, and the
+        connection is closed with a FIN whether or not the target closes (True: a clean end).
+        Waiting for delivery is a bound OSMO did not have: closing a socket that holds unread bytes
+        of the target sends a reset, which would drop what the target had not yet taken.
+        """
+        target.cancel()
+        await asyncio.gather(target, return_exceptions=True)
+        await self._delivered()
+        with contextlib.suppress(grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError):
+            await self.stream.send(half_close_frame())
+            await self._end_call(reader)
+        _discard_input(self.sock)  # (unread bytes would turn the close into a reset)
+        return not self._error_sent
+
+    async def _delivered(self) -> None:
+        """Until the target's TCP acknowledged every byte and the FIN (at most EOF_DELIVERY_GRACE s).
+
+        The kernel has no event for that: the send queue is polled, first after 1 ms, then less
+        often (on loopback a target that reads empties it at once). What the target sends meanwhile
+        is dropped.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + EOF_DELIVERY_GRACE
+        delay = 0.001
+        while True:
+            _discard_input(self.sock)
+            if _unsent(self.sock) == 0 or loop.time() >= deadline:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _report(self, message: str) -> None:
         if not self._error_sent:
@@ -302,9 +367,29 @@ class TcpRelay:
                         self.client_half_closed = True
                         shutdown_quietly(self.sock, socket.SHUT_WR)
                         self.client_done.set()
+                        if self.close_at_client_eof:
+                            self._client_eof_closes.set()
                     elif kind == "error":
                         # The client's side broke (its application reset the connection): reset the target.
                         log.info("port-forward to %s: the client ended it: %s", self.where, frame.error.message)
                         return
         except (grpc.aio.AioRpcError, RouterError, asyncio.InvalidStateError) as err:
             log.info("port-forward session to %s broke: %s", self.where, err)
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes (and the FIN) the target's TCP has not acknowledged yet (SIOCOUTQ); 0 where unknown."""
+    count = bytearray(4)
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)  # TIOCOUTQ is SIOCOUTQ on Linux
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(count, sys.byteorder, signed=True)
+
+
+def _discard_input(sock: socket.socket) -> None:
+    """Read and drop what the target sent (at most EOF_DISCARD_BYTES), without waiting."""
+    dropped = 0
+    with contextlib.suppress(OSError):
+        while dropped < EOF_DISCARD_BYTES and (chunk := sock.recv(65536)):
+            dropped += len(chunk)

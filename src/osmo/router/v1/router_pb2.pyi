@@ -264,6 +264,7 @@ class PortForwardInit(_message.Message):
     REMOTE_HOST_FIELD_NUMBER: _builtins.int
     FORWARD_ID_FIELD_NUMBER: _builtins.int
     WATCHED_PORTS_FIELD_NUMBER: _builtins.int
+    CLOSE_AT_CLIENT_EOF_FIELD_NUMBER: _builtins.int
     protocol: Global___Protocol.ValueType
     remote_port: _builtins.int
     """Port inside the container."""
@@ -273,6 +274,13 @@ class PortForwardInit(_message.Message):
     """One port-forward command's id (random, chosen by the client), the same on its watch and on every
     forwarded connection: the router counts the command once against the per-user session limit and
     its connections against its own limit. Empty (older clients): every stream counts as a session.
+    """
+    close_at_client_eof: _builtins.bool
+    """The client's half-close ends the connection: the agent writes every byte that came before it,
+    closes its connection to the target and ends the session, instead of half-closing the target
+    and waiting for the target's own EOF. OSMO's CLI has no half-close and OSMO's backend (osmo-ctrl)
+    closed the target once the CLI's WebSocket closed: the router sets this for OSMO-protocol clients
+    of its WebSocket port (docs/migration.md 1.6). Older agents ignore it.
     """
     @_builtins.property
     def target(self) -> Global___SessionTarget: ...
@@ -292,10 +300,11 @@ class PortForwardInit(_message.Message):
         remote_host: _builtins.str = ...,
         forward_id: _builtins.str = ...,
         watched_ports: _abc.Iterable[_builtins.int] | None = ...,
+        close_at_client_eof: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["forward_id", b"forward_id", "protocol", b"protocol", "remote_host", b"remote_host", "remote_port", b"remote_port", "target", b"target", "watched_ports", b"watched_ports"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_at_client_eof", b"close_at_client_eof", "forward_id", b"forward_id", "protocol", b"protocol", "remote_host", b"remote_host", "remote_port", b"remote_port", "target", b"target", "watched_ports", b"watched_ports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

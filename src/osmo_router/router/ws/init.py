@@ -133,6 +133,9 @@ async def client_init(
         if created is not None:
             created_forward(created, forward)
         udp = forward.protocol == pb.PROTOCOL_UDP
+        # OSMO's CLI (no extension) closes a connection's WebSocket at its local EOF, and osmo-ctrl then
+        # closed the target (docs/migration.md 1.6): the agent ends the connection there too.
+        forward.close_at_client_eof = not udp and not (want_eof or want_exit)
         open_msg = pb.SessionOpen(port_forward=forward)
         return ClientInit(target, open_msg, want_exit=want_exit, want_eof=want_eof, udp=udp)
     rsync = pb.RsyncInit(target=target, server_args=_args(query, "arg"))
