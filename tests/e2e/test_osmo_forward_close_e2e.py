@@ -218,3 +218,85 @@ def test_old_client_close_after_a_reply_target_ignores_eof(router: Router, grpc_
             release.set()
             if backend is not None:
                 backend.stop()
+
+
+class Chatty:
+    """A target that sends all the time (until its connection fails) while it reads to EOF, and goes on
+    sending after the EOF: there is always some of its data on its way to the CLI when the CLI closes."""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.ended: list[str] = []
+        self.done = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT)
+        stop = threading.Event()
+
+        def talk() -> None:
+            chunk = b"t" * 262144
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    conn.sendall(chunk)
+            self.ended.append("send failed" if not stop.is_set() else "stopped")
+
+        talker = threading.Thread(target=talk, daemon=True)
+        talker.start()
+        data = bytearray()
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(4096):  # (small reads: the upload queues up behind them)
+                data += chunk
+        self.received.append(bytes(data))
+        talker.join(WAIT)  # until its connection fails (the agent closed it), at most WAIT
+        stop.set()
+        self.done.set()
+
+
+def upload_reading_all(port: int, payload: bytes) -> None:
+    """The local application sends everything and ends its side, reading what comes until the CLI closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        reader = threading.Thread(target=lambda: _read_to_end(sock), daemon=True)
+        reader.start()
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(WAIT)
+
+
+def _read_to_end(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(1 << 20):
+            pass
+
+
+def test_old_client_close_while_the_target_talks(router: Router, grpc_workflow: str) -> None:
+    """The target sends all along and after its EOF: the CLI's upload still arrives whole, what the target
+    sends after the CLI's close is not relayed (OSMO's CLI reads nothing more), and its connection is closed
+    (its sending fails) and the session freed. Before, the target's data meeting the closed WebSocket
+    broke the session, and the break could drop the upload's tail still queued for the agent. A race:
+    without the router's part of the fix 2 runs of 8 got a short upload (8333285 and 8349669 bytes of
+    8388608); with it, 0 of 10."""
+    base = f"ws://127.0.0.1:{router.ws_port}"
+    payload = os.urandom(8 * 1024 * 1024)
+    target = Chatty()
+    key = uuid.uuid4().hex
+    with tcp_server(target) as target_port:
+        control.create_session(router.address, control.created(grpc_workflow, key, "portforward", port=target_port))
+
+        async def body() -> None:
+            forward, task = osmo.start_tcp_forward(base, grpc_workflow, key, timeout=10)
+            await forward.ready.wait()
+            try:
+                await asyncio.to_thread(upload_reading_all, forward.port, payload)
+                assert await asyncio.to_thread(target.done.wait, 2 * WAIT)
+            finally:
+                forward.close.set()
+                await task
+
+        async def bounded() -> None:
+            async with asyncio.timeout(4 * WAIT):
+                await body()
+
+        asyncio.run(bounded())
+        assert [len(r) for r in target.received] == [len(payload)] and sha(target.received[0]) == sha(payload)
+        assert target.ended == ["send failed"]
+        wait_until(lambda: active(router) == 0, FREED_WITHIN, "the session freed")

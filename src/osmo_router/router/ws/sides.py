@@ -14,6 +14,7 @@ side, through the same pipeline. The translation is `wsproto.frame_to_message` a
   `CODE: message`;
 - an old client's normal close of such a connection is its local EOF: a half-close behind the data
   (towards an old backend, a normal close after the data), never a break that drops queued frames;
+  what the far end sends after it is dropped (the client reads nothing more);
 - from a WS backend, every message is output, unless the WebSocket's subprotocol is
   wsproto.STDERR_SUBPROTOCOL (then its text messages are stderr);
 - from a WS backend, the end of its pipe (empty message or close) is its half-close, and for exec
@@ -275,6 +276,11 @@ class WsClientSide(_WsSide):
                 # (osmo-ctrl closed both when one direction ended); waiting for the session's end
                 # would wait for a local EOF that a client reading to the end never sends.
                 await self._close_ws(CLOSE_NORMAL, "")
+        elif self._ended and kind == "data":
+            # OSMO's CLI reads nothing after its local EOF (run_tcp_with_sock closes the WebSocket) and
+            # OSMO's router stopped copying to it (router.py run_connect_client): the far end's bytes are
+            # dropped. Writing them would fail and break the session, dropping the client's last bytes.
+            return
         elif (payload := frame_to_message(frame, to_backend=False)) is not None:
             await self._send(payload)
 
