@@ -3,7 +3,8 @@
 The relay, its flow control and its metrics only see encoded frame messages (field 2 = Frame,
 the same bytes on every stream), so a WebSocket side meets a gRPC side, or another WebSocket
 side, through the same pipeline. The translation is `wsproto.frame_to_message` and
-`wsproto.message_to_frame`; what the old protocol cannot carry is handled here:
+`wsproto.message_to_frame`; what the old protocol cannot carry is handled here (the client's side,
+WsClientSide, in this module; the backend's, WsBackendSide, in ws/backend_side.py):
 
 - towards a WS client, stderr is merged into the output, unless the WebSocket's subprotocol is
   wsproto.STDERR_SUBPROTOCOL (then stderr is text messages);
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -38,8 +39,7 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from osmo_router.router.core.sessions import RendezvousTimeout
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
-from osmo_router.wire.errors import Cancelled, InvalidArgument, RouterError, Unavailable
-from osmo_router.wire.ops import Operation, operation_of
+from osmo_router.wire.errors import Cancelled, RouterError
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
@@ -49,14 +49,10 @@ from osmo_router.wire.wsproto import (
     STDERR_SUBPROTOCOL,
     datagram_frame,
     datagram_message,
-    error_from_reason,
     error_reason,
-    exit_from_reason,
     exit_reason,
     frame_to_message,
     message_to_frame,
-    size_message,
-    stderr_frame,
     stderr_messages,
 )
 
@@ -83,7 +79,7 @@ STASH_LIMIT = 1 << 20
 STASH_MESSAGE_COST = 128
 
 
-def _as_received(msg: WSMessage) -> bytes | str | None:
+def received_payload(msg: WSMessage) -> bytes | str | None:
     """A message's bytes; for a close, its reason (str); None for a message that ends the stream without one."""
     if msg.type == WSMsgType.BINARY:
         data: bytes = msg.data
@@ -95,7 +91,7 @@ def _as_received(msg: WSMessage) -> bytes | str | None:
     return None
 
 
-class _WsSide:
+class WsSide:
     """What both WebSocket sides share: the request, its WebSocket, refusals before and after the upgrade."""
 
     transport = "ws"
@@ -136,7 +132,7 @@ class _WsSide:
     async def _receive(self) -> bytes | str | None:
         """The next message's bytes; at the end, the close reason (str), or None if there was none."""
         msg = await self._next_message()
-        return None if msg is None else _as_received(msg)
+        return None if msg is None else received_payload(msg)
 
     async def _next_message(self) -> WSMessage | None:
         """The next data message or the end (None: stopped by our own close, _close_ws)."""
@@ -205,7 +201,7 @@ class _WsSide:
         raise NotImplementedError
 
 
-class WsClientSide(_WsSide):
+class WsClientSide(WsSide):
     """The user's side of a session over the old protocol."""
 
     # OSMO's CLI (websockets) reports a close whose handshake it could not finish as a failure. Its
@@ -288,7 +284,7 @@ class WsClientSide(_WsSide):
         """The old protocol has no ready message."""
 
     async def refuse(self, error: RouterError) -> None:
-        """As `_WsSide.refuse`; but an old client (no `eof`/`exit` extension) whose rendezvous timed out
+        """As `WsSide.refuse`; but an old client (no `eof`/`exit` extension) whose rendezvous timed out
         is closed with 1000, as the old router closed it (OSMO's CLI takes that for a normal end)."""
         legacy = not (self._want_eof or self._want_exit)
         if legacy and isinstance(error, RendezvousTimeout) and self.ws.prepared:
@@ -298,123 +294,6 @@ class WsClientSide(_WsSide):
 
     def _broken(self, err: Exception) -> RouterError:
         return Cancelled(f"the client's WebSocket broke: {err}")
-
-
-class WsBackendSide(_WsSide):
-    """The container's side of a session over the old protocol (an old agent, or `agent --transport ws`).
-
-    Its upgrade waits until the session is joined (`accept`): once a backend's handshake is done, a
-    client finds it. For exec, the first message it gets is the client's own first message
-    (`first_messages`, by session key, when the client came over WebSocket) or a size message.
-    """
-
-    def __init__(
-        self,
-        request: web.Request,
-        ws: web.WebSocketResponse,
-        operation: Operation | None,
-        *,
-        key: str,
-        send_init: bool,
-        first_messages: Mapping[str, bytes],
-    ) -> None:
-        super().__init__(request, ws)
-        self._operation = operation
-        self._is_exec = operation is not None and operation.value == pb.OPERATION_EXEC
-        self._key = key
-        self._send_init = send_init
-        self._first_messages = first_messages
-        self._half_closed = False
-        self._pending: list[bytes | None] = []
-        #: A UDP forward: datagrams go as OSMO's messages (6-byte sender header), both ways.
-        self._udp = False
-
-    async def send_first(self, message: bytes) -> None:
-        """The SessionOpen in the old form: nothing, the exec size message, or (`init=1`) the whole open."""
-        open_msg = pb.ConnectResponse.FromString(message).open
-        if self._operation is None or not _serves(self._operation.value, open_msg):
-            raise InvalidArgument("the session is of another operation than this backend serves")
-        self._udp = open_msg.WhichOneof("init") == "port_forward" and open_msg.port_forward.protocol == pb.PROTOCOL_UDP
-        if self._send_init:  # the `init=1` extension: the whole SessionOpen, for a new backend
-            await self._send(open_msg.SerializeToString())
-        elif self._is_exec:
-            first = self._first_messages.get(self._key)
-            await self._send(first or size_message(open_msg.exec.size.rows, open_msg.exec.size.cols))
-
-    async def read(self) -> bytes | None:
-        """The backend's next message as an encoded frame; its end becomes a clean half-close."""
-        while not self._pending:
-            msg = await self._next_message()
-            if msg is not None and msg.type == WSMsgType.TEXT and self.ws.ws_protocol == STDERR_SUBPROTOCOL:
-                return encode_frame(stderr_frame(str(msg.data)))
-            data = None if msg is None else _as_received(msg)
-            if isinstance(data, bytes):
-                if data:
-                    return encode_frame(datagram_frame(data) if self._udp else pb.Frame(data=data))
-                if not self._half_closed:  # the empty message: EOF of the backend's output
-                    self._half_closed = True
-                    return ENCODED_HALF_CLOSE
-                continue
-            self._pending.extend(self._ending(data))
-        return self._pending.pop(0)
-
-    def _ending(self, reason: str | None) -> list[bytes | None]:
-        """The frames the backend's close stands for, then the end of its stream.
-
-        The old protocol has no exit codes: a clean end of an exec backend is exit 0, unless its
-        close reason carries one (the `exit` extension of new backends); a new backend reports an
-        error as the router does, with code 4000 and `CODE: message`.
-        """
-        out: list[bytes | None] = []
-        status = exit_from_reason(reason) if reason is not None else None
-        if reason is not None and self.ws.close_code == CLOSE_ERROR:
-            err = error_from_reason(reason)
-            out.append(encode_frame(pb.Frame(error=pb.Error(code=err.code.value[0], message=err.message))))
-        elif self._is_exec:
-            out.append(encode_frame(pb.Frame(exit_status=status or pb.ExitStatus(code=0))))
-        elif status is not None:
-            out.append(encode_frame(pb.Frame(exit_status=status)))
-        if not self._half_closed:
-            self._half_closed = True
-            out.append(ENCODED_HALF_CLOSE)
-        out.append(None)
-        return out
-
-    async def write(self, message: bytes) -> None:
-        """Deliver the client's encoded frame to the backend in the old form."""
-        frame = decode_frame(message)
-        if frame.WhichOneof("kind") == "resize" and not self._is_exec:
-            return
-        if frame.WhichOneof("kind") == "datagram" and self._udp and not self.ws.closed:
-            await self._send(datagram_message(frame.datagram))
-            return
-        if frame.WhichOneof("kind") == "half_close" and not (self._send_init or self._is_exec or self._udp):
-            # osmo-ctrl's connection takes no half-close (an empty message is a zero-byte write) and
-            # closes both its ends when one direction ends; the old router ended the whole pipe on the
-            # client's end, after all it had relayed. So the client's EOF is a normal close, behind the data.
-            if not self.ws.closed:
-                await self._close_ws(CLOSE_NORMAL, "")
-            return
-        if (payload := frame_to_message(frame, to_backend=True)) is not None and not self.ws.closed:
-            await self._send(payload)
-
-    def _broken(self, err: Exception) -> RouterError:
-        return Unavailable(f"the backend's WebSocket broke: {err}")
-
-
-def _serves(backend_operation: int, open_msg: pb.SessionOpen) -> bool:
-    """Whether a backend of `backend_operation` may serve the session `open_msg` opens.
-
-    The same operation, or OSMO's rsync: its CLI opens each rsync connection at `rsync/.../client/K`
-    and its backend dials `portforward/.../backend/K` (rsync's daemon protocol through a forward), and
-    the old router paired them on the key alone. Only an old client's rsync session (no server
-    arguments: its URL carries none) pairs so; a new client's never reaches a forward.
-    """
-    operation = operation_of(open_msg)
-    if operation == backend_operation:
-        return True
-    legacy_rsync = operation == pb.OPERATION_RSYNC and not open_msg.rsync.server_args
-    return legacy_rsync and backend_operation == pb.OPERATION_PORT_FORWARD
 
 
 def _status_code(number: int) -> grpc.StatusCode:
