@@ -8,25 +8,18 @@ import errno
 import logging
 import os
 import shutil
-import signal
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
+from osmo_router.agent.process import SpawnError, finish, hang_up, killpg, pump_input, relay_until_exit, spawn
 from osmo_router.io.pipe_writer import PipeWriter
-from osmo_router.resume.stream import ResumableStream
 from osmo_router.transport import SessionStream
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
 
 log = logging.getLogger(__name__)
 
-#: How long a hung-up process gets before SIGKILL.
-HANGUP_GRACE = 2.0
-#: How long output may keep flowing after the process exited (a background child holding stdout).
-OUTPUT_GRACE = 2.0
 #: How long a terminal keeps the passing size that makes its program redraw (see _redraw).
 REDRAW_PAUSE = 0.05
 
@@ -34,17 +27,6 @@ REDRAW_PAUSE = 0.05
 def default_shell() -> str:
     """The container's shell: /bin/bash, else /bin/sh."""
     return "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
-
-
-def exit_frame(returncode: int) -> pb.Frame:
-    """The ExitStatus frame for a subprocess return code (negative means killed by a signal)."""
-    if returncode < 0:
-        return pb.Frame(exit_status=pb.ExitStatus(signal=-returncode))
-    return pb.Frame(exit_status=pb.ExitStatus(code=returncode))
-
-
-class SpawnError(OSError):
-    """The command could not be started: the OSError (or the ValueError, as EINVAL) of the spawn."""
 
 
 def request_error(init: pb.ExecInit) -> str | None:
@@ -99,7 +81,7 @@ async def run_exec(
     if shutil.which(argv[0], path=env.get("PATH")) is None and not os.path.exists(argv[0]):
         end = "\r\n" if init.tty else "\n"  # on the client's raw terminal a bare "\n" does not return the line
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: command not found{end}".encode()))
-        await _finish(stream, 127)
+        await finish(stream, 127)
         return
     try:
         if init.tty:
@@ -118,7 +100,7 @@ async def run_exec(
             return
         log.info("exec %s: %s", argv[0], reason)
         await stream.send(pb.Frame(stderr=f"osmo-router agent: {argv[0]}: {reason}\n".encode()))
-        await _finish(stream, 127 if err.errno == errno.ENOENT else 126)
+        await finish(stream, 127 if err.errno == errno.ENOENT else 126)
 
 
 def _workdir_message(workdir: str, reason: str, flag: str) -> str:
@@ -132,60 +114,6 @@ async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) ->
     await stream.send_error(code, message)
     await stream.send(pb.Frame(half_close=pb.HalfClose()))
     await stream.close()
-
-
-async def _spawn(argv: list[str], **kwargs: Any) -> asyncio.subprocess.Process:
-    """create_subprocess_exec; raises SpawnError if the command could not be started."""
-    try:
-        return await asyncio.create_subprocess_exec(*argv, **kwargs)
-    except OSError as err:
-        raise SpawnError(err.errno, err.strerror, err.filename) from err
-    except ValueError as err:  # NUL or a bad environment name that got past request_error
-        raise SpawnError(errno.EINVAL, str(err)) from err
-
-
-async def _finish(stream: SessionStream, returncode: int) -> None:
-    await stream.send(exit_frame(returncode))
-    await stream.send(pb.Frame(half_close=pb.HalfClose()))
-    await stream.close()
-
-
-async def _hang_up(proc: asyncio.subprocess.Process) -> None:
-    """SIGHUP the process group, then SIGKILL it if it lingers."""
-    if proc.returncode is not None:
-        return
-    for sig in (signal.SIGHUP, signal.SIGCONT):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-    try:
-        async with asyncio.timeout(HANGUP_GRACE):
-            await proc.wait()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-
-
-async def _pump_input(
-    stream: SessionStream,
-    write: Callable[[bytes], Awaitable[None]],
-    close_input: Callable[[], Awaitable[None]],
-    signal_group: Callable[[int], None],
-    resize: Callable[[pb.Resize], Awaitable[None]],
-) -> None:
-    """Apply the client's frames; returns when the client's stream ends."""
-    input_open = True
-    while (frame := await stream.recv()) is not None:
-        kind = frame.WhichOneof("kind")
-        if kind == "data" and input_open:
-            await write(frame.data)
-        elif kind == "half_close" and input_open:
-            input_open = False
-            await close_input()
-        elif kind == "signal":
-            signal_group(frame.signal.number)
-        elif kind == "resize":
-            await resize(frame.resize)
 
 
 async def _no_terminal(_request: pb.Resize) -> None:
@@ -203,59 +131,6 @@ async def _redraw(master: int, rows: int, cols: int) -> None:
     ptys.set_size(master, rows, cols - 1 if cols == ptys.MAX_SIZE else cols + 1)
     await asyncio.sleep(REDRAW_PAUSE)
     ptys.set_size(master, rows, cols)
-
-
-async def _relay_until_exit(
-    stream: SessionStream, proc: asyncio.subprocess.Process, outputs: list[Awaitable[None]], input_pump: Awaitable[None]
-) -> None:
-    """Run the pumps until the process exits and its output is sent; hang up if the client goes away."""
-    output_tasks = [asyncio.ensure_future(o) for o in outputs]
-    input_task = asyncio.ensure_future(input_pump)
-    exited = asyncio.ensure_future(proc.wait())
-    # A resumable session lost (its grace passed) ends the process even while the input pump is stuck
-    # writing to a process that does not read its input: the pump would never see the loss.
-    lost = asyncio.ensure_future(stream.wait_lost()) if isinstance(stream, ResumableStream) else None
-    try:
-        waiting = {exited, input_task} if lost is None else {exited, input_task, lost}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if (input_task in done or lost in done) and not exited.done():
-            # The router ended the stream (client gone, or session failed): hang up the process.
-            if input_task.done() and not input_task.cancelled() and (err := input_task.exception()) is not None:
-                log.info("session input failed: %r; hanging up", err)
-            elif lost in done:
-                log.info("the session was lost; hanging up")
-            else:
-                log.info("the router ended the session; hanging up")
-            await _hang_up(proc)
-            return
-        try:
-            async with asyncio.timeout(OUTPUT_GRACE):
-                await asyncio.gather(*output_tasks)
-        except TimeoutError:
-            log.info("output still open %.0fs after the process exited; closing it", OUTPUT_GRACE)
-        assert proc.returncode is not None
-        await _finish(stream, proc.returncode)
-        if not isinstance(stream, ResumableStream):
-            # Keep reading until the router ends the call: cancelling a pending read would cancel the
-            # RPC and could drop our last frames in flight. (A resumable stream keeps its call open
-            # for acknowledgements until its `finish` (agent/held.py) saw everything acknowledged:
-            # waiting here for the call's end only waited out OUTPUT_GRACE, 2 s on every exec.)
-            with contextlib.suppress(TimeoutError, Exception):
-                async with asyncio.timeout(OUTPUT_GRACE):
-                    await input_task
-    finally:
-        tasks = [*output_tasks, input_task] if lost is None else [*output_tasks, input_task, lost]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await _hang_up(proc)
-
-
-def _killpg(pgid: int, number: int) -> None:
-    try:
-        os.killpg(pgid, signal.Signals(number))
-    except (ValueError, ProcessLookupError, PermissionError) as err:
-        log.info("signal %d to group %d: %s", number, pgid, err)
 
 
 async def run_piped(
@@ -280,16 +155,9 @@ async def run_piped(
     """
     owned: list[int] = []  # opened here and not yet closed or handed over
     try:
+        stdin_r, stdin_w, stdout_r, stdout_w = _open_pipes(pipe_size, owned)
         try:
-            stdin_r, stdin_w = open_pipe(pipe_size)
-            owned += (stdin_r, stdin_w)
-            stdout_r, stdout_w = open_pipe(pipe_size)
-            owned += (stdout_r, stdout_w)
-            os.set_blocking(stdout_r, False)
-        except OSError as err:  # out of descriptors, say
-            raise SpawnError(err.errno, f"cannot open a pipe: {err.strerror}") from err
-        try:
-            proc = await _spawn(
+            proc = await spawn(
                 argv,
                 stdin=stdin_r,
                 stdout=stdout_w,
@@ -307,13 +175,27 @@ async def run_piped(
         try:
             stdin = PipeWriter(stdin_w, name="stdin-writer")  # owns stdin_w from here on
         except BaseException:
-            await _hang_up(proc)
+            await hang_up(proc)
             raise
         owned.remove(stdin_w)
         await _relay_piped(stream, proc, stdin, stdout_r, chunk_size, linger)
     finally:
         for fd in owned:
             os.close(fd)
+
+
+def _open_pipes(pipe_size: int | None, owned: list[int]) -> tuple[int, int, int, int]:
+    """run_piped's stdin and stdout pipes (read end, write end of each), added to `owned` as each opens;
+    stdout's read end does not block. Raises SpawnError if one cannot be opened."""
+    try:
+        stdin_r, stdin_w = open_pipe(pipe_size)
+        owned.extend((stdin_r, stdin_w))
+        stdout_r, stdout_w = open_pipe(pipe_size)
+        owned.extend((stdout_r, stdout_w))
+        os.set_blocking(stdout_r, False)
+    except OSError as err:  # out of descriptors, say
+        raise SpawnError(err.errno, f"cannot open a pipe: {err.strerror}") from err
+    return stdin_r, stdin_w, stdout_r, stdout_w
 
 
 async def _relay_piped(
@@ -358,11 +240,11 @@ async def _relay_piped(
                 await stream.send(pb.Frame(stderr=chunk))
 
     try:
-        await _relay_until_exit(
+        await relay_until_exit(
             stream,
             proc,
             [pump_stdout(), pump_stderr(proc.stderr)],
-            _pump_input(stream, write, close_input, lambda n: _killpg(proc.pid, n), _no_terminal),
+            pump_input(stream, write, close_input, lambda n: killpg(proc.pid, n), _no_terminal),
         )
     finally:
         await close_input()
@@ -386,7 +268,7 @@ async def _serve_tty(
 ) -> None:
     """_run_tty's spawn and relay; closes the slave, the master is the caller's."""
     try:
-        proc = await _spawn(
+        proc = await spawn(
             ptys.with_controlling_tty(argv),
             stdin=slave,
             stdout=slave,
@@ -409,7 +291,7 @@ async def _serve_tty(
             pgid = os.tcgetpgrp(master)
         except OSError:
             pgid = proc.pid
-        _killpg(pgid, number)
+        killpg(pgid, number)
 
     async def resize(request: pb.Resize) -> None:
         rows, cols = request.size.rows, request.size.cols
@@ -424,9 +306,7 @@ async def _serve_tty(
         while chunk := await read_fd(master, CHUNK_SIZE):
             await stream.send(pb.Frame(data=chunk))
 
-    await _relay_until_exit(
-        stream, proc, [pump_output()], _pump_input(stream, write, close_input, signal_group, resize)
-    )
+    await relay_until_exit(stream, proc, [pump_output()], pump_input(stream, write, close_input, signal_group, resize))
 
 
-__all__ = ["SpawnError", "default_shell", "exit_frame", "request_error", "run_exec", "run_piped"]
+__all__ = ["SpawnError", "default_shell", "request_error", "run_exec", "run_piped"]
