@@ -111,3 +111,21 @@ def exit_with(coro: Coroutine[Any, Any, int], *, prefer_uvloop: bool = False) ->
 def prefers_uvloop(grpc_channel: str) -> bool:
     """Whether a CLI or agent dialling with `grpc_channel` runs on uvloop by default (see `run_async`)."""
     return grpc_channel == NATIVE_CHANNEL
+
+
+def log_options(f: Any) -> Any:
+    """--log-format and --log-level, the logging flags of every `osmo-router` command."""
+    f = click.option(
+        "--log-format",
+        type=click.Choice(["auto", "json", "text"]),
+        default="auto",
+        show_default=True,
+        help="JSON lines (production) or text (terminals); auto picks by stderr.",
+    )(f)
+    return click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        help="Log verbosity.",
+    )(f)
