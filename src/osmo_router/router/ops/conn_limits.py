@@ -9,7 +9,7 @@ see `Handshake read failed` and the health probes are reset. So:
 - every connection that does not finish its handshake or request headers, or sits idle, is closed
   after a timeout (`handshake_timeout`, `http_header_timeout`, `http_idle_timeout`, gRPC
   `max_connection_idle`);
-- the aiohttp ports (WebSocket, metrics) also cap connections per peer address (`http_limits.py`).
+- the aiohttp ports (WebSocket, metrics) also cap connections per peer address (`connection_gate.py`, `http_limits.py`).
 
 The native gRPC server caps connections per peer address too (`--max-connections-per-address`,
 router/ops/grpc_server.py). With --grpc-server grpcio the gRPC port has no per-address cap (gRPC

@@ -12,7 +12,7 @@ from osmo_router.h2.config import DEFAULT_CONNECTION_WINDOW, H2Config
 from osmo_router.h2.server import NativeServer, tls_context
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, grpc_connection_options
-from osmo_router.router.ops.http_limits import ConnectionGate, HttpLimits, peer_address
+from osmo_router.router.ops.connection_gate import ConnectionGate, HttpLimits, peer_address
 from osmo_router.wire.protocol import CLOSE_GRACE, MIN_PING_INTERVAL, server_options
 
 #: The native server's SETTINGS_INITIAL_WINDOW_SIZE: what a stream not (yet) counted in budgets may hold
@@ -64,7 +64,7 @@ def native_tls(config: RouterConfig) -> ssl.SSLContext:
 class AddressCap:
     """The native gRPC port's connections per peer address (--max-connections-per-address).
 
-    Counted and refused like the aiohttp ports' (http_limits.ConnectionGate): a refusal is counted in
+    Counted and refused like the aiohttp ports' (connection_gate.ConnectionGate): a refusal is counted in
     `router_http_connections_refused_total{port="grpc",reason="address_cap"}` and logged once per
     address (`event: connection refused`); `router_http_connections_open{port="grpc"}` is the gauge.
     """

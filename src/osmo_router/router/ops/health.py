@@ -8,7 +8,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from osmo_router.router.config import RouterConfig
-from osmo_router.router.ops.http_limits import HttpLimits, metrics_limits, serve_app
+from osmo_router.router.ops.connection_gate import HttpLimits
+from osmo_router.router.ops.http_limits import metrics_limits, serve_app
 from osmo_router.router.ops.metrics import RouterMetrics
 
 

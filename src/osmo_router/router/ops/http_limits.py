@@ -11,8 +11,8 @@ application with:
 - a header timeout: a connection whose first request line and headers are not complete within it
   is aborted (aiohttp has no such timeout; the idle keep-alive timeout bounds the later requests).
 
-Admission is at accept, release in `connection_lost` of a `RequestHandler` subclass: nothing is
-added to the data path.
+Admission is at accept (the ConnectionGate of connection_gate.py), release in `connection_lost` of a
+`RequestHandler` subclass: nothing is added to the data path.
 """
 
 from __future__ import annotations
@@ -23,44 +23,21 @@ import logging
 import socket
 import ssl
 import struct
-import time
-import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, connection_budget
+from osmo_router.router.ops.connection_gate import ConnectionGate, HttpLimits, peer_address
 from osmo_router.router.ops.http_errors import QuietBadRequests
 
 log = logging.getLogger(__name__)
 
 #: Listen backlog of the guarded ports: a burst of connects waits in the kernel, not in SYN retries.
 BACKLOG = 1024
-#: A refusal is logged once per reason and address in this many seconds, for at most MAX_WARNED pairs.
-WARN_EVERY = 600.0
-MAX_WARNED = 1000
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """The limits of one aiohttp port."""
-
-    #: Label of the port in metrics and logs ("ws", "metrics").
-    port_name: str
-    #: Connections at once on the port (0: no cap).
-    max_connections: int
-    #: Connections at once from one peer address (0: no cap).
-    max_per_address: int
-    #: Connection open (TLS done) to the first request's complete headers.
-    header_timeout: float
-    #: Idle keep-alive between requests (aiohttp's keepalive_timeout).
-    idle_timeout: float
-    #: TLS handshake (and its close_notify exchange on close).
-    handshake_timeout: float
 
 
 def ws_limits(config: RouterConfig, budget: ConnectionBudget | None = None) -> HttpLimits:
@@ -87,110 +64,6 @@ def metrics_limits(config: RouterConfig, budget: ConnectionBudget | None = None)
         config.http_idle_timeout,
         config.handshake_timeout,
     )
-
-
-class _Metrics:
-    """Connection counters of the guarded ports, one set per Prometheus registry."""
-
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Metrics] = weakref.WeakKeyDictionary()
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.open = Gauge(
-            "router_http_connections_open",
-            "Connections open on a guarded port (WebSocket, metrics; gRPC with the native server)",
-            ["port"],
-            registry=registry,
-        )
-        self.refused = Counter(
-            "router_http_connections_refused_total",
-            "Connections closed by a limit: address_cap, port_cap, header_timeout, tls_handshake",
-            ["port", "reason"],
-            registry=registry,
-        )
-
-    @classmethod
-    def of(cls, registry: CollectorRegistry | None) -> _Metrics:
-        """The counters registered in `registry` (prometheus_client's default one when None)."""
-        key = registry if registry is not None else REGISTRY
-        if key not in cls._by_registry:
-            cls._by_registry[key] = cls(key)
-        return cls._by_registry[key]
-
-
-class ConnectionGate:
-    """Open connections by peer address; admits a connection only under both caps."""
-
-    def __init__(self, limits: HttpLimits, registry: CollectorRegistry | None = None) -> None:
-        self.limits = limits
-        self.total = 0
-        self._by_address: dict[str, int] = {}
-        metrics = _Metrics.of(registry)
-        self._open = metrics.open.labels(limits.port_name)
-        self._refused = metrics.refused
-        self._warned: set[str] = set()
-        self._warned_since = time.monotonic()
-
-    def admit(self, address: str) -> bool:
-        """Count a new connection from `address`, or refuse it (False) when a cap is reached."""
-        limits = self.limits
-        reason = ""
-        if limits.max_connections and self.total >= limits.max_connections:
-            reason = "port_cap"
-        elif limits.max_per_address and self._by_address.get(address, 0) >= limits.max_per_address:
-            reason = "address_cap"
-        if reason:
-            self.refuse(reason, address)
-            return False
-        self.total += 1
-        self._by_address[address] = self._by_address.get(address, 0) + 1
-        self._open.inc()
-        return True
-
-    def release(self, address: str) -> None:
-        """One connection from `address` ended."""
-        self.total -= 1
-        left = self._by_address.get(address, 1) - 1
-        if left > 0:
-            self._by_address[address] = left
-        else:
-            self._by_address.pop(address, None)
-        self._open.dec()
-
-    def refuse(self, reason: str, address: str) -> None:
-        """Count a connection closed by a limit (logged once per reason and address every WARN_EVERY)."""
-        self._refused.labels(self.limits.port_name, reason).inc()
-        key = f"{reason} {address}"
-        if time.monotonic() - self._warned_since > WARN_EVERY:
-            self._warned.clear()
-            self._warned_since = time.monotonic()
-        if key not in self._warned and len(self._warned) < MAX_WARNED:
-            self._warned.add(key)
-            log.warning(
-                "%s port: connection from %s closed (%s)",
-                self.limits.port_name,
-                address,
-                reason.replace("_", " "),
-                extra={
-                    "fields": {
-                        "event": "connection refused",
-                        "port": self.limits.port_name,
-                        "peer": address,
-                        "reason": reason,
-                    }
-                },
-            )
-
-    def connections_from(self, address: str) -> int:
-        """Connections open from `address`."""
-        return self._by_address.get(address, 0)
-
-
-def peer_address(peer: Any) -> str:
-    """The IP address of a peer name (IPv4-mapped IPv6 written as IPv4)."""
-    if isinstance(peer, (tuple, list)) and peer:
-        address = str(peer[0])
-        return address.removeprefix("::ffff:") if address.startswith("::ffff:") and "." in address else address
-    return "unknown"
 
 
 class GuardedRequestHandler(QuietBadRequests):
@@ -427,3 +300,17 @@ async def serve_app(
     runner.listener = GuardedListener(sockets, gate, factory, ssl_context)
     runner.listener.start()
     return runner, int(sockets[0].getsockname()[1])
+
+
+# HttpLimits is named here too: the ports' modules take their limits and serve_app from this one.
+__all__ = [
+    "BACKLOG",
+    "GuardedListener",
+    "GuardedRequestHandler",
+    "GuardedRunner",
+    "HttpLimits",
+    "listening_sockets",
+    "metrics_limits",
+    "serve_app",
+    "ws_limits",
+]
