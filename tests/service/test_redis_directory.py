@@ -10,7 +10,8 @@ import pytest_asyncio
 
 from osmo_router.router.core.registry import AgentRegistration
 from osmo_router.router.scaleout.directory import DirectoryUnavailable, Owner
-from osmo_router.router.scaleout.redis_directory import EPOCH_KEY, RedisDirectory, agent_key, session_entry
+from osmo_router.router.scaleout.redis_directory import RedisDirectory
+from osmo_router.router.scaleout.redis_schema import EPOCH_KEY, agent_key, session_entry
 from tests.redis_harness import RedisServer
 
 

@@ -11,11 +11,11 @@ Ids are percent-encoded, so a `:` or `{` in a workflow id cannot forge another k
 make a workflow's keys one Redis Cluster hash slot. Session keys are stored hashed: reading the
 directory does not reveal a key that would let one join a session.
 
-Every write is conditional on ownership (Lua): a refresh never overwrites an entry that another
-replica took over since (a newer registration of the same agent target wins, as it does on one
-replica), and a delete never removes another replica's entry. Redis errors never reach the
-sessions of this replica: writes are retried by the next heartbeat, lookups raise
-DirectoryUnavailable.
+The keys and the Lua scripts that write them are in redis_schema.py. Every write is conditional on
+ownership (Lua): a refresh never overwrites an entry that another replica took over since (a newer
+registration of the same agent target wins, as it does on one replica), and a delete never removes
+another replica's entry. Redis errors never reach the sessions of this replica: writes are retried
+by the next heartbeat, lookups raise DirectoryUnavailable.
 
 A Redis that restarted empty (or was flushed) holds no agents until every replica's heartbeat has
 re-published its own, up to a third of the TTL later. A miss in that window is not "no agent is
@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
@@ -53,97 +51,23 @@ from redis.exceptions import RedisError
 from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
 from osmo_router.router.scaleout.directory import DirectoryUnavailable, SessionAlive
+from osmo_router.router.scaleout.redis_schema import (
+    CLAIM_AGENT,
+    CLAIM_SESSION,
+    EPOCH_KEY,
+    FIND_ANY_AGENT,
+    MARK_EPOCH,
+    READ_EPOCH,
+    RELEASE,
+    agent_index,
+    agent_key,
+    agent_prefix,
+    index_member,
+    session_entry,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# KEYS: entry, task index. ARGV: owner, replica, address, agent id, ttl ms, index member, take over ('1').
-_CLAIM_AGENT = """
-if ARGV[7] ~= '1' then
-  local owner = redis.call('HGET', KEYS[1], 'owner')
-  if owner and owner ~= ARGV[1] then return 0 end
-end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replica', ARGV[2], 'address', ARGV[3], 'agent_id', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[2], now, ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return 1
-"""
-
-# KEYS: task-less entry, task index. ARGV: key prefix of the workflow's entries.
-_FIND_ANY_AGENT = """
-local entry = redis.call('HGETALL', KEYS[1])
-if #entry > 0 then return entry end
-for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  entry = redis.call('HGETALL', ARGV[1] .. member)
-  if #entry > 0 then return entry end
-end
-return {}
-"""
-
-# KEYS: entry. ARGV: owner, replica, address, workflow, ttl ms, take over ('1').
-# Returns {} when ours (now), else the owner's entry.
-_CLAIM_SESSION = """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if owner and owner ~= ARGV[1] and ARGV[6] ~= '1' then return redis.call('HGETALL', KEYS[1]) end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'replica', ARGV[2], 'address', ARGV[3], 'workflow', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return {}
-"""
-
-# KEYS: entry, and the task index for an agent. ARGV: owner, and the index member for an agent.
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if #KEYS > 1 then redis.call('ZREM', KEYS[2], ARGV[2]) end
-return 1
-"""
-
-
-# KEYS: the directory's epoch key. ARGV: kind ("start" or "rebuild"), ttl ms. Sets it if absent, else extends it.
-_MARK_EPOCH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('SET', KEYS[1], ARGV[1] .. ':' .. now, 'NX', 'PX', ARGV[2]) then return 1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 0
-"""
-
-# KEYS: the directory's epoch key. Returns {value or nil, now ms}.
-_READ_EPOCH = """
-local t = redis.call('TIME')
-return {redis.call('GET', KEYS[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
-"""
-
-#: The key that says since when (and why) the directory's content exists; see the module docstring.
-EPOCH_KEY = "osmo:directory"
-
-
-def _q(value: str) -> str:
-    return quote(value, safe="")
-
-
-def agent_key(workflow_id: str, task: str) -> str:
-    """The key of the agent entry for a workflow and task."""
-    return f"{agent_prefix(workflow_id)}{_q(task)}"
-
-
-def agent_prefix(workflow_id: str) -> str:
-    """The common prefix of a workflow's agent entries."""
-    return f"osmo:agent:{{{_q(workflow_id)}}}:"
-
-
-def agent_index(workflow_id: str) -> str:
-    """The key of a workflow's task index."""
-    return f"osmo:agents:{{{_q(workflow_id)}}}"
-
-
-def session_entry(key: str) -> str:
-    """The key of a session's entry: a hash of the session key, never the key itself."""
-    return "osmo:session:" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 @dataclass(eq=False)
@@ -170,12 +94,12 @@ class RedisDirectory:
         self._replica = replica
         self._address = ""
         self._ttl_ms = str(int(ttl * 1000))
-        self._claim_agent = self._redis.register_script(_CLAIM_AGENT)
-        self._find_any_agent = self._redis.register_script(_FIND_ANY_AGENT)
-        self._claim_session = self._redis.register_script(_CLAIM_SESSION)
-        self._release = self._redis.register_script(_RELEASE)
-        self._mark_epoch = self._redis.register_script(_MARK_EPOCH)
-        self._read_epoch = self._redis.register_script(_READ_EPOCH)
+        self._claim_agent = self._redis.register_script(CLAIM_AGENT)
+        self._find_any_agent = self._redis.register_script(FIND_ANY_AGENT)
+        self._claim_session = self._redis.register_script(CLAIM_SESSION)
+        self._release = self._redis.register_script(RELEASE)
+        self._mark_epoch = self._redis.register_script(MARK_EPOCH)
+        self._read_epoch = self._redis.register_script(READ_EPOCH)
         self._agents: dict[tuple[str, str], _AgentEntry] = {}
         self._sessions: dict[str, str] = {}
         self._serial = 0
@@ -223,7 +147,7 @@ class RedisDirectory:
                 for (workflow_id, task), entry in agents.items():
                     await self._release(
                         keys=[agent_key(workflow_id, task), agent_index(workflow_id)],
-                        args=[entry.owner, _q(task)],
+                        args=[entry.owner, index_member(task)],
                         client=pipe,
                     )
                 for key in sessions:
@@ -251,7 +175,7 @@ class RedisDirectory:
             return
         del self._agents[(reg.workflow_id, reg.task)]
         keys = [agent_key(reg.workflow_id, reg.task), agent_index(reg.workflow_id)]
-        self._spawn(self._call("withdraw agent", self._release(keys=keys, args=[entry.owner, _q(reg.task)])))
+        self._spawn(self._call("withdraw agent", self._release(keys=keys, args=[entry.owner, index_member(reg.task)])))
 
     async def find_agent(self, workflow_id: str, task: str) -> Owner | None:
         """The replica holding an agent for the workflow (and task); any task when none is given."""
@@ -348,7 +272,7 @@ class RedisDirectory:
                 self._address,
                 reg.agent_id,
                 self._ttl_ms,
-                _q(reg.task),
+                index_member(reg.task),
                 "1" if take_over else "0",
             ],
             client=client,
