@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import give_up, open_stream
+from osmo_router.client.resume import open_stream
 from osmo_router.client.session import rpc_error
+from osmo_router.client.signal_frames import SignalFrames
 from osmo_router.client.stall import METER
 from osmo_router.client.stdio import OutputWriter, StdinReader
 from osmo_router.client.terminal import raw_mode, terminal_size
@@ -26,11 +27,6 @@ from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, pb
 
 log = logging.getLogger(__name__)
 
-#: Signals a pipe-mode client forwards to the remote process group (a second one exits locally).
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-#: Signals that end a TTY client (its terminal closed, or it was told to stop): as ssh, the session
-#: is hung up, not left for the agent to hold for its resume grace (Ctrl-] d is how to leave it running).
-HANG_UP_SIGNALS = (signal.SIGHUP, signal.SIGTERM)
 #: Seconds between the signals that end a command whose output nobody reads any more.
 PIPE_GRACE = 2.0
 #: Longest the client reads on after an error frame (see _read_to_end).
@@ -121,7 +117,7 @@ async def relay_session(
     sender = asyncio.create_task(
         _send_input(stream, legacy_eof=legacy and not tty, hold=hold, escape=escape, terminal=terminal)
     )
-    signals = _SignalFrames(stream, tty, detach_on_hang_up=attached)
+    signals = SignalFrames(stream, tty, detach_on_hang_up=attached)
     stdout = OutputWriter(1)
     unread = _UnreadOutput(stream, signals, stdout, tty)
 
@@ -149,7 +145,7 @@ def _ended_early(
     err: grpc.aio.AioRpcError | RouterError,
     stream: SessionStream,
     tty: bool,
-    signals: _SignalFrames,
+    signals: SignalFrames,
     unread: _UnreadOutput,
     detached: Callable[[], int] | None,
     command: str,
@@ -181,7 +177,7 @@ class _UnreadOutput:
     session is ended from here (`gave_up`).
     """
 
-    def __init__(self, stream: SessionStream, signals: _SignalFrames, stdout: OutputWriter, tty: bool) -> None:
+    def __init__(self, stream: SessionStream, signals: SignalFrames, stdout: OutputWriter, tty: bool) -> None:
         self._stream = stream
         self._signals = signals
         self._stdout = stdout
@@ -216,82 +212,6 @@ class _UnreadOutput:
                 await asyncio.sleep(PIPE_GRACE)
         self.gave_up = True
         self._stream.abort()
-
-
-class _SignalFrames:
-    """This process's signals sent as frames while a session runs: a TTY's SIGWINCH as a resize,
-    else FORWARDED_SIGNALS (the second of one kind ends this process at once, 128 + its number)."""
-
-    def __init__(self, stream: SessionStream, tty: bool, detach_on_hang_up: bool = False) -> None:
-        self._stream = stream
-        self._detach_on_hang_up = detach_on_hang_up
-        self._loop = asyncio.get_running_loop()
-        self._received: dict[int, int] = {}
-        self._pending: set[asyncio.Future[None]] = set()
-        self._installed: list[int] = []
-        #: The signal that ended a TTY session from here (HANG_UP_SIGNALS), 0 while none did.
-        self.hung_up = 0
-        if tty:
-            self._loop.add_signal_handler(signal.SIGWINCH, self._on_resize)
-            self._installed.append(signal.SIGWINCH)
-            for sig in HANG_UP_SIGNALS:
-                self._loop.add_signal_handler(sig, self._on_hang_up, int(sig))
-                self._installed.append(sig)
-        else:
-            for sig in FORWARDED_SIGNALS:
-                self._loop.add_signal_handler(sig, self._on_signal, int(sig))
-                self._installed.append(sig)
-
-    def remove(self) -> None:
-        """Give the signals back to their default handling."""
-        for number in self._installed:
-            self._loop.remove_signal_handler(number)
-        self._installed.clear()
-
-    def send(self, sig: int) -> None:
-        """Send the remote command `sig` (soon: this returns at once)."""
-        self._send_soon(pb.Frame(signal=pb.Signal(number=sig)))
-
-    def _send_soon(self, frame: pb.Frame) -> None:
-        self._soon(self._stream.send(frame))
-
-    def _soon(self, work: Awaitable[None]) -> None:
-        """Run `work` from a signal handler, kept referenced until it is done."""
-        future = asyncio.ensure_future(work)
-        self._pending.add(future)
-        future.add_done_callback(self._pending.discard)
-
-    def _on_signal(self, sig: int) -> None:
-        from osmo_router.client.resume import ResumingStream, say
-
-        self._received[sig] = self._received.get(sig, 0) + 1
-        resuming = isinstance(self._stream, ResumingStream) and not self._stream.connected
-        if self._received[sig] > 1:
-            if resuming:  # (os._exit below: nothing else would tell that the command runs on meanwhile)
-                say("left while resuming: the agent ends the command once its resume grace passes")
-            os._exit(128 + sig)
-        if resuming:
-            say(f"the connection is down: {signal.Signals(sig).name} reaches the command once the session "
-                "resumes (again to leave at once)")  # fmt: skip
-        self.send(sig)
-
-    def _on_hang_up(self, sig: int) -> None:
-        if self.hung_up:
-            os._exit(128 + sig)  # a second one while the agent is being told: leave now
-        self.hung_up = sig
-        self._soon(self._hang_up(sig))
-
-    async def _hang_up(self, sig: int) -> None:
-        from osmo_router.client.resume import ResumingStream
-
-        stream = self._stream
-        if self._detach_on_hang_up and isinstance(stream, ResumingStream) and await stream.detach():
-            return
-        await give_up(stream, "the client's terminal hung up" if sig == signal.SIGHUP else "the client was terminated")
-
-    def _on_resize(self) -> None:
-        rows, cols = terminal_size()
-        self._send_soon(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols))))
 
 
 def _say(message: str, tty: bool, command: str = "exec") -> None:
@@ -370,7 +290,7 @@ async def _send_input(
     filters terminal input for the escape key; once it detached, the input ends without EOF.
     `terminal` (stdin is the local terminal, in raw mode): its end is the terminal hanging up, not
     an end of input (^D is a byte in raw mode), so no EOF is sent: the SIGHUP that comes with it
-    ends or detaches the session (_SignalFrames), and an attached session's shell must not read
+    ends or detaches the session (SignalFrames), and an attached session's shell must not read
     an EOF meanwhile.
     """
     if hold is not None:
