@@ -145,6 +145,26 @@ def explain_dial_error(details: str, dial: DialConfig, peer: Peer | None = None)
     evidence a closed or reset connection is reported as what it is, never as a TLS mismatch.
     """
     text = details.lower()
+    if (rejected := _certificate_rejected(details, text, dial)) is not None:
+        return rejected
+    if "wrong_version_number" in text or "packet_length_too_long" in text:
+        return "TLS handshake failed: the router does not speak TLS (--tls-enabled=false? pass --tls=false)"
+    if "handshake failed" in text:
+        return "TLS handshake failed: " + details.rsplit("handshake failed", 1)[1].strip(" :()")
+    if _closed_or_reset(text):
+        return _why_closed(text, dial, peer)
+    if "connection refused" in text and "failed to connect" in text:
+        # Only gRPC's own dial failure: a status the router sent may quote a refused connection of
+        # its own (e.g. to Redis), and that one must reach the user as the router worded it.
+        return f"router unreachable at {dial.address}: connection refused"
+    return None
+
+
+def _certificate_rejected(details: str, text: str, dial: DialConfig) -> str | None:
+    """explain_dial_error for a router certificate this client rejected (its name, its chain, its dates), or None.
+
+    `text` is `details` in lower case.
+    """
     if "hostname verification" in text or "not in peer certificate" in text or _NAME_MISMATCH.search(text):
         return (
             f"TLS handshake failed: the router's certificate does not name {dial.tls_server_name or dial.address} "
@@ -166,45 +186,41 @@ def explain_dial_error(details: str, dial: DialConfig, peer: Peer | None = None)
         return f"TLS handshake failed: certificate not trusted{reason}: the router's certificate does not chain to " + (
             f"--tls-ca {dial.tls_ca}" if dial.tls_ca else "the system store (pass --tls-ca)"
         )
-    if "wrong_version_number" in text or "packet_length_too_long" in text:
-        return "TLS handshake failed: the router does not speak TLS (--tls-enabled=false? pass --tls=false)"
-    if "handshake failed" in text:
-        return "TLS handshake failed: " + details.rsplit("handshake failed", 1)[1].strip(" :()")
-    if _closed_or_reset(text):
-        what = "closed" if "socket closed" in text else "reset"
-        if peer is Peer.REFUSED:
+    return None
+
+
+def _why_closed(text: str, dial: DialConfig, peer: Peer | None) -> str:
+    """explain_dial_error for a connection closed or reset (`text`: the details in lower case), told apart by
+    whether it was up, by the --tls flags and by what a probe of the router's address found (`peer`)."""
+    what = "closed" if "socket closed" in text else "reset"
+    if peer is Peer.REFUSED:
+        return (
+            f"the router {what} the connection and no longer accepts connections at {dial.address} "
+            "(connection refused): it stopped or is restarting"
+        )
+    if "failed to connect" not in text:
+        # The connection was up: whatever ended it, it was not a TLS handshake.
+        return f"the connection to the router was {what} (the router stopped, restarted, or the network dropped it)"
+    if not dial.tls:
+        if peer is Peer.TLS:
             return (
-                f"the router {what} the connection and no longer accepts connections at {dial.address} "
-                "(connection refused): it stopped or is restarting"
-            )
-        if "failed to connect" not in text:
-            # The connection was up: whatever ended it, it was not a TLS handshake.
-            return f"the connection to the router was {what} (the router stopped, restarted, or the network dropped it)"
-        if not dial.tls:
-            if peer is Peer.TLS:
-                return (
-                    "the router closed the connection: the router speaks TLS; drop --tls=false "
-                    "(and pass --tls-ca if its certificate is not in the system store)"
-                )
-            if peer is Peer.NOT_TLS:
-                return (
-                    f"the router {what} the connection while it was being made; it answers without TLS, "
-                    "so --tls=false is right (it may have been restarting, or a proxy in between refused it)"
-                )
-            return (
-                f"the router {what} the connection while it was being made and did not answer a probe "
-                "(it may have stopped, or the network drops the connection)"
+                "the router closed the connection: the router speaks TLS; drop --tls=false "
+                "(and pass --tls-ca if its certificate is not in the system store)"
             )
         if peer is Peer.NOT_TLS:
-            return "TLS handshake failed: the router does not speak TLS (--tls-enabled=false? pass --tls=false)"
-        if not dial.tls_cert:
             return (
-                "TLS handshake failed: the router closed the connection; it may require a client certificate "
-                "(pass --tls-cert and --tls-key)"
+                f"the router {what} the connection while it was being made; it answers without TLS, "
+                "so --tls=false is right (it may have been restarting, or a proxy in between refused it)"
             )
-        return "TLS handshake failed: the router does not trust this client certificate (--tls-cert)"
-    if "connection refused" in text and "failed to connect" in text:
-        # Only gRPC's own dial failure: a status the router sent may quote a refused connection of
-        # its own (e.g. to Redis), and that one must reach the user as the router worded it.
-        return f"router unreachable at {dial.address}: connection refused"
-    return None
+        return (
+            f"the router {what} the connection while it was being made and did not answer a probe "
+            "(it may have stopped, or the network drops the connection)"
+        )
+    if peer is Peer.NOT_TLS:
+        return "TLS handshake failed: the router does not speak TLS (--tls-enabled=false? pass --tls=false)"
+    if not dial.tls_cert:
+        return (
+            "TLS handshake failed: the router closed the connection; it may require a client certificate "
+            "(pass --tls-cert and --tls-key)"
+        )
+    return "TLS handshake failed: the router does not trust this client certificate (--tls-cert)"
