@@ -93,14 +93,48 @@ class OwnerRelays:
         *,
         near_is_client: bool,
     ) -> None:
-        """Relay the side's stream to `method` of the owner's peer service, for the same identity."""
+        """Relay the side's stream to `method` of the owner's peer service, for the same identity; then end
+        the side (cleanly, or with the error) and let go of the stand-in session and its budgets."""
         assert self._placer is not None
         placer = self._placer
         label = session.operation_name if near_is_client else CONNECT
         self.relays.add(session)
         self._idle.clear()
-        started = time.monotonic()
         failure: RouterError | None = None
+        try:
+            await self._relay_hop(side, owner, method, session, join, label, near_is_client)
+        except RouterError as err:
+            failure = err
+        finally:
+            self.relays.discard(session)
+            if not self.relays:
+                self._idle.set()
+            if self._sessions.budgets is not None:
+                self._sessions.budgets.release(session.user)
+            memtune.trim_when_idle()
+        if failure is None:
+            await side.finish()
+            return
+        session.fail(failure)
+        if not isinstance(failure, Moved):  # a drain's move is no relay error
+            placer.relay_failed(label, failure.code.name)
+        await side.refuse(failure)
+
+    async def _relay_hop(
+        self,
+        side: Side,
+        owner: Owner,
+        method: str,
+        session: Session,
+        join: ClientJoin | AgentJoin,
+        label: str,
+        near_is_client: bool,
+    ) -> None:
+        """The hop itself: accept the side, open the stream to the owner, pass the owner's first answer on,
+        relay the two to their end (counted and audited as a relay). The far stream is cancelled on every path."""
+        assert self._placer is not None
+        placer = self._placer
+        started = time.monotonic()
         far: FarStream | None = None
         try:
             await side.accept()
@@ -119,24 +153,9 @@ class OwnerRelays:
                 placer.relay_ended(label)
                 duration = time.monotonic() - started
                 audit.relay_event("relay end", session, label, owner.replica, side.peer, duration)
-        except RouterError as err:
-            failure = err
         finally:
             if far is not None:
                 far.cancel()
-            self.relays.discard(session)
-            if not self.relays:
-                self._idle.set()
-            if self._sessions.budgets is not None:
-                self._sessions.budgets.release(session.user)
-            memtune.trim_when_idle()
-        if failure is None:
-            await side.finish()
-            return
-        session.fail(failure)
-        if not isinstance(failure, Moved):  # a drain's move is no relay error
-            placer.relay_failed(label, failure.code.name)
-        await side.refuse(failure)
 
     async def _open_far(self, far: FarStream, owner: Owner, raw_init: bytes) -> bytes:
         """Send the init to the owner and return its first answer (the client's ready, the agent's open)."""
