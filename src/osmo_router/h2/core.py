@@ -75,6 +75,16 @@ class ConnectionCore:
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next_id = 1 if role == "client" else 2
         self._last_peer_id = 0
+        self._init_windows()
+        self._goaway_sent = False
+        self._goaway_received = False
+        self._slot_waiters: list[asyncio.Future[None]] = []
+        self._timers = Timers(whole)
+        self.peer_address: Any = None
+
+    def _init_windows(self) -> None:
+        """The flow-control state (flow.py's) of a new connection: the peer's settings as HTTP/2 has them
+        before its SETTINGS, the windows both ways, and the streams waiting on them."""
         self._peer_window = fr.DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self._peer_max_frame = fr.DEFAULT_MAX_FRAME
         self._peer_max_streams = 2**31 - 1
@@ -89,11 +99,6 @@ class ConnectionCore:
         self._blocked: dict[int, Stream] = {}  # streams with data waiting for a window or the transport
         #: Streams whose writer waits in `drained` (woken once the transport takes data again).
         self.drain_waiters: set[Stream] = set()
-        self._goaway_sent = False
-        self._goaway_received = False
-        self._slot_waiters: list[asyncio.Future[None]] = []
-        self._timers = Timers(whole)
-        self.peer_address: Any = None
 
     # -- frames out -----------------------------------------------------------------------------------
 
