@@ -300,17 +300,3 @@ async def serve_app(
     runner.listener = GuardedListener(sockets, gate, factory, ssl_context)
     runner.listener.start()
     return runner, int(sockets[0].getsockname()[1])
-
-
-# HttpLimits is named here too: the ports' modules take their limits and serve_app from this one.
-__all__ = [
-    "BACKLOG",
-    "GuardedListener",
-    "GuardedRequestHandler",
-    "GuardedRunner",
-    "HttpLimits",
-    "listening_sockets",
-    "metrics_limits",
-    "serve_app",
-    "ws_limits",
-]

@@ -24,7 +24,8 @@ from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.created import CreatedSession, CreatedSessions
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.side import CONNECT, AgentJoin, ClientJoin
-from osmo_router.router.ops.http_limits import HttpLimits, serve_app, ws_limits
+from osmo_router.router.ops.connection_gate import HttpLimits
+from osmo_router.router.ops.http_limits import serve_app, ws_limits
 from osmo_router.router.ws.aliases import WorkflowAliases
 from osmo_router.router.ws.backend_side import WsBackendSide
 from osmo_router.router.ws.created import (
