@@ -49,6 +49,10 @@ class GatedCall:
     async def done_writing(self) -> None:
         self.ended = True
 
+    def done(self) -> bool:
+        """Never ended by a server here (a write's error stays its own: wire/streams.py `_outcome`)."""
+        return False
+
     def release(self, count: int = 1) -> None:
         for _ in range(count):
             self.permits.release()

@@ -305,3 +305,34 @@ async def test_a_peer_that_announces_a_huge_window_is_still_held_to_the_cap(monk
         await asyncio.sleep(0)
     assert side._lost is not None and side._lost.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert side._incoming_units <= 2 * 256 * 1024 + 1024 * 1024 + size
+
+
+class RevokedByTheServer(PipeEnd):
+    """A call the router ended on purpose (access revoked), heard first by a write: the stream's
+    write raises the router's status (wire/streams.py FrameStream._outcome), not "RPC already finished"."""
+
+    async def send(self, frame: pb.Frame) -> None:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "access to the workflow revoked",
+        )
+
+
+@pytest.mark.asyncio
+async def test_an_end_on_purpose_heard_by_a_write_ends_the_session_instead_of_resuming() -> None:
+    a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
+    end_a, end_b = RevokedByTheServer(a_in, b_in), PipeEnd(b_in, a_in)
+    end_a.peer, end_b.peer = end_b, end_a
+    a, b = Side(end_a, 64 * 1024), Side(end_b, 64 * 1024)
+    a.start()
+    b.start()
+    await a.send(pb.Frame(data=b"x"))
+    frame = await asyncio.wait_for(a.recv(), 5)
+    assert frame is not None and frame.WhichOneof("kind") == "error", frame
+    assert frame.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    assert "revoked" in frame.error.message
+    assert not a.waiting.is_set() and a.resumes == 0  # never tried to resume
+    b.abort()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import grpc
 
 from osmo_router.resume.acks import Acknowledger
-from osmo_router.resume.breaks import BREAKS, SessionLost, describe
+from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, describe
 from osmo_router.resume.window import (
     DEFAULT_REPLAY_BYTES,
     AckClock,
@@ -243,6 +243,10 @@ class StreamCore:
         if generation != self._generation or self._inner is None or self._lost is not None:
             return
         text = describe(cause)
+        if isinstance(cause, grpc.aio.AioRpcError) and cause.code() in ENDS:
+            # The router ended the session on purpose (a write can hear it before the reader does).
+            self._lose(SessionLost(cause.details() or cause.code().name, cause.code()))
+            return
         if not self.resumable or self._ended_cleanly():
             # Nothing to resume: the peer's last word (an exit status or error) is here, or both
             # sides ended and everything was acknowledged. (Closing our transport after it aborts

@@ -41,7 +41,10 @@ class FrameStream:
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""
         if not self.closed_for_writing:
-            await self.writer.write(self._wrap(frame))
+            try:
+                await self.writer.write(self._wrap(frame))
+            except _FINISHED_CALL as err:
+                raise await self._outcome(err) from None
 
     @property
     def raw(self) -> bool:
@@ -62,10 +65,30 @@ class FrameStream:
         """
         if self.closed_for_writing:
             return
-        if self._batch:
-            await self.writer.write_data(message)
-        else:
-            await self.writer.write(message)
+        try:
+            if self._batch:
+                await self.writer.write_data(message)
+            else:
+                await self.writer.write(message)
+        except _FINISHED_CALL as err:
+            raise await self._outcome(err) from None
+
+    async def _outcome(self, err: Exception) -> Exception:
+        """What a write to a finished call stands for: the router's status for the call, if it ended
+        it with one (a drain, a limit, an access revoked), else `err` ("RPC already finished").
+
+        A write can notice the end before the reader gets the status: the session's break (and its
+        resume, or its end on purpose) must be judged by the router's word, not the write's.
+        """
+        call = self.call
+        if not call.done():
+            return err
+        code = await call.code()
+        if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+            return err
+        initial, trailing = await call.initial_metadata(), await call.trailing_metadata()
+        status: Exception = grpc.aio.AioRpcError(code, initial, trailing, await call.details())
+        return status
 
     def try_send_data_message(self, message: bytes) -> bool:
         """`send_data_message` if it completes at once (BatchingWriter.try_write_data); False, with
@@ -130,6 +153,10 @@ class FrameStream:
         if not self.closed_for_writing:
             self.closed_for_writing = True
             await self.writer.barrier(self.call.done_writing)
+
+
+#: What a write to a call that is over raises (grpc.aio's and the native channel's calls alike).
+_FINISHED_CALL = (asyncio.InvalidStateError, grpc.aio.UsageError)
 
 
 def raise_for_error_frame(frame: pb.Frame) -> None:

@@ -1,0 +1,59 @@
+"""FrameStream (wire/streams.py): a write to a call the router already ended reports the router's status."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.streams import FrameStream
+
+
+class FinishedCall:
+    """A call the server ended with `code` before this side's next write (as grpc.aio's and the native
+    channel's calls behave: the write raises InvalidStateError, the status is there to be asked)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    async def write(self, message: object) -> None:
+        raise asyncio.InvalidStateError("RPC already finished.")
+
+    def done(self) -> bool:
+        return True
+
+    async def code(self) -> grpc.StatusCode:
+        return self._code
+
+    async def details(self) -> str:
+        return self._details
+
+    async def initial_metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata()
+
+    async def trailing_metadata(self) -> grpc.aio.Metadata:
+        return grpc.aio.Metadata(("x-reason", "drain"))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("raw", [False, True])
+async def test_a_write_after_the_router_ended_the_call_raises_its_status(raw: bool) -> None:
+    stream = FrameStream(FinishedCall(grpc.StatusCode.UNAVAILABLE, "router draining"), lambda f: f, raw=raw)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if raw:  # queued (wire/batching.py): its write's failure is raised by the next send
+            await stream.send_data_message(b"\x12\x03\x0a\x01x")
+            await asyncio.wait_for(stream.send_data_message(b"\x12\x03\x0a\x01y"), 5)
+        await stream.send(pb.Frame(data=b"x"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == "router draining"
+    assert ("x-reason", "drain") in list(caught.value.trailing_metadata())
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("code", [grpc.StatusCode.OK, grpc.StatusCode.CANCELLED])
+async def test_a_write_after_a_clean_end_or_our_own_cancel_still_says_the_call_is_over(code: grpc.StatusCode) -> None:
+    stream = FrameStream(FinishedCall(code, ""), lambda f: f)
+    with pytest.raises(asyncio.InvalidStateError, match="already finished"):
+        await stream.send(pb.Frame(data=b"x"))
