@@ -87,7 +87,7 @@ def forward_stack(stack: ExitStack, env: dict[str, str], target: int, workflow: 
 def measure(envs: dict[str, dict[str, str]], rounds: int, repeats: int, redis: bool) -> dict[str, Any]:
     """Alternate the stacks' rounds (ping-pong, or redis-benchmark); every round's figures and the socat baseline."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in envs}
-    socat: list[float] = []
+    socat: list[dict[str, float]] = []
 
     def run(port: int) -> dict[str, float]:
         if redis:
@@ -113,8 +113,10 @@ def measure(envs: dict[str, dict[str, str]], rounds: int, repeats: int, redis: b
                 per_rt = {f"{r} cpu": (cpu_seconds(p) - before[r]) / trips * 1e6 for r, p in pids.items()}
                 runs[name].append({**figures, **per_rt})
                 print(name, {k: round(v) for k, v in runs[name][-1].items()}, flush=True)
-            socat.append(run(hop)["p50"])
-    return {"runs": runs, "socat_p50": statistics.median(socat)}
+            socat.append(run(hop))
+            print("socat", {k: round(v) for k, v in socat[-1].items()}, flush=True)
+    medians = {f"socat_{key}": statistics.median(run[key] for run in socat) for key in socat[0]}
+    return {"runs": runs, **medians}
 
 
 def main() -> None:
@@ -132,6 +134,10 @@ def main() -> None:
         medians = {key: round(statistics.median(run[key] for run in runs)) for key in runs[0]}
         print(f"{name} {envs[name]}: medians {medians}")
     ratios = [b["p50"] / a["p50"] for a, b in zip(result["runs"]["A"], result["runs"]["B"], strict=True)]
+    if "socat_rps" in result:
+        rps = {name: statistics.median(run["rps"] for run in runs) for name, runs in result["runs"].items()}
+        print(f"socat {result['socat_rps']:.0f} GET/s; to socat: "
+              + ", ".join(f"{name} {value / result['socat_rps']:.3f}x" for name, value in rps.items()))  # fmt: skip
     print(f"socat p50 {result['socat_p50']:.0f} us; B/A p50 per round {[round(r, 2) for r in ratios]}, "
           f"median {statistics.median(ratios):.2f}")  # fmt: skip
 
