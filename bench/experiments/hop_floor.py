@@ -7,7 +7,8 @@ issue's baseline) and with a direct connection:
 
 - `socat x3`: three socat hops in a row;
 - `uvloop x3`: three minimal Python relays in a row (`MinimalRelay`: uvloop, `data_received` ->
-  `transport.write`, nothing else), the least any Python relay process does per message.
+  `transport.write`, plus the flow control and half-close a bulk client needs), the least any Python
+  relay process does per message.
 
     .venv/bin/python -m bench.experiments.hop_floor [--rounds 4] [--requests 10000]
 """
@@ -20,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import cast
 
@@ -35,6 +37,8 @@ class MinimalRelay(asyncio.Protocol):
         self.peer = peer
         self.transport: asyncio.Transport | None = None
         self.early = bytearray()  # what the client sent before the target connection was up
+        self.early_eof = False  # the client ended its side before the target connection was up
+        self.lost = False  # the connection closed (before the target connection was up, that one is closed too)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport; no Nagle delay (as socat's and our forwards' sockets)."""
@@ -48,8 +52,28 @@ class MinimalRelay(asyncio.Protocol):
         else:
             self.early += data
 
+    def eof_received(self) -> bool:
+        """Pass the half-close on (iperf3 and the end-to-end check use it); keep the other way open."""
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write_eof()
+        else:
+            self.early_eof = True
+        return True
+
+    def pause_writing(self) -> None:
+        """The other side's backlog is full: stop reading it (without this an iperf3 upload piles up
+        gigabytes in the relay, and the test's end waits behind them)."""
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The backlog drained: read the other side again."""
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         """Close the other side too."""
+        self.lost = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
 
@@ -64,9 +88,15 @@ async def _serve(listen: int, target: int) -> None:
         async def dial() -> None:
             _, back = await loop.create_connection(lambda: MinimalRelay(front), "127.0.0.1", target)
             front.peer = back
-            if front.early and back.transport is not None:
+            assert back.transport is not None
+            if front.lost:  # (wait_listening's probe: an iperf3 server left with it open would stay busy)
+                back.transport.close()
+                return
+            if front.early:
                 back.transport.write(bytes(front.early))
                 front.early.clear()
+            if front.early_eof:
+                back.transport.write_eof()
 
         task = loop.create_task(dial())
         dialing.add(task)
@@ -77,21 +107,40 @@ async def _serve(listen: int, target: int) -> None:
     await server.serve_forever()
 
 
-def _relay_chain(stack: ExitStack, target: int, hops: int, python: bool) -> int:
-    """`hops` relays in a row in front of `target` (socat, or MinimalRelay processes); the first's port."""
-    port = target
-    for _ in range(hops):
-        if not python:
-            port = stack.enter_context(socat_relay(port))
+def relay_chain(
+    stack: ExitStack,
+    target: int,
+    hops: int,
+    relay: Callable[[int, int, int], list[str]] | None,
+    pids: list[int] | None = None,
+) -> int:
+    """`hops` relays in a row in front of `target`, closed with `stack`: socat when `relay` is None, else
+    the processes `relay(listen, target, hop)` gives the argv of (hop 0 is the one next to the target),
+    their pids appended to `pids`. Returns the port clients connect to."""
+    ports = [target]
+    for hop in range(hops):
+        if relay is None:
+            ports.insert(0, stack.enter_context(socat_relay(ports[0])))
             continue
         listen = free_port()
-        argv = [sys.executable, "-m", "bench.experiments.hop_floor", "--relay", str(listen), str(port)]
-        proc = subprocess.Popen(argv)
+        proc = subprocess.Popen(relay(listen, ports[0], hop))
+        if pids is not None:
+            pids.append(proc.pid)
         stack.callback(proc.wait, 10)
         stack.callback(proc.terminate)
         wait_listening(listen)
-        port = listen
-    return port
+        ports.insert(0, listen)
+    return ports[0]
+
+
+def uvloop_relay(listen: int, target: int, _hop: int) -> list[str]:
+    """The argv of a MinimalRelay process."""
+    return [sys.executable, "-m", "bench.experiments.hop_floor", "--relay", str(listen), str(target)]
+
+
+def _relay_chain(stack: ExitStack, target: int, hops: int, python: bool) -> int:
+    """`hops` relays in a row in front of `target` (socat, or MinimalRelay processes); the first's port."""
+    return relay_chain(stack, target, hops, uvloop_relay if python else None)
 
 
 def main() -> None:
