@@ -252,6 +252,11 @@ class StreamCore:
             # sides ended and everything was acknowledged. (Closing our transport after it aborts
             # the call under the reader: that is not a break to tell the user of.)
             self._lose(SessionLost(text))
+            if self.resumable:
+                # The handler takes the peer's last word and then the end, as when the reader saw the
+                # break: a write that failed first (the acknowledgement sent at once for an exit
+                # status) must not add an error behind it, which made exec exit 255 after the status.
+                self._lost_reported = True
             return
         inner, self._inner = self._inner, None
         self._generation += 1
