@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -26,7 +27,7 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import ResumingStream, reopener, say
+from osmo_router.client.resume import BACKOFF_INITIAL, BACKOFF_MAX, FATAL, ResumingStream, reopener, say
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.client.words import printable
 from osmo_router.dial.channel import open_channel
@@ -40,6 +41,8 @@ from osmo_router.wire.errors import (
     from_status_number,
 )
 from osmo_router.wire.protocol import CLIENT_SERVICE, pb
+
+log = logging.getLogger(__name__)
 
 #: Longest `exec --detach` waits for the router to list the session, and how often it asks meanwhile.
 LISTED_WAIT, LISTED_POLL = 2.0, 0.02
@@ -145,14 +148,37 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
     """Attach to the held session `init.target.session_key`; RouterError when the agent refuses.
 
     The attach brings a secret of its own: the agent takes it for the session's later resumes, and
-    the client that was attached can no longer resume it.
+    the client that was attached can no longer resume it. A break before the agent's answer (the
+    connection cut, the router restarting, its agent re-registering: any status a resume would retry)
+    is tried again, with the same secret, for at most --connect-timeout: the agent still holds the
+    session, and an attach that already took it is taken over again by the same secret.
     """
     if transport.name != GRPC:
         raise FailedPrecondition("attach needs the gRPC transport (the WebSocket transport has no resume)")
-    key = init.target.session_key
     secret = secrets.token_hex(16)
     init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, attach=True))
-    inner = await transport.open(operation, init)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.connect_timeout
+    backoff = BACKOFF_INITIAL
+    while True:
+        try:
+            return await _attach_once(transport, config, operation, init, secret)
+        except RouterError as err:
+            if err.code in FATAL or loop.time() + backoff > deadline:
+                raise
+            log.debug("attach attempt failed, trying again: %s [%s]", err.message, err.code.name)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+async def _attach_once(
+    transport: Transport, config: ClientConfig, operation: int, init: SessionInit, secret: str
+) -> ResumingStream:
+    """One attach attempt: the stream, once the agent's first frame (a Resume) took it."""
+    try:
+        inner = await transport.open(operation, init)
+    except grpc.aio.AioRpcError as err:
+        raise from_status(err.code(), err.details() or "") from None
     try:
         first = await inner.recv()
     except grpc.aio.AioRpcError as err:
@@ -171,7 +197,7 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
         secret=secret,
         grace=config.resume_grace,
     )
-    stream.session_key = key
+    stream.session_key = init.target.session_key
     stream.remote_tty = first.resume.tty if first.resume.HasField("tty") else None
     stream.start()
     return stream
