@@ -8,7 +8,6 @@ connections; `restore()` once the same port accepts again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -88,9 +87,15 @@ class CutProxy:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+    try:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
+    except (OSError, asyncio.IncompleteReadError):
+        # One end reset (a router SIGKILLed with unread data): reset the other, as a real path does.
+        # Left open, a peer that had nothing to send (a client waiting for flow-control credit, or
+        # for the SETTINGS of a connection the router reset) heard nothing until its keepalive or
+        # connect timeout, 20 s later.
+        writer.transport.abort()
