@@ -243,10 +243,6 @@ class StreamCore:
         if generation != self._generation or self._inner is None or self._lost is not None:
             return
         text = describe(cause)
-        if isinstance(cause, grpc.aio.AioRpcError) and cause.code() in ENDS:
-            # The router ended the session on purpose (a write can hear it before the reader does).
-            self._lose(SessionLost(cause.details() or cause.code().name, cause.code()))
-            return
         if not self.resumable or self._ended_cleanly():
             # Nothing to resume: the peer's last word (an exit status or error) is here, or both
             # sides ended and everything was acknowledged. (Closing our transport after it aborts
@@ -257,6 +253,10 @@ class StreamCore:
                 # break: a write that failed first (the acknowledgement sent at once for an exit
                 # status) must not add an error behind it, which made exec exit 255 after the status.
                 self._lost_reported = True
+            return
+        if isinstance(cause, grpc.aio.AioRpcError) and cause.code() in ENDS:
+            # The router ended the session on purpose (a write can hear it before the reader does).
+            self._lose(SessionLost(cause.details() or cause.code().name, cause.code()))
             return
         inner, self._inner = self._inner, None
         self._generation += 1
