@@ -54,7 +54,7 @@ class _Metrics:
         )
         self.refused = Counter(
             "router_http_connections_refused_total",
-            "Connections closed by a limit: address_cap, port_cap, header_timeout, tls_handshake",
+            "Connections closed by a limit: address_cap, port_cap, header_timeout, header_size, tls_handshake",
             ["port", "reason"],
             registry=registry,
         )

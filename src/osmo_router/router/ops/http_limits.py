@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import ConnectionBudget, connection_budget
 from osmo_router.router.ops.connection_gate import ConnectionGate, HttpLimits, peer_address
+from osmo_router.router.ops.header_bytes import HEADERS_TOO_LARGE, HeaderBytes
 from osmo_router.router.ops.http_errors import QuietBadRequests
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def metrics_limits(config: RouterConfig, budget: ConnectionBudget | None = None)
 class GuardedRequestHandler(QuietBadRequests):
     """aiohttp's request handler for one admitted connection: counted out when it ends, with a header timeout."""
 
-    __slots__ = ("_address", "_gate", "_header_timer", "_headers_seen", "_made")
+    __slots__ = ("_address", "_gate", "_header_bytes", "_header_timer", "_headers_seen", "_made")
 
     def __init__(self, manager: web.Server, *, gate: ConnectionGate, address: str, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -78,6 +79,23 @@ class GuardedRequestHandler(QuietBadRequests):
         self._made = False
         self._headers_seen = False
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_bytes = HeaderBytes()
+
+    def data_received(self, data: bytes) -> None:
+        """Pass the bytes to aiohttp unless a request's line and headers pass MAX_HEADER_BYTES."""
+        if not self._header_bytes.fits(data):  # router/ops/header_bytes.py
+            self._gate.refuse("header_size", self._address)
+            if self.transport is not None:
+                self.transport.write(HEADERS_TOO_LARGE)
+                self.transport.close()
+            self._header_bytes.upgraded()  # nothing more is counted, or passed on
+            self._force_close = True  # aiohttp ignores whatever else arrives
+            return
+        super().data_received(data)
+
+    def upgraded(self) -> None:
+        """The request is a WebSocket upgrade: what follows are its frames, not headers."""
+        self._header_bytes.upgraded()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Serve the connection (TLS, when on, is done by now); the header timeout starts."""
@@ -252,6 +270,8 @@ async def _mark_headers(
     protocol = request.protocol
     if isinstance(protocol, GuardedRequestHandler):
         protocol.headers_seen()
+        if "Upgrade" in request.headers:
+            protocol.upgraded()
     return await handler(request)
 
 
