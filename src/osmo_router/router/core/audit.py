@@ -20,6 +20,17 @@ from osmo_router.wire.errors import RouterError
 
 log = logging.getLogger("osmo_router.audit")
 
+#: Longest `reason` an audit line keeps. A refusal's reason may quote what the client sent (an
+#: unknown operation or a `?timeout=` in a WebSocket URL: up to aiohttp's 8 KiB request line), and the
+#: refusal is logged before any token is checked: unauthenticated requests made 7.3 KB lines each.
+#: The router's own reasons are under 200 characters.
+MAX_REASON = 512
+
+
+def _reason(text: str) -> str:
+    """`text` cut to MAX_REASON characters (marked with an ellipsis)."""
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
+
 
 def session_event(
     event: str, session: Session, peer: str, duration: float | None = None, transport: str = "grpc"
@@ -63,7 +74,7 @@ def end_fields(session: Session, duration: float) -> dict[str, object]:
         "status": session.error.code.name if session.error else "OK",
     }
     if session.error is not None:
-        fields["reason"] = session.error.message
+        fields["reason"] = _reason(session.error.message)
     return fields
 
 
@@ -75,7 +86,7 @@ def refused(
         "event": "session refused",
         "operation": operation,
         "code": error.code.name,
-        "reason": error.message,
+        "reason": _reason(error.message),
         "peer": peer,
         "transport": transport,
     }
@@ -108,7 +119,7 @@ def resume_event(session: Session) -> None:
         fields.update(replayed_to_agent=info.replayed_to_agent, replayed_to_client=info.replayed_to_client)
     else:
         event = "resume refused"
-        fields.update(code=info.refused.name, cause=cause_of(info.refused, info.refusal), reason=info.refusal)
+        fields.update(code=info.refused.name, cause=cause_of(info.refused, info.refusal), reason=_reason(info.refusal))
     fields["event"] = event
     log.info(event, extra={"fields": fields})
 
@@ -120,7 +131,7 @@ def resume_failed(operation: str, error: RouterError, identity: Identity | None,
         "operation": operation,
         "code": error.code.name,
         "cause": cause,
-        "reason": error.message,
+        "reason": _reason(error.message),
     }
     if identity is not None:
         fields["user"] = identity.subject
