@@ -162,9 +162,16 @@ def test_terminate_ends_the_running_session(router: Router, grpc_workflow: str) 
     assert _code(lambda: control.get_session(router.address, key)) == grpc.StatusCode.NOT_FOUND
 
 
-def test_malformed_control_message_ends_that_channel_only(router: Router, grpc_workflow: str) -> None:
-    """Two JSON objects in one message (osmo-ctrl's Unmarshal fails too): that channel closes with 4000;
-    another created forward on the same agent keeps working."""
+@pytest.mark.parametrize(
+    "message",
+    [b'{"key": "a", "cookie": ""}{"key": "b", "cookie": ""}', b"[" * 100_000],
+    ids=["two-objects", "nested-past-the-parser-depth"],
+)
+def test_malformed_control_message_ends_that_channel_only(router: Router, grpc_workflow: str, message: bytes) -> None:
+    """Two JSON objects in one message (osmo-ctrl's Unmarshal fails too), or arrays nested past the JSON
+    parser's depth (a RecursionError, not a ValueError): that channel closes with 4000; another created
+    forward on the same agent keeps working."""
+    logged = len(router.lines)
     bad, good = new_key(), new_key()
     with tcp_server(echo) as target:
         for key in (bad, good):
@@ -172,7 +179,7 @@ def test_malformed_control_message_ends_that_channel_only(router: Router, grpc_w
 
         async def body() -> tuple[osmo.Ended, bool]:
             ws = await osmo.create_websocket(ws_base(router), f"api/router/portforward/{grpc_workflow}/client/{bad}")
-            await ws.send(b'{"key": "a", "cookie": ""}{"key": "b", "cookie": ""}')
+            await ws.send(message)
             ended = osmo.Ended()
             try:
                 await ws.recv()
@@ -189,6 +196,7 @@ def test_malformed_control_message_ends_that_channel_only(router: Router, grpc_w
         ended, ok = run(body, timeout=30)
     assert ended.close_code == 4000 and ended.close_reason.startswith("INVALID_ARGUMENT: a control message"), ended
     assert ok is True
+    assert not [line for line in router.lines[logged:] if "Error handling request" in line or "Traceback" in line]
 
 
 def _service_token(signer: object, sub: str = "osmo-service", workflows: tuple[str, ...] = ("*",)) -> str:

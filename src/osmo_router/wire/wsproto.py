@@ -267,8 +267,8 @@ def parse_control_message(data: bytes) -> tuple[str, str, str]:
     """
     try:
         value = json.loads(data)
-    except ValueError as err:
-        raise InvalidArgument(f"a control message must be one JSON object: {err}") from None
+    except (ValueError, RecursionError) as err:  # ([[[[... nests past the parser's depth)
+        raise InvalidArgument(f"a control message must be one JSON object: {str(err)[:100]}") from None
     if not isinstance(value, dict) or not isinstance(value.get("key"), str):
         raise InvalidArgument("a control message must be a JSON object with a string 'key'")
     return value["key"], str(value.get("cookie", "")), str(value.get("type") or "tcp")
