@@ -11,6 +11,7 @@ import pytest
 
 from osmo_router.router.auth.identity import ROLE_AGENT, Identity
 from osmo_router.router.config import RouterConfig
+from osmo_router.router.core.budget import ByteBudget
 from osmo_router.router.core.pipeline import SessionPipeline
 from osmo_router.router.core.placement import HERE, FarStream, Owner, Placement
 from osmo_router.router.core.registry import AgentRegistration, AgentRegistry
@@ -54,7 +55,7 @@ class FakeSide:
     async def write(self, message: bytes) -> None:
         await self.sent.put(message)
 
-    def watch_gone(self) -> asyncio.Future[None] | None:
+    def watch_gone(self, budgets: tuple[ByteBudget, ...] = ()) -> asyncio.Future[None] | None:
         return self.gone
 
     async def accept(self) -> None:

@@ -26,6 +26,7 @@ from osmo_router.io import memtune
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core import audit
+from osmo_router.router.core.budget import ByteBudget
 from osmo_router.router.core.hooks import LocalHooks, RelayedHooks
 from osmo_router.router.core.owner_relays import OwnerRelays
 from osmo_router.router.core.placement import Placer
@@ -166,7 +167,7 @@ class SessionPipeline:
 
     async def _wait_paired(self, session: Session, side: Side, timeout: float, role: str) -> None:
         """Wait for the other side; a peer that leaves meanwhile ends the pending session at once."""
-        gone = side.watch_gone()
+        gone = side.watch_gone(self._waiting_budgets(session, role))
         if gone is None:
             await self._sessions.wait_paired(session, timeout)
             return
@@ -185,6 +186,15 @@ class SessionPipeline:
         session.fail(error)
         self._sessions.remove(session)
         raise error
+
+    def _waiting_budgets(self, session: Session, role: str) -> tuple[ByteBudget, ...]:
+        """Where what a waiting side keeps of its peer's messages counts: the queue it will go to
+        (the client's: her budgets, known since she joined), else the process's budget alone."""
+        queue = session.to_agent if role == "client" else session.to_client
+        if queue.budgets:
+            return queue.budgets
+        budgets = self._sessions.budgets
+        return (budgets.total,) if budgets is not None else ()
 
     async def _accept(self, side: Side, session: Session) -> None:
         try:

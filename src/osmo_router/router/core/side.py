@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from osmo_router.router.auth.identity import Identity
+from osmo_router.router.core.budget import ByteBudget
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.ops import Operation
 from osmo_router.wire.protocol import pb
@@ -40,10 +41,11 @@ class Side(Protocol):
         """Send one encoded frame message or the SessionEnd. Raises RouterError when the stream broke."""
         ...
 
-    def watch_gone(self) -> Awaitable[None] | None:
+    def watch_gone(self, budgets: tuple[ByteBudget, ...] = ()) -> Awaitable[None] | None:
         """While the session waits for its other side: an awaitable that ends once this peer is gone.
 
         None where the transport notices by itself (a gRPC call whose peer leaves is cancelled).
+        What the side keeps of its peer's messages meanwhile counts as held in `budgets`.
         """
         ...
 

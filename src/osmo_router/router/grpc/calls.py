@@ -111,8 +111,8 @@ class GrpcSide:
         except Exception as err:
             raise self._gone(err) from None
 
-    def watch_gone(self) -> None:
-        """None: a call whose peer leaves cancels its handler, pending or not."""
+    def watch_gone(self, budgets: tuple[ByteBudget, ...] = ()) -> None:
+        """None: a call whose peer leaves cancels its handler, pending or not (and it keeps nothing)."""
         return None
 
     async def accept(self) -> None:

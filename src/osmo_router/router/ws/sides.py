@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 from aiohttp import WSMessage, WSMsgType, web
 
+from osmo_router.router.core.budget import ByteBudget
 from osmo_router.router.core.sessions import RendezvousTimeout
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
 from osmo_router.wire.errors import Cancelled, RouterError
@@ -112,22 +113,33 @@ class WsSide:
         self._stop_receiving = False
         self._closing = False  # we are closing the WebSocket: a receive it stops is no end of the peer's
 
-    def watch_gone(self) -> Awaitable[None]:
-        """Read (and keep) what the peer sends while the session waits, to notice it leaving."""
-        return self._watch_gone()
+    def watch_gone(self, budgets: tuple[ByteBudget, ...] = ()) -> Awaitable[None]:
+        """Read (and keep) what the peer sends while the session waits, to notice it leaving.
 
-    async def _watch_gone(self) -> None:
+        What is kept counts as held in `budgets` (the user's and the process's) while the session waits,
+        and reading stops once one of them is full: 200 waiting sides of one user kept 1 MiB each, 269
+        MiB of the router outside every budget. Once paired, the stash is delivered first.
+        """
+        return self._watch_gone(budgets)
+
+    async def _watch_gone(self, budgets: tuple[ByteBudget, ...]) -> None:
         kept = 0
-        while kept < STASH_LIMIT:
-            msg = await self.ws.receive()
-            self._stash.append(msg)
-            kept += STASH_MESSAGE_COST
-            if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+        try:
+            while kept < STASH_LIMIT and all(budget.counted < budget.limit for budget in budgets):
+                msg = await self.ws.receive()
+                self._stash.append(msg)
+                cost = STASH_MESSAGE_COST
+                if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    cost += len(msg.data)
+                kept += cost
+                for budget in budgets:
+                    budget.hold(cost)
                 if msg.type in _ENDED:
                     return
-                continue
-            kept += len(msg.data)
-        await asyncio.Event().wait()  # enough kept: stop reading, let TCP push back
+            await asyncio.Event().wait()  # enough kept: stop reading, let TCP push back
+        finally:  # paired (the stash then goes through the relay's queues) or gone
+            for budget in budgets:
+                budget.unhold(kept)
 
     async def _receive(self) -> bytes | str | None:
         """The next message's bytes; at the end, the close reason (str), or None if there was none."""
