@@ -179,3 +179,20 @@ async def test_a_budget_past_its_limit_wakes_one_waiter_when_room_comes_and_none
     for put in puts:
         put.cancel()
     await asyncio.gather(*puts, return_exceptions=True)
+
+
+def test_opening_messages_fill_at_most_the_users_budget_and_are_given_back() -> None:
+    """Kept opening messages count as held in both budgets; a user's alone never pass her budget."""
+    budgets = Budgets(per_user=100, total=150)
+    mallory, _ = budgets.acquire("mallory")
+    budgets.acquire("alice")
+    assert budgets.init_fits("mallory", 60)
+    budgets.hold_init("mallory", 60)
+    assert (mallory.held, budgets.total.held) == (60, 60)
+    assert not budgets.init_fits("mallory", 41)  # her budget
+    assert budgets.init_fits("alice", 90)
+    budgets.hold_init("alice", 80)
+    assert not budgets.init_fits("alice", 11)  # the process's budget
+    budgets.unhold_init("mallory", 60)
+    assert (mallory.held, budgets.total.held) == (0, 80)
+    assert budgets.init_fits("mallory", 70)

@@ -112,6 +112,35 @@ class Budgets:
         self.per_user = per_user
         self.total = ByteBudget(total)
         self._users: dict[str, tuple[ByteBudget, int]] = {}
+        #: The sessions' opening messages the router keeps (held in the budgets), per user and in all.
+        self._inits: dict[str, int] = {}
+        self._init_total = 0
+
+    def init_fits(self, user: str, size: int) -> bool:
+        """Whether another session's opening message of `size` bytes fits: a user's kept opening messages
+        alone may fill her budget, and all of them the process's, never more."""
+        return self._inits.get(user, 0) + size <= self.per_user and self._init_total + size <= self.total.limit
+
+    def hold_init(self, user: str, size: int) -> None:
+        """Count a session's opening message, kept while it lives, as held (the user's budget acquired)."""
+        budget, _ = self._users[user]
+        budget.hold(size)
+        self.total.hold(size)
+        self._inits[user] = self._inits.get(user, 0) + size
+        self._init_total += size
+
+    def unhold_init(self, user: str, size: int) -> None:
+        """The session whose opening message was counted (`hold_init`) ended; before `release`."""
+        if not size or user not in self._users:
+            return
+        self._users[user][0].unhold(size)
+        self.total.unhold(size)
+        left = self._inits.get(user, 0) - size
+        if left > 0:
+            self._inits[user] = left
+        else:
+            self._inits.pop(user, None)
+        self._init_total -= size
 
     def acquire(self, user: str) -> tuple[ByteBudget, ByteBudget]:
         """The budgets a session of `user` queues under (call `release` when it ends)."""

@@ -99,6 +99,8 @@ class Session:
     operation: int = pb.OPERATION_UNSPECIFIED
     user: str = ""
     open_message: bytes = b""
+    #: The bytes of open_message counted as held in the user's and the process's budgets.
+    init_bytes: int = 0
     agent_id: str = ""
     client_joined: bool = False
     agent_joined: bool = False
