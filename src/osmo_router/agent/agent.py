@@ -22,6 +22,7 @@ from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
 from osmo_router.io import memtune
+from osmo_router.io.byte_shares import ByteShares
 from osmo_router.resume.stream import SessionLost
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import fast_method
@@ -34,6 +35,12 @@ log = logging.getLogger(__name__)
 
 #: Longest wait between two registration attempts while sessions are held for a resume (agent/held.py).
 HELD_BACKOFF_MAX = 1.0
+#: What the opening messages (command, environment...) of one user's sessions may add up to while
+#: their handlers run, and of everyone's: the agent keeps about four copies of each (the message,
+#: argv, the process's Popen, a held session's summary) for the session's life. 20 sessions whose
+#: command carried 1.5 MiB of arguments grew the agent by 117 MiB. Ordinary inits are a few hundred bytes.
+OPEN_USER_BYTES = 16 * 1024 * 1024
+OPEN_TOTAL_BYTES = 64 * 1024 * 1024
 
 SessionHandler = Callable[[SessionStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
 
@@ -63,6 +70,8 @@ class Agent:
         self._standby: set[asyncio.Task[None]] = set()
         self._channel: grpc.aio.Channel | None = None
         self._closing = False
+        #: The opening messages of the sessions being served, per user and in all (OPEN_USER_BYTES).
+        self.opens = ByteShares(OPEN_TOTAL_BYTES, OPEN_USER_BYTES)
         self.held = HeldSessions(
             grace=config.resume_grace,
             replay_bytes=config.replay_buffer_bytes,
@@ -279,6 +288,22 @@ class Agent:
                 stream, grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
             )
             return
+        size = open_msg.ByteSize()
+        if not self.opens.take(open_msg.user, size):
+            await _refuse(
+                stream,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the sessions of {open_msg.user or 'anonymous'} on this agent keep their maximum of"
+                f" {self.opens.per_owner} bytes of opening messages; this one has {size}",
+            )
+            return
+        try:
+            await self._serve_handler(stream, open_msg, handler)
+        finally:
+            self.opens.give(open_msg.user, size)
+
+    async def _serve_handler(self, stream: FrameStream, open_msg: pb.SessionOpen, handler: SessionHandler) -> None:
+        """Run the session's handler, held for a resume when the client asked for one."""
         session: SessionStream = stream
         forward = open_msg.port_forward if open_msg.WhichOneof("init") == "port_forward" else None
         if forward is not None and (refusal := forward_refusal(forward, self.config)) is not None:
