@@ -126,8 +126,10 @@ class HeldSessions:
         if self.grace <= 0 or full:
             if full:
                 log.warning("holding %s already; this session ends at its first break", full)
-            # A Resume with no grace declines: the client stops holding what it sends at once.
-            await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0)))
+            # A Resume with no grace declines: the client stops holding what it sends at once. It says
+            # why when the agent is full (else the client blamed --resume-grace 0: e2e test_held_share).
+            declined = f"the agent holds {full} already" if full else ""
+            await inner.send(pb.Frame(resume=pb.Resume(fresh=True, grace_seconds=0, declined=declined)))
             return inner
         shared = self.window_for(open_msg.user)
         held = HeldStream(inner, open_msg, grace=self.grace, replay_bytes=self.replay_bytes, shared=shared)

@@ -135,7 +135,11 @@ async def detach_now(config: ClientConfig, stream: SessionStream, channel: Any =
             await stream.answered.wait()
     if not await stream.detach():
         stream.abort()
-        say("cannot detach: the agent does not hold resumable sessions (agent --resume-grace 0, or an older agent)")
+        why = (
+            stream.not_resumable
+            or "the agent does not hold resumable sessions (agent --resume-grace 0, or an older agent)"
+        )
+        say(f"cannot detach: {why}")
         return EXIT_CONNECTION_ERROR
     if channel is not None:
         await _until_listed(config, channel, stream.session_key)

@@ -108,6 +108,8 @@ class ResumingStream(ResumableStream):
         self.answered = asyncio.Event()
         #: The agent's Error frame when that was its first answer (it refused the session outright).
         self.refusal: pb.Error | None = None
+        #: Why the session is served without resume, once it is (what `exec --detach` tells the user).
+        self.not_resumable = ""
 
     @property
     def chosen_task(self) -> str:
@@ -195,9 +197,11 @@ class ResumingStream(ResumableStream):
         super()._stop()
         self.answered.set()  # lost or ended before the agent answered: nothing more to wait for
 
-    def _fall_back(self, why: str) -> None:
-        """No resume for this session: what was held is sent already; a break ends the session."""
-        log.info("%s: this session ends at the first break", why)
+    def _fall_back(self, why: str, warn: bool = False) -> None:
+        """No resume for this session: what was held is sent already; a break ends the session. `warn`:
+        tell the user (a warning on stderr), not only the log at info."""
+        (log.warning if warn else log.info)("%s: this session ends at the first break", why)
+        self.not_resumable = why
         self.resumable = False
         self.buffer.ack(self.buffer.end)
 
@@ -224,7 +228,12 @@ class ResumingStream(ResumableStream):
         if frame.WhichOneof("kind") == "resume" and not self.confirmed:
             self.confirmed = True
             if not frame.resume.grace_seconds:
-                self._fall_back("the agent holds no sessions across breaks (agent --resume-grace 0)")
+                # A full agent says why; the user is told (else the session she expects to resume ends
+                # at the first break without a word before).
+                declined = frame.resume.declined
+                self._fall_back(
+                    declined or "the agent holds no sessions across breaks (agent --resume-grace 0)", bool(declined)
+                )
                 return
             # Acknowledge from now on even if resume was given up meanwhile: the agent counts on it.
             self.acking = True

@@ -599,6 +599,7 @@ class Resume(_message.Message):
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
     TTY_FIELD_NUMBER: _builtins.int
+    DECLINED_FIELD_NUMBER: _builtins.int
     received: _builtins.int
     """Units of the client's frames the agent received: the client resends from there."""
     sending_from: _builtins.int
@@ -619,6 +620,10 @@ class Resume(_message.Message):
     """Whether the session's command runs on a terminal (exec --tty): `attach` puts the local terminal
     in raw mode only then. Unset from older agents.
     """
+    declined: _builtins.str
+    """Set when the agent serves a new session without resume (grace_seconds 0) for another reason than
+    its --resume-grace 0: why, for the user (e.g. she holds her share of the agent's resumable sessions).
+    """
     def __init__(
         self,
         *,
@@ -629,10 +634,11 @@ class Resume(_message.Message):
         window_bytes: _builtins.int = ...,
         sent: _builtins.int = ...,
         tty: _builtins.bool | None = ...,
+        declined: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_tty", b"_tty", "tty", b"tty"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tty", b"_tty", "fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent", "tty", b"tty", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tty", b"_tty", "declined", b"declined", "fresh", b"fresh", "grace_seconds", b"grace_seconds", "received", b"received", "sending_from", b"sending_from", "sent", b"sent", "tty", b"tty", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__tty: _TypeAlias = _typing.Literal["tty"]  # noqa: Y015
     _WhichOneofArgType__tty: _TypeAlias = _typing.Literal["_tty", b"_tty"]  # noqa: Y015
