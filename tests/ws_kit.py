@@ -24,7 +24,14 @@ class WsBackendProc(AgentProc):
     """`osmo-router agent --transport ws` serving one orchestrator-keyed session (waits until joined)."""
 
     def __init__(
-        self, router: Router, workflow: str, key: str, *args: str, operation: str = "exec", tls: bool = False
+        self,
+        router: Router,
+        workflow: str,
+        key: str,
+        *args: str,
+        operation: str = "exec",
+        tls: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         super().__init__(
             router.address,
@@ -40,6 +47,7 @@ class WsBackendProc(AgentProc):
             *args,
             tls=tls,
             wait=False,
+            env=env,
         )
         self.wait_event("connected")
 

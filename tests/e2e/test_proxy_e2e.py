@@ -1,12 +1,15 @@
 """Through a real HTTP CONNECT proxy (Debian's tinyproxy): the native channel, grpcio's own, the
-WebSocket transport over TLS, the exclusions and the proxy's refusals (src/osmo_router/dial/proxy.py)."""
+WebSocket transport (ws:// and wss://), the exclusions and the proxy's refusals (src/osmo_router/dial/proxy.py,
+src/osmo_router/transport/ws_dial.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ from osmo_router.dial.errors import Peer, probe_peer
 from tests.harness import AgentProc, Router, run_client
 from tests.redis_harness import free_port
 from tests.security_kit import Pki
+from tests.ws_kit import WsBackendProc, client_args, new_key
 
 
 class TinyProxy:
@@ -150,6 +154,70 @@ def test_the_websocket_transport_over_tls_is_tunnelled(tmp_path: Path, proxy: Ti
     finally:
         agent.stop()
         router.stop()
+
+
+def _ws_exec_and_backend(router: Router, env: dict[str, str]) -> None:
+    """An exec over --transport ws served by `agent --transport ws`, both with `env`; both must succeed."""
+    name, key = f"wf-proxy-{uuid.uuid4().hex[:8]}", new_key()
+    backend = WsBackendProc(router, name, key, env=env)  # waits until its WebSocket is open
+    try:
+        result = run_client("exec", *client_args(router, name, "ws", "--session-key", key), "--", "echo", "ws", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"ws\n"
+        assert backend.wait_exit(20) == 0, backend.lines[-5:]
+    finally:
+        backend.stop()
+
+
+def test_a_plain_websocket_is_tunnelled_too(router: Router, proxy: TinyProxy) -> None:
+    """ws:// goes through a CONNECT tunnel as wss:// does (RFC 6455 section 4.1), for the client and for
+    `agent --transport ws`: not as a forwarded request, which tinyproxy does not carry as a WebSocket."""
+    _ws_exec_and_backend(router, {"http_proxy": proxy.url})
+    assert proxy.connects().count(f"127.0.0.1:{router.ws_port}") == 2, proxy.log.read_text()[-2000:]
+
+
+def test_no_proxy_bypasses_the_proxy_for_a_websocket(router: Router) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    _ws_exec_and_backend(router, {"http_proxy": dead, "no_proxy": "localhost,127.0.0.1"})
+    failed = run_client("exec", *client_args(router, "wf", "ws"), "--", "true", env={"http_proxy": dead})
+    assert failed.returncode == 255
+    assert b"cannot reach the proxy 127.0.0.1:" in failed.stderr, failed.stderr
+
+
+def _first_request(listener: socket.socket, into: list[bytes]) -> None:
+    """Read one HTTP request head (at most 64 KiB) from the listener's first connection, refuse it with a 403."""
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(30)
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536 and (chunk := conn.recv(4096)):
+            head += chunk
+        into.append(head)
+        conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def test_proxy_credentials_go_to_the_proxy_only(tmp_path: Path) -> None:
+    """Through a proxy that wants credentials, the WebSocket request the router's port receives inside the
+    tunnel is origin-form and carries no Proxy-Authorization (the CONNECT did)."""
+    proxy = TinyProxy(tmp_path, basic_auth=("alice", "s3cret"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    port, received = listener.getsockname()[1], list[bytes]()
+    reader = threading.Thread(target=_first_request, args=(listener, received), daemon=True)
+    reader.start()
+    try:
+        args = ["--router-address", f"127.0.0.1:{free_port()}", "--ws-address", f"127.0.0.1:{port}"]
+        args += ["--workflow-id", "wf", "--tls=false", "--transport", "ws"]
+        env = {"http_proxy": proxy.url.replace("http://", "http://alice:s3cret@")}
+        result = run_client("exec", *args, "--", "true", env=env)
+        reader.join(30)
+    finally:
+        listener.close()
+        proxy.stop()
+    assert result.returncode == 255 and b"403" in result.stderr, result.stderr  # the stand-in's refusal
+    assert f"127.0.0.1:{port}" in proxy.connects()
+    assert received and received[0].startswith(b"GET /api/router/exec/wf/client/"), received
+    assert b"proxy-authorization" not in received[0].lower()
 
 
 def test_the_diagnosis_probe_goes_through_the_proxy(

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from osmo_router.agent.agent import default_handlers
 from osmo_router.agent.config import AgentConfig
+from osmo_router.transport.ws_dial import client_session
 from osmo_router.transport.ws_transport import WsSessionStream, connect
 from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
 from osmo_router.wire.protocol import pb
@@ -67,7 +68,7 @@ async def serve_ws_session(config: WsBackendConfig) -> int:
     if config.rendezvous_timeout is not None:
         query.append(("timeout", f"{config.rendezvous_timeout:g}"))
     url = session_url(base, config.operation, config.agent.workflow_id, "backend", config.session_key, query)
-    async with aiohttp.ClientSession() as http:
+    async with client_session(connect_timeout=20.0) as http:
         try:
             # Offered for stderr apart; a router that does not select it gets stderr merged (wsproto).
             ws = await connect(http, url, dial, timeout=20.0, protocols=(STDERR_SUBPROTOCOL,))

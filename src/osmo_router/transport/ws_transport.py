@@ -21,8 +21,9 @@ import aiohttp
 import grpc
 
 from osmo_router.dial.config import DialConfig
-from osmo_router.dial.proxy import Proxy, proxy_for
+from osmo_router.dial.proxy import Proxy, ProxyError, proxy_for
 from osmo_router.transport import WS, SessionInit, SessionStream
+from osmo_router.transport.ws_dial import client_session
 from osmo_router.wire.codec import decode_data_message
 from osmo_router.wire.errors import (
     InvalidArgument,
@@ -93,20 +94,17 @@ async def connect(
 ) -> aiohttp.ClientWebSocketResponse:
     """Open one WebSocket, offering `protocols`; handshake refusals become the matching RouterError.
 
-    Through the HTTP proxy the environment names for the router's host, chosen as for the gRPC
-    channel (dial/proxy.py): aiohttp tunnels a wss:// URL with CONNECT, and sends a ws:// one to the
-    proxy as a forwarded request, which only a proxy that passes WebSocket upgrades on can carry.
+    `session` comes from ws_dial.client_session: through the HTTP proxy the environment names for the
+    router's host (chosen as for the gRPC channel, dial/proxy.py) it opens a CONNECT tunnel, for ws://
+    as for wss:// (RFC 6455 section 4.1), and runs the WebSocket (and TLS) inside it.
     """
     try:
         proxy = proxy_for(urlsplit(url).hostname or "")
     except ValueError as err:
         raise Unavailable(str(err)) from None
-    proxy_headers = {"Proxy-Authorization": proxy.authorization} if proxy and proxy.authorization else None
     try:
         return await session.ws_connect(
             url,
-            proxy=proxy.url if proxy else None,
-            proxy_headers=proxy_headers,
             headers=auth_headers(dial),
             heartbeat=HEARTBEAT,
             max_msg_size=MAX_MESSAGE_SIZE,
@@ -120,22 +118,25 @@ async def connect(
         # The router names the cause in a header (`CODE: message`); another server only gives a status.
         error = error_from_reason(err.headers.get(ERROR_HEADER, "") if err.headers else "")
         if type(error) is RouterError:
-            error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(_refusal(err, proxy, url))
+            error = _HANDSHAKE_ERRORS.get(err.status, Unavailable)(_refusal(err, proxy))
         raise error from None
     except (aiohttp.ClientError, OSError, TimeoutError) as err:
+        base = url.split("/api/")[0]
+        cause = err.os_error if isinstance(err, aiohttp.ClientConnectorError) else err
+        if isinstance(cause, ProxyError):
+            if not cause.target_unreachable:  # the proxy itself (down, wants credentials): as the gRPC dial says
+                raise Unavailable(str(cause)) from None
+            raise PortUnreachable(base, str(cause)) from None
         via = f" (through the proxy {proxy.address})" if proxy else ""
-        raise PortUnreachable(url.split("/api/")[0], f"{err}{via}") from None
+        raise PortUnreachable(base, f"{err}{via}") from None
 
 
-def _refusal(err: aiohttp.WSServerHandshakeError, proxy: Proxy | None, url: str) -> str:
-    """What a handshake refused without the router's own reason says (the proxy's, perhaps)."""
+def _refusal(err: aiohttp.WSServerHandshakeError, proxy: Proxy | None) -> str:
+    """What a handshake refused without the router's own reason says."""
     if proxy is None:
         return f"the router refused the WebSocket: {err.message}"
-    hint = ""
-    if url.startswith(("ws:", "http:")):
-        # RFC 6455 asks for a CONNECT tunnel; aiohttp forwards a plain ws:// request instead.
-        hint = "; a plain ws:// WebSocket reaches the proxy as a forwarded request: use TLS (wss://) or no_proxy"
-    return f"the proxy {proxy.address} or the router behind it refused the WebSocket: {err.status} {err.message}{hint}"
+    # Inside a CONNECT tunnel the answer is the router's, or a TLS-terminating middlebox's.
+    return f"the router behind the proxy {proxy.address} refused the WebSocket: {err.status} {err.message}"
 
 
 class PortUnreachable(Unavailable):
@@ -316,7 +317,7 @@ class WsTransport:
     async def open(self, operation: int, init: SessionInit) -> SessionStream:
         """Connect `/client/{key}` (the orchestrator's key, or a fresh one) and send the exec size."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=self._timeout))
+            self._session = client_session(self._timeout)
         if isinstance(init, pb.PortForwardInit) and init.protocol == pb.PROTOCOL_UDP:
             raise InvalidArgument("UDP port-forward is not carried over WebSocket; use --transport grpc")
         key = init.target.session_key or new_session_key()  # typed by users later: `attach KEY`
