@@ -9,9 +9,11 @@ import pytest
 import pytest_asyncio
 
 from osmo_router.router.core.registry import AgentRegistration
+from osmo_router.router.core.session import MAX_TASKS_TOLD
+from osmo_router.router.scaleout.agent_index import DefaultAgent, agent_key
 from osmo_router.router.scaleout.directory import DirectoryUnavailable, Owner
 from osmo_router.router.scaleout.redis_directory import RedisDirectory
-from osmo_router.router.scaleout.redis_schema import EPOCH_KEY, agent_key, session_entry
+from osmo_router.router.scaleout.redis_schema import EPOCH_KEY, session_entry
 from tests.redis_harness import RedisServer
 
 
@@ -233,3 +235,49 @@ async def test_close_is_bounded_when_a_redis_call_swallows_the_cancel(
         await view.close()
     heartbeat = view._heartbeat
     assert heartbeat is not None and heartbeat.done()
+
+
+# The agent a client naming no task gets across replicas (scaleout/agent_index.py): the task-less one, else
+# the oldest registered, and the first MAX_TASKS_TOLD task names, whichever replica asks.
+R1 = Owner("r1", "10.0.0.1:1")
+
+
+@pytest.mark.asyncio
+async def test_the_oldest_agent_and_the_first_names_whichever_replica_asks(
+    directories: tuple[RedisDirectory, RedisDirectory], redis_server: RedisServer
+) -> None:
+    r1, r2 = directories
+    # Registered newest name first, alternating replicas: age and name order disagree.
+    names = [f"t{n:03d}" for n in range(3 * MAX_TASKS_TOLD)]
+    regs = {}
+    for n, task in enumerate(reversed(names)):
+        regs[task] = registration("wf", task, agent_id=task)
+        await (r1 if n % 2 == 0 else r2).agent_registered(regs[task])
+    told = tuple(names[:MAX_TASKS_TOLD])
+    oldest = names[-1]  # registered first, by r1
+    assert await r2.default_agent("wf") == DefaultAgent(R1, oldest, told, len(names))
+    assert await r1.default_agent("wf") == DefaultAgent(None, oldest, told, len(names))
+    assert await r2.find_agent("wf", "") == R1
+    # A heartbeat keeps an agent's age (it is not a new registration).
+    await r1.refresh()
+    await r2.refresh()
+    assert (await r2.default_agent("wf")) == DefaultAgent(R1, oldest, told, len(names))
+    # A lost replica's entry (expired) is skipped and dropped from the indexes: the next oldest, r2's.
+    with redis_server.client() as client:
+        client.delete(agent_key("wf", oldest))  # as if r1 died and the TTL passed
+    assert await r2.default_agent("wf") == DefaultAgent(None, names[-2], told, len(names) - 1)
+    # A replica that shuts down withdraws its agents from every index.
+    await r1.close()
+    left = list(reversed(names))[1::2]
+    assert await r2.default_agent("wf") == DefaultAgent(
+        None, names[-2], tuple(sorted(left)[:MAX_TASKS_TOLD]), len(left)
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_task_less_agent_is_chosen_first(directories: tuple[RedisDirectory, RedisDirectory]) -> None:
+    r1, r2 = directories
+    await r2.agent_registered(registration("wf", "a"))
+    await r1.agent_registered(registration("wf", ""))
+    assert await r2.default_agent("wf") == DefaultAgent(R1, "", ("", "a"), 2)
+    assert await r2.default_agent("other") is None

@@ -63,7 +63,7 @@ class SessionPipeline:
         """Serve a client stream from placement to its end."""
         label = join.operation.label
         try:
-            key = None
+            key, defaulted = None, None
             # A created session's key: the workflow the client named (maybe an alias) is the session's.
             created = self._sessions.created.lookup(join.target.session_key, join.target.workflow_id)
             if created is not None:
@@ -73,9 +73,9 @@ class SessionPipeline:
                 if place.owner is not None:
                     await self._owners.relay_client(side, place.owner, join)
                     return
-                key = place.key
+                key, defaulted = place.key, place.defaulted
             session = self._sessions.join_client(
-                join.identity, join.operation.value, join.target, join.open_msg, key=key
+                join.identity, join.operation.value, join.target, join.open_msg, key=key, defaulted=defaulted
             )
         except RouterError as err:
             if is_resuming(join.target):

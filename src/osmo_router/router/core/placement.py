@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from osmo_router.router.auth.identity import Identity
+from osmo_router.router.core.session import DefaultedTask
 from osmo_router.wire.protocol import pb
 
 
@@ -24,10 +25,14 @@ class Owner:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a stream is served: relayed to `owner`, or here (with `key` when the router makes the session key)."""
+    """Where a stream is served: relayed to `owner`, or here (with `key` when the router makes the session key).
+
+    `defaulted`: the agent (task) the replicas chose for a client that named none, served here.
+    """
 
     owner: Owner | None = None
     key: str | None = None
+    defaulted: DefaultedTask | None = None
 
 
 HERE = Placement()

@@ -79,12 +79,14 @@ class DefaultedTask:
 
     task: str
     tasks: tuple[str, ...]
+    #: How many tasks the workflow has, when `tasks` holds only the first ones (scale-out's directory).
+    count: int = 0
 
     def into(self, ready: pb.SessionReady) -> None:
         """Fill the SessionReady fields that say so (at most MAX_TASKS_TOLD names)."""
         ready.defaulted_task = self.task
         ready.tasks.extend(self.tasks[:MAX_TASKS_TOLD])
-        ready.task_count = len(self.tasks)
+        ready.task_count = max(self.count, len(self.tasks))
 
 
 @dataclass(eq=False, slots=True)

@@ -123,20 +123,24 @@ class SessionStore:
         target: pb.SessionTarget,
         open_msg: pb.SessionOpen,
         key: str | None = None,
+        defaulted: DefaultedTask | None = None,
     ) -> Session:
         """Create or take the session for a client; signal the agent. Raises a RouterError on refusal.
 
-        `key` is the key to give a new session when the client brings none (default: a fresh one).
+        `key` is the key to give a new session when the client brings none (default: a fresh one);
+        `defaulted`, the agent the replicas chose among all of theirs for a client naming no task (scale-out).
         """
         self._check_client(identity, target)
         self._check_init_room(identity, open_msg)
-        agent = self._registry.pick(target.workflow_id, target.task)
+        agent = None if defaulted is None else self._registry.exact(target.workflow_id, defaulted.task)
+        agent = agent or self._registry.pick(target.workflow_id, target.task)
         forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
         session = self._client_session(identity, target, agent, forward_id, key)
         self._bind_client(session, identity, operation, target, open_msg, forward_id)
         if agent is not None and not target.task and not session.agent_joined:
-            tasks = self._registry.tasks(target.workflow_id)
-            if len(tasks) > 1:
+            if defaulted is not None and defaulted.task == agent.task:
+                session.defaulted = defaulted if max(defaulted.count, len(defaulted.tasks)) > 1 else None
+            elif len(tasks := self._registry.tasks(target.workflow_id)) > 1:
                 session.defaulted = DefaultedTask(agent.task, tuple(tasks))
         if session.agent_joined:
             self._pair(session)

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
+from osmo_router.router.scaleout.agent_index import DefaultAgent
 from osmo_router.wire.errors import Unavailable
 
 
@@ -26,6 +27,11 @@ SessionAlive = Callable[[str], bool]
 
 class Directory(Protocol):
     """What the replicas share. Writes are best effort; lookups raise DirectoryUnavailable when they cannot answer."""
+
+    @property
+    def up(self) -> bool:
+        """False after an operation failed, until one succeeds."""
+        ...
 
     async def start(self, address: str, session_alive: SessionAlive) -> None:
         """Start publishing this replica's entries under `address`."""
@@ -47,6 +53,10 @@ class Directory(Protocol):
         """The replica holding an agent for the workflow (and task, if given)."""
         ...
 
+    async def default_agent(self, workflow_id: str) -> DefaultAgent | None:
+        """The agent a client naming no task gets over all replicas, and the tasks it is told of; None if none."""
+        ...
+
     async def find_session(self, key: str) -> Owner | None:
         """The replica holding the session with this key."""
         ...
@@ -66,6 +76,11 @@ class Directory(Protocol):
 class MemoryDirectory:
     """One replica alone: nothing is shared, nothing is ever found elsewhere."""
 
+    @property
+    def up(self) -> bool:
+        """Always: nothing to reach."""
+        return True
+
     async def start(self, address: str, session_alive: SessionAlive) -> None:
         """Nothing to start."""
 
@@ -80,6 +95,10 @@ class MemoryDirectory:
 
     async def find_agent(self, workflow_id: str, task: str) -> Owner | None:
         """Never elsewhere."""
+        return None
+
+    async def default_agent(self, workflow_id: str) -> DefaultAgent | None:
+        """None: the registry alone chooses (core/sessions.py `join_client`)."""
         return None
 
     async def find_session(self, key: str) -> Owner | None:

@@ -21,8 +21,10 @@ from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.placement import HERE, FarStream, Owner, Placement
 from osmo_router.router.core.registry import AgentRegistry
 from osmo_router.router.core.resumes import is_resuming
+from osmo_router.router.core.session import DefaultedTask
 from osmo_router.router.core.sessions import SessionStore, check_id, new_session_key, scoped_key
 from osmo_router.router.ops.metrics import RouterMetrics
+from osmo_router.router.scaleout.agent_index import DefaultAgent
 from osmo_router.router.scaleout.directory import Directory, DirectoryUnavailable
 from osmo_router.router.scaleout.peers import PEER_SERVICE, CallEndpoint, PeerAuthenticator, PeerChannels, peer_metadata
 from osmo_router.wire.errors import from_status
@@ -83,9 +85,10 @@ class ScaleOut:
             return await self._place_resume(identity, target, local_agent, from_peer=from_peer)
         if key and self._sessions.get(target.workflow_id, key) is not None:
             return HERE
+        default = await self._default_agent(target, local_agent)
         if not from_peer:
             try:
-                owner = await self._find_client_owner(target, local_agent)
+                owner = await self._find_client_owner(target, local_agent, default)
             except DirectoryUnavailable:
                 if not local_agent:
                     raise
@@ -96,7 +99,24 @@ class ScaleOut:
             return HERE  # refused by the session store: no agent anywhere
         key = key or new_session_key()
         other = await self._directory.claim_session(scoped_key(target.workflow_id, key), target.workflow_id)
-        return Placement(owner=other) if other is not None and not from_peer else Placement(key=key)
+        if other is not None and not from_peer:
+            return Placement(owner=other)
+        if default is None or default.owner is not None:  # (a relayed stream's race): the registry picks
+            return Placement(key=key)
+        return Placement(key=key, defaulted=DefaultedTask(default.task, default.tasks, default.count))
+
+    async def _default_agent(self, target: pb.SessionTarget, local_agent: bool) -> DefaultAgent | None:
+        """For a client naming no task: the agent all replicas choose (as one router's `pick`), and the tasks
+        it is told of, from the directory; None with a task, or when the directory cannot answer and an
+        agent is here (this replica's registry chooses then, as without scale-out)."""
+        if target.task or (local_agent and not self._directory.up):
+            return None  # local pairing does not wait on a Redis known to be down
+        try:
+            return await self._directory.default_agent(target.workflow_id)
+        except DirectoryUnavailable:
+            if not local_agent:
+                raise
+            return None
 
     async def _place_resume(
         self, identity: Identity, target: pb.SessionTarget, local_agent: bool, *, from_peer: bool
@@ -145,11 +165,15 @@ class ScaleOut:
         """Close the channels to the other replicas."""
         await self._channels.close()
 
-    async def _find_client_owner(self, target: pb.SessionTarget, local_agent: bool) -> Owner | None:
+    async def _find_client_owner(
+        self, target: pb.SessionTarget, local_agent: bool, default: DefaultAgent | None
+    ) -> Owner | None:
         if target.session_key:
             owner = await self._directory.find_session(scoped_key(target.workflow_id, target.session_key))
             if owner is not None:
                 return owner
+        if default is not None:
+            return default.owner  # None: the chosen agent is here
         if local_agent:
             return None
         return await self._directory.find_agent(target.workflow_id, target.task)

@@ -4,18 +4,18 @@ Keys (every one written with a TTL and refreshed by each replica's heartbeat, so
 replica that crashed vanish on their own; deleted at once on unregister, session end or shutdown):
 
     osmo:agent:{WORKFLOW}:TASK   hash owner, replica, address, agent_id   an agent registered somewhere
-    osmo:agents:{WORKFLOW}       sorted set of TASK by last refresh       finds an agent when no task is given
+    osmo:agents*:{WORKFLOW}      sorted sets of TASK (agent_index.py)     finds an agent when no task is given
     osmo:session:SHA256(KEY)     hash owner, replica, address, workflow   a session held somewhere
 
 Ids are percent-encoded, so a `:` or `{` in a workflow id cannot forge another key; the braces
 make a workflow's keys one Redis Cluster hash slot. Session keys are stored hashed: reading the
 directory does not reveal a key that would let one join a session.
 
-The keys and the Lua scripts that write them are in redis_schema.py. Every write is conditional on
-ownership (Lua): a refresh never overwrites an entry that another replica took over since (a newer
-registration of the same agent target wins, as it does on one replica), and a delete never removes
-another replica's entry. Redis errors never reach the sessions of this replica: writes are retried
-by the next heartbeat, lookups raise DirectoryUnavailable.
+Every write is conditional on ownership (Lua): a refresh never overwrites an entry that another
+replica took over since (a newer registration of the same agent target wins, as it does on one
+replica), and a delete never removes another replica's entry. Redis errors never reach the
+sessions of this replica: writes are retried by the next heartbeat, lookups raise
+DirectoryUnavailable.
 
 A Redis that restarted empty (or was flushed) holds no agents until every replica's heartbeat has
 re-published its own, up to a third of the TTL later. A miss in that window is not "no agent is
@@ -31,6 +31,8 @@ operation timeout) ago, means the directory is being rebuilt, and the lookup rai
 DirectoryUnavailable saying so and to retry, instead of reporting no agent. Limit: a replica that
 starts while the others are still re-publishing writes "start", so misses in what is left of that
 window read as "no agent".
+
+The agents' keys and scripts are in agent_index.py, the sessions' and the epoch's in redis_schema.py.
 """
 
 from __future__ import annotations
@@ -50,19 +52,24 @@ from redis.exceptions import RedisError
 
 from osmo_router.router.core.placement import Owner
 from osmo_router.router.core.registry import AgentRegistration
+from osmo_router.router.core.session import MAX_TASKS_TOLD
+from osmo_router.router.scaleout.agent_index import (
+    CLAIM_AGENT,
+    DEFAULT_AGENT,
+    DefaultAgent,
+    agent_key,
+    agent_keys,
+    agent_prefix,
+    parse_default,
+    q,
+)
 from osmo_router.router.scaleout.directory import DirectoryUnavailable, SessionAlive
 from osmo_router.router.scaleout.redis_schema import (
-    CLAIM_AGENT,
     CLAIM_SESSION,
     EPOCH_KEY,
-    FIND_ANY_AGENT,
     MARK_EPOCH,
     READ_EPOCH,
     RELEASE,
-    agent_index,
-    agent_key,
-    agent_prefix,
-    index_member,
     session_entry,
 )
 
@@ -95,7 +102,7 @@ class RedisDirectory:
         self._address = ""
         self._ttl_ms = str(int(ttl * 1000))
         self._claim_agent = self._redis.register_script(CLAIM_AGENT)
-        self._find_any_agent = self._redis.register_script(FIND_ANY_AGENT)
+        self._default_agent = self._redis.register_script(DEFAULT_AGENT)
         self._claim_session = self._redis.register_script(CLAIM_SESSION)
         self._release = self._redis.register_script(RELEASE)
         self._mark_epoch = self._redis.register_script(MARK_EPOCH)
@@ -146,8 +153,8 @@ class RedisDirectory:
             async with asyncio.timeout(self._op_timeout), self._redis.pipeline(transaction=False) as pipe:
                 for (workflow_id, task), entry in agents.items():
                     await self._release(
-                        keys=[agent_key(workflow_id, task), agent_index(workflow_id)],
-                        args=[entry.owner, index_member(task)],
+                        keys=agent_keys(workflow_id, task),
+                        args=[entry.owner, q(task)],
                         client=pipe,
                     )
                 for key in sessions:
@@ -174,24 +181,28 @@ class RedisDirectory:
         if entry is None or entry.reg is not reg:
             return
         del self._agents[(reg.workflow_id, reg.task)]
-        keys = [agent_key(reg.workflow_id, reg.task), agent_index(reg.workflow_id)]
-        self._spawn(self._call("withdraw agent", self._release(keys=keys, args=[entry.owner, index_member(reg.task)])))
+        keys = agent_keys(reg.workflow_id, reg.task)
+        self._spawn(self._call("withdraw agent", self._release(keys=keys, args=[entry.owner, q(reg.task)])))
 
     async def find_agent(self, workflow_id: str, task: str) -> Owner | None:
-        """The replica holding an agent for the workflow (and task); any task when none is given."""
-        if task:
-            fields: Any = await self._call("find agent", self._redis.hgetall(agent_key(workflow_id, task)))
-        else:
-            fields = await self._call(
-                "find agent",
-                self._find_any_agent(
-                    keys=[agent_key(workflow_id, ""), agent_index(workflow_id)], args=[agent_prefix(workflow_id)]
-                ),
-            )
+        """The replica holding an agent for the workflow (and task); the default agent when no task is given."""
+        if not task:
+            found = await self.default_agent(workflow_id)
+            return found.owner if found is not None else None
+        fields: Any = await self._call("find agent", self._redis.hgetall(agent_key(workflow_id, task)))
         owner = self._owner(fields)
         if owner is None and not fields:
             await self._raise_if_rebuilding(workflow_id, task)
         return owner
+
+    async def default_agent(self, workflow_id: str) -> DefaultAgent | None:
+        """The agent a client naming no task gets (task-less, else oldest; agent_index.py), None if none."""
+        script = self._default_agent(keys=agent_keys(workflow_id, ""), args=[agent_prefix(workflow_id), MAX_TASKS_TOLD])
+        fields, task, count, names = parse_default(await self._call("find agent", script))
+        if not fields:
+            await self._raise_if_rebuilding(workflow_id, "")
+            return None
+        return DefaultAgent(self._owner(fields), task, names, count)
 
     async def _raise_if_rebuilding(self, workflow_id: str, task: str) -> None:
         """Raise DirectoryUnavailable if the directory is being rebuilt after Redis lost its content."""
@@ -265,14 +276,14 @@ class RedisDirectory:
     def _write_agent(self, entry: _AgentEntry, *, take_over: bool, client: Any = None) -> Awaitable[Any]:
         reg = entry.reg
         return self._claim_agent(
-            keys=[agent_key(reg.workflow_id, reg.task), agent_index(reg.workflow_id)],
+            keys=agent_keys(reg.workflow_id, reg.task),
             args=[
                 entry.owner,
                 self._replica,
                 self._address,
                 reg.agent_id,
                 self._ttl_ms,
-                index_member(reg.task),
+                q(reg.task),
                 "1" if take_over else "0",
             ],
             client=client,
