@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -105,12 +106,15 @@ async def _grpc_health(address: str) -> int:
         return int(reply.status)
 
 
-def test_sigterm_drains_in_flight_sessions(workflow: str) -> None:
+def test_sigterm_drains_in_flight_sessions(workflow: str, tmp_path: Path) -> None:
     """A session that cannot resume is waited for (a resumable one is moved: test_resume_ops_e2e.py)."""
     router = Router("--drain-timeout", "20s")
     agent = AgentProc(router.address, workflow)
     args = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false"]
-    command = ["sh", "-c", "echo started; sleep 3; echo done"]
+    # The command runs until the test lets it end (not for a fixed time: on a loaded machine the drain
+    # could otherwise be over before the late client below is refused).
+    go_on = tmp_path / "go-on"
+    command = ["sh", "-c", f"echo started; while [ ! -e {go_on} ]; do sleep 0.05; done; echo done"]
     in_flight = Proc(client_cmd("exec", *args, "--resume-grace=0", "--", *command))
     try:
         assert asyncio.run(_grpc_health(router.address)) == health_pb2.HealthCheckResponse.SERVING
@@ -122,6 +126,7 @@ def test_sigterm_drains_in_flight_sessions(workflow: str) -> None:
         assert asyncio.run(_grpc_health(router.address)) == health_pb2.HealthCheckResponse.NOT_SERVING
         refused = run_client("exec", *args, "--", "echo", "too-late")
         assert refused.returncode == 255 and b"draining" in refused.stderr
+        go_on.touch()
         assert in_flight.wait_exit(30) == 0
         assert in_flight.out_lines == ["started", "done"]
         assert router.wait_exit(30) == 0
