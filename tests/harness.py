@@ -221,6 +221,12 @@ def run_client(
     )
 
 
+def exec_served(*args: str, timeout: float = 60.0) -> None:
+    """Assert that `osmo-net-client exec ARGS -- echo served` runs and exits 0 (a hostile test's bystander)."""
+    result = run_client("exec", *args, "--", "echo", "served", timeout=timeout)
+    assert (result.returncode, result.stdout) == (0, b"served\n"), result.stderr.decode()
+
+
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
     """The value of one sample in Prometheus exposition text (0 if absent)."""
     from prometheus_client.parser import text_string_to_metric_families

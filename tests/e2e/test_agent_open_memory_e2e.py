@@ -17,7 +17,7 @@ import grpc
 
 from osmo_router.wire.protocol import pb
 from tests.e2e.test_memory_idle import rss_kib
-from tests.harness import AgentProc, run_client
+from tests.harness import AgentProc, exec_served
 from tests.raw_grpc import EXEC, RawCall, raw_channel
 from tests.security_kit import Signer, jwt_router
 
@@ -75,9 +75,7 @@ def test_one_users_opening_messages_are_bounded_on_the_agent_and_another_user_is
             future.cancel()
         peak = rss_kib(agent.pid)
         flags = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", "--token", alice]
-        served = await asyncio.to_thread(run_client, "exec", *flags, "--", "echo", "served")
-        assert served.returncode == 0, served.stderr.decode()
-        assert served.stdout.strip() == b"served"
+        await asyncio.to_thread(exec_served, *flags)
         for call in calls:
             call.cancel()
         await channel.close()

@@ -11,7 +11,7 @@ import json
 import socket
 import uuid
 
-from tests.harness import AgentProc, Router, run_client
+from tests.harness import AgentProc, Router, exec_served
 from tests.ws_kit import client_args
 
 #: The router's cut (router/core/audit.py MAX_REASON), stated here so the test runs without it.
@@ -49,9 +49,7 @@ def test_a_client_string_in_a_refusal_is_logged_cut() -> None:
     try:
         send_requests(router.ws_port, "x" * 7000)
         # Another user's session is served meanwhile (the router logs it as usual).
-        result = run_client("exec", *client_args(router, workflow, "ws"), "--", "echo", "served")
-        assert result.returncode == 0, result.stderr.decode()
-        assert result.stdout.strip() == b"served"
+        exec_served(*client_args(router, workflow, "ws"))
         router.wait_for(lambda _record: len(refused_lines(router)) >= REQUESTS)
         lines = refused_lines(router)
         reasons = [str(record["reason"]) for record in lines]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.test_memory_idle import rss_kib
-from tests.harness import AgentProc, Router, metric_value, run_client
+from tests.harness import AgentProc, Router, exec_served, metric_value
 from tests.ws_kit import client_args
 
 #: The router's limit (router/ops/http_limits.py MAX_HEADER_BYTES), stated here so the test runs without it.
@@ -64,9 +64,7 @@ def test_header_bytes_are_bounded_and_another_user_is_served(router: Router) -> 
         peak = rss_kib(router.popen.pid)
         print(f"router RSS {fresh} KiB fresh, {peak} KiB with {len(held)} attackers (+{(peak - fresh) / 1024:.1f} MiB)")
         # Another user's exec over the WebSocket port, while the attack's sockets are still open.
-        result = run_client("exec", *client_args(router, workflow, "ws"), "--", "echo", "served")
-        assert result.returncode == 0, result.stderr.decode()
-        assert result.stdout.strip() == b"served"
+        exec_served(*client_args(router, workflow, "ws"))
         assert peak - fresh < MAX_GROWTH_KIB, f"+{(peak - fresh) / 1024:.1f} MiB for {len(held)} connections"
         answers = {answer[:12] for _, answer in held}
         assert answers <= {b"HTTP/1.1 431", b""}, answers

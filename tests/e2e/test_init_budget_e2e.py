@@ -18,7 +18,7 @@ import grpc
 
 from osmo_router.wire.protocol import pb
 from tests.e2e.test_memory_idle import rss_kib
-from tests.harness import AgentProc, run_client
+from tests.harness import AgentProc, exec_served
 from tests.raw_grpc import EXEC, RawCall, raw_channel
 from tests.security_kit import Signer, jwt_router
 
@@ -62,9 +62,7 @@ def test_opening_messages_count_in_the_users_budget_and_another_user_is_served(t
         calls, refused = await open_sessions(router.address, mallory, SESSIONS)
         peak = rss_kib(router.pid)
         flags = ["--router-address", router.address, "--workflow-id", workflow, "--tls=false", "--token", alice]
-        served = await asyncio.to_thread(run_client, "exec", *flags, "--", "echo", "served")
-        assert served.returncode == 0, served.stderr.decode()
-        assert served.stdout.strip() == b"served"
+        await asyncio.to_thread(exec_served, *flags)
         for call in calls:
             call.cancel()
         # Her sessions ended: what they kept is given back, so a new one of hers fits again.

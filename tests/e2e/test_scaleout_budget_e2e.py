@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_memory_idle import rss_kib
-from tests.harness import AgentProc, Proc, Router, metric_value, run_client
+from tests.harness import AgentProc, Proc, Router, exec_served, metric_value
 from tests.raw_grpc import EXEC, RawCall, exec_init, frame, raw_channel
 from tests.redis_harness import RedisServer
 from tests.security_kit import Signer
@@ -86,8 +86,7 @@ def test_a_relaying_replica_holds_a_users_stalled_sessions_within_her_budget(rep
             # Meanwhile another user's session through the same replica is served.
             args = ["--router-address", a.address, "--workflow-id", WF, "--tls=false"]
             alice = SIGNER.token("alice", workflows=[WF])
-            served = await asyncio.to_thread(run_client, "exec", *args, "--token", alice, "--", "echo", "served")
-            assert (served.returncode, served.stdout) == (0, b"served\n"), served.stderr
+            await asyncio.to_thread(exec_served, *args, "--token", alice)
             return sum(sent), counted
         finally:
             for task in tasks:
