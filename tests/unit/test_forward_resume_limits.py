@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from osmo_router.router.auth.identity import ROLE_AGENT, Identity
+from osmo_router.router.core.budget import Budgets
 from osmo_router.router.core.registry import AgentRegistration, AgentRegistry
 from osmo_router.router.core.sessions import SessionStore
 from osmo_router.wire.errors import PermissionDenied, ResourceExhausted
@@ -67,3 +68,28 @@ async def test_a_resume_of_someone_elses_session_is_refused_and_changes_no_count
     _join(store)  # alice's forward still has its second slot
     with pytest.raises(ResourceExhausted):
         _join(store)
+
+
+async def test_a_resume_counts_its_opening_message_once_in_the_users_budget() -> None:
+    """The session a resume replaces gives its kept opening message back: a user whose sessions hold
+    most of her budget in opening messages can still resume one (it was RESOURCE_EXHAUSTED)."""
+    registry = AgentRegistry()
+    registry.register(AgentRegistration(agent_id="a1", workflow_id="wf", task="", operations=(pb.OPERATION_EXEC,)))
+    budgets = Budgets(per_user=10_000, total=100_000)
+    store = SessionStore(registry, buffer=4, max_pending=10, max_sessions=100, max_per_user=10, budgets=budgets)
+
+    def join(key: str = "", resuming: bool = False) -> str:
+        target = pb.SessionTarget(workflow_id="wf", session_key=key, resume=pb.ResumeToken(resuming=resuming))
+        init = pb.ExecInit(target=target, command=["true"], env={"BIG": "x" * 6_000})
+        session = store.join_client(USER, pb.OPERATION_EXEC, target, pb.SessionOpen(exec=init))
+        store.join_agent(AGENT, pb.ConnectInit(session_key=session.key, workflow_id="wf", agent_id="a1"))
+        return session.key
+
+    first = join()
+    for _ in range(3):  # each replaces the session the router still holds: one opening message kept
+        assert join(key=first, resuming=True) == first
+    with pytest.raises(ResourceExhausted, match="opening messages"):
+        join()  # a second session's would not fit beside it
+    for session in list(store._sessions.values()):
+        store.remove(session)
+    assert budgets.total.held == 0

@@ -131,7 +131,7 @@ class SessionStore:
         `defaulted`, the agent the replicas chose among all of theirs for a client naming no task (scale-out).
         """
         self._check_client(identity, target)
-        self._check_init_room(identity, open_msg)
+        self._check_init_room(identity, target, open_msg)
         agent = None if defaulted is None else self._registry.exact(target.workflow_id, defaulted.task)
         agent = agent or self._registry.pick(target.workflow_id, target.task)
         forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
@@ -153,18 +153,28 @@ class SessionStore:
                 agent.request_session(session.key, operation)
         return session
 
-    def _check_init_room(self, identity: Identity, open_msg: pb.SessionOpen) -> None:
+    def _check_init_room(self, identity: Identity, target: pb.SessionTarget, open_msg: pb.SessionOpen) -> None:
         """Refuse an opening message that does not fit what the user's sessions may keep of theirs.
 
         It is kept for the session's life (sent to the agent, again at a resume), up to
         --max-message-size each: 100 waiting sessions with 2.9 MiB of env each grew the router by 287
-        MiB, in no budget. Each is counted as held in the user's and the process's budgets.
+        MiB, in no budget. Each is counted as held in the user's and the process's budgets. A resume
+        of a session still held here replaces it (`_client_session`): its opening message is given back.
         """
+        if self._budgets is None:
+            return
         size = open_msg.ByteSize()
-        if self._budgets is not None and not self._budgets.init_fits(identity.subject, size):
+        replaced = self.get(target.workflow_id, target.session_key) if target.session_key else None
+        if (
+            replaced is not None
+            and (target.resume.resuming or target.resume.attach)
+            and replaced.user == identity.subject
+        ):
+            size -= replaced.init_bytes
+        if not self._budgets.init_fits(identity.subject, size):
             raise ResourceExhausted(
                 f"the sessions of {identity.subject} keep their maximum of {self._budgets.per_user} bytes"
-                f" of opening messages (--user-buffer-bytes); this one has {size}"
+                f" of opening messages (--user-buffer-bytes); this one has {open_msg.ByteSize()}"
             )
 
     def _check_client(self, identity: Identity, target: pb.SessionTarget) -> None:
