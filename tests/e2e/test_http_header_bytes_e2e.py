@@ -114,3 +114,29 @@ def test_a_request_with_large_legitimate_headers_is_served(router: Router) -> No
                 break
             data += chunk
         assert b"HTTP/1.1 431" in data, data[-200:]
+
+
+def test_a_request_that_names_an_upgrade_but_is_not_upgraded_stays_counted(router: Router) -> None:
+    """Only a WebSocket actually upgraded stops the count: a plain request carrying an `Upgrade`
+    header (answered as HTTP, the connection kept alive) turned it off for the requests after it, so a
+    second request on the connection could send aiohttp's 1 MiB of header fields again."""
+    too_many = b"".join(b"X-Big-%d: %s\r\n" % (i, b"b" * 7000) for i in range(MAX_HEADER_BYTES // 7000 + 1))
+    for port, path in ((router.metrics_port, b"/healthz"), (router.ws_port, b"/api/router/version")):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n" % path)
+            first = sock.recv(12)
+            assert first[:9] == b"HTTP/1.1 " and first[9:12] != b"101", first
+            try:
+                sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path, too_many))
+            except OSError:
+                pass
+            data = first
+            deadline = time.monotonic() + 10
+            # Until the second answer (431, or the 200 of a request let through) or the close.
+            while data.count(b"HTTP/1.1 ") < 2 and time.monotonic() < deadline:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.count(b"HTTP/1.1 ") == 2, (port, data)
+            assert data[data.rindex(b"HTTP/1.1 ") :][:12] == b"HTTP/1.1 431", (port, data)

@@ -93,9 +93,13 @@ class GuardedRequestHandler(QuietBadRequests):
             return
         super().data_received(data)
 
-    def upgraded(self) -> None:
-        """The request is a WebSocket upgrade: what follows are its frames, not headers."""
+    def set_parser(self, parser: Any, data_received_cb: Callable[[], None] | None = None) -> None:
+        """aiohttp accepted a WebSocket upgrade (it sets the frame reader before the 101): what follows
+        are its frames, not headers. Not at the request's `Upgrade` header: a request naming one that
+        is answered as HTTP (not a WebSocket path, a refused handshake) keeps the connection, and the
+        requests after it must stay counted."""
         self._header_bytes.upgraded()
+        super().set_parser(parser, data_received_cb)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Serve the connection (TLS, when on, is done by now); the header timeout starts."""
@@ -270,8 +274,6 @@ async def _mark_headers(
     protocol = request.protocol
     if isinstance(protocol, GuardedRequestHandler):
         protocol.headers_seen()
-        if "Upgrade" in request.headers:
-            protocol.upgraded()
     return await handler(request)
 
 
