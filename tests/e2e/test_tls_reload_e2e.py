@@ -131,3 +131,60 @@ def test_a_client_ca_removed_from_the_file_is_no_longer_trusted(tmp_path: Path, 
         assert [through_ws("kept"), through_ws("removed")] == [True, False]
     finally:
         router.stop()
+
+
+def answers_resuming(
+    port: int, context: ssl.SSLContext, alpn: str, session: ssl.SSLSession | None
+) -> tuple[bool, ssl.SSLSession | None, bool]:
+    """Whether the port answers a TLS connection made with `context` (its client certificate), offering
+    `session` for resumption; the session to resume later, and whether this one was resumed."""
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" if alpn == "http/1.1" else H2_PREFACE
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+                tls.sendall(request)
+                answered = len(tls.recv(16)) > 0  # (TLS 1.3: a refused certificate shows here)
+                return answered, tls.session, tls.session_reused
+    except (ssl.SSLError, ConnectionResetError):
+        return False, None, False
+
+
+#: The HTTP/2 client preface and an empty SETTINGS frame.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def test_a_session_resumed_from_before_the_reload_is_not_let_in_by_a_removed_ca(tmp_path: Path, workflow: str) -> None:
+    """A TLS session of a certificate from a CA since removed from --tls-client-ca is not resumed: the
+    ticket from before the reload skipped the certificate check (the session ticket keys are the
+    listening context's, which the reload does not replace), so such a client got in for the
+    ticket's lifetime (OpenSSL: 2 hours) after the CA was rotated out."""
+    server_ca, kept_ca, removed_ca = (CertificateAuthority.create(name) for name in ("server CA", "kept", "removed"))
+    files = {"server_ca.pem": server_ca.pem, "client_ca.pem": kept_ca.pem + removed_ca.pem}
+    files["tls.crt"], files["tls.key"] = server_ca.issue("osmo-router", server=True)
+    files["removed.crt"], files["removed.key"] = removed_ca.issue("agent-removed", server=False)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    path = {name: tmp_path / name for name in files}
+    router = Router(
+        "--tls-cert", str(path["tls.crt"]), "--tls-key", str(path["tls.key"]),
+        "--tls-client-ca", str(path["client_ca.pem"]), "--auth=none", "--tls-reload-interval", "0.1s",
+        secure=True,
+    )  # fmt: skip
+    ports = {"h2": router.port, "http/1.1": router.ws_port}
+    contexts = {}
+    for alpn in ports:
+        contexts[alpn] = ssl.create_default_context(cafile=str(path["server_ca.pem"]))
+        contexts[alpn].load_cert_chain(str(path["removed.crt"]), str(path["removed.key"]))
+        contexts[alpn].set_alpn_protocols([alpn])
+    try:
+        sessions = {}
+        for alpn, port in ports.items():
+            answered, sessions[alpn], _ = answers_resuming(port, contexts[alpn], alpn, None)
+            assert answered, alpn
+        replace(path["client_ca.pem"], kept_ca.pem)
+        router.wait_for(lambda r: r.get("event") == "tls reloaded", timeout=WAIT)
+        for alpn, port in ports.items():
+            answered, _, resumed = answers_resuming(port, contexts[alpn], alpn, sessions[alpn])
+            assert (alpn, answered, resumed) == (alpn, False, False)
+    finally:
+        router.stop()

@@ -180,6 +180,12 @@ class _ServedContext:
         self.current = base
         self._base = base
         base.sni_callback = self._switch
+        # No TLS session resumption: a resumed session skips the client certificate check, and its
+        # ticket is sealed with the listening context's keys, which a reload does not replace; so a
+        # session of a client CA since removed from --tls-client-ca got in again for the ticket's
+        # lifetime (2 hours). Our clients (grpc, aiohttp) make long-lived connections and never resume.
+        base.num_tickets = 0  # TLS 1.3
+        base.options |= ssl.OP_NO_TICKET  # TLS 1.2
 
     def _switch(self, connection: Any, _server_name: str | None, _context: ssl.SSLContext) -> None:
         # `connection` is the handshake's SSLObject (or SSLSocket); typeshed types it SSLObject only.
