@@ -25,7 +25,7 @@ MIB = 1 << 20
 SESSIONS = 30
 #: 15 arguments of 100,000 bytes (each under the kernel's 128 KiB per argument): 1.5 MB of argv.
 ARGS = ["a" * 100_000] * 15
-#: The agent's share per user (agent/agent.py OPEN_USER_BYTES), stated so the test runs without it.
+#: The agent's share per user (agent/handlers.py OPEN_USER_BYTES), stated so the test runs without it.
 USER_SHARE = 16 * MIB
 #: The agent's growth allowed: copies of the share and the allocator (measured +58.8 MiB, 19 of 30
 #: refused; without the bound none was refused and the agent grew by 131.2 MiB).

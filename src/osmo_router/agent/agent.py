@@ -7,18 +7,16 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import grpc
 
 from osmo_router import __version__
 from osmo_router.agent.config import AgentConfig
-from osmo_router.agent.exec import run_exec
-from osmo_router.agent.forward import forward_refusal, serve_port_forward
+from osmo_router.agent.forward import forward_refusal
 from osmo_router.agent.forward import refuse as refuse_forward
+from osmo_router.agent.handlers import OPEN_TOTAL_BYTES, OPEN_USER_BYTES, SessionHandler, default_handlers, refuse
 from osmo_router.agent.held_sessions import REPORT_DELAY, REPORT_EVERY, HeldSessions
-from osmo_router.agent.rsync import serve_rsync
 from osmo_router.dial.channel import open_channel
 from osmo_router.dial.errors import explain_connection_error
 from osmo_router.io import memtune
@@ -35,23 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Longest wait between two registration attempts while sessions are held for a resume (agent/held.py).
 HELD_BACKOFF_MAX = 1.0
-#: What the opening messages (command, environment...) of one user's sessions may add up to while
-#: their handlers run, and of everyone's: the agent keeps about four copies of each (the message,
-#: argv, the process's Popen, a held session's summary) for the session's life. 20 sessions whose
-#: command carried 1.5 MiB of arguments grew the agent by 117 MiB. Ordinary inits are a few hundred bytes.
-OPEN_USER_BYTES = 16 * 1024 * 1024
-OPEN_TOTAL_BYTES = 64 * 1024 * 1024
-
-SessionHandler = Callable[[SessionStream, pb.SessionOpen, AgentConfig], Awaitable[None]]
-
-
-async def _serve_exec(stream: SessionStream, open_msg: pb.SessionOpen, config: AgentConfig) -> None:
-    await run_exec(stream, open_msg.exec, shell=config.shell, workdir=config.workdir)
-
-
-def default_handlers() -> dict[str, SessionHandler]:
-    """Session handlers by the name of the SessionOpen init they serve."""
-    return {"exec": _serve_exec, "port_forward": serve_port_forward, "rsync": serve_rsync}
 
 
 class Agent:
@@ -284,13 +265,13 @@ class Agent:
         """A new session: its handler, on a resumable stream when the client asked for one."""
         handler = self.handlers.get(open_msg.WhichOneof("init") or "")
         if handler is None:
-            await _refuse(
+            await refuse(
                 stream, grpc.StatusCode.UNIMPLEMENTED, f"this agent does not serve {open_msg.WhichOneof('init')}"
             )
             return
         size = open_msg.ByteSize()
         if not self.opens.take(open_msg.user, size):
-            await _refuse(
+            await refuse(
                 stream,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the sessions of {open_msg.user or 'anonymous'} on this agent keep their maximum of"
@@ -313,7 +294,7 @@ class Agent:
             try:
                 session = await self.held.start(stream, open_msg)
             except SessionLost as lost:
-                await _refuse(stream, lost.code, lost.message)
+                await refuse(stream, lost.code, lost.message)
                 return
         try:
             await handler(session, open_msg, self.config)
@@ -381,12 +362,6 @@ class Agent:
         with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
             async with asyncio.timeout(10):
                 await call.code()
-
-
-async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) -> None:
-    await stream.send_error(code, message)
-    await stream.send(pb.Frame(half_close=pb.HalfClose()))
-    await stream.close()
 
 
 def _log_session_end(session_key: str, err: Exception) -> None:

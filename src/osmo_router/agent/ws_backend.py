@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 import aiohttp
 from google.protobuf.message import DecodeError
 
-from osmo_router.agent.agent import default_handlers
 from osmo_router.agent.config import AgentConfig
+from osmo_router.agent.handlers import default_handlers
 from osmo_router.transport.ws_dial import client_session
 from osmo_router.transport.ws_transport import WsSessionStream, connect
 from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
