@@ -77,13 +77,13 @@ class _Refused(asyncio.Protocol):
         transport.abort()
 
 
-def tls_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
-    """A server TLS context with ALPN h2; with `client_ca`, client certificates required and verified."""
+def tls_context(cert: str, key: str, client_ca: str | None = None, alpn: str = "h2") -> ssl.SSLContext:
+    """A server TLS context with ALPN `alpn`; with `client_ca`, client certificates required and verified."""
     # Not create_default_context: it would also trust the system's CAs for client certificates.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols([alpn])
     if client_ca:
         context.load_verify_locations(cafile=client_ca)
         context.verify_mode = ssl.CERT_REQUIRED

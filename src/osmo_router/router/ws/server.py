@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from osmo_router import __version__
+from osmo_router.h2.server import tls_context
 from osmo_router.router.auth.identity import Authenticator, Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.created import CreatedSession, CreatedSessions
@@ -57,13 +58,8 @@ def server_ssl_context(config: RouterConfig) -> ssl.SSLContext | None:
 
 
 def ws_tls_context(config: RouterConfig) -> ssl.SSLContext:
-    """The WebSocket port's TLS context from the files as they are now."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    if config.tls_client_ca:
-        context.load_verify_locations(config.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+    """The WebSocket port's TLS context from the files as they are now (the gRPC port's, with HTTP/1.1)."""
+    return tls_context(config.tls_cert, config.tls_key, config.tls_client_ca, alpn="http/1.1")
 
 
 def rendezvous_timeout(query: Mapping[str, str], default: float) -> float:
