@@ -151,6 +151,7 @@ class Agent:
                     agent_id=self.config.agent_id,
                     operations=[pb.Operation.ValueType(BY_OPEN_FIELD[name].value) for name in self.handlers],
                     version=__version__,
+                    resumes=True,  # agent/held_sessions.py: a resume it does not hold is refused, never run
                 )
             )
         )
@@ -263,6 +264,10 @@ class Agent:
 
     async def _serve_new(self, stream: FrameStream, open_msg: pb.SessionOpen) -> None:
         """A new session: its handler, on a resumable stream when the client asked for one."""
+        if not self.held.begin(open_msg.session_key):
+            # Its client resumed before the session got here and was told it never would: keep that true.
+            await _refuse(stream, grpc.StatusCode.CANCELLED, "the client gave the session up before it started")
+            return
         handler = self.handlers.get(open_msg.WhichOneof("init") or "")
         if handler is None:
             await refuse(

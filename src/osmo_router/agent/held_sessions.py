@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import grpc
@@ -51,6 +52,14 @@ REPORT_DELAY = 0.25
 SHUTDOWN_NOTICE = 2.0
 #: What the clients of a stopping agent's sessions are told.
 SHUTTING_DOWN = "the agent is shutting down; the session ended"
+#: How many session keys the agent remembers having started, and having refused the unconfirmed resume
+#: of before the session reached it (a few hundred KiB at most: keys are short ids).
+REMEMBERED_KEYS = 4096
+#: The answer to an unconfirmed resume of a session this agent never received: it is not started later.
+NEVER_RECEIVED = "the agent never received the session: the command did not start and will not"
+#: ...and of one it received but does not hold: it ran without resume (the agent held too many, or
+#: --resume-grace 0) or has ended; either way nothing of it can be resumed.
+NOT_HELD = "the agent received the session but does not hold it (it runs without resume, or it ended)"
 
 
 class HeldSessions:
@@ -73,6 +82,10 @@ class HeldSessions:
         self._held: dict[str, HeldStream] = {}
         #: Called whenever the list changes (a session held, attached, detached or ended).
         self.on_change: Callable[[], None] = lambda: None
+        #: Keys of the sessions this agent started lately, and of those whose client gave them up
+        #: (an unconfirmed resume found nothing) before they reached it: those are never started.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._forgone: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -118,6 +131,17 @@ class HeldSessions:
         token = target_of(open_msg).resume
         return token.resuming or token.attach
 
+    def begin(self, key: str) -> bool:
+        """Note that a new session with this key reached the agent; False if it must not start.
+
+        Synchronous (no await between the check and the note): an unconfirmed resume refused as never
+        received, served in another task, then cannot race with the session's own SessionOpen.
+        """
+        if key in self._forgone:
+            return False
+        _remember(self._seen, key)
+        return True
+
     async def start(self, inner: SessionStream, open_msg: pb.SessionOpen) -> SessionStream:
         """Wrap a new session's stream for resume (the plain stream when the agent holds too many)."""
         if open_msg.session_key in self._held:
@@ -144,6 +168,12 @@ class HeldSessions:
         """Serve a resume or attach on `stream`; refuses with an Error frame what cannot be resumed."""
         held = self._held.get(open_msg.session_key)
         try:
+            if held is None and target_of(open_msg).resume.unconfirmed:
+                # The client's break came before it heard from the agent (docs/resume.md).
+                if open_msg.session_key in self._seen:
+                    raise SessionLost(NOT_HELD, grpc.StatusCode.NOT_FOUND)
+                _remember(self._forgone, open_msg.session_key)
+                raise SessionLost(NEVER_RECEIVED, grpc.StatusCode.NOT_FOUND)
             if held is None:
                 raise SessionLost(
                     "the agent holds no such session (it ended, its resume grace passed, or the agent restarted)",
@@ -189,6 +219,14 @@ class HeldSessions:
             if self._held.pop(stream.key, None) is not None:
                 self._changed()
             stream.abort()
+
+
+def _remember(keys: OrderedDict[str, None], key: str) -> None:
+    """Add `key` to a bounded record of keys, forgetting the oldest past REMEMBERED_KEYS."""
+    keys[key] = None
+    keys.move_to_end(key)
+    while len(keys) > REMEMBERED_KEYS:
+        keys.popitem(last=False)
 
 
 __all__ = ["DEFAULT_RESUME_GRACE", "REPORT_DELAY", "HeldSessions", "HeldStream", "summary_of", "target_of"]

@@ -110,11 +110,21 @@ class ResumingStream(ResumableStream):
         self.refusal: pb.Error | None = None
         #: Why the session is served without resume, once it is (what `exec --detach` tells the user).
         self.not_resumable = ""
+        #: The break that came before the agent's first Resume frame, while that session is resumed.
+        self._unconfirmed_cause: str | None = None
 
     @property
     def chosen_task(self) -> str:
         """The task of the agent the router chose for the session, when the client named none and it told."""
         return str(getattr(self.first, "chosen_task", ""))
+
+    @property
+    def agent_resumes(self) -> bool:
+        """The router's ready said the session's agent recognises resumes (SessionReady.agent_resumes).
+
+        Then a break before the agent's first Resume frame arrived is resumed too (docs/resume.md).
+        """
+        return bool(getattr(self.first, "agent_resumes", False))
 
     @classmethod
     def attached(cls, inner: SessionStream, resume: pb.Resume, *, secret: str, **kwargs: Any) -> ResumingStream:
@@ -207,10 +217,12 @@ class ResumingStream(ResumableStream):
 
     def _room_now(self, size: int) -> bool:
         # Before the agent confirmed, `_room` waits with a deadline for the answer: never at once.
-        return (self.confirmed or not self.resumable) and super()._room_now(size)
+        return (self.confirmed or not self.resumable or self.agent_resumes) and super()._room_now(size)
 
     async def _room(self, size: int) -> None:
-        if self.confirmed or not self.resumable:
+        # An agent known to recognise resumes answers (a Resume, or a refusal): no deadline, and no
+        # falling back while a break before its answer is being resumed (what is held is resent).
+        if self.confirmed or not self.resumable or self.agent_resumes:
             await super()._room(size)
             return
         try:
@@ -226,24 +238,37 @@ class ResumingStream(ResumableStream):
             self._lose(SessionLost(TAKEN_OVER, grpc.StatusCode.ABORTED))
             return
         if frame.WhichOneof("kind") == "resume" and not self.confirmed:
-            self.confirmed = True
-            if not frame.resume.grace_seconds:
-                # A full agent says why; the user is told (else the session she expects to resume ends
-                # at the first break without a word before).
-                declined = frame.resume.declined
-                self._fall_back(
-                    declined or "the agent holds no sessions across breaks (agent --resume-grace 0)", bool(declined)
-                )
-                return
-            # Acknowledge from now on even if resume was given up meanwhile: the agent counts on it.
-            self.acking = True
-            self.set_peer_window(frame.resume.window_bytes)
-            if frame.resume.grace_seconds:
-                self._grace = min(self._grace, float(frame.resume.grace_seconds))
+            self._confirm(frame.resume)
+
+    def _confirm(self, resume: pb.Resume) -> None:
+        """The agent's first Resume frame (on the first stream, or on a resume of an unconfirmed session)."""
+        self.confirmed = True
+        if not resume.grace_seconds:
+            # A full agent says why; the user is told (else the session she expects to resume ends
+            # at the first break without a word before).
+            declined = resume.declined
+            self._fall_back(
+                declined or "the agent holds no sessions across breaks (agent --resume-grace 0)", bool(declined)
+            )
+            return
+        # Acknowledge from now on even if resume was given up meanwhile: the agent counts on it.
+        self.acking = True
+        self.set_peer_window(resume.window_bytes)
+        self._grace = min(self._grace, float(resume.grace_seconds))
+
+    def _refused(self, message: str) -> str:
+        """Why a resume cannot be: the agent's or the router's refusal, said for a session never confirmed too."""
+        if self._unconfirmed_cause is not None:
+            return f"the session broke before it started ({self._unconfirmed_cause}): {message}"
+        return f"cannot resume the session: {message}"
 
     async def _reconnect(self, cause: str) -> tuple[SessionStream, int]:
         if not self.confirmed:
-            raise SessionLost(f"the session broke before it started: {cause}")
+            if not self.agent_resumes:
+                # The agent may not recognise a resume and would run the command a second time.
+                raise SessionLost(f"the session broke before it started: {cause}")
+            # It does (its router said so): it resumes the session if it got it, or says it never did.
+            self._unconfirmed_cause = self._unconfirmed_cause or cause
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._grace
         self._tell(f"connection lost ({cause}); resuming the session (for up to {self._grace:g}s)")
@@ -255,6 +280,7 @@ class ResumingStream(ResumableStream):
                 received=self.taken,
                 sent=self.buffer.end,
                 window_bytes=self.buffer.limit,
+                unconfirmed=not self.confirmed,
             )
             try:
                 async with asyncio.timeout(remaining):
@@ -263,7 +289,7 @@ class ResumingStream(ResumableStream):
                 break
             except RouterError as err:
                 if err.code in FATAL:
-                    raise SessionLost(f"cannot resume the session: {err.message}", err.code) from None
+                    raise SessionLost(self._refused(err.message), err.code) from None
                 last = f"{err.code.name}: {err.message}"
             except grpc.aio.AioRpcError as err:
                 last = f"{err.code().name}: {err.details()}"
@@ -278,13 +304,16 @@ class ResumingStream(ResumableStream):
         first = await stream.recv()
         kind = first.WhichOneof("kind") if first is not None else None
         if kind == "resume" and first is not None:
+            if not self.confirmed:
+                self._confirm(first.resume)
+                self._unconfirmed_cause = None
             self._tell("session resumed")
             return stream, first.resume.received
         stream.abort()
         if kind == "error" and first is not None:
             code = _status(first.error.code)
             if code in FATAL:
-                raise SessionLost(f"cannot resume the session: {first.error.message}", code)
+                raise SessionLost(self._refused(first.error.message), code)
             raise RouterError(first.error.message)
         raise RouterError("the agent answered the resume without a Resume frame")
 

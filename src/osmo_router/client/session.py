@@ -118,6 +118,7 @@ async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
         call.cancel()
         raise RouterError("the router sent something other than ready")
     stream.session_key = first.ready.session_key
+    stream.agent_resumes = first.ready.agent_resumes
     if first.ready.task_count:
         stream.chosen_task = first.ready.defaulted_task
         config.notices.once(defaulted_task_line(first.ready))

@@ -37,6 +37,8 @@ class FrameStream:
         self.session_key = ""
         #: The task of the agent the router chose, when the client named none and it told (its ready).
         self.chosen_task = ""
+        #: The router's ready said the agent recognises resumes (SessionReady.agent_resumes; client side).
+        self.agent_resumes = False
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""

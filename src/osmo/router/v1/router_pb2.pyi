@@ -120,6 +120,7 @@ class ResumeToken(_message.Message):
     ATTACH_FIELD_NUMBER: _builtins.int
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
+    UNCONFIRMED_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Random secret the client chose when it started the session; a resume must present it."""
     resuming: _builtins.bool
@@ -138,6 +139,13 @@ class ResumeToken(_message.Message):
     """On a resume: units this client numbered so far (it resends what follows the agent's
     Resume.received). Informational: the router counts the replay from it.
     """
+    unconfirmed: _builtins.bool
+    """On a resume: the client never received the agent's first Resume frame (the break came first), so
+    it does not know that the agent holds the session. It resumes only when its SessionReady said the
+    agent recognises resumes (SessionReady.agent_resumes); a router pairs such a resume only with an
+    agent whose registration says so (AgentHello.resumes), else FAILED_PRECONDITION: an agent without
+    resume would take it for a new session and run the command a second time.
+    """
     def __init__(
         self,
         *,
@@ -147,10 +155,11 @@ class ResumeToken(_message.Message):
         attach: _builtins.bool = ...,
         window_bytes: _builtins.int = ...,
         sent: _builtins.int = ...,
+        unconfirmed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent", "unconfirmed", b"unconfirmed", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -674,6 +683,7 @@ class SessionReady(_message.Message):
     DEFAULTED_TASK_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     TASK_COUNT_FIELD_NUMBER: _builtins.int
+    AGENT_RESUMES_FIELD_NUMBER: _builtins.int
     session_key: _builtins.str
     agent_id: _builtins.str
     """Deprecated: always empty. The agent's id stays inside the router (it names, and once granted,
@@ -685,6 +695,12 @@ class SessionReady(_message.Message):
     agent), the workflow's tasks the router knew of (sorted, at most 16), and how many there were.
     """
     task_count: _builtins.int
+    agent_resumes: _builtins.bool
+    """The agent that joined said in its registration that it recognises resumes (AgentHello.resumes):
+    a client whose session breaks before the agent's first Resume frame reached it may resume it
+    (ResumeToken.unconfirmed). False from older routers and for older agents: such a break ends the
+    session, as before.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -695,10 +711,11 @@ class SessionReady(_message.Message):
         defaulted_task: _builtins.str = ...,
         tasks: _abc.Iterable[_builtins.str] | None = ...,
         task_count: _builtins.int = ...,
+        agent_resumes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "defaulted_task", b"defaulted_task", "session_key", b"session_key", "task_count", b"task_count", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_resumes", b"agent_resumes", "defaulted_task", b"defaulted_task", "session_key", b"session_key", "task_count", b"task_count", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -997,11 +1014,17 @@ class AgentHello(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     OPERATIONS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    RESUMES_FIELD_NUMBER: _builtins.int
     workflow_id: _builtins.str
     task: _builtins.str
     agent_id: _builtins.str
     """Random id chosen by the agent process; stable across its reconnects."""
     version: _builtins.str
+    resumes: _builtins.bool
+    """The agent recognises resumes (ResumeToken.resuming, attach): it resumes a session it holds and
+    refuses one it does not with NOT_FOUND, never running it as a new session; and a session whose
+    resume it refused before the session reached it is never started. Unset by older agents.
+    """
     @_builtins.property
     def operations(self) -> _containers.RepeatedScalarFieldContainer[Global___Operation.ValueType]: ...
     def __init__(
@@ -1012,10 +1035,11 @@ class AgentHello(_message.Message):
         agent_id: _builtins.str = ...,
         operations: _abc.Iterable[Global___Operation.ValueType] | None = ...,
         version: _builtins.str = ...,
+        resumes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "operations", b"operations", "task", b"task", "version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "operations", b"operations", "resumes", b"resumes", "task", b"task", "version", b"version", "workflow_id", b"workflow_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

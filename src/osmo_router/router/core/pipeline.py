@@ -266,7 +266,7 @@ def _ready(session: Session) -> bytes:
     The agent's id stays inside the router: users have no use for it, and an id that once granted
     something (parking standby streams) should not travel.
     """
-    ready = pb.SessionReady(session_key=session.key)
+    ready = pb.SessionReady(session_key=session.key, agent_resumes=session.agent_resumes)
     if session.defaulted is not None:
         session.defaulted.into(ready)
     return bytes(pb.ExecResponse(ready=ready).SerializeToString())

@@ -77,6 +77,9 @@ class AgentRegistration:
     closed: bool = False
     #: The resumable sessions the agent holds, as it last reported them (`osmo-net-client sessions`).
     held: tuple[pb.HeldSession, ...] = ()
+    #: The agent said it recognises resumes (AgentHello.resumes): told to its sessions' clients in
+    #: SessionReady.agent_resumes, and required of the agent an unconfirmed resume is paired with.
+    resumes: bool = False
 
     def take_report(self, raw: bytes) -> None:
         """Take a message of the agent's Register stream other than a heartbeat: its held-session list."""
@@ -119,6 +122,7 @@ class AgentRegistration:
             if stream.usable():
                 session.agent_joined = True
                 session.agent_id = self.agent_id
+                session.agent_resumes = self.resumes
                 stream.outcome.set_result(session)
                 return True
         return False

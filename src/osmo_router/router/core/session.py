@@ -104,6 +104,8 @@ class Session:
     #: The bytes of open_message counted as held in the user's and the process's budgets.
     init_bytes: int = 0
     agent_id: str = ""
+    #: The joined agent's registration said it recognises resumes (told to the client in its SessionReady).
+    agent_resumes: bool = False
     client_joined: bool = False
     agent_joined: bool = False
     created: float = field(default_factory=time.monotonic)

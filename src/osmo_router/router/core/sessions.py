@@ -35,6 +35,7 @@ from osmo_router.wire.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
+    FailedPrecondition,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -134,6 +135,10 @@ class SessionStore:
         self._check_init_room(identity, target, open_msg)
         agent = None if defaulted is None else self._registry.exact(target.workflow_id, defaulted.task)
         agent = agent or self._registry.pick(target.workflow_id, target.task)
+        if target.resume.unconfirmed and target.resume.resuming and agent is not None and not agent.resumes:
+            # The client does not know the session ever reached an agent: one without resume would run
+            # the command again as a new session (docs/resume.md, "A break before the agent confirmed").
+            raise FailedPrecondition("the workflow's agent does not recognise resumes; the session cannot be resumed")
         forward_id = open_msg.port_forward.forward_id if open_msg.WhichOneof("init") == "port_forward" else ""
         session = self._client_session(identity, target, agent, forward_id, key)
         self._bind_client(session, identity, operation, target, open_msg, forward_id)
@@ -277,6 +282,11 @@ class SessionStore:
             raise AlreadyExists("the session key is taken")
         session.agent_joined = True
         session.agent_id = init.agent_id
+        reg = self._registry.exact(init.workflow_id, init.task)
+        # Only the registration of this very agent process (its random id) vouches for its resumes.
+        session.agent_resumes = (
+            reg is not None and bool(init.agent_id) and reg.agent_id == init.agent_id and reg.resumes
+        )
         if session.client_joined:
             self._pair(session)
         return session

@@ -162,6 +162,7 @@ class AgentService:
             task=hello.task,
             operations=tuple(hello.operations),
             identity=identity,
+            resumes=hello.resumes,
         )
         metadata = context.invocation_metadata() or ()
         return reg, CredentialWatch(self._auth, metadata, identity, self._config.credential_recheck)
