@@ -106,3 +106,33 @@ def test_cut_before_the_agent_got_the_session_says_the_command_did_not_run(
     # The refusal came from the agent, registered again: it never ran the command (its SessionOpen was
     # lost, and the resume it refused keeps it from running should one still come).
     assert not runs.exists(), "the command must not run"
+
+
+def test_a_session_whose_stream_ended_before_the_agent_answered_is_held_and_resumed(
+    rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str, tmp_path: Path
+) -> None:
+    """The agent gets the SessionOpen only after the router ended the stream (the client was cut).
+
+    Its first Resume frame then fails to go out. The session used to fail there and stay in the
+    agent's table with nothing running it: the client's resume found it and waited forever.
+    """
+    router, client_proxy, agent_proxy, _agent = rig
+    runs = tmp_path / "runs"
+    asyncio.run(wait_metric(router, "router_grpc_standby_streams", 2))
+    agent_proxy.pause()  # the SessionOpen (and then the stream's cancel) wait in the proxy
+    client_proxy.hold_after_first_message()
+    client = _exec(client_proxy, workflow, f"echo ran >> {runs}; echo out-from-the-command; exit 7")
+    try:
+        assert client_proxy.held.wait(STEP), client.lines
+        assert client_proxy.client_spoke.wait(STEP), client.lines
+        client_proxy.cut()
+        client_proxy.restore()
+        ended = router.wait_event("session end", timeout=STEP)  # the router ended the first stream
+        assert ended.get("status") == "CANCELLED", ended
+        agent_proxy.unpause()
+        code = client.wait_exit(STEP)
+    finally:
+        client.stop()
+    assert runs.read_text() == "ran\n", "the command must run exactly once"
+    assert client.out_lines == ["out-from-the-command"], client.lines
+    assert code == 7, client.lines

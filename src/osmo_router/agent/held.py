@@ -110,7 +110,16 @@ class HeldStream(ResumableStream):
                 window_bytes=self.buffer.limit,
                 tty=self.tty,
             )
-            await inner.send(pb.Frame(resume=resume))
+            try:
+                await inner.send(pb.Frame(resume=resume))
+            except BREAKS as err:
+                # The stream broke before the client heard of the agent (its link cut at the start): the
+                # session is held all the same, for a resume (docs/resume.md, "A break before the agent
+                # confirmed"). It used to fail here and stay in the table with no handler: a resume then
+                # "resumed" a session nothing ran, and the client waited forever.
+                self.start()
+                self._broken(self._generation, err)
+                return
         self.start()
 
     def _ended_cleanly(self) -> bool:

@@ -161,7 +161,11 @@ class HeldSessions:
         held.input_budget, held.input_user = self.inputs, held.user
         self._held[held.key] = held
         self._changed()
-        await held.open()
+        try:
+            await held.open()
+        except BaseException:
+            self.forget(held)  # not served: it must not stay in the table (a resume would find it)
+            raise
         return held
 
     async def attach(self, stream: SessionStream, open_msg: pb.SessionOpen) -> None:
