@@ -8,8 +8,9 @@ import socket
 
 import pytest
 
-from osmo_router.io.socket_pumps import SocketReader
-from osmo_router.wire.codec import decode_data_message, encode_data_message
+from osmo_router.h2.config import H2Config
+from osmo_router.io.socket_pumps import BULK_READ, SocketReader
+from osmo_router.wire.codec import decode_data_message, encode_data_message, payload_fitting
 
 
 @pytest.mark.asyncio
@@ -57,3 +58,16 @@ async def test_without_fionread_the_message_is_encoded_from_a_plain_read() -> No
     finally:
         reader.close()
         right.close()
+
+
+def test_payload_fitting_is_the_largest_payload_whose_message_fits_the_frame() -> None:
+    for frame_size in (16_384, 100_000, 1 << 20, (1 << 24) - 1):
+        payload = payload_fitting(frame_size)
+        assert 5 + len(encode_data_message(bytes(payload))) <= frame_size
+        assert 5 + len(encode_data_message(bytes(payload + 1))) > frame_size
+
+
+def test_a_full_bulk_read_is_one_http2_frame() -> None:
+    # A read of BULK_CHUNK_SIZE made a message 13 bytes over our 1 MiB SETTINGS_MAX_FRAME_SIZE: every
+    # bulk message went as a full frame and a 13-byte one (a second write and read in each process).
+    assert 5 + len(encode_data_message(bytes(BULK_READ))) == H2Config().max_frame_size

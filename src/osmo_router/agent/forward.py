@@ -39,10 +39,10 @@ from osmo_router.io.forwarding import (
     retrieve,
     shutdown_quietly,
 )
-from osmo_router.io.socket_pumps import DirectSender, SocketReader
+from osmo_router.io.socket_pumps import BULK_READ, DirectSender, SocketReader
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
-from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
+from osmo_router.wire.protocol import half_close_frame, pb
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ class TcpRelay:
         reader = SocketReader(self.sock)
         try:
             try:
-                await reader.send_all(self.stream, BULK_CHUNK_SIZE)
+                await reader.send_all(self.stream, BULK_READ)
                 self.target_eof = True
             except OSError as err:
                 await self._report(f"{self.where} reset the connection ({err.strerror or err})")

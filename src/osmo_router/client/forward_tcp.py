@@ -32,10 +32,10 @@ from osmo_router.client.forward_events import Reporter, SessionOpener, host_port
 from osmo_router.client.resume import give_up
 from osmo_router.client.session import rpc_error
 from osmo_router.io.forwarding import reset_socket, shutdown_quietly
-from osmo_router.io.socket_pumps import DirectSender, SocketReader
+from osmo_router.io.socket_pumps import BULK_READ, DirectSender, SocketReader
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError, from_status_number
-from osmo_router.wire.protocol import BULK_CHUNK_SIZE, CLOSE_GRACE, half_close_frame, pb
+from osmo_router.wire.protocol import CLOSE_GRACE, half_close_frame, pb
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class ConnectionRelay:
     async def _local_to_remote(self) -> None:
         reader = SocketReader(self.conn)
         try:
-            await reader.send_all(self.stream, BULK_CHUNK_SIZE)
+            await reader.send_all(self.stream, BULK_READ)
             await self.stream.send(half_close_frame())
             await self.stream.close()
         except OSError:

@@ -114,6 +114,19 @@ def data_header(payload_size: int) -> bytes:
     return b"".join((bytes((FRAME_TAG,)), _varint(1 + len(inner) + payload_size), bytes((DATA_TAG,)), inner))
 
 
+def payload_fitting(frame_size: int) -> int:
+    """The largest payload whose data-frame message, behind gRPC's 5-byte prefix, fits `frame_size`.
+
+    A bulk pump that reads `frame_size` bytes makes a message 13 bytes over it (1 MiB: 5 prefix, 8
+    header), which HTTP/2 then splits into a full frame and a 13-byte one: a second write, segment and
+    read in every process on the path, and the relay's whole-frame fast paths never apply.
+    """
+    payload = frame_size - 5
+    while payload > 0 and 5 + len(data_header(payload)) + payload > frame_size:
+        payload -= 1
+    return payload
+
+
 def merge_data_messages(messages: Sequence[bytes], offsets: Sequence[int]) -> bytes:
     """One data-frame message whose payload is every message's payload, in order (one copy).
 
