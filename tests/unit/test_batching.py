@@ -274,3 +274,28 @@ async def test_an_idle_writer_sends_through_try_write_and_keeps_order_when_it_re
     async with asyncio.timeout(WAIT):
         await writer.flush()
     assert [f.data for f in call.frames()] == [b"BBBCCC", b"EEE"]
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_messages_too_large_to_merge_goes_direct_one_after_another() -> None:
+    # The turn's hold queues a burst's second frame so that it can merge; a bulk message (payload
+    # over the limit) merges with nothing, so it goes direct too instead of costing a drain task.
+    call = GatedCall()
+    direct: list[bytes] = []
+
+    def try_write(message: bytes) -> bool:
+        direct.append(message)
+        return True
+
+    writer = BatchingWriter(call.write, try_write=try_write, limit=1024)
+    big = [data_message(bytes([65 + i]) * 2048) for i in range(3)]
+    at_limit = data_message(b"x" * 1024)
+    for message in big:
+        await writer.write_data(message)  # one burst: no turn of the loop in between
+    assert direct == big and writer.idle and writer.written == 3
+    await writer.write_data(at_limit)  # could still merge with what follows: held for this turn
+    assert direct == big and not writer.idle
+    call.release()
+    async with asyncio.timeout(WAIT):
+        await writer.flush()
+    assert [f.data for f in call.frames()] == [b"x" * 1024]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 
@@ -71,3 +72,58 @@ def test_a_full_bulk_read_is_one_http2_frame() -> None:
     # A read of BULK_CHUNK_SIZE made a message 13 bytes over our 1 MiB SETTINGS_MAX_FRAME_SIZE: every
     # bulk message went as a full frame and a 13-byte one (a second write and read in each process).
     assert 5 + len(encode_data_message(bytes(BULK_READ))) == H2Config().max_frame_size
+
+
+class _TakingStream:
+    """A raw session stream that takes every message at once, noting the event loop's turn for each."""
+
+    raw = True
+
+    def __init__(self) -> None:
+        self.turns: list[int] = []
+        self.turn = 0
+        self.received = bytearray()
+
+    def try_send_data_message(self, message: bytes) -> bool:
+        piece = decode_data_message(message)
+        assert piece is not None
+        self.received += piece
+        self.turns.append(self.turn)
+        return True
+
+    async def send_data_message(self, message: bytes) -> None:
+        raise AssertionError("every message is taken at once")
+
+
+@pytest.mark.asyncio
+async def test_a_pump_lets_the_loop_run_between_full_messages_sent_at_once() -> None:
+    # A socket holding more than a message, and a stream taking each at once: the pump would read
+    # and send all of it in one turn of the event loop, starving everything else on it.
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    sent = bytearray()
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            chunk = os.urandom(4096)
+            sent += chunk[: left.send(chunk)]
+    left.close()
+    assert len(sent) >= 8 * 4096
+    right.setblocking(False)
+    reader = SocketReader(right)
+    stream = _TakingStream()
+
+    async def count_turns() -> None:
+        while True:
+            stream.turn += 1
+            await asyncio.sleep(0)
+
+    counting = asyncio.create_task(count_turns())
+    try:
+        async with asyncio.timeout(10):
+            await reader.send_all(stream, 4096)  # type: ignore[arg-type]
+        assert stream.received == sent
+        assert len(set(stream.turns)) > len(stream.turns) // 2  # one full message per turn, about
+    finally:
+        counting.cancel()
+        reader.close()
+        right.close()

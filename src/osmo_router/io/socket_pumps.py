@@ -104,6 +104,10 @@ class SocketReader:
             while message := await self.recv_data_message(size):
                 if try_send is None or not try_send(message):
                     await stream.send_data_message(message)
+                elif not self._emptied:
+                    # The read filled the message and the socket may hold more: without this the loop
+                    # would read and send it without ever letting the event loop run other work.
+                    await asyncio.sleep(0)
         finally:
             self._direct = None
 

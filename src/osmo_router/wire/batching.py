@@ -26,6 +26,9 @@ from osmo_router.wire.codec import merge_data_messages, payload_offset
 
 #: Largest payload of a merged data frame (the router's coalescing uses the same cap).
 BATCH_LIMIT: Final = 128 * 1024
+#: The longest data-frame message header (wire/codec.py data_header: two tags, two varints of a
+#: payload under 4 GiB): a message longer than `limit` plus this has a payload over `limit`.
+MAX_DATA_HEADER: Final = 12
 #: Data bytes queued behind the write in flight before a sender waits (bounds memory per stream).
 BACKLOG: Final = 128 * 1024
 
@@ -103,11 +106,13 @@ class BatchingWriter:
 
     def try_write_data(self, message: bytes) -> bool:
         """`write_data` when the message can go to the call at once (nothing queued or in flight, no
-        direct write yet in this turn of the loop, the call taking it whole); False, with nothing
-        written, otherwise. Never raises."""
-        if self._try_write is None or self._error is not None or self._direct_held or not self.idle:
+        direct write yet in this turn of the loop unless the message is too large to merge, the call
+        taking it whole); False, with nothing written, otherwise. Never raises."""
+        if self._try_write is None or self._error is not None or not self.idle or self._lock.locked():
             return False
-        if self._lock.locked():
+        # The turn's hold is for merging, and a message whose payload alone exceeds `limit` merges with
+        # nothing (_take_run): bulk messages go direct one after another instead of a drain task each.
+        if self._direct_held and len(message) <= self._limit + MAX_DATA_HEADER:
             return False
         self._hold_direct()  # held even if the call declines: the next frame of this turn queues behind
         if not self._try_write(message):
