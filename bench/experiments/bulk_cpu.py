@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import subprocess
+import time
 from contextlib import ExitStack
 
 from bench.bench_forward import socat_relay
@@ -44,6 +45,7 @@ def iperf3_bytes(port: int, streams: int, reverse: bool, seconds: float) -> tupl
         print(f"  (iperf3 attempt {attempt}: {error})", flush=True)  # a loaded machine's iperf3 fails now and then
         if "busy" not in error and attempt >= 2:
             break
+        time.sleep(0.1 * (attempt + 1))  # the server still closing the last test answers "busy" meanwhile
     raise RuntimeError(f"iperf3 failed: {error}")
 
 
