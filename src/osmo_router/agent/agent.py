@@ -266,7 +266,7 @@ class Agent:
         """A new session: its handler, on a resumable stream when the client asked for one."""
         if not self.held.begin(open_msg.session_key):
             # Its client resumed before the session got here and was told it never would: keep that true.
-            await _refuse(stream, grpc.StatusCode.CANCELLED, "the client gave the session up before it started")
+            await refuse(stream, grpc.StatusCode.CANCELLED, "the client gave the session up before it started")
             return
         handler = self.handlers.get(open_msg.WhichOneof("init") or "")
         if handler is None:

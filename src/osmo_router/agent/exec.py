@@ -16,6 +16,7 @@ from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wa
 from osmo_router.agent.process import SpawnError, finish, hang_up, killpg, pump_input, relay_until_exit, spawn
 from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.transport import SessionStream
+from osmo_router.wire.codec import BULK_PAYLOAD
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, CHUNK_SIZE, pb
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ async def run_exec(
             # small write, a keystroke or a prompt, still goes at once). run_piped keeps stdout and
             # stderr in the order they were written.
             await run_piped(
-                stream, argv, env, workdir, chunk_size=BULK_CHUNK_SIZE, pipe_size=BULK_CHUNK_SIZE, linger=BULK_LINGER
+                stream, argv, env, workdir, chunk_size=BULK_PAYLOAD, pipe_size=BULK_CHUNK_SIZE, linger=BULK_LINGER
             )
     except SpawnError as err:
         reason = err.strerror or str(err)

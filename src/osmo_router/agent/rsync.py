@@ -18,6 +18,7 @@ from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
 from osmo_router.agent.rsync_daemon import check_daemon, daemon_argv
 from osmo_router.transport import SessionStream
+from osmo_router.wire.codec import BULK_PAYLOAD
 from osmo_router.wire.errors import PermissionDenied
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
 
@@ -67,7 +68,7 @@ async def serve_rsync(stream: SessionStream, open_msg: pb.SessionOpen, config: A
     )
     try:
         await run_piped(
-            stream, [binary, *command.args], None, cwd, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK, linger=LINGER
+            stream, [binary, *command.args], None, cwd, chunk_size=BULK_PAYLOAD, pipe_size=BULK_CHUNK, linger=LINGER
         )
     except OSError as err:
         await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
@@ -90,7 +91,7 @@ async def _serve_daemon(stream: SessionStream, open_msg: pb.SessionOpen, config:
     log.info("rsync daemon, module %s at %s, for %s", daemon.module, path, open_msg.user or "anonymous")
     with daemon_argv(binary, daemon, path) as argv:
         try:
-            await run_piped(stream, argv, None, path, chunk_size=BULK_CHUNK, pipe_size=BULK_CHUNK, linger=LINGER)
+            await run_piped(stream, argv, None, path, chunk_size=BULK_PAYLOAD, pipe_size=BULK_CHUNK, linger=LINGER)
         except OSError as err:
             await _refuse(stream, grpc.StatusCode.FAILED_PRECONDITION, f"cannot run rsync in the container: {err}")
 

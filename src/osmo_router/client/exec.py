@@ -22,8 +22,9 @@ from osmo_router.client.stdio import OutputWriter, StdinReader
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.transport.rollout import connect_transport
+from osmo_router.wire.codec import BULK_PAYLOAD
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, from_status_number
-from osmo_router.wire.protocol import BULK_CHUNK_SIZE, BULK_LINGER, pb
+from osmo_router.wire.protocol import BULK_LINGER, pb
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ async def _send_input(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LEGACY_INPUT_HOLD):
                 await hold.wait()
-    reader = StdinReader(0, chunk_size=BULK_CHUNK_SIZE, linger=BULK_LINGER)
+    reader = StdinReader(0, chunk_size=BULK_PAYLOAD, linger=BULK_LINGER)
     sent_any, last_byte = False, None
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while chunk := await reader.read():

@@ -41,6 +41,7 @@ from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.transport import WS, SessionStream
 from osmo_router.transport.grpc_transport import GrpcTransport
 from osmo_router.transport.rollout import ws_transport
+from osmo_router.wire.codec import BULK_PAYLOAD
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, FailedPrecondition, RouterError
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
 
@@ -49,7 +50,7 @@ EXIT_COMMAND_NOT_FOUND = 127
 #: Environment variable naming the file where the shell records a transport failure for `osmo-net-client rsync`.
 STATUS_FILE_ENV = "OSMO_RSYNC_STATUS_FILE"
 #: Bytes read from rsync per data frame: large frames keep the per-message cost of three hops small.
-READ_SIZE = BULK_CHUNK_SIZE
+READ_SIZE = BULK_PAYLOAD
 #: How long a bulk read waits for more of rsync's output to fill a frame (small reads never wait).
 LINGER = 0.001
 #: Signals that end the transfer from this side (the terminal closed, the command stopped, Ctrl-C): the

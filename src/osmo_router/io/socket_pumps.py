@@ -21,14 +21,12 @@ from typing import Any, Final
 
 from osmo_router.io.buffers import finish, new_message
 from osmo_router.transport import SessionStream
-from osmo_router.wire.codec import data_header, encode_data_message, payload_fitting
-from osmo_router.wire.protocol import BULK_CHUNK_SIZE
+from osmo_router.wire.codec import BULK_PAYLOAD, data_header, encode_data_message
 
 #: What SocketReader reads first into a buffer of its own (see SocketReader._read_now).
 SMALL_READ: Final = 1024
-#: The forward pumps' largest read: a data-frame message of it is exactly one 1 MiB HTTP/2 frame (our
-#: SETTINGS_MAX_FRAME_SIZE), where a read of BULK_CHUNK_SIZE made a full frame and a 13-byte one.
-BULK_READ: Final = payload_fitting(BULK_CHUNK_SIZE)
+#: The forward pumps' largest read (wire/codec.py BULK_PAYLOAD: one whole HTTP/2 frame).
+BULK_READ: Final = BULK_PAYLOAD
 
 
 class SocketReader:

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from google.protobuf.message import DecodeError
 
-from osmo_router.wire.protocol import half_close_frame, pb
+from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
 
 #: Protobuf key byte of field 2 with wire type LEN: the first byte of every encoded frame message.
 FRAME_TAG: Final = 0x12
@@ -125,6 +125,12 @@ def payload_fitting(frame_size: int) -> int:
     while payload > 0 and 5 + len(data_header(payload)) + payload > frame_size:
         payload -= 1
     return payload
+
+
+#: The largest read of a bulk stream (forward pumps, exec's output and input, rsync): its data-frame
+#: message is exactly one 1 MiB HTTP/2 frame (our SETTINGS_MAX_FRAME_SIZE), where a read of
+#: BULK_CHUNK_SIZE made a full frame and a 13-byte one.
+BULK_PAYLOAD: Final = payload_fitting(BULK_CHUNK_SIZE)
 
 
 def merge_data_messages(messages: Sequence[bytes], offsets: Sequence[int]) -> bytes:
