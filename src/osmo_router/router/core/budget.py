@@ -29,13 +29,16 @@ class ByteBudget:
     fits while nothing is queued, so holders never wait for each other alone.
     """
 
-    __slots__ = ("_waiters", "held", "limit", "used")
+    __slots__ = ("_reservers", "_waiters", "held", "limit", "reserved", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.held = 0
+        #: Of `held`, what readers reserved before reading (`try_reserve`), at most half the limit.
+        self.reserved = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._reservers: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def counted(self) -> int:
@@ -103,6 +106,39 @@ class ByteBudget:
     def notify(self, waiter: asyncio.Future[None]) -> None:
         """Complete `waiter` when its message may fit; the waiter holds its message (`hold`) meanwhile."""
         self._waiters.append(waiter)
+
+    def reserve_fits(self, size: int) -> bool:
+        """Whether a reservation of `size` fits: reservations together take at most half the limit (the
+        rest stays for the queues), and one always fits while none is held, so a budget smaller than one
+        reservation still lets one reader in."""
+        return not self.reserved or self.reserved + size <= self.limit // 2
+
+    def reserve(self, size: int) -> None:
+        """Hold `size` bytes a reader may fill before it knows what it read (see `reserve_fits`)."""
+        self.reserved += size
+        self.hold(size)
+
+    def unreserve(self, size: int) -> None:
+        """Give a reservation back; wake, first come first served, the reservers that fit now."""
+        self.reserved -= size
+        self.unhold(size)
+        woken = 0
+        while self._reservers:
+            want, waiter = self._reservers[0]
+            if waiter.done():
+                self._reservers.popleft()
+                continue
+            if woken and not (self.reserved + woken + want <= self.limit // 2):
+                return
+            if not woken and not self.reserve_fits(want):
+                return
+            self._reservers.popleft()
+            waiter.set_result(None)
+            woken += want
+
+    def notify_reserve(self, size: int, waiter: asyncio.Future[None]) -> None:
+        """Complete `waiter` when a reservation of `size` may fit (a reservation was given back)."""
+        self._reservers.append((size, waiter))
 
 
 class Budgets:

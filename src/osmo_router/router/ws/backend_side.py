@@ -15,7 +15,7 @@ from osmo_router.router.ws.sides import WsSide, received_payload
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, decode_frame, encode_frame
 from osmo_router.wire.errors import InvalidArgument, RouterError, Unavailable
 from osmo_router.wire.ops import Operation, operation_of
-from osmo_router.wire.protocol import pb
+from osmo_router.wire.protocol import MAX_MESSAGE_SIZE, pb
 from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
@@ -47,8 +47,9 @@ class WsBackendSide(WsSide):
         key: str,
         send_init: bool,
         first_messages: Mapping[str, bytes],
+        max_message: int = MAX_MESSAGE_SIZE,
     ) -> None:
-        super().__init__(request, ws)
+        super().__init__(request, ws, max_message=max_message)
         self._operation = operation
         self._is_exec = operation is not None and operation.value == pb.OPERATION_EXEC
         self._key = key

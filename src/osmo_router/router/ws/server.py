@@ -165,7 +165,7 @@ class WsServer:
         typed, key = request.match_info["workflow"], request.match_info["key"]
         operation = BY_LABEL.get(request.match_info["operation"])
         label = operation.label if operation is not None else "unknown"
-        side = WsClientSide(request, self._websocket())
+        side = WsClientSide(request, self._websocket(), max_message=self._config.max_message_size)
         identity = None
         try:
             identity = await self._authenticate(request, operation)
@@ -227,7 +227,13 @@ class WsServer:
         operation = BY_LABEL.get(request.match_info["operation"])
         send_init = request.query.get("init", "") in ("1", "true")
         side = WsBackendSide(
-            request, self._websocket(), operation, key=key, send_init=send_init, first_messages=self._first_messages
+            request,
+            self._websocket(),
+            operation,
+            key=key,
+            send_init=send_init,
+            first_messages=self._first_messages,
+            max_message=self._config.max_message_size,
         )
         init = pb.ConnectInit(session_key=key, agent_id=f"ws-backend@{side.peer}", workflow_id=typed)
         try:

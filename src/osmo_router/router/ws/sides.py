@@ -41,7 +41,7 @@ from osmo_router.router.core.budget import ByteBudget
 from osmo_router.router.core.sessions import RendezvousTimeout
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
 from osmo_router.wire.errors import Cancelled, RouterError
-from osmo_router.wire.protocol import pb
+from osmo_router.wire.protocol import MAX_MESSAGE_SIZE, pb
 from osmo_router.wire.wsproto import (
     CLOSE_ERROR,
     CLOSE_NORMAL,
@@ -78,6 +78,32 @@ STASH_LIMIT = 1 << 20
 #: What one kept message counts beyond its payload (its WSMessage and list slot; aiohttp's own queue
 #: counts 128 too): empty messages are not free, or a flood of them is kept without limit.
 STASH_MESSAGE_COST = 128
+#: What aiohttp may read ahead of a WebSocket's reader besides one message: its queue pauses the
+#: socket past twice its chunk size (2 x 256 KiB), and asyncio reads 256 KiB at a time.
+READ_AHEAD = 3 * 256 * 1024
+
+
+def _try_reserve(budgets: tuple[ByteBudget, ...], size: int) -> bool:
+    """Reserve `size` in every budget if it fits in all of them (ByteBudget.reserve_fits)."""
+    if not all(budget.reserve_fits(size) for budget in budgets):
+        return False
+    for budget in budgets:
+        budget.reserve(size)
+    return True
+
+
+async def _reserve(budgets: tuple[ByteBudget, ...], size: int) -> None:
+    """Reserve `size` in every budget, waiting for reservations given back."""
+    while not _try_reserve(budgets, size):
+        blocking = next(budget for budget in budgets if not budget.reserve_fits(size))
+        waiter = asyncio.get_running_loop().create_future()
+        blocking.notify_reserve(size, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                blocking.unreserve(0)  # woken, then paired or gone: pass the wake-up on
+            raise
 
 
 def received_payload(msg: WSMessage) -> bytes | str | None:
@@ -100,9 +126,12 @@ class WsSide:
     #: Whether a close stops this side's pending receive to wait for the peer's close frame (_close_ws).
     waits_for_close_frame = False
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, *, max_message: int = MAX_MESSAGE_SIZE) -> None:
+        """`max_message`: the WebSocket's `max_msg_size` (what a waiting side reserves, see watch_gone)."""
         self.ws = ws
         self._request = request
+        self._max_message = max_message
+        self._paused = False  # we paused the socket's reading (watch_gone)
         self._refusal: web.Response | None = None
         self.peer = request.remote or "unknown"
         #: What the peer sent while the session waited (see watch_gone), delivered first.
@@ -119,13 +148,28 @@ class WsSide:
         What is kept counts as held in `budgets` (the user's and the process's) while the session waits,
         and reading stops once one of them is full: 200 waiting sides of one user kept 1 MiB each, 269
         MiB of the router outside every budget. Once paired, the stash is delivered first.
+
+        A side reads only while it holds a reservation of what aiohttp may hold unread behind it (one
+        message of `max_message` bytes and its read-ahead, `read_reservation`) in every budget, which it
+        keeps until the session pairs or ends (what aiohttp read cannot be known, nor given back before
+        it is read). Reservations take at most half of a budget (one always fits). Without room the side
+        pauses its socket's reading (the kernel's buffer and TCP push back, not the router's memory) and
+        stops aiohttp's heartbeat, whose pong it could not read; it resumes when a reservation is given
+        back or when the session pairs. So a paused side notices its peer leaving only then, at the latest
+        when it pairs or its rendezvous timeout passes. Before: 50 waiting sides of one user sending 4 MiB
+        messages under a 4 MiB budget grew the router by 436 MiB (2M + 0.5 MiB each).
         """
         return self._watch_gone(budgets)
 
     async def _watch_gone(self, budgets: tuple[ByteBudget, ...]) -> None:
-        kept = 0
+        kept = reserved = 0
         try:
-            while kept < STASH_LIMIT and all(budget.counted < budget.limit for budget in budgets):
+            if not _try_reserve(budgets, self.read_reservation):
+                self._pause_reading()
+                await _reserve(budgets, self.read_reservation)
+                self._resume_reading()
+            reserved = self.read_reservation
+            while kept < STASH_LIMIT and all(budget.counted - budget.reserved < budget.limit for budget in budgets):
                 msg = await self.ws.receive()
                 self._stash.append(msg)
                 cost = STASH_MESSAGE_COST
@@ -136,10 +180,46 @@ class WsSide:
                     budget.hold(cost)
                 if msg.type in _ENDED:
                     return
-            await asyncio.Event().wait()  # enough kept: stop reading, let TCP push back
+            self._pause_reading()  # enough kept: aiohttp holds at most the reservation, TCP pushes back
+            await asyncio.Event().wait()
         finally:  # paired (the stash then goes through the relay's queues) or gone
+            self._resume_reading()
             for budget in budgets:
                 budget.unhold(kept)
+                if reserved:
+                    budget.unreserve(reserved)
+
+    @property
+    def read_reservation(self) -> int:
+        """What a waiting side reserves before it reads: one message and aiohttp's read-ahead."""
+        return self._max_message + READ_AHEAD
+
+    def _pause_reading(self) -> None:
+        """Stop reading the socket (and aiohttp's heartbeat, whose pong would not be read)."""
+        transport = self._request.transport
+        if self._paused or transport is None:
+            return
+        self._paused = True
+        transport.pause_reading()
+        cancel = getattr(self.ws, "_cancel_heartbeat", None)
+        if cancel is not None:  # aiohttp's private API; without it, a paused side may time out
+            cancel()
+
+    def _resume_reading(self) -> None:
+        """Read the socket again, unless aiohttp paused it too (it resumes once its queue drains)."""
+        transport = self._request.transport
+        if not self._paused or transport is None:
+            return
+        self._paused = False
+        reset = getattr(self.ws, "_reset_heartbeat", None)
+        if reset is not None and not self.ws.closed:
+            reset()
+        protocol = self._request.protocol
+        # aiohttp's flow control keeps these flags (base_protocol.py); its resume would not undo ours,
+        # nor may ours undo its: its parser then stores all that arrives, unbounded.
+        if getattr(protocol, "_reading_paused", False) or getattr(protocol, "_buffer_paused", False):
+            return
+        transport.resume_reading()
 
     async def _receive(self) -> bytes | str | None:
         """The next message's bytes; at the end, the close reason (str), or None if there was none."""
@@ -220,8 +300,8 @@ class WsClientSide(WsSide):
     # reader's stopped receive ends the read as our own close does (read() returns None).
     waits_for_close_frame = True
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse) -> None:
-        super().__init__(request, ws)
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, *, max_message: int = MAX_MESSAGE_SIZE) -> None:
+        super().__init__(request, ws, max_message=max_message)
         self._parse_resize = self._want_exit = self._want_eof = self._udp = False
         self._old_stream = self._ended = False
         self._exit: pb.ExitStatus | None = None

@@ -1,0 +1,36 @@
+"""Reservations in a byte budget: what a waiting WebSocket side may read before it knows what it read."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from osmo_router.router.core.budget import ByteBudget
+
+
+def test_reservations_take_at_most_half_the_budget_and_one_always_fits() -> None:
+    budget = ByteBudget(100)
+    assert budget.reserve_fits(500)  # none held: one fits, whatever its size
+    budget.reserve(30)
+    assert budget.reserve_fits(20) and not budget.reserve_fits(21)
+    assert (budget.reserved, budget.held) == (30, 30)  # other queues see it as held
+    budget.unreserve(30)
+    assert (budget.reserved, budget.held) == (0, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_given_back_wakes_the_reservers_that_fit_first_come_first_served() -> None:
+    budget = ByteBudget(100)
+    budget.reserve(50)
+    loop = asyncio.get_running_loop()
+    first, second, third = (loop.create_future() for _ in range(3))
+    for waiter in (first, second, third):
+        budget.notify_reserve(30, waiter)
+    budget.unreserve(50)  # room for one of 30 (half the budget is 50)
+    assert first.done() and not second.done() and not third.done()
+    budget.reserve(30)
+    budget.unreserve(0)  # nothing given back: nobody else fits yet
+    assert not second.done()
+    budget.unreserve(30)
+    assert second.done() and not third.done()
