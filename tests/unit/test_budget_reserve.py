@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from osmo_router.router.core.budget import ByteBudget
+from osmo_router.router.ws.sides import _reserve, _try_reserve
 
 
 def test_reservations_take_at_most_half_the_budget_and_one_always_fits() -> None:
@@ -34,3 +35,22 @@ async def test_a_reservation_given_back_wakes_the_reservers_that_fit_first_come_
     assert not second.done()
     budget.unreserve(30)
     assert second.done() and not third.done()
+
+
+@pytest.mark.asyncio
+async def test_a_waiting_side_reserves_in_all_its_budgets_once_both_have_room() -> None:
+    user, total = ByteBudget(100), ByteBudget(100)
+    assert _try_reserve((user, total), 50)  # both full now (reservations take half a budget)
+    first = asyncio.create_task(_reserve((user, total), 50))
+    second = asyncio.create_task(_reserve((user, total), 50))
+    await asyncio.sleep(0)
+    user.unreserve(50)  # room in her budget, none in the process's yet: both wait there (passed on)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not first.done() and not second.done()
+    total.unreserve(50)
+    await asyncio.wait_for(first, 1)
+    assert (user.reserved, total.reserved) == (50, 50) and not second.done()
+    second.cancel()
+    await asyncio.gather(second, return_exceptions=True)
+    assert (user.reserved, total.reserved) == (50, 50)

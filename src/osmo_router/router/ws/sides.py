@@ -94,8 +94,12 @@ def _try_reserve(budgets: tuple[ByteBudget, ...], size: int) -> bool:
 
 async def _reserve(budgets: tuple[ByteBudget, ...], size: int) -> None:
     """Reserve `size` in every budget, waiting for reservations given back."""
+    woken_by: ByteBudget | None = None
     while not _try_reserve(budgets, size):
         blocking = next(budget for budget in budgets if not budget.reserve_fits(size))
+        if woken_by is not None and woken_by is not blocking:
+            woken_by.unreserve(0)  # room there, but we wait on another budget: pass the wake-up on
+        woken_by = blocking
         waiter = asyncio.get_running_loop().create_future()
         blocking.notify_reserve(size, waiter)
         try:
