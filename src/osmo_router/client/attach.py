@@ -27,7 +27,8 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import BACKOFF_INITIAL, BACKOFF_MAX, FATAL, ResumingStream, reopener, say
+from osmo_router.client.resume import BACKOFF_INITIAL, BACKOFF_MAX, FATAL, ResumingStream, say
+from osmo_router.client.resume_start import reopener
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.client.words import printable
 from osmo_router.dial.channel import open_channel

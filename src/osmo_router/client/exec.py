@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import open_stream
+from osmo_router.client.resume_start import open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.signal_frames import SignalFrames
 from osmo_router.client.stall import METER

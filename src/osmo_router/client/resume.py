@@ -16,17 +16,15 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from osmo_router.client.config import ClientConfig
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
-from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
+from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import pb
 
@@ -330,54 +328,6 @@ def _status(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def can_resume(transport: Transport, config: ClientConfig) -> bool:
-    """True when sessions over `transport` ask for resume (gRPC, and --resume-grace above 0)."""
-    return transport.name == GRPC and config.resume_grace > 0
-
-
-def reopener(transport: Transport, operation: int, init: SessionInit, first: Callable[[], object]) -> Reopen:
-    """How a session opens its stream again: `init` with a resume token and what the router's ready named on
-    the session's `first` stream (read when it resumes): its key (else the one `init` brought, an attach's),
-    and, when the client named no task and the router chose one among several agents, that task: the
-    router's choice may differ by then (agents re-register in any order after a router restart) and the
-    other agents hold nothing.
-    """
-
-    async def reopen(token: pb.ResumeToken) -> SessionStream:
-        stream = first()
-        again = type(init).FromString(init.SerializeToString())
-        again.target.session_key = getattr(stream, "session_key", "") or init.target.session_key
-        if not again.target.task:
-            again.target.task = getattr(stream, "chosen_task", "")
-        again.target.resume.CopyFrom(token)
-        return await transport.open(operation, again)
-
-    return reopen
-
-
-async def open_stream(
-    transport: Transport, config: ClientConfig, operation: int, init: SessionInit, *, notify: bool = True
-) -> SessionStream:
-    """`transport.open`, resumable when the transport and the agent can (see the module docstring)."""
-    if not can_resume(transport, config):
-        return await transport.open(operation, init)
-    secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
-    inner = await transport.open(operation, init)
-    key = getattr(inner, "session_key", "")
-    if not key:
-        return inner
-    stream = ResumingStream(
-        inner,
-        reopen=reopener(transport, operation, init, lambda: inner),
-        secret=secret,
-        grace=config.resume_grace,
-        notify=say if notify else None,
-    )
-    stream.start()
-    return stream
-
-
 async def _until_ended(inner: SessionStream, timeout: float) -> None:
     """Wait (bounded) until the router ended a call whose last frames were a Detach and our end.
 
@@ -394,7 +344,7 @@ async def _until_ended(inner: SessionStream, timeout: float) -> None:
         pass
 
 
-__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "can_resume", "open_stream", "reopener", "say"]
+__all__ = ["FATAL", "TAKEN_OVER", "ResumingStream", "give_up", "say"]
 
 
 async def give_up(stream: SessionStream, why: str) -> None:

@@ -1,4 +1,6 @@
-"""Resumable sessions that send before the agent joined: the start/wait form of `open_stream`.
+"""How a client opens a resumable session: `open_stream` (the init with a resume secret, then the
+router's ready; `reopener` opens it again for a resume), and the start/wait form of it for sessions
+that send before the agent joined.
 
 A forwarded TCP connection sends its first bytes with the init and waits for the router's ready
 only when it reads (client/forward_tcp.py): that saves a round trip per connection.
@@ -20,10 +22,10 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import ResumingStream, can_resume, reopener
+from osmo_router.client.resume import Reopen, ResumingStream, say
 from osmo_router.client.session import wait_ready
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
-from osmo_router.transport import SessionInit, SessionStream, Transport
+from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
 from osmo_router.wire.errors import from_status_number
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
@@ -117,4 +119,60 @@ async def open_resumable(
     return stream
 
 
-__all__ = ["PendingResumingStream", "open_resumable", "ready_resumable", "start_resumable"]
+def can_resume(transport: Transport, config: ClientConfig) -> bool:
+    """True when sessions over `transport` ask for resume (gRPC, and --resume-grace above 0)."""
+    return transport.name == GRPC and config.resume_grace > 0
+
+
+def reopener(transport: Transport, operation: int, init: SessionInit, first: Callable[[], object]) -> Reopen:
+    """How a session opens its stream again: `init` with a resume token and what the router's ready named on
+    the session's `first` stream (read when it resumes): its key (else the one `init` brought, an attach's),
+    and, when the client named no task and the router chose one among several agents, that task: the
+    router's choice may differ by then (agents re-register in any order after a router restart) and the
+    other agents hold nothing.
+    """
+
+    async def reopen(token: pb.ResumeToken) -> SessionStream:
+        stream = first()
+        again = type(init).FromString(init.SerializeToString())
+        again.target.session_key = getattr(stream, "session_key", "") or init.target.session_key
+        if not again.target.task:
+            again.target.task = getattr(stream, "chosen_task", "")
+        again.target.resume.CopyFrom(token)
+        return await transport.open(operation, again)
+
+    return reopen
+
+
+async def open_stream(
+    transport: Transport, config: ClientConfig, operation: int, init: SessionInit, *, notify: bool = True
+) -> SessionStream:
+    """`transport.open`, resumable when the transport and the agent can (client/resume.py's docstring)."""
+    if not can_resume(transport, config):
+        return await transport.open(operation, init)
+    secret = secrets.token_hex(16)
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
+    inner = await transport.open(operation, init)
+    key = getattr(inner, "session_key", "")
+    if not key:
+        return inner
+    stream = ResumingStream(
+        inner,
+        reopen=reopener(transport, operation, init, lambda: inner),
+        secret=secret,
+        grace=config.resume_grace,
+        notify=say if notify else None,
+    )
+    stream.start()
+    return stream
+
+
+__all__ = [
+    "PendingResumingStream",
+    "can_resume",
+    "open_resumable",
+    "open_stream",
+    "ready_resumable",
+    "reopener",
+    "start_resumable",
+]

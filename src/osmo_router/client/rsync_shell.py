@@ -34,7 +34,8 @@ import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
-from osmo_router.client.resume import give_up, open_stream
+from osmo_router.client.resume import give_up
+from osmo_router.client.resume_start import open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.stdio import OutputWriter, StdinReader
 from osmo_router.io.pipe_writer import PipeWriter
