@@ -124,13 +124,15 @@ async def test_a_user_whose_sessions_never_acknowledge_leaves_the_replay_total_t
         assert (result.returncode, len(result.stdout)) == (0, 64 * CHUNK), result.stderr[-300:]
         # What mallory's buffers hold, as the agent reports it (every few seconds): her share (16 MiB,
         # the session buffer's size) and one frame per session that an empty buffer always takes. All of
-        # the total before (64 MiB).
+        # the total before (64 MiB). A report from before alice's session ended still counts hers too, so
+        # the bound is awaited (bounded): mallory's stalled sessions never give back what they hold.
+        bound = 16 * CHUNK + 12 * CHUNK
         deadline = asyncio.get_running_loop().time() + WAIT
         held = 0.0
-        while not held and asyncio.get_running_loop().time() < deadline:
+        while not 0 < held <= bound and asyncio.get_running_loop().time() < deadline:
             held = metric_value(router.metrics_text(), "router_grpc_replay_buffer_bytes")
             await asyncio.sleep(0.2)  # (the agent's report comes every few seconds: polled, bounded)
-        assert 0 < held <= 16 * CHUNK + 12 * CHUNK, f"mallory's buffers hold {int(held) >> 20} MiB"
+        assert 0 < held <= bound, f"mallory's buffers hold {int(held) >> 20} MiB"
     finally:
         for call in calls:
             call.cancel()
