@@ -69,25 +69,16 @@ class HoldProxy(CutProxy):
         else:
             self._flowing.clear()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._server is None:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.connections += 1
+    async def _relay(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        up_reader: asyncio.StreamReader,
+        up_writer: asyncio.StreamWriter,
+    ) -> None:
         hold = self._hold_next
-        self._writers.update((writer, up_writer))
-        try:
-            up = _up(reader, up_writer, self._data_after_held if hold else None)
-            await asyncio.gather(up, self._down(up_reader, writer, hold=hold))
-        finally:
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.transport.abort()
+        up = _up(reader, up_writer, self._data_after_held if hold else None)
+        await asyncio.gather(up, self._down(up_reader, writer, hold=hold))
 
     def _data_after_held(self) -> None:
         if self.held.is_set():
