@@ -55,8 +55,19 @@ async def test_localhost_binds_both_loopbacks_on_one_port(sockets: list[socket.s
 
 @pytest.mark.asyncio
 async def test_localhost_forwards_when_one_loopback_is_taken(sockets: list[socket.socket]) -> None:
-    port = taken_port(socket.AF_INET6, "::1", sockets)
-    await bind_all(LOCALHOST, port, listener(sockets))
+    for _ in range(5):
+        port = taken_port(socket.AF_INET6, "::1", sockets)
+        try:
+            await bind_all(LOCALHOST, port, listener(sockets))
+            break
+        except OSError as err:
+            # The port was free on ::1 only: another process (tests run in parallel) may hold it on
+            # 127.0.0.1 too, which defeats the premise, not the code. Anything else is a failure.
+            if f"127.0.0.1:{port}: Address already in use" not in str(err):
+                raise
+            sockets.pop().close()
+    else:
+        pytest.fail("no port free on 127.0.0.1 and taken on ::1 in 5 tries")
     assert [s.getsockname()[:2] for s in sockets[1:]] == [("127.0.0.1", port)]
 
 
