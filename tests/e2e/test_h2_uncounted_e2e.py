@@ -13,6 +13,7 @@ large message waits for its session), and a request of more than MAX_HEADER_FIEL
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ from tests.e2e.test_h2_control_flood_e2e import WF
 from tests.e2e.test_h2_control_flood_e2e import router as stack
 from tests.e2e.test_memory_idle import PeakSampler, rss_kib
 from tests.h2_raw import EXEC, Raw, grpc_headers
-from tests.harness import AgentProc, Router, run_client
+from tests.harness import AgentProc, Router, exec_served, run_client
 
 MIB = 1 << 20
 LARGE = 4 * MIB  # the router's default max message size
@@ -106,3 +107,42 @@ async def test_a_request_with_too_many_header_fields_is_refused(stack: tuple[Rou
         assert await asyncio.to_thread(exec_answers, router), "another user's exec was not served"
     finally:
         raw.close()
+
+
+def test_refused_streams_give_their_charge_back(tmp_path: Path) -> None:
+    """A stream the router refuses (here: a token it does not trust) gives its charge in the connection's
+    uncounted share back. Before, a stream whose client had ended first kept it when the router's
+    trailers went out: after about 5,500 refused streams the connection's share was full and every new
+    stream on it was refused (REFUSED_STREAM), and about 29,000 over all connections filled the total,
+    refusing every user's streams."""
+    from tests.raw_grpc import EXEC as RAW_EXEC
+    from tests.raw_grpc import exchange, raw_channel
+    from tests.security_kit import Signer, jwt_router
+
+    signer = Signer.rs256()
+    router = jwt_router(tmp_path, signer)
+    agent = AgentProc(router.address, WF, "--token", signer.token("pod", workflows=[WF], role="agent"))
+    untrusted = Signer.rs256().token("mallory", workflows=[WF])
+    # Past the share by a margin: each refused stream charged its window and headers (about 18 KiB).
+    rounds = UNCOUNTED_PER_CONNECTION // (16 * 1024) // 4 + 100
+
+    async def refused_streams() -> set[str]:
+        codes: set[str] = set()
+        async with raw_channel(router.address) as channel:
+            for _ in range(rounds):
+                outcomes = await asyncio.gather(*(exchange(channel, RAW_EXEC, untrusted, b"") for _ in range(4)))
+                codes |= {f"{o.code.name}: {o.details[:40]}" for o in outcomes}
+                if any(o.code.name != "UNAUTHENTICATED" for o in outcomes):
+                    break
+        return codes
+
+    try:
+        codes = asyncio.run(asyncio.wait_for(refused_streams(), 240))
+        assert {code.split(":")[0] for code in codes} == {"UNAUTHENTICATED"}, codes
+        exec_served(
+            "--router-address", router.address, "--workflow-id", WF, "--tls=false",
+            "--token", signer.token("alice", workflows=[WF]),
+        )  # fmt: skip
+    finally:
+        agent.stop()
+        router.stop()

@@ -141,7 +141,6 @@ class FlowControl(ConnectionCore):
             else:
                 self.write_frame(fr.encode(fr.DATA, fr.END_STREAM, stream.id))
             stream.end_sent()
-            stream.maybe_closed()
         if not self.write_paused:
             stream.notify_drained()
 

@@ -137,6 +137,7 @@ class Stream(StreamInbound):
         """Our END_STREAM went out (the connection calls it)."""
         self.closed_out = True
         self._end_pending = False
+        self.maybe_closed()  # (the peer may have ended first: its uncounted charge goes back then)
         self.conn.maybe_forget(self)
 
     def notify_drained(self) -> None:
