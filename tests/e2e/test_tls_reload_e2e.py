@@ -78,6 +78,19 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path, workf
         router.stop()
 
 
+def two_client_cas(directory: Path) -> tuple[CertificateAuthority, dict[str, Path]]:
+    """A router's certificate and a client CA file trusting two CAs, "kept" and "removed", each with a
+    client certificate, written to `directory`: the kept CA and the files by name."""
+    server_ca, kept_ca, removed_ca = (CertificateAuthority.create(name) for name in ("server CA", "kept", "removed"))
+    files = {"server_ca.pem": server_ca.pem, "client_ca.pem": kept_ca.pem + removed_ca.pem}
+    files["tls.crt"], files["tls.key"] = server_ca.issue("osmo-router", server=True)
+    files["kept.crt"], files["kept.key"] = kept_ca.issue("agent-kept", server=False)
+    files["removed.crt"], files["removed.key"] = removed_ca.issue("agent-removed", server=False)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return kept_ca, {name: directory / name for name in files}
+
+
 def ws_answers(port: int, ca: Path, cert: Path, key: Path) -> bool:
     """Whether the WebSocket port answers an HTTP request over TLS with this client certificate."""
     context = ssl.create_default_context(cafile=str(ca))
@@ -95,14 +108,7 @@ def ws_answers(port: int, ca: Path, cert: Path, key: Path) -> bool:
 def test_a_client_ca_removed_from_the_file_is_no_longer_trusted(tmp_path: Path, workflow: str, server: str) -> None:
     """A compromised client CA rotated out of --tls-client-ca stops being trusted without a restart; the
     CA kept in the file still is (before the fix, loading the file again only added to the trusted CAs)."""
-    server_ca, kept_ca, removed_ca = (CertificateAuthority.create(name) for name in ("server CA", "kept", "removed"))
-    files = {"server_ca.pem": server_ca.pem, "client_ca.pem": kept_ca.pem + removed_ca.pem}
-    files["tls.crt"], files["tls.key"] = server_ca.issue("osmo-router", server=True)
-    files["kept.crt"], files["kept.key"] = kept_ca.issue("agent-kept", server=False)
-    files["removed.crt"], files["removed.key"] = removed_ca.issue("agent-removed", server=False)
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    path = {name: tmp_path / name for name in files}
+    kept_ca, path = two_client_cas(tmp_path)
     router = Router(
         "--tls-cert", str(path["tls.crt"]), "--tls-key", str(path["tls.key"]),
         "--tls-client-ca", str(path["client_ca.pem"]), "--auth=none", "--grpc-server", server,
@@ -158,13 +164,7 @@ def test_a_session_resumed_from_before_the_reload_is_not_let_in_by_a_removed_ca(
     ticket from before the reload skipped the certificate check (the session ticket keys are the
     listening context's, which the reload does not replace), so such a client got in for the
     ticket's lifetime (OpenSSL: 2 hours) after the CA was rotated out."""
-    server_ca, kept_ca, removed_ca = (CertificateAuthority.create(name) for name in ("server CA", "kept", "removed"))
-    files = {"server_ca.pem": server_ca.pem, "client_ca.pem": kept_ca.pem + removed_ca.pem}
-    files["tls.crt"], files["tls.key"] = server_ca.issue("osmo-router", server=True)
-    files["removed.crt"], files["removed.key"] = removed_ca.issue("agent-removed", server=False)
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-    path = {name: tmp_path / name for name in files}
+    kept_ca, path = two_client_cas(tmp_path)
     router = Router(
         "--tls-cert", str(path["tls.crt"]), "--tls-key", str(path["tls.key"]),
         "--tls-client-ca", str(path["client_ca.pem"]), "--auth=none", "--tls-reload-interval", "0.1s",
