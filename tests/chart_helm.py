@@ -175,6 +175,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "jwks-only": {"auth.publicKeySecret": "", "auth.jwksUrl": "https://issuer.example/.well-known/jwks.json"},
     "jwt-both": {
         "auth.jwksUrl": "https://issuer.example/jwks",
+        "auth.jwksCacheTtl": "90s",
         "auth.publicKeySecretKey": "key.pem",
         "auth.audience": "osmo",
     },

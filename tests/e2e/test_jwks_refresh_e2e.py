@@ -6,8 +6,9 @@ failed refresh keeps the keys it had. Real router and agent, a real JWKS endpoin
 (tests/security_kit.py JwksServer, counting its requests, able to answer 503). Mallory sends rounds
 of streams whose tokens name unknown key ids, with the provider up and then down; the provider sees
 at most one fetch per interval, and alice's token (a known kid) is accepted and her exec runs meanwhile.
-The other path of that limit, a known kid in a set past its lifespan (300 s, no flag) while the provider
-is down, is tested with a clock of the test's in tests/unit/test_jwt_auth.py.
+The other path of that limit, a known kid in a set past its lifespan while the provider is down, is
+tested with a clock of the test's in tests/unit/test_jwt_auth.py. A key rotated out at the provider is
+refused once the set's lifespan (`--jwks-cache-ttl`) has passed and the set was fetched again.
 """
 
 from __future__ import annotations
@@ -110,3 +111,34 @@ async def test_unknown_key_ids_fetch_at_most_once_per_interval_and_a_known_key_k
     await asyncio.to_thread(_alice_execs, router, signer, "while-down")
     # Every refusal says what is wrong with mallory's tokens (not that no keys could be fetched).
     assert mallory.details and all("unknown key" in d for d in mallory.details), mallory.details
+
+
+def _exec_with(router: Router, signer: Signer, word: str) -> tuple[int, str]:
+    """Alice's exec with a fresh token of `signer`'s key: its exit code and stderr."""
+    token = signer.token("alice", workflows=[WF], nonce=word)
+    flags = ["--router-address", router.address, "--workflow-id", WF, "--tls=false", "--token", token]
+    result = run_client("exec", *flags, "--", "echo", word)
+    return result.returncode, result.stderr.decode(errors="replace")
+
+
+def test_a_key_rotated_out_is_refused_after_the_cache_ttl() -> None:
+    old, new = Signer.rs256("idp-old"), Signer.rs256("idp-new")
+    jwks = JwksServer([old, new])
+    router = Router("--tls-enabled=false", "--auth=jwt", "--jwks-url", jwks.url, "--jwks-cache-ttl=1s", secure=True)
+    agent = AgentProc(router.address, WF, "--token", new.token("pod", workflows=[WF], role="agent"))
+    try:
+        assert _exec_with(router, old, "before")[0] == 0
+        jwks.keys = [new.jwk()]  # the provider rotated the old key out
+        deadline, tries = time.monotonic() + 30, 0
+        while (outcome := _exec_with(router, old, f"after-{tries}"))[0] == 0:
+            tries += 1
+            assert time.monotonic() < deadline, f"the rotated-out key still accepted after {tries} execs"
+        code, stderr = outcome
+        assert code != 0 and "unknown key" in stderr, (code, stderr)
+        assert _exec_with(router, new, "new-key") == (0, "")
+        # Refused for good, not by chance: the set the router holds no longer has the key.
+        assert _exec_with(router, old, "again")[0] != 0
+    finally:
+        agent.stop()
+        router.stop()
+        jwks.close()

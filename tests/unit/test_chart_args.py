@@ -99,6 +99,8 @@ def expected_params(values: dict[str, Any]) -> dict[str, Any]:
         "jwt_audience": auth["audience"],
         "jwt_public_key": f"{JWT_DIR}/{auth['publicKeySecretKey']}" if auth["publicKeySecret"] else None,
         "jwks_url": auth["jwksUrl"] or None,
+        # (the TTL flag is passed with the URL only; without one the router's default stands)
+        "jwks_cache_ttl": parse_duration(auth["jwksCacheTtl"]) if auth["jwksUrl"] else 300.0,
         "redis_url": redis_url if scale_out else None,
         "advertise_address": f"{POD_IP}:{grpc['port']}" if scale_out else None,
         "directory_ttl": parse_duration(redis["directoryTtl"]),

@@ -78,6 +78,15 @@ def main_group() -> None:
 )
 @click.option("--jwt-public-key", default=None, help="PEM file with the RS256/ES256 key that signs tokens.")
 @click.option("--jwks-url", default=None, help="JWKS URL to fetch signing keys from (cached, refreshed).")
+@click.option(
+    "--jwks-cache-ttl",
+    type=DURATION,
+    default="5m",
+    show_default=True,
+    help="How long keys fetched from --jwks-url are used before they are fetched again: a key the identity "
+    "provider removed is refused at most this long (plus one fetch) later. Keys in use are kept while the "
+    "provider cannot be reached.",
+)
 @click.option("--jwt-audience", default="osmo-router", show_default=True, help="Required `aud` claim.")
 @click.option(
     "--jwt-hs256-secret",

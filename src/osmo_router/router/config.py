@@ -47,6 +47,8 @@ class RouterConfig:
     auth: str = "jwt"
     jwt_public_key: str | None = None
     jwks_url: str | None = None
+    #: How long a fetched key set is used before it is fetched again (auth/jwks.py JwksKeys.lifespan).
+    jwks_cache_ttl: float = 300.0
     jwt_audience: str = "osmo-router"
     jwt_hs256_secret: str | None = None
     #: A role value marking OSMO backends' workflow tokens, accepted on the WS backend endpoint only
@@ -155,6 +157,8 @@ class RouterConfig:
             raise ValueError(
                 "--auth=jwt needs --jwt-public-key or --jwks-url (or, for development, --jwt-hs256-secret)"
             )
+        if self.jwks_cache_ttl <= 0:
+            raise ValueError("--jwks-cache-ttl must be positive")
         if self.ws_backend_role and not self.ws_backend_workflow_claim:
             raise ValueError("--ws-backend-role needs a --ws-backend-workflow-claim")
         if self.ws_backend_role in (ROLE_AGENT_VALUE, "*"):

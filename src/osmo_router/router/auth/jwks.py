@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Algorithms a JWKS key may carry; symmetric ("oct") keys from a URL are never trusted.
 JWKS_ALGORITHMS = frozenset({"RS256", "ES256"})
+#: Fetches for unknown key ids are at least this far apart (seconds).
+DEFAULT_REFRESH_INTERVAL = 10.0
 
 
 class JwksKeys:
@@ -36,7 +38,7 @@ class JwksKeys:
         url: str,
         *,
         lifespan: float = 300.0,
-        min_refresh_interval: float = 10.0,
+        min_refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -50,6 +52,12 @@ class JwksKeys:
         self._attempted_at: float | None = None
         self._refresh: asyncio.Task[None] | None = None
         self.fetches = 0
+
+    @classmethod
+    def for_ttl(cls, url: str, ttl: float) -> JwksKeys:
+        """The keys of `url` used for `ttl` seconds per fetch (--jwks-cache-ttl); refreshes never closer than
+        the default interval, or than `ttl` when that is shorter (a short TTL is asked for fresh keys)."""
+        return cls(url, lifespan=ttl, min_refresh_interval=min(DEFAULT_REFRESH_INTERVAL, ttl))
 
     async def key(self, kid: str, algorithm: str) -> Any:
         """The verification key with this id for this algorithm; raises Unauthenticated if there is none."""

@@ -249,7 +249,7 @@ class JwtAuthenticator:
         return cls(
             audience=config.jwt_audience,
             public_key_pem=pem,
-            jwks=JwksKeys(config.jwks_url) if config.jwks_url else None,
+            jwks=JwksKeys.for_ttl(config.jwks_url, config.jwks_cache_ttl) if config.jwks_url else None,
             hs256_secret=config.jwt_hs256_secret,
             legacy_backend=LegacyBackendRule(
                 config.ws_backend_role, config.ws_backend_workflow_claim, config.ws_backend_issuer or None
