@@ -81,6 +81,7 @@ async def test_one_user_holds_at_most_her_share_of_resumable_sessions_and_anothe
         said = extra.stderr.decode(errors="replace")
         assert extra.returncode == 255 and extra.stdout == b"", said
         assert "cannot detach" in said and f"{MAX_HELD_PER_USER} resumable sessions of mallory" in said, said
+        assert said.count("resumable sessions of mallory") == 1, said  # said once, not as a warning too
 
         # Alice, on the same agent meanwhile: her session is held, she detaches and attaches again.
         alice = _flags(router, signer.token("alice", workflows=[WF]))

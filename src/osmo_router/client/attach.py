@@ -131,6 +131,9 @@ async def detach_now(config: ClientConfig, stream: SessionStream, channel: Any =
         stream.abort()
         say("cannot detach: the session is not resumable (the WebSocket transport, or --resume-grace 0)")
         return EXIT_CONNECTION_ERROR
+    # A full agent's reason is said once, below, as why the session cannot detach. (Set before the first
+    # await: the stream has not taken the agent's answer yet, its reading task has not run.)
+    stream.warn_declined = False
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(config.connect_timeout):
             await stream.answered.wait()

@@ -108,6 +108,8 @@ class ResumingStream(ResumableStream):
         self.refusal: pb.Error | None = None
         #: Why the session is served without resume, once it is (what `exec --detach` tells the user).
         self.not_resumable = ""
+        #: Whether an agent's declined resume is warned about (`exec --detach` says why it cannot detach instead).
+        self.warn_declined = True
         #: The break that came before the agent's first Resume frame, while that session is resumed.
         self._unconfirmed_cause: str | None = None
 
@@ -208,7 +210,7 @@ class ResumingStream(ResumableStream):
     def _fall_back(self, why: str, warn: bool = False) -> None:
         """No resume for this session: what was held is sent already; a break ends the session. `warn`:
         tell the user (a warning on stderr), not only the log at info."""
-        (log.warning if warn else log.info)("%s: this session ends at the first break", why)
+        (log.warning if warn and self.warn_declined else log.info)("%s: this session ends at the first break", why)
         self.not_resumable = why
         self.resumable = False
         self.buffer.ack(self.buffer.end)
