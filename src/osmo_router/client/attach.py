@@ -27,7 +27,8 @@ from typing import Any
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume import BACKOFF_INITIAL, BACKOFF_MAX, FATAL, ResumingStream, say
+from osmo_router.client.notice import say
+from osmo_router.client.resume import BACKOFF_INITIAL, BACKOFF_MAX, FATAL, ResumingStream
 from osmo_router.client.resume_start import reopener
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.client.words import printable
@@ -228,8 +229,7 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
         try:
             stream = await open_attach(transport, config, pb.OPERATION_EXEC, init)
         except RouterError as err:
-            print(f"osmo-net-client: attach: cannot attach to session {key}: {err.message} [{err.code.name}]",
-                  file=sys.stderr)  # fmt: skip
+            say(f"cannot attach to session {key}: {err.message} [{err.code.name}]", "attach", tty=False)
             return EXIT_CONNECTION_ERROR
         if chosen is None and stream.remote_tty is not None:
             # As docker attach follows the container's TTY: a session without a terminal is attached in this
@@ -240,7 +240,7 @@ async def run_attach(config: ClientConfig, key: str, tty: bool | None) -> int:
                 await stream.send(pb.Frame(resize=pb.Resize(size=pb.TerminalSize(rows=rows, cols=cols), redraw=True)))
             return await relay_session(stream, tty, detached=detached_notice(config, stream), attached=True)
     except RouterError as err:
-        print(f"osmo-net-client: attach: {err.message} [{err.code.name}]", file=sys.stderr)
+        say(f"{err.message} [{err.code.name}]", "attach", tty=False)
         return EXIT_CONNECTION_ERROR
     finally:
         if transport is not None:
@@ -313,7 +313,7 @@ async def run_sessions(config: ClientConfig, json_output: bool) -> int:
     try:
         sessions = await list_sessions(config)
     except RouterError as err:
-        print(f"osmo-net-client: sessions: {err.message} [{err.code.name}]", file=sys.stderr)
+        say(f"{err.message} [{err.code.name}]", "sessions", tty=False)
         return EXIT_CONNECTION_ERROR
     if json_output:
         for entry in sessions:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from osmo_router.client.notice import say
 from osmo_router.dial.config import DialConfig
 
 if TYPE_CHECKING:
@@ -18,11 +18,11 @@ class Notices:
     def __init__(self) -> None:
         self._said: set[str] = set()
 
-    def once(self, line: str) -> None:
-        """Print `line` on stderr unless it was printed already."""
-        if line not in self._said:
-            self._said.add(line)
-            print(line, file=sys.stderr, flush=True)
+    def once(self, message: str) -> None:
+        """Say `message` on stderr (client/notice.py) unless it was said already."""
+        if message not in self._said:
+            self._said.add(message)
+            say(message, tty=False)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.notice import say
 from osmo_router.client.resume_start import open_stream
 from osmo_router.client.session import rpc_error
 from osmo_router.client.signal_frames import SignalFrames
@@ -65,7 +65,7 @@ async def run_exec(
         try:
             check_exec(command, env or {}, workdir)
         except LegacyUsageError as err:
-            print(f"osmo-net-client: exec: {err}", file=sys.stderr)
+            say(str(err), "exec", tty=False)
             return EXIT_USAGE
     try:
         transport = await connect_transport(config)
@@ -87,7 +87,7 @@ async def run_exec(
                 stream, tty, legacy=config.legacy_backend, detached=detached_notice(config, stream)
             )
     except RouterError as err:
-        print(f"osmo-net-client: exec: {err.message} [{err.code.name}]", file=sys.stderr)
+        say(f"{err.message} [{err.code.name}]", "exec", tty=False)
         return EXIT_CONNECTION_ERROR
     finally:
         if transport is not None:
@@ -164,7 +164,7 @@ def _ended_early(
     if isinstance(err, grpc.aio.AioRpcError):
         log.debug("exec stream failed", exc_info=True)
     error = rpc_error(err) if isinstance(err, grpc.aio.AioRpcError) else err
-    _say(f"{error.message} [{error.code.name}]", tty, command)
+    say(f"{error.message} [{error.code.name}]", command, tty=tty)
     return EXIT_CONNECTION_ERROR
 
 
@@ -191,7 +191,7 @@ class _UnreadOutput:
         if self._task is not None:
             return
         if (write_error := self._stdout.write_error) is not None:
-            _say(f"cannot write to stdout: {write_error.strerror or write_error}", self._tty)
+            say(f"cannot write to stdout: {write_error.strerror or write_error}", "exec", tty=self._tty)
         self._task = asyncio.create_task(self._end())
 
     def exit_code(self, code: int) -> int:
@@ -213,13 +213,6 @@ class _UnreadOutput:
                 await asyncio.sleep(PIPE_GRACE)
         self.gave_up = True
         self._stream.abort()
-
-
-def _say(message: str, tty: bool, command: str = "exec") -> None:
-    # In raw mode a bare "\n" moves down without returning to the line's start.
-    line = f"osmo-net-client: {command}: {message}"
-    sys.stderr.write(f"\r\n{line}\r\n" if tty else f"{line}\n")
-    sys.stderr.flush()
 
 
 async def receive_output(stream: SessionStream, write_stdout: Callable[[bytes], Awaitable[None]]) -> int:
@@ -260,7 +253,7 @@ async def _read_to_end(stream: SessionStream) -> None:
 def _escape(stream: SessionStream) -> Callable[[bytes], Awaitable[tuple[bytes, bool]]]:
     """The escape key of a TTY session: the bytes to send, and True once the session detached."""
     from osmo_router.client.attach import EscapeFilter
-    from osmo_router.client.resume import ResumingStream, say
+    from osmo_router.client.resume import ResumingStream
 
     keys = EscapeFilter()
 

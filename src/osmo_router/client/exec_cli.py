@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import click
 
 from osmo_router.cli.options import exit_with, prefers_uvloop
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.notice import say
 from osmo_router.client.words import require_utf8
 from osmo_router.io.memtune import tune_for_bulk
 
@@ -85,7 +85,7 @@ def register(
             # terminal cannot be ended (its EOF is a ^D byte, lost or taken as input by whatever reads it),
             # so `echo cmd | exec -t -- bash` would never return.
             # A detached session keeps its terminal: it is for attaching to later.
-            print("osmo-net-client: exec: stdin is not a terminal: running without one (as ssh -t)", file=sys.stderr)
+            say("stdin is not a terminal: running without one (as ssh -t)", "exec", tty=False)
             tty = False
         tune_for_bulk()  # piped input and output move in frames of up to 1 MiB (memtune)
         exit_with(

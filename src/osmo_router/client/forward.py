@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import random
 import secrets
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +25,7 @@ from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import STOP_SIGNALS, Reporter
 from osmo_router.client.forward_tcp import TcpListener, listen_tcp
 from osmo_router.client.forward_udp import UdpForward
+from osmo_router.client.notice import say
 from osmo_router.client.resume_start import Notify, open_resumable, ready_resumable, start_resumable
 from osmo_router.client.session import rpc_failure, start_session
 from osmo_router.io.forwarding import WATCH_PORT
@@ -95,7 +95,7 @@ async def run_port_forward(
         ports = parse_specs(specs)
         binds = parse_binds(addresses)
     except ValueError as err:
-        print(f"osmo-net-client: port-forward: {err}", file=sys.stderr)
+        say(str(err), "port-forward", tty=False)
         return EXIT_USAGE
     transport: Transport | None = None
     if config.legacy_backend:
@@ -195,7 +195,7 @@ class PortForward:
             try:
                 await self._listen(ports, binds, protocol)
             except OSError as err:
-                print(f"osmo-net-client: port-forward: cannot listen: {err.strerror or err}", file=sys.stderr)
+                say(f"cannot listen: {err.strerror or err}", "port-forward", tty=False)
                 await self._end_unused(watch)
                 return EXIT_LOCAL_ERROR
             except RouterError as err:

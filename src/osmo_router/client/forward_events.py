@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import Any, Protocol
 
+from osmo_router.client.notice import say
 from osmo_router.io.forwarding import format_peer
 from osmo_router.transport import SessionStream
 from osmo_router.wire.errors import RouterError
@@ -32,7 +33,6 @@ class SessionOpener(Protocol):
         ...
 
 
-PREFIX = "osmo-net-client: port-forward:"
 #: Signals that stop a forward cleanly (exit 0): Ctrl-C, SIGTERM, and its terminal closing (SIGHUP),
 #: which used to kill it outright and leave every connection in flight held by the agent for its
 #: resume grace, connected to its target.
@@ -54,10 +54,6 @@ class Reporter:
         sys.stdout.write(json.dumps(event) + "\n")
         sys.stdout.flush()
 
-    def _say(self, message: str) -> None:
-        sys.stderr.write(f"{PREFIX} {message}\n")
-        sys.stderr.flush()
-
     def forwarding(self, protocol: str, address: str, local_port: int, remote_port: int) -> None:
         """A listener is ready."""
         if self.json_output:
@@ -76,7 +72,7 @@ class Reporter:
 
     def connection_error(self, protocol: str, local: str, remote_port: int, err: RouterError) -> None:
         """One forwarded connection (or UDP session) failed; the forward goes on."""
-        self._say(f"{protocol} {local} -> {remote_port}: {err.message} [{err.code.name}]")
+        say(f"{protocol} {local} -> {remote_port}: {err.message} [{err.code.name}]", "port-forward", tty=False)
         if self.json_output:
             self._emit(
                 {
@@ -91,12 +87,12 @@ class Reporter:
 
     def fatal(self, err: RouterError, what: str) -> None:
         """The forward cannot start or go on."""
-        self._say(f"{what}: {err.message} [{err.code.name}]")
+        say(f"{what}: {err.message} [{err.code.name}]", "port-forward", tty=False)
         if self.json_output:
             self._emit({"event": "error", "what": what, "code": err.code.name, "message": err.message})
 
     def notice(self, event: str, message: str) -> None:
         """A change of state worth a line (agent lost, agent back, waiting)."""
-        self._say(message)
+        say(message, "port-forward", tty=False)
         if self.json_output:
             self._emit({"event": event, "message": message})

@@ -30,13 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from osmo_router.client.binds import Bind, bind_all
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.forward_events import STOP_SIGNALS, Reporter, host_port
+from osmo_router.client.notice import say
 from osmo_router.transport import SessionStream, Transport
 from osmo_router.wire.errors import EXIT_CONNECTION_ERROR, RouterError, Unavailable
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, half_close_frame, pb
@@ -243,7 +243,7 @@ async def run_legacy_forward(
         )
         return EXIT_CONNECTION_ERROR
     except OSError as err:
-        print(f"osmo-net-client: port-forward: cannot listen: {err.strerror or err}", file=sys.stderr)
+        say(f"cannot listen: {err.strerror or err}", "port-forward", tty=False)
         return 1
     finally:
         for sig in STOP_SIGNALS:

@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from osmo_router.client.notice import say
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import SessionStream
@@ -54,15 +54,6 @@ BACKOFF_MAX = 1.0
 GIVE_UP_WAIT = 2.0
 
 Reopen = Callable[[pb.ResumeToken], Awaitable[SessionStream]]
-
-
-def say(message: str) -> None:
-    """One line on stderr (at the start of a line, raw terminal or not); nothing if stderr is gone."""
-    with contextlib.suppress(OSError):  # a terminal that hung up (EIO), a closed pipe
-        sys.stderr.write(
-            f"\r\nosmo-net-client: {message}\r\n" if sys.stderr.isatty() else f"osmo-net-client: {message}\n"
-        )
-        sys.stderr.flush()
 
 
 #: What a client is told when another client of the session's owner attached to it.

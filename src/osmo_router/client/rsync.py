@@ -34,6 +34,7 @@ from dataclasses import replace
 import click
 
 from osmo_router.client.config import ClientConfig
+from osmo_router.client.notice import say
 from osmo_router.client.rsync_shell import RSYNC_EXIT_SETTLE, STATUS_FILE_ENV
 
 #: Exit status when the local rsync is missing.
@@ -266,12 +267,9 @@ def run_rsync(
         # A path that exists but cannot be run is not "missing": say what is wrong with it (as a shell does).
         if os.sep in rsync_binary and os.path.exists(rsync_binary):
             why = "is a directory" if os.path.isdir(rsync_binary) else "is not executable"
-            print(f"osmo-net-client: rsync: {rsync_binary!r} {why}", file=sys.stderr)
+            say(f"{rsync_binary!r} {why}", "rsync", tty=False)
             return EXIT_RSYNC_NOT_RUNNABLE
-        print(
-            f"osmo-net-client: rsync: {rsync_binary!r} was not found on this machine; {LOCAL_INSTALL_HINT}",
-            file=sys.stderr,
-        )
+        say(f"{rsync_binary!r} was not found on this machine; {LOCAL_INSTALL_HINT}", "rsync", tty=False)
         return EXIT_RSYNC_MISSING
     from osmo_router.transport.rollout import resolve_transport
 
@@ -298,8 +296,7 @@ def _fallback_unreachable(config: ClientConfig) -> int | None:
     if reason is None:
         return None
     # Said once here, not by the remote shell under rsync's "connection unexpectedly closed".
-    print(f"osmo-net-client: rsync: {neither_port(config.dial.address, ws_base(config), reason)} [UNAVAILABLE]",
-          file=sys.stderr)  # fmt: skip
+    say(f"{neither_port(config.dial.address, ws_base(config), reason)} [UNAVAILABLE]", "rsync", tty=False)
     return EXIT_CONNECTION_ERROR
 
 

@@ -27,13 +27,13 @@ import os
 import shlex
 import signal
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.exec import receive_output
+from osmo_router.client.notice import say
 from osmo_router.client.resume import give_up
 from osmo_router.client.resume_start import open_stream
 from osmo_router.client.session import rpc_error
@@ -83,11 +83,11 @@ async def run_rsync_shell(config: ClientConfig, args: list[str]) -> int:
         for arg in server_args:
             arg.encode("utf-8")  # the session carries the command as text
     except UnicodeEncodeError:
-        _say("the remote command is not UTF-8 text (a path?), which the session cannot carry")
+        say("the remote command is not UTF-8 text (a path?), which the session cannot carry", "rsync", tty=False)
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
     except ValueError as err:
-        _say(f"cannot parse the remote command: {err}")
+        say(f"cannot parse the remote command: {err}", "rsync", tty=False)
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
     if config.legacy_backend:
@@ -131,7 +131,7 @@ async def _run_legacy(config: ClientConfig, server_args: list[str]) -> int:
     try:
         return await run_legacy_rsync_shell(config, transport, server_args, _stdout_writer())
     except LegacyUsageError as err:
-        _say(str(err))
+        say(str(err), "rsync", tty=False)
         report_failure(EXIT_CONNECTION_ERROR)
         return EXIT_CONNECTION_ERROR
     except RouterError as err:
@@ -141,7 +141,7 @@ async def _run_legacy(config: ClientConfig, server_args: list[str]) -> int:
 
 
 def _fail(err: RouterError) -> int:
-    _say(f"{err.message} [{err.code.name}]")
+    say(f"{err.message} [{err.code.name}]", "rsync", tty=False)
     code = EXIT_COMMAND_NOT_FOUND if isinstance(err, FailedPrecondition) else EXIT_CONNECTION_ERROR
     report_failure(code)
     return code
@@ -154,11 +154,6 @@ def report_failure(code: int) -> None:
     if path:
         with contextlib.suppress(OSError), open(path, "w") as f:
             f.write(f"{code}\n")
-
-
-def _say(message: str) -> None:
-    sys.stderr.write(f"osmo-net-client: rsync: {message}\n")
-    sys.stderr.flush()
 
 
 async def _bridge(stream: SessionStream) -> int:

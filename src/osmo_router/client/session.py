@@ -131,7 +131,7 @@ def defaulted_task_line(ready: pb.SessionReady) -> str:
     names = ", ".join(repr(task) if task else "(no task)" for task in ready.tasks)
     more = ready.task_count - len(ready.tasks)
     names += f" and {more} more" if more > 0 else ""
-    return f"osmo-net-client: defaulted to {chosen} out of: {names} (pass --task to choose)"
+    return f"defaulted to {chosen} out of: {names} (pass --task to choose)"
 
 
 async def open_session(

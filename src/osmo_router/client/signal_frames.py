@@ -63,7 +63,8 @@ class SignalFrames:
         future.add_done_callback(self._pending.discard)
 
     def _on_signal(self, sig: int) -> None:
-        from osmo_router.client.resume import ResumingStream, say
+        from osmo_router.client.notice import say
+        from osmo_router.client.resume import ResumingStream
 
         self._received[sig] = self._received.get(sig, 0) + 1
         resuming = isinstance(self._stream, ResumingStream) and not self._stream.connected
