@@ -26,9 +26,10 @@ from typing import Any
 
 import grpc
 
+from osmo_router.client.backoff import attempts
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.notice import say
-from osmo_router.client.resume import BACKOFF_INITIAL, BACKOFF_MAX, FATAL, ResumingStream
+from osmo_router.client.resume import FATAL, ResumingStream
 from osmo_router.client.resume_start import reopener
 from osmo_router.client.terminal import raw_mode, terminal_size
 from osmo_router.client.words import printable
@@ -166,18 +167,17 @@ async def open_attach(transport: Transport, config: ClientConfig, operation: int
         raise FailedPrecondition("attach needs the gRPC transport (the WebSocket transport has no resume)")
     secret = secrets.token_hex(16)
     init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, attach=True))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + config.connect_timeout
-    backoff = BACKOFF_INITIAL
-    while True:
+    last: RouterError | None = None
+    async for _ in attempts(config.connect_timeout):
         try:
             return await _attach_once(transport, config, operation, init, secret)
         except RouterError as err:
-            if err.code in FATAL or loop.time() + backoff > deadline:
+            if err.code in FATAL:
                 raise
-            log.debug("attach attempt failed, trying again: %s [%s]", err.message, err.code.name)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, BACKOFF_MAX)
+            log.debug("attach attempt failed: %s [%s]", err.message, err.code.name)
+            last = err
+    assert last is not None  # (attempts yields at least once)
+    raise last
 
 
 async def _attach_once(

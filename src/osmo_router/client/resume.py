@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from osmo_router.client.backoff import attempts
 from osmo_router.client.notice import say
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
@@ -44,12 +44,6 @@ FATAL = frozenset(
 #: Longest a client holds its sent frames for an agent that has not said it resumes (an agent that
 #: does answers with its first frame, one round trip after the session started).
 CONFIRM_WAIT = 5.0
-#: First and longest wait between two resume attempts. The first is short: the first attempt often
-#: meets the old connection before gRPC has noticed it is gone ("Stream removed"), and the second
-#: one, on a new connection, succeeds. The longest is short too: a router restart is over in a
-#: second or two, and a 4 s step was what a resume waited for.
-BACKOFF_INITIAL = 0.05
-BACKOFF_MAX = 1.0
 #: Longest a session ended on this side waits for the agent to take its Error frame.
 GIVE_UP_WAIT = 2.0
 
@@ -260,11 +254,9 @@ class ResumingStream(ResumableStream):
                 raise SessionLost(f"the session broke before it started: {cause}")
             # It does (its router said so): it resumes the session if it got it, or says it never did.
             self._unconfirmed_cause = self._unconfirmed_cause or cause
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._grace
         self._tell(f"connection lost ({cause}); resuming the session (for up to {self._grace:g}s)")
-        backoff, last = BACKOFF_INITIAL, cause
-        while (remaining := deadline - loop.time()) > 0:
+        last = cause
+        async for remaining in attempts(self._grace, jitter=True):
             token = pb.ResumeToken(
                 secret=self._secret,
                 resuming=True,
@@ -285,9 +277,6 @@ class ResumingStream(ResumableStream):
             except grpc.aio.AioRpcError as err:
                 last = f"{err.code().name}: {err.details()}"
             log.debug("resume attempt failed: %s", last)
-            # Jittered: the clients of a restarted router do not all come back in the same instant.
-            await asyncio.sleep(min(backoff * (0.5 + random.random() / 2), max(0.0, deadline - loop.time())))
-            backoff = min(backoff * 2, BACKOFF_MAX)
         raise SessionLost(f"the session could not be resumed within {self._grace:g}s (last attempt: {last})")
 
     async def _try_resume(self, token: pb.ResumeToken) -> tuple[SessionStream, int]:
