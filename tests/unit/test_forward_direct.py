@@ -24,10 +24,12 @@ class Stream:
         self.slow: list[bytes] = []
         self.sent = asyncio.Event()
 
-    def try_send_data_message(self, message: bytes) -> bool:
+    def try_send_data_message(self, message: bytes, units: int = -1) -> bool:
         if not self.open:
             return False
-        self.direct.append(bytes(decode_data_message(message) or b""))
+        payload = bytes(decode_data_message(message) or b"")
+        assert units == len(payload)  # the reader says what it read: resume numbers by it
+        self.direct.append(payload)
         self.sent.set()
         return True
 

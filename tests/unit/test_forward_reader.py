@@ -84,9 +84,10 @@ class _TakingStream:
         self.turn = 0
         self.received = bytearray()
 
-    def try_send_data_message(self, message: bytes) -> bool:
+    def try_send_data_message(self, message: bytes, units: int = -1) -> bool:
         piece = decode_data_message(message)
         assert piece is not None
+        assert units == len(piece)  # the reader says what it read: resume numbers by it
         self.received += piece
         self.turns.append(self.turn)
         return True

@@ -191,4 +191,10 @@ async def test_try_send_numbers_and_holds_what_it_sends_and_declines_when_it_wou
         assert not side.try_send_data_message(second)
     assert side.try_send_data_message(second)
     assert end.direct == [first, second] and side.buffer.end == 1200
+    # A sender that knows the payload's size (a socket pump) says it: numbered by it, resent from it.
+    side.buffer.ack(1200)
+    third = encode_data_message(b"0123456")
+    assert side.try_send_data_message(third, 7)
+    assert side.buffer.end == 1207
+    assert [item for _, item in side.buffer.since(1203)] == [encode_data_message(b"3456")]
     side.abort()

@@ -27,6 +27,8 @@ from osmo_router.wire.codec import BULK_PAYLOAD, data_header, encode_data_messag
 SMALL_READ: Final = 1024
 #: The forward pumps' largest read (wire/codec.py BULK_PAYLOAD: one whole HTTP/2 frame).
 BULK_READ: Final = BULK_PAYLOAD
+#: `data_header(n)` for every size a first read can give: looked up, not built, per small message.
+_SMALL_HEADERS: Final = tuple(data_header(n) for n in range(SMALL_READ + 1))
 
 
 class SocketReader:
@@ -54,10 +56,15 @@ class SocketReader:
         self._fionread = True
         self._count = bytearray(4)  # FIONREAD's answer (a C int)
         self._small = bytearray(SMALL_READ)  # where every read starts (see _read_now)
+        self._small_view = memoryview(self._small)  # (a message is its header + a slice of this: one copy)
         self._error: OSError | None = None  # met after a first part was read: raised by the next read
         self._emptied = False  # the last read took less than asked: the socket had no more then
-        #: While `send_all` waits: the stream's try_send_data_message and the message size (see _send_now).
-        self._direct: tuple[Callable[[bytes], bool], int] | None = None
+        #: The payload size of the message _read_now made last: that of the message recv_data_message
+        #: returns (one handed by _send_now included: nothing reads between). Resume numbers by it.
+        self._units = 0
+        #: While `send_all` waits: the stream's try_send_data_message(message, units) and the message size
+        #: (see _send_now).
+        self._direct: tuple[Callable[[bytes, int], bool], int] | None = None
         self._handed: bytes | OSError | None = None  # what _send_now read and could not send: the pump's
         #: uvloop only (see the class docstring): asks whether the socket has an error or hung up.
         self._hang_up_check: select.poll | None = None
@@ -100,7 +107,7 @@ class SocketReader:
         self._direct = None if try_send is None else (try_send, size)
         try:
             while message := await self.recv_data_message(size):
-                if try_send is None or not try_send(message):
+                if try_send is None or not try_send(message, self._units):
                     await stream.send_data_message(message)
                 elif not self._emptied:
                     # The read filled the message and the socket may hold more: without this the loop
@@ -139,19 +146,20 @@ class SocketReader:
         if self._error is not None:
             err, self._error = self._error, None
             raise err
-        small = self._small
-        first = min(size, len(small))
+        first = SMALL_READ if size >= SMALL_READ else size
         try:
-            got = self.sock.recv_into(small, first)
+            got = self.sock.recv_into(self._small, first)
         except (BlockingIOError, InterruptedError):
             return None
         if got < first:
             self._emptied = True
-            return encode_data_message(bytes(small[:got])) if got else b""
+            self._units = got
+            return _SMALL_HEADERS[got] + self._small_view[:got] if got else b""
         length = min(got + self._waiting(), size)
         self._emptied = length < size
         if length == got:
-            return encode_data_message(bytes(small[:got]))
+            self._units = got
+            return _SMALL_HEADERS[got] + self._small_view[:got]
         return self._read_message(length, got)
 
     def _send_now(self) -> bool:
@@ -167,7 +175,7 @@ class SocketReader:
             return False
         if message is None:
             return True  # (a stale readiness: nothing to read after all)
-        if message and try_send(message):
+        if message and try_send(message, self._units):
             return True
         self._handed = message
         return False
@@ -202,8 +210,10 @@ class SocketReader:
             self._error = err  # raised by the next read: what was read first goes out before it
             more = 0
         if got + more == length:  # (FIONREAD's count is there: always, on a stream socket nobody else reads)
+            self._units = length
             return finish(holder)
         self._emptied = False
+        self._units = got + more
         return encode_data_message(bytes(view[start : start + got + more]))
 
     async def _readable(self) -> None:

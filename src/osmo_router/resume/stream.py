@@ -78,25 +78,26 @@ class ResumableStream(StreamCore):
         """Send a pre-encoded data-frame message."""
         await self._send_item(message, len(message) - payload_offset(message), len(message))
 
-    def try_send_data_message(self, message: bytes) -> bool:
+    def try_send_data_message(self, message: bytes, units: int = -1) -> bool:
         """Send a pre-encoded data-frame message at once if it can all go now: no send in progress, room
         in the replay buffer, the stream under it taking it without waiting. False, with nothing done,
         otherwise (then use `send_data_message`). Never raises or waits (issue 18: a pump sends from
-        its socket's readiness callback without being woken)."""
-        if self._lost is not None:
+        its socket's readiness callback without being woken). `units`: the payload's size, when the
+        caller knows it (a socket pump: what it read), else read from the message."""
+        if self._lost is not None or self._sending or self._write_lock.locked():
             return False
-        inner = self._inner
-        try_send = getattr(inner, "try_send_data_message", None)
-        if try_send is None or self._sending or self._write_lock.locked():
+        try_send = getattr(self._inner, "try_send_data_message", None)
+        if try_send is None:
             return False
         if not self.resumable:
             return bool(try_send(message))
         size = len(message)
         if not self._room_now(size) or not try_send(message):
             return False
+        if units < 0:
+            units = size - payload_offset(message)
         # Numbered and held after the write: nothing ran in between, so it is as if held first.
-        entry = self.buffer.append(message, size - payload_offset(message), size)
-        self._next_seq = entry.seq + 1
+        self._next_seq = self.buffer.append(message, units, size).seq + 1
         return True
 
     def _room_now(self, size: int) -> bool:

@@ -92,9 +92,10 @@ class FrameStream:
         status: Exception = grpc.aio.AioRpcError(code, initial, trailing, await call.details())
         return status
 
-    def try_send_data_message(self, message: bytes) -> bool:
+    def try_send_data_message(self, message: bytes, units: int = -1) -> bool:
         """`send_data_message` if it completes at once (BatchingWriter.try_write_data); False, with
-        nothing done, if it would wait or batching is off. Never raises."""
+        nothing done, if it would wait or batching is off. Never raises. (`units`, the payload's size
+        if known, is for a resumable stream's numbering: not needed here.)"""
         if self.closed_for_writing or not self._batch:
             return False
         return self.writer.try_write_data(message)
