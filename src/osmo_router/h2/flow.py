@@ -94,7 +94,10 @@ class FlowControl(ConnectionCore):
             return False
         self.send_window -= length
         stream.send_window -= length
-        head = fr.header(fr.DATA, 0, stream.id, length) if framed else fr.data_message_prefix(stream.id, length - 5)
+        if framed:
+            head = fr.header(fr.DATA, 0, stream.id, length)
+        else:  # (fr.data_message_prefix, spelt out: one call less per message sent)
+            head = fr.DATA_MESSAGE.pack(length << 8 | fr.DATA, 0, stream.id, 0, length - 5)
         if length <= SMALL_MESSAGE:
             transport.write(head + body)  # one small copy is cheaper than a vector of three
         elif framed:  # a view of the read buffer (pass_through): what the transport keeps must be a copy

@@ -41,7 +41,9 @@ MAX_FRAME_LIMIT = 2**24 - 1
 
 #: A frame header: length (24 bits) and type in one word, flags, stream id (R bit included).
 HEADER = struct.Struct(">IBI")
-_DATA_MESSAGE = struct.Struct(">IBIBI")  # a DATA frame header, then a gRPC message prefix
+#: A DATA frame header, then a gRPC message prefix: pack((message_length + 5) << 8 | DATA, 0, stream_id,
+#: 0, message_length) (data_message_prefix; packed in place on a per-message path).
+DATA_MESSAGE = struct.Struct(">IBIBI")
 _SETTING = struct.Struct(">HI")
 
 
@@ -97,7 +99,7 @@ def header(kind: int, flags: int, stream_id: int, length: int) -> bytes:
 def data_message_prefix(stream_id: int, message_length: int) -> bytes:
     """The header of a DATA frame carrying exactly one uncompressed gRPC message, with the message's
     5-byte prefix: the 14 bytes to write before the message itself."""
-    return _DATA_MESSAGE.pack((message_length + 5) << 8 | DATA, 0, stream_id, 0, message_length)
+    return DATA_MESSAGE.pack((message_length + 5) << 8 | DATA, 0, stream_id, 0, message_length)
 
 
 def encode_settings(settings: dict[int, int]) -> bytes:

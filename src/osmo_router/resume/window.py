@@ -115,18 +115,23 @@ class SharedWindow:
 
 
 class UserWindow(SharedWindow):
-    """One user's share of a SharedWindow: fits only what fits both her own limit and the total."""
+    """One user's share of a SharedWindow: fits only what fits both her own limit and the total.
+
+    `total` is a plain SharedWindow (the process's); `fits` and `take` read and count it in place
+    rather than through its methods: they run for every message a forward sends (issue 18).
+    """
 
     def __init__(self, limit_bytes: int, total: SharedWindow) -> None:
         super().__init__(limit_bytes)
         self.total = total
 
     def fits(self, size: int) -> bool:
-        return super().fits(size) and self.total.fits(size)
+        total = self.total
+        return self.used + size <= self.limit and total.used + size <= total.limit
 
     def take(self, size: int) -> None:
-        super().take(size)
-        self.total.take(size)
+        self.used += size
+        self.total.used += size
 
     def give(self, size: int) -> None:
         super().give(size)
@@ -244,11 +249,12 @@ class ReplayBuffer:
             # Held now, it would never be acknowledged nor given back to the shared window, and
             # `settled` would stay False for good under a `wait_settled` that returns at once.
             return entry
+        if not self._entries:
+            self._settled.clear()  # (it is set exactly while nothing is held: see ack and close)
         self._entries.append(entry)
         self.bytes += entry.size
         if self.shared is not None:
             self.shared.take(entry.size)
-        self._settled.clear()
         return entry
 
     def ack(self, received: int) -> int:

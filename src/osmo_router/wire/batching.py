@@ -108,14 +108,25 @@ class BatchingWriter:
         """`write_data` when the message can go to the call at once (nothing queued or in flight, no
         direct write yet in this turn of the loop unless the message is too large to merge, the call
         taking it whole); False, with nothing written, otherwise. Never raises."""
-        if self._try_write is None or self._error is not None or not self.idle or self._lock.locked():
+        try_write = self._try_write
+        # (`idle` and `_hold_direct` spelt out: this runs for every message a forward sends, issue 18)
+        if try_write is None or self._error is not None or self._task is not None or self._pending:
             return False
-        # The turn's hold is for merging, and a message whose payload alone exceeds `limit` merges with
-        # nothing (_take_run): bulk messages go direct one after another instead of a drain task each.
-        if self._direct_held and len(message) <= self._limit + MAX_DATA_HEADER:
+        if self._lock.locked():
             return False
-        self._hold_direct()  # held even if the call declines: the next frame of this turn queues behind
-        if not self._try_write(message):
+        if self._direct_held:
+            # The turn's hold is for merging, and a message whose payload alone exceeds `limit` merges with
+            # nothing (_take_run): bulk messages go direct one after another instead of a drain task each.
+            if len(message) <= self._limit + MAX_DATA_HEADER:
+                return False
+        else:
+            # Held even if the call declines: the next frame of this turn queues behind.
+            self._direct_held = True
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._release_direct)
+        if not try_write(message):
             return False
         self.data_frames += 1
         self.written += 1
