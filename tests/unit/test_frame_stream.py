@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from osmo_router.wire.codec import encode_data_message, fast_deserializer
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
 
@@ -57,3 +58,44 @@ async def test_a_write_after_a_clean_end_or_our_own_cancel_still_says_the_call_i
     stream = FrameStream(FinishedCall(code, ""), lambda f: f)
     with pytest.raises(asyncio.InvalidStateError, match="already finished"):
         await stream.send(pb.Frame(data=b"x"))
+
+
+class ListenedCall:
+    """A native call's listening side: `set_listener(listener, raw)` as h2's Call takes it."""
+
+    def __init__(self) -> None:
+        self.listener: object = None
+        self.raw = False
+        self.deserialize = fast_deserializer(pb.ConnectResponse)
+
+    def set_listener(self, listener: object, raw: bool = False) -> None:
+        self.listener, self.raw = listener, raw
+
+    async def write(self, message: object) -> None:
+        """(never written to here)"""
+
+
+def test_a_raw_stream_hands_data_frames_to_the_data_listener_as_payloads_and_the_rest_decoded() -> None:
+    call = ListenedCall()
+    stream = FrameStream(call, lambda f: f, raw=True)
+    frames: list[pb.Frame] = []
+    payloads: list[bytes] = []
+
+    def data(payload: memoryview) -> bool:
+        payloads.append(bytes(payload))
+        return True
+
+    assert stream.set_listener(lambda f: frames.append(f) is None, data)
+    assert call.raw and callable(call.listener)
+    listen = call.listener
+    assert listen(encode_data_message(b"hello")) is True
+    assert listen(encode_data_message(b"x" * 70_000)) is True  # multi-byte lengths
+    assert payloads == [b"hello", b"x" * 70_000] and frames == []
+    # Anything else is decoded and goes to the frame listener (a half-close is noted on the way).
+    assert listen(pb.ConnectResponse(frame=pb.Frame(half_close=pb.HalfClose())).SerializeToString()) is True
+    assert len(frames) == 1 and frames[0].WhichOneof("kind") == "half_close" and stream.peer_half_closed
+    # Undecodable bytes are left for `recv`, which reports them.
+    assert listen(b"\xff\xff") is False
+    # Without a data listener (or on a stream that is not raw) the call decodes every message itself.
+    stream.set_listener(lambda f: True)
+    assert not call.raw

@@ -26,36 +26,54 @@ class PushEnd(PipeEnd):
     def __init__(self, inbox: asyncio.Queue[pb.Frame | None], outbox: asyncio.Queue[pb.Frame | None]) -> None:
         super().__init__(inbox, outbox)
         self.listener: Callable[[pb.Frame], bool] | None = None
+        self.data: Callable[[memoryview], bool] | None = None
         self.pushed = 0
 
-    def set_listener(self, listener: Callable[[pb.Frame], bool] | None) -> bool:
+    def set_listener(
+        self, listener: Callable[[pb.Frame], bool] | None, data: Callable[[memoryview], bool] | None = None
+    ) -> bool:
         self.listener = listener
+        self.data = data
         return True
 
     async def send(self, frame: pb.Frame) -> None:
         peer = self.peer
         assert isinstance(peer, PushEnd)
-        if not self.broken.is_set() and peer.listener is not None and self.outbox.empty() and peer.listener(frame):
+        if not self.broken.is_set() and peer.listener is not None and self.outbox.empty() and peer.take(frame):
             peer.pushed += 1
             self.sent.append(frame)
             self.progress.set()
             return
         await super().send(frame)
 
+    def take(self, frame: pb.Frame) -> bool:
+        """What FrameStream's listeners do: a data frame to the data listener (as its payload) if one is set."""
+        if self.data is not None and frame.WhichOneof("kind") == "data":
+            return self.data(memoryview(frame.data))
+        assert self.listener is not None
+        return self.listener(frame)
 
-def push_pipe() -> tuple[PushEnd, PushEnd]:
+
+class RawPushEnd(PushEnd):
+    """A PushEnd standing for a raw FrameStream: data frames are pushed as their payloads."""
+
+    raw = True
+
+
+def push_pipe(raw: bool = False) -> tuple[PushEnd, PushEnd]:
     a_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
     b_in: asyncio.Queue[pb.Frame | None] = asyncio.Queue()
-    a, b = PushEnd(a_in, b_in), PushEnd(b_in, a_in)
+    kind = RawPushEnd if raw else PushEnd
+    a, b = kind(a_in, b_in), kind(b_in, a_in)
     a.peer, b.peer = b, a
     return a, b
 
 
-async def push_reconnect(a: Side, b: Side) -> None:
+async def push_reconnect(a: Side, b: Side, raw: bool = False) -> None:
     async with asyncio.timeout(5):
         await a.waiting.wait()
         await b.waiting.wait()
-    end_a, end_b = push_pipe()
+    end_a, end_b = push_pipe(raw)
     a.next.put_nowait((end_a, b))
     b.next.put_nowait((end_b, a))
 
@@ -68,6 +86,7 @@ class Collector:
         self.rng = rng
         self.got = bytearray()
         self.sunk = 0
+        self.sunk_payloads = 0
 
     def sink(self, frame: pb.Frame) -> bool:
         if frame.WhichOneof("kind") != "data" or self.rng.random() < 0.3:
@@ -76,8 +95,16 @@ class Collector:
         self.sunk += 1
         return True
 
+    def sink_data(self, payload: memoryview) -> bool:
+        if self.rng.random() < 0.3:
+            return False
+        self.got += payload
+        self.sunk += 1
+        self.sunk_payloads += 1
+        return True
+
     async def drain(self) -> bytes:
-        self.side.set_sink(self.sink)
+        self.side.set_sink(self.sink, self.sink_data)
         while (frame := await self.side.recv()) is not None:
             if frame.WhichOneof("kind") == "half_close":
                 break
@@ -94,12 +121,13 @@ async def pump(sender: Side, chunks: list[bytes]) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("raw", [False, True], ids=["frames", "payloads"])
 @pytest.mark.parametrize("cuts", [0, 1, 3])
-async def test_pushed_and_sunk_frames_arrive_exactly_once_in_order(cuts: int) -> None:
+async def test_pushed_and_sunk_frames_arrive_exactly_once_in_order(cuts: int, raw: bool) -> None:
     rng = random.Random(cuts)
     chunks_ab = [rng.randbytes(rng.randint(1, 3000)) for _ in range(400)]
     chunks_ba = [rng.randbytes(rng.randint(1, 3000)) for _ in range(400)]
-    end_a, end_b = push_pipe()
+    end_a, end_b = push_pipe(raw)
     a, b = Side(end_a, 64 * 1024), Side(end_b, 64 * 1024)
     a.start()
     b.start()
@@ -110,13 +138,15 @@ async def test_pushed_and_sunk_frames_arrive_exactly_once_in_order(cuts: int) ->
         current = a._inner
         assert isinstance(current, PipeEnd)
         current.cut()
-        await push_reconnect(a, b)
+        await push_reconnect(a, b, raw)
     _, _, got_b, got_a = await asyncio.wait_for(work, 20)
     assert got_b == b"".join(chunks_ab)
     assert got_a == b"".join(chunks_ba)
     assert a.resumes == cuts and b.resumes == cuts
     # Both paths were taken: frames pushed by the stream, and of those some sunk, some queued.
     assert end_b.pushed > 0 and at_b.sunk > 0 and at_b.sunk < len(chunks_ab)
+    # Raw: data frames were pushed and sunk as payloads (no frame object); else never so.
+    assert (at_b.sunk_payloads > 0) == raw and (at_a.sunk_payloads > 0) == raw
 
 
 @pytest.mark.asyncio

@@ -25,6 +25,7 @@ from osmo_router.client.notice import say
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import SessionStream
+from osmo_router.wire.codec import as_frame
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import pb
 
@@ -187,6 +188,12 @@ class ResumingStream(ResumableStream):
             self._fall_back("the agent does not resume sessions")
         super()._take(frame)
         self.answered.set()
+
+    def _take_data(self, payload: memoryview) -> None:
+        if (self.confirmed or not self.resumable) and self.answered.is_set():
+            super()._take_data(payload)  # what `_take` would do: nothing to confirm or fall back from
+        else:
+            self._take(as_frame(payload))
 
     def _stop(self) -> None:
         super()._stop()

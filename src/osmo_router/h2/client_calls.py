@@ -71,6 +71,7 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._done: asyncio.Future[None] = loop.create_future()
         self._callbacks: list[Callable[[Any], None]] = []
         self._listener: Callable[[Any], bool] | None = None
+        self._listen_raw = False  # the listener takes the messages' bytes (set_listener)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._timer = None if timeout is None else loop.call_later(max(timeout, 0.0), self._expire)
         self._opening = asyncio.ensure_future(self._open(opener))
@@ -89,7 +90,7 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
             return None
         self._stream = stream
         if self._listener is not None:
-            stream.set_listener(self._listen)
+            stream.set_listener(self._stream_listener())
         # The status is known once the stream closes, read or not (grpc.aio's calls end without reads).
         stream.add_close_callback(lambda _future: self._on_closed(stream))
         return stream
@@ -247,13 +248,31 @@ class Call(grpc.aio.StreamStreamCall):  # type: ignore[misc]
 
     # -- messages --------------------------------------------------------------------------------
 
-    def set_listener(self, listener: Callable[[Any], bool] | None) -> None:
+    def set_listener(self, listener: Callable[[Any], bool] | None, raw: bool = False) -> None:
         """Offer each response to `listener(response)` as it arrives, before `read` would get it: True
         means it took it, False leaves it (and every later one) for `read`. Only while no response
-        waits for `read` and the call has no status (h2.Stream.set_listener; must not raise or wait)."""
+        waits for `read` and the call has no status (h2.Stream.set_listener; must not raise or wait).
+        `raw`: the listener gets the message's bytes, not deserialised (it may use `deserialize`)."""
         self._listener = listener
+        self._listen_raw = raw
         if self._stream is not None:
-            self._stream.set_listener(None if listener is None else self._listen)
+            self._stream.set_listener(self._stream_listener())
+
+    def _stream_listener(self) -> Callable[[bytes], bool] | None:
+        if self._listener is None:
+            return None
+        return self._listen_undecoded if self._listen_raw else self._listen
+
+    @property
+    def deserialize(self) -> Deserializer:
+        """The call's response deserializer (for a raw listener's messages)."""
+        return self._deserialize
+
+    def _listen_undecoded(self, message: bytes) -> bool:
+        # (the raw listener's own path: the caller decodes what it needs, often nothing but a prefix)
+        if self._buffer or self._status is not None:
+            return False
+        return self._listener(message)  # type: ignore[misc]
 
     def _listen(self, message: bytes) -> bool:
         listener = self._listener

@@ -277,9 +277,14 @@ class DirectSender:
 
     def offer(self, frame: Any) -> bool:
         """Send a data frame now; False, with nothing done, for anything else or when disabled or busy."""
-        if not self.enabled or self._rest is not None or frame.WhichOneof("kind") != "data":
+        if frame.WhichOneof("kind") != "data":
             return False
-        data = frame.data
+        return self.offer_data(frame.data)
+
+    def offer_data(self, data: bytes | memoryview) -> bool:
+        """Send a data frame's payload now; False, with nothing done, when disabled or busy."""
+        if not self.enabled or self._rest is not None:
+            return False
         try:
             sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -305,7 +310,7 @@ class DirectSender:
         """Be `stream`'s sink (ResumableStream.set_sink) while the block runs, where it takes one."""
         set_sink = getattr(stream, "set_sink", None)
         if set_sink is not None:
-            set_sink(self.offer)
+            set_sink(self.offer, self.offer_data)
         try:
             yield
         finally:

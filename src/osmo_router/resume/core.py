@@ -64,6 +64,7 @@ class StreamCore:
         self._room_to_take = asyncio.Event()  # set when the reader may take frames again (_holding_back)
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
         self._sink: Callable[[pb.Frame], bool] | None = None  # see set_sink
+        self._data_sink: Callable[[memoryview], bool] | None = None  # see set_sink
         self._sending = 0  # sends in progress (_send_item), which a try_send_data_message must not pass
         self._connected = asyncio.Event()
         self._connected.set()
@@ -125,7 +126,11 @@ class StreamCore:
         the reader task, woken otherwise for each, then sees only the end or a break."""
         set_listener = getattr(inner, "set_listener", None)
         if set_listener is not None:
-            set_listener(functools.partial(self._pushed, generation))
+            pushed = functools.partial(self._pushed, generation)
+            if getattr(inner, "raw", False):  # data frames as bytes: no message object per frame
+                set_listener(pushed, data=functools.partial(self._pushed_data, generation))
+            else:
+                set_listener(pushed)
 
     def _pushed(self, generation: int, frame: pb.Frame) -> bool:
         # As _read_forever's loop: a frame off a stream already given up is dropped (a resume asks for it again).
@@ -133,6 +138,14 @@ class StreamCore:
             if not self.resumable and self._holding_back():  # (one check per message while resumable)
                 return False  # left on the stream under it, for the reader once the handler caught up
             self._take(frame)
+        return True
+
+    def _pushed_data(self, generation: int, payload: memoryview) -> bool:
+        """As `_pushed`, for a data frame given as its payload."""
+        if generation == self._generation and not self._ended:
+            if not self.resumable and self._holding_back():
+                return False
+            self._take_data(payload)
         return True
 
     def _holding_back(self) -> bool:
@@ -144,6 +157,10 @@ class StreamCore:
 
     def _take(self, frame: pb.Frame) -> None:
         """Take one of the peer's frames off the stream under it (ResumableStream)."""
+        raise NotImplementedError
+
+    def _take_data(self, payload: memoryview) -> None:
+        """Take a data frame, given as its payload, off the stream under it (ResumableStream)."""
         raise NotImplementedError
 
     # --- sending ----------------------------------------------------------------------------------

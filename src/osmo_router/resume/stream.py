@@ -33,7 +33,7 @@ import grpc
 from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, being_cancelled
 from osmo_router.resume.core import StreamCore
 from osmo_router.resume.window import ENTRY_OVERHEAD, TERMINAL, units_of
-from osmo_router.wire.codec import encode_data_message, payload_offset
+from osmo_router.wire.codec import as_frame, encode_data_message, payload_offset
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,16 @@ class ResumableStream(StreamCore):
                 self._listen_to(self._inner, self._generation)
             self._reader = asyncio.create_task(self._read_forever())
 
-    def set_sink(self, sink: Callable[[pb.Frame], bool] | None) -> None:
+    def set_sink(
+        self, sink: Callable[[pb.Frame], bool] | None, data: Callable[[memoryview], bool] | None = None
+    ) -> None:
         """While the handler waits in `recv` with nothing queued, offer it each frame as it is taken:
         `sink(frame)` delivers it at once and returns True (it counts as received by `recv`), or
         returns False having done nothing (then `recv` gets it). The sink must not raise or wait. So a
-        handler that keeps up is not woken per frame (issue 18)."""
+        handler that keeps up is not woken per frame (issue 18). `data(payload)`, the same for a data
+        frame given as its payload, is offered those that arrive so (no frame object is built)."""
         self._sink = sink
+        self._data_sink = data if sink is not None else None
 
     @property
     def raw(self) -> bool:
@@ -257,6 +261,15 @@ class ResumableStream(StreamCore):
         self._incoming_units += units
         self._incoming_cost += cost
         self._arrived.set()
+
+    def _take_data(self, payload: memoryview) -> None:
+        # `_take` for a data frame pushed as its payload: the handler's data sink, else the frame's path.
+        sink = self._data_sink
+        if sink is not None and self._handler_waiting and not self._incoming and self._lost is None and sink(payload):
+            if self.acking:  # (_consumed, inline: once per message)
+                self._acker.consumed(len(payload), False)
+            return
+        self._take(as_frame(payload))
 
     def _on_control(self, frame: pb.Frame) -> None:
         """A Resume or Detach frame arrived mid-stream (a side that expects one overrides this)."""

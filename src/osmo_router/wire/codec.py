@@ -17,7 +17,7 @@ FrameStream over them is built with `raw=True` so `send_data` writes pre-encoded
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from google.protobuf.message import DecodeError
 
@@ -155,6 +155,12 @@ class DataFrame:
     def WhichOneof(self, group: str) -> str:  # (named like the protobuf method)
         """Always "data"."""
         return "data"
+
+
+def as_frame(payload: bytes | memoryview) -> pb.Frame:
+    """A data frame holding `payload`, for code that takes frames (a DataFrame: no protobuf message)."""
+    frame: Any = DataFrame(payload)
+    return cast(pb.Frame, frame)
 
 
 class DataMessage:

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from osmo_router.wire.batching import BatchingWriter
-from osmo_router.wire.codec import encode_data_message
+from osmo_router.wire.codec import encode_data_message, payload_offset
 from osmo_router.wire.errors import InvalidArgument, from_status_number
 from osmo_router.wire.protocol import pb
 
@@ -128,15 +128,38 @@ class FrameStream:
             self.peer_half_closed = True
         return frame
 
-    def set_listener(self, listener: Callable[[pb.Frame], bool] | None) -> bool:
+    def set_listener(
+        self, listener: Callable[[pb.Frame], bool] | None, data: Callable[[memoryview], bool] | None = None
+    ) -> bool:
         """Offer each frame to `listener(frame)` as it arrives, before `recv` would get it (True: taken;
         False: left for `recv`, with every later one). False if the call cannot (grpc.aio's): then
-        every frame goes to `recv`. The session's end and anything but a frame always go to `recv`."""
+        every frame goes to `recv`. The session's end and anything but a frame always go to `recv`.
+
+        `data`, on a raw stream whose call hands over messages undecoded: a data frame's payload goes to
+        `data(payload)` instead (the same contract), with no message object built for it (issue 18).
+        """
         set_listener = getattr(self.call, "set_listener", None)
         if set_listener is None:
             return False
-        set_listener(None if listener is None else functools.partial(self._listen, listener))
+        if listener is None:
+            set_listener(None)
+        elif data is not None and self._raw and hasattr(self.call, "deserialize"):
+            set_listener(functools.partial(self._listen_raw, listener, data), raw=True)
+        else:
+            set_listener(functools.partial(self._listen, listener))
         return True
+
+    def _listen_raw(
+        self, listener: Callable[[pb.Frame], bool], data: Callable[[memoryview], bool], message: bytes
+    ) -> bool:
+        start = payload_offset(message)
+        if start >= 0:
+            return data(memoryview(message)[start:])
+        try:
+            decoded = self.call.deserialize(message)
+        except Exception:
+            return False  # `recv` meets the error again, where it is reported
+        return self._listen(listener, decoded)
 
     def _listen(self, listener: Callable[[pb.Frame], bool], message: Any) -> bool:
         if message.WhichOneof("kind") != "frame":
