@@ -14,7 +14,9 @@ from collections.abc import Callable
 
 import pytest
 
+from osmo_router.client.resume import ResumingStream
 from osmo_router.resume.stream import ResumableStream
+from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import encode_data_message
 from osmo_router.wire.protocol import pb
 from tests.unit.test_resume_stream import PipeEnd, Side, until_sent
@@ -228,3 +230,46 @@ async def test_try_send_numbers_and_holds_what_it_sends_and_declines_when_it_wou
     assert side.buffer.end == 1207
     assert [item for _, item in side.buffer.since(1203)] == [encode_data_message(b"3456")]
     side.abort()
+
+
+async def _no_reopen() -> tuple[SessionStream, int]:
+    raise AssertionError("no resume here")
+
+
+async def _until_waiting(side: ResumableStream) -> None:
+    for _ in range(100):  # (bounded: a few turns of the loop until the task waits in recv)
+        if side._handler_waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the handler never waited")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer", ["none", "resume"])
+async def test_the_client_sinks_payloads_only_once_the_agent_answered(answer: str) -> None:
+    """Before the agent's first answer every frame goes through the client's `_take` (which falls back
+    from resume on a frame that is not a Resume); after it, data payloads go to the data sink."""
+    agent_end, client_end = push_pipe(raw=True)
+    client = ResumingStream(client_end, reopen=_no_reopen, secret="s", grace=5.0, notify=None)
+    client.start()
+    got: list[bytes] = []
+    client.set_sink(lambda frame: False, lambda payload: got.append(bytes(payload)) is None)
+    receiver = asyncio.create_task(client.recv())
+    await _until_waiting(client)
+    if answer == "resume":
+        await agent_end.send(pb.Frame(resume=pb.Resume(grace_seconds=5, window_bytes=65536)))
+        assert client.confirmed and client.resumable
+    await agent_end.send(pb.Frame(data=b"first"))
+    if answer == "none":
+        # Not sunk: `_take` saw it, fell back from resume (no Resume came first) and queued it for recv.
+        assert got == [] and not client.resumable and client.answered.is_set()
+        frame = await asyncio.wait_for(receiver, 5)
+        assert frame is not None and frame.data == b"first"
+        receiver = asyncio.create_task(client.recv())
+        await _until_waiting(client)
+    else:
+        assert got == [b"first"]
+    await agent_end.send(pb.Frame(data=b"second"))
+    assert got[-1] == b"second"
+    receiver.cancel()
+    client.abort()

@@ -25,7 +25,6 @@ from osmo_router.client.notice import say
 from osmo_router.resume.stream import BREAKS, ResumableStream, SessionLost
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import SessionStream
-from osmo_router.wire.codec import as_frame
 from osmo_router.wire.errors import RouterError
 from osmo_router.wire.protocol import pb
 
@@ -76,6 +75,7 @@ class ResumingStream(ResumableStream):
         self._grace = grace
         self._notify = notify
         self.confirmed = False
+        self._data_lane = False  # data frames go through `_take` until the agent answered (ResumableStream)
         self.acking = False  # until the agent's Resume says it numbers what it sends
         #: The session's key (what `attach` takes), once the router gave it.
         self.session_key = getattr(inner, "session_key", "")
@@ -124,6 +124,7 @@ class ResumingStream(ResumableStream):
         stream.acking = True
         stream.set_peer_window(resume.window_bytes)
         stream.answered.set()
+        stream._data_lane = True
         stream._acks.received = stream._acks.acked = resume.sending_from
         stream.buffer.base = stream.buffer.end = resume.received
         if resume.grace_seconds:
@@ -188,12 +189,8 @@ class ResumingStream(ResumableStream):
             self._fall_back("the agent does not resume sessions")
         super()._take(frame)
         self.answered.set()
-
-    def _take_data(self, payload: memoryview) -> None:
-        if (self.confirmed or not self.resumable) and self.answered.is_set():
-            super()._take_data(payload)  # what `_take` would do: nothing to confirm or fall back from
-        else:
-            self._take(as_frame(payload))
+        if not self._data_lane:  # (confirmed never unsets, resumable never sets again: open for good)
+            self._data_lane = self.confirmed or not self.resumable
 
     def _stop(self) -> None:
         super()._stop()

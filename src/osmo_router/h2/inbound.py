@@ -72,12 +72,19 @@ class StreamInbound:
 
     def received_data(self, payload: memoryview, flow_length: int) -> None:
         """A whole DATA payload (padding removed); `flow_length` is what it counted against the windows."""
-        self.data_begin(flow_length)
+        # (data_begin and _gave_back_listened, inline: this runs once per message received)
+        self._recv_left -= flow_length
+        if self._recv_left < 0:
+            raise StreamReset(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the stream window")
         self._inflight = 0
         self._assemble(payload)
-        if not self._gave_back_listened():
+        if self._listened:
+            self._listened = False
+            self._taken()
+        else:
             self._grant()
-        self._wake_reader()
+        if self._messages or self.reset_code is not None:  # (else nothing new to read: a listener took it)
+            self._wake_reader()
 
     def data_begin(self, flow_length: int) -> None:
         """A DATA frame's header: its `flow_length` counts against the stream window now; its payload
@@ -138,7 +145,8 @@ class StreamInbound:
         while pos < size:
             if not self._need and not self._head and size - pos >= 5:
                 length = int.from_bytes(payload[pos + 1 : pos + 5], "big")
-                self._check(payload[pos], length, max_message)
+                if payload[pos] or length > max_message:  # (the common case costs no call)
+                    self._check(payload[pos], length, max_message)
                 if size - pos >= 5 + length:  # whole in this payload: one copy, straight out of it
                     self._queue(bytes(payload[pos + 5 : pos + 5 + length]), length + 5)
                     pos += 5 + length
@@ -322,8 +330,8 @@ class StreamInbound:
     def _taken(self) -> None:
         """A message left the stream (read, or taken by the listener): give its window back, grown with
         the link if the connection's window grew (h2/bdp.py: a stream takes that up as it reads)."""
-        if self._may_grow:
-            self._take_up_window()
+        if self._may_grow and self.conn.stream_window > self._recv_window:  # (_take_up_window, inline)
+            self._recv_window = self.conn.stream_window
         self._grant()
 
     def _take_up_window(self) -> None:
@@ -361,5 +369,10 @@ class StreamInbound:
 
     def _wake_reader(self) -> None:
         # Only with something to read: a message taken by the listener, or a piece of one, wakes nobody.
-        if self._readable is not None and not self._readable.done() and self.has_message():
-            self._readable.set_result(None)
+        readable = self._readable
+        if (
+            readable is not None
+            and not readable.done()
+            and (self._messages or self.ended_in or self.reset_code is not None)  # (has_message, inline)
+        ):
+            readable.set_result(None)

@@ -32,7 +32,9 @@ class Acknowledger:
 
     def consumed(self, units: int, terminal: bool) -> None:
         """The handler consumed a frame of `units`; `terminal`: a half-close, exit status or error."""
-        if self.clock.take(units) or terminal:
+        clock = self.clock
+        clock.received += units  # (AckClock.take, inline: once per message received)
+        if clock.received - clock.acked >= clock.every or terminal:
             self.now()
         elif self._timer is None and not self._closed:
             self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._soon)

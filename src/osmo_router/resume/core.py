@@ -28,6 +28,7 @@ from osmo_router.resume.window import (
     SharedWindow,
 )
 from osmo_router.transport import SessionStream
+from osmo_router.wire.codec import as_frame
 from osmo_router.wire.protocol import pb
 
 #: The most of a peer's announced window that the overrun check believes (`_incoming_limit`): the
@@ -65,6 +66,9 @@ class StreamCore:
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
         self._sink: Callable[[pb.Frame], bool] | None = None  # see set_sink
         self._data_sink: Callable[[memoryview], bool] | None = None  # see set_sink
+        #: Whether a data frame may go to the data sink with no more than `_take` checks for data (a
+        #: subclass that must look at every frame first, the client until the agent's answer, clears it).
+        self._data_lane = True
         self._sending = 0  # sends in progress (_send_item), which a try_send_data_message must not pass
         self._connected = asyncio.Event()
         self._connected.set()
@@ -141,11 +145,26 @@ class StreamCore:
         return True
 
     def _pushed_data(self, generation: int, payload: memoryview) -> bool:
-        """As `_pushed`, for a data frame given as its payload."""
-        if generation == self._generation and not self._ended:
-            if not self.resumable and self._holding_back():
-                return False
-            self._take_data(payload)
+        """As `_pushed`, for a data frame given as its payload (a raw stream's, issue 18): to the handler's
+        data sink when `_take` would give the frame to its sink, acknowledged as `_consumed` does; else
+        `_take` as a frame."""
+        if generation != self._generation or self._ended:
+            return True
+        if not self.resumable and self._holding_back():
+            return False
+        sink = self._data_sink
+        if (
+            sink is not None
+            and self._data_lane
+            and self._handler_waiting
+            and not self._incoming
+            and self._lost is None
+            and sink(payload)
+        ):
+            if self.acking:
+                self._acker.consumed(len(payload), False)
+            return True
+        self._take(as_frame(payload))
         return True
 
     def _holding_back(self) -> bool:
@@ -157,10 +176,6 @@ class StreamCore:
 
     def _take(self, frame: pb.Frame) -> None:
         """Take one of the peer's frames off the stream under it (ResumableStream)."""
-        raise NotImplementedError
-
-    def _take_data(self, payload: memoryview) -> None:
-        """Take a data frame, given as its payload, off the stream under it (ResumableStream)."""
         raise NotImplementedError
 
     # --- sending ----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import grpc
 from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, being_cancelled
 from osmo_router.resume.core import StreamCore
 from osmo_router.resume.window import ENTRY_OVERHEAD, TERMINAL, units_of
-from osmo_router.wire.codec import as_frame, encode_data_message, payload_offset
+from osmo_router.wire.codec import encode_data_message, payload_offset
 from osmo_router.wire.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -261,15 +261,6 @@ class ResumableStream(StreamCore):
         self._incoming_units += units
         self._incoming_cost += cost
         self._arrived.set()
-
-    def _take_data(self, payload: memoryview) -> None:
-        # `_take` for a data frame pushed as its payload: the handler's data sink, else the frame's path.
-        sink = self._data_sink
-        if sink is not None and self._handler_waiting and not self._incoming and self._lost is None and sink(payload):
-            if self.acking:  # (_consumed, inline: once per message)
-                self._acker.consumed(len(payload), False)
-            return
-        self._take(as_frame(payload))
 
     def _on_control(self, frame: pb.Frame) -> None:
         """A Resume or Detach frame arrived mid-stream (a side that expects one overrides this)."""
