@@ -142,6 +142,11 @@ class StreamInbound:
     def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
         pos, size = 0, len(payload)
+        if size >= 5 and not self._need and not self._head and not payload[0]:
+            length = int.from_bytes(payload[1:5], "big")
+            if length == size - 5 and length <= max_message:  # exactly one whole message: no walk
+                self._queue(bytes(payload[5:]), size)
+                return
         while pos < size:
             if not self._need and not self._head and size - pos >= 5:
                 length = int.from_bytes(payload[pos + 1 : pos + 5], "big")
