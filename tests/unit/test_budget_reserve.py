@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from osmo_router.router.core.budget import ByteBudget
-from osmo_router.router.ws.sides import _reserve, _try_reserve
+from osmo_router.router.ws.read_budget import reserve as _reserve
+from osmo_router.router.ws.read_budget import try_reserve as _try_reserve
 
 
 def test_reservations_take_at_most_half_the_budget_and_one_always_fits() -> None:

@@ -39,6 +39,7 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from osmo_router.router.core.budget import ByteBudget
 from osmo_router.router.core.sessions import RendezvousTimeout
+from osmo_router.router.ws.read_budget import READ_AHEAD, PairedReads, reserve, try_reserve, until_peer_closed
 from osmo_router.wire.codec import ENCODED_HALF_CLOSE, ENCODED_SESSION_END, decode_frame, encode_frame
 from osmo_router.wire.errors import Cancelled, RouterError
 from osmo_router.wire.protocol import MAX_MESSAGE_SIZE, pb
@@ -78,36 +79,6 @@ STASH_LIMIT = 1 << 20
 #: What one kept message counts beyond its payload (its WSMessage and list slot; aiohttp's own queue
 #: counts 128 too): empty messages are not free, or a flood of them is kept without limit.
 STASH_MESSAGE_COST = 128
-#: What aiohttp may read ahead of a WebSocket's reader besides one message: its queue pauses the
-#: socket past twice its chunk size (2 x 256 KiB), and asyncio reads 256 KiB at a time.
-READ_AHEAD = 3 * 256 * 1024
-
-
-def _try_reserve(budgets: tuple[ByteBudget, ...], size: int) -> bool:
-    """Reserve `size` in every budget if it fits in all of them (ByteBudget.reserve_fits)."""
-    if not all(budget.reserve_fits(size) for budget in budgets):
-        return False
-    for budget in budgets:
-        budget.reserve(size)
-    return True
-
-
-async def _reserve(budgets: tuple[ByteBudget, ...], size: int) -> None:
-    """Reserve `size` in every budget, waiting for reservations given back."""
-    woken_by: ByteBudget | None = None
-    while not _try_reserve(budgets, size):
-        blocking = next(budget for budget in budgets if not budget.reserve_fits(size))
-        if woken_by is not None and woken_by is not blocking:
-            woken_by.unreserve(0)  # room there, but we wait on another budget: pass the wake-up on
-        woken_by = blocking
-        waiter = asyncio.get_running_loop().create_future()
-        blocking.notify_reserve(size, waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                blocking.unreserve(0)  # woken, then paired or gone: pass the wake-up on
-            raise
 
 
 def received_payload(msg: WSMessage) -> bytes | str | None:
@@ -145,6 +116,9 @@ class WsSide:
         self._receiver_left = asyncio.Event()
         self._stop_receiving = False
         self._closing = False  # we are closing the WebSocket: a receive it stops is no end of the peer's
+        #: Once paired: what aiohttp may hold behind this side, in the budgets (read_budget.PairedReads).
+        self._reads = PairedReads(self.read_reservation)
+        self._between_reads = False  # paused after a message, without a reservation (PairedReads)
 
     def watch_gone(self, budgets: tuple[ByteBudget, ...] = ()) -> Awaitable[None]:
         """Read (and keep) what the peer sends while the session waits, to notice it leaving.
@@ -159,18 +133,21 @@ class WsSide:
         it is read). Reservations take at most half of a budget (one always fits). Without room the side
         pauses its socket's reading (the kernel's buffer and TCP push back, not the router's memory) and
         stops aiohttp's heartbeat, whose pong it could not read; it resumes when a reservation is given
-        back or when the session pairs. So a paused side notices its peer leaving only then, at the latest
-        when it pairs or its rendezvous timeout passes. Before: 50 waiting sides of one user sending 4 MiB
-        messages under a 4 MiB budget grew the router by 436 MiB (2M + 0.5 MiB each).
+        back or when the session pairs. Meanwhile it looks at its TCP connection's state every 0.5 s
+        (read_budget.peer_closed): a peer that closed or reset it ends the wait (before, it was noticed
+        only when the session paired or its rendezvous timeout, up to an hour, passed). Before the
+        reservation: 50 waiting sides of one user sending 4 MiB messages under a 4 MiB budget grew the
+        router by 436 MiB (2M + 0.5 MiB each).
         """
         return self._watch_gone(budgets)
 
     async def _watch_gone(self, budgets: tuple[ByteBudget, ...]) -> None:
         kept = reserved = 0
         try:
-            if not _try_reserve(budgets, self.read_reservation):
+            if not try_reserve(budgets, self.read_reservation):
                 self._pause_reading()
-                await _reserve(budgets, self.read_reservation)
+                if not await until_peer_closed(reserve(budgets, self.read_reservation), self._request.transport):
+                    return  # the peer left while we waited for room
                 self._resume_reading()
             reserved = self.read_reservation
             while kept < STASH_LIMIT and all(budget.counted - budget.reserved < budget.limit for budget in budgets):
@@ -185,13 +162,18 @@ class WsSide:
                 if msg.type in _ENDED:
                     return
             self._pause_reading()  # enough kept: aiohttp holds at most the reservation, TCP pushes back
-            await asyncio.Event().wait()
+            await until_peer_closed(asyncio.Event().wait(), self._request.transport)
         finally:  # paired (the stash then goes through the relay's queues) or gone
             self._resume_reading()
             for budget in budgets:
                 budget.unhold(kept)
                 if reserved:
                     budget.unreserve(reserved)
+
+    def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
+        """Paired: count what aiohttp may hold behind this side in `budgets`, the ones its messages are
+        queued under (the relay calls this); see read_budget.PairedReads."""
+        self._reads.use(budgets)
 
     @property
     def read_reservation(self) -> int:
@@ -200,24 +182,36 @@ class WsSide:
 
     def _pause_reading(self) -> None:
         """Stop reading the socket (and aiohttp's heartbeat, whose pong would not be read)."""
-        transport = self._request.transport
-        if self._paused or transport is None:
+        if self._paused or not self._pause_transport():
             return
         self._paused = True
-        transport.pause_reading()
         cancel = getattr(self.ws, "_cancel_heartbeat", None)
         if cancel is not None:  # aiohttp's private API; without it, a paused side may time out
             cancel()
 
     def _resume_reading(self) -> None:
         """Read the socket again, unless aiohttp paused it too (it resumes once its queue drains)."""
-        transport = self._request.transport
-        if not self._paused or transport is None:
+        if not self._paused:
             return
         self._paused = False
         reset = getattr(self.ws, "_reset_heartbeat", None)
         if reset is not None and not self.ws.closed:
             reset()
+        self._resume_transport()
+
+    def _pause_transport(self) -> bool:
+        """Stop reading the socket; False when there is none (or it is closing)."""
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.pause_reading()
+        return True
+
+    def _resume_transport(self) -> None:
+        """Read the socket again, unless aiohttp paused it too (it resumes once its queue drains)."""
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            return
         protocol = self._request.protocol
         # aiohttp's flow control keeps these flags (base_protocol.py); its resume would not undo ours,
         # nor may ours undo its: its parser then stores all that arrives, unbounded.
@@ -240,6 +234,11 @@ class WsSide:
     async def _receive_ws(self) -> WSMessage | None:
         task = self._receiver = asyncio.current_task()
         self._receiver_left.clear()
+        bounded = not self._reads.free()
+        if self._between_reads:  # the relay reads again: so may aiohttp
+            self._between_reads = False
+            self._reads.unhold_paused()
+            self._resume_transport()
         try:
             return await self.ws.receive()
         except asyncio.CancelledError:
@@ -249,6 +248,9 @@ class WsSide:
         finally:
             self._receiver = None
             self._receiver_left.set()
+            if bounded and self._reads.active and not self._closing and self._pause_transport():
+                self._between_reads = True  # no reservation: aiohttp reads no further until the relay does
+                self._reads.hold_paused()
 
     async def _close_ws(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the WebSocket, waiting (aiohttp's timeout) for the peer's close frame before the
@@ -256,6 +258,7 @@ class WsSide:
         the connection at once, and a peer that answers a moment late finds it gone (OSMO's CLI then
         reports the close handshake as failed). So a pending receive is stopped first."""
         self._closing = True
+        self._release_reads()
         receiver = self._receiver
         if self.waits_for_close_frame and receiver is not None and receiver is not asyncio.current_task():
             self._stop_receiving = True
@@ -276,13 +279,22 @@ class WsSide:
 
     async def refuse(self, error: RouterError) -> None:
         """Before the upgrade an HTTP status; after it, close code 4000 with `CODE: message`."""
+        self._release_reads()
         if self.ws.prepared:
             await self._close_ws(CLOSE_ERROR, error_reason(error.code, error.message))
         else:
             self._refusal = http_refusal(error)
 
+    def _release_reads(self) -> None:
+        """The session is over: give back what its reads held in the budgets, and read to the end."""
+        self._reads.release()
+        if self._between_reads:
+            self._between_reads = False
+            self._resume_transport()
+
     async def finish(self) -> None:
         """Close the WebSocket normally if it is still open."""
+        self._release_reads()
         if self.ws.prepared and not self.ws.closed:
             await self._close_ws()
 
