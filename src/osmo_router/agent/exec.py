@@ -14,6 +14,7 @@ import grpc
 from osmo_router.agent import pty as ptys
 from osmo_router.agent.fdio import gather_more, open_pipe, read_fd, read_now, wait_readable, write_fd
 from osmo_router.agent.process import SpawnError, finish, hang_up, killpg, pump_input, relay_until_exit, spawn
+from osmo_router.cli.logs import cut
 from osmo_router.io.pipe_writer import PipeWriter
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import BULK_PAYLOAD
@@ -115,6 +116,25 @@ async def _refuse(stream: SessionStream, code: grpc.StatusCode, message: str) ->
     await stream.send_error(code, message)
     await stream.send(pb.Frame(half_close=pb.HalfClose()))
     await stream.close()
+
+
+class IgnoredResizes:
+    """The log of a session's resizes the terminal refused: the first one, cut; the rest only counted.
+
+    A client sends as many resizes as it likes, each with sizes of its choosing: one log line per
+    refused resize let it write the agent's log at its own rate.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def note(self, rows: int, cols: int, err: Exception) -> None:
+        """A resize to rows x cols was refused with `err`: log it if it is the session's first."""
+        self.count += 1
+        if self.count == 1:
+            log.info(
+                "resize to %dx%d ignored: %s (later ones of this session are not logged)", rows, cols, cut(str(err))
+            )
 
 
 async def _no_terminal(_request: pb.Resize) -> None:
@@ -294,6 +314,8 @@ async def _serve_tty(
             pgid = proc.pid
         killpg(pgid, number)
 
+    ignored = IgnoredResizes()
+
     async def resize(request: pb.Resize) -> None:
         rows, cols = request.size.rows, request.size.cols
         try:
@@ -301,7 +323,7 @@ async def _serve_tty(
             if request.redraw and not changed and rows and cols:
                 await _redraw(master, rows, cols)
         except (OSError, ValueError) as err:  # a size out of range is ignored, the session goes on
-            log.info("resize to %dx%d ignored: %s", rows, cols, err)
+            ignored.note(rows, cols, err)
 
     async def pump_output() -> None:
         while chunk := await read_fd(master, CHUNK_SIZE):

@@ -17,12 +17,15 @@ from osmo_router.agent.config import AgentConfig
 from osmo_router.agent.exec import run_piped
 from osmo_router.agent.rsync_args import check_server_args, server_cwd
 from osmo_router.agent.rsync_daemon import check_daemon, daemon_argv
+from osmo_router.cli.logs import cut
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import BULK_PAYLOAD
 from osmo_router.wire.errors import PermissionDenied
 from osmo_router.wire.protocol import BULK_CHUNK_SIZE, pb
 
 log = logging.getLogger(__name__)
+#: Longest user name a refusal's log line shows (a token's subject, as the router passed it).
+USER_SHOWN = 256
 
 #: Pipe size and largest read for rsync's bulk data: large frames keep the per-message cost small.
 BULK_CHUNK = BULK_CHUNK_SIZE
@@ -43,11 +46,13 @@ async def serve_rsync(stream: SessionStream, open_msg: pb.SessionOpen, config: A
     try:
         command = check_server_args(list(open_msg.rsync.server_args), config.rsync_roots, cwd)
     except PermissionDenied as err:
+        # The reason quotes the client's arguments (up to --max-message-size): cut, as the audit's are.
+        user = cut(open_msg.user, USER_SHOWN)
         log.warning(
             "rsync refused for %s: %s",
-            open_msg.user or "anonymous",
-            err.message,
-            extra={"fields": {"event": "rsync_refused", "user": open_msg.user}},
+            user or "anonymous",
+            cut(err.message),
+            extra={"fields": {"event": "rsync_refused", "user": user}},
         )
         await _refuse(stream, grpc.StatusCode.PERMISSION_DENIED, err.message)
         return

@@ -8,6 +8,16 @@ import logging
 import sys
 import time
 
+#: Longest text a log line quotes from a peer (a client's or an agent's): a refusal's reason, an rsync
+#: command line. Longer text is cut (`cut`); the router's own reasons are under 200 characters.
+MAX_QUOTED = 512
+
+
+def cut(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text` cut to `limit` characters, the cut marked with an ellipsis: what a log line may quote of
+    what a peer sent (a message up to --max-message-size would otherwise make one line of megabytes)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, with structured `fields` merged in."""

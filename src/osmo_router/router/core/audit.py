@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from osmo_router.cli.logs import fingerprint
+from osmo_router.cli.logs import MAX_QUOTED, cut, fingerprint
 from osmo_router.router.auth.identity import Identity
 from osmo_router.router.core.resumes import cause_of
 from osmo_router.router.core.sessions import Session
@@ -23,13 +23,12 @@ log = logging.getLogger("osmo_router.audit")
 #: Longest `reason` an audit line keeps. A refusal's reason may quote what the client sent (an
 #: unknown operation or a `?timeout=` in a WebSocket URL: up to aiohttp's 8 KiB request line), and the
 #: refusal is logged before any token is checked: unauthenticated requests made 7.3 KB lines each.
-#: The router's own reasons are under 200 characters.
-MAX_REASON = 512
+MAX_REASON = MAX_QUOTED
 
 
 def _reason(text: str) -> str:
     """`text` cut to MAX_REASON characters (marked with an ellipsis)."""
-    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
+    return cut(text, MAX_REASON)
 
 
 def session_event(
