@@ -23,7 +23,7 @@ from osmo_router.router.core.resumes import Moved, resume_info, resume_info_of_o
 from osmo_router.router.core.sessions import Session, SessionStore
 from osmo_router.router.core.side import CONNECT, AgentJoin, ClientJoin, Side
 from osmo_router.wire.codec import INIT_TAG
-from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument, RouterError, Unavailable
+from osmo_router.wire.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, RouterError, Unavailable
 from osmo_router.wire.protocol import CLOSE_GRACE
 
 
@@ -52,19 +52,36 @@ class OwnerRelays:
         return True
 
     async def relay_client(self, side: Side, owner: Owner, join: ClientJoin) -> None:
-        """Relay a client's stream to the owner of its session."""
-        session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject)
+        """Relay a client's stream to the owner of its session (RESOURCE_EXHAUSTED when its init does not fit)."""
+        # Its init, parsed and encoded, lives here as long as the relay (in the join).
+        init_bytes = len(join.raw_init) + join.open_msg.ByteSize()
+        self._check_init(join.identity.subject, init_bytes)
+        session = self._stub(join.target.workflow_id, join.target.task, join.identity.subject, init_bytes)
         session.operation = join.operation.value
         session.resume = resume_info(join.target)
         await self._relay_to_owner(side, owner, join.operation.method, session, join, near_is_client=True)
 
     async def relay_agent(self, side: Side, owner: Owner, join: AgentJoin) -> None:
         """Relay an agent's stream to the owner of its session."""
-        session = self._stub(join.init.workflow_id, join.init.task, join.identity.subject)
+        init_bytes = len(join.raw_init) + join.init.ByteSize()
+        self._check_init(join.identity.subject, init_bytes)
+        session = self._stub(join.init.workflow_id, join.init.task, join.identity.subject, init_bytes)
         await self._relay_to_owner(side, owner, "Connect", session, join, near_is_client=False)
 
-    def _stub(self, workflow_id: str, task: str, user: str) -> Session:
-        """A session object for a relayed stream: its queues and counts only (the owner holds the session)."""
+    def _check_init(self, user: str, size: int) -> None:
+        """Refuse a relayed stream whose init does not fit the user's (or the process's) budget of opening
+        messages, as the owner refuses a session's (SessionStore): a relay keeps its init too, and before
+        (2026-12-02) 20 relayed sessions of one user with 2.9 MiB inits held 116 MiB here in no budget."""
+        budgets = self._sessions.budgets
+        if budgets is not None and not budgets.init_fits(user, size):
+            raise ResourceExhausted(
+                f"the sessions of {user} keep their maximum of {budgets.per_user} bytes of opening messages"
+                f" (--user-buffer-bytes); this one has {size}"
+            )
+
+    def _stub(self, workflow_id: str, task: str, user: str, init_bytes: int) -> Session:
+        """A session object for a relayed stream: its queues and counts only (the owner holds the session);
+        its init (`init_bytes`) is counted as held in the user's and the process's budgets meanwhile."""
         config = self._config
         session = Session(
             key="",
@@ -81,6 +98,8 @@ class OwnerRelays:
             shares = budgets.acquire(user)
             session.to_agent.use_budgets(shares)
             session.to_client.use_budgets(shares)
+            session.init_bytes = init_bytes
+            budgets.hold_init(user, init_bytes)
         return session
 
     async def _relay_to_owner(
@@ -110,6 +129,7 @@ class OwnerRelays:
             if not self.relays:
                 self._idle.set()
             if self._sessions.budgets is not None:
+                self._sessions.budgets.unhold_init(session.user, session.init_bytes)
                 self._sessions.budgets.release(session.user)
             memtune.trim_when_idle()
         if failure is None:
