@@ -52,6 +52,7 @@ import logging
 from typing import Any
 
 from osmo_router.h2 import frames as fr
+from osmo_router.h2.bdp import BDP_PING
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.dispatch import FrameDispatch
 from osmo_router.h2.handshake import settings_first
@@ -178,21 +179,23 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         behind it in the same read (only then may it pass through, Stream.set_passthrough)."""
         if not self._settings_received:
             raise settings_first()
+        size = len(payload)
         if last and not flags:  # (a burst is left to the reader, whose writer can merge it)
             stream = self.streams.get(stream_id)
-            if stream is not None and stream._passthrough is not None and stream.pass_through(payload):
+            if (
+                stream is not None
+                and stream._passthrough is not None
+                and self._recv_unacked + size <= self._connection_window  # (else the usual path fails it)
+                and stream.pass_through(payload)
+            ):
+                # Passed through: the connection window and the BDP sample count it, as _data_target and
+                # data_end would (inline: this runs per relayed message).
+                self._recv_unacked += size
+                bdp = self._bdp
+                if bdp is not None and bdp.on_data(size):
+                    self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
                 return
-        self._deliver_data(stream_id, flags, payload, len(payload))
-
-    def may_receive(self, flow: int) -> bool:
-        """Whether a DATA frame of `flow` bytes stays within the connection window (else the usual path fails it)."""
-        return self._recv_unacked + flow <= self._connection_window
-
-    def received_through(self, flow: int) -> None:
-        """A DATA frame of `flow` bytes was passed through (Stream.pass_through): the connection window and
-        the BDP sample count it."""
-        self._recv_unacked += flow
-        self._count_for_bdp(flow)
+        self._deliver_data(stream_id, flags, payload, size)
 
     def data_piece(self, payload: memoryview) -> None:
         """The next bytes of the current DATA frame's payload."""

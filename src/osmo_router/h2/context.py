@@ -123,6 +123,11 @@ class NativeContext(grpc.aio.ServicerContext[Any, Any]):  # type: ignore[misc]  
             return False
         return self._stream.try_write_framed(framed)
 
+    def framed_writer(self) -> Callable[[memoryview], bool] | None:
+        """`try_write_framed` as the stream's own method (no serializer: fixed for the call), or None with
+        a serializer: the relay calls it once per message, one call layer less (issue 18)."""
+        return self._stream.try_write_framed if self._serializer is None else None
+
     def set_passthrough(self, passthrough: Callable[[memoryview], bool] | None) -> None:
         """Offer each request that arrives whole and alone to `passthrough` as received, prefix included
         (Stream.set_passthrough). Only without a deserializer."""

@@ -239,9 +239,9 @@ class StreamInbound:
 
     def pass_through(self, payload: memoryview) -> bool:
         """Give a whole DATA payload (no flags, nothing behind it in its read: the connection checks) to
-        the passthrough if it qualifies (`set_passthrough`); False, with nothing counted, otherwise."""
+        the passthrough if it qualifies (`set_passthrough`); False, with nothing counted, otherwise. The
+        connection checked its own window and counts the frame in it when this returns True."""
         size = len(payload)
-        conn = self.conn
         if (
             size < 6
             or size > self._recv_left
@@ -252,12 +252,10 @@ class StreamInbound:
             or self.reset_code is not None
             or payload[0]
             or int.from_bytes(payload[1:5], "big") != size - 5
-            or size - 5 > conn.config.max_message_size
-            or not conn.may_receive(size)
+            or size - 5 > self.conn.config.max_message_size
             or not self._passthrough(payload)  # type: ignore[misc]
         ):
             return False
-        conn.received_through(size)
         self._recv_left -= size
         self._taken()
         return True

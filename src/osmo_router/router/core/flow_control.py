@@ -114,7 +114,8 @@ class FlowQueue:
         if getter is None or getter.done() or self._items or self._error is not None or self._ended:
             return False  # the consumer is busy (it may hold an item), or the queue is over
         for budget in self._budgets:
-            if not budget.fits(size):
+            # budget.fits(size), inline: this runs per relayed message
+            if budget.used and budget.used + budget.held + size > budget.limit:
                 return False
         return True
 

@@ -19,6 +19,7 @@ from osmo_router.router.core.coalesce import coalesce
 from osmo_router.router.core.flow_control import FlowQueue, WriteInterrupted, WriteWatchdog
 from osmo_router.router.core.sessions import Session
 from osmo_router.wire.codec import (
+    DATA_TAG,
     ENCODED_HALF_CLOSE,
     ENCODED_SESSION_END,
     FRAME_TAG,
@@ -241,7 +242,11 @@ class _Passing:
     def __call__(self, message: bytes) -> bool:
         if not self.idle or not message or message[0] != FRAME_TAG:
             return False
-        if len(message) <= MAX_EXIT_STATUS_MESSAGE and _is_control(message):
+        if (
+            len(message) <= MAX_EXIT_STATUS_MESSAGE
+            and (len(message) < 3 or message[2] != DATA_TAG)
+            and _is_control(message)
+        ):
             return False
         if not self.queue.offer(message):
             return False
@@ -255,7 +260,13 @@ class _Passing:
         if not self.idle or framed[5] != FRAME_TAG:
             return False
         size = len(framed) - 5
-        if size <= MAX_EXIT_STATUS_MESSAGE and _is_control(framed[5:].tobytes()):
+        # A small frame whose first field is data is no control frame (their first keys differ: a byte
+        # check, no copy of the message; see _is_control).
+        if (
+            size <= MAX_EXIT_STATUS_MESSAGE
+            and (size < 3 or framed[7] != DATA_TAG)
+            and _is_control(framed[5:].tobytes())
+        ):
             return False
         if not self.queue.pass_through(framed, size):
             return False
@@ -265,7 +276,10 @@ class _Passing:
 
 
 def _is_control(message: bytes) -> bool:
-    """Whether a small frame message is one the reader must look at: a half-close, a detach, an exit status."""
+    """Whether a small frame message is one the reader must look at: a half-close, a detach, an exit status.
+
+    Each of those has a one-byte length, so its third byte is the Frame's first key: never DATA_TAG
+    (the callers skip this for a message whose third byte is)."""
     return message == ENCODED_HALF_CLOSE or message == ENCODED_DETACH or is_exit_status_frame(message)
 
 
