@@ -67,8 +67,17 @@ class StreamCredit:
         return min(grant, max(CREDIT_FLOOR - stream.exposure, stream.missing_window()))
 
     def sync(self, stream: StreamInbound) -> None:
-        """Count the stream's exposure now."""
-        self._set(stream.exposure)
+        """Count the stream's exposure now (runs per message taken: `_set` inline)."""
+        exposure = stream.exposure
+        delta = exposure - self.charged
+        if delta:
+            self.charged = exposure
+            if delta > 0:
+                for budget in self.budgets:
+                    budget.hold(delta)
+            else:
+                for budget in self.budgets:
+                    budget.unhold(-delta)
 
     def release(self) -> None:
         """The stream is over: nothing counted any more."""

@@ -298,22 +298,24 @@ class StreamInbound:
 
     def _grant(self) -> None:
         """Give the peer back the window its read messages used (in steps of a quarter window)."""
+        credit = self._credit
         if self.ended_in or self.reset_code is not None:
-            if self._credit is not None:
-                self._credit.sync(self)
+            if credit is not None:
+                credit.sync(self)
             return
-        grant = self._recv_window - self._queued - self._recv_left - self._inflight
+        window, left = self._recv_window, self._recv_left
+        grant = window - self._queued - left - self._inflight
         # Worth sending: a quarter window, or anything to a peer that has no window left.
-        least = max(self._recv_window >> 2, 1) if self._recv_left > 0 else 1
+        least = (window >> 2 or 1) if left > 0 else 1
         # The budgets only ever lower a grant: one too small to send is not put to them (per message).
         if grant >= least:
-            if self._credit is not None:
-                grant = self._credit.allowed(self, grant)
+            if credit is not None:
+                grant = credit.allowed(self, grant)
             if grant >= least:
                 self._recv_left += grant
                 self.conn.send_window_update(self.id, grant)
-        if self._credit is not None:
-            self._credit.sync(self)
+        if credit is not None:
+            credit.sync(self)
 
     def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
         """Take up the connection's full stream window from now on; with `budgets`, count what this
@@ -333,8 +335,11 @@ class StreamInbound:
     def _taken(self) -> None:
         """A message left the stream (read, or taken by the listener): give its window back, grown with
         the link if the connection's window grew (h2/bdp.py: a stream takes that up as it reads)."""
-        if self._may_grow and self.conn.stream_window > self._recv_window:  # (_take_up_window, inline)
-            self._recv_window = self.conn.stream_window
+        if self._may_grow:
+            # _take_up_window, inline: this runs per message taken
+            window = self.conn.stream_window
+            if window > self._recv_window:
+                self._recv_window = window
         self._grant()
 
     def _take_up_window(self) -> None:
@@ -345,7 +350,8 @@ class StreamInbound:
     def exposure(self) -> int:
         """Bytes this stream holds unread (a message under way included) plus the window its peer has
         filled (a DATA frame still arriving) or may still fill."""
-        open_window = 0 if self.ended_in or self.reset_code is not None else max(0, self._recv_left)
+        left = self._recv_left
+        open_window = left if left > 0 and not self.ended_in and self.reset_code is None else 0
         return open_window + self._inflight + self._queued + self._filled + len(self._head)
 
     def missing_window(self) -> int:

@@ -72,12 +72,14 @@ class ByteBudget:
     def unhold(self, size: int) -> None:
         """The held message was queued (taken) or dropped; others may fit now."""
         self.held -= size
-        self._wake()
+        if self._waiters:  # (per relayed message: no call when nobody waits)
+            self._wake()
 
     def give(self, size: int) -> None:
         """Give bytes back and wake whoever waits for room."""
         self.used -= size
-        self._wake()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         """Wake, first come first served, the waiters that fit now (every waiter holds its message: `notify`).
