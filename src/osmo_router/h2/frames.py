@@ -164,6 +164,9 @@ class FrameParser:
         self._buf = bytearray()
         self._pos = 0
         self._block: tuple[int, int, bytearray] | None = None  # stream id, HEADERS flags, fragments so far
+        #: Whether a HEADERS block awaits its CONTINUATIONs (no other frame may come): `_block` is not None.
+        #: An attribute, not a property: h2/reader.py looks at it for every DATA frame.
+        self.in_header_block = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Frame]:
         """Append received bytes; yield every complete frame (payload views valid until the next feed)."""
@@ -204,11 +207,6 @@ class FrameParser:
             if not buffered and pos < size:
                 self._buf += src[pos:]
 
-    @property
-    def in_header_block(self) -> bool:
-        """Whether a HEADERS block awaits its CONTINUATIONs (no other frame may come)."""
-        return self._block is not None
-
     def check(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> Frame | None:
         """One whole frame, its header already read (by `feed`, or by h2/reader.py): checked, and
         assembled with its CONTINUATIONs; None while a header block is incomplete."""
@@ -234,6 +232,7 @@ class FrameParser:
             payload = _strip(kind, flags, payload)
         if kind == HEADERS and not flags & END_HEADERS:
             self._block = (stream_id, flags, bytearray(payload))
+            self.in_header_block = True
             return None
         if kind == CONTINUATION:
             return self._continuation(flags, stream_id, payload)
@@ -250,6 +249,7 @@ class FrameParser:
             return None
         headers_flags = self._block[1] | END_HEADERS
         self._block = None
+        self.in_header_block = False
         return Frame(HEADERS, headers_flags, stream_id, memoryview(bytes(block)))
 
 

@@ -62,6 +62,7 @@ class FrameReader:
         self._capacity = HEADER_READ  # the read buffer's usual size now (READ_SIZE while busy)
         self._small_reads = 0  # small reads in a row
         self._buf = bytearray(HEADER_READ)
+        self._view = memoryview(self._buf)  # of all of _buf (kept: one per buffer, not one per read)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of what arrived
         self._need = 0  # bytes from _start a whole frame needs (0: unknown, a header at least)
@@ -72,18 +73,26 @@ class FrameReader:
 
     def get_buffer(self) -> memoryview:
         """The buffer for the transport's next read."""
-        if self._left and self._start == self._end:
-            target = self._sink.data_buffer()
-            if target is not None and len(target):
-                self._direct = True
-                return target[: self._left] if len(target) > self._left else target
+        if self._start == self._end:
+            if self._left:
+                target = self._sink.data_buffer()
+                if target is not None and len(target):
+                    self._direct = True
+                    return target[: self._left] if len(target) > self._left else target
+            elif not self._large and self._view.nbytes == self._capacity:
+                # Everything parsed and the buffer at its usual size (between small messages, the
+                # common case): all of it, as _make_room would leave it, without its work (per read).
+                self._direct = False
+                self._start = self._end = 0
+                self._offered = self._capacity
+                return self._view
         self._direct = False
         self._make_room()
         if self._large and self._start == self._end:
             self._offered = HEADER_READ
-            return memoryview(self._buf)[:HEADER_READ]
+            return self._view[:HEADER_READ]
         self._offered = len(self._buf) - self._end
-        return memoryview(self._buf)[self._end :]
+        return self._view[self._end :]
 
     @property
     def pending(self) -> int:
@@ -98,6 +107,7 @@ class FrameReader:
             self._start = self._end = 0
             if len(self._buf) != capacity and need <= capacity:
                 self._buf = bytearray(capacity)  # busy, quiet again, or grown for one large frame
+                self._view = memoryview(self._buf)
             if need <= len(self._buf):
                 return
         room = capacity // 4
@@ -108,18 +118,8 @@ class FrameReader:
         else:
             grown = bytearray(max(need, kept + room, capacity))
             grown[:kept] = self._buf[start:end]
-            self._buf = grown
+            self._buf, self._view = grown, memoryview(grown)
         self._start, self._end = 0, kept
-
-    def _note_read(self, count: int) -> None:
-        """A busy connection gets the larger read buffer; a quiet one the smaller again."""
-        if count >= self._offered:
-            self._small_reads = 0
-            self._capacity = READ_SIZE
-        elif count < SMALL_READ:
-            self._small_reads += 1
-            if self._small_reads >= QUIET_AFTER:
-                self._capacity = HEADER_READ
 
     def buffer_updated(self, count: int) -> None:
         """`count` bytes were read into the last buffer: deliver them (raises ProtocolError)."""
@@ -131,58 +131,61 @@ class FrameReader:
                 self._sink.data_end()
             return
         self._end += count
-        self._note_read(count)
+        # A busy connection gets the larger read buffer; a quiet one the smaller again (inline: per read).
+        if count >= self._offered:
+            self._small_reads = 0
+            self._capacity = READ_SIZE
+        elif count < SMALL_READ:
+            self._small_reads += 1
+            if self._small_reads >= QUIET_AFTER:
+                self._capacity = HEADER_READ
         self._walk()
 
     def _walk(self) -> None:
-        buf, sink, parser = self._buf, self._sink, self._parser
-        view = memoryview(buf)
+        buf, view, sink, parser = self._buf, self._view, self._sink, self._parser
         start, end = self._start, self._end
-        try:
-            while True:
-                if self._left:
-                    take = min(self._left, end - start)
-                    if not take:
-                        break
-                    self._left -= take
-                    start += take
-                    self._start = start
-                    sink.data_piece(view[start - take : start])
-                    if not self._left:
-                        sink.data_end()
-                    continue
-                if end - start < 9:
+        while True:
+            if self._left:
+                take = min(self._left, end - start)
+                if not take:
                     break
-                word, flags, stream_id = fr.HEADER.unpack_from(buf, start)
-                length, kind = word >> 8, word & 0xFF
-                if length > parser.max_frame_size:
-                    raise fr.ProtocolError(fr.ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
-                stream_id &= 0x7FFFFFFF
-                if kind == fr.DATA and not flags & fr.PADDED and stream_id and not parser.in_header_block:
-                    if end - start >= 9 + length:  # all here: one call (a small message's frame)
-                        start += 9 + length
-                        self._start = start
-                        self._large = length >= READ_SIZE
-                        sink.data_frame(stream_id, flags, view[start - length : start], start == end)
-                        continue
-                    start += 9
-                    self._start = start
-                    self._left = length
-                    self._large = length >= READ_SIZE
-                    sink.data_begin(stream_id, flags, length)
-                    if not length:
-                        sink.data_end()
-                    continue
-                if end - start < 9 + length:
-                    self._need = 9 + length
-                    break
-                payload = view[start + 9 : start + 9 + length]
-                start += 9 + length
+                self._left -= take
+                start += take
                 self._start = start
-                frame = parser.check(kind, flags, stream_id, payload)
-                if frame is not None:
-                    sink.on_frame(frame)
-            if start == end or self._left:
-                self._need = 0
-        finally:
-            view.release()
+                sink.data_piece(view[start - take : start])
+                if not self._left:
+                    sink.data_end()
+                continue
+            if end - start < 9:
+                break
+            word, flags, stream_id = fr.HEADER.unpack_from(buf, start)
+            length, kind = word >> 8, word & 0xFF
+            if length > parser.max_frame_size:
+                raise fr.ProtocolError(fr.ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            stream_id &= 0x7FFFFFFF
+            if kind == fr.DATA and not flags & fr.PADDED and stream_id and not parser.in_header_block:
+                if end - start >= 9 + length:  # all here: one call (a small message's frame)
+                    start += 9 + length
+                    self._start = start
+                    self._large = length >= READ_SIZE
+                    sink.data_frame(stream_id, flags, view[start - length : start], start == end)
+                    continue
+                start += 9
+                self._start = start
+                self._left = length
+                self._large = length >= READ_SIZE
+                sink.data_begin(stream_id, flags, length)
+                if not length:
+                    sink.data_end()
+                continue
+            if end - start < 9 + length:
+                self._need = 9 + length
+                break
+            payload = view[start + 9 : start + 9 + length]
+            start += 9 + length
+            self._start = start
+            frame = parser.check(kind, flags, stream_id, payload)
+            if frame is not None:
+                sink.on_frame(frame)
+        if start == end or self._left:
+            self._need = 0
