@@ -352,7 +352,7 @@ class StreamInbound:
         filled (a DATA frame still arriving) or may still fill."""
         left = self._recv_left
         open_window = left if left > 0 and not self.ended_in and self.reset_code is None else 0
-        return open_window + self._inflight + self._queued + self._filled + len(self._head)
+        return open_window + self._inflight + self._queued + self._filled + (len(self._head) if self._head else 0)
 
     def missing_window(self) -> int:
         """Window the message under way still needs beyond what the peer may send now."""
