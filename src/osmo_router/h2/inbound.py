@@ -257,7 +257,10 @@ class StreamInbound:
         ):
             return False
         self._recv_left -= size
-        self._taken()
+        # _taken, inline (per relayed message): its window goes back as if read, grown with the link.
+        if self._may_grow and self.conn.stream_window > self._recv_window:
+            self._recv_window = self.conn.stream_window
+        self._grant()
         return True
 
     def received_end(self) -> None:

@@ -102,7 +102,14 @@ class FlowQueue:
     def pass_through(self, framed: memoryview, size: int) -> bool:
         """`offer` of an item still framed as it arrived (its `size` bytes after a 5-byte gRPC prefix),
         to a sink that writes it as it is (`sink.framed`); False, with nothing done, otherwise."""
-        return self._sink is not None and self._may_hand_over(size) and self._sink.framed(framed)  # type: ignore[attr-defined]
+        sink, getter = self._sink, self._getter
+        # _may_hand_over, inline: this runs per relayed message
+        if sink is None or getter is None or getter.done() or self._items or self._error is not None or self._ended:
+            return False
+        for budget in self._budgets:
+            if budget.used and budget.used + budget.held + size > budget.limit:  # budget.fits(size)
+                return False
+        return sink.framed(framed)  # type: ignore[attr-defined, no-any-return]
 
     def _handed_over(self, item: bytes) -> bool:
         return self._may_hand_over(len(item)) and self._sink(item)  # type: ignore[misc]
