@@ -75,6 +75,8 @@ class Call:
         self.context = NativeContext(stream, handler.request_deserializer, handler.response_serializer, deadline, auth)
         self.close_grace = close_grace
         self.deadline_hit = False
+        #: The handler is over and its status is going out (bounded by close_grace): a server stop lets it.
+        self.finishing = False
         self.task: asyncio.Task[None] = asyncio.get_running_loop().create_task(self._run())
         stream.add_close_callback(self._stream_closed)
         self._timer = (
@@ -97,8 +99,9 @@ class Call:
             self.task.cancel()
 
     def cancel(self) -> None:
-        """Cancel the handler (server stop)."""
-        if not self.task.done():
+        """Cancel the handler (server stop); a status already going out behind its data is left to go out
+        (a client reading it gets it; one that does not is reset after close_grace seconds)."""
+        if not self.task.done() and not self.finishing:
             self.task.cancel()
 
     async def _run(self) -> None:
@@ -125,6 +128,7 @@ class Call:
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+        self.finishing = True
         try:
             await self._send_status(code, details, trailing)
         finally:

@@ -26,7 +26,8 @@ API (stable; add, don't rename):
     stream.reset(ErrorCode.CANCEL)                       # or: RST_STREAM, dropping what is queued
 
     conn.goaway()                  # graceful: no new streams; closes once the running ones end
-    conn.close()                   # at once: every stream gets StreamReset(-1)
+    conn.close()                   # every stream gets StreamReset(-1); what is queued goes out, then FIN
+                                   # (the peer's bytes are read and dropped until its EOF, LINGER s at most)
     await conn.wait_closed()
 
 `stream.read()`/`write()` raise `StreamReset` once the stream was reset by either side or the
@@ -86,10 +87,9 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self.closed = True
         self.write_paused = False  # no transport is left to wait for
         self._timers.cancel()
-        for stream in list(self.streams.values()):
-            stream.gone(-1)
-        self.streams.clear()
-        self._blocked.clear()
+        if self._linger is not None:
+            self._linger.cancel()
+        self._end_streams()
         # Writers of streams already over (ended by the peer while the transport was paused, so no
         # longer in the table) wait for the transport too: nothing else would wake them now.
         waiters, self.drain_waiters = self.drain_waiters, set()
@@ -124,6 +124,8 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Handle every complete frame (and DATA as it arrives); protocol errors end the connection with GOAWAY."""
+        if self.lingering:
+            return  # closed by us: dropped (the same buffer is handed out again), read only to reach the EOF
         try:
             if self._preface_pending:
                 self._take_preface(nbytes)
@@ -237,7 +239,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
     async def open_stream(self, headers: Headers, end_stream: bool = False) -> Stream:
         """Open a stream with these request headers (waits for a slot under the peer's MAX_CONCURRENT_STREAMS)."""
         while True:
-            if self.closed or self._goaway_received or self._goaway_sent:
+            if self.closed or self.lingering or self._goaway_received or self._goaway_sent:
                 raise ConnectionClosed("the connection is closed or going away")
             if len(self.streams) < self._peer_max_streams:
                 break

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 #: memory for 9-byte acks); DATA stops at the transport's high-water mark anyway.
 CONTROL_BACKLOG = 1 << 20
 
+#: How long a closed connection waits for its peer's EOF (reading and dropping what it still sends)
+#: before the transport is aborted: what we queued goes out in that time, to a peer that reads.
+LINGER = 2.0
+
 
 class ConnectionCore:
     """The state of one HTTP/2 connection, its frames out and its stream table (see connection.py)."""
@@ -81,6 +85,9 @@ class ConnectionCore:
         self._slot_waiters: list[asyncio.Future[None]] = []
         self._timers = Timers(whole)
         self.peer_address: Any = None
+        #: close() was called: nothing more is sent, what arrives is dropped until the peer's EOF.
+        self.lingering = False
+        self._linger: asyncio.TimerHandle | None = None
 
     def _init_windows(self) -> None:
         """The flow-control state (flow.py's) of a new connection: the peer's settings as HTTP/2 has them
@@ -106,7 +113,7 @@ class ConnectionCore:
         """Write an encoded frame (control frames: not flow controlled). A peer that does not read
         while making us write more than CONTROL_BACKLOG of them is cut off (the transport aborted)."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self.lingering:
             return
         if self.write_paused:
             self._control_backlog += len(data)
@@ -169,6 +176,37 @@ class ConnectionCore:
             self.close()
 
     def close(self) -> None:
-        """Close the transport now (streams still open get StreamReset(-1) from connection_lost)."""
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        """Close gracefully within LINGER seconds: streams still open get StreamReset(-1) at once; what is
+        queued in the transport (statuses, GOAWAY) goes out, then our FIN (TLS: close_notify).
+
+        Until the peer's EOF the connection reads on and drops what arrives: a socket closed with unread
+        bytes (the WINDOW_UPDATEs of a client reading our last data, the rest of its upload) makes the
+        kernel send RST and drop what we sent and the peer has not read yet, such as a call's status.
+        A peer that neither reads nor closes is cut off (aborted) after LINGER seconds.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering:
+            return
+        self.lingering = True
+        self._timers.cancel()  # (no keepalive PING, idle or age GOAWAY any more)
+        self._end_streams()
+        self._linger = asyncio.get_running_loop().call_later(LINGER, self._linger_over)
+        if transport.can_write_eof():
+            try:
+                transport.write_eof()  # FIN once the transport's buffer is written; reading goes on
+            except OSError:  # the peer is gone already (shutdown: ENOTCONN)
+                transport.abort()
+        else:
+            transport.close()  # TLS: close_notify after the buffer (asyncio reads the peer's reply)
+
+    def _linger_over(self) -> None:
+        if self.transport is not None and not self.closed:
+            log.debug("h2 connection aborted: its peer did not close within %gs of ours", LINGER)
+            self.transport.abort()
+
+    def _end_streams(self) -> None:
+        """Every stream still open is over (-1): readers, writers and close callbacks wake."""
+        for stream in list(self.streams.values()):
+            stream.gone(-1)
+        self.streams.clear()
+        self._blocked.clear()

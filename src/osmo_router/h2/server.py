@@ -28,6 +28,7 @@ from osmo_router.h2 import grpc as g
 from osmo_router.h2.calls import Call, Handlers, refuse
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.connection import Connection
+from osmo_router.h2.core import LINGER
 from osmo_router.h2.stream import Stream
 from osmo_router.io.byte_shares import ByteShares
 
@@ -191,7 +192,13 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
         return conn
 
     async def stop(self, grace: float | None) -> None:
-        """Stop accepting; GOAWAY every connection; give running calls `grace` seconds, then cancel them."""
+        """Stop accepting; GOAWAY every connection; give running calls `grace` seconds, then cancel them.
+
+        Then every connection closes gracefully: the calls' statuses (queued behind data their clients
+        still read) go out, then FIN, and the peer's EOF is awaited (connection.py close). Each step is
+        bounded, so a peer that does not read holds the stop for at most about close_grace + LINGER
+        seconds (1 + LINGER with `grace` 0) before it is cut off.
+        """
         self._stopping = True
         for server in self._servers:
             server.close()
@@ -200,14 +207,27 @@ class NativeServer(grpc.aio.Server):  # type: ignore[misc]  # grpc ships no stub
         if grace and self.calls:
             await asyncio.wait([c.task for c in self.calls], timeout=grace)
         for call in list(self.calls):
-            call.cancel()
+            call.cancel()  # a running handler ends with UNAVAILABLE; a status going out is left to finish
         if self.calls:
-            await asyncio.wait([c.task for c in self.calls], timeout=1.0)
-        for conn in list(self.connections):
-            conn.close()
+            flush = self.close_grace if grace else min(1.0, self.close_grace)
+            await asyncio.wait([c.task for c in self.calls], timeout=flush)
+        await self._close_connections()
         for server in self._servers:
             await server.wait_closed()
         self._terminated.set()
+
+    async def _close_connections(self) -> None:
+        """Close every connection gracefully (what is queued, FIN, the peer's EOF); abort what is left after
+        LINGER: a process that exits with bytes unsent or unread loses them (the kernel sends RST)."""
+        for conn in list(self.connections):
+            conn.close()
+        if self.connections:
+            closing = [asyncio.ensure_future(conn.wait_closed()) for conn in self.connections]
+            await asyncio.wait(closing, timeout=LINGER + 0.5)
+            for waiter in closing:
+                waiter.cancel()
+        for conn in list(self.connections):
+            conn.abort()
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Until stop() finished (True) or `timeout` passed (False)."""
