@@ -9,6 +9,8 @@ Two holds, both on the target -> client direction only (the client's frames stil
   DATA frame that carries more is cut short there. `held` is set then, and `client_spoke` once the
   client sent a gRPC message after that: it took the ready (an exec sends its stdin's end only once
   its session is open), so a cut placed after it comes after the ready, not before.
+- `hold_before_first_message()`: the same, but that first gRPC message is held too (a client's
+  SessionReady never arrives: the client is cut before it knows the session started).
 - `pause()`: nothing more goes to the clients (an agent then does not get the SessionOpen its router
   writes) until `unpause()` lets it all through, in order, or `cut()` drops it.
 
@@ -40,12 +42,18 @@ class HoldProxy(CutProxy):
         self.held = threading.Event()
         self.client_spoke = threading.Event()
         self._hold_next = False
+        self._hold_before = False
         self._flowing: asyncio.Event | None = None
         super().__init__(target_host, target_port)
         self._call(self._set_flowing(True))
 
     def hold_after_first_message(self) -> None:
         """Hold the downstream of the first connection that carries a gRPC message, after that message."""
+        self._hold_next = True
+
+    def hold_before_first_message(self) -> None:
+        """Hold the downstream of the first connection that carries a gRPC message, from that message on."""
+        self._hold_before = True
         self._hold_next = True
 
     def pause(self) -> None:
@@ -86,7 +94,7 @@ class HoldProxy(CutProxy):
 
     async def _down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool) -> None:
         """Target -> client: through, or through the first gRPC message only, or nothing while paused."""
-        first = _FirstMessage() if hold else None
+        first = _FirstMessage(before=self._hold_before) if hold else None
         try:
             while data := await reader.read(65536):
                 if self._flowing is not None:
@@ -104,9 +112,11 @@ class HoldProxy(CutProxy):
 
 
 class _FirstMessage:
-    """Passes HTTP/2 frames until the first gRPC message of the first stream with data has passed."""
+    """Passes HTTP/2 frames until the first gRPC message of the first stream with data has passed (`before`:
+    until it comes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, before: bool = False) -> None:
+        self._before = before  # the first message is held too
         self._buf = b""
         self._stream = 0
         self._message = b""
@@ -137,6 +147,9 @@ class _FirstMessage:
 
     def _take(self, payload: bytes, stream: int) -> bytes:
         """A DATA frame carrying `payload`, cut short where the first message ends (then done)."""
+        if self._before:
+            self.done = True
+            return b""
         have = self._message + payload
         if len(have) >= GRPC_PREFIX:
             end = GRPC_PREFIX + int.from_bytes(have[1:5], "big")

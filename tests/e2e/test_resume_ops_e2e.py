@@ -15,9 +15,10 @@ import time
 import grpc
 
 from osmo_router.wire.codec import ENCODED_SESSION_END
+from osmo_router.wire.keys import key_of_secret
 from osmo_router.wire.protocol import pb
 from tests.harness import AgentProc, Router, metric_value
-from tests.raw_grpc import EXEC, RawCall, raw_channel
+from tests.raw_grpc import EXEC, RawCall, exchange, raw_channel
 from tests.resume_kit import MIB, CatRoundTrip
 
 
@@ -91,3 +92,31 @@ def test_refused_resumes_are_counted_by_cause(router: Router, agent: AgentProc, 
     refused = router.wait_for(lambda r: r.get("event") == "resume refused" and r.get("cause") == "not_found")
     assert refused["code"] == "NOT_FOUND" and refused["workflow"] == workflow
     router.wait_for(lambda r: r.get("event") == "resume refused" and r.get("cause") == "no_agent")
+
+
+async def _keyed_sessions(address: str, workflow: str) -> tuple[str, grpc.StatusCode, grpc.StatusCode]:
+    """A session named after its resume secret: the key its ready names, then how a second init with the same
+    secret (while the first runs) and one with a short secret end."""
+    secret = "0123456789abcdef" * 2
+
+    def init(secret: str) -> bytes:
+        token = pb.ResumeToken(secret=secret, key_from_secret=True)
+        target = pb.SessionTarget(workflow_id=workflow, resume=token)
+        return pb.ExecRequest(init=pb.ExecInit(target=target, command=["cat"])).SerializeToString()
+
+    async with raw_channel(address) as channel:
+        first = RawCall(channel, EXEC, None)
+        await first.send(init(secret))
+        ready = pb.ExecResponse.FromString(await first.read() or b"").ready
+        again = await exchange(channel, EXEC, None, init(secret))
+        short = await exchange(channel, EXEC, None, init("s" * 16))
+        first.cancel()
+    return ready.session_key, again.code, short.code
+
+
+def test_a_session_named_after_its_secret(router: Router, agent: AgentProc, workflow: str) -> None:
+    key, again, short = asyncio.run(_keyed_sessions(router.address, workflow))
+    assert key == key_of_secret("0123456789abcdef" * 2)
+    # The same secret again is a replay (a client draws a new one per session): the key is not its.
+    assert again == grpc.StatusCode.ALREADY_EXISTS
+    assert short == grpc.StatusCode.INVALID_ARGUMENT

@@ -77,20 +77,52 @@ def test_cut_after_the_command_started_resumes_and_runs_it_once(
     assert any("session resumed" in line for line in client.lines), client.lines
 
 
-def test_cut_before_the_agent_got_the_session_says_the_command_did_not_run(
+def test_cut_before_the_ready_resumes_the_started_command_and_runs_it_once(
     rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str, tmp_path: Path
 ) -> None:
+    """The router's SessionReady never reaches the client: it knows the key all the same (named after its
+    resume secret, ResumeToken.key_from_secret) and resumes the command the agent started."""
+    router, client_proxy, _agent_proxy, _agent = rig
+    runs = tmp_path / "runs"
+    client_proxy.hold_before_first_message()
+    client = _exec(client_proxy, workflow, f"echo ran >> {runs}; echo out-from-the-command; exit 7")
+    try:
+        assert client_proxy.held.wait(STEP), client.lines  # the ready is held: the client never gets it
+        _wait_file(runs)  # the agent started the command (and holds the session)
+        client_proxy.cut()
+        client_proxy.restore()
+        code = client.wait_exit(STEP)
+    finally:
+        client.stop()
+    assert runs.read_text() == "ran\n", "the command must run exactly once"
+    assert client.out_lines == ["out-from-the-command"], client.lines
+    assert code == 7, client.lines
+    assert any("session resumed" in line for line in client.lines), client.lines
+    resumed = router.wait_event("session resumed")
+    assert resumed["operation"] == "exec", resumed
+
+
+@pytest.mark.parametrize("ready", ["passed", "held"])
+def test_cut_before_the_agent_got_the_session_says_the_command_did_not_run(
+    rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str, tmp_path: Path, ready: str
+) -> None:
+    """`ready` held: the client never got the router's ready either (it resumes by the key named after its
+    secret); the agent's answer is the same, and the command never runs."""
     router, client_proxy, agent_proxy, _agent = rig
     runs = tmp_path / "runs"
     # The session must reach the agent on a parked standby stream (a SessionRequest would be held too,
     # and the agent would never join: no ready).
     asyncio.run(wait_metric(router, "router_grpc_standby_streams", 2))
     agent_proxy.pause()  # the router's SessionOpen for the agent stays in the proxy
-    client_proxy.hold_after_first_message()
+    if ready == "held":
+        client_proxy.hold_before_first_message()
+    else:
+        client_proxy.hold_after_first_message()
     client = _exec(client_proxy, workflow, f"echo ran >> {runs}; echo out; exit 7")
     try:
-        assert client_proxy.held.wait(STEP), client.lines  # paired (a standby stream): the ready passed
-        assert client_proxy.client_spoke.wait(STEP), client.lines
+        assert client_proxy.held.wait(STEP), client.lines  # paired (a standby stream): the ready was sent
+        if ready == "passed":
+            assert client_proxy.client_spoke.wait(STEP), client.lines  # ...and the client took it
         agent_proxy.cut()  # the SessionOpen is lost with the agent's connections
         router.wait_for(lambda r: "unregistered" in r.get("msg", ""), timeout=STEP)
         agent_proxy.restore()

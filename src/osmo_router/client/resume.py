@@ -108,9 +108,11 @@ class ResumingStream(ResumableStream):
     def agent_resumes(self) -> bool:
         """The router's ready said the session's agent recognises resumes (SessionReady.agent_resumes).
 
-        Then a break before the agent's first Resume frame arrived is resumed too (docs/resume.md).
+        Then a break before the agent's first Resume frame arrived is resumed too (docs/resume.md). So is
+        one before the ready itself, when the session was named after its secret (`key_known`): the
+        router pairs such an unconfirmed resume only with an agent that recognises resumes.
         """
-        return bool(getattr(self.first, "agent_resumes", False))
+        return bool(getattr(self.first, "agent_resumes", False) or getattr(self.first, "key_known", False))
 
     @classmethod
     def attached(cls, inner: SessionStream, resume: pb.Resume, *, secret: str, **kwargs: Any) -> ResumingStream:

@@ -23,10 +23,11 @@ from collections.abc import Awaitable, Callable
 
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.resume import Reopen, ResumingStream, say
-from osmo_router.client.session import wait_ready
+from osmo_router.client.session import BrokeBeforeReady, wait_ready
 from osmo_router.resume.window import DEFAULT_REPLAY_BYTES
 from osmo_router.transport import GRPC, SessionInit, SessionStream, Transport
 from osmo_router.wire.errors import from_status_number
+from osmo_router.wire.keys import key_of_secret
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
 
@@ -151,8 +152,21 @@ async def open_stream(
     if not can_resume(transport, config):
         return await transport.open(operation, init)
     secret = secrets.token_hex(16)
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES))
-    inner = await transport.open(operation, init)
+    # Named after the secret (key_from_secret): the key is known here before the router's ready says it.
+    init.target.resume.CopyFrom(
+        pb.ResumeToken(secret=secret, window_bytes=DEFAULT_REPLAY_BYTES, key_from_secret=not init.target.session_key)
+    )
+    try:
+        inner: SessionStream = await transport.open(operation, init)
+    except BrokeBeforeReady as err:
+        if init.target.session_key:
+            raise
+        # The router may have started the session: resume it by the key it was asked to give it, as one
+        # that broke before the agent's first Resume frame (unconfirmed: the router pairs that only with
+        # an agent that recognises resumes, which resumes it or says it never received it).
+        err.stream.session_key = key_of_secret(secret)
+        err.stream.key_known = True
+        inner = err.stream
     key = getattr(inner, "session_key", "")
     if not key:
         return inner

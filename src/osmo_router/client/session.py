@@ -96,14 +96,30 @@ async def start_session(
     return FrameStream(call, lambda frame: request_type(frame=frame), raw=raw)
 
 
+class BrokeBeforeReady(Unavailable):
+    """The connection broke after the init went out and before the router's ready arrived.
+
+    The router may have started the session (the agent its command): `stream` is the broken one, for
+    a client that knows the session's key all the same (ResumeToken.key_from_secret) to resume it.
+    """
+
+    def __init__(self, message: str, stream: FrameStream) -> None:
+        super().__init__(message)
+        self.stream = stream
+
+
 async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
-    """Wait for the router's ready (the agent joined); raises RouterError on refusal."""
+    """Wait for the router's ready (the agent joined); raises RouterError on refusal (BrokeBeforeReady:
+    the connection broke meanwhile)."""
     call = stream.call
     try:
         async with asyncio.timeout(config.connect_timeout + 60.0):
             first = await call.read()
     except grpc.aio.AioRpcError as err:
-        raise await rpc_failure(err, config.dial) from None
+        failure = await rpc_failure(err, config.dial)
+        if err.code() == grpc.StatusCode.UNAVAILABLE and (err.details() or "").startswith(_TRANSPORT_BREAKS):
+            raise BrokeBeforeReady(failure.message, stream) from None
+        raise failure from None
     except TimeoutError:
         call.cancel()
         raise DeadlineExceeded("the router did not answer") from None
@@ -143,4 +159,13 @@ async def open_session(
     return stream
 
 
-__all__ = ["defaulted_task_line", "open_session", "pb", "rpc_error", "rpc_failure", "start_session", "wait_ready"]
+__all__ = [
+    "BrokeBeforeReady",
+    "defaulted_task_line",
+    "open_session",
+    "pb",
+    "rpc_error",
+    "rpc_failure",
+    "start_session",
+    "wait_ready",
+]

@@ -15,7 +15,7 @@ from dataclasses import replace
 import grpc
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.session import open_session
+from osmo_router.client.session import BrokeBeforeReady, open_session
 from osmo_router.dial.channel import open_channel
 from osmo_router.transport import GRPC, SessionInit, SessionStream
 from osmo_router.wire.codec import fast_method
@@ -73,6 +73,9 @@ class GrpcTransport:
             method = fast_method(self._channel(address), f"/{CLIENT_SERVICE}/{op.method}", op.response)
             try:
                 return await open_session(config, method, op.request, init, raw=True)
+            except BrokeBeforeReady:
+                # Not to the next router: this one may have started the session (resume_start.py resumes it).
+                raise
             except RouterError as err:
                 if err.code == grpc.StatusCode.UNAVAILABLE and "draining" in err.message:
                     # Dial afresh next time: behind a balancer a new connection reaches a live replica,

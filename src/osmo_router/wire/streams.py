@@ -39,6 +39,8 @@ class FrameStream:
         self.chosen_task = ""
         #: The router's ready said the agent recognises resumes (SessionReady.agent_resumes; client side).
         self.agent_resumes = False
+        #: The client knows the session's key though the ready never came (ResumeToken.key_from_secret).
+        self.key_known = False
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""

@@ -121,6 +121,7 @@ class ResumeToken(_message.Message):
     WINDOW_BYTES_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
     UNCONFIRMED_FIELD_NUMBER: _builtins.int
+    KEY_FROM_SECRET_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
     """Random secret the client chose when it started the session; a resume must present it."""
     resuming: _builtins.bool
@@ -146,6 +147,13 @@ class ResumeToken(_message.Message):
     agent whose registration says so (AgentHello.resumes), else FAILED_PRECONDITION: an agent without
     resume would take it for a new session and run the command a second time.
     """
+    key_from_secret: _builtins.bool
+    """On a new session's init (not resuming): the router names the session after `secret`
+    (wire/keys.py key_of_secret: a one-way hash of it, 128 bits), so the client knows the key before
+    the router's SessionReady arrives and can resume a session that broke before it (as unconfirmed;
+    the router pairs that only with an agent that recognises resumes). Refused with ALREADY_EXISTS
+    when the router holds a session of that key. Ignored by older routers (they draw the key).
+    """
     def __init__(
         self,
         *,
@@ -156,10 +164,11 @@ class ResumeToken(_message.Message):
         window_bytes: _builtins.int = ...,
         sent: _builtins.int = ...,
         unconfirmed: _builtins.bool = ...,
+        key_from_secret: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent", "unconfirmed", b"unconfirmed", "window_bytes", b"window_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach", b"attach", "key_from_secret", b"key_from_secret", "received", b"received", "resuming", b"resuming", "secret", b"secret", "sent", b"sent", "unconfirmed", b"unconfirmed", "window_bytes", b"window_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import grpc
 
 from osmo_router.wire.codec import FRAME_TAG
-from osmo_router.wire.errors import Unavailable
+from osmo_router.wire.errors import InvalidArgument, Unavailable
+from osmo_router.wire.keys import key_of_secret
 from osmo_router.wire.protocol import pb
 
 #: The agent's first frame is decoded only when it is this small (Resume and Error frames are).
@@ -81,6 +82,26 @@ def resume_info_of_open(message: bytes) -> ResumeInfo | None:
     return resume_info(getattr(open_msg, kind).target) if kind is not None else None
 
 
+#: Shortest resume secret a session may be named after (ResumeToken.key_from_secret): 128 bits in hex.
+MIN_KEYED_SECRET = 32
+
+
+def proposed_key(target: pb.SessionTarget) -> str:
+    """The key a new session's client asked for, named after its resume secret (key_from_secret), or "".
+
+    The client then knows the key before the router's SessionReady and can resume a session that broke
+    before it (docs/resume.md). Only for a new session that names no key itself.
+    """
+    if target.session_key or not target.HasField("resume") or is_resuming(target):
+        return ""
+    token = target.resume
+    if not token.key_from_secret:
+        return ""
+    if len(token.secret) < MIN_KEYED_SECRET:
+        raise InvalidArgument("a session named after its resume secret needs a secret of at least 128 bits")
+    return key_of_secret(token.secret)
+
+
 def is_resuming(target: pb.SessionTarget) -> bool:
     """True when a client's init resumes or attaches to a held session."""
     return target.HasField("resume") and (target.resume.resuming or target.resume.attach)
@@ -127,6 +148,7 @@ __all__ = [
     "cause_of",
     "is_resuming",
     "note_agent_answer",
+    "proposed_key",
     "resume_info",
     "resume_info_of_open",
 ]

@@ -23,7 +23,7 @@ from osmo_router.router.core.ids import check_id as check_id
 from osmo_router.router.core.ids import new_session_key as new_session_key
 from osmo_router.router.core.limits import UserSessions
 from osmo_router.router.core.registry import AgentRegistration, AgentRegistry
-from osmo_router.router.core.resumes import resume_info
+from osmo_router.router.core.resumes import proposed_key, resume_info
 from osmo_router.router.core.session import DefaultedTask
 
 # (re-exported: they were defined here before they had a module of their own)
@@ -217,7 +217,7 @@ class SessionStore:
                 )
             self._check_pending(identity)
             self._users.check(identity.subject, forward_id)
-            key = target.session_key or key or new_session_key()
+            key = target.session_key or key or self._proposed(target) or new_session_key()
             return self._create(key, target.workflow_id, target.task, identity.subject)
         if session.client_joined:
             raise AlreadyExists("a client already joined this session")
@@ -225,6 +225,14 @@ class SessionStore:
             raise PermissionDenied("the session key belongs to another task")
         self._users.check(identity.subject, forward_id)
         return session
+
+    def _proposed(self, target: pb.SessionTarget) -> str:
+        """The key the client asked for (named after its resume secret), refused when a session has it: a
+        client never draws the same secret twice, so that is a replay, and the session is not its."""
+        key = proposed_key(target)
+        if key and self.get(target.workflow_id, key) is not None:
+            raise AlreadyExists("the session key is taken")
+        return key
 
     def _bind_client(
         self,

@@ -20,7 +20,7 @@ from osmo_router.router.auth.identity import Identity
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.core.placement import HERE, FarStream, Owner, Placement
 from osmo_router.router.core.registry import AgentRegistry
-from osmo_router.router.core.resumes import is_resuming
+from osmo_router.router.core.resumes import is_resuming, proposed_key
 from osmo_router.router.core.session import DefaultedTask
 from osmo_router.router.core.sessions import SessionStore, check_id, new_session_key, scoped_key
 from osmo_router.router.ops.metrics import RouterMetrics
@@ -97,7 +97,7 @@ class ScaleOut:
                 return Placement(owner=owner)
         if not local_agent and not key:
             return HERE  # refused by the session store: no agent anywhere
-        key = key or new_session_key()
+        key = key or proposed_key(target) or new_session_key()
         other = await self._directory.claim_session(scoped_key(target.workflow_id, key), target.workflow_id)
         if other is not None and not from_peer:
             return Placement(owner=other)
