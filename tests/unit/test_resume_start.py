@@ -1,16 +1,22 @@
-"""client/resume_start.py: what the init of a resumable session announces."""
+"""client/resume_start.py: what the init of a resumable session announces, and a break before the ready."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from osmo_router.client.config import ClientConfig
-from osmo_router.client.resume_start import PendingResumingStream, start_resumable
+from osmo_router.client.resume import ResumingStream
+from osmo_router.client.resume_start import PendingResumingStream, open_stream, start_resumable
+from osmo_router.client.session import BrokeBeforeReady
 from osmo_router.dial.config import DialConfig
+from osmo_router.router.core.resumes import MIN_KEYED_SECRET
 from osmo_router.transport import GRPC
+from osmo_router.wire.errors import Unavailable
+from osmo_router.wire.keys import key_of_secret
 from osmo_router.wire.protocol import pb
 
 
@@ -31,3 +37,53 @@ async def test_the_announced_replay_window_is_the_one_the_stream_keeps() -> None
     # The agent paces its acks and checks overruns by this figure: it must be the window kept.
     assert sent[0].target.resume.window_bytes == 3 << 20
     assert sent[0].target.resume.secret
+
+
+class _Hanging:
+    """A broken first stream as BrokeBeforeReady carries it (its reader waits until the test aborts)."""
+
+    raw = False
+    session_key = ""
+    agent_resumes = False
+    key_known = False
+
+    async def recv(self) -> None:
+        await asyncio.Event().wait()
+
+    def abort(self) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_break_before_the_ready_resumes_by_the_key_named_after_the_secret() -> None:
+    inits: list[Any] = []
+    broken = _Hanging()
+
+    async def open_broken(operation: int, init: Any) -> Any:
+        inits.append(init)
+        raise BrokeBeforeReady("Socket closed", broken)  # type: ignore[arg-type]
+
+    config = ClientConfig(dial=DialConfig(address="127.0.0.1:1", tls=False), workflow_id="wf")
+    transport: Any = SimpleNamespace(name=GRPC, open=open_broken)
+    stream = await open_stream(transport, config, pb.OPERATION_EXEC, pb.ExecInit(target=config.target()))
+    try:
+        token = inits[0].target.resume
+        assert token.key_from_secret and len(token.secret) >= MIN_KEYED_SECRET
+        assert isinstance(stream, ResumingStream)
+        # The key the router was asked to give the session, and a resume before any ready is allowed.
+        assert stream.session_key == key_of_secret(token.secret)
+        assert stream.agent_resumes
+    finally:
+        stream.abort()
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_before_the_ready_is_no_break() -> None:
+    async def refuse(operation: int, init: Any) -> Any:
+        raise Unavailable("no agent is registered for workflow 'wf'")
+
+    config = ClientConfig(dial=DialConfig(address="127.0.0.1:1", tls=False), workflow_id="wf")
+    transport: Any = SimpleNamespace(name=GRPC, open=refuse)
+    with pytest.raises(Unavailable) as raised:
+        await open_stream(transport, config, pb.OPERATION_EXEC, pb.ExecInit(target=config.target()))
+    assert not isinstance(raised.value, BrokeBeforeReady)

@@ -125,8 +125,13 @@ async def wait_ready(config: ClientConfig, stream: FrameStream) -> None:
         raise DeadlineExceeded("the router did not answer") from None
     if first is grpc.aio.EOF:
         code = await call.code()
+        details = await call.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE and details.startswith(_TRANSPORT_BREAKS):
+            raise BrokeBeforeReady(
+                f"the connection to the router broke (router gone or network cut): {details}", stream
+            )
         raise (
-            from_status(code, await call.details() or "the router ended the stream")
+            from_status(code, details or "the router ended the stream")
             if code != grpc.StatusCode.OK
             else Unavailable("the router ended the stream before the session started")
         )
