@@ -145,7 +145,7 @@ async def _stalled_reader_does_not_hold_the_stop() -> None:
     finally:
         client.writer.close()
     # grace, then close_grace for the status, then LINGER for the FIN and the peer's EOF: then cut off.
-    assert took < 0.1 + 1.0 + LINGER + 2.0, took
+    assert took < 0.1 + 1.0 + LINGER + 5.0, took  # (slack for a loaded machine)
 
 
 def test_stop_is_bounded_when_the_client_does_not_read() -> None:
