@@ -116,27 +116,9 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self._control_backlog = 0
         self._flush_blocked()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        """asyncio.BufferedProtocol: where the transport reads to (see h2/reader.py)."""
-        if self._preface_pending:
-            return self._preface_view
-        return self._reader.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        """Handle every complete frame (and DATA as it arrives); protocol errors end the connection with GOAWAY."""
-        if self.lingering:
-            return  # closed by us: dropped (the same buffer is handed out again), read only to reach the EOF
-        try:
-            if self._preface_pending:
-                self._take_preface(nbytes)
-            else:
-                self._reader.buffer_updated(nbytes)
-        except fr.ProtocolError as err:
-            self.fail(err.code, str(err))
-            return
-        if self._recv_unacked >= self._connection_window >> 2:
-            self.write_frame(fr.window_update(0, self._recv_unacked))
-            self._recv_unacked = 0
+    # get_buffer and buffer_updated (asyncio.BufferedProtocol) are the reader's (h2/reader.py), set on
+    # each connection in its constructor (core.py): every frame in, DATA as it arrives, protocol errors
+    # ending the connection with GOAWAY.
 
     def data_received(self, data: bytes) -> None:
         """The same for a transport that hands over bytes (copied into the read buffers)."""
@@ -193,6 +175,8 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
                 # Passed through: the connection window and the BDP sample count it, as _data_target and
                 # data_end would (inline: this runs per relayed message).
                 self._recv_unacked += size
+                if self._recv_unacked >= self._connection_window >> 2:
+                    self._give_connection_window()
                 bdp = self._bdp
                 if bdp is not None and bdp.on_data(size):
                     self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))

@@ -66,14 +66,17 @@ class ConnectionCore:
         self.closed = False
         self._parser = fr.FrameParser(self.config.max_frame_size, self.config.max_header_list_size)
         whole = cast("Connection", self)  # only Connection, all the parts, is ever made: the reader and timers use it
-        self._reader = FrameReader(self._parser, whole)
-        self._preface_view = memoryview(bytearray(len(fr.PREFACE)))
+        self._reader = FrameReader(self._parser, whole, fr.PREFACE if role == "server" else b"")
+        # asyncio.BufferedProtocol's two methods per read are the reader's own, with no wrapper call
+        # (issue 18). Set here, before any transport exists: uvloop (and its TLS layer) looks them up once,
+        # when it makes the transport.
+        self.get_buffer = self._reader.get_buffer
+        self.buffer_updated = self._reader.buffer_updated
         self._data_stream: Stream | None = None  # the stream of the DATA frame arriving
         self._data_end_stream = False  # whether that frame has END_STREAM
         self._data_flow = 0  # and its length
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=self.config.max_header_list_size)
-        self._preface_pending = role == "server"
         self._settings_received = False
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -188,6 +191,7 @@ class ConnectionCore:
         if transport is None or transport.is_closing() or self.lingering:
             return
         self.lingering = True
+        self._reader.discard()
         self._timers.cancel()  # (no keepalive PING, idle or age GOAWAY any more)
         self._end_streams()
         self._linger = asyncio.get_running_loop().call_later(LINGER, self._linger_over)

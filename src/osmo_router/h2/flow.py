@@ -28,14 +28,22 @@ class FlowControl(ConnectionCore):
     def _data_target(self, stream_id: int, flow: int) -> Stream | None:
         """Count a DATA frame against the connection window; its stream, if it still takes data."""
         self._recv_unacked += flow
-        if self._recv_unacked > self._connection_window:
-            raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
+        if self._recv_unacked >= self._connection_window >> 2:
+            if self._recv_unacked > self._connection_window:
+                raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
+            self._give_connection_window()
         stream = self.streams.get(stream_id)
         if stream is None or stream.ended_in:
             if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:
                 raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
             return None  # a stream we reset or closed: its bytes still count for the connection window
         return stream
+
+    def _give_connection_window(self) -> None:
+        """The connection window is given back on receipt (one stalled stream never blocks the others),
+        in steps of a quarter window: called when the bytes received since the last step reach one."""
+        self.write_frame(fr.window_update(0, self._recv_unacked))
+        self._recv_unacked = 0
 
     def _grow_windows(self, stream_window: int) -> None:
         """Let every stream have up to `stream_window` unread, taken up by each stream as its reader

@@ -34,20 +34,6 @@ class Handshake(FlowControl):
             out.append(fr.window_update(0, config.connection_window - fr.DEFAULT_WINDOW))
         return out
 
-    def _take_preface(self, count: int) -> None:
-        # The client preface is read into a buffer of its own size: nothing past it is read with it.
-        buf = self._timers.preface_buf
-        buf += self._preface_view[:count]
-        if len(buf) < len(fr.PREFACE):
-            self._preface_view = memoryview(bytearray(len(fr.PREFACE) - len(buf)))
-            if not fr.PREFACE.startswith(bytes(buf)):
-                self.close()
-            return
-        self._preface_pending = False
-        if buf != fr.PREFACE:
-            self.close()
-        buf.clear()
-
     def _on_settings(self, frame: fr.Frame) -> None:
         if frame.flags & fr.ACK:
             return

@@ -8,6 +8,10 @@ DATA frame's payload continues a message whose length is known, the message itse
 (`DataSink.data_buffer`, see io/buffers.py), so the kernel's copy is the only one. Unpadded DATA
 payloads go to the sink piecewise, as they arrive; every other frame (PADDED DATA included) is
 parsed whole by `FrameParser` as before.
+
+The connection's `get_buffer` and `buffer_updated` are this reader's methods themselves (set on the
+connection when it is made, h2/connection.py): no wrapper call per read (issue 18). So the reader also
+checks a server's client preface, and turns a ProtocolError into the connection's GOAWAY (`fail`).
 """
 
 from __future__ import annotations
@@ -52,13 +56,20 @@ class DataSink(Protocol):
     def data_filled(self, count: int) -> None:
         """`count` bytes of the current DATA frame were read into the last `data_buffer`."""
 
+    def fail(self, code: int, message: str) -> None:
+        """A connection error (a ProtocolError raised by the frame walk or a sink method): GOAWAY, close."""
+
+    def close(self) -> None:
+        """Close at once (the peer's bytes are no HTTP/2 client preface)."""
+
 
 class FrameReader:
     """Hands the transport its read buffers and walks the frames in what arrived."""
 
-    def __init__(self, parser: fr.FrameParser, sink: DataSink) -> None:
+    def __init__(self, parser: fr.FrameParser, sink: DataSink, preface: bytes = b"") -> None:
         self._parser = parser
         self._sink = sink
+        self._preface = preface  # what must arrive before any frame (a server's: the client preface)
         self._capacity = HEADER_READ  # the read buffer's usual size now (READ_SIZE while busy)
         self._small_reads = 0  # small reads in a row
         self._buf = bytearray(HEADER_READ)
@@ -70,9 +81,17 @@ class FrameReader:
         self._direct = False  # the last buffer handed out was the sink's
         self._large = False  # the last DATA frame was large (see HEADER_READ)
         self._offered = 0  # the size of the last read buffer handed out (ours)
+        #: Set by `discard`: reads go on (to reach the peer's EOF) and what they bring is dropped.
+        self.discarding = False
 
-    def get_buffer(self) -> memoryview:
-        """The buffer for the transport's next read."""
+    def discard(self) -> None:
+        """Drop everything from now on, unparsed (a connection closed by us, reading to its peer's EOF)."""
+        self.discarding = True
+        self._direct = False
+        self._start = self._end = self._left = self._need = 0
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """The buffer for the transport's next read (asyncio.BufferedProtocol's; `sizehint` is not used)."""
         if self._start == self._end:
             if self._left:
                 target = self._sink.data_buffer()
@@ -122,69 +141,96 @@ class FrameReader:
         self._start, self._end = 0, kept
 
     def buffer_updated(self, count: int) -> None:
-        """`count` bytes were read into the last buffer: deliver them (raises ProtocolError)."""
-        if self._direct:
-            self._direct = False
-            self._left -= count
-            self._sink.data_filled(count)
-            if not self._left:
-                self._sink.data_end()
-            return
-        self._end += count
-        # A busy connection gets the larger read buffer; a quiet one the smaller again (inline: per read).
-        if count >= self._offered:
-            self._small_reads = 0
-            self._capacity = READ_SIZE
-        elif count < SMALL_READ:
-            self._small_reads += 1
-            if self._small_reads >= QUIET_AFTER:
-                self._capacity = HEADER_READ
-        # The frame walk, here rather than in a method of its own: this runs once per read of every
-        # connection, and a small message's read is one frame (one call less per message, issue 18).
-        buf, view, sink, parser = self._buf, self._view, self._sink, self._parser
-        start, end = self._start, self._end
-        while True:
-            if self._left:
-                take = min(self._left, end - start)
-                if not take:
-                    break
-                self._left -= take
-                start += take
-                self._start = start
-                sink.data_piece(view[start - take : start])
+        """`count` bytes were read into the last buffer: deliver them; a ProtocolError ends the connection.
+
+        The connection's own buffer_updated (no wrapper: issue 18). The try costs nothing in Python 3.11
+        unless it catches; the frame walk is inline (a small message's read is one frame: one call less).
+        """
+        if self.discarding:
+            return  # (the same buffer is handed out again: what arrives is dropped)
+        try:
+            if self._direct:
+                self._direct = False
+                self._left -= count
+                self._sink.data_filled(count)
                 if not self._left:
-                    sink.data_end()
-                continue
-            if end - start < 9:
-                break
-            word, flags, stream_id = fr.HEADER.unpack_from(buf, start)
-            length, kind = word >> 8, word & 0xFF
-            if length > parser.max_frame_size:
-                raise fr.ProtocolError(fr.ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
-            stream_id &= 0x7FFFFFFF
-            if kind == fr.DATA and not flags & fr.PADDED and stream_id and not parser.in_header_block:
-                if end - start >= 9 + length:  # all here: one call (a small message's frame)
-                    start += 9 + length
+                    self._sink.data_end()
+                return
+            self._end += count
+            if self._preface and not self._took_preface():
+                return
+            # A busy connection gets the larger read buffer; a quiet one the smaller again (inline: per read).
+            if count >= self._offered:
+                self._small_reads = 0
+                self._capacity = READ_SIZE
+            elif count < SMALL_READ:
+                self._small_reads += 1
+                if self._small_reads >= QUIET_AFTER:
+                    self._capacity = HEADER_READ
+            # The frame walk, here rather than in a method of its own: this runs once per read of every
+            # connection, and a small message's read is one frame (one call less per message, issue 18).
+            buf, view, sink, parser = self._buf, self._view, self._sink, self._parser
+            start, end = self._start, self._end
+            while True:
+                if self._left:
+                    take = min(self._left, end - start)
+                    if not take:
+                        break
+                    self._left -= take
+                    start += take
                     self._start = start
-                    self._large = length >= READ_SIZE
-                    sink.data_frame(stream_id, flags, view[start - length : start], start == end)
+                    sink.data_piece(view[start - take : start])
+                    if not self._left:
+                        sink.data_end()
                     continue
-                start += 9
+                if end - start < 9:
+                    break
+                word, flags, stream_id = fr.HEADER.unpack_from(buf, start)
+                length, kind = word >> 8, word & 0xFF
+                if length > parser.max_frame_size:
+                    raise fr.ProtocolError(fr.ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                stream_id &= 0x7FFFFFFF
+                if kind == fr.DATA and not flags & fr.PADDED and stream_id and not parser.in_header_block:
+                    if end - start >= 9 + length:  # all here: one call (a small message's frame)
+                        start += 9 + length
+                        self._start = start
+                        self._large = length >= READ_SIZE
+                        sink.data_frame(stream_id, flags, view[start - length : start], start == end)
+                        continue
+                    start += 9
+                    self._start = start
+                    self._left = length
+                    self._large = length >= READ_SIZE
+                    sink.data_begin(stream_id, flags, length)
+                    if not length:
+                        sink.data_end()
+                    continue
+                if end - start < 9 + length:
+                    self._need = 9 + length
+                    break
+                payload = view[start + 9 : start + 9 + length]
+                start += 9 + length
                 self._start = start
-                self._left = length
-                self._large = length >= READ_SIZE
-                sink.data_begin(stream_id, flags, length)
-                if not length:
-                    sink.data_end()
-                continue
-            if end - start < 9 + length:
-                self._need = 9 + length
-                break
-            payload = view[start + 9 : start + 9 + length]
-            start += 9 + length
-            self._start = start
-            frame = parser.check(kind, flags, stream_id, payload)
-            if frame is not None:
-                sink.on_frame(frame)
-        if start == end or self._left:
-            self._need = 0
+                frame = parser.check(kind, flags, stream_id, payload)
+                if frame is not None:
+                    sink.on_frame(frame)
+            if start == end or self._left:
+                self._need = 0
+        except fr.ProtocolError as err:
+            self._sink.fail(err.code, str(err))
+
+    def _took_preface(self) -> bool:
+        """Whether the preface arrived whole and is past (then it is skipped); closes the connection if
+        what arrived is not it (once per connection)."""
+        preface, start, end = self._preface, self._start, self._end
+        got = bytes(self._buf[start : min(end, start + len(preface))])
+        if not preface.startswith(got):
+            self._start = self._end  # nothing of it is parsed
+            self._sink.close()
+            return False
+        if len(got) < len(preface):
+            self._need = len(preface)
+            return False
+        self._start = start + len(preface)
+        self._preface = b""
+        return True

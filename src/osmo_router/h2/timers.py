@@ -29,7 +29,6 @@ class Timers:
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.preface_buf = bytearray()
         self._handles: dict[str, asyncio.TimerHandle] = {}
         self._ping_payload: bytes | None = None
         self._unanswered = 0  # keepalive rounds in a row left unanswered behind data in the kernel only
