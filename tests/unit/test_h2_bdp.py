@@ -4,6 +4,7 @@ then two real connections through a delay link."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -69,6 +70,29 @@ def test_a_peer_that_delays_its_acks_does_not_grow_the_window_with_the_same_band
         clock.now += delay
         assert bdp.on_ack() is None
     assert bdp.window == 4 * MIB
+
+
+def test_between_samples_the_estimator_needs_no_data_until_its_timer_marks_the_next_ping_due() -> None:
+    """With a scheduler, `active` is off from an ack that puts the next ping off until that ping's
+    time (callers then skip on_data and its clock read per DATA frame), and on again for a grown window."""
+    clock = Clock()
+    timers: list[tuple[float, Callable[[], None]]] = []
+    bdp = BdpEstimator(2 * MIB, 16 * MIB, clock, later=lambda delay, callback: timers.append((delay, callback)))
+    assert bdp.active and bdp.on_data(MIB)  # the first ping
+    clock.now += 0.01
+    assert bdp.on_ack() is None  # half the window: no growth, the next ping a round trip later
+    assert not bdp.active
+    assert [delay for delay, _ in timers] == [pytest.approx(0.01)]
+    clock.now += 0.01
+    timers.pop()[1]()  # the loop runs the timer
+    assert bdp.active and bdp.on_data(2 * MIB)
+    clock.now += 0.01
+    assert bdp.on_ack() == 4 * MIB
+    assert bdp.active and not timers  # grown: the next ping at once
+    bdp.on_data(8 * MIB)
+    clock.now += 0.01
+    assert bdp.on_ack() == 16 * MIB
+    assert not bdp.active  # at the limit: never again
 
 
 def test_an_ack_never_asked_for_changes_nothing() -> None:

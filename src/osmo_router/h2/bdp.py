@@ -12,13 +12,18 @@ Our stream windows are given back only as the reader takes messages (stream.py),
 only fills for a reader that keeps up, and a stalled stream holds at most `max_window`. A sample
 that does not grow the window puts the next ping off (doubling, up to MAX_PING_GAP), so a long
 transfer at its final window costs about one ping a second rather than one per round trip.
+
+Between samples nothing need be told of the data (issue 18: `on_data` and its clock read were two
+calls per DATA frame in every process): `active` says when it must. Given a scheduler (`later`, the
+loop's call_later), a sample that puts the next ping off turns `active` off until then, as grpc marks
+its next ping due from a timer rather than reading the clock per frame.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 #: The payload of our window-sizing pings (keepalive pings carry a timestamp, never this).
 BDP_PING: Final = b"osmo-bdp"
@@ -36,10 +41,22 @@ MAX_PING_GAP: Final = 1.0
 class BdpEstimator:
     """When to send a window-sizing PING, and the window its ack calls for."""
 
-    def __init__(self, window: int, max_window: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        window: int,
+        max_window: int,
+        clock: Callable[[], float] = time.monotonic,
+        later: Callable[[float, Callable[[], None]], Any] | None = None,
+    ) -> None:
         self.window = window
         self.max_window = max_window
         self._clock = clock
+        self._later = later  # (delay, callback) -> a handle with cancel(); None: `active` stays True
+        self._timer: Any = None
+        #: Whether `on_data` must be told of arriving data now: a sample is under way, or a ping may be
+        #: due. False only while the next ping is put off (its timer turns it on) or the window is at
+        #: its limit; callers skip `on_data` then (the clock's own check stays in `on_data`).
+        self.active = window < max_window
         self._sent_at: float | None = None
         self._sample = 0
         self._best_bandwidth = 0.0
@@ -77,10 +94,25 @@ class BdpEstimator:
             if grown > self.window:
                 self.window = grown
                 self._gap = 0.0
+                self.active = grown < self.max_window  # the next ping at once, up to the limit
                 return grown
         self._gap = min(MAX_PING_GAP, max(2 * self._gap, rtt))
         self._next_ping = now + self._gap
+        if self._later is not None:
+            self.active = False
+            self._timer = self._later(self._gap, self._due)
         return None
+
+    def _due(self) -> None:
+        self._timer = None
+        self.active = self.window < self.max_window
+
+    def cancel(self) -> None:
+        """The connection is over: no timer left behind."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.active = False
 
 
 __all__ = ["BANDWIDTH_STEP", "BDP_PING", "FULL_SHARE", "GROWTH", "MAX_PING_GAP", "BdpEstimator"]

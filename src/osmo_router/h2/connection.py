@@ -89,6 +89,8 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self._timers.cancel()
         if self._linger is not None:
             self._linger.cancel()
+        if self._bdp is not None:
+            self._bdp.cancel()
         self._end_streams()
         # Writers of streams already over (ended by the peer while the transport was paused, so no
         # longer in the table) wait for the transport too: nothing else would wake them now.
@@ -178,7 +180,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
                 if self._recv_unacked >= self._connection_window >> 2:
                     self._give_connection_window()
                 bdp = self._bdp
-                if bdp is not None and bdp.on_data(size):
+                if bdp is not None and bdp.active and bdp.on_data(size):
                     self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
                 return
         self._deliver_data(stream_id, flags, payload, size)

@@ -105,7 +105,13 @@ class ConnectionCore:
         self.stream_window = self.config.stream_window
         self._connection_window = max(self.config.connection_window, fr.DEFAULT_WINDOW)
         grows = self.config.max_stream_window > self.config.stream_window
-        self._bdp = BdpEstimator(self.config.stream_window, self.config.max_stream_window) if grows else None
+        self._bdp = (
+            BdpEstimator(
+                self.config.stream_window, self.config.max_stream_window, later=asyncio.get_running_loop().call_later
+            )
+            if grows
+            else None
+        )
         self._blocked: dict[int, Stream] = {}  # streams with data waiting for a window or the transport
         #: Streams whose writer waits in `drained` (woken once the transport takes data again).
         self.drain_waiters: set[Stream] = set()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from osmo_router.h2 import frames as fr
+from osmo_router.h2.bdp import BDP_PING
 from osmo_router.h2.credit import UncountedCharge, header_cost
 from osmo_router.h2.flow import FlowControl
 from osmo_router.h2.handshake import Handshake, settings_first
@@ -34,10 +35,24 @@ class FrameDispatch(Handshake):
         self._deliver_data(frame.stream_id, frame.flags, frame.payload, frame.flow)
 
     def _deliver_data(self, stream_id: int, flags: int, payload: memoryview, flow: int) -> None:
-        """A whole DATA frame's payload (`flow`: the bytes it counts against the windows) to its stream."""
-        stream = self._data_target(stream_id, flow)
-        self._count_for_bdp(flow)
-        if stream is None or stream.reset_code is not None:
+        """A whole DATA frame's payload (`flow`: the bytes it counts against the windows) to its stream.
+
+        Every DATA frame that arrived whole in the client and the agent comes here (a small message's):
+        `_data_target` and `_count_for_bdp` are inline (two calls less per message, issue 18)."""
+        self._recv_unacked += flow
+        if self._recv_unacked >= self._connection_window >> 2:
+            if self._recv_unacked > self._connection_window:
+                raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
+            self._give_connection_window()
+        bdp = self._bdp
+        if bdp is not None and bdp.active and bdp.on_data(flow):
+            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.ended_in:
+            if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:
+                raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
+            return  # a stream we reset or closed: its bytes still counted for the connection window
+        if stream.reset_code is not None:
             return
         try:
             stream.received_data(payload, flow)

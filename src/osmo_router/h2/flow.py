@@ -22,7 +22,8 @@ class FlowControl(ConnectionCore):
 
     def _count_for_bdp(self, flow: int) -> None:
         """A DATA frame arrived whole: its bytes count for the bandwidth sample (h2/bdp.py)."""
-        if self._bdp is not None and self._bdp.on_data(flow):
+        bdp = self._bdp
+        if bdp is not None and bdp.active and bdp.on_data(flow):
             self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
 
     def _data_target(self, stream_id: int, flow: int) -> Stream | None:
