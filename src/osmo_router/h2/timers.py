@@ -33,7 +33,9 @@ class Timers:
         self._ping_payload: bytes | None = None
         self._unanswered = 0  # keepalive rounds in a row left unanswered behind data in the kernel only
         self._last_peer_ping = 0.0
-        self._strikes = 0
+        #: The peer's pings too soon in a row since we last sent HEADERS or DATA (set to 0 inline by the
+        #: per-message send paths in flow.py: `sent_data`'s body).
+        self.strikes = 0
         self._reset_tokens = 10 * conn.config.max_peer_resets_per_second
         self._reset_at = time.monotonic()
 
@@ -127,8 +129,8 @@ class Timers:
         now = time.monotonic()
         interval = self.conn.config.min_ping_interval
         if interval > 0 and now - self._last_peer_ping < interval:
-            self._strikes += 1
-            if self._strikes > 2:
+            self.strikes += 1
+            if self.strikes > 2:
                 self.conn.fail(fr.ErrorCode.ENHANCE_YOUR_CALM, "too_many_pings")
                 return False
         self._last_peer_ping = now
@@ -147,7 +149,7 @@ class Timers:
 
     def sent_data(self) -> None:
         """We sent HEADERS or DATA: the peer's pings are welcome again (grpc's rule)."""
-        self._strikes = 0
+        self.strikes = 0
 
     def cancel(self) -> None:
         """At connection_lost."""
