@@ -12,6 +12,7 @@ from osmo_router.h2 import frames as fr
 from osmo_router.h2.connection import H2Config
 from osmo_router.h2.grpc import status_trailers
 from osmo_router.h2.stream import Stream
+from osmo_router.router.core.budget import ByteBudget
 from tests.unit.test_h2_flow import REQUEST, RESPONSE, Pair, pair
 
 __all__ = ["pair"]  # the fixture, imported for these tests
@@ -84,6 +85,28 @@ async def test_whole_messages_pass_as_received_beyond_the_window(pair: Pair) -> 
             await stream.write(message)
             await arrivals.until(count)
         assert arrivals.items == [("passed", framed(m)) for m in messages]
+        await finish(stream, served, arrivals)
+
+
+@pytest.mark.parametrize("pair", [NO_BDP], indirect=True)
+@pytest.mark.asyncio
+async def test_the_budgets_count_a_passing_streams_exposure_after_every_message(pair: Pair) -> None:
+    # pass_through counts the stream's exposure in its budgets itself between window updates (issue 18):
+    # after every passed message, with or without an update sent for it, they count exactly what the
+    # stream may still be made to hold.
+    user, total = ByteBudget(64 << 20), ByteBudget(1 << 30)
+    async with asyncio.timeout(10):
+        stream, served = await served_pair(pair)
+        served.use_budgets((user, total))
+        arrivals = Arrivals(served)
+        counted = []
+        for count in range(1, 65):
+            await stream.write(bytes(8 * 1024))
+            await arrivals.until(count)
+            counted.append((user.held, total.held, served.exposure))
+        assert arrivals.passed() == 64
+        assert all(u == t == exposure for u, t, exposure in counted), counted
+        assert len({exposure for _, _, exposure in counted}) > 1  # it went down between updates
         await finish(stream, served, arrivals)
 
 

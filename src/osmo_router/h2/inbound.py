@@ -256,11 +256,32 @@ class StreamInbound:
             or not self._passthrough(payload)  # type: ignore[misc]
         ):
             return False
-        self._recv_left -= size
+        self._recv_left = left = self._recv_left - size
         # _taken, inline (per relayed message): its window goes back as if read, grown with the link.
         if self._may_grow and self.conn.stream_window > self._recv_window:
             self._recv_window = self.conn.stream_window
-        self._grant()
+        window = self._recv_window
+        if (
+            left + self._queued + self._inflight <= window - ((window >> 2 or 1) if left > 0 else 1)
+            or self.ended_in
+            or self.reset_code is not None
+        ):
+            self._grant()  # a window update is due (every quarter window): _grant decides, with the budgets
+            return True
+        # Else _grant would send nothing and only count the stream's exposure in its budgets (credit.sync),
+        # which is this, inline (three calls less per relayed message, issue 18): the exposure property
+        # with nothing queued or under way (checked above), and the budgets told of the change.
+        credit = self._credit
+        if credit is not None:
+            delta = left + self._inflight + self._queued + self._filled - credit.charged
+            if delta:
+                credit.charged += delta
+                if delta > 0:
+                    for budget in credit.budgets:
+                        budget.hold(delta)
+                else:
+                    for budget in credit.budgets:
+                        budget.unhold(-delta)
         return True
 
     def received_end(self) -> None:
