@@ -50,7 +50,8 @@ class RelayHooks(Protocol):
     """What the relay reports: bytes per chunk and flow-control timeouts."""
 
     def count_bytes(self, session: Session, direction: str, size: int) -> None:
-        """Count `size` bytes moved in `direction` (client_to_agent or agent_to_client)."""
+        """Count `size` bytes moved in `direction` (client_to_agent or agent_to_client) on the session
+        (bytes_to_agent / bytes_to_client): they are its activity too (Session.last_activity)."""
         ...
 
     def flow_control_timeout(self, session: Session) -> None:
@@ -179,8 +180,7 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
             if answer:
                 answer = False
                 hooks.agent_answered(session, message)
-            session.touch()
-            hooks.count_bytes(session, direction, len(message))
+            hooks.count_bytes(session, direction, len(message))  # (activity too: Session.last_activity)
             if len(message) <= MAX_EXIT_STATUS_MESSAGE:
                 # Control frames are small: bulk data never pays for these checks.
                 if message == ENCODED_HALF_CLOSE:
@@ -250,8 +250,7 @@ class _Passing:
             return False
         if not self.queue.offer(message):
             return False
-        self.session.touch()
-        self.hooks.count_bytes(self.session, self.direction, len(message))
+        self.hooks.count_bytes(self.session, self.direction, len(message))  # (activity too: Session.last_activity)
         return True
 
     def through(self, framed: memoryview) -> bool:
@@ -270,8 +269,7 @@ class _Passing:
             return False
         if not self.queue.pass_through(framed, size):
             return False
-        self.session.touch()
-        self.hooks.count_bytes(self.session, self.direction, size)
+        self.hooks.count_bytes(self.session, self.direction, size)  # (activity too: Session.last_activity)
         return True
 
 

@@ -110,7 +110,10 @@ class Session:
     agent_joined: bool = False
     created: float = field(default_factory=time.monotonic)
     paired_at: float | None = None
-    last_activity: float = field(default_factory=time.monotonic)
+    #: When activity was last noticed (`last_activity`).
+    active_at: float = field(default_factory=time.monotonic)
+    #: bytes_to_agent + bytes_to_client at that look.
+    moved_at_look: int = 0
     bytes_to_agent: int = 0
     bytes_to_client: int = 0
     #: How much of bytes_to_agent / bytes_to_client the metrics counters already hold.
@@ -150,8 +153,24 @@ class Session:
         return label_of(self.operation)
 
     def touch(self) -> None:
-        """Record activity (for idle expiry)."""
-        self.last_activity = time.monotonic()
+        """Record activity now (for idle expiry)."""
+        self.active_at = time.monotonic()
+
+    @property
+    def last_activity(self) -> float:
+        """When the session was last seen active (for idle expiry): `touch`, or the first look that found
+        bytes relayed since the look before.
+
+        The relay counts every message's bytes on the session (RelayHooks.count_bytes) and reads no clock
+        per message (issue 18: touch was two calls per relayed message); the idle sweep (router/server.py,
+        every ttl/4 at most) looks here. So a session is never taken for idle sooner than it was, and at
+        most one sweep's interval later than it was.
+        """
+        moved = self.bytes_to_agent + self.bytes_to_client
+        if moved != self.moved_at_look:
+            self.moved_at_look = moved
+            self.active_at = time.monotonic()
+        return self.active_at
 
     def fail(self, error: RouterError) -> None:
         """End the session with an error; both sides' relays raise it."""
