@@ -13,16 +13,14 @@ from osmo_router.wire.protocol import pb
 
 
 class Session:
-    """The relay touches no session per message: its counted bytes are its activity (Session.last_activity)."""
+    """What the relay counts on a session per message (its bytes: its activity too, Session.last_activity)."""
+
+    def __init__(self) -> None:
+        self.bytes_to_agent = self.bytes_to_client = 0
 
 
 class Hooks:
-    def __init__(self) -> None:
-        self.counted = 0
-
-    def count_bytes(self, _session: object, direction: str, size: int) -> None:
-        assert direction == "client_to_agent"
-        self.counted += size
+    """The relay reports nothing per message."""
 
 
 def frame_message(frame: pb.Frame) -> bytes:
@@ -50,14 +48,14 @@ async def test_a_data_frame_passes_only_while_the_reader_waits_and_the_sink_take
     assert not passing(data)  # the reader is busy with a message: nothing may pass it
     passing.idle = True
     assert passing(data)
-    assert written == [data] and hooks.counted == len(data)
+    assert written == [data] and session.bytes_to_agent == len(data)
     # Control frames are the reader's to look at, whatever the sink would do.
     exit_status = frame_message(pb.Frame(exit_status=pb.ExitStatus(code=3)))
     for control in (ENCODED_HALF_CLOSE, ENCODED_DETACH, exit_status, b"", b"\x00junk"):
         assert not passing(control)
     sink_open = False  # the writer cannot send at once: left to the reader, nothing counted
     assert not passing(data)
-    assert written == [data] and hooks.counted == len(data)
+    assert written == [data] and session.bytes_to_agent == len(data)
     sink_open = True
     queue._items.append(b"queued")  # something waits in the queue: nothing jumps it
     assert not passing(data)
@@ -100,7 +98,7 @@ async def test_a_message_passes_through_as_received_on_the_same_terms() -> None:
     passing.idle = True
     assert passing.through(grpc_framed(data))
     assert sink.written == [grpc_framed(data).tobytes()]
-    assert hooks.counted == len(data)  # the message's bytes, not its prefix
+    assert session.bytes_to_agent == len(data)  # the message's bytes, not its prefix
     exit_status = frame_message(pb.Frame(exit_status=pb.ExitStatus(code=3)))
     for control in (ENCODED_HALF_CLOSE, ENCODED_DETACH, exit_status, b"\x00junk"):
         assert not passing.through(grpc_framed(control))
@@ -112,5 +110,5 @@ async def test_a_message_passes_through_as_received_on_the_same_terms() -> None:
     budget.used = 0
     queue._items.append(b"queued")
     assert not passing.through(grpc_framed(data))
-    assert len(sink.written) == 1 and hooks.counted == len(data)
+    assert len(sink.written) == 1 and session.bytes_to_agent == len(data)
     assert not writer_waits.done()

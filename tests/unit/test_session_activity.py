@@ -26,7 +26,7 @@ def test_bytes_counted_since_the_last_look_are_activity_and_nothing_else_is(monk
     assert session.last_activity == 100.0
     clock.now = 110.0
     assert session.last_activity == 100.0  # nothing moved: idle for 10 s
-    session.bytes_to_agent += 5  # (RelayHooks.count_bytes, per message)
+    session.bytes_to_agent += 5  # (the relay, per message)
     clock.now = 112.0
     assert session.last_activity == 112.0  # moved since the last look: active at this look
     clock.now = 130.0

@@ -12,9 +12,8 @@ class RelayedHooks:
     """Relay hooks of a stream relayed to another replica: bytes are counted by the owner, stalls here."""
 
     def __init__(self, metrics: RouterMetrics) -> None:
+        #: (The relay counts bytes on the session, for the relay's audit line, as for a local session.)
         self._metrics = metrics
-        #: Counts stay on the session (for the relay's audit line), as for a local session.
-        self.count_bytes = metrics.count_bytes
 
     def flow_control_timeout(self, session: Session) -> None:
         """A reader stopped reading: counted like a local session's."""
@@ -34,7 +33,6 @@ class LocalHooks:
 
     def __init__(self, metrics: RouterMetrics) -> None:
         self._metrics = metrics
-        self.count_bytes = metrics.count_bytes
         self.flow_control_timeout = metrics.flow_control_timeout
         self.settle = metrics.settle
 

@@ -47,12 +47,8 @@ class Endpoint(Protocol):
 
 
 class RelayHooks(Protocol):
-    """What the relay reports: bytes per chunk and flow-control timeouts."""
-
-    def count_bytes(self, session: Session, direction: str, size: int) -> None:
-        """Count `size` bytes moved in `direction` (client_to_agent or agent_to_client) on the session
-        (bytes_to_agent / bytes_to_client): they are its activity too (Session.last_activity)."""
-        ...
+    """What the relay reports: flow-control timeouts, a side's end (its counted bytes: the relay adds each
+    message's size to the session's bytes_to_agent / bytes_to_client itself, no call per message)."""
 
     def flow_control_timeout(self, session: Session) -> None:
         """A reader stopped reading for longer than the flow-control timeout."""
@@ -153,6 +149,7 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hooks: RelayHooks, is_agent: bool) -> None:
     # No closures or per-side callables here: a router holds two of these per session.
     direction = "agent_to_client" if is_agent else "client_to_agent"
+    to_agent = not is_agent
     client_half_closed = False
     # The agent's first frame tells whether a session that asked for resume got it (core/resumes.py).
     answer = is_agent and session.resume is not None
@@ -180,7 +177,12 @@ async def _read_into(session: Session, endpoint: Endpoint, queue: FlowQueue, hoo
             if answer:
                 answer = False
                 hooks.agent_answered(session, message)
-            hooks.count_bytes(session, direction, len(message))  # (activity too: Session.last_activity)
+            # Counted on the session (folded into the metrics by hooks.settle); its activity too
+            # (Session.last_activity).
+            if to_agent:
+                session.bytes_to_agent += len(message)
+            else:
+                session.bytes_to_client += len(message)
             if len(message) <= MAX_EXIT_STATUS_MESSAGE:
                 # Control frames are small: bulk data never pays for these checks.
                 if message == ENCODED_HALF_CLOSE:
@@ -229,13 +231,13 @@ class _Passing:
     without waking the reader (issue 18). Control frames (half-close, exit status, detach), a
     malformed message and anything the sink cannot send now are left to the reader."""
 
-    __slots__ = ("direction", "hooks", "idle", "queue", "session")
+    __slots__ = ("hooks", "idle", "queue", "session", "to_agent")
 
     def __init__(self, session: Session, queue: FlowQueue, hooks: RelayHooks, direction: str) -> None:
         self.session = session
         self.queue = queue
         self.hooks = hooks
-        self.direction = direction
+        self.to_agent = direction == "client_to_agent"
         #: True while the reader waits in `read`: only then may a message pass it (order is kept).
         self.idle = False
 
@@ -250,7 +252,10 @@ class _Passing:
             return False
         if not self.queue.offer(message):
             return False
-        self.hooks.count_bytes(self.session, self.direction, len(message))  # (activity too: Session.last_activity)
+        if self.to_agent:  # counted on the session, as a read of it is (_read_into)
+            self.session.bytes_to_agent += len(message)
+        else:
+            self.session.bytes_to_client += len(message)
         return True
 
     def through(self, framed: memoryview) -> bool:
@@ -269,7 +274,10 @@ class _Passing:
             return False
         if not self.queue.pass_through(framed, size):
             return False
-        self.hooks.count_bytes(self.session, self.direction, size)  # (activity too: Session.last_activity)
+        if self.to_agent:  # counted on the session, as a read of it is (_read_into)
+            self.session.bytes_to_agent += size
+        else:
+            self.session.bytes_to_client += size
         return True
 
 

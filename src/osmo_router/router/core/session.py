@@ -161,7 +161,7 @@ class Session:
         """When the session was last seen active (for idle expiry): `touch`, or the first look that found
         bytes relayed since the look before.
 
-        The relay counts every message's bytes on the session (RelayHooks.count_bytes) and reads no clock
+        The relay counts every message's bytes on the session (core/relay.py) and reads no clock
         per message (issue 18: touch was two calls per relayed message); the idle sweep (router/server.py,
         every ttl/4 at most) looks here. So a session is never taken for idle sooner than it was, and at
         most one sweep's interval later than it was.

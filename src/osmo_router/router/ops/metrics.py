@@ -1,7 +1,8 @@
 """Prometheus metrics of one router, in a registry of its own (no global state).
 
 Counting happens once per relayed chunk, never per byte, and without locks on the hot path:
-byte counts accumulate in plain integers on the session (`count_bytes`), and are folded into the
+byte counts accumulate in plain integers on the session (the relay adds each chunk's size to its
+bytes_to_agent / bytes_to_client), and are folded into the
 Prometheus counters (whose `inc` takes a lock) when each side of a session ends and whenever
 /metrics is rendered, for every live session. A scrape therefore sees every byte relayed up
 to that moment; nothing is lost at the end of a session.
@@ -195,13 +196,6 @@ class RouterMetrics:
     def resume_failed(self, operation: str, cause: str) -> None:
         """Count a resume the router could not pair (no agent, timeout, another user's session)."""
         self.resume_failures_total.labels(operation, cause).inc()
-
-    def count_bytes(self, session: Session, direction: str, size: int) -> None:
-        """Relay hook: count one chunk (plain integer additions; folded in later)."""
-        if direction == "client_to_agent":
-            session.bytes_to_agent += size
-        else:
-            session.bytes_to_client += size
 
     def settle(self, session: Session) -> None:
         """Relay hook: fold what was counted on the session since the last fold into the counters."""
