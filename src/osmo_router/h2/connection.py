@@ -162,12 +162,15 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
     def data_frame(self, stream_id: int, flags: int, payload: memoryview, last: bool) -> None:
         """A whole unpadded DATA frame at once (what data_begin, data_piece and data_end do for one that
         arrived in one read: a small message's frame, in one call instead of three); `last`: nothing more came
-        behind it in the same read (only then may it pass through, Stream.set_passthrough)."""
+        behind it in the same read (only then may it pass through, Stream.set_passthrough).
+
+        Every small message any process receives comes here: what the passthrough does not take, this
+        delivers with `_deliver_data`'s body inline (one call less per message, issue 18)."""
         if not self._settings_received:
             raise settings_first()
         size = len(payload)
+        stream = self.streams.get(stream_id)
         if last and not flags:  # (a burst is left to the reader, whose writer can merge it)
-            stream = self.streams.get(stream_id)
             if (
                 stream is not None
                 and stream._passthrough is not None
@@ -183,7 +186,31 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
                 if bdp is not None and bdp.active and bdp.on_data(size):
                     self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
                 return
-        self._deliver_data(stream_id, flags, payload, size)
+        # _deliver_data (dispatch.py), inline; keep the two alike.
+        self._recv_unacked += size
+        if self._recv_unacked >= self._connection_window >> 2:
+            if self._recv_unacked > self._connection_window:
+                raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
+            self._give_connection_window()
+        bdp = self._bdp
+        if bdp is not None and bdp.active and bdp.on_data(size):
+            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
+        if stream is None or stream.ended_in:
+            if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:
+                raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
+            return  # a stream we reset or closed: its bytes still counted for the connection window
+        if stream.reset_code is not None:
+            return
+        try:
+            stream.received_data(payload, size)
+        except StreamReset as err:
+            stream.reset(err.code)
+            return
+        except MessageTooLarge as err:
+            self._too_large(stream, str(err))
+            return
+        if flags & fr.END_STREAM and stream.reset_code is None:
+            self._peer_ended(stream)
 
     def data_piece(self, payload: memoryview) -> None:
         """The next bytes of the current DATA frame's payload."""

@@ -37,8 +37,8 @@ class FrameDispatch(Handshake):
     def _deliver_data(self, stream_id: int, flags: int, payload: memoryview, flow: int) -> None:
         """A whole DATA frame's payload (`flow`: the bytes it counts against the windows) to its stream.
 
-        Every DATA frame that arrived whole in the client and the agent comes here (a small message's):
-        `_data_target` and `_count_for_bdp` are inline (two calls less per message, issue 18)."""
+        `_data_target` and `_count_for_bdp` inline; Connection.data_frame (a whole unpadded frame, every small
+        message's) has this body inline too (issue 18): keep the two alike."""
         self._recv_unacked += flow
         if self._recv_unacked >= self._connection_window >> 2:
             if self._recv_unacked > self._connection_window:
