@@ -3,6 +3,8 @@ data frames, only while the reader waits and the writer's sink sends at once; el
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from osmo_router.router.core.budget import ByteBudget
@@ -64,11 +66,13 @@ async def test_a_data_frame_passes_only_while_the_reader_waits_and_the_sink_take
 
 
 class FramedSink:
-    """A writer's sink that can send a message still behind its gRPC prefix (relay._DirectWrite.framed)."""
+    """A writer's sink that can send a message still behind its gRPC prefix (relay._DirectWrite: its `framed`,
+    called by FlowQueue.pass_through, which counts what it sent in `watchdog.moved`)."""
 
     def __init__(self) -> None:
         self.open = True
         self.written: list[bytes] = []
+        self.watchdog = SimpleNamespace(moved=0)
 
     def __call__(self, message: bytes) -> bool:
         raise AssertionError("a passed-through message goes to `framed`")
@@ -111,4 +115,5 @@ async def test_a_message_passes_through_as_received_on_the_same_terms() -> None:
     queue._items.append(b"queued")
     assert not passing.through(grpc_framed(data))
     assert len(sink.written) == 1 and session.bytes_to_agent == len(data)
+    assert sink.watchdog.moved == len(data)  # what was sent counts as written, the prefix not
     assert not writer_waits.done()

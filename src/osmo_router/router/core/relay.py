@@ -328,9 +328,11 @@ async def _write_from(
 
 
 class _DirectWrite:
-    """A writer's direct hand-over (FlowQueue.set_sink): a message sent at once counts as written."""
+    """A writer's direct hand-over (FlowQueue.set_sink): a message sent at once counts as written. A
+    message still behind its gRPC prefix goes to `framed` (the endpoint's try_write_framed, or None),
+    called by FlowQueue.pass_through itself, which adds its size to `watchdog.moved`."""
 
-    __slots__ = ("_try_write", "_try_write_framed", "_watchdog")
+    __slots__ = ("_try_write", "framed", "watchdog")
 
     def __init__(
         self,
@@ -339,18 +341,11 @@ class _DirectWrite:
         try_write_framed: Callable[[memoryview], bool] | None = None,
     ) -> None:
         self._try_write = try_write
-        self._watchdog = watchdog
-        self._try_write_framed = try_write_framed
-
-    def framed(self, framed: memoryview) -> bool:
-        """Send a message still behind its gRPC prefix as it is, if the endpoint can (FlowQueue.pass_through)."""
-        if self._try_write_framed is not None and self._try_write_framed(framed):
-            self._watchdog.moved += len(framed) - 5
-            return True
-        return False
+        self.watchdog = watchdog
+        self.framed = try_write_framed
 
     def __call__(self, message: bytes) -> bool:
         if self._try_write(message):
-            self._watchdog.moved += len(message)
+            self.watchdog.moved += len(message)
             return True
         return False
