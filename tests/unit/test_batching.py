@@ -299,3 +299,37 @@ async def test_a_burst_of_messages_too_large_to_merge_goes_direct_one_after_anot
     async with asyncio.timeout(WAIT):
         await writer.flush()
     assert [f.data for f in call.frames()] == [b"x" * 1024]
+
+
+@pytest.mark.asyncio
+async def test_try_write_single_takes_no_turn_hold_but_respects_others_and_the_end_of_writing() -> None:
+    # A socket pump sends at most one message per turn: its at-once path schedules no release of a
+    # turn hold (issue 18), yet a hold taken by a `write_data` of this turn still queues it behind
+    # (a burst merges), a barrier being written is never passed, and after the end of writing began
+    # (FrameStream.close: refuse_direct) nothing goes at once.
+    call = GatedCall()
+    direct: list[bytes] = []
+
+    def try_write(message: bytes) -> bool:
+        direct.append(message)
+        return True
+
+    writer = BatchingWriter(call.write, try_write=try_write)
+    one, two, three, four = (data_message(bytes([65 + i]) * 3) for i in range(4))
+    assert writer.try_write_single(one) and writer.try_write_single(two)  # no hold taken between them
+    assert direct == [one, two] and writer.idle
+    await writer.write_data(three)  # at once, taking this turn's hold
+    assert direct == [one, two, three]
+    assert not writer.try_write_single(four)  # held by the write_data of this turn: declined, to queue
+    await asyncio.sleep(0)
+    barrier = asyncio.ensure_future(writer.write(HALF_CLOSE))  # a control frame in flight (gated)
+    async with asyncio.timeout(WAIT):
+        await call.started.wait()
+    assert not writer.try_write_single(four)  # never passes a barrier being written
+    call.release()
+    async with asyncio.timeout(WAIT):
+        await barrier
+    assert writer.try_write_single(four)
+    writer.refuse_direct()
+    assert not writer.try_write_single(one) and not writer.try_write_data(one)
+    assert direct == [one, two, three, four]

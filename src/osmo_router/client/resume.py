@@ -76,6 +76,7 @@ class ResumingStream(ResumableStream):
         self._notify = notify
         self.confirmed = False
         self._data_lane = False  # data frames go through `_take` until the agent answered (ResumableStream)
+        self._room_by_buffer = False  # `_room_now` asks whether the agent answered (until it did: see there)
         self.acking = False  # until the agent's Resume says it numbers what it sends
         #: The session's key (what `attach` takes), once the router gave it.
         self.session_key = getattr(inner, "session_key", "")
@@ -208,7 +209,11 @@ class ResumingStream(ResumableStream):
 
     def _room_now(self, size: int) -> bool:
         # Before the agent confirmed, `_room` waits with a deadline for the answer: never at once.
-        return (self.confirmed or not self.resumable or self.agent_resumes) and super()._room_now(size)
+        if not (self.confirmed or not self.resumable or self.agent_resumes):
+            return False
+        # Each of the three only ever turns true: from now on the replay buffer alone answers.
+        self._room_by_buffer = True
+        return super()._room_now(size)
 
     async def _room(self, size: int) -> None:
         # An agent known to recognise resumes answers (a Resume, or a refusal): no deadline, and no

@@ -227,10 +227,15 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
     def try_write(self, request: Any) -> bool:
         """Send one request at once if it can all go to the transport now (the stream open, nothing
         queued on it, the windows open); False with nothing sent otherwise (then use `write`)."""
+        return self.try_write_serialized(self._serialize(request))
+
+    def try_write_serialized(self, message: bytes) -> bool:
+        """`try_write` of a request already serialised (a raw call's pre-encoded data message: no
+        serializer call per message, issue 18)."""
         stream = self._stream
         if stream is None or self._status is not None or self._half_closed or stream.ended_in:
             return False
-        return stream.try_write(self._serialize(request))
+        return stream.try_write(message)
 
     async def done_writing(self) -> None:
         """End the requests (END_STREAM after what is queued)."""

@@ -70,6 +70,12 @@ class StreamCore:
         #: subclass that must look at every frame first, the client until the agent's answer, clears it).
         self._data_lane = True
         self._sending = 0  # sends in progress (_send_item), which a try_send_data_message must not pass
+        #: The stream under it whose at-once data sender `_direct` is (ResumableStream.try_send_data_message).
+        self._direct_of: SessionStream | None = None
+        self._direct: Callable[[bytes], bool] | None = None
+        #: Whether `_room_now` is the replay buffer's `fits_now` alone (a subclass whose `_room` waits for
+        #: more, the client until the agent answered, clears it until then).
+        self._room_by_buffer = True
         self._connected = asyncio.Event()
         self._connected.set()
         self._ended = False

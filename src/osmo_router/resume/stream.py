@@ -90,13 +90,18 @@ class ResumableStream(StreamCore):
         caller knows it (a socket pump: what it read), else read from the message."""
         if self._lost is not None or self._sending or self._write_lock.locked():
             return False
-        try_send = getattr(self._inner, "try_send_data_message", None)
+        inner = self._inner
+        if inner is not self._direct_of:  # (looked up once per stream under it, not per message)
+            self._direct_of, self._direct = inner, _direct_sender(inner)
+        try_send = self._direct
         if try_send is None:
             return False
         if not self.resumable:
             return bool(try_send(message))
         size = len(message)
-        if not self._room_now(size) or not try_send(message):
+        # (`_room_now` is the replay buffer's answer unless a subclass said otherwise: a call less per message)
+        room = self.buffer.fits_now(size) if self._room_by_buffer else self._room_now(size)
+        if not room or not try_send(message):
             return False
         if units < 0:
             units = size - payload_offset(message)
@@ -265,6 +270,16 @@ class ResumableStream(StreamCore):
     def _on_control(self, frame: pb.Frame) -> None:
         """A Resume or Detach frame arrived mid-stream (a side that expects one overrides this)."""
         log.debug("ignored %s frame", frame.WhichOneof("kind"))
+
+
+def _direct_sender(inner: object) -> Callable[[bytes], bool] | None:
+    """What sends a data message at once on `inner` for a sender of one message per turn of the loop
+    (FrameStream.direct_data_sender), else its `try_send_data_message`; None if it has neither."""
+    direct = getattr(inner, "direct_data_sender", None)
+    if direct is not None:
+        sender: Callable[[bytes], bool] | None = direct()
+        return sender
+    return getattr(inner, "try_send_data_message", None)
 
 
 __all__ = ["BREAKS", "ResumableStream", "SessionLost"]

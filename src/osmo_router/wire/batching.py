@@ -76,6 +76,9 @@ class BatchingWriter:
         self._pending_bytes = 0
         self._room = asyncio.Event()
         self._lock = asyncio.Lock()  # held around every write to the call
+        #: Barriers written (or waiting for the lock) outside the drain task: while any, nothing goes at once
+        #: (`_lock.locked()`, counted: a call less per message sent at once).
+        self._barriers = 0
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         #: Messages written and data frames handed in (merged ones count once in `written`).
@@ -110,9 +113,7 @@ class BatchingWriter:
         taking it whole); False, with nothing written, otherwise. Never raises."""
         try_write = self._try_write
         # (`idle` and `_hold_direct` spelt out: this runs for every message a forward sends, issue 18)
-        if try_write is None or self._error is not None or self._task is not None or self._pending:
-            return False
-        if self._lock.locked():
+        if try_write is None or self._error is not None or self._task is not None or self._pending or self._barriers:
             return False
         if self._direct_held:
             # The turn's hold is for merging, and a message whose payload alone exceeds `limit` merges with
@@ -132,6 +133,27 @@ class BatchingWriter:
         self.written += 1
         return True
 
+    def try_write_single(self, message: bytes) -> bool:
+        """`try_write_data` for a sender that sends at most one message per turn of the event loop (a
+        socket pump: one read per readiness callback, a sleep(0) between sends of its own): it takes no
+        turn hold, so no release is scheduled per message (a call_soon and a call, issue 18). A hold
+        taken by others (a drain that just ended, a `write_data` sent at once in this turn) still makes
+        a small message decline, to be queued behind, as in `try_write_data`. Never raises."""
+        try_write = self._try_write
+        if try_write is None or self._error is not None or self._task is not None or self._pending or self._barriers:
+            return False
+        if self._direct_held and len(message) <= self._limit + MAX_DATA_HEADER:
+            return False
+        if not try_write(message):
+            return False
+        self.data_frames += 1
+        self.written += 1
+        return True
+
+    def refuse_direct(self) -> None:
+        """Send nothing at once from now on (the end of writing is queued: data after it must not pass it)."""
+        self._try_write = None
+
     async def write(self, message: Any) -> None:
         """Write a message that is not data, after everything queued; returns once written."""
         await self.barrier(lambda: self._counted_write(message))
@@ -141,8 +163,12 @@ class BatchingWriter:
         self._check()
         if self.idle:
             # Nothing ahead of it: written here, with no task hop (the lock orders later writes).
-            async with self._lock:
-                await run()
+            self._barriers += 1
+            try:
+                async with self._lock:
+                    await run()
+            finally:
+                self._barriers -= 1
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Barrier(run, future))

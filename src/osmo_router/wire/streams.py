@@ -30,7 +30,9 @@ class FrameStream:
         self._wrap = wrap
         self._raw = raw
         self._batch = batch and raw
-        self.writer = BatchingWriter(call.write, try_write=getattr(call, "try_write", None))
+        # A raw call's data messages are its requests' bytes already: written with no serializer call.
+        try_write = getattr(call, "try_write_serialized" if raw else "try_write", None)
+        self.writer = BatchingWriter(call.write, try_write=try_write)
         self.closed_for_writing = False
         self.peer_half_closed = False
         #: The session's key, as the router's ready named it (client side; "" until then).
@@ -101,6 +103,12 @@ class FrameStream:
         if self.closed_for_writing or not self._batch:
             return False
         return self.writer.try_write_data(message)
+
+    def direct_data_sender(self) -> Callable[[bytes], bool] | None:
+        """`try_send_data_message` for a sender that sends at most one data message per turn of the event
+        loop (BatchingWriter.try_write_single: the resumable stream over this one, for its socket pump);
+        None if nothing goes at once (batching off). It declines everything once `close` began."""
+        return self.writer.try_write_single if self._batch else None
 
     async def send_error(self, code: grpc.StatusCode, message: str) -> None:
         """Report an error to the far side."""
@@ -180,6 +188,7 @@ class FrameStream:
         """Say this side sends nothing more (ends our half of the call), after everything queued."""
         if not self.closed_for_writing:
             self.closed_for_writing = True
+            self.writer.refuse_direct()
             await self.writer.barrier(self.call.done_writing)
 
 
