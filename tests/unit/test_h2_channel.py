@@ -268,3 +268,64 @@ async def test_cancel_after_the_end_of_the_requests_lets_the_server_take_them_al
     assert call.cancel()
     assert await call.code() == grpc.StatusCode.CANCELLED
     assert await asyncio.wait_for(server.service.joined.get(), WAIT) == b"a+b+detach"  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_a_raw_listener_never_takes_a_message_ahead_of_one_code_took_off_the_stream(
+    served: tuple[grpc.aio.Server, Channel],
+) -> None:
+    # The raw listener goes to the h2 stream itself (no guard call per message, issue 18): while a
+    # message that `code()` took off the stream waits for `read`, the stream must have no listener,
+    # and get it back once that message was read.
+    _server, channel = served
+    call = channel.stream_stream("/test.Echo/Bidi")()
+    await call.wait_for_connection()
+    accept = False
+    taken: list[bytes] = []
+    took = asyncio.Event()
+
+    def listener(message: bytes) -> bool:
+        if accept:
+            taken.append(message)
+            took.set()
+        return accept
+
+    call.set_listener(listener, raw=True)
+    stream = call._stream
+    assert stream is not None
+    # What the test waits on: a second read of the stream begun (the first took "A"), a DATA payload arrived.
+    reading_again, arrived = asyncio.Event(), asyncio.Event()
+    reads: list[None] = []
+    read, received_data = stream.read, stream.received_data
+
+    async def read_seen() -> bytes | None:
+        reads.append(None)
+        if len(reads) == 2:
+            reading_again.set()
+        return await read()
+
+    def received_data_seen(payload: memoryview, flow: int) -> None:
+        received_data(payload, flow)
+        arrived.set()
+
+    stream.read = read_seen  # type: ignore[method-assign]
+    stream.received_data = received_data_seen  # type: ignore[method-assign]
+    await call.write(b"a")
+    await asyncio.wait_for(arrived.wait(), WAIT)  # declined: "A" waits on the stream
+    ending = asyncio.create_task(call.code())  # takes "A" off the stream, then waits for the end
+    await asyncio.wait_for(reading_again.wait(), WAIT)
+    assert list(call._buffer) == [b"A"]
+    ending.cancel()
+    await asyncio.gather(ending, return_exceptions=True)
+    accept = True
+    arrived.clear()
+    await call.write(b"b")
+    await asyncio.wait_for(arrived.wait(), WAIT)
+    assert taken == []  # "B" waits behind "A", for `read`
+    assert await asyncio.wait_for(call.read(), WAIT) == b"A"
+    assert await asyncio.wait_for(call.read(), WAIT) == b"B"
+    await call.write(b"c")  # nothing waits for `read` any more: the listener again
+    await asyncio.wait_for(took.wait(), WAIT)
+    assert taken == [b"C"]
+    await call.done_writing()
+    assert await asyncio.wait_for(call.read(), WAIT) is grpc.aio.EOF

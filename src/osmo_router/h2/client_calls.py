@@ -105,6 +105,7 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
                     message = await self._read_stream(stream)
                     if message is not None:
                         self._buffer.append(message)
+                        self._relisten()  # (no listener while this waits for `read`: see _stream_listener)
 
     async def _read_stream(self, stream: Stream) -> bytes | None:
         """The next message off the stream, or None once the call ended (its status set)."""
@@ -133,20 +134,26 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
             self._stream.set_listener(self._stream_listener())
 
     def _stream_listener(self) -> Callable[[bytes], bool] | None:
-        if self._listener is None:
+        """What the stream offers its messages to: nothing while a message taken off it waits in
+        `_buffer` or once the call has its status (then they wait for `read`, in order); a raw
+        listener itself, with no call of ours per message (issue 18: `_relisten` keeps this current)."""
+        if self._listener is None or self._buffer or self._status is not None:
             return None
-        return self._listen_undecoded if self._listen_raw else self._listen
+        return self._listener if self._listen_raw else self._listen
+
+    def _relisten(self) -> None:
+        """The buffer or the status changed: give the stream the listener that fits now."""
+        if self._stream is not None and self._listener is not None:
+            self._stream.set_listener(self._stream_listener())
+
+    def _finish(self, code: grpc.StatusCode, details: str, trailing: Any = None) -> None:
+        super()._finish(code, details, trailing)
+        self._relisten()
 
     @property
     def deserialize(self) -> Deserializer:
         """The call's response deserializer (for a raw listener's messages)."""
         return self._deserialize
-
-    def _listen_undecoded(self, message: bytes) -> bool:
-        # (the raw listener's own path: the caller decodes what it needs, often nothing but a prefix)
-        if self._buffer or self._status is not None:
-            return False
-        return self._listener(message)  # type: ignore[misc]
 
     def _listen(self, message: bytes) -> bool:
         listener = self._listener
@@ -173,7 +180,10 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
         try:
             async with self._read_lock:
                 if self._buffer:
-                    return self._deserialize(self._buffer.popleft())
+                    message = self._buffer.popleft()
+                    if not self._buffer:
+                        self._relisten()
+                    return self._deserialize(message)
                 stream = self._stream
                 if self._status is not None and not self._locally_cancelled and stream and stream.has_message():
                     with contextlib.suppress(StreamReset):  # the end came before these were read

@@ -72,17 +72,37 @@ class StreamInbound:
 
     def received_data(self, payload: memoryview, flow_length: int) -> None:
         """A whole DATA payload (padding removed); `flow_length` is what it counted against the windows."""
-        # (data_begin and _gave_back_listened, inline: this runs once per message received)
+        # (data_begin, _gave_back_listened, _taken and, for a payload that is exactly one whole message,
+        # _queue, inline: this runs once per message received, issue 18)
         self._recv_left -= flow_length
         if self._recv_left < 0:
             raise StreamReset(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the stream window")
         self._inflight = 0
-        self._assemble(payload)
-        if self._listened:
-            self._listened = False
-            self._taken()
+        size = len(payload)
+        if (
+            size >= 5
+            and not self._need
+            and not self._head
+            and not payload[0]
+            and int.from_bytes(payload[1:5], "big") == size - 5
+            and size - 5 <= self.conn.config.max_message_size
+        ):
+            # Exactly one whole message (most small ones come so): no assembly walk.
+            message = bytes(payload[5:])
+            listener = self._listener
+            if listener is not None and not self._messages and self.reset_code is None and listener(message):
+                self._listened = True
+            else:
+                self._messages.append(message)
+                self._queued += size
         else:
-            self._grant()
+            self._assemble(payload)
+        if self._listened:
+            # Its window goes back as if read, grown with the link (see _taken).
+            self._listened = False
+            if self._may_grow and self.conn.stream_window > self._recv_window:
+                self._recv_window = self.conn.stream_window
+        self._grant()
         if self._messages or self.reset_code is not None:  # (else nothing new to read: a listener took it)
             self._wake_reader()
 
@@ -142,11 +162,6 @@ class StreamInbound:
     def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
         pos, size = 0, len(payload)
-        if size >= 5 and not self._need and not self._head and not payload[0]:
-            length = int.from_bytes(payload[1:5], "big")
-            if length == size - 5 and length <= max_message:  # exactly one whole message: no walk
-                self._queue(bytes(payload[5:]), size)
-                return
         while pos < size:
             if not self._need and not self._head and size - pos >= 5:
                 length = int.from_bytes(payload[pos + 1 : pos + 5], "big")

@@ -67,6 +67,8 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
 
 #: The largest payload whose message has one-byte lengths (its frame's, 2 + size, and its own).
 _SHORT_PAYLOAD: Final = 0x7F - 2
+#: The longest message of such a payload (its two tags and two one-byte lengths first).
+SHORT_MESSAGE: Final = _SHORT_PAYLOAD + 4
 
 
 def encode_data_message(payload: bytes) -> bytes:
@@ -82,7 +84,7 @@ def payload_offset(raw: bytes) -> int:
     """
     total = len(raw)
     # A keystroke's or a request's message: both lengths one byte (no varint walk; same answer).
-    if 4 <= total <= _SHORT_PAYLOAD + 4 and raw[1] == total - 2 and raw[3] == total - 4:
+    if 4 <= total <= SHORT_MESSAGE and raw[1] == total - 2 and raw[3] == total - 4:
         return 4 if raw[0] == FRAME_TAG and raw[2] == DATA_TAG else -1
     try:
         if not raw or raw[0] != FRAME_TAG:

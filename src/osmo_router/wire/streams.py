@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from osmo_router.wire.batching import BatchingWriter
-from osmo_router.wire.codec import encode_data_message, payload_offset
+from osmo_router.wire.codec import DATA_TAG, FRAME_TAG, SHORT_MESSAGE, encode_data_message, payload_offset
 from osmo_router.wire.errors import InvalidArgument, from_status_number
 from osmo_router.wire.protocol import pb
 
@@ -162,7 +162,13 @@ class FrameStream:
     def _listen_raw(
         self, listener: Callable[[pb.Frame], bool], data: Callable[[memoryview], bool], message: bytes
     ) -> bool:
-        start = payload_offset(message)
+        total = len(message)
+        # payload_offset's first case, inline (a request's or a keystroke's message: both lengths one
+        # byte; one call less per message received, issue 18); any other goes through it.
+        if 4 <= total <= SHORT_MESSAGE and message[1] == total - 2 and message[3] == total - 4:
+            start = 4 if message[0] == FRAME_TAG and message[2] == DATA_TAG else -1
+        else:
+            start = payload_offset(message)
         if start >= 0:
             return data(memoryview(message)[start:])
         try:
