@@ -102,7 +102,13 @@ class StreamInbound:
             self._listened = False
             if self._may_grow and self.conn.stream_window > self._recv_window:
                 self._recv_window = self.conn.stream_window
-        self._grant()
+        if self._credit is not None or self.ended_in or self.reset_code is not None:
+            self._grant()
+        else:
+            # _grant's test, inline: most messages leave too little to give back yet (one call less each).
+            window, left = self._recv_window, self._recv_left
+            if window - self._queued - left >= ((window >> 2 or 1) if left > 0 else 1):
+                self._grant()
         if self._messages or self.reset_code is not None:  # (else nothing new to read: a listener took it)
             self._wake_reader()
 
