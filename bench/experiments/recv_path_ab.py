@@ -1,0 +1,131 @@
+"""A/B of the forward's receive path alone, per message: a DATA frame to the local socket (issue 18).
+
+The path a forwarded message takes in the client and the agent when it arrives from the router: the
+native h2 connection's `get_buffer` / `buffer_updated` with one whole DATA frame (a data-frame message
+of 1-100 payload bytes, as a redis GET's) -> the stream's listener -> `FrameStream` -> the resumable
+stream's data lane -> `DirectSender.offer_data` -> the socket's send (a socketpair, drained untimed).
+The frame is fed in memory on a real call to a grpc.aio sink in another process (the window updates
+and acknowledgements it causes go there), so what is timed is the Python (and the C it calls) plus
+the one send system call, with no epoll and no read of the connection's socket.
+
+Trees A and B differ by environment (`--a-env PYTHONPATH=/tmp/base/src`); runs alternate A and B, the
+order flipping each round; the figure is the median ns per message of each run, then the median over
+the rounds (send_path_ab's method: see there for why this is steadier than forward_ab's CPU per GET).
+Runs are short (4000 messages): past about 5000 a run can stall in either tree (a frame fed in memory
+not delivered: the fed frames and the live connection's own traffic disagree; not seen on the real
+path), and the child then fails within 10 s instead of hanging.
+
+    .venv/bin/python -m bench.experiments.recv_path_ab --a-env PYTHONPATH=/tmp/base/src [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+from bench.experiments.send_path_ab import SINK, _pairs
+
+
+async def _child(messages: int, port: int) -> dict[str, float]:
+    """One run of `messages` received frames in this process (the tree on PYTHONPATH); ns per message."""
+    from osmo_router.h2 import frames as fr
+    from osmo_router.h2.channel import Channel
+    from osmo_router.io.socket_pumps import DirectSender
+    from osmo_router.resume.stream import ResumableStream
+    from osmo_router.wire.codec import encode_data_message, raw_serializer
+    from osmo_router.wire.streams import FrameStream
+
+    channel = Channel(f"127.0.0.1:{port}")
+    call = channel.stream_stream("/bench.Sink/Sink", request_serializer=raw_serializer)()
+    await call.write(encode_data_message(b"x"))  # the stream open, its headers out
+    stream = ResumableStream(FrameStream(call, lambda frame: frame, raw=True))
+    mine, theirs = socket.socketpair()
+    mine.setblocking(False)
+    theirs.settimeout(10)  # (a message not delivered at once fails the run instead of hanging it)
+    sender = DirectSender(mine, on_error=lambda err: asyncio.sleep(0))
+    stream.set_sink(sender.offer, sender.offer_data)
+    stream.start()
+    handler = asyncio.create_task(stream.recv())  # the pump waits in recv: frames go to its sink
+    await asyncio.sleep(0)
+    h2stream = call._stream
+    assert h2stream is not None
+    conn = h2stream.conn
+    frames = []
+    for size in range(1, 101):
+        message = encode_data_message(b"x" * size)
+        body = b"\x00" + len(message).to_bytes(4, "big") + message
+        frames.append(fr.header(fr.DATA, 0, h2stream.id, len(body)) + body)
+    spent = []
+    for i in range(messages):
+        frame = frames[i % 100]
+        start = time.perf_counter_ns()
+        target = conn.get_buffer(-1)
+        target[: len(frame)] = frame
+        conn.buffer_updated(len(frame))
+        spent.append(time.perf_counter_ns() - start)
+        got = theirs.recv(4096)
+        assert len(got) == 1 + i % 100, f"message {i} was not delivered at once"
+        await asyncio.sleep(0)
+    assert not handler.done()
+    handler.cancel()
+    call.cancel()
+    await channel.close()
+    return {"median": statistics.median(spent), "p10": sorted(spent)[len(spent) // 10]}
+
+
+def _run(env: dict[str, str], messages: int) -> dict[str, float]:
+    """A child run with `env` added; its figures."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.experiments.recv_path_ab", "--child", "--messages", str(messages)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a-env", action="append", default=[], help="K=V for tree A")
+    parser.add_argument("--b-env", action="append", default=[], help="K=V for tree B")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import uvloop
+
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the sink: the installed grpcio
+        sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, env=env)
+        try:
+            assert sink.stdout is not None
+            port = int(sink.stdout.readline())
+            print(json.dumps(uvloop.run(_child(args.messages, port))))
+        finally:
+            sink.kill()
+            sink.wait()
+        return
+    envs = {"A": _pairs(args.a_env), "B": _pairs(args.b_env)}
+    medians: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(args.rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            medians[name].append(_run(envs[name], args.messages)["median"])
+    a, b = statistics.median(medians["A"]), statistics.median(medians["B"])
+    print(
+        f"receive: A {a:.0f} ns, B {b:.0f} ns per message (medians of {args.rounds} runs: A {medians['A']}, "
+        f"B {medians['B']}); B/A {b / a:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
