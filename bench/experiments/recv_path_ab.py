@@ -11,9 +11,9 @@ the one send system call, with no epoll and no read of the connection's socket.
 Trees A and B differ by environment (`--a-env PYTHONPATH=/tmp/base/src`); runs alternate A and B, the
 order flipping each round; the figure is the median ns per message of each run, then the median over
 the rounds (send_path_ab's method: see there for why this is steadier than forward_ab's CPU per GET).
-Runs are short (4000 messages): past about 5000 a run can stall in either tree (a frame fed in memory
-not delivered: the fed frames and the live connection's own traffic disagree; not seen on the real
-path), and the child then fails within 10 s instead of hanging.
+The channel does not grow its windows (no BDP pings: with frames fed faster than any link, they made
+the grpc sink end the call for too many pings); a message not delivered at once fails the run within
+10 s instead of hanging it.
 
     .venv/bin/python -m bench.experiments.recv_path_ab --a-env PYTHONPATH=/tmp/base/src [--rounds 5]
 """
@@ -37,12 +37,15 @@ async def _child(messages: int, port: int) -> dict[str, float]:
     """One run of `messages` received frames in this process (the tree on PYTHONPATH); ns per message."""
     from osmo_router.h2 import frames as fr
     from osmo_router.h2.channel import Channel
+    from osmo_router.h2.config import DEFAULT_STREAM_WINDOW, H2Config
     from osmo_router.io.socket_pumps import DirectSender
     from osmo_router.resume.stream import ResumableStream
     from osmo_router.wire.codec import encode_data_message, raw_serializer
     from osmo_router.wire.streams import FrameStream
 
-    channel = Channel(f"127.0.0.1:{port}")
+    # No BDP growth: its pings, one per burst of the frames fed here, would make the grpc sink end the
+    # call for too many pings (GOAWAY), which stalled runs in either tree.
+    channel = Channel(f"127.0.0.1:{port}", config=H2Config(max_stream_window=DEFAULT_STREAM_WINDOW))
     call = channel.stream_stream("/bench.Sink/Sink", request_serializer=raw_serializer)()
     await call.write(encode_data_message(b"x"))  # the stream open, its headers out
     stream = ResumableStream(FrameStream(call, lambda frame: frame, raw=True))
@@ -99,7 +102,7 @@ def main() -> None:
     parser.add_argument("--a-env", action="append", default=[], help="K=V for tree A")
     parser.add_argument("--b-env", action="append", default=[], help="K=V for tree B")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
