@@ -151,13 +151,17 @@ async def test_pushed_and_sunk_frames_arrive_exactly_once_in_order(cuts: int, ra
     assert (at_b.sunk_payloads > 0) == raw and (at_a.sunk_payloads > 0) == raw
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["frames", "payloads"])
 @pytest.mark.asyncio
-async def test_sunk_frames_are_acknowledged_so_the_sender_goes_on() -> None:
-    end_a, end_b = push_pipe()
+async def test_sunk_frames_are_acknowledged_so_the_sender_goes_on(raw: bool) -> None:
+    # (payloads: the data sink's path, which acknowledges inline, calling Acknowledger.consumed only
+    # when a timer is not already due to: issue 18)
+    end_a, end_b = push_pipe(raw)
     a, b = Side(end_a, 16 * 1024), Side(end_b, 16 * 1024)
     a.start()
     b.start()
     taken = bytearray()
+    payloads = 0
 
     def sink(frame: pb.Frame) -> bool:
         if frame.WhichOneof("kind") != "data":
@@ -165,7 +169,13 @@ async def test_sunk_frames_are_acknowledged_so_the_sender_goes_on() -> None:
         taken.extend(frame.data)
         return True
 
-    b.set_sink(sink)
+    def data(payload: memoryview) -> bool:
+        nonlocal payloads
+        payloads += 1
+        taken.extend(payload)
+        return True
+
+    b.set_sink(sink, data)
     receiver = asyncio.create_task(b.recv())  # the handler waits: the sink may deliver
     for _ in range(100):  # (bounded: a few turns of the loop until the task waits in recv)
         if b._handler_waiting:
@@ -175,6 +185,7 @@ async def test_sunk_frames_are_acknowledged_so_the_sender_goes_on() -> None:
     # 256 KiB through a 16 KiB replay window: only acknowledgements of what the sink took let it pass.
     await asyncio.wait_for(pump(a, [b"y" * 4096] * 64), 10)
     assert bytes(taken) == b"y" * 4096 * 64
+    assert (payloads > 0) == raw
     frame = await asyncio.wait_for(receiver, 5)  # the half-close is never sunk: recv gets it
     assert frame is not None and frame.WhichOneof("kind") == "half_close"
     a.abort()

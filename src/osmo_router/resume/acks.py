@@ -25,6 +25,10 @@ class Acknowledger:
         self._task: asyncio.Task[None] | None = None
         self._wanted = False
         self._closed = False
+        #: True while a frame consumed that leaves less than `every` owed needs nothing done here: a timer
+        #: will acknowledge it, or acknowledgements are over. (Read by the receive path before it calls
+        #: `consumed`: a call less per message received, issue 18.)
+        self.quiet = False
 
     def set_peer_window(self, window_bytes: int) -> None:
         """Acknowledge often enough for a peer that keeps at most `window_bytes` unacknowledged."""
@@ -38,6 +42,7 @@ class Acknowledger:
             self.now()
         elif self._timer is None and not self._closed:
             self._timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._soon)
+            self.quiet = True
 
     def now(self) -> None:
         """Acknowledge as soon as the stream takes it."""
@@ -55,6 +60,7 @@ class Acknowledger:
 
     def _soon(self) -> None:
         self._timer = None
+        self.quiet = self._closed
         if self.clock.owed:
             self.now()
 
@@ -62,6 +68,7 @@ class Acknowledger:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.quiet = self._closed
 
     async def _run(self) -> None:
         while self._wanted and not self._closed:
