@@ -29,6 +29,7 @@ from osmo_router.router.ops.connection_gate import HttpLimits
 from osmo_router.router.ops.http_limits import serve_app, ws_limits
 from osmo_router.router.ws.aliases import WorkflowAliases
 from osmo_router.router.ws.backend_side import WsBackendSide
+from osmo_router.router.ws.client_side import WsClientSide
 from osmo_router.router.ws.created import (
     check_operation,
     is_control_channel,
@@ -37,7 +38,6 @@ from osmo_router.router.ws.created import (
     serve_control_channel,
 )
 from osmo_router.router.ws.init import client_init
-from osmo_router.router.ws.sides import WsClientSide
 from osmo_router.wire.errors import InvalidArgument, RouterError
 from osmo_router.wire.ops import BY_LABEL, Operation
 from osmo_router.wire.protocol import AUTHORIZATION_HEADER, pb
