@@ -172,6 +172,12 @@ class FrameReader:
             buf, view, sink, parser = self._buf, self._view, self._sink, self._parser
             start, end = self._start, self._end
             while True:
+                if self.discarding:
+                    # A frame of this read closed the connection (Connection.close: a GOAWAY received
+                    # with no stream open, the last stream's end after ours): what follows it is dropped
+                    # too. Walked on, a HEADERS frame opened a call whose writes met the transport past
+                    # its write_eof (RuntimeError: the transport is not is_closing() while it lingers).
+                    return
                 if self._left:
                     take = min(self._left, end - start)
                     if not take:
