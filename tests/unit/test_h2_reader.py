@@ -138,8 +138,10 @@ async def test_messages_split_at_every_byte_come_out_whole(name: str) -> None:
 
 
 @pytest.mark.asyncio
-async def test_byte_by_byte_reads_and_the_window_given_back() -> None:
-    data, expected = wires()["messages across frames"]
+@pytest.mark.parametrize("name", ["messages across frames", "padded frames"])
+async def test_byte_by_byte_reads_and_the_window_given_back(name: str) -> None:
+    # (padded frames: their padding counts against the stream's window, and is given back with the data)
+    data, expected = wires()[name]
     window = 1024
     conn, stream = await deliver(opening() + data, range(len(opening()) + len(data)), H2Config(stream_window=window))
     assert read_all(stream) == expected

@@ -159,16 +159,17 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
             return
         self._data_stream = stream
 
-    def data_frame(self, stream_id: int, flags: int, payload: memoryview, last: bool) -> None:
-        """A whole unpadded DATA frame at once (what data_begin, data_piece and data_end do for one that
+    def data_frame(self, stream_id: int, flags: int, payload: memoryview, last: bool, flow: int = -1) -> None:
+        """A whole DATA frame at once (what data_begin, data_piece and data_end do for an unpadded one that
         arrived in one read: a small message's frame, in one call instead of three); `last`: nothing more came
         behind it in the same read (only then may it pass through, Stream.set_passthrough).
 
-        Every small message any process receives comes here: what the passthrough does not take, this
-        delivers with `_deliver_data`'s body inline (one call less per message, issue 18)."""
+        Every small message any process receives comes here, and so does a PADDED frame parsed whole
+        (dispatch.py `_on_data`, `flow`: its payload and padding, what counts against the windows).
+        """
         if not self._settings_received:
             raise settings_first()
-        size = len(payload)
+        size = len(payload) if flow < 0 else flow
         stream = self.streams.get(stream_id)
         if last and not flags:  # (a burst is left to the reader, whose writer can merge it)
             if (
@@ -186,7 +187,6 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
                 if bdp is not None and bdp.active and bdp.on_data(size):
                     self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
                 return
-        # _deliver_data (dispatch.py), inline; keep the two alike.
         self._recv_unacked += size
         if self._recv_unacked >= self._connection_window >> 2:
             if self._recv_unacked > self._connection_window:

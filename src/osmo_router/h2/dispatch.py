@@ -7,11 +7,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from osmo_router.h2 import frames as fr
-from osmo_router.h2.bdp import BDP_PING
 from osmo_router.h2.credit import UncountedCharge, header_cost
 from osmo_router.h2.flow import FlowControl
 from osmo_router.h2.handshake import Handshake, settings_first
-from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
+from osmo_router.h2.stream import Headers, Stream
 from osmo_router.io.byte_shares import ByteShares
 
 if TYPE_CHECKING:
@@ -31,39 +30,13 @@ class FrameDispatch(Handshake):
             handler(self, frame)
 
     def _on_data(self, frame: fr.Frame) -> None:
-        # A PADDED DATA frame, parsed whole (unpadded ones come piecewise: Connection.data_begin).
-        self._deliver_data(frame.stream_id, frame.flags, frame.payload, frame.flow)
+        # A PADDED DATA frame, parsed whole (unpadded ones come piecewise or whole to Connection.data_frame,
+        # which delivers this one too: `flow`, padding included, is what it counts against the windows).
+        self.data_frame(frame.stream_id, frame.flags, frame.payload, False, frame.flow)
 
-    def _deliver_data(self, stream_id: int, flags: int, payload: memoryview, flow: int) -> None:
-        """A whole DATA frame's payload (`flow`: the bytes it counts against the windows) to its stream.
-
-        `_data_target` and `_count_for_bdp` inline; Connection.data_frame (a whole unpadded frame, every small
-        message's) has this body inline too (issue 18): keep the two alike."""
-        self._recv_unacked += flow
-        if self._recv_unacked >= self._connection_window >> 2:
-            if self._recv_unacked > self._connection_window:
-                raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
-            self._give_connection_window()
-        bdp = self._bdp
-        if bdp is not None and bdp.active and bdp.on_data(flow):
-            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
-        stream = self.streams.get(stream_id)
-        if stream is None or stream.ended_in:
-            if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:
-                raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
-            return  # a stream we reset or closed: its bytes still counted for the connection window
-        if stream.reset_code is not None:
-            return
-        try:
-            stream.received_data(payload, flow)
-        except StreamReset as err:
-            stream.reset(err.code)
-            return
-        except MessageTooLarge as err:
-            self._too_large(stream, str(err))
-            return
-        if flags & fr.END_STREAM and stream.reset_code is None:
-            self._peer_ended(stream)
+    def data_frame(self, stream_id: int, flags: int, payload: memoryview, last: bool, flow: int = -1) -> None:
+        """A whole DATA frame to its stream (Connection's)."""
+        raise NotImplementedError
 
     def _too_large(self, stream: Stream, message: str) -> None:
         from osmo_router.h2.grpc import RESOURCE_EXHAUSTED, status_trailers
