@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from osmo_router.io.byte_shares import ByteShares
 
 if TYPE_CHECKING:
-    from osmo_router.h2.inbound import StreamInbound
+    from osmo_router.h2.receive_window import ReceiveWindow
 
 #: Window a stream with budgets may always have, whatever its budgets' room: it never stops.
 CREDIT_FLOOR = 64 * 1024
@@ -48,7 +48,7 @@ class StreamCredit:
         self.budgets = budgets
         self.charged = 0
 
-    def allowed(self, stream: StreamInbound, grant: int) -> int:
+    def allowed(self, stream: ReceiveWindow, grant: int) -> int:
         """How much of `grant` the stream may give back now: all of it while every budget has room,
         else up to CREDIT_FLOOR and what completes a begun message.
 
@@ -66,7 +66,7 @@ class StreamCredit:
             return grant
         return min(grant, max(CREDIT_FLOOR - stream.exposure, stream.missing_window()))
 
-    def sync(self, stream: StreamInbound) -> None:
+    def sync(self, stream: ReceiveWindow) -> None:
         """Count the stream's exposure now (runs per message taken: `_set` inline)."""
         exposure = stream.exposure
         delta = exposure - self.charged

@@ -1,10 +1,8 @@
-"""A stream's inbound side: gRPC messages parsed out of DATA payloads, and the window given back.
+"""A stream's inbound side: gRPC messages parsed out of DATA payloads.
 
 The stream parses gRPC length-prefixed messages out of DATA payloads and queues them for `read`
-(or hands each to a listener); it gives the peer window back only as messages are taken, so what a
-stalled reader makes us hold is bounded by the window we advertise (plus at most one partial
-message: a message larger than the window must be able to arrive whole). With byte budgets the
-window grows and is given back only as they have room (h2/credit.py).
+(or hands each to a listener); it gives the peer window back only as messages are taken
+(h2/receive_window.py, its base).
 """
 
 from __future__ import annotations
@@ -15,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
-from osmo_router.h2.credit import ByteBudget, StreamCredit, UncountedCharge
+from osmo_router.h2.credit import StreamCredit, UncountedCharge
+from osmo_router.h2.receive_window import ReceiveWindow
 from osmo_router.io.buffers import finish, new_message
 
 if TYPE_CHECKING:
@@ -36,7 +35,7 @@ class MessageTooLarge(Exception):
     """A received message is longer than the connection's max_message_size."""
 
 
-class StreamInbound:
+class StreamInbound(ReceiveWindow):
     """A stream's identity, lifetime and inbound side (the base of h2/stream.py's `Stream`)."""
 
     def __init__(self, conn: Connection, stream_id: int, recv_window: int) -> None:
@@ -145,25 +144,6 @@ class StreamInbound:
         if not self._gave_back_listened():
             self._grant_if_stuck()
         self._wake_reader()
-
-    def _gave_back_listened(self) -> bool:
-        """Give back, as if read, the window of what the listener took since the last look; False if
-        it took nothing (then the caller grants as it would without a listener)."""
-        if not self._listened:
-            return False
-        self._listened = False
-        self._taken()
-        return True
-
-    def _grant_if_stuck(self) -> None:
-        """Give back the bytes of the message under way now if it could not complete otherwise (it is
-        larger than what the peer may still send); else they go back with the message, once read: one
-        WINDOW_UPDATE per message, not one per read of it."""
-        missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
-        if missing > self._recv_left + self._inflight:
-            if self.uncounted is not None and not self.uncounted.cover(self._need):
-                return  # no room for it before the stream is counted: it waits (its session pairs, or it times out)
-            self._grant()
 
     def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
@@ -341,69 +321,6 @@ class StreamInbound:
                 self._readable = None
         return self.read_nowait()
 
-    def _grant(self) -> None:
-        """Give the peer back the window its read messages used (in steps of a quarter window)."""
-        credit = self._credit
-        if self.ended_in or self.reset_code is not None:
-            if credit is not None:
-                credit.sync(self)
-            return
-        window, left = self._recv_window, self._recv_left
-        grant = window - self._queued - left - self._inflight
-        # Worth sending: a quarter window, or anything to a peer that has no window left.
-        least = (window >> 2 or 1) if left > 0 else 1
-        # The budgets only ever lower a grant: one too small to send is not put to them (per message).
-        if grant >= least:
-            if credit is not None:
-                grant = credit.allowed(self, grant)
-            if grant >= least:
-                self._recv_left += grant
-                self.conn.send_window_update(self.id, grant)
-        if credit is not None:
-            credit.sync(self)
-
-    def use_budgets(self, budgets: tuple[ByteBudget, ...]) -> None:
-        """Take up the connection's full stream window from now on; with `budgets`, count what this
-        stream holds and may receive in them, and grow only as they have room (see the module
-        docstring). Once (the relay calls it for every stream it reads)."""
-        if self.uncounted is not None:
-            self.uncounted.release()
-            self.uncounted = None
-        if (self._may_grow and (self._credit is not None or not budgets)) or self._closed.done():
-            return
-        self._may_grow = True
-        if budgets:
-            self._credit = StreamCredit(budgets)
-        self._take_up_window()
-        self._grant()
-
-    def _taken(self) -> None:
-        """A message left the stream (read, or taken by the listener): give its window back, grown with
-        the link if the connection's window grew (h2/bdp.py: a stream takes that up as it reads)."""
-        if self._may_grow:
-            # _take_up_window, inline: this runs per message taken
-            window = self.conn.stream_window
-            if window > self._recv_window:
-                self._recv_window = window
-        self._grant()
-
-    def _take_up_window(self) -> None:
-        """Let the peer have up to the connection's stream window now (it grows with the link)."""
-        self._recv_window = max(self._recv_window, self.conn.stream_window)
-
-    @property
-    def exposure(self) -> int:
-        """Bytes this stream holds unread (a message under way included) plus the window its peer has
-        filled (a DATA frame still arriving) or may still fill."""
-        left = self._recv_left
-        open_window = left if left > 0 and not self.ended_in and self.reset_code is None else 0
-        return open_window + self._inflight + self._queued + self._filled + (len(self._head) if self._head else 0)
-
-    def missing_window(self) -> int:
-        """Window the message under way still needs beyond what the peer may send now."""
-        missing = self._need - self._filled if self._need else (5 - len(self._head) if self._head else 0)
-        return max(0, missing - self._recv_left - self._inflight)
-
     def _drop_received(self) -> None:
         """The stream is over abnormally: what it holds is dropped, a message under way included (no more
         of it is taken), and nothing is counted in the budgets again."""
@@ -412,14 +329,6 @@ class StreamInbound:
         self._message, self._into = b"", _EMPTY_VIEW
         self._need = self._filled = 0
         self._release_credit()
-
-    def _release_credit(self) -> None:
-        if self.uncounted is not None:
-            self.uncounted.release()
-            self.uncounted = None
-        if self._credit is not None:
-            self._credit.release()
-            self._credit = None
 
     def _wake_reader(self) -> None:
         # Only with something to read: a message taken by the listener, or a piece of one, wakes nobody.
