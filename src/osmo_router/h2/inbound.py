@@ -141,9 +141,12 @@ class StreamInbound(ReceiveWindow):
         self._after_pieces()
 
     def _after_pieces(self) -> None:
-        if not self._gave_back_listened():
+        # Runs per read of a message's bytes (a bulk message takes several): the two calls that most
+        # reads would make for nothing are skipped by their own first test, inline (issue 18).
+        if not (self._listened and self._gave_back_listened()):
             self._grant_if_stuck()
-        self._wake_reader()
+        if self._messages or self.ended_in or self.reset_code is not None:  # (else _wake_reader does nothing)
+            self._wake_reader()
 
     def _assemble(self, payload: memoryview) -> None:
         max_message = self.conn.config.max_message_size
