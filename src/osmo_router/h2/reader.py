@@ -98,11 +98,15 @@ class FrameReader:
                 if target is not None and len(target):
                     self._direct = True
                     return target[: self._left] if len(target) > self._left else target
-            elif not self._large and self._view.nbytes == self._capacity:
+            elif self._view.nbytes == self._capacity:
                 # Everything parsed and the buffer at its usual size (between small messages, the
-                # common case): all of it, as _make_room would leave it, without its work (per read).
+                # common case, or after a large frame): as _make_room would leave it, without its
+                # work (per read).
                 self._direct = False
                 self._start = self._end = 0
+                if self._large:  # (the next frame's header first: its payload may go in place)
+                    self._offered = HEADER_READ
+                    return self._view[:HEADER_READ]
                 self._offered = self._capacity
                 return self._view
         self._direct = False
