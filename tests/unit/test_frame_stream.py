@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from osmo_router.wire.codec import encode_data_message, fast_deserializer
+from osmo_router.wire.codec import BULK_PAYLOAD, encode_data_message, fast_deserializer, payload_offset
 from osmo_router.wire.protocol import pb
 from osmo_router.wire.streams import FrameStream
 
@@ -99,3 +99,15 @@ def test_a_raw_stream_hands_data_frames_to_the_data_listener_as_payloads_and_the
     # Without a data listener (or on a stream that is not raw) the call decodes every message itself.
     stream.set_listener(lambda f: True)
     assert not call.raw
+
+
+@pytest.mark.parametrize("size", [126, 16_384, BULK_PAYLOAD - 1, BULK_PAYLOAD, BULK_PAYLOAD + 1])
+def test_bulk_header_and_offset_match_protobuf(size: int) -> None:
+    """A bulk read's message (its header made once, its offset found without a walk) is protobuf's encoding,
+    and a message that only looks like one (another field's tag first) is not taken for one."""
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    message = encode_data_message(payload)
+    assert message == pb.ConnectResponse(frame=pb.Frame(data=payload)).SerializeToString()
+    assert payload_offset(message) == len(message) - size
+    assert payload_offset(memoryview(message)) == len(message) - size
+    assert payload_offset(b"\x1a" + message[1:]) == -1

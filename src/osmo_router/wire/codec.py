@@ -86,6 +86,9 @@ def payload_offset(raw: bytes) -> int:
     # A keystroke's or a request's message: both lengths one byte (no varint walk; same answer).
     if 4 <= total <= SHORT_MESSAGE and raw[1] == total - 2 and raw[3] == total - 4:
         return 4 if raw[0] == FRAME_TAG and raw[2] == DATA_TAG else -1
+    # A bulk read's message (one per MiB of a transfer): its header is known (same answer, no walk).
+    if total == _BULK_MESSAGE and raw[:_BULK_OFFSET] == _BULK_HEADER:
+        return _BULK_OFFSET
     try:
         if not raw or raw[0] != FRAME_TAG:
             return -1
@@ -112,6 +115,12 @@ def data_header(payload_size: int) -> bytes:
     """The bytes that precede a payload of this size in a data-frame message."""
     if payload_size <= _SHORT_PAYLOAD:
         return bytes((FRAME_TAG, payload_size + 2, DATA_TAG, payload_size))
+    if payload_size == BULK_PAYLOAD:
+        return _BULK_HEADER  # (a bulk read's, made once: three calls less per MiB sent)
+    return _long_header(payload_size)
+
+
+def _long_header(payload_size: int) -> bytes:
     inner = _varint(payload_size)
     return b"".join((bytes((FRAME_TAG,)), _varint(1 + len(inner) + payload_size), bytes((DATA_TAG,)), inner))
 
@@ -124,7 +133,7 @@ def payload_fitting(frame_size: int) -> int:
     read in every process on the path, and the relay's whole-frame fast paths never apply.
     """
     payload = frame_size - 5
-    while payload > 0 and 5 + len(data_header(payload)) + payload > frame_size:
+    while payload > 0 and 5 + (4 if payload <= _SHORT_PAYLOAD else len(_long_header(payload))) + payload > frame_size:
         payload -= 1
     return payload
 
@@ -133,6 +142,10 @@ def payload_fitting(frame_size: int) -> int:
 #: message is exactly one 1 MiB HTTP/2 frame (our SETTINGS_MAX_FRAME_SIZE), where a read of
 #: BULK_CHUNK_SIZE made a full frame and a 13-byte one.
 BULK_PAYLOAD: Final = payload_fitting(BULK_CHUNK_SIZE)
+#: Its message's header (data_header's answer for it), its length and the whole message's length.
+_BULK_HEADER: Final = _long_header(BULK_PAYLOAD)
+_BULK_OFFSET: Final = len(_BULK_HEADER)
+_BULK_MESSAGE: Final = _BULK_OFFSET + BULK_PAYLOAD
 
 
 def merge_data_messages(messages: Sequence[bytes], offsets: Sequence[int]) -> bytes:
