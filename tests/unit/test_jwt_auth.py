@@ -292,6 +292,8 @@ def test_config_refuses_jwt_without_keys_and_short_secrets() -> None:
     with pytest.raises(ValueError, match="only allowed on a loopback"):
         RouterConfig(auth="none", host="0.0.0.0").validate()
     RouterConfig(auth="none", host="::1").validate()
+    with pytest.raises(ValueError, match="--jwks-cache-ttl must be positive"):
+        RouterConfig(auth="jwt", jwks_url="http://127.0.0.1:1/jwks", jwks_cache_ttl=0).validate()
 
 
 def test_kid_unknown_to_jwks_falls_back_to_the_public_key() -> None:

@@ -157,8 +157,6 @@ class RouterConfig:
             raise ValueError(
                 "--auth=jwt needs --jwt-public-key or --jwks-url (or, for development, --jwt-hs256-secret)"
             )
-        if self.jwks_cache_ttl <= 0:
-            raise ValueError("--jwks-cache-ttl must be positive")
         if self.ws_backend_role and not self.ws_backend_workflow_claim:
             raise ValueError("--ws-backend-role needs a --ws-backend-workflow-claim")
         if self.ws_backend_role in (ROLE_AGENT_VALUE, "*"):
@@ -187,7 +185,7 @@ class RouterConfig:
         if self.flow_control_buffer < 1:
             raise ValueError("--flow-control-buffer must be at least 1")
         timeouts = ("session_ttl", "created_session_ttl", "rendezvous_timeout", "flow_control_timeout", "init_timeout")
-        for name in (*timeouts, "directory_ttl"):
+        for name in (*timeouts, "directory_ttl", "jwks_cache_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         self._validate_connection_limits()
