@@ -86,31 +86,10 @@ class FlowControl(ConnectionCore):
         return self._send_whole(stream, len(message) + 5, message, False)
 
     def try_send_framed(self, stream: Stream, framed: memoryview) -> bool:
-        """`try_send` of a message already framed (its 5-byte gRPC prefix first), as it arrived.
-
-        The router's relay sends every passed-through message here (Stream.pass_through on the other
-        side): `_send_whole`'s body for a framed message, inline (issue 18: one call less per message)."""
-        transport = self.transport
-        length = len(framed)
-        if (
-            stream._out_bytes
-            or self.write_paused
-            or length > stream.send_window
-            or length > self.send_window
-            or length > self._peer_max_frame
-            or transport is None
-            or transport.is_closing()
-        ):
-            return False
-        self.send_window -= length
-        stream.send_window -= length
-        head = fr.HEADER.pack(length << 8 | fr.DATA, 0, stream.id)  # (fr.header)
-        if length <= SMALL_MESSAGE:
-            transport.write(head + framed)  # one small copy is cheaper than a vector of three
-        else:  # a view of the read buffer: what the transport keeps must be a copy
-            self._output.writelines_borrowed((head, framed))
-        self._timers.strikes = 0  # (Timers.sent_data)
-        return True
+        """`try_send` of a message already framed (its 5-byte gRPC prefix first), as it arrived (the
+        router's relay: Stream.pass_through on the other side; Stream.try_write_framed calls
+        `_send_whole` itself, one call less per message)."""
+        return self._send_whole(stream, len(framed), framed, True)
 
     def _send_whole(self, stream: Stream, length: int, body: bytes | memoryview, framed: bool) -> bool:
         """`try_send` (`framed`: of a message behind its gRPC prefix) of a whole message of `length` bytes

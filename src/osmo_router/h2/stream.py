@@ -75,7 +75,8 @@ class Stream(StreamInbound):
         """`try_write` of a message with its gRPC prefix, as another stream received it (pass_through)."""
         if self.closed_out or self._end_pending or self.reset_code is not None or not self.headers_sent:
             return False
-        return self.conn.try_send_framed(self, framed)
+        # (Connection.try_send_framed's body, as try_write does: per message the router relays, issue 18)
+        return self.conn._send_whole(self, len(framed), framed, True)
 
     async def write(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one gRPC message; return once it all went to the transport (StreamReset if the stream ends)."""
