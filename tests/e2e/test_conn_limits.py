@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from osmo_router.h2.core import LINGER
 from osmo_router.router.config import RouterConfig
 from osmo_router.router.ops.conn_limits import connection_budget, grpc_connection_options
 from tests.harness import AgentProc, Proc, Router, cli_env, metric_value, router_cmd, run_client
@@ -182,6 +183,27 @@ def test_half_open_flood_is_closed_and_others_are_served(
         )
         assert refused == FLOOD
         assert metric_value(text, "router_http_connections_open", {"port": port_name}) <= 1
+
+
+def test_an_unfinished_handshake_frees_its_descriptor_when_closed() -> None:
+    """A connection the router closes for its unfinished handshake has nothing of the router's to deliver:
+    its socket is closed at once, not kept until the peer's EOF (h2/core.py LINGER) as a connection that
+    carried calls is. Else a flood whose sockets stay open would hold the router's descriptors LINGER
+    seconds past the handshake timeout (seen in CI: the descriptor-limit flood's next exec refused)."""
+    router = Router("--handshake-timeout", "1s")
+    try:
+        fds = Path(f"/proc/{router.pid}/fd")
+        before = len(list(fds.iterdir()))
+        socks = flood(router.port, 40, HALF_PREFACE)
+        closed, _ = wait_closed(socks, 1 + SLACK)
+        assert closed == len(socks)
+        # The peers' sockets are still open: the router's side of each must be gone (well inside LINGER).
+        deadline = time.monotonic() + LINGER / 2
+        while (held := len(list(fds.iterdir())) - before) > 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held <= 5, f"{held} of 40 closed connections still hold a descriptor in the router"
+    finally:
+        router.stop()
 
 
 def test_grpc_total_cap_refuses_past_it_and_recovers() -> None:

@@ -192,9 +192,16 @@ class ConnectionCore:
         bytes (the WINDOW_UPDATEs of a client reading our last data, the rest of its upload) makes the
         kernel send RST and drop what we sent and the peer has not read yet, such as a call's status.
         A peer that neither reads nor closes is cut off (aborted) after LINGER seconds.
+
+        A connection whose peer never finished its handshake (no SETTINGS: a half-sent preface, a
+        handshake timeout) has nothing of ours to deliver and closes at once, as before the linger: a
+        flood of such connections must not hold the router's descriptors LINGER seconds longer.
         """
         transport = self.transport
         if transport is None or transport.is_closing() or self.lingering:
+            return
+        if not self._settings_received:
+            transport.close()  # (connection_lost ends what is left, as it always did)
             return
         self.lingering = True
         self._reader.discard()
