@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 #: Client role: DATA bytes written with one writelines at most (see Connection.flush).
 FLUSH_BATCH = 256 * 1024
-#: Up to this size (frame payload) a message written by `try_send` is joined with its header into one buffer.
+#: Up to this size (frame payload) a message written by `send_now` is joined with its header into one buffer.
 SMALL_MESSAGE = 4096
 
 
@@ -76,24 +76,15 @@ class FlowControl(ConnectionCore):
         if stream.unsent:  # grpc peers acknowledge every message: most updates find nothing waiting
             self.flush(stream)
 
-    def try_send(self, stream: Stream, message: bytes) -> bool:
-        """Write one gRPC message as one DATA frame right now, if nothing stands in the way; else False.
+    def send_now(self, stream: Stream, length: int, body: bytes | memoryview, framed: bool) -> bool:
+        """Write one gRPC message of `length` bytes with its prefix (`framed`: `body` carries the prefix,
+        as another stream received it) as one DATA frame right now, if nothing stands in the way; else
+        False, with nothing changed (the caller then queues it as usual).
 
-        The common case of a relay hop (nothing queued on the stream, the windows open, the transport
-        not paused): the same bytes `flush` would write for it, without queueing views and taking
-        them back off. False changes nothing; the caller then queues the message as usual.
+        The common case of a relay hop and of every message a forward sends (nothing queued on the
+        stream, the windows open, the transport not paused): the bytes `flush` would write for it,
+        without queueing views and taking them back off. Stream.try_write and try_write_framed call it.
         """
-        return self._send_whole(stream, len(message) + 5, message, False)
-
-    def try_send_framed(self, stream: Stream, framed: memoryview) -> bool:
-        """`try_send` of a message already framed (its 5-byte gRPC prefix first), as it arrived (the
-        router's relay: Stream.pass_through on the other side; Stream.try_write_framed calls
-        `_send_whole` itself, one call less per message)."""
-        return self._send_whole(stream, len(framed), framed, True)
-
-    def _send_whole(self, stream: Stream, length: int, body: bytes | memoryview, framed: bool) -> bool:
-        """`try_send` (`framed`: of a message behind its gRPC prefix) of a whole message of `length` bytes
-        with its prefix (also called by Stream.try_write directly: per message a forward sends)."""
         transport = self.transport
         if (
             stream._out_bytes

@@ -68,15 +68,13 @@ class Stream(StreamInbound):
         the windows open); False otherwise, with nothing done (use `write`). Never raises."""
         if self.closed_out or self._end_pending or self.reset_code is not None or not self.headers_sent:
             return False
-        # (Connection.try_send's body: one call less for every message a forward sends, issue 18)
-        return self.conn._send_whole(self, len(message) + 5, message, False)
+        return self.conn.send_now(self, len(message) + 5, message, False)
 
     def try_write_framed(self, framed: memoryview) -> bool:
         """`try_write` of a message with its gRPC prefix, as another stream received it (pass_through)."""
         if self.closed_out or self._end_pending or self.reset_code is not None or not self.headers_sent:
             return False
-        # (Connection.try_send_framed's body, as try_write does: per message the router relays, issue 18)
-        return self.conn._send_whole(self, len(framed), framed, True)
+        return self.conn.send_now(self, len(framed), framed, True)
 
     async def write(self, message: bytes | bytearray | memoryview) -> None:
         """Queue one gRPC message; return once it all went to the transport (StreamReset if the stream ends)."""
