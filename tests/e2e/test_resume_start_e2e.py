@@ -13,12 +13,25 @@ through and holds everything after it, so the agent's Resume frame never arrives
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.forward_servers import (
+    connect,
+    echo,
+    echo_round_trip,
+    forwarded_ports,
+    recv_exactly,
+    start_forward,
+    tcp_server,
+    wait_line,
+)
 from tests.harness import AgentProc, Proc, Router, client_cmd
 from tests.hold_proxy import HoldProxy
 from tests.raw_grpc import wait_metric
@@ -168,3 +181,109 @@ def test_a_session_whose_stream_ended_before_the_agent_answered_is_held_and_resu
     assert runs.read_text() == "ran\n", "the command must run exactly once"
     assert client.out_lines == ["out-from-the-command"], client.lines
     assert code == 7, client.lines
+
+
+def test_a_forwarded_connection_cut_before_its_ready_resumes(
+    rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str
+) -> None:
+    """A forwarded connection's first bytes reached the container's server, and the router's ready for
+    its session never reached the client: the client resumes it by the key named after its secret
+    (ResumeToken.key_from_secret), and the local application sees the server's answer, then goes on.
+    Before, that connection was reset (no key to resume with)."""
+    router, client_proxy, _agent_proxy, _agent = rig
+    received = threading.Event()
+
+    def answer_then_echo(conn: socket.socket) -> None:
+        first = recv_exactly(conn, 5)
+        received.set()
+        conn.sendall(first.upper())
+        echo(conn)
+
+    args = ["--router-address", client_proxy.address, "--workflow-id", workflow, "--tls=false"]
+    with tcp_server(answer_then_echo) as target:
+        forward, (local_port,) = start_forward([*args, "--resume-grace", "60"], f":{target}")
+        local = None
+        try:
+            client_proxy.pause()  # nothing more reaches the client: the new session's ready stays in the proxy
+            local = connect(local_port)
+            local.sendall(b"hello")  # goes out with the session's init, before its ready
+            assert received.wait(STEP), forward.lines  # the agent started the session and the server got them
+            client_proxy.cut()  # the ready is lost with the connection
+            client_proxy.restore()
+            local.settimeout(STEP)
+            assert recv_exactly(local, 5) == b"HELLO", forward.lines
+            local.sendall(b"again")
+            assert recv_exactly(local, 5) == b"again", forward.lines
+        finally:
+            if local is not None:
+                local.close()
+            forward.stop()
+    # The connection's session, resumed unconfirmed: the agent sent the server's answer again.
+    router.wait_for(
+        lambda r: r.get("event") == "session resumed" and r.get("replayed_to_client") == len(b"HELLO"), timeout=STEP
+    )
+
+
+def test_a_forward_whose_watch_is_cut_before_its_ready_starts_all_the_same(
+    rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str
+) -> None:
+    """The port-forward's first session (its watch) loses its ready with the connection: the forward
+    resumes it by the key named after its secret, then listens and forwards as usual."""
+    _router, client_proxy, _agent_proxy, _agent = rig
+    client_proxy.hold_before_first_message()
+    args = ["--router-address", client_proxy.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "60"]
+    # Past STEP: the forward must not wait its connect timeout for an agent's answer the resume brought.
+    args += ["--connect-timeout", str(2 * STEP)]
+    with tcp_server(echo) as target:
+        forward = Proc(client_cmd("port-forward", *args, f":{target}"))
+        try:
+            assert client_proxy.held.wait(STEP), forward.lines  # paired: the watch's ready is held
+            client_proxy.cut()
+            client_proxy.restore()
+            forward.wait_for(lambda _: bool(forwarded_ports(forward.out_lines)), timeout=STEP, stdout=True)
+            (local_port,) = forwarded_ports(forward.out_lines)
+            assert echo_round_trip(local_port, b"after the cut") == b"after the cut", forward.lines
+            assert forward.popen.poll() is None, forward.lines
+        finally:
+            forward.stop()
+
+
+def test_a_forwarded_connection_whose_session_never_reached_the_agent_is_reset_with_the_cause(
+    rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str
+) -> None:
+    """The router's SessionOpen for a new connection is lost on its way to the agent and the client never
+    got the ready: its resume is refused by the agent (it never received the session), and the local
+    connection is reset with that cause instead of waiting; the container's server never saw it."""
+    router, client_proxy, agent_proxy, _agent = rig
+    accepted = threading.Event()
+
+    def count(conn: socket.socket) -> None:
+        accepted.set()
+        echo(conn)
+
+    args = ["--router-address", client_proxy.address, "--workflow-id", workflow, "--tls=false"]
+    with tcp_server(count) as target:
+        forward, (local_port,) = start_forward([*args, "--resume-grace", "60"], f":{target}")
+        local = None
+        try:
+            watch = router.wait_event("session start")["session"]
+            asyncio.run(wait_metric(router, "router_grpc_standby_streams", 2))
+            agent_proxy.pause()  # the SessionOpen stays in the proxy
+            client_proxy.pause()  # and the ready
+            local = connect(local_port)
+            local.sendall(b"hello")
+            router.wait_for(lambda r: r.get("event") == "session start" and r.get("session") != watch, timeout=STEP)
+            agent_proxy.cut()  # the SessionOpen is lost with the agent's connections
+            router.wait_for(lambda r: "unregistered" in r.get("msg", ""), timeout=STEP)
+            agent_proxy.restore()
+            client_proxy.cut()
+            client_proxy.restore()
+            local.settimeout(STEP)
+            with contextlib.suppress(ConnectionResetError):
+                assert local.recv(1) == b"", forward.lines
+            wait_line(forward, lambda line: "never received the session: the connection was not opened" in line)
+        finally:
+            if local is not None:
+                local.close()
+            forward.stop()
+    assert not accepted.is_set(), "the server must not see a connection the agent never opened"

@@ -57,6 +57,8 @@ SHUTTING_DOWN = "the agent is shutting down; the session ended"
 REMEMBERED_KEYS = 4096
 #: The answer to an unconfirmed resume of a session this agent never received: it is not started later.
 NEVER_RECEIVED = "the agent never received the session: the command did not start and will not"
+#: The same for a forwarded connection (or a forward's watch): nothing was connected in the container.
+NEVER_RECEIVED_FORWARD = "the agent never received the session: the connection was not opened and will not be"
 #: ...and of one it received but does not hold: it ran without resume (the agent held too many, or
 #: --resume-grace 0) or has ended; either way nothing of it can be resumed.
 NOT_HELD = "the agent received the session but does not hold it (it runs without resume, or it ended)"
@@ -177,7 +179,8 @@ class HeldSessions:
                 if open_msg.session_key in self._seen:
                     raise SessionLost(NOT_HELD, grpc.StatusCode.NOT_FOUND)
                 _remember(self._forgone, open_msg.session_key)
-                raise SessionLost(NEVER_RECEIVED, grpc.StatusCode.NOT_FOUND)
+                forward = open_msg.WhichOneof("init") == "port_forward"
+                raise SessionLost(NEVER_RECEIVED_FORWARD if forward else NEVER_RECEIVED, grpc.StatusCode.NOT_FOUND)
             if held is None:
                 raise SessionLost(
                     "the agent holds no such session (it ended, its resume grace passed, or the agent restarted)",

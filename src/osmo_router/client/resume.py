@@ -239,6 +239,9 @@ class ResumingStream(ResumableStream):
     def _confirm(self, resume: pb.Resume) -> None:
         """The agent's first Resume frame (on the first stream, or on a resume of an unconfirmed session)."""
         self.confirmed = True
+        # An answer too (a resume's Resume frame is read by `_try_resume`, never `_take`n): a watch that
+        # confirms its start (PendingResumingStream.ready) waited its connect timeout for an answer already in.
+        self.answered.set()
         if not resume.grace_seconds:
             # A full agent says why; the user is told (else the session she expects to resume ends
             # at the first break without a word before).

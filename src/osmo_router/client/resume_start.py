@@ -7,9 +7,10 @@ only when it reads (client/forward_tcp.py): that saves a round trip per connecti
 `start_resumable` keeps that: it sends the init (with a resume secret), returns a
 `PendingResumingStream` at once, and the frames sent before the ready are numbered and held like
 any other. `PendingResumingStream.ready` waits for the router's ready (it names the session key a
-resume presents) and only then starts taking the agent's frames. A break before the ready ends the
-session as it did without resume (no key to resume with); a break after it is repaired like an
-exec's (client/resume.py).
+resume presents) and only then starts taking the agent's frames. A break after it is repaired like
+an exec's (client/resume.py); so is a break before it: the session is named after its resume secret
+(ResumeToken.key_from_secret), so the client knows its key without the ready and resumes it as one
+the agent has not confirmed (the agent resumes it, or says it never received it: docs/resume.md).
 
 The same two steps back to back (`open_resumable`) serve the port-forward's watch and UDP sessions.
 """
@@ -41,6 +42,8 @@ class PendingResumingStream(ResumingStream):
     """A `ResumingStream` whose first stream is started but whose ready has not arrived yet."""
 
     first: FrameStream  # (start_resumable's: a gRPC call's stream)
+    #: The session is named after the resume secret (key_from_secret): a break before the ready resumes it.
+    named_by_secret = False
 
     async def ready(self, config: ClientConfig, *, confirm: bool = False) -> None:
         """Wait for the router's ready, then take the agent's frames; raises RouterError on refusal.
@@ -51,6 +54,14 @@ class PendingResumingStream(ResumingStream):
         """
         try:
             await wait_ready(config, self.first)
+        except BrokeBeforeReady:
+            if not self.named_by_secret:
+                self.abort()
+                raise
+            # The router may have started the session: resume it by the key it was asked to give it
+            # (unconfirmed: it pairs that only with an agent that recognises resumes), as open_stream does.
+            self.first.session_key = key_of_secret(self._secret)
+            self.first.key_known = True
         except BaseException:
             self.abort()
             raise
@@ -84,14 +95,18 @@ async def start_resumable(
     if not can_resume(transport, config):
         return await start(init)
     secret = secrets.token_hex(16)
+    named = not init.target.session_key
     # The window announced is the one kept: the agent's overrun check and ack pace follow it.
-    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=replay_bytes))
+    init.target.resume.CopyFrom(pb.ResumeToken(secret=secret, window_bytes=replay_bytes, key_from_secret=named))
     first = await start(init)
-    # The key is known once the router's ready arrived (it names it): read when the session resumes.
+    # The key is read from the first stream when the session resumes: the ready names it, or a break
+    # before the ready sets it (PendingResumingStream.ready).
     reopen = reopener(transport, operation, init, lambda: first)
-    return PendingResumingStream(
+    stream = PendingResumingStream(
         first, reopen=reopen, secret=secret, grace=config.resume_grace, notify=notify, replay_bytes=replay_bytes
     )
+    stream.named_by_secret = named
+    return stream
 
 
 async def ready_resumable(config: ClientConfig, stream: SessionStream, *, confirm: bool = False) -> None:
