@@ -23,14 +23,17 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from osmo_router.client.attach import list_sessions
 from osmo_router.client.config import ClientConfig
 from osmo_router.dial.config import DialConfig
+from osmo_router.wire.protocol import pb
 from tests.cut_proxy import CutProxy
 from tests.forward_servers import wait_line
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd, metric_value, run_client
+from tests.raw_grpc import EXEC, Outcome, RawCall, raw_channel
 from tests.security_kit import Signer
 
 #: A session key as the client prints it.
@@ -433,6 +436,25 @@ def _listed(args: list[str]) -> list[dict[str, object]]:
     return [json.loads(line) for line in result.stdout.decode().splitlines()]
 
 
+async def _bob_aims_at(address: str, token: str, key: str) -> tuple[Outcome, Outcome]:
+    """How a resume of `key` with a secret of Bob's, and a new session naming `key` itself, end."""
+
+    def init(resume: pb.ResumeToken) -> bytes:
+        target = pb.SessionTarget(workflow_id="wf-attach", session_key=key, resume=resume)
+        return pb.ExecRequest(init=pb.ExecInit(target=target, command=["true"])).SerializeToString()
+
+    async def ended(resume: pb.ResumeToken) -> Outcome:
+        call = RawCall(channel, EXEC, token)
+        await call.send(init(resume))
+        return await call.finish(half_close=False)  # (a half-close would end the session before it is judged)
+
+    guess = "b0b" * 11
+    async with raw_channel(address) as channel:
+        resumed = await ended(pb.ResumeToken(secret=guess, resuming=True))
+        named = await ended(pb.ResumeToken(secret=guess, key_from_secret=True))
+    return resumed, named
+
+
 def test_only_the_owner_attaches_and_lists(jwt_router: tuple[Router, Signer]) -> None:
     router, signer = jwt_router
 
@@ -443,9 +465,24 @@ def test_only_the_owner_attaches_and_lists(jwt_router: tuple[Router, Signer]) ->
     started = run_client("exec", *flags("alice"), "--detach", "--", "sh", "-c", "echo hi; exec sleep 120")
     assert started.returncode == 0, started.stderr
     key = started.stdout.decode().strip()
+    # Named after Alice's resume secret (ResumeToken.key_from_secret): 128 bits of a hash, in hex.
+    assert re.fullmatch(r"[0-9a-f]{32}", key), key
     refused = run_client("attach", key, *flags("bob"))
     assert refused.returncode == 255
     assert b"PERMISSION_DENIED" in refused.stderr and b"belongs to another user" in refused.stderr, refused.stderr
+    # Nor can Bob resume it with the key and a secret of his own, or start a session of his own by that key.
+    bob = signer.token("bob", workflows=["wf-attach"])
+    resumed, named = asyncio.run(_bob_aims_at(router.address, bob, key))
+    # The agent judges both (the router pairs a resume it cannot check: the session is detached) and
+    # refuses them with an Error frame; nothing of Alice's session reaches Bob.
+    for outcome, code, words in (
+        (resumed, grpc.StatusCode.PERMISSION_DENIED, "belongs to another user"),
+        (named, grpc.StatusCode.ALREADY_EXISTS, "already held"),
+    ):
+        frames = [pb.ExecResponse.FromString(message) for message in outcome.responses]
+        errors = [f.frame.error for f in frames if f.frame.WhichOneof("kind") == "error"]
+        assert [(e.code, words in e.message) for e in errors] == [(code.value[0], True)], frames
+        assert not [f for f in frames if f.frame.WhichOneof("kind") in ("data", "stderr", "exit_status")], frames
     # Alice's list shows it detached (the agent reports changes within a fraction of a second).
     deadline = time.monotonic() + STEP
     while not [s for s in _listed(flags("alice")) if s["session_key"] == key and s["attached"] is False]:
