@@ -63,6 +63,10 @@ def _wait_file(path: Path, timeout: float = STEP) -> None:
         time.sleep(0.02)
 
 
+def _forward_args(proxy: HoldProxy, workflow: str) -> list[str]:
+    return ["--router-address", proxy.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "60"]
+
+
 def _exec(proxy: HoldProxy, workflow: str, command: str) -> Proc:
     args = ["--router-address", proxy.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "60"]
     return Proc(client_cmd("exec", *args, "--", "sh", "-c", command))
@@ -199,9 +203,8 @@ def test_a_forwarded_connection_cut_before_its_ready_resumes(
         conn.sendall(first.upper())
         echo(conn)
 
-    args = ["--router-address", client_proxy.address, "--workflow-id", workflow, "--tls=false"]
     with tcp_server(answer_then_echo) as target:
-        forward, (local_port,) = start_forward([*args, "--resume-grace", "60"], f":{target}")
+        forward, (local_port,) = start_forward(_forward_args(client_proxy, workflow), f":{target}")
         local = None
         try:
             client_proxy.pause()  # nothing more reaches the client: the new session's ready stays in the proxy
@@ -231,9 +234,8 @@ def test_a_forward_whose_watch_is_cut_before_its_ready_starts_all_the_same(
     resumes it by the key named after its secret, then listens and forwards as usual."""
     _router, client_proxy, _agent_proxy, _agent = rig
     client_proxy.hold_before_first_message()
-    args = ["--router-address", client_proxy.address, "--workflow-id", workflow, "--tls=false", "--resume-grace", "60"]
     # Past STEP: the forward must not wait its connect timeout for an agent's answer the resume brought.
-    args += ["--connect-timeout", str(2 * STEP)]
+    args = [*_forward_args(client_proxy, workflow), "--connect-timeout", str(2 * STEP)]
     with tcp_server(echo) as target:
         forward = Proc(client_cmd("port-forward", *args, f":{target}"))
         try:
@@ -261,9 +263,8 @@ def test_a_forwarded_connection_whose_session_never_reached_the_agent_is_reset_w
         accepted.set()
         echo(conn)
 
-    args = ["--router-address", client_proxy.address, "--workflow-id", workflow, "--tls=false"]
     with tcp_server(count) as target:
-        forward, (local_port,) = start_forward([*args, "--resume-grace", "60"], f":{target}")
+        forward, (local_port,) = start_forward(_forward_args(client_proxy, workflow), f":{target}")
         local = None
         try:
             watch = router.wait_event("session start")["session"]
