@@ -145,6 +145,7 @@ async def test_byte_by_byte_reads_and_the_window_given_back(name: str) -> None:
     window = 1024
     conn, stream = await deliver(opening() + data, range(len(opening()) + len(data)), H2Config(stream_window=window))
     assert read_all(stream) == expected
+    await asyncio.sleep(0)  # the turn ends: the window updates it deferred are written (core.py send_window_update)
     frames = FakeTransport.frames(conn.transport)  # type: ignore[arg-type]
     granted = sum(int.from_bytes(f.payload, "big") for f in frames if f.kind == fr.WINDOW_UPDATE and f.stream_id == 1)
     flow = sum(f.flow for f in fr.FrameParser().feed(data))

@@ -102,6 +102,8 @@ class FlowControl(ConnectionCore):
             head = fr.HEADER.pack(length << 8 | fr.DATA, 0, stream.id)  # (fr.header)
         else:  # (fr.data_message_prefix, spelt out: one call less per message sent)
             head = fr.DATA_MESSAGE.pack(length << 8 | fr.DATA, 0, stream.id, 0, length - 5)
+        if self._deferred:  # window updates of this turn go in the same write (core.py send_window_update)
+            head, self._deferred = self._deferred + head, b""
         if length <= SMALL_MESSAGE:
             transport.write(head + body)  # one small copy is cheaper than a vector of three
         elif framed:  # a view of the read buffer (pass_through): what the transport keeps must be a copy
@@ -126,6 +128,9 @@ class FlowControl(ConnectionCore):
             room = min(stream.unsent, stream.send_window, self.send_window, self._peer_max_frame)
             if room <= 0:
                 break
+            if self._deferred and not out:  # (as in send_now)
+                out.append(self._deferred)
+                self._deferred = b""
             out.append(fr.header(fr.DATA, 0, stream.id, room))
             out.extend(stream.take(room))
             self.send_window -= room
