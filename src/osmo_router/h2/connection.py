@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from osmo_router.h2 import frames as fr
@@ -63,6 +64,22 @@ from osmo_router.h2.writer import VectorWriter
 log = logging.getLogger(__name__)
 
 __all__ = ["Connection", "ConnectionClosed", "H2Config", "Stream", "StreamReset"]
+
+
+def plain_tcp_socket(transport: Any) -> socket.socket | None:
+    """The transport's TCP socket if its bytes are the connection's own (no TLS), else None.
+
+    The reader sets its SO_RCVLOWAT on large DATA frames (h2/reader.py); uvloop's is a PseudoSocket,
+    whose setsockopt works on the descriptor.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return None
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock  # type: ignore[no-any-return]
 
 
 class ConnectionClosed(Exception):
@@ -79,6 +96,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self.transport = transport
         self._output = VectorWriter(transport)
         self.peer_address = transport.get_extra_info("peername")
+        self._reader.use_socket(plain_tcp_socket(transport))
         transport.writelines(self._opening_frames())
         self._timers.start()
 
@@ -86,6 +104,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         """Every stream still open is reset (-1): readers, writers and close callbacks wake."""
         self.closed = True
         self.write_paused = False  # no transport is left to wait for
+        self._reader.use_socket(None)
         self._timers.cancel()
         if self._linger is not None:
             self._linger.cancel()

@@ -12,10 +12,17 @@ parsed whole by `FrameParser` as before.
 The connection's `get_buffer` and `buffer_updated` are this reader's methods themselves (set on the
 connection when it is made, h2/connection.py): no wrapper call per read (issue 18). So the reader also
 checks a server's client preface, and turns a ProtocolError into the connection's GOAWAY (`fail`).
+
+Fewer reads per large frame (issue 18): on a plain TCP connection, once a read drained the socket in the
+middle of a DATA frame with at least LOWAT_MIN payload bytes still to come, the socket's SO_RCVLOWAT is
+set to those bytes (at most LOWAT_MAX), so the kernel wakes us once the rest of the frame is there, not at
+every segment; it goes back to 1 before any read that may hold a frame header. See `FrameReader.use_socket`
+for why no path can stall on it.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Protocol
 
 from osmo_router.h2 import frames as fr
@@ -29,6 +36,12 @@ READ_SIZE = 256 * 1024
 HEADER_READ = 16 * 1024
 #: Reads this small, this many in a row, make a busy connection quiet again.
 SMALL_READ, QUIET_AFTER = 4 * 1024, 32
+#: A DATA frame with at least this much payload still to come after a read that drained the socket gets
+#: the socket's low-water mark (below this, the wake-ups saved do not pay for two setsockopt calls).
+LOWAT_MIN = 128 * 1024
+#: The low-water mark's ceiling (a frame is at most our SETTINGS_MAX_FRAME_SIZE, 1 MiB by default; the
+#: kernel caps it too, at half of tcp_rmem's maximum).
+LOWAT_MAX = 1 << 20
 
 
 class DataSink(Protocol):
@@ -80,15 +93,56 @@ class FrameReader:
         self._left = 0  # payload bytes of the current DATA frame not yet delivered
         self._direct = False  # the last buffer handed out was the sink's
         self._large = False  # the last DATA frame was large (see HEADER_READ)
-        self._offered = 0  # the size of the last read buffer handed out (ours)
+        self._offered = 0  # the size of the last read buffer handed out (ours or the sink's)
+        self._socket: socket.socket | None = None  # whose SO_RCVLOWAT we may set (see use_socket)
+        self._lowat = 1  # the SO_RCVLOWAT we set last (1: the kernel's default)
         #: Set by `discard`: reads go on (to reach the peer's EOF) and what they bring is dropped.
         self.discarding = False
+
+    def use_socket(self, sock: socket.socket | None) -> None:
+        """The connection's socket, to set its SO_RCVLOWAT on large DATA frames (None: never, from now on).
+
+        Only for plain TCP (the connection checks): under TLS the socket's bytes are not the frames' bytes.
+        Why the low-water mark cannot stall a connection (Linux, net/ipv4/tcp.c and include/net/tcp.h):
+
+        - It is set only to payload bytes of a DATA frame whose header already arrived, never above what
+          is left of that frame, and back to 1 before any read that may need a frame header (the frame's
+          end, `discard`, a frame read into our own buffer). HTTP/2 (RFC 9113 6.9.1) lets a sender send
+          a DATA frame only within its flow-control windows, so once its header is here the rest of its
+          payload comes whatever WINDOW_UPDATEs we send or hold back.
+        - `tcp_set_rcvlowat` caps the mark at half of tcp_rmem[2] (half of SO_RCVBUF if that was set;
+          we set none) and raises sk_rcvbuf (and the window clamp) to fit it, so the receive window can
+          hold the bytes we wait for: a frame larger than the socket's buffer still arrives whole.
+        - `tcp_poll` reports EPOLLIN when `tcp_epollin_ready` (bytes >= the mark, or receive-memory
+          pressure, or a receive window down to one MSS) and, whatever the mark, on the peer's FIN
+          (RCV_SHUTDOWN) and on an error (EPOLLERR): a peer that sends half a frame and closes or resets
+          is seen at once; one that sends a frame slowly, in pieces, is read when the last piece is in.
+        - The mark only decides when epoll reports the socket readable: a non-blocking recv returns what
+          is there whatever it is, so the transport's reads (libuv reads again at once after a read that
+          filled its buffer) deliver as before.
+        """
+        # (None comes with the connection's loss: its descriptor may be closed, even taken by another
+        # socket, so nothing is set on it)
+        self._socket, self._lowat = sock, 1
+
+    def _set_lowat(self, value: int) -> None:
+        """Set the socket's SO_RCVLOWAT (a closed socket: none from now on)."""
+        sock = self._socket
+        if sock is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+        except OSError:
+            self._socket, value = None, 1  # (closed under us: no read waits on it any more)
+        self._lowat = value
 
     def discard(self) -> None:
         """Drop everything from now on, unparsed (a connection closed by us, reading to its peer's EOF)."""
         self.discarding = True
         self._direct = False
         self._start = self._end = self._left = self._need = 0
+        if self._lowat > 1:
+            self._set_lowat(1)  # (the linger reads to the peer's EOF: any byte may be the last)
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """The buffer for the transport's next read (asyncio.BufferedProtocol's; `sizehint` is not used)."""
@@ -97,7 +151,12 @@ class FrameReader:
                 target = self._sink.data_buffer()
                 if target is not None and len(target):
                     self._direct = True
-                    return target[: self._left] if len(target) > self._left else target
+                    if len(target) > self._left:
+                        target = target[: self._left]
+                    self._offered = len(target)
+                    return target
+                if self._lowat > 1:  # (read into ours: it may take the frame's end and a header)
+                    self._set_lowat(1)
             elif self._view.nbytes == self._capacity:
                 # Everything parsed and the buffer at its usual size (between small messages, the
                 # common case, or after a large frame): as _make_room would leave it, without its
@@ -155,10 +214,12 @@ class FrameReader:
         try:
             if self._direct:
                 self._direct = False
-                self._left -= count
+                left = self._left = self._left - count
                 self._sink.data_filled(count)
-                if not self._left:
+                if not left:
                     self._sink.data_end()
+                if self._socket is not None and not self.discarding:
+                    self._lowat_after_direct(count, left)
                 return
             self._end += count
             if self._preface and not self._took_preface():
@@ -224,10 +285,25 @@ class FrameReader:
                 frame = parser.check(kind, flags, stream_id, payload)
                 if frame is not None:
                     sink.on_frame(frame)
-            if start == end or self._left:
+            if self._left:
+                self._need = 0
+                # This read drained the socket in the middle of a large frame: wake when the rest is in.
+                if self._left >= LOWAT_MIN and count < self._offered and self._socket is not None:
+                    self._set_lowat(min(self._left, LOWAT_MAX))
+            elif start == end:
                 self._need = 0
         except fr.ProtocolError as err:
             self._sink.fail(err.code, str(err))
+
+    def _lowat_after_direct(self, count: int, left: int) -> None:
+        """After a read into the sink's buffer: `left` of the frame's payload still to come."""
+        if count < self._offered and left >= LOWAT_MIN:
+            # The read drained the socket: the transport waits for readiness next, and the rest is due.
+            if self._lowat != min(left, LOWAT_MAX):
+                self._set_lowat(min(left, LOWAT_MAX))
+        elif self._lowat > 1 and self._lowat > left:
+            # Never above what is left of the frame (the frame's end: the next read needs a header).
+            self._set_lowat(1)
 
     def _took_preface(self) -> bool:
         """Whether the preface arrived whole and is past (then it is skipped); closes the connection if
