@@ -278,9 +278,12 @@ class Trickle:
 
 
 async def pair(
-    via: Callable[[int], Awaitable[int]] | None = None, tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+    via: Callable[[int], Awaitable[int]] | None = None,
+    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
+    rcvbuf: int = 0,
 ) -> tuple[Connection, Connection, asyncio.Queue[Stream], asyncio.Server]:
-    """A server Connection and a client Connection to it (through `via(port)`'s port if given)."""
+    """A server Connection and a client Connection to it (through `via(port)`'s port if given; with
+    `rcvbuf`, the server's sockets have that SO_RCVBUF, locked: the kernel then caps the mark at half)."""
     loop = asyncio.get_running_loop()
     served: asyncio.Queue[Stream] = asyncio.Queue()
     made: asyncio.Queue[Connection] = asyncio.Queue()
@@ -290,7 +293,11 @@ async def pair(
         made.put_nowait(conn)
         return conn
 
-    server = await loop.create_server(accept, "127.0.0.1", 0, ssl=tls[0] if tls else None)
+    listener = socket.socket()
+    if rcvbuf:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # (accepted sockets inherit it)
+    listener.bind(("127.0.0.1", 0))
+    server = await loop.create_server(accept, sock=listener, ssl=tls[0] if tls else None)
     port = int(server.sockets[0].getsockname()[1])
     if via is not None:
         port = await via(port)
@@ -313,10 +320,13 @@ async def send_and_check(client: Connection, served: asyncio.Queue[Stream]) -> N
         assert await echo.read() == body
 
 
+@pytest.mark.parametrize("rcvbuf", [0, 32 << 10], ids=["autotuned", "small-locked-rcvbuf"])
 @pytest.mark.parametrize("loop", LOOPS)
-def test_large_messages_arrive_intact_over_tcp(loop: str, marks: list[int]) -> None:
+def test_large_messages_arrive_intact_over_tcp(loop: str, rcvbuf: int, marks: list[int]) -> None:
+    # Frames of 1 MiB, larger than the socket's receive buffer at first (tcp_rmem's default, 128 KiB
+    # here) or for good (a locked 32 KiB SO_RCVBUF: the kernel caps the mark at half the buffer).
     async def main() -> None:
-        client, conn, served, server = await pair()
+        client, conn, served, server = await pair(rcvbuf=rcvbuf)
         try:
             async with asyncio.timeout(30):
                 await send_and_check(client, served)
