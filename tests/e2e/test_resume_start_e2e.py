@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import random
 import socket
 import threading
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from osmo_router.client.resume import CONFIRM_WAIT
 from tests.forward_servers import (
     connect,
     echo,
@@ -288,3 +291,57 @@ def test_a_forwarded_connection_whose_session_never_reached_the_agent_is_reset_w
                 local.close()
             forward.stop()
     assert not accepted.is_set(), "the server must not see a connection the agent never opened"
+
+
+def test_a_forwarded_connection_cut_before_its_ready_with_more_than_its_replay_window_held_loses_nothing(
+    rig: tuple[Router, HoldProxy, HoldProxy, AgentProc], workflow: str
+) -> None:
+    """The local application sends more than the replay window (8 MiB) before the router's ready, and
+    the ready is cut and the router stays out of reach for longer than CONFIRM_WAIT: the connection's
+    sender, waiting for room in the replay buffer, must not give resume up while the session is being
+    resumed (it dropped what was held, then the message it was sending: the server missed bytes, or the
+    resume ended DATA_LOSS). Every byte reaches the server once, in order."""
+    router, client_proxy, _agent_proxy, _agent = rig
+    payload = random.Random(73).randbytes(12 << 20)
+    received = [0]
+
+    def digest_after_eof(conn: socket.socket) -> None:
+        digest = hashlib.sha256()
+        while data := conn.recv(1 << 20):
+            digest.update(data)
+            received[0] += len(data)
+        conn.sendall(f"{received[0]} {digest.hexdigest()}".encode())
+
+    with tcp_server(digest_after_eof) as target:
+        forward, (local_port,) = start_forward(_forward_args(client_proxy, workflow), f":{target}")
+        local = None
+        sender = None
+        try:
+            watch = router.wait_event("session start")["session"]
+            client_proxy.pause()  # the session's ready (and every ack, every window update) stays in the proxy
+            local = connect(local_port)
+
+            def send() -> None:
+                with contextlib.suppress(OSError):
+                    assert local is not None
+                    local.sendall(payload)
+                    local.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            # The connection's session started (its first message cannot be whole at the router: the
+            # router's window updates stay in the proxy too).
+            router.wait_for(lambda r: r.get("event") == "session start" and r.get("session") != watch, timeout=STEP)
+            client_proxy.cut()  # the ready is lost with the connection; the client resumes
+            # The router out of reach for longer than the client's CONFIRM_WAIT (the scenario, not a wait
+            # for something): the sender meanwhile waits for room, the replay window full.
+            time.sleep(CONFIRM_WAIT + 2)
+            client_proxy.restore()
+            answer = recv_exactly(local, 100)
+            assert answer == f"{len(payload)} {hashlib.sha256(payload).hexdigest()}".encode(), forward.lines
+        finally:
+            if local is not None:
+                local.close()
+            if sender is not None:
+                sender.join(STEP)
+            forward.stop()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from osmo_router.client import resume as client_resume
 from osmo_router.client.config import ClientConfig
 from osmo_router.client.resume import ResumingStream
 from osmo_router.client.resume_start import PendingResumingStream, open_stream, start_resumable
@@ -87,3 +88,48 @@ async def test_a_refusal_before_the_ready_is_no_break() -> None:
     with pytest.raises(Unavailable) as raised:
         await open_stream(transport, config, pb.OPERATION_EXEC, pb.ExecInit(target=config.target()))
     assert not isinstance(raised.value, BrokeBeforeReady)
+
+
+class _Taking(_Hanging):
+    """A first stream that takes what is sent on it (the router holds it until the agent joins)."""
+
+    def __init__(self) -> None:
+        self.sent: list[pb.Frame] = []
+
+    async def send(self, frame: pb.Frame) -> None:
+        self.sent.append(frame)
+
+
+@pytest.mark.asyncio
+async def test_a_sender_waiting_for_room_keeps_resume_once_a_break_before_the_ready_is_resumed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forwarded connection's sender waits for room in the replay buffer (full: nothing is acknowledged
+    before the ready), with CONFIRM_WAIT's deadline (no agent known to resume yet). The connection breaks
+    before the ready and PendingResumingStream.ready resumes it by the key named after the secret, the
+    router out of reach meanwhile. The deadline passing must not make the sender give resume up: that
+    dropped what was held, then the message it was sending (no stream to send it on), so the resumed
+    session missed bytes or ended DATA_LOSS."""
+    monkeypatch.setattr(client_resume, "CONFIRM_WAIT", 0.05)
+    first = _Taking()
+
+    async def out_of_reach(token: pb.ResumeToken) -> Any:
+        await asyncio.Event().wait()
+
+    stream = ResumingStream(first, reopen=out_of_reach, secret="s" * 32, grace=60, notify=None, replay_bytes=1000)
+    try:
+        await stream.send(pb.Frame(data=b"a" * 600))
+        waiting = asyncio.create_task(stream.send(pb.Frame(data=b"b" * 600)))
+        await asyncio.sleep(0)  # (one turn: it waits for room now, with the deadline)
+        assert not waiting.done()
+        # The break before the ready, as PendingResumingStream.ready handles it: the key is known, resumed.
+        first.key_known = True
+        stream._broken(stream._generation, "Socket closed")
+        done, _ = await asyncio.wait({waiting}, timeout=20 * client_resume.CONFIRM_WAIT)
+        assert not done, "the sender gave up waiting: its message went nowhere"
+        assert stream.resumable, stream.not_resumable
+        assert stream.buffer.end > 0 and not stream.buffer.settled  # what was held is still held
+    finally:
+        stream.abort()
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)

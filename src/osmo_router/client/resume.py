@@ -225,7 +225,12 @@ class ResumingStream(ResumableStream):
             async with asyncio.timeout(CONFIRM_WAIT):
                 await super()._room(size)
         except TimeoutError:
-            if not self.confirmed:
+            if self.resumable and self.agent_resumes and not self.confirmed:
+                # Learnt while waiting: a break before the ready is being resumed by the key named after
+                # the secret (PendingResumingStream.ready). Falling back now would drop what is held
+                # and this message with it (no stream to send it on until the resume is done).
+                await super()._room(size)
+            elif not self.confirmed:
                 self._fall_back(f"the agent did not answer the resume request within {CONFIRM_WAIT:g}s")
 
     def _on_control(self, frame: pb.Frame) -> None:
