@@ -133,3 +133,26 @@ async def test_a_sender_waiting_for_room_keeps_resume_once_a_break_before_the_re
         stream.abort()
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_sender_waiting_for_room_falls_back_when_no_agent_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other side of the test above: no break, no agent known to resume, no answer within CONFIRM_WAIT
+    (an agent that does not resume, whose router's ready said nothing): the session goes on without
+    resume and the waiting message goes out on the stream it has."""
+    monkeypatch.setattr(client_resume, "CONFIRM_WAIT", 0.05)
+    first = _Taking()
+
+    async def never(token: pb.ResumeToken) -> Any:
+        raise AssertionError("no break: nothing to resume")
+
+    stream = ResumingStream(first, reopen=never, secret="s" * 32, grace=60, notify=None, replay_bytes=1000)
+    try:
+        await stream.send(pb.Frame(data=b"a" * 600))
+        async with asyncio.timeout(20 * client_resume.CONFIRM_WAIT):
+            await stream.send(pb.Frame(data=b"b" * 600))
+        assert not stream.resumable
+        assert "did not answer the resume request" in stream.not_resumable
+        assert [frame.data[:1] for frame in first.sent] == [b"a", b"b"]
+    finally:
+        stream.abort()
