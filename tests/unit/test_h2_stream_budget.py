@@ -138,3 +138,45 @@ async def test_a_relayed_stream_without_budgets_takes_up_its_full_window_uncount
         served.use_budgets(())  # a session relayed for another replica: no budgets of its own here
         await _until(pair.arrived, lambda: served._recv_left <= 0 and _held(served) >= WINDOW)
         assert WINDOW <= _held(served) <= WINDOW + FRAMED
+
+
+@pytest.mark.asyncio
+async def test_a_stream_that_carries_little_does_not_take_up_the_connections_grown_window(pair: Pair) -> None:
+    """Issue 18: a connection's window grows for its busiest stream (h2/bdp.py); a stream of small
+    messages (resume's acks) that took it up held the grown window open in its user's budget, and
+    eight of those beside eight bulk streams filled it: the bulk streams fell to CREDIT_FLOOR grants."""
+    user = ByteBudget(64 * WINDOW)
+    async with asyncio.timeout(10):
+        stream = await pair.client.open_stream(REQUEST)
+        served = await pair.streams.get()
+        pair.servers[0]._grow_windows(4 * WINDOW)  # what the BDP estimator does for a bulk stream beside it
+        # An opening message (a session's init) in the initial window: no reason to grow either.
+        stream.write_nowait(b"i" * (CREDIT_FLOOR // 4))
+        await _until(pair.arrived, served.has_message)
+        served.use_budgets((user,))
+        assert await served.read() == b"i" * (CREDIT_FLOOR // 4)
+        for _ in range(8):
+            stream.write_nowait(b"ack" * 5)
+            await _until(pair.arrived, served.has_message)
+            assert await served.read() == b"ack" * 5
+        assert served._recv_window == WINDOW
+        assert user.held == served.exposure <= WINDOW
+
+
+@pytest.mark.asyncio
+async def test_a_bulk_stream_takes_up_the_grown_window_at_once(pair: Pair) -> None:
+    user = ByteBudget(64 * WINDOW)
+    async with asyncio.timeout(10):
+        _, served = await _open_and_push(pair, 8 * WINDOW // MESSAGE)
+        pair.servers[0]._grow_windows(4 * WINDOW)
+        served.use_budgets((user,))
+        taken = 0
+        while taken < 2:
+            await _until(pair.arrived, served.has_message)
+            assert await served.read() is not None
+            taken += 1
+        # Past an eighth of its window received (GROW_SHIFT), the stream's window is the connection's,
+        # and its peer fills it.
+        assert served._recv_window == 4 * WINDOW
+        await _until(pair.arrived, lambda: served._recv_left <= 0 and _held(served) >= 3 * WINDOW - FRAMED)
+        assert max(user.held, served.exposure) <= 4 * WINDOW + FRAMED

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.credit import StreamCredit, UncountedCharge
-from osmo_router.h2.receive_window import ReceiveWindow
+from osmo_router.h2.receive_window import GROW_SHIFT, ReceiveWindow
 from osmo_router.io.buffers import finish, new_message
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class StreamInbound(ReceiveWindow):
         self.reset_code: int | None = None
         self._recv_window = recv_window  # what we let this stream's peer have unread
         self._recv_left = recv_window  # what the peer may still send before our next WINDOW_UPDATE
+        self._granted = recv_window  # all the window the peer was ever given (receive_window.py)
         self._messages: deque[bytes] = deque()
         self._queued = 0  # bytes (with prefixes) of complete messages not yet read
         self._head = bytearray()  # the prefix of the next message, when it came split
@@ -99,7 +100,11 @@ class StreamInbound(ReceiveWindow):
         if self._listened:
             # Its window goes back as if read, grown with the link (see _taken).
             self._listened = False
-            if self._may_grow and self.conn.stream_window > self._recv_window:
+            if (
+                self._may_grow
+                and self.conn.stream_window > self._recv_window
+                and self._granted - self._recv_left >= self._recv_window >> GROW_SHIFT
+            ):
                 self._recv_window = self.conn.stream_window
         if self._credit is not None or self.ended_in or self.reset_code is not None:
             self._grant()
@@ -262,7 +267,11 @@ class StreamInbound(ReceiveWindow):
             return False
         self._recv_left = left = self._recv_left - size
         # _taken, inline (per relayed message): its window goes back as if read, grown with the link.
-        if self._may_grow and self.conn.stream_window > self._recv_window:
+        if (
+            self._may_grow
+            and self.conn.stream_window > self._recv_window
+            and self._granted - self._recv_left >= self._recv_window >> GROW_SHIFT
+        ):
             self._recv_window = self.conn.stream_window
         window = self._recv_window
         if (

@@ -16,6 +16,12 @@ from osmo_router.h2.credit import ByteBudget, StreamCredit, UncountedCharge
 if TYPE_CHECKING:
     from osmo_router.h2.connection import Connection
 
+#: A stream takes up the connection's grown window once it received (in all) its own window >> this:
+#: a bulk stream at once (the BDP sample that grew the window was mostly its bytes, and the next
+#: sample, sent at once, needs the larger window to grow it further), resume's ack stream (20 bytes
+#: per 2 MiB acknowledged) only after some 25 GB the other way at the configured 2 MiB window.
+GROW_SHIFT = 3
+
 
 class ReceiveWindow:
     """The window half of a stream's inbound side (the state is StreamInbound's, set in its __init__)."""
@@ -26,6 +32,7 @@ class ReceiveWindow:
     reset_code: int | None
     _recv_window: int  # what we let this stream's peer have unread
     _recv_left: int  # what the peer may still send before our next WINDOW_UPDATE
+    _granted: int  # all the window the peer was ever given (its initial window and our updates)
     _queued: int
     _head: bytearray
     _need: int
@@ -73,6 +80,7 @@ class ReceiveWindow:
                 grant = credit.allowed(self, grant)
             if grant >= least:
                 self._recv_left += grant
+                self._granted += grant
                 self.conn.send_window_update(self.id, grant)
         if credit is not None:
             credit.sync(self)
@@ -94,17 +102,30 @@ class ReceiveWindow:
 
     def _taken(self) -> None:
         """A message left the stream (read, or taken by the listener): give its window back, grown with
-        the link if the connection's window grew (h2/bdp.py: a stream takes that up as it reads)."""
+        the link if the connection's window grew and the stream uses its own (see `_take_up_window`)."""
         if self._may_grow:
             # _take_up_window, inline: this runs per message taken
             window = self.conn.stream_window
-            if window > self._recv_window:
+            if window > self._recv_window and self._granted - self._recv_left >= self._recv_window >> GROW_SHIFT:
                 self._recv_window = window
         self._grant()
 
     def _take_up_window(self) -> None:
-        """Let the peer have up to the connection's stream window now (it grows with the link)."""
-        self._recv_window = max(self._recv_window, self.conn.stream_window)
+        """Let the peer have up to the connection's stream window now (it grows with the link, h2/bdp.py),
+        beyond the configured one only once the stream has received an eighth of its window (GROW_SHIFT).
+
+        The connection's window grows for the connection's busiest stream; a stream that carries little
+        (resume's acks, a terminal's keystrokes) has no use for it, and its open window counts as held
+        in the byte budgets all the same (credit.py). Issue 18: iperf3 -P 8 up after a round down left
+        the eight sessions' ack streams at the 16 MiB the last round grew the connection to: with the
+        data streams' 16 MiB that was the user's whole 256 MiB budget, and the data streams got
+        CREDIT_FLOOR-sized grants (64 KiB DATA frames, 6-11 router reads per MiB instead of 2.5)."""
+        window, configured = self.conn.stream_window, self.conn.config.stream_window
+        # (A stream that starts smaller, H2Config.initial_stream_window, is measured against the configured
+        # window: its opening message alone must not grow it.)
+        if window > configured and self._granted - self._recv_left < max(self._recv_window, configured) >> GROW_SHIFT:
+            window = configured
+        self._recv_window = max(self._recv_window, window)
 
     @property
     def exposure(self) -> int:
