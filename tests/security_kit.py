@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -125,6 +126,18 @@ class CertificateAuthority:
     def pem(self) -> bytes:
         """The CA certificate as PEM."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def loopback_tls(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for "localhost" (files in `directory`) and a client context
+    that trusts its new CA: TLS between two ends of one test over loopback."""
+    ca = CertificateAuthority.create("test-ca")
+    cert, key = ca.issue("localhost", server=True)
+    (directory / "cert.pem").write_bytes(cert)
+    (directory / "key.pem").write_bytes(key)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return server_tls, ssl.create_default_context(cadata=ca.pem.decode())
 
 
 @dataclass

@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
 
-from osmo_router.h2.connection import Connection, ConnectionClosed, H2Config, Stream, StreamReset
+from osmo_router.h2.connection import ConnectionClosed, H2Config, StreamReset
 from osmo_router.h2.grpc import status_of, status_trailers
-
-REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
-
-
-@dataclass
-class Pair:
-    client: Connection
-    streams: asyncio.Queue[Stream]
-    servers: list[Connection]
+from tests.h2_pair import REQUEST, Pair, connected_pair
 
 
 @pytest_asyncio.fixture
 async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
-    config: H2Config = getattr(request, "param", H2Config(stream_window=256 * 1024))
-    loop = asyncio.get_running_loop()
-    streams: asyncio.Queue[Stream] = asyncio.Queue()
-    servers: list[Connection] = []
-
-    def accept() -> Connection:
-        conn = Connection("server", config, on_stream=streams.put_nowait)
-        servers.append(conn)
-        return conn
-
-    server = await loop.create_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    _, client = await loop.create_connection(lambda: Connection("client", config), "127.0.0.1", port)
-    async with asyncio.timeout(5):
-        await client.ready()
-    yield Pair(client, streams, servers)
-    client.close()
-    server.close()
-    await server.wait_closed()
+    async with connected_pair(getattr(request, "param", H2Config(stream_window=256 * 1024))) as connected:
+        yield connected
 
 
 def _signal(obj: object, name: str) -> asyncio.Event:

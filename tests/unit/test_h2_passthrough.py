@@ -13,7 +13,8 @@ from osmo_router.h2.connection import H2Config
 from osmo_router.h2.grpc import status_trailers
 from osmo_router.h2.stream import Stream
 from osmo_router.router.core.budget import ByteBudget
-from tests.unit.test_h2_flow import REQUEST, RESPONSE, Pair, pair
+from tests.h2_pair import REQUEST, Pair
+from tests.unit.test_h2_flow import RESPONSE, pair
 
 __all__ = ["pair"]  # the fixture, imported for these tests
 

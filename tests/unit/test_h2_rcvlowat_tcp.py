@@ -20,7 +20,7 @@ import uvloop
 
 from osmo_router.h2.connection import Connection, Stream
 from osmo_router.h2.reader import LOWAT_MAX, LOWAT_MIN, FrameReader
-from tests.security_kit import CertificateAuthority
+from tests.security_kit import loopback_tls
 from tests.unit.test_h2_rcvlowat import CONFIG
 from tests.unit.test_h2_reader import REQUEST
 
@@ -228,13 +228,7 @@ def test_a_peer_gone_in_the_middle_of_a_frame_is_seen_at_once(loop: str, reset: 
 
 
 def test_over_tls_no_mark_is_set(tmp_path: Path, marks: list[int]) -> None:
-    ca = CertificateAuthority.create("test-ca")
-    cert, key = ca.issue("localhost", server=True)
-    (tmp_path / "cert.pem").write_bytes(cert)
-    (tmp_path / "key.pem").write_bytes(key)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    client_tls = ssl.create_default_context(cadata=ca.pem.decode())
+    server_tls, client_tls = loopback_tls(tmp_path)
 
     async def main() -> None:
         client, _, served, server = await pair(tls=(server_tls, client_tls))

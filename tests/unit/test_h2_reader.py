@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from osmo_router.h2 import inbound as stream_module
 from osmo_router.h2.connection import Connection, H2Config, Stream
 from osmo_router.h2.reader import HEADER_READ, QUIET_AFTER, READ_SIZE
 from osmo_router.h2.writer import VectorWriter
-from tests.security_kit import CertificateAuthority
+from tests.security_kit import loopback_tls
 
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
 
@@ -196,13 +195,7 @@ async def test_an_oversized_message_is_refused_before_it_is_allocated(monkeypatc
 @pytest.mark.asyncio
 async def test_bulk_messages_over_tls_arrive_intact(tmp_path: Path) -> None:
     # The loop's TLS transport drives a BufferedProtocol too: decrypted bytes land in the messages.
-    ca = CertificateAuthority.create("test-ca")
-    cert, key = ca.issue("localhost", server=True)
-    (tmp_path / "cert.pem").write_bytes(cert)
-    (tmp_path / "key.pem").write_bytes(key)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    client_tls = ssl.create_default_context(cadata=ca.pem.decode())
+    server_tls, client_tls = loopback_tls(tmp_path)
     loop = asyncio.get_running_loop()
     served: asyncio.Queue[Stream] = asyncio.Queue()
     server = await loop.create_server(

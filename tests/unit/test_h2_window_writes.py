@@ -10,48 +10,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
 
 from osmo_router.h2 import frames as fr
-from osmo_router.h2.connection import Connection, H2Config, Stream
+from osmo_router.h2.connection import Connection, H2Config
+from tests.h2_pair import REQUEST, Pair, connected_pair
 
-REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
 MIB = 1024 * 1024
 #: A 2 MiB stream window that does not grow (no BDP pings, which would take the updates along) and an
 #: 8 MiB connection window: given back alone at a quarter (2 MiB), riding on a stream's from 512 KiB.
 CONFIG = H2Config(stream_window=2 * MIB, max_stream_window=2 * MIB, connection_window=8 * MIB)
 
 
-@dataclass
-class Pair:
-    client: Connection
-    streams: asyncio.Queue[Stream]
-    servers: list[Connection]
-
-
 @pytest_asyncio.fixture
 async def pair() -> AsyncIterator[Pair]:
-    loop = asyncio.get_running_loop()
-    streams: asyncio.Queue[Stream] = asyncio.Queue()
-    servers: list[Connection] = []
-
-    def accept() -> Connection:
-        conn = Connection("server", CONFIG, on_stream=streams.put_nowait)
-        servers.append(conn)
-        return conn
-
-    server = await loop.create_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    _, client = await loop.create_connection(lambda: Connection("client", CONFIG), "127.0.0.1", port)
-    async with asyncio.timeout(5):
-        await client.ready()
-    yield Pair(client, streams, servers)
-    client.close()
-    server.close()
-    await server.wait_closed()
+    async with connected_pair(CONFIG) as connected:
+        yield connected
 
 
 def record_writes(conn: Connection) -> list[list[fr.Frame]]:
