@@ -38,6 +38,17 @@ Starter = Callable[[SessionInit], Awaitable[FrameStream]]
 Notify = Callable[[str], None] | None
 
 
+def named_after_secret(stream: FrameStream, secret: str) -> None:
+    """A stream that broke before its ready: give it the key its session was asked to be named by.
+
+    The router may have started the session: it is resumed by that key as one that broke before the
+    agent's first Resume frame (unconfirmed: the router pairs that only with an agent that recognises
+    resumes, which resumes it or says it never received it).
+    """
+    stream.session_key = key_of_secret(secret)
+    stream.key_known = True
+
+
 class PendingResumingStream(ResumingStream):
     """A `ResumingStream` whose first stream is started but whose ready has not arrived yet."""
 
@@ -58,10 +69,7 @@ class PendingResumingStream(ResumingStream):
             if not self.named_by_secret:
                 self.abort()
                 raise
-            # The router may have started the session: resume it by the key it was asked to give it
-            # (unconfirmed: it pairs that only with an agent that recognises resumes), as open_stream does.
-            self.first.session_key = key_of_secret(self._secret)
-            self.first.key_known = True
+            named_after_secret(self.first, self._secret)  # resumed as open_stream's is
         except BaseException:
             self.abort()
             raise
@@ -176,11 +184,7 @@ async def open_stream(
     except BrokeBeforeReady as err:
         if init.target.session_key:
             raise
-        # The router may have started the session: resume it by the key it was asked to give it, as one
-        # that broke before the agent's first Resume frame (unconfirmed: the router pairs that only with
-        # an agent that recognises resumes, which resumes it or says it never received it).
-        err.stream.session_key = key_of_secret(secret)
-        err.stream.key_known = True
+        named_after_secret(err.stream, secret)
         inner = err.stream
     key = getattr(inner, "session_key", "")
     if not key:
@@ -199,6 +203,7 @@ async def open_stream(
 __all__ = [
     "PendingResumingStream",
     "can_resume",
+    "named_after_secret",
     "open_resumable",
     "open_stream",
     "ready_resumable",
