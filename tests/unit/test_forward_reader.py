@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from osmo_router.h2.config import H2Config
-from osmo_router.io.socket_pumps import BULK_READ, SocketReader
+from osmo_router.io.socket_pumps import BULK_READ, LOCAL_RCVBUF, SocketReader
 from osmo_router.wire.codec import decode_data_message, encode_data_message, payload_fitting
 
 
@@ -59,6 +59,42 @@ async def test_without_fionread_the_message_is_encoded_from_a_plain_read() -> No
     finally:
         reader.close()
         right.close()
+
+
+@pytest.mark.asyncio
+async def test_the_local_socket_queues_at_most_about_a_message_after_a_bulk_transfer() -> None:
+    # TCP autotuning grows a fast reader's receive buffer to several MiB (up to tcp_rmem's maximum),
+    # and a fast local sender fills it: cache-cold bytes by the time the pump copies them out.
+    total = 48 << 20
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sending = socket.create_connection(server.getsockname())
+        receiving, _ = server.accept()
+    receiving.setblocking(False)
+    reader = SocketReader(receiving)
+    loop = asyncio.get_running_loop()
+    chunk = bytes(128 << 10)
+
+    def send_all() -> None:
+        for _ in range(total // len(chunk)):
+            sending.sendall(chunk)
+        sending.shutdown(socket.SHUT_WR)
+
+    try:
+        async with asyncio.timeout(60):
+            sent = loop.run_in_executor(None, send_all)
+            got = 0
+            while message := await reader.recv_data_message(BULK_READ):
+                piece = decode_data_message(message)
+                assert piece is not None
+                got += len(piece)
+            await sent
+        assert got == total
+        # Linux reports twice what was asked (its bookkeeping share); autotuning would have grown it.
+        assert receiving.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 2 * LOCAL_RCVBUF
+    finally:
+        reader.close()
+        receiving.close()
+        sending.close()
 
 
 def test_payload_fitting_is_the_largest_payload_whose_message_fits_the_frame() -> None:

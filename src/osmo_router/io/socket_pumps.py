@@ -27,6 +27,12 @@ from osmo_router.wire.codec import BULK_PAYLOAD, data_header, encode_data_messag
 SMALL_READ: Final = 1024
 #: The forward pumps' largest read (wire/codec.py BULK_PAYLOAD: one whole HTTP/2 frame).
 BULK_READ: Final = BULK_PAYLOAD
+#: SO_RCVBUF asked for the local application's socket (the kernel doubles it: about 1 MiB of queue).
+#: Without it TCP autotuning lets a fast local sender (iperf3) queue 1.3-3.6 MiB per connection
+#: before us, 10-30 MiB under -P 8, all of it cache-cold by the time we copy it out; bounded here,
+#: -P 8 costs about 8% less CPU per byte over the three processes (docs/bench/NOTES.md, probe74).
+#: 256 KiB was too small: messages shrink and the per-message work takes the gain back.
+LOCAL_RCVBUF: Final = 512 * 1024
 #: `data_header(n)` for every size a first read can give: looked up, not built, per small message.
 _SMALL_HEADERS: Final = tuple(data_header(n) for n in range(SMALL_READ + 1))
 
@@ -48,6 +54,8 @@ class SocketReader:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        with contextlib.suppress(OSError):  # (where refused the kernel's autotuning stays: no worse)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOCAL_RCVBUF)  # see LOCAL_RCVBUF
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._waiter: asyncio.Future[None] | None = None
