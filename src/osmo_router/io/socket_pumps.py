@@ -31,7 +31,10 @@ BULK_READ: Final = BULK_PAYLOAD
 #: Without it TCP autotuning lets a fast local sender (iperf3) queue 1.3-3.6 MiB per connection
 #: before us, 10-30 MiB under -P 8, all of it cache-cold by the time we copy it out; bounded here,
 #: -P 8 costs about 8% less CPU per byte over the three processes (docs/bench/NOTES.md, probe74).
-#: 256 KiB was too small: messages shrink and the per-message work takes the gain back.
+#: 256 KiB was too small: messages shrink and the per-message work takes the gain back. The local
+#: socket is the container's loopback on the agent (agent/forward.py forwards to nothing else) and the
+#: user's own machine on the client, so a fixed buffer costs no throughput; a peer that reaches a
+#: client's --address over a long link is held to about 1 MiB per round trip (20 MB/s at 50 ms).
 LOCAL_RCVBUF: Final = 512 * 1024
 #: `data_header(n)` for every size a first read can give: looked up, not built, per small message.
 _SMALL_HEADERS: Final = tuple(data_header(n) for n in range(SMALL_READ + 1))
