@@ -22,15 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import time
 
-from bench.experiments.send_path_ab import SINK, _pairs
+from bench.experiments.send_path_ab import _pairs, alternated, run_child, serve_child
 
 
 async def _child(messages: int, port: int) -> dict[str, float]:
@@ -83,20 +79,6 @@ async def _child(messages: int, port: int) -> dict[str, float]:
     return {"median": statistics.median(spent), "p10": sorted(spent)[len(spent) // 10]}
 
 
-def _run(env: dict[str, str], messages: int) -> dict[str, float]:
-    """A child run with `env` added; its figures."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.experiments.recv_path_ab", "--child", "--messages", str(messages)],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return figures
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a-env", action="append", default=[], help="K=V for tree A")
@@ -106,24 +88,11 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        import uvloop
-
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the sink: the installed grpcio
-        sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, env=env)
-        try:
-            assert sink.stdout is not None
-            port = int(sink.stdout.readline())
-            print(json.dumps(uvloop.run(_child(args.messages, port))))
-        finally:
-            sink.kill()
-            sink.wait()
+        serve_child(lambda port: _child(args.messages, port))
         return
     envs = {"A": _pairs(args.a_env), "B": _pairs(args.b_env)}
-    medians: dict[str, list[float]] = {"A": [], "B": []}
-    for r in range(args.rounds):
-        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            medians[name].append(_run(envs[name], args.messages)["median"])
-    a, b = statistics.median(medians["A"]), statistics.median(medians["B"])
+    module, messages = "bench.experiments.recv_path_ab", str(args.messages)
+    a, b, medians = alternated(envs, args.rounds, lambda env: run_child(module, env, "--messages", messages)["median"])
     print(
         f"receive: A {a:.0f} ns, B {b:.0f} ns per message (medians of {args.rounds} runs: A {medians['A']}, "
         f"B {medians['B']}); B/A {b / a:.2f}"

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 MODES = ("write", "python", "read")
@@ -109,10 +110,10 @@ async def _child(mode: str, messages: int, port: int) -> dict[str, float]:
     return {"median": statistics.median(spent), "p10": sorted(spent)[len(spent) // 10]}
 
 
-def _run(env: dict[str, str], mode: str, messages: int) -> dict[str, float]:
-    """A child run with `env` added; its figures."""
+def run_child(module: str, env: dict[str, str], *args: str) -> dict[str, float]:
+    """`python -m module --child ARGS` with `env` added (one run of one tree); the figures it printed."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.experiments.send_path_ab", "--child", mode, "--messages", str(messages)],
+        [sys.executable, "-m", module, "--child", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
@@ -121,6 +122,34 @@ def _run(env: dict[str, str], mode: str, messages: int) -> dict[str, float]:
     )
     figures: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return figures
+
+
+def serve_child(child: Callable[[int], Coroutine[Any, Any, dict[str, float]]]) -> None:
+    """In a child run: `child(port)` on uvloop against the grpc.aio SINK in a process of its own (the
+    installed grpcio, whatever tree is on PYTHONPATH); print its figures as JSON for `run_child`."""
+    import uvloop
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, env=env)
+    try:
+        assert sink.stdout is not None
+        port = int(sink.stdout.readline())
+        print(json.dumps(uvloop.run(child(port))))
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def alternated(
+    envs: dict[str, dict[str, str]], rounds: int, run: Callable[[dict[str, str]], float]
+) -> tuple[float, float, dict[str, list[float]]]:
+    """`run` per tree and round, A and B alternating (the order flipped each round); the medians of A and
+    B over the rounds, and every round's figure."""
+    figures: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(rounds):
+        for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+            figures[name].append(run(envs[name]))
+    return statistics.median(figures["A"]), statistics.median(figures["B"]), figures
 
 
 def _pairs(items: list[str]) -> dict[str, str]:
@@ -137,25 +166,17 @@ def main() -> None:
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        import uvloop
-
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the sink: the installed grpcio
-        sink = subprocess.Popen([sys.executable, "-c", SINK], stdout=subprocess.PIPE, env=env)
-        try:
-            assert sink.stdout is not None
-            port = int(sink.stdout.readline())
-            print(json.dumps(uvloop.run(_child(args.child, args.messages, port))))
-        finally:
-            sink.kill()
-            sink.wait()
+        serve_child(lambda port: _child(args.child, args.messages, port))
         return
     envs = {"A": _pairs(args.a_env), "B": _pairs(args.b_env)}
+    module, messages = "bench.experiments.send_path_ab", str(args.messages)
     for mode in args.modes.split(","):
-        medians: dict[str, list[float]] = {"A": [], "B": []}
-        for r in range(args.rounds):
-            for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-                medians[name].append(_run(envs[name], mode, args.messages)["median"])
-        a, b = statistics.median(medians["A"]), statistics.median(medians["B"])
+        child_args = (mode, "--messages", messages)
+
+        def median(env: dict[str, str], child_args: tuple[str, ...] = child_args) -> float:
+            return run_child(module, env, *child_args)["median"]
+
+        a, b, medians = alternated(envs, args.rounds, median)
         print(
             f"{mode}: A {a:.0f} ns, B {b:.0f} ns per send (medians of {args.rounds} runs: A {medians['A']}, "
             f"B {medians['B']}); B/A {b / a:.2f}"
