@@ -189,23 +189,8 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         if not self._settings_received:
             raise settings_first()
         size = len(payload) if flow < 0 else flow
-        stream = self.streams.get(stream_id)
-        if last and not flags:  # (a burst is left to the reader, whose writer can merge it)
-            if (
-                stream is not None
-                and stream._passthrough is not None
-                and self._recv_unacked + size <= self._connection_window  # (else the usual path fails it)
-                and stream.pass_through(payload)
-            ):
-                # Passed through: the connection window and the BDP sample count it, as _data_target and
-                # data_end would (inline: this runs per relayed message).
-                self._recv_unacked += size
-                if self._recv_unacked >= self._connection_window >> 2:
-                    self._give_connection_window()
-                bdp = self._bdp
-                if bdp is not None and bdp.active and bdp.on_data(size):
-                    self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
-                return
+        # The connection window and the BDP sample count it, as _data_target and data_end do for a frame
+        # that arrives in pieces (inline: this runs per message received or relayed, issue 18).
         self._recv_unacked += size
         if self._recv_unacked >= self._connection_window >> 2:
             if self._recv_unacked > self._connection_window:
@@ -214,6 +199,15 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         bdp = self._bdp
         if bdp is not None and bdp.active and bdp.on_data(size):
             self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
+        stream = self.streams.get(stream_id)
+        if (
+            last
+            and not flags  # (a burst is left to the reader, whose writer can merge it)
+            and stream is not None
+            and stream._passthrough is not None
+            and stream.pass_through(payload)
+        ):
+            return
         if stream is None or stream.ended_in:
             if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:
                 raise fr.ProtocolError(fr.ErrorCode.PROTOCOL_ERROR, "DATA on an idle stream")
