@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.credit import StreamCredit, UncountedCharge
-from osmo_router.h2.receive_window import GROW_SHIFT, ReceiveWindow
+from osmo_router.h2.receive_window import ReceiveWindow
 from osmo_router.io.buffers import finish, new_message
 
 if TYPE_CHECKING:
@@ -100,12 +100,8 @@ class StreamInbound(ReceiveWindow):
         if self._listened:
             # Its window goes back as if read, grown with the link (see _taken).
             self._listened = False
-            if (
-                self._may_grow
-                and self.conn.stream_window > self._recv_window
-                and self._granted - self._recv_left >= self._recv_window >> GROW_SHIFT
-            ):
-                self._recv_window = self.conn.stream_window
+            if self._may_grow and self.conn.stream_window > self._recv_window:
+                self._take_up_window()  # (only while the connection's window is above this stream's)
         if self._credit is not None or self.ended_in or self.reset_code is not None:
             self._grant()
         else:
@@ -267,12 +263,8 @@ class StreamInbound(ReceiveWindow):
             return False
         self._recv_left = left = self._recv_left - size
         # _taken, inline (per relayed message): its window goes back as if read, grown with the link.
-        if (
-            self._may_grow
-            and self.conn.stream_window > self._recv_window
-            and self._granted - self._recv_left >= self._recv_window >> GROW_SHIFT
-        ):
-            self._recv_window = self.conn.stream_window
+        if self._may_grow and self.conn.stream_window > self._recv_window:
+            self._take_up_window()  # (only while the connection's window is above this stream's)
         window = self._recv_window
         if (
             left + self._queued + self._inflight <= window - ((window >> 2 or 1) if left > 0 else 1)

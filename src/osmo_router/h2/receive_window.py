@@ -103,11 +103,8 @@ class ReceiveWindow:
     def _taken(self) -> None:
         """A message left the stream (read, or taken by the listener): give its window back, grown with
         the link if the connection's window grew and the stream uses its own (see `_take_up_window`)."""
-        if self._may_grow:
-            # _take_up_window, inline: this runs per message taken
-            window = self.conn.stream_window
-            if window > self._recv_window and self._granted - self._recv_left >= self._recv_window >> GROW_SHIFT:
-                self._recv_window = window
+        if self._may_grow and self.conn.stream_window > self._recv_window:
+            self._take_up_window()  # (a call only while the connection's window is above this stream's)
         self._grant()
 
     def _take_up_window(self) -> None:
