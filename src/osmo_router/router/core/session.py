@@ -152,17 +152,13 @@ class Session:
         """The operation as the metrics label it."""
         return label_of(self.operation)
 
-    def touch(self) -> None:
-        """Record activity now (for idle expiry)."""
-        self.active_at = time.monotonic()
-
     @property
     def last_activity(self) -> float:
-        """When the session was last seen active (for idle expiry): `touch`, or the first look that found
-        bytes relayed since the look before.
+        """When the session was last seen active (for idle expiry): its creation, or the first look that
+        found bytes relayed since the look before.
 
         The relay counts every message's bytes on the session (core/relay.py) and reads no clock
-        per message (issue 18: touch was two calls per relayed message); the idle sweep (router/server.py,
+        per message (issue 18: a clock read per message was two calls per relayed message); the idle sweep (router/server.py,
         every ttl/4 at most) looks here. So a session is never taken for idle sooner than it was, and at
         most one sweep's interval later than it was.
         """
