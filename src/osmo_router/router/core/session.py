@@ -157,8 +157,8 @@ class Session:
         """When the session was last seen active (for idle expiry): its creation, or the first look that
         found bytes relayed since the look before.
 
-        The relay counts every message's bytes on the session (core/relay.py) and reads no clock
-        per message (issue 18: a clock read per message was two calls per relayed message); the idle sweep (router/server.py,
+        The relay counts every message's bytes on the session (core/relay.py) and reads no clock per
+        message (issue 18: that was two calls per relayed message); the idle sweep (router/server.py,
         every ttl/4 at most) looks here. So a session is never taken for idle sooner than it was, and at
         most one sweep's interval later than it was.
         """
