@@ -225,6 +225,10 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
             stream = await self._started()
             if stream.ended_in and stream.trailers is not None:
                 # The server already ended the call (its last messages may still wait for `read`).
+                # Its status is set before this raises, as a finished grpc.aio call's is: the caller
+                # judges the end by the server's word (a drain), not by this error. No wait on the
+                # peer: what came before the trailers is all here, and is kept for `read`.
+                await self._until_done()
                 raise asyncio.InvalidStateError(FINISHED)
             await stream.write(self._serialize(request))
         except StreamReset as err:

@@ -1,0 +1,73 @@
+"""A client call the server ended while the client was still writing (h2/client_calls.py, wire/streams.py).
+
+The router ends a draining session with trailers (UNAVAILABLE "router draining: ...") while the
+client may be in the middle of sending. The client's next write must find the call finished with
+that status, whoever reads first, so its resume tells the user the router's reason; the messages
+sent before the trailers stay readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from osmo_router.h2.client_calls import Call
+from osmo_router.h2.config import H2Config
+from osmo_router.h2.stream import Stream
+from osmo_router.wire.protocol import pb
+from osmo_router.wire.streams import FrameStream
+from tests.h2_pair import REQUEST, Pair, connected_pair
+
+WAIT = 10.0
+DRAINING = "router draining: the session resumes once the router is back"
+
+
+async def _ended_by_the_server(pair: Pair) -> tuple[Call, Stream]:
+    """A stream-stream call whose server sent one message, then its trailers, without reading on."""
+    call = Call(lambda: pair.client.open_stream(REQUEST), None, None, None)
+    await call.write(b"hello")
+    served = await asyncio.wait_for(pair.streams.get(), WAIT)
+    assert await asyncio.wait_for(served.read(), WAIT) == b"hello"
+    served.send_headers([(":status", "200"), ("content-type", "application/grpc")])
+    served.write_nowait(b"before the end")
+    served.end([("grpc-status", str(grpc.StatusCode.UNAVAILABLE.value[0])), ("grpc-message", DRAINING)])
+    return call, served
+
+
+async def _write_until_refused(send: object) -> BaseException:
+    """Write until a write fails (the trailers have arrived); that failure."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                await send()  # type: ignore[operator]
+            except (asyncio.InvalidStateError, grpc.aio.AioRpcError) as err:
+                return err
+
+
+@pytest.mark.asyncio
+async def test_a_write_after_the_servers_trailers_finds_the_call_done_with_their_status() -> None:
+    async with connected_pair(H2Config()) as pair:
+        call, _served = await _ended_by_the_server(pair)
+        refused = await _write_until_refused(lambda: call.write(b"more"))
+        assert isinstance(refused, asyncio.InvalidStateError), refused
+        assert call.done(), "the write refused a call that has no status yet"
+        assert (await call.code(), await call.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)
+        assert await asyncio.wait_for(call.read(), WAIT) == b"before the end"
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(call.read(), WAIT)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("raw", [False, True])
+async def test_a_frame_stream_write_reports_the_servers_status_when_nobody_read_it(raw: bool) -> None:
+    """What the client's resume meets: the router's status, not 'RPC already finished.' (seen in CI)."""
+    async with connected_pair(H2Config()) as pair:
+        call, _served = await _ended_by_the_server(pair)
+        stream = FrameStream(call, lambda frame: frame.SerializeToString(), raw=raw)
+        send = (lambda: stream.send_data(b"x")) if raw else (lambda: stream.send(pb.Frame(data=b"x")))
+        refused = await _write_until_refused(send)
+        assert isinstance(refused, grpc.aio.AioRpcError), refused
+        assert (refused.code(), refused.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)
