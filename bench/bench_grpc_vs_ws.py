@@ -7,7 +7,7 @@ the old protocol: raw payload bytes per binary message). Figures, each gRPC / WS
 
 - relay throughput at 4 / 32 / 256 KiB messages, THROUGHPUT_SESSIONS sessions at once (targets
   >= 0.55x / 1.0x / 1.2x the WS port's);
-- 1-byte echo p50 and p99 (target <= 1.1x each);
+- 1-byte echo p50 and p99, medians over 8 interleaved slices of 500 round trips (target <= 1.1x each);
 - router CPU per echo round trip (target <= 1.3x) and router CPU per MB relayed, read from the
   router's /proc/PID/stat around the timed part of each run.
 
@@ -20,13 +20,15 @@ import json
 import sys
 from typing import Any
 
-from bench.common import THROUGHPUT_SESSIONS, attempt, figure, latency_figures, loadgen, median, paired
+from bench.common import THROUGHPUT_SESSIONS, attempt, figure, loadgen, median, paired, sliced_latency_figures
 from tests.harness import Router
 
 #: Message size, and the target on gRPC throughput / WS port throughput.
 SIZES = ((4 * 1024, 0.55), (32 * 1024, 1.0), (256 * 1024, 1.2))
 ECHO_RATIO_MAX = 1.1
 CPU_PER_ECHO_RATIO_MAX = 1.3
+#: Interleaved slices of the echo (each path's p50/p99 is the median of its slices').
+ECHO_SLICES = 8
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -42,7 +44,7 @@ def run(quick: bool) -> dict[str, Any]:
         repeats, seconds = (2, 1.0) if quick else (5, 2.0)
         targets = _targets(router, grpcio)
         attempt(figures, notes, "throughput", lambda: throughput(targets, repeats, seconds))
-        attempt(figures, notes, "echo", lambda: echo(targets, 500 if quick else 2000))
+        attempt(figures, notes, "echo", lambda: echo(targets, 800 if quick else 4000))
     finally:
         router.stop()
         grpcio.stop()
@@ -106,22 +108,25 @@ def throughput(targets: dict[str, tuple[str, str, int]], repeats: int, seconds: 
     return figures
 
 
-def echo(targets: dict[str, tuple[str, str, int]], rounds: int, slices: int = 4) -> list[dict[str, Any]]:
-    """1-byte echo p50/p99 and router CPU per round trip, in slices interleaving the targets."""
-    samples: dict[str, list[float]] = {name: [] for name in targets}
+def echo(targets: dict[str, tuple[str, str, int]], rounds: int, slices: int = ECHO_SLICES) -> list[dict[str, Any]]:
+    """1-byte echo p50/p99 (medians over slices, common.sliced_latency_figures) and router CPU per
+    round trip, in slices interleaving the targets."""
+    samples: dict[str, list[list[float]]] = {name: [] for name in targets}
     cpu: dict[str, list[float]] = {name: [] for name in targets}
     for i in range(slices):
         for name in _order(targets, i):
             mode, address, pid = targets[name]
             args = ("--address", address, "--rounds", str(rounds // slices), "--cpu-pid", str(pid))
             result = loadgen(f"{mode}-echo", *args)[0]
-            samples[name] += result["samples_us"]
+            samples[name].append(result["samples_us"])
             cpu[name].append(result["cpu_s"] / result["round_trips"] * 1e6)
     out = []
-    for fig in latency_figures("gRPC vs WS port: relay echo 1 B", samples["grpc"], samples["ws"], "WS port", None):
+    for fig in sliced_latency_figures("gRPC vs WS port: relay echo 1 B", samples["grpc"], samples["ws"], "WS port"):
         fig["target"] = {"ratio_at_most": ECHO_RATIO_MAX}
         out.append(fig)
-    out += latency_figures("gRPC vs WS port: relay echo 1 B, grpcio", samples["grpcio"], samples["ws"], "WS port", None)
+    out += sliced_latency_figures(
+        "gRPC vs WS port: relay echo 1 B, grpcio", samples["grpcio"], samples["ws"], "WS port"
+    )
     out.append(
         figure(
             "gRPC vs WS port: router CPU per echo, grpcio",
