@@ -17,6 +17,10 @@ redis and iperf3 are also reached through three socat hops in a row (`chain`), i
 port-forward path crosses three processes (client, router, agent), so a chain of three relays that
 do no work at all is the floor any implementation of that path meets on this machine. Its ratio to
 one hop, beside the forward's, separates the cost of the hops from the cost of our protocol.
+socat moves 8 KiB per read, so its chain is a low floor for bulk; iperf3 is also reached through
+three minimal uvloop relays in a row (`relays`: bench/copy_relay.py's MinimalRelay, large
+reads, flow control, nothing else), the floor of three Python processes that only copy. The forward
+against that chain is the cost of our protocol alone (HTTP/2, gRPC framing, resume, budgets).
 
 The rendezvous p99 and router memory per idle session figures of issue 18 are bench_relay's
 ("rendezvous to first byte p99", "router memory per idle session").
@@ -41,6 +45,7 @@ from typing import Any
 
 from bench.bench_forward import ROUTER_FLAGS, socat_relay
 from bench.common import attempt, cpu_seconds, figure, median, paired
+from bench.copy_relay import relay_chain, uvloop_relay
 from bench.forward_targets import free_port, wait_listening
 from tests.forward_servers import start_forward
 from tests.harness import AgentProc, Router
@@ -144,12 +149,18 @@ class Rounds:
                 self.values.setdefault(case, {}).setdefault(path, []).append(value)
 
     def figure(
-        self, case: str, name: str, unit: str, target: dict[str, float] | None, path: str = "forward"
+        self,
+        case: str,
+        name: str,
+        unit: str,
+        target: dict[str, float] | None,
+        path: str = "forward",
+        baseline: str = "socat",
     ) -> dict[str, Any]:
-        """The case's row: `path` (the forward unless told) beside the socat hop."""
+        """The case's row: `path` (the forward unless told) beside `baseline` (the socat hop unless told)."""
         slot = self.values[case]
         note = f"median of {len(slot[path])} interleaved rounds"
-        return paired(name, unit, slot[path], slot["socat"], "socat hop", target, note)
+        return paired(name, unit, slot[path], slot[baseline], BASELINE_NAMES[baseline], target, note)
 
     def forward_only(self, case: str, name: str, unit: str) -> dict[str, Any]:
         """The case's row, the forward's values alone (a figure socat has no counterpart of)."""
@@ -206,6 +217,10 @@ def _figures(rounds: Rounds, requests: int, seconds: float) -> list[dict[str, An
             out.append(rounds.figure(f"iperf3_{streams}_{way}", name, "MB/s", {"ratio_at_least": ratio}))
             chained = f"real clients: iperf3 -P {streams} via 3 chained socat hops, {flag} (the 3-process floor)"
             out.append(rounds.figure(f"iperf3_{streams}_{way}", chained, "MB/s", None, path="chain"))
+            relays = f"real clients: iperf3 -P {streams} via 3 minimal uvloop relays, {flag} (the floor in Python)"
+            out.append(rounds.figure(f"iperf3_{streams}_{way}", relays, "MB/s", None, path="relays"))
+            against = f"real clients: iperf3 -P {streams} via port-forward against 3 minimal uvloop relays, {flag}"
+            out.append(rounds.figure(f"iperf3_{streams}_{way}", against, "MB/s", None, baseline="relays"))
     for way, flag in (("up", "client -> target"), ("down", "target -> client")):
         name = f"real clients: router CPU per MB, iperf3 -P 8 {flag}"
         out.append(rounds.forward_only(f"iperf3_8_{way}_cpu", name, "us/MB"))
@@ -223,6 +238,7 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
         iperf = stack.enter_context(iperf3_server())
         iperf_socat = stack.enter_context(iperf3_server())
         iperf_chain = stack.enter_context(iperf3_server())
+        iperf_relays = stack.enter_context(iperf3_server())
         router = Router(*ROUTER_FLAGS)
         stack.callback(router.stop)
         agent = AgentProc(router.address, WORKFLOW)
@@ -240,12 +256,17 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
                 "socat": stack.enter_context(socat_relay(iperf_socat)),
                 "forward": iperf_local,
                 "chain": _socat_chain(stack, iperf_chain, hops=3),
+                "relays": relay_chain(stack, iperf_relays, 3, uvloop_relay),
             },
         }
         redis_get(ports["redis"]["forward"], 200)  # warm-up: the first connection pays the rendezvous
         rounds = Rounds(ports)
         _all_rounds(rounds, router.pid, count, requests, seconds)
         return _figures(rounds, requests, seconds)
+
+
+#: How a baseline path is named in the rows.
+BASELINE_NAMES = {"socat": "socat hop", "relays": "3 minimal relays"}
 
 
 def _socat_chain(stack: ExitStack, target: int, hops: int) -> int:
@@ -269,7 +290,7 @@ def _versions() -> str:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    """Every real-client figure (about 3.5 minutes, 50 s with --quick)."""
+    """Every real-client figure (about 4.5 minutes, 60 s with --quick)."""
     count, requests, seconds = (2, 1000, 1.0) if quick else (4, 10000, 2.0)
     figures: list[dict[str, Any]] = []
     notes = [f"real clients: {_versions()}; the forward is plaintext, router/agent/client on loopback"]

@@ -2,7 +2,7 @@
 
 Stacks A (and B, if `--b-env` is given) are each a router, an agent and an `osmo-net-client port-forward` on
 loopback to one `iperf3 -s` (forward_ab's `forward_stack`; `--a-env PYTHONPATH=/tmp/x/src` runs another
-tree); beside them three `hop_floor.MinimalRelay` processes in a row, and one socat hop for the throughput
+tree); beside them three `bench/copy_relay.py`'s `MinimalRelay` processes in a row, and one socat hop for the throughput
 ratio. Rounds alternate the paths (order reversed every other round); in each, one `iperf3 -c` upload and
 one `-R` download per path, and the user + system CPU each of our processes (and each relay) used from
 /proc/PID/stat, divided by the bytes iperf3's receiver counted. CPU per byte survives a shared machine's
@@ -24,8 +24,8 @@ from contextlib import ExitStack
 from bench.bench_forward import socat_relay
 from bench.bench_real_clients import iperf3_server
 from bench.common import cpu_seconds
+from bench.copy_relay import relay_chain, uvloop_relay
 from bench.experiments.forward_ab import forward_stack
-from bench.experiments.hop_floor import relay_chain, uvloop_relay
 
 CASES = (("up", False), ("down", True))
 

@@ -7,7 +7,7 @@ reach that keep the bytes in the kernel (`splice_relay`: socket -> pipe -> socke
 costs them:
 
 - `socat x3`: three socat hops in a row;
-- `uvloop x3`: three minimal read/write Python relays (hop_floor's `MinimalRelay`);
+- `uvloop x3`: three minimal read/write Python relays (bench/copy_relay.py's `MinimalRelay`);
 - `splice x3`: three splice relays;
 - `framed x3`: three splice relays that frame the middle links as our HTTP/2 path would: the first hop
   (the CLI's place) sends a 20-byte header (`send`) before each chunk of up to --chunk bytes it splices,
@@ -38,7 +38,7 @@ from contextlib import ExitStack
 from bench.bench_forward import socat_relay
 from bench.bench_real_clients import Rounds, iperf3_rate, iperf3_server, redis_get, redis_server
 from bench.common import cpu_seconds
-from bench.experiments.hop_floor import relay_chain, uvloop_relay
+from bench.copy_relay import relay_chain, uvloop_relay
 
 BASELINE = "socat x1"
 #: The bytes the end-to-end check sends each way.
