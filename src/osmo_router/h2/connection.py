@@ -58,6 +58,7 @@ from osmo_router.h2.bdp import BDP_PING
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.dispatch import FrameDispatch
 from osmo_router.h2.handshake import settings_first
+from osmo_router.h2.send_buffer import bound_send_buffer
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.writer import VectorWriter
 
@@ -97,6 +98,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self._output = VectorWriter(transport)
         self.peer_address = transport.get_extra_info("peername")
         self._reader.use_socket(plain_tcp_socket(transport))
+        bound_send_buffer(transport.get_extra_info("socket"))
         transport.writelines(self._opening_frames())
         self._timers.start()
 
