@@ -10,6 +10,7 @@ import socket
 import pytest
 
 from osmo_router.h2.config import H2Config
+from osmo_router.io.send_buffer import LOCAL_SNDBUF
 from osmo_router.io.socket_pumps import BULK_READ, LOCAL_RCVBUF, SocketReader
 from osmo_router.wire.codec import decode_data_message, encode_data_message, payload_fitting
 
@@ -95,6 +96,23 @@ async def test_the_local_socket_queues_at_most_about_a_message_after_a_bulk_tran
         reader.close()
         receiving.close()
         sending.close()
+
+
+@pytest.mark.asyncio
+async def test_the_local_socket_on_a_short_link_gets_a_bounded_send_buffer() -> None:
+    # What the pump writes to the application waits in at most about LOCAL_SNDBUF (io/send_buffer.py);
+    # autotuning would let 4 MiB wait, and a long link would keep it (test_send_buffer.py).
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        with socket.create_connection(server.getsockname()) as dialled:
+            accepted, _ = server.accept()
+            accepted.setblocking(False)
+            reader = SocketReader(accepted)
+            try:
+                assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * LOCAL_SNDBUF
+                assert dialled.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > 2 * LOCAL_SNDBUF  # untouched
+            finally:
+                reader.close()
+                accepted.close()
 
 
 def test_payload_fitting_is_the_largest_payload_whose_message_fits_the_frame() -> None:

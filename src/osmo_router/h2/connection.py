@@ -58,9 +58,9 @@ from osmo_router.h2.bdp import BDP_PING
 from osmo_router.h2.config import H2Config
 from osmo_router.h2.dispatch import FrameDispatch
 from osmo_router.h2.handshake import settings_first
-from osmo_router.h2.send_buffer import bound_send_buffer
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.writer import VectorWriter
+from osmo_router.io.send_buffer import bound_send_buffer
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 from osmo_router.io.buffers import finish, new_message
+from osmo_router.io.send_buffer import LOCAL_SNDBUF, bound_send_buffer
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import BULK_PAYLOAD, data_header, encode_data_message
 
@@ -59,6 +60,7 @@ class SocketReader:
         self.sock = sock
         with contextlib.suppress(OSError):  # (where refused the kernel's autotuning stays: no worse)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LOCAL_RCVBUF)  # see LOCAL_RCVBUF
+        bound_send_buffer(sock, LOCAL_SNDBUF)  # (on a short link only: io/send_buffer.py)
         self._loop = asyncio.get_running_loop()
         self._fd = sock.fileno()
         self._waiter: asyncio.Future[None] | None = None

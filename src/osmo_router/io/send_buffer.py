@@ -1,16 +1,20 @@
-"""A bounded send buffer for an HTTP/2 connection over a short link (issue 18).
+"""A bounded send buffer for a TCP socket on a short link (issue 18).
 
-TCP autotuning lets a connection's send queue grow to tcp_wmem's maximum (4 MiB here) whatever the
+TCP autotuning lets a socket's send queue grow to tcp_wmem's maximum (4 MiB here) whatever the
 link needs. On a link whose round trip is a few tens of microseconds (loopback, a rack, a cluster's
 pod network) that queue holds bytes long enough for them to leave the CPU's caches: the receiver's
 copy out of them, and the sender's next copies, cost more. With `iperf3` through a loopback
-port-forward, a 1 MiB SO_SNDBUF on the three processes' HTTP/2 connections cut their CPU per byte
-by 3-7% and raised throughput 4-8% (-P 1 and -P 8, both ways; docs/bench/NOTES.md).
+port-forward (docs/bench/NOTES.md):
 
-A fixed send buffer caps a connection at about its size per round trip, so it is set only when the
+- SHORT_LINK_SNDBUF on the three processes' HTTP/2 connections (h2/connection.py) cut their CPU
+  per byte by 3-7% and raised throughput 4-8% (-P 1 and -P 8, both ways);
+- LOCAL_SNDBUF on the forward's local sockets (io/socket_pumps.py, the application's on the client,
+  the target's on the agent) cut the receiving edge's CPU per byte by a further 6-17%.
+
+A fixed send buffer caps a socket at about its size per round trip, so it is set only when the
 kernel's own measure of the round trip (TCP_INFO's smoothed RTT, known from the handshake on) is
-below SHORT_LINK_RTT: 1 MiB per 500 us is 2 GB/s, more than a 10 Gbit/s link carries. A longer
-link (a user's laptop across a WAN, a router in another region) keeps autotuning.
+below SHORT_LINK_RTT_US: 512 KiB per 500 us is 1 GB/s. A longer link (a user's laptop across a WAN,
+a router in another region, a peer reaching a client's --address from afar) keeps autotuning.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Final
 
 #: A round trip below this (microseconds) is a short link: the bounded send buffer cannot limit it.
 SHORT_LINK_RTT_US: Final = 500
-#: SO_SNDBUF asked for on a short link (the kernel doubles it for its own overhead).
+#: SO_SNDBUF asked for an HTTP/2 connection on a short link (the kernel doubles it for its own overhead).
 SHORT_LINK_SNDBUF: Final = 1024 * 1024
+#: SO_SNDBUF asked for a forward's local socket on a short link (beside its LOCAL_RCVBUF).
+LOCAL_SNDBUF: Final = 512 * 1024
 #: Where struct tcp_info keeps tcpi_rtt (microseconds): 8 one-byte fields, then 15 u32s before it
 #: (linux/tcp.h; the layout only ever grew at its end).
 _TCPI_RTT_OFFSET: Final = 68
@@ -41,15 +47,15 @@ def smoothed_rtt_us(sock: socket.socket) -> int | None:
     return rtt or None  # 0: nothing measured yet
 
 
-def bound_send_buffer(sock: socket.socket | None) -> bool:
-    """Give a TCP socket on a short link SHORT_LINK_SNDBUF of send buffer; True if it was set."""
+def bound_send_buffer(sock: socket.socket | None, size: int = SHORT_LINK_SNDBUF) -> bool:
+    """Give a TCP socket on a short link `size` bytes of send buffer (SO_SNDBUF); True if it was set."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
         return False
     rtt = smoothed_rtt_us(sock)
     if rtt is None or rtt >= SHORT_LINK_RTT_US:
         return False
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SHORT_LINK_SNDBUF)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
     except OSError:
         return False
     return True

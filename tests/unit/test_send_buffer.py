@@ -1,4 +1,4 @@
-"""The bounded send buffer of an HTTP/2 connection over a short link (h2/send_buffer.py).
+"""The bounded send buffer of an HTTP/2 connection over a short link (io/send_buffer.py).
 
 Real loopback connections (uvloop and asyncio's loop, plain and TLS) get SHORT_LINK_SNDBUF; a socket
 the kernel measures a long round trip on keeps autotuning. There is no netem on this kernel, so the
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from osmo_router.h2.connection import Connection
-from osmo_router.h2.send_buffer import SHORT_LINK_RTT_US, SHORT_LINK_SNDBUF, bound_send_buffer, smoothed_rtt_us
+from osmo_router.io.send_buffer import SHORT_LINK_RTT_US, SHORT_LINK_SNDBUF, bound_send_buffer, smoothed_rtt_us
 from tests.security_kit import loopback_tls
 from tests.unit.test_h2_rcvlowat_tcp import LOOPS, pair, run
 
