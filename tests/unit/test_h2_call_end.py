@@ -71,3 +71,29 @@ async def test_a_frame_stream_write_reports_the_servers_status_when_nobody_read_
         refused = await _write_until_refused(send)
         assert isinstance(refused, grpc.aio.AioRpcError), refused
         assert (refused.code(), refused.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)
+
+
+@pytest.mark.asyncio
+async def test_a_write_waiting_on_the_window_reports_the_servers_status_when_the_connection_then_drops() -> None:
+    """The router's drain: its trailers, then its exit, while the client's upload waits on a window the
+    router no longer opens. The write woken by the lost connection must report the trailers' status
+    (as `read` does), not "Socket closed": the client's resume tells the user the router's reason."""
+    async with connected_pair(H2Config(stream_window=64 * 1024)) as pair:
+        call = Call(lambda: pair.client.open_stream(REQUEST), None, None, None)
+        await call.write(b"hello")
+        served = await asyncio.wait_for(pair.streams.get(), WAIT)
+        assert await asyncio.wait_for(served.read(), WAIT) == b"hello"
+        served.send_headers([(":status", "200"), ("content-type", "application/grpc")])
+        sending = pair.client.streams[served.id]
+        chunk = bytes(16 * 1024)
+        while call.try_write(chunk):  # the server reads no more: the stream window runs out
+            pass
+        writer = asyncio.ensure_future(call.write(chunk))
+        await asyncio.sleep(0)  # (its first step: it queues the chunk and waits for the window)
+        assert sending.unsent and not writer.done()
+        served.end([("grpc-status", str(grpc.StatusCode.UNAVAILABLE.value[0])), ("grpc-message", DRAINING)])
+        pair.servers[0].transport.close()  # (after the trailers it holds)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(writer, WAIT)
+        assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)
+        assert (await call.code(), await call.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)

@@ -112,14 +112,19 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
         try:
             message = await stream.read()
         except StreamReset as err:
-            if stream.ended_in and stream.trailers is not None:
-                self._finish_from(stream)  # the status arrived before the reset
-            else:
-                self._finish_reset(err.code)
+            self._finish_at_reset(stream, err.code)
             return None
         if message is None:
             self._finish_from(stream)
         return message
+
+    def _finish_at_reset(self, stream: Stream | None, code: int) -> None:
+        """The stream was reset (or its connection lost): the status of the trailers that came before,
+        if they did (a router's drain ends the call, then the router exits), else the reset's."""
+        if stream is not None and stream.ended_in and stream.trailers is not None:
+            self._finish_from(stream)
+        else:
+            self._finish_reset(code)
 
     # -- messages --------------------------------------------------------------------------------
 
@@ -232,7 +237,8 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
                 raise asyncio.InvalidStateError(FINISHED)
             await stream.write(self._serialize(request))
         except StreamReset as err:
-            self._finish_reset(err.code)
+            # (a write waiting on a window is woken by the reset before the stream's close callback runs)
+            self._finish_at_reset(self._stream, err.code)
             self._raise_for_status()
         except asyncio.CancelledError:
             self.cancel()
