@@ -15,12 +15,18 @@ A fixed send buffer caps a socket at about its size per round trip, so it is set
 kernel's own measure of the round trip (TCP_INFO's smoothed RTT, known from the handshake on) is
 below SHORT_LINK_RTT_US: 512 KiB per 500 us is 1 GB/s. A longer link (a user's laptop across a WAN,
 a router in another region, a peer reaching a client's --address from afar) keeps autotuning.
+
+The kernel cuts an SO_SNDBUF request to net.core.wmem_max without a word, and the socket's autotuning
+is off for good either way. Where that cap is below the size (212992 bytes, the kernel's default for
+years; the figures above were measured with 4 MiB) the socket would get a buffer a fifth of the one
+measured (416 KiB for SHORT_LINK_SNDBUF's 2 MiB), a bound nobody measured: autotuning stays there.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from pathlib import Path
 from typing import Final
 
 #: A round trip below this (microseconds) is a short link: the bounded send buffer cannot limit it.
@@ -33,6 +39,8 @@ LOCAL_SNDBUF: Final = 512 * 1024
 #: (linux/tcp.h; the layout only ever grew at its end).
 _TCPI_RTT_OFFSET: Final = 68
 _TCP_INFO_SIZE: Final = 104
+#: The kernel's cap on an SO_SNDBUF request (net.core.wmem_max, global to the host).
+WMEM_MAX_PATH = "/proc/sys/net/core/wmem_max"
 
 
 def smoothed_rtt_us(sock: socket.socket) -> int | None:
@@ -54,8 +62,20 @@ def bound_send_buffer(sock: socket.socket | None, size: int = SHORT_LINK_SNDBUF)
     rtt = smoothed_rtt_us(sock)
     if rtt is None or rtt >= SHORT_LINK_RTT_US:
         return False
+    cap = send_buffer_cap()
+    if cap is None or cap < size:
+        return False  # the kernel would cut the size (see the module docstring): autotuning is better known
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
     except OSError:
         return False
     return True
+
+
+def send_buffer_cap() -> int | None:
+    """The largest SO_SNDBUF the kernel grants an unprivileged request (net.core.wmem_max); None where
+    it cannot say. Read at each call (once per connection): the host's administrator may change it."""
+    try:
+        return int(Path(WMEM_MAX_PATH).read_text())
+    except (OSError, ValueError):
+        return None
