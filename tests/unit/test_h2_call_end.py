@@ -97,3 +97,23 @@ async def test_a_write_waiting_on_the_window_reports_the_servers_status_when_the
             await asyncio.wait_for(writer, WAIT)
         assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)
         assert (await call.code(), await call.details()) == (grpc.StatusCode.UNAVAILABLE, DRAINING)
+
+
+@pytest.mark.asyncio
+async def test_a_complete_response_stays_readable_after_the_connection_is_lost() -> None:
+    """The router sends a session's last output, its exit status and its trailers, then exits before
+    the client read them: the client still reads every message, then the trailers' status."""
+    async with connected_pair(H2Config()) as pair:
+        call = Call(lambda: pair.client.open_stream(REQUEST), None, None, None)
+        await call.write(b"hello")  # the client's side stays open (no half-close), as a session's does
+        served = await asyncio.wait_for(pair.streams.get(), WAIT)
+        served.send_headers([(":status", "200"), ("content-type", "application/grpc")])
+        last = [b"output", b"more output", b"exit status 3"]
+        for message in last:
+            served.write_nowait(message)
+        served.end([("grpc-status", "0")])
+        pair.servers[0].transport.close()  # (after what is queued: the trailers, then FIN)
+        await asyncio.wait_for(pair.client.wait_closed(), WAIT)
+        assert [await asyncio.wait_for(call.read(), WAIT) for _ in last] == last
+        assert await asyncio.wait_for(call.read(), WAIT) is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK

@@ -157,7 +157,13 @@ class Stream(StreamInbound):
             self.reset_code = code
         self._out.clear()
         self._out_bytes = 0
-        self._drop_received()
+        if self.ended_in and self.conn.role == "client":
+            # The response was complete (its trailers came) before the reset or the connection's loss:
+            # what the server sent before them stays readable, as after a normal close (maybe_closed).
+            # A command's last output and its exit status are not lost to a router exiting right after.
+            self._release_credit()
+        else:
+            self._drop_received()
         self._wake_reader()
         self.notify_drained()
         self.headers_arrived()
