@@ -118,11 +118,20 @@ def relay_chain(
         proc = subprocess.Popen(relay(listen, ports[0], hop))
         if pids is not None:
             pids.append(proc.pid)
-        stack.callback(proc.wait, 10)
-        stack.callback(proc.terminate)
+        stack.callback(_stop, proc)
         wait_listening(listen)
         ports.insert(0, listen)
     return ports[0]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a relay process; kill it if it has not gone within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def uvloop_relay(listen: int, target: int, _hop: int) -> list[str]:

@@ -14,7 +14,11 @@ port-forward (docs/bench/NOTES.md):
 A fixed send buffer caps a socket at about its size per round trip, so it is set only when the
 kernel's own measure of the round trip (TCP_INFO's smoothed RTT, known from the handshake on) is
 below SHORT_LINK_RTT_US: 512 KiB per 500 us is 1 GB/s. A longer link (a user's laptop across a WAN,
-a router in another region, a peer reaching a client's --address from afar) keeps autotuning.
+a router in another region, a peer reaching a client's --address from afar) keeps autotuning. The
+round trip is the kernel's sample at this end: a SYN proxy in front of the router (iptables SYNPROXY)
+answers handshakes itself, so a far client's connection there looks short and would be held to about
+2 MiB per round trip (50 MB/s at 40 ms); proxies that end TCP (sidecars, kubectl port-forward, SSH
+tunnels) do not, since each of their hops is a connection of its own.
 
 The kernel cuts an SO_SNDBUF request to net.core.wmem_max without a word, and the socket's autotuning
 is off for good either way. Where that cap is below the size (212992 bytes, the kernel's default for
