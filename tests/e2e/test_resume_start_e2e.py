@@ -180,7 +180,9 @@ def test_a_session_whose_stream_ended_before_the_agent_answered_is_held_and_resu
         client_proxy.cut()
         client_proxy.restore()
         ended = router.wait_event("session end", timeout=STEP)  # the router ended the first stream
-        assert ended.get("status") == "CANCELLED", ended
+        # The cut reaches the router as the client's stream ending (CANCELLED, "the client went away")
+        # or, when a write to it comes first, as the connection lost (UNAVAILABLE): seen both under load.
+        assert ended.get("status") in ("CANCELLED", "UNAVAILABLE"), ended
         agent_proxy.unpause()
         code = client.wait_exit(STEP)
     finally:
