@@ -11,6 +11,7 @@ import pytest
 from osmo_router.h2.bdp import MAX_PING_GAP, BdpEstimator
 from osmo_router.h2.connection import Connection, H2Config, Stream
 from tests.delay_link import start as start_delay_link
+from tests.h2_pair import connected_pair, read_until
 
 MIB = 1024 * 1024
 REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/t.S/M"), (":authority", "x"), ("te", "trailers")]
@@ -106,66 +107,44 @@ async def _transfer_through_delay_link(config: H2Config, delay: float, total: in
     the server's connection, the client's stream once the server read everything, and what a second client
     stream that sent 1 MiB first and whose messages the server never reads has still unsent (taken before
     the close, which ends the streams)."""
-    loop = asyncio.get_running_loop()
-    served: asyncio.Queue[Stream] = asyncio.Queue()
-    servers: list[Connection] = []
+    links: list[asyncio.Server] = []
 
-    def accept() -> Connection:
-        conn = Connection("server", config, on_stream=served.put_nowait)
-        servers.append(conn)
-        return conn
+    async def via(port: int) -> int:
+        links.append(await start_delay_link(("127.0.0.1", port), delay))
+        return int(links[0].sockets[0].getsockname()[1])
 
-    server = await loop.create_server(accept, "127.0.0.1", 0)
-    link = await start_delay_link(("127.0.0.1", server.sockets[0].getsockname()[1]), delay)
-    _, client = await loop.create_connection(
-        lambda: Connection("client", config), "127.0.0.1", link.sockets[0].getsockname()[1]
-    )
-    try:
-        await client.ready()
-        stalled = await client.open_stream(REQUEST)
-        for _ in range(16):  # 1 MiB in messages smaller than the window (a larger one may arrive whole)
-            stalled.write_nowait(bytes(64 * 1024))
-        await served.get()  # never read
-        stream = await client.open_stream(REQUEST)
-        message = bytes(64 * 1024)
+    async with connected_pair(config, via=via) as connected:
+        client, served, servers = connected.client, connected.streams, connected.servers
+        try:
+            stalled = await client.open_stream(REQUEST)
+            for _ in range(16):  # 1 MiB in messages smaller than the window (a larger one may arrive whole)
+                stalled.write_nowait(bytes(64 * 1024))
+            await served.get()  # never read
+            stream = await client.open_stream(REQUEST)
+            message = bytes(64 * 1024)
 
-        async def send() -> None:
-            for _ in range(total // len(message)):
-                await stream.write(message)
+            async def send() -> None:
+                for _ in range(total // len(message)):
+                    await stream.write(message)
 
-        sender = asyncio.create_task(send())
-        receiving = await served.get()
-        got = 0
-        while got < total:
-            chunk = await receiving.read()
-            assert chunk is not None
-            got += len(chunk)
-        await sender
-        await _grants_arrived(client, stream, receiving)
-        return servers[0], stream, stalled.unsent
-    finally:
-        client.close()
-        link.close()
-        server.close()
+            sender = asyncio.create_task(send())
+            receiving = await served.get()
+            got = 0
+            while got < total:
+                chunk = await receiving.read()
+                assert chunk is not None
+                got += len(chunk)
+            await sender
+            await _grants_arrived(client, stream, receiving)
+            return servers[0], stream, stalled.unsent
+        finally:
+            links[0].close()
 
 
 async def _grants_arrived(client: Connection, sending: Stream, receiving: Stream) -> None:
     """Until every WINDOW_UPDATE the receiver sent for the stream crossed the link (both sides then
     agree on what the sender may still send), checked after each read of the client's connection."""
-    arrived = asyncio.Event()
-    received = client.buffer_updated
-
-    def check() -> None:
-        if sending.send_window == receiving._recv_left:
-            arrived.set()
-
-    def buffer_updated(count: int) -> None:
-        received(count)
-        check()
-
-    client.buffer_updated = buffer_updated  # type: ignore[method-assign]
-    check()
-    await arrived.wait()
+    await read_until(client, lambda: sending.send_window == receiving._recv_left)
 
 
 @pytest.mark.asyncio

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import uvloop
 
 from osmo_router.h2.connection import Connection, Stream
 from osmo_router.h2.reader import LOWAT_MAX, LOWAT_MIN, FrameReader
+from tests.h2_pair import connected_pair
 from tests.security_kit import loopback_tls
 from tests.unit.test_h2_rcvlowat import CONFIG
 from tests.unit.test_h2_reader import REQUEST
@@ -112,36 +111,6 @@ class Trickle:
             await self.server.wait_closed()
 
 
-async def pair(
-    via: Callable[[int], Awaitable[int]] | None = None,
-    tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None,
-    rcvbuf: int = 0,
-) -> tuple[Connection, Connection, asyncio.Queue[Stream], asyncio.Server]:
-    """A server Connection and a client Connection to it (through `via(port)`'s port if given; with
-    `rcvbuf`, the server's sockets have that SO_RCVBUF, locked: the kernel then caps the mark at half)."""
-    loop = asyncio.get_running_loop()
-    served: asyncio.Queue[Stream] = asyncio.Queue()
-    made: asyncio.Queue[Connection] = asyncio.Queue()
-
-    def accept() -> Connection:
-        conn = Connection("server", CONFIG, on_stream=served.put_nowait)
-        made.put_nowait(conn)
-        return conn
-
-    listener = socket.socket()
-    if rcvbuf:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # (accepted sockets inherit it)
-    listener.bind(("127.0.0.1", 0))
-    server = await loop.create_server(accept, sock=listener, ssl=tls[0] if tls else None)
-    port = int(server.sockets[0].getsockname()[1])
-    if via is not None:
-        port = await via(port)
-    extra: dict[str, Any] = {"ssl": tls[1], "server_hostname": "localhost"} if tls else {}
-    _, client = await loop.create_connection(lambda: Connection("client", CONFIG), "127.0.0.1", port, **extra)
-    await client.ready()
-    return client, await made.get(), served, server
-
-
 BODIES = [os.urandom(n) for n in (3 << 20, 1 << 20, 5, (2 << 20) + 17, 3 << 20)]
 
 
@@ -161,15 +130,10 @@ def test_large_messages_arrive_intact_over_tcp(loop: str, rcvbuf: int, marks: li
     # Frames of 1 MiB, larger than the socket's receive buffer at first (tcp_rmem's default, 128 KiB
     # here) or for good (a locked 32 KiB SO_RCVBUF: the kernel caps the mark at half the buffer).
     async def main() -> None:
-        client, conn, served, server = await pair(rcvbuf=rcvbuf)
-        try:
-            async with asyncio.timeout(30):
-                await send_and_check(client, served)
-            sock = conn.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        async with connected_pair(CONFIG, rcvbuf=rcvbuf) as connected, asyncio.timeout(30):
+            await send_and_check(connected.client, connected.streams)
+            sock = connected.servers[0].transport.get_extra_info("socket")  # type: ignore[union-attr]
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1  # (nothing left due)
-        finally:
-            client.close()
-            server.close()
 
     run(loop, main)
     assert any(mark >= LOWAT_MIN for mark in marks)  # (the mark was in effect on the way)
@@ -185,14 +149,12 @@ def test_a_peer_sending_a_frame_slowly_in_pieces(loop: str, marks: list[int]) ->
             trickles.append(Trickle(port, piece=96 << 10, pause=0.002))
             return await trickles[0].start()
 
-        client, _, served, server = await pair(via)
-        try:
-            async with asyncio.timeout(30):
-                await send_and_check(client, served)
-        finally:
-            client.close()
-            server.close()
-            await trickles[0].close()
+        async with connected_pair(CONFIG, via=via) as connected:
+            try:
+                async with asyncio.timeout(30):
+                    await send_and_check(connected.client, connected.streams)
+            finally:
+                await trickles[0].close()
 
     run(loop, main)
     assert any(mark >= LOWAT_MIN for mark in marks)
@@ -209,20 +171,19 @@ def test_a_peer_gone_in_the_middle_of_a_frame_is_seen_at_once(loop: str, reset: 
             trickles.append(Trickle(port, piece=64 << 10, pause=0.002, cut_after=(3 << 20) // 2, reset=reset))
             return await trickles[0].start()
 
-        client, conn, _, server = await pair(via)
-        try:
-            stream = await client.open_stream(REQUEST)
-            writing = asyncio.create_task(stream.write(BODIES[0]))
-            async with asyncio.timeout(10):
-                await trickles[0].cut.wait()
-                assert any(mark >= LOWAT_MIN for mark in marks)  # waiting on the rest of the frame
-                await conn.wait_closed()  # the EOF (or the reset) woke the reader at once
-                assert conn.closed
-            writing.cancel()
-        finally:
-            client.close()
-            server.close()
-            await trickles[0].close()
+        async with connected_pair(CONFIG, via=via) as connected:
+            conn = connected.servers[0]
+            try:
+                stream = await connected.client.open_stream(REQUEST)
+                writing = asyncio.create_task(stream.write(BODIES[0]))
+                async with asyncio.timeout(10):
+                    await trickles[0].cut.wait()
+                    assert any(mark >= LOWAT_MIN for mark in marks)  # waiting on the rest of the frame
+                    await conn.wait_closed()  # the EOF (or the reset) woke the reader at once
+                    assert conn.closed
+                writing.cancel()
+            finally:
+                await trickles[0].close()
 
     run(loop, main)
 
@@ -231,13 +192,8 @@ def test_over_tls_no_mark_is_set(tmp_path: Path, marks: list[int]) -> None:
     server_tls, client_tls = loopback_tls(tmp_path)
 
     async def main() -> None:
-        client, _, served, server = await pair(tls=(server_tls, client_tls))
-        try:
-            async with asyncio.timeout(30):
-                await send_and_check(client, served)
-        finally:
-            client.close()
-            server.close()
+        async with connected_pair(CONFIG, tls=(server_tls, client_tls)) as connected, asyncio.timeout(30):
+            await send_and_check(connected.client, connected.streams)
 
     run("uvloop", main)
     assert marks == []

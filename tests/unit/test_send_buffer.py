@@ -24,8 +24,10 @@ from osmo_router.io.send_buffer import (
     send_buffer_cap,
     smoothed_rtt_us,
 )
+from tests.h2_pair import connected_pair
 from tests.security_kit import loopback_tls
-from tests.unit.test_h2_rcvlowat_tcp import LOOPS, pair, run
+from tests.unit.test_h2_rcvlowat import CONFIG
+from tests.unit.test_h2_rcvlowat_tcp import LOOPS, run
 
 #: The real-socket checks of the bound need a host that grants it (net.core.wmem_max, see send_buffer.py).
 granted = pytest.mark.skipif(
@@ -54,14 +56,10 @@ def _both_ends(tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None) -> Call
     """A check that both ends of one loopback connection have the bounded send buffer."""
 
     async def main() -> None:
-        client, served, _, server = await pair(tls=tls)
-        try:
+        async with connected_pair(CONFIG, tls=tls) as connected:
             # The kernel doubles what was asked (its bookkeeping); autotuned, it reads tcp_wmem's figures.
-            assert _sndbuf(client) == 2 * SHORT_LINK_SNDBUF
-            assert _sndbuf(served) == 2 * SHORT_LINK_SNDBUF
-        finally:
-            client.close()
-            server.close()
+            assert _sndbuf(connected.client) == 2 * SHORT_LINK_SNDBUF
+            assert _sndbuf(connected.servers[0]) == 2 * SHORT_LINK_SNDBUF
 
     return main
 
