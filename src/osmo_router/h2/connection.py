@@ -60,7 +60,7 @@ from osmo_router.h2.dispatch import FrameDispatch
 from osmo_router.h2.handshake import settings_first
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.writer import VectorWriter
-from osmo_router.io.send_buffer import bound_send_buffer
+from osmo_router.io.send_buffer import bound_send_buffer, is_tcp
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ def plain_tcp_socket(transport: Any) -> socket.socket | None:
         return None
     if transport.get_extra_info("ssl_object") is not None:
         return None
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-        return None
-    return sock  # type: ignore[no-any-return]
+    return sock if is_tcp(sock) else None
 
 
 class ConnectionClosed(Exception):

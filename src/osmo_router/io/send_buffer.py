@@ -47,6 +47,11 @@ _TCP_INFO_SIZE: Final = 104
 WMEM_MAX_PATH = "/proc/sys/net/core/wmem_max"
 
 
+def is_tcp(sock: socket.socket) -> bool:
+    """Whether a socket is a TCP one (IPv4 or IPv6 stream): the sockets TCP options apply to."""
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+
+
 def smoothed_rtt_us(sock: socket.socket) -> int | None:
     """The kernel's smoothed round trip of a TCP socket (microseconds); None where it cannot say."""
     try:
@@ -61,7 +66,7 @@ def smoothed_rtt_us(sock: socket.socket) -> int | None:
 
 def bound_send_buffer(sock: socket.socket | None, size: int = SHORT_LINK_SNDBUF) -> bool:
     """Give a TCP socket on a short link `size` bytes of send buffer (SO_SNDBUF); True if it was set."""
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+    if sock is None or not is_tcp(sock):
         return False
     rtt = smoothed_rtt_us(sock)
     if rtt is None or rtt >= SHORT_LINK_RTT_US:
