@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from osmo_router.router.core.memory_guard import MemoryGuard, default_limit
+from osmo_router.router.core.memory_guard import MemoryGuard, ResidentSize, default_limit
 from osmo_router.router.core.sessions import Session
 from osmo_router.wire.errors import ResourceExhausted
 
@@ -67,3 +67,20 @@ async def test_the_guard_acts_only_above_its_limit() -> None:
 def test_default_limit() -> None:
     assert default_limit(2048 * MIB, 4096 * MIB) == 3072 * MIB  # 3/4 of the container's limit
     assert default_limit(2048 * MIB, None) == 3072 * MIB  # 1.5 x the total budget
+
+
+def test_resident_size_follows_the_process_rss_through_its_open_descriptor() -> None:
+    reader = ResidentSize()
+    try:
+        before = reader()
+        ballast = b"\x01" * (64 * MIB)  # (every page written: resident)
+        after = reader()
+        with open("/proc/self/status") as status_file:
+            status = dict(line.split(":", 1) for line in status_file.read().splitlines())
+        vm_rss = int(status["VmRSS"].split()[0]) * 1024
+    finally:
+        reader.close()
+    assert after - before >= 60 * MIB  # the same descriptor read again sees the new pages
+    assert abs(after - vm_rss) < 8 * MIB  # and agrees with the kernel's other account of it
+    assert reader() == 0  # closed: no reading, no error
+    del ballast

@@ -49,13 +49,34 @@ TRIM_EVERY = 10.0
 TRIM_SLACK = 16 * 1024 * 1024
 
 
-def rss_bytes() -> int:
-    """The process's resident set size, in bytes (0 when unknown)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+class ResidentSize:
+    """The process's resident set size in bytes (0 when unknown), by one `pread` of /proc/self/statm.
+
+    The file stays open: opening it is five system calls (openat, fstat, lseek, read, close), about
+    27 us on the 2-core VM against 2 us for the pread, twenty times a second (INTERVAL). The
+    descriptor names the process that opened it, so a reader made before a fork reads the parent's.
+    """
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = -1
+
+    def __call__(self) -> int:
+        if self._fd < 0:
+            return 0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def close(self) -> None:
+        """Close the descriptor; every later reading is 0."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def default_limit(total_buffer_bytes: int, container_limit: int | None) -> int:
@@ -73,12 +94,12 @@ class MemoryGuard:
         limit: int,
         sessions: Callable[[], list[Session]],
         on_end: Callable[[str, int], None],
-        rss: Callable[[], int] = rss_bytes,
+        rss: Callable[[], int] | None = None,
     ) -> None:
         self.limit = limit
         self._sessions = sessions
         self._on_end = on_end
-        self._rss = rss
+        self._rss = rss  # (None: a ResidentSize of the guard's own, for as long as it runs)
         #: The user whose sessions were ended last, and until when only hers are (see PAUSE).
         self._last_user: str | None = None
         self._last_until = 0.0
@@ -87,15 +108,22 @@ class MemoryGuard:
         """Check every `interval` seconds, for ever (cancel to stop)."""
         loop = asyncio.get_running_loop()
         next_trim = loop.time() + TRIM_EVERY
-        while True:
-            await asyncio.sleep(interval)
-            rss = self._rss()
-            if rss > self.limit:
-                self.check(rss)
-            if loop.time() >= next_trim:
-                next_trim = loop.time() + TRIM_EVERY
-                if rss > memtune.released_kib() * 1024 + TRIM_SLACK:
-                    memtune.trim_when_idle()
+        own = ResidentSize() if self._rss is None else None
+        read_rss = own or self._rss
+        assert read_rss is not None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                rss = read_rss()
+                if rss > self.limit:
+                    self.check(rss)
+                if loop.time() >= next_trim:
+                    next_trim = loop.time() + TRIM_EVERY
+                    if rss > memtune.released_kib() * 1024 + TRIM_SLACK:
+                        memtune.trim_when_idle()
+        finally:
+            if own is not None:
+                own.close()
 
     def check(self, rss: int) -> bool:
         """End the held-back sessions of the user with the most of them; False when none is held back."""
