@@ -17,7 +17,7 @@ redis and iperf3 are also reached through three socat hops in a row (`chain`), i
 port-forward path crosses three processes (client, router, agent), so a chain of three relays that
 do no work at all is the floor any implementation of that path meets on this machine. Its ratio to
 one hop, beside the forward's, separates the cost of the hops from the cost of our protocol.
-socat moves 8 KiB per read, so its chain is a low floor for bulk; iperf3 is also reached through
+socat moves 8 KiB per read, so its chain is a low floor for bulk; both are also reached through
 three minimal uvloop relays in a row (`relays`: bench/copy_relay.py's MinimalRelay, large
 reads, flow control, nothing else), the floor of three Python processes that only copy. The forward
 against that chain is the cost of our protocol alone (HTTP/2, gRPC framing, resume, budgets).
@@ -136,7 +136,7 @@ class Rounds:
     """Collects, per case, the forward's and socat's value of every round, measured back to back."""
 
     def __init__(self, ports: dict[str, dict[str, int]]) -> None:
-        #: target ("redis", "iperf3") -> path ("socat", "forward", "chain") -> port
+        #: target ("redis", "iperf3") -> path ("socat", "forward", "chain", "relays") -> port
         self.ports = ports
         self.values: dict[str, dict[str, list[float]]] = {}
 
@@ -209,6 +209,20 @@ def _figures(rounds: Rounds, requests: int, seconds: float) -> list[dict[str, An
             None,
             path="chain",
         ),
+        rounds.figure(
+            "redis_rps",
+            "real clients: redis-benchmark GET -c 1 via 3 minimal uvloop relays (the floor in Python)",
+            "req/s",
+            None,
+            path="relays",
+        ),
+        rounds.figure(
+            "redis_rps",
+            "real clients: redis-benchmark GET -c 1 via port-forward against 3 minimal uvloop relays",
+            "req/s",
+            None,
+            baseline="relays",
+        ),
         rounds.forward_only("redis_cpu", "real clients: router CPU per GET via port-forward", "us"),
     ]
     for streams, ratio in IPERF_CASES:
@@ -251,6 +265,7 @@ def measure(count: int, requests: int, seconds: float) -> list[dict[str, Any]]:
                 "socat": stack.enter_context(socat_relay(redis)),
                 "forward": redis_local,
                 "chain": _socat_chain(stack, redis, hops=3),
+                "relays": relay_chain(stack, redis, 3, uvloop_relay),
             },
             "iperf3": {
                 "socat": stack.enter_context(socat_relay(iperf_socat)),
