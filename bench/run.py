@@ -87,11 +87,12 @@ def merge(published: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
     """The published results with the modules of a partial run (`--only`) replaced or added.
 
     The table keeps the published run's header (machine, date, commit); each fresh module gets a
-    note with its own date, commit and load, since they differ from the rest of the table's.
+    note with its own date, commit, machine and load, since they may differ from the rest of the table's.
     """
     m = fresh["machine"]
     stamp = (
         f"measured {m['date']}, commit {m['commit']}{' (--quick)' if fresh['quick'] else ''}, "
+        f"on {m['nproc']} cores ({m['cpu']}), Linux {m['kernel']}, "
         f"load average {m['load_average_start']} at start, {m.get('load_average_end')} at end"
     )
     modules = list(published["modules"])
