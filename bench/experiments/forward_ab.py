@@ -2,7 +2,9 @@
 
 Each stack is a router, an agent and an `osmo-net-client port-forward` on loopback, to one echo
 target; stack A and stack B differ by the environment given (`--a-env K=V`, `--b-env K=V`, e.g.
-`PYTHONPATH=/tmp/main/src` to run another checkout's code, or `OSMO_UVLOOP=1`). Rounds alternate
+`PYTHONPATH=/tmp/main/src` to run another checkout's code, or `OSMO_UVLOOP=1`) or by the interpreter
+their three processes run on (`--b-python /tmp/v313/bin/python`: a venv of another Python with the
+project installed). Rounds alternate
 A and B (the order flipping each round) so load on a shared machine falls on both alike; a socat
 hop to the same target is the baseline. Per round: p50/p99 of `--rounds` round trips, and the CPU
 each process of the stack used per round trip (/proc/PID/stat). Medians over the rounds, and the
@@ -26,6 +28,7 @@ from typing import Any
 from bench.bench_forward import ROUTER_FLAGS, socat_relay
 from bench.bench_real_clients import redis_get, redis_server
 from bench.common import cpu_seconds
+from tests import harness
 from tests.forward_servers import FORWARDING
 from tests.harness import AgentProc, Proc, Router, cli_env, client_cmd
 
@@ -70,8 +73,17 @@ def ping_pong(port: int, rounds: int) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
 
-def forward_stack(stack: ExitStack, env: dict[str, str], target: int, workflow: str) -> tuple[int, dict[str, int]]:
-    """Router, agent and port-forward client with `env`; the local port and the processes' pids."""
+def forward_stack(
+    stack: ExitStack, env: dict[str, str], target: int, workflow: str, python: str | None = None
+) -> tuple[int, dict[str, int]]:
+    """Router, agent and port-forward client with `env`, on `python` (default: this one); local port and pids."""
+    if python is not None:
+        # The harness builds every argv from its PYTHON when called: swap it for this stack's spawns.
+        own, harness.PYTHON = harness.PYTHON, python
+        try:
+            return forward_stack(stack, env, target, workflow)
+        finally:
+            harness.PYTHON = own
     router = Router(*ROUTER_FLAGS, env=env)
     stack.callback(router.stop)
     agent = AgentProc(router.address, workflow, env=env)
@@ -84,7 +96,13 @@ def forward_stack(stack: ExitStack, env: dict[str, str], target: int, workflow: 
     return int(match.group(2)), {"router": router.pid, "agent": agent.popen.pid, "client": client.popen.pid}
 
 
-def measure(envs: dict[str, dict[str, str]], rounds: int, repeats: int, redis: bool) -> dict[str, Any]:
+def measure(
+    envs: dict[str, dict[str, str]],
+    rounds: int,
+    repeats: int,
+    redis: bool,
+    pythons: dict[str, str | None] | None = None,
+) -> dict[str, Any]:
     """Alternate the stacks' rounds (ping-pong, or redis-benchmark); every round's figures and the socat baseline."""
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in envs}
     socat: list[dict[str, float]] = []
@@ -102,7 +120,10 @@ def measure(envs: dict[str, dict[str, str]], rounds: int, repeats: int, redis: b
         else:
             server, target = echo_target()
             stack.callback(server.close)
-        stacks = {name: forward_stack(stack, env, target, f"ab-{name}") for name, env in envs.items()}
+        pythons = pythons or {}
+        stacks = {
+            name: forward_stack(stack, env, target, f"ab-{name}", pythons.get(name)) for name, env in envs.items()
+        }
         hop = stack.enter_context(socat_relay(target))
         for repeat in range(repeats):
             for name in list(envs) if repeat % 2 == 0 else list(reversed(envs)):
@@ -124,15 +145,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.experiments.forward_ab")
     parser.add_argument("--a-env", action="append", default=[], help="K=V for stack A (repeatable)")
     parser.add_argument("--b-env", action="append", default=[], help="K=V for stack B (repeatable)")
+    parser.add_argument("--a-python", help="interpreter of stack A's processes (default: this one)")
+    parser.add_argument("--b-python", help="interpreter of stack B's processes (default: this one)")
     parser.add_argument("--rounds", type=int, default=800, help="round trips per run")
     parser.add_argument("--repeats", type=int, default=6, help="runs of each stack")
     parser.add_argument("--redis", action="store_true", help="redis-benchmark GET -c 1 instead of the ping-pong")
     args = parser.parse_args()
     envs = {"A": dict(kv.split("=", 1) for kv in args.a_env), "B": dict(kv.split("=", 1) for kv in args.b_env)}
-    result = measure(envs, args.rounds, args.repeats, args.redis)
+    pythons = {"A": args.a_python, "B": args.b_python}
+    result = measure(envs, args.rounds, args.repeats, args.redis, pythons)
     for name, runs in result["runs"].items():
         medians = {key: round(statistics.median(run[key] for run in runs)) for key in runs[0]}
-        print(f"{name} {envs[name]}: medians {medians}")
+        print(f"{name} {envs[name]} {pythons[name] or 'this interpreter'}: medians {medians}")
     ratios = [b["p50"] / a["p50"] for a, b in zip(result["runs"]["A"], result["runs"]["B"], strict=True)]
     if "socat_rps" in result:
         rps = {name: statistics.median(run["rps"] for run in runs) for name, runs in result["runs"].items()}
