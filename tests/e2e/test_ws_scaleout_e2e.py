@@ -66,7 +66,9 @@ def test_ws_backend_on_a_meets_a_client_on_b(replicas: Replicas, client: str) ->
     try:
         args = client_args(b, workflow, client, "--session-key", key)
         result = run_client("exec", *args, "--", "sh", "-c", "echo across; exit 4", timeout=60)
-        assert (result.returncode, result.stdout) == (4, b"across\n"), result.stderr
+        # (Seen once in CI: exit 0 with the output whole. The logs of all three say which side lost it.)
+        logs = [f"{name}:\n" + "\n".join(proc.lines[-25:]) for name, proc in (("backend", backend), ("A", a), ("B", b))]
+        assert (result.returncode, result.stdout) == (4, b"across\n"), "\n".join([repr(result.stderr), *logs])
         assert backend.wait_exit(20) == 0
     finally:
         backend.stop()

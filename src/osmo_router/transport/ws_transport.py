@@ -178,6 +178,8 @@ class WsSessionStream:
         self._error: str | None = None
         self._half_closed = False
         self.closed_for_writing = False
+        #: Our close has begun (aclose): recv reads no further (see recv).
+        self._closing = False
         self._abort: asyncio.Task[None] | None = None
 
     async def send(self, frame: pb.Frame) -> None:
@@ -246,6 +248,13 @@ class WsSessionStream:
         if self._ended:
             return None
         while True:
+            if self._closing:
+                # Our own close is under way. aiohttp's receive() on a closing WebSocket closes it itself,
+                # with code 1000 and no reason, and that close goes first when a message was already
+                # queued ahead of our close's wake-up (client_ws.py, receive and close): a backend's
+                # exit status, its close reason, was lost, and the router reported exit 0.
+                self._ended = True
+                return None
             msg = await self.ws.receive()
             if msg.type == aiohttp.WSMsgType.BINARY:
                 if self._udp:
@@ -287,7 +296,8 @@ class WsSessionStream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the WebSocket now."""
+        """Close the WebSocket now (a backend with its exit status or error as the close reason)."""
+        self._closing = True
         async with self._write_lock:
             self.closed_for_writing = True
         code, reason = CLOSE_NORMAL, ""
