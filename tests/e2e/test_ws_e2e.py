@@ -330,6 +330,27 @@ def test_ws_client_gone_hangs_up_the_remote_process(router: Router, grpc_workflo
         client.stop()
 
 
+@pytest.mark.parametrize("client", ["grpc", "ws"])
+def test_a_killed_ws_backend_fails_the_session_not_exit_0(router: Router, client: str) -> None:
+    """A new backend (`agent --transport ws`) always closes with a close frame; one killed mid-exec is the
+    agent disconnecting, as for a gRPC agent, not a clean exit 0 (which the old protocol's backends,
+    ending every exec without a close frame, still get)."""
+    workflow, key = f"wf-kill-{uuid.uuid4().hex[:8]}", new_key()
+    backend = WsBackendProc(router, workflow, key)
+    args = client_args(router, workflow, client, "--session-key", key)
+    exec_ = Proc(client_cmd("exec", *args, "--", "sh", "-c", "echo started; sleep 60"))
+    try:
+        exec_.wait_for(lambda r: r["line"] == "started", stdout=True)
+        backend.popen.kill()
+        assert exec_.wait_exit(30) == 255, exec_.lines
+        assert any("the backend disconnected" in line for line in exec_.lines), exec_.lines
+        wanted = {"event": "session end", "workflow": workflow, "status": "UNAVAILABLE"}
+        router.wait_for(lambda r: wanted.items() <= r.items())
+    finally:
+        exec_.stop()
+        backend.stop()
+
+
 def _raw_upgrade(port: int, ca: Path, path: str, token: str) -> tuple[int, str]:
     """A WebSocket upgrade request over TLS, as a bare HTTP client sends it: the status and the Osmo-Error header."""
     context = ssl.create_default_context(cafile=str(ca))

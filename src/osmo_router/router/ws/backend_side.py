@@ -79,6 +79,11 @@ class WsBackendSide(WsSide):
             if msg is not None and msg.type == WSMsgType.TEXT and self.ws.ws_protocol == STDERR_SUBPROTOCOL:
                 return encode_frame(stderr_frame(str(msg.data)))
             data = None if msg is None else received_payload(msg)
+            if msg is not None and msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR) and self._send_init:
+                # A new backend always ends with a close frame (its exit status or error as the reason):
+                # a connection lost without one is a backend killed or cut off, as a gRPC agent's stream
+                # ending without its half-close is (core/relay.py). An old one ends every exec this way.
+                raise Unavailable("the backend disconnected")
             if isinstance(data, bytes):
                 if data:
                     return encode_frame(datagram_frame(data) if self._udp else pb.Frame(data=data))
@@ -94,14 +99,16 @@ class WsBackendSide(WsSide):
 
         The old protocol has no exit codes: a clean end of an exec backend is exit 0, unless its
         close reason carries one (the `exit` extension of new backends); a new backend reports an
-        error as the router does, with code 4000 and `CODE: message`.
+        error as the router does, with code 4000 and `CODE: message`. A new backend's exec that ends
+        without an exit status gets none (the client then says the session ended without one, as
+        for a gRPC agent): exit 0 there would report a failed session as a success.
         """
         out: list[bytes | None] = []
         status = exit_from_reason(reason) if reason is not None else None
         if reason is not None and self.ws.close_code == CLOSE_ERROR:
             err = error_from_reason(reason)
             out.append(encode_frame(pb.Frame(error=pb.Error(code=err.code.value[0], message=err.message))))
-        elif self._is_exec:
+        elif self._is_exec and not self._send_init:
             out.append(encode_frame(pb.Frame(exit_status=status or pb.ExitStatus(code=0))))
         elif status is not None:
             out.append(encode_frame(pb.Frame(exit_status=status)))
