@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
+from aiohttp import web
 
 from tests.harness import AgentProc, Router, metric_value
 
 T = TypeVar("T")
 WAIT = 30.0
+
+
+@contextlib.asynccontextmanager
+async def serving_on_loopback(app: web.Application) -> AsyncIterator[int]:
+    """Serve an aiohttp application on 127.0.0.1 (a free port) while the block runs; yields the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
 
 
 def new_key() -> str:

@@ -26,7 +26,7 @@ from tests.e2e.test_ws_e2e import Pairing
 from tests.harness import AgentProc, Proc, Router, run_client
 from tests.osmo_emu import client as osmo
 from tests.ws_fixtures import module_grpc_workflow, module_router  # noqa: F401 (fixtures router, grpc_workflow)
-from tests.ws_kit import WsBackendProc, new_key, receive_close, run, ws_url
+from tests.ws_kit import WsBackendProc, new_key, receive_close, run, serving_on_loopback, ws_url
 
 #: A command writing to both streams, with bytes that are not UTF-8 on stderr.
 BOTH_STREAMS = "echo out1; echo err1 >&2; echo out2; printf 'err2 \\377\\376\\n' >&2; exit 3"
@@ -174,21 +174,16 @@ def test_ws_agent_behind_a_router_that_does_not_select_the_subprotocol_merges_st
 
         app = web.Application()
         app.router.add_get("/api/router/exec/{workflow}/backend/{key}", backend)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        agent = AgentProc(
-            f"127.0.0.1:{port}", workflow, "--transport", "ws", "--session-key", key, "--operation", "exec",
-            "--ws-address", f"127.0.0.1:{port}", wait=False,
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(30):
-                return await served
-        finally:
-            agent.stop()
-            await runner.cleanup()
+        async with serving_on_loopback(app) as port:
+            agent = AgentProc(
+                f"127.0.0.1:{port}", workflow, "--transport", "ws", "--session-key", key, "--operation", "exec",
+                "--ws-address", f"127.0.0.1:{port}", wait=False,
+            )  # fmt: skip
+            try:
+                async with asyncio.timeout(30):
+                    return await served
+            finally:
+                agent.stop()
 
     offered, selected, kinds, output, reason = asyncio.run(main())
     assert (offered, selected) == (STDERR_SUBPROTOCOL, None)

@@ -20,6 +20,7 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from osmo_router.transport.ws_transport import WsSessionStream
 from osmo_router.wire.protocol import pb
+from tests.ws_kit import serving_on_loopback
 
 
 @pytest_asyncio.fixture
@@ -38,15 +39,8 @@ async def router_ws() -> AsyncIterator[tuple[str, asyncio.Future[str]]]:
 
     app = web.Application()
     app.router.add_get("/ws", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving_on_loopback(app) as port:
         yield f"http://127.0.0.1:{port}/ws", reason
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.asyncio
