@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from tests.harness import Proc, client_cmd
+from tests.harness import Proc, cli_env, client_cmd
 
 Handler = Callable[[socket.socket], None]
 
@@ -167,9 +167,12 @@ def forwarding_lines(proc: Proc, count: int) -> list[tuple[str, int]]:
     return [(m.group(1), int(m.group(2))) for m in matches[:count]]
 
 
-def start_forward(client_args: list[str], *args: str, count: int = 1) -> tuple[Proc, list[int]]:
-    """Start `osmo-net-client port-forward` and wait until `count` local ports are announced; returns them."""
-    proc = Proc(client_cmd("port-forward", *client_args, *args))
+def start_forward(
+    client_args: list[str], *args: str, count: int = 1, env: dict[str, str] | None = None
+) -> tuple[Proc, list[int]]:
+    """Start `osmo-net-client port-forward` (with `env` added to its environment) and wait until `count`
+    local ports are announced; returns them."""
+    proc = Proc(client_cmd("port-forward", *client_args, *args), env=cli_env(env))
     try:
         proc.wait_for(lambda r: len(forwarded_ports(proc.out_lines)) >= count, stdout=True)
     except AssertionError:

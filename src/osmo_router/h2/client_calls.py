@@ -16,13 +16,16 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.call_status import FINISHED, HALF_CLOSED, CallStatus, aio_error
 from osmo_router.h2.stream import Stream, StreamReset
+
+if TYPE_CHECKING:
+    from osmo_router.h2.front import LaneTarget
 
 Serializer = Callable[[Any], bytes]
 Deserializer = Callable[[bytes], Any]
@@ -53,6 +56,7 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._callbacks: list[Callable[[Any], None]] = []
         self._listener: Callable[[Any], bool] | None = None
         self._listen_raw = False  # the listener takes the messages' bytes (set_listener)
+        self._lane: tuple[Callable[[bytes], bool], LaneTarget] | None = None  # see open_lane
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._timer = None if timeout is None else loop.call_later(max(timeout, 0.0), self._expire)
         self._opening = asyncio.ensure_future(self._open(opener))
@@ -72,6 +76,8 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._stream = stream
         if self._listener is not None:
             stream.set_listener(self._stream_listener())
+        if self._lane is not None:
+            stream.conn.open_lane(stream, *self._lane)
         # The status is known once the stream closes, read or not (grpc.aio's calls end without reads).
         stream.add_close_callback(lambda _future: self._on_closed(stream))
         return stream
@@ -137,6 +143,13 @@ class Call(CallStatus, grpc.aio.StreamStreamCall):  # type: ignore[misc]
         self._listen_raw = raw
         if self._stream is not None:
             self._stream.set_listener(self._stream_listener())
+
+    def open_lane(self, listener: Callable[[bytes], bool], target: LaneTarget | None) -> None:
+        """Let the connection's native front pass data messages to `target` while the raw `listener` is the
+        stream's (h2/front.py; None: no longer), now or once the stream is open."""
+        self._lane = None if target is None else (listener, target)
+        if self._stream is not None:
+            self._stream.conn.open_lane(self._stream, listener, target)
 
     def _stream_listener(self) -> Callable[[bytes], bool] | None:
         """What the stream offers its messages to: nothing while a message taken off it waits in

@@ -51,7 +51,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.bdp import BDP_PING
@@ -61,6 +62,9 @@ from osmo_router.h2.handshake import settings_first
 from osmo_router.h2.stream import Headers, MessageTooLarge, Stream, StreamReset
 from osmo_router.h2.writer import VectorWriter
 from osmo_router.io.send_buffer import bound_send_buffer, is_tcp
+
+if TYPE_CHECKING:
+    from osmo_router.h2.front import LaneTarget
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,13 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self.closed = True
         self.write_paused = False  # no transport is left to wait for
         self._reader.use_socket(None)
+        if self._front is not None:
+            log.debug(
+                "h2 connection to %s closed; %d messages went to their sockets by the native front",
+                self.peer_address,
+                self._front.passed,
+            )
+            self._front.close()
         self._timers.cancel()
         if self._linger is not None:
             self._linger.cancel()
@@ -224,6 +235,24 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
             return
         if flags & fr.END_STREAM and stream.reset_code is None:
             self._peer_ended(stream)
+
+    def count_received(self, size: int) -> None:
+        """`size` DATA bytes passed on by the native front (h2/front.py): the connection window and the BDP
+        sample count them, as data_frame does (inline there: per message)."""
+        self._recv_unacked += size
+        if self._recv_unacked >= self._connection_window >> 2:
+            if self._recv_unacked > self._connection_window:
+                raise fr.ProtocolError(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the connection window")
+            self._give_connection_window()
+        bdp = self._bdp
+        if bdp is not None and bdp.active and bdp.on_data(size):
+            self.write_frame(fr.encode(fr.PING, 0, 0, BDP_PING))
+
+    def open_lane(self, stream: Stream, listener: Callable[[bytes], bool], target: LaneTarget | None) -> None:
+        """Let the native front pass `stream`'s data messages to `target` while `listener` is the stream's
+        listener (None: no longer); nothing without a front (h2/front.py)."""
+        if self._front is not None and stream.id in self.streams:
+            self._front.open_lane(stream, listener, target)
 
     def data_piece(self, payload: memoryview) -> None:
         """The next bytes of the current DATA frame's payload."""

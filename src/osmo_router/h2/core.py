@@ -16,6 +16,7 @@ import hpack
 from osmo_router.h2 import frames as fr
 from osmo_router.h2.bdp import BdpEstimator
 from osmo_router.h2.config import H2Config
+from osmo_router.h2.front import native_front
 from osmo_router.h2.reader import FrameReader
 from osmo_router.h2.stream import Headers, Stream
 from osmo_router.h2.timers import Timers
@@ -74,8 +75,12 @@ class ConnectionCore:
         # asyncio.BufferedProtocol's two methods per read are the reader's own, with no wrapper call
         # (issue 18). Set here, before any transport exists: uvloop (and its TLS layer) looks them up once,
         # when it makes the transport.
-        self.get_buffer = self._reader.get_buffer
-        self.buffer_updated = self._reader.buffer_updated
+        #: A client connection's native front (h2/front.py), which passes a laned stream's small messages
+        #: to their sockets from C and hands everything else to the reader; None: the reader alone.
+        self._front = native_front(whole, self._reader)
+        reads = self._front or self._reader
+        self.get_buffer = reads.get_buffer
+        self.buffer_updated = reads.buffer_updated
         self._data_stream: Stream | None = None  # the stream of the DATA frame arriving
         self._data_end_stream = False  # whether that frame has END_STREAM
         self._data_flow = 0  # and its length
@@ -202,6 +207,8 @@ class ConnectionCore:
         if force or (stream.closed_out and stream.ended_in):
             self.streams.pop(stream.id, None)
             self._blocked.pop(stream.id, None)
+            if self._front is not None:
+                self._front.close_lane(stream.id)
             self._wake_slot_waiters()
             if not self.streams:
                 self._timers.idle()

@@ -102,6 +102,23 @@ class StreamInbound(ReceiveWindow):
             self._listened = False
             if self._may_grow and self.conn.stream_window > self._recv_window:
                 self._take_up_window()  # (only while the connection's window is above this stream's)
+        self._grant_if_due()
+        if self._messages or self.reset_code is not None:  # (else nothing new to read: a listener took it)
+            self._wake_reader()
+
+    def taken_directly(self, flow_length: int) -> None:
+        """A whole message of `flow_length` DATA bytes that the native front passed to its socket
+        (h2/front.py): what `received_data` counts for a message its listener took."""
+        self._recv_left -= flow_length
+        if self._recv_left < 0:
+            raise StreamReset(fr.ErrorCode.FLOW_CONTROL_ERROR, "the peer overran the stream window")
+        self._inflight = 0
+        if self._may_grow and self.conn.stream_window > self._recv_window:
+            self._take_up_window()
+        self._grant_if_due()
+
+    def _grant_if_due(self) -> None:
+        """Give window back if enough was taken (`_grant`), or count the exposure in the budgets."""
         if self._credit is not None or self.ended_in or self.reset_code is not None:
             self._grant()
         else:
@@ -109,8 +126,6 @@ class StreamInbound(ReceiveWindow):
             window, left = self._recv_window, self._recv_left
             if window - self._queued - left >= ((window >> 2 or 1) if left > 0 else 1):
                 self._grant()
-        if self._messages or self.reset_code is not None:  # (else nothing new to read: a listener took it)
-            self._wake_reader()
 
     def data_begin(self, flow_length: int) -> None:
         """A DATA frame's header: its `flow_length` counts against the stream window now; its payload

@@ -276,6 +276,9 @@ class DirectSender:
     everything until that is done (those frames go to the pump, which waits in `flushed` first:
     order is kept, and a full socket holds back the pump as before). A send error makes `offer`
     decline, so the pump meets the error on its next send; an error sending a rest goes to `on_error`.
+
+    The native front (h2/front.py, `_front.c`) does what `offer_data` does from C, reading `sock`,
+    `enabled` and `_rest`, and calling `send_later`: keep those names.
     """
 
     def __init__(self, sock: socket.socket, on_error: Callable[[OSError], Awaitable[None]]) -> None:
@@ -305,8 +308,13 @@ class DirectSender:
         except OSError:
             return False  # the pump meets the error again on its own send
         if sent < len(data):
-            self._rest = self._loop.create_task(self._send_rest(memoryview(data)[sent:]))
+            self.send_later(memoryview(data)[sent:])
         return True
+
+    def send_later(self, rest: bytes | memoryview) -> None:
+        """Send what the socket did not take at once, from a task (`offer_data` declines until it is done;
+        the native front, h2/front.py, calls it for the rest of a message it sent)."""
+        self._rest = self._loop.create_task(self._send_rest(memoryview(rest)))
 
     async def _send_rest(self, rest: memoryview) -> None:
         started = time.monotonic()
@@ -322,13 +330,18 @@ class DirectSender:
     def serving(self, stream: Any) -> Iterator[None]:
         """Be `stream`'s sink (ResumableStream.set_sink) while the block runs, where it takes one."""
         set_sink = getattr(stream, "set_sink", None)
+        set_direct_sender = getattr(stream, "set_direct_sender", None)
         if set_sink is not None:
             set_sink(self.offer, self.offer_data)
+            if set_direct_sender is not None:
+                set_direct_sender(self)
         try:
             yield
         finally:
             if set_sink is not None:
                 set_sink(None)
+                if set_direct_sender is not None:
+                    set_direct_sender(None)
 
     async def flushed(self) -> None:
         """Until what `offer` began is sent (the pump calls it before each send of its own)."""

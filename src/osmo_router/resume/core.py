@@ -14,9 +14,11 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
+from osmo_router.h2.front import LaneTarget
 from osmo_router.resume.acks import Acknowledger
 from osmo_router.resume.breaks import BREAKS, ENDS, SessionLost, describe
 from osmo_router.resume.window import (
@@ -66,6 +68,7 @@ class StreamCore:
         self._handler_waiting = False  # the handler waits in recv for the reader's next frame
         self._sink: Callable[[pb.Frame], bool] | None = None  # see set_sink
         self._data_sink: Callable[[memoryview], bool] | None = None  # see set_sink
+        self._direct_sender: Any = None  # see set_direct_sender
         #: Whether a data frame may go to the data sink with no more than `_take` checks for data (a
         #: subclass that must look at every frame first, the client until the agent's answer, clears it).
         self._data_lane = True
@@ -139,8 +142,17 @@ class StreamCore:
             pushed = functools.partial(self._pushed, generation)
             if getattr(inner, "raw", False):  # data frames as bytes: no message object per frame
                 set_listener(pushed, data=functools.partial(self._pushed_data, generation))
+                if self._direct_sender is not None:
+                    self._open_lane(inner, generation)
             else:
                 set_listener(pushed)
+
+    def _open_lane(self, inner: SessionStream, generation: int) -> None:
+        """Let `inner`'s native front (h2/front.py) pass its data frames to the direct sender, if it can."""
+        open_lane = getattr(inner, "open_lane", None)
+        if open_lane is not None:
+            sender = self._direct_sender
+            open_lane(None if sender is None else LaneTarget(self, generation, sender, self._data_consumed))
 
     def _pushed(self, generation: int, frame: pb.Frame) -> bool:
         # As _read_forever's loop: a frame off a stream already given up is dropped (a resume asks for it again).
@@ -168,15 +180,20 @@ class StreamCore:
             and sink(payload)
         ):
             if self.acking:
-                # Acknowledger.consumed, called only when it has something to do (a call less per message).
-                acker = self._acker
-                clock = acker.clock
-                clock.received += len(payload)
-                if not acker.quiet or clock.received - clock.acked >= clock.every:
-                    acker.consumed(0, False)
+                self._data_consumed(len(payload))
             return True
         self._take(as_frame(payload))
         return True
+
+    def _data_consumed(self, size: int) -> None:
+        """The data sink took `size` payload bytes: acknowledged as `_consumed` does (Acknowledger.consumed,
+        called only when it has something to do: a call less per message)."""
+        if self.acking:
+            acker = self._acker
+            clock = acker.clock
+            clock.received += size
+            if not acker.quiet or clock.received - clock.acked >= clock.every:
+                acker.consumed(0, False)
 
     def _holding_back(self) -> bool:
         """Whether to take no more of the peer's frames for now. A peer that does not resume keeps no

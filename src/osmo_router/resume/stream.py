@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -61,6 +62,13 @@ class ResumableStream(StreamCore):
         frame given as its payload, is offered those that arrive so (no frame object is built)."""
         self._sink = sink
         self._data_sink = data if sink is not None else None
+
+    def set_direct_sender(self, sender: Any) -> None:
+        """The DirectSender (io/socket_pumps.py) whose `offer_data` is the data sink, or None: a stream under
+        this one on HTTP/2 may then pass data frames to its socket from C (h2/front.py)."""
+        self._direct_sender = sender
+        if self._inner is not None and self._reader is not None:  # (else start() or a resume opens it)
+            self._open_lane(self._inner, self._generation)
 
     @property
     def raw(self) -> bool:

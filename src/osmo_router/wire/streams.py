@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -13,6 +13,9 @@ from osmo_router.wire.batching import BatchingWriter
 from osmo_router.wire.codec import DATA_TAG, FRAME_TAG, SHORT_MESSAGE, encode_data_message, payload_offset
 from osmo_router.wire.errors import InvalidArgument, from_status_number
 from osmo_router.wire.protocol import pb
+
+if TYPE_CHECKING:
+    from osmo_router.h2.front import LaneTarget
 
 
 class FrameStream:
@@ -43,6 +46,8 @@ class FrameStream:
         self.agent_resumes = False
         #: The client knows the session's key though the ready never came (ResumeToken.key_from_secret).
         self.key_known = False
+        #: The data listener given to the call by `set_listener` (None: none), for `open_lane`.
+        self._raw_listener: Callable[[bytes], bool] | None = None
 
     async def send(self, frame: pb.Frame) -> None:
         """Send one frame (dropped once this side was closed)."""
@@ -151,13 +156,23 @@ class FrameStream:
         set_listener = getattr(self.call, "set_listener", None)
         if set_listener is None:
             return False
+        self._raw_listener = None
         if listener is None:
             set_listener(None)
         elif data is not None and self._raw and hasattr(self.call, "deserialize"):
-            set_listener(functools.partial(self._listen_raw, listener, data), raw=True)
+            self._raw_listener = functools.partial(self._listen_raw, listener, data)
+            set_listener(self._raw_listener, raw=True)
+            return True
         else:
             set_listener(functools.partial(self._listen, listener))
         return True
+
+    def open_lane(self, target: LaneTarget | None) -> None:
+        """Let the native front (h2/front.py) pass this stream's data frames to `target`'s sender while the
+        data listener of `set_listener` is in place (None: no longer). Nothing on a call that cannot."""
+        open_lane = getattr(self.call, "open_lane", None)
+        if open_lane is not None and self._raw_listener is not None:
+            open_lane(self._raw_listener, target)
 
     def _listen_raw(
         self, listener: Callable[[pb.Frame], bool], data: Callable[[memoryview], bool], message: bytes

@@ -1,0 +1,509 @@
+/* The native data path of a client-role HTTP/2 connection (issue 18): h2/front.py says why and how.
+ *
+ * A Front is the connection's get_buffer / buffer_updated (asyncio.BufferedProtocol). While the Python
+ * frame reader (h2/reader.py) is between frames it hands the transport a buffer of its own; a read that
+ * is exactly one whole DATA frame without flags, on a stream with a Lane, whose message is one data
+ * frame that the Python path would hand to a DirectSender at once, is sent to that socket here, before
+ * any Python runs, and the bookkeeping Python would have done before it (windows, resume
+ * acknowledgements) is done after it by the lane's `after(flow, size)`. Anything else is copied into the
+ * reader, as Connection.data_received does, and takes the Python path.
+ *
+ * The checks read the same attributes the Python path tests, named here beside the Python that tests
+ * them; a missing attribute or an unexpected type declines (the Python path then decides).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* The front's own read buffer: a small message's frame, and then some (h2/reader.py HEADER_READ). */
+#define FRONT_BUF (16 * 1024)
+/* A read that fills it means a busy connection: the next reads go to the reader's larger buffers until
+ * this many small ones came in a row (h2/reader.py SMALL_READ, QUIET_AFTER). */
+#define SMALL_READ (4 * 1024)
+#define QUIET_AFTER 32
+
+static PyObject *s_start, *s_end, *s_left, *s_preface, *s_discarding, *s_closed, *s_recv_unacked,
+    *s_connection_window, *s_reset_code, *s_ended_in, *s_recv_left, *s_messages, *s_need, *s_head, *s_listener,
+    *s_generation, *s_ended, *s_resumable, *s_data_sink, *s_data_lane, *s_handler_waiting, *s_incoming, *s_lost,
+    *s_enabled, *s_rest, *s_sock, *s_fileno, *s_send_later;
+
+/* ---- Lane ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *conn;      /* h2 Connection */
+    PyObject *stream;    /* h2 Stream */
+    PyObject *listener;  /* the stream's listener while the lane holds (Stream._listener) */
+    PyObject *session;   /* ResumableStream */
+    PyObject *generation;
+    PyObject *sender;    /* io/socket_pumps.DirectSender */
+    PyObject *after;     /* after(flow, size): the bookkeeping */
+    Py_ssize_t max_message;
+} Lane;
+
+static int Lane_init(Lane *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"conn", "stream", "listener", "session", "generation", "sender", "after", "max_message",
+                            NULL};
+    PyObject *conn, *stream, *listener, *session, *generation, *sender, *after;
+    Py_ssize_t max_message;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOn", names, &conn, &stream, &listener, &session,
+                                     &generation, &sender, &after, &max_message))
+        return -1;
+    Py_XSETREF(self->conn, Py_NewRef(conn));
+    Py_XSETREF(self->stream, Py_NewRef(stream));
+    Py_XSETREF(self->listener, Py_NewRef(listener));
+    Py_XSETREF(self->session, Py_NewRef(session));
+    Py_XSETREF(self->generation, Py_NewRef(generation));
+    Py_XSETREF(self->sender, Py_NewRef(sender));
+    Py_XSETREF(self->after, Py_NewRef(after));
+    self->max_message = max_message;
+    return 0;
+}
+
+static int Lane_traverse(Lane *self, visitproc visit, void *arg) {
+    Py_VISIT(self->conn);
+    Py_VISIT(self->stream);
+    Py_VISIT(self->listener);
+    Py_VISIT(self->session);
+    Py_VISIT(self->generation);
+    Py_VISIT(self->sender);
+    Py_VISIT(self->after);
+    return 0;
+}
+
+static int Lane_clear(Lane *self) {
+    Py_CLEAR(self->conn);
+    Py_CLEAR(self->stream);
+    Py_CLEAR(self->listener);
+    Py_CLEAR(self->session);
+    Py_CLEAR(self->generation);
+    Py_CLEAR(self->sender);
+    Py_CLEAR(self->after);
+    return 0;
+}
+
+static void Lane_dealloc(Lane *self) {
+    PyObject_GC_UnTrack(self);
+    Lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "osmo_router.h2._front.Lane",
+    .tp_doc = "Where a stream's data messages go from C: a DirectSender's socket (h2/front.py open_lane).",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lane_init,
+    .tp_traverse = (traverseproc)Lane_traverse,
+    .tp_clear = (inquiry)Lane_clear,
+    .tp_dealloc = (destructor)Lane_dealloc,
+};
+
+/* ---- attribute tests: 1 true, 0 false, -1 unknown (the error cleared: the caller declines) -------- */
+
+static int truth(PyObject *obj, PyObject *name) {
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int result = PyObject_IsTrue(value);
+    Py_DECREF(value);
+    if (result < 0) PyErr_Clear();
+    return result;
+}
+
+static int is_none(PyObject *obj, PyObject *name) {
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    int result = value == Py_None;
+    Py_DECREF(value);
+    return result;
+}
+
+/* The attribute as a C integer; 0 on success, -1 (error cleared) if it is none. */
+static int integer(PyObject *obj, PyObject *name, long long *out) {
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    *out = PyLong_Check(value) ? PyLong_AsLongLong(value) : -1;
+    int bad = !PyLong_Check(value) || (*out == -1 && PyErr_Occurred());
+    Py_DECREF(value);
+    if (bad) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Front ----------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *conn;
+    PyObject *reader;
+    PyObject *reader_get_buffer;
+    PyObject *reader_buffer_updated;
+    PyObject *lanes; /* dict: stream id -> Lane */
+    PyObject *view;  /* a memoryview of buf, handed out as is */
+    int delegated;   /* the last buffer handed out was the reader's */
+    int idle;        /* the reader is between frames with nothing held */
+    int busy_reads;  /* reads left to the reader's buffers (a busy connection) */
+    unsigned long long passed;
+    char buf[FRONT_BUF];
+} Front;
+
+static int Front_init(Front *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"conn", "reader", NULL};
+    PyObject *conn, *reader;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO", names, &conn, &reader)) return -1;
+    Py_XSETREF(self->conn, Py_NewRef(conn));
+    Py_XSETREF(self->reader, Py_NewRef(reader));
+    Py_XSETREF(self->reader_get_buffer, PyObject_GetAttrString(reader, "get_buffer"));
+    Py_XSETREF(self->reader_buffer_updated, PyObject_GetAttrString(reader, "buffer_updated"));
+    Py_XSETREF(self->lanes, PyDict_New());
+    Py_XSETREF(self->view, PyMemoryView_FromMemory(self->buf, FRONT_BUF, PyBUF_WRITE));
+    if (!self->reader_get_buffer || !self->reader_buffer_updated || !self->lanes || !self->view) return -1;
+    self->delegated = 0;
+    self->idle = 0; /* SETTINGS and the rest of the opening go to the reader */
+    self->busy_reads = 0;
+    return 0;
+}
+
+static int Front_traverse(Front *self, visitproc visit, void *arg) {
+    Py_VISIT(self->conn);
+    Py_VISIT(self->reader);
+    Py_VISIT(self->reader_get_buffer);
+    Py_VISIT(self->reader_buffer_updated);
+    Py_VISIT(self->lanes);
+    Py_VISIT(self->view);
+    return 0;
+}
+
+static int Front_clear(Front *self) {
+    Py_CLEAR(self->conn);
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->reader_get_buffer);
+    Py_CLEAR(self->reader_buffer_updated);
+    Py_CLEAR(self->lanes);
+    Py_CLEAR(self->view);
+    return 0;
+}
+
+static void Front_dealloc(Front *self) {
+    PyObject_GC_UnTrack(self);
+    Front_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Whether the reader is between frames with nothing held (FrameReader: _start == _end, no DATA payload
+ * left, the preface taken, not discarding). */
+static int reader_idle(Front *self) {
+    long long start, end;
+    if (integer(self->reader, s_start, &start) < 0 || integer(self->reader, s_end, &end) < 0) return 0;
+    return start == end && truth(self->reader, s_left) == 0 && truth(self->reader, s_preface) == 0 &&
+           truth(self->reader, s_discarding) == 0;
+}
+
+/* Copy `count` bytes of our buffer into the reader, as Connection.data_received does. */
+static int feed(Front *self, Py_ssize_t count) {
+    Py_ssize_t done = 0;
+    while (done < count) {
+        if (truth(self->conn, s_closed) != 0) break;
+        PyObject *hint = PyLong_FromSsize_t(count - done);
+        if (hint == NULL) return -1;
+        PyObject *target = PyObject_CallOneArg(self->reader_get_buffer, hint);
+        Py_DECREF(hint);
+        if (target == NULL) return -1;
+        Py_buffer into;
+        if (PyObject_GetBuffer(target, &into, PyBUF_WRITABLE) < 0) {
+            Py_DECREF(target);
+            return -1;
+        }
+        Py_ssize_t take = into.len < count - done ? into.len : count - done;
+        memcpy(into.buf, self->buf + done, take);
+        PyBuffer_Release(&into);
+        Py_DECREF(target);
+        if (take <= 0) break;
+        done += take;
+        PyObject *taken = PyLong_FromSsize_t(take);
+        if (taken == NULL) return -1;
+        PyObject *result = PyObject_CallOneArg(self->reader_buffer_updated, taken);
+        Py_DECREF(taken);
+        if (result == NULL) return -1;
+        Py_DECREF(result);
+    }
+    return 0;
+}
+
+static int varint(const unsigned char *p, Py_ssize_t end, Py_ssize_t *pos, unsigned long long *value) {
+    unsigned long long v = 0;
+    for (int shift = 0; shift < 64 && *pos < end; shift += 7) {
+        unsigned char c = p[(*pos)++];
+        v |= (unsigned long long)(c & 0x7F) << shift;
+        if (c < 0x80) {
+            *value = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Where the data frame's payload lies in a DATA payload of `flow` bytes: one whole uncompressed gRPC
+ * message (Stream.received_data's test) that is exactly Frame(data=...) in field 2 (wire/codec.py
+ * payload_offset). 0 and *start, *size set; -1 otherwise. */
+static int data_payload(const unsigned char *p, Py_ssize_t flow, Py_ssize_t max_message, Py_ssize_t *start,
+                        Py_ssize_t *size) {
+    if (flow < 8 || p[0] != 0) return -1;
+    Py_ssize_t length = (Py_ssize_t)p[1] << 24 | (Py_ssize_t)p[2] << 16 | (Py_ssize_t)p[3] << 8 | p[4];
+    if (length != flow - 5 || length > max_message || p[5] != 0x12) return -1;
+    Py_ssize_t pos = 6;
+    unsigned long long frame, data;
+    if (!varint(p, flow, &pos, &frame) || frame != (unsigned long long)(flow - pos)) return -1;
+    if (pos >= flow || p[pos++] != 0x0A) return -1;
+    if (!varint(p, flow, &pos, &data) || data != (unsigned long long)(flow - pos)) return -1;
+    *start = pos;
+    *size = (Py_ssize_t)data;
+    return 0;
+}
+
+/* Whether the Python path would hand this message straight to the lane's DirectSender. */
+static int lane_open(Lane *lane, Py_ssize_t flow) {
+    long long value;
+    /* Connection.data_frame: the peer keeps within the connection window. */
+    long long unacked, window;
+    if (integer(lane->conn, s_recv_unacked, &unacked) < 0 || integer(lane->conn, s_connection_window, &window) < 0 ||
+        unacked + flow > window)
+        return 0;
+    /* Stream.received_data: the stream open, within its window, nothing queued or under way before this
+     * message, and the listener the lane was opened for (Call._stream_listener: none while a message
+     * waits for `read` or the call has its status). */
+    PyObject *s = lane->stream;
+    if (is_none(s, s_reset_code) != 1 || truth(s, s_ended_in) != 0 || truth(s, s_messages) != 0 ||
+        truth(s, s_need) != 0 || truth(s, s_head) != 0)
+        return 0;
+    if (integer(s, s_recv_left, &value) < 0 || value < flow) return 0;
+    PyObject *listener = PyObject_GetAttr(s, s_listener);
+    if (listener == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int same = listener == lane->listener;
+    Py_DECREF(listener);
+    if (!same) return 0;
+    /* ResumableStream._pushed_data: this generation, not ended, resuming (a peer that does not resume
+     * has a hold-back test of its own: the Python path), and its data sink taking it: a data lane, the
+     * handler waiting with nothing queued, not lost; and that sink is the lane's sender's. */
+    PyObject *r = lane->session;
+    PyObject *generation = PyObject_GetAttr(r, s_generation);
+    if (generation == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int current = PyObject_RichCompareBool(generation, lane->generation, Py_EQ);
+    Py_DECREF(generation);
+    if (current != 1) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (truth(r, s_ended) != 0 || truth(r, s_resumable) != 1 || truth(r, s_data_lane) != 1 ||
+        truth(r, s_handler_waiting) != 1 || truth(r, s_incoming) != 0 || is_none(r, s_lost) != 1)
+        return 0;
+    PyObject *sink = PyObject_GetAttr(r, s_data_sink);
+    if (sink == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int ours = PyMethod_Check(sink) && PyMethod_GET_SELF(sink) == lane->sender;
+    Py_DECREF(sink);
+    if (!ours) return 0;
+    /* DirectSender.offer_data: enabled, no rest of an earlier send still going. */
+    return truth(lane->sender, s_enabled) == 1 && is_none(lane->sender, s_rest) == 1;
+}
+
+/* The sender's socket descriptor, or -1. */
+static int sender_fd(Lane *lane) {
+    PyObject *sock = PyObject_GetAttr(lane->sender, s_sock);
+    if (sock == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    PyObject *fd = PyObject_CallMethodNoArgs(sock, s_fileno);
+    Py_DECREF(sock);
+    if (fd == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    long value = PyLong_Check(fd) ? PyLong_AsLong(fd) : -1;
+    Py_DECREF(fd);
+    if (value == -1) PyErr_Clear();
+    return (int)value;
+}
+
+/* 1: the frame went to its lane; 0: not a lane's (nothing done); -1: a Python error is set. */
+static int pass_frame(Front *self, Py_ssize_t count) {
+    const unsigned char *h = (const unsigned char *)self->buf;
+    Py_ssize_t flow = (Py_ssize_t)h[0] << 16 | (Py_ssize_t)h[1] << 8 | h[2];
+    if (flow != count - 9 || h[3] != 0 /* DATA */ || h[4] != 0 /* no flags */ || PyDict_GET_SIZE(self->lanes) == 0)
+        return 0;
+    unsigned long stream_id = ((unsigned long)h[5] & 0x7F) << 24 | (unsigned long)h[6] << 16 | h[7] << 8 | h[8];
+    PyObject *key = PyLong_FromUnsignedLong(stream_id);
+    if (key == NULL) return -1;
+    PyObject *found = PyDict_GetItemWithError(self->lanes, key); /* borrowed */
+    Py_DECREF(key);
+    if (found == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Lane *lane = (Lane *)Py_NewRef(found); /* (the dict may drop it while Python runs below) */
+    int result = 0;
+    Py_ssize_t start, size;
+    const unsigned char *payload = h + 9;
+    if (data_payload(payload, flow, lane->max_message, &start, &size) < 0 || !lane_open(lane, flow)) goto done;
+    int fd = sender_fd(lane);
+    if (fd < 0) goto done;
+    ssize_t sent = size ? send(fd, payload + start, (size_t)size, MSG_DONTWAIT | MSG_NOSIGNAL) : 0;
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) goto done; /* the Python path meets it */
+        sent = 0;
+    }
+    result = 1;
+    if (sent < size) { /* the rest goes as DirectSender.offer_data's does, from a task */
+        PyObject *rest = PyBytes_FromStringAndSize((const char *)payload + start + sent, size - sent);
+        PyObject *r = rest ? PyObject_CallMethodOneArg(lane->sender, s_send_later, rest) : NULL;
+        Py_XDECREF(rest);
+        if (r == NULL) {
+            result = -1;
+            goto done;
+        }
+        Py_DECREF(r);
+    }
+    self->passed++;
+    PyObject *args[2] = {PyLong_FromSsize_t(flow), PyLong_FromSsize_t(size)};
+    PyObject *r = (args[0] && args[1]) ? PyObject_Vectorcall(lane->after, args, 2, NULL) : NULL;
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    if (r == NULL)
+        result = -1;
+    else
+        Py_DECREF(r);
+done:
+    Py_DECREF(lane);
+    return result;
+}
+
+static PyObject *Front_get_buffer(Front *self, PyObject *sizehint) {
+    if (self->idle && !self->busy_reads) {
+        self->delegated = 0;
+        return Py_NewRef(self->view);
+    }
+    self->delegated = 1;
+    return PyObject_CallOneArg(self->reader_get_buffer, sizehint);
+}
+
+static PyObject *Front_buffer_updated(Front *self, PyObject *count_obj) {
+    Py_ssize_t count = PyLong_AsSsize_t(count_obj);
+    if (count < 0 && PyErr_Occurred()) return NULL;
+    if (self->delegated) {
+        PyObject *result = PyObject_CallOneArg(self->reader_buffer_updated, count_obj);
+        if (result == NULL) return NULL;
+        Py_DECREF(result);
+        if (self->busy_reads && count < SMALL_READ) self->busy_reads--;
+    } else {
+        if (count >= FRONT_BUF) self->busy_reads = QUIET_AFTER;
+        if (count >= 9 && truth(self->reader, s_discarding) == 0) {
+            int passed = pass_frame(self, count);
+            if (passed < 0) return NULL;
+            if (passed) Py_RETURN_NONE;
+        }
+        if (feed(self, count) < 0) return NULL;
+    }
+    self->idle = reader_idle(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Front_passed(Front *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->passed);
+}
+
+static PyObject *Front_lanes(Front *self, void *closure) {
+    return Py_NewRef(self->lanes);
+}
+
+static PyMethodDef Front_methods[] = {
+    {"get_buffer", (PyCFunction)Front_get_buffer, METH_O, "The buffer for the transport's next read."},
+    {"buffer_updated", (PyCFunction)Front_buffer_updated, METH_O,
+     "`count` bytes were read into the last buffer: pass a laned frame on, or hand them to the reader."},
+    {NULL}};
+
+static PyGetSetDef Front_getset[] = {
+    {"lanes", (getter)Front_lanes, NULL, "The open lanes: stream id -> Lane.", NULL},
+    {"passed", (getter)Front_passed, NULL, "Frames passed on in C so far.", NULL},
+    {NULL}};
+
+static PyTypeObject FrontType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "osmo_router.h2._front.Front",
+    .tp_doc = "A client connection's reads, with laned data frames passed on in C (h2/front.py).",
+    .tp_basicsize = sizeof(Front),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Front_init,
+    .tp_traverse = (traverseproc)Front_traverse,
+    .tp_clear = (inquiry)Front_clear,
+    .tp_dealloc = (destructor)Front_dealloc,
+    .tp_methods = Front_methods,
+    .tp_getset = Front_getset,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "osmo_router.h2._front",
+                                    "The native data path of client connections (h2/front.py).", -1, NULL};
+
+PyMODINIT_FUNC PyInit__front(void) {
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL;
+    INTERN(s_start, "_start");
+    INTERN(s_end, "_end");
+    INTERN(s_left, "_left");
+    INTERN(s_preface, "_preface");
+    INTERN(s_discarding, "discarding");
+    INTERN(s_closed, "closed");
+    INTERN(s_recv_unacked, "_recv_unacked");
+    INTERN(s_connection_window, "_connection_window");
+    INTERN(s_reset_code, "reset_code");
+    INTERN(s_ended_in, "ended_in");
+    INTERN(s_recv_left, "_recv_left");
+    INTERN(s_messages, "_messages");
+    INTERN(s_need, "_need");
+    INTERN(s_head, "_head");
+    INTERN(s_listener, "_listener");
+    INTERN(s_generation, "_generation");
+    INTERN(s_ended, "_ended");
+    INTERN(s_resumable, "resumable");
+    INTERN(s_data_sink, "_data_sink");
+    INTERN(s_data_lane, "_data_lane");
+    INTERN(s_handler_waiting, "_handler_waiting");
+    INTERN(s_incoming, "_incoming");
+    INTERN(s_lost, "_lost");
+    INTERN(s_enabled, "enabled");
+    INTERN(s_rest, "_rest");
+    INTERN(s_sock, "sock");
+    INTERN(s_fileno, "fileno");
+    INTERN(s_send_later, "send_later");
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&FrontType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObjectRef(m, "Front", (PyObject *)&FrontType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,138 @@
+"""The native data path of client connections (issue 18): a message reaches its socket before any Python runs.
+
+A redis GET through `port-forward` crosses six process turns (client, router, agent, each way); each
+turn's Python before the write that wakes the next process is what separates the forward from a socat
+hop (docs/bench/NOTES.md, "where a GET's round trip goes"). On the edges (the client and the agent, both
+client-role connections), the common turn is a small message arriving on the HTTP/2 connection for a
+forwarded socket. `_front.c` takes that turn in C: it is the connection's get_buffer / buffer_updated,
+and a read that is exactly one whole DATA frame of a stream with a *lane*, whose message is one data
+frame the Python path would hand to a DirectSender at once, is sent to that socket by C. The
+bookkeeping the Python path does before the send (the connection's and the stream's receive windows, the
+BDP sample, the session's acknowledgements) runs after it, in `_passed`: by then the next process is
+awake on the other core. Anything else (control frames, bulk, a stream that is not laned, a sender with
+a rest still going, a handler that is busy) goes to the Python reader exactly as before.
+
+A lane is opened top-down when a DirectSender starts serving a session stream (io/socket_pumps.py →
+ResumableStream.set_direct_sender → FrameStream.open_lane → h2 Call.open_lane → Connection.open_lane)
+and again for each stream a resume puts under it; it closes with the sender, the stream or the
+connection. C re-reads, per frame, every attribute the Python path would test (`_front.c` names each
+beside its Python), so a lane never has to be revoked by the events that close it: it only declines.
+
+The front is on when the extension was built (setup.py compiles it on install; a machine without a C
+compiler installs without it, and everything takes the Python path) and `OSMO_NATIVE_FRONT` is not
+`0` (the test suite runs part of itself both ways). Only client-role connections get one: the router's
+relay hop gains little from it (bench/experiments/c_hop.py) and serves many users, so its path stays
+in Python.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from osmo_router.h2 import frames as fr
+from osmo_router.h2.stream import StreamReset
+
+if TYPE_CHECKING:
+    from osmo_router.h2.connection import Connection
+    from osmo_router.h2.reader import FrameReader
+    from osmo_router.h2.stream import Stream
+
+try:
+    from osmo_router.h2 import _front
+except ImportError:  # built without a C compiler: the Python path only
+    _front = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+#: Set to 0 to keep every message on the Python path.
+ENV = "OSMO_NATIVE_FRONT"
+
+
+def native_front_available() -> bool:
+    """Whether client connections get the native front (built, and not turned off by OSMO_NATIVE_FRONT=0)."""
+    return _front is not None and os.environ.get(ENV, "1") != "0"
+
+
+@dataclass(frozen=True, slots=True)
+class LaneTarget:
+    """Where a stream's data messages may go from C: a session stream of one generation and its sender."""
+
+    #: The ResumableStream whose `_pushed_data` would take the messages (C tests its state per message).
+    session: Any
+    #: Its generation when the lane opened: a resume's new stream gets a lane of its own.
+    generation: int
+    #: The DirectSender it hands data frames to.
+    sender: Any
+    #: `consumed(size)`: the session's account of `size` payload bytes its handler took (acknowledgements).
+    consumed: Callable[[int], None]
+
+
+class NativeFront:
+    """A client connection's native front (`_front.Front`) and its lanes."""
+
+    def __init__(self, conn: Connection, reader: FrameReader) -> None:
+        self._conn = conn
+        self._front = _front.Front(conn, reader)
+        self.get_buffer = self._front.get_buffer
+        self.buffer_updated = self._front.buffer_updated
+
+    @property
+    def passed(self) -> int:
+        """Frames passed on in C so far."""
+        return int(self._front.passed)
+
+    def open_lane(self, stream: Stream, listener: Callable[[bytes], bool], target: LaneTarget | None) -> None:
+        """Pass `stream`'s data messages to `target` from C while `listener` is its listener (None: close)."""
+        if target is None:
+            self._front.lanes.pop(stream.id, None)
+            return
+        after = functools.partial(self._passed, stream, target.consumed)
+        self._front.lanes[stream.id] = _front.Lane(
+            self._conn,
+            stream,
+            listener,
+            target.session,
+            target.generation,
+            target.sender,
+            after,
+            self._conn.config.max_message_size,
+        )
+
+    def close_lane(self, stream_id: int) -> None:
+        """The stream is over."""
+        self._front.lanes.pop(stream_id, None)
+
+    def close(self) -> None:
+        """The connection is lost: no lane is left (and none keeps its objects alive)."""
+        self._front.lanes.clear()
+
+    def _passed(self, stream: Stream, consumed: Callable[[int], None], flow: int, size: int) -> None:
+        """C sent a frame's message (`flow` bytes of DATA, `size` of them payload): what the Python path counts
+        for a message its listener took. Never raises (it runs inside the transport's read callback)."""
+        conn = self._conn
+        try:
+            conn.count_received(flow)
+            stream.taken_directly(flow)
+        except fr.ProtocolError as err:  # (C checked the windows first: only a bug lands here)
+            conn.fail(err.code, str(err))
+        except StreamReset as err:
+            stream.reset(err.code)
+        except Exception:
+            log.exception("h2 native front: bookkeeping failed; the connection is closed")
+            conn.fail(fr.ErrorCode.INTERNAL_ERROR, "internal error")
+        try:
+            consumed(size)
+        except Exception:
+            log.exception("h2 native front: the session's acknowledgement failed")
+
+
+def native_front(conn: Connection, reader: FrameReader) -> NativeFront | None:
+    """The front for a new connection: client role, when available; else None (the reader's own methods)."""
+    if conn.role != "client" or not native_front_available():
+        return None
+    return NativeFront(conn, reader)
