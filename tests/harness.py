@@ -30,6 +30,9 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # TEST_GRPC_CHANNEL=native runs every spawned client and agent on the h2 channel (issue 18).
     if os.environ.get("TEST_GRPC_CHANNEL"):
         env["OSMO_GRPC_CHANNEL"] = os.environ["TEST_GRPC_CHANNEL"]
+    # TEST_NATIVE_FRONT=0 runs every spawned client and agent without the native front (h2/front.py).
+    if os.environ.get("TEST_NATIVE_FRONT"):
+        env["OSMO_NATIVE_FRONT"] = os.environ["TEST_NATIVE_FRONT"]
     env.update(extra or {})
     return env
 

@@ -15,6 +15,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 /* The front's own read buffer: a small message's frame, and then some (h2/reader.py HEADER_READ). */
@@ -463,6 +464,323 @@ static PyTypeObject FrontType = {
     .tp_getset = Front_getset,
 };
 
+/* ---- SocketLane: a forwarded socket's small reads to the HTTP/2 stream ------------------------------ */
+
+/* The most a readiness callback reads here: a small message, whole; one that fills it is handed to the
+ * pump, which reads on in bulk (io/socket_pumps.py SocketReader._read_now). */
+#define SOCKET_READ (16 * 1024)
+/* Room for a data message's own header (wire/codec.py data_header) of up to SOCKET_READ bytes. */
+#define MESSAGE_HEADER 8
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *reader;   /* io/socket_pumps.SocketReader */
+    PyObject *session;  /* ResumableStream */
+    PyObject *inner;    /* the FrameStream under it when the lane opened */
+    PyObject *writer;   /* its BatchingWriter */
+    PyObject *call;     /* its h2 Call */
+    PyObject *stream;   /* the call's h2 Stream */
+    PyObject *conn;     /* h2 Connection */
+    PyObject *buffer;   /* the session's ReplayBuffer */
+    PyObject *fallback; /* SocketReader._ready: what the readiness does on the Python path */
+    PyObject *hand;     /* SocketReader.hand(item, units, emptied): wake the pump with what was read */
+    PyObject *after;    /* after(message, units, length): the bookkeeping of a message sent */
+    int fd;
+    int hang_up_check;  /* the reader asks poll() for an error or hang-up first (uvloop) */
+    unsigned long long sent;
+    unsigned char buf[9 + 5 + MESSAGE_HEADER + SOCKET_READ];
+} SocketLane;
+
+static PyObject *s_waiter, *s_done, *s_direct, *s_hung_up, *s_error, *s_handed, *s_sending, *s_write_lock,
+    *s_locked, *s_inner, *s_room_by_buffer, *s_try_write, *s_task, *s_pending, *s_barriers, *s_direct_held,
+    *s_stream, *s_status, *s_half_closed, *s_closed_out, *s_end_pending, *s_headers_sent, *s_out_bytes,
+    *s_write_paused, *s_transport, *s_is_closing, *s_send_window, *s_peer_max_frame, *s_entries, *s_bytes,
+    *s_limit, *s_shared, *s_used, *s_total, *s_deferred, *s_write, *s_id;
+
+static int SocketLane_init(SocketLane *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"reader", "session", "inner", "writer", "call", "stream", "conn", "buffer",
+                            "fallback", "hand", "after", "fd", "hang_up_check", NULL};
+    PyObject *o[11];
+    int fd, check;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOOip", names, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                                     &o[6], &o[7], &o[8], &o[9], &o[10], &fd, &check))
+        return -1;
+    PyObject **slots[11] = {&self->reader, &self->session, &self->inner,    &self->writer,
+                            &self->call,   &self->stream,  &self->conn,     &self->buffer,
+                            &self->fallback, &self->hand,  &self->after};
+    for (int i = 0; i < 11; i++) Py_XSETREF(*slots[i], Py_NewRef(o[i]));
+    self->fd = fd;
+    self->hang_up_check = check;
+    return 0;
+}
+
+#define SOCKET_LANE_FIELDS(DO) \
+    DO(reader) DO(session) DO(inner) DO(writer) DO(call) DO(stream) DO(conn) DO(buffer) DO(fallback) DO(hand) DO(after)
+
+static int SocketLane_traverse(SocketLane *self, visitproc visit, void *arg) {
+#define VISIT(f) Py_VISIT(self->f);
+    SOCKET_LANE_FIELDS(VISIT)
+    return 0;
+}
+
+static int SocketLane_clear(SocketLane *self) {
+#define CLEAR(f) Py_CLEAR(self->f);
+    SOCKET_LANE_FIELDS(CLEAR)
+    return 0;
+}
+
+static void SocketLane_dealloc(SocketLane *self) {
+    PyObject_GC_UnTrack(self);
+    SocketLane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int same(PyObject *obj, PyObject *name, PyObject *expected) {
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int result = value == expected;
+    Py_DECREF(value);
+    return result;
+}
+
+/* How many payload bytes may go now, by everything but the read itself; 0: none (the Python path). */
+static long long socket_room(SocketLane *self) {
+    PyObject *reader = self->reader, *session = self->session, *writer = self->writer, *call = self->call,
+             *stream = self->stream, *conn = self->conn, *buffer = self->buffer;
+    /* SocketReader._ready: the pump waits (its waiter not done) for the stream's direct sends. */
+    PyObject *waiter = PyObject_GetAttr(reader, s_waiter);
+    if (waiter == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int waiting = 0;
+    if (waiter != Py_None) {
+        PyObject *done = PyObject_CallMethodNoArgs(waiter, s_done);
+        waiting = done == Py_False;
+        Py_XDECREF(done);
+        PyErr_Clear();
+    }
+    Py_DECREF(waiter);
+    if (!waiting || is_none(reader, s_direct) != 0 || truth(reader, s_hung_up) != 0 || is_none(reader, s_error) != 1 ||
+        is_none(reader, s_handed) != 1)
+        return 0;
+    /* ResumableStream.try_send_data_message: not lost, no send under way, resuming, the same stream under
+     * it (a resume's new one takes the Python path), its room the replay buffer's. */
+    long long value;
+    PyObject *lock = PyObject_GetAttr(session, s_write_lock);
+    int locked = lock ? truth(lock, s_locked) : -1;
+    Py_XDECREF(lock);
+    PyErr_Clear();
+    if (locked != 0 || is_none(session, s_lost) != 1 || integer(session, s_sending, &value) < 0 || value ||
+        !same(session, s_inner, self->inner) || truth(session, s_resumable) != 1 ||
+        truth(session, s_room_by_buffer) != 1)
+        return 0;
+    /* BatchingWriter.try_write_single: nothing queued, in flight or held this turn. */
+    if (is_none(writer, s_try_write) != 0 || is_none(writer, s_error) != 1 || is_none(writer, s_task) != 1 ||
+        truth(writer, s_pending) != 0 || truth(writer, s_barriers) != 0 || truth(writer, s_direct_held) != 0)
+        return 0;
+    /* Call.try_write_serialized and Stream.try_write: the call and the stream open for writing. */
+    if (!same(call, s_stream, stream) || is_none(call, s_status) != 1 || truth(call, s_half_closed) != 0 ||
+        truth(stream, s_ended_in) != 0 || truth(stream, s_closed_out) != 0 || truth(stream, s_end_pending) != 0 ||
+        is_none(stream, s_reset_code) != 1 || truth(stream, s_headers_sent) != 1 || truth(stream, s_out_bytes) != 0)
+        return 0;
+    /* Connection.send_now: not paused, the transport open, within both windows and the peer's frame size. */
+    if (truth(conn, s_write_paused) != 0) return 0;
+    PyObject *transport = PyObject_GetAttr(conn, s_transport);
+    if (transport == NULL || transport == Py_None) {
+        Py_XDECREF(transport);
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *closing = PyObject_CallMethodNoArgs(transport, s_is_closing);
+    Py_DECREF(transport);
+    int open = closing == Py_False;
+    Py_XDECREF(closing);
+    PyErr_Clear();
+    if (!open) return 0;
+    long long room = SOCKET_READ + MESSAGE_HEADER + 5;
+    if (integer(stream, s_send_window, &value) < 0) return 0;
+    room = value < room ? value : room;
+    if (integer(conn, s_send_window, &value) < 0) return 0;
+    room = value < room ? value : room;
+    if (integer(conn, s_peer_max_frame, &value) < 0) return 0;
+    room = value < room ? value : room;
+    room -= 5 + MESSAGE_HEADER; /* the gRPC prefix and the message's own header */
+    /* ReplayBuffer.fits_now: an empty (or closed) buffer takes anything; else its limit, and the shared
+     * window's (resume/window.py SharedWindow, and UserWindow's total). */
+    if (truth(buffer, s_entries) == 1 && truth(buffer, s_closed) == 0) {
+        long long used, limit;
+        if (integer(buffer, s_bytes, &used) < 0 || integer(buffer, s_limit, &limit) < 0) return 0;
+        room = limit - used - MESSAGE_HEADER < room ? limit - used - MESSAGE_HEADER : room;
+        PyObject *shared = PyObject_GetAttr(buffer, s_shared);
+        if (shared == NULL) {
+            PyErr_Clear();
+            return 0;
+        }
+        for (PyObject *window = shared; window != Py_None;) {
+            if (integer(window, s_used, &used) < 0 || integer(window, s_limit, &limit) < 0) {
+                room = 0;
+                break;
+            }
+            room = limit - used - MESSAGE_HEADER < room ? limit - used - MESSAGE_HEADER : room;
+            PyObject *total = PyObject_GetAttr(window, s_total); /* UserWindow's; none on a SharedWindow */
+            if (total == NULL) {
+                PyErr_Clear();
+                break;
+            }
+            Py_DECREF(total); /* (kept alive by the window, which `shared` keeps alive) */
+            window = total == window ? Py_None : total;
+        }
+        Py_DECREF(shared);
+    }
+    return room > 0 ? room : 0;
+}
+
+static int hand_over(SocketLane *self, PyObject *item, Py_ssize_t units, int emptied) {
+    PyObject *args[3] = {item, PyLong_FromSsize_t(units), emptied ? Py_True : Py_False};
+    if (args[1] == NULL) return -1;
+    PyObject *r = PyObject_Vectorcall(self->hand, args, 3, NULL);
+    Py_DECREF(args[1]);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The data message's own header (wire/codec.py data_header) for `size` payload bytes, written ending at
+ * `end`; its length. */
+static int message_header(unsigned char *end, Py_ssize_t size) {
+    unsigned char inner[4], outer[4];
+    int ni = 0, no = 0;
+    for (Py_ssize_t v = size; ; v >>= 7) {
+        inner[ni++] = (v & 0x7F) | (v > 0x7F ? 0x80 : 0);
+        if (v <= 0x7F) break;
+    }
+    for (Py_ssize_t v = 1 + ni + size; ; v >>= 7) {
+        outer[no++] = (v & 0x7F) | (v > 0x7F ? 0x80 : 0);
+        if (v <= 0x7F) break;
+    }
+    int length = 1 + no + 1 + ni;
+    unsigned char *p = end - length;
+    *p++ = 0x12;
+    memcpy(p, outer, no);
+    p += no;
+    *p++ = 0x0A;
+    memcpy(p, inner, ni);
+    return length;
+}
+
+/* 1: done here (sent, or handed to the pump); 0: the Python path; -1: a Python error is set. */
+static int socket_fast(SocketLane *self) {
+    long long room = socket_room(self);
+    if (room <= 0) return 0;
+    if (self->hang_up_check) {
+        struct pollfd check = {.fd = self->fd, .events = POLLERR | POLLHUP};
+        if (poll(&check, 1, 0) != 0) return 0; /* (the Python path marks it hung up and reads to the end) */
+    }
+    unsigned char *payload = self->buf + 9 + 5 + MESSAGE_HEADER;
+    Py_ssize_t cap = room < SOCKET_READ ? (Py_ssize_t)room : SOCKET_READ;
+    ssize_t got = recv(self->fd, payload, (size_t)cap, MSG_DONTWAIT);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return 1; /* a stale readiness */
+        PyObject *err = PyObject_CallFunction(PyExc_OSError, "is", errno, strerror(errno));
+        if (err == NULL) return -1;
+        int r = hand_over(self, err, 0, 1);
+        Py_DECREF(err);
+        return r < 0 ? -1 : 1;
+    }
+    if (got == 0) { /* EOF: the pump's */
+        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+        int r = empty ? hand_over(self, empty, 0, 1) : -1;
+        Py_XDECREF(empty);
+        return r < 0 ? -1 : 1;
+    }
+    int header = message_header(payload, got);
+    Py_ssize_t message_length = header + got;
+    PyObject *message = PyBytes_FromStringAndSize((const char *)payload - header, message_length);
+    if (message == NULL) return -1;
+    if (got == cap) { /* the socket may hold more: the pump reads on in bulk */
+        int r = hand_over(self, message, got, 0);
+        Py_DECREF(message);
+        return r < 0 ? -1 : 1;
+    }
+    /* The frame: HTTP/2 header, gRPC prefix, the message (Connection.send_now's `head + body`), after the
+     * window updates owed to the peer (`_deferred`), as send_now writes them. */
+    Py_ssize_t length = message_length + 5;
+    unsigned char *h = payload - header - 14;
+    unsigned long sid;
+    long long id;
+    if (integer(self->stream, s_id, &id) < 0) {
+        int r = hand_over(self, message, got, 1);
+        Py_DECREF(message);
+        return r < 0 ? -1 : 1;
+    }
+    sid = (unsigned long)id;
+    h[0] = length >> 16, h[1] = length >> 8, h[2] = length, h[3] = 0, h[4] = 0;
+    h[5] = sid >> 24, h[6] = sid >> 16, h[7] = sid >> 8, h[8] = sid;
+    h[9] = 0, h[10] = message_length >> 24, h[11] = message_length >> 16, h[12] = message_length >> 8,
+    h[13] = message_length;
+    PyObject *frame = PyBytes_FromStringAndSize((const char *)h, 14 + message_length);
+    PyObject *deferred = frame ? PyObject_GetAttr(self->conn, s_deferred) : NULL;
+    PyObject *transport = deferred ? PyObject_GetAttr(self->conn, s_transport) : NULL;
+    int ok = transport != NULL;
+    if (ok && PyBytes_Check(deferred) && PyBytes_GET_SIZE(deferred)) {
+        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+        PyBytes_Concat(&deferred, frame); /* (steals nothing: deferred is replaced by deferred + frame) */
+        ok = deferred != NULL && empty != NULL && PyObject_SetAttr(self->conn, s_deferred, empty) == 0;
+        Py_XDECREF(empty);
+        Py_XSETREF(frame, Py_XNewRef(deferred));
+    }
+    PyObject *written = ok ? PyObject_CallMethodOneArg(transport, s_write, frame) : NULL;
+    Py_XDECREF(transport);
+    Py_XDECREF(deferred);
+    Py_XDECREF(frame);
+    if (written == NULL) {
+        Py_DECREF(message);
+        return -1;
+    }
+    Py_DECREF(written);
+    self->sent++;
+    PyObject *args[3] = {message, PyLong_FromSsize_t(got), PyLong_FromSsize_t(length)};
+    PyObject *r = (args[1] && args[2]) ? PyObject_Vectorcall(self->after, args, 3, NULL) : NULL;
+    Py_DECREF(message);
+    Py_XDECREF(args[1]);
+    Py_XDECREF(args[2]);
+    if (r == NULL) return -1;
+    Py_DECREF(r);
+    return 1;
+}
+
+static PyObject *SocketLane_call(SocketLane *self, PyObject *args, PyObject *kwds) {
+    int done = socket_fast(self);
+    if (done < 0) return NULL;
+    if (done) Py_RETURN_NONE;
+    return PyObject_CallNoArgs(self->fallback);
+}
+
+static PyObject *SocketLane_sent(SocketLane *self, void *closure) {
+    return PyLong_FromUnsignedLongLong(self->sent);
+}
+
+static PyGetSetDef SocketLane_getset[] = {
+    {"sent", (getter)SocketLane_sent, NULL, "Messages sent from C so far.", NULL}, {NULL}};
+
+static PyTypeObject SocketLaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "osmo_router.h2._front.SocketLane",
+    .tp_doc = "A forwarded socket's readiness callback: small reads sent on its HTTP/2 stream from C.",
+    .tp_basicsize = sizeof(SocketLane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)SocketLane_init,
+    .tp_traverse = (traverseproc)SocketLane_traverse,
+    .tp_clear = (inquiry)SocketLane_clear,
+    .tp_dealloc = (destructor)SocketLane_dealloc,
+    .tp_call = (ternaryfunc)SocketLane_call,
+    .tp_getset = SocketLane_getset,
+};
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "osmo_router.h2._front",
                                     "The native data path of client connections (h2/front.py).", -1, NULL};
 
@@ -497,11 +815,50 @@ PyMODINIT_FUNC PyInit__front(void) {
     INTERN(s_sock, "sock");
     INTERN(s_fileno, "fileno");
     INTERN(s_send_later, "send_later");
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&FrontType) < 0) return NULL;
+    INTERN(s_waiter, "_waiter");
+    INTERN(s_done, "done");
+    INTERN(s_direct, "_direct");
+    INTERN(s_hung_up, "_hung_up");
+    INTERN(s_error, "_error");
+    INTERN(s_handed, "_handed");
+    INTERN(s_sending, "_sending");
+    INTERN(s_write_lock, "_write_lock");
+    INTERN(s_locked, "_locked");
+    INTERN(s_inner, "_inner");
+    INTERN(s_room_by_buffer, "_room_by_buffer");
+    INTERN(s_try_write, "_try_write");
+    INTERN(s_task, "_task");
+    INTERN(s_pending, "_pending");
+    INTERN(s_barriers, "_barriers");
+    INTERN(s_direct_held, "_direct_held");
+    INTERN(s_stream, "_stream");
+    INTERN(s_status, "_status");
+    INTERN(s_half_closed, "_half_closed");
+    INTERN(s_closed_out, "closed_out");
+    INTERN(s_end_pending, "_end_pending");
+    INTERN(s_headers_sent, "headers_sent");
+    INTERN(s_out_bytes, "_out_bytes");
+    INTERN(s_write_paused, "write_paused");
+    INTERN(s_transport, "transport");
+    INTERN(s_is_closing, "is_closing");
+    INTERN(s_send_window, "send_window");
+    INTERN(s_peer_max_frame, "_peer_max_frame");
+    INTERN(s_entries, "_entries");
+    INTERN(s_bytes, "bytes");
+    INTERN(s_limit, "limit");
+    INTERN(s_shared, "shared");
+    INTERN(s_used, "used");
+    INTERN(s_total, "total");
+    INTERN(s_deferred, "_deferred");
+    INTERN(s_write, "write");
+    INTERN(s_id, "id");
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&FrontType) < 0 || PyType_Ready(&SocketLaneType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
-        PyModule_AddObjectRef(m, "Front", (PyObject *)&FrontType) < 0) {
+        PyModule_AddObjectRef(m, "Front", (PyObject *)&FrontType) < 0 ||
+        PyModule_AddObjectRef(m, "SocketLane", (PyObject *)&SocketLaneType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -20,3 +20,23 @@ class Front:
     def __init__(self, conn: Any, reader: Any) -> None: ...
     def get_buffer(self, sizehint: int, /) -> memoryview: ...
     def buffer_updated(self, count: int, /) -> None: ...
+
+class SocketLane:
+    sent: int
+    def __init__(
+        self,
+        reader: Any,
+        session: Any,
+        inner: Any,
+        writer: Any,
+        call: Any,
+        stream: Any,
+        conn: Any,
+        buffer: Any,
+        fallback: Callable[[], None],
+        hand: Callable[[Any, int, bool], None],
+        after: Callable[[bytes, int, int], None],
+        fd: int,
+        hang_up_check: bool,
+    ) -> None: ...
+    def __call__(self) -> None: ...

@@ -113,6 +113,13 @@ class FlowControl(ConnectionCore):
         self._timers.strikes = 0  # (Timers.sent_data, inline: per message sent)
         return True
 
+    def sent_natively(self, stream: Stream, length: int) -> None:
+        """A message of `length` bytes (its prefix included) that the native front wrote on `stream`, as
+        `send_now` would have (h2/front.py): what send_now counts."""
+        self.send_window -= length
+        stream.send_window -= length
+        self._timers.sent_data()
+
     def flush(self, stream: Stream) -> None:
         """Send what the windows and the transport allow of a stream's queued data, then its end if due."""
         transport = self.transport

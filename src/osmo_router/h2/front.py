@@ -136,3 +136,51 @@ def native_front(conn: Connection, reader: FrameReader) -> NativeFront | None:
     if conn.role != "client" or not native_front_available():
         return None
     return NativeFront(conn, reader)
+
+
+def socket_lane(reader: Any, session: Any, sent: Callable[[int], None], hang_up_check: bool) -> Any:
+    """The readiness callback that sends `reader`'s small reads on `session`'s HTTP/2 stream from C
+    (a `_front.SocketLane`, falling back to `reader._ready`), or None: no native front on the connection,
+    or a session that is not a ResumableStream over a batching raw FrameStream on an h2 call.
+
+    C makes the checks of `ResumableStream.try_send_data_message` and the layers under it
+    (BatchingWriter.try_write_single, Call.try_write_serialized, Stream.try_write,
+    Connection.send_now) before it reads, reading no more than the windows and the replay buffer take;
+    after the write, `after` counts what they count. A read that fills its buffer, EOF and errors go to
+    the pump (`reader.hand`). A resume puts a new stream under the session: from then on this
+    socket's reads take the Python path (C sees the stream under it changed)."""
+    if _front is None or not native_front_available() or not hasattr(session, "held_after_send"):
+        return None
+    inner = getattr(session, "_inner", None)
+    direct_data_sender = getattr(inner, "direct_data_sender", None)
+    writer: Any = getattr(inner, "writer", None)
+    call: Any = getattr(inner, "call", None)
+    stream: Any = getattr(call, "_stream", None)
+    conn: Any = getattr(stream, "conn", None)
+    if direct_data_sender is None or direct_data_sender() is None or getattr(conn, "_front", None) is None:
+        return None
+
+    def after(message: bytes, units: int, length: int) -> None:
+        try:
+            conn.sent_natively(stream, length)
+            writer.count_direct()
+            session.held_after_send(message, units)
+            sent(units)
+        except Exception:  # (it runs in the readiness callback: nothing may escape)
+            log.exception("h2 native front: bookkeeping of a sent message failed")
+
+    return _front.SocketLane(
+        reader,
+        session,
+        inner,
+        writer,
+        call,
+        stream,
+        conn,
+        session.buffer,
+        reader._ready,
+        reader.hand,
+        after,
+        reader.sock.fileno(),
+        hang_up_check,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import select
 import socket
 import sys
@@ -19,10 +20,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
+from osmo_router.h2.front import socket_lane
 from osmo_router.io.buffers import finish, new_message
 from osmo_router.io.send_buffer import LOCAL_SNDBUF, bound_send_buffer
 from osmo_router.transport import SessionStream
 from osmo_router.wire.codec import BULK_PAYLOAD, data_header, encode_data_message
+
+log = logging.getLogger(__name__)
 
 #: What SocketReader reads first into a buffer of its own (see SocketReader._read_now).
 SMALL_READ: Final = 1024
@@ -85,6 +89,8 @@ class SocketReader:
             self._hang_up_check = select.poll()
             self._hang_up_check.register(self._fd, select.POLLERR | select.POLLHUP)
         self._hung_up = False  # an error or hang-up was seen: read to the end without waiting
+        #: What the readiness calls: `_ready`, or a native lane while `send_all` runs (h2/front.py).
+        self._callback: Callable[[], None] = self._ready
 
     async def recv(self, size: int) -> bytes:
         """Up to `size` bytes, waiting until some came; b"" at the peer's EOF. Raises OSError.
@@ -118,6 +124,10 @@ class SocketReader:
             return
         try_send = getattr(stream, "try_send_data_message", None)
         self._direct = None if try_send is None else (try_send, size)
+        lane = None
+        if try_send is not None:
+            lane = socket_lane(self, stream, self._native_sent, self._hang_up_check is not None)
+            self._use_callback(lane)
         try:
             while message := await self.recv_data_message(size):
                 if try_send is None or not try_send(message, self._units):
@@ -128,6 +138,29 @@ class SocketReader:
                     await asyncio.sleep(0)
         finally:
             self._direct = None
+            if lane is not None:
+                self._use_callback(None)
+                log.debug("forwarded socket done; %d reads went to the stream by the native front", lane.sent)
+
+    def _use_callback(self, lane: Callable[[], None] | None) -> None:
+        """The readiness callback from now on: a native lane (h2/front.py), or `_ready` (None). A
+        registration in place is dropped (the next wait registers the new callback): re-registering in
+        place fails on uvloop once the descriptor's error event closed its watcher."""
+        self._callback = lane or self._ready
+        self._unregister()
+
+    def hand(self, item: bytes | OSError, units: int, emptied: bool) -> None:
+        """What a native lane read and did not send (a large read, EOF, an error): the pump's, as
+        `_send_now` hands what it could not send."""
+        self._handed, self._units, self._emptied = item, units, emptied
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _native_sent(self, units: int) -> None:
+        """A native lane read `units` bytes (less than it asked) and sent them: as `_read_now` leaves it."""
+        self._emptied = True
+        self._units = units
 
     async def recv_data_message(self, size: int) -> bytes:
         """Up to `size` bytes as an encoded data-frame message (`encode_data_message` of them), waiting
@@ -235,7 +268,7 @@ class SocketReader:
         self._waiter = self._loop.create_future()
         self._unclaimed = False
         if not self._registered:
-            self._loop.add_reader(self._fd, self._ready)
+            self._loop.add_reader(self._fd, self._callback)
             self._registered = True
         try:
             await self._waiter

@@ -117,6 +117,11 @@ class ResumableStream(StreamCore):
         self._next_seq = self.buffer.append(message, units, size).seq + 1
         return True
 
+    def held_after_send(self, message: bytes, units: int) -> None:
+        """A data message the native front sent on the stream under this one as `try_send_data_message`
+        would have (h2/front.py): numbered and held, as that does after its write."""
+        self._next_seq = self.buffer.append(message, units, len(message)).seq + 1
+
     def _room_now(self, size: int) -> bool:
         """Whether `_room(size)` would return at once."""
         return self.buffer.fits_now(size)

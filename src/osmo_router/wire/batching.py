@@ -150,6 +150,12 @@ class BatchingWriter:
         self.written += 1
         return True
 
+    def count_direct(self) -> None:
+        """A message that went to the call at once without us (the native front, h2/front.py), counted as
+        `try_write_single` counts one."""
+        self.data_frames += 1
+        self.written += 1
+
     def refuse_direct(self) -> None:
         """Send nothing at once from now on (the end of writing is queued: data after it must not pass it)."""
         self._try_write = None
