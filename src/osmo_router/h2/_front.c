@@ -1,11 +1,12 @@
-/* The native data path of a client-role HTTP/2 connection (issue 18): h2/front.py says why and how.
+/* The native data path of HTTP/2 connections (issue 18): h2/front.py says why and how.
  *
- * A Front is the connection's get_buffer / buffer_updated (asyncio.BufferedProtocol). While the Python
- * frame reader (h2/reader.py) is between frames it hands the transport a buffer of its own; a read that
- * is exactly one whole DATA frame without flags, on a stream with a Lane, whose message is one data
- * frame that the Python path would hand to a DirectSender at once, is sent to that socket here, before
- * any Python runs, and the bookkeeping Python would have done before it (windows, resume
- * acknowledgements) is done after it by the lane's `after(flow, size)`. Anything else is copied into the
+ * A Front is a connection's get_buffer / buffer_updated (asyncio.BufferedProtocol). While the Python
+ * frame reader (h2/reader.py) is between frames it hands the transport the process's front buffer; a
+ * read that is exactly one whole DATA frame without flags, on a stream with a lane, is passed on here
+ * before any Python runs: a Lane's (an edge's) data frame payload to its DirectSender's socket, a
+ * RelayLane's (the router's) message to the paired stream. A SocketLane is a forwarded socket's
+ * readiness callback: a small read goes onto the session's stream. The bookkeeping Python would have
+ * done before the write is done after it, by the lane's `after`. Anything else is copied into the
  * reader, as Connection.data_received does, and takes the Python path.
  *
  * The checks read the same attributes the Python path tests, named here beside the Python that tests
@@ -29,6 +30,13 @@ static PyObject *s_start, *s_end, *s_left, *s_preface, *s_discarding, *s_closed,
     *s_connection_window, *s_reset_code, *s_ended_in, *s_recv_left, *s_messages, *s_need, *s_head, *s_listener,
     *s_generation, *s_ended, *s_resumable, *s_data_sink, *s_data_lane, *s_handler_waiting, *s_incoming, *s_lost,
     *s_enabled, *s_rest, *s_sock, *s_fileno, *s_send_later;
+
+static PyObject *s_waiter, *s_done, *s_direct, *s_hung_up, *s_error, *s_handed, *s_sending, *s_write_lock,
+    *s_locked, *s_inner, *s_room_by_buffer, *s_try_write, *s_task, *s_pending, *s_barriers, *s_direct_held,
+    *s_stream, *s_status, *s_half_closed, *s_closed_out, *s_end_pending, *s_headers_sent, *s_out_bytes,
+    *s_write_paused, *s_transport, *s_is_closing, *s_send_window, *s_peer_max_frame, *s_entries, *s_bytes,
+    *s_limit, *s_shared, *s_used, *s_total, *s_deferred, *s_write, *s_id, *s_passthrough, *s_idle, *s_sink,
+    *s_framed, *s_items, *s_getter, *s_budgets, *s_held;
 
 /* ---- Lane ------------------------------------------------------------------------------------------ */
 
@@ -128,6 +136,17 @@ static int is_none(PyObject *obj, PyObject *name) {
     return result;
 }
 
+static int same(PyObject *obj, PyObject *name, PyObject *expected) {
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int result = value == expected;
+    Py_DECREF(value);
+    return result;
+}
+
 /* The attribute as a C integer; 0 on success, -1 (error cleared) if it is none. */
 static int integer(PyObject *obj, PyObject *name, long long *out) {
     PyObject *value = PyObject_GetAttr(obj, name);
@@ -159,8 +178,16 @@ typedef struct {
     int idle;        /* the reader is between frames with nothing held */
     int busy_reads;  /* reads left to the reader's buffers (a busy connection) */
     unsigned long long passed;
-    char buf[FRONT_BUF];
+    char *buf; /* the process's one read buffer (see shared_buf) */
 } Front;
+
+/* One read buffer for every front of the process: a transport calls get_buffer, reads into it and calls
+ * buffer_updated at once (uvloop, its TLS layer and asyncio alike), and buffer_updated leaves nothing in
+ * it (a frame passed on, or copied into the reader). `shared_owner` guards the rule: a front that finds
+ * the buffer handed to another and not given back reads through its reader instead. */
+static char shared_buf[FRONT_BUF];
+static PyObject *shared_view;
+static void *shared_owner;
 
 static int Front_init(Front *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"conn", "reader", NULL};
@@ -171,7 +198,8 @@ static int Front_init(Front *self, PyObject *args, PyObject *kwds) {
     Py_XSETREF(self->reader_get_buffer, PyObject_GetAttrString(reader, "get_buffer"));
     Py_XSETREF(self->reader_buffer_updated, PyObject_GetAttrString(reader, "buffer_updated"));
     Py_XSETREF(self->lanes, PyDict_New());
-    Py_XSETREF(self->view, PyMemoryView_FromMemory(self->buf, FRONT_BUF, PyBUF_WRITE));
+    Py_XSETREF(self->view, Py_NewRef(shared_view));
+    self->buf = shared_buf;
     if (!self->reader_get_buffer || !self->reader_buffer_updated || !self->lanes || !self->view) return -1;
     self->delegated = 0;
     self->idle = 0; /* SETTINGS and the rest of the opening go to the reader */
@@ -201,6 +229,7 @@ static int Front_clear(Front *self) {
 
 static void Front_dealloc(Front *self) {
     PyObject_GC_UnTrack(self);
+    if (shared_owner == self) shared_owner = NULL;
     Front_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -349,6 +378,217 @@ static int sender_fd(Lane *lane) {
     return (int)value;
 }
 
+/* ---- RelayLane: the router's relay hop ------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *conn;     /* the receiving h2 Connection */
+    PyObject *stream;   /* its stream, whose passthrough is `through` */
+    PyObject *through;  /* relay._Passing.through, the stream's passthrough while the lane holds */
+    PyObject *passing;  /* relay._Passing */
+    PyObject *queue;    /* its core/flow_control.FlowQueue */
+    PyObject *sink;     /* the queue's sink (relay._DirectWrite), whose `framed` is `framed` */
+    PyObject *framed;   /* the other side's Stream.try_write_framed */
+    PyObject *out;      /* that Stream */
+    PyObject *out_conn; /* and its Connection */
+    PyObject *after;    /* after(flow, size): the bookkeeping */
+    Py_ssize_t max_message;
+} RelayLane;
+
+#define RELAY_LANE_FIELDS(DO) \
+    DO(conn) DO(stream) DO(through) DO(passing) DO(queue) DO(sink) DO(framed) DO(out) DO(out_conn) DO(after)
+
+static int RelayLane_init(RelayLane *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"conn", "stream", "through", "passing", "queue", "sink", "framed", "out", "out_conn",
+                            "after", "max_message", NULL};
+    PyObject *o[10];
+    Py_ssize_t max_message;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOn", names, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                                     &o[6], &o[7], &o[8], &o[9], &max_message))
+        return -1;
+    PyObject **slots[10] = {&self->conn, &self->stream, &self->through, &self->passing, &self->queue,
+                            &self->sink, &self->framed, &self->out,     &self->out_conn, &self->after};
+    for (int i = 0; i < 10; i++) Py_XSETREF(*slots[i], Py_NewRef(o[i]));
+    self->max_message = max_message;
+    return 0;
+}
+
+static int RelayLane_traverse(RelayLane *self, visitproc visit, void *arg) {
+#define RVISIT(f) Py_VISIT(self->f);
+    RELAY_LANE_FIELDS(RVISIT)
+    return 0;
+}
+
+static int RelayLane_clear(RelayLane *self) {
+#define RCLEAR(f) Py_CLEAR(self->f);
+    RELAY_LANE_FIELDS(RCLEAR)
+    return 0;
+}
+
+static void RelayLane_dealloc(RelayLane *self) {
+    PyObject_GC_UnTrack(self);
+    RelayLane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RelayLaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "osmo_router.h2._front.RelayLane",
+    .tp_doc = "Where a relayed stream's messages go from C: the paired stream (h2/front.py open_relay_lane).",
+    .tp_basicsize = sizeof(RelayLane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RelayLane_init,
+    .tp_traverse = (traverseproc)RelayLane_traverse,
+    .tp_clear = (inquiry)RelayLane_clear,
+    .tp_dealloc = (destructor)RelayLane_dealloc,
+};
+
+/* Write `frame` on `conn`'s transport after the window updates it owes the peer (Connection.send_now's
+ * write: `_deferred` first, in the same write). 0, or -1 with a Python error set. */
+static int write_after_deferred(PyObject *conn, PyObject *frame) {
+    PyObject *deferred = PyObject_GetAttr(conn, s_deferred);
+    if (deferred == NULL) return -1;
+    PyObject *transport = PyObject_GetAttr(conn, s_transport);
+    if (transport == NULL) {
+        Py_DECREF(deferred);
+        return -1;
+    }
+    PyObject *out = Py_NewRef(frame);
+    int ok = 1;
+    if (PyBytes_Check(deferred) && PyBytes_GET_SIZE(deferred)) {
+        PyObject *joined = PyBytes_FromStringAndSize(NULL, PyBytes_GET_SIZE(deferred) + PyBytes_GET_SIZE(frame));
+        PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+        ok = joined != NULL && empty != NULL;
+        if (ok) {
+            memcpy(PyBytes_AS_STRING(joined), PyBytes_AS_STRING(deferred), PyBytes_GET_SIZE(deferred));
+            memcpy(PyBytes_AS_STRING(joined) + PyBytes_GET_SIZE(deferred), PyBytes_AS_STRING(frame),
+                   PyBytes_GET_SIZE(frame));
+            ok = PyObject_SetAttr(conn, s_deferred, empty) == 0;
+            Py_SETREF(out, Py_NewRef(joined));
+        }
+        Py_XDECREF(joined);
+        Py_XDECREF(empty);
+    }
+    PyObject *written = ok ? PyObject_CallMethodOneArg(transport, s_write, out) : NULL;
+    Py_DECREF(out);
+    Py_DECREF(transport);
+    Py_DECREF(deferred);
+    if (written == NULL) return -1;
+    Py_DECREF(written);
+    return 0;
+}
+
+/* Whether an h2 Stream may be written to now with a message of `length` bytes (prefix included), as
+ * Stream.try_write_framed and Connection.send_now test it. */
+static int writable(PyObject *stream, PyObject *conn, Py_ssize_t length) {
+    long long value;
+    if (truth(stream, s_closed_out) != 0 || truth(stream, s_end_pending) != 0 || is_none(stream, s_reset_code) != 1 ||
+        truth(stream, s_headers_sent) != 1 || truth(stream, s_out_bytes) != 0 || truth(conn, s_write_paused) != 0)
+        return 0;
+    if (integer(stream, s_send_window, &value) < 0 || value < length) return 0;
+    if (integer(conn, s_send_window, &value) < 0 || value < length) return 0;
+    if (integer(conn, s_peer_max_frame, &value) < 0 || value < length) return 0;
+    PyObject *transport = PyObject_GetAttr(conn, s_transport);
+    if (transport == NULL || transport == Py_None) {
+        Py_XDECREF(transport);
+        PyErr_Clear();
+        return 0;
+    }
+    PyObject *closing = PyObject_CallMethodNoArgs(transport, s_is_closing);
+    Py_DECREF(transport);
+    int open = closing == Py_False;
+    Py_XDECREF(closing);
+    PyErr_Clear();
+    return open;
+}
+
+/* Whether the Python path would pass this DATA payload (`flow` bytes at `p`) on as it is. */
+static int relay_open(RelayLane *lane, const unsigned char *p, Py_ssize_t flow) {
+    long long value, unacked, window;
+    /* Connection.data_frame: within the connection window. */
+    if (integer(lane->conn, s_recv_unacked, &unacked) < 0 || integer(lane->conn, s_connection_window, &window) < 0 ||
+        unacked + flow > window)
+        return 0;
+    /* Stream.pass_through: one whole uncompressed message, nothing before it, within the window; the
+     * passthrough the lane was opened for. */
+    Py_ssize_t size = flow - 5;
+    if (flow < 6 || p[0] != 0 || ((Py_ssize_t)p[1] << 24 | (Py_ssize_t)p[2] << 16 | (Py_ssize_t)p[3] << 8 | p[4]) != size ||
+        size > lane->max_message)
+        return 0;
+    PyObject *s = lane->stream;
+    if (is_none(s, s_reset_code) != 1 || truth(s, s_ended_in) != 0 || truth(s, s_messages) != 0 ||
+        truth(s, s_need) != 0 || truth(s, s_head) != 0 || !same(s, s_passthrough, lane->through))
+        return 0;
+    if (integer(s, s_recv_left, &value) < 0 || value < flow) return 0;
+    /* relay._Passing.through: the reader waits; a frame message; no control frame (an exit status, a
+     * half-close or a detach is short and has no data first: the reader looks at those). */
+    if (truth(lane->passing, s_idle) != 1 || p[5] != 0x12) return 0;
+    if (size <= 32 && (size < 3 || p[7] != 0x0A)) return 0;
+    /* FlowQueue.pass_through: its sink the lane's, the consumer waiting with nothing queued, every
+     * budget with room. */
+    PyObject *q = lane->queue;
+    if (!same(q, s_sink, lane->sink) || !same(lane->sink, s_framed, lane->framed) || truth(q, s_items) != 0 ||
+        is_none(q, s_error) != 1 || truth(q, s_ended) != 0)
+        return 0;
+    PyObject *getter = PyObject_GetAttr(q, s_getter);
+    if (getter == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int waiting = 0;
+    if (getter != Py_None) {
+        PyObject *done = PyObject_CallMethodNoArgs(getter, s_done);
+        waiting = done == Py_False;
+        Py_XDECREF(done);
+        PyErr_Clear();
+    }
+    Py_DECREF(getter);
+    if (!waiting) return 0;
+    PyObject *budgets = PyObject_GetAttr(q, s_budgets);
+    if (budgets == NULL || !PyTuple_Check(budgets)) {
+        Py_XDECREF(budgets);
+        PyErr_Clear();
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(budgets); i++) {
+        PyObject *budget = PyTuple_GET_ITEM(budgets, i);
+        long long used, held, limit;
+        if (integer(budget, s_used, &used) < 0 || integer(budget, s_held, &held) < 0 ||
+            integer(budget, s_limit, &limit) < 0 || (used && used + held + size > limit)) {
+            Py_DECREF(budgets);
+            return 0;
+        }
+    }
+    Py_DECREF(budgets);
+    /* Stream.try_write_framed and Connection.send_now on the other side. */
+    return writable(lane->out, lane->out_conn, flow);
+}
+
+static int relay_frame(Front *self, RelayLane *lane, Py_ssize_t flow) {
+    const unsigned char *p = (const unsigned char *)self->buf + 9;
+    if (!relay_open(lane, p, flow)) return 0;
+    long long id;
+    if (integer(lane->out, s_id, &id) < 0) return 0;
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, 9 + flow);
+    if (frame == NULL) return -1;
+    unsigned char *h = (unsigned char *)PyBytes_AS_STRING(frame);
+    unsigned long sid = (unsigned long)id;
+    h[0] = flow >> 16, h[1] = flow >> 8, h[2] = flow, h[3] = 0, h[4] = 0;
+    h[5] = sid >> 24, h[6] = sid >> 16, h[7] = sid >> 8, h[8] = sid;
+    memcpy(h + 9, p, flow);
+    int r = write_after_deferred(lane->out_conn, frame);
+    Py_DECREF(frame);
+    if (r < 0) return -1;
+    self->passed++;
+    PyObject *args[2] = {PyLong_FromSsize_t(flow), PyLong_FromSsize_t(flow - 5)};
+    PyObject *done = (args[0] && args[1]) ? PyObject_Vectorcall(lane->after, args, 2, NULL) : NULL;
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    if (done == NULL) return -1;
+    Py_DECREF(done);
+    return 1;
+}
+
 /* 1: the frame went to its lane; 0: not a lane's (nothing done); -1: a Python error is set. */
 static int pass_frame(Front *self, Py_ssize_t count) {
     const unsigned char *h = (const unsigned char *)self->buf;
@@ -364,6 +604,13 @@ static int pass_frame(Front *self, Py_ssize_t count) {
         PyErr_Clear();
         return 0;
     }
+    if (Py_IS_TYPE(found, &RelayLaneType)) {
+        PyObject *relay = Py_NewRef(found); /* (the dict may drop it while Python runs below) */
+        int relayed = relay_frame(self, (RelayLane *)relay, flow);
+        Py_DECREF(relay);
+        return relayed;
+    }
+    if (!Py_IS_TYPE(found, &LaneType)) return 0;
     Lane *lane = (Lane *)Py_NewRef(found); /* (the dict may drop it while Python runs below) */
     int result = 0;
     Py_ssize_t start, size;
@@ -402,8 +649,9 @@ done:
 }
 
 static PyObject *Front_get_buffer(Front *self, PyObject *sizehint) {
-    if (self->idle && !self->busy_reads) {
+    if (self->idle && !self->busy_reads && (shared_owner == NULL || shared_owner == self)) {
         self->delegated = 0;
+        shared_owner = self;
         return Py_NewRef(self->view);
     }
     self->delegated = 1;
@@ -418,16 +666,20 @@ static PyObject *Front_buffer_updated(Front *self, PyObject *count_obj) {
         if (result == NULL) return NULL;
         Py_DECREF(result);
         if (self->busy_reads && count < SMALL_READ) self->busy_reads--;
-    } else {
-        if (count >= FRONT_BUF) self->busy_reads = QUIET_AFTER;
-        if (count >= 9 && truth(self->reader, s_discarding) == 0) {
-            int passed = pass_frame(self, count);
-            if (passed < 0) return NULL;
-            if (passed) Py_RETURN_NONE;
-        }
-        if (feed(self, count) < 0) return NULL;
+        self->idle = reader_idle(self);
+        Py_RETURN_NONE;
     }
-    self->idle = reader_idle(self);
+    /* Our (the process's) buffer: passed on or copied out before it is let go. */
+    int result = 0, fed = 0;
+    if (count >= FRONT_BUF) self->busy_reads = QUIET_AFTER;
+    if (count >= 9 && truth(self->reader, s_discarding) == 0) result = pass_frame(self, count);
+    if (result == 0) {
+        fed = 1;
+        result = feed(self, count) < 0 ? -1 : 0;
+    }
+    shared_owner = NULL;
+    if (result < 0) return NULL;
+    if (fed) self->idle = reader_idle(self); /* (a frame passed on left the reader as it was) */
     Py_RETURN_NONE;
 }
 
@@ -452,7 +704,7 @@ static PyGetSetDef Front_getset[] = {
 
 static PyTypeObject FrontType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "osmo_router.h2._front.Front",
-    .tp_doc = "A client connection's reads, with laned data frames passed on in C (h2/front.py).",
+    .tp_doc = "A connection's reads, with laned data frames passed on in C (h2/front.py).",
     .tp_basicsize = sizeof(Front),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
@@ -491,11 +743,7 @@ typedef struct {
     unsigned char buf[9 + 5 + MESSAGE_HEADER + SOCKET_READ];
 } SocketLane;
 
-static PyObject *s_waiter, *s_done, *s_direct, *s_hung_up, *s_error, *s_handed, *s_sending, *s_write_lock,
-    *s_locked, *s_inner, *s_room_by_buffer, *s_try_write, *s_task, *s_pending, *s_barriers, *s_direct_held,
-    *s_stream, *s_status, *s_half_closed, *s_closed_out, *s_end_pending, *s_headers_sent, *s_out_bytes,
-    *s_write_paused, *s_transport, *s_is_closing, *s_send_window, *s_peer_max_frame, *s_entries, *s_bytes,
-    *s_limit, *s_shared, *s_used, *s_total, *s_deferred, *s_write, *s_id;
+
 
 static int SocketLane_init(SocketLane *self, PyObject *args, PyObject *kwds) {
     static char *names[] = {"reader", "session", "inner", "writer", "call", "stream", "conn", "buffer",
@@ -535,16 +783,6 @@ static void SocketLane_dealloc(SocketLane *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static int same(PyObject *obj, PyObject *name, PyObject *expected) {
-    PyObject *value = PyObject_GetAttr(obj, name);
-    if (value == NULL) {
-        PyErr_Clear();
-        return 0;
-    }
-    int result = value == expected;
-    Py_DECREF(value);
-    return result;
-}
 
 /* How many payload bytes may go now, by everything but the read itself; 0: none (the Python path). */
 static long long socket_room(SocketLane *self) {
@@ -782,7 +1020,7 @@ static PyTypeObject SocketLaneType = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "osmo_router.h2._front",
-                                    "The native data path of client connections (h2/front.py).", -1, NULL};
+                                    "The native data path of HTTP/2 connections (h2/front.py).", -1, NULL};
 
 PyMODINIT_FUNC PyInit__front(void) {
 #define INTERN(var, text) \
@@ -852,13 +1090,24 @@ PyMODINIT_FUNC PyInit__front(void) {
     INTERN(s_deferred, "_deferred");
     INTERN(s_write, "write");
     INTERN(s_id, "id");
-    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&FrontType) < 0 || PyType_Ready(&SocketLaneType) < 0)
+    INTERN(s_passthrough, "_passthrough");
+    INTERN(s_idle, "idle");
+    INTERN(s_sink, "_sink");
+    INTERN(s_framed, "framed");
+    INTERN(s_items, "_items");
+    INTERN(s_getter, "_getter");
+    INTERN(s_budgets, "_budgets");
+    INTERN(s_held, "held");
+    if ((shared_view = PyMemoryView_FromMemory(shared_buf, FRONT_BUF, PyBUF_WRITE)) == NULL) return NULL;
+    if (PyType_Ready(&LaneType) < 0 || PyType_Ready(&FrontType) < 0 || PyType_Ready(&SocketLaneType) < 0 ||
+        PyType_Ready(&RelayLaneType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0 ||
         PyModule_AddObjectRef(m, "Front", (PyObject *)&FrontType) < 0 ||
-        PyModule_AddObjectRef(m, "SocketLane", (PyObject *)&SocketLaneType) < 0) {
+        PyModule_AddObjectRef(m, "SocketLane", (PyObject *)&SocketLaneType) < 0 ||
+        PyModule_AddObjectRef(m, "RelayLane", (PyObject *)&RelayLaneType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -15,7 +15,7 @@ class Lane:
     ) -> None: ...
 
 class Front:
-    lanes: dict[int, Lane]
+    lanes: dict[int, Any]
     passed: int
     def __init__(self, conn: Any, reader: Any) -> None: ...
     def get_buffer(self, sizehint: int, /) -> memoryview: ...
@@ -40,3 +40,19 @@ class SocketLane:
         hang_up_check: bool,
     ) -> None: ...
     def __call__(self) -> None: ...
+
+class RelayLane:
+    def __init__(
+        self,
+        conn: Any,
+        stream: Any,
+        through: Any,
+        passing: Any,
+        queue: Any,
+        sink: Any,
+        framed: Any,
+        out: Any,
+        out_conn: Any,
+        after: Callable[[int, int], None],
+        max_message: int,
+    ) -> None: ...

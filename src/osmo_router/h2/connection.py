@@ -111,7 +111,7 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
         self._reader.use_socket(None)
         if self._front is not None:
             log.debug(
-                "h2 connection to %s closed; %d messages went to their sockets by the native front",
+                "h2 connection to %s closed; %d messages passed on by the native front",
                 self.peer_address,
                 self._front.passed,
             )
@@ -218,6 +218,9 @@ class Connection(FrameDispatch, asyncio.BufferedProtocol):
             and stream._passthrough is not None
             and stream.pass_through(payload)
         ):
+            front = self._front
+            if front is not None and stream_id not in front.lanes:  # (the next ones may pass in C)
+                front.open_relay_lane(stream)
             return
         if stream is None or stream.ended_in:
             if stream_id > self._last_peer_id and stream_id % 2 != self._next_id % 2:

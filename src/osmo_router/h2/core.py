@@ -75,8 +75,8 @@ class ConnectionCore:
         # asyncio.BufferedProtocol's two methods per read are the reader's own, with no wrapper call
         # (issue 18). Set here, before any transport exists: uvloop (and its TLS layer) looks them up once,
         # when it makes the transport.
-        #: A client connection's native front (h2/front.py), which passes a laned stream's small messages
-        #: to their sockets from C and hands everything else to the reader; None: the reader alone.
+        #: The connection's native front (h2/front.py), which passes a laned stream's small messages on
+        #: from C and hands everything else to the reader; None: the reader alone.
         self._front = native_front(whole, self._reader)
         reads = self._front or self._reader
         self.get_buffer = reads.get_buffer

@@ -1,28 +1,36 @@
-"""The native data path of client connections (issue 18): a message reaches its socket before any Python runs.
+"""The native data path (issue 18): a small message is passed on before any Python runs.
 
 A redis GET through `port-forward` crosses six process turns (client, router, agent, each way); each
-turn's Python before the write that wakes the next process is what separates the forward from a socat
-hop (docs/bench/NOTES.md, "where a GET's round trip goes"). On the edges (the client and the agent, both
-client-role connections), the common turn is a small message arriving on the HTTP/2 connection for a
-forwarded socket. `_front.c` takes that turn in C: it is the connection's get_buffer / buffer_updated,
-and a read that is exactly one whole DATA frame of a stream with a *lane*, whose message is one data
-frame the Python path would hand to a DirectSender at once, is sent to that socket by C. The
-bookkeeping the Python path does before the send (the connection's and the stream's receive windows, the
-BDP sample, the session's acknowledgements) runs after it, in `_passed`: by then the next process is
-awake on the other core. Anything else (control frames, bulk, a stream that is not laned, a sender with
-a rest still going, a handler that is busy) goes to the Python reader exactly as before.
+turn's Python before the write that wakes the next process is what separated the forward from a socat
+hop (docs/bench/NOTES.md, "where a GET's round trip goes"). `_front.c` takes the common turns in C:
 
-A lane is opened top-down when a DirectSender starts serving a session stream (io/socket_pumps.py →
-ResumableStream.set_direct_sender → FrameStream.open_lane → h2 Call.open_lane → Connection.open_lane)
-and again for each stream a resume puts under it; it closes with the sender, the stream or the
-connection. C re-reads, per frame, every attribute the Python path would test (`_front.c` names each
-beside its Python), so a lane never has to be revoked by the events that close it: it only declines.
+- `Front` is every HTTP/2 connection's get_buffer / buffer_updated. While the Python frame reader is
+  between frames, a read goes into the process's one front buffer; a read that is exactly one whole
+  DATA frame without flags, on a stream with a lane, is passed on from C: on an edge (the client and
+  the agent) a `Lane` sends the data frame's payload to the forwarded socket its DirectSender serves;
+  in the router a `RelayLane` writes the message, as it arrived, on the paired stream with a new frame
+  header (what relay._Passing.through does). Anything else is copied into the reader, as before.
+- `SocketLane` is a forwarded socket's readiness callback on an edge while its pump waits: a small
+  read goes onto the session's stream as a data message (what SocketReader._send_now does).
+
+C makes, before the write, every test the Python path would make, reading the same attributes (each
+named in `_front.c` beside the Python that tests it); a missing attribute or an unexpected value
+declines, and the Python path decides. The bookkeeping the Python path does before its write (windows,
+BDP sample, budgets' exposure, counts, resume numbering and acknowledgements) runs right after the
+write, in the lane's `after`: by then the next process is awake on the other core. So a lane never has
+to be revoked by the events that close it (a reset, a busy handler, a full window, a resume): C only
+declines while they hold. Control frames, bulk, TLS records split across reads and a resumed stream
+take the Python path, in order.
+
+Lanes are opened where the Python path sets up the direct hand-over it stands for: an edge's `Lane`
+when a DirectSender starts serving a session stream (io/socket_pumps.py -> ResumableStream.set_direct_sender
+-> FrameStream.open_lane -> h2 Call.open_lane -> Connection.open_lane) and again for each stream a resume
+puts under it; a `SocketLane` when a socket pump starts sending (SocketReader.send_all); a `RelayLane`
+once the router passed a stream's first message through in Python. They close with the stream.
 
 The front is on when the extension was built (setup.py compiles it on install; a machine without a C
-compiler installs without it, and everything takes the Python path) and `OSMO_NATIVE_FRONT` is not
-`0` (the test suite runs part of itself both ways). Only client-role connections get one: the router's
-relay hop gains little from it (bench/experiments/c_hop.py) and serves many users, so its path stays
-in Python.
+compiler installs without it, and everything takes the Python path) and `OSMO_NATIVE_FRONT` is not `0`
+(scripts/test runs the forward, resume and exec end-to-end tests both ways).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ ENV = "OSMO_NATIVE_FRONT"
 
 
 def native_front_available() -> bool:
-    """Whether client connections get the native front (built, and not turned off by OSMO_NATIVE_FRONT=0)."""
+    """Whether connections get the native front (built, and not turned off by OSMO_NATIVE_FRONT=0)."""
     return _front is not None and os.environ.get(ENV, "1") != "0"
 
 
@@ -73,13 +81,15 @@ class LaneTarget:
 
 
 class NativeFront:
-    """A client connection's native front (`_front.Front`) and its lanes."""
+    """A connection's native front (`_front.Front`) and its lanes."""
 
     def __init__(self, conn: Connection, reader: FrameReader) -> None:
         self._conn = conn
         self._front = _front.Front(conn, reader)
         self.get_buffer = self._front.get_buffer
         self.buffer_updated = self._front.buffer_updated
+        #: The open lanes by stream id (None: a stream a relay lane was looked for and not found).
+        self.lanes: dict[int, Any] = self._front.lanes
 
     @property
     def passed(self) -> int:
@@ -99,6 +109,33 @@ class NativeFront:
             target.session,
             target.generation,
             target.sender,
+            after,
+            self._conn.config.max_message_size,
+        )
+
+    def open_relay_lane(self, stream: Stream) -> None:
+        """Pass `stream`'s messages on in C as its passthrough (the router's relay._Passing.through) does
+        them, while that is its passthrough; called once the Python path passed one (the pair is up)."""
+        through = stream._passthrough
+        native_lane = getattr(getattr(through, "__self__", None), "native_lane", None)
+        target = native_lane() if native_lane is not None else None
+        if target is None:
+            self.lanes[stream.id] = None  # (looked for once per stream)
+            return
+        queue, sink, framed = target
+        out: Stream = framed.__self__
+        passing = through.__self__  # type: ignore[union-attr]
+        after = functools.partial(self._relayed, stream, passing, out)
+        self.lanes[stream.id] = _front.RelayLane(
+            self._conn,
+            stream,
+            through,
+            passing,
+            queue,
+            sink,
+            framed,
+            out,
+            out.conn,
             after,
             self._conn.config.max_message_size,
         )
@@ -130,12 +167,25 @@ class NativeFront:
         except Exception:
             log.exception("h2 native front: the session's acknowledgement failed")
 
+    def _relayed(self, stream: Stream, passing: Any, out: Stream, flow: int, size: int) -> None:
+        """C passed a frame's message (`flow` bytes of DATA, a `size`-byte message) on to `out`: what
+        data_frame, Stream.pass_through, the relay and send_now count for one. Never raises."""
+        conn = self._conn
+        try:
+            conn.count_received(flow)
+            stream.taken_through(flow)
+            out.conn.sent_natively(out, flow)
+            passing.passed_natively(size)
+        except fr.ProtocolError as err:  # (C checked the windows first: only a bug lands here)
+            conn.fail(err.code, str(err))
+        except Exception:
+            log.exception("h2 native front: bookkeeping of a relayed message failed; the connection is closed")
+            conn.fail(fr.ErrorCode.INTERNAL_ERROR, "internal error")
+
 
 def native_front(conn: Connection, reader: FrameReader) -> NativeFront | None:
-    """The front for a new connection: client role, when available; else None (the reader's own methods)."""
-    if conn.role != "client" or not native_front_available():
-        return None
-    return NativeFront(conn, reader)
+    """The front for a new connection, when available; else None (the reader's own methods)."""
+    return NativeFront(conn, reader) if native_front_available() else None
 
 
 def socket_lane(reader: Any, session: Any, sent: Callable[[int], None], hang_up_check: bool) -> Any:

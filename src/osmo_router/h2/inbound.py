@@ -276,6 +276,12 @@ class StreamInbound(ReceiveWindow):
             or not self._passthrough(payload)  # type: ignore[misc]
         ):
             return False
+        self.taken_through(size)
+        return True
+
+    def taken_through(self, size: int) -> None:
+        """A whole message of `size` DATA bytes went on as it arrived (the passthrough, or the router's
+        native front: h2/front.py): its window goes back as if read."""
         self._recv_left = left = self._recv_left - size
         # _taken, inline (per relayed message): its window goes back as if read, grown with the link.
         if self._may_grow and self.conn.stream_window > self._recv_window:
@@ -287,7 +293,7 @@ class StreamInbound(ReceiveWindow):
             or self.reset_code is not None
         ):
             self._grant()  # a window update is due (every quarter window): _grant decides, with the budgets
-            return True
+            return
         # Else _grant would send nothing and only count the stream's exposure in its budgets (credit.sync),
         # which is this, inline (three calls less per relayed message, issue 18): the exposure property
         # with nothing queued or under way (checked above), and the budgets told of the change.
@@ -302,7 +308,6 @@ class StreamInbound(ReceiveWindow):
                 else:
                     for budget in credit.budgets:
                         budget.unhold(-delta)
-        return True
 
     def received_end(self) -> None:
         """The peer's END_STREAM."""

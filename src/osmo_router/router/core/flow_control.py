@@ -120,6 +120,15 @@ class FlowQueue:
         sink.watchdog.moved += size  # type: ignore[attr-defined]
         return True
 
+    @property
+    def sink(self) -> Callable[[bytes], bool] | None:
+        """The sink set by `set_sink` (None: none)."""
+        return self._sink
+
+    def passed_natively(self, size: int) -> None:
+        """The native front (h2/front.py) passed an item on as `pass_through` would: counted as it counts."""
+        self._sink.watchdog.moved += size  # type: ignore[union-attr]
+
     def _handed_over(self, item: bytes) -> bool:
         return self._may_hand_over(len(item)) and self._sink(item)  # type: ignore[misc]
 

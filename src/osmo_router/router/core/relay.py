@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from osmo_router.router.core import audit
 from osmo_router.router.core.coalesce import coalesce
@@ -257,6 +257,21 @@ class _Passing:
         else:
             self.session.bytes_to_client += len(message)
         return True
+
+    def native_lane(self) -> tuple[FlowQueue, Any, Callable[[memoryview], bool]] | None:
+        """(the queue, its sink, the sink's framed writer) for the router's native front (h2/front.py),
+        which then does what `through` does from C; None without a framed writer."""
+        sink = self.queue.sink
+        framed = getattr(sink, "framed", None)
+        return None if framed is None else (self.queue, sink, framed)
+
+    def passed_natively(self, size: int) -> None:
+        """The native front passed a message of `size` bytes on as `through` would: counted as it counts."""
+        self.queue.passed_natively(size)
+        if self.to_agent:
+            self.session.bytes_to_agent += size
+        else:
+            self.session.bytes_to_client += size
 
     def through(self, framed: memoryview) -> bool:
         """The same for a message as it arrived, behind its 5-byte gRPC prefix (Endpoint.set_passthrough):
