@@ -7,7 +7,8 @@ it. Stack B's processes get `cfront.c` (built here with the system's C compiler)
 connection's get_buffer / buffer_updated: a read that is one whole small DATA frame of a stream with a
 lane is passed on in C (the router: a new frame header and one `transport.write`; an edge: the payload
 sent to the forwarded socket), with no Python frame run before the write. Stack A is the same tree
-unchanged. Both run `forward_ab`'s interleaved rounds against a socat hop.
+unchanged, and both run without the project's own native front (h2/front.py, which this experiment
+measured the case for). Both run `forward_ab`'s interleaved rounds against a socat hop.
 
 Lanes are taken the way bare_router_hop takes them, after Python delivered a stream's frame itself:
 the router's for a paired stream whose relay waits; an edge's for a stream whose frames go straight
@@ -126,8 +127,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="c-hop-") as tmp:
         build(Path(tmp))
         (Path(tmp) / "sitecustomize.py").write_text(SITECUSTOMIZE.format(where=args.where))
-        b_env = {"PYTHONPATH": f"{tmp}:{ROOT}:{ROOT / 'src'}", "OSMO_CFRONT_DIR": tmp}
-        result = measure({"A": {}, "B": b_env}, args.rounds, args.repeats, args.redis)
+        # (both without the project's own native front, h2/front.py: A is the Python path, B this bare one)
+        python_path = {"OSMO_NATIVE_FRONT": "0"}
+        b_env = {**python_path, "PYTHONPATH": f"{tmp}:{ROOT}:{ROOT / 'src'}", "OSMO_CFRONT_DIR": tmp}
+        result = measure({"A": python_path, "B": b_env}, args.rounds, args.repeats, args.redis)
         for counts in sorted(Path(tmp).glob("counts-*")):
             print("B's C fronts:", counts.read_text().strip())
     for name, runs in result["runs"].items():
