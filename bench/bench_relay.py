@@ -27,6 +27,7 @@ from bench.common import (
     loadgen,
     paired,
     rss_kib,
+    sliced_latency_figures,
 )
 from tests.harness import Router
 
@@ -107,17 +108,19 @@ def _echo(address: str, plain: str, rounds: int, slices: int = 4) -> list[dict[s
         "plain": ("grpc-echo", "--address", plain),
         "one hop": ("grpc-bare-echo", "--address", plain),
     }
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+    # Each figure is the median of the slices' own percentiles, as in bench_grpc_vs_ws (see
+    # common.sliced_latency_figures: a pooled p99 is set by one stall of the shared machine).
+    samples: dict[str, list[list[float]]] = {name: [] for name in runs}
     for i in range(slices):
         order = list(runs)[i % len(runs) :] + list(runs)[: i % len(runs)]
         for name in order:
-            samples[name] += loadgen(*runs[name], "--rounds", str(rounds // slices))[0]["samples_us"]
+            samples[name].append(loadgen(*runs[name], "--rounds", str(rounds // slices))[0]["samples_us"])
     grpc, tcp, bare, one_hop = samples["router"], samples["socat"], samples["plain"], samples["one hop"]
     return [
-        *latency_figures("relay echo 1 B", grpc, tcp, "socat", 550.0),
-        *latency_figures("plain grpc.aio relay echo 1 B", bare, tcp, "socat", None),
+        *sliced_latency_figures("relay echo 1 B", grpc, tcp, "socat", 550.0),
+        *sliced_latency_figures("plain grpc.aio relay echo 1 B", bare, tcp, "socat"),
         # The floor: a relayed echo makes two such round trips (client-router, router-agent).
-        *latency_figures("one grpc.aio round trip, no relay, 1 B", one_hop, tcp, "socat", None),
+        *sliced_latency_figures("one grpc.aio round trip, no relay, 1 B", one_hop, tcp, "socat"),
     ]
 
 

@@ -141,7 +141,11 @@ def latency_figures(
 
 
 def sliced_latency_figures(
-    name: str, slices: Sequence[Sequence[float]], baseline_slices: Sequence[Sequence[float]], baseline_name: str
+    name: str,
+    slices: Sequence[Sequence[float]],
+    baseline_slices: Sequence[Sequence[float]],
+    baseline_name: str,
+    p99_max: float | None = None,
 ) -> list[dict[str, Any]]:
     """p50 and p99 figures (microseconds) as medians over interleaved slices, beside a baseline's.
 
@@ -169,6 +173,7 @@ def sliced_latency_figures(
                 baseline_name=baseline_name,
                 runs=runs,
                 baseline_runs=baseline_runs,
+                target={"at_most": p99_max} if (q == 99 and p99_max is not None) else None,
                 note=note,
             )
         )
