@@ -183,7 +183,8 @@ class Router(Proc):
 
 
 class AgentProc(Proc):
-    """`osmo-router agent` registered for a workflow (waits for the registration)."""
+    """`osmo-router agent` registered for a workflow (waits for the registration); `launcher`, a
+    command that execs its arguments, runs it (a shell setting up what the agent inherits, say)."""
 
     def __init__(
         self,
@@ -193,6 +194,7 @@ class AgentProc(Proc):
         tls: bool = False,
         wait: bool = True,
         env: dict[str, str] | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         argv = router_cmd(
             "agent",
@@ -205,7 +207,7 @@ class AgentProc(Proc):
             *([] if tls else ["--tls=false"]),
             *args,
         )
-        super().__init__(argv, env=cli_env(env))
+        super().__init__([*launcher, *argv], env=cli_env(env))
         if wait:
             self.wait_event("registered")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiohttp
@@ -47,6 +47,7 @@ class WsBackendProc(AgentProc):
         operation: str = "exec",
         tls: bool = False,
         env: dict[str, str] | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         super().__init__(
             router.address,
@@ -63,6 +64,7 @@ class WsBackendProc(AgentProc):
             tls=tls,
             wait=False,
             env=env,
+            launcher=launcher,
         )
         self.wait_event("connected")
 

@@ -26,6 +26,31 @@ HANGUP_GRACE = 2.0
 OUTPUT_GRACE = 2.0
 
 
+#: What a terminal's user sends a command (Ctrl-C, Ctrl-\, the hang-up), and what `nohup` or a
+#: script's background job leaves ignored.
+USER_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing: the agent goes on as if the signal were still ignored."""
+
+
+def default_signals_for_commands() -> None:
+    """Let the commands the agent starts take SIGINT, SIGQUIT and SIGHUP by default, as a fresh
+    process in the container would, even when the agent itself was started with them ignored.
+
+    exec(2) keeps an ignored signal ignored and resets a handled one to its default, so an agent run
+    under `nohup` or as a script's background job would start shells that Ctrl-C cannot stop and
+    that outlive their terminal's hang-up. Each such signal gets a handler that does nothing: the
+    agent still shrugs it off, its children do not inherit it. (A preexec_fn would reset it in the
+    child, but the agent runs no Python between fork and exec: see pty.with_controlling_tty.)
+    Call from the main thread before the first spawn.
+    """
+    for sig in USER_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _ignore)
+
+
 def exit_frame(returncode: int) -> pb.Frame:
     """The ExitStatus frame for a subprocess return code (negative means killed by a signal)."""
     if returncode < 0:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from osmo_router.agent.config import AgentConfig
+from osmo_router.agent.process import default_signals_for_commands
 from osmo_router.agent.ws_options import ws_agent_options, ws_agent_settings
 from osmo_router.cli.logs import setup_logging
 from osmo_router.cli.options import log_options, prefers_uvloop, run_async
@@ -99,6 +100,7 @@ def agent(log_level: str, log_format: str, **options: Any) -> None:
         replay_total_bytes=options["replay_total_bytes"],
     )
     tune_for_bulk()  # exec, port-forward and rsync move 1 MiB frames (memtune), on either transport
+    default_signals_for_commands()
     if ws is not None:
         from osmo_router.agent.ws_backend import WsBackendConfig, serve_ws_session
 
