@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import threading
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from osmo_router.agent.process import default_signals_for_commands
 from tests.harness import AgentProc, Router
-
-
-def _nothing(signum: int, frame: object) -> None:
-    """Stands in for an inherited ignore (see pytest_configure)."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,18 +17,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
     Run by `nohup` or as a background job of a script, pytest starts with SIGINT and SIGQUIT (and
     SIGHUP) ignored, every client it starts inherits that through exec, and the tests that send a
-    client Ctrl-C fail (a fresh clone run that way failed seven). A handled signal is reset by exec:
-    pytest keeps Ctrl-C as usual and shrugs off the others as it would have.
+    client Ctrl-C fail (a fresh clone run that way failed seven). The agent's own remedy does it:
+    pytest still shrugs those signals off, what it starts does not.
     """
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal.signal works there only (an xdist worker's session runs there too)
-    for sig, handler in (
-        (signal.SIGINT, signal.default_int_handler),
-        (signal.SIGQUIT, _nothing),
-        (signal.SIGHUP, _nothing),
-    ):
-        if signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, handler)
+    if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+        default_signals_for_commands()
 
 
 @pytest.fixture
